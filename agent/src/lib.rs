@@ -1,0 +1,15 @@
+//! topoproxy: a node agent that replaces kube-proxy and routes every Service to the nearest
+//! healthy backends.
+//!
+//! Data flows one way: a source fills the [`store::Store`]; [`planner::plan`] turns the store
+//! into this node's [`table::NodeTable`]; a dataplane programs the table. The planner is a
+//! pure function: no I/O, no clock.
+
+pub mod convert;
+pub mod model;
+pub mod planner;
+pub mod render;
+pub mod source;
+pub mod store;
+pub mod synthetic;
+pub mod table;

@@ -1,0 +1,261 @@
+//! The cluster model the planner reads: Services, EndpointSlices and Nodes, already validated.
+//!
+//! These types are converted once, at the edge, from the Kubernetes API objects
+//! (see [`crate::convert`]). Everything here is well-formed: addresses parse, ports are in
+//! range, protocols are known. Anything that was not is dropped during conversion with a
+//! [`crate::convert::Warning`], so the planner never has to second-guess its input.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+/// Label on a Node naming its zone.
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// Label on a Node naming its region.
+pub const LABEL_REGION: &str = "topology.kubernetes.io/region";
+/// Label tying an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Label on a Service handing it to a named proxy instead of the default one.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the endpoints controllers put on the slices of headless Services.
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// Label on EndpointSlices imported from another cluster (Multi-Cluster Services API).
+pub const LABEL_SOURCE_CLUSTER: &str = "multicluster.kubernetes.io/source-cluster";
+/// Annotation asking the EndpointSlice controller for topology hints (Kubernetes ≥ 1.27).
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// The older spelling of [`ANNOTATION_TOPOLOGY_MODE`] (Kubernetes 1.21–1.26).
+pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (three hours), as the API defines it.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+
+/// `namespace/name` of a Service; the unit of re-planning.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Transport protocol of a Service port. The order is IPPROTO number order, which is the
+/// order `ipvsadm -Ln` lists services in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Parses the API spelling (`TCP`, `UDP`, `SCTP`); the API is case-sensitive.
+    pub fn from_api(value: &str) -> Option<Self> {
+        match value {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    /// The IANA protocol number, as IPVS takes it.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Sctp => 132,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// IP family. `V4` sorts before `V6`, as `AF_INET` (2) before `AF_INET6` (10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl IpFamily {
+    pub fn of(address: &IpAddr) -> Self {
+        match address {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
+}
+
+/// `spec.type` of a Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+/// What the Service itself asks of topology, as opposed to what the hints say.
+///
+/// kube-proxy decides from hints alone; we keep the intent to explain a fallback
+/// ("asked for same-zone, got cluster-wide because …") and to count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TopologyIntent {
+    /// No topology annotation and no `spec.trafficDistribution`.
+    None,
+    /// `service.kubernetes.io/topology-mode: Auto` or `topology-aware-hints: auto`.
+    Auto,
+    /// `spec.trafficDistribution: PreferClose` (same-zone, an alias since 1.33).
+    PreferClose,
+    /// `spec.trafficDistribution: PreferSameZone`.
+    PreferSameZone,
+    /// `spec.trafficDistribution: PreferSameNode`.
+    PreferSameNode,
+}
+
+impl TopologyIntent {
+    pub fn wants_topology(self) -> bool {
+        !matches!(self, Self::None)
+    }
+}
+
+/// One port of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    /// The port's name; `""` when the Service has a single unnamed port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// A Service, reduced to what a proxy needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub key: ServiceKey,
+    pub service_type: ServiceType,
+    /// `spec.clusterIP: None`.
+    pub headless: bool,
+    /// `spec.clusterIPs` (primary family first); empty for headless and ExternalName.
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip`, except ingresses with `ipMode: Proxy`, whose
+    /// traffic arrives from the load balancer addressed to the node, not to the VIP.
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    /// `Some(timeout seconds)` for `sessionAffinity: ClientIP`.
+    pub session_affinity_timeout: Option<u32>,
+    pub internal_traffic_local: bool,
+    /// `externalTrafficPolicy: Local`; only meaningful (and only set) for NodePort and
+    /// LoadBalancer Services, as the API defines it.
+    pub external_traffic_local: bool,
+    pub topology_intent: TopologyIntent,
+    /// Value of the `service.kubernetes.io/service-proxy-name` label, if any.
+    pub proxy_name: Option<String>,
+}
+
+impl Service {
+    /// Reachable from outside the cluster network: NodePorts, externalIPs or LB ingress IPs.
+    pub fn externally_accessible(&self) -> bool {
+        !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+            || self.ports.iter().any(|p| p.node_port.is_some())
+    }
+}
+
+/// Where an EndpointSlice's endpoints live.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum SliceOrigin {
+    /// This cluster.
+    Local,
+    /// Another cluster, by its `multicluster.kubernetes.io/source-cluster` label.
+    Remote(String),
+}
+
+/// One port of an EndpointSlice. Ports with a nil name or nil port are dropped at
+/// conversion, as kube-proxy ignores them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// One endpoint of an EndpointSlice, with its conditions resolved the way the API
+/// defines nil: `ready` and `serving` nil mean true, `terminating` nil means false.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// `addresses[0]`; the API says consumers use only the first address.
+    pub address: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// `hints.forZones[].name`; empty when the endpoint carries no zone hint.
+    pub zone_hints: BTreeSet<String>,
+    /// `hints.forNodes[].name`; empty when the endpoint carries no node hint.
+    pub node_hints: BTreeSet<String>,
+}
+
+/// An EndpointSlice, reduced to what a proxy needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    /// From the `kubernetes.io/service-name` label.
+    pub service: ServiceKey,
+    /// `addressType`; FQDN slices are dropped at conversion.
+    pub family: IpFamily,
+    pub origin: SliceOrigin,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What the planner needs of a Node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub zone: Option<String>,
+    pub region: Option<String>,
+    /// `status.addresses` of type InternalIP and ExternalIP, in API order, deduplicated.
+    pub addresses: Vec<IpAddr>,
+}

@@ -1,0 +1,3 @@
+//! Sources that fill the store.
+
+pub mod file;

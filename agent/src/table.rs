@@ -1,0 +1,298 @@
+//! The node's desired load-balancing table: virtual servers, each with ordered tiers of backends.
+//!
+//! A [`NodeTable`] is what the planner produces for one node and what the dataplanes program.
+//! It is ordered exactly as `ipvsadm -Ln` lists its table (family, protocol, address, port),
+//! so rendering, diffing and comparing with the kernel are deterministic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::model::{IpFamily, Protocol, ServiceKey, TopologyIntent};
+
+/// Identity of a virtual server, as IPVS knows it. Field order gives `ipvsadm`'s sort order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct VsKey {
+    pub family: IpFamily,
+    pub protocol: Protocol,
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+impl VsKey {
+    pub fn new(protocol: Protocol, address: IpAddr, port: u16) -> Self {
+        Self {
+            family: IpFamily::of(&address),
+            protocol,
+            address,
+            port,
+        }
+    }
+}
+
+/// How traffic reaches a virtual server; decides which traffic policy applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Frontend {
+    ClusterIP,
+    ExternalIP,
+    LoadBalancer,
+    NodePort,
+}
+
+impl Frontend {
+    /// ClusterIPs follow `internalTrafficPolicy`; everything else `externalTrafficPolicy`.
+    pub fn is_external(self) -> bool {
+        !matches!(self, Self::ClusterIP)
+    }
+}
+
+/// The traffic policy in force for one virtual server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TrafficPolicy {
+    Cluster,
+    Local,
+}
+
+/// The topology filter kube-proxy applies, decided from the hints of Ready endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum TopologyMode {
+    /// No filter: every Ready endpoint.
+    None,
+    /// Only endpoints whose zone hints name this node's zone.
+    SameZone,
+    /// Only endpoints whose node hints name this node.
+    SameNode,
+}
+
+/// Why a group of backends sits where it does in the fallback order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum TierKind {
+    /// Ready, hinted for this node.
+    SameNode,
+    /// Ready, hinted for (or, as a fallback tier, located in) this node's zone.
+    SameZone,
+    /// Ready, anywhere in this cluster.
+    Cluster,
+    /// Ready, in another cluster (MCS slices).
+    RemoteClusters,
+    /// Not ready but still serving while terminating, anywhere in this cluster.
+    ServingTerminating,
+    /// Ready, on this node (Local traffic policy).
+    NodeLocal,
+    /// Serving-terminating, on this node (Local traffic policy).
+    NodeLocalServingTerminating,
+}
+
+/// A real server.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Backend {
+    pub address: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+}
+
+/// Backends of equal preference. Backends are sorted by (address, port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tier {
+    pub kind: TierKind,
+    pub backends: Vec<Backend>,
+}
+
+/// One IPVS virtual server (or BPF service entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VirtualServer {
+    pub key: VsKey,
+    pub service: ServiceKey,
+    /// The Service port's name (`""` when unnamed).
+    pub port_name: String,
+    pub frontend: Frontend,
+    pub scheduler: String,
+    /// Persistence timeout in seconds (`sessionAffinity: ClientIP`).
+    pub persistence_timeout: Option<u32>,
+    pub traffic_policy: TrafficPolicy,
+    pub intent: TopologyIntent,
+    pub topology: TopologyMode,
+    /// Fallback order; the programmed set is the first non-empty tier. Tiers are never empty.
+    pub tiers: Vec<Tier>,
+}
+
+impl VirtualServer {
+    /// The backends to program now: the nearest non-empty tier, which is exactly the set
+    /// kube-proxy would program.
+    pub fn programmed(&self) -> &[Backend] {
+        self.tiers
+            .first()
+            .map(|tier| tier.backends.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// The tier the programmed backends come from, if any.
+    pub fn active_tier(&self) -> Option<TierKind> {
+        self.tiers.first().map(|tier| tier.kind)
+    }
+
+    /// The Service asked for topology-aware routing, has Ready endpoints, and this node
+    /// nevertheless serves it cluster-wide (hints missing, partial, or not for this node).
+    pub fn is_falling_back(&self) -> bool {
+        self.intent.wants_topology()
+            && self.traffic_policy == TrafficPolicy::Cluster
+            && self.topology == TopologyMode::None
+            && self.active_tier() == Some(TierKind::Cluster)
+    }
+}
+
+/// A virtual-server key that two Services both want. The smaller Service key wins, so the
+/// outcome does not depend on the order objects arrived in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub key: VsKey,
+    pub winner: ServiceKey,
+    pub loser: ServiceKey,
+}
+
+/// The node's table, maintained per Service so one Service can be re-planned alone.
+#[derive(Debug, Clone, Default)]
+pub struct NodeTable {
+    servers: BTreeMap<VsKey, VirtualServer>,
+    /// Every key each Service claims, won or lost.
+    claims: HashMap<ServiceKey, Vec<VsKey>>,
+    /// Claims that lost to a smaller Service key, kept so they take over when it leaves.
+    shadowed: BTreeMap<VsKey, BTreeMap<ServiceKey, VirtualServer>>,
+}
+
+impl NodeTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces everything `service` contributes with `servers` (empty to remove it).
+    pub fn replace_service(&mut self, service: &ServiceKey, servers: Vec<VirtualServer>) {
+        self.remove_service(service);
+        if servers.is_empty() {
+            return;
+        }
+        let keys = servers.iter().map(|vs| vs.key).collect();
+        for vs in servers {
+            self.insert_claim(vs);
+        }
+        self.claims.insert(service.clone(), keys);
+    }
+
+    fn remove_service(&mut self, service: &ServiceKey) {
+        let Some(keys) = self.claims.remove(service) else {
+            return;
+        };
+        for key in keys {
+            if self
+                .servers
+                .get(&key)
+                .is_some_and(|vs| &vs.service == service)
+            {
+                self.servers.remove(&key);
+                self.promote_shadowed(key);
+            } else if let Some(waiting) = self.shadowed.get_mut(&key) {
+                waiting.remove(service);
+                if waiting.is_empty() {
+                    self.shadowed.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn promote_shadowed(&mut self, key: VsKey) {
+        let Some(waiting) = self.shadowed.get_mut(&key) else {
+            return;
+        };
+        if let Some((_, next)) = waiting.pop_first() {
+            self.servers.insert(key, next);
+        }
+        if waiting.is_empty() {
+            self.shadowed.remove(&key);
+        }
+    }
+
+    fn insert_claim(&mut self, vs: VirtualServer) {
+        let key = vs.key;
+        match self.servers.get(&key) {
+            None => {
+                self.servers.insert(key, vs);
+            }
+            Some(current) if vs.service < current.service => {
+                if let Some(displaced) = self.servers.insert(key, vs) {
+                    self.shadowed
+                        .entry(key)
+                        .or_default()
+                        .insert(displaced.service.clone(), displaced);
+                }
+            }
+            Some(_) => {
+                self.shadowed
+                    .entry(key)
+                    .or_default()
+                    .insert(vs.service.clone(), vs);
+            }
+        }
+    }
+
+    /// Virtual servers in `ipvsadm -Ln` order.
+    pub fn servers(&self) -> impl Iterator<Item = &VirtualServer> {
+        self.servers.values()
+    }
+
+    pub fn get(&self, key: &VsKey) -> Option<&VirtualServer> {
+        self.servers.get(key)
+    }
+
+    /// Number of virtual servers.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    /// Keys claimed by more than one Service, with who won.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        self.shadowed
+            .iter()
+            .flat_map(|(key, losers)| {
+                let winner = self.servers.get(key).map(|vs| vs.service.clone());
+                losers.keys().filter_map(move |loser| {
+                    winner.clone().map(|winner| Conflict {
+                        key: *key,
+                        winner,
+                        loser: loser.clone(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Virtual servers of one Service that it won, in order.
+    pub fn service_servers<'a>(
+        &'a self,
+        service: &'a ServiceKey,
+    ) -> impl Iterator<Item = &'a VirtualServer> + 'a {
+        self.claims
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(move |key| self.servers.get(key).filter(|vs| &vs.service == service))
+    }
+
+    /// Number of programmed backends over all virtual servers.
+    pub fn programmed_backends(&self) -> usize {
+        self.servers.values().map(|vs| vs.programmed().len()).sum()
+    }
+}
+
+impl PartialEq for NodeTable {
+    /// Two tables are equal when they would program the same thing.
+    fn eq(&self, other: &Self) -> bool {
+        self.servers == other.servers
+    }
+}
