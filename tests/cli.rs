@@ -1,0 +1,179 @@
+//! The `topoproxy` binary as an operator runs it: exit codes, stdout, stderr.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the agent crate sits inside the workspace")
+        .to_path_buf()
+}
+
+fn topoproxy(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_topoproxy"))
+        .args(args)
+        .current_dir(workspace_root())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run topoproxy")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("topoproxy-cli-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("create scratch dir");
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        fs::write(self.0.join(name), text).expect("write fixture");
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp path")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn plan_prints_the_golden_table() {
+    let output = topoproxy(&["plan", "--source", "examples/cluster", "--node", "node-b1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let golden = fs::read_to_string(workspace_root().join("tests/golden/node-b1.ipvsadm"))
+        .expect("golden file");
+    assert_eq!(stdout(&output), golden);
+}
+
+#[test]
+fn unknown_node_is_a_clear_error_with_exit_code_2() {
+    let output = topoproxy(&["plan", "--source", "examples/cluster", "--node", "node-z9"]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(err.contains("node \"node-z9\" is not in"), "{err}");
+    assert!(err.contains("node-a1"), "lists the known nodes: {err}");
+    assert!(stdout(&output).is_empty());
+}
+
+#[test]
+fn json_output_carries_tiers_and_the_fallback_flag() {
+    let output = topoproxy(&[
+        "plan", "--source", "examples/cluster", "--node", "node-c1", "--format", "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("valid JSON");
+    assert_eq!(doc["node"], "node-c1");
+    let servers = doc["virtualServers"].as_array().expect("virtualServers");
+    let catalog = servers
+        .iter()
+        .find(|vs| vs["service"]["name"] == "catalog" && vs["key"]["family"] == "IPv4")
+        .expect("catalog IPv4 virtual server");
+    assert_eq!(catalog["fallingBack"], true);
+    assert_eq!(catalog["programmed"].as_array().map(Vec::len), Some(2));
+    let dns = servers
+        .iter()
+        .find(|vs| vs["service"]["name"] == "kube-dns" && vs["key"]["protocol"] == "UDP")
+        .expect("kube-dns UDP virtual server");
+    assert_eq!(dns["activeTier"], "SameZone");
+    assert_eq!(dns["tiers"][1]["kind"], "Cluster");
+}
+
+#[test]
+fn explain_adds_reasons_after_the_table() {
+    let output = topoproxy(&[
+        "plan", "--source", "examples/cluster", "--node", "node-a1", "--explain",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.starts_with("IP Virtual Server version"), "{text}");
+    assert!(text.contains("Service shop/payments-db: skipped: type ExternalName"), "{text}");
+    assert!(text.contains("zone hint names this node's zone zone-a"), "{text}");
+}
+
+#[test]
+fn unparsable_yaml_names_file_and_line_and_fails() {
+    let scratch = Scratch::new("bad-yaml");
+    scratch.write(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n    bad: indentation\n",
+    );
+    let output = topoproxy(&["plan", "--source", scratch.path(), "--node", "n1"]);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert!(err.contains("broken.yaml:5"), "{err}");
+}
+
+#[test]
+fn bad_objects_are_skipped_with_warnings_and_the_rest_plans() {
+    let scratch = Scratch::new("bad-objects");
+    scratch.write(
+        "cluster.yaml",
+        r#"apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: good, namespace: default}
+spec:
+  clusterIP: 10.96.0.5
+  ports:
+  - {name: http, port: 80, protocol: TCP}
+  - {name: huge, port: 70000, protocol: TCP}
+  - {name: weird, port: 81, protocol: QUIC}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: good-1, namespace: default, labels: {kubernetes.io/service-name: good}}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.0.5]
+- addresses: [10.244.0.999]
+- addresses: ["fd00::5"]
+ports:
+- {name: http, port: 8080, protocol: TCP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: orphan, namespace: default}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.0.6]
+ports:
+- {name: http, port: 8080, protocol: TCP}
+"#,
+    );
+    let output = topoproxy(&["plan", "--source", scratch.path(), "--node", "n1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let err = stderr(&output);
+    for expected in ["70000", "QUIC", "10.244.0.999", "fd00::5", "orphan"] {
+        assert!(err.contains(expected), "warning about {expected}: {err}");
+    }
+    assert_eq!(
+        stdout(&output),
+        "IP Virtual Server version 1.2.1 (size=4096)\n\
+         Prot LocalAddress:Port Scheduler Flags\n  \
+         -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n\
+         TCP  10.96.0.5:80 rr\n  \
+         -> 10.244.0.5:8080              Masq    1      0          0         \n"
+    );
+}

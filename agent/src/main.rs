@@ -1,1 +1,186 @@
-fn main() {}
+//! The `topoproxy` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use topoproxy::planner::{self, explain, PlanConfig};
+use topoproxy::render;
+use topoproxy::source::file;
+
+/// Exit status for a request that cannot be served as asked (bad usage, unknown node),
+/// as distinct from a failure while serving it.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "topoproxy",
+    version,
+    about = "Topology-aware kube-proxy replacement: routes every Service to the nearest healthy backends"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    /// Exactly what `ipvsadm -Ln` prints for the programmed table.
+    Ipvsadm,
+    /// The table with every tier, as JSON.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the table a node would program, from a directory of cluster YAML.
+    Plan {
+        /// Directory (searched recursively) or file of YAML as `kubectl get -o yaml` prints it.
+        #[arg(long)]
+        source: PathBuf,
+        /// The node to plan for (a Node object in the source).
+        #[arg(long)]
+        node: String,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Ipvsadm)]
+        format: OutputFormat,
+        /// Also say, per Service port, which topology mode applied and why each endpoint was
+        /// chosen or left out.
+        #[arg(long)]
+        explain: bool,
+        /// IPVS scheduler for every virtual server.
+        #[arg(long, default_value = "rr")]
+        ipvs_scheduler: String,
+        /// Services labelled `service.kubernetes.io/service-proxy-name` with another value are
+        /// left to that proxy.
+        #[arg(long, default_value = "topoproxy")]
+        service_proxy_name: String,
+    },
+}
+
+/// How the command ended when it did not succeed.
+enum Failure {
+    Usage(String),
+    Error(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self::Error(error)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Error(error)) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Plan {
+            source,
+            node,
+            format,
+            explain,
+            ipvs_scheduler,
+            service_proxy_name,
+        } => {
+            let config = PlanConfig {
+                scheduler: ipvs_scheduler,
+                proxy_name: service_proxy_name,
+            };
+            plan(&source, &node, format, explain, &config)
+        }
+    }
+}
+
+fn plan(
+    source: &std::path::Path,
+    node_name: &str,
+    format: OutputFormat,
+    with_explanation: bool,
+    config: &PlanConfig,
+) -> Result<(), Failure> {
+    let loaded = file::load_dir(source)
+        .with_context(|| format!("loading the cluster from {}", source.display()))?;
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    let Some(node) = loaded.store.node(node_name) else {
+        let known: Vec<&str> = loaded.store.nodes().map(|n| n.name.as_str()).collect();
+        return Err(Failure::Usage(format!(
+            "node {node_name:?} is not in {} (nodes there: {})",
+            source.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        )));
+    };
+    let table = planner::plan(&loaded.store, node, config);
+    for conflict in table.conflicts() {
+        tracing::warn!(
+            "{} {}:{} is claimed by both {} and {}; {} wins",
+            conflict.key.protocol,
+            conflict.key.address,
+            conflict.key.port,
+            conflict.winner,
+            conflict.loser,
+            conflict.winner
+        );
+    }
+    let explanation = with_explanation.then(|| explain::explain(&loaded.store, node, config));
+    let output = match format {
+        OutputFormat::Ipvsadm => {
+            let mut text = render::ipvsadm::render_table(&table);
+            if let Some(explanation) = &explanation {
+                text.push('\n');
+                text.push_str(&explain::render_text(explanation, node));
+            }
+            text
+        }
+        OutputFormat::Json => {
+            let mut json =
+                render::json::render_table(&table, &node.name, explanation.as_deref())
+                    .context("encoding the table as JSON")?;
+            json.push('\n');
+            json
+        }
+    };
+    print!("{output}");
+    Ok(())
+}

@@ -13,6 +13,7 @@ use crate::model::{IpFamily, Protocol, ServiceKey, TopologyIntent};
 
 /// Identity of a virtual server, as IPVS knows it. Field order gives `ipvsadm`'s sort order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct VsKey {
     pub family: IpFamily,
     pub protocol: Protocol,
@@ -86,6 +87,7 @@ pub enum TierKind {
 
 /// A real server.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Backend {
     pub address: IpAddr,
     pub port: u16,
@@ -96,6 +98,7 @@ pub struct Backend {
 
 /// Backends of equal preference. Backends are sorted by (address, port).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Tier {
     pub kind: TierKind,
     pub backends: Vec<Backend>,
@@ -103,6 +106,7 @@ pub struct Tier {
 
 /// One IPVS virtual server (or BPF service entry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct VirtualServer {
     pub key: VsKey,
     pub service: ServiceKey,
@@ -147,6 +151,7 @@ impl VirtualServer {
 /// A virtual-server key that two Services both want. The smaller Service key wins, so the
 /// outcome does not depend on the order objects arrived in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Conflict {
     pub key: VsKey,
     pub winner: ServiceKey,

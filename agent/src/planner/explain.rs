@@ -1,0 +1,381 @@
+//! `plan --explain`: per Service port, which topology mode applied on this node and why each
+//! endpoint was programmed, kept as a fallback, or left out.
+//!
+//! Built from the same [`PortPlan`]s the planner programs from, so the explanation cannot
+//! drift from the table.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use crate::model::{IpFamily, Node, Protocol, ServiceKey, SliceOrigin, TopologyIntent};
+use crate::store::Store;
+use crate::table::{Frontend, TierKind, TopologyMode, TrafficPolicy};
+
+use super::endpoints::Candidate;
+use super::topology::IndexTiers;
+use super::{port_plans, skip_reason, PlanConfig, PortPlan, SkipReason};
+
+/// Why one Service does what it does on this node.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceExplanation {
+    pub service: ServiceKey,
+    pub skipped: Option<SkipReason>,
+    pub intent: TopologyIntent,
+    pub ports: Vec<PortExplanation>,
+}
+
+/// One Service port in one IP family.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortExplanation {
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub family: IpFamily,
+    pub topology: TopologyMode,
+    pub topology_reason: String,
+    pub frontends: Vec<FrontendExplanation>,
+    pub endpoints: Vec<EndpointExplanation>,
+}
+
+/// An address:port the port is served on.
+#[derive(Debug, Clone, Serialize)]
+pub struct FrontendExplanation {
+    pub address: IpAddr,
+    pub port: u16,
+    pub kind: Frontend,
+    pub policy: TrafficPolicy,
+}
+
+/// One merged endpoint and what each policy made of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointExplanation {
+    pub address: IpAddr,
+    pub port: u16,
+    pub slice: String,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// Verdict under Cluster policy, when a frontend uses it.
+    pub cluster: Option<Verdict>,
+    /// Verdict under Local policy, when a frontend uses it.
+    pub local: Option<Verdict>,
+}
+
+/// Where an endpoint landed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// The tier it sits in, if any.
+    pub tier: Option<TierKind>,
+    /// In the first non-empty tier, i.e. programmed now.
+    pub programmed: bool,
+    pub why: String,
+}
+
+/// Explains every Service in the store for `node`, in Service key order.
+pub fn explain(store: &Store, node: &Node, config: &PlanConfig) -> Vec<ServiceExplanation> {
+    store
+        .services()
+        .map(|service| {
+            let skipped = skip_reason(service, config);
+            let ports = if skipped.is_some() {
+                Vec::new()
+            } else {
+                port_plans(store, service, node)
+                    .iter()
+                    .map(|plan| explain_port(plan, node))
+                    .collect()
+            };
+            ServiceExplanation {
+                service: service.key.clone(),
+                skipped,
+                intent: service.topology_intent,
+                ports,
+            }
+        })
+        .collect()
+}
+
+fn explain_port(plan: &PortPlan<'_>, node: &Node) -> PortExplanation {
+    let endpoints = plan
+        .candidates
+        .iter()
+        .enumerate()
+        .map(|(index, candidate)| EndpointExplanation {
+            address: candidate.address(),
+            port: candidate.port,
+            slice: candidate.slice.to_owned(),
+            node_name: candidate.endpoint.node_name.clone(),
+            zone: candidate.endpoint.zone.clone(),
+            cluster: plan
+                .cluster
+                .as_ref()
+                .map(|tiers| cluster_verdict(tiers, index, candidate, plan.mode, node)),
+            local: plan
+                .local
+                .as_ref()
+                .map(|tiers| local_verdict(tiers, index, candidate, node)),
+        })
+        .collect();
+    PortExplanation {
+        port_name: plan.port.name.clone(),
+        protocol: plan.port.protocol,
+        port: plan.port.port,
+        family: plan.family,
+        topology: plan.mode,
+        topology_reason: plan.reason.to_string(),
+        frontends: plan
+            .frontends
+            .iter()
+            .map(|f| FrontendExplanation {
+                address: f.key.address,
+                port: f.key.port,
+                kind: f.kind,
+                policy: f.policy,
+            })
+            .collect(),
+        endpoints,
+    }
+}
+
+fn placement(tiers: &IndexTiers, index: usize) -> Option<(usize, TierKind)> {
+    tiers
+        .iter()
+        .enumerate()
+        .find(|(_, (_, members))| members.contains(&index))
+        .map(|(position, (kind, _))| (position, *kind))
+}
+
+fn unusable_why(candidate: &Candidate<'_>) -> String {
+    let endpoint = candidate.endpoint;
+    if endpoint.terminating && !endpoint.serving {
+        "terminating and no longer serving".to_owned()
+    } else {
+        "not ready and not terminating (a starting or failing pod)".to_owned()
+    }
+}
+
+fn hints(candidate: &Candidate<'_>) -> String {
+    let zones: Vec<&str> = candidate
+        .endpoint
+        .zone_hints
+        .iter()
+        .map(String::as_str)
+        .collect();
+    let nodes: Vec<&str> = candidate
+        .endpoint
+        .node_hints
+        .iter()
+        .map(String::as_str)
+        .collect();
+    match (zones.is_empty(), nodes.is_empty()) {
+        (true, true) => "no hints".to_owned(),
+        (false, true) => format!("hinted for zone {}", zones.join(",")),
+        (true, false) => format!("hinted for node {}", nodes.join(",")),
+        (false, false) => format!(
+            "hinted for zone {} and node {}",
+            zones.join(","),
+            nodes.join(",")
+        ),
+    }
+}
+
+fn cluster_verdict(
+    tiers: &IndexTiers,
+    index: usize,
+    candidate: &Candidate<'_>,
+    mode: TopologyMode,
+    node: &Node,
+) -> Verdict {
+    let Some((position, tier)) = placement(tiers, index) else {
+        return Verdict {
+            tier: None,
+            programmed: false,
+            why: unusable_why(candidate),
+        };
+    };
+    let zone = node.zone.as_deref().unwrap_or("");
+    let why = match (tier, mode) {
+        (TierKind::SameNode, _) => format!("node hint names this node {}", node.name),
+        (TierKind::SameZone, TopologyMode::SameZone) => {
+            format!("zone hint names this node's zone {zone}")
+        }
+        (TierKind::SameZone, _) => {
+            format!("in this node's zone {zone}, but not hinted for this node")
+        }
+        (TierKind::Cluster, TopologyMode::None) => {
+            "ready; no topology filter applies on this node".to_owned()
+        }
+        (TierKind::Cluster, _) => format!(
+            "ready, {}; outside this node's topology preference",
+            hints(candidate)
+        ),
+        (TierKind::RemoteClusters, _) => {
+            let cluster = match candidate.origin {
+                SliceOrigin::Remote(name) => name.as_str(),
+                SliceOrigin::Local => "",
+            };
+            format!("ready in cluster {cluster}; used only when this cluster has no ready endpoint")
+        }
+        (TierKind::ServingTerminating, _) => {
+            "terminating but still serving; used only while no endpoint is ready".to_owned()
+        }
+        (TierKind::NodeLocal | TierKind::NodeLocalServingTerminating, _) => {
+            "local tier in a cluster set".to_owned()
+        }
+    };
+    Verdict {
+        tier: Some(tier),
+        programmed: position == 0,
+        why,
+    }
+}
+
+fn local_verdict(
+    tiers: &IndexTiers,
+    index: usize,
+    candidate: &Candidate<'_>,
+    node: &Node,
+) -> Verdict {
+    if let Some((position, tier)) = placement(tiers, index) {
+        let why = match tier {
+            TierKind::NodeLocal => "ready on this node".to_owned(),
+            _ => "terminating but still serving on this node; used only while none here is ready"
+                .to_owned(),
+        };
+        return Verdict {
+            tier: Some(tier),
+            programmed: position == 0,
+            why,
+        };
+    }
+    let why = if candidate.is_remote() {
+        "in another cluster; Local policy never leaves this node".to_owned()
+    } else if candidate.endpoint.node_name.as_deref() != Some(node.name.as_str()) {
+        match &candidate.endpoint.node_name {
+            Some(other) => format!("on node {other}; Local policy never leaves this node"),
+            None => "has no nodeName; Local policy never leaves this node".to_owned(),
+        }
+    } else {
+        unusable_why(candidate)
+    };
+    Verdict {
+        tier: None,
+        programmed: false,
+        why,
+    }
+}
+
+fn intent_text(intent: TopologyIntent) -> &'static str {
+    match intent {
+        TopologyIntent::None => "none",
+        TopologyIntent::Auto => "topology-mode Auto",
+        TopologyIntent::PreferClose => "trafficDistribution PreferClose",
+        TopologyIntent::PreferSameZone => "trafficDistribution PreferSameZone",
+        TopologyIntent::PreferSameNode => "trafficDistribution PreferSameNode",
+    }
+}
+
+fn mode_text(mode: TopologyMode) -> &'static str {
+    match mode {
+        TopologyMode::None => "none (all ready endpoints)",
+        TopologyMode::SameZone => "same-zone",
+        TopologyMode::SameNode => "same-node",
+    }
+}
+
+fn tier_text(tier: TierKind) -> &'static str {
+    match tier {
+        TierKind::SameNode => "same-node",
+        TierKind::SameZone => "same-zone",
+        TierKind::Cluster => "cluster",
+        TierKind::RemoteClusters => "remote-clusters",
+        TierKind::ServingTerminating => "serving-terminating",
+        TierKind::NodeLocal => "node-local",
+        TierKind::NodeLocalServingTerminating => "node-local-serving-terminating",
+    }
+}
+
+fn verdict_text(verdict: &Verdict) -> String {
+    let status = match (verdict.programmed, verdict.tier) {
+        (true, Some(tier)) => format!("programmed ({})", tier_text(tier)),
+        (false, Some(tier)) => format!("fallback ({})", tier_text(tier)),
+        (_, None) => "left out".to_owned(),
+    };
+    format!("{status}: {}", verdict.why)
+}
+
+fn socket(address: IpAddr, port: u16) -> String {
+    SocketAddr::new(address, port).to_string()
+}
+
+/// Renders explanations as text for a terminal.
+pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
+    let mut out = String::new();
+    let zone = node.zone.as_deref().unwrap_or("<none>");
+    // Writing into a String cannot fail.
+    let _ = writeln!(out, "Explaining the plan for node {} (zone {zone})", node.name);
+    for service in explanations {
+        let _ = writeln!(out);
+        if let Some(skipped) = &service.skipped {
+            let _ = writeln!(out, "Service {}: skipped: {skipped}", service.service);
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "Service {} (topology intent: {})",
+            service.service,
+            intent_text(service.intent)
+        );
+        if service.ports.is_empty() {
+            let _ = writeln!(out, "  no ports");
+        }
+        for port in &service.ports {
+            let name = if port.port_name.is_empty() {
+                "<unnamed>"
+            } else {
+                &port.port_name
+            };
+            let _ = writeln!(
+                out,
+                "  port {name} {}/{} {}",
+                port.port, port.protocol, port.family
+            );
+            let _ = writeln!(
+                out,
+                "    topology: {}: {}",
+                mode_text(port.topology),
+                port.topology_reason
+            );
+            for frontend in &port.frontends {
+                let _ = writeln!(
+                    out,
+                    "    frontend {} {:?} ({:?} policy)",
+                    socket(frontend.address, frontend.port),
+                    frontend.kind,
+                    frontend.policy
+                );
+            }
+            if port.endpoints.is_empty() {
+                let _ = writeln!(out, "    no endpoints match this port");
+            }
+            for endpoint in &port.endpoints {
+                let _ = writeln!(
+                    out,
+                    "    endpoint {} (slice {}, node {}, zone {})",
+                    socket(endpoint.address, endpoint.port),
+                    endpoint.slice,
+                    endpoint.node_name.as_deref().unwrap_or("-"),
+                    endpoint.zone.as_deref().unwrap_or("-"),
+                );
+                if let Some(verdict) = &endpoint.cluster {
+                    let _ = writeln!(out, "      cluster policy: {}", verdict_text(verdict));
+                }
+                if let Some(verdict) = &endpoint.local {
+                    let _ = writeln!(out, "      local policy: {}", verdict_text(verdict));
+                }
+            }
+        }
+    }
+    out
+}
