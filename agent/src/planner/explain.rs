@@ -35,6 +35,9 @@ pub struct PortExplanation {
     pub family: IpFamily,
     pub topology: TopologyMode,
     pub topology_reason: String,
+    /// The Service asked for topology-aware routing, has Ready endpoints, and this node
+    /// serves it from all of them anyway.
+    pub falling_back: bool,
     pub frontends: Vec<FrontendExplanation>,
     pub endpoints: Vec<EndpointExplanation>,
 }
@@ -83,7 +86,7 @@ pub fn explain(store: &Store, node: &Node, config: &PlanConfig) -> Vec<ServiceEx
             } else {
                 port_plans(store, service, node)
                     .iter()
-                    .map(|plan| explain_port(plan, node))
+                    .map(|plan| explain_port(plan, service.topology_intent, node))
                     .collect()
             };
             ServiceExplanation {
@@ -96,7 +99,7 @@ pub fn explain(store: &Store, node: &Node, config: &PlanConfig) -> Vec<ServiceEx
         .collect()
 }
 
-fn explain_port(plan: &PortPlan<'_>, node: &Node) -> PortExplanation {
+fn explain_port(plan: &PortPlan<'_>, intent: TopologyIntent, node: &Node) -> PortExplanation {
     let endpoints = plan
         .candidates
         .iter()
@@ -123,7 +126,15 @@ fn explain_port(plan: &PortPlan<'_>, node: &Node) -> PortExplanation {
         port: plan.port.port,
         family: plan.family,
         topology: plan.mode,
-        topology_reason: plan.reason.to_string(),
+        topology_reason: match plan.cluster {
+            Some(_) => plan.reason.to_string(),
+            None => "not applied: every frontend uses Local traffic policy".to_owned(),
+        },
+        falling_back: plan.cluster.as_ref().is_some_and(|tiers| {
+            intent.wants_topology()
+                && plan.mode == TopologyMode::None
+                && tiers.first().is_some_and(|(kind, _)| *kind == TierKind::Cluster)
+        }),
         frontends: plan
             .frontends
             .iter()
@@ -269,7 +280,7 @@ fn local_verdict(
 fn intent_text(intent: TopologyIntent) -> &'static str {
     match intent {
         TopologyIntent::None => "none",
-        TopologyIntent::Auto => "topology-mode Auto",
+        TopologyIntent::Auto => "Auto, by annotation",
         TopologyIntent::PreferClose => "trafficDistribution PreferClose",
         TopologyIntent::PreferSameZone => "trafficDistribution PreferSameZone",
         TopologyIntent::PreferSameNode => "trafficDistribution PreferSameNode",
@@ -341,12 +352,27 @@ pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
                 "  port {name} {}/{} {}",
                 port.port, port.protocol, port.family
             );
-            let _ = writeln!(
-                out,
-                "    topology: {}: {}",
-                mode_text(port.topology),
-                port.topology_reason
-            );
+            let local_only = port
+                .frontends
+                .iter()
+                .all(|f| f.policy == TrafficPolicy::Local);
+            if local_only {
+                let _ = writeln!(out, "    topology: {}", port.topology_reason);
+            } else {
+                let _ = writeln!(
+                    out,
+                    "    topology: {}: {}",
+                    mode_text(port.topology),
+                    port.topology_reason
+                );
+            }
+            if port.falling_back {
+                let _ = writeln!(
+                    out,
+                    "    falling back: the Service asks for topology-aware routing, but this node \
+                     uses every ready endpoint"
+                );
+            }
             for frontend in &port.frontends {
                 let _ = writeln!(
                     out,
