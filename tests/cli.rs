@@ -76,7 +76,13 @@ fn unknown_node_is_a_clear_error_with_exit_code_2() {
 #[test]
 fn json_output_carries_tiers_and_the_fallback_flag() {
     let output = topoproxy(&[
-        "plan", "--source", "examples/cluster", "--node", "node-c1", "--format", "json",
+        "plan",
+        "--source",
+        "examples/cluster",
+        "--node",
+        "node-c1",
+        "--format",
+        "json",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let doc: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("valid JSON");
@@ -99,13 +105,24 @@ fn json_output_carries_tiers_and_the_fallback_flag() {
 #[test]
 fn explain_adds_reasons_after_the_table() {
     let output = topoproxy(&[
-        "plan", "--source", "examples/cluster", "--node", "node-a1", "--explain",
+        "plan",
+        "--source",
+        "examples/cluster",
+        "--node",
+        "node-a1",
+        "--explain",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stdout(&output);
     assert!(text.starts_with("IP Virtual Server version"), "{text}");
-    assert!(text.contains("Service shop/payments-db: skipped: type ExternalName"), "{text}");
-    assert!(text.contains("zone hint names this node's zone zone-a"), "{text}");
+    assert!(
+        text.contains("Service shop/payments-db: skipped: type ExternalName"),
+        "{text}"
+    );
+    assert!(
+        text.contains("zone hint names this node's zone zone-a"),
+        "{text}"
+    );
 }
 
 #[test]

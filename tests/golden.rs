@@ -85,8 +85,5 @@ fn explanation_for_one_node() {
     let node = loaded.store.node("node-b1").expect("example node");
     let config = PlanConfig::default();
     let explained = explain::explain(&loaded.store, node, &config);
-    check_golden(
-        "node-b1.explain",
-        &explain::render_text(&explained, node),
-    );
+    check_golden("node-b1.explain", &explain::render_text(&explained, node));
 }

@@ -176,9 +176,8 @@ fn plan(
             text
         }
         OutputFormat::Json => {
-            let mut json =
-                render::json::render_table(&table, &node.name, explanation.as_deref())
-                    .context("encoding the table as JSON")?;
+            let mut json = render::json::render_table(&table, &node.name, explanation.as_deref())
+                .context("encoding the table as JSON")?;
             json.push('\n');
             json
         }

@@ -133,7 +133,9 @@ fn explain_port(plan: &PortPlan<'_>, intent: TopologyIntent, node: &Node) -> Por
         falling_back: plan.cluster.as_ref().is_some_and(|tiers| {
             intent.wants_topology()
                 && plan.mode == TopologyMode::None
-                && tiers.first().is_some_and(|(kind, _)| *kind == TierKind::Cluster)
+                && tiers
+                    .first()
+                    .is_some_and(|(kind, _)| *kind == TierKind::Cluster)
         }),
         frontends: plan
             .frontends
@@ -325,7 +327,11 @@ pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
     let mut out = String::new();
     let zone = node.zone.as_deref().unwrap_or("<none>");
     // Writing into a String cannot fail.
-    let _ = writeln!(out, "Explaining the plan for node {} (zone {zone})", node.name);
+    let _ = writeln!(
+        out,
+        "Explaining the plan for node {} (zone {zone})",
+        node.name
+    );
     for service in explanations {
         let _ = writeln!(out);
         if let Some(skipped) = &service.skipped {

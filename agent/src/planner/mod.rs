@@ -6,9 +6,9 @@
 
 mod endpoints;
 pub mod explain;
-mod topology;
 #[cfg(test)]
 mod tests;
+mod topology;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -84,7 +84,10 @@ pub fn plan_service(
         let local = port_plan.local.as_ref().map(|t| port_plan.tiers(t));
         for frontend in &port_plan.frontends {
             // A NodePort on a node address that is also an externalIP, say: first one wins.
-            if servers.iter().any(|vs: &VirtualServer| vs.key == frontend.key) {
+            if servers
+                .iter()
+                .any(|vs: &VirtualServer| vs.key == frontend.key)
+            {
                 continue;
             }
             let tiers = match frontend.policy {
@@ -215,10 +218,16 @@ pub(crate) fn port_plans<'a>(
     for family in families {
         for port in &service.ports {
             let frontends = frontends(service, port, family, node);
-            let candidates = merge(store.slices_of(&service.key), family, &port.name, port.protocol);
+            let candidates = merge(
+                store.slices_of(&service.key),
+                family,
+                &port.name,
+                port.protocol,
+            );
             let (mode, reason) = decide_mode(&candidates, node);
             let uses = |policy| frontends.iter().any(|f| f.policy == policy);
-            let cluster = uses(TrafficPolicy::Cluster).then(|| cluster_tiers(&candidates, node, mode));
+            let cluster =
+                uses(TrafficPolicy::Cluster).then(|| cluster_tiers(&candidates, node, mode));
             let local = uses(TrafficPolicy::Local).then(|| local_tiers(&candidates, node));
             plans.push(PortPlan {
                 family,
@@ -235,7 +244,12 @@ pub(crate) fn port_plans<'a>(
     plans
 }
 
-fn frontends(service: &Service, port: &ServicePort, family: IpFamily, node: &Node) -> Vec<FrontendSpec> {
+fn frontends(
+    service: &Service,
+    port: &ServicePort,
+    family: IpFamily,
+    node: &Node,
+) -> Vec<FrontendSpec> {
     let in_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
     let internal = policy(service.internal_traffic_local);
     let external = policy(service.external_traffic_local);

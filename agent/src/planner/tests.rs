@@ -148,11 +148,21 @@ fn programmed(table: &NodeTable, protocol: Protocol, address: &str, port: u16) -
         .collect()
 }
 
-fn tiers(table: &NodeTable, protocol: Protocol, address: &str, port: u16) -> Vec<(TierKind, usize)> {
+fn tiers(
+    table: &NodeTable,
+    protocol: Protocol,
+    address: &str,
+    port: u16,
+) -> Vec<(TierKind, usize)> {
     let key = VsKey::new(protocol, ip(address), port);
     table
         .get(&key)
-        .map(|vs| vs.tiers.iter().map(|t| (t.kind, t.backends.len())).collect())
+        .map(|vs| {
+            vs.tiers
+                .iter()
+                .map(|t| (t.kind, t.backends.len()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -269,10 +279,30 @@ fn zone_hints_across_four_nodes_and_their_scale_downs() {
                 ep("10.244.4.2", "b2", "b"),
             ],
             expected: [
-                &["10.244.1.2:53", "10.244.2.2:53", "10.244.3.2:53", "10.244.4.2:53"],
-                &["10.244.1.2:53", "10.244.2.2:53", "10.244.3.2:53", "10.244.4.2:53"],
-                &["10.244.1.2:53", "10.244.2.2:53", "10.244.3.2:53", "10.244.4.2:53"],
-                &["10.244.1.2:53", "10.244.2.2:53", "10.244.3.2:53", "10.244.4.2:53"],
+                &[
+                    "10.244.1.2:53",
+                    "10.244.2.2:53",
+                    "10.244.3.2:53",
+                    "10.244.4.2:53",
+                ],
+                &[
+                    "10.244.1.2:53",
+                    "10.244.2.2:53",
+                    "10.244.3.2:53",
+                    "10.244.4.2:53",
+                ],
+                &[
+                    "10.244.1.2:53",
+                    "10.244.2.2:53",
+                    "10.244.3.2:53",
+                    "10.244.4.2:53",
+                ],
+                &[
+                    "10.244.1.2:53",
+                    "10.244.2.2:53",
+                    "10.244.3.2:53",
+                    "10.244.4.2:53",
+                ],
             ],
         },
         Case {
@@ -365,7 +395,10 @@ fn hints_naming_no_endpoint_in_this_zone_fall_back_to_all() {
         .get(&VsKey::new(UDP, ip("10.96.0.10"), 53))
         .expect("dns virtual server");
     assert_eq!(vs.topology, TopologyMode::None);
-    assert!(vs.is_falling_back(), "asked for topology, serving cluster-wide");
+    assert!(
+        vs.is_falling_back(),
+        "asked for topology, serving cluster-wide"
+    );
     let why = &explain(&store, &zone_c, &PlanConfig::default())[0].ports[0].topology_reason;
     assert!(why.contains("none names this node's zone \"c\""), "{why}");
 }
@@ -382,9 +415,15 @@ fn node_without_zone_label_uses_every_ready_endpoint() {
         programmed(&table, UDP, "10.96.0.10", 53),
         strings(&["10.244.1.2:53", "10.244.3.2:53"])
     );
-    assert_eq!(tiers(&table, UDP, "10.96.0.10", 53), vec![(TierKind::Cluster, 2)]);
+    assert_eq!(
+        tiers(&table, UDP, "10.96.0.10", 53),
+        vec![(TierKind::Cluster, 2)]
+    );
     let why = &explain(&store, &zoneless, &PlanConfig::default())[0].ports[0].topology_reason;
-    assert!(why.contains("no topology.kubernetes.io/zone label"), "{why}");
+    assert!(
+        why.contains("no topology.kubernetes.io/zone label"),
+        "{why}"
+    );
 }
 
 #[test]
@@ -468,7 +507,12 @@ fn same_node_hints() {
             "{}",
             case.name
         );
-        assert_eq!(tiers(&table, UDP, "10.96.0.10", 53), case.tiers, "{}", case.name);
+        assert_eq!(
+            tiers(&table, UDP, "10.96.0.10", 53),
+            case.tiers,
+            "{}",
+            case.name
+        );
     }
 }
 
@@ -598,15 +642,35 @@ fn frontends_cluster_ips_external_ips_load_balancers_and_node_ports() {
     let store = store(
         vec![lb],
         vec![
-            slice("lb", "lb-v4", &[("https", TCP, 8443)], vec![ep("10.244.1.5", "a1", "a")]),
-            slice("lb", "lb-v6", &[("https", TCP, 8443)], vec![ep("fd00:244::5", "a1", "a")]),
+            slice(
+                "lb",
+                "lb-v4",
+                &[("https", TCP, 8443)],
+                vec![ep("10.244.1.5", "a1", "a")],
+            ),
+            slice(
+                "lb",
+                "lb-v6",
+                &[("https", TCP, 8443)],
+                vec![ep("fd00:244::5", "a1", "a")],
+            ),
         ],
     );
-    let dual = node("a1", Some("a"), &["192.168.0.11", "10.0.0.11", "fd00:1::11"]);
+    let dual = node(
+        "a1",
+        Some("a"),
+        &["192.168.0.11", "10.0.0.11", "fd00:1::11"],
+    );
     let table = plan_for(&store, &dual);
     let keys: Vec<String> = table
         .servers()
-        .map(|vs| format!("{:?} {}", vs.frontend, SocketAddrText(vs.key.address, vs.key.port)))
+        .map(|vs| {
+            format!(
+                "{:?} {}",
+                vs.frontend,
+                SocketAddrText(vs.key.address, vs.key.port)
+            )
+        })
         .collect();
     assert_eq!(
         keys,
@@ -647,11 +711,21 @@ fn single_stack_service_gets_no_node_port_on_other_family() {
     np.ports[0].node_port = Some(30040);
     let store = store(
         vec![np],
-        vec![slice("np", "np-1", &[("http", TCP, 80)], vec![ep("10.244.1.6", "a1", "a")])],
+        vec![slice(
+            "np",
+            "np-1",
+            &[("http", TCP, 80)],
+            vec![ep("10.244.1.6", "a1", "a")],
+        )],
     );
-    let table = plan_for(&store, &node("a1", Some("a"), &["192.168.0.11", "fd00:1::11"]));
+    let table = plan_for(
+        &store,
+        &node("a1", Some("a"), &["192.168.0.11", "fd00:1::11"]),
+    );
     assert_eq!(table.len(), 2);
-    assert!(table.get(&VsKey::new(TCP, ip("fd00:1::11"), 30040)).is_none());
+    assert!(table
+        .get(&VsKey::new(TCP, ip("fd00:1::11"), 30040))
+        .is_none());
 }
 
 #[test]
@@ -683,9 +757,18 @@ fn ports_match_by_name_and_protocol() {
         )],
     );
     let table = plan_for(&store, &four_nodes()[0]);
-    assert_eq!(programmed(&table, TCP, "10.96.0.50", 80), strings(&["10.244.1.7:8080"]));
-    assert_eq!(programmed(&table, TCP, "10.96.0.50", 9100), strings(&["10.244.1.7:9200"]));
-    assert_eq!(programmed(&table, UDP, "10.96.0.50", 514), strings(&["10.244.1.7:5514"]));
+    assert_eq!(
+        programmed(&table, TCP, "10.96.0.50", 80),
+        strings(&["10.244.1.7:8080"])
+    );
+    assert_eq!(
+        programmed(&table, TCP, "10.96.0.50", 9100),
+        strings(&["10.244.1.7:9200"])
+    );
+    assert_eq!(
+        programmed(&table, UDP, "10.96.0.50", 514),
+        strings(&["10.244.1.7:5514"])
+    );
     assert_eq!(
         programmed(&table, Protocol::Sctp, "10.96.0.50", 3868),
         strings(&["10.244.1.7:3869"])
@@ -697,10 +780,18 @@ fn ports_match_by_name_and_protocol() {
 fn unnamed_single_port_matches_unnamed_slice_port() {
     let store = store(
         vec![service("single", "10.96.0.51", vec![port("", TCP, 80)])],
-        vec![slice("single", "single-1", &[("", TCP, 8080)], vec![ep("10.244.1.8", "a1", "a")])],
+        vec![slice(
+            "single",
+            "single-1",
+            &[("", TCP, 8080)],
+            vec![ep("10.244.1.8", "a1", "a")],
+        )],
     );
     let table = plan_for(&store, &four_nodes()[0]);
-    assert_eq!(programmed(&table, TCP, "10.96.0.51", 80), strings(&["10.244.1.8:8080"]));
+    assert_eq!(
+        programmed(&table, TCP, "10.96.0.51", 80),
+        strings(&["10.244.1.8:8080"])
+    );
 }
 
 #[test]
@@ -767,14 +858,18 @@ fn skipped_services() {
     let mut ours = service("ours", "10.96.0.63", vec![port("http", TCP, 80)]);
     ours.proxy_name = Some("topoproxy".to_owned());
     let plain = service("plain", "10.96.0.64", vec![port("http", TCP, 80)]);
-    let store = store(vec![external_name, headless, other, ours, plain], Vec::new());
+    let store = store(
+        vec![external_name, headless, other, ours, plain],
+        Vec::new(),
+    );
     let table = plan_for(&store, &four_nodes()[0]);
     let planned: Vec<String> = table.servers().map(|vs| vs.service.name.clone()).collect();
     assert_eq!(planned, strings(&["ours", "plain"]));
-    let reasons: Vec<Option<SkipReason>> = explain(&store, &four_nodes()[0], &PlanConfig::default())
-        .into_iter()
-        .map(|e| e.skipped)
-        .collect();
+    let reasons: Vec<Option<SkipReason>> =
+        explain(&store, &four_nodes()[0], &PlanConfig::default())
+            .into_iter()
+            .map(|e| e.skipped)
+            .collect();
     assert_eq!(
         reasons,
         vec![
@@ -798,8 +893,12 @@ fn session_affinity_and_scheduler() {
         ..PlanConfig::default()
     };
     let table = plan(&store, &four_nodes()[0], &config);
-    let sticky = table.get(&VsKey::new(TCP, ip("10.96.0.70"), 80)).expect("sticky");
-    let plain = table.get(&VsKey::new(TCP, ip("10.96.0.71"), 80)).expect("plain");
+    let sticky = table
+        .get(&VsKey::new(TCP, ip("10.96.0.70"), 80))
+        .expect("sticky");
+    let plain = table
+        .get(&VsKey::new(TCP, ip("10.96.0.71"), 80))
+        .expect("plain");
     assert_eq!(sticky.persistence_timeout, Some(10_800));
     assert_eq!(plain.persistence_timeout, None);
     assert_eq!(sticky.scheduler, "wrr");
@@ -808,13 +907,21 @@ fn session_affinity_and_scheduler() {
 
 #[test]
 fn remote_cluster_endpoints_sit_behind_the_local_cluster() {
-    let mut remote = slice("dns", "dns-remote", &[("dns", UDP, 53)], vec![ep("10.8.0.2", "r1", "x")]);
+    let mut remote = slice(
+        "dns",
+        "dns-remote",
+        &[("dns", UDP, 53)],
+        vec![ep("10.8.0.2", "r1", "x")],
+    );
     remote.origin = SliceOrigin::Remote("west".to_owned());
     let mut store = dns_store(vec![ep("10.244.1.2", "a1", "a")]);
     store.upsert_slice(remote);
     let a1 = &four_nodes()[0];
     let table = plan_for(&store, a1);
-    assert_eq!(programmed(&table, UDP, "10.96.0.10", 53), strings(&["10.244.1.2:53"]));
+    assert_eq!(
+        programmed(&table, UDP, "10.96.0.10", 53),
+        strings(&["10.244.1.2:53"])
+    );
     assert_eq!(
         tiers(&table, UDP, "10.96.0.10", 53),
         vec![(TierKind::Cluster, 1), (TierKind::RemoteClusters, 1)]
@@ -822,7 +929,10 @@ fn remote_cluster_endpoints_sit_behind_the_local_cluster() {
     // Once the local endpoint is gone, the remote one is all there is.
     store.upsert_slice(slice("dns", "dns-abc", &[("dns", UDP, 53)], Vec::new()));
     let table = plan_for(&store, a1);
-    assert_eq!(programmed(&table, UDP, "10.96.0.10", 53), strings(&["10.8.0.2:53"]));
+    assert_eq!(
+        programmed(&table, UDP, "10.96.0.10", 53),
+        strings(&["10.8.0.2:53"])
+    );
 }
 
 #[test]
@@ -857,7 +967,10 @@ fn explanation_says_why_each_endpoint_was_chosen_or_left_out() {
         ]
     );
     let text = explain::render_text(&explained, a1);
-    assert!(text.contains("zone hint names this node's zone a"), "{text}");
+    assert!(
+        text.contains("zone hint names this node's zone a"),
+        "{text}"
+    );
     assert!(text.contains("not ready and not terminating"), "{text}");
 }
 
@@ -905,11 +1018,17 @@ fn conflicting_claims_resolve_by_service_key_whichever_arrives_first() {
         for service in order {
             replan_service(&mut table, &store, &service.key, a1, &config);
         }
-        assert_eq!(table.get(&shared).map(|vs| vs.service.name.as_str()), Some("alpha"));
+        assert_eq!(
+            table.get(&shared).map(|vs| vs.service.name.as_str()),
+            Some("alpha")
+        );
         assert_eq!(table.conflicts().len(), 1);
         // The winner leaves: the other claim takes over.
         table.replace_service(&first.key, Vec::new());
-        assert_eq!(table.get(&shared).map(|vs| vs.service.name.as_str()), Some("beta"));
+        assert_eq!(
+            table.get(&shared).map(|vs| vs.service.name.as_str()),
+            Some("beta")
+        );
         assert!(table.conflicts().is_empty());
     }
 }

@@ -72,10 +72,7 @@ pub fn decide_mode(candidates: &[Candidate<'_>], node: &Node) -> (TopologyMode, 
     let mut node_hinted = false;
     let mut without_zone_hints = 0;
     let mut zone_hinted = false;
-    for candidate in candidates
-        .iter()
-        .filter(|c| c.is_ready() && !c.is_remote())
-    {
+    for candidate in candidates.iter().filter(|c| c.is_ready() && !c.is_remote()) {
         let endpoint = candidate.endpoint;
         ready += 1;
         if endpoint.node_hints.is_empty() {

@@ -143,7 +143,13 @@ fn address_port(address: IpAddr, port: u16) -> String {
 mod tests {
     use super::*;
 
-    fn destination(address: &str, port: u16, weight: i32, active: u32, inactive: u32) -> DestinationRow {
+    fn destination(
+        address: &str,
+        port: u16,
+        weight: i32,
+        active: u32,
+        inactive: u32,
+    ) -> DestinationRow {
         DestinationRow {
             address: address.parse().expect("test address"),
             port,
