@@ -5,11 +5,20 @@
 //! into this node's [`table::NodeTable`]; a dataplane programs the table. The planner is a
 //! pure function: no I/O, no clock.
 
+pub mod agent;
+pub mod config;
 pub mod convert;
+pub mod dataplane;
+pub mod diff;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod planner;
 pub mod render;
 pub mod source;
+pub mod state;
 pub mod store;
+pub mod sync;
 pub mod synthetic;
 pub mod table;

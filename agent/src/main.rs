@@ -7,6 +7,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use topoproxy::agent::{kube_client, Agent, ClusterSource};
+use topoproxy::config::{self, LogFormat, NodeNameFallbacks, ProxyMode, RunOptions};
+use topoproxy::dataplane::memory::MemoryDataplane;
 use topoproxy::planner::{self, explain, PlanConfig};
 use topoproxy::render;
 use topoproxy::source::file;
@@ -22,17 +25,8 @@ const EXIT_USAGE: u8 = 2;
     about = "Topology-aware kube-proxy replacement: routes every Service to the nearest healthy backends"
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -45,6 +39,14 @@ enum OutputFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: watch the cluster and keep this node's dataplane in sync.
+    Run {
+        /// YAML config file whose keys are these flags' names; flags win over it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: RunOptions,
+    },
     /// Print the table a node would program, from a directory of cluster YAML.
     Plan {
         /// Directory (searched recursively) or file of YAML as `kubectl get -o yaml` prints it.
@@ -66,6 +68,9 @@ enum Command {
         /// left to that proxy.
         #[arg(long, default_value = "topoproxy")]
         service_proxy_name: String,
+        /// Log format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
 }
 
@@ -83,7 +88,6 @@ impl From<anyhow::Error> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(message)) => {
@@ -112,6 +116,7 @@ fn init_logging(format: LogFormat) {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
+        Command::Run { config, options } => run_agent(config.as_deref(), options),
         Command::Plan {
             source,
             node,
@@ -119,7 +124,9 @@ fn run(command: Command) -> Result<(), Failure> {
             explain,
             ipvs_scheduler,
             service_proxy_name,
+            log_format,
         } => {
+            init_logging(log_format);
             let config = PlanConfig {
                 scheduler: ipvs_scheduler,
                 proxy_name: service_proxy_name,
@@ -127,6 +134,70 @@ fn run(command: Command) -> Result<(), Failure> {
             plan(&source, &node, format, explain, &config)
         }
     }
+}
+
+fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result<(), Failure> {
+    let file = match config_file {
+        Some(path) => {
+            config::read_config_file(path).map_err(|e| Failure::Usage(format!("{e:#}")))?
+        }
+        None => RunOptions::default(),
+    };
+    let fallbacks = NodeNameFallbacks {
+        env: std::env::var("NODE_NAME").ok(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
+    };
+    let settings =
+        config::resolve(flags, file, fallbacks).map_err(|e| Failure::Usage(e.to_string()))?;
+    init_logging(settings.log_format);
+    if settings.proxy_mode != ProxyMode::DryRun {
+        return Err(Failure::Usage(format!(
+            "--proxy-mode {} is not available in this build yet: its dataplane has not landed; \
+             use --proxy-mode dry-run to run in shadow",
+            settings.proxy_mode.as_str()
+        )));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let (dataplane, _handle) = MemoryDataplane::new("dry-run");
+        let agent = Agent::start(settings.clone(), dataplane)
+            .await
+            .context("starting the agent")?;
+        let source = match &settings.source {
+            Some(dir) => ClusterSource::Directory(dir.clone()),
+            None => ClusterSource::Kube(
+                kube_client(settings.kubeconfig.as_deref())
+                    .await
+                    .context("connecting to the Kubernetes API")?,
+            ),
+        };
+        agent
+            .run(source, shutdown_signal())
+            .await
+            .context("running the agent")?;
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM (what the kubelet sends to stop the pod).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown requested");
 }
 
 fn plan(

@@ -120,6 +120,17 @@ impl Store {
         self.slices.get(key).into_iter().flat_map(|s| s.values())
     }
 
+    /// One slice by key.
+    pub fn slice(&self, key: &SliceKey) -> Option<&EndpointSlice> {
+        let owner = self.slice_owner.get(key)?;
+        self.slices.get(owner)?.get(&key.name)
+    }
+
+    /// Every slice, in no particular order.
+    pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.slices.values().flat_map(|by_name| by_name.values())
+    }
+
     pub fn slice_count(&self) -> usize {
         self.slice_owner.len()
     }

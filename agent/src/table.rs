@@ -166,6 +166,8 @@ pub struct NodeTable {
     claims: HashMap<ServiceKey, Vec<VsKey>>,
     /// Claims that lost to a smaller Service key, kept so they take over when it leaves.
     shadowed: BTreeMap<VsKey, BTreeMap<ServiceKey, VirtualServer>>,
+    /// Programmed backends over all of `servers`, kept current on every change.
+    programmed_backends: usize,
 }
 
 impl NodeTable {
@@ -196,7 +198,7 @@ impl NodeTable {
                 .get(&key)
                 .is_some_and(|vs| &vs.service == service)
             {
-                self.servers.remove(&key);
+                self.take(&key);
                 self.promote_shadowed(key);
             } else if let Some(waiting) = self.shadowed.get_mut(&key) {
                 waiting.remove(service);
@@ -211,11 +213,12 @@ impl NodeTable {
         let Some(waiting) = self.shadowed.get_mut(&key) else {
             return;
         };
-        if let Some((_, next)) = waiting.pop_first() {
-            self.servers.insert(key, next);
-        }
+        let next = waiting.pop_first().map(|(_, next)| next);
         if waiting.is_empty() {
             self.shadowed.remove(&key);
+        }
+        if let Some(next) = next {
+            self.put(next);
         }
     }
 
@@ -223,10 +226,10 @@ impl NodeTable {
         let key = vs.key;
         match self.servers.get(&key) {
             None => {
-                self.servers.insert(key, vs);
+                self.put(vs);
             }
             Some(current) if vs.service < current.service => {
-                if let Some(displaced) = self.servers.insert(key, vs) {
+                if let Some(displaced) = self.put(vs) {
                     self.shadowed
                         .entry(key)
                         .or_default()
@@ -240,6 +243,28 @@ impl NodeTable {
                     .insert(vs.service.clone(), vs);
             }
         }
+    }
+
+    fn put(&mut self, vs: VirtualServer) -> Option<VirtualServer> {
+        self.programmed_backends += vs.programmed().len();
+        let displaced = self.servers.insert(vs.key, vs);
+        if let Some(old) = &displaced {
+            self.programmed_backends -= old.programmed().len();
+        }
+        displaced
+    }
+
+    fn take(&mut self, key: &VsKey) -> Option<VirtualServer> {
+        let removed = self.servers.remove(key);
+        if let Some(old) = &removed {
+            self.programmed_backends -= old.programmed().len();
+        }
+        removed
+    }
+
+    /// Every key `service` claims, whether it won it or not.
+    pub fn claimed_keys(&self, service: &ServiceKey) -> &[VsKey] {
+        self.claims.get(service).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Virtual servers in `ipvsadm -Ln` order.
@@ -291,7 +316,7 @@ impl NodeTable {
 
     /// Number of programmed backends over all virtual servers.
     pub fn programmed_backends(&self) -> usize {
-        self.servers.values().map(|vs| vs.programmed().len()).sum()
+        self.programmed_backends
     }
 }
 

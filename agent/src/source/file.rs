@@ -70,6 +70,17 @@ pub enum FileSourceError {
 /// Loads every Service, EndpointSlice and Node from the YAML files under `path`, which may
 /// also name a single file (read whatever its extension).
 pub fn load_dir(path: &Path) -> Result<Loaded, FileSourceError> {
+    let files = yaml_files(path)?;
+    let mut loaded = Loaded::default();
+    for file in &files {
+        load_file(file, &mut loaded)?;
+        loaded.files += 1;
+    }
+    Ok(loaded)
+}
+
+/// The files [`load_dir`] reads for `path`, in the order it reads them.
+pub fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
     let metadata = fs::metadata(path).map_err(|source| io_error(path, source))?;
     let mut files = Vec::new();
     if metadata.is_dir() {
@@ -77,12 +88,7 @@ pub fn load_dir(path: &Path) -> Result<Loaded, FileSourceError> {
     } else {
         files.push(path.to_path_buf());
     }
-    let mut loaded = Loaded::default();
-    for file in &files {
-        load_file(file, &mut loaded)?;
-        loaded.files += 1;
-    }
-    Ok(loaded)
+    Ok(files)
 }
 
 fn io_error(path: &Path, source: io::Error) -> FileSourceError {

@@ -1,0 +1,337 @@
+//! `topoproxy run`'s settings: flags, a YAML config file with the same names, and defaults.
+//!
+//! Precedence is flag, then config file, then default. Resolution is a pure function of the
+//! three (plus the node-name inputs from the environment), so it is tested without a process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::planner::PlanConfig;
+
+/// Which dataplane programs the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyMode {
+    /// IPVS virtual servers over netlink, VIPs on `kube-ipvs0`.
+    Ipvs,
+    /// cgroup socket-address programs and BPF maps.
+    Ebpf,
+    /// Programs nothing: plan, serve `/plan` and metrics, in shadow beside kube-proxy.
+    DryRun,
+}
+
+impl ProxyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ipvs => "ipvs",
+            Self::Ebpf => "ebpf",
+            Self::DryRun => "dry-run",
+        }
+    }
+}
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every setting, each optional; used both for the flags and for the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RunOptions {
+    /// Kubeconfig file; without it, the in-cluster configuration, else the usual inference
+    /// (`KUBECONFIG`, `~/.kube/config`).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// The Node to plan for; else `NODE_NAME`, else the hostname.
+    #[arg(long)]
+    pub hostname_override: Option<String>,
+    /// Read the cluster from a directory of YAML (re-read on change) instead of the API.
+    #[arg(long)]
+    pub source: Option<PathBuf>,
+    /// Dataplane: ipvs, ebpf or dry-run [default: dry-run].
+    #[arg(long, value_enum)]
+    pub proxy_mode: Option<ProxyMode>,
+    /// Least time between two syncs, e.g. `1s`, `250ms`, `0` [default: 1s].
+    #[arg(long)]
+    pub min_sync_period: Option<String>,
+    /// How often the dataplane is read back and drift repaired [default: 30s].
+    #[arg(long)]
+    pub sync_period: Option<String>,
+    /// Where `/healthz` and `/livez` are served [default: 0.0.0.0:10256].
+    #[arg(long)]
+    pub healthz_bind_address: Option<SocketAddr>,
+    /// Where `/metrics` and `/plan` are served [default: 127.0.0.1:10249].
+    #[arg(long)]
+    pub metrics_bind_address: Option<SocketAddr>,
+    /// IPVS scheduler for every virtual server [default: rr].
+    #[arg(long)]
+    pub ipvs_scheduler: Option<String>,
+    /// This proxy's name for the `service.kubernetes.io/service-proxy-name` label
+    /// [default: topoproxy].
+    #[arg(long)]
+    pub service_proxy_name: Option<String>,
+    /// How often `--source` is checked for changes [default: 1s].
+    #[arg(long)]
+    pub source_poll_period: Option<String>,
+    /// Log format: text or json [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The resolved settings of `topoproxy run`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSettings {
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    pub source: Option<PathBuf>,
+    pub proxy_mode: ProxyMode,
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    pub healthz_bind_address: SocketAddr,
+    pub metrics_bind_address: SocketAddr,
+    pub plan: PlanConfig,
+    pub source_poll_period: Duration,
+    pub log_format: LogFormat,
+}
+
+/// What went wrong with the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {}", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{setting}: {value:?} is not a duration (use e.g. 1s, 250ms, 2m, 0)")]
+    Duration {
+        setting: &'static str,
+        value: String,
+    },
+    #[error("sync-period must be more than 0")]
+    ZeroSyncPeriod,
+    #[error("no node name: pass --hostname-override or set NODE_NAME (the hostname is unknown)")]
+    NoNodeName,
+    #[error("ipvs-scheduler must not be empty")]
+    EmptyScheduler,
+}
+
+/// Reads a config file.
+pub fn read_config_file(path: &Path) -> Result<RunOptions, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if text.trim().is_empty() {
+        return Ok(RunOptions::default());
+    }
+    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Where the node name comes from when neither flag nor file sets it.
+#[derive(Debug, Clone, Default)]
+pub struct NodeNameFallbacks {
+    /// `NODE_NAME` from the environment (the DaemonSet's downward API).
+    pub env: Option<String>,
+    pub hostname: Option<String>,
+}
+
+fn duration(
+    setting: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let trimmed = value.trim();
+    if trimmed == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(trimmed).map_err(|_| ConfigError::Duration { setting, value })
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+}
+
+/// Flags over file over defaults.
+pub fn resolve(
+    flags: RunOptions,
+    file: RunOptions,
+    node: NodeNameFallbacks,
+) -> Result<RunSettings, ConfigError> {
+    let node_name = non_empty(flags.hostname_override.or(file.hostname_override))
+        .or_else(|| non_empty(node.env))
+        // kube-proxy lower-cases the hostname: Node names are lower-case DNS names.
+        .or_else(|| non_empty(node.hostname).map(|h| h.to_lowercase()))
+        .ok_or(ConfigError::NoNodeName)?;
+    let sync_period = duration(
+        "sync-period",
+        flags.sync_period.or(file.sync_period),
+        Duration::from_secs(30),
+    )?;
+    if sync_period.is_zero() {
+        return Err(ConfigError::ZeroSyncPeriod);
+    }
+    let scheduler = flags
+        .ipvs_scheduler
+        .or(file.ipvs_scheduler)
+        .unwrap_or_else(|| PlanConfig::default().scheduler);
+    if scheduler.trim().is_empty() {
+        return Err(ConfigError::EmptyScheduler);
+    }
+    Ok(RunSettings {
+        kubeconfig: flags.kubeconfig.or(file.kubeconfig),
+        node_name,
+        source: flags.source.or(file.source),
+        proxy_mode: flags
+            .proxy_mode
+            .or(file.proxy_mode)
+            .unwrap_or(ProxyMode::DryRun),
+        min_sync_period: duration(
+            "min-sync-period",
+            flags.min_sync_period.or(file.min_sync_period),
+            Duration::from_secs(1),
+        )?,
+        sync_period,
+        healthz_bind_address: flags
+            .healthz_bind_address
+            .or(file.healthz_bind_address)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 10256))),
+        metrics_bind_address: flags
+            .metrics_bind_address
+            .or(file.metrics_bind_address)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 10249))),
+        plan: PlanConfig {
+            scheduler: scheduler.trim().to_owned(),
+            proxy_name: flags
+                .service_proxy_name
+                .or(file.service_proxy_name)
+                .unwrap_or_else(|| PlanConfig::default().proxy_name),
+        },
+        source_poll_period: duration(
+            "source-poll-period",
+            flags.source_poll_period.or(file.source_poll_period),
+            Duration::from_secs(1),
+        )?,
+        log_format: flags
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fallbacks(env: Option<&str>, hostname: Option<&str>) -> NodeNameFallbacks {
+        NodeNameFallbacks {
+            env: env.map(str::to_owned),
+            hostname: hostname.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn defaults_match_kube_proxy() {
+        let settings = resolve(
+            RunOptions::default(),
+            RunOptions::default(),
+            fallbacks(None, Some("Worker-1")),
+        )
+        .expect("defaults resolve");
+        assert_eq!(settings.node_name, "worker-1");
+        assert_eq!(settings.min_sync_period, Duration::from_secs(1));
+        assert_eq!(settings.sync_period, Duration::from_secs(30));
+        assert_eq!(settings.healthz_bind_address.to_string(), "0.0.0.0:10256");
+        assert_eq!(settings.metrics_bind_address.to_string(), "127.0.0.1:10249");
+        assert_eq!(settings.plan, PlanConfig::default());
+        assert_eq!(settings.proxy_mode, ProxyMode::DryRun);
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: RunOptions = serde_yaml::from_str(
+            "hostname-override: from-file\nmin-sync-period: 250ms\nsync-period: 2m\n\
+             proxy-mode: ipvs\nipvs-scheduler: wrr\nlog-format: json\n\
+             metrics-bind-address: 127.0.0.1:20249\n",
+        )
+        .expect("config parses");
+        let flags = RunOptions {
+            min_sync_period: Some("0".to_owned()),
+            proxy_mode: Some(ProxyMode::DryRun),
+            ..RunOptions::default()
+        };
+        let settings =
+            resolve(flags, file, fallbacks(Some("from-env"), Some("host"))).expect("resolves");
+        assert_eq!(settings.node_name, "from-file");
+        assert_eq!(settings.min_sync_period, Duration::ZERO);
+        assert_eq!(settings.sync_period, Duration::from_secs(120));
+        assert_eq!(settings.proxy_mode, ProxyMode::DryRun);
+        assert_eq!(settings.plan.scheduler, "wrr");
+        assert_eq!(settings.log_format, LogFormat::Json);
+        assert_eq!(settings.metrics_bind_address.to_string(), "127.0.0.1:20249");
+    }
+
+    #[test]
+    fn node_name_from_env_before_hostname() {
+        let settings = resolve(
+            RunOptions::default(),
+            RunOptions::default(),
+            fallbacks(Some("node-7"), Some("host")),
+        )
+        .expect("resolves");
+        assert_eq!(settings.node_name, "node-7");
+    }
+
+    #[test]
+    fn bad_settings_are_clear_errors() {
+        let cases: Vec<(RunOptions, NodeNameFallbacks, &str)> = vec![
+            (
+                RunOptions {
+                    min_sync_period: Some("soon".to_owned()),
+                    ..RunOptions::default()
+                },
+                fallbacks(None, Some("h")),
+                "min-sync-period: \"soon\" is not a duration",
+            ),
+            (
+                RunOptions {
+                    sync_period: Some("0".to_owned()),
+                    ..RunOptions::default()
+                },
+                fallbacks(None, Some("h")),
+                "sync-period must be more than 0",
+            ),
+            (RunOptions::default(), fallbacks(None, None), "no node name"),
+        ];
+        for (flags, node, expected) in cases {
+            let error = resolve(flags, RunOptions::default(), node).expect_err("must fail");
+            assert!(error.to_string().contains(expected), "{error}");
+        }
+    }
+
+    #[test]
+    fn unknown_config_keys_are_rejected() {
+        let error = serde_yaml::from_str::<RunOptions>("min-sync-perod: 1s\n")
+            .expect_err("typo must not pass silently");
+        assert!(error.to_string().contains("unknown field"), "{error}");
+    }
+}

@@ -1,0 +1,172 @@
+//! An in-memory dataplane: keeps the table it is given, programs nothing.
+//!
+//! It backs `--proxy-mode dry-run` (the agent runs in shadow beside kube-proxy and serves its
+//! table on `/plan`) and the end-to-end tests, which read its state through a
+//! [`MemoryHandle`], inject drift and failures, and time every apply.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::diff::{apply_to, Op, ProgrammedTable};
+
+use super::{Dataplane, DataplaneError, FailedOp};
+
+#[derive(Debug, Default)]
+struct Inner {
+    table: ProgrammedTable,
+    applies: u64,
+    ops_applied: u64,
+    reads: u64,
+    fail_next_applies: u32,
+}
+
+/// What the last apply did, for observers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyRecord {
+    /// Number of apply calls so far.
+    pub applies: u64,
+    /// When the latest apply finished.
+    pub at: Option<Instant>,
+}
+
+/// The in-memory dataplane.
+pub struct MemoryDataplane {
+    name: &'static str,
+    inner: Arc<Mutex<Inner>>,
+    applied: watch::Sender<ApplyRecord>,
+}
+
+/// A window into a [`MemoryDataplane`] for tests and benchmarks.
+#[derive(Clone)]
+pub struct MemoryHandle {
+    inner: Arc<Mutex<Inner>>,
+    applied: watch::Receiver<ApplyRecord>,
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // The data is a plain table; a panic elsewhere cannot leave it half-written.
+    inner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl MemoryDataplane {
+    /// A dataplane that reports itself as `name` (`dry-run`, or `memory` in tests).
+    pub fn new(name: &'static str) -> (Self, MemoryHandle) {
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let (applied, observed) = watch::channel(ApplyRecord {
+            applies: 0,
+            at: None,
+        });
+        (
+            Self {
+                name,
+                inner: Arc::clone(&inner),
+                applied,
+            },
+            MemoryHandle {
+                inner,
+                applied: observed,
+            },
+        )
+    }
+}
+
+impl Dataplane for MemoryDataplane {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
+        let mut inner = lock(&self.inner);
+        inner.reads += 1;
+        Ok(inner.table.clone())
+    }
+
+    async fn apply(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
+        let (result, applies) = {
+            let mut inner = lock(&self.inner);
+            inner.applies += 1;
+            let applies = inner.applies;
+            if inner.fail_next_applies > 0 {
+                inner.fail_next_applies -= 1;
+                let failed = ops
+                    .iter()
+                    .map(|op| FailedOp {
+                        op: op.clone(),
+                        reason: "injected failure".to_owned(),
+                    })
+                    .collect();
+                (
+                    Err(DataplaneError::Apply {
+                        dataplane: self.name,
+                        failed,
+                    }),
+                    applies,
+                )
+            } else {
+                let rejected = apply_to(&mut inner.table, ops);
+                inner.ops_applied += (ops.len() - rejected.len()) as u64;
+                let result = if rejected.is_empty() {
+                    Ok(())
+                } else {
+                    Err(DataplaneError::Apply {
+                        dataplane: self.name,
+                        failed: rejected
+                            .into_iter()
+                            .map(|op| FailedOp {
+                                op,
+                                reason: "no such virtual service".to_owned(),
+                            })
+                            .collect(),
+                    })
+                };
+                (result, applies)
+            }
+        };
+        self.applied.send_replace(ApplyRecord {
+            applies,
+            at: Some(Instant::now()),
+        });
+        result
+    }
+}
+
+impl MemoryHandle {
+    /// A copy of the programmed table.
+    pub fn table(&self) -> ProgrammedTable {
+        lock(&self.inner).table.clone()
+    }
+
+    /// Number of apply calls so far.
+    pub fn applies(&self) -> u64 {
+        lock(&self.inner).applies
+    }
+
+    /// Number of ops accepted so far.
+    pub fn ops_applied(&self) -> u64 {
+        lock(&self.inner).ops_applied
+    }
+
+    /// Number of read calls so far.
+    pub fn reads(&self) -> u64 {
+        lock(&self.inner).reads
+    }
+
+    /// Changes the table behind the agent's back, as another actor on the node would.
+    pub fn tamper(&self, change: impl FnOnce(&mut ProgrammedTable)) {
+        change(&mut lock(&self.inner).table);
+    }
+
+    /// Makes the next `count` apply calls fail entirely.
+    pub fn fail_next_applies(&self, count: u32) {
+        lock(&self.inner).fail_next_applies = count;
+    }
+
+    /// Notified after every apply.
+    pub fn subscribe(&self) -> watch::Receiver<ApplyRecord> {
+        self.applied.clone()
+    }
+}

@@ -1,0 +1,55 @@
+//! The dataplane boundary: read what is programmed, apply changes.
+//!
+//! The sync loop only ever talks to a [`Dataplane`]. Kernel dataplanes (IPVS, eBPF) live behind
+//! it; [`memory::MemoryDataplane`] is the in-memory one used by `--proxy-mode dry-run` and by
+//! tests.
+
+pub mod memory;
+
+use std::future::Future;
+
+use crate::diff::{Op, ProgrammedTable};
+
+/// Why a dataplane could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// Reading the dataplane's state failed.
+    #[error("reading the {dataplane} dataplane failed: {message}")]
+    Read {
+        dataplane: &'static str,
+        message: String,
+    },
+    /// Some changes were not applied; the others were.
+    #[error("{} of the changes to the {dataplane} dataplane failed; first: {}", failed.len(), first_failure(failed))]
+    Apply {
+        dataplane: &'static str,
+        failed: Vec<FailedOp>,
+    },
+}
+
+/// One change that a dataplane refused or could not make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedOp {
+    pub op: Op,
+    pub reason: String,
+}
+
+fn first_failure(failed: &[FailedOp]) -> String {
+    failed
+        .first()
+        .map(|f| format!("{} {:?}: {}", f.op.kind(), f.op.service(), f.reason))
+        .unwrap_or_default()
+}
+
+/// Something that programs a node's virtual services.
+pub trait Dataplane: Send {
+    /// A short name for logs and metrics (`ipvs`, `ebpf`, `dry-run`).
+    fn name(&self) -> &'static str;
+
+    /// The virtual services this dataplane currently has programmed and owns.
+    fn read(&mut self) -> impl Future<Output = Result<ProgrammedTable, DataplaneError>> + Send;
+
+    /// Applies `ops` in order. On partial failure the error lists exactly the ops that were
+    /// not applied; every other op was.
+    fn apply(&mut self, ops: &[Op]) -> impl Future<Output = Result<(), DataplaneError>> + Send;
+}

@@ -1,0 +1,461 @@
+//! The differ: what must change in the dataplane to turn its actual table into the desired one.
+//!
+//! Pure and ordered make-before-break: every new or edited virtual service exists before any
+//! destination is added to it, new destinations are added before old ones go, and a service is
+//! deleted only after its destinations. A client therefore never meets a virtual service that
+//! has lost its old backends before gaining its new ones.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use crate::table::{NodeTable, VirtualServer, VsKey};
+
+/// A virtual service's own settings, as a dataplane programs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub scheduler: String,
+    /// Persistence (`sessionAffinity: ClientIP`) timeout in seconds.
+    pub persistence_timeout: Option<u32>,
+}
+
+/// A real server of a virtual service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Destination {
+    pub address: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+/// One virtual service with its destinations, keyed by (address, port).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgrammedService {
+    pub config: ServiceConfig,
+    pub destinations: BTreeMap<(IpAddr, u16), u32>,
+}
+
+impl ProgrammedService {
+    /// What a dataplane programs for `vs`: its settings and its programmed backends.
+    pub fn from_virtual_server(vs: &VirtualServer) -> Self {
+        Self {
+            config: ServiceConfig {
+                scheduler: vs.scheduler.clone(),
+                persistence_timeout: vs.persistence_timeout,
+            },
+            destinations: vs
+                .programmed()
+                .iter()
+                .map(|b| ((b.address, b.port), b.weight))
+                .collect(),
+        }
+    }
+
+    fn destination(address: IpAddr, port: u16, weight: u32) -> Destination {
+        Destination {
+            address,
+            port,
+            weight,
+        }
+    }
+}
+
+/// A dataplane's whole table.
+pub type ProgrammedTable = BTreeMap<VsKey, ProgrammedService>;
+
+/// The programmed form of a node table.
+pub fn programmed_table(table: &NodeTable) -> ProgrammedTable {
+    table
+        .servers()
+        .map(|vs| (vs.key, ProgrammedService::from_virtual_server(vs)))
+        .collect()
+}
+
+/// One change to a dataplane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    AddService {
+        key: VsKey,
+        config: ServiceConfig,
+    },
+    EditService {
+        key: VsKey,
+        config: ServiceConfig,
+    },
+    AddDestination {
+        service: VsKey,
+        destination: Destination,
+    },
+    EditDestination {
+        service: VsKey,
+        destination: Destination,
+    },
+    /// `destination` is the one being removed, with its current weight.
+    DeleteDestination {
+        service: VsKey,
+        destination: Destination,
+    },
+    DeleteService {
+        key: VsKey,
+    },
+}
+
+impl Op {
+    /// The virtual service this change concerns.
+    pub fn service(&self) -> VsKey {
+        match self {
+            Self::AddService { key, .. }
+            | Self::EditService { key, .. }
+            | Self::DeleteService { key } => *key,
+            Self::AddDestination { service, .. }
+            | Self::EditDestination { service, .. }
+            | Self::DeleteDestination { service, .. } => *service,
+        }
+    }
+
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AddService { .. } => "add_service",
+            Self::EditService { .. } => "edit_service",
+            Self::AddDestination { .. } => "add_destination",
+            Self::EditDestination { .. } => "edit_destination",
+            Self::DeleteDestination { .. } => "delete_destination",
+            Self::DeleteService { .. } => "delete_service",
+        }
+    }
+}
+
+/// Changes collected per phase, then emitted in make-before-break order.
+#[derive(Debug, Default)]
+pub struct OpBatch {
+    services: Vec<Op>,
+    additions: Vec<Op>,
+    edits: Vec<Op>,
+    removals: Vec<Op>,
+    deletions: Vec<Op>,
+}
+
+impl OpBatch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the changes that turn `actual` into `desired` for the virtual service `key`.
+    pub fn service(
+        &mut self,
+        key: VsKey,
+        desired: Option<&ProgrammedService>,
+        actual: Option<&ProgrammedService>,
+    ) {
+        match (desired, actual) {
+            (None, None) => {}
+            (Some(desired), None) => {
+                self.services.push(Op::AddService {
+                    key,
+                    config: desired.config.clone(),
+                });
+                self.destinations(key, &desired.destinations, &BTreeMap::new());
+            }
+            (None, Some(actual)) => {
+                self.destinations(key, &BTreeMap::new(), &actual.destinations);
+                self.deletions.push(Op::DeleteService { key });
+            }
+            (Some(desired), Some(actual)) => {
+                if desired.config != actual.config {
+                    self.services.push(Op::EditService {
+                        key,
+                        config: desired.config.clone(),
+                    });
+                }
+                self.destinations(key, &desired.destinations, &actual.destinations);
+            }
+        }
+    }
+
+    fn destinations(
+        &mut self,
+        service: VsKey,
+        desired: &BTreeMap<(IpAddr, u16), u32>,
+        actual: &BTreeMap<(IpAddr, u16), u32>,
+    ) {
+        for (&(address, port), &weight) in desired {
+            let destination = ProgrammedService::destination(address, port, weight);
+            match actual.get(&(address, port)) {
+                None => self.additions.push(Op::AddDestination {
+                    service,
+                    destination,
+                }),
+                Some(&current) if current != weight => self.edits.push(Op::EditDestination {
+                    service,
+                    destination,
+                }),
+                Some(_) => {}
+            }
+        }
+        for (&(address, port), &weight) in actual {
+            if !desired.contains_key(&(address, port)) {
+                self.removals.push(Op::DeleteDestination {
+                    service,
+                    destination: ProgrammedService::destination(address, port, weight),
+                });
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.additions.is_empty()
+            && self.edits.is_empty()
+            && self.removals.is_empty()
+            && self.deletions.is_empty()
+    }
+
+    /// The changes in the order they must be applied.
+    pub fn into_ops(self) -> Vec<Op> {
+        let mut ops = self.services;
+        ops.extend(self.additions);
+        ops.extend(self.edits);
+        ops.extend(self.removals);
+        ops.extend(self.deletions);
+        ops
+    }
+}
+
+/// Every change that turns `actual` into `desired`.
+pub fn diff(desired: &ProgrammedTable, actual: &ProgrammedTable) -> Vec<Op> {
+    let mut batch = OpBatch::new();
+    for (key, service) in desired {
+        batch.service(*key, Some(service), actual.get(key));
+    }
+    for (key, service) in actual {
+        if !desired.contains_key(key) {
+            batch.service(*key, None, Some(service));
+        }
+    }
+    batch.into_ops()
+}
+
+/// Applies `ops` to a table, as a dataplane that accepted them all would end up. Ops that
+/// make no sense against `table` (a destination of a missing service) are returned.
+pub fn apply_to(table: &mut ProgrammedTable, ops: &[Op]) -> Vec<Op> {
+    let mut rejected = Vec::new();
+    for op in ops {
+        let accepted = match op {
+            Op::AddService { key, config } => {
+                table
+                    .entry(*key)
+                    .or_insert_with(|| ProgrammedService {
+                        config: config.clone(),
+                        destinations: BTreeMap::new(),
+                    })
+                    .config = config.clone();
+                true
+            }
+            Op::EditService { key, config } => table
+                .get_mut(key)
+                .map(|service| service.config = config.clone())
+                .is_some(),
+            Op::AddDestination {
+                service,
+                destination,
+            }
+            | Op::EditDestination {
+                service,
+                destination,
+            } => table
+                .get_mut(service)
+                .map(|s| {
+                    s.destinations
+                        .insert((destination.address, destination.port), destination.weight)
+                })
+                .is_some(),
+            Op::DeleteDestination {
+                service,
+                destination,
+            } => table
+                .get_mut(service)
+                .map(|s| {
+                    s.destinations
+                        .remove(&(destination.address, destination.port))
+                })
+                .is_some(),
+            Op::DeleteService { key } => table.remove(key).is_some(),
+        };
+        if !accepted {
+            rejected.push(op.clone());
+        }
+    }
+    rejected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    fn key(address: &str, port: u16) -> VsKey {
+        VsKey::new(Protocol::Tcp, address.parse().expect("address"), port)
+    }
+
+    fn service(scheduler: &str, destinations: &[(&str, u16, u32)]) -> ProgrammedService {
+        ProgrammedService {
+            config: ServiceConfig {
+                scheduler: scheduler.to_owned(),
+                persistence_timeout: None,
+            },
+            destinations: destinations
+                .iter()
+                .map(|(a, p, w)| ((a.parse().expect("address"), *p), *w))
+                .collect(),
+        }
+    }
+
+    fn table(entries: Vec<(VsKey, ProgrammedService)>) -> ProgrammedTable {
+        entries.into_iter().collect()
+    }
+
+    fn position(ops: &[Op], predicate: impl Fn(&Op) -> bool) -> usize {
+        ops.iter()
+            .position(predicate)
+            .unwrap_or_else(|| panic!("op not found in {ops:#?}"))
+    }
+
+    #[test]
+    fn identical_tables_need_nothing() {
+        let t = table(vec![(
+            key("10.96.0.1", 80),
+            service("rr", &[("10.244.0.1", 80, 1)]),
+        )]);
+        assert!(diff(&t, &t).is_empty());
+    }
+
+    #[test]
+    fn new_service_is_created_before_its_destinations() {
+        let desired = table(vec![(
+            key("10.96.0.1", 80),
+            service("rr", &[("10.244.0.1", 80, 1), ("10.244.0.2", 80, 1)]),
+        )]);
+        let ops = diff(&desired, &ProgrammedTable::new());
+        assert_eq!(ops.len(), 3);
+        assert!(matches!(ops[0], Op::AddService { .. }));
+        assert!(ops[1..]
+            .iter()
+            .all(|op| matches!(op, Op::AddDestination { .. })));
+    }
+
+    #[test]
+    fn removed_service_loses_its_destinations_first() {
+        let actual = table(vec![(
+            key("10.96.0.1", 80),
+            service("rr", &[("10.244.0.1", 80, 1)]),
+        )]);
+        let ops = diff(&ProgrammedTable::new(), &actual);
+        assert_eq!(
+            ops.iter().map(Op::kind).collect::<Vec<_>>(),
+            vec!["delete_destination", "delete_service"]
+        );
+    }
+
+    #[test]
+    fn replacement_backends_are_added_before_old_ones_go() {
+        let k = key("10.96.0.1", 80);
+        let actual = table(vec![(k, service("rr", &[("10.244.0.1", 80, 1)]))]);
+        let desired = table(vec![(k, service("rr", &[("10.244.0.2", 80, 1)]))]);
+        let ops = diff(&desired, &actual);
+        let add = position(&ops, |op| matches!(op, Op::AddDestination { .. }));
+        let remove = position(&ops, |op| matches!(op, Op::DeleteDestination { .. }));
+        assert!(add < remove, "{ops:#?}");
+    }
+
+    #[test]
+    fn across_services_every_make_precedes_every_break() {
+        let (a, b, c) = (
+            key("10.96.0.1", 80),
+            key("10.96.0.2", 80),
+            key("10.96.0.3", 80),
+        );
+        let actual = table(vec![
+            (a, service("rr", &[("10.244.0.1", 80, 1)])),
+            (b, service("rr", &[("10.244.0.2", 80, 1)])),
+        ]);
+        let desired = table(vec![
+            (b, service("wrr", &[("10.244.0.3", 80, 2)])),
+            (c, service("rr", &[("10.244.0.4", 80, 1)])),
+        ]);
+        let ops = diff(&desired, &actual);
+        let last_make = ops
+            .iter()
+            .rposition(|op| {
+                matches!(
+                    op,
+                    Op::AddService { .. } | Op::EditService { .. } | Op::AddDestination { .. }
+                )
+            })
+            .expect("makes");
+        let first_break = ops
+            .iter()
+            .position(|op| matches!(op, Op::DeleteDestination { .. } | Op::DeleteService { .. }))
+            .expect("breaks");
+        assert!(last_make < first_break, "{ops:#?}");
+        assert!(ops.contains(&Op::EditService {
+            key: b,
+            config: ServiceConfig {
+                scheduler: "wrr".to_owned(),
+                persistence_timeout: None
+            }
+        }));
+    }
+
+    #[test]
+    fn weight_and_persistence_changes_are_edits() {
+        let k = key("10.96.0.1", 80);
+        let actual = table(vec![(k, service("rr", &[("10.244.0.1", 80, 1)]))]);
+        let mut sticky = service("rr", &[("10.244.0.1", 80, 5)]);
+        sticky.config.persistence_timeout = Some(600);
+        let desired = table(vec![(k, sticky)]);
+        let ops = diff(&desired, &actual);
+        assert_eq!(
+            ops.iter().map(Op::kind).collect::<Vec<_>>(),
+            vec!["edit_service", "edit_destination"]
+        );
+    }
+
+    #[test]
+    fn applying_the_diff_converges() {
+        let (a, b, c) = (
+            key("10.96.0.1", 80),
+            key("10.96.0.2", 80),
+            key("10.96.0.3", 80),
+        );
+        let mut actual = table(vec![
+            (a, service("rr", &[("10.244.0.1", 80, 1)])),
+            (
+                b,
+                service("rr", &[("10.244.0.2", 80, 1), ("10.244.0.5", 80, 1)]),
+            ),
+        ]);
+        let desired = table(vec![
+            (
+                b,
+                service("wrr", &[("10.244.0.3", 80, 2), ("10.244.0.5", 80, 1)]),
+            ),
+            (c, service("rr", &[])),
+        ]);
+        let ops = diff(&desired, &actual);
+        assert!(apply_to(&mut actual, &ops).is_empty());
+        assert_eq!(actual, desired);
+    }
+
+    #[test]
+    fn destinations_of_a_missing_service_are_rejected() {
+        let mut empty = ProgrammedTable::new();
+        let op = Op::AddDestination {
+            service: key("10.96.0.1", 80),
+            destination: Destination {
+                address: "10.244.0.1".parse().expect("address"),
+                port: 80,
+                weight: 1,
+            },
+        };
+        assert_eq!(apply_to(&mut empty, std::slice::from_ref(&op)), vec![op]);
+    }
+}

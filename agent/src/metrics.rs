@@ -1,0 +1,434 @@
+//! Prometheus metrics of the agent, served as OpenMetrics text on `/metrics`.
+//!
+//! Every metric is named `topoproxy_…`. Updating a metric is an atomic operation (labelled
+//! families take a short internal lock the first time a label value appears), so the sync
+//! loop, the watchers and the dataplane can all report through a shared `&Metrics` without
+//! coordination. Nothing here panics.
+
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Prefix of every metric name.
+pub const METRIC_PREFIX: &str = "topoproxy";
+
+/// Content type of [`Metrics::encode`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Lowest sync-duration bucket: 100 µs.
+const SYNC_BUCKET_START_SECONDS: f64 = 0.000_1;
+/// Each bucket doubles the previous one.
+const SYNC_BUCKET_FACTOR: f64 = 2.0;
+/// 19 doubling buckets from 100 µs end at ~26 s (plus `+Inf`).
+const SYNC_BUCKET_COUNT: u16 = 19;
+
+/// `result` label of `topoproxy_syncs_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// `kind` label of `topoproxy_skipped_objects_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+/// `resource` label of the watch metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: String,
+}
+
+/// `op` label of `topoproxy_dataplane_operations_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: String,
+}
+
+/// The agent's metrics: a registry and a handle on every metric in it.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    syncs: Family<ResultLabels, Counter>,
+    last_successful_sync: Gauge<f64, AtomicU64>,
+    virtual_servers: Gauge,
+    backends: Gauge,
+    services_falling_back: Gauge,
+    skipped_objects: Family<KindLabels, Counter>,
+    watch_restarts: Family<ResourceLabels, Counter>,
+    watch_errors: Family<ResourceLabels, Counter>,
+    api_synced: Family<ResourceLabels, Gauge>,
+    dataplane_errors: Counter,
+    dataplane_operations: Family<OpLabels, Counter>,
+    drift_repairs: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates every metric and registers it under the `topoproxy_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix(METRIC_PREFIX);
+
+        let sync_duration = Histogram::new(exponential_buckets(
+            SYNC_BUCKET_START_SECONDS,
+            SYNC_BUCKET_FACTOR,
+            SYNC_BUCKET_COUNT,
+        ));
+        registry.register_with_unit(
+            "sync_duration",
+            "Time one sync took: planning the changed Services, diffing and programming the dataplane",
+            Unit::Seconds,
+            sync_duration.clone(),
+        );
+
+        let syncs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "syncs",
+            "Sync attempts, by result (success or failure); a failed sync keeps the last good dataplane state and is retried",
+            syncs.clone(),
+        );
+        // Both series exist from the start, so rate() and alerts work before the first failure.
+        for result in ["success", "failure"] {
+            let _ = syncs.get_or_create(&ResultLabels { result });
+        }
+
+        let last_successful_sync = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "last_successful_sync_timestamp",
+            "Unix time of the last sync that fully programmed the dataplane (0 until the first one)",
+            Unit::Seconds,
+            last_successful_sync.clone(),
+        );
+
+        let virtual_servers = Gauge::default();
+        registry.register(
+            "virtual_servers",
+            "Virtual servers (IPVS services or BPF service entries) in this node's table",
+            virtual_servers.clone(),
+        );
+
+        let backends = Gauge::default();
+        registry.register(
+            "backends",
+            "Backends programmed now over all virtual servers (the nearest non-empty tier of each)",
+            backends.clone(),
+        );
+
+        let services_falling_back = Gauge::default();
+        registry.register(
+            "services_falling_back",
+            "Services that ask for topology-aware routing but are served cluster-wide on this node (hints missing, partial or not for this node)",
+            services_falling_back.clone(),
+        );
+
+        let skipped_objects = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "skipped_objects",
+            "API objects or endpoints skipped because they are invalid or unsupported, by kind; see the agent's warnings for which and why",
+            skipped_objects.clone(),
+        );
+
+        let watch_restarts = Family::<ResourceLabels, Counter>::default();
+        registry.register(
+            "watch_restarts",
+            "Times a watch on the Kubernetes API was restarted (re-list), by resource",
+            watch_restarts.clone(),
+        );
+
+        let watch_errors = Family::<ResourceLabels, Counter>::default();
+        registry.register(
+            "watch_errors",
+            "Errors from a watch on the Kubernetes API, by resource; the last good state is kept while it retries",
+            watch_errors.clone(),
+        );
+
+        let api_synced = Family::<ResourceLabels, Gauge>::default();
+        registry.register(
+            "api_synced",
+            "1 when the initial list of the resource is done and its watch is healthy, else 0",
+            api_synced.clone(),
+        );
+
+        let dataplane_errors = Counter::default();
+        registry.register(
+            "dataplane_errors",
+            "Dataplane operations that failed (netlink, nftables or BPF map updates)",
+            dataplane_errors.clone(),
+        );
+
+        let dataplane_operations = Family::<OpLabels, Counter>::default();
+        registry.register(
+            "dataplane_operations",
+            "Dataplane operations applied, by operation",
+            dataplane_operations.clone(),
+        );
+
+        let drift_repairs = Counter::default();
+        registry.register(
+            "drift_repairs",
+            "Dataplane operations applied to repair drift that the periodic re-read of kernel state found (changes made behind the agent's back)",
+            drift_repairs.clone(),
+        );
+
+        Self {
+            registry,
+            sync_duration,
+            syncs,
+            last_successful_sync,
+            virtual_servers,
+            backends,
+            services_falling_back,
+            skipped_objects,
+            watch_restarts,
+            watch_errors,
+            api_synced,
+            dataplane_errors,
+            dataplane_operations,
+            drift_repairs,
+        }
+    }
+
+    /// Every metric as OpenMetrics text (see [`OPENMETRICS_CONTENT_TYPE`]), `# EOF` included.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(4096);
+        encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// Records one sync attempt: its duration and whether it succeeded.
+    pub fn observe_sync(&self, duration: Duration, success: bool) {
+        self.sync_duration.observe(duration.as_secs_f64());
+        let result = if success { "success" } else { "failure" };
+        self.syncs.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Records when the last successful sync happened.
+    pub fn set_last_successful_sync(&self, at: SystemTime) {
+        let seconds = match at.duration_since(UNIX_EPOCH) {
+            Ok(since) => since.as_secs_f64(),
+            Err(before) => -before.duration().as_secs_f64(),
+        };
+        self.last_successful_sync.set(seconds);
+    }
+
+    /// Records the size of the node's table and how many Services fall back out of their
+    /// topology preference.
+    pub fn set_table_stats(
+        &self,
+        virtual_servers: usize,
+        backends: usize,
+        services_falling_back: usize,
+    ) {
+        self.virtual_servers.set(gauge_value(virtual_servers));
+        self.backends.set(gauge_value(backends));
+        self.services_falling_back
+            .set(gauge_value(services_falling_back));
+    }
+
+    /// Counts `count` skipped objects of `kind` (e.g. `service`, `endpointslice`, `endpoint`).
+    pub fn skipped_objects(&self, kind: &str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.skipped_objects
+            .get_or_create(&KindLabels {
+                kind: kind.to_owned(),
+            })
+            .inc_by(count);
+    }
+
+    /// Counts one restart of the watch on `resource`.
+    pub fn watch_restart(&self, resource: &str) {
+        self.watch_restarts
+            .get_or_create(&resource_labels(resource))
+            .inc();
+    }
+
+    /// Counts one error from the watch on `resource`.
+    pub fn watch_error(&self, resource: &str) {
+        self.watch_errors
+            .get_or_create(&resource_labels(resource))
+            .inc();
+    }
+
+    /// Records whether `resource` is listed and watched (1) or not (0).
+    pub fn set_api_synced(&self, resource: &str, synced: bool) {
+        self.api_synced
+            .get_or_create(&resource_labels(resource))
+            .set(i64::from(synced));
+    }
+
+    /// Counts one failed dataplane operation.
+    pub fn dataplane_error(&self) {
+        self.dataplane_errors.inc();
+    }
+
+    /// Counts `count` applied dataplane operations of kind `op` (e.g. `add_service`).
+    pub fn dataplane_operations(&self, op: &str, count: u64) {
+        if count == 0 {
+            return;
+        }
+        self.dataplane_operations
+            .get_or_create(&OpLabels { op: op.to_owned() })
+            .inc_by(count);
+    }
+
+    /// Counts `operations` dataplane operations that repaired drift found by a periodic re-read.
+    pub fn drift_repaired(&self, operations: u64) {
+        if operations == 0 {
+            return;
+        }
+        self.drift_repairs.inc_by(operations);
+    }
+}
+
+fn resource_labels(resource: &str) -> ResourceLabels {
+    ResourceLabels {
+        resource: resource.to_owned(),
+    }
+}
+
+/// A count as a gauge value, saturating instead of wrapping.
+fn gauge_value(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .encode()
+            .expect("encode")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn assert_line(lines: &[String], expected: &str) {
+        assert!(
+            lines.iter().any(|line| line == expected),
+            "missing line {expected:?} in:\n{}",
+            lines.join("\n")
+        );
+    }
+
+    #[test]
+    fn fresh_metrics_encode_with_help_and_eof() {
+        let metrics = Metrics::new();
+        let lines = lines(&metrics);
+        assert_eq!(lines.last().map(String::as_str), Some("# EOF"));
+        assert_line(&lines, "# TYPE topoproxy_sync_duration_seconds histogram");
+        assert_line(&lines, "# UNIT topoproxy_sync_duration_seconds seconds");
+        assert_line(&lines, "topoproxy_syncs_total{result=\"success\"} 0");
+        assert_line(&lines, "topoproxy_syncs_total{result=\"failure\"} 0");
+        assert_line(
+            &lines,
+            "topoproxy_last_successful_sync_timestamp_seconds 0.0",
+        );
+        assert_line(&lines, "topoproxy_services_falling_back 0");
+        assert_line(&lines, "topoproxy_dataplane_errors_total 0");
+        assert_line(&lines, "topoproxy_drift_repairs_total 0");
+        assert!(lines
+            .iter()
+            .any(|line| line.starts_with("# HELP topoproxy_services_falling_back ")));
+    }
+
+    #[test]
+    fn updates_show_up_as_exact_samples() {
+        let metrics = Metrics::new();
+        metrics.observe_sync(Duration::from_millis(3), true);
+        metrics.observe_sync(Duration::from_millis(5), true);
+        metrics.observe_sync(Duration::from_secs(60), false);
+        metrics.set_last_successful_sync(UNIX_EPOCH + Duration::from_millis(1_700_000_000_500));
+        metrics.set_table_stats(12, 40, 3);
+        metrics.skipped_objects("endpointslice", 2);
+        metrics.skipped_objects("endpointslice", 1);
+        metrics.skipped_objects("service", 0);
+        metrics.watch_restart("services");
+        metrics.watch_restart("services");
+        metrics.watch_error("endpointslices");
+        metrics.set_api_synced("services", true);
+        metrics.set_api_synced("endpointslices", true);
+        metrics.set_api_synced("endpointslices", false);
+        metrics.dataplane_error();
+        metrics.dataplane_operations("add_destination", 7);
+        metrics.dataplane_operations("delete_service", 0);
+        metrics.drift_repaired(4);
+        metrics.drift_repaired(0);
+
+        let lines = lines(&metrics);
+        assert_line(&lines, "topoproxy_syncs_total{result=\"success\"} 2");
+        assert_line(&lines, "topoproxy_syncs_total{result=\"failure\"} 1");
+        assert_line(&lines, "topoproxy_sync_duration_seconds_count 3");
+        assert_line(
+            &lines,
+            "topoproxy_sync_duration_seconds_bucket{le=\"+Inf\"} 3",
+        );
+        assert_line(
+            &lines,
+            "topoproxy_sync_duration_seconds_bucket{le=\"0.0064\"} 2",
+        );
+        assert_line(
+            &lines,
+            "topoproxy_last_successful_sync_timestamp_seconds 1700000000.5",
+        );
+        assert_line(&lines, "topoproxy_virtual_servers 12");
+        assert_line(&lines, "topoproxy_backends 40");
+        assert_line(&lines, "topoproxy_services_falling_back 3");
+        assert_line(
+            &lines,
+            "topoproxy_skipped_objects_total{kind=\"endpointslice\"} 3",
+        );
+        assert!(!lines.iter().any(|line| line.contains("kind=\"service\"")));
+        assert_line(
+            &lines,
+            "topoproxy_watch_restarts_total{resource=\"services\"} 2",
+        );
+        assert_line(
+            &lines,
+            "topoproxy_watch_errors_total{resource=\"endpointslices\"} 1",
+        );
+        assert_line(&lines, "topoproxy_api_synced{resource=\"services\"} 1");
+        assert_line(
+            &lines,
+            "topoproxy_api_synced{resource=\"endpointslices\"} 0",
+        );
+        assert_line(&lines, "topoproxy_dataplane_errors_total 1");
+        assert_line(
+            &lines,
+            "topoproxy_dataplane_operations_total{op=\"add_destination\"} 7",
+        );
+        assert!(!lines.iter().any(|line| line.contains("delete_service")));
+        assert_line(&lines, "topoproxy_drift_repairs_total 4");
+    }
+
+    #[test]
+    fn huge_counts_saturate_and_old_times_do_not_panic() {
+        let metrics = Metrics::new();
+        metrics.set_table_stats(usize::MAX, 0, 0);
+        metrics.set_last_successful_sync(UNIX_EPOCH - Duration::from_secs(2));
+        let lines = lines(&metrics);
+        assert_line(&lines, &format!("topoproxy_virtual_servers {}", i64::MAX));
+        assert_line(
+            &lines,
+            "topoproxy_last_successful_sync_timestamp_seconds -2.0",
+        );
+    }
+}

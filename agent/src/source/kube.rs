@@ -1,0 +1,234 @@
+//! The Kubernetes API source: kube-runtime watchers for Services, EndpointSlices and this
+//! node's Node, converted to the model and sent to the sync loop.
+//!
+//! Each watcher lists, then watches; kube-runtime resumes from the last resourceVersion after a
+//! broken watch and re-lists after a 410 Gone. A re-list is buffered until it is complete and
+//! then reconciled against what this source had sent before: objects that vanished meanwhile
+//! become deletions, unchanged ones are dropped by the sync loop's equality check. Errors are
+//! retried with kube-runtime's default backoff; nothing is ever withdrawn because the API is
+//! unreachable.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::api::discovery::v1 as discovery;
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt as _;
+use kube::{Api, Client};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::convert::{self, Warning};
+use crate::model::ServiceKey;
+use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_NAME};
+use crate::state::AgentState;
+use crate::store::SliceKey;
+use crate::sync::{Resource, SourceEvent};
+
+/// How one Kubernetes resource maps onto source events.
+trait Watched: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static {
+    type Key: Clone + Eq + Hash + Send;
+    type Model: Send;
+    const RESOURCE: Resource;
+    const KIND: &'static str;
+
+    fn key(&self) -> Option<Self::Key>;
+    fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model>;
+    fn event(key: Self::Key, model: Option<Self::Model>) -> SourceEvent;
+}
+
+fn namespaced_key(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<(String, String)> {
+    let name = meta.name.clone()?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .unwrap_or_else(|| convert::DEFAULT_NAMESPACE.to_owned());
+    Some((namespace, name))
+}
+
+impl Watched for core::Service {
+    type Key = ServiceKey;
+    type Model = crate::model::Service;
+    const RESOURCE: Resource = Resource::Services;
+    const KIND: &'static str = convert::KIND_SERVICE;
+
+    fn key(&self) -> Option<ServiceKey> {
+        namespaced_key(&self.metadata).map(|(namespace, name)| ServiceKey { namespace, name })
+    }
+
+    fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model> {
+        convert::service_from_api(self, None, warnings)
+    }
+
+    fn event(key: ServiceKey, model: Option<Self::Model>) -> SourceEvent {
+        SourceEvent::Service(key, model)
+    }
+}
+
+impl Watched for discovery::EndpointSlice {
+    type Key = SliceKey;
+    type Model = crate::model::EndpointSlice;
+    const RESOURCE: Resource = Resource::EndpointSlices;
+    const KIND: &'static str = convert::KIND_ENDPOINT_SLICE;
+
+    fn key(&self) -> Option<SliceKey> {
+        namespaced_key(&self.metadata).map(|(namespace, name)| SliceKey { namespace, name })
+    }
+
+    fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model> {
+        convert::slice_from_api(self, None, warnings)
+    }
+
+    fn event(key: SliceKey, model: Option<Self::Model>) -> SourceEvent {
+        SourceEvent::Slice(key, model)
+    }
+}
+
+impl Watched for core::Node {
+    type Key = String;
+    type Model = crate::model::Node;
+    const RESOURCE: Resource = Resource::Node;
+    const KIND: &'static str = convert::KIND_NODE;
+
+    fn key(&self) -> Option<String> {
+        self.metadata.name.clone()
+    }
+
+    fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model> {
+        convert::node_from_api(self, None, warnings)
+    }
+
+    fn event(_key: String, model: Option<Self::Model>) -> SourceEvent {
+        SourceEvent::Node(model)
+    }
+}
+
+/// Starts the three watchers; they run until `events` is closed.
+pub fn spawn_watchers(
+    client: Client,
+    node_name: &str,
+    events: mpsc::Sender<SourceEvent>,
+    state: Arc<AgentState>,
+) -> Vec<JoinHandle<()>> {
+    // kube-proxy's selectors: slices of headless Services are never proxied, and a slice
+    // without its service label cannot be attributed.
+    let slices =
+        watcher::Config::default().labels(&format!("{LABEL_SERVICE_NAME},!{LABEL_HEADLESS}"));
+    let services = watcher::Config::default();
+    let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    vec![
+        tokio::spawn(watch::<core::Service>(
+            Api::all(client.clone()),
+            services,
+            events.clone(),
+            Arc::clone(&state),
+        )),
+        tokio::spawn(watch::<discovery::EndpointSlice>(
+            Api::all(client.clone()),
+            slices,
+            events.clone(),
+            Arc::clone(&state),
+        )),
+        tokio::spawn(watch::<core::Node>(Api::all(client), node, events, state)),
+    ]
+}
+
+async fn watch<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+    events: mpsc::Sender<SourceEvent>,
+    state: Arc<AgentState>,
+) {
+    let resource = K::RESOURCE.as_str();
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    let mut known: HashSet<K::Key> = HashSet::new();
+    let mut relist: Option<HashMap<K::Key, Option<K::Model>>> = None;
+    let mut lists = 0u64;
+    while let Some(item) = stream.next().await {
+        let sent = match item {
+            Ok(Event::Init) => {
+                lists += 1;
+                if lists > 1 {
+                    tracing::info!(resource, "re-listing");
+                    state.metrics.watch_restart(resource);
+                }
+                relist = Some(HashMap::new());
+                true
+            }
+            Ok(Event::InitApply(object)) => {
+                if let (Some(buffer), Some(key)) = (relist.as_mut(), object.key()) {
+                    let model = convert_reporting(&object, &state);
+                    buffer.insert(key, model);
+                }
+                true
+            }
+            Ok(Event::InitDone) => {
+                let listed = relist.take().unwrap_or_default();
+                let vanished: Vec<K::Key> = known
+                    .iter()
+                    .filter(|key| !listed.contains_key(*key))
+                    .cloned()
+                    .collect();
+                known = listed.keys().cloned().collect();
+                state.metrics.set_api_synced(resource, true);
+                let mut ok = true;
+                for key in vanished {
+                    ok &= send(&events, K::event(key, None)).await;
+                }
+                for (key, model) in listed {
+                    ok &= send(&events, K::event(key, model)).await;
+                }
+                ok && send(&events, SourceEvent::Listed(K::RESOURCE)).await
+            }
+            Ok(Event::Apply(object)) => match object.key() {
+                Some(key) => {
+                    let model = convert_reporting(&object, &state);
+                    known.insert(key.clone());
+                    send(&events, K::event(key, model)).await
+                }
+                None => true,
+            },
+            Ok(Event::Delete(object)) => match object.key() {
+                Some(key) => {
+                    known.remove(&key);
+                    send(&events, K::event(key, None)).await
+                }
+                None => true,
+            },
+            Err(error) => {
+                tracing::warn!(resource, %error, "watch failed; keeping the last state and retrying with backoff");
+                state.metrics.watch_error(resource);
+                state.metrics.set_api_synced(resource, false);
+                true
+            }
+        };
+        if !sent {
+            return;
+        }
+    }
+}
+
+fn convert_reporting<K: Watched>(object: &K, state: &AgentState) -> Option<K::Model> {
+    let mut warnings = Vec::new();
+    let model = object.convert(&mut warnings);
+    if !warnings.is_empty() {
+        state
+            .metrics
+            .skipped_objects(K::KIND, warnings.len() as u64);
+        for warning in &warnings {
+            tracing::warn!("{warning}");
+        }
+    }
+    model
+}
+
+/// False once the sync loop is gone.
+async fn send(events: &mpsc::Sender<SourceEvent>, event: SourceEvent) -> bool {
+    events.send(event).await.is_ok()
+}

@@ -1,0 +1,452 @@
+//! The sync loop: source events in, dataplane changes out.
+//!
+//! `wait (event | timer) → re-plan dirty Services → diff → apply → record`. Nothing is
+//! programmed until Services, EndpointSlices and this node's Node are known; after that each
+//! event marks the Services it touches dirty, and at most every `min_sync_period` only those are
+//! re-planned and diffed. Every `sync_period` the dataplane's actual state is read back and any
+//! drift repaired. Trouble never flushes: a source that goes quiet leaves the table as it was,
+//! a dataplane that fails is retried with backoff, and health and metrics say so.
+
+use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+
+use crate::dataplane::{Dataplane, DataplaneError};
+use crate::diff::{
+    apply_to, diff, programmed_table, Op, OpBatch, ProgrammedService, ProgrammedTable,
+};
+use crate::model::{EndpointSlice, Node, Service, ServiceKey};
+use crate::planner::{plan, replan_service, PlanConfig};
+use crate::state::AgentState;
+use crate::store::{SliceKey, Store};
+use crate::table::{NodeTable, VsKey};
+
+/// A source's initial list (or re-list) that gates programming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Services,
+    EndpointSlices,
+    Node,
+}
+
+impl Resource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+            Self::Node => "node",
+        }
+    }
+}
+
+/// A change reported by a source, already converted to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// A Service was added or changed (`Some`) or is gone or unusable (`None`).
+    Service(ServiceKey, Option<Service>),
+    /// Likewise for an EndpointSlice.
+    Slice(SliceKey, Option<EndpointSlice>),
+    /// This node's Node object; `None` when it was deleted.
+    Node(Option<Node>),
+    /// The source finished listing `Resource`; everything it knows has been sent.
+    Listed(Resource),
+}
+
+/// Timing and planning settings of the loop.
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub min_sync_period: Duration,
+    pub sync_period: Duration,
+    pub plan: PlanConfig,
+}
+
+/// Why the loop stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("every source closed its event channel")]
+    SourcesClosed,
+}
+
+/// Longest wait between retries after a failed sync.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(30);
+const FIRST_RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The loop's state; see the module docs.
+pub struct SyncLoop<D> {
+    settings: SyncSettings,
+    node_name: String,
+    dataplane: D,
+    state: Arc<AgentState>,
+    store: Store,
+    node: Option<Node>,
+    listed: HashSet<Resource>,
+    /// What the dataplane holds, as far as this loop knows.
+    mirror: ProgrammedTable,
+    dirty: HashSet<ServiceKey>,
+    replan_all: bool,
+    /// Read the dataplane back and repair drift at the next sync.
+    resync: bool,
+    initial_sync_done: bool,
+    falling_back: HashSet<ServiceKey>,
+    last_attempt: Option<Instant>,
+    retry_backoff: Option<Duration>,
+    next_resync: Instant,
+}
+
+impl<D: Dataplane> SyncLoop<D> {
+    pub fn new(settings: SyncSettings, dataplane: D, state: Arc<AgentState>) -> Self {
+        let node_name = state.node_name.clone();
+        let next_resync = Instant::now() + settings.sync_period;
+        let loop_ = Self {
+            settings,
+            node_name,
+            dataplane,
+            state,
+            store: Store::new(),
+            node: None,
+            listed: HashSet::new(),
+            mirror: ProgrammedTable::new(),
+            dirty: HashSet::new(),
+            replan_all: false,
+            resync: true,
+            initial_sync_done: false,
+            falling_back: HashSet::new(),
+            last_attempt: None,
+            retry_backoff: None,
+            next_resync,
+        };
+        loop_.report_waiting();
+        loop_
+    }
+
+    /// Runs until `shutdown` completes or every source is gone.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), SyncError> {
+        tokio::pin!(shutdown);
+        loop {
+            let wake_at = self.wake_at();
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                event = events.recv() => {
+                    let Some(event) = event else {
+                        return Err(SyncError::SourcesClosed);
+                    };
+                    self.handle(event);
+                    // Take everything already queued so one sync covers the whole burst.
+                    while let Ok(event) = events.try_recv() {
+                        self.handle(event);
+                    }
+                }
+                () = sleep_until_opt(wake_at) => self.sync().await,
+            }
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.node.is_some()
+            && self.listed.contains(&Resource::Services)
+            && self.listed.contains(&Resource::EndpointSlices)
+    }
+
+    fn has_work(&self) -> bool {
+        !self.initial_sync_done || self.replan_all || self.resync || !self.dirty.is_empty()
+    }
+
+    fn wake_at(&self) -> Option<tokio::time::Instant> {
+        if !self.ready() {
+            return None;
+        }
+        let now = Instant::now();
+        let at = if self.has_work() {
+            let gap = self
+                .retry_backoff
+                .unwrap_or_default()
+                .max(self.settings.min_sync_period);
+            self.last_attempt
+                .map_or(now, |last| (last + gap).max(now))
+                .min(self.next_resync.max(now))
+        } else {
+            self.next_resync
+        };
+        Some(tokio::time::Instant::from_std(at))
+    }
+
+    /// Applies one source event to the store and marks what it touches.
+    pub fn handle(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Service(key, Some(service)) => {
+                if self.store.service(&key) != Some(&service) {
+                    self.store.upsert_service(service);
+                    self.mark_dirty(key);
+                }
+            }
+            SourceEvent::Service(key, None) => {
+                if self.store.remove_service(&key).is_some() {
+                    self.mark_dirty(key);
+                }
+            }
+            SourceEvent::Slice(key, Some(slice)) => {
+                if self.store.slice(&key) != Some(&slice) {
+                    for affected in self.store.upsert_slice(slice) {
+                        self.mark_dirty(affected);
+                    }
+                }
+            }
+            SourceEvent::Slice(key, None) => {
+                if let Some(owner) = self.store.remove_slice(&key) {
+                    self.mark_dirty(owner);
+                }
+            }
+            SourceEvent::Node(Some(node)) => {
+                if node.name != self.node_name {
+                    tracing::debug!(node = %node.name, "ignoring another node's object");
+                    return;
+                }
+                if self.node.as_ref() != Some(&node) {
+                    if self.node.is_some() {
+                        tracing::info!(
+                            zone = ?node.zone,
+                            addresses = ?node.addresses,
+                            "this node's topology or addresses changed; re-planning everything"
+                        );
+                    }
+                    self.node = Some(node);
+                    self.replan_all = true;
+                    self.note_pending_change();
+                }
+                self.listed.insert(Resource::Node);
+                self.report_waiting();
+            }
+            SourceEvent::Node(None) => {
+                // Keep planning with what we knew: flushing would cut every Service on the node.
+                tracing::warn!(
+                    node = %self.node_name,
+                    "this node's Node object was deleted; keeping the last known topology"
+                );
+            }
+            SourceEvent::Listed(resource) => {
+                if self.listed.insert(resource) {
+                    tracing::info!(resource = resource.as_str(), "initial list complete");
+                }
+                self.report_waiting();
+            }
+        }
+    }
+
+    fn mark_dirty(&mut self, key: ServiceKey) {
+        self.dirty.insert(key);
+        self.note_pending_change();
+    }
+
+    fn note_pending_change(&self) {
+        if self.initial_sync_done {
+            self.state.health.record_pending_change(SystemTime::now());
+        }
+    }
+
+    fn report_waiting(&self) {
+        let mut waiting = Vec::new();
+        for resource in [Resource::Services, Resource::EndpointSlices] {
+            if !self.listed.contains(&resource) {
+                waiting.push(resource.as_str().to_owned());
+            }
+        }
+        if self.node.is_none() {
+            waiting.push(format!("node {}", self.node_name));
+        }
+        self.state.health.set_waiting_for(waiting);
+    }
+
+    /// One sync: re-plan what is dirty (everything the first time or after a node change),
+    /// read the dataplane back when a resync is due, diff, apply, record.
+    pub async fn sync(&mut self) {
+        let Some(node) = self.node.clone() else {
+            return;
+        };
+        let started = Instant::now();
+        self.last_attempt = Some(started);
+        if started >= self.next_resync {
+            self.resync = true;
+            self.next_resync = started + self.settings.sync_period;
+        }
+        let full = self.replan_all || !self.initial_sync_done;
+        let ops = if self.resync {
+            match self.dataplane.read().await {
+                Ok(actual) => {
+                    self.replan(&node, full);
+                    let desired = {
+                        let table = self.read_table();
+                        programmed_table(&table)
+                    };
+                    self.mirror = actual;
+                    let ops = diff(&desired, &self.mirror);
+                    if self.initial_sync_done && !ops.is_empty() {
+                        tracing::warn!(
+                            changes = ops.len(),
+                            dataplane = self.dataplane.name(),
+                            "the dataplane drifted from the plan; repairing"
+                        );
+                        self.state.metrics.drift_repaired(ops.len() as u64);
+                    }
+                    ops
+                }
+                Err(error) => {
+                    self.fail(started, &error);
+                    return;
+                }
+            }
+        } else {
+            let keys = self.replan(&node, full);
+            if full {
+                let desired = {
+                    let table = self.read_table();
+                    programmed_table(&table)
+                };
+                diff(&desired, &self.mirror)
+            } else {
+                self.diff_keys(&keys)
+            }
+        };
+        match self.apply(&ops).await {
+            Ok(()) => {
+                if !self.initial_sync_done {
+                    tracing::info!(
+                        virtual_servers = self.read_table().len(),
+                        changes = ops.len(),
+                        elapsed = ?started.elapsed(),
+                        "initial sync done"
+                    );
+                }
+                self.initial_sync_done = true;
+                self.replan_all = false;
+                self.resync = false;
+                self.retry_backoff = None;
+                let now = SystemTime::now();
+                self.state.health.record_sync_success(now);
+                self.state.metrics.set_last_successful_sync(now);
+                self.state.metrics.observe_sync(started.elapsed(), true);
+            }
+            Err(error) => self.fail(started, &error),
+        }
+        self.publish_table_stats();
+    }
+
+    fn fail(&mut self, started: Instant, error: &DataplaneError) {
+        tracing::error!(%error, "sync failed; the dataplane keeps its last state, retrying");
+        self.state.metrics.dataplane_error();
+        self.state
+            .health
+            .record_sync_failure(SystemTime::now(), error.to_string());
+        self.state.metrics.observe_sync(started.elapsed(), false);
+        // We no longer know exactly what the dataplane holds.
+        self.resync = true;
+        self.retry_backoff = Some(
+            self.retry_backoff
+                .map_or(FIRST_RETRY_BACKOFF, |b| (b * 2).min(MAX_RETRY_BACKOFF)),
+        );
+    }
+
+    fn read_table(&self) -> std::sync::RwLockReadGuard<'_, NodeTable> {
+        self.state
+            .table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Re-plans the dirty Services (or all of them) and returns the virtual-server keys whose
+    /// desired state may have changed.
+    fn replan(&mut self, node: &Node, full: bool) -> BTreeSet<VsKey> {
+        let mut keys = BTreeSet::new();
+        let dirty: Vec<ServiceKey> = self.dirty.drain().collect();
+        let mut table = self
+            .state
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if full {
+            *table = plan(&self.store, node, &self.settings.plan);
+            self.falling_back = table
+                .servers()
+                .filter(|vs| vs.is_falling_back())
+                .map(|vs| vs.service.clone())
+                .collect();
+            return keys;
+        }
+        for key in &dirty {
+            keys.extend(table.claimed_keys(key).iter().copied());
+        }
+        for key in &dirty {
+            replan_service(&mut table, &self.store, key, node, &self.settings.plan);
+            keys.extend(table.claimed_keys(key).iter().copied());
+            if table.service_servers(key).any(|vs| vs.is_falling_back()) {
+                self.falling_back.insert(key.clone());
+            } else {
+                self.falling_back.remove(key);
+            }
+        }
+        keys
+    }
+
+    fn diff_keys(&self, keys: &BTreeSet<VsKey>) -> Vec<Op> {
+        let table = self.read_table();
+        let mut batch = OpBatch::new();
+        for key in keys {
+            let desired = table.get(key).map(ProgrammedService::from_virtual_server);
+            batch.service(*key, desired.as_ref(), self.mirror.get(key));
+        }
+        batch.into_ops()
+    }
+
+    async fn apply(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let result = self.dataplane.apply(ops).await;
+        let failed: Vec<&Op> = match &result {
+            Err(DataplaneError::Apply { failed, .. }) => failed.iter().map(|f| &f.op).collect(),
+            Err(DataplaneError::Read { .. }) | Ok(()) => Vec::new(),
+        };
+        let applied: Vec<Op> = ops
+            .iter()
+            .filter(|op| !failed.contains(op))
+            .cloned()
+            .collect();
+        apply_to(&mut self.mirror, &applied);
+        let mut by_kind: Vec<(&'static str, u64)> = Vec::new();
+        for op in &applied {
+            match by_kind.iter_mut().find(|(kind, _)| *kind == op.kind()) {
+                Some((_, count)) => *count += 1,
+                None => by_kind.push((op.kind(), 1)),
+            }
+        }
+        for (kind, count) in by_kind {
+            self.state.metrics.dataplane_operations(kind, count);
+        }
+        result
+    }
+
+    fn publish_table_stats(&self) {
+        let (virtual_servers, backends) = {
+            let table = self.read_table();
+            (table.len(), table.programmed_backends())
+        };
+        self.state
+            .metrics
+            .set_table_stats(virtual_servers, backends, self.falling_back.len());
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
