@@ -10,10 +10,10 @@
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
-use tokio::time::sleep_until;
+use tokio::time::{sleep_until, Instant};
 
 use crate::dataplane::{Dataplane, DataplaneError};
 use crate::diff::{
@@ -160,7 +160,7 @@ impl<D: Dataplane> SyncLoop<D> {
         !self.initial_sync_done || self.replan_all || self.resync || !self.dirty.is_empty()
     }
 
-    fn wake_at(&self) -> Option<tokio::time::Instant> {
+    fn wake_at(&self) -> Option<Instant> {
         if !self.ready() {
             return None;
         }
@@ -176,7 +176,7 @@ impl<D: Dataplane> SyncLoop<D> {
         } else {
             self.next_resync
         };
-        Some(tokio::time::Instant::from_std(at))
+        Some(at)
     }
 
     /// Applies one source event to the store and marks what it touches.
@@ -444,7 +444,7 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 }
 
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,

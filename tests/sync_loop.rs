@@ -1,0 +1,353 @@
+//! The sync loop driven directly with source events and the in-memory dataplane: gating on the
+//! initial lists, incremental changes, node changes, drift repair, failures, adoption.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use topoproxy::dataplane::memory::{MemoryDataplane, MemoryHandle};
+use topoproxy::diff::{diff, programmed_table, ProgrammedTable};
+use topoproxy::health::HealthTracker;
+use topoproxy::metrics::Metrics;
+use topoproxy::model::{Node, ServiceKey};
+use topoproxy::planner::{plan, PlanConfig};
+use topoproxy::source::file::load_dir;
+use topoproxy::source::poll::changes;
+use topoproxy::state::AgentState;
+use topoproxy::store::{SliceKey, Store};
+use topoproxy::sync::{Resource, SourceEvent, SyncLoop, SyncSettings};
+use topoproxy::table::NodeTable;
+
+const NODE: &str = "node-b1";
+
+fn example() -> Store {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+    load_dir(&dir).expect("example cluster loads").store
+}
+
+fn expected(store: &Store, node: &Node) -> ProgrammedTable {
+    programmed_table(&plan(store, node, &PlanConfig::default()))
+}
+
+struct Running {
+    events: mpsc::Sender<SourceEvent>,
+    dataplane: MemoryHandle,
+    state: Arc<AgentState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    fn start(min_sync_period: Duration, sync_period: Duration) -> Self {
+        Self::start_with(min_sync_period, sync_period, |_| {})
+    }
+
+    fn start_with(
+        min_sync_period: Duration,
+        sync_period: Duration,
+        prepare: impl FnOnce(&MemoryHandle),
+    ) -> Self {
+        let (dataplane, handle) = MemoryDataplane::new("memory");
+        prepare(&handle);
+        let state = Arc::new(AgentState {
+            node_name: NODE.to_owned(),
+            metrics: Metrics::new(),
+            health: HealthTracker::new(sync_period * 2),
+            table: RwLock::new(NodeTable::new()),
+        });
+        let settings = SyncSettings {
+            min_sync_period,
+            sync_period,
+            plan: PlanConfig::default(),
+        };
+        let sync = SyncLoop::new(settings, dataplane, Arc::clone(&state));
+        let (events, rx) = mpsc::channel(1024);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let result = sync
+                .run(rx, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            assert!(result.is_ok(), "sync loop failed: {result:?}");
+        });
+        Self {
+            events,
+            dataplane: handle,
+            state,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn send(&self, events: impl IntoIterator<Item = SourceEvent>) {
+        for event in events {
+            self.events.send(event).await.expect("sync loop alive");
+        }
+    }
+
+    async fn send_cluster(&self, store: &Store) {
+        self.send(changes(&Store::new(), store, NODE)).await;
+    }
+
+    async fn eventually(&self, what: &str, condition: impl Fn(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("sync loop task");
+    }
+}
+
+fn metric(state: &AgentState, name: &str) -> Option<f64> {
+    let text = state.metrics.encode().expect("metrics encode");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn nothing_is_programmed_until_services_slices_and_node_are_known() {
+    let store = example();
+    let node = store.node(NODE).expect("node").clone();
+    let agent = Running::start(Duration::ZERO, Duration::from_secs(60));
+    agent.send_cluster(&store).await;
+    agent.send([SourceEvent::Listed(Resource::Services)]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(agent.dataplane.applies(), 0, "programmed before slices were listed");
+    let health = agent.state.health.status(SystemTime::now());
+    assert!(!health.healthy);
+    assert!(
+        health.reason.as_deref().unwrap_or("").contains("endpointslices"),
+        "{health:?}"
+    );
+    agent.send([SourceEvent::Listed(Resource::EndpointSlices)]).await;
+    agent
+        .eventually("the example table is programmed", |a| {
+            a.dataplane.table() == expected(&store, &node)
+        })
+        .await;
+    assert!(agent.state.health.status(SystemTime::now()).healthy);
+    assert_eq!(metric(&agent.state, "topoproxy_services_falling_back"), Some(1.0));
+    agent.stop().await;
+}
+
+async fn synced(store: &Store) -> (Running, Node) {
+    let node = store.node(NODE).expect("node").clone();
+    let agent = Running::start(Duration::ZERO, Duration::from_secs(60));
+    agent.send_cluster(store).await;
+    agent
+        .send([
+            SourceEvent::Listed(Resource::Services),
+            SourceEvent::Listed(Resource::EndpointSlices),
+        ])
+        .await;
+    let want = expected(store, &node);
+    agent
+        .eventually("initial sync", |a| a.dataplane.table() == want)
+        .await;
+    (agent, node)
+}
+
+#[tokio::test]
+async fn one_endpoint_change_sends_exactly_the_changes_it_needs() {
+    let mut store = example();
+    let (agent, node) = synced(&store).await;
+    let before = expected(&store, &node);
+    let ops_before = agent.dataplane.ops_applied();
+    // The zone-b frontend pod on node-b1 stops being ready.
+    let key = SliceKey {
+        namespace: "shop".to_owned(),
+        name: "frontend-4mzxq".to_owned(),
+    };
+    let mut slice = store.slice(&key).expect("frontend slice").clone();
+    let endpoint = slice
+        .endpoints
+        .iter_mut()
+        .find(|e| e.address.to_string() == "10.244.3.20")
+        .expect("endpoint");
+    endpoint.ready = false;
+    store.upsert_slice(slice.clone());
+    let after = expected(&store, &node);
+    let needed = diff(&after, &before).len() as u64;
+    // ClusterIP, externalIP and NodePort each lose that one destination.
+    assert_eq!(needed, 3);
+    agent.send([SourceEvent::Slice(key, Some(slice))]).await;
+    agent
+        .eventually("the change is applied", |a| a.dataplane.table() == after)
+        .await;
+    assert_eq!(agent.dataplane.ops_applied() - ops_before, needed);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn services_and_slices_appear_change_and_disappear() {
+    let store = example();
+    let (agent, node) = synced(&store).await;
+    let mut changed = store.clone();
+    let cart = ServiceKey::new("shop", "cart");
+    changed.remove_service(&cart);
+    agent.send([SourceEvent::Service(cart.clone(), None)]).await;
+    let want = expected(&changed, &node);
+    agent
+        .eventually("cart is gone", |a| a.dataplane.table() == want)
+        .await;
+    let restored = store.service(&cart).expect("cart").clone();
+    agent
+        .send([SourceEvent::Service(cart, Some(restored))])
+        .await;
+    let want = expected(&store, &node);
+    agent
+        .eventually("cart is back", |a| a.dataplane.table() == want)
+        .await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_zone_label_change_replans_the_whole_table() {
+    let store = example();
+    let (agent, node) = synced(&store).await;
+    let mut moved = node.clone();
+    moved.zone = Some("zone-c".to_owned());
+    let want = expected(&store, &moved);
+    assert_ne!(want, expected(&store, &node), "the move must matter");
+    agent.send([SourceEvent::Node(Some(moved))]).await;
+    agent
+        .eventually("re-planned for zone-c", |a| a.dataplane.table() == want)
+        .await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn drift_is_repaired_at_the_next_sync_period() {
+    let store = example();
+    let node = store.node(NODE).expect("node").clone();
+    let want = expected(&store, &node);
+    let agent = Running::start(Duration::ZERO, Duration::from_millis(300));
+    agent.send_cluster(&store).await;
+    agent
+        .send([
+            SourceEvent::Listed(Resource::Services),
+            SourceEvent::Listed(Resource::EndpointSlices),
+        ])
+        .await;
+    agent
+        .eventually("initial sync", |a| a.dataplane.table() == want)
+        .await;
+    let victim = *want.keys().next().expect("a virtual server");
+    agent.dataplane.tamper(|table| {
+        table.remove(&victim);
+    });
+    agent
+        .eventually("drift repaired", |a| a.dataplane.table() == want)
+        .await;
+    assert!(metric(&agent.state, "topoproxy_drift_repairs_total").unwrap_or(0.0) >= 1.0);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_dataplane_is_retried_and_reported() {
+    let store = example();
+    let node = store.node(NODE).expect("node").clone();
+    let agent = Running::start(Duration::ZERO, Duration::from_secs(60));
+    agent.dataplane.fail_next_applies(2);
+    agent.send_cluster(&store).await;
+    agent
+        .send([
+            SourceEvent::Listed(Resource::Services),
+            SourceEvent::Listed(Resource::EndpointSlices),
+        ])
+        .await;
+    agent
+        .eventually("a failure is reported", |a| {
+            a.state
+                .health
+                .status(SystemTime::now())
+                .reason
+                .is_some_and(|r| r.contains("injected failure"))
+        })
+        .await;
+    let want = expected(&store, &node);
+    agent
+        .eventually("converges after retries", |a| a.dataplane.table() == want)
+        .await;
+    assert!(agent.state.health.status(SystemTime::now()).healthy);
+    assert!(metric(&agent.state, "topoproxy_dataplane_errors_total").unwrap_or(0.0) >= 2.0);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_over_a_programmed_dataplane_changes_nothing() {
+    let store = example();
+    let node = store.node(NODE).expect("node").clone();
+    let want = expected(&store, &node);
+    let already = want.clone();
+    let agent = Running::start_with(Duration::ZERO, Duration::from_secs(60), move |handle| {
+        handle.tamper(|table| *table = already);
+    });
+    agent.send_cluster(&store).await;
+    agent
+        .send([
+            SourceEvent::Listed(Resource::Services),
+            SourceEvent::Listed(Resource::EndpointSlices),
+        ])
+        .await;
+    agent
+        .eventually("initial sync recorded", |a| {
+            a.state.health.status(SystemTime::now()).healthy
+        })
+        .await;
+    assert_eq!(agent.dataplane.reads(), 1, "state read back before programming");
+    assert_eq!(agent.dataplane.applies(), 0, "nothing to change, nothing applied");
+    assert_eq!(agent.dataplane.table(), want);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn min_sync_period_batches_a_burst_into_few_syncs() {
+    let mut store = example();
+    let node = store.node(NODE).expect("node").clone();
+    let agent = Running::start(Duration::from_millis(400), Duration::from_secs(60));
+    agent.send_cluster(&store).await;
+    agent
+        .send([
+            SourceEvent::Listed(Resource::Services),
+            SourceEvent::Listed(Resource::EndpointSlices),
+        ])
+        .await;
+    let want = expected(&store, &node);
+    agent
+        .eventually("initial sync", |a| a.dataplane.table() == want)
+        .await;
+    let applies = agent.dataplane.applies();
+    let key = SliceKey {
+        namespace: "kube-system".to_owned(),
+        name: "kube-dns-x7k2p".to_owned(),
+    };
+    for round in 0..20 {
+        let mut slice = store.slice(&key).expect("dns slice").clone();
+        slice.endpoints[0].ready = round % 2 == 0;
+        store.upsert_slice(slice.clone());
+        agent.send([SourceEvent::Slice(key.clone(), Some(slice))]).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let want = expected(&store, &node);
+    agent
+        .eventually("the burst is applied", |a| a.dataplane.table() == want)
+        .await;
+    let syncs = agent.dataplane.applies() - applies;
+    assert!(syncs <= 2, "20 changes in 200 ms took {syncs} applies");
+    agent.stop().await;
+}
