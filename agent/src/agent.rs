@@ -184,5 +184,13 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client, Agen
                 .map_err(|e| AgentError::KubeConfig(Box::new(e)))?,
         },
     };
+    client_from_config(config)
+}
+
+/// The agent's client for `config`. kube's built-in retry of 429/503/504 is turned off: the
+/// watchers already retry with backoff, and a transparent retry would hide an API outage from
+/// the logs and metrics for minutes.
+pub fn client_from_config(mut config: kube::Config) -> Result<kube::Client, AgentError> {
+    config.default_retry = false;
     kube::Client::try_from(config).map_err(AgentError::KubeClient)
 }

@@ -1,0 +1,520 @@
+//! The agent end to end: the real `kube::Client` and kube-runtime watchers against the in-repo
+//! fake API server (`tests/fake-apiserver`), the real sync loop and HTTP endpoints, and the
+//! in-memory dataplane standing in for the kernel.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fake_apiserver::{FakeApiServer, Kind};
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::oneshot;
+
+use topoproxy::agent::{client_from_config, Agent, ClusterSource};
+use topoproxy::config::{LogFormat, ProxyMode, RunSettings};
+use topoproxy::convert;
+use topoproxy::dataplane::memory::{MemoryDataplane, MemoryHandle};
+use topoproxy::diff::{programmed_table, ProgrammedTable};
+use topoproxy::planner::{plan, PlanConfig};
+use topoproxy::state::AgentState;
+use topoproxy::store::Store;
+
+const NODE: &str = "node-a1";
+
+fn node(name: &str, zone: &str, ip: &str) -> Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]}
+    }))
+    .expect("node")
+}
+
+fn service(name: &str, cluster_ip: &str, annotations: Value) -> Service {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default", "annotations": annotations},
+        "spec": {
+            "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]
+        }
+    }))
+    .expect("service")
+}
+
+/// `(address, node, zone, zone hint)` per endpoint.
+fn slice(
+    service: &str,
+    name: &str,
+    endpoints: &[(&str, &str, &str, Option<&str>)],
+) -> EndpointSlice {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(address, node, zone, hint)| {
+            let mut endpoint = json!({
+                "addresses": [address],
+                "conditions": {"ready": true},
+                "nodeName": node,
+                "zone": zone,
+            });
+            if let Some(hint) = hint {
+                endpoint["hints"] = json!({"forZones": [{"name": hint}]});
+            }
+            endpoint
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": name, "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service}
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    }))
+    .expect("slice")
+}
+
+/// The cluster as the agent should see it, for computing the expected table.
+#[derive(Default, Clone)]
+struct Cluster {
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn expected(&self) -> ProgrammedTable {
+        let mut store = Store::new();
+        let mut warnings = Vec::new();
+        for s in &self.services {
+            if let Some(s) = convert::service_from_api(s, None, &mut warnings) {
+                store.upsert_service(s);
+            }
+        }
+        for s in &self.slices {
+            if let Some(s) = convert::slice_from_api(s, None, &mut warnings) {
+                store.upsert_slice(s);
+            }
+        }
+        for n in &self.nodes {
+            if let Some(n) = convert::node_from_api(n, None, &mut warnings) {
+                store.upsert_node(n);
+            }
+        }
+        let node = store.node(NODE).expect("this node").clone();
+        programmed_table(&plan(&store, &node, &PlanConfig::default()))
+    }
+
+    fn publish(&self, server: &FakeApiServer) {
+        for n in &self.nodes {
+            server.apply_node(n.clone());
+        }
+        for s in &self.services {
+            server.apply_service(s.clone());
+        }
+        for s in &self.slices {
+            server.apply_endpoint_slice(s.clone());
+        }
+    }
+}
+
+fn three_zone_cluster(hinted: bool) -> Cluster {
+    let hint = |zone: &'static str| hinted.then_some(zone);
+    Cluster {
+        nodes: vec![
+            node(NODE, "zone-a", "192.168.0.11"),
+            node("node-b1", "zone-b", "192.168.0.21"),
+        ],
+        services: vec![
+            service(
+                "web",
+                "10.96.0.20",
+                json!({"service.kubernetes.io/topology-mode": "Auto"}),
+            ),
+            service("api", "10.96.0.30", json!({})),
+        ],
+        slices: vec![
+            slice(
+                "web",
+                "web-1",
+                &[
+                    ("10.244.1.2", NODE, "zone-a", hint("zone-a")),
+                    ("10.244.2.2", "node-b1", "zone-b", hint("zone-b")),
+                    ("10.244.3.2", "node-c1", "zone-c", hint("zone-c")),
+                ],
+            ),
+            slice("api", "api-1", &[("10.244.1.9", NODE, "zone-a", None)]),
+        ],
+    }
+}
+
+struct Running {
+    server: FakeApiServer,
+    dataplane: MemoryHandle,
+    state: std::sync::Arc<AgentState>,
+    metrics_address: SocketAddr,
+    healthz_address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn settings() -> RunSettings {
+    RunSettings {
+        kubeconfig: None,
+        node_name: NODE.to_owned(),
+        source: None,
+        proxy_mode: ProxyMode::DryRun,
+        min_sync_period: Duration::ZERO,
+        sync_period: Duration::from_secs(30),
+        healthz_bind_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+        metrics_bind_address: SocketAddr::from(([127, 0, 0, 1], 0)),
+        plan: PlanConfig::default(),
+        source_poll_period: Duration::from_secs(1),
+        log_format: LogFormat::Text,
+    }
+}
+
+impl Running {
+    async fn start(server: FakeApiServer) -> Self {
+        let (dataplane, handle) = MemoryDataplane::new("memory");
+        let agent = Agent::start(settings(), dataplane)
+            .await
+            .expect("agent starts");
+        let state = agent.state();
+        let metrics_address = agent.metrics_address().expect("metrics address");
+        let healthz_address = agent.healthz_address().expect("healthz address");
+        let client = client_from_config(server.client_config()).expect("client");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            agent
+                .run(ClusterSource::Kube(client), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("agent runs");
+        });
+        Self {
+            server,
+            dataplane: handle,
+            state,
+            metrics_address,
+            healthz_address,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn converges_to(&self, what: &str, want: &ProgrammedTable) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while self.dataplane.table() != *want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for: {what}\nwant: {want:#?}\nhave: {:#?}",
+                self.dataplane.table()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let text = self.state.metrics.encode().expect("metrics encode");
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    async fn metric_reaches(&self, name: &str, at_least: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while self.metric(name) < at_least {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} stayed at {} (< {at_least})",
+                self.metric(name)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("agent task");
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns (status, body).
+async fn get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn services_and_slices_appear_change_and_disappear() {
+    let server = FakeApiServer::start().await;
+    let mut cluster = three_zone_cluster(true);
+    cluster.publish(&server);
+    let agent = Running::start(server).await;
+    agent
+        .converges_to("initial table", &cluster.expected())
+        .await;
+    let (status, plan_text) = get(agent.metrics_address, "/plan").await;
+    assert_eq!(status, 200);
+    assert!(plan_text.contains("TCP  10.96.0.20:80 rr"), "{plan_text}");
+    let (status, _) = get(agent.healthz_address, "/healthz").await;
+    assert_eq!(status, 200);
+
+    // A new endpoint in this zone, a Service gone, a bookmark in between.
+    cluster.slices[0] = slice(
+        "web",
+        "web-1",
+        &[
+            ("10.244.1.2", NODE, "zone-a", Some("zone-a")),
+            ("10.244.1.3", NODE, "zone-a", Some("zone-a")),
+            ("10.244.2.2", "node-b1", "zone-b", Some("zone-b")),
+        ],
+    );
+    agent.server.apply_endpoint_slice(cluster.slices[0].clone());
+    agent.server.send_bookmarks();
+    cluster
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("api"));
+    agent.server.delete_service("default", "api");
+    agent
+        .converges_to("changed table", &cluster.expected())
+        .await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn hints_appear_and_vanish_and_the_fallback_metric_follows() {
+    let server = FakeApiServer::start().await;
+    let unhinted = three_zone_cluster(false);
+    unhinted.publish(&server);
+    let agent = Running::start(server).await;
+    agent
+        .converges_to("cluster-wide", &unhinted.expected())
+        .await;
+    assert_eq!(agent.metric("topoproxy_services_falling_back"), 1.0);
+
+    let hinted = three_zone_cluster(true);
+    agent.server.apply_endpoint_slice(hinted.slices[0].clone());
+    agent
+        .converges_to("same-zone only", &hinted.expected())
+        .await;
+    assert_eq!(agent.metric("topoproxy_services_falling_back"), 0.0);
+    let web = hinted.expected();
+    let web = web
+        .iter()
+        .find(|(k, _)| k.address.to_string() == "10.96.0.20")
+        .expect("web");
+    assert_eq!(web.1.destinations.len(), 1, "only the zone-a endpoint");
+
+    agent
+        .server
+        .apply_endpoint_slice(unhinted.slices[0].clone());
+    agent
+        .converges_to("back to cluster-wide", &unhinted.expected())
+        .await;
+    assert_eq!(agent.metric("topoproxy_services_falling_back"), 1.0);
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn an_api_outage_keeps_the_table_and_the_agent_catches_up() {
+    let server = FakeApiServer::start().await;
+    let mut cluster = three_zone_cluster(true);
+    cluster.publish(&server);
+    let agent = Running::start(server).await;
+    let before = cluster.expected();
+    agent.converges_to("initial table", &before).await;
+
+    agent.server.set_available(false);
+    agent
+        .metric_reaches("topoproxy_watch_errors_total{resource=\"services\"}", 1.0)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        agent.dataplane.table(),
+        before,
+        "nothing flushed during the outage"
+    );
+
+    // The cluster moves on while the agent cannot see it.
+    cluster.slices[1] = slice("api", "api-1", &[("10.244.1.10", NODE, "zone-a", None)]);
+    agent.server.apply_endpoint_slice(cluster.slices[1].clone());
+    assert_eq!(agent.dataplane.table(), before);
+
+    agent.server.set_available(true);
+    agent.converges_to("caught up", &cluster.expected()).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_410_gone_relist_catches_deletions_made_meanwhile() {
+    let server = FakeApiServer::start().await;
+    let mut cluster = three_zone_cluster(true);
+    cluster.publish(&server);
+    let agent = Running::start(server).await;
+    agent
+        .converges_to("initial table", &cluster.expected())
+        .await;
+    let lists_before = agent.server.list_count(Kind::Service);
+
+    // The watch breaks, history is compacted, and a Service is deleted in the gap: resuming
+    // from the old resourceVersion gets 410 Gone, so only a relist can reveal the deletion.
+    agent.server.set_available(false);
+    agent.server.delete_service("default", "api");
+    agent.server.delete_endpoint_slice("default", "api-1");
+    agent.server.compact();
+    agent.server.set_available(true);
+    cluster
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("api"));
+    cluster
+        .slices
+        .retain(|s| s.metadata.name.as_deref() != Some("api-1"));
+    agent
+        .converges_to("deletion seen after relist", &cluster.expected())
+        .await;
+    assert!(
+        agent.server.list_count(Kind::Service) > lists_before,
+        "re-listed"
+    );
+    agent
+        .metric_reaches("topoproxy_watch_restarts_total{resource=\"services\"}", 1.0)
+        .await;
+
+    // A watch dropped mid-stream resumes without losing later events.
+    agent.server.drop_watches();
+    cluster.slices[0] = slice(
+        "web",
+        "web-1",
+        &[("10.244.1.7", NODE, "zone-a", Some("zone-a"))],
+    );
+    agent.server.apply_endpoint_slice(cluster.slices[0].clone());
+    agent
+        .converges_to("change after a dropped watch", &cluster.expected())
+        .await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_zone_label_change_replans_the_whole_table() {
+    let server = FakeApiServer::start().await;
+    let mut cluster = three_zone_cluster(true);
+    cluster.publish(&server);
+    let agent = Running::start(server).await;
+    let in_a = cluster.expected();
+    agent.converges_to("zone-a table", &in_a).await;
+    cluster.nodes[0] = node(NODE, "zone-b", "192.168.0.11");
+    agent.server.apply_node(cluster.nodes[0].clone());
+    let in_b = cluster.expected();
+    assert_ne!(in_a, in_b);
+    agent.converges_to("zone-b table", &in_b).await;
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn bad_objects_never_disturb_other_services() {
+    let server = FakeApiServer::start().await;
+    let cluster = three_zone_cluster(true);
+    cluster.publish(&server);
+    let raw = |kind, value: Value| {
+        server
+            .apply_raw(kind, value)
+            .expect("the fake accepts raw objects");
+    };
+    raw(
+        Kind::Service,
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "bad-ip", "namespace": "default"},
+               "spec": {"clusterIP": "10.96.0.999", "ports": [{"name": "http", "port": 80}]}}),
+    );
+    raw(
+        Kind::Service,
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "absurd-port", "namespace": "default"},
+               "spec": {"clusterIP": "10.96.0.40", "ports": [{"name": "http", "port": 70000}]}}),
+    );
+    raw(
+        Kind::EndpointSlice,
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "orphan", "namespace": "default"},
+               "addressType": "IPv4",
+               "endpoints": [{"addresses": ["10.244.9.9"]}],
+               "ports": [{"name": "http", "port": 8080}]}),
+    );
+    raw(
+        Kind::EndpointSlice,
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "web-bad", "namespace": "default",
+                            "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4",
+               "endpoints": [{"addresses": ["not-an-ip"]}, {"addresses": ["fd00::1"]}],
+               "ports": [{"name": "http", "port": 8080}]}),
+    );
+    // One Service with 5,000 endpoints in a single slice.
+    let huge: Vec<Value> = (0..5000u32)
+        .map(|i| {
+            json!({"addresses": [format!("10.250.{}.{}", i / 250, i % 250 + 1)],
+                        "nodeName": "node-b1", "zone": "zone-b"})
+        })
+        .collect();
+    server.apply_service(service("huge", "10.96.0.50", json!({})));
+    raw(
+        Kind::EndpointSlice,
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "huge-1", "namespace": "default",
+                            "labels": {"kubernetes.io/service-name": "huge"}},
+               "addressType": "IPv4", "endpoints": huge,
+               "ports": [{"name": "http", "port": 8080}]}),
+    );
+    let agent = Running::start(server).await;
+    let want = cluster.expected();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let table = agent.dataplane.table();
+        let good = want.iter().all(|(k, v)| table.get(k) == Some(v));
+        let huge = table
+            .iter()
+            .find(|(k, _)| k.address.to_string() == "10.96.0.50")
+            .map_or(0, |(_, s)| s.destinations.len());
+        if good && huge == 5000 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "good services programmed: {good}, huge has {huge}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let table = agent.dataplane.table();
+    assert!(
+        table.keys().all(
+            |k| k.address.to_string() != "10.96.0.40" && k.address.to_string() != "10.96.0.999"
+        ),
+        "nothing of the bad objects is programmed"
+    );
+    assert!(agent.metric("topoproxy_skipped_objects_total{kind=\"Service\"}") >= 2.0);
+    assert!(agent.metric("topoproxy_skipped_objects_total{kind=\"EndpointSlice\"}") >= 2.0);
+    let (status, _) = get(agent.healthz_address, "/healthz").await;
+    assert_eq!(status, 200);
+    agent.stop().await;
+}
