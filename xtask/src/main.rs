@@ -1,1 +1,188 @@
-fn main() {}
+//! Project tasks: `cargo xtask <task>`.
+//!
+//! - `bench-sync`: the end-to-end sync benchmarks. Runs the in-process bench (initial sync,
+//!   event-to-dataplane latency) and then the agent as its own process against the fake API
+//!   server, to measure its resident memory at scale.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// End-to-end sync benchmarks: initial sync, event latency, agent RSS.
+    BenchSync {
+        /// Services in the synthetic cluster (10 endpoints each, 3 zones).
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// EndpointSlice events for the latency measurement.
+        #[arg(long, default_value_t = 300)]
+        events: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::BenchSync { services, events } => bench_sync(services, events),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo(args: &[&str], envs: &[(&str, String)]) -> Result<()> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .args(args)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(workspace_root())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn bench_sync(services: usize, events: usize) -> Result<()> {
+    println!("== in-process: initial sync and event-to-dataplane latency");
+    cargo(
+        &["bench", "-p", "topoproxy", "--bench", "sync"],
+        &[
+            ("TOPOPROXY_BENCH_SERVICES", services.to_string()),
+            ("TOPOPROXY_BENCH_EVENTS", events.to_string()),
+        ],
+    )?;
+    println!("== separate process: the agent's memory at {services} services");
+    cargo(
+        &["build", "--release", "-p", "topoproxy", "-p", "fake-apiserver", "--bins"],
+        &[],
+    )?;
+    agent_rss(services)
+}
+
+/// Kills the child on drop, so a failed measurement leaves no process behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_loopback_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    listener.local_addr().context("reading the free port")
+}
+
+fn agent_rss(services: usize) -> Result<()> {
+    let release = workspace_root().join("target/release");
+    let scratch = std::env::temp_dir().join(format!("topoproxy-bench-sync-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).context("creating the scratch directory")?;
+    let kubeconfig = scratch.join("kubeconfig");
+    let _ = std::fs::remove_file(&kubeconfig);
+    let _server = Reaped(
+        Command::new(release.join("fake-apiserver"))
+            .args(["--listen", "127.0.0.1:0", "--services", &services.to_string()])
+            .args(["--endpoints", "10", "--kubeconfig-out"])
+            .arg(&kubeconfig)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting fake-apiserver")?,
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !kubeconfig.exists() {
+        if Instant::now() > deadline {
+            bail!("fake-apiserver did not write its kubeconfig");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = free_loopback_port()?;
+    let healthz = free_loopback_port()?;
+    let started = Instant::now();
+    let agent = Reaped(
+        Command::new(release.join("topoproxy"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["--hostname-override", "node-a-0", "--proxy-mode", "dry-run"])
+            .args(["--metrics-bind-address", &metrics.to_string()])
+            .args(["--healthz-bind-address", &healthz.to_string()])
+            .args(["--min-sync-period", "0"])
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting topoproxy")?,
+    );
+    let expected = services + services.div_ceil(10);
+    loop {
+        let synced = http_get(metrics, "/metrics")
+            .ok()
+            .and_then(|body| metric(&body, "topoproxy_virtual_servers"))
+            .is_some_and(|value| value as usize >= expected);
+        if synced {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the agent did not sync {expected} virtual servers");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let synced_after = started.elapsed();
+    // Let allocator and runtime settle before reading memory.
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id()))
+        .context("reading the agent's /proc status")?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|rest| rest.trim().to_owned())
+            .unwrap_or_else(|| "?".to_owned())
+    };
+    println!(
+        "agent_process services={services} virtual_servers={expected} \
+         start_to_synced_ms={:.0} VmRSS={} VmHWM={} (target RSS <= 128 MiB)",
+        synced_after.as_secs_f64() * 1e3,
+        field("VmRSS:"),
+        field("VmHWM:")
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok(())
+}
+
+fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A minimal HTTP/1.1 GET on loopback.
+fn http_get(address: SocketAddr, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}

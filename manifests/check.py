@@ -1,0 +1,788 @@
+#!/usr/bin/env python3
+"""Check topoproxy's kustomize tree without kubectl or kustomize.
+
+    python3 manifests/check.py                    # exit 0: all checks pass, 1: a check failed
+    python3 manifests/check.py --compare-kubectl  # also diff each render with `kubectl kustomize`
+
+Needs PyYAML only (`pip install pyyaml`). What it does:
+
+1. Every *.yaml under manifests/ parses.
+2. Each kustomization (base, overlays/*, components/*) is loaded: the files and directories
+   it names exist, sit inside its directory (as kustomize requires of patches), and use
+   only the fields this checker understands, so nothing is silently skipped.
+3. Each kustomization is rendered the way kustomize does it, for the subset used here:
+   resources, components, `patches` (strategic merge, with Kubernetes' merge keys and
+   `$patch: delete`/`null`, and JSON 6902 with a target), namespace, namePrefix/nameSuffix
+   with reference fix-ups, `labels`/`commonLabels` (selectors included), `images`.
+   Every patch must match a resource, and every rendered object has apiVersion, kind and
+   metadata.name.
+4. The rendered objects are checked for what matters to a service proxy: read-only RBAC
+   (get/list/watch on services, nodes and endpointslices, nothing else), references
+   (ServiceAccount, ConfigMap, ClusterRole, volumes) resolve, the config file parses and its
+   ports agree with the probes and declared ports, privileges fit the proxy mode, API
+   validation rules the server would enforce (Bidirectional propagation only when
+   privileged, allowPrivilegeEscalation: false not with privileged or SYS_ADMIN), and the
+   shadow DaemonSet can run beside kube-proxy and the real agent (names, selectors, ports).
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - depends on the machine
+    print("check.py needs PyYAML: pip install pyyaml", file=sys.stderr)
+    sys.exit(1)
+
+ROOT = Path(__file__).resolve().parent
+KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
+
+# Kustomizations to render and what each must produce.
+RENDERS = {
+    "base": {"mode": "ipvs"},
+    "overlays/ipvs": {"mode": "ipvs"},
+    "overlays/cutover": {"mode": "ipvs", "node_selector": "topoproxy.io/proxy"},
+    "overlays/ebpf": {"mode": "ebpf"},
+    "overlays/shadow": {"mode": "dry-run"},
+}
+# Components are rendered on top of this overlay to check that they apply.
+COMPONENT_HOST = "overlays/ipvs"
+# Renders that run at the same time in one cluster during the migration.
+COEXIST = [("overlays/shadow", "overlays/ipvs"), ("overlays/shadow", "overlays/cutover")]
+
+# The keys `topoproxy run --config` accepts (agent/src/config.rs, deny_unknown_fields).
+CONFIG_KEYS = {
+    "kubeconfig", "hostname-override", "source", "proxy-mode", "min-sync-period", "sync-period",
+    "healthz-bind-address", "metrics-bind-address", "ipvs-scheduler", "service-proxy-name",
+    "source-poll-period", "log-format",
+}
+PROXY_MODES = {"ipvs", "ebpf", "dry-run"}
+RBAC_ALLOWED = {
+    (group, resource, verb)
+    for group, resource in (("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices"))
+    for verb in ("get", "list", "watch")
+}
+# Host ports taken by kube-proxy (10249, 10256), kube-scheduler (10259),
+# kube-controller-manager (10257), cloud-controller-manager (10258) and the kubelet.
+KUBE_PORTS = {10248, 10249, 10250, 10255, 10256, 10257, 10258, 10259}
+MODE_CAPS = {
+    "ipvs": {"NET_ADMIN"},
+    "ebpf": {"BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"},
+    "dry-run": set(),
+}
+NAMESPACED = {"ServiceAccount", "ConfigMap", "DaemonSet", "Deployment", "Service",
+              "Role", "RoleBinding", "Secret"}
+KUSTOMIZATION_FIELDS = {
+    "apiVersion", "kind", "resources", "components", "patches", "namespace", "namePrefix",
+    "nameSuffix", "labels", "commonLabels", "images",
+}
+
+# Strategic merge patch keys for lists of objects: (list field) -> merge key.
+MERGE_KEYS = {
+    "containers": "name", "initContainers": "name", "ephemeralContainers": "name",
+    "volumes": "name", "volumeMounts": "mountPath", "volumeDevices": "devicePath",
+    "env": "name", "imagePullSecrets": "name", "hostAliases": "ip",
+}
+
+DELETE = object()
+
+
+class CheckError(Exception):
+    """A problem that stops rendering one kustomization."""
+
+
+failures: list[str] = []
+
+
+def fail(where: str, message: str) -> None:
+    failures.append(f"{where}: {message}")
+
+
+def rel(path: Path) -> str:
+    try:
+        return str(path.relative_to(ROOT.parent))
+    except ValueError:
+        return str(path)
+
+
+def load_docs(path: Path) -> list:
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+# ---------------------------------------------------------------------------------------
+# Strategic merge and JSON 6902
+# ---------------------------------------------------------------------------------------
+
+def merge_key(path: tuple, key: str) -> str | None:
+    if key == "ports":
+        # Container ports merge on containerPort, Service ports on port.
+        return "containerPort" if "containers" in path or "initContainers" in path else "port"
+    return MERGE_KEYS.get(key)
+
+
+def strip_directives(value):
+    if isinstance(value, dict):
+        return {k: strip_directives(v) for k, v in value.items() if not k.startswith("$")}
+    if isinstance(value, list):
+        return [strip_directives(v) for v in value]
+    return value
+
+
+def smp(base, patch, path: tuple = ()):
+    """Strategic merge of `patch` into `base` (neither is modified)."""
+    if isinstance(patch, dict):
+        directive = patch.get("$patch")
+        if directive == "delete":
+            return DELETE
+        if directive == "replace" or not isinstance(base, dict):
+            return strip_directives(patch)
+        out = copy.deepcopy(base)
+        for key, value in patch.items():
+            if key.startswith("$"):
+                continue
+            if value is None:
+                out.pop(key, None)
+            elif isinstance(value, dict) and isinstance(out.get(key), dict):
+                merged = smp(out[key], value, path + (key,))
+                if merged is DELETE:
+                    out.pop(key, None)
+                else:
+                    out[key] = merged
+            elif isinstance(value, list) and isinstance(out.get(key), list) and merge_key(path, key):
+                out[key] = merge_list(out[key], value, merge_key(path, key), path + (key,))
+            else:
+                out[key] = strip_directives(value)
+        return out
+    return copy.deepcopy(patch)
+
+
+def merge_list(base: list, patch: list, key: str, path: tuple) -> list:
+    # Like Kubernetes' strategic merge: items new to the list come first, in patch order,
+    # then the existing items, merged in place.
+    out = copy.deepcopy(base)
+    added = []
+    for item in patch:
+        if not isinstance(item, dict) or key not in item:
+            raise CheckError(f"strategic merge: list {'/'.join(map(str, path))} needs '{key}' in every patch item")
+        index = next((i for i, b in enumerate(out) if isinstance(b, dict) and b.get(key) == item[key]), None)
+        if item.get("$patch") == "delete":
+            if index is None:
+                raise CheckError(f"strategic merge: nothing to delete at {'/'.join(map(str, path))} with {key}={item[key]}")
+            del out[index]
+        elif index is None:
+            added.append(strip_directives(item))
+        else:
+            out[index] = smp(out[index], item, path + (item[key],))
+    return added + out
+
+
+def pointer(path: str) -> list[str]:
+    if not path.startswith("/"):
+        raise CheckError(f"JSON patch path {path!r} must start with /")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def json6902(doc, ops: list):
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        if not isinstance(op, dict) or "op" not in op or "path" not in op:
+            raise CheckError(f"JSON patch operation needs op and path: {op!r}")
+        parts = pointer(op["path"])
+        parent = doc
+        for part in parts[:-1]:
+            try:
+                parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+            except (KeyError, IndexError, ValueError) as e:
+                raise CheckError(f"JSON patch path {op['path']} does not exist ({e})") from None
+        last = parts[-1]
+        kind = op["op"]
+        if isinstance(parent, list):
+            index = len(parent) if last == "-" else int(last)
+            if kind == "add":
+                parent.insert(index, op["value"])
+            elif kind == "remove":
+                del parent[index]
+            elif kind == "replace":
+                parent[index] = op["value"]
+            elif kind == "test":
+                if parent[index] != op["value"]:
+                    raise CheckError(f"JSON patch test failed at {op['path']}")
+            else:
+                raise CheckError(f"JSON patch op {kind!r} not supported by check.py")
+        else:
+            if kind in ("remove", "replace", "test") and last not in parent:
+                raise CheckError(f"JSON patch {kind} at {op['path']}: no such field")
+            if kind in ("add", "replace"):
+                parent[last] = op["value"]
+            elif kind == "remove":
+                del parent[last]
+            elif kind == "test":
+                if parent[last] != op["value"]:
+                    raise CheckError(f"JSON patch test failed at {op['path']}")
+            else:
+                raise CheckError(f"JSON patch op {kind!r} not supported by check.py")
+    return doc
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------
+
+def group_of(obj: dict) -> str:
+    api = obj.get("apiVersion", "")
+    return api.split("/")[0] if "/" in api else ""
+
+
+def ident(obj: dict) -> tuple:
+    meta = obj.get("metadata") or {}
+    return (obj.get("kind"), meta.get("namespace") or "", meta.get("name"))
+
+
+def find_kustomization(directory: Path) -> Path | None:
+    for name in KUSTOMIZATION_NAMES:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def inside(directory: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def load_resource_file(path: Path) -> list[dict]:
+    docs = load_docs(path)
+    for doc in docs:
+        if not isinstance(doc, dict):
+            raise CheckError(f"{rel(path)}: a document is not a mapping")
+        meta = doc.get("metadata")
+        if not doc.get("apiVersion") or not doc.get("kind") or not isinstance(meta, dict) or not meta.get("name"):
+            raise CheckError(f"{rel(path)}: every document needs apiVersion, kind and metadata.name")
+    return docs
+
+
+def build(directory: Path, used: set[Path], expect_kind: str = "Kustomization",
+          acc: list[dict] | None = None) -> list[dict]:
+    """Render the kustomization in `directory`. For a Component, `acc` is the set it patches."""
+    kfile = find_kustomization(directory)
+    if kfile is None:
+        raise CheckError(f"{rel(directory)}: no kustomization.yaml")
+    used.add(kfile.resolve())
+    docs = load_docs(kfile)
+    if len(docs) != 1 or not isinstance(docs[0], dict):
+        raise CheckError(f"{rel(kfile)}: must hold exactly one mapping")
+    k = docs[0]
+    kind = k.get("kind", "Kustomization")
+    if kind != expect_kind:
+        raise CheckError(f"{rel(kfile)}: kind {kind}, expected {expect_kind}")
+    api = k.get("apiVersion", "")
+    want_api = "kustomize.config.k8s.io/v1alpha1" if kind == "Component" else "kustomize.config.k8s.io/v1beta1"
+    if api != want_api:
+        raise CheckError(f"{rel(kfile)}: apiVersion {api!r}, expected {want_api}")
+    unknown = set(k) - KUSTOMIZATION_FIELDS
+    if unknown:
+        raise CheckError(f"{rel(kfile)}: fields check.py does not understand: {sorted(unknown)}")
+
+    objects: list[dict] = [] if acc is None else acc
+    for entry in k.get("resources") or []:
+        path = directory / entry
+        if path.is_dir():
+            objects.extend(build(path, used))
+        elif path.is_file():
+            used.add(path.resolve())
+            objects.extend(load_resource_file(path))
+        else:
+            raise CheckError(f"{rel(kfile)}: resource {entry} does not exist")
+    for entry in k.get("components") or []:
+        path = directory / entry
+        if not path.is_dir():
+            raise CheckError(f"{rel(kfile)}: component {entry} is not a directory")
+        objects = build(path, used, "Component", objects)
+
+    for patch in k.get("patches") or []:
+        apply_patch(kfile, directory, patch, objects, used)
+    if k.get("namespace"):
+        for obj in objects:
+            if obj["kind"] in NAMESPACED:
+                obj["metadata"]["namespace"] = k["namespace"]
+            for subject in obj.get("subjects") or []:
+                if subject.get("kind") == "ServiceAccount":
+                    subject["namespace"] = k["namespace"]
+    if k.get("namePrefix") or k.get("nameSuffix"):
+        rename(objects, k.get("namePrefix", ""), k.get("nameSuffix", ""))
+    for entry in k.get("labels") or []:
+        add_labels(objects, entry.get("pairs") or {}, entry.get("includeSelectors", False),
+                   entry.get("includeTemplates", False))
+    if k.get("commonLabels"):
+        add_labels(objects, k["commonLabels"], True, True)
+    for image in k.get("images") or []:
+        set_image(objects, image)
+    return objects
+
+
+def apply_patch(kfile: Path, directory: Path, entry: dict, objects: list[dict], used: set[Path]) -> None:
+    if "path" in entry:
+        path = directory / entry["path"]
+        if not path.is_file():
+            raise CheckError(f"{rel(kfile)}: patch {entry['path']} does not exist")
+        if not inside(directory, path):
+            raise CheckError(f"{rel(kfile)}: patch {entry['path']} is outside the kustomization directory")
+        used.add(path.resolve())
+        docs = load_docs(path)
+        where = rel(path)
+    elif "patch" in entry:
+        docs = [d for d in yaml.safe_load_all(entry["patch"]) if d is not None]
+        where = f"{rel(kfile)} (inline patch)"
+    else:
+        raise CheckError(f"{rel(kfile)}: a patch needs path or patch")
+    if len(docs) != 1:
+        raise CheckError(f"{where}: a patch file holds exactly one patch")
+    body = docs[0]
+    target = entry.get("target")
+    if isinstance(body, list):
+        if not target:
+            raise CheckError(f"{where}: a JSON 6902 patch needs a target")
+        matches = [i for i, o in enumerate(objects) if target_matches(target, o)]
+        if not matches:
+            raise CheckError(f"{where}: target {target} matches no resource")
+        for i in matches:
+            objects[i] = json6902(objects[i], body)
+        return
+    if not isinstance(body, dict):
+        raise CheckError(f"{where}: not a patch")
+    if target:
+        matches = [i for i, o in enumerate(objects) if target_matches(target, o)]
+    else:
+        meta = body.get("metadata") or {}
+        if not body.get("apiVersion") or not body.get("kind") or not meta.get("name"):
+            raise CheckError(f"{where}: a strategic merge patch without target needs apiVersion, kind and metadata.name")
+        matches = [i for i, o in enumerate(objects)
+                   if o["kind"] == body["kind"] and group_of(o) == group_of(body)
+                   and o["metadata"]["name"] == meta["name"]
+                   and (o["metadata"].get("namespace") or "") == (meta.get("namespace") or "")]
+    if len(matches) != 1 and not target:
+        raise CheckError(f"{where}: matches {len(matches)} resources, expected exactly one "
+                         f"(kind, name and namespace must match the resource as rendered so far)")
+    if not matches:
+        raise CheckError(f"{where}: target {target} matches no resource")
+    for i in matches:
+        patched = smp(objects[i], body)
+        patched["metadata"]["name"] = objects[i]["metadata"]["name"]
+        objects[i] = patched
+
+
+def target_matches(target: dict, obj: dict) -> bool:
+    api = obj.get("apiVersion", "")
+    version = api.split("/")[-1]
+    meta = obj["metadata"]
+    checks = {
+        "group": group_of(obj), "version": version, "kind": obj["kind"],
+        "name": meta["name"], "namespace": meta.get("namespace") or "",
+    }
+    for field, actual in checks.items():
+        if field in target and target[field] != actual:
+            return False
+    return True
+
+
+def rename(objects: list[dict], prefix: str, suffix: str) -> None:
+    renamed: dict[tuple, str] = {}
+    for obj in objects:
+        old = obj["metadata"]["name"]
+        new = f"{prefix}{old}{suffix}"
+        renamed[(obj["kind"], old)] = new
+        obj["metadata"]["name"] = new
+
+    def ref(kind: str, name: str) -> str:
+        return renamed.get((kind, name), name)
+
+    for obj in objects:
+        if obj["kind"] == "ClusterRoleBinding" or obj["kind"] == "RoleBinding":
+            role = obj.get("roleRef") or {}
+            role["name"] = ref(role.get("kind"), role.get("name"))
+            for subject in obj.get("subjects") or []:
+                subject["name"] = ref(subject.get("kind"), subject.get("name"))
+        pod = pod_spec(obj)
+        if pod is None:
+            continue
+        if pod.get("serviceAccountName"):
+            pod["serviceAccountName"] = ref("ServiceAccount", pod["serviceAccountName"])
+        for volume in pod.get("volumes") or []:
+            if "configMap" in volume:
+                volume["configMap"]["name"] = ref("ConfigMap", volume["configMap"]["name"])
+        for container in all_containers(pod):
+            for source in container.get("envFrom") or []:
+                if "configMapRef" in source:
+                    source["configMapRef"]["name"] = ref("ConfigMap", source["configMapRef"]["name"])
+            for env in container.get("env") or []:
+                key_ref = (env.get("valueFrom") or {}).get("configMapKeyRef")
+                if key_ref:
+                    key_ref["name"] = ref("ConfigMap", key_ref["name"])
+
+
+def add_labels(objects: list[dict], pairs: dict, selectors: bool, templates: bool) -> None:
+    for obj in objects:
+        obj["metadata"].setdefault("labels", {}).update(pairs)
+        spec = obj.get("spec")
+        if obj["kind"] not in ("DaemonSet", "Deployment", "StatefulSet", "ReplicaSet", "Job") or not spec:
+            continue
+        if selectors:
+            spec.setdefault("selector", {}).setdefault("matchLabels", {}).update(pairs)
+        if selectors or templates:
+            spec.setdefault("template", {}).setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
+
+
+def split_image(image: str) -> tuple[str, str, str]:
+    name, digest = (image.split("@", 1) + [""])[:2] if "@" in image else (image, "")
+    tag = ""
+    if ":" in name.rsplit("/", 1)[-1]:
+        name, tag = name.rsplit(":", 1)
+    return name, tag, digest
+
+
+def set_image(objects: list[dict], image: dict) -> None:
+    for obj in objects:
+        pod = pod_spec(obj)
+        for container in all_containers(pod) if pod else []:
+            name, tag, digest = split_image(container.get("image", ""))
+            if name != image.get("name"):
+                continue
+            name = image.get("newName", name)
+            if "digest" in image:
+                container["image"] = f"{name}@{image['digest']}"
+            else:
+                tag = image.get("newTag", tag)
+                container["image"] = name + (f":{tag}" if tag else "") + (f"@{digest}" if digest and "newTag" not in image else "")
+
+
+def pod_spec(obj: dict) -> dict | None:
+    if obj.get("kind") in ("DaemonSet", "Deployment", "StatefulSet", "ReplicaSet", "Job"):
+        return ((obj.get("spec") or {}).get("template") or {}).get("spec")
+    return None
+
+
+def all_containers(pod: dict) -> list[dict]:
+    return (pod.get("initContainers") or []) + (pod.get("containers") or [])
+
+
+# ---------------------------------------------------------------------------------------
+# Checks on rendered objects
+# ---------------------------------------------------------------------------------------
+
+def index(objects: list[dict]) -> dict[tuple, dict]:
+    return {ident(o): o for o in objects}
+
+
+def port_of(address: str) -> int:
+    host, _, port = str(address).rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"not host:port: {address!r}")
+    return int(port)
+
+
+def host_ports(objects: list[dict]) -> set[int]:
+    ports = set()
+    for obj in objects:
+        pod = pod_spec(obj)
+        if pod and pod.get("hostNetwork"):
+            for container in all_containers(pod):
+                ports.update(p["containerPort"] for p in container.get("ports") or [])
+    return ports
+
+
+def check_render(where: str, objects: list[dict], expect: dict) -> None:
+    seen = set()
+    for obj in objects:
+        if ident(obj) in seen:
+            fail(where, f"duplicate object {ident(obj)}")
+        seen.add(ident(obj))
+    by_id = index(objects)
+    daemonsets = [o for o in objects if o["kind"] == "DaemonSet"]
+    if len(daemonsets) != 1:
+        fail(where, f"expected one DaemonSet, found {len(daemonsets)}")
+    for obj in objects:
+        if obj["kind"] == "ClusterRole":
+            check_cluster_role(where, obj)
+        elif obj["kind"] == "ClusterRoleBinding":
+            role = obj.get("roleRef") or {}
+            if ("ClusterRole", "", role.get("name")) not in by_id:
+                fail(where, f"ClusterRoleBinding {obj['metadata']['name']}: roleRef {role.get('name')} not rendered")
+            for subject in obj.get("subjects") or []:
+                if (subject.get("kind"), subject.get("namespace") or "", subject.get("name")) not in by_id:
+                    fail(where, f"ClusterRoleBinding {obj['metadata']['name']}: subject {subject} not rendered")
+        elif obj["kind"] == "DaemonSet":
+            check_daemonset(where, obj, by_id, expect)
+
+
+def check_cluster_role(where: str, role: dict) -> None:
+    granted = set()
+    for rule in role.get("rules") or []:
+        if rule.get("resourceNames") or rule.get("nonResourceURLs"):
+            fail(where, f"ClusterRole {role['metadata']['name']}: unexpected rule {rule}")
+        for group in rule.get("apiGroups") or []:
+            for resource in rule.get("resources") or []:
+                for verb in rule.get("verbs") or []:
+                    granted.add((group, resource, verb))
+    if granted != RBAC_ALLOWED:
+        extra = sorted(granted - RBAC_ALLOWED)
+        missing = sorted(RBAC_ALLOWED - granted)
+        fail(where, f"ClusterRole {role['metadata']['name']}: grants extra {extra}, misses {missing}")
+
+
+def check_daemonset(where: str, ds: dict, by_id: dict, expect: dict) -> None:
+    name = ds["metadata"]["name"]
+    ns = ds["metadata"].get("namespace") or ""
+    here = f"{where}: DaemonSet {name}"
+    spec = ds.get("spec") or {}
+    pod = pod_spec(ds) or {}
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    if not selector or any(labels.get(k) != v for k, v in selector.items()):
+        fail(here, f"selector {selector} does not match the pod template labels {labels}")
+    strategy = spec.get("updateStrategy") or {}
+    rolling = strategy.get("rollingUpdate") or {}
+    if strategy.get("type") != "RollingUpdate" or rolling.get("maxUnavailable") != 1:
+        fail(here, "updateStrategy must be RollingUpdate with maxUnavailable 1")
+    if pod.get("hostNetwork") is not True:
+        fail(here, "hostNetwork must be true")
+    if rolling.get("maxSurge", 0) not in (0, "0", "0%"):
+        fail(here, "maxSurge must be 0 with hostNetwork (two agents would bind the same ports)")
+    if not any(t == {"operator": "Exists"} for t in pod.get("tolerations") or []):
+        fail(here, "must tolerate every taint (a toleration with only operator: Exists)")
+    sa = pod.get("serviceAccountName")
+    if ("ServiceAccount", ns, sa) not in by_id:
+        fail(here, f"serviceAccountName {sa} is not rendered in {ns}")
+    if expect.get("node_selector") and expect["node_selector"] not in (pod.get("nodeSelector") or {}):
+        fail(here, f"nodeSelector must select on {expect['node_selector']}")
+
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    containers = pod.get("containers") or []
+    if len(containers) != 1:
+        fail(here, f"expected one container, found {len(containers)}")
+        return
+    c = containers[0]
+    mounts = {m["mountPath"]: m for m in c.get("volumeMounts") or []}
+    used_volumes = {m["name"] for m in mounts.values()}
+    for m in mounts.values():
+        if m["name"] not in volumes:
+            fail(here, f"volumeMount {m['mountPath']} names missing volume {m['name']}")
+    for v in volumes:
+        if v not in used_volumes:
+            fail(here, f"volume {v} is not mounted")
+    for v in volumes.values():
+        cm = v.get("configMap")
+        if cm and not cm.get("optional") and ("ConfigMap", ns, cm["name"]) not in by_id:
+            fail(here, f"volume {v['name']}: ConfigMap {cm['name']} is not rendered")
+
+    sc = c.get("securityContext") or {}
+    caps = sc.get("capabilities") or {}
+    added = set(caps.get("add") or [])
+    privileged = sc.get("privileged") is True
+    if sc.get("allowPrivilegeEscalation") is False and (privileged or "SYS_ADMIN" in added):
+        fail(here, "API validation: allowPrivilegeEscalation: false is rejected with privileged or SYS_ADMIN")
+    for m in mounts.values():
+        if m.get("mountPropagation") == "Bidirectional" and not privileged:
+            fail(here, f"API validation: Bidirectional propagation on {m['mountPath']} needs a privileged container")
+    if not privileged and "ALL" not in (caps.get("drop") or []):
+        fail(here, "capabilities must drop ALL and add back what the mode needs")
+
+    # The command line and the config file.
+    command = (c.get("command") or []) + (c.get("args") or [])
+    if command[:2] != ["/usr/local/bin/topoproxy", "run"]:
+        fail(here, f"command must be /usr/local/bin/topoproxy run, is {shlex.join(command)}")
+    env = {e["name"]: e for e in c.get("env") or []}
+    if "--hostname-override=$(NODE_NAME)" not in command or \
+            ((env.get("NODE_NAME") or {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") != "spec.nodeName":
+        fail(here, "--hostname-override=$(NODE_NAME) with NODE_NAME from spec.nodeName is required")
+    config_path = command[command.index("--config") + 1] if "--config" in command[:-1] else None
+    config = None
+    if config_path is None:
+        fail(here, "no --config PATH")
+    else:
+        directory, _, key = config_path.rpartition("/")
+        mount = mounts.get(directory)
+        cm = volumes.get(mount["name"], {}).get("configMap") if mount else None
+        obj = by_id.get(("ConfigMap", ns, cm["name"])) if cm else None
+        if obj is None or key not in (obj.get("data") or {}):
+            fail(here, f"--config {config_path} is not a key of a mounted, rendered ConfigMap")
+        else:
+            try:
+                config = yaml.safe_load(obj["data"][key])
+            except yaml.YAMLError as e:
+                fail(here, f"config file {config_path} does not parse: {e}")
+    if not isinstance(config, dict):
+        if config is not None:
+            fail(here, "config file is not a mapping")
+        return
+    unknown = set(config) - CONFIG_KEYS
+    if unknown:
+        fail(here, f"config file has unknown keys {sorted(unknown)}")
+    mode = config.get("proxy-mode")
+    if mode not in PROXY_MODES:
+        fail(here, f"proxy-mode {mode!r} is not one of {sorted(PROXY_MODES)}")
+    if expect.get("mode") and mode != expect["mode"]:
+        fail(here, f"proxy-mode is {mode}, this kustomization is meant for {expect['mode']}")
+    try:
+        healthz = port_of(config["healthz-bind-address"])
+        metrics = port_of(config["metrics-bind-address"])
+    except (KeyError, ValueError) as e:
+        fail(here, f"bind addresses: {e}")
+        return
+    for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/healthz")):
+        get = (c.get(probe) or {}).get("httpGet") or {}
+        if get.get("path") != path or get.get("port") != healthz:
+            fail(here, f"{probe} must be httpGet {path} on the healthz port {healthz}, is {get}")
+    declared = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+    if declared != {"healthz": healthz, "metrics": metrics}:
+        fail(here, f"declared ports {declared} differ from the config's healthz {healthz} / metrics {metrics}")
+
+    # Privileges per mode.
+    if mode == "dry-run":
+        if privileged or added or any("hostPath" in v for v in volumes.values()):
+            fail(here, "dry-run needs no privilege, capability or host mount")
+        if sc.get("runAsNonRoot") is not True:
+            fail(here, "dry-run should run as non-root")
+        if healthz in KUBE_PORTS or metrics in KUBE_PORTS:
+            fail(here, f"dry-run runs beside kube-proxy and the control plane: ports {healthz}/{metrics} collide with {sorted(KUBE_PORTS)}")
+    elif mode in MODE_CAPS and not privileged and not MODE_CAPS[mode] <= added:
+        fail(here, f"{mode} mode needs capabilities {sorted(MODE_CAPS[mode])}, has {sorted(added)}")
+    if mode == "ebpf":
+        host_paths = {v.get("hostPath", {}).get("path") for v in volumes.values()}
+        for needed in ("/sys/fs/bpf", "/sys/fs/cgroup"):
+            if needed not in host_paths:
+                fail(here, f"ebpf mode needs the host's {needed} mounted")
+    if mode in ("ipvs", "ebpf") and pod.get("priorityClassName") != "system-node-critical":
+        fail(here, "the real agent must be system-node-critical")
+
+
+def check_coexist(a_name: str, a: list[dict], b_name: str, b: list[dict]) -> None:
+    where = f"{a_name} beside {b_name}"
+    clash = {ident(o) for o in a} & {ident(o) for o in b}
+    if clash:
+        fail(where, f"objects with the same kind/namespace/name: {sorted(map(str, clash))}")
+    for da in (o for o in a if o["kind"] == "DaemonSet"):
+        for db in (o for o in b if o["kind"] == "DaemonSet"):
+            for x, y in ((da, db), (db, da)):
+                sel = x["spec"]["selector"]["matchLabels"]
+                labels = y["spec"]["template"]["metadata"]["labels"]
+                if all(labels.get(k) == v for k, v in sel.items()):
+                    fail(where, f"DaemonSet {x['metadata']['name']} selects the pods of {y['metadata']['name']}")
+    shared = host_ports(a) & host_ports(b)
+    if shared:
+        fail(where, f"both bind host ports {sorted(shared)}")
+
+
+def check_kube_proxy_patch(cutover: list[dict]) -> None:
+    path = ROOT / "migration" / "kube-proxy-node-affinity.yaml"
+    where = rel(path)
+    try:
+        docs = load_docs(path)
+        terms = docs[0]["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    except (OSError, KeyError, IndexError, TypeError) as e:
+        fail(where, f"not the expected node-affinity patch ({e!r})")
+        return
+    selector_keys = set()
+    for obj in cutover:
+        pod = pod_spec(obj)
+        if pod:
+            selector_keys |= set(pod.get("nodeSelector") or {}) - {"kubernetes.io/os"}
+    for term in terms:
+        keys = {e.get("key") for e in term.get("matchExpressions") or [] if e.get("operator") == "DoesNotExist"}
+        if not selector_keys <= keys:
+            fail(where, f"every term must keep kube-proxy off nodes labelled {sorted(selector_keys)}")
+
+
+# ---------------------------------------------------------------------------------------
+
+def normalised(objects: list[dict]) -> list:
+    return sorted((ident(o), yaml.safe_dump(o, sort_keys=True)) for o in objects)
+
+
+def compare_with_kubectl(name: str, objects: list[dict], directory: Path) -> None:
+    try:
+        out = subprocess.run(["kubectl", "kustomize", str(directory)], check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        fail(name, f"kubectl kustomize failed: {getattr(e, 'stderr', e)}")
+        return
+    theirs = [d for d in yaml.safe_load_all(out) if d is not None]
+    if normalised(theirs) != normalised(objects):
+        fail(name, "check.py's render differs from `kubectl kustomize`")
+
+
+def main(argv: list[str]) -> int:
+    compare = "--compare-kubectl" in argv
+    all_yaml = sorted(p for p in ROOT.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    for path in all_yaml:
+        try:
+            load_docs(path)
+        except yaml.YAMLError as e:
+            fail(rel(path), f"does not parse: {e}")
+    if failures:
+        return report(len(all_yaml), 0)
+
+    used: set[Path] = set()
+    renders: dict[str, list[dict]] = {}
+    render_failed = False
+    for name, expect in RENDERS.items():
+        try:
+            renders[name] = build(ROOT / name, used)
+        except CheckError as e:
+            fail(name, str(e))
+            render_failed = True
+            continue
+        for obj in renders[name]:
+            meta = obj.get("metadata") or {}
+            if not obj.get("apiVersion") or not obj.get("kind") or not meta.get("name"):
+                fail(name, f"rendered object without apiVersion/kind/metadata.name: {obj}")
+        check_render(name, renders[name], expect)
+        if compare:
+            compare_with_kubectl(name, renders[name], ROOT / name)
+
+    components = sorted(p.parent for p in (ROOT / "components").glob("*/kustomization.yaml"))
+    for component in components:
+        name = f"{COMPONENT_HOST} + {rel(component)}"
+        try:
+            objects = build(component, used, "Component", build(ROOT / COMPONENT_HOST, set()))
+        except CheckError as e:
+            fail(name, str(e))
+            render_failed = True
+            continue
+        check_render(name, objects, RENDERS[COMPONENT_HOST])
+
+    for a, b in COEXIST:
+        if a in renders and b in renders:
+            check_coexist(a, renders[a], b, renders[b])
+    if "overlays/cutover" in renders:
+        check_kube_proxy_patch(renders["overlays/cutover"])
+
+    # Every YAML file of the kustomize tree is used by some kustomization (only telling
+    # when every render got through: a failed one leaves its later patches unvisited).
+    if not render_failed:
+        for path in all_yaml:
+            if path.parent.name == "migration" or path.resolve() in used:
+                continue
+            fail(rel(path), "not referenced by any kustomization")
+    return report(len(all_yaml), len(renders) + len(components))
+
+
+def report(files: int, renders: int) -> int:
+    for line in failures:
+        print(f"FAIL {line}")
+    status = "failed" if failures else "ok"
+    print(f"manifests check {status}: {files} YAML files, {renders} renders, {len(failures)} problems")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
