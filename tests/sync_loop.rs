@@ -126,21 +126,34 @@ async fn nothing_is_programmed_until_services_slices_and_node_are_known() {
     agent.send_cluster(&store).await;
     agent.send([SourceEvent::Listed(Resource::Services)]).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(agent.dataplane.applies(), 0, "programmed before slices were listed");
+    assert_eq!(
+        agent.dataplane.applies(),
+        0,
+        "programmed before slices were listed"
+    );
     let health = agent.state.health.status(SystemTime::now());
     assert!(!health.healthy);
     assert!(
-        health.reason.as_deref().unwrap_or("").contains("endpointslices"),
+        health
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("endpointslices"),
         "{health:?}"
     );
-    agent.send([SourceEvent::Listed(Resource::EndpointSlices)]).await;
+    agent
+        .send([SourceEvent::Listed(Resource::EndpointSlices)])
+        .await;
     agent
         .eventually("the example table is programmed", |a| {
             a.dataplane.table() == expected(&store, &node)
         })
         .await;
     assert!(agent.state.health.status(SystemTime::now()).healthy);
-    assert_eq!(metric(&agent.state, "topoproxy_services_falling_back"), Some(1.0));
+    assert_eq!(
+        metric(&agent.state, "topoproxy_services_falling_back"),
+        Some(1.0)
+    );
     agent.stop().await;
 }
 
@@ -309,8 +322,16 @@ async fn a_restart_over_a_programmed_dataplane_changes_nothing() {
             a.state.health.status(SystemTime::now()).healthy
         })
         .await;
-    assert_eq!(agent.dataplane.reads(), 1, "state read back before programming");
-    assert_eq!(agent.dataplane.applies(), 0, "nothing to change, nothing applied");
+    assert_eq!(
+        agent.dataplane.reads(),
+        1,
+        "state read back before programming"
+    );
+    assert_eq!(
+        agent.dataplane.applies(),
+        0,
+        "nothing to change, nothing applied"
+    );
     assert_eq!(agent.dataplane.table(), want);
     agent.stop().await;
 }
@@ -340,7 +361,9 @@ async fn min_sync_period_batches_a_burst_into_few_syncs() {
         let mut slice = store.slice(&key).expect("dns slice").clone();
         slice.endpoints[0].ready = round % 2 == 0;
         store.upsert_slice(slice.clone());
-        agent.send([SourceEvent::Slice(key.clone(), Some(slice))]).await;
+        agent
+            .send([SourceEvent::Slice(key.clone(), Some(slice))])
+            .await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let want = expected(&store, &node);
