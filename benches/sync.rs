@@ -55,7 +55,10 @@ fn main() {
     } else {
         20
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => panic!("cannot start a tokio runtime: {error}"),
     };

@@ -518,3 +518,86 @@ async fn bad_objects_never_disturb_other_services() {
     assert_eq!(status, 200);
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_yaml_directory_source_is_re_read_when_it_changes() {
+    let dir = std::env::temp_dir().join(format!("topoproxy-e2e-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let write = |name: &str, objects: &[Value]| {
+        let text: Vec<String> = objects
+            .iter()
+            .map(|o| serde_yaml::to_string(o).expect("yaml"))
+            .collect();
+        std::fs::write(dir.join(name), text.join("---\n")).expect("write yaml");
+    };
+    let mut cluster = three_zone_cluster(true);
+    let as_values = |cluster: &Cluster| -> Vec<Value> {
+        let mut values = Vec::new();
+        for n in &cluster.nodes {
+            let mut v = serde_json::to_value(n).expect("node json");
+            v["apiVersion"] = json!("v1");
+            v["kind"] = json!("Node");
+            values.push(v);
+        }
+        for s in &cluster.services {
+            let mut v = serde_json::to_value(s).expect("service json");
+            v["apiVersion"] = json!("v1");
+            v["kind"] = json!("Service");
+            values.push(v);
+        }
+        for s in &cluster.slices {
+            let mut v = serde_json::to_value(s).expect("slice json");
+            v["apiVersion"] = json!("discovery.k8s.io/v1");
+            v["kind"] = json!("EndpointSlice");
+            values.push(v);
+        }
+        values
+    };
+    write("cluster.yaml", &as_values(&cluster));
+
+    let (dataplane, handle) = MemoryDataplane::new("memory");
+    let mut settings = settings();
+    settings.source_poll_period = Duration::from_millis(50);
+    let agent = Agent::start(settings, dataplane)
+        .await
+        .expect("agent starts");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let source = ClusterSource::Directory(dir.clone());
+    let task = tokio::spawn(agent.run(source, async {
+        let _ = stopped.await;
+    }));
+    let wait_for = |want: ProgrammedTable| {
+        let handle = handle.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            while handle.table() != want {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "directory change not applied"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(cluster.expected()).await;
+
+    // A broken file keeps the last good state; fixing it applies the change.
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "kind: Service\nmetadata: [unclosed\n",
+    )
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(handle.table(), cluster.expected());
+    std::fs::remove_file(dir.join("broken.yaml")).expect("remove");
+    cluster
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("api"));
+    write("cluster.yaml", &as_values(&cluster));
+    wait_for(cluster.expected()).await;
+
+    let _ = stop.send(());
+    task.await.expect("agent task").expect("agent runs");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -194,3 +194,69 @@ ports:
          -> 10.244.0.5:8080              Masq    1      0          0         \n"
     );
 }
+
+#[test]
+fn run_refuses_a_dataplane_that_has_not_landed_with_exit_code_2() {
+    let output = topoproxy(&[
+        "run",
+        "--source",
+        "examples/cluster",
+        "--hostname-override",
+        "node-a1",
+        "--proxy-mode",
+        "ipvs",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--proxy-mode ipvs is not available"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn run_rejects_a_config_file_with_an_unknown_key() {
+    let scratch = Scratch::new("config");
+    scratch.write("config.yaml", "proxy-mode: dry-run\nmin-sync-perod: 1s\n");
+    let config = format!("{}/config.yaml", scratch.path());
+    let output = topoproxy(&["run", "--config", &config, "--hostname-override", "n1"]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(err.contains("invalid config file"), "{err}");
+    assert!(err.contains("min-sync-perod"), "{err}");
+}
+
+#[test]
+fn json_logs_are_one_json_object_per_line() {
+    let scratch = Scratch::new("json-logs");
+    scratch.write(
+        "c.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n---\napiVersion: v1\nkind: Service\n\
+         metadata: {name: s, namespace: default}\nspec:\n  clusterIP: 10.96.0.9\n  ports:\n  \
+         - {name: p, port: 70000}\n",
+    );
+    let output = topoproxy(&[
+        "plan",
+        "--source",
+        scratch.path(),
+        "--node",
+        "n1",
+        "--log-format",
+        "json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let err = stderr(&output);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(!lines.is_empty(), "a warning is logged");
+    for line in lines {
+        let value: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        assert_eq!(value["level"], "WARN", "{line}");
+        assert!(
+            value["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("70000"),
+            "{line}"
+        );
+    }
+}

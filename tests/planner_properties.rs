@@ -30,7 +30,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 use topoproxy::model::{
-    Endpoint, EndpointSlice, IpFamily, Node, Protocol, Service, ServiceKey, ServicePort,
+    Endpoint, EndpointSlice, Hints, IpFamily, Node, Protocol, Service, ServiceKey, ServicePort,
     ServiceType, SliceOrigin, SlicePort, TopologyIntent,
 };
 use topoproxy::planner::{plan, replan_service, PlanConfig};
@@ -491,7 +491,7 @@ impl Cluster {
             Coverage::Some => raw.zone_hint_present,
             Coverage::None => false,
         };
-        let mut zone_hints = BTreeSet::new();
+        let mut zone_hints = Hints::default();
         if with_zone_hint {
             match (&zone, raw.zone_hint_own) {
                 (Some(zone), true) => zone_hints.insert(zone.clone()),
@@ -503,7 +503,7 @@ impl Cluster {
             Coverage::Some => raw.node_hint_present,
             Coverage::None => false,
         };
-        let mut node_hints = BTreeSet::new();
+        let mut node_hints = Hints::default();
         if with_node_hint {
             match (&node_name, raw.node_hint_own) {
                 (Some(name), true) => node_hints.insert(name.clone()),

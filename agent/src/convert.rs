@@ -5,7 +5,7 @@
 //! an object that cannot be used at all (a slice without its service label) is dropped.
 //! Each drop is reported as a [`Warning`] naming the object and what was wrong.
 
-use std::collections::BTreeSet;
+use crate::model::Hints;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -574,13 +574,13 @@ fn endpoint_from_api(
             .unwrap_or_default()
             .iter()
             .map(|z| z.name.clone())
-            .collect::<BTreeSet<_>>(),
+            .collect::<Hints>(),
         node_hints: hints
             .and_then(|h| h.for_nodes.as_deref())
             .unwrap_or_default()
             .iter()
             .map(|n| n.name.clone())
-            .collect::<BTreeSet<_>>(),
+            .collect::<Hints>(),
     })
 }
 
@@ -626,7 +626,6 @@ pub fn node_from_api(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeSet;
     use std::net::IpAddr;
 
     use serde_json::{json, Value as Json};
@@ -1290,8 +1289,8 @@ mod tests {
                     terminating: true,
                     node_name: Some("node-a".into()),
                     zone: Some("zone-1".into()),
-                    zone_hints: BTreeSet::from(["zone-1".to_owned(), "zone-2".to_owned()]),
-                    node_hints: BTreeSet::from(["node-a".to_owned()]),
+                    zone_hints: Hints::from_iter(["zone-1".to_owned(), "zone-2".to_owned()]),
+                    node_hints: Hints::from_iter(["node-a".to_owned()]),
                 }],
             })
         );

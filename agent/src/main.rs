@@ -138,17 +138,16 @@ fn run(command: Command) -> Result<(), Failure> {
 
 fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result<(), Failure> {
     let file = match config_file {
-        Some(path) => {
-            config::read_config_file(path).map_err(|e| Failure::Usage(format!("{e:#}")))?
-        }
+        Some(path) => config::read_config_file(path)
+            .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?,
         None => RunOptions::default(),
     };
     let fallbacks = NodeNameFallbacks {
         env: std::env::var("NODE_NAME").ok(),
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
     };
-    let settings =
-        config::resolve(flags, file, fallbacks).map_err(|e| Failure::Usage(e.to_string()))?;
+    let settings = config::resolve(flags, file, fallbacks)
+        .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
     init_logging(settings.log_format);
     if settings.proxy_mode != ProxyMode::DryRun {
         return Err(Failure::Usage(format!(

@@ -5,7 +5,6 @@
 //! range, protocols are known. Anything that was not is dropped during conversion with a
 //! [`crate::convert::Warning`], so the planner never has to second-guess its input.
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -231,9 +230,58 @@ pub struct Endpoint {
     pub node_name: Option<String>,
     pub zone: Option<String>,
     /// `hints.forZones[].name`; empty when the endpoint carries no zone hint.
-    pub zone_hints: BTreeSet<String>,
+    pub zone_hints: Hints,
     /// `hints.forNodes[].name`; empty when the endpoint carries no node hint.
-    pub node_hints: BTreeSet<String>,
+    pub node_hints: Hints,
+}
+
+/// A sorted, duplicate-free set of hint names (zones or nodes).
+///
+/// An endpoint carries one hint, rarely a few: a sorted vector costs one small allocation,
+/// where a `BTreeSet` allocates a whole B-tree leaf per endpoint — tens of MiB at 100,000
+/// endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Hints(Vec<String>);
+
+impl Hints {
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|hint| hint == name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Hint names in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.0.iter()
+    }
+
+    /// Adds `name`; false if it was already there.
+    pub fn insert(&mut self, name: String) -> bool {
+        match self.0.binary_search(&name) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, name);
+                true
+            }
+        }
+    }
+}
+
+impl FromIterator<String> for Hints {
+    fn from_iter<I: IntoIterator<Item = String>>(names: I) -> Self {
+        let mut names: Vec<String> = names.into_iter().collect();
+        names.sort();
+        names.dedup();
+        names.shrink_to_fit();
+        Self(names)
+    }
 }
 
 /// An EndpointSlice, reduced to what a proxy needs.

@@ -325,6 +325,7 @@ impl<D: Dataplane> SyncLoop<D> {
                         "initial sync done"
                     );
                 }
+                let first = !self.initial_sync_done;
                 self.initial_sync_done = true;
                 self.replan_all = false;
                 self.resync = false;
@@ -333,6 +334,9 @@ impl<D: Dataplane> SyncLoop<D> {
                 self.state.health.record_sync_success(now);
                 self.state.metrics.set_last_successful_sync(now);
                 self.state.metrics.observe_sync(started.elapsed(), true);
+                if first {
+                    crate::heap::release_free_memory();
+                }
             }
             Err(error) => self.fail(started, &error),
         }

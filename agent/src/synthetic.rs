@@ -25,11 +25,10 @@
 //! Degenerate specs are allowed: with `zones == 0` there are no Nodes and endpoints have no
 //! zone and no node; with `nodes_per_zone == 0` endpoints have a zone but no node.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::model::{
-    Endpoint, EndpointSlice, IpFamily, Node, Protocol, Service, ServiceKey, ServicePort,
+    Endpoint, EndpointSlice, Hints, IpFamily, Node, Protocol, Service, ServiceKey, ServicePort,
     ServiceType, SliceOrigin, SlicePort, TopologyIntent,
 };
 use crate::store::Store;
@@ -217,8 +216,8 @@ fn synthetic_endpoint(spec: &SyntheticSpec, global: usize) -> Endpoint {
     };
     let zone = zone.map(synthetic_zone_name);
     let zone_hints = match (&zone, spec.with_hints) {
-        (Some(zone), true) => BTreeSet::from([zone.clone()]),
-        _ => BTreeSet::new(),
+        (Some(zone), true) => Hints::from_iter([zone.clone()]),
+        _ => Hints::default(),
     };
     Endpoint {
         address,
@@ -228,7 +227,7 @@ fn synthetic_endpoint(spec: &SyntheticSpec, global: usize) -> Endpoint {
         node_name,
         zone,
         zone_hints,
-        node_hints: BTreeSet::new(),
+        node_hints: Hints::default(),
     }
 }
 
@@ -277,6 +276,8 @@ fn zone_suffix(zone: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]

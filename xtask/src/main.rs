@@ -30,12 +30,19 @@ enum Task {
         /// EndpointSlice events for the latency measurement.
         #[arg(long, default_value_t = 300)]
         events: usize,
+        /// Only the separate-process memory measurement.
+        #[arg(long)]
+        rss_only: bool,
     },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::BenchSync { services, events } => bench_sync(services, events),
+        Task::BenchSync {
+            services,
+            events,
+            rss_only,
+        } => bench_sync(services, events, rss_only),
     }
 }
 
@@ -59,7 +66,27 @@ fn cargo(args: &[&str], envs: &[(&str, String)]) -> Result<()> {
     Ok(())
 }
 
-fn bench_sync(services: usize, events: usize) -> Result<()> {
+fn bench_sync(services: usize, events: usize, rss_only: bool) -> Result<()> {
+    if !rss_only {
+        in_process(services, events)?;
+    }
+    println!("== separate process: the agent's memory at {services} services");
+    cargo(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "topoproxy",
+            "-p",
+            "fake-apiserver",
+            "--bins",
+        ],
+        &[],
+    )?;
+    agent_rss(services)
+}
+
+fn in_process(services: usize, events: usize) -> Result<()> {
     println!("== in-process: initial sync and event-to-dataplane latency");
     cargo(
         &["bench", "-p", "topoproxy", "--bench", "sync"],
@@ -67,13 +94,7 @@ fn bench_sync(services: usize, events: usize) -> Result<()> {
             ("TOPOPROXY_BENCH_SERVICES", services.to_string()),
             ("TOPOPROXY_BENCH_EVENTS", events.to_string()),
         ],
-    )?;
-    println!("== separate process: the agent's memory at {services} services");
-    cargo(
-        &["build", "--release", "-p", "topoproxy", "-p", "fake-apiserver", "--bins"],
-        &[],
-    )?;
-    agent_rss(services)
+    )
 }
 
 /// Kills the child on drop, so a failed measurement leaves no process behind.
@@ -99,7 +120,12 @@ fn agent_rss(services: usize) -> Result<()> {
     let _ = std::fs::remove_file(&kubeconfig);
     let _server = Reaped(
         Command::new(release.join("fake-apiserver"))
-            .args(["--listen", "127.0.0.1:0", "--services", &services.to_string()])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--services",
+                &services.to_string(),
+            ])
             .args(["--endpoints", "10", "--kubeconfig-out"])
             .arg(&kubeconfig)
             .stdout(Stdio::null())

@@ -2,13 +2,12 @@
 //! (KEP-2433 topology hints, KEP-1669 terminating endpoints, KEP-2086 internal traffic policy,
 //! KEP-4444 trafficDistribution) rather than from the implementation.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::explain::explain;
 use super::*;
 use crate::model::{
-    Endpoint, EndpointSlice, Node, Protocol, Service, ServicePort, ServiceType, SliceOrigin,
+    Endpoint, EndpointSlice, Hints, Node, Protocol, Service, ServicePort, ServiceType, SliceOrigin,
     SlicePort, TopologyIntent,
 };
 use crate::table::TierKind;
@@ -64,8 +63,8 @@ fn ep(address: &str, node: &str, zone: &str) -> Endpoint {
         terminating: false,
         node_name: Some(node.to_owned()),
         zone: Some(zone.to_owned()),
-        zone_hints: BTreeSet::new(),
-        node_hints: BTreeSet::new(),
+        zone_hints: Hints::default(),
+        node_hints: Hints::default(),
     }
 }
 

@@ -2,13 +2,14 @@
 //! node's Node, converted to the model and sent to the sync loop.
 //!
 //! Each watcher lists, then watches; kube-runtime resumes from the last resourceVersion after a
-//! broken watch and re-lists after a 410 Gone. A re-list is buffered until it is complete and
-//! then reconciled against what this source had sent before: objects that vanished meanwhile
-//! become deletions, unchanged ones are dropped by the sync loop's equality check. Errors are
-//! retried with kube-runtime's default backoff; nothing is ever withdrawn because the API is
-//! unreachable.
+//! broken watch and re-lists after a 410 Gone. Listed objects are forwarded as they arrive (each
+//! is the current truth, so applying it early is safe, and nothing the size of the cluster is
+//! held twice); only the keys are remembered, so when the list completes, objects that vanished
+//! meanwhile become deletions. Unchanged objects are dropped by the sync loop's equality check.
+//! Errors are retried with kube-runtime's default backoff; nothing is ever withdrawn because
+//! the API is unreachable.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::Arc;
 
@@ -148,7 +149,8 @@ async fn watch<K: Watched>(
     let resource = K::RESOURCE.as_str();
     let mut stream = watcher(api, config).default_backoff().boxed();
     let mut known: HashSet<K::Key> = HashSet::new();
-    let mut relist: Option<HashMap<K::Key, Option<K::Model>>> = None;
+    // Keys seen by the list in progress, if one is.
+    let mut listing: Option<HashSet<K::Key>> = None;
     let mut lists = 0u64;
     while let Some(item) = stream.next().await {
         let sent = match item {
@@ -158,31 +160,32 @@ async fn watch<K: Watched>(
                     tracing::info!(resource, "re-listing");
                     state.metrics.watch_restart(resource);
                 }
-                relist = Some(HashMap::new());
+                listing = Some(HashSet::new());
                 true
             }
-            Ok(Event::InitApply(object)) => {
-                if let (Some(buffer), Some(key)) = (relist.as_mut(), object.key()) {
+            Ok(Event::InitApply(object)) => match object.key() {
+                Some(key) => {
                     let model = convert_reporting(&object, &state);
-                    buffer.insert(key, model);
+                    if let Some(seen) = listing.as_mut() {
+                        seen.insert(key.clone());
+                    }
+                    known.insert(key.clone());
+                    send(&events, K::event(key, model)).await
                 }
-                true
-            }
+                None => true,
+            },
             Ok(Event::InitDone) => {
-                let listed = relist.take().unwrap_or_default();
+                let seen = listing.take().unwrap_or_default();
                 let vanished: Vec<K::Key> = known
                     .iter()
-                    .filter(|key| !listed.contains_key(*key))
+                    .filter(|key| !seen.contains(*key))
                     .cloned()
                     .collect();
-                known = listed.keys().cloned().collect();
+                known = seen;
                 state.metrics.set_api_synced(resource, true);
                 let mut ok = true;
                 for key in vanished {
                     ok &= send(&events, K::event(key, None)).await;
-                }
-                for (key, model) in listed {
-                    ok &= send(&events, K::event(key, model)).await;
                 }
                 ok && send(&events, SourceEvent::Listed(K::RESOURCE)).await
             }
