@@ -156,6 +156,7 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
             settings.proxy_mode.as_str()
         )));
     }
+    topoproxy::heap::limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -126,7 +126,16 @@ fn agent_rss(services: usize) -> Result<()> {
                 "--services",
                 &services.to_string(),
             ])
-            .args(["--endpoints", "10", "--kubeconfig-out"])
+            .args([
+                "--endpoints",
+                "10",
+                "--zones",
+                "3",
+                "--nodes-per-zone",
+                "10",
+                "--hints",
+            ])
+            .arg("--kubeconfig-out")
             .arg(&kubeconfig)
             .stdout(Stdio::null())
             .spawn()
