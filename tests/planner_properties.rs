@@ -518,8 +518,8 @@ impl Cluster {
             ready: raw.ready,
             serving: raw.serving,
             terminating: raw.terminating,
-            node_name,
-            zone,
+            node_name: node_name.map(Into::into),
+            zone: zone.map(Into::into),
             zone_hints,
             node_hints,
         }

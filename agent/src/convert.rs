@@ -5,16 +5,18 @@
 //! an object that cannot be used at all (a slice without its service label) is dropped.
 //! Each drop is reported as a [`Warning`] naming the object and what was wrong.
 
-use crate::model::Hints;
+use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
+use crate::model::Hints;
 use crate::model::{
     Endpoint, EndpointSlice, IpFamily, Node, Protocol, Service, ServiceKey, ServicePort,
     ServiceType, SliceOrigin, SlicePort, TopologyIntent, ANNOTATION_TOPOLOGY_AWARE_HINTS,
@@ -474,11 +476,12 @@ pub fn slice_from_api(
     };
 
     let ports = slice_ports(slice, &mut report);
+    let mut names = Names::default();
     let endpoints = slice
         .endpoints
         .iter()
         .enumerate()
-        .filter_map(|(i, endpoint)| endpoint_from_api(i, endpoint, family, &mut report))
+        .filter_map(|(i, endpoint)| endpoint_from_api(i, endpoint, family, &mut names, &mut report))
         .collect();
 
     Some(EndpointSlice {
@@ -532,10 +535,26 @@ fn slice_ports(slice: &discovery::EndpointSlice, report: &mut Report<'_>) -> Vec
     ports
 }
 
+/// The few node and zone names a slice's endpoints repeat, each allocated once and shared.
+#[derive(Default)]
+struct Names(HashSet<Arc<str>>);
+
+impl Names {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.0.get(name) {
+            return Arc::clone(known);
+        }
+        let name: Arc<str> = Arc::from(name);
+        self.0.insert(Arc::clone(&name));
+        name
+    }
+}
+
 fn endpoint_from_api(
     index: usize,
     endpoint: &discovery::Endpoint,
     family: IpFamily,
+    names: &mut Names,
     report: &mut Report<'_>,
 ) -> Option<Endpoint> {
     let Some(first) = endpoint.addresses.first() else {
@@ -567,8 +586,8 @@ fn endpoint_from_api(
         ready: conditions.and_then(|c| c.ready).unwrap_or(true),
         serving: conditions.and_then(|c| c.serving).unwrap_or(true),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-        node_name: non_empty(endpoint.node_name.as_deref()).map(str::to_owned),
-        zone: non_empty(endpoint.zone.as_deref()).map(str::to_owned),
+        node_name: non_empty(endpoint.node_name.as_deref()).map(|n| names.intern(n)),
+        zone: non_empty(endpoint.zone.as_deref()).map(|z| names.intern(z)),
         zone_hints: hints
             .and_then(|h| h.for_zones.as_deref())
             .unwrap_or_default()

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -227,8 +228,9 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    /// Shared, not copied, into every virtual server's backend (see [`crate::table::Backend`]).
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
     /// `hints.forZones[].name`; empty when the endpoint carries no zone hint.
     pub zone_hints: Hints,
     /// `hints.forNodes[].name`; empty when the endpoint carries no node hint.

@@ -224,8 +224,8 @@ fn synthetic_endpoint(spec: &SyntheticSpec, global: usize) -> Endpoint {
         ready: true,
         serving: true,
         terminating: false,
-        node_name,
-        zone,
+        node_name: node_name.map(Into::into),
+        zone: zone.map(Into::into),
         zone_hints,
         node_hints: Hints::default(),
     }
@@ -322,10 +322,10 @@ mod tests {
             assert_eq!(slices.len(), 1);
             for endpoint in &slices[0].endpoints {
                 assert!(addresses.insert(endpoint.address), "duplicate address");
-                let zone = endpoint.zone.clone().unwrap_or_default();
-                assert!(endpoint.zone_hints.contains(&zone));
+                let zone = endpoint.zone.as_deref().unwrap_or_default();
+                assert!(endpoint.zone_hints.contains(zone));
                 let node = endpoint.node_name.as_deref().and_then(|n| store.node(n));
-                assert_eq!(node.and_then(|n| n.zone.clone()), Some(zone));
+                assert_eq!(node.and_then(|n| n.zone.as_deref()), Some(zone));
             }
         }
         assert_eq!(addresses.len(), spec.endpoint_count());

@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -92,8 +93,8 @@ pub struct Backend {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
-    pub node_name: Option<String>,
-    pub zone: Option<String>,
+    pub node_name: Option<Arc<str>>,
+    pub zone: Option<Arc<str>>,
 }
 
 /// Backends of equal preference. Backends are sorted by (address, port).

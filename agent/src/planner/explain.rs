@@ -108,8 +108,8 @@ fn explain_port(plan: &PortPlan<'_>, intent: TopologyIntent, node: &Node) -> Por
             address: candidate.address(),
             port: candidate.port,
             slice: candidate.slice.to_owned(),
-            node_name: candidate.endpoint.node_name.clone(),
-            zone: candidate.endpoint.zone.clone(),
+            node_name: candidate.endpoint.node_name.as_deref().map(str::to_owned),
+            zone: candidate.endpoint.zone.as_deref().map(str::to_owned),
             cluster: plan
                 .cluster
                 .as_ref()

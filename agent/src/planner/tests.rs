@@ -61,8 +61,8 @@ fn ep(address: &str, node: &str, zone: &str) -> Endpoint {
         ready: true,
         serving: true,
         terminating: false,
-        node_name: Some(node.to_owned()),
-        zone: Some(zone.to_owned()),
+        node_name: Some(node.into()),
+        zone: Some(zone.into()),
         zone_hints: Hints::default(),
         node_hints: Hints::default(),
     }
