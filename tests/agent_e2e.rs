@@ -205,6 +205,17 @@ impl Running {
         }
     }
 
+    /// A fake API server holding `cluster`, and an agent that has synced it.
+    async fn synced_with(cluster: &Cluster) -> Self {
+        let server = FakeApiServer::start().await;
+        cluster.publish(&server);
+        let agent = Self::start(server).await;
+        agent
+            .converges_to("initial table", &cluster.expected())
+            .await;
+        agent
+    }
+
     async fn converges_to(&self, what: &str, want: &ProgrammedTable) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         while self.dataplane.table() != *want {
@@ -267,10 +278,8 @@ async fn get(address: SocketAddr, path: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn services_and_slices_appear_change_and_disappear() {
-    let server = FakeApiServer::start().await;
     let mut cluster = three_zone_cluster(true);
-    cluster.publish(&server);
-    let agent = Running::start(server).await;
+    let agent = Running::synced_with(&cluster).await;
     agent
         .converges_to("initial table", &cluster.expected())
         .await;
@@ -338,12 +347,9 @@ async fn hints_appear_and_vanish_and_the_fallback_metric_follows() {
 
 #[tokio::test]
 async fn an_api_outage_keeps_the_table_and_the_agent_catches_up() {
-    let server = FakeApiServer::start().await;
     let mut cluster = three_zone_cluster(true);
-    cluster.publish(&server);
-    let agent = Running::start(server).await;
+    let agent = Running::synced_with(&cluster).await;
     let before = cluster.expected();
-    agent.converges_to("initial table", &before).await;
 
     agent.server.set_available(false);
     agent
@@ -368,10 +374,8 @@ async fn an_api_outage_keeps_the_table_and_the_agent_catches_up() {
 
 #[tokio::test]
 async fn a_410_gone_relist_catches_deletions_made_meanwhile() {
-    let server = FakeApiServer::start().await;
     let mut cluster = three_zone_cluster(true);
-    cluster.publish(&server);
-    let agent = Running::start(server).await;
+    let agent = Running::synced_with(&cluster).await;
     agent
         .converges_to("initial table", &cluster.expected())
         .await;
@@ -417,12 +421,9 @@ async fn a_410_gone_relist_catches_deletions_made_meanwhile() {
 
 #[tokio::test]
 async fn a_zone_label_change_replans_the_whole_table() {
-    let server = FakeApiServer::start().await;
     let mut cluster = three_zone_cluster(true);
-    cluster.publish(&server);
-    let agent = Running::start(server).await;
+    let agent = Running::synced_with(&cluster).await;
     let in_a = cluster.expected();
-    agent.converges_to("zone-a table", &in_a).await;
     cluster.nodes[0] = node(NODE, "zone-b", "192.168.0.11");
     agent.server.apply_node(cluster.nodes[0].clone());
     let in_b = cluster.expected();

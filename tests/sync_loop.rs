@@ -93,6 +93,16 @@ impl Running {
         self.send(changes(&Store::new(), store, NODE)).await;
     }
 
+    /// Sends `store` and reports both initial lists complete.
+    async fn list(&self, store: &Store) {
+        self.send_cluster(store).await;
+        self.send([
+            SourceEvent::Listed(Resource::Services),
+            SourceEvent::Listed(Resource::EndpointSlices),
+        ])
+        .await;
+    }
+
     async fn eventually(&self, what: &str, condition: impl Fn(&Self) -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !condition(self) {
@@ -160,13 +170,7 @@ async fn nothing_is_programmed_until_services_slices_and_node_are_known() {
 async fn synced(store: &Store) -> (Running, Node) {
     let node = store.node(NODE).expect("node").clone();
     let agent = Running::start(Duration::ZERO, Duration::from_secs(60));
-    agent.send_cluster(store).await;
-    agent
-        .send([
-            SourceEvent::Listed(Resource::Services),
-            SourceEvent::Listed(Resource::EndpointSlices),
-        ])
-        .await;
+    agent.list(store).await;
     let want = expected(store, &node);
     agent
         .eventually("initial sync", |a| a.dataplane.table() == want)
@@ -249,13 +253,7 @@ async fn drift_is_repaired_at_the_next_sync_period() {
     let node = store.node(NODE).expect("node").clone();
     let want = expected(&store, &node);
     let agent = Running::start(Duration::ZERO, Duration::from_millis(300));
-    agent.send_cluster(&store).await;
-    agent
-        .send([
-            SourceEvent::Listed(Resource::Services),
-            SourceEvent::Listed(Resource::EndpointSlices),
-        ])
-        .await;
+    agent.list(&store).await;
     agent
         .eventually("initial sync", |a| a.dataplane.table() == want)
         .await;
@@ -276,13 +274,7 @@ async fn a_failing_dataplane_is_retried_and_reported() {
     let node = store.node(NODE).expect("node").clone();
     let agent = Running::start(Duration::ZERO, Duration::from_secs(60));
     agent.dataplane.fail_next_applies(2);
-    agent.send_cluster(&store).await;
-    agent
-        .send([
-            SourceEvent::Listed(Resource::Services),
-            SourceEvent::Listed(Resource::EndpointSlices),
-        ])
-        .await;
+    agent.list(&store).await;
     agent
         .eventually("a failure is reported", |a| {
             a.state
@@ -310,13 +302,7 @@ async fn a_restart_over_a_programmed_dataplane_changes_nothing() {
     let agent = Running::start_with(Duration::ZERO, Duration::from_secs(60), move |handle| {
         handle.tamper(|table| *table = already);
     });
-    agent.send_cluster(&store).await;
-    agent
-        .send([
-            SourceEvent::Listed(Resource::Services),
-            SourceEvent::Listed(Resource::EndpointSlices),
-        ])
-        .await;
+    agent.list(&store).await;
     agent
         .eventually("initial sync recorded", |a| {
             a.state.health.status(SystemTime::now()).healthy
@@ -341,13 +327,7 @@ async fn min_sync_period_batches_a_burst_into_few_syncs() {
     let mut store = example();
     let node = store.node(NODE).expect("node").clone();
     let agent = Running::start(Duration::from_millis(400), Duration::from_secs(60));
-    agent.send_cluster(&store).await;
-    agent
-        .send([
-            SourceEvent::Listed(Resource::Services),
-            SourceEvent::Listed(Resource::EndpointSlices),
-        ])
-        .await;
+    agent.list(&store).await;
     let want = expected(&store, &node);
     agent
         .eventually("initial sync", |a| a.dataplane.table() == want)
