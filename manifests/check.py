@@ -637,7 +637,7 @@ def check_daemonset(where: str, ds: dict, by_id: dict, expect: dict) -> None:
     except (KeyError, ValueError) as e:
         fail(here, f"bind addresses: {e}")
         return
-    for probe, path in (("startupProbe", "/livez"), ("livenessProbe", "/livez"), ("readinessProbe", "/healthz")):
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/healthz")):
         get = (c.get(probe) or {}).get("httpGet") or {}
         if get.get("path") != path or get.get("port") != healthz:
             fail(here, f"{probe} must be httpGet {path} on the healthz port {healthz}, is {get}")
