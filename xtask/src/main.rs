@@ -3,6 +3,8 @@
 //! - `bench-sync`: the end-to-end sync benchmarks. Runs the in-process bench (initial sync,
 //!   event-to-dataplane latency) and then the agent as its own process against the fake API
 //!   server, to measure its resident memory at scale.
+//! - `vm-setup`: installs QEMU and the guest tools, fetches the Debian kernels (see `vm.rs`).
+//! - `vm-test`: boots each kernel in QEMU and runs the IPVS smoke test.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -12,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -34,6 +38,29 @@ enum Task {
         #[arg(long)]
         rss_only: bool,
     },
+    /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
+    VmSetup,
+    /// Boots each kernel in QEMU and runs the IPVS smoke test.
+    VmTest {
+        /// Kernel to test (6.1 or 6.12); repeat for several. Default: all.
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Wall-clock limit per VM run, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Boots one kernel with SHARE mounted at /host and runs /host/run.sh; prints the console
+    /// and exits with run.sh's status.
+    VmRun {
+        /// Kernel (6.1 or 6.12).
+        #[arg(long = "kernel", default_value = "6.1")]
+        kernel: String,
+        /// Folder shared with the VM; must hold run.sh.
+        share: PathBuf,
+        /// Wall-clock limit, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -43,6 +70,24 @@ fn main() -> Result<()> {
             events,
             rss_only,
         } => bench_sync(services, events, rss_only),
+        Task::VmSetup => vm::vm_setup(),
+        Task::VmTest { kernels, timeout } => {
+            let kernels = if kernels.is_empty() {
+                vm::KERNELS.iter().map(|k| (*k).to_owned()).collect()
+            } else {
+                kernels
+            };
+            vm::vm_test(&kernels, Duration::from_secs(timeout))
+        }
+        Task::VmRun {
+            kernel,
+            share,
+            timeout,
+        } => {
+            let outcome = vm::run_in_vm(&kernel, &share, Duration::from_secs(timeout))?;
+            print!("{}", outcome.console_log);
+            std::process::exit(outcome.exit_code);
+        }
     }
 }
 
