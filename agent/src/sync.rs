@@ -282,10 +282,7 @@ impl<D: Dataplane> SyncLoop<D> {
             match self.dataplane.read().await {
                 Ok(actual) => {
                     self.replan(&node, full);
-                    let desired = {
-                        let table = self.read_table();
-                        programmed_table(&table)
-                    };
+                    let desired = self.desired_table();
                     self.mirror = actual;
                     let ops = diff(&desired, &self.mirror);
                     if self.initial_sync_done && !ops.is_empty() {
@@ -306,11 +303,7 @@ impl<D: Dataplane> SyncLoop<D> {
         } else {
             let keys = self.replan(&node, full);
             if full {
-                let desired = {
-                    let table = self.read_table();
-                    programmed_table(&table)
-                };
-                diff(&desired, &self.mirror)
+                diff(&self.desired_table(), &self.mirror)
             } else {
                 self.diff_keys(&keys)
             }
@@ -363,6 +356,11 @@ impl<D: Dataplane> SyncLoop<D> {
             .table
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The whole planned table in the form a dataplane holds it.
+    fn desired_table(&self) -> ProgrammedTable {
+        programmed_table(&self.read_table())
     }
 
     /// Re-plans the dirty Services (or all of them) and returns the virtual-server keys whose

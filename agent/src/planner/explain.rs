@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::model::{IpFamily, Node, Protocol, ServiceKey, SliceOrigin, TopologyIntent};
+use crate::model::{Hints, IpFamily, Node, Protocol, ServiceKey, SliceOrigin, TopologyIntent};
 use crate::store::Store;
 use crate::table::{Frontend, TierKind, TopologyMode, TrafficPolicy};
 
@@ -168,28 +168,22 @@ fn unusable_why(candidate: &Candidate<'_>) -> String {
     }
 }
 
+fn joined(hints: &Hints) -> String {
+    hints
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn hints(candidate: &Candidate<'_>) -> String {
-    let zones: Vec<&str> = candidate
-        .endpoint
-        .zone_hints
-        .iter()
-        .map(String::as_str)
-        .collect();
-    let nodes: Vec<&str> = candidate
-        .endpoint
-        .node_hints
-        .iter()
-        .map(String::as_str)
-        .collect();
+    let zones = joined(&candidate.endpoint.zone_hints);
+    let nodes = joined(&candidate.endpoint.node_hints);
     match (zones.is_empty(), nodes.is_empty()) {
         (true, true) => "no hints".to_owned(),
-        (false, true) => format!("hinted for zone {}", zones.join(",")),
-        (true, false) => format!("hinted for node {}", nodes.join(",")),
-        (false, false) => format!(
-            "hinted for zone {} and node {}",
-            zones.join(","),
-            nodes.join(",")
-        ),
+        (false, true) => format!("hinted for zone {zones}"),
+        (true, false) => format!("hinted for node {nodes}"),
+        (false, false) => format!("hinted for zone {zones} and node {nodes}"),
     }
 }
 

@@ -13,7 +13,6 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::model::Protocol;
 use crate::table::{NodeTable, VsKey};
 
 /// The version line's figures: IPVS 1.2.1 with the default 4096-entry connection table, which
@@ -105,7 +104,7 @@ pub fn render_rows(mut rows: Vec<ServiceRow>) -> String {
         let _ = write!(
             out,
             "{:<4} {} {}",
-            protocol_name(row.key.protocol),
+            row.key.protocol.as_str(),
             address_port(row.key.address, row.key.port),
             row.scheduler
         );
@@ -130,10 +129,6 @@ pub fn render_rows(mut rows: Vec<ServiceRow>) -> String {
     out
 }
 
-fn protocol_name(protocol: Protocol) -> &'static str {
-    protocol.as_str()
-}
-
 /// `10.0.0.1:53` or `[fd00::1]:53`, as ipvsadm's numeric `addrport_to_anyname`.
 fn address_port(address: IpAddr, port: u16) -> String {
     SocketAddr::new(address, port).to_string()
@@ -142,6 +137,7 @@ fn address_port(address: IpAddr, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
 
     fn destination(
         address: &str,
