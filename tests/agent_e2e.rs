@@ -16,7 +16,7 @@ use topoproxy::agent::{client_from_config, Agent, ClusterSource};
 use topoproxy::config::{LogFormat, ProxyMode, RunSettings};
 use topoproxy::convert;
 use topoproxy::dataplane::memory::{MemoryDataplane, MemoryHandle};
-use topoproxy::diff::{programmed_table, ProgrammedTable};
+use topoproxy::diff::{programmed_table, ProgrammedTable, TierScope};
 use topoproxy::planner::{plan, PlanConfig};
 use topoproxy::state::AgentState;
 use topoproxy::store::Store;
@@ -103,7 +103,7 @@ impl Cluster {
             }
         }
         let node = store.node(NODE).expect("this node").clone();
-        programmed_table(&plan(&store, &node, &PlanConfig::default()))
+        programmed_table(&plan(&store, &node, &PlanConfig::default()), TierScope::Active)
     }
 
     fn publish(&self, server: &FakeApiServer) {

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use topoproxy::dataplane::memory::{MemoryDataplane, MemoryHandle};
-use topoproxy::diff::{diff, programmed_table, ProgrammedTable};
+use topoproxy::diff::{diff, programmed_table, ProgrammedTable, TierScope};
 use topoproxy::health::HealthTracker;
 use topoproxy::metrics::Metrics;
 use topoproxy::model::{Node, ServiceKey};
@@ -29,7 +29,7 @@ fn example() -> Store {
 }
 
 fn expected(store: &Store, node: &Node) -> ProgrammedTable {
-    programmed_table(&plan(store, node, &PlanConfig::default()))
+    programmed_table(&plan(store, node, &PlanConfig::default()), TierScope::Active)
 }
 
 struct Running {

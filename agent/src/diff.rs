@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::table::{NodeTable, VirtualServer, VsKey};
+use crate::table::{Frontend, NodeTable, TrafficPolicy, VirtualServer, VsKey};
 
 /// A virtual service's own settings, as a dataplane programs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,20 @@ pub struct ServiceConfig {
     pub scheduler: String,
     /// Persistence (`sessionAffinity: ClientIP`) timeout in seconds.
     pub persistence_timeout: Option<u32>,
+    /// How traffic reaches the service: decides address binding and masquerading.
+    pub frontend: Frontend,
+    /// The traffic policy in force (external traffic keeps its source under `Local`).
+    pub traffic_policy: TrafficPolicy,
+}
+
+/// Which tiers of a virtual server a dataplane holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TierScope {
+    /// Only the nearest non-empty tier, as tier 0 (IPVS: what kube-proxy would program).
+    #[default]
+    Active,
+    /// Every tier, numbered in fallback order (eBPF: the datapath falls back by itself).
+    All,
 }
 
 /// A real server of a virtual service.
@@ -24,36 +38,79 @@ pub struct Destination {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
+    /// Position of the destination's tier in the fallback order; 0 is the nearest.
+    pub tier: u8,
+}
+
+/// What a dataplane holds for one destination besides its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DestinationState {
+    pub weight: u32,
+    pub tier: u8,
+}
+
+impl DestinationState {
+    /// A destination of the nearest tier.
+    pub fn active(weight: u32) -> Self {
+        Self { weight, tier: 0 }
+    }
 }
 
 /// One virtual service with its destinations, keyed by (address, port).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProgrammedService {
     pub config: ServiceConfig,
-    pub destinations: BTreeMap<(IpAddr, u16), u32>,
+    pub destinations: BTreeMap<(IpAddr, u16), DestinationState>,
 }
 
 impl ProgrammedService {
-    /// What a dataplane programs for `vs`: its settings and its programmed backends.
-    pub fn from_virtual_server(vs: &VirtualServer) -> Self {
+    /// What a dataplane holding `scope` programs for `vs`: its settings and its backends.
+    pub fn from_virtual_server(vs: &VirtualServer, scope: TierScope) -> Self {
+        let tiers = match scope {
+            TierScope::Active => vs.tiers.len().min(1),
+            TierScope::All => vs.tiers.len(),
+        };
         Self {
             config: ServiceConfig {
                 scheduler: vs.scheduler.clone(),
                 persistence_timeout: vs.persistence_timeout,
+                frontend: vs.frontend,
+                traffic_policy: vs.traffic_policy,
             },
-            destinations: vs
-                .programmed()
+            destinations: vs.tiers[..tiers]
                 .iter()
-                .map(|b| ((b.address, b.port), b.weight))
+                .zip(0u8..)
+                .flat_map(|(tier, index)| {
+                    tier.backends.iter().map(move |b| {
+                        (
+                            (b.address, b.port),
+                            DestinationState {
+                                weight: b.weight,
+                                tier: index,
+                            },
+                        )
+                    })
+                })
                 .collect(),
         }
     }
 
-    fn destination(address: IpAddr, port: u16, weight: u32) -> Destination {
+    fn destination(address: IpAddr, port: u16, state: DestinationState) -> Destination {
         Destination {
             address,
             port,
-            weight,
+            weight: state.weight,
+            tier: state.tier,
+        }
+    }
+}
+
+impl Destination {
+    /// The destination's state without its address.
+    pub fn state(&self) -> DestinationState {
+        DestinationState {
+            weight: self.weight,
+            tier: self.tier,
         }
     }
 }
@@ -61,11 +118,11 @@ impl ProgrammedService {
 /// A dataplane's whole table.
 pub type ProgrammedTable = BTreeMap<VsKey, ProgrammedService>;
 
-/// The programmed form of a node table.
-pub fn programmed_table(table: &NodeTable) -> ProgrammedTable {
+/// The programmed form of a node table, for a dataplane holding `scope`.
+pub fn programmed_table(table: &NodeTable, scope: TierScope) -> ProgrammedTable {
     table
         .servers()
-        .map(|vs| (vs.key, ProgrammedService::from_virtual_server(vs)))
+        .map(|vs| (vs.key, ProgrammedService::from_virtual_server(vs, scope)))
         .collect()
 }
 
@@ -174,28 +231,28 @@ impl OpBatch {
     fn destinations(
         &mut self,
         service: VsKey,
-        desired: &BTreeMap<(IpAddr, u16), u32>,
-        actual: &BTreeMap<(IpAddr, u16), u32>,
+        desired: &BTreeMap<(IpAddr, u16), DestinationState>,
+        actual: &BTreeMap<(IpAddr, u16), DestinationState>,
     ) {
-        for (&(address, port), &weight) in desired {
-            let destination = ProgrammedService::destination(address, port, weight);
+        for (&(address, port), &state) in desired {
+            let destination = ProgrammedService::destination(address, port, state);
             match actual.get(&(address, port)) {
                 None => self.additions.push(Op::AddDestination {
                     service,
                     destination,
                 }),
-                Some(&current) if current != weight => self.edits.push(Op::EditDestination {
+                Some(&current) if current != state => self.edits.push(Op::EditDestination {
                     service,
                     destination,
                 }),
                 Some(_) => {}
             }
         }
-        for (&(address, port), &weight) in actual {
+        for (&(address, port), &state) in actual {
             if !desired.contains_key(&(address, port)) {
                 self.removals.push(Op::DeleteDestination {
                     service,
-                    destination: ProgrammedService::destination(address, port, weight),
+                    destination: ProgrammedService::destination(address, port, state),
                 });
             }
         }
@@ -265,7 +322,7 @@ pub fn apply_to(table: &mut ProgrammedTable, ops: &[Op]) -> Vec<Op> {
                 .get_mut(service)
                 .map(|s| {
                     s.destinations
-                        .insert((destination.address, destination.port), destination.weight)
+                        .insert((destination.address, destination.port), destination.state())
                 })
                 .is_some(),
             Op::DeleteDestination {
@@ -298,14 +355,25 @@ mod tests {
 
     fn service(scheduler: &str, destinations: &[(&str, u16, u32)]) -> ProgrammedService {
         ProgrammedService {
-            config: ServiceConfig {
-                scheduler: scheduler.to_owned(),
-                persistence_timeout: None,
-            },
+            config: config(scheduler),
             destinations: destinations
                 .iter()
-                .map(|(a, p, w)| ((a.parse().expect("address"), *p), *w))
+                .map(|(a, p, w)| {
+                    (
+                        (a.parse().expect("address"), *p),
+                        DestinationState::active(*w),
+                    )
+                })
                 .collect(),
+        }
+    }
+
+    fn config(scheduler: &str) -> ServiceConfig {
+        ServiceConfig {
+            scheduler: scheduler.to_owned(),
+            persistence_timeout: None,
+            frontend: Frontend::ClusterIP,
+            traffic_policy: TrafficPolicy::Cluster,
         }
     }
 
@@ -398,10 +466,7 @@ mod tests {
         assert!(last_make < first_break, "{ops:#?}");
         assert!(ops.contains(&Op::EditService {
             key: b,
-            config: ServiceConfig {
-                scheduler: "wrr".to_owned(),
-                persistence_timeout: None
-            }
+            config: config("wrr")
         }));
     }
 
@@ -454,6 +519,7 @@ mod tests {
                 address: "10.244.0.1".parse().expect("address"),
                 port: 80,
                 weight: 1,
+                tier: 0,
             },
         };
         assert_eq!(apply_to(&mut empty, std::slice::from_ref(&op)), vec![op]);

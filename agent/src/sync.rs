@@ -360,7 +360,7 @@ impl<D: Dataplane> SyncLoop<D> {
 
     /// The whole planned table in the form a dataplane holds it.
     fn desired_table(&self) -> ProgrammedTable {
-        programmed_table(&self.read_table())
+        programmed_table(&self.read_table(), self.dataplane.tier_scope())
     }
 
     /// Re-plans the dirty Services (or all of them) and returns the virtual-server keys whose
@@ -399,9 +399,12 @@ impl<D: Dataplane> SyncLoop<D> {
 
     fn diff_keys(&self, keys: &BTreeSet<VsKey>) -> Vec<Op> {
         let table = self.read_table();
+        let scope = self.dataplane.tier_scope();
         let mut batch = OpBatch::new();
         for key in keys {
-            let desired = table.get(key).map(ProgrammedService::from_virtual_server);
+            let desired = table
+                .get(key)
+                .map(|vs| ProgrammedService::from_virtual_server(vs, scope));
             batch.service(*key, desired.as_ref(), self.mirror.get(key));
         }
         batch.into_ops()

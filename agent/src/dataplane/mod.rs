@@ -8,7 +8,7 @@ pub mod memory;
 
 use std::future::Future;
 
-use crate::diff::{Op, ProgrammedTable};
+use crate::diff::{Op, ProgrammedTable, TierScope};
 
 /// Why a dataplane could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,12 @@ fn first_failure(failed: &[FailedOp]) -> String {
 pub trait Dataplane: Send {
     /// A short name for logs and metrics (`ipvs`, `ebpf`, `dry-run`).
     fn name(&self) -> &'static str;
+
+    /// Which tiers of each virtual server this dataplane holds; the sync loop diffs in the
+    /// same terms.
+    fn tier_scope(&self) -> TierScope {
+        TierScope::Active
+    }
 
     /// The virtual services this dataplane currently has programmed and owns.
     fn read(&mut self) -> impl Future<Output = Result<ProgrammedTable, DataplaneError>> + Send;
