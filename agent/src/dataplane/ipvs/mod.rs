@@ -1,0 +1,8 @@
+//! The IPVS dataplane: virtual servers over generic netlink, VIPs on `kube-ipvs0`, and the
+//! few things IPVS cannot do (masquerade, hairpin, reject) in topoproxy's nftables table.
+
+pub mod conntrack;
+pub mod link;
+pub mod netlink;
+pub mod nft;
+pub mod sysctl;
