@@ -175,6 +175,7 @@ fn settings() -> RunSettings {
         plan: PlanConfig::default(),
         source_poll_period: Duration::from_secs(1),
         log_format: LogFormat::Text,
+        ipvs: Default::default(),
     }
 }
 
