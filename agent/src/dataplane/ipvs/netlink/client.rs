@@ -237,11 +237,17 @@ fn count(counts: &mut MessageCounts, command: &Command) {
 impl IpvsClient {
     /// Opens a socket and resolves the `IPVS` family.
     pub fn connect() -> Result<Self, IpvsError> {
+        Self::connect_with_receive_buffer(RCVBUF)
+    }
+
+    /// [`connect`](Self::connect) with another receive buffer size (bytes, before the
+    /// kernel doubles it): batches are sized to it. Small values exercise the overflow path.
+    pub fn connect_with_receive_buffer(bytes: usize) -> Result<Self, IpvsError> {
         let mut socket = Socket::new(NETLINK_GENERIC).map_err(socket_error("socket"))?;
-        if force_receive_buffer(&socket, RCVBUF).is_err() {
+        if force_receive_buffer(&socket, bytes).is_err() {
             // Without CAP_NET_ADMIN: as much as rmem_max allows; batches shrink to fit.
             socket
-                .set_rx_buf_sz(RCVBUF)
+                .set_rx_buf_sz(bytes)
                 .map_err(socket_error("setsockopt(SO_RCVBUF)"))?;
         }
         // Acknowledgements carry only the request's header, and the kernel's text on errors.

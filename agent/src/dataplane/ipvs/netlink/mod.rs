@@ -36,8 +36,9 @@ pub enum IpvsError {
     /// `EEXIST`: the service or destination is already there.
     #[error("ipvs: {request}: already exists")]
     Exists { request: Box<Request> },
-    /// `ESRCH` (no such service) or `ENOENT` (no such destination).
-    #[error("ipvs: {request}: {}", if *.errno == libc::ESRCH { "no such service" } else { "no such destination" })]
+    /// `ESRCH` (no such service) or `ENOENT` (no such destination, or no such scheduler
+    /// module when adding or editing a service).
+    #[error("ipvs: {request}: {}", if *.errno == libc::ESRCH { "no such service" } else { "not found (no such destination or scheduler)" })]
     NotFound { request: Box<Request>, errno: i32 },
     /// `EINVAL`: the kernel refused the values, e.g. an unknown scheduler module, or a
     /// real-server address IPVS does not consider unicast.
