@@ -28,7 +28,12 @@ where
     );
     let thread = std::thread::spawn(move || {
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -134,26 +139,42 @@ fn binds_lists_and_unbinds_v4_and_v6_while_the_link_stays_down() {
 
         let elsewhere = link.addresses_elsewhere().await.expect("elsewhere");
         for node in ["127.0.0.1", "::1", "192.0.2.7"] {
-            assert!(elsewhere.contains(&addr(node)), "{node} missing: {elsewhere:?}");
+            assert!(
+                elsewhere.contains(&addr(node)),
+                "{node} missing: {elsewhere:?}"
+            );
         }
         for vip in vips {
             assert!(!elsewhere.contains(&vip), "{vip} listed elsewhere");
         }
 
         // The link stays down, yet the kernel treats the VIPs as local at once (no DAD wait).
-        assert!(!link.is_up().await.expect("flags"), "binding set the link up");
+        assert!(
+            !link.is_up().await.expect("flags"),
+            "binding set the link up"
+        );
         for vip in [addr("10.96.0.10"), addr("fd00:96::10")] {
             assert_local_delivery(vip);
             let route = ip(&["route", "get", &vip.to_string()]);
             assert!(route.starts_with("local "), "{vip}: {route}");
         }
 
-        link.delete_address(addr("10.96.0.11")).await.expect("unbind v4");
-        link.delete_address(addr("fd00:96::10")).await.expect("unbind v6");
+        link.delete_address(addr("10.96.0.11"))
+            .await
+            .expect("unbind v4");
+        link.delete_address(addr("fd00:96::10"))
+            .await
+            .expect("unbind v6");
         // Unbinding what is gone, or never was, is not an error.
-        link.delete_address(addr("10.96.0.11")).await.expect("unbind v4 again");
-        link.delete_address(addr("fd00:96::10")).await.expect("unbind v6 again");
-        link.delete_address(addr("10.96.9.9")).await.expect("unbind unknown");
+        link.delete_address(addr("10.96.0.11"))
+            .await
+            .expect("unbind v4 again");
+        link.delete_address(addr("fd00:96::10"))
+            .await
+            .expect("unbind v6 again");
+        link.delete_address(addr("10.96.9.9"))
+            .await
+            .expect("unbind unknown");
         assert_eq!(
             link.addresses().await.expect("list"),
             BTreeSet::from([addr("10.96.0.10")])
@@ -185,7 +206,10 @@ fn binding_on_a_missing_link_names_link_and_address() {
         assert!(matches!(error, LinkError::AddAddress { .. }), "{error:?}");
         assert_eq!(error.errno(), Some(libc::ENODEV), "{error:?}");
         let message = error.to_string();
-        assert!(message.contains(DUMMY_LINK) && message.contains("10.96.0.10"), "{message}");
+        assert!(
+            message.contains(DUMMY_LINK) && message.contains("10.96.0.10"),
+            "{message}"
+        );
     });
 }
 
@@ -204,7 +228,10 @@ fn ipv6_vip_is_usable_at_once_even_if_someone_set_the_link_up() {
         let shown = ip(&["-o", "addr", "show", "dev", DUMMY_LINK]);
         assert!(shown.contains("inet6 fd00:96::20/128"), "{shown}");
         assert!(!shown.contains("tentative"), "{shown}");
-        assert!(shown.contains("inet6 fe80:"), "no link-local to leave out: {shown}");
+        assert!(
+            shown.contains("inet6 fe80:"),
+            "no link-local to leave out: {shown}"
+        );
         assert_local_delivery(vip);
         // The kernel's own link-local address on an up link is not reported as a VIP.
         assert_eq!(link.addresses().await.expect("list"), BTreeSet::from([vip]));
@@ -253,8 +280,10 @@ fn sysctl_sets_ipvs_conntrack_in_this_namespace_only() {
         );
         assert!(!sysctls.ensure("net.ipv4.vs.conntrack", "1").expect("again"));
         // The free function does the same against /proc/sys.
-        assert!(!topoproxy::dataplane::ipvs::sysctl::ensure("net.ipv4.vs.conntrack", "1")
-            .expect("free function"));
+        assert!(
+            !topoproxy::dataplane::ipvs::sysctl::ensure("net.ipv4.vs.conntrack", "1")
+                .expect("free function")
+        );
 
         let error = sysctls
             .ensure("net.ipv4.vs.no_such_key", "1")
@@ -287,7 +316,12 @@ fn sysctl_on_read_only_proc_sys_names_key_value_and_remedy() {
         // A private mount namespace for this thread, then /proc/sys bound read-only, as an
         // unprivileged container sees it.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNS) };
-        assert_eq!(rc, 0, "unshare(CLONE_NEWNS): {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNS): {}",
+            std::io::Error::last_os_error()
+        );
         let root = std::ffi::CString::new("/").expect("cstr");
         let rc = unsafe {
             libc::mount(
@@ -303,8 +337,7 @@ fn sysctl_on_read_only_proc_sys_names_key_value_and_remedy() {
         std::fs::create_dir_all(&target).expect("mount point");
         let guard = MountGuard(target.clone());
         let source = std::ffi::CString::new("/proc/sys").expect("cstr");
-        let target_c =
-            std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).expect("cstr");
+        let target_c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).expect("cstr");
         let rc = unsafe {
             libc::mount(
                 source.as_ptr(),
@@ -324,7 +357,12 @@ fn sysctl_on_read_only_proc_sys_names_key_value_and_remedy() {
                 std::ptr::null(),
             )
         };
-        assert_eq!(rc, 0, "remount read-only: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "remount read-only: {}",
+            std::io::Error::last_os_error()
+        );
 
         let sysctls = Sysctls::at(&target);
         assert_eq!(sysctls.read("net.ipv4.vs.conntrack").expect("read"), "0");

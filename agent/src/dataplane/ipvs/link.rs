@@ -335,14 +335,20 @@ fn host_prefix(address: &IpAddr) -> u8 {
 /// The address of an `RTM_NEWADDR`: IFA_LOCAL for IPv4 (IFA_ADDRESS is the peer on
 /// point-to-point links), IFA_ADDRESS for IPv6, which has no IFA_LOCAL unless a peer is set.
 fn address_of(message: &AddressMessage) -> Option<IpAddr> {
-    let local = message.attributes.iter().find_map(|attribute| match attribute {
-        AddressAttribute::Local(address) => Some(*address),
-        _ => None,
-    });
-    let address = message.attributes.iter().find_map(|attribute| match attribute {
-        AddressAttribute::Address(address) => Some(*address),
-        _ => None,
-    });
+    let local = message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            AddressAttribute::Local(address) => Some(*address),
+            _ => None,
+        });
+    let address = message
+        .attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            AddressAttribute::Address(address) => Some(*address),
+            _ => None,
+        });
     match message.header.family {
         AddressFamily::Inet => local.or(address),
         _ => address.or(local),
@@ -374,7 +380,10 @@ mod tests {
         let peer = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
         let ptp = message(
             AddressFamily::Inet,
-            vec![AddressAttribute::Address(peer), AddressAttribute::Local(local)],
+            vec![
+                AddressAttribute::Address(peer),
+                AddressAttribute::Local(local),
+            ],
         );
         assert_eq!(address_of(&ptp), Some(local));
     }

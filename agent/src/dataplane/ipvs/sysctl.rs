@@ -123,7 +123,7 @@ pub const CONN_REUSE_MODE_OLD_KERNELS: Sysctl = Sysctl {
 pub fn ipvs_sysctls(strict_arp: bool, kernel: Option<(u32, u32)>) -> Vec<Sysctl> {
     let mut list = IPVS_SYSCTLS.to_vec();
     if let Some(release) = kernel {
-        if release >= (4, 1) && release < (5, 9) {
+        if ((4, 1)..(5, 9)).contains(&release) {
             list.insert(1, CONN_REUSE_MODE_OLD_KERNELS);
         }
     }
@@ -362,7 +362,15 @@ mod tests {
     #[test]
     fn names_that_escape_the_root_are_refused() {
         let sysctls = Sysctls::at("/r");
-        for bad in ["", ".", "net..ipv4", "/etc/passwd", "net/../../etc", "net.", ".net"] {
+        for bad in [
+            "",
+            ".",
+            "net..ipv4",
+            "/etc/passwd",
+            "net/../../etc",
+            "net.",
+            ".net",
+        ] {
             assert!(
                 matches!(sysctls.path_of(bad), Err(SysctlError::InvalidName { .. })),
                 "{bad:?} accepted"
@@ -376,14 +384,18 @@ mod tests {
         let file = root.put("net/ipv4/vs/conntrack", "0\n");
         let sysctls = Sysctls::at(&root.0);
 
-        assert!(sysctls.ensure("net.ipv4.vs.conntrack", "1").expect("ensure"));
+        assert!(sysctls
+            .ensure("net.ipv4.vs.conntrack", "1")
+            .expect("ensure"));
         assert_eq!(std::fs::read_to_string(&file).expect("read"), "1");
         assert_eq!(sysctls.read("net.ipv4.vs.conntrack").expect("read"), "1");
 
         // Same value (the kernel's trailing newline does not count): no write, so the
         // newline, which a write would drop, is still there.
         std::fs::write(&file, "1\n").expect("reset");
-        assert!(!sysctls.ensure("net.ipv4.vs.conntrack", "1").expect("ensure"));
+        assert!(!sysctls
+            .ensure("net.ipv4.vs.conntrack", "1")
+            .expect("ensure"));
         assert_eq!(std::fs::read_to_string(&file).expect("read"), "1\n");
     }
 
@@ -442,7 +454,10 @@ mod tests {
             .expect("ensure all");
         assert_eq!(
             written,
-            ["net.ipv4.vs.expire_nodest_conn", "net.ipv4.vs.expire_quiescent_template"]
+            [
+                "net.ipv4.vs.expire_nodest_conn",
+                "net.ipv4.vs.expire_quiescent_template"
+            ]
         );
     }
 
