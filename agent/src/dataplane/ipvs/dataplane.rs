@@ -12,7 +12,7 @@
 //! walks the whole table.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
@@ -21,14 +21,14 @@ use crate::dataplane::{Dataplane, DataplaneError, FailedOp};
 use crate::diff::{DestinationState, Op, ProgrammedService, ProgrammedTable, ServiceConfig};
 use crate::table::{Frontend, VsKey};
 
-use super::conntrack;
+use super::conntrack::{self, BackendFlow};
 use super::drain::{self, DrainKey, DrainVerdict, Draining};
 use super::link::{DummyLink, LinkError, DUMMY_LINK};
 use super::netlink::{
     Command, Forward, IpvsClient, IpvsDestination, IpvsError, IpvsService, MessageCounts, ServiceId,
 };
 use super::nft::{Nft, NftError, NftSettings, NftState};
-use super::sysctl::{self, SysctlError};
+use super::sysctl::{self, SysctlError, Sysctls};
 
 const NAME: &str = "ipvs";
 
@@ -77,25 +77,6 @@ pub enum IpvsSetupError {
     },
     #[error("preparing the nftables table")]
     Nft(#[from] NftError),
-}
-
-/// The kernel parameters IPVS mode needs, as kube-proxy sets them.
-pub fn required_sysctls(strict_arp: bool) -> Vec<(&'static str, &'static str)> {
-    let mut settings = vec![
-        // IPVS writes its translations into conntrack, which masquerading relies on.
-        ("net.ipv4.vs.conntrack", "1"),
-        // Packets of a connection whose destination is gone are dropped at once, so clients
-        // reconnect instead of timing out.
-        ("net.ipv4.vs.expire_nodest_conn", "1"),
-        // A persistence template pointing at a weight-0 destination expires with it.
-        ("net.ipv4.vs.expire_quiescent_template", "1"),
-        ("net.ipv4.ip_forward", "1"),
-    ];
-    if strict_arp {
-        settings.push(("net.ipv4.conf.all.arp_ignore", "1"));
-        settings.push(("net.ipv4.conf.all.arp_announce", "2"));
-    }
-    settings
 }
 
 /// Whether a service's address is bound on the dummy link (NodePorts use node addresses).
@@ -152,11 +133,8 @@ impl IpvsDataplane {
     /// Sets the kernel parameters, opens IPVS, and makes sure the dummy link exists. Nothing
     /// is programmed or removed until the sync loop reads and applies.
     pub async fn new(settings: IpvsSettings) -> Result<Self, IpvsSetupError> {
-        for (name, value) in required_sysctls(settings.strict_arp) {
-            if sysctl::ensure(name, value)? {
-                tracing::info!(sysctl = name, value, "set kernel parameter");
-            }
-        }
+        let kernel = sysctl::kernel_release().unwrap_or(None);
+        Sysctls::proc().ensure_all(&sysctl::ipvs_sysctls(settings.strict_arp, kernel))?;
         let ipvs = IpvsClient::connect()?;
         let link = DummyLink::ensure(&settings.link_name)
             .await
@@ -329,7 +307,7 @@ impl IpvsDataplane {
                         if verdict == DrainVerdict::TimedOut {
                             tracing::warn!(
                                 service = %format_key(&key.service),
-                                destination = %std::net::SocketAddr::new(key.address, key.port),
+                                destination = %SocketAddr::new(key.address, key.port),
                                 connections = count,
                                 "drain timeout passed; deleting the destination with connections open"
                             );
@@ -356,7 +334,7 @@ impl IpvsDataplane {
                 }
                 Err(error) => problems.push(format!(
                     "deleting drained destination {} of {}: {}",
-                    std::net::SocketAddr::new(key.address, key.port),
+                    SocketAddr::new(key.address, key.port),
                     format_key(&key.service),
                     chain(&error)
                 )),
@@ -670,33 +648,37 @@ impl Dataplane for IpvsDataplane {
             }
         }
 
-        // 4. Conntrack clean-up for destinations deleted at once.
-        for planned in &succeeded {
-            if let AfterSuccess::FlushConntrack {
-                service,
-                address,
-                port,
-            } = planned.after
-            {
-                match conntrack::flush_backend(
-                    service.protocol,
-                    service.address,
-                    service.port,
+        // 4. Conntrack clean-up for destinations deleted at once (one table dump per family).
+        let flushes: Vec<(usize, BackendFlow)> = succeeded
+            .iter()
+            .filter_map(|planned| match planned.after {
+                AfterSuccess::FlushConntrack {
+                    service,
                     address,
                     port,
-                ) {
-                    Ok(flushed) if flushed > 0 => tracing::debug!(
-                        service = %format_key(&service),
-                        destination = %std::net::SocketAddr::new(address, port),
-                        flushed,
-                        "flushed conntrack entries"
-                    ),
-                    Ok(_) => {}
-                    Err(error) => {
-                        failed.insert(
-                            planned.op,
-                            format!("flushing conntrack entries: {}", chain(&error)),
-                        );
+                } => Some((
+                    planned.op,
+                    BackendFlow {
+                        protocol: service.protocol,
+                        vip: Some(SocketAddr::new(service.address, service.port)),
+                        backend: SocketAddr::new(address, port),
+                    },
+                )),
+                AfterSuccess::Nothing => None,
+            })
+            .collect();
+        if !flushes.is_empty() {
+            let flows: Vec<BackendFlow> = flushes.iter().map(|(_, flow)| *flow).collect();
+            match conntrack::flush(&flows) {
+                Ok(flushed) => tracing::debug!(
+                    backends = flows.len(),
+                    flushed,
+                    "flushed conntrack entries of removed UDP/SCTP backends"
+                ),
+                Err(error) => {
+                    let reason = format!("flushing conntrack entries: {}", chain(&error));
+                    for (index, _) in flushes {
+                        failed.insert(index, reason.clone());
                     }
                 }
             }
@@ -838,7 +820,7 @@ pub fn format_key(key: &VsKey) -> String {
     format!(
         "{} {}",
         key.protocol,
-        std::net::SocketAddr::new(key.address, key.port)
+        SocketAddr::new(key.address, key.port)
     )
 }
 
