@@ -73,7 +73,7 @@ pub enum IpvsSetupError {
     Link {
         name: String,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("preparing the nftables table")]
     Nft(#[from] NftError),
@@ -140,7 +140,7 @@ impl IpvsDataplane {
             .await
             .map_err(|source| IpvsSetupError::Link {
                 name: settings.link_name.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let nft = Nft::new()?;
         Ok(Self {
