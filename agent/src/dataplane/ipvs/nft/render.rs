@@ -1,0 +1,421 @@
+//! Pure rendering of topoproxy's nftables table: settings and state in, `nft -f` script out.
+//!
+//! The table's shape (chains and rules) depends only on [`NftSettings`]; everything that
+//! changes with Services and endpoints lives in named sets. So a full replace renders the
+//! whole table, while an update only adds and deletes set elements.
+//!
+//! Sets, each once per family (`4`/`6` suffix):
+//! - `{frontend}-{policy}`: the [`VsKey`]s of one frontend kind and traffic policy, as
+//!   `addr . proto . port`; NodePort keys carry the node address. These are the record of
+//!   which virtual services topoproxy owns, and what the masquerade and reject rules match.
+//! - `destinations`: `vip . proto . vip port . destination . destination port`, the record of
+//!   [`NftState::destinations`]; no rule reads it.
+//! - `hairpin`: `destination . proto . port . destination`, derived from `destinations`
+//!   (kube-proxy's `KUBE-LOOP-BACK`): matched after IPVS translated the packet.
+//! - `vips`: addresses of ClusterIP, ExternalIP and LoadBalancer keys that are not also
+//!   NodePort (node) addresses, derived; new connections to them on other ports are rejected
+//!   (kube-proxy's `KUBE-IPVS-IPS`).
+//!
+//! Protocols are written as IANA numbers so the script parses without `/etc/protocols`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use super::{NftSettings, NftState, TABLE};
+use crate::model::{IpFamily, Protocol};
+use crate::table::{Frontend, TrafficPolicy, VsKey};
+
+/// The packet mark bit that asks for masquerade, kube-proxy's `KUBE-MARK-MASQ` default
+/// (`--masquerade-bit 14`), so kubelet's and kube-proxy's own postrouting rules agree with ours.
+pub const MASQ_MARK: u32 = 0x4000;
+
+/// Priority of the marking chains: before NAT (`dstnat`, -100) and before IPVS, which hooks
+/// `LOCAL_OUT` at -99 and `LOCAL_IN` at 98/99.
+const MARK_PRIORITY: i32 = -110;
+/// Priority of the masquerade chain: just before other `srcnat` (100) chains such as a
+/// CNI's, so a marked packet gets our masquerade whatever they would do.
+const MASQ_PRIORITY: i32 = 90;
+
+/// Every (frontend, policy) pair, with the set name stem holding its keys.
+pub const SERVICE_SETS: [(Frontend, TrafficPolicy, &str); 8] = [
+    (Frontend::ClusterIP, TrafficPolicy::Cluster, "clusterip-cluster"),
+    (Frontend::ClusterIP, TrafficPolicy::Local, "clusterip-local"),
+    (Frontend::ExternalIP, TrafficPolicy::Cluster, "externalip-cluster"),
+    (Frontend::ExternalIP, TrafficPolicy::Local, "externalip-local"),
+    (Frontend::LoadBalancer, TrafficPolicy::Cluster, "loadbalancer-cluster"),
+    (Frontend::LoadBalancer, TrafficPolicy::Local, "loadbalancer-local"),
+    (Frontend::NodePort, TrafficPolicy::Cluster, "nodeport-cluster"),
+    (Frontend::NodePort, TrafficPolicy::Local, "nodeport-local"),
+];
+
+/// Set name stem of the destination record.
+pub const DESTINATIONS: &str = "destinations";
+/// Set name stem of the hairpin match set.
+pub const HAIRPIN: &str = "hairpin";
+/// Set name stem of the bound-VIP set.
+pub const VIPS: &str = "vips";
+
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+/// The set name for a stem and family: `clusterip-cluster4`, `hairpin6`, ...
+pub fn set_name(stem: &str, family: IpFamily) -> String {
+    format!("{stem}{}", suffix(family))
+}
+
+fn suffix(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "4",
+        IpFamily::V6 => "6",
+    }
+}
+
+/// The set stem for one frontend and policy.
+pub fn service_stem(frontend: Frontend, policy: TrafficPolicy) -> &'static str {
+    SERVICE_SETS
+        .iter()
+        .find(|(f, p, _)| *f == frontend && *p == policy)
+        .map(|(_, _, stem)| *stem)
+        // SERVICE_SETS lists every combination of the two enums.
+        .unwrap_or("clusterip-cluster")
+}
+
+/// Destinations whose address family differs from their virtual service's. IPVS and
+/// Kubernetes never pair them; no set can hold them, so rendering leaves them out and the
+/// caller should warn.
+pub fn unrepresentable(state: &NftState) -> impl Iterator<Item = &(VsKey, IpAddr, u16)> {
+    state
+        .destinations
+        .iter()
+        .filter(|(key, dest, _)| IpFamily::of(&key.address) != IpFamily::of(dest))
+}
+
+/// Every set's elements (empty sets included), as `nft` element text, keyed by set name.
+pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
+    let mut sets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for family in FAMILIES {
+        for (_, _, stem) in SERVICE_SETS {
+            sets.insert(set_name(stem, family), BTreeSet::new());
+        }
+        for stem in [DESTINATIONS, HAIRPIN, VIPS] {
+            sets.insert(set_name(stem, family), BTreeSet::new());
+        }
+    }
+    let mut insert = |stem: &str, family: IpFamily, element: String| {
+        if let Some(set) = sets.get_mut(&set_name(stem, family)) {
+            set.insert(element);
+        }
+    };
+
+    let mut vips = BTreeSet::new();
+    let mut node_addresses = BTreeSet::new();
+    for (key, (frontend, policy)) in &state.services {
+        let family = IpFamily::of(&key.address);
+        insert(service_stem(*frontend, *policy), family, key_element(key));
+        if *frontend == Frontend::NodePort {
+            node_addresses.insert(key.address);
+        } else {
+            vips.insert(key.address);
+        }
+    }
+    for address in vips.difference(&node_addresses) {
+        insert(VIPS, IpFamily::of(address), address.to_string());
+    }
+    for (key, dest, port) in &state.destinations {
+        let family = IpFamily::of(dest);
+        if IpFamily::of(&key.address) != family {
+            continue;
+        }
+        let proto = key.protocol.number();
+        insert(
+            DESTINATIONS,
+            family,
+            format!("{} . {proto} . {} . {dest} . {port}", key.address, key.port),
+        );
+        insert(HAIRPIN, family, format!("{dest} . {proto} . {port} . {dest}"));
+    }
+    sets
+}
+
+fn key_element(key: &VsKey) -> String {
+    format!("{} . {} . {}", key.address, key.protocol.number(), key.port)
+}
+
+/// The whole table in one transaction: create it if missing, delete it, define it again.
+/// Loading this is atomic (packets see the old table or the new one) and idempotent.
+pub fn render_replace(settings: &NftSettings, state: &NftState) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "table inet {TABLE} {{}}");
+    let _ = writeln!(out, "delete table inet {TABLE}");
+    let _ = writeln!(out, "table inet {TABLE} {{");
+    for (name, elements) in set_elements(state) {
+        let _ = writeln!(out, "\tset {name} {{");
+        let _ = writeln!(out, "\t\ttype {}", set_type(&name));
+        if !elements.is_empty() {
+            let list: Vec<&str> = elements.iter().map(String::as_str).collect();
+            let _ = writeln!(out, "\t\telements = {{ {} }}", list.join(",\n\t\t\t"));
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+    render_chains(&mut out, settings);
+    let _ = writeln!(out, "}}");
+    out
+}
+
+/// The element type of a set, from its name.
+fn set_type(name: &str) -> &'static str {
+    let v6 = name.ends_with('6');
+    let stem = &name[..name.len().saturating_sub(1)];
+    match (stem, v6) {
+        (DESTINATIONS, false) => {
+            "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service"
+        }
+        (DESTINATIONS, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr . inet_service",
+        (HAIRPIN, false) => "ipv4_addr . inet_proto . inet_service . ipv4_addr",
+        (HAIRPIN, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr",
+        (VIPS, false) => "ipv4_addr",
+        (VIPS, true) => "ipv6_addr",
+        (_, false) => "ipv4_addr . inet_proto . inet_service",
+        (_, true) => "ipv6_addr . inet_proto . inet_service",
+    }
+}
+
+fn ip(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+fn render_chains(out: &mut String, settings: &NftSettings) {
+    let mark = format!("meta mark set meta mark | {MASQ_MARK:#x}");
+
+    // kube-proxy's KUBE-SERVICES with KUBE-MARK-MASQ: decide on the first packet of a
+    // connection, before IPVS translates it, whether it must be masqueraded.
+    let _ = writeln!(out, "\tchain services {{");
+    // kube-proxy dismisses connections from localhost early.
+    let _ = writeln!(out, "\t\tip saddr 127.0.0.0/8 return");
+    let _ = writeln!(out, "\t\tip6 saddr ::1 return");
+    for family in FAMILIES {
+        let ip = ip(family);
+        let cidrs = cluster_cidrs(settings, family);
+        for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+            let set = set_name(service_stem(Frontend::ClusterIP, policy), family);
+            if settings.masquerade_all {
+                let _ = writeln!(out, "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}");
+            } else if !cidrs.is_empty() {
+                // Traffic from outside the pod network, e.g. a route to the service range
+                // pointing at this node, may leave the node: masquerade it.
+                let _ = writeln!(
+                    out,
+                    "\t\t{ip} daddr . meta l4proto . th dport @{set} {ip} saddr != {{ {} }} {mark}",
+                    cidrs.join(", ")
+                );
+            } else {
+                // Without pod CIDRs, kube-proxy still masquerades node-originated traffic
+                // whose source is the VIP itself (the kernel picks it, as the VIP is local
+                // on kube-ipvs0); the reply would otherwise never come back here.
+                let _ = writeln!(out, "\t\t{ip} saddr . meta l4proto . th dport @{set} {mark}");
+            }
+        }
+        // NodePort, ExternalIP and LoadBalancer traffic is masqueraded unless its policy is
+        // Local, which preserves the client address (KUBE-NODE-PORT, KUBE-EXTERNAL-IP,
+        // KUBE-LOAD-BALANCER and their -LOCAL sets).
+        for frontend in [
+            Frontend::ExternalIP,
+            Frontend::LoadBalancer,
+            Frontend::NodePort,
+        ] {
+            let set = set_name(service_stem(frontend, TrafficPolicy::Cluster), family);
+            let _ = writeln!(out, "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}");
+        }
+    }
+    let _ = writeln!(out, "\t}}");
+
+    for hook in ["prerouting", "output"] {
+        let _ = writeln!(out, "\tchain {hook} {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype nat hook {hook} priority {MARK_PRIORITY}; policy accept;"
+        );
+        let _ = writeln!(out, "\t\tjump services");
+        let _ = writeln!(out, "\t}}");
+    }
+
+    // kube-proxy's KUBE-POSTROUTING and KUBE-LOOP-BACK.
+    let _ = writeln!(out, "\tchain postrouting {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook postrouting priority {MASQ_PRIORITY}; policy accept;"
+    );
+    for family in FAMILIES {
+        let ip = ip(family);
+        // A pod reaching itself through a service: after translation source and
+        // destination are the same, and the reply would never leave the pod.
+        let _ = writeln!(
+            out,
+            "\t\t{ip} daddr . meta l4proto . th dport . {ip} saddr @{} masquerade",
+            set_name(HAIRPIN, family)
+        );
+    }
+    let _ = writeln!(out, "\t\tmeta mark & {MASQ_MARK:#x} == 0 return");
+    // Clear the bit so a packet that traverses the stack again is not masqueraded twice.
+    let _ = writeln!(out, "\t\tmeta mark set meta mark & {:#x}", !MASQ_MARK);
+    let _ = writeln!(out, "\t\tmasquerade fully-random");
+    let _ = writeln!(out, "\t}}");
+
+    // kube-proxy's KUBE-IPVS-FILTER (kubernetes/kubernetes#72236): an address bound for a
+    // service must not expose the node's other ports. Runs before IPVS (LOCAL_IN 98/99).
+    let _ = writeln!(out, "\tchain input {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook input priority filter; policy accept;"
+    );
+    for family in FAMILIES {
+        let _ = writeln!(
+            out,
+            "\t\tct state new {} daddr @{} jump vip-ports",
+            ip(family),
+            set_name(VIPS, family)
+        );
+    }
+    let _ = writeln!(out, "\t}}");
+    let _ = writeln!(out, "\tchain vip-ports {{");
+    for family in FAMILIES {
+        for (frontend, _, stem) in SERVICE_SETS {
+            if frontend == Frontend::NodePort {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "\t\t{} daddr . meta l4proto . th dport @{} return",
+                ip(family),
+                set_name(stem, family)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\t\tmeta l4proto {} reject with tcp reset",
+        Protocol::Tcp.number()
+    );
+    let _ = writeln!(out, "\t\treject");
+    let _ = writeln!(out, "\t}}");
+}
+
+/// The configured pod CIDRs of one family, canonical (host bits cleared), deduplicated.
+fn cluster_cidrs(settings: &NftSettings, family: IpFamily) -> Vec<String> {
+    let cidrs: BTreeSet<String> = settings
+        .cluster_cidrs
+        .iter()
+        .filter(|net| match (net, family) {
+            (IpNetwork::V4(_), IpFamily::V4) | (IpNetwork::V6(_), IpFamily::V6) => true,
+            _ => false,
+        })
+        .map(|net| format!("{}/{}", net.network(), net.prefix()))
+        .collect();
+    cidrs.into_iter().collect()
+}
+
+/// Set-element changes from `from` to `to`, as one `nft -f` transaction; empty when nothing
+/// changes. Derived sets (hairpin, vips) are diffed from both full states, so an element
+/// shared by several services stays while any of them needs it.
+pub fn render_update(from: &NftState, to: &NftState) -> String {
+    let before = set_elements(from);
+    let after = set_elements(to);
+    let empty = BTreeSet::new();
+    let mut deletes = String::new();
+    let mut adds = String::new();
+    for (name, new) in &after {
+        let old = before.get(name).unwrap_or(&empty);
+        let removed: Vec<&str> = old.difference(new).map(String::as_str).collect();
+        let added: Vec<&str> = new.difference(old).map(String::as_str).collect();
+        if !removed.is_empty() {
+            let _ = writeln!(
+                deletes,
+                "delete element inet {TABLE} {name} {{ {} }}",
+                removed.join(", ")
+            );
+        }
+        if !added.is_empty() {
+            let _ = writeln!(
+                adds,
+                "add element inet {TABLE} {name} {{ {} }}",
+                added.join(", ")
+            );
+        }
+    }
+    deletes + &adds
+}
+
+/// Deletes the table; creating it first makes a missing table not an error.
+pub fn render_delete() -> String {
+    format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn key(protocol: Protocol, address: &str, port: u16) -> VsKey {
+        VsKey::new(protocol, address.parse().expect("address"), port)
+    }
+
+    /// A small node: an IPv4 and an IPv6 ClusterIP, a Local LoadBalancer and its NodePort
+    /// on one node address, a Cluster NodePort on another, and an ExternalIP that is also a
+    /// node address (so never in `vips`), with backends on this node.
+    pub(crate) fn small_state() -> NftState {
+        let dns = key(Protocol::Udp, "10.96.0.10", 53);
+        let dns6 = key(Protocol::Tcp, "fd00:96::a", 53);
+        let lb = key(Protocol::Tcp, "192.0.2.10", 443);
+        let np = key(Protocol::Tcp, "198.51.100.7", 30443);
+        let np2 = key(Protocol::Tcp, "198.51.100.8", 30080);
+        let ext = key(Protocol::Tcp, "198.51.100.7", 80);
+        let mut state = NftState::default();
+        state
+            .services
+            .insert(dns, (Frontend::ClusterIP, TrafficPolicy::Cluster));
+        state
+            .services
+            .insert(dns6, (Frontend::ClusterIP, TrafficPolicy::Local));
+        state
+            .services
+            .insert(lb, (Frontend::LoadBalancer, TrafficPolicy::Local));
+        state
+            .services
+            .insert(np, (Frontend::NodePort, TrafficPolicy::Local));
+        state
+            .services
+            .insert(np2, (Frontend::NodePort, TrafficPolicy::Cluster));
+        state
+            .services
+            .insert(ext, (Frontend::ExternalIP, TrafficPolicy::Cluster));
+        let pod = "10.244.1.5".parse().expect("address");
+        state.destinations.insert((dns, pod, 5353));
+        state
+            .destinations
+            .insert((dns6, "fd00:244::5".parse().expect("address"), 5353));
+        state.destinations.insert((lb, pod, 8443));
+        state.destinations.insert((np, pod, 8443));
+        state
+    }
+
+    pub(crate) fn small_settings() -> NftSettings {
+        NftSettings {
+            masquerade_all: false,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        }
+    }
+
+    #[test]
+    fn golden_small_table() {
+        let script = render_replace(&small_settings(), &small_state());
+        if std::env::var_os("TOPOPROXY_BLESS").is_some() {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dataplane/ipvs/nft/testdata/small.nft");
+            std::fs::write(path, &script).expect("write golden");
+        }
+        assert_eq!(script, include_str!("testdata/small.nft"));
+    }
+}
