@@ -103,7 +103,10 @@ impl Cluster {
             }
         }
         let node = store.node(NODE).expect("this node").clone();
-        programmed_table(&plan(&store, &node, &PlanConfig::default()), TierScope::Active)
+        programmed_table(
+            &plan(&store, &node, &PlanConfig::default()),
+            TierScope::Active,
+        )
     }
 
     fn publish(&self, server: &FakeApiServer) {

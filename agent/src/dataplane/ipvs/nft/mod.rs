@@ -33,6 +33,11 @@ use crate::table::{Frontend, TrafficPolicy, VsKey};
 pub use parse::ParseError;
 pub use render::MASQ_MARK;
 
+/// Finds `nft` in PATH, else at `/usr/sbin/nft`.
+pub fn find_nft() -> Result<PathBuf, NftError> {
+    run::find_nft()
+}
+
 /// The table's name (family `inet`).
 pub const TABLE: &str = "topoproxy";
 
@@ -116,7 +121,8 @@ impl Nft {
     pub fn replace(&mut self, settings: &NftSettings, state: &NftState) -> Result<(), NftError> {
         warn_unrepresentable(state);
         let script = render::render_replace(settings, state);
-        self.invocation.run("replace", &["-f", "-"], Some(&script))?;
+        self.invocation
+            .run("replace", &["-f", "-"], Some(&script))?;
         Ok(())
     }
 

@@ -236,7 +236,11 @@ mod tests {
     }
 
     fn arb_key() -> impl Strategy<Value = VsKey> {
-        let proto = prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp), Just(Protocol::Sctp)];
+        let proto = prop_oneof![
+            Just(Protocol::Tcp),
+            Just(Protocol::Udp),
+            Just(Protocol::Sctp)
+        ];
         let addr = prop_oneof![
             any::<[u8; 4]>().prop_map(IpAddr::from),
             any::<[u16; 8]>().prop_map(IpAddr::from),
@@ -253,7 +257,10 @@ mod tests {
         ];
         let policy = prop_oneof![Just(TrafficPolicy::Cluster), Just(TrafficPolicy::Local)];
         let services = proptest::collection::btree_map(arb_key(), (frontend, policy), 0..12);
-        (services, proptest::collection::vec((any::<usize>(), any::<u32>(), any::<u16>()), 0..20))
+        (
+            services,
+            proptest::collection::vec((any::<usize>(), any::<u32>(), any::<u16>()), 0..20),
+        )
             .prop_map(|(services, picks)| {
                 let keys: Vec<VsKey> = services.keys().copied().collect();
                 let destinations = picks
@@ -263,12 +270,17 @@ mod tests {
                         let key = keys[i % keys.len()];
                         let dest = match key.address {
                             IpAddr::V4(_) => IpAddr::from(host.to_be_bytes()),
-                            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(u128::from(host) | 0xfd00 << 112)),
+                            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(
+                                u128::from(host) | 0xfd00 << 112,
+                            )),
                         };
                         (key, dest, port)
                     })
                     .collect();
-                NftState { services, destinations }
+                NftState {
+                    services,
+                    destinations,
+                }
             })
     }
 
@@ -326,7 +338,10 @@ mod tests {
         for case in cases {
             let json = format!(r#"{{"nftables": [{case}]}}"#);
             let error = parse_table(&json).expect_err(case);
-            assert!(matches!(error, ParseError::Element { .. }), "{case}: {error}");
+            assert!(
+                matches!(error, ParseError::Element { .. }),
+                "{case}: {error}"
+            );
         }
         assert!(matches!(parse_table("{}"), Err(ParseError::Shape)));
         assert!(matches!(parse_table("nope"), Err(ParseError::Json(_))));

@@ -41,13 +41,37 @@ const MASQ_PRIORITY: i32 = 90;
 
 /// Every (frontend, policy) pair, with the set name stem holding its keys.
 pub const SERVICE_SETS: [(Frontend, TrafficPolicy, &str); 8] = [
-    (Frontend::ClusterIP, TrafficPolicy::Cluster, "clusterip-cluster"),
+    (
+        Frontend::ClusterIP,
+        TrafficPolicy::Cluster,
+        "clusterip-cluster",
+    ),
     (Frontend::ClusterIP, TrafficPolicy::Local, "clusterip-local"),
-    (Frontend::ExternalIP, TrafficPolicy::Cluster, "externalip-cluster"),
-    (Frontend::ExternalIP, TrafficPolicy::Local, "externalip-local"),
-    (Frontend::LoadBalancer, TrafficPolicy::Cluster, "loadbalancer-cluster"),
-    (Frontend::LoadBalancer, TrafficPolicy::Local, "loadbalancer-local"),
-    (Frontend::NodePort, TrafficPolicy::Cluster, "nodeport-cluster"),
+    (
+        Frontend::ExternalIP,
+        TrafficPolicy::Cluster,
+        "externalip-cluster",
+    ),
+    (
+        Frontend::ExternalIP,
+        TrafficPolicy::Local,
+        "externalip-local",
+    ),
+    (
+        Frontend::LoadBalancer,
+        TrafficPolicy::Cluster,
+        "loadbalancer-cluster",
+    ),
+    (
+        Frontend::LoadBalancer,
+        TrafficPolicy::Local,
+        "loadbalancer-local",
+    ),
+    (
+        Frontend::NodePort,
+        TrafficPolicy::Cluster,
+        "nodeport-cluster",
+    ),
     (Frontend::NodePort, TrafficPolicy::Local, "nodeport-local"),
 ];
 
@@ -134,7 +158,11 @@ pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
             family,
             format!("{} . {proto} . {} . {dest} . {port}", key.address, key.port),
         );
-        insert(HAIRPIN, family, format!("{dest} . {proto} . {port} . {dest}"));
+        insert(
+            HAIRPIN,
+            family,
+            format!("{dest} . {proto} . {port} . {dest}"),
+        );
     }
     sets
 }
@@ -169,9 +197,7 @@ fn set_type(name: &str) -> &'static str {
     let v6 = name.ends_with('6');
     let stem = &name[..name.len().saturating_sub(1)];
     match (stem, v6) {
-        (DESTINATIONS, false) => {
-            "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service"
-        }
+        (DESTINATIONS, false) => "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service",
         (DESTINATIONS, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr . inet_service",
         (HAIRPIN, false) => "ipv4_addr . inet_proto . inet_service . ipv4_addr",
         (HAIRPIN, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr",
@@ -204,7 +230,10 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
         for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
             let set = set_name(service_stem(Frontend::ClusterIP, policy), family);
             if settings.masquerade_all {
-                let _ = writeln!(out, "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}");
+                let _ = writeln!(
+                    out,
+                    "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}"
+                );
             } else if !cidrs.is_empty() {
                 // Traffic from outside the pod network, e.g. a route to the service range
                 // pointing at this node, may leave the node: masquerade it.
@@ -217,7 +246,10 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
                 // Without pod CIDRs, kube-proxy still masquerades node-originated traffic
                 // whose source is the VIP itself (the kernel picks it, as the VIP is local
                 // on kube-ipvs0); the reply would otherwise never come back here.
-                let _ = writeln!(out, "\t\t{ip} saddr . meta l4proto . th dport @{set} {mark}");
+                let _ = writeln!(
+                    out,
+                    "\t\t{ip} saddr . meta l4proto . th dport @{set} {mark}"
+                );
             }
         }
         // NodePort, ExternalIP and LoadBalancer traffic is masqueraded unless its policy is
@@ -229,7 +261,10 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
             Frontend::NodePort,
         ] {
             let set = set_name(service_stem(frontend, TrafficPolicy::Cluster), family);
-            let _ = writeln!(out, "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}");
+            let _ = writeln!(
+                out,
+                "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}"
+            );
         }
     }
     let _ = writeln!(out, "\t}}");
@@ -413,9 +448,176 @@ pub(crate) mod tests {
     fn golden_small_table() {
         let script = render_replace(&small_settings(), &small_state());
         if std::env::var_os("TOPOPROXY_BLESS").is_some() {
-            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/dataplane/ipvs/nft/testdata/small.nft");
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/src/dataplane/ipvs/nft/testdata/small.nft"
+            );
             std::fs::write(path, &script).expect("write golden");
         }
         assert_eq!(script, include_str!("testdata/small.nft"));
+    }
+
+    #[test]
+    fn an_endpoint_change_is_one_small_transaction() {
+        let from = small_state();
+        let mut to = from.clone();
+        let dns = key(Protocol::Udp, "10.96.0.10", 53);
+        to.destinations
+            .insert((dns, "10.244.2.9".parse().expect("address"), 5353));
+        assert_eq!(
+            render_update(&from, &to),
+            "add element inet topoproxy destinations4 { 10.96.0.10 . 17 . 53 . 10.244.2.9 . 5353 }\n\
+             add element inet topoproxy hairpin4 { 10.244.2.9 . 17 . 5353 . 10.244.2.9 }\n"
+        );
+        assert_eq!(render_update(&to, &to), "");
+    }
+
+    #[test]
+    fn a_hairpin_element_stays_while_another_service_needs_it() {
+        // 10.244.1.5:8443 backs both the LoadBalancer and its NodePort.
+        let from = small_state();
+        let mut to = from.clone();
+        let lb = key(Protocol::Tcp, "192.0.2.10", 443);
+        to.destinations
+            .remove(&(lb, "10.244.1.5".parse().expect("address"), 8443));
+        assert_eq!(
+            render_update(&from, &to),
+            "delete element inet topoproxy destinations4 { 192.0.2.10 . 6 . 443 . 10.244.1.5 . 8443 }\n"
+        );
+    }
+
+    #[test]
+    fn a_policy_change_moves_the_key_between_sets() {
+        let from = small_state();
+        let mut to = from.clone();
+        let lb = key(Protocol::Tcp, "192.0.2.10", 443);
+        to.services
+            .insert(lb, (Frontend::LoadBalancer, TrafficPolicy::Cluster));
+        assert_eq!(
+            render_update(&from, &to),
+            "delete element inet topoproxy loadbalancer-local4 { 192.0.2.10 . 6 . 443 }\n\
+             add element inet topoproxy loadbalancer-cluster4 { 192.0.2.10 . 6 . 443 }\n"
+        );
+    }
+
+    #[test]
+    fn removing_the_last_service_on_a_vip_unbinds_it_from_the_reject_set() {
+        let from = small_state();
+        let mut to = from.clone();
+        let lb = key(Protocol::Tcp, "192.0.2.10", 443);
+        to.services.remove(&lb);
+        to.destinations.retain(|(key, _, _)| *key != lb);
+        let script = render_update(&from, &to);
+        assert!(script.contains("delete element inet topoproxy vips4 { 192.0.2.10 }\n"));
+        assert!(script
+            .lines()
+            .all(|line| line.starts_with("delete element inet topoproxy ")));
+    }
+
+    #[test]
+    fn node_addresses_are_never_rejected() {
+        // 198.51.100.7 is an ExternalIP and a NodePort address: it is the node's own.
+        let sets = set_elements(&small_state());
+        assert_eq!(
+            sets["vips4"].iter().map(String::as_str).collect::<Vec<_>>(),
+            vec!["10.96.0.10", "192.0.2.10"]
+        );
+        assert_eq!(
+            sets["externalip-cluster4"]
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            vec!["198.51.100.7 . 6 . 80"]
+        );
+    }
+
+    fn services_chain(script: &str) -> Vec<&str> {
+        script
+            .lines()
+            .skip_while(|line| !line.contains("chain services"))
+            .skip(1)
+            .take_while(|line| line.trim() != "}")
+            .map(str::trim)
+            .filter(|line| line.contains("@clusterip"))
+            .collect()
+    }
+
+    #[test]
+    fn clusterip_masquerade_follows_the_settings() {
+        let state = small_state();
+        let all = NftSettings {
+            masquerade_all: true,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        };
+        assert_eq!(
+            services_chain(&render_replace(&all, &state)),
+            vec![
+                "ip daddr . meta l4proto . th dport @clusterip-cluster4 meta mark set meta mark | 0x4000",
+                "ip daddr . meta l4proto . th dport @clusterip-local4 meta mark set meta mark | 0x4000",
+                "ip6 daddr . meta l4proto . th dport @clusterip-cluster6 meta mark set meta mark | 0x4000",
+                "ip6 daddr . meta l4proto . th dport @clusterip-local6 meta mark set meta mark | 0x4000",
+            ]
+        );
+        let dual = NftSettings {
+            masquerade_all: false,
+            cluster_cidrs: vec![
+                "fd00:244::/56".parse().expect("cidr"),
+                "10.244.7.1/16".parse().expect("cidr"),
+                "10.245.0.0/16".parse().expect("cidr"),
+            ],
+        };
+        assert_eq!(
+            services_chain(&render_replace(&dual, &state)),
+            vec![
+                "ip daddr . meta l4proto . th dport @clusterip-cluster4 ip saddr != { 10.244.0.0/16, 10.245.0.0/16 } meta mark set meta mark | 0x4000",
+                "ip daddr . meta l4proto . th dport @clusterip-local4 ip saddr != { 10.244.0.0/16, 10.245.0.0/16 } meta mark set meta mark | 0x4000",
+                "ip6 daddr . meta l4proto . th dport @clusterip-cluster6 ip6 saddr != { fd00:244::/56 } meta mark set meta mark | 0x4000",
+                "ip6 daddr . meta l4proto . th dport @clusterip-local6 ip6 saddr != { fd00:244::/56 } meta mark set meta mark | 0x4000",
+            ]
+        );
+        // No CIDRs: only traffic sourced from the VIP itself (kube-proxy's fallback).
+        assert_eq!(
+            services_chain(&render_replace(&NftSettings::default(), &state)),
+            vec![
+                "ip saddr . meta l4proto . th dport @clusterip-cluster4 meta mark set meta mark | 0x4000",
+                "ip saddr . meta l4proto . th dport @clusterip-local4 meta mark set meta mark | 0x4000",
+                "ip6 saddr . meta l4proto . th dport @clusterip-cluster6 meta mark set meta mark | 0x4000",
+                "ip6 saddr . meta l4proto . th dport @clusterip-local6 meta mark set meta mark | 0x4000",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_table_shape_does_not_depend_on_the_state() {
+        let settings = small_settings();
+        let shape = |script: String| -> Vec<String> {
+            script
+                .lines()
+                .filter(|line| !line.contains("elements") && !line.starts_with("\t\t\t"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(
+            shape(render_replace(&settings, &small_state())),
+            shape(render_replace(&settings, &NftState::default()))
+        );
+    }
+
+    #[test]
+    fn mixed_family_destinations_are_left_out() {
+        let mut state = small_state();
+        let dns = key(Protocol::Udp, "10.96.0.10", 53);
+        let odd = (dns, "fd00:244::9".parse().expect("address"), 53);
+        state.destinations.insert(odd);
+        assert_eq!(unrepresentable(&state).collect::<Vec<_>>(), vec![&odd]);
+        assert_eq!(set_elements(&state), set_elements(&small_state()));
+    }
+
+    #[test]
+    fn delete_tolerates_a_missing_table() {
+        assert_eq!(
+            render_delete(),
+            "table inet topoproxy {}\ndelete table inet topoproxy\n"
+        );
     }
 }

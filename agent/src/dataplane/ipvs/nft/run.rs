@@ -22,7 +22,8 @@ pub fn find_nft() -> Result<PathBuf, NftError> {
 }
 
 fn is_executable(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    std::fs::metadata(path)
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
 /// How to start `nft`: the program and the arguments that come before nft's own (for
@@ -71,9 +72,9 @@ impl Invocation {
             });
             let output = child.wait_with_output();
             let written = match writer {
-                Some(handle) => handle.join().unwrap_or_else(|_| {
-                    Err(std::io::Error::other("stdin writer panicked"))
-                }),
+                Some(handle) => handle
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("stdin writer panicked"))),
                 None => Ok(()),
             };
             (output, written)
