@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
-use super::render::{set_name, DESTINATIONS, SERVICE_SETS};
+use super::render::{service_stem, set_name, DESTINATIONS, SERVICE_KINDS};
 use super::{NftState, TABLE};
 use crate::model::{IpFamily, Protocol};
 use crate::table::VsKey;
@@ -43,8 +43,8 @@ enum Record {
 
 fn record_for(name: &str) -> Option<(Record, IpFamily)> {
     for family in [IpFamily::V4, IpFamily::V6] {
-        for (frontend, policy, stem) in SERVICE_SETS {
-            if name == set_name(stem, family) {
+        for (frontend, policy) in SERVICE_KINDS {
+            if name == set_name(service_stem(frontend, policy), family) {
                 return Some((Record::Service(frontend, policy), family));
             }
         }
@@ -181,7 +181,7 @@ fn port_of(value: &Value) -> Option<u16> {
 mod tests {
     use super::*;
     use crate::dataplane::ipvs::nft::render::set_elements;
-    use crate::dataplane::ipvs::nft::render::tests::small_state;
+    use crate::dataplane::ipvs::nft::render::tests::{arb_state, small_state};
     use crate::table::{Frontend, TrafficPolicy};
     use proptest::prelude::*;
 
@@ -233,55 +233,6 @@ mod tests {
             })
             .collect();
         serde_json::json!({ "nftables": sets }).to_string()
-    }
-
-    fn arb_key() -> impl Strategy<Value = VsKey> {
-        let proto = prop_oneof![
-            Just(Protocol::Tcp),
-            Just(Protocol::Udp),
-            Just(Protocol::Sctp)
-        ];
-        let addr = prop_oneof![
-            any::<[u8; 4]>().prop_map(IpAddr::from),
-            any::<[u16; 8]>().prop_map(IpAddr::from),
-        ];
-        (proto, addr, any::<u16>()).prop_map(|(p, a, port)| VsKey::new(p, a, port))
-    }
-
-    pub(crate) fn arb_state() -> impl Strategy<Value = NftState> {
-        let frontend = prop_oneof![
-            Just(Frontend::ClusterIP),
-            Just(Frontend::ExternalIP),
-            Just(Frontend::LoadBalancer),
-            Just(Frontend::NodePort),
-        ];
-        let policy = prop_oneof![Just(TrafficPolicy::Cluster), Just(TrafficPolicy::Local)];
-        let services = proptest::collection::btree_map(arb_key(), (frontend, policy), 0..12);
-        (
-            services,
-            proptest::collection::vec((any::<usize>(), any::<u32>(), any::<u16>()), 0..20),
-        )
-            .prop_map(|(services, picks)| {
-                let keys: Vec<VsKey> = services.keys().copied().collect();
-                let destinations = picks
-                    .into_iter()
-                    .filter(|_| !keys.is_empty())
-                    .map(|(i, host, port)| {
-                        let key = keys[i % keys.len()];
-                        let dest = match key.address {
-                            IpAddr::V4(_) => IpAddr::from(host.to_be_bytes()),
-                            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(
-                                u128::from(host) | 0xfd00 << 112,
-                            )),
-                        };
-                        (key, dest, port)
-                    })
-                    .collect();
-                NftState {
-                    services,
-                    destinations,
-                }
-            })
     }
 
     proptest! {

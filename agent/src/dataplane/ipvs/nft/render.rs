@@ -39,40 +39,16 @@ const MARK_PRIORITY: i32 = -110;
 /// CNI's, so a marked packet gets our masquerade whatever they would do.
 const MASQ_PRIORITY: i32 = 90;
 
-/// Every (frontend, policy) pair, with the set name stem holding its keys.
-pub const SERVICE_SETS: [(Frontend, TrafficPolicy, &str); 8] = [
-    (
-        Frontend::ClusterIP,
-        TrafficPolicy::Cluster,
-        "clusterip-cluster",
-    ),
-    (Frontend::ClusterIP, TrafficPolicy::Local, "clusterip-local"),
-    (
-        Frontend::ExternalIP,
-        TrafficPolicy::Cluster,
-        "externalip-cluster",
-    ),
-    (
-        Frontend::ExternalIP,
-        TrafficPolicy::Local,
-        "externalip-local",
-    ),
-    (
-        Frontend::LoadBalancer,
-        TrafficPolicy::Cluster,
-        "loadbalancer-cluster",
-    ),
-    (
-        Frontend::LoadBalancer,
-        TrafficPolicy::Local,
-        "loadbalancer-local",
-    ),
-    (
-        Frontend::NodePort,
-        TrafficPolicy::Cluster,
-        "nodeport-cluster",
-    ),
-    (Frontend::NodePort, TrafficPolicy::Local, "nodeport-local"),
+/// Every (frontend, policy) pair; each has its own set (see [`service_stem`]).
+pub const SERVICE_KINDS: [(Frontend, TrafficPolicy); 8] = [
+    (Frontend::ClusterIP, TrafficPolicy::Cluster),
+    (Frontend::ClusterIP, TrafficPolicy::Local),
+    (Frontend::ExternalIP, TrafficPolicy::Cluster),
+    (Frontend::ExternalIP, TrafficPolicy::Local),
+    (Frontend::LoadBalancer, TrafficPolicy::Cluster),
+    (Frontend::LoadBalancer, TrafficPolicy::Local),
+    (Frontend::NodePort, TrafficPolicy::Cluster),
+    (Frontend::NodePort, TrafficPolicy::Local),
 ];
 
 /// Set name stem of the destination record.
@@ -98,12 +74,16 @@ fn suffix(family: IpFamily) -> &'static str {
 
 /// The set stem for one frontend and policy.
 pub fn service_stem(frontend: Frontend, policy: TrafficPolicy) -> &'static str {
-    SERVICE_SETS
-        .iter()
-        .find(|(f, p, _)| *f == frontend && *p == policy)
-        .map(|(_, _, stem)| *stem)
-        // SERVICE_SETS lists every combination of the two enums.
-        .unwrap_or("clusterip-cluster")
+    match (frontend, policy) {
+        (Frontend::ClusterIP, TrafficPolicy::Cluster) => "clusterip-cluster",
+        (Frontend::ClusterIP, TrafficPolicy::Local) => "clusterip-local",
+        (Frontend::ExternalIP, TrafficPolicy::Cluster) => "externalip-cluster",
+        (Frontend::ExternalIP, TrafficPolicy::Local) => "externalip-local",
+        (Frontend::LoadBalancer, TrafficPolicy::Cluster) => "loadbalancer-cluster",
+        (Frontend::LoadBalancer, TrafficPolicy::Local) => "loadbalancer-local",
+        (Frontend::NodePort, TrafficPolicy::Cluster) => "nodeport-cluster",
+        (Frontend::NodePort, TrafficPolicy::Local) => "nodeport-local",
+    }
 }
 
 /// Destinations whose address family differs from their virtual service's. IPVS and
@@ -120,8 +100,11 @@ pub fn unrepresentable(state: &NftState) -> impl Iterator<Item = &(VsKey, IpAddr
 pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
     let mut sets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for family in FAMILIES {
-        for (_, _, stem) in SERVICE_SETS {
-            sets.insert(set_name(stem, family), BTreeSet::new());
+        for (frontend, policy) in SERVICE_KINDS {
+            sets.insert(
+                set_name(service_stem(frontend, policy), family),
+                BTreeSet::new(),
+            );
         }
         for stem in [DESTINATIONS, HAIRPIN, VIPS] {
             sets.insert(set_name(stem, family), BTreeSet::new());
@@ -147,24 +130,40 @@ pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
     for address in vips.difference(&node_addresses) {
         insert(VIPS, IpFamily::of(address), address.to_string());
     }
-    for (key, dest, port) in &state.destinations {
-        let family = IpFamily::of(dest);
-        if IpFamily::of(&key.address) != family {
-            continue;
-        }
-        let proto = key.protocol.number();
-        insert(
-            DESTINATIONS,
-            family,
-            format!("{} . {proto} . {} . {dest} . {port}", key.address, key.port),
-        );
-        insert(
-            HAIRPIN,
-            family,
-            format!("{dest} . {proto} . {port} . {dest}"),
-        );
+    for destination in representable(&state.destinations) {
+        let family = IpFamily::of(&destination.1);
+        insert(DESTINATIONS, family, destination_element(destination));
+        insert(HAIRPIN, family, hairpin_element(hairpin_of(destination)));
     }
     sets
+}
+
+fn representable<'a>(
+    destinations: impl IntoIterator<Item = &'a (VsKey, IpAddr, u16)>,
+) -> impl Iterator<Item = &'a (VsKey, IpAddr, u16)> {
+    destinations
+        .into_iter()
+        .filter(|(key, dest, _)| IpFamily::of(&key.address) == IpFamily::of(dest))
+}
+
+/// What the hairpin set matches for a destination: address, protocol, port.
+type Hairpin = (IpAddr, Protocol, u16);
+
+fn hairpin_of((key, dest, port): &(VsKey, IpAddr, u16)) -> Hairpin {
+    (*dest, key.protocol, *port)
+}
+
+fn destination_element((key, dest, port): &(VsKey, IpAddr, u16)) -> String {
+    format!(
+        "{} . {} . {} . {dest} . {port}",
+        key.address,
+        key.protocol.number(),
+        key.port
+    )
+}
+
+fn hairpin_element((dest, protocol, port): Hairpin) -> String {
+    format!("{dest} . {} . {port} . {dest}", protocol.number())
 }
 
 fn key_element(key: &VsKey) -> String {
@@ -319,7 +318,7 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "\tchain vip-ports {{");
     for family in FAMILIES {
-        for (frontend, _, stem) in SERVICE_SETS {
+        for (frontend, policy) in SERVICE_KINDS {
             if frontend == Frontend::NodePort {
                 continue;
             }
@@ -327,7 +326,7 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
                 out,
                 "\t\t{} daddr . meta l4proto . th dport @{} return",
                 ip(family),
-                set_name(stem, family)
+                set_name(service_stem(frontend, policy), family)
             );
         }
     }
@@ -345,9 +344,11 @@ fn cluster_cidrs(settings: &NftSettings, family: IpFamily) -> Vec<String> {
     let cidrs: BTreeSet<String> = settings
         .cluster_cidrs
         .iter()
-        .filter(|net| match (net, family) {
-            (IpNetwork::V4(_), IpFamily::V4) | (IpNetwork::V6(_), IpFamily::V6) => true,
-            _ => false,
+        .filter(|net| {
+            matches!(
+                (net, family),
+                (IpNetwork::V4(_), IpFamily::V4) | (IpNetwork::V6(_), IpFamily::V6)
+            )
         })
         .map(|net| format!("{}/{}", net.network(), net.prefix()))
         .collect();
@@ -355,34 +356,134 @@ fn cluster_cidrs(settings: &NftSettings, family: IpFamily) -> Vec<String> {
 }
 
 /// Set-element changes from `from` to `to`, as one `nft -f` transaction; empty when nothing
-/// changes. Derived sets (hairpin, vips) are diffed from both full states, so an element
-/// shared by several services stays while any of them needs it.
+/// changes. Cost follows the change: the states are diffed as ordered collections, and only
+/// the derived elements (hairpin, vips) the changed entries touch are looked up again, each
+/// in one pass over a state, so an element shared by several services stays while any of
+/// them needs it.
 pub fn render_update(from: &NftState, to: &NftState) -> String {
-    let before = set_elements(from);
-    let after = set_elements(to);
-    let empty = BTreeSet::new();
-    let mut deletes = String::new();
-    let mut adds = String::new();
-    for (name, new) in &after {
-        let old = before.get(name).unwrap_or(&empty);
-        let removed: Vec<&str> = old.difference(new).map(String::as_str).collect();
-        let added: Vec<&str> = new.difference(old).map(String::as_str).collect();
-        if !removed.is_empty() {
-            let _ = writeln!(
-                deletes,
-                "delete element inet {TABLE} {name} {{ {} }}",
-                removed.join(", ")
+    let mut changes = ElementChanges::default();
+
+    let removed_services: Vec<(&VsKey, &(Frontend, TrafficPolicy))> = from
+        .services
+        .iter()
+        .filter(|(key, role)| to.services.get(key) != Some(role))
+        .collect();
+    let added_services: Vec<(&VsKey, &(Frontend, TrafficPolicy))> = to
+        .services
+        .iter()
+        .filter(|(key, role)| from.services.get(key) != Some(role))
+        .collect();
+    let mut addresses = BTreeSet::new();
+    for (key, (frontend, policy)) in &removed_services {
+        let name = set_name(service_stem(*frontend, *policy), IpFamily::of(&key.address));
+        changes.delete(name, key_element(key));
+        addresses.insert(key.address);
+    }
+    for (key, (frontend, policy)) in &added_services {
+        let name = set_name(service_stem(*frontend, *policy), IpFamily::of(&key.address));
+        changes.add(name, key_element(key));
+        addresses.insert(key.address);
+    }
+    if !addresses.is_empty() {
+        let before = bound_vips(from, &addresses);
+        let after = bound_vips(to, &addresses);
+        for address in before.difference(&after) {
+            changes.delete(set_name(VIPS, IpFamily::of(address)), address.to_string());
+        }
+        for address in after.difference(&before) {
+            changes.add(set_name(VIPS, IpFamily::of(address)), address.to_string());
+        }
+    }
+
+    let removed: Vec<_> = representable(from.destinations.difference(&to.destinations)).collect();
+    let added: Vec<_> = representable(to.destinations.difference(&from.destinations)).collect();
+    let mut hairpins = BTreeSet::new();
+    for destination in &removed {
+        let name = set_name(DESTINATIONS, IpFamily::of(&destination.1));
+        changes.delete(name, destination_element(destination));
+        hairpins.insert(hairpin_of(destination));
+    }
+    for destination in &added {
+        let name = set_name(DESTINATIONS, IpFamily::of(&destination.1));
+        changes.add(name, destination_element(destination));
+        hairpins.insert(hairpin_of(destination));
+    }
+    if !hairpins.is_empty() {
+        let before = present_hairpins(from, &hairpins);
+        let after = present_hairpins(to, &hairpins);
+        for hairpin in before.difference(&after) {
+            changes.delete(
+                set_name(HAIRPIN, IpFamily::of(&hairpin.0)),
+                hairpin_element(*hairpin),
             );
         }
-        if !added.is_empty() {
-            let _ = writeln!(
-                adds,
-                "add element inet {TABLE} {name} {{ {} }}",
-                added.join(", ")
+        for hairpin in after.difference(&before) {
+            changes.add(
+                set_name(HAIRPIN, IpFamily::of(&hairpin.0)),
+                hairpin_element(*hairpin),
             );
         }
     }
-    deletes + &adds
+    changes.render()
+}
+
+/// Which of `candidates` are in the `vips` set of `state`: bound by a ClusterIP, ExternalIP
+/// or LoadBalancer key and not a NodePort (node) address. One pass over the services.
+fn bound_vips(state: &NftState, candidates: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+    let mut seen: BTreeMap<IpAddr, (bool, bool)> = BTreeMap::new();
+    for (key, (frontend, _)) in &state.services {
+        if candidates.contains(&key.address) {
+            let (vip, node) = seen.entry(key.address).or_default();
+            if *frontend == Frontend::NodePort {
+                *node = true;
+            } else {
+                *vip = true;
+            }
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, (vip, node))| *vip && !*node)
+        .map(|(address, _)| address)
+        .collect()
+}
+
+/// Which of `candidates` some destination of `state` still needs. One pass.
+fn present_hairpins(state: &NftState, candidates: &BTreeSet<Hairpin>) -> BTreeSet<Hairpin> {
+    representable(&state.destinations)
+        .map(hairpin_of)
+        .filter(|hairpin| candidates.contains(hairpin))
+        .collect()
+}
+
+/// Element deletions and additions per set, rendered deletions first.
+#[derive(Default)]
+struct ElementChanges {
+    deletes: BTreeMap<String, Vec<String>>,
+    adds: BTreeMap<String, Vec<String>>,
+}
+
+impl ElementChanges {
+    fn delete(&mut self, set: String, element: String) {
+        self.deletes.entry(set).or_default().push(element);
+    }
+
+    fn add(&mut self, set: String, element: String) {
+        self.adds.entry(set).or_default().push(element);
+    }
+
+    fn render(self) -> String {
+        let mut out = String::new();
+        for (verb, sets) in [("delete", self.deletes), ("add", self.adds)] {
+            for (name, elements) in sets {
+                let _ = writeln!(
+                    out,
+                    "{verb} element inet {TABLE} {name} {{ {} }}",
+                    elements.join(", ")
+                );
+            }
+        }
+        out
+    }
 }
 
 /// Deletes the table; creating it first makes a missing table not an error.
@@ -393,6 +494,117 @@ pub fn render_delete() -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn arb_key() -> impl Strategy<Value = VsKey> {
+        let proto = prop_oneof![
+            Just(Protocol::Tcp),
+            Just(Protocol::Udp),
+            Just(Protocol::Sctp)
+        ];
+        // Mostly a few addresses and ports, so keys share addresses (VIPs with several
+        // ports, NodePorts on a VIP's address) as often as they do not.
+        let addr = prop_oneof![
+            (0u8..4).prop_map(|i| IpAddr::from([10, 96, 0, i])),
+            (0u16..4).prop_map(|i| IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, i])),
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u16; 8]>().prop_map(IpAddr::from),
+        ];
+        let port = prop_oneof![0u16..3, any::<u16>()];
+        (proto, addr, port).prop_map(|(p, a, port)| VsKey::new(p, a, port))
+    }
+
+    pub(crate) fn arb_state() -> impl Strategy<Value = NftState> {
+        let frontend = prop_oneof![
+            Just(Frontend::ClusterIP),
+            Just(Frontend::ExternalIP),
+            Just(Frontend::LoadBalancer),
+            Just(Frontend::NodePort),
+        ];
+        let policy = prop_oneof![Just(TrafficPolicy::Cluster), Just(TrafficPolicy::Local)];
+        let services = proptest::collection::btree_map(arb_key(), (frontend, policy), 0..12);
+        (
+            services,
+            // Few hosts and ports, so services share backends (shared hairpin elements).
+            proptest::collection::vec(
+                (
+                    any::<usize>(),
+                    prop_oneof![0u32..3, any::<u32>()],
+                    prop_oneof![0u16..3, any::<u16>()],
+                ),
+                0..20,
+            ),
+        )
+            .prop_map(|(services, picks)| {
+                let keys: Vec<VsKey> = services.keys().copied().collect();
+                let destinations = picks
+                    .into_iter()
+                    .filter(|_| !keys.is_empty())
+                    .map(|(i, host, port)| {
+                        let key = keys[i % keys.len()];
+                        let dest = match key.address {
+                            IpAddr::V4(_) => IpAddr::from(host.to_be_bytes()),
+                            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(
+                                u128::from(host) | 0xfd00 << 112,
+                            )),
+                        };
+                        (key, dest, port)
+                    })
+                    .collect();
+                NftState {
+                    services,
+                    destinations,
+                }
+            })
+    }
+
+    /// Applies an update script's element lines to a rendering of the sets.
+    fn apply(
+        mut sets: BTreeMap<String, BTreeSet<String>>,
+        script: &str,
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        for line in script.lines() {
+            let (verb, rest) = line
+                .split_once(" element inet topoproxy ")
+                .expect("element line");
+            let (name, list) = rest.split_once(" { ").expect("set name");
+            let set = sets.get_mut(name).expect("known set");
+            for element in list.trim_end_matches(" }").split(", ") {
+                let changed = match verb {
+                    "add" => set.insert(element.to_string()),
+                    "delete" => set.remove(element),
+                    _ => panic!("{line}"),
+                };
+                // nft would reject deleting a missing element; adding twice is a wasted line.
+                assert!(changed, "{line}: {element} changes nothing");
+            }
+        }
+        sets
+    }
+
+    proptest! {
+        #[test]
+        fn update_takes_the_sets_from_one_state_to_the_other(a in arb_state(), b in arb_state()) {
+            let script = render_update(&a, &b);
+            prop_assert_eq!(apply(set_elements(&a), &script), set_elements(&b));
+        }
+
+        #[test]
+        fn small_changes_of_a_random_state_update_exactly(a in arb_state(), drop in any::<usize>()) {
+            // Remove one destination and one service: shared derived elements must stay.
+            let mut b = a.clone();
+            if !b.destinations.is_empty() {
+                let gone = *b.destinations.iter().nth(drop % b.destinations.len()).expect("one");
+                b.destinations.remove(&gone);
+            }
+            if !b.services.is_empty() {
+                let gone = *b.services.keys().nth(drop % b.services.len()).expect("one");
+                b.services.remove(&gone);
+            }
+            prop_assert_eq!(apply(set_elements(&a), &render_update(&a, &b)), set_elements(&b));
+            prop_assert_eq!(apply(set_elements(&b), &render_update(&b, &a)), set_elements(&a));
+        }
+    }
 
     fn key(protocol: Protocol, address: &str, port: u16) -> VsKey {
         VsKey::new(protocol, address.parse().expect("address"), port)
