@@ -437,17 +437,13 @@ impl Dataplane for IpvsDataplane {
 
         // 1. Record ownership (and hairpin destinations) before creating anything.
         let mut recorded = NftState::default();
-        let mut replaced_roles = BTreeMap::new();
         for &index in &live {
             match &ops[index] {
                 Op::AddService { key, config } | Op::EditService { key, config } => {
-                    let role = (config.frontend, config.traffic_policy);
-                    if let Some(previous) = self.owned.services.get(key) {
-                        if *previous != role {
-                            replaced_roles.insert(*key, *previous);
-                        }
-                    }
-                    recorded.services.insert(*key, role);
+                    // A changed role replaces the old record in the same nft transaction.
+                    recorded
+                        .services
+                        .insert(*key, (config.frontend, config.traffic_policy));
                 }
                 Op::AddDestination {
                     service,
@@ -469,9 +465,15 @@ impl Dataplane for IpvsDataplane {
             .destinations
             .retain(|d| !self.owned.destinations.contains(d));
         if !recorded.services.is_empty() || !recorded.destinations.is_empty() {
-            if let Err(error) = self.nft.update(&NftState::default(), &recorded) {
+            // Full before/after states: derived elements (VIPs, hairpin) shared by several
+            // services are then kept or dropped correctly by the nft module.
+            let mut next = self.owned.clone();
+            next.services.extend(recorded.services);
+            next.destinations.extend(recorded.destinations);
+            if let Err(error) = self.nft.update(&self.owned, &next) {
                 // Without the record nothing may be created: a restart would not know it.
                 let reason = format!("recording ownership in nftables: {}", chain(&error));
+                self.rules_current = false;
                 return Err(DataplaneError::Apply {
                     dataplane: NAME,
                     failed: ops
@@ -483,10 +485,7 @@ impl Dataplane for IpvsDataplane {
                         .collect(),
                 });
             }
-            self.owned.services.extend(recorded.services.clone());
-            self.owned
-                .destinations
-                .extend(recorded.destinations.iter().copied());
+            self.owned = next;
         }
 
         // 2. Bind the addresses new services need.
@@ -707,11 +706,6 @@ impl Dataplane for IpvsDataplane {
                         }
                     }
                 }
-                Op::EditService { key, .. } => {
-                    if let Some(previous) = replaced_roles.get(key) {
-                        forgotten.services.insert(*key, *previous);
-                    }
-                }
                 Op::DeleteDestination {
                     service,
                     destination,
@@ -726,21 +720,24 @@ impl Dataplane for IpvsDataplane {
             }
         }
         if !forgotten.services.is_empty() || !forgotten.destinations.is_empty() {
-            match self.nft.update(&forgotten, &NftState::default()) {
-                Ok(()) => {
-                    for (key, role) in &forgotten.services {
-                        if self.owned.services.get(key) == Some(role) {
-                            self.owned.services.remove(key);
-                        }
-                    }
-                    for destination in &forgotten.destinations {
-                        self.owned.destinations.remove(destination);
-                    }
+            let mut next = self.owned.clone();
+            for key in forgotten.services.keys() {
+                next.services.remove(key);
+            }
+            for destination in &forgotten.destinations {
+                next.destinations.remove(destination);
+            }
+            match self.nft.update(&self.owned, &next) {
+                Ok(()) => self.owned = next,
+                Err(error) => {
+                    // Records of services that are gone only keep them owned a little longer;
+                    // the next read rewrites the table from what nft really holds.
+                    self.rules_current = false;
+                    tracing::warn!(
+                        error = %chain(&error),
+                        "could not clear the nftables records of removed services"
+                    );
                 }
-                Err(error) => tracing::warn!(
-                    error = %chain(&error),
-                    "could not clear the nftables records of removed services; the next read repairs them"
-                ),
             }
         }
         for address in released {
