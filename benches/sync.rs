@@ -93,6 +93,7 @@ async fn bench(services: usize, events: usize) {
         plan: PlanConfig::default(),
         source_poll_period: Duration::from_secs(1),
         log_format: LogFormat::Text,
+        ipvs: Default::default(),
     };
     let started = Instant::now();
     let agent = match Agent::start(settings, dataplane).await {

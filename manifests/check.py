@@ -59,7 +59,8 @@ COEXIST = [("overlays/shadow", "overlays/ipvs"), ("overlays/shadow", "overlays/c
 CONFIG_KEYS = {
     "kubeconfig", "hostname-override", "source", "proxy-mode", "min-sync-period", "sync-period",
     "healthz-bind-address", "metrics-bind-address", "ipvs-scheduler", "service-proxy-name",
-    "source-poll-period", "log-format",
+    "source-poll-period", "log-format", "masquerade-all", "cluster-cidr", "ipvs-exclude-cidrs",
+    "ipvs-strict-arp", "ipvs-drain-timeout",
 }
 PROXY_MODES = {"ipvs", "ebpf", "dry-run"}
 RBAC_ALLOWED = {

@@ -103,7 +103,10 @@ impl Cluster {
             }
         }
         let node = store.node(NODE).expect("this node").clone();
-        programmed_table(&plan(&store, &node, &PlanConfig::default()), TierScope::Active)
+        programmed_table(
+            &plan(&store, &node, &PlanConfig::default()),
+            TierScope::Active,
+        )
     }
 
     fn publish(&self, server: &FakeApiServer) {
@@ -172,6 +175,7 @@ fn settings() -> RunSettings {
         plan: PlanConfig::default(),
         source_poll_period: Duration::from_secs(1),
         log_format: LogFormat::Text,
+        ipvs: Default::default(),
     }
 }
 

@@ -204,11 +204,11 @@ fn run_refuses_a_dataplane_that_has_not_landed_with_exit_code_2() {
         "--hostname-override",
         "node-a1",
         "--proxy-mode",
-        "ipvs",
+        "ebpf",
     ]);
     assert_eq!(output.status.code(), Some(2));
     assert!(
-        stderr(&output).contains("--proxy-mode ipvs is not available"),
+        stderr(&output).contains("--proxy-mode ebpf is not available"),
         "{}",
         stderr(&output)
     );

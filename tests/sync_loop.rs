@@ -29,7 +29,10 @@ fn example() -> Store {
 }
 
 fn expected(store: &Store, node: &Node) -> ProgrammedTable {
-    programmed_table(&plan(store, node, &PlanConfig::default()), TierScope::Active)
+    programmed_table(
+        &plan(store, node, &PlanConfig::default()),
+        TierScope::Active,
+    )
 }
 
 struct Running {

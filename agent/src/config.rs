@@ -9,6 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use ipnetwork::IpNetwork;
+
+use crate::dataplane::ipvs::nft::NftSettings;
+use crate::dataplane::ipvs::IpvsSettings;
 use crate::planner::PlanConfig;
 
 /// Which dataplane programs the table.
@@ -83,6 +87,24 @@ pub struct RunOptions {
     /// Log format: text or json [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// IPVS mode: masquerade every packet to a service [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub masquerade_all: Option<bool>,
+    /// IPVS mode: the pod CIDRs, comma-separated; ClusterIP traffic from outside them is
+    /// masqueraded.
+    #[arg(long)]
+    pub cluster_cidr: Option<String>,
+    /// IPVS mode: comma-separated CIDRs whose IPVS services topoproxy never touches.
+    #[arg(long)]
+    pub ipvs_exclude_cidrs: Option<String>,
+    /// IPVS mode: set arp_ignore=1 and arp_announce=2 so VIPs are not answered over ARP
+    /// [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub ipvs_strict_arp: Option<bool>,
+    /// IPVS mode: how long a removed TCP backend keeps its open connections (at weight 0)
+    /// before it is deleted anyway [default: 15m].
+    #[arg(long)]
+    pub ipvs_drain_timeout: Option<String>,
 }
 
 /// The resolved settings of `topoproxy run`.
@@ -99,6 +121,7 @@ pub struct RunSettings {
     pub plan: PlanConfig,
     pub source_poll_period: Duration,
     pub log_format: LogFormat,
+    pub ipvs: IpvsSettings,
 }
 
 /// What went wrong with the settings.
@@ -127,6 +150,13 @@ pub enum ConfigError {
     NoNodeName,
     #[error("ipvs-scheduler must not be empty")]
     EmptyScheduler,
+    #[error("{setting}: {value:?} is not a CIDR (use e.g. 10.244.0.0/16)")]
+    Cidr {
+        setting: &'static str,
+        value: String,
+        #[source]
+        source: ipnetwork::IpNetworkError,
+    },
 }
 
 /// Reads a config file.
@@ -235,7 +265,48 @@ pub fn resolve(
             .log_format
             .or(file.log_format)
             .unwrap_or(LogFormat::Text),
+        ipvs: IpvsSettings {
+            exclude_cidrs: cidrs(
+                "ipvs-exclude-cidrs",
+                flags.ipvs_exclude_cidrs.or(file.ipvs_exclude_cidrs),
+            )?,
+            nft: NftSettings {
+                masquerade_all: flags
+                    .masquerade_all
+                    .or(file.masquerade_all)
+                    .unwrap_or(false),
+                cluster_cidrs: cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?,
+            },
+            strict_arp: flags
+                .ipvs_strict_arp
+                .or(file.ipvs_strict_arp)
+                .unwrap_or(false),
+            drain_timeout: duration(
+                "ipvs-drain-timeout",
+                flags.ipvs_drain_timeout.or(file.ipvs_drain_timeout),
+                IpvsSettings::default().drain_timeout,
+            )?,
+            ..IpvsSettings::default()
+        },
     })
+}
+
+/// A comma-separated list of CIDRs (empty entries ignored).
+fn cidrs(setting: &'static str, value: Option<String>) -> Result<Vec<IpNetwork>, ConfigError> {
+    value
+        .iter()
+        .flat_map(|list| list.split(','))
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse::<IpNetwork>()
+                .map_err(|source| ConfigError::Cidr {
+                    setting,
+                    value: item.to_owned(),
+                    source,
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -326,6 +397,40 @@ mod tests {
             let error = resolve(flags, RunOptions::default(), node).expect_err("must fail");
             assert!(error.to_string().contains(expected), "{error}");
         }
+    }
+
+    #[test]
+    fn ipvs_settings_come_from_flags_and_file() {
+        let file: RunOptions = serde_yaml::from_str(
+            "cluster-cidr: 10.244.0.0/16, fd00:10:244::/56\nmasquerade-all: true\n\
+             ipvs-exclude-cidrs: 10.200.0.0/16\nipvs-drain-timeout: 2m\n",
+        )
+        .expect("config parses");
+        let flags = RunOptions {
+            ipvs_strict_arp: Some(true),
+            ..RunOptions::default()
+        };
+        let settings = resolve(flags, file, fallbacks(None, Some("h"))).expect("resolves");
+        assert_eq!(settings.ipvs.nft.cluster_cidrs.len(), 2);
+        assert!(settings.ipvs.nft.masquerade_all);
+        assert!(settings.ipvs.strict_arp);
+        assert_eq!(
+            settings.ipvs.exclude_cidrs,
+            vec!["10.200.0.0/16".parse::<IpNetwork>().expect("cidr")]
+        );
+        assert_eq!(settings.ipvs.drain_timeout, Duration::from_secs(120));
+        assert_eq!(settings.ipvs.link_name, "kube-ipvs0");
+
+        let error = resolve(
+            RunOptions {
+                cluster_cidr: Some("10.244.0.0/33".to_owned()),
+                ..RunOptions::default()
+            },
+            RunOptions::default(),
+            fallbacks(None, Some("h")),
+        )
+        .expect_err("a bad CIDR must fail");
+        assert!(error.to_string().contains("cluster-cidr"), "{error}");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use topoproxy::agent::{kube_client, Agent, ClusterSource};
 use topoproxy::config::{self, LogFormat, NodeNameFallbacks, ProxyMode, RunOptions};
+use topoproxy::dataplane::ipvs::{self, IpvsDataplane};
 use topoproxy::dataplane::memory::MemoryDataplane;
+use topoproxy::dataplane::Dataplane;
 use topoproxy::planner::{self, explain, PlanConfig};
 use topoproxy::render;
 use topoproxy::source::file;
@@ -45,7 +47,7 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        options: RunOptions,
+        options: Box<RunOptions>,
     },
     /// Print the table a node would program, from a directory of cluster YAML.
     Plan {
@@ -72,6 +74,42 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// Print the table the kernel actually has, in `ipvsadm -Ln` format (as `plan` prints it).
+    List {
+        /// The dataplane to read.
+        #[arg(long, value_enum, default_value_t = KernelMode::Ipvs)]
+        proxy_mode: KernelMode,
+        /// Also list IPVS services topoproxy does not own.
+        #[arg(long)]
+        all: bool,
+        /// Print connection counters as 0, as `plan` does, so the two compare with `diff`.
+        #[arg(long)]
+        no_counters: bool,
+    },
+    /// Remove everything topoproxy programmed on this node.
+    Cleanup {
+        /// The dataplane to clean up.
+        #[arg(long, value_enum, default_value_t = KernelMode::Ipvs)]
+        proxy_mode: KernelMode,
+        /// Also remove kube-proxy's IPVS-mode leftovers: IPVS services on kube-ipvs0 addresses
+        /// and on node addresses in the NodePort range, the kube-ipvs0 link, kube-proxy's
+        /// iptables chains and ipsets.
+        #[arg(long)]
+        kube_proxy: bool,
+        /// IPVS services inside these comma-separated CIDRs are left alone.
+        #[arg(long)]
+        ipvs_exclude_cidrs: Option<String>,
+        /// kube-proxy's `--service-node-port-range`, for `--kube-proxy`.
+        #[arg(long, default_value = "30000-32767")]
+        node_port_range: String,
+    },
+}
+
+/// A dataplane that lives in the kernel.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KernelMode {
+    Ipvs,
+    Ebpf,
 }
 
 /// How the command ended when it did not succeed.
@@ -116,7 +154,18 @@ fn init_logging(format: LogFormat) {
 
 fn run(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Run { config, options } => run_agent(config.as_deref(), options),
+        Command::Run { config, options } => run_agent(config.as_deref(), *options),
+        Command::List {
+            proxy_mode,
+            all,
+            no_counters,
+        } => list(proxy_mode, all, no_counters),
+        Command::Cleanup {
+            proxy_mode,
+            kube_proxy,
+            ipvs_exclude_cidrs,
+            node_port_range,
+        } => cleanup(proxy_mode, kube_proxy, ipvs_exclude_cidrs, &node_port_range),
         Command::Plan {
             source,
             node,
@@ -149,12 +198,12 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
     let settings = config::resolve(flags, file, fallbacks)
         .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
     init_logging(settings.log_format);
-    if settings.proxy_mode != ProxyMode::DryRun {
-        return Err(Failure::Usage(format!(
-            "--proxy-mode {} is not available in this build yet: its dataplane has not landed; \
-             use --proxy-mode dry-run to run in shadow",
-            settings.proxy_mode.as_str()
-        )));
+    if settings.proxy_mode == ProxyMode::Ebpf {
+        return Err(Failure::Usage(
+            "--proxy-mode ebpf is not available in this build yet: its dataplane has not landed; \
+             use --proxy-mode ipvs, or dry-run to run in shadow"
+                .to_owned(),
+        ));
     }
     topoproxy::heap::limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -162,24 +211,135 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let (dataplane, _handle) = MemoryDataplane::new("dry-run");
-        let agent = Agent::start(settings.clone(), dataplane)
-            .await
-            .context("starting the agent")?;
-        let source = match &settings.source {
-            Some(dir) => ClusterSource::Directory(dir.clone()),
-            None => ClusterSource::Kube(
-                kube_client(settings.kubeconfig.as_deref())
+        match settings.proxy_mode {
+            ProxyMode::Ipvs => {
+                let dataplane = IpvsDataplane::new(settings.ipvs.clone())
                     .await
-                    .context("connecting to the Kubernetes API")?,
-            ),
-        };
-        agent
-            .run(source, shutdown_signal())
-            .await
-            .context("running the agent")?;
-        Ok(())
+                    .context("starting the IPVS dataplane")?;
+                serve(settings, dataplane).await
+            }
+            ProxyMode::DryRun | ProxyMode::Ebpf => {
+                let (dataplane, _handle) = MemoryDataplane::new("dry-run");
+                serve(settings, dataplane).await
+            }
+        }
     })
+}
+
+/// Runs the agent over `dataplane` until SIGINT or SIGTERM.
+async fn serve<D: Dataplane + 'static>(
+    settings: config::RunSettings,
+    dataplane: D,
+) -> Result<(), Failure> {
+    let agent = Agent::start(settings.clone(), dataplane)
+        .await
+        .context("starting the agent")?;
+    let source = match &settings.source {
+        Some(dir) => ClusterSource::Directory(dir.clone()),
+        None => ClusterSource::Kube(
+            kube_client(settings.kubeconfig.as_deref())
+                .await
+                .context("connecting to the Kubernetes API")?,
+        ),
+    };
+    agent
+        .run(source, shutdown_signal())
+        .await
+        .context("running the agent")?;
+    Ok(())
+}
+
+fn list(mode: KernelMode, all: bool, no_counters: bool) -> Result<(), Failure> {
+    match mode {
+        KernelMode::Ipvs => {
+            let text = ipvs::inspect::list(ipvs::inspect::ListOptions {
+                all,
+                zero_counters: no_counters,
+            })
+            .context("listing the IPVS table")?;
+            print!("{text}");
+            Ok(())
+        }
+        KernelMode::Ebpf => Err(Failure::Usage(
+            "eBPF mode is not available in this build yet".to_owned(),
+        )),
+    }
+}
+
+fn cleanup(
+    mode: KernelMode,
+    kube_proxy: bool,
+    exclude_cidrs: Option<String>,
+    node_port_range: &str,
+) -> Result<(), Failure> {
+    init_logging(LogFormat::Text);
+    let range = parse_port_range(node_port_range).ok_or_else(|| {
+        Failure::Usage(format!(
+            "--node-port-range {node_port_range:?} is not a range like 30000-32767"
+        ))
+    })?;
+    let options = RunOptions {
+        ipvs_exclude_cidrs: exclude_cidrs,
+        hostname_override: Some("cleanup".to_owned()),
+        ..RunOptions::default()
+    };
+    let settings = config::resolve(
+        options,
+        RunOptions::default(),
+        NodeNameFallbacks {
+            env: None,
+            hostname: None,
+        },
+    )
+    .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
+    match mode {
+        KernelMode::Ipvs => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let report = runtime
+                .block_on(ipvs::cleanup::cleanup(&settings.ipvs, kube_proxy, range))
+                .context("cleaning up IPVS mode")?;
+            println!(
+                "removed {} IPVS service(s), {} address(es){}{}{}",
+                report.services_deleted,
+                report.addresses_removed,
+                if report.link_deleted {
+                    format!(", the {} link", settings.ipvs.link_name)
+                } else {
+                    String::new()
+                },
+                if report.nft_table_deleted {
+                    ", the nftables table inet topoproxy"
+                } else {
+                    ""
+                },
+                if kube_proxy {
+                    format!(
+                        ", {} kube-proxy iptables chain(s), {} ipset(s)",
+                        report.iptables_chains_deleted, report.ipsets_destroyed
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            for note in report.notes {
+                println!("note: {note}");
+            }
+            Ok(())
+        }
+        KernelMode::Ebpf => Err(Failure::Usage(
+            "eBPF mode is not available in this build yet".to_owned(),
+        )),
+    }
+}
+
+/// `30000-32767`.
+fn parse_port_range(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
+    let (low, high) = text.split_once('-')?;
+    let (low, high) = (low.trim().parse().ok()?, high.trim().parse().ok()?);
+    (low <= high).then_some(low..=high)
 }
 
 /// Completes on SIGINT or SIGTERM (what the kubelet sends to stop the pod).

@@ -48,6 +48,13 @@ struct ResourceLabels {
     resource: String,
 }
 
+/// Labels of `topoproxy_dataplane_kernel_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    dataplane: String,
+    kind: String,
+}
+
 /// `op` label of `topoproxy_dataplane_operations_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -71,6 +78,9 @@ pub struct Metrics {
     dataplane_errors: Counter,
     dataplane_operations: Family<OpLabels, Counter>,
     drift_repairs: Counter,
+    kernel_requests: Family<RequestLabels, Counter>,
+    /// The totals last reported per series, so counters advance by the difference.
+    kernel_request_totals: std::sync::Mutex<std::collections::HashMap<RequestLabels, u64>>,
 }
 
 impl Default for Metrics {
@@ -185,6 +195,13 @@ impl Metrics {
             drift_repairs.clone(),
         );
 
+        let kernel_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "dataplane_kernel_requests",
+            "Requests the dataplane sent to the kernel, by dataplane and kind (IPVS netlink requests, BPF map writes)",
+            kernel_requests.clone(),
+        );
+
         Self {
             registry,
             sync_duration,
@@ -200,6 +217,8 @@ impl Metrics {
             dataplane_errors,
             dataplane_operations,
             drift_repairs,
+            kernel_requests,
+            kernel_request_totals: std::sync::Mutex::default(),
         }
     }
 
@@ -286,6 +305,25 @@ impl Metrics {
         self.dataplane_operations
             .get_or_create(&OpLabels { op: op.to_owned() })
             .inc_by(count);
+    }
+
+    /// Records the dataplane's running totals of kernel requests by kind.
+    pub fn record_kernel_requests(&self, dataplane: &str, totals: &[(&str, u64)]) {
+        let mut last = self
+            .kernel_request_totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for &(kind, total) in totals {
+            let labels = RequestLabels {
+                dataplane: dataplane.to_owned(),
+                kind: kind.to_owned(),
+            };
+            let previous = last.insert(labels.clone(), total).unwrap_or(0);
+            let counter = self.kernel_requests.get_or_create(&labels);
+            if total > previous {
+                counter.inc_by(total - previous);
+            }
+        }
     }
 
     /// Counts `operations` dataplane operations that repaired drift found by a periodic re-read.

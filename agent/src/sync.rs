@@ -279,7 +279,9 @@ impl<D: Dataplane> SyncLoop<D> {
         }
         let full = self.replan_all || !self.initial_sync_done;
         let ops = if self.resync {
-            match self.dataplane.read().await {
+            let read = self.dataplane.read().await;
+            self.record_kernel_requests();
+            match read {
                 Ok(actual) => {
                     self.replan(&node, full);
                     let desired = self.desired_table();
@@ -415,6 +417,7 @@ impl<D: Dataplane> SyncLoop<D> {
             return Ok(());
         }
         let result = self.dataplane.apply(ops).await;
+        self.record_kernel_requests();
         let failed: Vec<&Op> = match &result {
             Err(DataplaneError::Apply { failed, .. }) => failed.iter().map(|f| &f.op).collect(),
             Err(DataplaneError::Read { .. }) | Ok(()) => Vec::new(),
@@ -436,6 +439,15 @@ impl<D: Dataplane> SyncLoop<D> {
             self.state.metrics.dataplane_operations(kind, count);
         }
         result
+    }
+
+    fn record_kernel_requests(&self) {
+        let totals = self.dataplane.kernel_requests();
+        if !totals.is_empty() {
+            self.state
+                .metrics
+                .record_kernel_requests(self.dataplane.name(), &totals);
+        }
     }
 
     fn publish_table_stats(&self) {

@@ -53,6 +53,11 @@ pub trait Dataplane: Send {
         TierScope::Active
     }
 
+    /// Requests sent to the kernel since start, by kind, for the metrics.
+    fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// The virtual services this dataplane currently has programmed and owns.
     fn read(&mut self) -> impl Future<Output = Result<ProgrammedTable, DataplaneError>> + Send;
 

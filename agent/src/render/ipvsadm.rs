@@ -90,13 +90,22 @@ pub fn render_table(table: &NodeTable) -> String {
 }
 
 /// Renders rows in `ipvsadm -Ln` format, sorting them the way ipvsadm does.
-pub fn render_rows(mut rows: Vec<ServiceRow>) -> String {
+pub fn render_rows(rows: Vec<ServiceRow>) -> String {
+    render_rows_with_header(IPVS_VERSION, IPVS_CONN_TAB_SIZE, rows)
+}
+
+/// Like [`render_rows`], with the version line a kernel reported.
+pub fn render_rows_with_header(
+    version: &str,
+    table_size: u32,
+    mut rows: Vec<ServiceRow>,
+) -> String {
     rows.sort_by_key(|row| row.key);
     let mut out = String::with_capacity(128 + rows.len() * 96);
     // Writing into a String cannot fail.
     let _ = writeln!(
         out,
-        "IP Virtual Server version {IPVS_VERSION} (size={IPVS_CONN_TAB_SIZE})"
+        "IP Virtual Server version {version} (size={table_size})"
     );
     out.push_str("Prot LocalAddress:Port Scheduler Flags\n");
     out.push_str("  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n");

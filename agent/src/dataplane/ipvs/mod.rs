@@ -1,8 +1,14 @@
 //! The IPVS dataplane: virtual servers over generic netlink, VIPs on `kube-ipvs0`, and the
 //! few things IPVS cannot do (masquerade, hairpin, reject) in topoproxy's nftables table.
 
+pub mod cleanup;
 pub mod conntrack;
+pub mod dataplane;
+pub mod drain;
+pub mod inspect;
 pub mod link;
 pub mod netlink;
 pub mod nft;
 pub mod sysctl;
+
+pub use dataplane::{IpvsDataplane, IpvsSettings};

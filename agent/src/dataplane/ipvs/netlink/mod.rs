@@ -15,6 +15,13 @@ pub enum IpvsError {
     Unimplemented,
 }
 
+impl IpvsError {
+    /// The kernel's errno, when the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        None
+    }
+}
+
 /// Identity of a virtual service in the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceId {
@@ -90,14 +97,20 @@ impl IpvsClient {
     }
 
     /// The real servers of one virtual service (one multipart dump).
-    pub fn destinations(&mut self, _service: &ServiceId) -> Result<Vec<IpvsDestination>, IpvsError> {
+    pub fn destinations(
+        &mut self,
+        _service: &ServiceId,
+    ) -> Result<Vec<IpvsDestination>, IpvsError> {
         Err(IpvsError::Unimplemented)
     }
 
     /// Sends every command before reading any acknowledgement; returns one result per command,
     /// in order.
     pub fn execute(&mut self, commands: &[Command]) -> Vec<Result<(), IpvsError>> {
-        commands.iter().map(|_| Err(IpvsError::Unimplemented)).collect()
+        commands
+            .iter()
+            .map(|_| Err(IpvsError::Unimplemented))
+            .collect()
     }
 
     /// Netlink messages sent since the socket was opened, by kind (for benchmarks/metrics).

@@ -1,0 +1,441 @@
+//! `topoproxy cleanup` in IPVS mode: remove exactly what topoproxy owns and, for a migration,
+//! what kube-proxy's IPVS mode left behind.
+//!
+//! Ours: the IPVS services recorded in our nft table, their VIPs on `kube-ipvs0` (and the link
+//! once nothing else is bound on it), and the nft table itself. kube-proxy's (with
+//! `--kube-proxy`): the IPVS services on `kube-ipvs0` addresses and on node addresses within the
+//! NodePort range, the link, its iptables chains and its ipsets. Anything inside
+//! `--ipvs-exclude-cidrs`, and every other IPVS service, is left alone.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::process::{Command as Process, Stdio};
+
+use super::link::{DummyLink, LinkError};
+use super::netlink::{Command, IpvsClient, IpvsError};
+use super::nft::{Nft, NftError};
+use super::IpvsSettings;
+
+/// kube-proxy's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
+
+/// Chains kube-proxy creates (IPVS mode, plus the iptables-mode per-service prefixes a node may
+/// carry from before). Chains the kubelet owns (`KUBE-FIREWALL`, `KUBE-KUBELET-CANARY`) are not
+/// here.
+const KUBE_PROXY_CHAINS: &[&str] = &[
+    "KUBE-SERVICES",
+    "KUBE-POSTROUTING",
+    "KUBE-NODE-PORT",
+    "KUBE-NODEPORTS",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-MARK-MASQ",
+    "KUBE-FORWARD",
+    "KUBE-PROXY-FIREWALL",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+    "KUBE-IPVS-FILTER",
+    "KUBE-IPVS-OUT-FILTER",
+    "KUBE-PROXY-CANARY",
+    "KUBE-EXTERNAL-SERVICES",
+];
+const KUBE_PROXY_CHAIN_PREFIXES: &[&str] = &[
+    "KUBE-SVC-",
+    "KUBE-SEP-",
+    "KUBE-FW-",
+    "KUBE-XLB-",
+    "KUBE-EXT-",
+    "KUBE-SVL-",
+];
+
+/// Why clean-up stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error("talking to IPVS")]
+    Ipvs(#[from] IpvsError),
+    #[error("reading or deleting topoproxy's nftables table")]
+    Nft(#[from] NftError),
+    #[error("changing the {name} link")]
+    Link {
+        name: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("deleting IPVS service {service}")]
+    DeleteService {
+        service: String,
+        #[source]
+        source: IpvsError,
+    },
+    #[error("running {program}")]
+    Tool {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{program} failed: {stderr}")]
+    ToolFailed { program: String, stderr: String },
+}
+
+/// What clean-up removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CleanupReport {
+    pub services_deleted: usize,
+    pub addresses_removed: usize,
+    pub link_deleted: bool,
+    pub nft_table_deleted: bool,
+    pub iptables_chains_deleted: usize,
+    pub ipsets_destroyed: usize,
+    /// Things that could not be checked, e.g. a missing tool.
+    pub notes: Vec<String>,
+}
+
+fn link_error(settings: &IpvsSettings) -> impl Fn(LinkError) -> CleanupError + '_ {
+    move |source| CleanupError::Link {
+        name: settings.link_name.clone(),
+        source,
+    }
+}
+
+/// Removes topoproxy's IPVS-mode state and, with `kube_proxy`, kube-proxy's leftovers.
+pub async fn cleanup(
+    settings: &IpvsSettings,
+    kube_proxy: bool,
+    node_port_range: RangeInclusive<u16>,
+) -> Result<CleanupReport, CleanupError> {
+    let mut report = CleanupReport::default();
+    let mut nft = Nft::new()?;
+    let owned = nft.read()?.unwrap_or_default();
+    let mut ipvs = IpvsClient::connect()?;
+    let link = DummyLink::find(&settings.link_name)
+        .await
+        .map_err(link_error(settings))?;
+    let link_addresses = match &link {
+        Some(link) => link.addresses().await.map_err(link_error(settings))?,
+        None => BTreeSet::new(),
+    };
+    let node_addresses = match &link {
+        Some(link) => link
+            .addresses_elsewhere()
+            .await
+            .map_err(link_error(settings))?,
+        None => BTreeSet::new(),
+    };
+    let excluded = |address: IpAddr| {
+        settings
+            .exclude_cidrs
+            .iter()
+            .any(|cidr| cidr.contains(address))
+    };
+
+    let mut doomed = Vec::new();
+    for service in ipvs.services()? {
+        let key =
+            crate::table::VsKey::new(service.id.protocol, service.id.address, service.id.port);
+        if excluded(key.address) {
+            continue;
+        }
+        let ours = owned.services.contains_key(&key);
+        let kube_proxys = kube_proxy
+            && (link_addresses.contains(&key.address)
+                || (node_addresses.contains(&key.address) && node_port_range.contains(&key.port)));
+        if ours || kube_proxys {
+            doomed.push(service.id);
+        }
+    }
+    let commands: Vec<Command> = doomed.iter().map(|id| Command::DelService(*id)).collect();
+    for (id, result) in doomed.iter().zip(ipvs.execute(&commands)) {
+        match result {
+            Ok(()) => report.services_deleted += 1,
+            Err(source) if source.errno() == Some(libc::ENOENT) => {}
+            Err(source) => {
+                return Err(CleanupError::DeleteService {
+                    service: format!(
+                        "{} {}",
+                        id.protocol,
+                        std::net::SocketAddr::new(id.address, id.port)
+                    ),
+                    source,
+                })
+            }
+        }
+    }
+
+    if kube_proxy {
+        let (chains, notes) = remove_kube_proxy_iptables()?;
+        report.iptables_chains_deleted = chains;
+        report.notes.extend(notes);
+        let (sets, notes) = destroy_kube_proxy_ipsets()?;
+        report.ipsets_destroyed = sets;
+        report.notes.extend(notes);
+    }
+
+    if let Some(link) = link {
+        let ours: BTreeSet<IpAddr> = owned.services.keys().map(|key| key.address).collect();
+        let remaining: Vec<IpAddr> = link_addresses
+            .iter()
+            .filter(|address| !kube_proxy && !ours.contains(address))
+            .copied()
+            .collect();
+        if remaining.is_empty() {
+            report.addresses_removed = link_addresses.len();
+            link.delete().await.map_err(link_error(settings))?;
+            report.link_deleted = true;
+        } else {
+            for address in link_addresses.iter().filter(|a| ours.contains(a)) {
+                link.delete_address(*address)
+                    .await
+                    .map_err(link_error(settings))?;
+                report.addresses_removed += 1;
+            }
+            report.notes.push(format!(
+                "{} keeps {} address(es) topoproxy does not own (use --kube-proxy to remove kube-proxy's)",
+                settings.link_name,
+                remaining.len()
+            ));
+        }
+    }
+
+    if nft.read()?.is_some() {
+        nft.delete()?;
+        report.nft_table_deleted = true;
+    }
+    Ok(report)
+}
+
+fn is_kube_proxy_chain(name: &str) -> bool {
+    KUBE_PROXY_CHAINS.contains(&name)
+        || KUBE_PROXY_CHAIN_PREFIXES
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+}
+
+/// The `iptables-restore --noflush` script that removes kube-proxy's chains from an
+/// `iptables-save` dump: jumps to them from other chains first, then their rules, then the
+/// chains. `None` when there is nothing to remove. Also returns how many chains go.
+pub fn iptables_cleanup_script(save: &str) -> Option<(String, usize)> {
+    let mut script = String::new();
+    let mut total = 0;
+    let mut table: Option<&str> = None;
+    let mut chains: Vec<&str> = Vec::new();
+    let mut jumps: Vec<&str> = Vec::new();
+    let mut flush = |table: Option<&str>, chains: &mut Vec<&str>, jumps: &mut Vec<&str>| {
+        if let Some(table) = table {
+            if !chains.is_empty() {
+                script.push_str(&format!("*{table}\n"));
+                for rule in jumps.iter() {
+                    script.push_str(&format!("-D {rule}\n"));
+                }
+                for chain in chains.iter() {
+                    script.push_str(&format!("-F {chain}\n"));
+                }
+                for chain in chains.iter() {
+                    script.push_str(&format!("-X {chain}\n"));
+                }
+                script.push_str("COMMIT\n");
+                total += chains.len();
+            }
+        }
+        chains.clear();
+        jumps.clear();
+    };
+    for line in save.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            flush(table, &mut chains, &mut jumps);
+            table = Some(name.trim());
+        } else if let Some(declaration) = line.strip_prefix(':') {
+            if let Some(name) = declaration.split_whitespace().next() {
+                if is_kube_proxy_chain(name) {
+                    chains.push(name);
+                }
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let chain = rule.split_whitespace().next().unwrap_or_default();
+            let mut words = rule.split_whitespace();
+            let mut target = None;
+            while let Some(word) = words.next() {
+                if word == "-j" || word == "-g" {
+                    target = words.next();
+                }
+            }
+            if !is_kube_proxy_chain(chain) && target.is_some_and(is_kube_proxy_chain) {
+                jumps.push(rule);
+            }
+        } else if line.trim() == "COMMIT" {
+            flush(table, &mut chains, &mut jumps);
+            table = None;
+        }
+    }
+    flush(table, &mut chains, &mut jumps);
+    (total > 0).then_some((script, total))
+}
+
+fn tool(program: &str) -> Option<std::path::PathBuf> {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|path| path.is_file())
+}
+
+fn run_tool(
+    program: &std::path::Path,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, CleanupError> {
+    use std::io::Write as _;
+    let name = program.display().to_string();
+    let mut child = Process::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| CleanupError::Tool {
+            program: name.clone(),
+            source,
+        })?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(input.as_bytes())
+            .map_err(|source| CleanupError::Tool {
+                program: name.clone(),
+                source,
+            })?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|source| CleanupError::Tool {
+            program: name.clone(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(CleanupError::ToolFailed {
+            program: name,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn remove_kube_proxy_iptables() -> Result<(usize, Vec<String>), CleanupError> {
+    let mut removed = 0;
+    let mut notes = Vec::new();
+    for (save, restore) in [
+        ("iptables-save", "iptables-restore"),
+        ("ip6tables-save", "ip6tables-restore"),
+    ] {
+        let (Some(save), Some(restore)) = (tool(save), tool(restore)) else {
+            notes.push(format!(
+                "{save} not found: kube-proxy's iptables chains were not checked"
+            ));
+            continue;
+        };
+        let dump = run_tool(&save, &[], None)?;
+        if let Some((script, chains)) = iptables_cleanup_script(&dump) {
+            run_tool(&restore, &["--noflush"], Some(&script))?;
+            removed += chains;
+        }
+    }
+    Ok((removed, notes))
+}
+
+fn destroy_kube_proxy_ipsets() -> Result<(usize, Vec<String>), CleanupError> {
+    let Some(ipset) = tool("ipset") else {
+        return Ok((
+            0,
+            vec!["ipset not found: kube-proxy's ipsets were not checked".to_owned()],
+        ));
+    };
+    let names = run_tool(&ipset, &["list", "-n"], None)?;
+    let mut destroyed = 0;
+    for name in names
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.starts_with("KUBE-"))
+    {
+        run_tool(&ipset, &["destroy", name], None)?;
+        destroyed += 1;
+    }
+    Ok((destroyed, Vec::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Trimmed from `iptables-save` on a node running kube-proxy in IPVS mode.
+    const SAVE: &str = "\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-IPVS-FILTER - [0:0]
+:KUBE-NODE-PORT - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+-A INPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER
+-A INPUT -j KUBE-FIREWALL
+-A FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-IPVS-FILTER -m set --match-set KUBE-LOAD-BALANCER dst,dst -j RETURN
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SERVICES - [0:0]
+:CNI-HOSTPORT-DNAT - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A PREROUTING -j CNI-HOSTPORT-DNAT
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT
+COMMIT
+";
+
+    #[test]
+    fn removes_kube_proxy_chains_and_the_jumps_to_them_only() {
+        let (script, chains) = iptables_cleanup_script(SAVE).expect("something to remove");
+        assert_eq!(chains, 7);
+        let expected = "\
+*filter
+-D INPUT -m comment --comment \"kubernetes ipvs access filter\" -j KUBE-IPVS-FILTER
+-D FORWARD -m comment --comment \"kubernetes forwarding rules\" -j KUBE-FORWARD
+-F KUBE-FORWARD
+-F KUBE-IPVS-FILTER
+-F KUBE-NODE-PORT
+-F KUBE-PROXY-FIREWALL
+-X KUBE-FORWARD
+-X KUBE-IPVS-FILTER
+-X KUBE-NODE-PORT
+-X KUBE-PROXY-FIREWALL
+COMMIT
+*nat
+-D PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-D OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-D POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-F KUBE-MARK-MASQ
+-F KUBE-POSTROUTING
+-F KUBE-SERVICES
+-X KUBE-MARK-MASQ
+-X KUBE-POSTROUTING
+-X KUBE-SERVICES
+COMMIT
+";
+        assert_eq!(script, expected);
+    }
+
+    #[test]
+    fn a_clean_node_needs_no_script() {
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:KUBE-FIREWALL - [0:0]\n-A INPUT -j KUBE-FIREWALL\nCOMMIT\n";
+        assert_eq!(iptables_cleanup_script(save), None);
+    }
+}

@@ -1,0 +1,865 @@
+//! [`IpvsDataplane`]: the sync loop's [`Dataplane`] on IPVS, `kube-ipvs0` and nftables.
+//!
+//! Ownership: the nft table's sets are the record of which virtual services topoproxy owns.
+//! They are written *before* a service is created and cleared *after* it is deleted, so a crash
+//! at any point leaves no IPVS service of ours unrecorded, and a restart adopts exactly what it
+//! owns. Every other IPVS service is foreign and never touched, and so is anything inside
+//! `--ipvs-exclude-cidrs`.
+//!
+//! Cost follows the change: `apply` sends one netlink request per op (pipelined), one nft
+//! transaction with just the set elements that changed, and address changes only when a VIP
+//! starts or stops being needed. Only `read` (start-up adoption and periodic drift repair)
+//! walks the whole table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ipnetwork::IpNetwork;
+
+use crate::dataplane::{Dataplane, DataplaneError, FailedOp};
+use crate::diff::{DestinationState, Op, ProgrammedService, ProgrammedTable, ServiceConfig};
+use crate::table::{Frontend, VsKey};
+
+use super::conntrack;
+use super::drain::{self, DrainKey, DrainVerdict, Draining};
+use super::link::{DummyLink, LinkError, DUMMY_LINK};
+use super::netlink::{
+    Command, Forward, IpvsClient, IpvsDestination, IpvsError, IpvsService, MessageCounts, ServiceId,
+};
+use super::nft::{Nft, NftError, NftSettings, NftState};
+use super::sysctl::{self, SysctlError};
+
+const NAME: &str = "ipvs";
+
+/// How often, at most, draining destinations are checked for remaining connections.
+const DRAIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The IPVS dataplane's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpvsSettings {
+    /// The dummy link that holds the VIPs.
+    pub link_name: String,
+    /// IPVS services inside these ranges are never created, changed or removed.
+    pub exclude_cidrs: Vec<IpNetwork>,
+    /// Masquerading rules.
+    pub nft: NftSettings,
+    /// Set `arp_ignore`/`arp_announce` so VIPs on `kube-ipvs0` are not announced over ARP.
+    pub strict_arp: bool,
+    /// How long a removed TCP destination may keep its connections before it is deleted.
+    pub drain_timeout: Duration,
+}
+
+impl Default for IpvsSettings {
+    fn default() -> Self {
+        Self {
+            link_name: DUMMY_LINK.to_owned(),
+            exclude_cidrs: Vec::new(),
+            nft: NftSettings::default(),
+            strict_arp: false,
+            drain_timeout: Duration::from_secs(900),
+        }
+    }
+}
+
+/// Why the IPVS dataplane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum IpvsSetupError {
+    #[error("setting the kernel parameters IPVS mode needs")]
+    Sysctl(#[from] SysctlError),
+    #[error("opening the IPVS netlink family (is the ip_vs module loaded?)")]
+    Ipvs(#[from] IpvsError),
+    #[error("preparing the {name} link")]
+    Link {
+        name: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("preparing the nftables table")]
+    Nft(#[from] NftError),
+}
+
+/// The kernel parameters IPVS mode needs, as kube-proxy sets them.
+pub fn required_sysctls(strict_arp: bool) -> Vec<(&'static str, &'static str)> {
+    let mut settings = vec![
+        // IPVS writes its translations into conntrack, which masquerading relies on.
+        ("net.ipv4.vs.conntrack", "1"),
+        // Packets of a connection whose destination is gone are dropped at once, so clients
+        // reconnect instead of timing out.
+        ("net.ipv4.vs.expire_nodest_conn", "1"),
+        // A persistence template pointing at a weight-0 destination expires with it.
+        ("net.ipv4.vs.expire_quiescent_template", "1"),
+        ("net.ipv4.ip_forward", "1"),
+    ];
+    if strict_arp {
+        settings.push(("net.ipv4.conf.all.arp_ignore", "1"));
+        settings.push(("net.ipv4.conf.all.arp_announce", "2"));
+    }
+    settings
+}
+
+/// Whether a service's address is bound on the dummy link (NodePorts use node addresses).
+fn binds_address(frontend: Frontend) -> bool {
+    !matches!(frontend, Frontend::NodePort)
+}
+
+fn service_id(key: &VsKey) -> ServiceId {
+    ServiceId {
+        protocol: key.protocol,
+        address: key.address,
+        port: key.port,
+    }
+}
+
+fn ipvs_service(key: &VsKey, config: &ServiceConfig) -> IpvsService {
+    IpvsService {
+        id: service_id(key),
+        scheduler: config.scheduler.clone(),
+        persistence_timeout: config.persistence_timeout,
+    }
+}
+
+fn masq_destination(address: IpAddr, port: u16, weight: u32) -> IpvsDestination {
+    IpvsDestination {
+        address,
+        port,
+        weight,
+        forward: Forward::Masq,
+        active_connections: 0,
+        inactive_connections: 0,
+    }
+}
+
+/// The IPVS dataplane.
+pub struct IpvsDataplane {
+    settings: IpvsSettings,
+    ipvs: IpvsClient,
+    link: DummyLink,
+    nft: Nft,
+    /// The nft sets as last written: the services topoproxy owns and their destinations.
+    owned: NftState,
+    /// Whether the nft table was rewritten with this process's rules since it started.
+    rules_current: bool,
+    /// Services asked for inside the exclude CIDRs: reported as asked, never programmed.
+    excluded: BTreeMap<VsKey, ProgrammedService>,
+    /// How many owned services need each address bound on the dummy link.
+    address_users: BTreeMap<IpAddr, usize>,
+    draining: Draining,
+    last_drain_check: Option<Instant>,
+}
+
+impl IpvsDataplane {
+    /// Sets the kernel parameters, opens IPVS, and makes sure the dummy link exists. Nothing
+    /// is programmed or removed until the sync loop reads and applies.
+    pub async fn new(settings: IpvsSettings) -> Result<Self, IpvsSetupError> {
+        for (name, value) in required_sysctls(settings.strict_arp) {
+            if sysctl::ensure(name, value)? {
+                tracing::info!(sysctl = name, value, "set kernel parameter");
+            }
+        }
+        let ipvs = IpvsClient::connect()?;
+        let link = DummyLink::ensure(&settings.link_name)
+            .await
+            .map_err(|source| IpvsSetupError::Link {
+                name: settings.link_name.clone(),
+                source,
+            })?;
+        let nft = Nft::new()?;
+        Ok(Self {
+            settings,
+            ipvs,
+            link,
+            nft,
+            owned: NftState::default(),
+            rules_current: false,
+            excluded: BTreeMap::new(),
+            address_users: BTreeMap::new(),
+            draining: Draining::new(),
+            last_drain_check: None,
+        })
+    }
+
+    fn is_excluded(&self, address: IpAddr) -> bool {
+        self.settings
+            .exclude_cidrs
+            .iter()
+            .any(|cidr| cidr.contains(address))
+    }
+
+    fn read_error(message: impl std::fmt::Display) -> DataplaneError {
+        DataplaneError::Read {
+            dataplane: NAME,
+            message: message.to_string(),
+        }
+    }
+
+    /// Reads the owned part of the kernel's table, re-creating the nft table when it is missing
+    /// and rewriting its rules once per process (settings may have changed).
+    async fn read_owned(&mut self) -> Result<ProgrammedTable, DataplaneError> {
+        let recorded = self.nft.read().map_err(|e| Self::read_error(chain(&e)))?;
+        let owned = recorded.unwrap_or_default();
+        if !self.rules_current || owned == NftState::default() {
+            self.nft
+                .replace(&self.settings.nft, &owned)
+                .map_err(|e| Self::read_error(chain(&e)))?;
+            self.rules_current = true;
+        }
+        self.owned = owned;
+
+        let mut table = ProgrammedTable::new();
+        let services = self
+            .ipvs
+            .services()
+            .map_err(|e| Self::read_error(chain(&e)))?;
+        for service in services {
+            let key = VsKey::new(service.id.protocol, service.id.address, service.id.port);
+            let Some(&(frontend, traffic_policy)) = self.owned.services.get(&key) else {
+                continue;
+            };
+            if self.is_excluded(key.address) {
+                continue;
+            }
+            let destinations = self
+                .ipvs
+                .destinations(&service.id)
+                .map_err(|e| Self::read_error(chain(&e)))?;
+            let destinations = destinations
+                .into_iter()
+                .filter(|d| {
+                    !self.draining.contains(&DrainKey {
+                        service: key,
+                        address: d.address,
+                        port: d.port,
+                    })
+                })
+                .map(|d| ((d.address, d.port), DestinationState::active(d.weight)))
+                .collect();
+            table.insert(
+                key,
+                ProgrammedService {
+                    config: ServiceConfig {
+                        scheduler: service.scheduler,
+                        persistence_timeout: service.persistence_timeout,
+                        frontend,
+                        traffic_policy,
+                    },
+                    destinations,
+                },
+            );
+        }
+        for (key, service) in &self.excluded {
+            table.insert(*key, service.clone());
+        }
+
+        self.address_users.clear();
+        for (key, (frontend, _)) in &self.owned.services {
+            if binds_address(*frontend) && table.contains_key(key) {
+                *self.address_users.entry(key.address).or_default() += 1;
+            }
+        }
+        self.repair_addresses()
+            .await
+            .map_err(|e| Self::read_error(chain(&e)))?;
+        Ok(table)
+    }
+
+    /// Binds every address an owned service needs and unbinds the dummy link's others.
+    async fn repair_addresses(&mut self) -> Result<(), LinkError> {
+        let bound = self.link.addresses().await?;
+        let needed: BTreeSet<IpAddr> = self.address_users.keys().copied().collect();
+        let missing: Vec<IpAddr> = needed.difference(&bound).copied().collect();
+        if !missing.is_empty() {
+            let elsewhere = self.link.addresses_elsewhere().await?;
+            for address in missing {
+                if !elsewhere.contains(&address) {
+                    self.link.add_address(address).await?;
+                }
+            }
+        }
+        for address in bound.difference(&needed) {
+            self.link.delete_address(*address).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes draining destinations that have no connections left or ran out of time.
+    fn check_drains(&mut self, force: bool) -> Vec<String> {
+        let now = Instant::now();
+        if self.draining.is_empty()
+            || (!force
+                && self
+                    .last_drain_check
+                    .is_some_and(|at| now.duration_since(at) < DRAIN_CHECK_INTERVAL))
+        {
+            return Vec::new();
+        }
+        self.last_drain_check = Some(now);
+        let mut problems = Vec::new();
+        let mut deletions = Vec::new();
+        for service in self.draining.services() {
+            let connections: BTreeMap<(IpAddr, u16), u64> =
+                match self.ipvs.destinations(&service_id(&service)) {
+                    Ok(list) => list
+                        .into_iter()
+                        .map(|d| {
+                            (
+                                (d.address, d.port),
+                                u64::from(d.active_connections) + u64::from(d.inactive_connections),
+                            )
+                        })
+                        .collect(),
+                    Err(error) if is_not_found(&error) => {
+                        self.draining.forget_service(&service);
+                        continue;
+                    }
+                    Err(error) => {
+                        problems.push(format!("checking draining destinations: {}", chain(&error)));
+                        continue;
+                    }
+                };
+            for key in self.draining.of_service(&service).collect::<Vec<_>>() {
+                let Some(&count) = connections.get(&(key.address, key.port)) else {
+                    self.draining.cancel(&key);
+                    continue;
+                };
+                let since = self.draining.since(&key).unwrap_or(now);
+                match drain::verdict(since, now, self.settings.drain_timeout, count) {
+                    DrainVerdict::Keep => {}
+                    verdict => {
+                        if verdict == DrainVerdict::TimedOut {
+                            tracing::warn!(
+                                service = %format_key(&key.service),
+                                destination = %std::net::SocketAddr::new(key.address, key.port),
+                                connections = count,
+                                "drain timeout passed; deleting the destination with connections open"
+                            );
+                        }
+                        deletions.push(key);
+                    }
+                }
+            }
+        }
+        if deletions.is_empty() {
+            return problems;
+        }
+        let commands: Vec<Command> = deletions
+            .iter()
+            .map(|key| Command::DelDestination(service_id(&key.service), key.address, key.port))
+            .collect();
+        for (key, result) in deletions.iter().zip(self.ipvs.execute(&commands)) {
+            match result {
+                Ok(()) => {
+                    self.draining.cancel(key);
+                }
+                Err(error) if is_not_found(&error) => {
+                    self.draining.cancel(key);
+                }
+                Err(error) => problems.push(format!(
+                    "deleting drained destination {} of {}: {}",
+                    std::net::SocketAddr::new(key.address, key.port),
+                    format_key(&key.service),
+                    chain(&error)
+                )),
+            }
+        }
+        problems
+    }
+
+    /// Request counts by kind since the dataplane started.
+    pub fn requests(&self) -> MessageCounts {
+        self.ipvs.messages_sent()
+    }
+
+    /// How many destinations are draining now.
+    pub fn draining(&self) -> usize {
+        self.draining.len()
+    }
+}
+
+/// One IPVS request planned for an op, with what to do when it succeeds.
+struct Planned {
+    op: usize,
+    command: Command,
+    after: AfterSuccess,
+}
+
+enum AfterSuccess {
+    Nothing,
+    /// A UDP/SCTP destination went: flush its conntrack entries.
+    FlushConntrack {
+        service: VsKey,
+        address: IpAddr,
+        port: u16,
+    },
+}
+
+impl Dataplane for IpvsDataplane {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
+        for problem in self.check_drains(true) {
+            tracing::warn!("{problem}");
+        }
+        self.read_owned().await
+    }
+
+    async fn apply(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
+        let mut failed: BTreeMap<usize, String> = BTreeMap::new();
+        let now = Instant::now();
+
+        // Ops on excluded addresses are recorded, never programmed.
+        let mut live = Vec::with_capacity(ops.len());
+        for (index, op) in ops.iter().enumerate() {
+            let key = op.service();
+            if !self.is_excluded(key.address) {
+                live.push(index);
+                continue;
+            }
+            match op {
+                Op::AddService { config, .. } => {
+                    tracing::warn!(
+                        service = %format_key(&key),
+                        "inside --ipvs-exclude-cidrs: not programmed"
+                    );
+                    self.excluded.insert(
+                        key,
+                        ProgrammedService {
+                            config: config.clone(),
+                            destinations: BTreeMap::new(),
+                        },
+                    );
+                }
+                Op::EditService { config, .. } => {
+                    if let Some(service) = self.excluded.get_mut(&key) {
+                        service.config = config.clone();
+                    }
+                }
+                Op::AddDestination { destination, .. }
+                | Op::EditDestination { destination, .. } => {
+                    if let Some(service) = self.excluded.get_mut(&key) {
+                        service
+                            .destinations
+                            .insert((destination.address, destination.port), destination.state());
+                    }
+                }
+                Op::DeleteDestination { destination, .. } => {
+                    if let Some(service) = self.excluded.get_mut(&key) {
+                        service
+                            .destinations
+                            .remove(&(destination.address, destination.port));
+                    }
+                }
+                Op::DeleteService { .. } => {
+                    self.excluded.remove(&key);
+                }
+            }
+        }
+
+        // 1. Record ownership (and hairpin destinations) before creating anything.
+        let mut recorded = NftState::default();
+        let mut replaced_roles = BTreeMap::new();
+        for &index in &live {
+            match &ops[index] {
+                Op::AddService { key, config } | Op::EditService { key, config } => {
+                    let role = (config.frontend, config.traffic_policy);
+                    if let Some(previous) = self.owned.services.get(key) {
+                        if *previous != role {
+                            replaced_roles.insert(*key, *previous);
+                        }
+                    }
+                    recorded.services.insert(*key, role);
+                }
+                Op::AddDestination {
+                    service,
+                    destination,
+                } => {
+                    recorded
+                        .destinations
+                        .insert((*service, destination.address, destination.port));
+                }
+                Op::EditDestination { .. }
+                | Op::DeleteDestination { .. }
+                | Op::DeleteService { .. } => {}
+            }
+        }
+        recorded
+            .services
+            .retain(|key, role| self.owned.services.get(key) != Some(role));
+        recorded
+            .destinations
+            .retain(|d| !self.owned.destinations.contains(d));
+        if !recorded.services.is_empty() || !recorded.destinations.is_empty() {
+            if let Err(error) = self.nft.update(&NftState::default(), &recorded) {
+                // Without the record nothing may be created: a restart would not know it.
+                let reason = format!("recording ownership in nftables: {}", chain(&error));
+                return Err(DataplaneError::Apply {
+                    dataplane: NAME,
+                    failed: ops
+                        .iter()
+                        .map(|op| FailedOp {
+                            op: op.clone(),
+                            reason: reason.clone(),
+                        })
+                        .collect(),
+                });
+            }
+            self.owned.services.extend(recorded.services.clone());
+            self.owned
+                .destinations
+                .extend(recorded.destinations.iter().copied());
+        }
+
+        // 2. Bind the addresses new services need.
+        let mut new_addresses = Vec::new();
+        for &index in &live {
+            if let Op::AddService { key, config } = &ops[index] {
+                if binds_address(config.frontend) {
+                    let users = self.address_users.entry(key.address).or_default();
+                    *users += 1;
+                    if *users == 1 {
+                        new_addresses.push((index, key.address));
+                    }
+                }
+            }
+        }
+        if !new_addresses.is_empty() {
+            match self.link.addresses_elsewhere().await {
+                Ok(elsewhere) => {
+                    for (index, address) in new_addresses {
+                        if elsewhere.contains(&address) {
+                            continue;
+                        }
+                        if let Err(error) = self.link.add_address(address).await {
+                            failed.insert(
+                                index,
+                                format!(
+                                    "binding {address} on {}: {}",
+                                    self.settings.link_name,
+                                    chain(&error)
+                                ),
+                            );
+                        }
+                    }
+                }
+                Err(error) => {
+                    for (index, _) in new_addresses {
+                        failed.insert(index, format!("listing node addresses: {}", chain(&error)));
+                    }
+                }
+            }
+        }
+
+        // 3. The IPVS requests, pipelined.
+        let mut planned = Vec::with_capacity(live.len());
+        for &index in &live {
+            if failed.contains_key(&index) {
+                continue;
+            }
+            let (command, after) = match &ops[index] {
+                Op::AddService { key, config } => (
+                    Command::NewService(ipvs_service(key, config)),
+                    AfterSuccess::Nothing,
+                ),
+                Op::EditService { key, config } => (
+                    Command::SetService(ipvs_service(key, config)),
+                    AfterSuccess::Nothing,
+                ),
+                Op::AddDestination {
+                    service,
+                    destination,
+                } => {
+                    let dest =
+                        masq_destination(destination.address, destination.port, destination.weight);
+                    let returning = self.draining.cancel(&DrainKey {
+                        service: *service,
+                        address: destination.address,
+                        port: destination.port,
+                    });
+                    let command = if returning {
+                        Command::SetDestination(service_id(service), dest)
+                    } else {
+                        Command::NewDestination(service_id(service), dest)
+                    };
+                    (command, AfterSuccess::Nothing)
+                }
+                Op::EditDestination {
+                    service,
+                    destination,
+                } => (
+                    Command::SetDestination(
+                        service_id(service),
+                        masq_destination(destination.address, destination.port, destination.weight),
+                    ),
+                    AfterSuccess::Nothing,
+                ),
+                Op::DeleteDestination {
+                    service,
+                    destination,
+                } => {
+                    if drain::drains(service.protocol) {
+                        self.draining.start(
+                            DrainKey {
+                                service: *service,
+                                address: destination.address,
+                                port: destination.port,
+                            },
+                            now,
+                        );
+                        (
+                            Command::SetDestination(
+                                service_id(service),
+                                masq_destination(destination.address, destination.port, 0),
+                            ),
+                            AfterSuccess::Nothing,
+                        )
+                    } else {
+                        (
+                            Command::DelDestination(
+                                service_id(service),
+                                destination.address,
+                                destination.port,
+                            ),
+                            AfterSuccess::FlushConntrack {
+                                service: *service,
+                                address: destination.address,
+                                port: destination.port,
+                            },
+                        )
+                    }
+                }
+                Op::DeleteService { key } => {
+                    self.draining.forget_service(key);
+                    (Command::DelService(service_id(key)), AfterSuccess::Nothing)
+                }
+            };
+            planned.push(Planned {
+                op: index,
+                command,
+                after,
+            });
+        }
+        let commands: Vec<Command> = planned.iter().map(|p| p.command.clone()).collect();
+        let results = self.ipvs.execute(&commands);
+        let mut retries = Vec::new();
+        let mut succeeded = Vec::with_capacity(planned.len());
+        for (planned, result) in planned.into_iter().zip(results) {
+            let Err(error) = result else {
+                succeeded.push(planned);
+                continue;
+            };
+            let removing = matches!(ops[planned.op], Op::DeleteDestination { .. });
+            match retry_for(&planned.command, &error, removing) {
+                Retry::Done => succeeded.push(planned),
+                Retry::With(command) => retries.push((planned, command)),
+                Retry::Fail => {
+                    failed.insert(planned.op, chain(&error));
+                }
+            }
+        }
+        if !retries.is_empty() {
+            let commands: Vec<Command> = retries.iter().map(|(_, c)| c.clone()).collect();
+            for ((planned, _), result) in retries.into_iter().zip(self.ipvs.execute(&commands)) {
+                match result {
+                    Ok(()) => succeeded.push(planned),
+                    Err(error) => {
+                        failed.insert(planned.op, chain(&error));
+                    }
+                }
+            }
+        }
+
+        // 4. Conntrack clean-up for destinations deleted at once.
+        for planned in &succeeded {
+            if let AfterSuccess::FlushConntrack {
+                service,
+                address,
+                port,
+            } = planned.after
+            {
+                match conntrack::flush_backend(
+                    service.protocol,
+                    service.address,
+                    service.port,
+                    address,
+                    port,
+                ) {
+                    Ok(flushed) if flushed > 0 => tracing::debug!(
+                        service = %format_key(&service),
+                        destination = %std::net::SocketAddr::new(address, port),
+                        flushed,
+                        "flushed conntrack entries"
+                    ),
+                    Ok(_) => {}
+                    Err(error) => {
+                        failed.insert(
+                            planned.op,
+                            format!("flushing conntrack entries: {}", chain(&error)),
+                        );
+                    }
+                }
+            }
+        }
+
+        // 5. Forget what is gone: ownership records, then addresses no service needs.
+        let mut forgotten = NftState::default();
+        let mut released = Vec::new();
+        for &index in &live {
+            if failed.contains_key(&index) {
+                continue;
+            }
+            match &ops[index] {
+                Op::DeleteService { key } => {
+                    let Some(&role) = self.owned.services.get(key) else {
+                        continue;
+                    };
+                    forgotten.services.insert(*key, role);
+                    if binds_address(role.0) {
+                        if let Some(users) = self.address_users.get_mut(&key.address) {
+                            *users = users.saturating_sub(1);
+                            if *users == 0 {
+                                self.address_users.remove(&key.address);
+                                released.push(key.address);
+                            }
+                        }
+                    }
+                }
+                Op::EditService { key, .. } => {
+                    if let Some(previous) = replaced_roles.get(key) {
+                        forgotten.services.insert(*key, *previous);
+                    }
+                }
+                Op::DeleteDestination {
+                    service,
+                    destination,
+                } => {
+                    forgotten.destinations.insert((
+                        *service,
+                        destination.address,
+                        destination.port,
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if !forgotten.services.is_empty() || !forgotten.destinations.is_empty() {
+            match self.nft.update(&forgotten, &NftState::default()) {
+                Ok(()) => {
+                    for (key, role) in &forgotten.services {
+                        if self.owned.services.get(key) == Some(role) {
+                            self.owned.services.remove(key);
+                        }
+                    }
+                    for destination in &forgotten.destinations {
+                        self.owned.destinations.remove(destination);
+                    }
+                }
+                Err(error) => tracing::warn!(
+                    error = %chain(&error),
+                    "could not clear the nftables records of removed services; the next read repairs them"
+                ),
+            }
+        }
+        for address in released {
+            if let Err(error) = self.link.delete_address(address).await {
+                tracing::warn!(%address, error = %chain(&error), "could not unbind a VIP");
+            }
+        }
+
+        for problem in self.check_drains(false) {
+            tracing::warn!("{problem}");
+        }
+
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(DataplaneError::Apply {
+                dataplane: NAME,
+                failed: failed
+                    .into_iter()
+                    .map(|(index, reason)| FailedOp {
+                        op: ops[index].clone(),
+                        reason,
+                    })
+                    .collect(),
+            })
+        }
+    }
+
+    fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
+        let counts = self.ipvs.messages_sent();
+        vec![
+            ("new_service", counts.new_service),
+            ("set_service", counts.set_service),
+            ("del_service", counts.del_service),
+            ("new_destination", counts.new_destination),
+            ("set_destination", counts.set_destination),
+            ("del_destination", counts.del_destination),
+            ("get_service", counts.get_service),
+            ("dump_services", counts.dump_services),
+            ("dump_destinations", counts.dump_destinations),
+            ("other", counts.other),
+        ]
+    }
+}
+
+/// What to do about a refused request.
+enum Retry {
+    /// The kernel is already as wanted.
+    Done,
+    /// Send this instead.
+    With(Command),
+    Fail,
+}
+
+/// Requests whose target already was in the wanted state are redone in their other form: an
+/// existing service or destination is updated, a missing one is created (unless it was being
+/// removed), and deleting what is already gone succeeds.
+fn retry_for(command: &Command, error: &IpvsError, removing: bool) -> Retry {
+    match command {
+        Command::NewService(service) if is_exists(error) => {
+            Retry::With(Command::SetService(service.clone()))
+        }
+        Command::NewDestination(id, dest) if is_exists(error) => {
+            Retry::With(Command::SetDestination(*id, dest.clone()))
+        }
+        Command::SetDestination(..) if removing && is_not_found(error) => Retry::Done,
+        Command::SetDestination(id, dest) if is_not_found(error) => {
+            Retry::With(Command::NewDestination(*id, dest.clone()))
+        }
+        Command::DelDestination(..) | Command::DelService(..) if is_not_found(error) => Retry::Done,
+        _ => Retry::Fail,
+    }
+}
+
+/// `TCP 10.96.0.10:53`, for logs.
+pub fn format_key(key: &VsKey) -> String {
+    format!(
+        "{} {}",
+        key.protocol,
+        std::net::SocketAddr::new(key.address, key.port)
+    )
+}
+
+/// An error with its causes, `: `-separated.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The kernel said the service or destination already exists.
+fn is_exists(error: &IpvsError) -> bool {
+    error.errno() == Some(libc::EEXIST)
+}
+
+/// The kernel said the service or destination does not exist.
+fn is_not_found(error: &IpvsError) -> bool {
+    matches!(error.errno(), Some(libc::ENOENT | libc::ESRCH))
+}
