@@ -8,6 +8,7 @@
 //!   in one boot per kernel (see `vmtest.rs`).
 //! - `vm-run`: boots one kernel with a prepared share and runs its `run.sh`.
 //! - `vm-runner`: a cargo target runner running one binary in the VM (see `vmtest.rs`).
+//! - `vm-bench`: the agent's IPVS sync against `ipvsadm -R` in the VM (see `vmbench.rs`).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,6 +20,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod vm;
+mod vmbench;
 mod vmtest;
 
 #[derive(Parser)]
@@ -62,6 +64,22 @@ enum Task {
         /// Passed to every test binary after `--ignored --test-threads=1` (filters, flags).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// IPVS programming cost in the VM: the agent's cold sync against `ipvsadm -R` of the same
+    /// table, and the netlink requests of one endpoint change.
+    VmBench {
+        /// Kernel (6.1 or 6.12); repeat for several.
+        #[arg(long = "kernel", default_values_t = ["6.1".to_owned()])]
+        kernels: Vec<String>,
+        /// Service counts (10 endpoints each), comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1000usize, 10000])]
+        services: Vec<usize>,
+        /// Wall-clock limit per boot, in seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
     },
     /// A cargo target runner: runs BINARY ARGS... in the VM and exits with its status.
     VmRunner {
@@ -120,6 +138,17 @@ fn main() -> Result<()> {
                 memory_mib: memory,
             })
         }
+        Task::VmBench {
+            kernels,
+            services,
+            timeout,
+            memory,
+        } => vmbench::vm_bench(&vmbench::BenchPlan {
+            kernels,
+            services,
+            timeout: Duration::from_secs(timeout),
+            memory_mib: memory,
+        }),
         Task::VmRunner {
             kernel,
             timeout,
