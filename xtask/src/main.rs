@@ -4,7 +4,11 @@
 //!   event-to-dataplane latency) and then the agent as its own process against the fake API
 //!   server, to measure its resident memory at scale.
 //! - `vm-setup`: installs QEMU and the guest tools, fetches the Debian kernels (see `vm.rs`).
-//! - `vm-test`: boots each kernel in QEMU and runs the IPVS smoke test.
+//! - `vm-test`: boots each kernel in QEMU, runs the smoke test, then every `vm_*` test target
+//!   in one boot per kernel (see `vmtest.rs`).
+//! - `vm-run`: boots one kernel with a prepared share and runs its `run.sh`.
+//! - `vm-runner`: a cargo target runner running one binary in the VM (see `vmtest.rs`).
+//! - `vm-bench`: the agent's IPVS sync against `ipvsadm -R` in the VM (see `vmbench.rs`).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -16,6 +20,8 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod vm;
+mod vmbench;
+mod vmtest;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -40,14 +46,55 @@ enum Task {
     },
     /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
     VmSetup,
-    /// Boots each kernel in QEMU and runs the IPVS smoke test.
+    /// Boots each kernel in QEMU, runs the smoke test, then the `vm_*` test targets' ignored
+    /// tests in one boot per kernel.
     VmTest {
         /// Kernel to test (6.1 or 6.12); repeat for several. Default: all.
         #[arg(long = "kernel")]
         kernels: Vec<String>,
-        /// Wall-clock limit per VM run, in seconds.
-        #[arg(long, default_value_t = 120)]
+        /// Test target to run (e.g. vm_ipvs_link); repeat for several. Default: every vm_*.
+        #[arg(long = "test")]
+        tests: Vec<String>,
+        /// Wall-clock limit per VM boot, in seconds; a hung guest is killed at it.
+        #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// Passed to every test binary after `--ignored --test-threads=1` (filters, flags).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// IPVS programming cost in the VM: the agent's cold sync against `ipvsadm -R` of the same
+    /// table, and the netlink requests of one endpoint change.
+    VmBench {
+        /// Kernel (6.1 or 6.12); repeat for several.
+        #[arg(long = "kernel", default_values_t = ["6.1".to_owned()])]
+        kernels: Vec<String>,
+        /// Service counts (10 endpoints each), comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1000usize, 10000])]
+        services: Vec<usize>,
+        /// Wall-clock limit per boot, in seconds.
+        #[arg(long, default_value_t = 1800)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+    },
+    /// A cargo target runner: runs BINARY ARGS... in the VM and exits with its status.
+    VmRunner {
+        /// Kernel (6.1 or 6.12).
+        #[arg(long = "kernel", default_value = "6.1")]
+        kernel: String,
+        /// Wall-clock limit, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// The binary to run, then its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
     },
     /// Boots one kernel with SHARE mounted at /host and runs /host/run.sh; prints the console
     /// and exits with run.sh's status.
@@ -71,13 +118,54 @@ fn main() -> Result<()> {
             rss_only,
         } => bench_sync(services, events, rss_only),
         Task::VmSetup => vm::vm_setup(),
-        Task::VmTest { kernels, timeout } => {
+        Task::VmTest {
+            kernels,
+            tests,
+            timeout,
+            memory,
+            args,
+        } => {
             let kernels = if kernels.is_empty() {
                 vm::KERNELS.iter().map(|k| (*k).to_owned()).collect()
             } else {
                 kernels
             };
-            vm::vm_test(&kernels, Duration::from_secs(timeout))
+            vmtest::vm_test(&vmtest::VmTestPlan {
+                kernels,
+                tests,
+                args,
+                timeout: Duration::from_secs(timeout),
+                memory_mib: memory,
+            })
+        }
+        Task::VmBench {
+            kernels,
+            services,
+            timeout,
+            memory,
+        } => vmbench::vm_bench(&vmbench::BenchPlan {
+            kernels,
+            services,
+            timeout: Duration::from_secs(timeout),
+            memory_mib: memory,
+        }),
+        Task::VmRunner {
+            kernel,
+            timeout,
+            memory,
+            command,
+        } => {
+            let (binary, args) = command
+                .split_first()
+                .context("vm-runner needs the binary to run")?;
+            let code = vmtest::vm_runner(&vmtest::RunnerPlan {
+                kernel,
+                timeout: Duration::from_secs(timeout),
+                memory_mib: memory,
+                binary: PathBuf::from(binary),
+                args: args.to_vec(),
+            })?;
+            std::process::exit(code);
         }
         Task::VmRun {
             kernel,

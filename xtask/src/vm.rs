@@ -30,7 +30,8 @@ use anyhow::{anyhow, bail, ensure, Context as _, Result};
 /// The kernels the harness knows, by the label used on the command line.
 pub const KERNELS: [&str; 2] = ["6.1", "6.12"];
 
-const QEMU: &str = "qemu-system-x86_64";
+/// The QEMU binary the harness boots.
+pub const QEMU: &str = "qemu-system-x86_64";
 const BACKPORTS_SOURCES: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
 const ARCHIVE_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const EXIT_MARKER: &str = "TOPOPROXY-VM-EXIT";
@@ -49,16 +50,40 @@ const BOOT_MODULES: &[&str] = &[
     "ip_vs_wrr",
     "ip_vs_sh",
     "ip_vs_mh",
+    "ip_vs_wlc",
     "dummy",
     "veth",
     "sch_ingress",
     "cls_bpf",
+    // nftables: the agent's own table (masquerade, reject, fib) and `nft` in tests.
+    "nfnetlink",
+    "nf_tables",
+    "nf_defrag_ipv4",
+    "nf_defrag_ipv6",
+    "nf_conntrack_netlink",
+    "nf_nat",
+    "nft_ct",
+    "nft_chain_nat",
+    "nft_nat",
+    "nft_masq",
+    "nf_reject_ipv4",
+    "nf_reject_ipv6",
+    "nft_reject",
+    "nft_reject_inet",
+    "nft_reject_ipv4?",
+    "nft_reject_ipv6?",
+    "nft_fib",
+    "nft_fib_inet",
+    "nft_fib_ipv4",
+    "nft_fib_ipv6",
+    "nft_compat?",
+    // Captures netlink traffic for byte-level tests (`ip link add nlmon0 type nlmon`).
+    "nlmon?",
 ];
 
 /// Shipped in the initramfs but not loaded at boot: the kernel asks `/sbin/modprobe` for them
 /// on demand (a service added without `-s` wants `wlc`).
 const ON_DEMAND_MODULES: &[&str] = &[
-    "ip_vs_wlc?",
     "ip_vs_lc?",
     "ip_vs_wrr?",
     "ip_vs_lblc?",
@@ -71,11 +96,14 @@ const ON_DEMAND_MODULES: &[&str] = &[
     "ip_vs_twos?",
 ];
 
-/// Host tools copied into the initramfs, at the same path, with their libraries.
+/// Host tools copied into the initramfs, at the same path, with their libraries. `?` marks
+/// tools that are skipped with a warning when the host lacks them (`vm-setup` installs them).
 const GUEST_TOOLS: &[(&str, &str)] = &[
     ("ipvsadm", "/usr/sbin/ipvsadm"),
     ("ip", "/usr/sbin/ip"),
     ("tc", "/usr/sbin/tc"),
+    ("nft?", "/usr/sbin/nft"),
+    ("conntrack?", "/usr/sbin/conntrack"),
 ];
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -95,7 +123,8 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join("target"))
 }
 
-fn vm_dir() -> PathBuf {
+/// `<target dir>/vm`: kernels, initramfs images and shares.
+pub fn vm_dir() -> PathBuf {
     target_dir().join("vm")
 }
 
@@ -124,7 +153,8 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn require_tool(name: &str) -> Result<PathBuf> {
+/// A host tool's path, or an error pointing at `vm-setup`.
+pub fn require_tool(name: &str) -> Result<PathBuf> {
     find_in_path(name).ok_or_else(|| anyhow!("{name} not found: run `cargo xtask vm-setup`"))
 }
 
@@ -241,6 +271,8 @@ pub fn vm_setup() -> Result<()> {
         "cpio",
         "zstd",
         "xz-utils",
+        "nftables",
+        "conntrack",
     ];
     let missing_base: Vec<&str> = base
         .iter()
@@ -281,7 +313,14 @@ pub fn vm_setup() -> Result<()> {
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing_base))?;
     }
-    for package in ["qemu-system-x86", "busybox-static", "ipvsadm", "iproute2"] {
+    for package in [
+        "qemu-system-x86",
+        "busybox-static",
+        "ipvsadm",
+        "iproute2",
+        "nftables",
+        "conntrack",
+    ] {
         println!(
             "vm-setup: {package} {}",
             dpkg_version(package).unwrap_or_else(|| "?".into())
@@ -314,8 +353,15 @@ impl Kernel {
     fn modules(&self) -> PathBuf {
         self.dir.join("lib/modules").join(&self.release)
     }
+    /// `target/vm/initramfs-<release>-<inputs hash>.cpio.gz`: the hash covers the init script,
+    /// the module and tool lists and the host tools' files, so worktrees with different
+    /// harness versions sharing one target directory each keep their own image.
     pub fn initramfs(&self) -> PathBuf {
-        vm_dir().join(format!("initramfs-{}.cpio.gz", self.release))
+        vm_dir().join(format!(
+            "initramfs-{}-{:016x}.cpio.gz",
+            self.release,
+            initramfs_inputs_hash()
+        ))
     }
 }
 
@@ -879,7 +925,10 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
-mountpoint -q /sys/fs/bpf 2>/dev/null || mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+mkdir -p /sys/fs/bpf /sys/fs/cgroup /var
+ln -s /run /var/run
+grep -q ' /sys/fs/bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf || echo "TOPOPROXY-VM: mounting bpffs failed"
+grep -q ' /sys/fs/cgroup ' /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup || echo "TOPOPROXY-VM: mounting cgroup2 failed"
 KVER=$(uname -r)
 while read -r m; do
     insmod "/lib/modules/$KVER/$m" || echo "TOPOPROXY-VM: insmod $m failed"
@@ -943,7 +992,19 @@ pub fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
 
     let mut libs = BTreeSet::new();
     for (name, guest) in GUEST_TOOLS {
-        let host = require_tool(name)?;
+        let host = match name.strip_suffix('?') {
+            Some(optional) => match find_in_path(optional) {
+                Some(host) => host,
+                None => {
+                    println!(
+                        "vm: warning: {optional} not found on the host, the guest will lack it \
+                         (run `cargo xtask vm-setup`)"
+                    );
+                    continue;
+                }
+            },
+            None => require_tool(name)?,
+        };
         cpio.file(guest, 0o755, &std::fs::read(&host)?);
         libs.extend(ldd_libraries(&host)?);
     }
@@ -993,7 +1054,8 @@ pub fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
     let out = kernel.initramfs();
     std::fs::create_dir_all(vm_dir())?;
     let gz = compress_gzip(&archive)?;
-    let tmp = out.with_extension("gz.tmp");
+    // Per-process temporary name: several worktrees may build the same image at once.
+    let tmp = out.with_extension(format!("gz.tmp{}", std::process::id()));
     std::fs::write(&tmp, &gz)?;
     std::fs::rename(&tmp, &out)?;
     println!(
@@ -1010,20 +1072,35 @@ fn compress_gzip(data: &[u8]) -> Result<Vec<u8>> {
     decompress("gzip", &["-c", "-6", "-n"], data).context("gzip of the initramfs")
 }
 
-/// The initramfs for a kernel, rebuilt when missing or older than this xtask binary (which
-/// holds the init script and the module list).
+/// Hash of everything an initramfs is built from besides the kernel: the init script, the
+/// module and tool lists, and the size and modification time of busybox and each host tool.
+fn initramfs_inputs_hash() -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    // `DefaultHasher::new` uses fixed keys: stable for one toolchain, enough for a cache name.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    INIT.hash(&mut hasher);
+    BOOT_MODULES.hash(&mut hasher);
+    ON_DEMAND_MODULES.hash(&mut hasher);
+    GUEST_TOOLS.hash(&mut hasher);
+    let files = std::iter::once(PathBuf::from(BUSYBOX)).chain(
+        GUEST_TOOLS
+            .iter()
+            .filter_map(|(name, _)| find_in_path(name.trim_end_matches('?'))),
+    );
+    for file in files {
+        file.hash(&mut hasher);
+        if let Ok(meta) = std::fs::metadata(&file) {
+            meta.len().hash(&mut hasher);
+            meta.modified().ok().hash(&mut hasher);
+        }
+    }
+    hasher.finish()
+}
+
+/// The initramfs for a kernel, built when no image for the current inputs exists yet.
 pub fn ensure_initramfs(kernel: &Kernel) -> Result<PathBuf> {
     let out = kernel.initramfs();
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = match (
-        modified(&out),
-        std::env::current_exe().ok().and_then(|e| modified(&e)),
-    ) {
-        (Some(built), Some(exe)) => built >= exe,
-        (Some(_), None) => true,
-        _ => false,
-    };
-    if fresh {
+    if out.is_file() {
         Ok(out)
     } else {
         build_initramfs(kernel)
@@ -1065,15 +1142,62 @@ pub fn write_run_script(share: &Path, body: &str) -> Result<()> {
     std::fs::write(share.join("run.sh"), script).context("writing run.sh into the share")
 }
 
-fn tail(log: &str, lines: usize) -> String {
+/// The last `lines` lines of a log.
+pub fn tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// How a VM is booted beyond kernel, share and timeout.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    /// Guest memory in MiB. 1 GiB leaves room for the agent at 10,000 Services.
+    pub memory_mib: u32,
+    /// Extra host folders exported read-only over 9p as `(mount tag, host path)`; `run.sh`
+    /// mounts them (`mount -t 9p -o trans=virtio,version=9p2000.L,ro TAG DIR`).
+    pub read_only_shares: Vec<(String, PathBuf)>,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            memory_mib: 1024,
+            read_only_shares: Vec::new(),
+        }
+    }
 }
 
 /// Boots `kernel_version` (a label from [`KERNELS`]) with `share_dir` mounted at `/host`, runs
 /// `/host/run.sh` and returns its exit status and the console. QEMU is killed when `timeout`
 /// passes.
 pub fn run_in_vm(kernel_version: &str, share_dir: &Path, timeout: Duration) -> Result<VmOutcome> {
+    run_in_vm_with(kernel_version, share_dir, timeout, &VmOptions::default())
+}
+
+/// The 9p `-virtfs` argument for a host folder.
+fn virtfs_arg(tag: &str, path: &Path, read_only: bool) -> Result<String> {
+    let path = path
+        .canonicalize()
+        .with_context(|| format!("share directory {}", path.display()))?;
+    let path = path.to_str().context("share path is not UTF-8")?;
+    ensure!(
+        !path.contains(','),
+        "share path {path} contains a comma, which -virtfs cannot take"
+    );
+    let mut arg = format!("local,path={path},mount_tag={tag},security_model=none");
+    if read_only {
+        arg.push_str(",readonly=on");
+    }
+    Ok(arg)
+}
+
+/// [`run_in_vm`] with explicit [`VmOptions`].
+pub fn run_in_vm_with(
+    kernel_version: &str,
+    share_dir: &Path,
+    timeout: Duration,
+    options: &VmOptions,
+) -> Result<VmOutcome> {
     let qemu = require_tool(QEMU)?;
     let kernel = ensure_kernel(kernel_version)?;
     let initramfs = ensure_initramfs(&kernel)?;
@@ -1087,22 +1211,22 @@ pub fn run_in_vm(kernel_version: &str, share_dir: &Path, timeout: Duration) -> R
     );
     let exit_file = share.join("exit-code");
     let _ = std::fs::remove_file(&exit_file);
-    let share_arg = share.to_str().context("share path is not UTF-8")?;
-    ensure!(
-        !share_arg.contains(','),
-        "share path {share_arg} contains a comma, which -virtfs cannot take"
-    );
-    let mut child = Command::new(&qemu)
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "512M", "-smp", "1"])
+    let mut qemu_cmd = Command::new(&qemu);
+    qemu_cmd
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        .arg("-m")
+        .arg(format!("{}M", options.memory_mib))
         .args(["-nographic", "-no-reboot", "-kernel"])
         .arg(kernel.vmlinux())
         .arg("-initrd")
         .arg(&initramfs)
         .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .arg("-virtfs")
-        .arg(format!(
-            "local,path={share_arg},mount_tag=host,security_model=none"
-        ))
+        .arg(virtfs_arg("host", &share, false)?);
+    for (tag, path) in &options.read_only_shares {
+        qemu_cmd.arg("-virtfs").arg(virtfs_arg(tag, path, true)?);
+    }
+    let mut child = qemu_cmd
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .args(["-nic", "none"])
         .stdin(Stdio::null())
@@ -1204,12 +1328,28 @@ const SMOKE: &str = "\
 cat /host/ipvsadm-Ln.txt
 /usr/sbin/ipvsadm -C
 $STAGED -r > /host/staged.txt
+/usr/sbin/ipvsadm -A -t 10.96.0.10:80
+/usr/sbin/ipvsadm -Ln | grep -q 'TCP  10.96.0.10:80 wlc'
+/usr/sbin/ipvsadm -C
+echo 1 > /proc/sys/net/ipv4/vs/conntrack
+grep -q '^bpf /sys/fs/bpf bpf' /proc/mounts
+grep -q ' /sys/fs/cgroup cgroup2' /proc/mounts
+if [ -x /usr/sbin/nft ]; then
+    /usr/sbin/nft add table inet topoproxy-smoke
+    /usr/sbin/nft add chain inet topoproxy-smoke post '{ type nat hook postrouting priority srcnat; }'
+    /usr/sbin/nft add rule inet topoproxy-smoke post ct state new masquerade
+    /usr/sbin/nft delete table inet topoproxy-smoke
+fi
+if [ -x /usr/sbin/conntrack ]; then /usr/sbin/conntrack -L > /dev/null; fi
+echo ok > /host/smoke-done.txt
 ";
 
 const SMOKE_EXPECT: &str = "TCP  10.96.0.10:53 rr";
 
-fn smoke_test(label: &str, timeout: Duration) -> Result<()> {
-    let share = vm_dir().join(format!("share-smoke-{label}"));
+/// Boots `label` and checks the basics every VM test relies on: modules, `ipvsadm`, a dummy
+/// link, the 9p share and a staged glibc binary.
+pub fn smoke_test(label: &str, timeout: Duration) -> Result<()> {
+    let share = vm_dir().join(format!("share-smoke-{label}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&share);
     std::fs::create_dir_all(&share)?;
     // A glibc binary from the host, run from the share with its own libraries: the path
@@ -1239,44 +1379,12 @@ fn smoke_test(label: &str, timeout: Duration) -> Result<()> {
         release.trim(),
         tail(&outcome.console_log, 30)
     );
-    Ok(())
-}
-
-pub fn vm_test(kernels: &[String], timeout: Duration) -> Result<()> {
-    require_tool(QEMU)?;
-    let mut failures = Vec::new();
-    for label in kernels {
-        // Preparing the kernel may download; keep it out of the measured time.
-        let prepared = ensure_kernel(label).and_then(|k| ensure_initramfs(&k).map(|_| k));
-        let kernel = match prepared {
-            Ok(kernel) => kernel,
-            Err(e) => {
-                println!("vm-test {label}: FAIL (preparing the kernel): {e:#}");
-                failures.push(label.clone());
-                continue;
-            }
-        };
-        let started = Instant::now();
-        let result = smoke_test(label, timeout);
-        let seconds = started.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => println!(
-                "vm-test {label} ({}): PASS smoke (boot+test {seconds:.1} s)",
-                kernel.release
-            ),
-            Err(e) => {
-                println!(
-                    "vm-test {label} ({}): FAIL smoke after {seconds:.1} s: {e:#}",
-                    kernel.release
-                );
-                failures.push(label.clone());
-            }
-        }
-    }
     ensure!(
-        failures.is_empty(),
-        "vm-test failed for kernel(s) {}",
-        failures.join(", ")
+        share.join("smoke-done.txt").is_file(),
+        "the smoke script stopped before its end (nft, conntrack, bpffs or cgroup2 check). \
+         Console tail:\n{}",
+        tail(&outcome.console_log, 30)
     );
+    let _ = std::fs::remove_dir_all(&share);
     Ok(())
 }

@@ -1,0 +1,429 @@
+//! A cluster as a directory of YAML, and the agent running against it, for VM tests.
+//!
+//! Include with `#[path = "support/cluster.rs"] mod cluster;`. What it owns:
+//!
+//! - [`Fixture`]: Nodes (with `topology.kubernetes.io/zone`), Services and EndpointSlices with
+//!   zone hints, written in the format of `examples/cluster/` (what `kubectl get -o yaml`
+//!   prints) to a temporary directory; rewrites are atomic (write, then rename) because the
+//!   agent polls the directory.
+//! - [`Agent`]: `topoproxy run --proxy-mode ipvs --source DIR` from `TOPOPROXY_BIN`, killed
+//!   on drop (then `topoproxy cleanup` runs), with its log printed when a test fails.
+//! - [`topoproxy`] / [`ipvsadm`]: the CLIs.
+
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// `ipvsadm` inside the VM.
+pub const IPVSADM: &str = "/usr/sbin/ipvsadm";
+
+/// The agent binary: `TOPOPROXY_BIN` (set by `cargo xtask vm-test`), else cargo's own.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("TOPOPROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_topoproxy")))
+}
+
+/// Runs `topoproxy ARGS`, panicking on failure; returns stdout.
+pub fn topoproxy(args: &[&str]) -> String {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("starting topoproxy");
+    assert!(
+        out.status.success(),
+        "topoproxy {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `ipvsadm ARGS`, panicking on failure; returns stdout.
+pub fn ipvsadm(args: &[&str]) -> String {
+    let out = Command::new(IPVSADM)
+        .args(args)
+        .output()
+        .expect("starting ipvsadm");
+    assert!(
+        out.status.success(),
+        "ipvsadm {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An endpoint's state in its EndpointSlice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    Ready,
+    /// Not ready (failing its probe), not terminating.
+    NotReady,
+    /// Shutting down but still serving.
+    Terminating,
+}
+
+/// One endpoint.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub node: String,
+    pub zone: String,
+    pub condition: Condition,
+    /// The zone hint (`hints.forZones`); `None` writes no hint.
+    pub hint: Option<String>,
+}
+
+/// One Service port and the port its endpoints listen on.
+#[derive(Debug, Clone)]
+pub struct Port {
+    pub name: String,
+    pub protocol: &'static str,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// A ClusterIP Service with one EndpointSlice.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<Port>,
+    /// Written as `spec.trafficDistribution: PreferSameZone` when true.
+    pub prefer_same_zone: bool,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Nodes and Services in a temporary directory.
+pub struct Fixture {
+    pub dir: PathBuf,
+    /// `(node name, zone)`.
+    pub nodes: Vec<(String, String)>,
+    pub services: Vec<Service>,
+}
+
+impl Fixture {
+    /// An empty fixture in a fresh directory under the temp dir.
+    pub fn new(label: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "topoproxy-{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the fixture directory");
+        Self {
+            dir,
+            nodes: Vec::new(),
+            services: Vec::new(),
+        }
+    }
+
+    /// Writes `nodes.yaml` and `services.yaml` (atomically).
+    pub fn write(&self) {
+        let mut nodes = String::from(
+            "apiVersion: v1\nkind: List\nmetadata:\n  resourceVersion: \"\"\nitems:\n",
+        );
+        for (i, (name, zone)) in self.nodes.iter().enumerate() {
+            let _ = write!(
+                nodes,
+                "- apiVersion: v1\n  kind: Node\n  metadata:\n    name: {name}\n    labels:\n      \
+                 kubernetes.io/hostname: {name}\n      topology.kubernetes.io/region: region-1\n      \
+                 topology.kubernetes.io/zone: {zone}\n  status:\n    addresses:\n    \
+                 - {{type: InternalIP, address: 192.168.100.{}}}\n    - {{type: Hostname, address: {name}}}\n",
+                i + 10
+            );
+        }
+        atomic_write(&self.dir.join("nodes.yaml"), &nodes);
+        let mut services = String::new();
+        for service in &self.services {
+            services.push_str(&service_yaml(service));
+        }
+        atomic_write(&self.dir.join("services.yaml"), &services);
+    }
+
+    /// The service named `name`, for editing.
+    pub fn service_mut(&mut self, name: &str) -> &mut Service {
+        self.services
+            .iter_mut()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no service {name} in the fixture"))
+    }
+
+    /// `topoproxy plan --source DIR --node NODE`.
+    pub fn plan(&self, node: &str) -> String {
+        topoproxy(&[
+            "plan",
+            "--source",
+            self.dir.to_str().expect("UTF-8 temp dir"),
+            "--node",
+            node,
+        ])
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn atomic_write(path: &Path, text: &str) {
+    let tmp = path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+}
+
+fn service_yaml(service: &Service) -> String {
+    let Service {
+        name, cluster_ip, ..
+    } = service;
+    let mut text = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
+         type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs: [{cluster_ip}]\n"
+    );
+    if service.prefer_same_zone {
+        text.push_str("  trafficDistribution: PreferSameZone\n");
+    }
+    text.push_str("  ports:\n");
+    for port in &service.ports {
+        let _ = writeln!(
+            text,
+            "  - {{name: {}, port: {}, protocol: {}, targetPort: {}}}",
+            port.name, port.port, port.protocol, port.target_port
+        );
+    }
+    let _ = write!(
+        text,
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abcde\n  \
+         namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\n"
+    );
+    if service.endpoints.is_empty() {
+        text.push_str("endpoints: []\n");
+    } else {
+        text.push_str("endpoints:\n");
+    }
+    for endpoint in &service.endpoints {
+        let (ready, serving, terminating) = match endpoint.condition {
+            Condition::Ready => (true, true, false),
+            Condition::NotReady => (false, false, false),
+            Condition::Terminating => (false, true, true),
+        };
+        let _ = write!(
+            text,
+            "- addresses: [{}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n  \
+             nodeName: {}\n  zone: {}\n",
+            endpoint.address, endpoint.node, endpoint.zone
+        );
+        if let Some(hint) = &endpoint.hint {
+            let _ = writeln!(text, "  hints: {{forZones: [{{name: {hint}}}]}}");
+        }
+    }
+    text.push_str("ports:\n");
+    for port in &service.ports {
+        let _ = writeln!(
+            text,
+            "- {{name: {}, port: {}, protocol: {}}}",
+            port.name, port.target_port, port.protocol
+        );
+    }
+    text
+}
+
+fn free_loopback_port() -> SocketAddr {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("finding a free loopback port")
+}
+
+/// The agent as a process.
+pub struct Agent {
+    child: Option<Child>,
+    log: PathBuf,
+    source: PathBuf,
+    node: String,
+    /// Where `/metrics` is served.
+    pub metrics: SocketAddr,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    /// Starts `topoproxy run --proxy-mode ipvs` for `node` on the fixture's directory.
+    pub fn start(fixture: &Fixture, node: &str) -> Self {
+        Self::start_with(fixture, node, &[])
+    }
+
+    /// [`Agent::start`] with extra flags.
+    pub fn start_with(fixture: &Fixture, node: &str, extra: &[&str]) -> Self {
+        let mut agent = Self {
+            child: None,
+            log: fixture.dir.with_extension("agent.log"),
+            source: fixture.dir.clone(),
+            node: node.to_owned(),
+            metrics: free_loopback_port(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("opening the agent log");
+        let healthz = free_loopback_port();
+        let child = Command::new(agent_bin())
+            .arg("run")
+            .args(["--proxy-mode", "ipvs", "--source"])
+            .arg(&self.source)
+            .args(["--hostname-override", &self.node])
+            .args(["--metrics-bind-address", &self.metrics.to_string()])
+            .args(["--healthz-bind-address", &healthz.to_string()])
+            .args(["--min-sync-period", "0", "--source-poll-period", "100ms"])
+            .args(&self.extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(log.try_clone().expect("cloning the log handle"))
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting topoproxy run");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would: nothing is cleaned up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again with the same settings.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics_text(&self) -> Option<String> {
+        http_get(self.metrics, "/metrics")
+    }
+
+    /// The sum of a metric's samples whose line starts with `prefix` (a name, optionally with
+    /// the opening of its label set).
+    pub fn metric_sum(&self, prefix: &str) -> Option<f64> {
+        let text = self.metrics_text()?;
+        Some(
+            text.lines()
+                .filter(|line| line.starts_with(prefix))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
+    /// Stops the agent and removes what it programmed.
+    pub fn stop_and_cleanup(&mut self) {
+        self.kill9();
+        let _ = Command::new(agent_bin())
+            .args(["cleanup"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- agent log ({}) ----\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+        self.stop_and_cleanup();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback; `None` when nothing answers.
+pub fn http_get(address: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+}
+
+/// Turns `ipvsadm -Ln` text (as `topoproxy plan` prints it) into `ipvsadm -R` input.
+pub fn plan_to_restore(listing: &str) -> String {
+    let mut out = String::new();
+    let mut service: Option<(String, String)> = None;
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["->", "RemoteAddress:Port", ..] => {}
+            ["->", destination, forward, weight, ..] => {
+                let Some((flag, address)) = &service else {
+                    continue;
+                };
+                let method = match *forward {
+                    "Route" => "-g",
+                    "Tunnel" => "-i",
+                    _ => "-m",
+                };
+                let _ = writeln!(
+                    out,
+                    "-a {flag} {address} -r {destination} {method} -w {weight}"
+                );
+            }
+            [protocol @ ("TCP" | "UDP" | "SCTP"), address, scheduler, rest @ ..] => {
+                let flag = match *protocol {
+                    "TCP" => "-t",
+                    "UDP" => "-u",
+                    _ => "--sctp-service",
+                };
+                let _ = write!(out, "-A {flag} {address} -s {scheduler}");
+                if let ["persistent", timeout, ..] = rest {
+                    let _ = write!(out, " -p {timeout}");
+                }
+                out.push('\n');
+                service = Some((flag.to_owned(), (*address).to_owned()));
+            }
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,372 @@
+//! `cargo xtask vm-bench`: IPVS programming cost inside the VM, the agent against `ipvsadm -R`.
+//!
+//! Per kernel, ONE boot runs, for each Service count N (`--services 1000,10000`):
+//!
+//! 1. `ipvsadm -R` of the table the agent would program (generated on the host from
+//!    `topoproxy plan` output of the same cluster), timed, then `ipvsadm -C`;
+//! 2. the agent (`topoproxy run --proxy-mode ipvs --source DIR`, release build): time from
+//!    start to its first successful sync (`topoproxy_syncs_total{result="success"}` ≥ 1 on
+//!    `/metrics`), then `topoproxy cleanup`;
+//! 3. one endpoint change (one address of `svc-0` replaced) and the netlink requests it cost:
+//!    `topoproxy_dataplane_kernel_requests_total{dataplane="ipvs",kind=...}` read before and
+//!    after.
+//!
+//! The cluster (generated here, no hints, 3 zones × 2 nodes, N Services × 10 Ready endpoints,
+//! so every endpoint is in the plan: N × 10 real servers) is written as YAML; `svc-0` lives in
+//! its own file so the change rewrites one small file. Results are printed per kernel with the
+//! agent/ipvsadm ratio. Guest timings use `/proc/uptime` (10 ms resolution).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _, Result};
+
+use crate::vm;
+
+/// Endpoints per Service.
+const ENDPOINTS: usize = 10;
+const ZONES: usize = 3;
+const NODES_PER_ZONE: usize = 2;
+/// The node the agent plans for.
+const NODE: &str = "node-a-0";
+
+/// What `vm-bench` runs.
+#[derive(Debug, Clone)]
+pub struct BenchPlan {
+    pub kernels: Vec<String>,
+    pub services: Vec<usize>,
+    pub timeout: Duration,
+    pub memory_mib: u32,
+}
+
+fn cluster_ip(index: usize) -> String {
+    // 10.96.0.0/12 upward from 10.96.0.1.
+    let n = (10u32 << 24 | 96 << 16) + 1 + index as u32;
+    format!(
+        "{}.{}.{}.{}",
+        n >> 24,
+        (n >> 16) & 255,
+        (n >> 8) & 255,
+        n & 255
+    )
+}
+
+fn endpoint_ip(service: usize, endpoint: usize) -> String {
+    // 10.244.0.0 upward, unique cluster-wide; 10.240.0.0/12 covers 100,000 of them.
+    let n = (10u32 << 24 | 244 << 16) + 1 + (service * ENDPOINTS + endpoint) as u32;
+    format!(
+        "{}.{}.{}.{}",
+        n >> 24,
+        (n >> 16) & 255,
+        (n >> 8) & 255,
+        n & 255
+    )
+}
+
+fn node_name(zone: usize, index: usize) -> String {
+    format!("node-{}-{index}", (b'a' + zone as u8) as char)
+}
+
+fn service_yaml(index: usize, changed: bool) -> String {
+    let name = format!("svc-{index}");
+    let ip = cluster_ip(index);
+    let mut text = format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: bench\nspec:\n  \
+         type: ClusterIP\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ports:\n  \
+         - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abcde\n  \
+         namespace: bench\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nendpoints:\n"
+    );
+    for endpoint in 0..ENDPOINTS {
+        let global = index * ENDPOINTS + endpoint;
+        let zone = global % ZONES;
+        let node = node_name(zone, (global / ZONES) % NODES_PER_ZONE);
+        // The change: the first endpoint moves to an address no other endpoint has.
+        let address = if changed && endpoint == 0 {
+            "10.250.0.1".to_owned()
+        } else {
+            endpoint_ip(index, endpoint)
+        };
+        let _ = write!(
+            text,
+            "- addresses: [{address}]\n  conditions: {{ready: true, serving: true, terminating: false}}\n  \
+             nodeName: {node}\n  zone: zone-{}\n",
+            (b'a' + zone as u8) as char
+        );
+    }
+    text.push_str("ports:\n- {name: http, port: 8080, protocol: TCP}\n");
+    text
+}
+
+/// Writes the cluster for `services` Services into `dir` (nodes.yaml, svc-0.yaml,
+/// services.yaml) and the changed svc-0 beside it as `svc-0.changed`.
+fn write_cluster(dir: &Path, services: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut nodes =
+        String::from("apiVersion: v1\nkind: List\nmetadata:\n  resourceVersion: \"\"\nitems:\n");
+    for zone in 0..ZONES {
+        for index in 0..NODES_PER_ZONE {
+            let name = node_name(zone, index);
+            let _ = write!(
+                nodes,
+                "- apiVersion: v1\n  kind: Node\n  metadata:\n    name: {name}\n    labels:\n      \
+                 kubernetes.io/hostname: {name}\n      topology.kubernetes.io/zone: zone-{}\n  \
+                 status:\n    addresses:\n    - {{type: InternalIP, address: 172.16.{zone}.{}}}\n",
+                (b'a' + zone as u8) as char,
+                index + 1
+            );
+        }
+    }
+    std::fs::write(dir.join("nodes.yaml"), nodes)?;
+    std::fs::write(dir.join("svc-0.yaml"), service_yaml(0, false))?;
+    let mut rest = String::new();
+    for index in 1..services {
+        rest.push_str(&service_yaml(index, false));
+    }
+    std::fs::write(dir.join("services.yaml"), rest)?;
+    std::fs::write(
+        dir.parent()
+            .context("cluster dir parent")?
+            .join(format!("svc-0-{services}.changed")),
+        service_yaml(0, true),
+    )?;
+    Ok(())
+}
+
+/// Turns `ipvsadm -Ln` text into `ipvsadm -R` input (TCP/UDP, Masq/Route/Tunnel, weights,
+/// persistence).
+pub fn listing_to_restore(listing: &str) -> String {
+    let mut out = String::new();
+    let mut service: Option<(&str, &str)> = None;
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["->", "RemoteAddress:Port", ..] => {}
+            ["->", destination, forward, weight, ..] => {
+                if let Some((flag, address)) = service {
+                    let method = match *forward {
+                        "Route" => "-g",
+                        "Tunnel" => "-i",
+                        _ => "-m",
+                    };
+                    let _ = writeln!(
+                        out,
+                        "-a {flag} {address} -r {destination} {method} -w {weight}"
+                    );
+                }
+            }
+            [protocol @ ("TCP" | "UDP"), address, scheduler, rest @ ..] => {
+                let flag = if *protocol == "TCP" { "-t" } else { "-u" };
+                let _ = write!(out, "-A {flag} {address} -s {scheduler}");
+                if let ["persistent", timeout, ..] = rest {
+                    let _ = write!(out, " -p {timeout}");
+                }
+                out.push('\n');
+                service = Some((flag, address));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn build_agent() -> Result<PathBuf> {
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "topoproxy",
+            "--bin",
+            "topoproxy",
+        ])
+        .current_dir(crate::workspace_root())
+        .status()
+        .context("running cargo build --release")?;
+    ensure!(
+        status.success(),
+        "cargo build --release -p topoproxy failed: {status}"
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"));
+    Ok(target.join("release/topoproxy"))
+}
+
+const GUEST_SCRIPT: &str = r#"
+uptime_cs() { read up _ < /proc/uptime; echo $(( ${up%.*} * 100 + 1${up#*.} - 100 )); }
+metrics() { printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc 127.0.0.1 10249 2>/dev/null; }
+requests() { metrics | grep '^topoproxy_dataplane_kernel_requests_total{dataplane="ipvs"' ; }
+synced() { metrics | grep -q '^topoproxy_syncs_total{result="success"} [1-9]'; }
+ip link add tp-pods type dummy && ip addr add 10.255.255.254/8 dev tp-pods && ip link set tp-pods up
+for n in $SIZES; do
+    out=/host/out/$n; mkdir -p $out
+    ipvsadm -C
+    t0=$(uptime_cs); ipvsadm -R < /host/restore-$n.txt; rc=$?; t1=$(uptime_cs)
+    echo "$rc $((t1 - t0))" > $out/restore
+    ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/restore-lines
+    ipvsadm -C
+    rm -rf /tmp/cluster; cp -r /host/cluster-$n /tmp/cluster
+    t0=$(uptime_cs)
+    $AGENT run --proxy-mode ipvs --source /tmp/cluster --hostname-override node-a-0 \
+        --metrics-bind-address 127.0.0.1:10249 --healthz-bind-address 127.0.0.1:10256 \
+        --min-sync-period 0 --source-poll-period 200ms > $out/agent.log 2>&1 &
+    pid=$!
+    while ! synced; do
+        kill -0 $pid 2>/dev/null || { echo "agent exited" > $out/agent-failed; break; }
+        [ $(( $(uptime_cs) - t0 )) -gt $((LIMIT * 100)) ] && { echo "no sync in time" > $out/agent-failed; break; }
+        sleep 0.1
+    done
+    t1=$(uptime_cs)
+    if [ ! -f $out/agent-failed ]; then
+        echo $((t1 - t0)) > $out/agent-sync
+        ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/agent-lines
+        requests > $out/requests-before
+        before=$(requests | md5sum)
+        t0=$(uptime_cs)
+        cp /host/svc-0-$n.changed /tmp/cluster/svc-0.tmp && mv /tmp/cluster/svc-0.tmp /tmp/cluster/svc-0.yaml
+        while [ "$(requests | md5sum)" = "$before" ]; do
+            [ $(( $(uptime_cs) - t0 )) -gt 6000 ] && break
+            sleep 0.1
+        done
+        # Let the sync finish: wait until the counters hold still for a second.
+        last=""; while [ "$(requests | md5sum)" != "$last" ]; do last=$(requests | md5sum); sleep 1; done
+        echo $(( $(uptime_cs) - t0 )) > $out/change
+        requests > $out/requests-after
+    fi
+    kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+    $AGENT cleanup > $out/cleanup.log 2>&1
+    ipvsadm -C
+done
+exit 0
+"#;
+
+/// Runs `vm-bench`.
+pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
+    vm::require_tool(vm::QEMU)?;
+    let agent = build_agent()?;
+    for label in &plan.kernels {
+        let share = vm::vm_dir().join(format!("share-bench-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&share);
+        std::fs::create_dir_all(share.join("out"))?;
+        let guest_agent = vm::stage_binary(&share, &agent)?;
+        for &n in &plan.services {
+            let dir = share.join(format!("cluster-{n}"));
+            write_cluster(&dir, n)?;
+            let listing = Command::new(&agent)
+                .args(["plan", "--source"])
+                .arg(&dir)
+                .args(["--node", NODE])
+                .stderr(Stdio::inherit())
+                .output()
+                .context("running topoproxy plan")?;
+            ensure!(
+                listing.status.success(),
+                "topoproxy plan failed: {}",
+                listing.status
+            );
+            let restore = listing_to_restore(&String::from_utf8_lossy(&listing.stdout));
+            let destinations = restore.lines().filter(|l| l.starts_with("-a ")).count();
+            ensure!(
+                destinations == n * ENDPOINTS,
+                "the plan for {n} services has {destinations} real servers, expected {}",
+                n * ENDPOINTS
+            );
+            std::fs::write(share.join(format!("restore-{n}.txt")), restore)?;
+        }
+        let sizes: Vec<String> = plan.services.iter().map(usize::to_string).collect();
+        let script = format!(
+            "#!/bin/sh\nexport LD_LIBRARY_PATH=/host/lib\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+             SIZES='{}'\nAGENT={guest_agent}\nLIMIT={}\n{GUEST_SCRIPT}",
+            sizes.join(" "),
+            plan.timeout.as_secs() / (2 * plan.services.len().max(1)) as u64
+        );
+        std::fs::write(share.join("run.sh"), script)?;
+        let options = vm::VmOptions {
+            memory_mib: plan.memory_mib,
+            read_only_shares: Vec::new(),
+        };
+        let outcome = vm::run_in_vm_with(label, &share, plan.timeout, &options);
+        if let Err(e) = &outcome {
+            println!("vm-bench {label}: the VM failed: {e:#}");
+        }
+        report(label, &share, &plan.services);
+        if outcome.is_ok() {
+            let _ = std::fs::remove_dir_all(&share);
+        } else {
+            println!("vm-bench {label}: share kept: {}", share.display());
+        }
+    }
+    Ok(())
+}
+
+fn report(label: &str, share: &Path, sizes: &[usize]) {
+    let read = |n: usize, name: &str| {
+        std::fs::read_to_string(share.join(format!("out/{n}/{name}")))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
+    let seconds = |cs: Option<String>| cs.and_then(|s| s.parse::<f64>().ok()).map(|cs| cs / 100.0);
+    for &n in sizes {
+        let restore = read(n, "restore");
+        let (rc, restore_s) = match restore.as_deref().and_then(|s| s.split_once(' ')) {
+            Some((rc, cs)) => (rc.to_owned(), cs.parse::<f64>().ok().map(|cs| cs / 100.0)),
+            None => ("?".to_owned(), None),
+        };
+        println!(
+            "vm-bench {label} services={n} real_servers={} ipvsadm_R_s={} (exit {rc}, {} real servers listed)",
+            n * ENDPOINTS,
+            restore_s.map_or("?".into(), |s| format!("{s:.2}")),
+            read(n, "restore-lines").unwrap_or_else(|| "?".into())
+        );
+        if let Some(why) = read(n, "agent-failed") {
+            let log = read(n, "agent.log").unwrap_or_default();
+            println!(
+                "vm-bench {label} services={n} agent: FAILED ({why}); log tail:\n{}",
+                vm::tail(&log, 10)
+            );
+            continue;
+        }
+        let sync = seconds(read(n, "agent-sync"));
+        let ratio = match (sync, restore_s) {
+            (Some(a), Some(r)) if r > 0.0 => format!("{:.2}", a / r),
+            _ => "?".into(),
+        };
+        println!(
+            "vm-bench {label} services={n} agent_first_sync_s={} ({} real servers listed) agent/ipvsadm_R={ratio}",
+            sync.map_or("?".into(), |s| format!("{s:.2}")),
+            read(n, "agent-lines").unwrap_or_else(|| "?".into())
+        );
+        let parse = |text: Option<String>| -> Vec<(String, f64)> {
+            text.unwrap_or_default()
+                .lines()
+                .filter_map(|line| {
+                    let kind = line.split("kind=\"").nth(1)?.split('"').next()?.to_owned();
+                    let value = line.rsplit(' ').next()?.parse().ok()?;
+                    Some((kind, value))
+                })
+                .collect()
+        };
+        let before = parse(read(n, "requests-before"));
+        let after = parse(read(n, "requests-after"));
+        let mut deltas = Vec::new();
+        let mut total = 0.0;
+        for (kind, value) in &after {
+            let old = before
+                .iter()
+                .find(|(k, _)| k == kind)
+                .map_or(0.0, |(_, v)| *v);
+            if value - old > 0.0 {
+                deltas.push(format!("{kind}={}", value - old));
+                total += value - old;
+            }
+        }
+        println!(
+            "vm-bench {label} services={n} one_endpoint_change: {total} netlink requests ({}), applied within {} s",
+            if deltas.is_empty() { "none".to_owned() } else { deltas.join(", ") },
+            seconds(read(n, "change")).map_or("?".into(), |s| format!("{s:.1}"))
+        );
+    }
+}

@@ -1,0 +1,585 @@
+//! Test binaries inside the QEMU VM: `cargo xtask vm-test` and the cargo target runner
+//! `cargo xtask vm-runner`.
+//!
+//! `vm-test [--kernel 6.1|6.12]... [--test NAME]... [-- ARGS...]`:
+//!
+//! 1. boots each kernel once for the smoke test (`vm::smoke_test`);
+//! 2. finds every `vm_*` test target of the `topoproxy` package with `cargo metadata` (so new
+//!    files are picked up without touching this module) and builds them, plus the
+//!    `topoproxy` binary, with `cargo test --no-run --message-format=json`;
+//! 3. stages the binaries and their libraries into one share per kernel and boots the kernel
+//!    ONCE for all targets: each runs as `BIN --ignored --test-threads=1 ARGS...` with
+//!    `TOPOPROXY_BIN=/host/bin/topoproxy`, the workspace mounted read-only at its host path
+//!    and the current directory at the package root, as under `cargo test`;
+//! 4. prints PASS/FAIL per kernel and target with its duration and output, the console tail
+//!    on failure, and exits non-zero if anything failed.
+//!
+//! Time limits: `--timeout` bounds one boot. Inside the guest each target gets what is left
+//! of it (busybox `timeout -s KILL`), so a hung test is killed with its partial output kept
+//! and the targets after it are reported as not run; QEMU itself is killed at the limit if
+//! the guest stops responding. Nothing waits forever.
+//!
+//! `vm-runner [--kernel K] [--timeout S] BINARY ARGS...` runs one binary in the VM and exits
+//! with its status, so cargo can use it as a target runner:
+//!
+//! ```text
+//! CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="cargo xtask vm-runner --kernel 6.1" \
+//!     cargo test -p topoproxy --test vm_ipvs_link -- --ignored
+//! ```
+//!
+//! The `xtask` alias in `.cargo/config.toml` pins the runner for xtask itself to `env`;
+//! otherwise the inner `cargo run` of xtask would pick up the same runner and recurse. The
+//! runner stages `topoproxy` too when cargo built it next to the test (integration tests
+//! always build it) and forwards `RUST_*`, `TOPOPROXY_*` and `CARGO_*` variables.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use serde_json::Value;
+
+use crate::vm;
+
+/// The package whose `vm_*` test targets run in the VM.
+const PACKAGE: &str = "topoproxy";
+/// Prefix of the test targets that run in the VM.
+const VM_TARGET_PREFIX: &str = "vm_";
+/// Seconds the guest keeps back from a boot's limit to write results and power off.
+const GUEST_MARGIN_SECS: u64 = 15;
+
+/// What `vm-test` runs.
+#[derive(Debug, Clone)]
+pub struct VmTestPlan {
+    /// Kernel labels (from [`vm::KERNELS`]).
+    pub kernels: Vec<String>,
+    /// Test targets to run; empty means every `vm_*` target.
+    pub tests: Vec<String>,
+    /// Arguments after `--`, passed to every test binary (a name filter, `--nocapture`...).
+    pub args: Vec<String>,
+    /// Wall-clock limit of one boot (smoke test, or all targets of one kernel).
+    pub timeout: Duration,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+}
+
+/// A test binary cargo built.
+#[derive(Debug, Clone)]
+struct Built {
+    target: String,
+    executable: PathBuf,
+}
+
+fn cargo_cmd() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    cmd.current_dir(crate::workspace_root());
+    cmd
+}
+
+/// `(package manifest dir, vm_* test target names)` of [`PACKAGE`], from `cargo metadata`.
+fn vm_targets() -> Result<(PathBuf, Vec<String>)> {
+    let out = cargo_cmd()
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    ensure!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        out.status
+    );
+    let metadata: Value =
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata output")?;
+    let package = metadata["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == PACKAGE)
+        .with_context(|| format!("cargo metadata lists no package {PACKAGE}"))?;
+    let manifest = package["manifest_path"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("package without manifest_path")?;
+    let dir = manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("manifest path without parent")?;
+    let mut targets: Vec<String> = package["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+        })
+        .filter_map(|t| t["name"].as_str())
+        .filter(|name| name.starts_with(VM_TARGET_PREFIX))
+        .map(str::to_owned)
+        .collect();
+    targets.sort();
+    Ok((dir, targets))
+}
+
+/// Builds the test targets and the agent binary; returns the test executables (in the order
+/// of `targets`) and the agent's path.
+fn build(targets: &[String]) -> Result<(Vec<Built>, PathBuf)> {
+    let mut cmd = cargo_cmd();
+    cmd.args(["test", "-p", PACKAGE, "--no-run"])
+        .arg("--message-format=json-render-diagnostics");
+    for target in targets {
+        cmd.args(["--test", target]);
+    }
+    let artifacts = json_artifacts(&mut cmd)?;
+    let mut built = Vec::new();
+    for target in targets {
+        let executable = artifacts
+            .iter()
+            .find(|a| a.kind == "test" && &a.name == target && a.test)
+            .map(|a| a.executable.clone())
+            .with_context(|| format!("cargo built no executable for test target {target}"))?;
+        built.push(Built {
+            target: target.clone(),
+            executable,
+        });
+    }
+    // Integration tests make cargo build the package's binaries; ask explicitly if it did not.
+    let agent = match artifacts
+        .iter()
+        .find(|a| a.kind == "bin" && a.name == PACKAGE && !a.test)
+    {
+        Some(a) => a.executable.clone(),
+        None => {
+            let mut cmd = cargo_cmd();
+            cmd.args(["build", "-p", PACKAGE, "--bin", PACKAGE])
+                .arg("--message-format=json-render-diagnostics");
+            json_artifacts(&mut cmd)?
+                .into_iter()
+                .find(|a| a.kind == "bin" && a.name == PACKAGE)
+                .map(|a| a.executable)
+                .with_context(|| format!("cargo built no {PACKAGE} binary"))?
+        }
+    };
+    Ok((built, agent))
+}
+
+struct Artifact {
+    kind: String,
+    name: String,
+    test: bool,
+    executable: PathBuf,
+}
+
+/// Runs a cargo command with `--message-format=json*` and collects its executables.
+fn json_artifacts(cmd: &mut Command) -> Result<Vec<Artifact>> {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {shown}"))?;
+    let stdout = child.stdout.take().context("cargo stdout")?;
+    let mut artifacts = Vec::new();
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line.with_context(|| format!("reading the output of {shown}"))?;
+        let Ok(message) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(executable) = message["executable"].as_str() else {
+            continue;
+        };
+        let kind = message["target"]["kind"][0].as_str().unwrap_or_default();
+        artifacts.push(Artifact {
+            kind: kind.to_owned(),
+            name: message["target"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            test: message["profile"]["test"].as_bool().unwrap_or(false),
+            executable: PathBuf::from(executable),
+        });
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {shown}"))?;
+    ensure!(status.success(), "{shown} failed: {status}");
+    Ok(artifacts)
+}
+
+/// Single-quotes a word for `sh`.
+fn sh_quote(word: &str) -> String {
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// A fresh share directory under `target/vm`, removed on drop unless kept for inspection.
+struct Share {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Share {
+    fn new(name: &str) -> Result<Self> {
+        let dir = vm::vm_dir().join(format!("share-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("out"))
+            .with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self { dir, keep: false })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The shell prologue shared by `vm-test` and `vm-runner`: libraries, agent path, the
+/// workspace at its host path, the clock helper and the working directory.
+fn prologue(agent: Option<&str>, workdir: &Path, env: &[(String, String)]) -> String {
+    let root = crate::workspace_root();
+    let root = root.display().to_string();
+    let mut script = String::from(
+        "#!/bin/sh\nexport LD_LIBRARY_PATH=/host/lib\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
+         export RUST_BACKTRACE=${RUST_BACKTRACE:-1}\n",
+    );
+    for (key, value) in env {
+        let _ = writeln!(script, "export {key}={}", sh_quote(value));
+    }
+    if let Some(agent) = agent {
+        let _ = writeln!(script, "export TOPOPROXY_BIN={}", sh_quote(agent));
+    }
+    let _ = writeln!(
+        script,
+        "mkdir -p {root} && mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 src {root} \
+         || echo 'TOPOPROXY-VM: mounting the workspace failed'",
+        root = sh_quote(&root)
+    );
+    let _ = writeln!(
+        script,
+        "cd {} 2>/dev/null || cd /tmp",
+        sh_quote(&workdir.display().to_string())
+    );
+    // Centiseconds since boot; `1${frac} - 100` keeps a leading zero from reading as octal.
+    script.push_str(
+        "uptime_cs() { read up _ < /proc/uptime; echo $(( ${up%.*} * 100 + 1${up#*.} - 100 )); }\n",
+    );
+    script
+}
+
+fn workspace_share() -> (String, PathBuf) {
+    ("src".to_owned(), crate::workspace_root())
+}
+
+/// The result of one test target in one boot.
+#[derive(Debug)]
+enum Verdict {
+    Pass,
+    Fail(i32),
+    TimedOut,
+    NotRun,
+}
+
+struct TargetResult {
+    target: String,
+    verdict: Verdict,
+    seconds: f64,
+    output: String,
+}
+
+/// Boots `label` once and runs every built target in it.
+fn run_targets(
+    label: &str,
+    built: &[Built],
+    agent: &Path,
+    package_dir: &Path,
+    plan: &VmTestPlan,
+) -> Result<(Vec<TargetResult>, String)> {
+    let mut share = Share::new(&format!("vmtest-{label}"))?;
+    let agent = vm::stage_binary(&share.dir, agent)?;
+    let mut script = prologue(
+        Some(&agent),
+        package_dir,
+        &[(
+            "CARGO_MANIFEST_DIR".to_owned(),
+            package_dir.display().to_string(),
+        )],
+    );
+    let limit = plan.timeout.as_secs();
+    script.push_str(&format!(
+        "failed=0\nrun_target() {{\n  name=$1; shift\n  \
+         left=$(( {limit} - {GUEST_MARGIN_SECS} - $(uptime_cs) / 100 ))\n  \
+         if [ $left -lt 5 ]; then echo skipped > /host/out/$name.code; failed=1; return; fi\n  \
+         echo \"TOPOPROXY-VM: running $name (limit ${{left}} s)\"\n  \
+         echo $left > /host/out/$name.limit\n  \
+         start=$(uptime_cs)\n  \
+         timeout -s KILL $left \"$@\" > /host/out/$name.log 2>&1\n  \
+         code=$?\n  \
+         echo $(( $(uptime_cs) - start )) > /host/out/$name.cs\n  \
+         echo $code > /host/out/$name.code\n  \
+         [ $code -eq 0 ] || failed=1\n  \
+         echo \"TOPOPROXY-VM: $name exited $code\"\n}}\n"
+    ));
+    for item in built {
+        let guest = vm::stage_binary(&share.dir, &item.executable)?;
+        let mut line = format!(
+            "run_target {} {} --ignored --test-threads=1",
+            sh_quote(&item.target),
+            sh_quote(&guest)
+        );
+        for arg in &plan.args {
+            line.push(' ');
+            line.push_str(&sh_quote(arg));
+        }
+        script.push_str(&line);
+        script.push('\n');
+    }
+    script.push_str("exit $failed\n");
+    std::fs::write(share.dir.join("run.sh"), script).context("writing run.sh")?;
+    let options = vm::VmOptions {
+        memory_mib: plan.memory_mib,
+        read_only_shares: vec![workspace_share()],
+    };
+    let outcome = vm::run_in_vm_with(label, &share.dir, plan.timeout, &options);
+    let console = match &outcome {
+        Ok(outcome) => outcome.console_log.clone(),
+        Err(e) => format!("{e:#}"),
+    };
+    let out = share.dir.join("out");
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).ok();
+    let mut results = Vec::new();
+    for item in built {
+        let target = &item.target;
+        let code = read(&format!("{target}.code")).map(|s| s.trim().to_owned());
+        let seconds = read(&format!("{target}.cs"))
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .map_or(0.0, |cs| cs / 100.0);
+        let limit = read(&format!("{target}.limit")).and_then(|s| s.trim().parse::<f64>().ok());
+        let output = read(&format!("{target}.log")).unwrap_or_default();
+        let verdict = match code.as_deref() {
+            Some("0") => Verdict::Pass,
+            Some("skipped") | None if output.is_empty() => Verdict::NotRun,
+            // A log without an exit code: the VM was killed while this target ran.
+            None => Verdict::TimedOut,
+            Some(code) => {
+                let code = code.parse().unwrap_or(-1);
+                // busybox timeout kills with SIGKILL: status 137 at the limit.
+                if code == 137 && limit.is_some_and(|l| seconds + 1.0 >= l) {
+                    Verdict::TimedOut
+                } else {
+                    Verdict::Fail(code)
+                }
+            }
+        };
+        results.push(TargetResult {
+            target: target.clone(),
+            verdict,
+            seconds,
+            output,
+        });
+    }
+    let failed = outcome.is_err() || results.iter().any(|r| !matches!(r.verdict, Verdict::Pass));
+    if failed {
+        share.keep = true;
+        println!(
+            "vm-test {label}: share kept for inspection: {}",
+            share.dir.display()
+        );
+    }
+    Ok((results, console))
+}
+
+/// Runs `vm-test`: the smoke test, then every selected `vm_*` target, per kernel.
+pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
+    vm::require_tool(vm::QEMU)?;
+    let mut summary: Vec<(String, String, String, f64)> = Vec::new();
+    let mut failures = 0usize;
+    let mut kernels_ok = Vec::new();
+    for label in &plan.kernels {
+        let prepared = vm::ensure_kernel(label).and_then(|k| vm::ensure_initramfs(&k).map(|_| k));
+        let kernel = match prepared {
+            Ok(kernel) => kernel,
+            Err(e) => {
+                println!("vm-test {label}: FAIL (preparing the kernel): {e:#}");
+                summary.push((label.clone(), "prepare".into(), "FAIL".into(), 0.0));
+                failures += 1;
+                continue;
+            }
+        };
+        let started = Instant::now();
+        let result = vm::smoke_test(label, plan.timeout);
+        let seconds = started.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => {
+                println!(
+                    "vm-test {label} ({}): PASS smoke (boot+test {seconds:.1} s)",
+                    kernel.release
+                );
+                summary.push((label.clone(), "smoke".into(), "PASS".into(), seconds));
+                kernels_ok.push(label.clone());
+            }
+            Err(e) => {
+                println!(
+                    "vm-test {label} ({}): FAIL smoke after {seconds:.1} s: {e:#}",
+                    kernel.release
+                );
+                summary.push((label.clone(), "smoke".into(), "FAIL".into(), seconds));
+                failures += 1;
+            }
+        }
+    }
+
+    let (package_dir, all) = vm_targets()?;
+    let selected: Vec<String> = if plan.tests.is_empty() {
+        all.clone()
+    } else {
+        let known: BTreeSet<&String> = all.iter().collect();
+        for test in &plan.tests {
+            ensure!(
+                known.contains(test),
+                "no test target {test} in {PACKAGE}; vm targets: {}",
+                all.join(", ")
+            );
+        }
+        plan.tests.clone()
+    };
+    if !selected.is_empty() && !kernels_ok.is_empty() {
+        println!("vm-test: building {}", selected.join(", "));
+        let (built, agent) = build(&selected)?;
+        for label in &kernels_ok {
+            let started = Instant::now();
+            let (results, console) = run_targets(label, &built, &agent, &package_dir, plan)?;
+            let boot = started.elapsed().as_secs_f64();
+            let mut boot_failed = false;
+            for result in &results {
+                let status = match result.verdict {
+                    Verdict::Pass => "PASS".to_owned(),
+                    Verdict::Fail(code) => format!("FAIL (exit {code})"),
+                    Verdict::TimedOut => "FAIL (timed out)".to_owned(),
+                    Verdict::NotRun => "FAIL (not run)".to_owned(),
+                };
+                println!(
+                    "vm-test {label}: {status} {} ({:.1} s)",
+                    result.target, result.seconds
+                );
+                if !result.output.trim().is_empty() {
+                    for line in result.output.lines() {
+                        println!("    {line}");
+                    }
+                }
+                let passed = matches!(result.verdict, Verdict::Pass);
+                boot_failed |= !passed;
+                summary.push((
+                    label.clone(),
+                    result.target.clone(),
+                    if passed { "PASS" } else { "FAIL" }.to_owned(),
+                    result.seconds,
+                ));
+            }
+            if boot_failed {
+                failures += 1;
+                println!("vm-test {label}: console tail:\n{}", vm::tail(&console, 40));
+            }
+            println!(
+                "vm-test {label}: boot with {} target(s) took {boot:.1} s",
+                results.len()
+            );
+        }
+    }
+    println!("vm-test summary:");
+    for (kernel, name, status, seconds) in &summary {
+        println!("  {kernel:<5} {name:<24} {status:<4} {seconds:>7.1} s");
+    }
+    if failures > 0 {
+        bail!("vm-test: {failures} failure(s)");
+    }
+    Ok(())
+}
+
+/// What `vm-runner` runs.
+#[derive(Debug, Clone)]
+pub struct RunnerPlan {
+    /// Kernel label.
+    pub kernel: String,
+    /// Wall-clock limit of the boot.
+    pub timeout: Duration,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// The host binary to run.
+    pub binary: PathBuf,
+    /// Its arguments.
+    pub args: Vec<String>,
+}
+
+/// Environment variables the runner carries into the guest.
+fn forwarded_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(key, _)| {
+            (key.starts_with("RUST_") || key.starts_with("TOPOPROXY_") || key.starts_with("CARGO_"))
+                && key != "TOPOPROXY_BIN"
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .collect()
+}
+
+/// Runs `vm-runner`: one binary in one boot; returns its exit status (or 1 when the VM
+/// failed, after printing why).
+pub fn vm_runner(plan: &RunnerPlan) -> Result<i32> {
+    let share = Share::new(&format!("runner-{}", plan.kernel))?;
+    let binary = plan
+        .binary
+        .canonicalize()
+        .with_context(|| format!("the binary to run: {}", plan.binary.display()))?;
+    let guest = vm::stage_binary(&share.dir, &binary)?;
+    // cargo puts integration tests in <profile>/deps and the package's binary in <profile>.
+    let agent = binary
+        .parent()
+        .and_then(Path::parent)
+        .map(|profile| profile.join(PACKAGE))
+        .filter(|p| p.is_file());
+    let agent = match agent {
+        Some(agent) => Some(vm::stage_binary(&share.dir, &agent)?),
+        None => None,
+    };
+    let workdir = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/tmp"));
+    let mut script = prologue(agent.as_deref(), &workdir, &forwarded_env());
+    let mut line = sh_quote(&guest);
+    for arg in &plan.args {
+        line.push(' ');
+        line.push_str(&sh_quote(arg));
+    }
+    let _ = writeln!(script, "{line} > /host/out/log 2>&1\ncode=$?\nexit $code");
+    std::fs::write(share.dir.join("run.sh"), script).context("writing run.sh")?;
+    let options = vm::VmOptions {
+        memory_mib: plan.memory_mib,
+        read_only_shares: vec![workspace_share()],
+    };
+    let outcome = vm::run_in_vm_with(&plan.kernel, &share.dir, plan.timeout, &options);
+    let log = std::fs::read_to_string(share.dir.join("out/log")).unwrap_or_default();
+    print!("{log}");
+    match outcome {
+        Ok(outcome) => {
+            if outcome.exit_code != 0 {
+                eprintln!(
+                    "vm-runner: {} exited {} in the {} VM; console tail:\n{}",
+                    binary.display(),
+                    outcome.exit_code,
+                    plan.kernel,
+                    vm::tail(&outcome.console_log, 20)
+                );
+            }
+            Ok(outcome.exit_code)
+        }
+        Err(e) => {
+            eprintln!("vm-runner: {e:#}");
+            Ok(1)
+        }
+    }
+}
