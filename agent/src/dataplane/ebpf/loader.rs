@@ -61,6 +61,9 @@ fn program_pin(pin_dir: &Path, program: &str) -> PathBuf {
 /// link, adopting the links a previous agent left.
 pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfError> {
     raise_memlock();
+    if let Some(parent) = settings.pin_dir.parent() {
+        ensure_bpffs(parent)?;
+    }
     std::fs::create_dir_all(&settings.pin_dir).map_err(|source| EbpfError::Io {
         call: "create_dir_all",
         path: settings.pin_dir.clone(),
@@ -118,8 +121,10 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin_dir: &Path) ->
         path: prog_path.clone(),
         source,
     })?;
+    // A cgroup bpf_link always coexists with other programs; BPF_LINK_CREATE refuses any
+    // flag, so `Single` (no flag) it is.
     let link_id = program
-        .attach(cgroup, CgroupAttachMode::AllowMultiple)
+        .attach(cgroup, CgroupAttachMode::Single)
         .map_err(program_error)?;
     let link = program.take_link(link_id).map_err(program_error)?;
     // Only a bpf_link (kernel 5.7+) can be pinned; a prog_attach link would detach with us.
@@ -174,6 +179,50 @@ fn remove_if_present(path: &Path) -> Result<(), EbpfError> {
             source,
         }),
     }
+}
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs on `dir` unless it is one already, as systemd does at boot: a minimal host or
+/// a container may not have it, and pins anywhere else would not be on bpffs.
+fn ensure_bpffs(dir: &Path) -> Result<(), EbpfError> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|error| EbpfError::Io {
+        call: "statfs",
+        path: dir.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, error),
+    })?;
+    // SAFETY: statfs fills the zeroed struct we own.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(EbpfError::Io {
+            call: "statfs",
+            path: dir.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    if stat.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    tracing::info!(path = %dir.display(), "mounting bpffs");
+    // SAFETY: plain mount(2) with NUL-terminated strings we own.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(EbpfError::Io {
+            call: "mount bpffs on",
+            path: dir.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the cgroup. Raising
