@@ -5,6 +5,7 @@
 //!   server, to measure its resident memory at scale.
 //! - `vm-setup`: installs QEMU and the guest tools, fetches the Debian kernels (see `vm.rs`).
 //! - `vm-test`: boots each kernel in QEMU and runs the IPVS smoke test.
+//! - `ebpf-setup`: installs the eBPF toolchain (rust-src, LLVM 22, bpf-linker; see `ebpf.rs`).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod ebpf;
 mod vm;
 
 #[derive(Parser)]
@@ -40,6 +42,9 @@ enum Task {
     },
     /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
     VmSetup,
+    /// Installs what building the eBPF programs needs: rust-src, LLVM 22 (root, apt) and
+    /// bpf-linker.
+    EbpfSetup,
     /// Boots each kernel in QEMU and runs the IPVS smoke test.
     VmTest {
         /// Kernel to test (6.1 or 6.12); repeat for several. Default: all.
@@ -71,6 +76,7 @@ fn main() -> Result<()> {
             rss_only,
         } => bench_sync(services, events, rss_only),
         Task::VmSetup => vm::vm_setup(),
+        Task::EbpfSetup => ebpf::ebpf_setup(),
         Task::VmTest { kernels, timeout } => {
             let kernels = if kernels.is_empty() {
                 vm::KERNELS.iter().map(|k| (*k).to_owned()).collect()
