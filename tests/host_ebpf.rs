@@ -77,11 +77,31 @@ struct Backend {
 }
 
 const BACKENDS: [Backend; 5] = [
-    Backend { name: "t0a", v4: "10.213.0.11", v6: "fd00:213::11" },
-    Backend { name: "t0b", v4: "10.213.0.12", v6: "fd00:213::12" },
-    Backend { name: "t1a", v4: "10.213.0.21", v6: "fd00:213::21" },
-    Backend { name: "t1b", v4: "10.213.0.22", v6: "fd00:213::22" },
-    Backend { name: "t2a", v4: "10.213.0.31", v6: "fd00:213::31" },
+    Backend {
+        name: "t0a",
+        v4: "10.213.0.11",
+        v6: "fd00:213::11",
+    },
+    Backend {
+        name: "t0b",
+        v4: "10.213.0.12",
+        v6: "fd00:213::12",
+    },
+    Backend {
+        name: "t1a",
+        v4: "10.213.0.21",
+        v6: "fd00:213::21",
+    },
+    Backend {
+        name: "t1b",
+        v4: "10.213.0.22",
+        v6: "fd00:213::22",
+    },
+    Backend {
+        name: "t2a",
+        v4: "10.213.0.31",
+        v6: "fd00:213::31",
+    },
 ];
 
 const VIP4: &str = "10.96.213.10";
@@ -201,7 +221,9 @@ impl Drop for World {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.client_ns])
             .status();
-        let _ = Command::new("ip").args(["netns", "del", &self.pods_ns]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.pods_ns])
+            .status();
         // The client process may still be exiting.
         for _ in 0..50 {
             if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
@@ -222,8 +244,17 @@ struct Client {
 impl Client {
     fn spawn(cgroup: &Path, netns: &Path) -> Self {
         let mut child = Command::new(std::env::current_exe().expect("current exe"))
-            .args(["client_process", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
-            .env(CLIENT_ENV, format!("{}\n{}", cgroup.display(), netns.display()))
+            .args([
+                "client_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                CLIENT_ENV,
+                format!("{}\n{}", cgroup.display(), netns.display()),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -476,7 +507,11 @@ fn service(
     let destinations = backends
         .iter()
         .map(|(backend, tier)| {
-            let address = if vip.is_ipv4() { backend.v4 } else { backend.v6 };
+            let address = if vip.is_ipv4() {
+                backend.v4
+            } else {
+                backend.v6
+            };
             (
                 (address.parse().expect("address"), PORT),
                 DestinationState {
@@ -547,10 +582,18 @@ fn vips_reach_the_nearest_tier_and_fall_back_with_the_vip_in_view() {
             assert_eq!(peer, socket(vip).to_string(), "getpeername shows the VIP");
             seen.insert(name);
             let (name, from) = client.udp(vip);
-            assert_eq!(from, socket(vip).to_string(), "UDP replies come from the VIP");
+            assert_eq!(
+                from,
+                socket(vip).to_string(),
+                "UDP replies come from the VIP"
+            );
             seen.insert(name);
             let (name, peer) = client.udp_connected(vip);
-            assert_eq!(peer, socket(vip).to_string(), "connected UDP peer is the VIP");
+            assert_eq!(
+                peer,
+                socket(vip).to_string(),
+                "connected UDP peer is the VIP"
+            );
             seen.insert(name);
         }
         assert_eq!(seen, names(&tiers, 0), "{vip}: only tier 0, and both of it");
@@ -564,7 +607,10 @@ fn vips_reach_the_nearest_tier_and_fall_back_with_the_vip_in_view() {
     })
     .join()
     .expect("outside thread");
-    assert!(outside.is_err(), "a connect outside the cgroup reached a backend");
+    assert!(
+        outside.is_err(),
+        "a connect outside the cgroup reached a backend"
+    );
 
     // Tier 0 empties: the very next connect lands in tier 1; then tier 2.
     let tier1 = [(T1A, 1), (T1B, 1), (T2A, 2)];
@@ -585,7 +631,10 @@ fn vips_reach_the_nearest_tier_and_fall_back_with_the_vip_in_view() {
     // No backend at all: the connect is refused rather than sent to the VIP.
     sync(&mut dataplane, &all_services(&[], None));
     let answer = client.ask(&format!("tcp {VIP4} {PORT}"));
-    assert!(answer.starts_with("err"), "connect with no backend: {answer}");
+    assert!(
+        answer.starts_with("err"),
+        "connect with no backend: {answer}"
+    );
 
     // Tier 0 comes back: traffic returns to it.
     sync(&mut dataplane, &all_services(&tiers, None));
@@ -607,7 +656,11 @@ fn vips_reach_the_nearest_tier_and_fall_back_with_the_vip_in_view() {
         .map(|b| b.connections)
         .sum();
     assert!(to_tier0 >= 8, "per-backend counters: {tcp4:?}");
-    assert!(tcp4.backends.iter().filter(|b| b.active).all(|b| b.tier == 0));
+    assert!(tcp4
+        .backends
+        .iter()
+        .filter(|b| b.active)
+        .all(|b| b.tier == 0));
     assert!(tcp4.counters.translations >= to_tier0);
     assert_eq!(tcp4.counters.no_backend, 1);
 }
@@ -644,7 +697,10 @@ fn client_ip_affinity_holds_to_one_backend() {
         assert_eq!(client.tcp(VIP4).0, second);
     }
     let listing = dataplane.list().expect("list");
-    assert!(listing.services.iter().any(|s| s.counters.affinity_hits >= 10));
+    assert!(listing
+        .services
+        .iter()
+        .any(|s| s.counters.affinity_hits >= 10));
 
     // Without affinity the same client spreads.
     sync(&mut dataplane, &all_services(&backends, None));
@@ -673,7 +729,10 @@ fn a_restarted_dataplane_keeps_traffic_flowing_and_cleanup_removes_everything() 
     let answer = client.answer();
     let words: Vec<&str> = answer.split_whitespace().collect();
     assert_eq!(words[0], "ok", "{answer}");
-    let (ok, failed): (u64, u64) = (words[1].parse().expect("ok"), words[2].parse().expect("failed"));
+    let (ok, failed): (u64, u64) = (
+        words[1].parse().expect("ok"),
+        words[2].parse().expect("failed"),
+    );
     assert!(ok > 10, "too few connects in the loop: {answer}");
     assert_eq!(failed, 0, "connects failed across the restart: {answer}");
     assert_eq!(words[4], "t0a,t0b", "{answer}");
@@ -682,7 +741,10 @@ fn a_restarted_dataplane_keeps_traffic_flowing_and_cleanup_removes_everything() 
     assert_eq!(dataplane.load_report().adopted.len(), PROGRAMS.len());
     assert!(dataplane.load_report().attached.is_empty());
     assert_eq!(block_on(dataplane.read()).expect("read"), desired);
-    assert!(client.ask("ping 0").starts_with("ok ping"), "held connection");
+    assert!(
+        client.ask("ping 0").starts_with("ok ping"),
+        "held connection"
+    );
     assert_eq!(loaded_program_ids(), program_ids, "programs were replaced");
     // And it keeps working: a change after adoption reaches the datapath.
     sync(&mut dataplane, &all_services(&[(T1A, 1)], None));
@@ -693,12 +755,18 @@ fn a_restarted_dataplane_keeps_traffic_flowing_and_cleanup_removes_everything() 
     assert_eq!(report.detached, PROGRAMS.len());
     assert!(!world.settings.pin_dir.exists(), "pin dir left behind");
     let answer = client.ask(&format!("tcp {VIP4} {PORT}"));
-    assert!(answer.starts_with("err"), "translated after cleanup: {answer}");
+    assert!(
+        answer.starts_with("err"),
+        "translated after cleanup: {answer}"
+    );
     let still_loaded: Vec<u32> = loaded_program_ids()
         .intersection(&program_ids)
         .copied()
         .collect();
-    assert!(still_loaded.is_empty(), "programs still loaded: {still_loaded:?}");
+    assert!(
+        still_loaded.is_empty(),
+        "programs still loaded: {still_loaded:?}"
+    );
     // Nothing of ours stays attached to the cgroup.
     assert!(cleanup(&world.settings).expect("second cleanup").detached == 0);
 }
@@ -710,8 +778,11 @@ fn loaded_program_ids() -> BTreeSet<u32> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|info| {
-            info.name_as_str()
-                .is_some_and(|name| PROGRAMS.iter().any(|p| p.starts_with(name) && !name.is_empty()))
+            info.name_as_str().is_some_and(|name| {
+                PROGRAMS
+                    .iter()
+                    .any(|p| p.starts_with(name) && !name.is_empty())
+            })
         })
         .map(|info| info.id())
         .collect()
@@ -729,9 +800,21 @@ fn one_endpoint_change_costs_a_constant_number_of_map_writes() {
     let mut destinations: BTreeMap<(IpAddr, u16), DestinationState> = BTreeMap::new();
     for i in 0..1000u32 {
         let address = IpAddr::from([10, 214, (i / 250) as u8, (i % 250) as u8 + 1]);
-        destinations.insert((address, PORT), DestinationState { weight: 1, tier: (i % 3) as u8 });
+        destinations.insert(
+            (address, PORT),
+            DestinationState {
+                weight: 1,
+                tier: (i % 3) as u8,
+            },
+        );
     }
-    table.insert(key, ProgrammedService { config: config(None), destinations });
+    table.insert(
+        key,
+        ProgrammedService {
+            config: config(None),
+            destinations,
+        },
+    );
     service(&mut table, Protocol::Udp, VIP4, &many, None);
     sync(&mut dataplane, &table);
 
@@ -746,16 +829,19 @@ fn one_endpoint_change_costs_a_constant_number_of_map_writes() {
     let first = IpAddr::from([10, 214, 0, 1]);
     let added = IpAddr::from([10, 215, 0, 1]);
     let add = cost(&|s| {
-        s.destinations.insert((added, PORT), DestinationState { weight: 1, tier: 0 });
+        s.destinations
+            .insert((added, PORT), DestinationState { weight: 1, tier: 0 });
     });
     let remove = cost(&|s| {
         s.destinations.remove(&(first, PORT));
     });
     let tier_move = cost(&|s| {
-        s.destinations.insert((added, PORT), DestinationState { weight: 1, tier: 2 });
+        s.destinations
+            .insert((added, PORT), DestinationState { weight: 1, tier: 2 });
     });
     let weight = cost(&|s| {
-        s.destinations.insert((added, PORT), DestinationState { weight: 5, tier: 2 });
+        s.destinations
+            .insert((added, PORT), DestinationState { weight: 5, tier: 2 });
     });
     println!("map writes: add {add}, remove {remove}, tier move {tier_move}, weight {weight}");
     assert_eq!(add, 2, "add: slot + service entry");
@@ -841,12 +927,21 @@ fn bench_cold_sync() {
             .map(|b| {
                 let n = s * 10 + b;
                 let address = IpAddr::from([10, 216 + (n >> 16) as u8, (n >> 8) as u8, n as u8]);
-                ((address, 80), DestinationState { weight: 1, tier: (b % 3) as u8 })
+                (
+                    (address, 80),
+                    DestinationState {
+                        weight: 1,
+                        tier: (b % 3) as u8,
+                    },
+                )
             })
             .collect();
         desired.insert(
             VsKey::new(Protocol::Tcp, vip, 80),
-            ProgrammedService { config: config(None), destinations },
+            ProgrammedService {
+                config: config(None),
+                destinations,
+            },
         );
     }
     let actual = block_on(dataplane.read()).expect("read");

@@ -83,7 +83,11 @@ fn programs_load_attach_translate_and_clean_up() {
 
     let vip = SocketAddr::new(VIP.parse::<IpAddr>().expect("vip"), 80);
     let stream = TcpStream::connect_timeout(&vip, Duration::from_secs(5)).expect("connect VIP");
-    assert_eq!(stream.peer_addr().expect("peer"), vip, "getpeername shows the VIP");
+    assert_eq!(
+        stream.peer_addr().expect("peer"),
+        vip,
+        "getpeername shows the VIP"
+    );
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).expect("read");
     assert_eq!(line.trim(), "backend");
@@ -95,7 +99,11 @@ fn programs_load_attach_translate_and_clean_up() {
     client.send_to(b"ping", vip).expect("send to VIP");
     let mut buf = [0u8; 64];
     let (len, from) = client.recv_from(&mut buf).expect("UDP reply");
-    assert_eq!((&buf[..len], from), (&b"ping"[..], vip), "reply from the VIP");
+    assert_eq!(
+        (&buf[..len], from),
+        (&b"ping"[..], vip),
+        "reply from the VIP"
+    );
 
     let listing = dataplane.list().expect("list");
     assert!(listing

@@ -168,7 +168,7 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
         family: vip.family,
     };
     // SAFETY: values are copied out at once; the agent replaces whole elements.
-    let Some(service) = (unsafe { TP_SERVICES.get(&key) }).copied() else {
+    let Some(service) = (unsafe { TP_SERVICES.get(key) }).copied() else {
         return ALLOW;
     };
 
@@ -202,7 +202,7 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
         _pad: 0,
     };
     // A full LRU evicts the oldest entry; a failure only costs the reverse view.
-    let _ = TP_REV_NAT.insert(&reverse, &vip, u64::from(BPF_ANY));
+    let _ = TP_REV_NAT.insert(reverse, vip, u64::from(BPF_ANY));
 
     count_service(service.id, 1, u64::from(affine), 0);
     count_backend(service.id, backend);
@@ -226,7 +226,7 @@ fn choose(
             _pad: 0,
         };
         let now = unsafe { bpf_ktime_get_ns() };
-        if let Some(entry) = TP_AFFINITY.get_ptr_mut(&key) {
+        if let Some(entry) = TP_AFFINITY.get_ptr_mut(key) {
             // SAFETY: a pointer the map lookup returned, valid for this program run.
             let held = unsafe { *entry };
             if now.wrapping_sub(held.last_used_ns) <= timeout_ns
@@ -238,7 +238,7 @@ fn choose(
                     slot: held.slot,
                 };
                 // SAFETY: copied out at once.
-                if let Some(backend) = unsafe { TP_BACKENDS.get(&slot) } {
+                if let Some(backend) = unsafe { TP_BACKENDS.get(slot) } {
                     if backend.endpoint == held.backend {
                         // SAFETY: as above; a racing update only moves the timestamp.
                         unsafe { (*entry).last_used_ns = now };
@@ -257,14 +257,14 @@ fn choose(
         slot,
     };
     // SAFETY: copied out at once.
-    let backend = unsafe { TP_BACKENDS.get(&key) }?.endpoint;
+    let backend = unsafe { TP_BACKENDS.get(key) }?.endpoint;
     if let Some((key, now)) = affinity {
         let value = AffinityValue {
             backend,
             slot,
             last_used_ns: now,
         };
-        let _ = TP_AFFINITY.insert(&key, &value, u64::from(BPF_ANY));
+        let _ = TP_AFFINITY.insert(key, value, u64::from(BPF_ANY));
     }
     Some((backend, false))
 }
@@ -279,7 +279,7 @@ fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    if let Some(vip) = unsafe { TP_REV_NAT.get(&key) }.copied() {
+    if let Some(vip) = unsafe { TP_REV_NAT.get(key) }.copied() {
         set_user_endpoint(sa, v6, &vip);
     }
     // These hooks must return 1.
@@ -303,7 +303,7 @@ fn count_service(id: u32, translations: u64, affinity_hits: u64, no_backend: u64
                 affinity_hits,
                 no_backend,
             };
-            let _ = TP_SVC_STATS.insert(id, &first, u64::from(BPF_NOEXIST));
+            let _ = TP_SVC_STATS.insert(id, first, u64::from(BPF_NOEXIST));
         }
     }
 }
@@ -314,12 +314,12 @@ fn count_backend(service_id: u32, backend: Endpoint) {
         service_id,
         backend,
     };
-    match TP_BE_STATS.get_ptr_mut(&key) {
+    match TP_BE_STATS.get_ptr_mut(key) {
         // SAFETY: as in `count_service`.
         Some(stats) => unsafe { (*stats).connections += 1 },
         None => {
             let first = BackendStats { connections: 1 };
-            let _ = TP_BE_STATS.insert(&key, &first, u64::from(BPF_NOEXIST));
+            let _ = TP_BE_STATS.insert(key, first, u64::from(BPF_NOEXIST));
         }
     }
 }

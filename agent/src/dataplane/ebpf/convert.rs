@@ -80,7 +80,11 @@ pub(super) fn vs_key(key: &ServiceKey) -> Option<VsKey> {
 }
 
 /// The service entry for `config`, with the given id and tier counts.
-pub(super) fn service_value(id: u32, config: &ServiceConfig, tier_counts: [u16; MAX_TIERS]) -> Service {
+pub(super) fn service_value(
+    id: u32,
+    config: &ServiceConfig,
+    tier_counts: [u16; MAX_TIERS],
+) -> Service {
     let mut scheduler = [0u8; SCHEDULER_LEN];
     let name = config.scheduler.as_bytes();
     let len = name.len().min(SCHEDULER_LEN);
@@ -139,7 +143,10 @@ mod tests {
         assert_eq!(e.family, FAMILY_V4);
         for address in ["10.96.0.10", "fd00::1:2", "::ffff:1.2.3.4"] {
             let address: IpAddr = address.parse().expect("ip");
-            assert_eq!(from_endpoint(&endpoint(address, 8080)), Some((address, 8080)));
+            assert_eq!(
+                from_endpoint(&endpoint(address, 8080)),
+                Some((address, 8080))
+            );
         }
     }
 

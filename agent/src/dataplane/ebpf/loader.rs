@@ -103,7 +103,12 @@ pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfEr
     Ok((take_maps(&mut ebpf)?, report))
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup: &File, pin_dir: &Path) -> Result<(), EbpfError> {
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    pin_dir: &Path,
+) -> Result<(), EbpfError> {
     let program_error = |source| EbpfError::Program {
         program: name,
         source: Box::new(source),
@@ -187,11 +192,12 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Mounts bpffs on `dir` unless it is one already, as systemd does at boot: a minimal host or
 /// a container may not have it, and pins anywhere else would not be on bpffs.
 fn ensure_bpffs(dir: &Path) -> Result<(), EbpfError> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|error| EbpfError::Io {
-        call: "statfs",
-        path: dir.to_owned(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, error),
-    })?;
+    let path =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|error| EbpfError::Io {
+            call: "statfs",
+            path: dir.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, error),
+        })?;
     // SAFETY: statfs fills the zeroed struct we own.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
@@ -413,7 +419,10 @@ mod tests {
 
     #[test]
     fn no_cgroup2_mount_is_none_and_escapes_are_undone() {
-        assert_eq!(parse_cgroup2_mount("25 30 0:23 / /x rw - tmpfs t rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount("25 30 0:23 / /x rw - tmpfs t rw\n"),
+            None
+        );
         assert_eq!(
             parse_cgroup2_mount("1 2 0:1 / /mnt/my\\040cg rw - cgroup2 c rw\n"),
             Some(PathBuf::from("/mnt/my cg"))

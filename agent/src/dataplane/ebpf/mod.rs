@@ -32,14 +32,12 @@ use std::path::PathBuf;
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
 use topoproxy_common::{
-    maps, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats, BackendStatsKey,
-    Endpoint, RevNatKey, Service, ServiceKey, ServiceStats, MAX_TIERS, MAX_TIER_BACKENDS,
-    TIER_SHIFT,
+    maps, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats, BackendStatsKey, Endpoint,
+    RevNatKey, Service, ServiceKey, ServiceStats, MAX_TIERS, MAX_TIER_BACKENDS, TIER_SHIFT,
 };
 
 use crate::diff::{
-    Destination, DestinationState, Op, ProgrammedService, ProgrammedTable, ServiceConfig,
-    TierScope,
+    Destination, DestinationState, Op, ProgrammedService, ProgrammedTable, ServiceConfig, TierScope,
 };
 use crate::table::VsKey;
 
@@ -351,7 +349,10 @@ impl EbpfDataplane {
         for item in self.maps.services.iter() {
             let (raw_key, value) = item.map_err(map_error(maps::SERVICES, "iterate"))?;
             let Some(key) = convert::vs_key(&raw_key) else {
-                tracing::warn!(?raw_key, "skipping a service entry with an unknown protocol");
+                tracing::warn!(
+                    ?raw_key,
+                    "skipping a service entry with an unknown protocol"
+                );
                 continue;
             };
             let mut entry = Entry {
@@ -364,11 +365,20 @@ impl EbpfDataplane {
             };
             for tier in 0..MAX_TIERS {
                 for index in 0..usize::from(value.tier_counts[tier]) {
-                    let slot = match self.maps.backends.get(&backend_key(value.id, tier, index), 0) {
+                    let slot = match self
+                        .maps
+                        .backends
+                        .get(&backend_key(value.id, tier, index), 0)
+                    {
                         Ok(backend) => backend,
                         Err(error) if is_missing(&error) => {
                             // Only an interrupted agent leaves this; shrink the tier to what is there.
-                            tracing::warn!(?key, tier, index, "service counts a missing backend slot");
+                            tracing::warn!(
+                                ?key,
+                                tier,
+                                index,
+                                "service counts a missing backend slot"
+                            );
                             repairs.push(key);
                             break;
                         }
@@ -378,7 +388,9 @@ impl EbpfDataplane {
                         repairs.push(key);
                         break;
                     };
-                    entry.positions.insert((address, port), (tier as u8, index as u32));
+                    entry
+                        .positions
+                        .insert((address, port), (tier as u8, index as u32));
                     entry.tiers[tier].push(Slot {
                         address,
                         port,
@@ -762,13 +774,15 @@ impl EbpfDataplane {
 
     fn counters_of(&self, id: u32) -> Result<ServiceCounters, EbpfError> {
         match self.maps.service_stats.get(&id, 0) {
-            Ok(values) => Ok(values.iter().fold(ServiceCounters::default(), |sum, v| {
-                ServiceCounters {
-                    translations: sum.translations + v.translations,
-                    affinity_hits: sum.affinity_hits + v.affinity_hits,
-                    no_backend: sum.no_backend + v.no_backend,
-                }
-            })),
+            Ok(values) => {
+                Ok(values
+                    .iter()
+                    .fold(ServiceCounters::default(), |sum, v| ServiceCounters {
+                        translations: sum.translations + v.translations,
+                        affinity_hits: sum.affinity_hits + v.affinity_hits,
+                        no_backend: sum.no_backend + v.no_backend,
+                    }))
+            }
             Err(error) if is_missing(&error) => Ok(ServiceCounters::default()),
             Err(error) => Err(map_error(maps::SERVICE_STATS, "lookup")(error)),
         }
