@@ -771,6 +771,25 @@ fn a_restarted_dataplane_keeps_traffic_flowing_and_cleanup_removes_everything() 
     assert!(cleanup(&world.settings).expect("second cleanup").detached == 0);
 }
 
+#[test]
+fn a_missing_map_pin_makes_the_next_open_attach_afresh() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let desired = all_services(&[(T0A, 0)], None);
+    sync(&mut dataplane, &desired);
+    drop(dataplane);
+    // Adopting the old programs now would leave them reading maps no one writes.
+    std::fs::remove_file(world.settings.pin_dir.join("TP_REV_NAT")).expect("remove a map pin");
+    let mut dataplane = world.open();
+    assert_eq!(dataplane.load_report().attached.len(), PROGRAMS.len());
+    assert!(dataplane.load_report().adopted.is_empty());
+    assert_eq!(block_on(dataplane.read()).expect("read"), desired);
+    let mut client = world.client();
+    let (name, peer) = client.tcp(VIP4);
+    assert_eq!((name.as_str(), peer), ("t0a", socket(VIP4).to_string()));
+    assert_eq!(client.udp(VIP4).1, socket(VIP4).to_string());
+}
+
 /// Ids of the loaded programs named like ours.
 fn loaded_program_ids() -> BTreeSet<u32> {
     // Freed programs can linger briefly after their last reference goes.

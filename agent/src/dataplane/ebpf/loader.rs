@@ -40,6 +40,15 @@ pub const PROGRAMS: [&str; 8] = [
     "tp_getpeername6",
 ];
 
+const MAP_NAMES: [&str; 6] = [
+    maps::SERVICES,
+    maps::BACKENDS,
+    maps::REV_NAT,
+    maps::AFFINITY,
+    maps::SERVICE_STATS,
+    maps::BACKEND_STATS,
+];
+
 /// What [`load`] found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {
@@ -69,6 +78,24 @@ pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfEr
         path: settings.pin_dir.clone(),
         source,
     })?;
+    // Adopted programs read the maps they were loaded with. If any map pin is gone, a load
+    // would create fresh maps those programs never see: start over with new links instead.
+    let all_maps_pinned = MAP_NAMES
+        .iter()
+        .all(|name| settings.pin_dir.join(name).exists());
+    if !all_maps_pinned {
+        for name in PROGRAMS {
+            let link_path = link_pin(&settings.pin_dir, name);
+            if let Ok(fd) = bpf_obj_get(&link_path) {
+                tracing::warn!(
+                    program = name,
+                    "a map pin is missing; replacing the pinned link"
+                );
+                let _ = bpf_link_detach(&fd);
+            }
+            remove_if_present(&link_path)?;
+        }
+    }
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&settings.pin_dir)
         .load(OBJECT)
