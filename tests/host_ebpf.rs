@@ -1,1 +1,984 @@
-//! (placeholder: filled in by its work item)
+//! The eBPF dataplane on the host, with real traffic. Needs root (fails otherwise).
+//!
+//! Each test builds its own world: a child cgroup under the cgroup2 mount (the programs attach
+//! there, so nothing outside it is touched), a pin directory under /sys/fs/bpf, a "pods"
+//! network namespace holding the backends (one address each, servers on threads that
+//! setns into it), and a client namespace linked to it by a veth pair. The client is a child
+//! process (this test binary, re-executed as the ignored `client_process` test) that joins the
+//! cgroup and the client namespace, then runs socket commands sent over its stdin.
+//!
+//! Everything is driven through the `Dataplane` trait with ops from the agent's differ, so the
+//! agent's own path is what is tested.
+//!
+//! Benchmarks (ignored; run with `--ignored --nocapture`): `bench_connect_vip_vs_direct`,
+//! `bench_cold_sync`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::executor::block_on;
+use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings, PROGRAMS};
+use topoproxy::dataplane::Dataplane as _;
+use topoproxy::diff::{diff, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use topoproxy::model::Protocol;
+use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
+
+const CLIENT_ENV: &str = "TOPOPROXY_EBPF_TEST_CLIENT";
+const PORT: u16 = 8080;
+/// A listener that only accepts and closes, for the connect benchmark.
+const SINK_PORT: u16 = 9090;
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "host_ebpf needs root (cgroups, bpffs, network namespaces)"
+    );
+}
+
+fn run(command: &str) {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .status()
+        .expect("spawn sh");
+    assert!(status.success(), "`{command}` failed: {status}");
+}
+
+fn unique() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn setns(netns: &Path) {
+    let file = std::fs::File::open(netns).expect("open netns");
+    // SAFETY: setns on a namespace file we hold open; affects this thread only.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// A backend address in the pods namespace and the name its servers answer with.
+#[derive(Clone, Copy)]
+struct Backend {
+    name: &'static str,
+    v4: &'static str,
+    v6: &'static str,
+}
+
+const BACKENDS: [Backend; 5] = [
+    Backend {
+        name: "t0a",
+        v4: "10.213.0.11",
+        v6: "fd00:213::11",
+    },
+    Backend {
+        name: "t0b",
+        v4: "10.213.0.12",
+        v6: "fd00:213::12",
+    },
+    Backend {
+        name: "t1a",
+        v4: "10.213.0.21",
+        v6: "fd00:213::21",
+    },
+    Backend {
+        name: "t1b",
+        v4: "10.213.0.22",
+        v6: "fd00:213::22",
+    },
+    Backend {
+        name: "t2a",
+        v4: "10.213.0.31",
+        v6: "fd00:213::31",
+    },
+];
+
+const VIP4: &str = "10.96.213.10";
+const VIP6: &str = "fd00:96::10";
+
+/// One test's namespaces, cgroup and pin directory, removed on drop.
+struct World {
+    id: String,
+    client_ns: String,
+    pods_ns: String,
+    cgroup: PathBuf,
+    settings: EbpfSettings,
+}
+
+impl World {
+    fn new() -> Self {
+        require_root();
+        let id = unique();
+        let client_ns = format!("tpe-c{id}");
+        let pods_ns = format!("tpe-p{id}");
+        let cgroup = cgroup2_mount()
+            .expect("cgroup2 mount")
+            .join(format!("topoproxy-test-{id}"));
+        let world = Self {
+            settings: EbpfSettings {
+                pin_dir: PathBuf::from(format!("/sys/fs/bpf/topoproxy-test-{id}")),
+                cgroup_path: Some(cgroup.clone()),
+            },
+            id,
+            client_ns,
+            pods_ns,
+            cgroup,
+        };
+        std::fs::create_dir(&world.cgroup).expect("create the test cgroup");
+        let (c, p) = (&world.client_ns, &world.pods_ns);
+        run(&format!("ip netns add {c} && ip netns add {p}"));
+        run(&format!(
+            "ip -n {c} link set lo up && ip -n {p} link set lo up && \
+             ip -n {c} link add tpec{id} type veth peer name tpep{id} netns {p} && \
+             ip -n {c} addr add 10.213.0.1/24 dev tpec{id} && \
+             ip -n {c} addr add fd00:213::1/64 dev tpec{id} nodad && \
+             ip -n {c} link set tpec{id} up && ip -n {p} link set tpep{id} up",
+            id = world.id
+        ));
+        for backend in BACKENDS {
+            run(&format!(
+                "ip -n {p} addr add {}/24 dev tpep{id} && ip -n {p} addr add {}/64 dev tpep{id} nodad",
+                backend.v4,
+                backend.v6,
+                id = world.id
+            ));
+        }
+        for backend in BACKENDS {
+            world.serve(backend);
+        }
+        world
+    }
+
+    fn netns_path(name: &str) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{name}"))
+    }
+
+    /// TCP (name, then echo) and UDP (name) servers for `backend`, v4 and v6.
+    fn serve(&self, backend: Backend) {
+        let netns = Self::netns_path(&self.pods_ns);
+        for address in [backend.v4, backend.v6] {
+            let address: IpAddr = address.parse().expect("address");
+            let netns = netns.clone();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                setns(&netns);
+                let tcp = TcpListener::bind((address, PORT)).expect("bind tcp");
+                let udp = UdpSocket::bind((address, PORT)).expect("bind udp");
+                let sink = TcpListener::bind((address, SINK_PORT)).expect("bind sink");
+                ready_tx.send(()).expect("ready");
+                // A deep accept queue, so the benchmark measures connect(), not queue drops.
+                // SAFETY: listen on a socket we own; only its backlog changes.
+                unsafe { libc::listen(sink.as_raw_fd(), 4096) };
+                std::thread::spawn(move || for _ in sink.incoming() {});
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 512];
+                    while let Ok((_, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(backend.name.as_bytes(), from);
+                    }
+                });
+                for stream in tcp.incoming() {
+                    let Ok(mut stream) = stream else { continue };
+                    std::thread::spawn(move || {
+                        let _ = writeln!(stream, "{}", backend.name);
+                        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                        let mut line = String::new();
+                        while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                            let _ = stream.write_all(line.as_bytes());
+                            line.clear();
+                        }
+                    });
+                }
+            });
+            ready_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("server ready");
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::spawn(&self.cgroup, &Self::netns_path(&self.client_ns))
+    }
+
+    fn open(&self) -> EbpfDataplane {
+        EbpfDataplane::open(self.settings.clone()).expect("open the eBPF dataplane")
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = cleanup(&self.settings);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.client_ns])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.pods_ns])
+            .status();
+        // The client process may still be exiting.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The client process: in the test cgroup and the client namespace.
+struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Client {
+    fn spawn(cgroup: &Path, netns: &Path) -> Self {
+        let mut child = Command::new(std::env::current_exe().expect("current exe"))
+            .args([
+                "client_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                CLIENT_ENV,
+                format!("{}\n{}", cgroup.display(), netns.display()),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn the client process");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut client = Self {
+            child,
+            stdin,
+            stdout,
+        };
+        assert_eq!(client.ask("hello"), "ready");
+        client
+    }
+
+    /// Sends one command and returns its answer (`ok …` or `err …`).
+    fn ask(&mut self, command: &str) -> String {
+        writeln!(self.stdin, "{command}").expect("write to client");
+        self.answer()
+    }
+
+    fn send(&mut self, command: &str) {
+        writeln!(self.stdin, "{command}").expect("write to client");
+    }
+
+    fn answer(&mut self) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = self.stdout.read_line(&mut line).expect("read from client");
+            assert!(read > 0, "the client process exited");
+            // libtest's "test client_process ... " has no newline: the marker may follow it.
+            if let Some((_, answer)) = line.trim_end().split_once("@@ ") {
+                return answer.to_owned();
+            }
+        }
+    }
+
+    /// (backend name, peer address) of a TCP connect.
+    fn tcp(&mut self, address: &str) -> (String, String) {
+        let answer = self.ask(&format!("tcp {address} {PORT}"));
+        parse_pair(&answer)
+    }
+
+    fn udp(&mut self, address: &str) -> (String, String) {
+        let answer = self.ask(&format!("udp {address} {PORT}"));
+        parse_pair(&answer)
+    }
+
+    fn udp_connected(&mut self, address: &str) -> (String, String) {
+        let answer = self.ask(&format!("udpc {address} {PORT}"));
+        parse_pair(&answer)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_pair(answer: &str) -> (String, String) {
+    let mut words = answer.split_whitespace();
+    assert_eq!(words.next(), Some("ok"), "client answered {answer:?}");
+    let name = words.next().expect("name").to_owned();
+    let peer = words.next().expect("peer").to_owned();
+    (name, peer)
+}
+
+fn socket(address: &str) -> SocketAddr {
+    SocketAddr::new(address.parse().expect("address"), PORT)
+}
+
+/// The client side: runs only when re-executed by [`Client::spawn`].
+#[test]
+#[ignore = "helper process for the other tests, started by them"]
+fn client_process() {
+    let Ok(setup) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let (cgroup, netns) = setup.split_once('\n').expect("cgroup and netns");
+    std::fs::write(
+        Path::new(cgroup).join("cgroup.procs"),
+        std::process::id().to_string(),
+    )
+    .expect("join the test cgroup");
+    setns(Path::new(netns));
+    let stdin = std::io::stdin();
+    let mut held: Vec<TcpStream> = Vec::new();
+    for line in stdin.lock().lines() {
+        let line = line.expect("read command");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let answer = match words.as_slice() {
+            ["hello"] => "ready".to_owned(),
+            ["quit"] => return,
+            ["tcp", ip, port] => match tcp_name(&target(ip, port)) {
+                Ok((name, peer, _)) => format!("ok {name} {peer}"),
+                Err(error) => format!("err {error}"),
+            },
+            ["hold", ip, port] => match tcp_name(&target(ip, port)) {
+                Ok((name, _, stream)) => {
+                    held.push(stream);
+                    format!("ok {name} {}", held.len() - 1)
+                }
+                Err(error) => format!("err {error}"),
+            },
+            ["ping", index] => {
+                let stream = &mut held[index.parse::<usize>().expect("index")];
+                let result = stream.write_all(b"ping\n").and_then(|()| {
+                    let mut reader = BufReader::new(stream.try_clone()?);
+                    let mut line = String::new();
+                    reader.read_line(&mut line)?;
+                    Ok(line)
+                });
+                match result {
+                    Ok(line) => format!("ok {}", line.trim()),
+                    Err(error) => format!("err {error}"),
+                }
+            }
+            ["udp", ip, port] => match udp_name(&target(ip, port), false) {
+                Ok((name, from)) => format!("ok {name} {from}"),
+                Err(error) => format!("err {error}"),
+            },
+            ["udpc", ip, port] => match udp_name(&target(ip, port), true) {
+                Ok((name, from)) => format!("ok {name} {from}"),
+                Err(error) => format!("err {error}"),
+            },
+            ["loop", ip, port, millis] => {
+                let until = Instant::now() + Duration::from_millis(millis.parse().expect("ms"));
+                let (mut ok, mut failed, mut first_error) = (0u64, 0u64, String::from("-"));
+                let mut names = BTreeSet::new();
+                while Instant::now() < until {
+                    match tcp_name(&target(ip, port)) {
+                        Ok((name, _, _)) => {
+                            ok += 1;
+                            names.insert(name);
+                        }
+                        Err(error) => {
+                            if failed == 0 {
+                                first_error = error.to_string().replace(' ', "_");
+                            }
+                            failed += 1;
+                        }
+                    }
+                }
+                let names: Vec<String> = names.into_iter().collect();
+                format!("ok {ok} {failed} {first_error} {}", names.join(","))
+            }
+            ["bench", ip, port, count] => {
+                let address = target(ip, port);
+                let count: u32 = count.parse().expect("count");
+                let started = Instant::now();
+                let mut failed = 0u32;
+                for _ in 0..count {
+                    match TcpStream::connect(address) {
+                        // Reset on close: no TIME_WAIT to exhaust the ports.
+                        Ok(stream) => linger_zero(&stream),
+                        Err(_) => failed += 1,
+                    }
+                }
+                format!("ok {} {failed}", started.elapsed().as_nanos())
+            }
+            other => format!("err unknown command {other:?}"),
+        };
+        println!("@@ {answer}");
+    }
+}
+
+fn target(ip: &str, port: &str) -> SocketAddr {
+    SocketAddr::new(ip.parse().expect("ip"), port.parse().expect("port"))
+}
+
+fn linger_zero(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads the struct we pass.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn tcp_name(address: &SocketAddr) -> std::io::Result<(String, SocketAddr, TcpStream)> {
+    let stream = TcpStream::connect_timeout(address, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let peer = stream.peer_addr()?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut name = String::new();
+    reader.read_line(&mut name)?;
+    Ok((name.trim().to_owned(), peer, stream))
+}
+
+fn udp_name(address: &SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
+    let bind: SocketAddr = if address.is_ipv4() {
+        "0.0.0.0:0".parse().expect("any")
+    } else {
+        "[::]:0".parse().expect("any")
+    };
+    let socket = UdpSocket::bind(bind)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 64];
+    let (len, from) = if connected {
+        socket.connect(address)?;
+        socket.send(b"who")?;
+        let len = socket.recv(&mut buf)?;
+        (len, socket.peer_addr()?)
+    } else {
+        socket.send_to(b"who", address)?;
+        socket.recv_from(&mut buf)?
+    };
+    Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+}
+
+// ---- desired tables and the dataplane ----
+
+fn config(persistence_timeout: Option<u32>) -> ServiceConfig {
+    ServiceConfig {
+        scheduler: "rr".to_owned(),
+        persistence_timeout,
+        frontend: Frontend::ClusterIP,
+        traffic_policy: TrafficPolicy::Cluster,
+    }
+}
+
+/// A service on `vip` for `protocol` with backends `(backend, tier)`.
+fn service(
+    table: &mut ProgrammedTable,
+    protocol: Protocol,
+    vip: &str,
+    backends: &[(Backend, u8)],
+    persistence_timeout: Option<u32>,
+) {
+    let vip: IpAddr = vip.parse().expect("vip");
+    let destinations = backends
+        .iter()
+        .map(|(backend, tier)| {
+            let address = if vip.is_ipv4() {
+                backend.v4
+            } else {
+                backend.v6
+            };
+            (
+                (address.parse().expect("address"), PORT),
+                DestinationState {
+                    weight: 1,
+                    tier: *tier,
+                },
+            )
+        })
+        .collect();
+    table.insert(
+        VsKey::new(protocol, vip, PORT),
+        ProgrammedService {
+            config: config(persistence_timeout),
+            destinations,
+        },
+    );
+}
+
+/// Every protocol and family of one VIP pair with the same backends.
+fn all_services(backends: &[(Backend, u8)], persistence_timeout: Option<u32>) -> ProgrammedTable {
+    let mut table = ProgrammedTable::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for vip in [VIP4, VIP6] {
+            service(&mut table, protocol, vip, backends, persistence_timeout);
+        }
+    }
+    table
+}
+
+/// Diffs against what the dataplane reads back and applies: the sync loop's path.
+fn sync(dataplane: &mut EbpfDataplane, desired: &ProgrammedTable) {
+    let actual = block_on(dataplane.read()).expect("read");
+    let ops = diff(desired, &actual);
+    block_on(dataplane.apply(&ops)).expect("apply");
+    let after = block_on(dataplane.read()).expect("read back");
+    assert_eq!(&after, desired, "the maps read back differ from the plan");
+}
+
+fn names(backends: &[(Backend, u8)], tier: u8) -> BTreeSet<String> {
+    backends
+        .iter()
+        .filter(|(_, t)| *t == tier)
+        .map(|(b, _)| b.name.to_owned())
+        .collect()
+}
+
+const T0A: Backend = BACKENDS[0];
+const T0B: Backend = BACKENDS[1];
+const T1A: Backend = BACKENDS[2];
+const T1B: Backend = BACKENDS[3];
+const T2A: Backend = BACKENDS[4];
+
+// ---- tests ----
+
+#[test]
+fn vips_reach_the_nearest_tier_and_fall_back_with_the_vip_in_view() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    assert_eq!(dataplane.load_report().attached.len(), PROGRAMS.len());
+    let tiers = [(T0A, 0), (T0B, 0), (T1A, 1), (T1B, 1), (T2A, 2)];
+    sync(&mut dataplane, &all_services(&tiers, None));
+    let mut client = world.client();
+
+    for vip in [VIP4, VIP6] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..24 {
+            let (name, peer) = client.tcp(vip);
+            assert_eq!(peer, socket(vip).to_string(), "getpeername shows the VIP");
+            seen.insert(name);
+            let (name, from) = client.udp(vip);
+            assert_eq!(
+                from,
+                socket(vip).to_string(),
+                "UDP replies come from the VIP"
+            );
+            seen.insert(name);
+            let (name, peer) = client.udp_connected(vip);
+            assert_eq!(
+                peer,
+                socket(vip).to_string(),
+                "connected UDP peer is the VIP"
+            );
+            seen.insert(name);
+        }
+        assert_eq!(seen, names(&tiers, 0), "{vip}: only tier 0, and both of it");
+    }
+
+    // A process outside the cgroup is not translated: the VIP has no route there.
+    let netns = World::netns_path(&world.client_ns);
+    let outside = std::thread::spawn(move || {
+        setns(&netns);
+        TcpStream::connect_timeout(&socket(VIP4), Duration::from_secs(1)).map(|_| ())
+    })
+    .join()
+    .expect("outside thread");
+    assert!(
+        outside.is_err(),
+        "a connect outside the cgroup reached a backend"
+    );
+
+    // Tier 0 empties: the very next connect lands in tier 1; then tier 2.
+    let tier1 = [(T1A, 1), (T1B, 1), (T2A, 2)];
+    sync(&mut dataplane, &all_services(&tier1, None));
+    for vip in [VIP4, VIP6] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..16 {
+            seen.insert(client.tcp(vip).0);
+            seen.insert(client.udp(vip).0);
+        }
+        assert_eq!(seen, names(&tier1, 1), "{vip} after tier 0 emptied");
+    }
+    let tier2 = [(T2A, 2)];
+    sync(&mut dataplane, &all_services(&tier2, None));
+    assert_eq!(client.tcp(VIP4).0, "t2a");
+    assert_eq!(client.udp(VIP6).0, "t2a");
+
+    // No backend at all: the connect is refused rather than sent to the VIP.
+    sync(&mut dataplane, &all_services(&[], None));
+    let answer = client.ask(&format!("tcp {VIP4} {PORT}"));
+    assert!(
+        answer.starts_with("err"),
+        "connect with no backend: {answer}"
+    );
+
+    // Tier 0 comes back: traffic returns to it.
+    sync(&mut dataplane, &all_services(&tiers, None));
+    for _ in 0..8 {
+        assert!(names(&tiers, 0).contains(&client.tcp(VIP4).0));
+    }
+
+    let listing = dataplane.list().expect("list");
+    let tcp4 = listing
+        .services
+        .iter()
+        .find(|s| s.key == VsKey::new(Protocol::Tcp, VIP4.parse().expect("vip"), PORT))
+        .expect("tcp4 listed");
+    assert_eq!(tcp4.backends.len(), tiers.len());
+    let to_tier0: u64 = tcp4
+        .backends
+        .iter()
+        .filter(|b| b.tier == 0)
+        .map(|b| b.connections)
+        .sum();
+    assert!(to_tier0 >= 8, "per-backend counters: {tcp4:?}");
+    assert!(tcp4
+        .backends
+        .iter()
+        .filter(|b| b.active)
+        .all(|b| b.tier == 0));
+    assert!(tcp4.counters.translations >= to_tier0);
+    assert_eq!(tcp4.counters.no_backend, 1);
+}
+
+#[test]
+fn client_ip_affinity_holds_to_one_backend() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let backends = [(T0A, 0), (T0B, 0), (T1A, 0), (T1B, 0)];
+    sync(&mut dataplane, &all_services(&backends, Some(60)));
+    let mut client = world.client();
+    for vip in [VIP4, VIP6] {
+        let first = client.tcp(vip).0;
+        for _ in 0..20 {
+            assert_eq!(client.tcp(vip).0, first, "{vip}: affinity broke");
+        }
+        // UDP keeps its own affinity per service.
+        let first = client.udp(vip).0;
+        for _ in 0..10 {
+            assert_eq!(client.udp(vip).0, first);
+        }
+    }
+    // Its backend gone, the client moves to another and sticks there.
+    let first = client.tcp(VIP4).0;
+    let remaining: Vec<(Backend, u8)> = backends
+        .iter()
+        .copied()
+        .filter(|(b, _)| b.name != first)
+        .collect();
+    sync(&mut dataplane, &all_services(&remaining, Some(60)));
+    let second = client.tcp(VIP4).0;
+    assert_ne!(second, first);
+    for _ in 0..10 {
+        assert_eq!(client.tcp(VIP4).0, second);
+    }
+    let listing = dataplane.list().expect("list");
+    assert!(listing
+        .services
+        .iter()
+        .any(|s| s.counters.affinity_hits >= 10));
+
+    // Without affinity the same client spreads.
+    sync(&mut dataplane, &all_services(&backends, None));
+    let spread: BTreeSet<String> = (0..40).map(|_| client.tcp(VIP4).0).collect();
+    assert!(spread.len() > 1, "no affinity, yet always {spread:?}");
+}
+
+#[test]
+fn a_restarted_dataplane_keeps_traffic_flowing_and_cleanup_removes_everything() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let backends = [(T0A, 0), (T0B, 0), (T1A, 1)];
+    let desired = all_services(&backends, None);
+    sync(&mut dataplane, &desired);
+    let mut client = world.client();
+    let held = client.ask(&format!("hold {VIP4} {PORT}"));
+    assert!(held.starts_with("ok"), "{held}");
+
+    // Connect in a loop while the dataplane is dropped and reopened from its pins.
+    client.send(&format!("loop {VIP4} {PORT} 1500"));
+    std::thread::sleep(Duration::from_millis(300));
+    let program_ids = loaded_program_ids();
+    drop(dataplane);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut dataplane = world.open();
+    let answer = client.answer();
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(words[0], "ok", "{answer}");
+    let (ok, failed): (u64, u64) = (
+        words[1].parse().expect("ok"),
+        words[2].parse().expect("failed"),
+    );
+    assert!(ok > 10, "too few connects in the loop: {answer}");
+    assert_eq!(failed, 0, "connects failed across the restart: {answer}");
+    assert_eq!(words[4], "t0a,t0b", "{answer}");
+
+    // Adopted, not re-attached; the table reads back unchanged.
+    assert_eq!(dataplane.load_report().adopted.len(), PROGRAMS.len());
+    assert!(dataplane.load_report().attached.is_empty());
+    assert_eq!(block_on(dataplane.read()).expect("read"), desired);
+    assert!(
+        client.ask("ping 0").starts_with("ok ping"),
+        "held connection"
+    );
+    assert_eq!(loaded_program_ids(), program_ids, "programs were replaced");
+    // And it keeps working: a change after adoption reaches the datapath.
+    sync(&mut dataplane, &all_services(&[(T1A, 1)], None));
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+
+    drop(dataplane);
+    let report = cleanup(&world.settings).expect("cleanup");
+    assert_eq!(report.detached, PROGRAMS.len());
+    assert!(!world.settings.pin_dir.exists(), "pin dir left behind");
+    let answer = client.ask(&format!("tcp {VIP4} {PORT}"));
+    assert!(
+        answer.starts_with("err"),
+        "translated after cleanup: {answer}"
+    );
+    let still_loaded: Vec<u32> = loaded_program_ids()
+        .intersection(&program_ids)
+        .copied()
+        .collect();
+    assert!(
+        still_loaded.is_empty(),
+        "programs still loaded: {still_loaded:?}"
+    );
+    // Nothing of ours stays attached to the cgroup.
+    assert!(cleanup(&world.settings).expect("second cleanup").detached == 0);
+}
+
+#[test]
+fn a_missing_map_pin_makes_the_next_open_attach_afresh() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let desired = all_services(&[(T0A, 0)], None);
+    sync(&mut dataplane, &desired);
+    drop(dataplane);
+    // Adopting the old programs now would leave them reading maps no one writes.
+    std::fs::remove_file(world.settings.pin_dir.join("TP_REV_NAT")).expect("remove a map pin");
+    let mut dataplane = world.open();
+    assert_eq!(dataplane.load_report().attached.len(), PROGRAMS.len());
+    assert!(dataplane.load_report().adopted.is_empty());
+    assert_eq!(block_on(dataplane.read()).expect("read"), desired);
+    let mut client = world.client();
+    let (name, peer) = client.tcp(VIP4);
+    assert_eq!((name.as_str(), peer), ("t0a", socket(VIP4).to_string()));
+    assert_eq!(client.udp(VIP4).1, socket(VIP4).to_string());
+}
+
+/// Ids of the loaded programs named like ours.
+fn loaded_program_ids() -> BTreeSet<u32> {
+    // Freed programs can linger briefly after their last reference goes.
+    std::thread::sleep(Duration::from_millis(200));
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| {
+            info.name_as_str().is_some_and(|name| {
+                PROGRAMS
+                    .iter()
+                    .any(|p| p.starts_with(name) && !name.is_empty())
+            })
+        })
+        .map(|info| info.id())
+        .collect()
+}
+
+#[test]
+fn one_endpoint_change_costs_a_constant_number_of_map_writes() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let many: Vec<(Backend, u8)> = BACKENDS.iter().map(|b| (*b, 0)).collect();
+    let mut table = ProgrammedTable::new();
+    // A big service, so a cost that grew with it would show.
+    let vip: IpAddr = VIP4.parse().expect("vip");
+    let key = VsKey::new(Protocol::Tcp, vip, PORT);
+    let mut destinations: BTreeMap<(IpAddr, u16), DestinationState> = BTreeMap::new();
+    for i in 0..1000u32 {
+        let address = IpAddr::from([10, 214, (i / 250) as u8, (i % 250) as u8 + 1]);
+        destinations.insert(
+            (address, PORT),
+            DestinationState {
+                weight: 1,
+                tier: (i % 3) as u8,
+            },
+        );
+    }
+    table.insert(
+        key,
+        ProgrammedService {
+            config: config(None),
+            destinations,
+        },
+    );
+    service(&mut table, Protocol::Udp, VIP4, &many, None);
+    sync(&mut dataplane, &table);
+
+    let mut cost = |change: &dyn Fn(&mut ProgrammedService)| {
+        let mut next = table.clone();
+        change(next.get_mut(&key).expect("service"));
+        let before = dataplane.map_writes();
+        sync(&mut dataplane, &next);
+        table = next;
+        dataplane.map_writes() - before
+    };
+    let first = IpAddr::from([10, 214, 0, 1]);
+    let added = IpAddr::from([10, 215, 0, 1]);
+    let add = cost(&|s| {
+        s.destinations
+            .insert((added, PORT), DestinationState { weight: 1, tier: 0 });
+    });
+    let remove = cost(&|s| {
+        s.destinations.remove(&(first, PORT));
+    });
+    let tier_move = cost(&|s| {
+        s.destinations
+            .insert((added, PORT), DestinationState { weight: 1, tier: 2 });
+    });
+    let weight = cost(&|s| {
+        s.destinations
+            .insert((added, PORT), DestinationState { weight: 5, tier: 2 });
+    });
+    println!("map writes: add {add}, remove {remove}, tier move {tier_move}, weight {weight}");
+    assert_eq!(add, 2, "add: slot + service entry");
+    assert!(remove <= 4, "remove: {remove}");
+    assert!(tier_move <= 5, "tier move: {tier_move}");
+    assert_eq!(weight, 1);
+}
+
+// ---- benchmarks ----
+
+#[test]
+#[ignore = "benchmark: cargo test --test host_ebpf -- --ignored --nocapture bench_"]
+fn bench_connect_vip_vs_direct() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let mut desired = ProgrammedTable::new();
+    let sink: IpAddr = T0A.v4.parse().expect("address");
+    desired.insert(
+        VsKey::new(Protocol::Tcp, VIP4.parse().expect("vip"), SINK_PORT),
+        ProgrammedService {
+            config: config(None),
+            destinations: [((sink, SINK_PORT), DestinationState { weight: 1, tier: 0 })].into(),
+        },
+    );
+    sync(&mut dataplane, &desired);
+    let mut client = world.client();
+    let total: u32 = std::env::var("TOPOPROXY_BENCH_CONNECTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let chunk = 1_000.min(total);
+    let (mut vip_ns, mut direct_ns) = (0u128, 0u128);
+    let mut ratios = Vec::new();
+    let mut measure = |address: &str| -> u128 {
+        let answer = client.ask(&format!("bench {address} {SINK_PORT} {chunk}"));
+        let words: Vec<&str> = answer.split_whitespace().collect();
+        assert_eq!(words[0], "ok", "{answer}");
+        assert_eq!(words[2], "0", "failed connects: {answer}");
+        words[1].parse().expect("ns")
+    };
+    // Warm up, then alternate chunks so both see the same machine load.
+    measure(VIP4);
+    measure(T0A.v4);
+    for round in 0..total / chunk {
+        // Alternate which goes first, so neither always follows the other.
+        let (vip, direct) = if round % 2 == 0 {
+            let vip = measure(VIP4);
+            (vip, measure(T0A.v4))
+        } else {
+            let direct = measure(T0A.v4);
+            (measure(VIP4), direct)
+        };
+        vip_ns += vip;
+        direct_ns += direct;
+        ratios.push(vip as f64 / direct as f64);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let n = f64::from(total / chunk * chunk);
+    println!(
+        "connect() x{n} each: via VIP {:.2} us, direct {:.2} us, ratio of totals {:.3}, \
+         median ratio of {} alternating chunks {:.3}",
+        vip_ns as f64 / n / 1e3,
+        direct_ns as f64 / n / 1e3,
+        vip_ns as f64 / direct_ns as f64,
+        ratios.len(),
+        ratios[ratios.len() / 2]
+    );
+}
+
+#[test]
+#[ignore = "benchmark: cargo test --test host_ebpf -- --ignored --nocapture bench_"]
+fn bench_cold_sync() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let services: u32 = std::env::var("TOPOPROXY_BENCH_SERVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut desired = ProgrammedTable::new();
+    for s in 0..services {
+        let vip = IpAddr::from([10, 97, (s / 250) as u8, (s % 250) as u8 + 1]);
+        let destinations = (0..10u32)
+            .map(|b| {
+                let n = s * 10 + b;
+                let address = IpAddr::from([10, 216 + (n >> 16) as u8, (n >> 8) as u8, n as u8]);
+                (
+                    (address, 80),
+                    DestinationState {
+                        weight: 1,
+                        tier: (b % 3) as u8,
+                    },
+                )
+            })
+            .collect();
+        desired.insert(
+            VsKey::new(Protocol::Tcp, vip, 80),
+            ProgrammedService {
+                config: config(None),
+                destinations,
+            },
+        );
+    }
+    let actual = block_on(dataplane.read()).expect("read");
+    let ops = diff(&desired, &actual);
+    let writes = dataplane.map_writes();
+    let started = Instant::now();
+    block_on(dataplane.apply(&ops)).expect("apply");
+    let applied = started.elapsed();
+    let writes = dataplane.map_writes() - writes;
+    let started = Instant::now();
+    let read = block_on(dataplane.read()).expect("read back");
+    let read_back = started.elapsed();
+    assert_eq!(read, desired);
+    println!(
+        "cold sync: {services} services x 10 backends, {} ops, {writes} map writes in {:.3} s; \
+         read back in {:.3} s",
+        ops.len(),
+        applied.as_secs_f64(),
+        read_back.as_secs_f64()
+    );
+}

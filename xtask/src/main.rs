@@ -9,6 +9,7 @@
 //! - `vm-run`: boots one kernel with a prepared share and runs its `run.sh`.
 //! - `vm-runner`: a cargo target runner running one binary in the VM (see `vmtest.rs`).
 //! - `vm-bench`: the agent's IPVS sync against `ipvsadm -R` in the VM (see `vmbench.rs`).
+//! - `ebpf-setup`: installs the eBPF toolchain (rust-src, LLVM 22, bpf-linker; see `ebpf.rs`).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod ebpf;
 mod vm;
 mod vmbench;
 mod vmtest;
@@ -46,6 +48,9 @@ enum Task {
     },
     /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
     VmSetup,
+    /// Installs what building the eBPF programs needs: rust-src, LLVM 22 (root, apt) and
+    /// bpf-linker.
+    EbpfSetup,
     /// Boots each kernel in QEMU, runs the smoke test, then the `vm_*` test targets' ignored
     /// tests in one boot per kernel.
     VmTest {
@@ -118,6 +123,7 @@ fn main() -> Result<()> {
             rss_only,
         } => bench_sync(services, events, rss_only),
         Task::VmSetup => vm::vm_setup(),
+        Task::EbpfSetup => ebpf::ebpf_setup(),
         Task::VmTest {
             kernels,
             tests,

@@ -1,0 +1,167 @@
+//! Conversions between the agent's table types and the map ABI (`topoproxy-common`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use topoproxy_common::{
+    flags, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, MAX_TIERS, SCHEDULER_LEN,
+};
+
+use crate::diff::ServiceConfig;
+use crate::model::Protocol;
+use crate::table::{Frontend, TrafficPolicy, VsKey};
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+
+/// An address and port as the kernel hands them to `sock_addr` programs.
+pub(super) fn endpoint(address: IpAddr, port: u16) -> Endpoint {
+    let (addr, family) = match address {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([word(0), word(4), word(8), word(12)], FAMILY_V6)
+        }
+    };
+    Endpoint {
+        addr,
+        port: port.to_be(),
+        family,
+        _pad: 0,
+    }
+}
+
+/// The address and port of an endpoint; `None` for an unknown family.
+pub(super) fn from_endpoint(endpoint: &Endpoint) -> Option<(IpAddr, u16)> {
+    let port = u16::from_be(endpoint.port);
+    let address = match endpoint.family {
+        FAMILY_V4 => IpAddr::V4(Ipv4Addr::from(endpoint.addr[0].to_ne_bytes())),
+        FAMILY_V6 => {
+            let mut octets = [0u8; 16];
+            for (chunk, word) in octets.chunks_exact_mut(4).zip(endpoint.addr) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return None,
+    };
+    Some((address, port))
+}
+
+pub(super) fn service_key(key: &VsKey) -> ServiceKey {
+    let endpoint = endpoint(key.address, key.port);
+    ServiceKey {
+        addr: endpoint.addr,
+        port: endpoint.port,
+        protocol: match key.protocol {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+            Protocol::Sctp => IPPROTO_SCTP,
+        },
+        family: endpoint.family,
+    }
+}
+
+pub(super) fn vs_key(key: &ServiceKey) -> Option<VsKey> {
+    let protocol = match key.protocol {
+        IPPROTO_TCP => Protocol::Tcp,
+        IPPROTO_UDP => Protocol::Udp,
+        IPPROTO_SCTP => Protocol::Sctp,
+        _ => return None,
+    };
+    let (address, port) = from_endpoint(&Endpoint {
+        addr: key.addr,
+        port: key.port,
+        family: key.family,
+        _pad: 0,
+    })?;
+    Some(VsKey::new(protocol, address, port))
+}
+
+/// The service entry for `config`, with the given id and tier counts.
+pub(super) fn service_value(
+    id: u32,
+    config: &ServiceConfig,
+    tier_counts: [u16; MAX_TIERS],
+) -> Service {
+    let mut scheduler = [0u8; SCHEDULER_LEN];
+    let name = config.scheduler.as_bytes();
+    let len = name.len().min(SCHEDULER_LEN);
+    scheduler[..len].copy_from_slice(&name[..len]);
+    let frontend = match config.frontend {
+        Frontend::ClusterIP => 0,
+        Frontend::ExternalIP => 1,
+        Frontend::LoadBalancer => 2,
+        Frontend::NodePort => 3,
+    };
+    let policy = match config.traffic_policy {
+        TrafficPolicy::Cluster => 0,
+        TrafficPolicy::Local => flags::TRAFFIC_POLICY_LOCAL,
+    };
+    Service {
+        id,
+        affinity_timeout: config.persistence_timeout.unwrap_or(0),
+        flags: frontend | policy,
+        tier_counts,
+        scheduler,
+    }
+}
+
+pub(super) fn service_config(value: &Service) -> ServiceConfig {
+    let end = value
+        .scheduler
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(SCHEDULER_LEN);
+    ServiceConfig {
+        scheduler: String::from_utf8_lossy(&value.scheduler[..end]).into_owned(),
+        persistence_timeout: (value.affinity_timeout != 0).then_some(value.affinity_timeout),
+        frontend: match value.flags & flags::FRONTEND_MASK {
+            0 => Frontend::ClusterIP,
+            1 => Frontend::ExternalIP,
+            2 => Frontend::LoadBalancer,
+            _ => Frontend::NodePort,
+        },
+        traffic_policy: if value.flags & flags::TRAFFIC_POLICY_LOCAL != 0 {
+            TrafficPolicy::Local
+        } else {
+            TrafficPolicy::Cluster
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_network_order_words() {
+        let e = endpoint("10.96.0.10".parse().expect("ip"), 53);
+        assert_eq!(e.addr[0].to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(e.port.to_ne_bytes(), [0, 53]);
+        assert_eq!(e.family, FAMILY_V4);
+        for address in ["10.96.0.10", "fd00::1:2", "::ffff:1.2.3.4"] {
+            let address: IpAddr = address.parse().expect("ip");
+            assert_eq!(
+                from_endpoint(&endpoint(address, 8080)),
+                Some((address, 8080))
+            );
+        }
+    }
+
+    #[test]
+    fn service_keys_and_configs_round_trip() {
+        let key = VsKey::new(Protocol::Udp, "fd00::a".parse().expect("ip"), 53);
+        assert_eq!(vs_key(&service_key(&key)), Some(key));
+        let config = ServiceConfig {
+            scheduler: "rr".to_owned(),
+            persistence_timeout: Some(10800),
+            frontend: Frontend::LoadBalancer,
+            traffic_policy: TrafficPolicy::Local,
+        };
+        let value = service_value(7, &config, [1, 2, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(service_config(&value), config);
+        assert_eq!(value.tier_counts[1], 2);
+    }
+}

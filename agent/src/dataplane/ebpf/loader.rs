@@ -1,0 +1,458 @@
+//! Loading, attaching, pinning and adopting the eBPF programs and maps, and removing them.
+//!
+//! Everything of ours lives in one bpffs directory (`/sys/fs/bpf/topoproxy` by default): the
+//! maps under their own names, each program as `prog_<name>` and its cgroup link as
+//! `link_<name>`. A pinned link keeps its program attached after the agent exits, so Services
+//! keep resolving while it is down; the next agent finds the pins and adopts them instead of
+//! attaching again. [`cleanup`] detaches and unpins all of it.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, PerCpuHashMap};
+use aya::programs::links::FdLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use topoproxy_common::maps;
+
+use super::{EbpfError, EbpfSettings, Maps};
+
+/// The object built from `ebpf/` by `agent/build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/topoproxy-ebpf"));
+
+/// Every program with the hook it attaches to.
+///
+/// # Minimum kernel version
+///
+/// connect4/6 4.17, sendmsg4/6 4.18, recvmsg4/6 5.2, getpeername4/6 5.8; cgroup `bpf_link`
+/// (which pinning needs) 5.7. `bpf_get_netns_cookie` in these hooks: 5.7.
+pub const PROGRAMS: [&str; 8] = [
+    "tp_connect4",
+    "tp_connect6",
+    "tp_sendmsg4",
+    "tp_sendmsg6",
+    "tp_recvmsg4",
+    "tp_recvmsg6",
+    "tp_getpeername4",
+    "tp_getpeername6",
+];
+
+const MAP_NAMES: [&str; 6] = [
+    maps::SERVICES,
+    maps::BACKENDS,
+    maps::REV_NAT,
+    maps::AFFINITY,
+    maps::SERVICE_STATS,
+    maps::BACKEND_STATS,
+];
+
+/// What [`load`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Programs whose pinned link was already there (a previous agent attached them).
+    pub adopted: Vec<&'static str>,
+    /// Programs attached by this call.
+    pub attached: Vec<&'static str>,
+}
+
+fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
+    pin_dir.join(format!("link_{program}"))
+}
+
+fn program_pin(pin_dir: &Path, program: &str) -> PathBuf {
+    pin_dir.join(format!("prog_{program}"))
+}
+
+/// Creates or opens the pinned maps and makes sure every program is attached through a pinned
+/// link, adopting the links a previous agent left.
+pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfError> {
+    raise_memlock();
+    if let Some(parent) = settings.pin_dir.parent() {
+        ensure_bpffs(parent)?;
+    }
+    std::fs::create_dir_all(&settings.pin_dir).map_err(|source| EbpfError::Io {
+        call: "create_dir_all",
+        path: settings.pin_dir.clone(),
+        source,
+    })?;
+    // Adopted programs read the maps they were loaded with. If any map pin is gone, a load
+    // would create fresh maps those programs never see: start over with new links instead.
+    let all_maps_pinned = MAP_NAMES
+        .iter()
+        .all(|name| settings.pin_dir.join(name).exists());
+    if !all_maps_pinned {
+        for name in PROGRAMS {
+            let link_path = link_pin(&settings.pin_dir, name);
+            if let Ok(fd) = bpf_obj_get(&link_path) {
+                tracing::warn!(
+                    program = name,
+                    "a map pin is missing; replacing the pinned link"
+                );
+                let _ = bpf_link_detach(&fd);
+            }
+            remove_if_present(&link_path)?;
+        }
+    }
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&settings.pin_dir)
+        .load(OBJECT)
+        .map_err(|source| EbpfError::Load {
+            pin_dir: settings.pin_dir.clone(),
+            source: Box::new(source),
+        })?;
+
+    let mut report = LoadReport::default();
+    let mut cgroup: Option<File> = None;
+    for name in PROGRAMS {
+        let link_path = link_pin(&settings.pin_dir, name);
+        if link_path.exists() && is_bpf_object(&link_path) {
+            report.adopted.push(name);
+            continue;
+        }
+        let cgroup = match &mut cgroup {
+            Some(file) => &*file,
+            None => {
+                let path = settings.cgroup()?;
+                let file = File::open(&path).map_err(|source| EbpfError::Io {
+                    call: "open",
+                    path: path.clone(),
+                    source,
+                })?;
+                &*cgroup.insert(file)
+            }
+        };
+        attach(&mut ebpf, name, cgroup, &settings.pin_dir)?;
+        report.attached.push(name);
+    }
+    Ok((take_maps(&mut ebpf)?, report))
+}
+
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    pin_dir: &Path,
+) -> Result<(), EbpfError> {
+    let program_error = |source| EbpfError::Program {
+        program: name,
+        source: Box::new(source),
+    };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    let prog_path = program_pin(pin_dir, name);
+    // A program pin without its link is left from an interrupted start: replace it.
+    remove_if_present(&prog_path)?;
+    program.pin(&prog_path).map_err(|source| EbpfError::Pin {
+        path: prog_path.clone(),
+        source,
+    })?;
+    // A cgroup bpf_link always coexists with other programs; BPF_LINK_CREATE refuses any
+    // flag, so `Single` (no flag) it is.
+    let link_id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(program_error)?;
+    let link = program.take_link(link_id).map_err(program_error)?;
+    // Only a bpf_link (kernel 5.7+) can be pinned; a prog_attach link would detach with us.
+    let link = FdLink::try_from(link).map_err(|_| EbpfError::NoBpfLink(name))?;
+    let link_path = link_pin(pin_dir, name);
+    remove_if_present(&link_path)?;
+    link.pin(&link_path).map_err(|source| EbpfError::Pin {
+        path: link_path,
+        source,
+    })?;
+    Ok(())
+}
+
+fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, EbpfError> {
+    fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, EbpfError> {
+        ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
+    }
+    let map_error = |name: &'static str| {
+        move |source| EbpfError::Map {
+            map: name,
+            call: "open",
+            source: Box::new(source),
+        }
+    };
+    Ok(Maps {
+        services: HashMap::try_from(take(ebpf, maps::SERVICES)?)
+            .map_err(map_error(maps::SERVICES))?,
+        backends: HashMap::try_from(take(ebpf, maps::BACKENDS)?)
+            .map_err(map_error(maps::BACKENDS))?,
+        rev_nat: HashMap::try_from(take(ebpf, maps::REV_NAT)?).map_err(map_error(maps::REV_NAT))?,
+        affinity: HashMap::try_from(take(ebpf, maps::AFFINITY)?)
+            .map_err(map_error(maps::AFFINITY))?,
+        service_stats: PerCpuHashMap::try_from(take(ebpf, maps::SERVICE_STATS)?)
+            .map_err(map_error(maps::SERVICE_STATS))?,
+        backend_stats: PerCpuHashMap::try_from(take(ebpf, maps::BACKEND_STATS)?)
+            .map_err(map_error(maps::BACKEND_STATS))?,
+    })
+}
+
+/// Whether `path` opens as a BPF object (a stale regular file would not).
+fn is_bpf_object(path: &Path) -> bool {
+    bpf_obj_get(path).is_ok()
+}
+
+fn remove_if_present(path: &Path) -> Result<(), EbpfError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(EbpfError::Io {
+            call: "remove_file",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Mounts bpffs on `dir` unless it is one already, as systemd does at boot: a minimal host or
+/// a container may not have it, and pins anywhere else would not be on bpffs.
+fn ensure_bpffs(dir: &Path) -> Result<(), EbpfError> {
+    let path =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|error| EbpfError::Io {
+            call: "statfs",
+            path: dir.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, error),
+        })?;
+    // SAFETY: statfs fills the zeroed struct we own.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(EbpfError::Io {
+            call: "statfs",
+            path: dir.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    if stat.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    tracing::info!(path = %dir.display(), "mounting bpffs");
+    // SAFETY: plain mount(2) with NUL-terminated strings we own.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(EbpfError::Io {
+            call: "mount bpffs on",
+            path: dir.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; later ones to the cgroup. Raising
+/// it needs CAP_SYS_RESOURCE, which a container may lack: then we warn and go on.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass and nothing else.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::warn!(
+            error = %io::Error::last_os_error(),
+            "setrlimit(RLIMIT_MEMLOCK) failed; harmless on kernels 5.11 and later"
+        );
+    }
+}
+
+/// What [`cleanup`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Links detached.
+    pub detached: usize,
+    /// Pins removed (links, programs, maps).
+    pub unpinned: usize,
+}
+
+/// Detaches every program of ours and removes the pin directory with all its pins. Safe to
+/// run when nothing is there. A running agent's map handles stay valid but no longer steer
+/// traffic.
+pub fn cleanup(settings: &EbpfSettings) -> Result<CleanupReport, EbpfError> {
+    let mut report = CleanupReport::default();
+    let entries = match std::fs::read_dir(&settings.pin_dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(report),
+        Err(source) => {
+            return Err(EbpfError::Io {
+                call: "read_dir",
+                path: settings.pin_dir.clone(),
+                source,
+            })
+        }
+    };
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| EbpfError::Io {
+            call: "read_dir",
+            path: settings.pin_dir.clone(),
+            source,
+        })?;
+        paths.push(entry.path());
+    }
+    // Links first: traffic stops being steered before the maps disappear.
+    paths.sort_by_key(|path| {
+        !path
+            .file_name()
+            .is_some_and(|name| name.as_bytes().starts_with(b"link_"))
+    });
+    for path in paths {
+        let is_link = path
+            .file_name()
+            .is_some_and(|name| name.as_bytes().starts_with(b"link_"));
+        if is_link {
+            if let Ok(fd) = bpf_obj_get(&path) {
+                // Detach even if another process still holds the link (kernel 5.9+); on older
+                // kernels removing the last pin below detaches it once no one holds it.
+                if bpf_link_detach(&fd).is_ok() {
+                    report.detached += 1;
+                }
+            }
+        }
+        remove_if_present(&path)?;
+        report.unpinned += 1;
+    }
+    match std::fs::remove_dir(&settings.pin_dir) {
+        Ok(()) => Ok(report),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(report),
+        Err(source) => Err(EbpfError::Io {
+            call: "remove_dir",
+            path: settings.pin_dir.clone(),
+            source,
+        }),
+    }
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+fn bpf(command: libc::c_long, attr: &mut [u64; 3]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-padded union prefix large enough for both commands used here.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(attr),
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+    // union bpf_attr { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
+    let mut attr = [path.as_ptr() as u64, 0, 0];
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("BPF_OBJ_GET returned a bad fd"))?;
+    // SAFETY: the kernel just gave us this descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bpf_link_detach(fd: &OwnedFd) -> io::Result<()> {
+    // union bpf_attr { struct { __u32 link_fd; } link_detach; }
+    let mut attr = [u64::from(fd.as_raw_fd() as u32), 0, 0];
+    bpf(BPF_LINK_DETACH, &mut attr).map(|_| ())
+}
+
+/// The cgroup v2 mount point, from `/proc/self/mountinfo` (it is `/sys/fs/cgroup` on most
+/// systems, `/sys/fs/cgroup/unified` on hybrid ones).
+pub fn cgroup2_mount() -> Result<PathBuf, EbpfError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let mountinfo = std::fs::read_to_string(path).map_err(|source| EbpfError::Io {
+        call: "read",
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_cgroup2_mount(&mountinfo).ok_or(EbpfError::NoCgroup2)
+}
+
+fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // id parent major:minor root mount-point options [optional…] - fstype source super
+        let (fields, rest) = line.split_once(" - ")?;
+        let fstype = rest.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        let mount_point = fields.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    })
+}
+
+/// Undoes the octal escapes (`\040` for a space) mountinfo uses in paths.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes.get(i + 1..i + 4).and_then(|digits| {
+            let text = std::str::from_utf8(digits).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], escaped) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_among_v1_ones() {
+        let mountinfo = "\
+25 30 0:23 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs ro,mode=755
+26 25 0:24 / /sys/fs/cgroup/unified rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate
+27 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
+";
+        assert_eq!(
+            parse_cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn no_cgroup2_mount_is_none_and_escapes_are_undone() {
+        assert_eq!(
+            parse_cgroup2_mount("25 30 0:23 / /x rw - tmpfs t rw\n"),
+            None
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 2 0:1 / /mnt/my\\040cg rw - cgroup2 c rw\n"),
+            Some(PathBuf::from("/mnt/my cg"))
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! The map ABI shared by topoproxy's eBPF programs (`ebpf/`) and the agent: names, sizes and
+//! `#[repr(C)]` keys and values of every map. Both sides compile this one definition, so they
+//! cannot disagree about a layout.
+//!
+//! Addresses are kept exactly as the kernel hands them to `sock_addr` programs: an IPv4
+//! address is one `u32` in network byte order (`addr[0]`, the rest zero), an IPv6 address four
+//! such words; ports are `u16` in network byte order. The programs then compare and copy
+//! without converting.
+//!
+//! # Slot layout
+//!
+//! A service's backends live in the `BACKENDS` map under `(service id, slot)`, where
+//! `slot = tier << TIER_SHIFT | index` and `index < Service::tier_counts[tier]`. Each tier is a
+//! dense range, so the datapath picks `index = random % count` in the nearest tier whose count
+//! is not zero, and the agent adds, removes or moves one backend with O(1) map writes.
+
+#![no_std]
+
+/// Tiers a service can hold (node, zone, region, cluster, other clusters, …).
+pub const MAX_TIERS: usize = 8;
+/// `slot >> TIER_SHIFT` is the tier; the low bits are the index within it.
+pub const TIER_SHIFT: u32 = 16;
+/// Backends one tier can hold (its count is a `u16`).
+pub const MAX_TIER_BACKENDS: u32 = u16::MAX as u32;
+/// Bytes of a service's scheduler name kept for read-back.
+pub const SCHEDULER_LEN: usize = 16;
+
+/// `AF_INET`, as in `bpf_sock_addr::user_family`.
+pub const FAMILY_V4: u8 = 2;
+/// `AF_INET6`.
+pub const FAMILY_V6: u8 = 10;
+
+/// Map names, as declared in the eBPF object and pinned under the pin directory (at most 15
+/// bytes: the kernel keeps no more).
+pub mod maps {
+    /// [`crate::ServiceKey`] → [`crate::Service`].
+    pub const SERVICES: &str = "TP_SERVICES";
+    /// [`crate::BackendKey`] → [`crate::Backend`].
+    pub const BACKENDS: &str = "TP_BACKENDS";
+    /// [`crate::RevNatKey`] → [`crate::Endpoint`] (LRU): a socket's backend → the VIP it asked
+    /// for, for `recvmsg` and `getpeername`.
+    pub const REV_NAT: &str = "TP_REV_NAT";
+    /// [`crate::AffinityKey`] → [`crate::AffinityValue`] (LRU): `sessionAffinity: ClientIP`.
+    pub const AFFINITY: &str = "TP_AFFINITY";
+    /// service id → [`crate::ServiceStats`] (per CPU).
+    pub const SERVICE_STATS: &str = "TP_SVC_STATS";
+    /// [`crate::BackendStatsKey`] → [`crate::BackendStats`] (per CPU).
+    pub const BACKEND_STATS: &str = "TP_BE_STATS";
+}
+
+/// Map sizes; the agent refuses more than these.
+pub mod limits {
+    pub const SERVICES: u32 = 65_536;
+    pub const BACKENDS: u32 = 1_048_576;
+    pub const REV_NAT: u32 = 262_144;
+    pub const AFFINITY: u32 = 131_072;
+    pub const BACKEND_STATS: u32 = 1_048_576;
+}
+
+/// `Service::flags` bits.
+pub mod flags {
+    /// Bits 0–1: the frontend (0 ClusterIP, 1 ExternalIP, 2 LoadBalancer, 3 NodePort).
+    pub const FRONTEND_MASK: u32 = 0b11;
+    /// The traffic policy is `Local`.
+    pub const TRAFFIC_POLICY_LOCAL: u32 = 1 << 2;
+}
+
+/// A virtual service: VIP, port and IP protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP`, `IPPROTO_UDP`, `IPPROTO_SCTP`.
+    pub protocol: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+/// What the datapath needs to pick a backend for a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Key into `BACKENDS`, stats and affinity; stable for the service's lifetime.
+    pub id: u32,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 means no affinity.
+    pub affinity_timeout: u32,
+    /// See [`flags`].
+    pub flags: u32,
+    /// Backends per tier, nearest first.
+    pub tier_counts: [u16; MAX_TIERS],
+    /// The scheduler name the agent was given (NUL-padded); the datapath ignores it.
+    pub scheduler: [u8; SCHEDULER_LEN],
+}
+
+/// One backend slot of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub service_id: u32,
+    /// `tier << TIER_SHIFT | index`.
+    pub slot: u32,
+}
+
+/// An address, port and family: a backend or a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// A backend in a slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub endpoint: Endpoint,
+    /// Kept for read-back; the datapath chooses uniformly within a tier.
+    pub weight: u32,
+}
+
+/// A socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    pub backend: Endpoint,
+    pub _pad: u32,
+}
+
+/// A client (by network namespace) of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// `bpf_get_netns_cookie`: one per pod.
+    pub netns_cookie: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// The backend a client was last given, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend: Endpoint,
+    /// Where the backend was; the entry holds only while that slot still holds it.
+    pub slot: u32,
+    /// `bpf_ktime_get_ns` of the last use.
+    pub last_used_ns: u64,
+}
+
+/// Per-service counters (per CPU; sum them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Connects and datagrams sent to a backend of this service.
+    pub translations: u64,
+    /// Of those, how many followed session affinity.
+    pub affinity_hits: u64,
+    /// Connects refused because every tier was empty.
+    pub no_backend: u64,
+}
+
+/// A backend of one service, for its counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendStatsKey {
+    pub service_id: u32,
+    pub backend: Endpoint,
+}
+
+/// Per-backend counters (per CPU; sum them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Connects (and unconnected datagrams) sent to this backend.
+    pub connections: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers and arrays of them,
+    // with explicit padding fields, so any bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::BackendKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::RevNatKey {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::ServiceStats {}
+    unsafe impl aya::Pod for super::BackendStatsKey {}
+    unsafe impl aya::Pod for super::BackendStats {}
+}
+
+// The layouts have no implicit padding: sizes are the sums of their fields.
+const _: () = {
+    use core::mem::size_of;
+    assert!(size_of::<ServiceKey>() == 20);
+    assert!(size_of::<Service>() == 28 + 2 * MAX_TIERS);
+    assert!(size_of::<Endpoint>() == 20);
+    assert!(size_of::<Backend>() == 24);
+    assert!(size_of::<RevNatKey>() == 32);
+    assert!(size_of::<AffinityKey>() == 16);
+    assert!(size_of::<AffinityValue>() == 32);
+    assert!(size_of::<BackendStatsKey>() == 24);
+};

@@ -1,0 +1,337 @@
+//! topoproxy's socket-level load balancer: cgroup v2 `sock_addr` programs that turn a Service
+//! VIP:port into one of its backends when a socket names it, so the packets never carry the VIP.
+//!
+//! - `connect4/6` (TCP, connected UDP) and `sendmsg4/6` (unconnected UDP) look the destination
+//!   up in `TP_SERVICES`, pick a backend at random in the nearest non-empty tier (or the
+//!   client's affine backend), rewrite the address and remember socket → VIP in `TP_REV_NAT`.
+//! - `recvmsg4/6` (UDP replies) and `getpeername4/6` put the VIP back, so the application only
+//!   ever sees the address it asked for.
+//!
+//! The map ABI lives in `topoproxy-common`; the agent writes the maps (see its
+//! `dataplane::ebpf` module). Programs never fail a call they do not own: anything that is not
+//! a known VIP passes untouched.
+
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use topoproxy_common::{
+    limits, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats, BackendStatsKey,
+    Endpoint, RevNatKey, Service, ServiceKey, ServiceStats, FAMILY_V4, FAMILY_V6, MAX_TIERS,
+    TIER_SHIFT,
+};
+
+/// Let the call go on.
+const ALLOW: i32 = 1;
+/// Fail the call with `EPERM`: the Service exists but has no backend in any tier (kube-proxy
+/// rejects such connections too).
+const REJECT: i32 = 0;
+
+// Hash maps written by the agent are not preallocated: an update then swaps a whole element
+// in, so a program never reads a half-written service (and memory follows the cluster size).
+#[map]
+static TP_SERVICES: HashMap<ServiceKey, Service> =
+    HashMap::pinned(limits::SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+static TP_BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::pinned(limits::BACKENDS, BPF_F_NO_PREALLOC);
+
+#[map]
+static TP_REV_NAT: LruHashMap<RevNatKey, Endpoint> = LruHashMap::pinned(limits::REV_NAT, 0);
+
+#[map]
+static TP_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(limits::AFFINITY, 0);
+
+#[map]
+static TP_SVC_STATS: PerCpuHashMap<u32, ServiceStats> =
+    PerCpuHashMap::pinned(limits::SERVICES, BPF_F_NO_PREALLOC);
+
+#[map]
+static TP_BE_STATS: PerCpuHashMap<BackendStatsKey, BackendStats> =
+    PerCpuHashMap::pinned(limits::BACKEND_STATS, BPF_F_NO_PREALLOC);
+
+#[cgroup_sock_addr(connect4)]
+pub fn tp_connect4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, false)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tp_connect6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tp_sendmsg4(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tp_sendmsg6(ctx: SockAddrContext) -> i32 {
+    forward(&ctx, true)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn tp_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn tp_recvmsg6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn tp_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn tp_getpeername6(ctx: SockAddrContext) -> i32 {
+    reverse(&ctx, true)
+}
+
+// The verifier wants 4-byte accesses to the context; volatile keeps LLVM from narrowing or
+// merging them.
+#[inline(always)]
+fn load(field: *const u32) -> u32 {
+    // SAFETY: `field` points into the kernel-provided context, valid for the whole program.
+    unsafe { core::ptr::read_volatile(field) }
+}
+
+#[inline(always)]
+fn store(field: *mut u32, value: u32) {
+    // SAFETY: as in `load`; the fields written are the ones the kernel lets this hook rewrite.
+    unsafe { core::ptr::write_volatile(field, value) }
+}
+
+/// The address and port the socket call names.
+#[inline(always)]
+fn user_endpoint(sa: *mut bpf_sock_addr, v6: bool) -> Endpoint {
+    let mut endpoint = Endpoint {
+        addr: [0; 4],
+        port: 0,
+        family: FAMILY_V4,
+        _pad: 0,
+    };
+    // SAFETY: only field addresses are taken here; `load` reads them.
+    unsafe {
+        if v6 {
+            endpoint.family = FAMILY_V6;
+            endpoint.addr[0] = load(&(*sa).user_ip6[0]);
+            endpoint.addr[1] = load(&(*sa).user_ip6[1]);
+            endpoint.addr[2] = load(&(*sa).user_ip6[2]);
+            endpoint.addr[3] = load(&(*sa).user_ip6[3]);
+        } else {
+            endpoint.addr[0] = load(&(*sa).user_ip4);
+        }
+        // The port is network order in the low 16 bits.
+        endpoint.port = load(&(*sa).user_port) as u16;
+    }
+    endpoint
+}
+
+#[inline(always)]
+fn set_user_endpoint(sa: *mut bpf_sock_addr, v6: bool, endpoint: &Endpoint) {
+    // SAFETY: see `user_endpoint`.
+    unsafe {
+        if v6 {
+            store(&mut (*sa).user_ip6[0], endpoint.addr[0]);
+            store(&mut (*sa).user_ip6[1], endpoint.addr[1]);
+            store(&mut (*sa).user_ip6[2], endpoint.addr[2]);
+            store(&mut (*sa).user_ip6[3], endpoint.addr[3]);
+        } else {
+            store(&mut (*sa).user_ip4, endpoint.addr[0]);
+        }
+        store(&mut (*sa).user_port, u32::from(endpoint.port));
+    }
+}
+
+/// connect and sendmsg: VIP → backend.
+#[inline(always)]
+fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let vip = user_endpoint(sa, v6);
+    let key = ServiceKey {
+        addr: vip.addr,
+        port: vip.port,
+        // SAFETY: a context field, see `load`.
+        protocol: load(unsafe { &(*sa).protocol }) as u8,
+        family: vip.family,
+    };
+    // SAFETY: values are copied out at once; the agent replaces whole elements.
+    let Some(service) = (unsafe { TP_SERVICES.get(key) }).copied() else {
+        return ALLOW;
+    };
+
+    // The nearest tier with a backend: emptying a tier is one write of the service entry.
+    let mut tier = MAX_TIERS;
+    let mut count = 0u32;
+    for (index, &backends) in service.tier_counts.iter().enumerate() {
+        if backends != 0 {
+            tier = index;
+            count = u32::from(backends);
+            break;
+        }
+    }
+    if count == 0 {
+        count_service(service.id, 0, 0, 1);
+        return REJECT;
+    }
+    let tier = tier as u32;
+
+    let (backend, affine) = match choose(ctx, &service, tier, count) {
+        Some(chosen) => chosen,
+        // A slot below the count is always filled; a miss means the agent broke the order.
+        None => return REJECT,
+    };
+    set_user_endpoint(sa, v6, &backend);
+
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let reverse = RevNatKey {
+        cookie,
+        backend,
+        _pad: 0,
+    };
+    // A full LRU evicts the oldest entry; a failure only costs the reverse view.
+    let _ = TP_REV_NAT.insert(reverse, vip, u64::from(BPF_ANY));
+
+    count_service(service.id, 1, u64::from(affine), 0);
+    count_backend(service.id, backend);
+    ALLOW
+}
+
+/// The backend for this client: its affine one while it holds, else a random one in `tier`.
+#[inline(always)]
+fn choose(
+    ctx: &SockAddrContext,
+    service: &Service,
+    tier: u32,
+    count: u32,
+) -> Option<(Endpoint, bool)> {
+    let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
+    let mut affinity = None;
+    if timeout_ns != 0 {
+        let key = AffinityKey {
+            netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            service_id: service.id,
+            _pad: 0,
+        };
+        let now = unsafe { bpf_ktime_get_ns() };
+        if let Some(entry) = TP_AFFINITY.get_ptr_mut(key) {
+            // SAFETY: a pointer the map lookup returned, valid for this program run.
+            let held = unsafe { *entry };
+            if now.wrapping_sub(held.last_used_ns) <= timeout_ns
+                && held.slot >> TIER_SHIFT == tier
+                && held.slot & 0xffff < count
+            {
+                let slot = BackendKey {
+                    service_id: service.id,
+                    slot: held.slot,
+                };
+                // SAFETY: copied out at once.
+                if let Some(backend) = unsafe { TP_BACKENDS.get(slot) } {
+                    if backend.endpoint == held.backend {
+                        // SAFETY: as above; a racing update only moves the timestamp.
+                        unsafe { (*entry).last_used_ns = now };
+                        return Some((held.backend, true));
+                    }
+                }
+            }
+        }
+        affinity = Some((key, now));
+    }
+
+    let index = unsafe { bpf_get_prandom_u32() } % count;
+    let slot = tier << TIER_SHIFT | index;
+    let key = BackendKey {
+        service_id: service.id,
+        slot,
+    };
+    // SAFETY: copied out at once.
+    let backend = unsafe { TP_BACKENDS.get(key) }?.endpoint;
+    if let Some((key, now)) = affinity {
+        let value = AffinityValue {
+            backend,
+            slot,
+            last_used_ns: now,
+        };
+        let _ = TP_AFFINITY.insert(key, value, u64::from(BPF_ANY));
+    }
+    Some((backend, false))
+}
+
+/// recvmsg and getpeername: backend → the VIP this socket asked for.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    let key = RevNatKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend: user_endpoint(sa, v6),
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    if let Some(vip) = unsafe { TP_REV_NAT.get(key) }.copied() {
+        set_user_endpoint(sa, v6, &vip);
+    }
+    // These hooks must return 1.
+    ALLOW
+}
+
+#[inline(always)]
+fn count_service(id: u32, translations: u64, affinity_hits: u64, no_backend: u64) {
+    match TP_SVC_STATS.get_ptr_mut(id) {
+        Some(stats) => {
+            // SAFETY: this CPU's copy of the element; programs on one CPU do not nest here.
+            unsafe {
+                (*stats).translations += translations;
+                (*stats).affinity_hits += affinity_hits;
+                (*stats).no_backend += no_backend;
+            }
+        }
+        None => {
+            let first = ServiceStats {
+                translations,
+                affinity_hits,
+                no_backend,
+            };
+            let _ = TP_SVC_STATS.insert(id, first, u64::from(BPF_NOEXIST));
+        }
+    }
+}
+
+#[inline(always)]
+fn count_backend(service_id: u32, backend: Endpoint) {
+    let key = BackendStatsKey {
+        service_id,
+        backend,
+    };
+    match TP_BE_STATS.get_ptr_mut(key) {
+        // SAFETY: as in `count_service`.
+        Some(stats) => unsafe { (*stats).connections += 1 },
+        None => {
+            let first = BackendStats { connections: 1 };
+            let _ = TP_BE_STATS.insert(key, first, u64::from(BPF_NOEXIST));
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the programs contain no reachable panic; the verifier would reject one anyway.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+/// The kernel only checks this for GPL-only helpers, which these programs do not call.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 11] = *b"Apache-2.0\0";
