@@ -94,6 +94,7 @@ async fn bench(services: usize, events: usize) {
         source_poll_period: Duration::from_secs(1),
         log_format: LogFormat::Text,
         ipvs: Default::default(),
+        ebpf: Default::default(),
     };
     let started = Instant::now();
     let agent = match Agent::start(settings, dataplane).await {

@@ -60,7 +60,7 @@ CONFIG_KEYS = {
     "kubeconfig", "hostname-override", "source", "proxy-mode", "min-sync-period", "sync-period",
     "healthz-bind-address", "metrics-bind-address", "ipvs-scheduler", "service-proxy-name",
     "source-poll-period", "log-format", "masquerade-all", "cluster-cidr", "ipvs-exclude-cidrs",
-    "ipvs-strict-arp", "ipvs-drain-timeout",
+    "ipvs-strict-arp", "ipvs-drain-timeout", "bpf-pin-dir", "cgroup-path",
 }
 PROXY_MODES = {"ipvs", "ebpf", "dry-run"}
 RBAC_ALLOWED = {

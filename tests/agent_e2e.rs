@@ -176,6 +176,7 @@ fn settings() -> RunSettings {
         source_poll_period: Duration::from_secs(1),
         log_format: LogFormat::Text,
         ipvs: Default::default(),
+        ebpf: Default::default(),
     }
 }
 

@@ -196,19 +196,28 @@ ports:
 }
 
 #[test]
-fn run_refuses_a_dataplane_that_has_not_landed_with_exit_code_2() {
+fn list_in_ebpf_mode_without_pins_says_what_is_missing() {
     let output = topoproxy(&[
-        "run",
-        "--source",
-        "examples/cluster",
-        "--hostname-override",
-        "node-a1",
+        "list",
         "--proxy-mode",
         "ebpf",
+        "--bpf-pin-dir",
+        "/nonexistent/topoproxy-pins",
     ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("nothing is pinned in /nonexistent/topoproxy-pins"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn cleanup_rejects_a_bad_node_port_range_with_exit_code_2() {
+    let output = topoproxy(&["cleanup", "--node-port-range", "32767-30000"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(
-        stderr(&output).contains("--proxy-mode ebpf is not available"),
+        stderr(&output).contains("--node-port-range"),
         "{}",
         stderr(&output)
     );

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use ipnetwork::IpNetwork;
 
+use crate::dataplane::ebpf::EbpfSettings;
 use crate::dataplane::ipvs::nft::NftSettings;
 use crate::dataplane::ipvs::IpvsSettings;
 use crate::planner::PlanConfig;
@@ -105,6 +106,14 @@ pub struct RunOptions {
     /// before it is deleted anyway [default: 15m].
     #[arg(long)]
     pub ipvs_drain_timeout: Option<String>,
+    /// eBPF mode: the bpffs directory for topoproxy's pinned maps, programs and links
+    /// [default: /sys/fs/bpf/topoproxy].
+    #[arg(long)]
+    pub bpf_pin_dir: Option<PathBuf>,
+    /// eBPF mode: the cgroup v2 directory whose processes get Service translation
+    /// [default: the cgroup v2 root, from /proc/self/mountinfo].
+    #[arg(long)]
+    pub cgroup_path: Option<PathBuf>,
 }
 
 /// The resolved settings of `topoproxy run`.
@@ -122,6 +131,7 @@ pub struct RunSettings {
     pub source_poll_period: Duration,
     pub log_format: LogFormat,
     pub ipvs: IpvsSettings,
+    pub ebpf: EbpfSettings,
 }
 
 /// What went wrong with the settings.
@@ -287,6 +297,13 @@ pub fn resolve(
                 IpvsSettings::default().drain_timeout,
             )?,
             ..IpvsSettings::default()
+        },
+        ebpf: EbpfSettings {
+            pin_dir: flags
+                .bpf_pin_dir
+                .or(file.bpf_pin_dir)
+                .unwrap_or_else(|| EbpfSettings::default().pin_dir),
+            cgroup_path: flags.cgroup_path.or(file.cgroup_path),
         },
     })
 }

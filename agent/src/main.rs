@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use topoproxy::agent::{kube_client, Agent, ClusterSource};
 use topoproxy::config::{self, LogFormat, NodeNameFallbacks, ProxyMode, RunOptions};
+use topoproxy::dataplane::ebpf::{self, EbpfDataplane, EbpfSettings};
 use topoproxy::dataplane::ipvs::{self, IpvsDataplane};
 use topoproxy::dataplane::memory::MemoryDataplane;
 use topoproxy::dataplane::Dataplane;
@@ -79,6 +80,9 @@ enum Command {
         /// The dataplane to read.
         #[arg(long, value_enum, default_value_t = KernelMode::Ipvs)]
         proxy_mode: KernelMode,
+        /// eBPF mode: the bpffs directory the agent pins its maps in.
+        #[arg(long, default_value = "/sys/fs/bpf/topoproxy")]
+        bpf_pin_dir: PathBuf,
         /// Also list IPVS services topoproxy does not own.
         #[arg(long)]
         all: bool,
@@ -99,6 +103,9 @@ enum Command {
         /// IPVS services inside these comma-separated CIDRs are left alone.
         #[arg(long)]
         ipvs_exclude_cidrs: Option<String>,
+        /// eBPF mode: the bpffs directory the agent pins its maps, programs and links in.
+        #[arg(long, default_value = "/sys/fs/bpf/topoproxy")]
+        bpf_pin_dir: PathBuf,
         /// kube-proxy's `--service-node-port-range`, for `--kube-proxy`.
         #[arg(long, default_value = "30000-32767")]
         node_port_range: String,
@@ -157,15 +164,23 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Run { config, options } => run_agent(config.as_deref(), *options),
         Command::List {
             proxy_mode,
+            bpf_pin_dir,
             all,
             no_counters,
-        } => list(proxy_mode, all, no_counters),
+        } => list(proxy_mode, bpf_pin_dir, all, no_counters),
         Command::Cleanup {
             proxy_mode,
             kube_proxy,
             ipvs_exclude_cidrs,
+            bpf_pin_dir,
             node_port_range,
-        } => cleanup(proxy_mode, kube_proxy, ipvs_exclude_cidrs, &node_port_range),
+        } => cleanup(
+            proxy_mode,
+            kube_proxy,
+            ipvs_exclude_cidrs,
+            bpf_pin_dir,
+            &node_port_range,
+        ),
         Command::Plan {
             source,
             node,
@@ -198,13 +213,6 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
     let settings = config::resolve(flags, file, fallbacks)
         .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
     init_logging(settings.log_format);
-    if settings.proxy_mode == ProxyMode::Ebpf {
-        return Err(Failure::Usage(
-            "--proxy-mode ebpf is not available in this build yet: its dataplane has not landed; \
-             use --proxy-mode ipvs, or dry-run to run in shadow"
-                .to_owned(),
-        ));
-    }
     topoproxy::heap::limit_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -218,7 +226,19 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     .context("starting the IPVS dataplane")?;
                 serve(settings, dataplane).await
             }
-            ProxyMode::DryRun | ProxyMode::Ebpf => {
+            ProxyMode::Ebpf => {
+                let dataplane = EbpfDataplane::open(settings.ebpf.clone())
+                    .context("starting the eBPF dataplane")?;
+                let report = dataplane.load_report();
+                tracing::info!(
+                    pin_dir = %settings.ebpf.pin_dir.display(),
+                    adopted = report.adopted.len(),
+                    attached = report.attached.len(),
+                    "eBPF programs in place"
+                );
+                serve(settings, dataplane).await
+            }
+            ProxyMode::DryRun => {
                 let (dataplane, _handle) = MemoryDataplane::new("dry-run");
                 serve(settings, dataplane).await
             }
@@ -249,7 +269,7 @@ async fn serve<D: Dataplane + 'static>(
     Ok(())
 }
 
-fn list(mode: KernelMode, all: bool, no_counters: bool) -> Result<(), Failure> {
+fn list(mode: KernelMode, pin_dir: PathBuf, all: bool, no_counters: bool) -> Result<(), Failure> {
     match mode {
         KernelMode::Ipvs => {
             let text = ipvs::inspect::list(ipvs::inspect::ListOptions {
@@ -260,16 +280,65 @@ fn list(mode: KernelMode, all: bool, no_counters: bool) -> Result<(), Failure> {
             print!("{text}");
             Ok(())
         }
-        KernelMode::Ebpf => Err(Failure::Usage(
-            "eBPF mode is not available in this build yet".to_owned(),
-        )),
+        KernelMode::Ebpf => {
+            if !pin_dir.is_dir() {
+                return Err(Failure::Error(anyhow::anyhow!(
+                    "nothing is pinned in {}: is topoproxy running in eBPF mode (--bpf-pin-dir)?",
+                    pin_dir.display()
+                )));
+            }
+            let mut dataplane = EbpfDataplane::open(EbpfSettings {
+                pin_dir,
+                ..EbpfSettings::default()
+            })
+            .context("opening the pinned eBPF maps")?;
+            let listing = dataplane.list().context("reading the eBPF maps")?;
+            print!(
+                "{}",
+                render::ipvsadm::render_rows(ebpf_rows(&listing, no_counters))
+            );
+            Ok(())
+        }
     }
+}
+
+/// The active tier of every service as `ipvsadm -Ln` rows; the connection counter is the
+/// backend's per-CPU connect count (eBPF has no notion of active or inactive connections).
+fn ebpf_rows(listing: &ebpf::Listing, zero_counters: bool) -> Vec<render::ipvsadm::ServiceRow> {
+    use render::ipvsadm::{DestinationRow, Forward, ServiceRow};
+    listing
+        .services
+        .iter()
+        .map(|service| ServiceRow {
+            key: service.key,
+            scheduler: service.config.scheduler.clone(),
+            persistence_timeout: service.config.persistence_timeout,
+            destinations: service
+                .backends
+                .iter()
+                .filter(|backend| backend.active)
+                .map(|backend| DestinationRow {
+                    address: backend.address,
+                    port: backend.port,
+                    forward: Forward::Masq,
+                    weight: i32::try_from(backend.weight).unwrap_or(i32::MAX),
+                    active_connections: if zero_counters {
+                        0
+                    } else {
+                        u32::try_from(backend.connections).unwrap_or(u32::MAX)
+                    },
+                    inactive_connections: 0,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn cleanup(
     mode: KernelMode,
     kube_proxy: bool,
     exclude_cidrs: Option<String>,
+    pin_dir: PathBuf,
     node_port_range: &str,
 ) -> Result<(), Failure> {
     init_logging(LogFormat::Text);
@@ -329,9 +398,18 @@ fn cleanup(
             }
             Ok(())
         }
-        KernelMode::Ebpf => Err(Failure::Usage(
-            "eBPF mode is not available in this build yet".to_owned(),
-        )),
+        KernelMode::Ebpf => {
+            let report = ebpf::cleanup(&EbpfSettings {
+                pin_dir,
+                ..EbpfSettings::default()
+            })
+            .context("cleaning up eBPF mode")?;
+            println!(
+                "detached {} program(s), unpinned {} object(s)",
+                report.detached, report.unpinned
+            );
+            Ok(())
+        }
     }
 }
 

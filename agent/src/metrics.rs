@@ -55,6 +55,14 @@ struct RequestLabels {
     kind: String,
 }
 
+/// Labels of the per-service traffic counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    protocol: &'static str,
+    address: String,
+    port: u16,
+}
+
 /// `op` label of `topoproxy_dataplane_operations_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -81,6 +89,11 @@ pub struct Metrics {
     kernel_requests: Family<RequestLabels, Counter>,
     /// The totals last reported per series, so counters advance by the difference.
     kernel_request_totals: std::sync::Mutex<std::collections::HashMap<RequestLabels, u64>>,
+    service_translations: Family<ServiceLabels, Counter>,
+    service_affinity_hits: Family<ServiceLabels, Counter>,
+    service_no_backend: Family<ServiceLabels, Counter>,
+    /// The totals last reported per service and counter.
+    service_totals: std::sync::Mutex<std::collections::HashMap<(ServiceLabels, u8), u64>>,
 }
 
 impl Default for Metrics {
@@ -202,6 +215,25 @@ impl Metrics {
             kernel_requests.clone(),
         );
 
+        let service_translations = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "service_translations",
+            "eBPF mode: connections and unconnected datagrams sent to a backend, per virtual service (refreshed every sync-period)",
+            service_translations.clone(),
+        );
+        let service_affinity_hits = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "service_affinity_hits",
+            "eBPF mode: translations that followed ClientIP session affinity, per virtual service",
+            service_affinity_hits.clone(),
+        );
+        let service_no_backend = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "service_no_backend",
+            "eBPF mode: connects and datagrams refused because the virtual service had no backend in any tier",
+            service_no_backend.clone(),
+        );
+
         Self {
             registry,
             sync_duration,
@@ -219,6 +251,10 @@ impl Metrics {
             drift_repairs,
             kernel_requests,
             kernel_request_totals: std::sync::Mutex::default(),
+            service_translations,
+            service_affinity_hits,
+            service_no_backend,
+            service_totals: std::sync::Mutex::default(),
         }
     }
 
@@ -322,6 +358,31 @@ impl Metrics {
             let counter = self.kernel_requests.get_or_create(&labels);
             if total > previous {
                 counter.inc_by(total - previous);
+            }
+        }
+    }
+
+    /// Records the dataplane's running per-service traffic totals.
+    pub fn record_service_traffic(&self, samples: &[crate::dataplane::ServiceTraffic]) {
+        let mut last = self
+            .service_totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for sample in samples {
+            let labels = ServiceLabels {
+                protocol: sample.key.protocol.as_str(),
+                address: sample.key.address.to_string(),
+                port: sample.key.port,
+            };
+            for (index, family, total) in [
+                (0u8, &self.service_translations, sample.translations),
+                (1, &self.service_affinity_hits, sample.affinity_hits),
+                (2, &self.service_no_backend, sample.no_backend),
+            ] {
+                let previous = last.insert((labels.clone(), index), total).unwrap_or(0);
+                let counter = family.get_or_create(&labels);
+                // A service re-created in the maps starts from zero again.
+                counter.inc_by(total.saturating_sub(previous));
             }
         }
     }

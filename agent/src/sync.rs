@@ -281,6 +281,10 @@ impl<D: Dataplane> SyncLoop<D> {
         let ops = if self.resync {
             let read = self.dataplane.read().await;
             self.record_kernel_requests();
+            let traffic = self.dataplane.service_counters();
+            if !traffic.is_empty() {
+                self.state.metrics.record_service_traffic(&traffic);
+            }
             match read {
                 Ok(actual) => {
                     self.replan(&node, full);

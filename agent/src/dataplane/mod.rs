@@ -11,6 +11,7 @@ pub mod memory;
 use std::future::Future;
 
 use crate::diff::{Op, ProgrammedTable, TierScope};
+use crate::table::VsKey;
 
 /// Why a dataplane could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,18 @@ fn first_failure(failed: &[FailedOp]) -> String {
         .unwrap_or_default()
 }
 
+/// Running totals of one virtual service's traffic, as a dataplane counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceTraffic {
+    pub key: VsKey,
+    /// Connections (and unconnected datagrams) sent to a backend.
+    pub translations: u64,
+    /// Of those, how many followed session affinity.
+    pub affinity_hits: u64,
+    /// Attempts refused because the service had no backend at all.
+    pub no_backend: u64,
+}
+
 /// Something that programs a node's virtual services.
 pub trait Dataplane: Send {
     /// A short name for logs and metrics (`ipvs`, `ebpf`, `dry-run`).
@@ -56,6 +69,12 @@ pub trait Dataplane: Send {
 
     /// Requests sent to the kernel since start, by kind, for the metrics.
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
+    /// Per-service traffic counters (running totals), for dataplanes that count; read at each
+    /// periodic re-read.
+    fn service_counters(&mut self) -> Vec<ServiceTraffic> {
         Vec::new()
     }
 

@@ -43,7 +43,7 @@ use crate::table::VsKey;
 
 pub use loader::{cgroup2_mount, cleanup, CleanupReport, LoadReport, PROGRAMS};
 
-use super::{Dataplane, DataplaneError, FailedOp};
+use super::{Dataplane, DataplaneError, FailedOp, ServiceTraffic};
 
 const NAME: &str = "ebpf";
 
@@ -862,5 +862,27 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, ops: &[Op]) -> impl Future<Output = Result<(), DataplaneError>> + Send {
         let result = self.apply_sync(ops);
         async move { result }
+    }
+
+    fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
+        vec![("map_writes", self.map_writes)]
+    }
+
+    fn service_counters(&mut self) -> Vec<ServiceTraffic> {
+        match EbpfDataplane::service_counters(self) {
+            Ok(counters) => counters
+                .into_iter()
+                .map(|(key, c)| ServiceTraffic {
+                    key,
+                    translations: c.translations,
+                    affinity_hits: c.affinity_hits,
+                    no_backend: c.no_backend,
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "reading the per-service counters failed");
+                Vec::new()
+            }
+        }
     }
 }
