@@ -9,6 +9,8 @@
 //! - `vm-run`: boots one kernel with a prepared share and runs its `run.sh`.
 //! - `vm-runner`: a cargo target runner running one binary in the VM (see `vmtest.rs`).
 //! - `vm-bench`: the agent's IPVS sync against `ipvsadm -R` in the VM (see `vmbench.rs`).
+//! - `test`: the README's test command: set-up, `cargo test --workspace`, every VM test (see
+//!   `testall.rs`).
 //! - `ebpf-setup`: installs the eBPF toolchain (rust-src, LLVM 22, bpf-linker; see `ebpf.rs`).
 
 use std::io::{Read as _, Write as _};
@@ -21,6 +23,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod ebpf;
+mod testall;
 mod vm;
 mod vmbench;
 mod vmtest;
@@ -45,6 +48,13 @@ enum Task {
         /// Only the separate-process memory measurement.
         #[arg(long)]
         rss_only: bool,
+    },
+    /// Installs what the tests need (root, apt) and runs them all: cargo test, then the VM
+    /// tests on every kernel.
+    Test {
+        /// Wall-clock limit per VM boot, in seconds.
+        #[arg(long, default_value_t = 900)]
+        vm_timeout: u64,
     },
     /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
     VmSetup,
@@ -122,6 +132,7 @@ fn main() -> Result<()> {
             events,
             rss_only,
         } => bench_sync(services, events, rss_only),
+        Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
         Task::VmSetup => vm::vm_setup(),
         Task::EbpfSetup => ebpf::ebpf_setup(),
         Task::VmTest {

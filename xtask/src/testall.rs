@@ -1,0 +1,42 @@
+//! `cargo xtask test`: the README's test command. Installs what the tests need on a fresh
+//! Debian 12 machine (as root), then runs every test: unit, golden, property, CLI and agent
+//! tests, the host kernel tests (nftables, conntrack, eBPF with real traffic in network
+//! namespaces), and the IPVS and eBPF tests inside QEMU on Debian's 6.1 and 6.12 kernels.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+
+use crate::{ebpf, vm, vmtest};
+
+/// Runs the set-up and every test; fails on the first failing stage.
+pub fn test_all(vm_timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    println!("== set-up: VM tools and kernels, nftables, conntrack (apt)");
+    vm::vm_setup()?;
+    println!("== set-up: eBPF toolchain (rust-src, LLVM 22, bpf-linker)");
+    ebpf::ebpf_setup()?;
+
+    println!("== cargo test (unit, golden, property, CLI, agent, host kernel tests)");
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["test", "--workspace"])
+        .current_dir(crate::workspace_root())
+        .status()
+        .context("running cargo test")?;
+    ensure!(status.success(), "cargo test failed ({status})");
+
+    println!("== VM tests (IPVS, kube-ipvs0, eBPF verifier) on every kernel");
+    vmtest::vm_test(&vmtest::VmTestPlan {
+        kernels: vm::KERNELS.iter().map(|k| (*k).to_owned()).collect(),
+        tests: Vec::new(),
+        args: Vec::new(),
+        timeout: vm_timeout,
+        memory_mib: 1024,
+    })?;
+    println!(
+        "test: everything passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
