@@ -100,6 +100,10 @@ enum Command {
         /// iptables chains and ipsets.
         #[arg(long)]
         kube_proxy: bool,
+        /// Remove only kube-proxy's IPVS-mode leftovers and keep everything topoproxy owns:
+        /// safe on a node topoproxy already serves.
+        #[arg(long, conflicts_with = "kube_proxy")]
+        only_kube_proxy: bool,
         /// IPVS services inside these comma-separated CIDRs are left alone.
         #[arg(long)]
         ipvs_exclude_cidrs: Option<String>,
@@ -171,12 +175,17 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Cleanup {
             proxy_mode,
             kube_proxy,
+            only_kube_proxy,
             ipvs_exclude_cidrs,
             bpf_pin_dir,
             node_port_range,
         } => cleanup(
             proxy_mode,
-            kube_proxy,
+            match (kube_proxy, only_kube_proxy) {
+                (_, true) => ipvs::cleanup::CleanupScope::KubeProxyOnly,
+                (true, false) => ipvs::cleanup::CleanupScope::OursAndKubeProxy,
+                (false, false) => ipvs::cleanup::CleanupScope::Ours,
+            },
             ipvs_exclude_cidrs,
             bpf_pin_dir,
             &node_port_range,
@@ -336,7 +345,7 @@ fn ebpf_rows(listing: &ebpf::Listing, zero_counters: bool) -> Vec<render::ipvsad
 
 fn cleanup(
     mode: KernelMode,
-    kube_proxy: bool,
+    scope: ipvs::cleanup::CleanupScope,
     exclude_cidrs: Option<String>,
     pin_dir: PathBuf,
     node_port_range: &str,
@@ -361,56 +370,59 @@ fn cleanup(
         },
     )
     .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
-    match mode {
-        KernelMode::Ipvs => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            let report = runtime
-                .block_on(ipvs::cleanup::cleanup(&settings.ipvs, kube_proxy, range))
-                .context("cleaning up IPVS mode")?;
-            println!(
-                "removed {} IPVS service(s), {} address(es){}{}{}",
-                report.services_deleted,
-                report.addresses_removed,
-                if report.link_deleted {
-                    format!(", the {} link", settings.ipvs.link_name)
-                } else {
-                    String::new()
-                },
-                if report.nft_table_deleted {
-                    ", the nftables table inet topoproxy"
-                } else {
-                    ""
-                },
-                if kube_proxy {
-                    format!(
-                        ", {} kube-proxy iptables chain(s), {} ipset(s)",
-                        report.iptables_chains_deleted, report.ipsets_destroyed
-                    )
-                } else {
-                    String::new()
-                }
-            );
-            for note in report.notes {
-                println!("note: {note}");
+    use ipvs::cleanup::CleanupScope;
+    // In eBPF mode, kube-proxy's leftovers are still IPVS state: remove those only.
+    let ipvs_scope = match mode {
+        KernelMode::Ipvs => Some(scope),
+        KernelMode::Ebpf => (scope != CleanupScope::Ours).then_some(CleanupScope::KubeProxyOnly),
+    };
+    if mode == KernelMode::Ebpf && scope != CleanupScope::KubeProxyOnly {
+        let report = ebpf::cleanup(&EbpfSettings {
+            pin_dir,
+            ..EbpfSettings::default()
+        })
+        .context("cleaning up eBPF mode")?;
+        println!(
+            "detached {} program(s), unpinned {} object(s)",
+            report.detached, report.unpinned
+        );
+    }
+    if let Some(ipvs_scope) = ipvs_scope {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let report = runtime
+            .block_on(ipvs::cleanup::cleanup(&settings.ipvs, ipvs_scope, range))
+            .context("cleaning up IPVS mode")?;
+        println!(
+            "removed {} IPVS service(s), {} address(es){}{}{}",
+            report.services_deleted,
+            report.addresses_removed,
+            if report.link_deleted {
+                format!(", the {} link", settings.ipvs.link_name)
+            } else {
+                String::new()
+            },
+            if report.nft_table_deleted {
+                ", the nftables table inet topoproxy"
+            } else {
+                ""
+            },
+            if ipvs_scope != CleanupScope::Ours {
+                format!(
+                    ", {} kube-proxy iptables chain(s), {} ipset(s)",
+                    report.iptables_chains_deleted, report.ipsets_destroyed
+                )
+            } else {
+                String::new()
             }
-            Ok(())
-        }
-        KernelMode::Ebpf => {
-            let report = ebpf::cleanup(&EbpfSettings {
-                pin_dir,
-                ..EbpfSettings::default()
-            })
-            .context("cleaning up eBPF mode")?;
-            println!(
-                "detached {} program(s), unpinned {} object(s)",
-                report.detached, report.unpinned
-            );
-            Ok(())
+        );
+        for note in report.notes {
+            println!("note: {note}");
         }
     }
+    Ok(())
 }
 
 /// `30000-32767`.

@@ -96,12 +96,35 @@ fn link_error(settings: &IpvsSettings) -> impl Fn(LinkError) -> CleanupError + '
     }
 }
 
-/// Removes topoproxy's IPVS-mode state and, with `kube_proxy`, kube-proxy's leftovers.
+/// What `cleanup` removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CleanupScope {
+    /// Exactly what topoproxy owns.
+    Ours,
+    /// What topoproxy owns and kube-proxy's IPVS-mode leftovers.
+    OursAndKubeProxy,
+    /// Only kube-proxy's leftovers, keeping everything topoproxy owns: safe on a node that
+    /// topoproxy already serves.
+    KubeProxyOnly,
+}
+
+impl CleanupScope {
+    fn ours(self) -> bool {
+        !matches!(self, Self::KubeProxyOnly)
+    }
+
+    fn kube_proxy(self) -> bool {
+        !matches!(self, Self::Ours)
+    }
+}
+
+/// Removes what `scope` names.
 pub async fn cleanup(
     settings: &IpvsSettings,
-    kube_proxy: bool,
+    scope: CleanupScope,
     node_port_range: RangeInclusive<u16>,
 ) -> Result<CleanupReport, CleanupError> {
+    let kube_proxy = scope.kube_proxy();
     let mut report = CleanupReport::default();
     let mut nft = Nft::new()?;
     let owned = nft.read()?.unwrap_or_default();
@@ -169,8 +192,20 @@ pub async fn cleanup(
         report.notes.extend(notes);
     }
 
+    let ours: BTreeSet<IpAddr> = owned.services.keys().map(|key| key.address).collect();
+    if !scope.ours() {
+        // topoproxy keeps serving: only addresses none of its services use go.
+        if let Some(link) = link {
+            for address in link_addresses.iter().filter(|a| !ours.contains(a)) {
+                link.delete_address(*address)
+                    .await
+                    .map_err(link_error(settings))?;
+                report.addresses_removed += 1;
+            }
+        }
+        return Ok(report);
+    }
     if let Some(link) = link {
-        let ours: BTreeSet<IpAddr> = owned.services.keys().map(|key| key.address).collect();
         let remaining: Vec<IpAddr> = link_addresses
             .iter()
             .filter(|address| !kube_proxy && !ours.contains(address))
