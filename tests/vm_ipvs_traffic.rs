@@ -651,3 +651,65 @@ fn cleanup_removes_ours_and_keeps_foreign() {
         "a second cleanup removed the foreign service"
     );
 }
+
+/// A virtual server as kube-proxy's IPVS mode leaves it: its VIP on `kube-ipvs0`.
+const KUBE_PROXY_VIP: &str = "10.96.200.1";
+
+#[test]
+#[ignore = "needs IPVS: runs inside the VM (cargo xtask vm-test)"]
+fn only_kube_proxy_cleanup_keeps_a_served_node_intact() {
+    let mut world = World::new("only-kube-proxy");
+    let _foreign = Foreign::create();
+    world.start_agent();
+    world.wait_converged();
+    // kube-proxy's leftovers: a VIP on kube-ipvs0 and its virtual server.
+    sh(
+        "/usr/sbin/ip",
+        &[
+            "addr",
+            "add",
+            &format!("{KUBE_PROXY_VIP}/32"),
+            "dev",
+            "kube-ipvs0",
+        ],
+    );
+    ipvsadm(&["-A", "-t", &format!("{KUBE_PROXY_VIP}:80"), "-s", "rr"]);
+    let mut session = TcpSession::connect(tcp_vip()).expect("a connection through our VIP");
+    let before = session.ask().expect("our VIP answers");
+
+    let report = topoproxy(&["cleanup", "--only-kube-proxy"]);
+
+    let shown = ipvsadm(&["-Ln"]);
+    assert!(
+        !shown.contains(KUBE_PROXY_VIP),
+        "kube-proxy's virtual server survived:\n{shown}\n{report}"
+    );
+    let addresses = sh("/usr/sbin/ip", &["-4", "addr", "show", "dev", "kube-ipvs0"]);
+    assert!(
+        !addresses.contains(KUBE_PROXY_VIP),
+        "kube-proxy's VIP survived on kube-ipvs0:\n{addresses}"
+    );
+    assert!(
+        addresses.contains(&format!("{VIP}/32")),
+        "our VIP was unbound:\n{addresses}"
+    );
+    assert!(Foreign::present(), "a foreign IPVS service was removed");
+    let tables = sh("/usr/sbin/nft", &["list", "tables"]);
+    assert!(
+        tables.lines().any(|l| l.trim() == "table inet topoproxy"),
+        "our nft table was removed:\n{tables}"
+    );
+    assert_eq!(
+        without_weight_zero(&list_owned()),
+        without_weight_zero(&world.fixture.plan(NODE)),
+        "our table changed; cleanup said:\n{report}\nipvsadm -Ln:\n{shown}\nnft:\n{}",
+        sh("/usr/sbin/nft", &["list", "table", "inet", "topoproxy"])
+    );
+    assert_eq!(
+        session.ask().expect("the established connection survives"),
+        before,
+        "the established connection moved"
+    );
+    assert!(world.agent().running(), "the agent exited");
+    assert_eq!(tcp_answers(4), names(&["a1", "a2"]), "new connections");
+}

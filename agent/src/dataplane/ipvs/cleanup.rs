@@ -159,9 +159,10 @@ pub async fn cleanup(
         }
         let ours = owned.services.contains_key(&key);
         let kube_proxys = kube_proxy
+            && !ours
             && (link_addresses.contains(&key.address)
                 || (node_addresses.contains(&key.address) && node_port_range.contains(&key.port)));
-        if ours || kube_proxys {
+        if (ours && scope.ours()) || kube_proxys {
             doomed.push(service.id);
         }
     }
