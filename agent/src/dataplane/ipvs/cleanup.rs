@@ -58,7 +58,7 @@ pub enum CleanupError {
     Link {
         name: String,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("deleting IPVS service {service}")]
     DeleteService {
@@ -92,7 +92,7 @@ pub struct CleanupReport {
 fn link_error(settings: &IpvsSettings) -> impl Fn(LinkError) -> CleanupError + '_ {
     move |source| CleanupError::Link {
         name: settings.link_name.clone(),
-        source,
+        source: Box::new(source),
     }
 }
 

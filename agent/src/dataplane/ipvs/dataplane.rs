@@ -12,7 +12,7 @@
 //! walks the whole table.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
@@ -21,14 +21,14 @@ use crate::dataplane::{Dataplane, DataplaneError, FailedOp};
 use crate::diff::{DestinationState, Op, ProgrammedService, ProgrammedTable, ServiceConfig};
 use crate::table::{Frontend, VsKey};
 
-use super::conntrack;
+use super::conntrack::{self, BackendFlow};
 use super::drain::{self, DrainKey, DrainVerdict, Draining};
 use super::link::{DummyLink, LinkError, DUMMY_LINK};
 use super::netlink::{
     Command, Forward, IpvsClient, IpvsDestination, IpvsError, IpvsService, MessageCounts, ServiceId,
 };
 use super::nft::{Nft, NftError, NftSettings, NftState};
-use super::sysctl::{self, SysctlError};
+use super::sysctl::{self, SysctlError, Sysctls};
 
 const NAME: &str = "ipvs";
 
@@ -73,29 +73,10 @@ pub enum IpvsSetupError {
     Link {
         name: String,
         #[source]
-        source: LinkError,
+        source: Box<LinkError>,
     },
     #[error("preparing the nftables table")]
     Nft(#[from] NftError),
-}
-
-/// The kernel parameters IPVS mode needs, as kube-proxy sets them.
-pub fn required_sysctls(strict_arp: bool) -> Vec<(&'static str, &'static str)> {
-    let mut settings = vec![
-        // IPVS writes its translations into conntrack, which masquerading relies on.
-        ("net.ipv4.vs.conntrack", "1"),
-        // Packets of a connection whose destination is gone are dropped at once, so clients
-        // reconnect instead of timing out.
-        ("net.ipv4.vs.expire_nodest_conn", "1"),
-        // A persistence template pointing at a weight-0 destination expires with it.
-        ("net.ipv4.vs.expire_quiescent_template", "1"),
-        ("net.ipv4.ip_forward", "1"),
-    ];
-    if strict_arp {
-        settings.push(("net.ipv4.conf.all.arp_ignore", "1"));
-        settings.push(("net.ipv4.conf.all.arp_announce", "2"));
-    }
-    settings
 }
 
 /// Whether a service's address is bound on the dummy link (NodePorts use node addresses).
@@ -152,17 +133,14 @@ impl IpvsDataplane {
     /// Sets the kernel parameters, opens IPVS, and makes sure the dummy link exists. Nothing
     /// is programmed or removed until the sync loop reads and applies.
     pub async fn new(settings: IpvsSettings) -> Result<Self, IpvsSetupError> {
-        for (name, value) in required_sysctls(settings.strict_arp) {
-            if sysctl::ensure(name, value)? {
-                tracing::info!(sysctl = name, value, "set kernel parameter");
-            }
-        }
+        let kernel = sysctl::kernel_release().unwrap_or(None);
+        Sysctls::proc().ensure_all(&sysctl::ipvs_sysctls(settings.strict_arp, kernel))?;
         let ipvs = IpvsClient::connect()?;
         let link = DummyLink::ensure(&settings.link_name)
             .await
             .map_err(|source| IpvsSetupError::Link {
                 name: settings.link_name.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let nft = Nft::new()?;
         Ok(Self {
@@ -329,7 +307,7 @@ impl IpvsDataplane {
                         if verdict == DrainVerdict::TimedOut {
                             tracing::warn!(
                                 service = %format_key(&key.service),
-                                destination = %std::net::SocketAddr::new(key.address, key.port),
+                                destination = %SocketAddr::new(key.address, key.port),
                                 connections = count,
                                 "drain timeout passed; deleting the destination with connections open"
                             );
@@ -356,7 +334,7 @@ impl IpvsDataplane {
                 }
                 Err(error) => problems.push(format!(
                     "deleting drained destination {} of {}: {}",
-                    std::net::SocketAddr::new(key.address, key.port),
+                    SocketAddr::new(key.address, key.port),
                     format_key(&key.service),
                     chain(&error)
                 )),
@@ -459,17 +437,13 @@ impl Dataplane for IpvsDataplane {
 
         // 1. Record ownership (and hairpin destinations) before creating anything.
         let mut recorded = NftState::default();
-        let mut replaced_roles = BTreeMap::new();
         for &index in &live {
             match &ops[index] {
                 Op::AddService { key, config } | Op::EditService { key, config } => {
-                    let role = (config.frontend, config.traffic_policy);
-                    if let Some(previous) = self.owned.services.get(key) {
-                        if *previous != role {
-                            replaced_roles.insert(*key, *previous);
-                        }
-                    }
-                    recorded.services.insert(*key, role);
+                    // A changed role replaces the old record in the same nft transaction.
+                    recorded
+                        .services
+                        .insert(*key, (config.frontend, config.traffic_policy));
                 }
                 Op::AddDestination {
                     service,
@@ -491,9 +465,15 @@ impl Dataplane for IpvsDataplane {
             .destinations
             .retain(|d| !self.owned.destinations.contains(d));
         if !recorded.services.is_empty() || !recorded.destinations.is_empty() {
-            if let Err(error) = self.nft.update(&NftState::default(), &recorded) {
+            // Full before/after states: derived elements (VIPs, hairpin) shared by several
+            // services are then kept or dropped correctly by the nft module.
+            let mut next = self.owned.clone();
+            next.services.extend(recorded.services);
+            next.destinations.extend(recorded.destinations);
+            if let Err(error) = self.nft.update(&self.owned, &next) {
                 // Without the record nothing may be created: a restart would not know it.
                 let reason = format!("recording ownership in nftables: {}", chain(&error));
+                self.rules_current = false;
                 return Err(DataplaneError::Apply {
                     dataplane: NAME,
                     failed: ops
@@ -505,10 +485,7 @@ impl Dataplane for IpvsDataplane {
                         .collect(),
                 });
             }
-            self.owned.services.extend(recorded.services.clone());
-            self.owned
-                .destinations
-                .extend(recorded.destinations.iter().copied());
+            self.owned = next;
         }
 
         // 2. Bind the addresses new services need.
@@ -670,33 +647,37 @@ impl Dataplane for IpvsDataplane {
             }
         }
 
-        // 4. Conntrack clean-up for destinations deleted at once.
-        for planned in &succeeded {
-            if let AfterSuccess::FlushConntrack {
-                service,
-                address,
-                port,
-            } = planned.after
-            {
-                match conntrack::flush_backend(
-                    service.protocol,
-                    service.address,
-                    service.port,
+        // 4. Conntrack clean-up for destinations deleted at once (one table dump per family).
+        let flushes: Vec<(usize, BackendFlow)> = succeeded
+            .iter()
+            .filter_map(|planned| match planned.after {
+                AfterSuccess::FlushConntrack {
+                    service,
                     address,
                     port,
-                ) {
-                    Ok(flushed) if flushed > 0 => tracing::debug!(
-                        service = %format_key(&service),
-                        destination = %std::net::SocketAddr::new(address, port),
-                        flushed,
-                        "flushed conntrack entries"
-                    ),
-                    Ok(_) => {}
-                    Err(error) => {
-                        failed.insert(
-                            planned.op,
-                            format!("flushing conntrack entries: {}", chain(&error)),
-                        );
+                } => Some((
+                    planned.op,
+                    BackendFlow {
+                        protocol: service.protocol,
+                        vip: Some(SocketAddr::new(service.address, service.port)),
+                        backend: SocketAddr::new(address, port),
+                    },
+                )),
+                AfterSuccess::Nothing => None,
+            })
+            .collect();
+        if !flushes.is_empty() {
+            let flows: Vec<BackendFlow> = flushes.iter().map(|(_, flow)| *flow).collect();
+            match conntrack::flush(&flows) {
+                Ok(flushed) => tracing::debug!(
+                    backends = flows.len(),
+                    flushed,
+                    "flushed conntrack entries of removed UDP/SCTP backends"
+                ),
+                Err(error) => {
+                    let reason = format!("flushing conntrack entries: {}", chain(&error));
+                    for (index, _) in flushes {
+                        failed.insert(index, reason.clone());
                     }
                 }
             }
@@ -725,11 +706,6 @@ impl Dataplane for IpvsDataplane {
                         }
                     }
                 }
-                Op::EditService { key, .. } => {
-                    if let Some(previous) = replaced_roles.get(key) {
-                        forgotten.services.insert(*key, *previous);
-                    }
-                }
                 Op::DeleteDestination {
                     service,
                     destination,
@@ -744,21 +720,24 @@ impl Dataplane for IpvsDataplane {
             }
         }
         if !forgotten.services.is_empty() || !forgotten.destinations.is_empty() {
-            match self.nft.update(&forgotten, &NftState::default()) {
-                Ok(()) => {
-                    for (key, role) in &forgotten.services {
-                        if self.owned.services.get(key) == Some(role) {
-                            self.owned.services.remove(key);
-                        }
-                    }
-                    for destination in &forgotten.destinations {
-                        self.owned.destinations.remove(destination);
-                    }
+            let mut next = self.owned.clone();
+            for key in forgotten.services.keys() {
+                next.services.remove(key);
+            }
+            for destination in &forgotten.destinations {
+                next.destinations.remove(destination);
+            }
+            match self.nft.update(&self.owned, &next) {
+                Ok(()) => self.owned = next,
+                Err(error) => {
+                    // Records of services that are gone only keep them owned a little longer;
+                    // the next read rewrites the table from what nft really holds.
+                    self.rules_current = false;
+                    tracing::warn!(
+                        error = %chain(&error),
+                        "could not clear the nftables records of removed services"
+                    );
                 }
-                Err(error) => tracing::warn!(
-                    error = %chain(&error),
-                    "could not clear the nftables records of removed services; the next read repairs them"
-                ),
             }
         }
         for address in released {
@@ -838,7 +817,7 @@ pub fn format_key(key: &VsKey) -> String {
     format!(
         "{} {}",
         key.protocol,
-        std::net::SocketAddr::new(key.address, key.port)
+        SocketAddr::new(key.address, key.port)
     )
 }
 

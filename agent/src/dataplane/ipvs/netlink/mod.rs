@@ -1,24 +1,173 @@
-//! IPVS over generic netlink: the `IPVS` family's messages (a pure codec) and a client that
-//! sends them, pipelined, over one netlink socket.
-//!
-//! CONTRACT (filled in by the IPVS-netlink work): the types and signatures below are what the
-//! dataplane codes against.
+//! IPVS over generic netlink: the `IPVS` family's messages (a pure codec, [`attr`] and
+//! [`message`]) and a client that sends them, pipelined, over one netlink socket ([`client`]).
+//! This module owns the types the dataplane codes against and the errors the kernel's answers
+//! become.
 
-use std::net::IpAddr;
+pub mod attr;
+pub mod client;
+pub mod message;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use netlink_packet_core::DecodeError;
 
 use crate::model::Protocol;
 
-/// Why an IPVS request failed.
+pub use client::IpvsClient;
+
+/// Why an IPVS request failed. Kernel refusals carry the request they answer and the errno.
 #[derive(Debug, thiserror::Error)]
 pub enum IpvsError {
-    #[error("ipvs: not implemented yet")]
-    Unimplemented,
+    /// A socket call failed (`socket`, `bind`, `sendmsg`, `recvmsg`...).
+    #[error("ipvs: {call} on the generic netlink socket")]
+    Socket {
+        call: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel has no `IPVS` generic netlink family: the `ip_vs` module is not loaded.
+    #[error("ipvs: the kernel has no IPVS generic netlink family (is the ip_vs module loaded?)")]
+    FamilyNotFound,
+    /// `EEXIST`: the service or destination is already there.
+    #[error("ipvs: {request}: already exists")]
+    Exists { request: Box<Request> },
+    /// `ESRCH` (no such service) or `ENOENT` (no such destination, or no such scheduler
+    /// module when adding or editing a service).
+    #[error("ipvs: {request}: {}", if *.errno == libc::ESRCH { "no such service" } else { "not found (no such destination or scheduler)" })]
+    NotFound { request: Box<Request>, errno: i32 },
+    /// `EINVAL`: the kernel refused the values, e.g. an unknown scheduler module, or a
+    /// real-server address IPVS does not consider unicast.
+    #[error("ipvs: {request}: rejected as invalid{}", message_suffix(.message))]
+    Invalid {
+        request: Box<Request>,
+        /// The kernel's extended-ack message, when it gave one.
+        message: Option<String>,
+    },
+    /// Any other errno.
+    #[error("ipvs: {request}: {source}{}", message_suffix(.message))]
+    Kernel {
+        request: Box<Request>,
+        errno: i32,
+        message: Option<String>,
+        #[source]
+        source: io::Error,
+    },
+    /// The acknowledgement never came: the socket's receive buffer overflowed (`ENOBUFS`) and
+    /// the kernel dropped it. The change may or may not have been made; read the state back.
+    #[error("ipvs: {request}: acknowledgement lost (receive buffer overflow); state unknown")]
+    AckLost { request: Box<Request> },
+    /// The kernel's reply could not be decoded.
+    #[error("ipvs: {request}: malformed reply from the kernel")]
+    Decode {
+        request: Box<Request>,
+        #[source]
+        source: DecodeError,
+    },
+    /// The kernel answered something the protocol does not allow here.
+    #[error("ipvs: {request}: unexpected reply: {reason}")]
+    Protocol {
+        request: Box<Request>,
+        reason: String,
+    },
+}
+
+fn message_suffix(message: &Option<String>) -> String {
+    message
+        .as_ref()
+        .map(|m| format!(" ({m})"))
+        .unwrap_or_default()
 }
 
 impl IpvsError {
-    /// The kernel's errno, when the kernel refused the request.
+    /// The kernel's errno, for refusals.
     pub fn errno(&self) -> Option<i32> {
-        None
+        match self {
+            Self::Exists { .. } => Some(libc::EEXIST),
+            Self::NotFound { errno, .. } | Self::Kernel { errno, .. } => Some(*errno),
+            Self::Invalid { .. } => Some(libc::EINVAL),
+            Self::Socket { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+
+    /// The request this error answers, when it answers one.
+    pub fn request(&self) -> Option<&Request> {
+        match self {
+            Self::Exists { request }
+            | Self::NotFound { request, .. }
+            | Self::Invalid { request, .. }
+            | Self::Kernel { request, .. }
+            | Self::AckLost { request }
+            | Self::Decode { request, .. }
+            | Self::Protocol { request, .. } => Some(request),
+            Self::Socket { .. } | Self::FamilyNotFound => None,
+        }
+    }
+}
+
+/// What was asked of the kernel, for error messages (`add destination 10.244.1.5:8080 to TCP
+/// 10.96.0.10:80`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    ResolveFamily,
+    Info,
+    DumpServices,
+    DumpDestinations(ServiceId),
+    Flush,
+    Command(Command),
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ResolveFamily => write!(f, "resolve the IPVS genetlink family"),
+            Self::Info => write!(f, "get IPVS info"),
+            Self::DumpServices => write!(f, "list services"),
+            Self::DumpDestinations(id) => write!(f, "list destinations of {id}"),
+            Self::Flush => write!(f, "flush"),
+            Self::Command(command) => command.fmt(f),
+        }
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}",
+            self.protocol,
+            SocketAddr::new(self.address, self.port)
+        )
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NewService(s) => write!(f, "add service {} ({})", s.id, s.scheduler),
+            Self::SetService(s) => write!(f, "edit service {} ({})", s.id, s.scheduler),
+            Self::DelService(id) => write!(f, "delete service {id}"),
+            Self::NewDestination(id, d) => write!(
+                f,
+                "add destination {} to {id}",
+                SocketAddr::new(d.address, d.port)
+            ),
+            Self::SetDestination(id, d) => write!(
+                f,
+                "edit destination {} of {id}",
+                SocketAddr::new(d.address, d.port)
+            ),
+            Self::DelDestination(id, address, port) => write!(
+                f,
+                "delete destination {} from {id}",
+                SocketAddr::new(*address, *port)
+            ),
+        }
     }
 }
 
@@ -76,47 +225,6 @@ pub enum Command {
 pub struct IpvsInfo {
     pub version: (u8, u8, u8),
     pub table_size: u32,
-}
-
-/// A generic-netlink socket bound to the `IPVS` family.
-pub struct IpvsClient {}
-
-impl IpvsClient {
-    /// Opens a socket and resolves the `IPVS` family.
-    pub fn connect() -> Result<Self, IpvsError> {
-        Err(IpvsError::Unimplemented)
-    }
-
-    pub fn info(&mut self) -> Result<IpvsInfo, IpvsError> {
-        Err(IpvsError::Unimplemented)
-    }
-
-    /// Every virtual service (one multipart dump).
-    pub fn services(&mut self) -> Result<Vec<IpvsService>, IpvsError> {
-        Err(IpvsError::Unimplemented)
-    }
-
-    /// The real servers of one virtual service (one multipart dump).
-    pub fn destinations(
-        &mut self,
-        _service: &ServiceId,
-    ) -> Result<Vec<IpvsDestination>, IpvsError> {
-        Err(IpvsError::Unimplemented)
-    }
-
-    /// Sends every command before reading any acknowledgement; returns one result per command,
-    /// in order.
-    pub fn execute(&mut self, commands: &[Command]) -> Vec<Result<(), IpvsError>> {
-        commands
-            .iter()
-            .map(|_| Err(IpvsError::Unimplemented))
-            .collect()
-    }
-
-    /// Netlink messages sent since the socket was opened, by kind (for benchmarks/metrics).
-    pub fn messages_sent(&self) -> MessageCounts {
-        MessageCounts::default()
-    }
 }
 
 /// Requests sent, by kind.

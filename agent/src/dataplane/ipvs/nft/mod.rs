@@ -1,0 +1,178 @@
+//! topoproxy's nftables table for IPVS mode: masquerade, hairpin and reject, with sets that
+//! also record which virtual services topoproxy owns.
+//!
+//! IPVS cannot masquerade or filter by itself; kube-proxy's IPVS mode does it with iptables
+//! and ipsets. topoproxy owns one table, `inet topoproxy`, instead:
+//! - chains `prerouting`/`output` (nat, priority -110, before NAT and IPVS) jump to
+//!   `services`, which sets mark [`MASQ_MARK`] on the first packet of connections that must
+//!   be masqueraded; `postrouting` (nat, priority 90) masquerades marked packets and hairpin
+//!   traffic;
+//! - chain `input` (filter) rejects new connections to a bound VIP on a port that is not a
+//!   service port (`vip-ports`);
+//! - the sets hold the state (see [`render`] for their layout), so [`Nft::read`] rebuilds
+//!   exactly the [`NftState`] that was written and an agent restart adopts what it owns.
+//!
+//! The table is programmed by running the `nft` binary, as kube-proxy's knftables does:
+//! the text format is the stable interface of nftables, a whole script is one atomic
+//! transaction, and `nft -j` gives a parseable read-back. The rendering ([`render`]) and
+//! parsing ([`parse`]) are pure; only [`run`] spawns processes. Calls block until `nft`
+//! exits (milliseconds); call them from a blocking context.
+
+pub mod parse;
+pub mod render;
+mod run;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+
+use crate::table::{Frontend, TrafficPolicy, VsKey};
+
+pub use parse::ParseError;
+pub use render::MASQ_MARK;
+
+/// Finds `nft` in PATH, else at `/usr/sbin/nft`.
+pub fn find_nft() -> Result<PathBuf, NftError> {
+    run::find_nft()
+}
+
+/// The table's name (family `inet`).
+pub const TABLE: &str = "topoproxy";
+
+/// What went wrong while running `nft`.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("nft not found in PATH nor at /usr/sbin/nft (install the nftables package)")]
+    NotFound,
+    #[error("starting {program:?}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to nft ({action})")]
+    Wait {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nft {action} failed ({status}): {stderr}")]
+    Failed {
+        action: &'static str,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("reading table inet {TABLE}")]
+    Parse(#[source] ParseError),
+}
+
+/// Settings that shape the rules, from the agent's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NftSettings {
+    /// Masquerade all traffic to ClusterIPs (kube-proxy `--masquerade-all`, which also
+    /// leaves `Local` external traffic alone to keep the client address).
+    pub masquerade_all: bool,
+    /// Pod CIDRs: ClusterIP traffic from outside them is masqueraded. Empty for a family:
+    /// only node-originated traffic whose source is the VIP itself is (kube-proxy's
+    /// behaviour without a local-traffic detector).
+    pub cluster_cidrs: Vec<ipnetwork::IpNetwork>,
+}
+
+/// Everything the table's sets hold.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NftState {
+    /// Every virtual service topoproxy owns, with how it is reached.
+    pub services: BTreeMap<VsKey, (Frontend, TrafficPolicy)>,
+    /// (virtual service, destination address, destination port) for hairpin masquerade.
+    /// A destination whose family differs from its service's cannot be stored and is left
+    /// out (logged).
+    pub destinations: BTreeSet<(VsKey, IpAddr, u16)>,
+}
+
+/// Runs `nft` against table `inet topoproxy`.
+#[derive(Debug, Clone)]
+pub struct Nft {
+    invocation: run::Invocation,
+}
+
+impl Nft {
+    /// Finds `nft` in PATH, else at `/usr/sbin/nft`.
+    pub fn new() -> Result<Self, NftError> {
+        Ok(Self::with_command(run::find_nft()?, Vec::<OsString>::new()))
+    }
+
+    /// Runs `program leading_args... <nft arguments>` instead, e.g.
+    /// `nsenter --net=/run/netns/X nft` to work on another network namespace.
+    pub fn with_command(
+        program: impl Into<PathBuf>,
+        leading_args: impl IntoIterator<Item = impl Into<OsString>>,
+    ) -> Self {
+        Self {
+            invocation: run::Invocation {
+                program: program.into(),
+                leading_args: leading_args.into_iter().map(Into::into).collect(),
+            },
+        }
+    }
+
+    /// Replaces the whole table (chains, rules and sets) in one transaction.
+    pub fn replace(&mut self, settings: &NftSettings, state: &NftState) -> Result<(), NftError> {
+        warn_unrepresentable(state);
+        let script = render::render_replace(settings, state);
+        self.invocation
+            .run("replace", &["-f", "-"], Some(&script))?;
+        Ok(())
+    }
+
+    /// Adds and removes set elements to go from `from` to `to`, in one transaction; runs
+    /// nothing when they hold the same elements. Fails (changing nothing) when the table
+    /// does not hold `from`'s elements; the caller then falls back to [`Nft::replace`].
+    pub fn update(&mut self, from: &NftState, to: &NftState) -> Result<(), NftError> {
+        warn_unrepresentable(to);
+        let script = render::render_update(from, to);
+        if script.is_empty() {
+            return Ok(());
+        }
+        self.invocation.run("update", &["-f", "-"], Some(&script))?;
+        Ok(())
+    }
+
+    /// Reads the sets back; `None` when the table does not exist.
+    pub fn read(&mut self) -> Result<Option<NftState>, NftError> {
+        let listed = self
+            .invocation
+            .run("list", &["-j", "list", "table", "inet", TABLE], None);
+        match listed {
+            Ok(output) => parse::parse_table(&output.stdout)
+                .map(Some)
+                .map_err(NftError::Parse),
+            // nft reports a missing table as ENOENT; messages are in the C locale.
+            Err(NftError::Failed { stderr, .. })
+                if stderr.contains("No such file or directory") =>
+            {
+                Ok(None)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Deletes the table; a missing table is not an error.
+    pub fn delete(&mut self) -> Result<(), NftError> {
+        self.invocation
+            .run("delete", &["-f", "-"], Some(&render::render_delete()))?;
+        Ok(())
+    }
+}
+
+fn warn_unrepresentable(state: &NftState) {
+    for (key, address, port) in render::unrepresentable(state) {
+        tracing::warn!(
+            service = ?key,
+            %address,
+            port,
+            "destination family differs from its virtual service's: no hairpin rule for it"
+        );
+    }
+}

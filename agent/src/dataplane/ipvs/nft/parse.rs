@@ -1,0 +1,314 @@
+//! Pure parsing of `nft -j list table inet topoproxy` back into [`NftState`].
+//!
+//! Only the record sets are read: the per-(frontend, policy) service sets and the
+//! destination sets. Derived sets (hairpin, vips), chains and rules are ignored: they follow
+//! from the record and are rewritten by every replace. Unknown sets are ignored too, so an
+//! older agent can read a newer table's records.
+
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+use super::render::{service_stem, set_name, DESTINATIONS, SERVICE_KINDS};
+use super::{NftState, TABLE};
+use crate::model::{IpFamily, Protocol};
+use crate::table::VsKey;
+
+/// What is wrong with the JSON `nft` printed.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("not JSON")]
+    Json(#[source] serde_json::Error),
+    #[error("no top-level `nftables` array")]
+    Shape,
+    #[error("set {set}: element {element} is not {expected}")]
+    Element {
+        set: String,
+        element: String,
+        expected: &'static str,
+    },
+    #[error("virtual service {key:?} is in both set {first} and set {second}")]
+    Duplicate {
+        key: VsKey,
+        first: String,
+        second: String,
+    },
+}
+
+/// What a record set holds.
+enum Record {
+    Service(crate::table::Frontend, crate::table::TrafficPolicy),
+    Destination,
+}
+
+fn record_for(name: &str) -> Option<(Record, IpFamily)> {
+    for family in [IpFamily::V4, IpFamily::V6] {
+        for (frontend, policy) in SERVICE_KINDS {
+            if name == set_name(service_stem(frontend, policy), family) {
+                return Some((Record::Service(frontend, policy), family));
+            }
+        }
+        if name == set_name(DESTINATIONS, family) {
+            return Some((Record::Destination, family));
+        }
+    }
+    None
+}
+
+/// Rebuilds the state from the JSON of `nft -j list table inet topoproxy`.
+pub fn parse_table(json: &str) -> Result<NftState, ParseError> {
+    let root: Value = serde_json::from_str(json).map_err(ParseError::Json)?;
+    let items = root
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or(ParseError::Shape)?;
+    let mut state = NftState::default();
+    // Which set each service came from, to report a key recorded twice.
+    let mut origin = std::collections::BTreeMap::new();
+    for item in items {
+        let Some(set) = item.get("set") else {
+            continue;
+        };
+        if set.get("family").and_then(Value::as_str) != Some("inet")
+            || set.get("table").and_then(Value::as_str) != Some(TABLE)
+        {
+            continue;
+        }
+        let Some(name) = set.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        let Some((record, family)) = record_for(name) else {
+            continue;
+        };
+        let elements = set
+            .get("elem")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        for element in elements {
+            let fields = concat_fields(element).ok_or_else(|| bad(name, element, "a concat"))?;
+            match &record {
+                Record::Service(frontend, policy) => {
+                    let [addr, proto, port] = fields else {
+                        return Err(bad(name, element, "addr . proto . port"));
+                    };
+                    let key = VsKey::new(
+                        protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
+                        address(addr, family).ok_or_else(|| bad(name, element, "an address"))?,
+                        port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
+                    );
+                    if let Some(first) = origin.insert(key, name.to_string()) {
+                        return Err(ParseError::Duplicate {
+                            key,
+                            first,
+                            second: name.to_string(),
+                        });
+                    }
+                    state.services.insert(key, (*frontend, *policy));
+                }
+                Record::Destination => {
+                    let [vip, proto, vport, dest, dport] = fields else {
+                        return Err(bad(name, element, "vip . proto . port . dest . port"));
+                    };
+                    let key = VsKey::new(
+                        protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
+                        address(vip, family).ok_or_else(|| bad(name, element, "an address"))?,
+                        port_of(vport).ok_or_else(|| bad(name, element, "a port"))?,
+                    );
+                    let dest =
+                        address(dest, family).ok_or_else(|| bad(name, element, "an address"))?;
+                    let dport = port_of(dport).ok_or_else(|| bad(name, element, "a port"))?;
+                    state.destinations.insert((key, dest, dport));
+                }
+            }
+        }
+    }
+    Ok(state)
+}
+
+fn bad(set: &str, element: &Value, expected: &'static str) -> ParseError {
+    ParseError::Element {
+        set: set.to_string(),
+        element: element.to_string(),
+        expected,
+    }
+}
+
+/// The fields of a concatenated element. Elements with flags, timeouts or comments are
+/// wrapped as `{"elem": {"val": ...}}`.
+fn concat_fields(element: &Value) -> Option<&[Value]> {
+    let element = element
+        .get("elem")
+        .and_then(|elem| elem.get("val"))
+        .unwrap_or(element);
+    element
+        .get("concat")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+}
+
+fn address(value: &Value, family: IpFamily) -> Option<IpAddr> {
+    let address: IpAddr = value.as_str()?.parse().ok()?;
+    (IpFamily::of(&address) == family).then_some(address)
+}
+
+/// nft prints a protocol by name when `/etc/protocols` knows it, else by number.
+fn protocol(value: &Value) -> Option<Protocol> {
+    let number = match value {
+        Value::Number(n) => u8::try_from(n.as_u64()?).ok()?,
+        Value::String(s) => match s.as_str() {
+            "tcp" => 6,
+            "udp" => 17,
+            "sctp" => 132,
+            other => other.parse().ok()?,
+        },
+        _ => return None,
+    };
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
+        .into_iter()
+        .find(|p| p.number() == number)
+}
+
+fn port_of(value: &Value) -> Option<u16> {
+    match value {
+        Value::Number(n) => u16::try_from(n.as_u64()?).ok(),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::ipvs::nft::render::set_elements;
+    use crate::dataplane::ipvs::nft::render::tests::{arb_state, small_state};
+    use crate::table::{Frontend, TrafficPolicy};
+    use proptest::prelude::*;
+
+    /// `nft -j list table inet topoproxy` (nft 1.0.6, kernel 6.18) after loading
+    /// `testdata/small.nft`, the rendering of `small_state()`.
+    const SMALL_JSON: &str = include_str!("testdata/small.json");
+
+    #[test]
+    fn reads_back_what_real_nft_listed() {
+        assert_eq!(parse_table(SMALL_JSON).expect("parse"), small_state());
+    }
+
+    /// JSON shaped like nft's for a state's sets: addresses as strings, protocols by name
+    /// or number, ports as numbers.
+    fn nft_like_json(state: &NftState, numeric_protocols: bool) -> String {
+        let sets: Vec<Value> = set_elements(state)
+            .into_iter()
+            .map(|(name, elements)| {
+                let elem: Vec<Value> = elements
+                    .iter()
+                    .map(|element| {
+                        let fields: Vec<&str> = element.split(" . ").collect();
+                        if fields.len() == 1 {
+                            return Value::from(fields[0]);
+                        }
+                        let concat: Vec<Value> = fields
+                            .iter()
+                            .enumerate()
+                            .map(|(i, field)| match (i, field.parse::<u64>()) {
+                                (1, Ok(n)) if !numeric_protocols => Value::from(match n {
+                                    6 => "tcp",
+                                    17 => "udp",
+                                    _ => "sctp",
+                                }),
+                                (_, Ok(n)) => Value::from(n),
+                                (_, Err(_)) => Value::from(*field),
+                            })
+                            .collect();
+                        serde_json::json!({ "concat": concat })
+                    })
+                    .collect();
+                let mut set = serde_json::json!({
+                    "family": "inet", "name": name, "table": TABLE, "handle": 1,
+                });
+                if !elem.is_empty() {
+                    set["elem"] = Value::from(elem);
+                }
+                serde_json::json!({ "set": set })
+            })
+            .collect();
+        serde_json::json!({ "nftables": sets }).to_string()
+    }
+
+    proptest! {
+        #[test]
+        fn parse_inverts_render(state in arb_state(), numeric in any::<bool>()) {
+            prop_assert_eq!(parse_table(&nft_like_json(&state, numeric)).expect("parse"), state);
+        }
+    }
+
+    #[test]
+    fn ignores_other_tables_unknown_sets_and_derived_sets() {
+        let json = r#"{"nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"set": {"family": "inet", "name": "clusterip-cluster4", "table": "other",
+                     "elem": [{"concat": ["10.0.0.1", "tcp", 80]}]}},
+            {"set": {"family": "ip", "name": "clusterip-cluster4", "table": "topoproxy",
+                     "elem": [{"concat": ["10.0.0.1", "tcp", 80]}]}},
+            {"set": {"family": "inet", "name": "future-set4", "table": "topoproxy",
+                     "elem": ["garbage"]}},
+            {"set": {"family": "inet", "name": "hairpin4", "table": "topoproxy",
+                     "elem": [{"concat": ["10.0.0.2", "tcp", 80, "10.0.0.2"]}]}},
+            {"set": {"family": "inet", "name": "nodeport-local4", "table": "topoproxy",
+                     "elem": [{"elem": {"val": {"concat": ["10.0.0.3", 17, "30053"]},
+                                        "comment": "wrapped"}}]}}
+        ]}"#;
+        let state = parse_table(json).expect("parse");
+        let key = VsKey::new(Protocol::Udp, "10.0.0.3".parse().expect("ip"), 30053);
+        assert_eq!(
+            state.services.into_iter().collect::<Vec<_>>(),
+            vec![(key, (Frontend::NodePort, TrafficPolicy::Local))]
+        );
+        assert!(state.destinations.is_empty());
+    }
+
+    #[test]
+    fn rejects_malformed_elements() {
+        let cases = [
+            // Wrong family for the set.
+            r#"{"set": {"family": "inet", "name": "clusterip-cluster4", "table": "topoproxy",
+                        "elem": [{"concat": ["fd00::1", "tcp", 80]}]}}"#,
+            // Unknown protocol.
+            r#"{"set": {"family": "inet", "name": "clusterip-cluster4", "table": "topoproxy",
+                        "elem": [{"concat": ["10.0.0.1", "icmp", 80]}]}}"#,
+            // Port out of range.
+            r#"{"set": {"family": "inet", "name": "clusterip-cluster4", "table": "topoproxy",
+                        "elem": [{"concat": ["10.0.0.1", "tcp", 70000]}]}}"#,
+            // Too few fields.
+            r#"{"set": {"family": "inet", "name": "destinations4", "table": "topoproxy",
+                        "elem": [{"concat": ["10.0.0.1", "tcp", 80, "10.0.0.2"]}]}}"#,
+            // Not a concatenation.
+            r#"{"set": {"family": "inet", "name": "clusterip-cluster4", "table": "topoproxy",
+                        "elem": ["10.0.0.1"]}}"#,
+        ];
+        for case in cases {
+            let json = format!(r#"{{"nftables": [{case}]}}"#);
+            let error = parse_table(&json).expect_err(case);
+            assert!(
+                matches!(error, ParseError::Element { .. }),
+                "{case}: {error}"
+            );
+        }
+        assert!(matches!(parse_table("{}"), Err(ParseError::Shape)));
+        assert!(matches!(parse_table("nope"), Err(ParseError::Json(_))));
+    }
+
+    #[test]
+    fn rejects_a_key_recorded_twice() {
+        let json = r#"{"nftables": [
+            {"set": {"family": "inet", "name": "clusterip-cluster4", "table": "topoproxy",
+                     "elem": [{"concat": ["10.0.0.1", "tcp", 80]}]}},
+            {"set": {"family": "inet", "name": "clusterip-local4", "table": "topoproxy",
+                     "elem": [{"concat": ["10.0.0.1", "tcp", 80]}]}}
+        ]}"#;
+        assert!(matches!(
+            parse_table(json),
+            Err(ParseError::Duplicate { .. })
+        ));
+    }
+}

@@ -1,0 +1,835 @@
+//! Pure rendering of topoproxy's nftables table: settings and state in, `nft -f` script out.
+//!
+//! The table's shape (chains and rules) depends only on [`NftSettings`]; everything that
+//! changes with Services and endpoints lives in named sets. So a full replace renders the
+//! whole table, while an update only adds and deletes set elements.
+//!
+//! Sets, each once per family (`4`/`6` suffix):
+//! - `{frontend}-{policy}`: the [`VsKey`]s of one frontend kind and traffic policy, as
+//!   `addr . proto . port`; NodePort keys carry the node address. These are the record of
+//!   which virtual services topoproxy owns, and what the masquerade and reject rules match.
+//! - `destinations`: `vip . proto . vip port . destination . destination port`, the record of
+//!   [`NftState::destinations`]; no rule reads it.
+//! - `hairpin`: `destination . proto . port . destination`, derived from `destinations`
+//!   (kube-proxy's `KUBE-LOOP-BACK`): matched after IPVS translated the packet.
+//! - `vips`: addresses of ClusterIP, ExternalIP and LoadBalancer keys that are not also
+//!   NodePort (node) addresses, derived; new connections to them on other ports are rejected
+//!   (kube-proxy's `KUBE-IPVS-IPS`).
+//!
+//! Protocols are written as IANA numbers so the script parses without `/etc/protocols`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use super::{NftSettings, NftState, TABLE};
+use crate::model::{IpFamily, Protocol};
+use crate::table::{Frontend, TrafficPolicy, VsKey};
+
+/// The packet mark bit that asks for masquerade, kube-proxy's `KUBE-MARK-MASQ` default
+/// (`--masquerade-bit 14`), so kubelet's and kube-proxy's own postrouting rules agree with ours.
+pub const MASQ_MARK: u32 = 0x4000;
+
+/// Priority of the marking chains: before NAT (`dstnat`, -100) and before IPVS, which hooks
+/// `LOCAL_OUT` at -99 and `LOCAL_IN` at 98/99.
+const MARK_PRIORITY: i32 = -110;
+/// Priority of the masquerade chain: just before other `srcnat` (100) chains such as a
+/// CNI's, so a marked packet gets our masquerade whatever they would do.
+const MASQ_PRIORITY: i32 = 90;
+
+/// Every (frontend, policy) pair; each has its own set (see [`service_stem`]).
+pub const SERVICE_KINDS: [(Frontend, TrafficPolicy); 8] = [
+    (Frontend::ClusterIP, TrafficPolicy::Cluster),
+    (Frontend::ClusterIP, TrafficPolicy::Local),
+    (Frontend::ExternalIP, TrafficPolicy::Cluster),
+    (Frontend::ExternalIP, TrafficPolicy::Local),
+    (Frontend::LoadBalancer, TrafficPolicy::Cluster),
+    (Frontend::LoadBalancer, TrafficPolicy::Local),
+    (Frontend::NodePort, TrafficPolicy::Cluster),
+    (Frontend::NodePort, TrafficPolicy::Local),
+];
+
+/// Set name stem of the destination record.
+pub const DESTINATIONS: &str = "destinations";
+/// Set name stem of the hairpin match set.
+pub const HAIRPIN: &str = "hairpin";
+/// Set name stem of the bound-VIP set.
+pub const VIPS: &str = "vips";
+
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+/// The set name for a stem and family: `clusterip-cluster4`, `hairpin6`, ...
+pub fn set_name(stem: &str, family: IpFamily) -> String {
+    format!("{stem}{}", suffix(family))
+}
+
+fn suffix(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "4",
+        IpFamily::V6 => "6",
+    }
+}
+
+/// The set stem for one frontend and policy.
+pub fn service_stem(frontend: Frontend, policy: TrafficPolicy) -> &'static str {
+    match (frontend, policy) {
+        (Frontend::ClusterIP, TrafficPolicy::Cluster) => "clusterip-cluster",
+        (Frontend::ClusterIP, TrafficPolicy::Local) => "clusterip-local",
+        (Frontend::ExternalIP, TrafficPolicy::Cluster) => "externalip-cluster",
+        (Frontend::ExternalIP, TrafficPolicy::Local) => "externalip-local",
+        (Frontend::LoadBalancer, TrafficPolicy::Cluster) => "loadbalancer-cluster",
+        (Frontend::LoadBalancer, TrafficPolicy::Local) => "loadbalancer-local",
+        (Frontend::NodePort, TrafficPolicy::Cluster) => "nodeport-cluster",
+        (Frontend::NodePort, TrafficPolicy::Local) => "nodeport-local",
+    }
+}
+
+/// Destinations whose address family differs from their virtual service's. IPVS and
+/// Kubernetes never pair them; no set can hold them, so rendering leaves them out and the
+/// caller should warn.
+pub fn unrepresentable(state: &NftState) -> impl Iterator<Item = &(VsKey, IpAddr, u16)> {
+    state
+        .destinations
+        .iter()
+        .filter(|(key, dest, _)| IpFamily::of(&key.address) != IpFamily::of(dest))
+}
+
+/// Every set's elements (empty sets included), as `nft` element text, keyed by set name.
+pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
+    let mut sets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for family in FAMILIES {
+        for (frontend, policy) in SERVICE_KINDS {
+            sets.insert(
+                set_name(service_stem(frontend, policy), family),
+                BTreeSet::new(),
+            );
+        }
+        for stem in [DESTINATIONS, HAIRPIN, VIPS] {
+            sets.insert(set_name(stem, family), BTreeSet::new());
+        }
+    }
+    let mut insert = |stem: &str, family: IpFamily, element: String| {
+        if let Some(set) = sets.get_mut(&set_name(stem, family)) {
+            set.insert(element);
+        }
+    };
+
+    let mut vips = BTreeSet::new();
+    let mut node_addresses = BTreeSet::new();
+    for (key, (frontend, policy)) in &state.services {
+        let family = IpFamily::of(&key.address);
+        insert(service_stem(*frontend, *policy), family, key_element(key));
+        if *frontend == Frontend::NodePort {
+            node_addresses.insert(key.address);
+        } else {
+            vips.insert(key.address);
+        }
+    }
+    for address in vips.difference(&node_addresses) {
+        insert(VIPS, IpFamily::of(address), address.to_string());
+    }
+    for destination in representable(&state.destinations) {
+        let family = IpFamily::of(&destination.1);
+        insert(DESTINATIONS, family, destination_element(destination));
+        insert(HAIRPIN, family, hairpin_element(hairpin_of(destination)));
+    }
+    sets
+}
+
+fn representable<'a>(
+    destinations: impl IntoIterator<Item = &'a (VsKey, IpAddr, u16)>,
+) -> impl Iterator<Item = &'a (VsKey, IpAddr, u16)> {
+    destinations
+        .into_iter()
+        .filter(|(key, dest, _)| IpFamily::of(&key.address) == IpFamily::of(dest))
+}
+
+/// What the hairpin set matches for a destination: address, protocol, port.
+type Hairpin = (IpAddr, Protocol, u16);
+
+fn hairpin_of((key, dest, port): &(VsKey, IpAddr, u16)) -> Hairpin {
+    (*dest, key.protocol, *port)
+}
+
+fn destination_element((key, dest, port): &(VsKey, IpAddr, u16)) -> String {
+    format!(
+        "{} . {} . {} . {dest} . {port}",
+        key.address,
+        key.protocol.number(),
+        key.port
+    )
+}
+
+fn hairpin_element((dest, protocol, port): Hairpin) -> String {
+    format!("{dest} . {} . {port} . {dest}", protocol.number())
+}
+
+fn key_element(key: &VsKey) -> String {
+    format!("{} . {} . {}", key.address, key.protocol.number(), key.port)
+}
+
+/// The whole table in one transaction: create it if missing, delete it, define it again.
+/// Loading this is atomic (packets see the old table or the new one) and idempotent.
+pub fn render_replace(settings: &NftSettings, state: &NftState) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "table inet {TABLE} {{}}");
+    let _ = writeln!(out, "delete table inet {TABLE}");
+    let _ = writeln!(out, "table inet {TABLE} {{");
+    for (name, elements) in set_elements(state) {
+        let _ = writeln!(out, "\tset {name} {{");
+        let _ = writeln!(out, "\t\ttype {}", set_type(&name));
+        if !elements.is_empty() {
+            let list: Vec<&str> = elements.iter().map(String::as_str).collect();
+            let _ = writeln!(out, "\t\telements = {{ {} }}", list.join(",\n\t\t\t"));
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+    render_chains(&mut out, settings);
+    let _ = writeln!(out, "}}");
+    out
+}
+
+/// The element type of a set, from its name.
+fn set_type(name: &str) -> &'static str {
+    let v6 = name.ends_with('6');
+    let stem = &name[..name.len().saturating_sub(1)];
+    match (stem, v6) {
+        (DESTINATIONS, false) => "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service",
+        (DESTINATIONS, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr . inet_service",
+        (HAIRPIN, false) => "ipv4_addr . inet_proto . inet_service . ipv4_addr",
+        (HAIRPIN, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr",
+        (VIPS, false) => "ipv4_addr",
+        (VIPS, true) => "ipv6_addr",
+        (_, false) => "ipv4_addr . inet_proto . inet_service",
+        (_, true) => "ipv6_addr . inet_proto . inet_service",
+    }
+}
+
+fn ip(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    }
+}
+
+fn render_chains(out: &mut String, settings: &NftSettings) {
+    let mark = format!("meta mark set meta mark | {MASQ_MARK:#x}");
+
+    // kube-proxy's KUBE-SERVICES with KUBE-MARK-MASQ: decide on the first packet of a
+    // connection, before IPVS translates it, whether it must be masqueraded.
+    let _ = writeln!(out, "\tchain services {{");
+    // kube-proxy dismisses connections from localhost early.
+    let _ = writeln!(out, "\t\tip saddr 127.0.0.0/8 return");
+    let _ = writeln!(out, "\t\tip6 saddr ::1 return");
+    for family in FAMILIES {
+        let ip = ip(family);
+        let cidrs = cluster_cidrs(settings, family);
+        for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+            let set = set_name(service_stem(Frontend::ClusterIP, policy), family);
+            if settings.masquerade_all {
+                let _ = writeln!(
+                    out,
+                    "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}"
+                );
+            } else if !cidrs.is_empty() {
+                // Traffic from outside the pod network, e.g. a route to the service range
+                // pointing at this node, may leave the node: masquerade it.
+                let _ = writeln!(
+                    out,
+                    "\t\t{ip} daddr . meta l4proto . th dport @{set} {ip} saddr != {{ {} }} {mark}",
+                    cidrs.join(", ")
+                );
+            } else {
+                // Without pod CIDRs, kube-proxy still masquerades node-originated traffic
+                // whose source is the VIP itself (the kernel picks it, as the VIP is local
+                // on kube-ipvs0); the reply would otherwise never come back here.
+                let _ = writeln!(
+                    out,
+                    "\t\t{ip} saddr . meta l4proto . th dport @{set} {mark}"
+                );
+            }
+        }
+        // NodePort, ExternalIP and LoadBalancer traffic is masqueraded unless its policy is
+        // Local, which preserves the client address (KUBE-NODE-PORT, KUBE-EXTERNAL-IP,
+        // KUBE-LOAD-BALANCER and their -LOCAL sets).
+        for frontend in [
+            Frontend::ExternalIP,
+            Frontend::LoadBalancer,
+            Frontend::NodePort,
+        ] {
+            let set = set_name(service_stem(frontend, TrafficPolicy::Cluster), family);
+            let _ = writeln!(
+                out,
+                "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}"
+            );
+        }
+    }
+    let _ = writeln!(out, "\t}}");
+
+    for hook in ["prerouting", "output"] {
+        let _ = writeln!(out, "\tchain {hook} {{");
+        let _ = writeln!(
+            out,
+            "\t\ttype nat hook {hook} priority {MARK_PRIORITY}; policy accept;"
+        );
+        let _ = writeln!(out, "\t\tjump services");
+        let _ = writeln!(out, "\t}}");
+    }
+
+    // kube-proxy's KUBE-POSTROUTING and KUBE-LOOP-BACK.
+    let _ = writeln!(out, "\tchain postrouting {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook postrouting priority {MASQ_PRIORITY}; policy accept;"
+    );
+    for family in FAMILIES {
+        let ip = ip(family);
+        // A pod reaching itself through a service: after translation source and
+        // destination are the same, and the reply would never leave the pod.
+        let _ = writeln!(
+            out,
+            "\t\t{ip} daddr . meta l4proto . th dport . {ip} saddr @{} masquerade",
+            set_name(HAIRPIN, family)
+        );
+    }
+    let _ = writeln!(out, "\t\tmeta mark & {MASQ_MARK:#x} == 0 return");
+    // Clear the bit so a packet that traverses the stack again is not masqueraded twice.
+    let _ = writeln!(out, "\t\tmeta mark set meta mark & {:#x}", !MASQ_MARK);
+    let _ = writeln!(out, "\t\tmasquerade fully-random");
+    let _ = writeln!(out, "\t}}");
+
+    // kube-proxy's KUBE-IPVS-FILTER (kubernetes/kubernetes#72236): an address bound for a
+    // service must not expose the node's other ports. Runs before IPVS (LOCAL_IN 98/99).
+    let _ = writeln!(out, "\tchain input {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook input priority filter; policy accept;"
+    );
+    for family in FAMILIES {
+        let _ = writeln!(
+            out,
+            "\t\tct state new {} daddr @{} jump vip-ports",
+            ip(family),
+            set_name(VIPS, family)
+        );
+    }
+    let _ = writeln!(out, "\t}}");
+    let _ = writeln!(out, "\tchain vip-ports {{");
+    for family in FAMILIES {
+        for (frontend, policy) in SERVICE_KINDS {
+            if frontend == Frontend::NodePort {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "\t\t{} daddr . meta l4proto . th dport @{} return",
+                ip(family),
+                set_name(service_stem(frontend, policy), family)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\t\tmeta l4proto {} reject with tcp reset",
+        Protocol::Tcp.number()
+    );
+    let _ = writeln!(out, "\t\treject");
+    let _ = writeln!(out, "\t}}");
+}
+
+/// The configured pod CIDRs of one family, canonical (host bits cleared), deduplicated.
+fn cluster_cidrs(settings: &NftSettings, family: IpFamily) -> Vec<String> {
+    let cidrs: BTreeSet<String> = settings
+        .cluster_cidrs
+        .iter()
+        .filter(|net| {
+            matches!(
+                (net, family),
+                (IpNetwork::V4(_), IpFamily::V4) | (IpNetwork::V6(_), IpFamily::V6)
+            )
+        })
+        .map(|net| format!("{}/{}", net.network(), net.prefix()))
+        .collect();
+    cidrs.into_iter().collect()
+}
+
+/// Set-element changes from `from` to `to`, as one `nft -f` transaction; empty when nothing
+/// changes. Cost follows the change: the states are diffed as ordered collections, and only
+/// the derived elements (hairpin, vips) the changed entries touch are looked up again, each
+/// in one pass over a state, so an element shared by several services stays while any of
+/// them needs it.
+pub fn render_update(from: &NftState, to: &NftState) -> String {
+    let mut changes = ElementChanges::default();
+
+    let removed_services: Vec<(&VsKey, &(Frontend, TrafficPolicy))> = from
+        .services
+        .iter()
+        .filter(|(key, role)| to.services.get(key) != Some(role))
+        .collect();
+    let added_services: Vec<(&VsKey, &(Frontend, TrafficPolicy))> = to
+        .services
+        .iter()
+        .filter(|(key, role)| from.services.get(key) != Some(role))
+        .collect();
+    let mut addresses = BTreeSet::new();
+    for (key, (frontend, policy)) in &removed_services {
+        let name = set_name(service_stem(*frontend, *policy), IpFamily::of(&key.address));
+        changes.delete(name, key_element(key));
+        addresses.insert(key.address);
+    }
+    for (key, (frontend, policy)) in &added_services {
+        let name = set_name(service_stem(*frontend, *policy), IpFamily::of(&key.address));
+        changes.add(name, key_element(key));
+        addresses.insert(key.address);
+    }
+    if !addresses.is_empty() {
+        let before = bound_vips(from, &addresses);
+        let after = bound_vips(to, &addresses);
+        for address in before.difference(&after) {
+            changes.delete(set_name(VIPS, IpFamily::of(address)), address.to_string());
+        }
+        for address in after.difference(&before) {
+            changes.add(set_name(VIPS, IpFamily::of(address)), address.to_string());
+        }
+    }
+
+    let removed: Vec<_> = representable(from.destinations.difference(&to.destinations)).collect();
+    let added: Vec<_> = representable(to.destinations.difference(&from.destinations)).collect();
+    let mut hairpins = BTreeSet::new();
+    for destination in &removed {
+        let name = set_name(DESTINATIONS, IpFamily::of(&destination.1));
+        changes.delete(name, destination_element(destination));
+        hairpins.insert(hairpin_of(destination));
+    }
+    for destination in &added {
+        let name = set_name(DESTINATIONS, IpFamily::of(&destination.1));
+        changes.add(name, destination_element(destination));
+        hairpins.insert(hairpin_of(destination));
+    }
+    if !hairpins.is_empty() {
+        let before = present_hairpins(from, &hairpins);
+        let after = present_hairpins(to, &hairpins);
+        for hairpin in before.difference(&after) {
+            changes.delete(
+                set_name(HAIRPIN, IpFamily::of(&hairpin.0)),
+                hairpin_element(*hairpin),
+            );
+        }
+        for hairpin in after.difference(&before) {
+            changes.add(
+                set_name(HAIRPIN, IpFamily::of(&hairpin.0)),
+                hairpin_element(*hairpin),
+            );
+        }
+    }
+    changes.render()
+}
+
+/// Which of `candidates` are in the `vips` set of `state`: bound by a ClusterIP, ExternalIP
+/// or LoadBalancer key and not a NodePort (node) address. One pass over the services.
+fn bound_vips(state: &NftState, candidates: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+    let mut seen: BTreeMap<IpAddr, (bool, bool)> = BTreeMap::new();
+    for (key, (frontend, _)) in &state.services {
+        if candidates.contains(&key.address) {
+            let (vip, node) = seen.entry(key.address).or_default();
+            if *frontend == Frontend::NodePort {
+                *node = true;
+            } else {
+                *vip = true;
+            }
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, (vip, node))| *vip && !*node)
+        .map(|(address, _)| address)
+        .collect()
+}
+
+/// Which of `candidates` some destination of `state` still needs. One pass.
+fn present_hairpins(state: &NftState, candidates: &BTreeSet<Hairpin>) -> BTreeSet<Hairpin> {
+    representable(&state.destinations)
+        .map(hairpin_of)
+        .filter(|hairpin| candidates.contains(hairpin))
+        .collect()
+}
+
+/// Element deletions and additions per set, rendered deletions first.
+#[derive(Default)]
+struct ElementChanges {
+    deletes: BTreeMap<String, Vec<String>>,
+    adds: BTreeMap<String, Vec<String>>,
+}
+
+impl ElementChanges {
+    fn delete(&mut self, set: String, element: String) {
+        self.deletes.entry(set).or_default().push(element);
+    }
+
+    fn add(&mut self, set: String, element: String) {
+        self.adds.entry(set).or_default().push(element);
+    }
+
+    fn render(self) -> String {
+        let mut out = String::new();
+        for (verb, sets) in [("delete", self.deletes), ("add", self.adds)] {
+            for (name, elements) in sets {
+                let _ = writeln!(
+                    out,
+                    "{verb} element inet {TABLE} {name} {{ {} }}",
+                    elements.join(", ")
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Deletes the table; creating it first makes a missing table not an error.
+pub fn render_delete() -> String {
+    format!("table inet {TABLE} {{}}\ndelete table inet {TABLE}\n")
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_key() -> impl Strategy<Value = VsKey> {
+        let proto = prop_oneof![
+            Just(Protocol::Tcp),
+            Just(Protocol::Udp),
+            Just(Protocol::Sctp)
+        ];
+        // Mostly a few addresses and ports, so keys share addresses (VIPs with several
+        // ports, NodePorts on a VIP's address) as often as they do not.
+        let addr = prop_oneof![
+            (0u8..4).prop_map(|i| IpAddr::from([10, 96, 0, i])),
+            (0u16..4).prop_map(|i| IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, i])),
+            any::<[u8; 4]>().prop_map(IpAddr::from),
+            any::<[u16; 8]>().prop_map(IpAddr::from),
+        ];
+        let port = prop_oneof![0u16..3, any::<u16>()];
+        (proto, addr, port).prop_map(|(p, a, port)| VsKey::new(p, a, port))
+    }
+
+    pub(crate) fn arb_state() -> impl Strategy<Value = NftState> {
+        let frontend = prop_oneof![
+            Just(Frontend::ClusterIP),
+            Just(Frontend::ExternalIP),
+            Just(Frontend::LoadBalancer),
+            Just(Frontend::NodePort),
+        ];
+        let policy = prop_oneof![Just(TrafficPolicy::Cluster), Just(TrafficPolicy::Local)];
+        let services = proptest::collection::btree_map(arb_key(), (frontend, policy), 0..12);
+        (
+            services,
+            // Few hosts and ports, so services share backends (shared hairpin elements).
+            proptest::collection::vec(
+                (
+                    any::<usize>(),
+                    prop_oneof![0u32..3, any::<u32>()],
+                    prop_oneof![0u16..3, any::<u16>()],
+                ),
+                0..20,
+            ),
+        )
+            .prop_map(|(services, picks)| {
+                let keys: Vec<VsKey> = services.keys().copied().collect();
+                let destinations = picks
+                    .into_iter()
+                    .filter(|_| !keys.is_empty())
+                    .map(|(i, host, port)| {
+                        let key = keys[i % keys.len()];
+                        let dest = match key.address {
+                            IpAddr::V4(_) => IpAddr::from(host.to_be_bytes()),
+                            IpAddr::V6(_) => IpAddr::from(std::net::Ipv6Addr::from(
+                                u128::from(host) | 0xfd00 << 112,
+                            )),
+                        };
+                        (key, dest, port)
+                    })
+                    .collect();
+                NftState {
+                    services,
+                    destinations,
+                }
+            })
+    }
+
+    /// Applies an update script's element lines to a rendering of the sets.
+    fn apply(
+        mut sets: BTreeMap<String, BTreeSet<String>>,
+        script: &str,
+    ) -> BTreeMap<String, BTreeSet<String>> {
+        for line in script.lines() {
+            let (verb, rest) = line
+                .split_once(" element inet topoproxy ")
+                .expect("element line");
+            let (name, list) = rest.split_once(" { ").expect("set name");
+            let set = sets.get_mut(name).expect("known set");
+            for element in list.trim_end_matches(" }").split(", ") {
+                let changed = match verb {
+                    "add" => set.insert(element.to_string()),
+                    "delete" => set.remove(element),
+                    _ => panic!("{line}"),
+                };
+                // nft would reject deleting a missing element; adding twice is a wasted line.
+                assert!(changed, "{line}: {element} changes nothing");
+            }
+        }
+        sets
+    }
+
+    proptest! {
+        #[test]
+        fn update_takes_the_sets_from_one_state_to_the_other(a in arb_state(), b in arb_state()) {
+            let script = render_update(&a, &b);
+            prop_assert_eq!(apply(set_elements(&a), &script), set_elements(&b));
+        }
+
+        #[test]
+        fn small_changes_of_a_random_state_update_exactly(a in arb_state(), drop in any::<usize>()) {
+            // Remove one destination and one service: shared derived elements must stay.
+            let mut b = a.clone();
+            if !b.destinations.is_empty() {
+                let gone = *b.destinations.iter().nth(drop % b.destinations.len()).expect("one");
+                b.destinations.remove(&gone);
+            }
+            if !b.services.is_empty() {
+                let gone = *b.services.keys().nth(drop % b.services.len()).expect("one");
+                b.services.remove(&gone);
+            }
+            prop_assert_eq!(apply(set_elements(&a), &render_update(&a, &b)), set_elements(&b));
+            prop_assert_eq!(apply(set_elements(&b), &render_update(&b, &a)), set_elements(&a));
+        }
+    }
+
+    fn key(protocol: Protocol, address: &str, port: u16) -> VsKey {
+        VsKey::new(protocol, address.parse().expect("address"), port)
+    }
+
+    /// A small node: an IPv4 and an IPv6 ClusterIP, a Local LoadBalancer and its NodePort
+    /// on one node address, a Cluster NodePort on another, and an ExternalIP that is also a
+    /// node address (so never in `vips`), with backends on this node.
+    pub(crate) fn small_state() -> NftState {
+        let dns = key(Protocol::Udp, "10.96.0.10", 53);
+        let dns6 = key(Protocol::Tcp, "fd00:96::a", 53);
+        let lb = key(Protocol::Tcp, "192.0.2.10", 443);
+        let np = key(Protocol::Tcp, "198.51.100.7", 30443);
+        let np2 = key(Protocol::Tcp, "198.51.100.8", 30080);
+        let ext = key(Protocol::Tcp, "198.51.100.7", 80);
+        let mut state = NftState::default();
+        state
+            .services
+            .insert(dns, (Frontend::ClusterIP, TrafficPolicy::Cluster));
+        state
+            .services
+            .insert(dns6, (Frontend::ClusterIP, TrafficPolicy::Local));
+        state
+            .services
+            .insert(lb, (Frontend::LoadBalancer, TrafficPolicy::Local));
+        state
+            .services
+            .insert(np, (Frontend::NodePort, TrafficPolicy::Local));
+        state
+            .services
+            .insert(np2, (Frontend::NodePort, TrafficPolicy::Cluster));
+        state
+            .services
+            .insert(ext, (Frontend::ExternalIP, TrafficPolicy::Cluster));
+        let pod = "10.244.1.5".parse().expect("address");
+        state.destinations.insert((dns, pod, 5353));
+        state
+            .destinations
+            .insert((dns6, "fd00:244::5".parse().expect("address"), 5353));
+        state.destinations.insert((lb, pod, 8443));
+        state.destinations.insert((np, pod, 8443));
+        state
+    }
+
+    pub(crate) fn small_settings() -> NftSettings {
+        NftSettings {
+            masquerade_all: false,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        }
+    }
+
+    #[test]
+    fn golden_small_table() {
+        let script = render_replace(&small_settings(), &small_state());
+        if std::env::var_os("TOPOPROXY_BLESS").is_some() {
+            let path = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/src/dataplane/ipvs/nft/testdata/small.nft"
+            );
+            std::fs::write(path, &script).expect("write golden");
+        }
+        assert_eq!(script, include_str!("testdata/small.nft"));
+    }
+
+    #[test]
+    fn an_endpoint_change_is_one_small_transaction() {
+        let from = small_state();
+        let mut to = from.clone();
+        let dns = key(Protocol::Udp, "10.96.0.10", 53);
+        to.destinations
+            .insert((dns, "10.244.2.9".parse().expect("address"), 5353));
+        assert_eq!(
+            render_update(&from, &to),
+            "add element inet topoproxy destinations4 { 10.96.0.10 . 17 . 53 . 10.244.2.9 . 5353 }\n\
+             add element inet topoproxy hairpin4 { 10.244.2.9 . 17 . 5353 . 10.244.2.9 }\n"
+        );
+        assert_eq!(render_update(&to, &to), "");
+    }
+
+    #[test]
+    fn a_hairpin_element_stays_while_another_service_needs_it() {
+        // 10.244.1.5:8443 backs both the LoadBalancer and its NodePort.
+        let from = small_state();
+        let mut to = from.clone();
+        let lb = key(Protocol::Tcp, "192.0.2.10", 443);
+        to.destinations
+            .remove(&(lb, "10.244.1.5".parse().expect("address"), 8443));
+        assert_eq!(
+            render_update(&from, &to),
+            "delete element inet topoproxy destinations4 { 192.0.2.10 . 6 . 443 . 10.244.1.5 . 8443 }\n"
+        );
+    }
+
+    #[test]
+    fn a_policy_change_moves_the_key_between_sets() {
+        let from = small_state();
+        let mut to = from.clone();
+        let lb = key(Protocol::Tcp, "192.0.2.10", 443);
+        to.services
+            .insert(lb, (Frontend::LoadBalancer, TrafficPolicy::Cluster));
+        assert_eq!(
+            render_update(&from, &to),
+            "delete element inet topoproxy loadbalancer-local4 { 192.0.2.10 . 6 . 443 }\n\
+             add element inet topoproxy loadbalancer-cluster4 { 192.0.2.10 . 6 . 443 }\n"
+        );
+    }
+
+    #[test]
+    fn removing_the_last_service_on_a_vip_unbinds_it_from_the_reject_set() {
+        let from = small_state();
+        let mut to = from.clone();
+        let lb = key(Protocol::Tcp, "192.0.2.10", 443);
+        to.services.remove(&lb);
+        to.destinations.retain(|(key, _, _)| *key != lb);
+        let script = render_update(&from, &to);
+        assert!(script.contains("delete element inet topoproxy vips4 { 192.0.2.10 }\n"));
+        assert!(script
+            .lines()
+            .all(|line| line.starts_with("delete element inet topoproxy ")));
+    }
+
+    #[test]
+    fn node_addresses_are_never_rejected() {
+        // 198.51.100.7 is an ExternalIP and a NodePort address: it is the node's own.
+        let sets = set_elements(&small_state());
+        assert_eq!(
+            sets["vips4"].iter().map(String::as_str).collect::<Vec<_>>(),
+            vec!["10.96.0.10", "192.0.2.10"]
+        );
+        assert_eq!(
+            sets["externalip-cluster4"]
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            vec!["198.51.100.7 . 6 . 80"]
+        );
+    }
+
+    fn services_chain(script: &str) -> Vec<&str> {
+        script
+            .lines()
+            .skip_while(|line| !line.contains("chain services"))
+            .skip(1)
+            .take_while(|line| line.trim() != "}")
+            .map(str::trim)
+            .filter(|line| line.contains("@clusterip"))
+            .collect()
+    }
+
+    #[test]
+    fn clusterip_masquerade_follows_the_settings() {
+        let state = small_state();
+        let all = NftSettings {
+            masquerade_all: true,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        };
+        assert_eq!(
+            services_chain(&render_replace(&all, &state)),
+            vec![
+                "ip daddr . meta l4proto . th dport @clusterip-cluster4 meta mark set meta mark | 0x4000",
+                "ip daddr . meta l4proto . th dport @clusterip-local4 meta mark set meta mark | 0x4000",
+                "ip6 daddr . meta l4proto . th dport @clusterip-cluster6 meta mark set meta mark | 0x4000",
+                "ip6 daddr . meta l4proto . th dport @clusterip-local6 meta mark set meta mark | 0x4000",
+            ]
+        );
+        let dual = NftSettings {
+            masquerade_all: false,
+            cluster_cidrs: vec![
+                "fd00:244::/56".parse().expect("cidr"),
+                "10.244.7.1/16".parse().expect("cidr"),
+                "10.245.0.0/16".parse().expect("cidr"),
+            ],
+        };
+        assert_eq!(
+            services_chain(&render_replace(&dual, &state)),
+            vec![
+                "ip daddr . meta l4proto . th dport @clusterip-cluster4 ip saddr != { 10.244.0.0/16, 10.245.0.0/16 } meta mark set meta mark | 0x4000",
+                "ip daddr . meta l4proto . th dport @clusterip-local4 ip saddr != { 10.244.0.0/16, 10.245.0.0/16 } meta mark set meta mark | 0x4000",
+                "ip6 daddr . meta l4proto . th dport @clusterip-cluster6 ip6 saddr != { fd00:244::/56 } meta mark set meta mark | 0x4000",
+                "ip6 daddr . meta l4proto . th dport @clusterip-local6 ip6 saddr != { fd00:244::/56 } meta mark set meta mark | 0x4000",
+            ]
+        );
+        // No CIDRs: only traffic sourced from the VIP itself (kube-proxy's fallback).
+        assert_eq!(
+            services_chain(&render_replace(&NftSettings::default(), &state)),
+            vec![
+                "ip saddr . meta l4proto . th dport @clusterip-cluster4 meta mark set meta mark | 0x4000",
+                "ip saddr . meta l4proto . th dport @clusterip-local4 meta mark set meta mark | 0x4000",
+                "ip6 saddr . meta l4proto . th dport @clusterip-cluster6 meta mark set meta mark | 0x4000",
+                "ip6 saddr . meta l4proto . th dport @clusterip-local6 meta mark set meta mark | 0x4000",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_table_shape_does_not_depend_on_the_state() {
+        let settings = small_settings();
+        let shape = |script: String| -> Vec<String> {
+            script
+                .lines()
+                .filter(|line| !line.contains("elements") && !line.starts_with("\t\t\t"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(
+            shape(render_replace(&settings, &small_state())),
+            shape(render_replace(&settings, &NftState::default()))
+        );
+    }
+
+    #[test]
+    fn mixed_family_destinations_are_left_out() {
+        let mut state = small_state();
+        let dns = key(Protocol::Udp, "10.96.0.10", 53);
+        let odd = (dns, "fd00:244::9".parse().expect("address"), 53);
+        state.destinations.insert(odd);
+        assert_eq!(unrepresentable(&state).collect::<Vec<_>>(), vec![&odd]);
+        assert_eq!(set_elements(&state), set_elements(&small_state()));
+    }
+
+    #[test]
+    fn delete_tolerates_a_missing_table() {
+        assert_eq!(
+            render_delete(),
+            "table inet topoproxy {}\ndelete table inet topoproxy\n"
+        );
+    }
+}
