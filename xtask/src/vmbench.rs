@@ -204,6 +204,8 @@ requests() { metrics | grep '^topoproxy_dataplane_kernel_requests_total{dataplan
 snap() { r=$(requests); if [ -n "$r" ]; then echo "$r" | md5sum; else echo "none $(uptime_cs)"; fi; }
 # Waits until the counters hold still for two seconds (a sync may still be recording).
 settle() { last=""; cur=$(snap); while [ "$cur" != "$last" ]; do last=$cur; sleep 2; cur=$(snap); done; }
+# The counters, retried: under load a scrape can come back empty.
+grab() { for i in 1 2 3 4 5 6 7 8 9 10; do r=$(requests); [ -n "$r" ] && { echo "$r"; return; }; sleep 1; done; }
 synced() { metrics | grep -q '^topoproxy_syncs_total{result="success"} [1-9]'; }
 ip link add tp-pods type dummy && ip addr add 10.255.255.254/8 dev tp-pods && ip link set tp-pods up
 for n in $SIZES; do
@@ -229,7 +231,7 @@ for n in $SIZES; do
         echo $((t1 - t0)) > $out/agent-sync
         ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/agent-lines
         settle
-        requests > $out/requests-before
+        grab > $out/requests-before
         t0=$(uptime_cs)
         cp /host/svc-0-$n.changed /tmp/cluster/svc-0.tmp && mv /tmp/cluster/svc-0.tmp /tmp/cluster/svc-0.yaml
         # Applied when svc-0 (10.96.0.1:80) has the new address; listing one service is cheap.
@@ -239,7 +241,7 @@ for n in $SIZES; do
         done
         echo $(( $(uptime_cs) - t0 )) > $out/change
         settle
-        requests > $out/requests-after
+        grab > $out/requests-after
     fi
     kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
     $AGENT cleanup > $out/cleanup.log 2>&1
@@ -354,6 +356,12 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
                 })
                 .collect()
         };
+        if read(n, "requests-before").unwrap_or_default().is_empty()
+            || read(n, "requests-after").unwrap_or_default().is_empty()
+        {
+            println!("vm-bench {label} services={n} one_endpoint_change: FAILED (no request counters scraped from /metrics)");
+            continue;
+        }
         let before = parse(read(n, "requests-before"));
         let after = parse(read(n, "requests-after"));
         let mut deltas = Vec::new();
