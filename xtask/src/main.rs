@@ -126,7 +126,9 @@ enum Task {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().task {
+    let cli = Cli::parse();
+    check_workspace()?;
+    match cli.task {
         Task::BenchSync {
             services,
             events,
@@ -194,6 +196,28 @@ fn main() -> Result<()> {
             std::process::exit(outcome.exit_code);
         }
     }
+}
+
+/// Refuses to run when this binary was built from another checkout than the one it is run in:
+/// worktrees sharing one `CARGO_TARGET_DIR` overwrite each other's `target/debug/xtask`, and
+/// results would silently belong to the other checkout.
+fn check_workspace() -> Result<()> {
+    let root = workspace_root();
+    let (Ok(cwd), Ok(root)) = (
+        std::env::current_dir().and_then(|d| d.canonicalize()),
+        root.canonicalize(),
+    ) else {
+        return Ok(());
+    };
+    if !cwd.starts_with(&root) {
+        bail!(
+            "this xtask binary was built from {} but runs in {}: another checkout sharing the \
+             target directory rebuilt it meanwhile; run the command again",
+            root.display(),
+            cwd.display()
+        );
+    }
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

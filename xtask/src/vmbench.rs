@@ -7,9 +7,10 @@
 //! 2. the agent (`topoproxy run --proxy-mode ipvs --source DIR`, release build): time from
 //!    start to its first successful sync (`topoproxy_syncs_total{result="success"}` ≥ 1 on
 //!    `/metrics`), then `topoproxy cleanup`;
-//! 3. one endpoint change (one address of `svc-0` replaced) and the netlink requests it cost:
+//! 3. one endpoint change (one address of `svc-0` replaced): the time until IPVS shows it
+//!    (`ipvsadm -Ln -t` of that one service) and the netlink requests it cost:
 //!    `topoproxy_dataplane_kernel_requests_total{dataplane="ipvs",kind=...}` read before and
-//!    after.
+//!    after, each time once the counters have held still for two seconds.
 //!
 //! The cluster (generated here, no hints, 3 zones × 2 nodes, N Services × 10 Ready endpoints,
 //! so every endpoint is in the plan: N × 10 real servers) is written as YAML; `svc-0` lives in
@@ -199,6 +200,12 @@ const GUEST_SCRIPT: &str = r#"
 uptime_cs() { read up _ < /proc/uptime; echo $(( ${up%.*} * 100 + 1${up#*.} - 100 )); }
 metrics() { printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc 127.0.0.1 10249 2>/dev/null; }
 requests() { metrics | grep '^topoproxy_dataplane_kernel_requests_total{dataplane="ipvs"' ; }
+# A fingerprint of the request counters; a failed scrape never matches the previous one.
+snap() { r=$(requests); if [ -n "$r" ]; then echo "$r" | md5sum; else echo "none $(uptime_cs)"; fi; }
+# Waits until the counters hold still for two seconds (a sync may still be recording).
+settle() { last=""; cur=$(snap); while [ "$cur" != "$last" ]; do last=$cur; sleep 2; cur=$(snap); done; }
+# The counters, retried: under load a scrape can come back empty.
+grab() { for i in 1 2 3 4 5 6 7 8 9 10; do r=$(requests); [ -n "$r" ] && { echo "$r"; return; }; sleep 1; done; }
 synced() { metrics | grep -q '^topoproxy_syncs_total{result="success"} [1-9]'; }
 ip link add tp-pods type dummy && ip addr add 10.255.255.254/8 dev tp-pods && ip link set tp-pods up
 for n in $SIZES; do
@@ -223,18 +230,18 @@ for n in $SIZES; do
     if [ ! -f $out/agent-failed ]; then
         echo $((t1 - t0)) > $out/agent-sync
         ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/agent-lines
-        requests > $out/requests-before
-        before=$(requests | md5sum)
+        settle
+        grab > $out/requests-before
         t0=$(uptime_cs)
         cp /host/svc-0-$n.changed /tmp/cluster/svc-0.tmp && mv /tmp/cluster/svc-0.tmp /tmp/cluster/svc-0.yaml
-        while [ "$(requests | md5sum)" = "$before" ]; do
-            [ $(( $(uptime_cs) - t0 )) -gt 6000 ] && break
+        # Applied when svc-0 (10.96.0.1:80) has the new address; listing one service is cheap.
+        while ! ipvsadm -Ln -t 10.96.0.1:80 | grep -q '10.250.0.1:8080'; do
+            [ $(( $(uptime_cs) - t0 )) -gt 12000 ] && { echo "not applied in 120 s" > $out/change-failed; break; }
             sleep 0.1
         done
-        # Let the sync finish: wait until the counters hold still for a second.
-        last=""; while [ "$(requests | md5sum)" != "$last" ]; do last=$(requests | md5sum); sleep 1; done
         echo $(( $(uptime_cs) - t0 )) > $out/change
-        requests > $out/requests-after
+        settle
+        grab > $out/requests-after
     fi
     kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
     $AGENT cleanup > $out/cleanup.log 2>&1
@@ -349,6 +356,12 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
                 })
                 .collect()
         };
+        if read(n, "requests-before").unwrap_or_default().is_empty()
+            || read(n, "requests-after").unwrap_or_default().is_empty()
+        {
+            println!("vm-bench {label} services={n} one_endpoint_change: FAILED (no request counters scraped from /metrics)");
+            continue;
+        }
         let before = parse(read(n, "requests-before"));
         let after = parse(read(n, "requests-after"));
         let mut deltas = Vec::new();
@@ -364,9 +377,10 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
             }
         }
         println!(
-            "vm-bench {label} services={n} one_endpoint_change: {total} netlink requests ({}), applied within {} s",
+            "vm-bench {label} services={n} one_endpoint_change: {total} netlink requests ({}), in IPVS after {} s{}",
             if deltas.is_empty() { "none".to_owned() } else { deltas.join(", ") },
-            seconds(read(n, "change")).map_or("?".into(), |s| format!("{s:.1}"))
+            seconds(read(n, "change")).map_or("?".into(), |s| format!("{s:.1}")),
+            read(n, "change-failed").map_or(String::new(), |why| format!(" (FAILED: {why})"))
         );
     }
 }

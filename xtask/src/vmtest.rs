@@ -163,7 +163,31 @@ fn build(targets: &[String]) -> Result<(Vec<Built>, PathBuf)> {
                 .with_context(|| format!("cargo built no {PACKAGE} binary"))?
         }
     };
-    Ok((built, agent))
+    Ok((built, stable_path(&agent)))
+}
+
+/// The hashed `deps/` file a binary in the shared target directory is a hard link of.
+/// Worktrees sharing `CARGO_TARGET_DIR` overwrite `<profile>/topoproxy` with their own
+/// builds, but each keeps its own `deps/topoproxy-<hash>`; staging from there means a
+/// concurrent build elsewhere cannot swap the agent between two kernels' runs.
+fn stable_path(uplifted: &Path) -> PathBuf {
+    use std::os::unix::fs::MetadataExt as _;
+    let found = (|| {
+        let meta = std::fs::metadata(uplifted).ok()?;
+        let name = uplifted.file_name()?.to_str()?.to_owned();
+        let deps = uplifted.parent()?.join("deps");
+        std::fs::read_dir(deps).ok()?.flatten().find_map(|entry| {
+            let file = entry.file_name();
+            let file = file.to_str()?;
+            let hash = file.strip_prefix(&name)?.strip_prefix('-')?;
+            if hash.contains('.') {
+                return None;
+            }
+            let other = entry.metadata().ok()?;
+            (other.ino() == meta.ino() && other.dev() == meta.dev()).then(|| entry.path())
+        })
+    })();
+    found.unwrap_or_else(|| uplifted.to_path_buf())
 }
 
 struct Artifact {
@@ -543,7 +567,8 @@ pub fn vm_runner(plan: &RunnerPlan) -> Result<i32> {
         .parent()
         .and_then(Path::parent)
         .map(|profile| profile.join(PACKAGE))
-        .filter(|p| p.is_file());
+        .filter(|p| p.is_file())
+        .map(|p| stable_path(&p));
     let agent = match agent {
         Some(agent) => Some(vm::stage_binary(&share.dir, &agent)?),
         None => None,
