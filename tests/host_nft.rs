@@ -329,6 +329,7 @@ fn replace_update_read_delete_round_trip() {
     let mut nft = ns.nft(&nft_path);
 
     assert_eq!(nft.read().expect("read"), None, "fresh namespace");
+    assert!(!nft.exists().expect("exists"), "fresh namespace");
     nft.delete().expect("deleting a missing table is fine");
 
     let settings = NftSettings {
@@ -340,6 +341,7 @@ fn replace_update_read_delete_round_trip() {
     };
     let first = small_state();
     nft.replace(&settings, &first).expect("replace");
+    assert!(nft.exists().expect("exists"));
     assert_eq!(nft.read().expect("read"), Some(first.clone()));
     nft.replace(&settings, &first)
         .expect("replace is idempotent");
@@ -397,6 +399,7 @@ fn replace_update_read_delete_round_trip() {
 
     nft.delete().expect("delete");
     assert_eq!(nft.read().expect("read"), None);
+    assert!(!nft.exists().expect("exists"));
     nft.delete().expect("delete again");
 }
 

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use ipnetwork::IpNetwork;
 
 use crate::dataplane::{Dataplane, DataplaneError, FailedOp};
@@ -31,6 +32,9 @@ use super::nft::{Nft, NftError, NftSettings, NftState};
 use super::sysctl::{self, SysctlError, Sysctls};
 
 const NAME: &str = "ipvs";
+
+/// rtnetlink address requests kept in flight at once.
+const ADDRESS_REQUESTS_IN_FLIGHT: usize = 64;
 
 /// How often, at most, draining destinations are checked for remaining connections.
 const DRAIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -174,15 +178,26 @@ impl IpvsDataplane {
     /// Reads the owned part of the kernel's table, re-creating the nft table when it is missing
     /// and rewriting its rules once per process (settings may have changed).
     async fn read_owned(&mut self) -> Result<ProgrammedTable, DataplaneError> {
-        let recorded = self.nft.read().map_err(|e| Self::read_error(chain(&e)))?;
-        let owned = recorded.unwrap_or_default();
-        if !self.rules_current || owned == NftState::default() {
+        if self.rules_current {
+            // Listing a table of 10,000 services costs seconds: while every nft write since
+            // the last full read succeeded, our copy is the table, so only check it is there.
+            let exists = self.nft.exists().map_err(|e| Self::read_error(chain(&e)))?;
+            if !exists {
+                tracing::warn!("the nftables table inet topoproxy vanished; re-creating it");
+                self.nft
+                    .replace(&self.settings.nft, &self.owned)
+                    .map_err(|e| Self::read_error(chain(&e)))?;
+            }
+        } else {
+            let recorded = self.nft.read().map_err(|e| Self::read_error(chain(&e)))?;
+            let owned = recorded.unwrap_or_default();
+            // Rewrites the rules too: they may come from an older version or other settings.
             self.nft
                 .replace(&self.settings.nft, &owned)
                 .map_err(|e| Self::read_error(chain(&e)))?;
             self.rules_current = true;
+            self.owned = owned;
         }
-        self.owned = owned;
 
         let mut table = ProgrammedTable::new();
         let services = self
@@ -504,11 +519,22 @@ impl Dataplane for IpvsDataplane {
         if !new_addresses.is_empty() {
             match self.link.addresses_elsewhere().await {
                 Ok(elsewhere) => {
-                    for (index, address) in new_addresses {
-                        if elsewhere.contains(&address) {
-                            continue;
-                        }
-                        if let Err(error) = self.link.add_address(address).await {
+                    let link = &self.link;
+                    // Requests in flight together: a cold sync binds thousands of VIPs.
+                    let results: Vec<(usize, IpAddr, Result<(), LinkError>)> =
+                        futures::stream::iter(
+                            new_addresses
+                                .into_iter()
+                                .filter(|(_, address)| !elsewhere.contains(address)),
+                        )
+                        .map(|(index, address)| async move {
+                            (index, address, link.add_address(address).await)
+                        })
+                        .buffer_unordered(ADDRESS_REQUESTS_IN_FLIGHT)
+                        .collect()
+                        .await;
+                    for (index, address, result) in results {
+                        if let Err(error) = result {
                             failed.insert(
                                 index,
                                 format!(

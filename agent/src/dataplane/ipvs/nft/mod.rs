@@ -158,6 +158,17 @@ impl Nft {
         }
     }
 
+    /// Whether the table exists, without listing its (possibly huge) sets.
+    pub fn exists(&mut self) -> Result<bool, NftError> {
+        let output = self
+            .invocation
+            .run("list", &["list", "tables", "inet"], None)?;
+        Ok(output
+            .stdout
+            .lines()
+            .any(|line| line.trim() == format!("table inet {TABLE}")))
+    }
+
     /// Deletes the table; a missing table is not an error.
     pub fn delete(&mut self) -> Result<(), NftError> {
         self.invocation
