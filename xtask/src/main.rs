@@ -12,6 +12,8 @@
 //! - `test`: the README's test command: set-up, `cargo test --workspace`, every VM test (see
 //!   `testall.rs`).
 //! - `ebpf-setup`: installs the eBPF toolchain (rust-src, LLVM 22, bpf-linker; see `ebpf.rs`).
+//! - `demo`: the example cluster on this machine with real traffic through the eBPF dataplane
+//!   (see `demo.rs`).
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -22,6 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod ebpf;
 mod testall;
 mod vm;
@@ -61,6 +64,24 @@ enum Task {
     /// Installs what building the eBPF programs needs: rust-src, LLVM 22 (root, apt) and
     /// bpf-linker.
     EbpfSetup,
+    /// The README's main command: the example cluster on this machine with real traffic through
+    /// the eBPF dataplane (root). A client in one zone reaches only that zone's pods, falls
+    /// back to the other zones when they stop, and returns when they are back; exits non-zero
+    /// if a step does not behave so. Removes everything it built afterwards.
+    Demo {
+        /// The node the agent runs as (a Node of examples/cluster).
+        #[arg(long, default_value = "node-b1")]
+        node: String,
+        /// Leave the world running for exploring; prints how to clean up.
+        #[arg(long)]
+        keep: bool,
+        /// Only remove a world left by `--keep` or an interrupted run.
+        #[arg(long)]
+        clean: bool,
+        /// Internal: the demo's own pods and client, started inside its namespaces.
+        #[arg(long, hide = true, num_args = 1.., allow_hyphen_values = true)]
+        role: Vec<String>,
+    },
     /// Boots each kernel in QEMU, runs the smoke test, then the `vm_*` test targets' ignored
     /// tests in one boot per kernel.
     VmTest {
@@ -137,6 +158,18 @@ fn main() -> Result<()> {
         Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
         Task::VmSetup => vm::vm_setup(),
         Task::EbpfSetup => ebpf::ebpf_setup(),
+        Task::Demo {
+            node,
+            keep,
+            clean,
+            role,
+        } => {
+            if role.is_empty() {
+                demo::demo(&demo::DemoOptions { node, keep, clean })
+            } else {
+                demo::role(&role)
+            }
+        }
         Task::VmTest {
             kernels,
             tests,
