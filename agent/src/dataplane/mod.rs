@@ -30,6 +30,38 @@ pub enum DataplaneError {
     },
 }
 
+impl DataplaneError {
+    /// The apply error for `failures`: (index into `ops`, reason) pairs, in op order.
+    pub fn apply_failures(
+        dataplane: &'static str,
+        ops: &[Op],
+        failures: impl IntoIterator<Item = (usize, String)>,
+    ) -> Self {
+        Self::Apply {
+            dataplane,
+            failed: failures
+                .into_iter()
+                .map(|(index, reason)| FailedOp {
+                    op: ops[index].clone(),
+                    reason,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// An error with its causes, `: `-separated, for messages that outlive the error.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// One change that a dataplane refused or could not make.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedOp {

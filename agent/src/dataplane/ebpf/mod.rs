@@ -43,7 +43,7 @@ use crate::table::VsKey;
 
 pub use loader::{cgroup2_mount, cleanup, CleanupReport, LoadReport, PROGRAMS};
 
-use super::{Dataplane, DataplaneError, FailedOp, ServiceTraffic};
+use super::{error_chain, Dataplane, DataplaneError, ServiceTraffic};
 
 const NAME: &str = "ebpf";
 
@@ -741,16 +741,7 @@ impl EbpfDataplane {
         }
         failures.sort_by_key(|(index, _)| *index);
         failures.dedup_by_key(|(index, _)| *index);
-        Err(DataplaneError::Apply {
-            dataplane: NAME,
-            failed: failures
-                .into_iter()
-                .map(|(index, reason)| FailedOp {
-                    op: ops[index].clone(),
-                    reason,
-                })
-                .collect(),
-        })
+        Err(DataplaneError::apply_failures(NAME, ops, failures))
     }
 
     /// The table read back from the maps.
@@ -829,17 +820,6 @@ impl EbpfDataplane {
         }
         Ok(Listing { services })
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 impl Dataplane for EbpfDataplane {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use ipnetwork::IpNetwork;
 
-use crate::dataplane::{Dataplane, DataplaneError, FailedOp};
+use crate::dataplane::{error_chain, Dataplane, DataplaneError, FailedOp};
 use crate::diff::{DestinationState, Op, ProgrammedService, ProgrammedTable, ServiceConfig};
 use crate::table::{Frontend, VsKey};
 
@@ -181,20 +181,26 @@ impl IpvsDataplane {
         if self.rules_current {
             // Listing a table of 10,000 services costs seconds: while every nft write since
             // the last full read succeeded, our copy is the table, so only check it is there.
-            let exists = self.nft.exists().map_err(|e| Self::read_error(chain(&e)))?;
+            let exists = self
+                .nft
+                .exists()
+                .map_err(|e| Self::read_error(error_chain(&e)))?;
             if !exists {
                 tracing::warn!("the nftables table inet topoproxy vanished; re-creating it");
                 self.nft
                     .replace(&self.settings.nft, &self.owned)
-                    .map_err(|e| Self::read_error(chain(&e)))?;
+                    .map_err(|e| Self::read_error(error_chain(&e)))?;
             }
         } else {
-            let recorded = self.nft.read().map_err(|e| Self::read_error(chain(&e)))?;
+            let recorded = self
+                .nft
+                .read()
+                .map_err(|e| Self::read_error(error_chain(&e)))?;
             let owned = recorded.unwrap_or_default();
             // Rewrites the rules too: they may come from an older version or other settings.
             self.nft
                 .replace(&self.settings.nft, &owned)
-                .map_err(|e| Self::read_error(chain(&e)))?;
+                .map_err(|e| Self::read_error(error_chain(&e)))?;
             self.rules_current = true;
             self.owned = owned;
         }
@@ -203,7 +209,7 @@ impl IpvsDataplane {
         let services = self
             .ipvs
             .services()
-            .map_err(|e| Self::read_error(chain(&e)))?;
+            .map_err(|e| Self::read_error(error_chain(&e)))?;
         for service in services {
             let key = VsKey::new(service.id.protocol, service.id.address, service.id.port);
             let Some(&(frontend, traffic_policy)) = self.owned.services.get(&key) else {
@@ -215,7 +221,7 @@ impl IpvsDataplane {
             let destinations = self
                 .ipvs
                 .destinations(&service.id)
-                .map_err(|e| Self::read_error(chain(&e)))?;
+                .map_err(|e| Self::read_error(error_chain(&e)))?;
             let destinations = destinations
                 .into_iter()
                 .filter(|d| {
@@ -252,7 +258,7 @@ impl IpvsDataplane {
         }
         self.repair_addresses()
             .await
-            .map_err(|e| Self::read_error(chain(&e)))?;
+            .map_err(|e| Self::read_error(error_chain(&e)))?;
         Ok(table)
     }
 
@@ -306,7 +312,10 @@ impl IpvsDataplane {
                         continue;
                     }
                     Err(error) => {
-                        problems.push(format!("checking draining destinations: {}", chain(&error)));
+                        problems.push(format!(
+                            "checking draining destinations: {}",
+                            error_chain(&error)
+                        ));
                         continue;
                     }
                 };
@@ -351,7 +360,7 @@ impl IpvsDataplane {
                     "deleting drained destination {} of {}: {}",
                     SocketAddr::new(key.address, key.port),
                     format_key(&key.service),
-                    chain(&error)
+                    error_chain(&error)
                 )),
             }
         }
@@ -487,7 +496,7 @@ impl Dataplane for IpvsDataplane {
             next.destinations.extend(recorded.destinations);
             if let Err(error) = self.nft.update(&self.owned, &next) {
                 // Without the record nothing may be created: a restart would not know it.
-                let reason = format!("recording ownership in nftables: {}", chain(&error));
+                let reason = format!("recording ownership in nftables: {}", error_chain(&error));
                 self.rules_current = false;
                 return Err(DataplaneError::Apply {
                     dataplane: NAME,
@@ -540,7 +549,7 @@ impl Dataplane for IpvsDataplane {
                                 format!(
                                     "binding {address} on {}: {}",
                                     self.settings.link_name,
-                                    chain(&error)
+                                    error_chain(&error)
                                 ),
                             );
                         }
@@ -548,7 +557,10 @@ impl Dataplane for IpvsDataplane {
                 }
                 Err(error) => {
                     for (index, _) in new_addresses {
-                        failed.insert(index, format!("listing node addresses: {}", chain(&error)));
+                        failed.insert(
+                            index,
+                            format!("listing node addresses: {}", error_chain(&error)),
+                        );
                     }
                 }
             }
@@ -657,7 +669,7 @@ impl Dataplane for IpvsDataplane {
                 Retry::Done => succeeded.push(planned),
                 Retry::With(command) => retries.push((planned, command)),
                 Retry::Fail => {
-                    failed.insert(planned.op, chain(&error));
+                    failed.insert(planned.op, error_chain(&error));
                 }
             }
         }
@@ -667,7 +679,7 @@ impl Dataplane for IpvsDataplane {
                 match result {
                     Ok(()) => succeeded.push(planned),
                     Err(error) => {
-                        failed.insert(planned.op, chain(&error));
+                        failed.insert(planned.op, error_chain(&error));
                     }
                 }
             }
@@ -701,7 +713,7 @@ impl Dataplane for IpvsDataplane {
                     "flushed conntrack entries of removed UDP/SCTP backends"
                 ),
                 Err(error) => {
-                    let reason = format!("flushing conntrack entries: {}", chain(&error));
+                    let reason = format!("flushing conntrack entries: {}", error_chain(&error));
                     for (index, _) in flushes {
                         failed.insert(index, reason.clone());
                     }
@@ -760,7 +772,7 @@ impl Dataplane for IpvsDataplane {
                     // the next read rewrites the table from what nft really holds.
                     self.rules_current = false;
                     tracing::warn!(
-                        error = %chain(&error),
+                        error = %error_chain(&error),
                         "could not clear the nftables records of removed services"
                     );
                 }
@@ -768,7 +780,7 @@ impl Dataplane for IpvsDataplane {
         }
         for address in released {
             if let Err(error) = self.link.delete_address(address).await {
-                tracing::warn!(%address, error = %chain(&error), "could not unbind a VIP");
+                tracing::warn!(%address, error = %error_chain(&error), "could not unbind a VIP");
             }
         }
 
@@ -779,16 +791,7 @@ impl Dataplane for IpvsDataplane {
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(DataplaneError::Apply {
-                dataplane: NAME,
-                failed: failed
-                    .into_iter()
-                    .map(|(index, reason)| FailedOp {
-                        op: ops[index].clone(),
-                        reason,
-                    })
-                    .collect(),
-            })
+            Err(DataplaneError::apply_failures(NAME, ops, failed))
         }
     }
 
@@ -845,18 +848,6 @@ pub fn format_key(key: &VsKey) -> String {
         key.protocol,
         SocketAddr::new(key.address, key.port)
     )
-}
-
-/// An error with its causes, `: `-separated.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The kernel said the service or destination already exists.

@@ -200,7 +200,9 @@ fn force_receive_buffer(socket: &Socket, size: usize) -> io::Result<()> {
     }
 }
 
-fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
+/// `setsockopt(SOL_SOCKET, SO_RCVTIMEO)`: a netlink reply that never comes fails the call
+/// instead of hanging the agent.
+pub(crate) fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
     let value = libc::timeval {
         tv_sec: timeout.as_secs() as libc::time_t,
         tv_usec: timeout.subsec_micros() as libc::suseconds_t,
