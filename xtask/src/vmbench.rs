@@ -364,6 +364,11 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
         // The agent's own account of programming the table, without process start and
         // loading the YAML (which software emulation makes slow): its first sync's duration.
         let programming = read(n, "agent.log").and_then(|log| initial_sync_seconds(&log));
+        if let Some(log) = read(n, "agent.log") {
+            for line in log.lines().filter(|l| l.contains("slow IPVS apply")) {
+                println!("vm-bench {label} services={n} agent log: {}", line.trim());
+            }
+        }
         if let Some(programming) = programming {
             let ratio = restore_s
                 .filter(|r| *r > 0.0)

@@ -459,6 +459,7 @@ impl Dataplane for IpvsDataplane {
             }
         }
 
+        let mut phases = PhaseTimer::new();
         // 1. Record ownership (and hairpin destinations) before creating anything.
         let mut recorded = NftState::default();
         for &index in &live {
@@ -512,6 +513,7 @@ impl Dataplane for IpvsDataplane {
             self.owned = next;
         }
 
+        phases.lap("nft_record");
         // 2. Bind the addresses new services need.
         let mut new_addresses = Vec::new();
         for &index in &live {
@@ -566,6 +568,7 @@ impl Dataplane for IpvsDataplane {
             }
         }
 
+        phases.lap("bind_addresses");
         // 3. The IPVS requests, pipelined.
         let mut planned = Vec::with_capacity(live.len());
         for &index in &live {
@@ -685,6 +688,7 @@ impl Dataplane for IpvsDataplane {
             }
         }
 
+        phases.lap("ipvs");
         // 4. Conntrack clean-up for destinations deleted at once (one table dump per family).
         let flushes: Vec<(usize, BackendFlow)> = succeeded
             .iter()
@@ -721,6 +725,7 @@ impl Dataplane for IpvsDataplane {
             }
         }
 
+        phases.lap("conntrack");
         // 5. Forget what is gone: ownership records, then addresses no service needs.
         let mut forgotten = NftState::default();
         let mut released = Vec::new();
@@ -784,9 +789,12 @@ impl Dataplane for IpvsDataplane {
             }
         }
 
+        phases.lap("nft_forget_and_unbind");
         for problem in self.check_drains(false) {
             tracing::warn!("{problem}");
         }
+        phases.lap("drain_check");
+        phases.report(ops.len());
 
         if failed.is_empty() {
             Ok(())
@@ -809,6 +817,52 @@ impl Dataplane for IpvsDataplane {
             ("dump_destinations", counts.dump_destinations),
             ("other", counts.other),
         ]
+    }
+}
+
+/// Where a slow apply spent its time, logged so an operator can tell nft from IPVS from
+/// rtnetlink when a large sync takes long.
+struct PhaseTimer {
+    started: Instant,
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl PhaseTimer {
+    /// Applies shorter than this are not worth a log line.
+    const SLOW: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            started: now,
+            last: now,
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.laps.push((phase, now - self.last));
+        self.last = now;
+    }
+
+    fn report(&self, ops: usize) {
+        let total = self.started.elapsed();
+        if total < Self::SLOW {
+            return;
+        }
+        let phases: Vec<String> = self
+            .laps
+            .iter()
+            .map(|(phase, took)| format!("{phase}={:.2}s", took.as_secs_f64()))
+            .collect();
+        tracing::info!(
+            ops,
+            took = format!("{:.2}s", total.as_secs_f64()),
+            phases = phases.join(" "),
+            "slow IPVS apply"
+        );
     }
 }
 
