@@ -16,6 +16,10 @@
 //! so every endpoint is in the plan: N × 10 real servers) is written as YAML; `svc-0` lives in
 //! its own file so the change rewrites one small file. Results are printed per kernel with the
 //! agent/ipvsadm ratio. Guest timings use `/proc/uptime` (10 ms resolution).
+//!
+//! The agent runs with `--source-poll-period 5s` (each poll stats every file of the source
+//! directory, which on one emulated vCPU competes with the sync being measured) and
+//! `--sync-period 1h` (no periodic full re-read lands in the endpoint-change window).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -219,7 +223,7 @@ for n in $SIZES; do
     t0=$(uptime_cs)
     $AGENT run --proxy-mode ipvs --source /tmp/cluster --hostname-override node-a-0 \
         --metrics-bind-address 127.0.0.1:10249 --healthz-bind-address 127.0.0.1:10256 \
-        --min-sync-period 0 --source-poll-period 200ms --sync-period 1h > $out/agent.log 2>&1 &
+        --min-sync-period 0 --source-poll-period 5s --sync-period 1h > $out/agent.log 2>&1 &
     pid=$!
     while ! synced; do
         kill -0 $pid 2>/dev/null || { echo "agent exited" > $out/agent-failed; break; }
