@@ -49,6 +49,8 @@ pub struct HealthStatus {
 #[derive(Debug, Default)]
 struct Inner {
     waiting_for: Vec<String>,
+    /// The last error of each resource's watch, until its next successful list.
+    watch_errors: std::collections::BTreeMap<String, String>,
     last_success: Option<SystemTime>,
     /// Set when the most recent attempt failed; cleared by a success.
     last_failure: Option<(SystemTime, String)>,
@@ -108,6 +110,17 @@ impl HealthTracker {
         self.lock().waiting_for = what;
     }
 
+    /// `resource`'s watch failed with `error` (e.g. a 403 while RBAC is missing a rule); shown
+    /// in the reason while its initial list is not done.
+    pub fn record_watch_error(&self, resource: &str, error: String) {
+        self.lock().watch_errors.insert(resource.to_owned(), error);
+    }
+
+    /// `resource` was listed successfully: its last watch error no longer applies.
+    pub fn clear_watch_error(&self, resource: &str) {
+        self.lock().watch_errors.remove(resource);
+    }
+
     /// Judges health at `now`.
     pub fn status(&self, now: SystemTime) -> HealthStatus {
         let inner = self.lock();
@@ -123,10 +136,24 @@ impl HealthTracker {
     fn unhealthy_reason(&self, inner: &Inner, now: SystemTime) -> Option<String> {
         let Some(last_success) = inner.last_success else {
             if !inner.waiting_for.is_empty() {
-                return Some(format!(
+                let errors: Vec<String> = inner
+                    .waiting_for
+                    .iter()
+                    .filter_map(|waiting| {
+                        // "node NAME" waits for the "node" resource.
+                        let resource = waiting.split(' ').next().unwrap_or(waiting);
+                        let error = inner.watch_errors.get(resource)?;
+                        Some(format!("{resource}: {error}"))
+                    })
+                    .collect();
+                let mut reason = format!(
                     "waiting for the initial list of {}",
                     inner.waiting_for.join(", ")
-                ));
+                );
+                if !errors.is_empty() {
+                    reason.push_str(&format!(" (last error: {})", errors.join("; ")));
+                }
+                return Some(reason);
             }
             if let Some((at, reason)) = &inner.last_failure {
                 return Some(format!(

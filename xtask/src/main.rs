@@ -12,6 +12,9 @@
 //! - `test`: the README's test command: set-up, `cargo test --workspace`, every VM test (see
 //!   `testall.rs`).
 //! - `ebpf-setup`: installs the eBPF toolchain (rust-src, LLVM 22, bpf-linker; see `ebpf.rs`).
+//! - `k8s-setup`: builds and installs the real Kubernetes components the tests run against
+//!   (kube-apiserver, kube-controller-manager, kube-proxy, kubectl, etcd, haproxy, kustomize,
+//!   helm; see `k8s.rs`).
 //! - `demo`: the example cluster on this machine with real traffic through the eBPF dataplane
 //!   (see `demo.rs`).
 
@@ -26,6 +29,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod ebpf;
+mod k8s;
 mod testall;
 mod vm;
 mod vmbench;
@@ -64,6 +68,10 @@ enum Task {
     /// Installs what building the eBPF programs needs: rust-src, LLVM 22 (root, apt) and
     /// bpf-linker.
     EbpfSetup,
+    /// Builds kube-apiserver, kube-controller-manager, kube-proxy and kubectl from the
+    /// k8s.io/kubernetes module, installs kustomize and helm (go install) and etcd and haproxy
+    /// (root, apt); cached outside the work tree.
+    K8sSetup,
     /// The README's main command: the example cluster on this machine with real traffic through
     /// the eBPF dataplane (root). A client in one zone reaches only that zone's pods, falls
     /// back to the other zones when they stop, and returns when they are back; exits non-zero
@@ -158,6 +166,7 @@ fn main() -> Result<()> {
         Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
         Task::VmSetup => vm::vm_setup(),
         Task::EbpfSetup => ebpf::ebpf_setup(),
+        Task::K8sSetup => k8s::k8s_setup(),
         Task::Demo {
             node,
             keep,

@@ -1,14 +1,15 @@
 //! `cargo xtask test`: the README's test command. Installs what the tests need on a fresh
 //! Debian 12 machine (as root), then runs every test: unit, golden, property, CLI and agent
 //! tests, the host kernel tests (nftables, conntrack, eBPF with real traffic in network
-//! namespaces), and the IPVS and eBPF tests inside QEMU on Debian's 6.1 and 6.12 kernels.
+//! namespaces), the agent against a real control plane (etcd, kube-apiserver,
+//! kube-controller-manager built by `k8s-setup`), and the IPVS and eBPF tests inside QEMU on Debian's 6.1 and 6.12 kernels.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 
-use crate::{ebpf, vm, vmtest};
+use crate::{ebpf, k8s, vm, vmtest};
 
 /// Runs the set-up and every test; fails on the first failing stage.
 pub fn test_all(vm_timeout: Duration) -> Result<()> {
@@ -17,10 +18,17 @@ pub fn test_all(vm_timeout: Duration) -> Result<()> {
     vm::vm_setup()?;
     println!("== set-up: eBPF toolchain (rust-src, LLVM 22, bpf-linker)");
     ebpf::ebpf_setup()?;
+    println!("== set-up: real Kubernetes (kube-apiserver, controller manager, kube-proxy, etcd, kustomize, helm)");
+    k8s::k8s_setup()?;
 
     println!("== cargo test (unit, golden, property, CLI, agent, host kernel tests)");
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .args(["test", "--workspace"])
+        .env(
+            "TOPOPROXY_K8S_BIN",
+            k8s::kubernetes_bin_dir(&k8s::kubernetes_version()?),
+        )
+        .env("TOPOPROXY_TOOLS_BIN", k8s::tools_bin_dir())
         .current_dir(crate::workspace_root())
         .status()
         .context("running cargo test")?;

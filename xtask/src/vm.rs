@@ -128,14 +128,14 @@ pub fn vm_dir() -> PathBuf {
     target_dir().join("vm")
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
     let status = cmd.status().with_context(|| format!("starting {shown}"))?;
     ensure!(status.success(), "{shown} failed: {status}");
     Ok(())
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd
         .stderr(Stdio::inherit())
@@ -161,7 +161,7 @@ pub fn require_tool(name: &str) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------------
 // vm-setup
 
-fn dpkg_installed(package: &str) -> bool {
+pub(crate) fn dpkg_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
         .stderr(Stdio::null())
@@ -169,7 +169,7 @@ fn dpkg_installed(package: &str) -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
 }
 
-fn dpkg_version(package: &str) -> Option<String> {
+pub(crate) fn dpkg_version(package: &str) -> Option<String> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Version}", package])
         .stderr(Stdio::null())
@@ -232,7 +232,7 @@ fn debian_archive_uri() -> String {
         .to_owned()
 }
 
-fn apt_get() -> Command {
+pub(crate) fn apt_get() -> Command {
     let mut cmd = Command::new("apt-get");
     cmd.env("DEBIAN_FRONTEND", "noninteractive");
     cmd

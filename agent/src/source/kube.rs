@@ -183,6 +183,7 @@ async fn watch<K: Watched>(
                     .collect();
                 known = seen;
                 state.metrics.set_api_synced(resource, true);
+                state.health.clear_watch_error(resource);
                 let mut ok = true;
                 for key in vanished {
                     ok &= send(&events, K::event(key, None)).await;
@@ -205,7 +206,18 @@ async fn watch<K: Watched>(
                 None => true,
             },
             Err(error) => {
-                tracing::warn!(resource, %error, "watch failed; keeping the last state and retrying with backoff");
+                if is_forbidden(&error) {
+                    tracing::error!(
+                        resource,
+                        %error,
+                        "the API server forbids listing/watching {resource} (403): the ClusterRole \
+                         bound to topoproxy's ServiceAccount must grant get, list and watch on it; \
+                         keeping the last state and retrying with backoff"
+                    );
+                } else {
+                    tracing::warn!(resource, %error, "watch failed; keeping the last state and retrying with backoff");
+                }
+                state.health.record_watch_error(resource, error.to_string());
                 state.metrics.watch_error(resource);
                 state.metrics.set_api_synced(resource, false);
                 true
@@ -215,6 +227,18 @@ async fn watch<K: Watched>(
             return;
         }
     }
+}
+
+/// Whether the API server refused the request as unauthorized (403 Forbidden).
+fn is_forbidden(error: &watcher::Error) -> bool {
+    let status = match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status,
+        watcher::Error::WatchError(status) => status,
+        _ => return false,
+    };
+    status.code == 403
 }
 
 fn convert_reporting<K: Watched>(object: &K, state: &AgentState) -> Option<K::Model> {

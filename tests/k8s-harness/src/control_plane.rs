@@ -1,0 +1,553 @@
+//! etcd, one or two kube-apiservers (optionally behind haproxy) and kube-controller-manager,
+//! started in a fresh folder and torn down on drop.
+//!
+//! The apiservers run with TLS from [`Pki`], RBAC and Node authorization, and service-account
+//! token signing, as kubeadm configures them. The controller manager runs only the controllers
+//! that tests need (EndpointSlice and its mirroring, service accounts and their tokens,
+//! namespaces, garbage collection, the root CA publisher); node lifecycle stays off, so Nodes
+//! without a kubelet stay Ready. No scheduler, no kubelet: tests create Pods with a `nodeName`
+//! and patch their status themselves ([`crate::objects`]).
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::pki::{CertFiles, Pki};
+use crate::process::{Daemon, Isolation};
+use crate::Binaries;
+
+/// The Service CIDRs (dual-stack), as `--service-cluster-ip-range` takes them.
+pub const SERVICE_CIDRS: &str = "10.96.0.0/16,fd00:10:96::/112";
+
+/// How the control plane is laid out.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// kube-apiserver instances (1 or 2).
+    pub apiservers: usize,
+    /// A TCP load balancer (haproxy) in front of the apiservers, as an HA control plane has.
+    pub load_balancer: bool,
+    /// Start kube-controller-manager (the EndpointSlice controller writes slices and hints).
+    pub controller_manager: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            apiservers: 1,
+            load_balancer: false,
+            controller_manager: true,
+        }
+    }
+}
+
+struct ApiServer {
+    port: u16,
+    hostname: String,
+    daemon: Option<Daemon>,
+}
+
+/// A running control plane. Dropping it kills every process and removes its folder.
+pub struct ControlPlane {
+    dir: PathBuf,
+    bins: Binaries,
+    pki: Pki,
+    etcd_port: u16,
+    etcd: Option<Daemon>,
+    apiservers: Vec<ApiServer>,
+    load_balancer: Option<(u16, Daemon)>,
+    controller_manager: Option<Daemon>,
+    admin_kubeconfig: PathBuf,
+}
+
+/// A free TCP port on loopback (bound, then released for the daemon to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free loopback port")
+}
+
+/// A fresh folder for one control plane: on tmpfs when there is one (etcd's fsyncs are the
+/// slowest part of a write), else the temporary directory.
+fn scratch_dir() -> PathBuf {
+    let base = if Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = base.join(format!("topoproxy-k8s-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    dir
+}
+
+/// A minimal HTTP/1.1 exchange on loopback (etcd's JSON gateway, haproxy-less probes).
+fn http(address: SocketAddr, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let status = reply.split_whitespace().nth(1)?.parse().ok()?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Polls `ready` every 50 ms until it holds or `limit` passes; panics with `what` and `log`.
+pub fn wait_until(
+    what: &str,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        if Instant::now() > deadline {
+            panic!("{what}: not within {limit:?}\n--- log ---\n{}", log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A kubeconfig file naming `server`, the CA, and either a client certificate or a token.
+pub fn write_kubeconfig(path: &Path, server: &str, ca: &Path, user: &KubeconfigUser) {
+    let user_fields = match user {
+        KubeconfigUser::Cert(files) => format!(
+            "    client-certificate: {}\n    client-key: {}\n",
+            files.cert.display(),
+            files.key.display()
+        ),
+        KubeconfigUser::Token(token) => format!("    token: {token}\n"),
+    };
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {server}\n    \
+         certificate-authority: {}\nusers:\n- name: test\n  user:\n{user_fields}contexts:\n- name: test\n  \
+         context:\n    cluster: test\n    user: test\ncurrent-context: test\n",
+        ca.display()
+    );
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// Who a kubeconfig authenticates as.
+pub enum KubeconfigUser {
+    Cert(CertFiles),
+    Token(String),
+}
+
+impl ControlPlane {
+    /// Starts everything and waits until the apiservers are ready and (if started) the
+    /// controller manager has created the `default` ServiceAccount.
+    pub async fn start(options: Options) -> Self {
+        assert!(
+            (1..=2).contains(&options.apiservers),
+            "one or two apiservers"
+        );
+        let bins = Binaries::locate();
+        let dir = scratch_dir();
+        let pki = Pki::create(&dir.join("pki"));
+        let etcd_port = free_port();
+        let apiservers = (0..options.apiservers)
+            .map(|i| ApiServer {
+                port: free_port(),
+                hostname: format!("topoproxy-test-apiserver-{i}"),
+                daemon: None,
+            })
+            .collect();
+        let mut plane = Self {
+            admin_kubeconfig: dir.join("admin.kubeconfig"),
+            dir,
+            bins,
+            pki,
+            etcd_port,
+            etcd: None,
+            apiservers,
+            load_balancer: None,
+            controller_manager: None,
+        };
+        plane.start_etcd();
+        for i in 0..options.apiservers {
+            plane.start_apiserver(i);
+        }
+        if options.load_balancer {
+            plane.start_load_balancer();
+        }
+        let server = plane.server_url();
+        write_kubeconfig(
+            &plane.admin_kubeconfig,
+            &server,
+            &plane.pki.ca.cert,
+            &KubeconfigUser::Cert(plane.pki.admin.clone()),
+        );
+        for i in 0..options.apiservers {
+            plane.wait_apiserver_ready(i).await;
+        }
+        if options.controller_manager {
+            plane.start_controller_manager().await;
+        }
+        plane
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn binaries(&self) -> &Binaries {
+        &self.bins
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// The address clients use: the load balancer if there is one, else the first apiserver.
+    pub fn endpoint(&self) -> SocketAddr {
+        let port = match &self.load_balancer {
+            Some((port, _)) => *port,
+            None => self.apiservers[0].port,
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    pub fn server_url(&self) -> String {
+        format!("https://{}", self.endpoint())
+    }
+
+    pub fn admin_kubeconfig(&self) -> &Path {
+        &self.admin_kubeconfig
+    }
+
+    /// A kubeconfig at `name` in the control plane's folder for `user`.
+    pub fn kubeconfig(&self, name: &str, user: &KubeconfigUser) -> PathBuf {
+        let path = self.dir.join(name);
+        write_kubeconfig(&path, &self.server_url(), &self.pki.ca.cert, user);
+        path
+    }
+
+    /// A client with cluster-admin rights (group `system:masters`).
+    pub async fn admin_client(&self) -> kube::Client {
+        client_for(&self.admin_kubeconfig).await
+    }
+
+    fn etcd_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.etcd_port)
+    }
+
+    fn start_etcd(&mut self) {
+        let peer = free_port();
+        let data = self.dir.join("etcd");
+        let mut cmd = Command::new(&self.bins.etcd);
+        cmd.args(["--name", "test", "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &self.etcd_url()])
+            .args(["--advertise-client-urls", &self.etcd_url()])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("test=http://127.0.0.1:{peer}"),
+            ])
+            .args(["--logger", "zap", "--log-level", "warn"]);
+        let daemon = Daemon::spawn(
+            "etcd",
+            cmd,
+            &self.dir.join("etcd.log"),
+            &Isolation::default(),
+        );
+        let address = SocketAddr::from(([127, 0, 0, 1], self.etcd_port));
+        wait_until(
+            "etcd healthy",
+            Duration::from_secs(60),
+            || {
+                assert!(!daemon.exited(), "etcd exited:\n{}", daemon.log_tail(30));
+                http(address, "GET", "/health", "")
+                    .is_some_and(|(s, b)| s == 200 && b.contains("true"))
+            },
+            || daemon.log_tail(30),
+        );
+        self.etcd = Some(daemon);
+    }
+
+    /// Starts apiserver `index` (again, after [`Self::kill_apiserver`]); does not wait.
+    pub fn start_apiserver(&mut self, index: usize) {
+        let ApiServer { port, hostname, .. } = &self.apiservers[index];
+        let pki = &self.pki;
+        let issuer = "https://kubernetes.default.svc.cluster.local";
+        let mut cmd = Command::new(&self.bins.kube_apiserver);
+        cmd.args([
+            "--bind-address",
+            "127.0.0.1",
+            "--advertise-address",
+            "127.0.0.1",
+        ])
+        .args(["--secure-port", &port.to_string()])
+        .args(["--etcd-servers", &self.etcd_url()])
+        .args(["--service-cluster-ip-range", SERVICE_CIDRS])
+        .args(["--authorization-mode", "Node,RBAC"])
+        .arg("--client-ca-file")
+        .arg(&pki.ca.cert)
+        .arg("--tls-cert-file")
+        .arg(&pki.apiserver.cert)
+        .arg("--tls-private-key-file")
+        .arg(&pki.apiserver.key)
+        .args([
+            "--service-account-issuer",
+            issuer,
+            "--api-audiences",
+            issuer,
+        ])
+        .arg("--service-account-key-file")
+        .arg(&pki.service_account_public_key)
+        .arg("--service-account-signing-key-file")
+        .arg(&pki.service_account_key)
+        .arg("--requestheader-client-ca-file")
+        .arg(&pki.front_proxy_ca.cert)
+        .args(["--requestheader-allowed-names", "front-proxy-client"])
+        .args(["--requestheader-extra-headers-prefix", "X-Remote-Extra-"])
+        .args(["--requestheader-group-headers", "X-Remote-Group"])
+        .args(["--requestheader-username-headers", "X-Remote-User"])
+        .arg("--proxy-client-cert-file")
+        .arg(&pki.front_proxy_client.cert)
+        .arg("--proxy-client-key-file")
+        .arg(&pki.front_proxy_client.key)
+        // 127.0.0.1 may not be written into default/kubernetes' endpoints ("in the loopback
+        // range"): no reconciler, and that Service has no endpoints in these tests.
+        .args(["--endpoint-reconciler-type", "none"])
+        // Without a ServiceAccount admission plugin, Pods need not wait for the
+        // namespace's default ServiceAccount (no kubelet mounts tokens here anyway).
+        .args(["--disable-admission-plugins", "ServiceAccount"])
+        .args(["--profiling=false", "-v", "1"]);
+        let log = self.dir.join(format!("apiserver-{index}.log"));
+        let isolation = Isolation {
+            hostname: Some(hostname.clone()),
+            ..Isolation::default()
+        };
+        let daemon = Daemon::spawn(&format!("kube-apiserver-{index}"), cmd, &log, &isolation);
+        self.apiservers[index].daemon = Some(daemon);
+    }
+
+    /// SIGKILLs apiserver `index`.
+    pub fn kill_apiserver(&mut self, index: usize) {
+        if let Some(mut daemon) = self.apiservers[index].daemon.take() {
+            daemon.kill();
+        }
+    }
+
+    /// An admin client talking to apiserver `index` only (not through the load balancer).
+    pub async fn apiserver_client(&self, index: usize) -> kube::Client {
+        let port = self.apiservers[index].port;
+        let path = self.dir.join(format!("apiserver-{index}.kubeconfig"));
+        write_kubeconfig(
+            &path,
+            &format!("https://127.0.0.1:{port}"),
+            &self.pki.ca.cert,
+            &KubeconfigUser::Cert(self.pki.admin.clone()),
+        );
+        client_for(&path).await
+    }
+
+    /// Waits until apiserver `index` answers `/readyz` with 200 (admin credentials).
+    pub async fn wait_apiserver_ready(&self, index: usize) {
+        let client = self.apiserver_client(index).await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let request = http_request("/readyz");
+            if let Ok(text) = client.request_text(request).await {
+                if text.trim() == "ok" {
+                    return;
+                }
+            }
+            let daemon = self.apiservers[index].daemon.as_ref();
+            let log = || daemon.map(|d| d.log_tail(40)).unwrap_or_default();
+            if daemon.is_none_or(Daemon::exited) {
+                panic!("kube-apiserver-{index} is not running\n{}", log());
+            }
+            if Instant::now() > deadline {
+                panic!("kube-apiserver-{index} not ready within 120 s\n{}", log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn start_load_balancer(&mut self) {
+        let port = free_port();
+        let mut config = format!(
+            "global\n  maxconn 4096\n\
+             defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  \
+             timeout server 1h\n  retries 1\n  option redispatch\n\
+             frontend apiserver\n  bind 127.0.0.1:{port}\n  default_backend apiservers\n\
+             backend apiservers\n  option httpchk GET /readyz\n  http-check expect status 200\n"
+        );
+        for (i, api) in self.apiservers.iter().enumerate() {
+            config.push_str(&format!(
+                "  server api{i} 127.0.0.1:{} check check-ssl verify none inter 1s fall 2 rise 1\n",
+                api.port
+            ));
+        }
+        let file = self.dir.join("haproxy.cfg");
+        std::fs::write(&file, config).expect("writing haproxy.cfg");
+        let mut cmd = Command::new(&self.bins.haproxy);
+        cmd.arg("-db").arg("-f").arg(&file);
+        let daemon = Daemon::spawn(
+            "haproxy",
+            cmd,
+            &self.dir.join("haproxy.log"),
+            &Isolation::default(),
+        );
+        self.load_balancer = Some((port, daemon));
+    }
+
+    async fn start_controller_manager(&mut self) {
+        let kubeconfig = self.kubeconfig(
+            "controller-manager.kubeconfig",
+            &KubeconfigUser::Cert(self.pki.controller_manager.clone()),
+        );
+        let controllers = [
+            "endpointslice-controller",
+            "endpointslice-mirroring-controller",
+            "endpoints-controller",
+            "serviceaccount-controller",
+            "serviceaccount-token-controller",
+            "namespace-controller",
+            "garbage-collector-controller",
+            "root-ca-certificate-publisher-controller",
+        ];
+        let mut cmd = Command::new(&self.bins.kube_controller_manager);
+        cmd.arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--authentication-kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--authorization-kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--use-service-account-credentials")
+            .arg("--service-account-private-key-file")
+            .arg(&self.pki.service_account_key)
+            .arg("--root-ca-file")
+            .arg(&self.pki.ca.cert)
+            .args(["--leader-elect=false", "--secure-port", "0"])
+            .args(["--controllers", &controllers.join(",")])
+            .args(["--endpointslice-updates-batch-period", "0s", "-v", "1"]);
+        let daemon = Daemon::spawn(
+            "kube-controller-manager",
+            cmd,
+            &self.dir.join("controller-manager.log"),
+            &Isolation::default(),
+        );
+        self.controller_manager = Some(daemon);
+        // The serviceaccount controller creating `default` says the controllers are running.
+        let client = self.admin_client().await;
+        let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            kube::Api::namespaced(client, "default");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while accounts.get_opt("default").await.ok().flatten().is_none() {
+            let daemon = self.controller_manager.as_ref();
+            let log = || daemon.map(|d| d.log_tail(40)).unwrap_or_default();
+            if daemon.is_none_or(Daemon::exited) {
+                panic!("kube-controller-manager is not running\n{}", log());
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "kube-controller-manager did not start its controllers\n{}",
+                    log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The current etcd revision.
+    pub fn etcd_revision(&self) -> i64 {
+        let address = SocketAddr::from(([127, 0, 0, 1], self.etcd_port));
+        // key "/registry" in base64: any range request returns the store's revision.
+        let (status, body) = http(address, "POST", "/v3/kv/range", r#"{"key":"L3JlZ2lzdHJ5"}"#)
+            .expect("etcd range request");
+        assert_eq!(status, 200, "etcd range: {body}");
+        let reply: serde_json::Value = serde_json::from_str(&body).expect("etcd range reply");
+        reply["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no revision in {body}"))
+    }
+
+    /// Compacts etcd's history up to its current revision: any watch or list from an older
+    /// resourceVersion that reaches etcd now gets 410 Gone.
+    pub fn compact_etcd(&self) -> i64 {
+        let revision = self.etcd_revision();
+        let address = SocketAddr::from(([127, 0, 0, 1], self.etcd_port));
+        let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
+        let (status, reply) =
+            http(address, "POST", "/v3/kv/compaction", &body).expect("etcd compaction request");
+        assert_eq!(status, 200, "etcd compaction: {reply}");
+        revision
+    }
+
+    /// The logs of every component, for a failing test's report.
+    pub fn logs(&self, lines: usize) -> String {
+        let mut all = String::new();
+        let daemons = self
+            .etcd
+            .iter()
+            .chain(self.apiservers.iter().filter_map(|a| a.daemon.as_ref()))
+            .chain(self.load_balancer.iter().map(|(_, d)| d))
+            .chain(self.controller_manager.iter());
+        for daemon in daemons {
+            all.push_str(&format!(
+                "--- {} ---\n{}\n",
+                daemon.name(),
+                daemon.log_tail(lines)
+            ));
+        }
+        all
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs(30));
+        }
+        self.controller_manager.take();
+        self.load_balancer.take();
+        for api in &mut self.apiservers {
+            api.daemon.take();
+        }
+        self.etcd.take();
+        if std::env::var_os("TOPOPROXY_KEEP_K8S").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A GET request for `path` (kube's raw request form).
+pub fn http_request(path: &str) -> http::Request<Vec<u8>> {
+    http::Request::get(path)
+        .body(Vec::new())
+        .expect("a GET request")
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_for(kubeconfig: &Path) -> kube::Client {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", kubeconfig.display()));
+    let config =
+        kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+            .await
+            .expect("a kube config");
+    kube::Client::try_from(config).expect("a kube client")
+}

@@ -1,0 +1,833 @@
+//! The agent (`topoproxy run --proxy-mode dry-run`, its own process) against a real control
+//! plane: etcd, kube-apiserver and kube-controller-manager built by `cargo xtask k8s-setup`
+//! (`k8s-harness`). The agent authenticates as `manifests/base`'s ServiceAccount, rendered by
+//! the real kustomize; the real EndpointSlice controller writes slices and hints from Pods
+//! whose status the tests patch. The oracle throughout: `/plan` equals what `topoproxy plan`
+//! computes from the objects the apiserver holds at that moment.
+//!
+//! The tests share the machine's two cores with whole control planes, so they run one at a
+//! time (a lock), each with its own control plane.
+
+#[path = "k8s_support/agent.rs"]
+mod agent;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::{destinations, install_agent_identity, Agent, Auth};
+use futures::StreamExt as _;
+use k8s_harness::objects::{
+    apply, apply_object, create_namespace, create_node, create_pod, delete_pod, eventually,
+    set_pod_status, yaml_documents, zone_hints, NodeSpec, PodSpec, ZONE_LABEL,
+};
+use k8s_harness::{ControlPlane, Options};
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{json, Value};
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// One control plane at a time (tokio's lock: it is held across awaits, and a panicking
+/// test releases it without poisoning).
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// Four nodes in two zones: node-a1, node-a2 (zone-a), node-b1, node-b2 (zone-b).
+async fn four_nodes(client: &Client) {
+    for (name, zone, ip) in [
+        ("node-a1", "zone-a", "10.0.1.1"),
+        ("node-a2", "zone-a", "10.0.1.2"),
+        ("node-b1", "zone-b", "10.0.2.1"),
+        ("node-b2", "zone-b", "10.0.2.2"),
+    ] {
+        create_node(client, &NodeSpec::new(name, Some(zone), ip)).await;
+    }
+}
+
+/// A Service selecting `app=NAME` on port 80 → named port `http`, with `extra` merged into it
+/// (annotations, spec fields); returns its ClusterIP.
+async fn service(client: &Client, namespace: &str, name: &str, extra: Value) -> String {
+    let mut object = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": {"app": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    });
+    merge(&mut object, extra);
+    apply(client, object).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let service = services.get(name).await.expect("reading the Service back");
+    service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("an allocated ClusterIP")
+}
+
+fn merge(base: &mut Value, extra: Value) {
+    match (base, extra) {
+        (Value::Object(base), Value::Object(extra)) => {
+            for (key, value) in extra {
+                merge(base.entry(key).or_insert(Value::Null), value);
+            }
+        }
+        (base, extra) => *base = extra,
+    }
+}
+
+/// Ready pods of `app` on `nodes`, pod IPs `10.244.<k>.<i>` (k = index of the node in
+/// `four_nodes`).
+async fn pods(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    nodes: &[&str],
+    subnet: u8,
+) -> Vec<PodSpec> {
+    let mut specs = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let spec = PodSpec::new(
+            namespace,
+            &format!("{app}-{i}"),
+            node,
+            app,
+            &format!("10.244.{subnet}.{}", i + 10),
+        );
+        create_pod(client, &spec, true).await;
+        specs.push(spec);
+    }
+    specs
+}
+
+async fn wait_for_hints(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    endpoints: usize,
+    hinted: bool,
+) {
+    eventually(
+        &format!("{namespace}/{service}: {endpoints} endpoints, hinted {hinted}"),
+        Duration::from_secs(60),
+        || async {
+            let (count, has) = zone_hints(client, namespace, service).await;
+            (count == endpoints && has == hinted).then_some(())
+        },
+    )
+    .await;
+}
+
+fn scratch(plane: &ControlPlane, name: &str) -> std::path::PathBuf {
+    plane.dir().join(format!("fresh-{name}"))
+}
+
+#[tokio::test]
+async fn runs_in_cluster_as_its_service_account_with_the_shipped_rbac() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    create_namespace(&client, "shop").await;
+    let vip = service(&client, "shop", "web", json!({})).await;
+    pods(&client, "shop", "web", &["node-a1", "node-b1"], 1).await;
+    let token = install_agent_identity(&plane, &client, None).await;
+
+    let agent = Agent::start(&plane, &Auth::InCluster(token), "node-a1");
+    agent.wait_healthy(CONVERGE).await;
+    let table = agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{vip}:80")),
+        ["10.244.1.10:8080", "10.244.1.11:8080"]
+    );
+    for resource in ["services", "endpointslices", "node"] {
+        let synced = agent
+            .metric("topoproxy_api_synced", &format!("resource=\"{resource}\""))
+            .await;
+        assert_eq!(synced, Some(1.0), "{resource} synced");
+    }
+    let log = agent.log();
+    assert!(!log.contains("403"), "no request was refused:\n{log}");
+}
+
+/// Removing any one resource from the shipped ClusterRole makes the agent say so: an error
+/// log naming the resource and the 403, `/healthz` 503 with the API's message, the watch
+/// error counter; restoring the rule heals it without a restart.
+#[tokio::test]
+async fn every_rule_of_the_shipped_rbac_is_needed_and_a_missing_one_is_reported() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    let shipped = agent::base_manifests(&plane)
+        .into_iter()
+        .find(|o| o["kind"] == "ClusterRole")
+        .expect("a ClusterRole in manifests/base");
+    let rules = shipped["rules"].as_array().cloned().unwrap_or_default();
+    let mut cases = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        for resource in rule["resources"].as_array().cloned().unwrap_or_default() {
+            cases.push((index, resource.as_str().unwrap_or_default().to_owned()));
+        }
+    }
+    assert!(
+        cases.len() >= 3,
+        "the role grants services, nodes and endpointslices"
+    );
+    for (index, resource) in cases {
+        let mut reduced = shipped.clone();
+        let kept: Vec<Value> = rules[index]["resources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r.as_str() != Some(resource.as_str()))
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            reduced["rules"]
+                .as_array_mut()
+                .expect("rules")
+                .remove(index);
+        } else {
+            reduced["rules"][index]["resources"] = Value::from(kept);
+        }
+        let token = install_agent_identity(&plane, &client, Some(reduced)).await;
+        let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+        eventually(
+            &format!("without {resource}: the 403 reported"),
+            CONVERGE,
+            || async {
+                let log = agent.log();
+                let logged = log.lines().any(|l| {
+                    l.contains("ERROR")
+                        && l.contains("403")
+                        && l.contains(resource.trim_end_matches('s'))
+                });
+                let health = agent.healthz().await?;
+                let errors = agent.metric("topoproxy_watch_errors_total", "").await?;
+                (logged && health.0 == 503 && health.1.contains("forbidden") && errors >= 1.0)
+                    .then_some(())
+            },
+        )
+        .await;
+        // Back to the shipped role: the watcher's retries pick it up.
+        apply(&client, shipped.clone()).await;
+        agent.wait_healthy(Duration::from_secs(120)).await;
+    }
+}
+
+#[tokio::test]
+async fn topology_hints_from_the_real_controller_drive_the_table() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    create_namespace(&client, "topo").await;
+    let all = ["node-a1", "node-a2", "node-b1", "node-b2"];
+    let ns = "topo";
+    let auto = service(
+        &client,
+        ns,
+        "auto",
+        json!({"metadata": {"annotations": {"service.kubernetes.io/topology-mode": "Auto"}}}),
+    )
+    .await;
+    let old = service(&client, ns, "old", json!({"metadata": {"annotations": {"service.kubernetes.io/topology-aware-hints": "auto"}}})).await;
+    let close = service(
+        &client,
+        ns,
+        "close",
+        json!({"spec": {"trafficDistribution": "PreferClose"}}),
+    )
+    .await;
+    let zone = service(
+        &client,
+        ns,
+        "zone",
+        json!({"spec": {"trafficDistribution": "PreferSameZone"}}),
+    )
+    .await;
+    let same_node = service(
+        &client,
+        ns,
+        "samenode",
+        json!({"spec": {"trafficDistribution": "PreferSameNode"}}),
+    )
+    .await;
+    let only_b = service(
+        &client,
+        ns,
+        "onlyb",
+        json!({"spec": {"trafficDistribution": "PreferSameZone"}}),
+    )
+    .await;
+    let dual = service(
+        &client,
+        ns,
+        "dual",
+        json!({"metadata": {"annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
+               "spec": {"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv4", "IPv6"]}}),
+    )
+    .await;
+    let auto_pods = pods(&client, ns, "auto", &all, 1).await;
+    pods(&client, ns, "old", &all, 2).await;
+    pods(&client, ns, "close", &all, 3).await;
+    pods(&client, ns, "zone", &all, 4).await;
+    pods(&client, ns, "samenode", &["node-a1", "node-b1"], 5).await;
+    pods(&client, ns, "onlyb", &["node-b1", "node-b2"], 6).await;
+    for (i, node) in ["node-a1", "node-b1"].iter().enumerate() {
+        let mut spec = PodSpec::new(
+            ns,
+            &format!("dual-{i}"),
+            node,
+            "dual",
+            &format!("10.244.7.{}", i + 10),
+        );
+        spec.ips.push(format!("fd00:10:244:7::{}", i + 10));
+        create_pod(&client, &spec, true).await;
+    }
+    for name in ["auto", "old", "close", "zone"] {
+        wait_for_hints(&client, ns, name, 4, true).await;
+    }
+    wait_for_hints(&client, ns, "onlyb", 2, true).await;
+    wait_for_hints(&client, ns, "dual", 4, true).await;
+
+    let token = install_agent_identity(&plane, &client, None).await;
+    let a1 = Agent::start(&plane, &Auth::Token(token.clone()), "node-a1");
+    let b1 = Agent::start(&plane, &Auth::Token(token), "node-b1");
+    let table = a1
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    b1.converges(&client, &scratch(&plane, "b1"), CONVERGE)
+        .await;
+    let zone_a = |subnet: u8| {
+        vec![
+            format!("10.244.{subnet}.10:8080"),
+            format!("10.244.{subnet}.11:8080"),
+        ]
+    };
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{auto}:80")),
+        zone_a(1),
+        "Auto"
+    );
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{old}:80")),
+        zone_a(2),
+        "old annotation"
+    );
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{close}:80")),
+        zone_a(3),
+        "PreferClose"
+    );
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{zone}:80")),
+        zone_a(4),
+        "PreferSameZone"
+    );
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{same_node}:80")),
+        ["10.244.5.10:8080"],
+        "PreferSameNode: this node's pod only"
+    );
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{only_b}:80")),
+        ["10.244.6.10:8080", "10.244.6.11:8080"],
+        "a zone without endpoints uses every endpoint"
+    );
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{dual}:80")),
+        ["10.244.7.10:8080"]
+    );
+    let dual_services: Api<Service> = Api::namespaced(client.clone(), ns);
+    let dual_ips = dual_services
+        .get("dual")
+        .await
+        .expect("dual")
+        .spec
+        .and_then(|s| s.cluster_ips)
+        .unwrap_or_default();
+    let v6 = dual_ips
+        .iter()
+        .find(|ip| ip.contains(':'))
+        .expect("an IPv6 ClusterIP");
+    assert_eq!(
+        destinations(&table, "TCP", &format!("[{v6}]:80")),
+        ["[fd00:10:244:7::10]:8080"]
+    );
+
+    // Scaling Auto down to one endpoint: the controller's safeguard drops its hints and every
+    // node falls back to all endpoints.
+    for pod in &auto_pods[1..] {
+        delete_pod(&client, ns, &pod.name, 0).await;
+    }
+    wait_for_hints(&client, ns, "auto", 1, false).await;
+    let table = a1
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{auto}:80")),
+        ["10.244.1.10:8080"]
+    );
+    b1.converges(&client, &scratch(&plane, "b1"), CONVERGE)
+        .await;
+    let falling_back = a1.metric("topoproxy_services_falling_back", "").await;
+    assert!(
+        falling_back >= Some(1.0),
+        "the fallback is counted: {falling_back:?}"
+    );
+
+    // A not-Ready pod leaves the table; Ready again, it returns.
+    set_pod_status(&client, &auto_pods[0], false).await;
+    let table = a1
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    assert!(destinations(&table, "TCP", &format!("{auto}:80")).is_empty());
+    set_pod_status(&client, &auto_pods[0], true).await;
+    a1.converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+
+    // A node without a zone label: the controller removes every Auto hint (it cannot weigh
+    // zones), and an agent on that node plans as kube-proxy does without a zone.
+    create_node(&client, &NodeSpec::new("node-x1", None, "10.0.9.1")).await;
+    wait_for_hints(&client, ns, "old", 4, false).await;
+    let table = a1
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{old}:80")).len(),
+        4,
+        "hints gone"
+    );
+    let token = install_agent_identity(&plane, &client, None).await;
+    let x1 = Agent::start(&plane, &Auth::Token(token), "node-x1");
+    let table = x1
+        .converges(&client, &scratch(&plane, "x1"), CONVERGE)
+        .await;
+    assert_eq!(
+        destinations(&table, "TCP", &format!("{zone}:80")).len(),
+        4,
+        "no zone: all"
+    );
+}
+
+/// Creates a Service `churn-N` and deletes `churn-(N-3)` in a loop through `client` until
+/// stopped, ignoring errors (the apiserver may be down); counts the writes that succeeded.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Churn {
+    fn start(client: Client, namespace: &str) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let services: Api<Service> = Api::namespaced(client, namespace);
+        let task = tokio::spawn({
+            let (stop, done) = (stop.clone(), done.clone());
+            async move {
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let service: Service = serde_json::from_value(json!({
+                        "metadata": {"name": format!("churn-{n}")},
+                        "spec": {"ports": [{"port": 80}]},
+                    }))
+                    .expect("a Service");
+                    if services
+                        .create(&PostParams::default(), &service)
+                        .await
+                        .is_ok()
+                    {
+                        done.fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                    }
+                    if n >= 3 {
+                        let old = format!("churn-{}", n - 3);
+                        if services
+                            .delete(&old, &DeleteParams::default())
+                            .await
+                            .is_ok()
+                        {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        Self { stop, done, task }
+    }
+
+    async fn finish(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        self.done.load(Ordering::Relaxed)
+    }
+}
+
+/// A world whose table has `stable` virtual servers that never go away: the `kubernetes`
+/// Service plus one Service with two pods.
+async fn stable_world(client: &Client) -> usize {
+    four_nodes(client).await;
+    create_namespace(client, "stable").await;
+    create_namespace(client, "churn").await;
+    service(client, "stable", "web", json!({})).await;
+    pods(client, "stable", "web", &["node-a1", "node-b1"], 1).await;
+    2
+}
+
+#[tokio::test]
+async fn an_apiserver_killed_and_restarted_while_objects_change_never_empties_the_table() {
+    let _serial = serial().await;
+    let mut plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    let stable = stable_world(&client).await;
+    let token = install_agent_identity(&plane, &client, None).await;
+    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let sampler = agent.sample_table();
+    let churn = Churn::start(client.clone(), "churn");
+    for _ in 0..2 {
+        let before = churn.done.load(Ordering::Relaxed);
+        eventually("objects change before the kill", CONVERGE, || async {
+            (churn.done.load(Ordering::Relaxed) >= before + 4).then_some(())
+        })
+        .await;
+        plane.kill_apiserver(0);
+        plane.start_apiserver(0);
+        plane.wait_apiserver_ready(0).await;
+    }
+    let writes = churn.finish().await;
+    agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let (samples, fewest) = sampler.finish().await;
+    assert!(samples > 10, "the table was sampled ({samples})");
+    assert!(
+        fewest >= stable,
+        "never fewer than {stable} virtual servers; saw {fewest}"
+    );
+    assert!(writes >= 8, "objects changed meanwhile ({writes} writes)");
+}
+
+#[tokio::test]
+async fn two_apiservers_behind_a_load_balancer_each_killed_in_turn() {
+    let _serial = serial().await;
+    let mut plane = ControlPlane::start(Options {
+        apiservers: 2,
+        load_balancer: true,
+        controller_manager: true,
+    })
+    .await;
+    let client = plane.admin_client().await;
+    let stable = stable_world(&client).await;
+    let token = install_agent_identity(&plane, &client, None).await;
+    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let sampler = agent.sample_table();
+    let churn = Churn::start(client.clone(), "churn");
+    for victim in [0, 1, 0] {
+        plane.kill_apiserver(victim);
+        let before = churn.done.load(Ordering::Relaxed);
+        // With one apiserver down, writes through the load balancer keep succeeding.
+        eventually(
+            "writes through the surviving apiserver",
+            CONVERGE,
+            || async { (churn.done.load(Ordering::Relaxed) >= before + 4).then_some(()) },
+        )
+        .await;
+        plane.start_apiserver(victim);
+        plane.wait_apiserver_ready(victim).await;
+    }
+    churn.finish().await;
+    agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let (_, fewest) = sampler.finish().await;
+    assert!(
+        fewest >= stable,
+        "never fewer than {stable} virtual servers; saw {fewest}"
+    );
+}
+
+/// The agent's apiserver killed; objects created and deleted through a second apiserver;
+/// etcd compacted past the agent's resourceVersion; the first apiserver back (a fresh watch
+/// cache). The agent's re-watch gets 410 Gone, it re-lists, and the deletions it never saw as
+/// events leave its table.
+#[tokio::test]
+async fn etcd_compaction_forces_a_relist_that_catches_deletions() {
+    let _serial = serial().await;
+    let mut plane = ControlPlane::start(Options {
+        apiservers: 2,
+        ..Options::default()
+    })
+    .await;
+    let client = plane.admin_client().await;
+    stable_world(&client).await;
+    for i in 0..5 {
+        service(&client, "churn", &format!("doomed-{i}"), json!({})).await;
+    }
+    let token = install_agent_identity(&plane, &client, None).await;
+    // Without a load balancer the agent talks to apiserver 0 only.
+    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+
+    plane.kill_apiserver(0);
+    let other = plane.apiserver_client(1).await;
+    let services: Api<Service> = Api::namespaced(other.clone(), "churn");
+    for i in 0..5 {
+        services
+            .delete(&format!("doomed-{i}"), &DeleteParams::default())
+            .await
+            .expect("deleting a Service");
+        service(&other, "churn", &format!("born-{i}"), json!({})).await;
+    }
+    plane.compact_etcd();
+    plane.start_apiserver(0);
+    plane.wait_apiserver_ready(0).await;
+
+    let table = agent
+        .converges(&other, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    assert!(!table.is_empty());
+    eventually("a 410 Gone made the agent re-list", CONVERGE, || async {
+        let relists = agent.metric("topoproxy_watch_restarts_total", "").await?;
+        (relists >= 1.0).then_some(())
+    })
+    .await;
+    assert!(
+        agent.log().contains("too old resource version"),
+        "the re-watch was refused with 410"
+    );
+}
+
+/// 3,000 Services with their EndpointSlices (written directly: no selector, so the
+/// controller leaves them alone): the agent's lists are paged (kube-runtime asks for 500 per
+/// page), and Services created and deleted while it lists are not lost.
+#[tokio::test]
+async fn three_thousand_services_listed_in_pages_with_changes_during_the_list() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    create_namespace(&client, "bulk").await;
+    let create = |i: usize| {
+        let client = client.clone();
+        async move { create_bulk_service(&client, i).await }
+    };
+    futures::stream::iter(0..3000)
+        .map(create)
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let token = install_agent_identity(&plane, &client, None).await;
+    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let services: Api<Service> = Api::namespaced(client.clone(), "bulk");
+    for i in 0..100 {
+        let _ = services
+            .delete(&format!("bulk-{i}"), &DeleteParams::default())
+            .await;
+        create_bulk_service(&client, 3000 + i).await;
+    }
+    let table = agent
+        .converges(&client, &scratch(&plane, "a1"), Duration::from_secs(180))
+        .await;
+    assert_eq!(
+        agent::virtual_servers(&table),
+        3001,
+        "3,000 Services and kubernetes"
+    );
+}
+
+async fn create_bulk_service(client: &Client, i: usize) {
+    let name = format!("bulk-{i}");
+    let (third, fourth) = (i / 250, i % 250 + 1);
+    apply(
+        client,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "bulk"},
+            "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+        }),
+    )
+    .await;
+    apply(
+        client,
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "bulk", "labels": {
+                "kubernetes.io/service-name": name,
+                "endpointslice.kubernetes.io/managed-by": "topoproxy-test",
+            }},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": [format!("10.245.{third}.{fourth}")], "conditions": {"ready": true},
+                 "nodeName": "node-a1", "zone": "zone-a"},
+                {"addresses": [format!("10.246.{third}.{fourth}")], "conditions": {"ready": true},
+                 "nodeName": "node-b1", "zone": "zone-b"},
+            ],
+        }),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_started_before_the_apiserver_syncs_once_it_is_up() {
+    let _serial = serial().await;
+    let mut plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    stable_world(&client).await;
+    let token = install_agent_identity(&plane, &client, None).await;
+    plane.kill_apiserver(0);
+    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    eventually(
+        "the agent reports the API unreachable",
+        CONVERGE,
+        || async {
+            let health = agent.healthz().await?;
+            (health.0 == 503 && agent.log().contains("watch failed")).then_some(())
+        },
+    )
+    .await;
+    plane.start_apiserver(0);
+    plane.wait_apiserver_ready(0).await;
+    agent.wait_healthy(Duration::from_secs(120)).await;
+    agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+}
+
+#[tokio::test]
+async fn its_own_node_deleted_recreated_and_moved_to_another_zone() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    create_namespace(&client, "topo").await;
+    let all = ["node-a1", "node-a2", "node-b1", "node-b2"];
+    let vip = service(
+        &client,
+        "topo",
+        "auto",
+        json!({"metadata": {"annotations": {"service.kubernetes.io/topology-mode": "Auto"}}}),
+    )
+    .await;
+    pods(&client, "topo", "auto", &all, 1).await;
+    wait_for_hints(&client, "topo", "auto", 4, true).await;
+    let token = install_agent_identity(&plane, &client, None).await;
+    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let table = agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let frontend = format!("{vip}:80");
+    assert_eq!(
+        destinations(&table, "TCP", &frontend),
+        ["10.244.1.10:8080", "10.244.1.11:8080"]
+    );
+
+    let sampler = agent.sample_table();
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .delete("node-a1", &DeleteParams::default())
+        .await
+        .expect("deleting the agent's Node");
+    eventually("the deletion is seen", CONVERGE, || async {
+        agent
+            .log()
+            .contains("this node's Node object was deleted")
+            .then_some(())
+    })
+    .await;
+    let mut spec = NodeSpec::new("node-a1", Some("zone-a"), "10.0.1.1");
+    create_node(&client, &spec).await;
+    agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let (_, fewest) = sampler.finish().await;
+    assert!(
+        fewest >= 2,
+        "the table stayed while the Node was gone ({fewest})"
+    );
+
+    // Moved to zone-b: the table follows zone-b's hints.
+    spec.zone = Some("zone-b".to_owned());
+    let labels = json!({"metadata": {"labels": {ZONE_LABEL: "zone-b"}}});
+    nodes
+        .patch("node-a1", &PatchParams::default(), &Patch::Merge(&labels))
+        .await
+        .expect("relabelling the Node");
+    // The controller re-balances hints for the changed zone sizes; the oracle follows it.
+    let table = agent
+        .converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let now = destinations(&table, "TCP", &frontend);
+    assert!(
+        !now.is_empty() && now != ["10.244.1.10:8080", "10.244.1.11:8080"],
+        "zone-b's endpoints now: {now:?}"
+    );
+}
+
+/// Every kustomize overlay, rendered by the real kustomize, passes a server-side dry run on
+/// the real apiserver (schema, defaulting, admission, RBAC of the objects themselves).
+#[tokio::test]
+async fn every_overlay_passes_a_server_side_dry_run() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options {
+        controller_manager: false,
+        ..Options::default()
+    })
+    .await;
+    let client = plane.admin_client().await;
+    let manifests = agent::workspace_root().join("manifests");
+    let mut dirs = vec![manifests.join("base")];
+    let mut overlays: Vec<_> = std::fs::read_dir(manifests.join("overlays"))
+        .expect("manifests/overlays")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("kustomization.yaml").is_file())
+        .collect();
+    overlays.sort();
+    assert!(
+        overlays.len() >= 4,
+        "ipvs, ebpf, shadow, cutover: {overlays:?}"
+    );
+    dirs.extend(overlays);
+    let mut failures = BTreeMap::new();
+    let mut checked = 0;
+    for dir in &dirs {
+        let yaml = plane.binaries().kustomize_build(dir);
+        for object in yaml_documents(&yaml) {
+            let what = format!(
+                "{}: {} {}",
+                dir.file_name().unwrap_or_default().to_string_lossy(),
+                object["kind"].as_str().unwrap_or("?"),
+                object["metadata"]["name"].as_str().unwrap_or("?")
+            );
+            checked += 1;
+            if let Err(error) = apply_object(&client, object, true).await {
+                failures.insert(what, error);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "server-side dry run refused: {failures:#?}"
+    );
+    assert!(checked >= 20, "every overlay rendered objects ({checked})");
+}

@@ -1,0 +1,260 @@
+//! `cargo xtask k8s-setup`: the real Kubernetes the tests run against, installed idempotently on
+//! Debian 12 (as root).
+//!
+//! - `kube-apiserver`, `kube-controller-manager`, `kube-proxy` and `kubectl` built from the
+//!   `k8s.io/kubernetes` Go module that `tests/k8s/go.mod` requires (its staging modules are
+//!   mapped to their published copies there), CGO off, with the release's version stamped in.
+//! - `kustomize` and `helm` by `go install` at the versions below.
+//! - `etcd-server` and `haproxy` from Debian's apt.
+//!
+//! Binaries are kept outside the work tree (`$TOPOPROXY_CACHE`, else
+//! `$XDG_CACHE_HOME/topoproxy`, else `~/.cache/topoproxy`) beside Go's own module and build
+//! caches, so a fresh clone on the same machine (CI) finds them: the Kubernetes binaries under
+//! `k8s/<version>/` with a copy of the `go.sum` they were built from (a changed `go.sum`
+//! rebuilds them), the tools under `bin/` with a `<tool>.version` stamp each.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context as _, Result};
+
+use crate::vm::{apt_get, dpkg_installed, dpkg_version, output, run};
+
+/// The Kubernetes commands built from the module, in build order (cheapest first, so a failure
+/// in the long kube-apiserver build comes after the others are cached).
+pub const KUBERNETES_COMMANDS: [&str; 4] = [
+    "kube-proxy",
+    "kubectl",
+    "kube-controller-manager",
+    "kube-apiserver",
+];
+
+/// Go-installed tools: (binary, package, version).
+const GO_TOOLS: [(&str, &str, &str); 2] = [
+    (
+        "kustomize",
+        "sigs.k8s.io/kustomize/kustomize/v5",
+        // v5.8.3 needs Go 1.27; this machine has 1.26.
+        "v5.8.2",
+    ),
+    ("helm", "helm.sh/helm/v3/cmd/helm", "v3.22.0"),
+];
+
+const APT_PACKAGES: [&str; 2] = ["etcd-server", "haproxy"];
+
+/// The folder that outlives work trees: `$TOPOPROXY_CACHE`, `$XDG_CACHE_HOME/topoproxy` or
+/// `~/.cache/topoproxy`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TOPOPROXY_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("topoproxy");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/topoproxy")
+}
+
+/// Where `kustomize` and `helm` live.
+pub fn tools_bin_dir() -> PathBuf {
+    cache_dir().join("bin")
+}
+
+fn go_module_dir() -> PathBuf {
+    crate::workspace_root().join("tests/k8s")
+}
+
+/// The `k8s.io/kubernetes` version `tests/k8s/go.mod` requires: the one source of the version.
+pub fn kubernetes_version() -> Result<String> {
+    let go_mod = go_module_dir().join("go.mod");
+    let text = std::fs::read_to_string(&go_mod)
+        .with_context(|| format!("reading {}", go_mod.display()))?;
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.trim().trim_start_matches("require").split_whitespace();
+            (words.next() == Some("k8s.io/kubernetes"))
+                .then(|| words.next().map(str::to_owned))
+                .flatten()
+        })
+        .next()
+        .with_context(|| format!("{} requires no k8s.io/kubernetes", go_mod.display()))
+}
+
+/// Where the Kubernetes binaries of `version` live.
+pub fn kubernetes_bin_dir(version: &str) -> PathBuf {
+    cache_dir().join("k8s").join(version)
+}
+
+pub fn k8s_setup() -> Result<()> {
+    let started = Instant::now();
+    let uid = output(Command::new("id").arg("-u"))?;
+    ensure!(
+        uid.trim() == "0",
+        "k8s-setup installs apt packages and must run as root (try `sudo -E cargo xtask k8s-setup`)"
+    );
+    let go = go_version()?;
+    println!("k8s-setup: {go}");
+    apt_packages()?;
+    kubernetes_binaries()?;
+    go_tools()?;
+    print_versions()?;
+    println!(
+        "k8s-setup: done in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn go_command() -> Command {
+    let mut cmd = Command::new("go");
+    // The machine's own Go; never a toolchain download.
+    cmd.env("GOTOOLCHAIN", "local").env("CGO_ENABLED", "0");
+    cmd
+}
+
+fn go_version() -> Result<String> {
+    output(go_command().arg("version"))
+        .map(|v| v.trim().to_owned())
+        .context("Go is needed to build Kubernetes: install Go 1.26 (golang) first")
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .into_iter()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("k8s-setup: apt-get install {}", missing.join(" "));
+    if run(apt_get()
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing))
+    .is_err()
+    {
+        run(apt_get().args(["update", "-q"])).context("apt-get update failed")?;
+        run(apt_get()
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing))
+        .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
+    }
+    // Debian starts the packaged daemons; the tests start their own on other ports.
+    for service in ["etcd", "haproxy"] {
+        let _ = Command::new("systemctl")
+            .args(["disable", "--now", service])
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+    Ok(())
+}
+
+fn kubernetes_binaries() -> Result<()> {
+    let version = kubernetes_version()?;
+    let dir = kubernetes_bin_dir(&version);
+    let go_sum =
+        std::fs::read(go_module_dir().join("go.sum")).context("reading tests/k8s/go.sum")?;
+    let stamp = dir.join("go.sum");
+    let fresh = std::fs::read(&stamp).is_ok_and(|built| built == go_sum);
+    let missing: Vec<&str> = KUBERNETES_COMMANDS
+        .into_iter()
+        .filter(|c| !fresh || !dir.join(c).is_file())
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "k8s-setup: Kubernetes {version} binaries cached in {}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _ = std::fs::remove_file(&stamp);
+    let minor = version
+        .trim_start_matches('v')
+        .split('.')
+        .nth(1)
+        .context("a Kubernetes version like v1.36.3")?;
+    let ldflags = format!(
+        "-s -w -X k8s.io/component-base/version.gitVersion={version} \
+         -X k8s.io/component-base/version.gitMajor=1 \
+         -X k8s.io/component-base/version.gitMinor={minor} \
+         -X k8s.io/component-base/version.gitTreeState=clean \
+         -X k8s.io/client-go/pkg/version.gitVersion={version}"
+    );
+    for command in missing {
+        println!("k8s-setup: building {command} {version} (kube-apiserver takes ~12 minutes cold)");
+        let started = Instant::now();
+        run(go_command()
+            .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
+            .arg(dir.join(command))
+            .arg(format!("k8s.io/kubernetes/cmd/{command}"))
+            .current_dir(go_module_dir()))
+        .with_context(|| format!("building {command} from k8s.io/kubernetes {version}"))?;
+        println!(
+            "k8s-setup: {command} built in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    std::fs::write(&stamp, go_sum).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
+}
+
+fn go_tools() -> Result<()> {
+    let bin = tools_bin_dir();
+    std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
+    for (name, package, version) in GO_TOOLS {
+        let stamp = bin.join(format!("{name}.version"));
+        let installed = std::fs::read_to_string(&stamp).unwrap_or_default();
+        if installed.trim() == version && bin.join(name).is_file() {
+            continue;
+        }
+        println!("k8s-setup: go install {package}@{version}");
+        run(go_command()
+            .args(["install", &format!("{package}@{version}")])
+            .env("GOBIN", &bin)
+            .current_dir(std::env::temp_dir()))
+        .with_context(|| format!("go install {package}@{version}"))?;
+        std::fs::write(&stamp, version).with_context(|| format!("writing {}", stamp.display()))?;
+    }
+    Ok(())
+}
+
+fn first_line(program: &Path, args: &[&str]) -> Result<String> {
+    let text = output(Command::new(program).args(args))?;
+    Ok(text.lines().next().unwrap_or_default().trim().to_owned())
+}
+
+fn print_versions() -> Result<()> {
+    let version = kubernetes_version()?;
+    let dir = kubernetes_bin_dir(&version);
+    for command in KUBERNETES_COMMANDS {
+        let args: &[&str] = if command == "kubectl" {
+            &["version", "--client"]
+        } else {
+            &["--version"]
+        };
+        let printed = first_line(&dir.join(command), args)?;
+        ensure!(
+            printed.contains(&version),
+            "{command} reports {printed:?}, expected {version}"
+        );
+        println!("k8s-setup: {command}: {printed}");
+    }
+    let bin = tools_bin_dir();
+    println!(
+        "k8s-setup: kustomize: {}",
+        first_line(&bin.join("kustomize"), &["version"])?
+    );
+    println!(
+        "k8s-setup: helm: {}",
+        std::fs::read_to_string(bin.join("helm.version"))?.trim()
+    );
+    for package in APT_PACKAGES {
+        match dpkg_version(package) {
+            Some(v) => println!("k8s-setup: {package}: {v}"),
+            None => bail!("{package} is not installed"),
+        }
+    }
+    Ok(())
+}
