@@ -55,6 +55,10 @@ enum Task {
         /// Only the separate-process memory measurement.
         #[arg(long)]
         rss_only: bool,
+        /// Also measure against a real kube-apiserver (k8s-setup builds it): initial sync,
+        /// RSS and endpoint-change latency, beside the fake's numbers.
+        #[arg(long)]
+        real_apiserver: bool,
     },
     /// Installs what the tests need (root, apt) and runs them all: cargo test, then the VM
     /// tests on every kernel.
@@ -162,7 +166,14 @@ fn main() -> Result<()> {
             services,
             events,
             rss_only,
-        } => bench_sync(services, events, rss_only),
+            real_apiserver,
+        } => {
+            bench_sync(services, events, rss_only)?;
+            if real_apiserver {
+                bench_real_apiserver(services, events)?;
+            }
+            Ok(())
+        }
         Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
         Task::VmSetup => vm::vm_setup(),
         Task::EbpfSetup => ebpf::ebpf_setup(),
@@ -300,6 +311,29 @@ fn bench_sync(services: usize, events: usize, rss_only: bool) -> Result<()> {
         &[],
     )?;
     agent_rss(services)
+}
+
+fn bench_real_apiserver(services: usize, events: usize) -> Result<()> {
+    println!(
+        "== real kube-apiserver: initial sync, RSS, endpoint-change latency at {services} services"
+    );
+    k8s::k8s_setup()?;
+    let version = k8s::kubernetes_version()?;
+    cargo(
+        &["bench", "-p", "topoproxy", "--bench", "real_apiserver"],
+        &[
+            ("TOPOPROXY_BENCH_SERVICES", services.to_string()),
+            ("TOPOPROXY_BENCH_EVENTS", events.min(1000).to_string()),
+            (
+                "TOPOPROXY_K8S_BIN",
+                k8s::kubernetes_bin_dir(&version).display().to_string(),
+            ),
+            (
+                "TOPOPROXY_TOOLS_BIN",
+                k8s::tools_bin_dir().display().to_string(),
+            ),
+        ],
+    )
 }
 
 fn in_process(services: usize, events: usize) -> Result<()> {

@@ -17,6 +17,20 @@
 //! Test controls on [`FakeApiServer`] write objects, inject faults (unavailability, dropped
 //! watch connections, compaction) and count requests.
 //!
+//! # What it is still for
+//!
+//! The agent's behaviour against Kubernetes is tested against the real control plane
+//! (`k8s-harness`, `tests/k8s_agent.rs`): TLS and token auth, RBAC, the real EndpointSlice
+//! controller's hints, apiserver kills and HA failover, etcd compaction and 410 re-lists, paged
+//! lists. This fake stays only for what the real server cannot be made to do on demand:
+//!
+//! - serve objects it would refuse to store (invalid IPs and ports, wrong types: what an older
+//!   server, a webhook-less CRD conversion or another writer can leave behind), verbatim;
+//! - faults at an exact point without restarting a process: a watch connection dropped
+//!   mid-stream, a window of 503s, history compacted under one open watch;
+//! - the in-process sync benchmark (`benches/sync.rs`) and the separate-process memory
+//!   measurement, where a synthetic cluster of 50,000 Services appears in milliseconds.
+//!
 //! ```no_run
 //! # async fn demo() {
 //! use fake_apiserver::{FakeApiServer, Kind};

@@ -1,0 +1,279 @@
+//! End-to-end sync benchmark against a real kube-apiserver (etcd on tmpfs, built by
+//! `cargo xtask k8s-setup`): the agent as its own process (`topoproxy run --proxy-mode dry-run`,
+//! release build), authenticated as `system:kube-proxy` (kube-proxy's own RBAC).
+//!
+//! The cluster: `TOPOPROXY_BENCH_SERVICES` Services (default 10,000) × 10 endpoints over
+//! 3 zones × 10 nodes with zone hints, every tenth with a second (UDP) port; the slices are
+//! created directly through the API (no controller manager: the bench measures the agent, not
+//! the controller). Measured:
+//!
+//! 1. start → the whole table programmed (`topoproxy_virtual_servers` reaches its size), and
+//!    start → each initial list complete (from the agent's log);
+//! 2. the agent's VmRSS and VmHWM after the initial sync;
+//! 3. one endpoint change: the API write (an endpoint's address replaced) → the dataplane
+//!    apply that carries it (`topoproxy_dataplane_operations_total` moves), p50/p99 over
+//!    `TOPOPROXY_BENCH_EVENTS` changes (default 200).
+//!
+//! `cargo xtask bench-sync --real-apiserver` runs it beside the fake-apiserver measurement.
+//! Under `cargo test --benches` it is skipped (it needs minutes and the real binaries).
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use k8s_harness::objects::{apply, create_node, NodeSpec};
+use k8s_harness::{free_port, ControlPlane, Daemon, Isolation, KubeconfigUser, Options};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const ENDPOINTS: usize = 10;
+const ZONES: usize = 3;
+const NODES_PER_ZONE: usize = 10;
+const NODE: &str = "node-a-0";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn zone(z: usize) -> String {
+    format!("zone-{}", (b'a' + z as u8) as char)
+}
+
+fn endpoint_address(service: usize, endpoint: usize, generation: usize) -> String {
+    let n = service * ENDPOINTS + endpoint;
+    format!(
+        "10.{}.{}.{}",
+        100 + generation % 100 + (n >> 16) % 28,
+        (n >> 8) & 255,
+        n & 255
+    )
+}
+
+fn service_object(i: usize) -> Value {
+    let mut ports = vec![json!({"name": "http", "port": 80, "protocol": "TCP"})];
+    if i % 10 == 0 {
+        ports.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": format!("svc-{i}"), "namespace": "bench",
+                     "annotations": {"service.kubernetes.io/topology-mode": "Auto"}},
+        "spec": {"ports": ports},
+    })
+}
+
+fn slice_object(i: usize, generation: usize) -> Value {
+    let endpoints: Vec<Value> = (0..ENDPOINTS)
+        .map(|e| {
+            let z = e % ZONES;
+            json!({
+                "addresses": [endpoint_address(i, e, if e == 0 { generation } else { 0 })],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": format!("node-{}-{}", &zone(z)[5..], e % NODES_PER_ZONE),
+                "zone": zone(z),
+                "hints": {"forZones": [{"name": zone(z)}]},
+            })
+        })
+        .collect();
+    let mut ports = vec![json!({"name": "http", "port": 8080, "protocol": "TCP"})];
+    if i % 10 == 0 {
+        ports.push(json!({"name": "dns", "port": 5353, "protocol": "UDP"}));
+    }
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i}-1"), "namespace": "bench", "labels": {
+            "kubernetes.io/service-name": format!("svc-{i}"),
+            "endpointslice.kubernetes.io/managed-by": "topoproxy-bench",
+        }},
+        "addressType": "IPv4",
+        "ports": ports,
+        "endpoints": endpoints,
+    })
+}
+
+async fn get(address: SocketAddr, path: &str) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await.ok()?;
+    let reply = String::from_utf8_lossy(&reply);
+    reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+}
+
+async fn metric(address: SocketAddr, name: &str) -> Option<f64> {
+    let body = get(address, "/metrics").await?;
+    let mut sum = None;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ')?;
+        if series.split('{').next() == Some(name) {
+            *sum.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+        })
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// Seconds after `start` at which the agent logged each "initial list complete".
+fn list_times(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("initial list complete"))
+        .filter_map(|l| {
+            let resource = l.split("resource=\"").nth(1)?.split('"').next()?;
+            Some(format!("{resource} at {}", l.split_whitespace().next()?))
+        })
+        .collect()
+}
+
+async fn run(services: usize, events: usize) {
+    let plane = ControlPlane::start(Options {
+        controller_manager: false,
+        ..Options::default()
+    })
+    .await;
+    let client = plane.admin_client().await;
+    for z in 0..ZONES {
+        for n in 0..NODES_PER_ZONE {
+            let name = format!("node-{}-{n}", &zone(z)[5..]);
+            let address = format!("10.0.{z}.{}", n + 1);
+            create_node(&client, &NodeSpec::new(&name, Some(&zone(z)), &address)).await;
+        }
+    }
+    k8s_harness::objects::create_namespace(&client, "bench").await;
+    let created = Instant::now();
+    futures::stream::iter(0..services)
+        .map(|i| {
+            let client = client.clone();
+            async move {
+                apply(&client, service_object(i)).await;
+                apply(&client, slice_object(i, 0)).await;
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<()>>()
+        .await;
+    println!(
+        "created {services} Services and their slices through the API in {:.1} s",
+        created.elapsed().as_secs_f64()
+    );
+
+    let kubeconfig = plane.kubeconfig(
+        "bench-agent.kubeconfig",
+        &KubeconfigUser::Cert(plane.pki().kube_proxy.clone()),
+    );
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let healthz = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_topoproxy"));
+    cmd.arg("run")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--hostname-override", NODE, "--proxy-mode", "dry-run"])
+        .args(["--metrics-bind-address", &metrics.to_string()])
+        .args(["--healthz-bind-address", &healthz.to_string()])
+        .args(["--min-sync-period", "0", "--log-format", "text"]);
+    let log = plane.dir().join("bench-agent.log");
+    let expected = services + services.div_ceil(10) + 1;
+    let started = Instant::now();
+    let started_wall = std::time::SystemTime::now();
+    let agent = Daemon::spawn("topoproxy", cmd, &log, &Isolation::default());
+    loop {
+        if metric(metrics, "topoproxy_virtual_servers")
+            .await
+            .is_some_and(|v| v as usize >= expected)
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the agent did not program {expected} virtual servers\n{}",
+            agent.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let synced = started.elapsed();
+    let pid = agent.pid().unwrap_or_default();
+    println!(
+        "real apiserver, {services} Services × {ENDPOINTS}: agent start → whole table ({expected} virtual servers) {:.2} s",
+        synced.as_secs_f64()
+    );
+    println!(
+        "  agent started at {}; {}",
+        k8s_openapi::jiff::Timestamp::try_from(started_wall)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+        list_times(&agent.log()).join(", ")
+    );
+    // RSS after the initial sync, once the allocator has settled (measured, not slept on:
+    // the next phase takes seconds anyway).
+    let rss_synced = status_field(pid, "VmRSS:");
+
+    let mut latencies = Vec::with_capacity(events);
+    for event in 0..events {
+        let before = metric(metrics, "topoproxy_dataplane_operations_total")
+            .await
+            .unwrap_or(0.0);
+        let service = (event * 7919) % services;
+        let written = Instant::now();
+        apply(&client, slice_object(service, event + 1)).await;
+        loop {
+            let now = metric(metrics, "topoproxy_dataplane_operations_total")
+                .await
+                .unwrap_or(0.0);
+            if now > before {
+                break;
+            }
+            assert!(
+                written.elapsed() < Duration::from_secs(60),
+                "endpoint change {event} was not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        latencies.push(written.elapsed());
+    }
+    latencies.sort();
+    println!(
+        "  one endpoint change, API write → dataplane apply ({events} changes): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        percentile(&latencies, 50.0).as_secs_f64() * 1e3,
+        percentile(&latencies, 99.0).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+    println!(
+        "  agent memory: VmRSS {rss_synced} after the initial sync, {} after the changes; VmHWM {}",
+        status_field(pid, "VmRSS:"),
+        status_field(pid, "VmHWM:")
+    );
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        println!(
+            "real_apiserver: skipped under cargo test (cargo xtask bench-sync --real-apiserver)"
+        );
+        return;
+    }
+    let services = env_usize("TOPOPROXY_BENCH_SERVICES", 10_000);
+    let events = env_usize("TOPOPROXY_BENCH_EVENTS", 200);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(run(services, events));
+}
