@@ -20,10 +20,10 @@ use tokio::sync::oneshot;
 
 use topoproxy::agent::{client_from_config, Agent, ClusterSource};
 use topoproxy::config::{LogFormat, ProxyMode, RunSettings};
-use topoproxy::convert;
 use topoproxy::dataplane::memory::{MemoryDataplane, MemoryHandle};
-use topoproxy::diff::{programmed_table, ProgrammedTable, TierScope};
+use topoproxy::dataplane::{programmed_table, ProgrammedTable, TierScope};
 use topoproxy::planner::{plan, PlanConfig};
+use topoproxy::source::convert;
 use topoproxy::state::AgentState;
 use topoproxy::store::Store;
 

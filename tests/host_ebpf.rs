@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use futures::executor::block_on;
 use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings, PROGRAMS};
 use topoproxy::dataplane::Dataplane as _;
-use topoproxy::diff::{diff, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use topoproxy::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use topoproxy::diff::diff;
 use topoproxy::model::Protocol;
 use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
 

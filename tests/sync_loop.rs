@@ -9,16 +9,18 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use topoproxy::dataplane::memory::{MemoryDataplane, MemoryHandle};
-use topoproxy::diff::{diff, programmed_table, ProgrammedTable, TierScope};
+use topoproxy::dataplane::{programmed_table, ProgrammedTable, TierScope};
+use topoproxy::diff::diff;
 use topoproxy::health::HealthTracker;
 use topoproxy::metrics::Metrics;
 use topoproxy::model::{Node, ServiceKey};
 use topoproxy::planner::{plan, PlanConfig};
 use topoproxy::source::file::load_dir;
 use topoproxy::source::poll::changes;
+use topoproxy::source::{Resource, SourceEvent};
 use topoproxy::state::AgentState;
 use topoproxy::store::{SliceKey, Store};
-use topoproxy::sync::{Resource, SourceEvent, SyncLoop, SyncSettings};
+use topoproxy::sync::{SyncLoop, SyncSettings};
 use topoproxy::table::NodeTable;
 
 const NODE: &str = "node-b1";

@@ -13,7 +13,8 @@ use std::time::Duration;
 use futures::executor::block_on;
 use topoproxy::dataplane::ebpf::{cleanup, EbpfDataplane, EbpfSettings, PROGRAMS};
 use topoproxy::dataplane::Dataplane as _;
-use topoproxy::diff::{diff, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use topoproxy::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use topoproxy::diff::diff;
 use topoproxy::model::Protocol;
 use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
 

@@ -8,29 +8,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::table::{Frontend, NodeTable, TrafficPolicy, VirtualServer, VsKey};
-
-/// A virtual service's own settings, as a dataplane programs them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceConfig {
-    pub scheduler: String,
-    /// Persistence (`sessionAffinity: ClientIP`) timeout in seconds.
-    pub persistence_timeout: Option<u32>,
-    /// How traffic reaches the service: decides address binding and masquerading.
-    pub frontend: Frontend,
-    /// The traffic policy in force (external traffic keeps its source under `Local`).
-    pub traffic_policy: TrafficPolicy,
-}
-
-/// Which tiers of a virtual server a dataplane holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TierScope {
-    /// Only the nearest non-empty tier, as tier 0 (IPVS: what kube-proxy would program).
-    #[default]
-    Active,
-    /// Every tier, numbered in fallback order (eBPF: the datapath falls back by itself).
-    All,
-}
+use crate::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use crate::table::VsKey;
 
 /// A real server of a virtual service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -40,69 +19,6 @@ pub struct Destination {
     pub weight: u32,
     /// Position of the destination's tier in the fallback order; 0 is the nearest.
     pub tier: u8,
-}
-
-/// What a dataplane holds for one destination besides its address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DestinationState {
-    pub weight: u32,
-    pub tier: u8,
-}
-
-impl DestinationState {
-    /// A destination of the nearest tier.
-    pub fn active(weight: u32) -> Self {
-        Self { weight, tier: 0 }
-    }
-}
-
-/// One virtual service with its destinations, keyed by (address, port).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProgrammedService {
-    pub config: ServiceConfig,
-    pub destinations: BTreeMap<(IpAddr, u16), DestinationState>,
-}
-
-impl ProgrammedService {
-    /// What a dataplane holding `scope` programs for `vs`: its settings and its backends.
-    pub fn from_virtual_server(vs: &VirtualServer, scope: TierScope) -> Self {
-        let tiers = match scope {
-            TierScope::Active => vs.tiers.len().min(1),
-            TierScope::All => vs.tiers.len(),
-        };
-        Self {
-            config: ServiceConfig {
-                scheduler: vs.scheduler.clone(),
-                persistence_timeout: vs.persistence_timeout,
-                frontend: vs.frontend,
-                traffic_policy: vs.traffic_policy,
-            },
-            destinations: vs.tiers[..tiers]
-                .iter()
-                .zip(0u8..)
-                .flat_map(|(tier, index)| {
-                    tier.backends.iter().map(move |b| {
-                        (
-                            (b.address, b.port),
-                            DestinationState {
-                                weight: b.weight,
-                                tier: index,
-                            },
-                        )
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    fn destination(address: IpAddr, port: u16, state: DestinationState) -> Destination {
-        Destination {
-            address,
-            port,
-            weight: state.weight,
-            tier: state.tier,
-        }
-    }
 }
 
 impl Destination {
@@ -115,15 +31,14 @@ impl Destination {
     }
 }
 
-/// A dataplane's whole table.
-pub type ProgrammedTable = BTreeMap<VsKey, ProgrammedService>;
-
-/// The programmed form of a node table, for a dataplane holding `scope`.
-pub fn programmed_table(table: &NodeTable, scope: TierScope) -> ProgrammedTable {
-    table
-        .servers()
-        .map(|vs| (vs.key, ProgrammedService::from_virtual_server(vs, scope)))
-        .collect()
+/// The destination at `address:port` holding `state`.
+fn destination(address: IpAddr, port: u16, state: DestinationState) -> Destination {
+    Destination {
+        address,
+        port,
+        weight: state.weight,
+        tier: state.tier,
+    }
 }
 
 /// One change to a dataplane.
@@ -235,7 +150,7 @@ impl OpBatch {
         actual: &BTreeMap<(IpAddr, u16), DestinationState>,
     ) {
         for (&(address, port), &state) in desired {
-            let destination = ProgrammedService::destination(address, port, state);
+            let destination = destination(address, port, state);
             match actual.get(&(address, port)) {
                 None => self.additions.push(Op::AddDestination {
                     service,
@@ -252,7 +167,7 @@ impl OpBatch {
             if !desired.contains_key(&(address, port)) {
                 self.removals.push(Op::DeleteDestination {
                     service,
-                    destination: ProgrammedService::destination(address, port, state),
+                    destination: destination(address, port, state),
                 });
             }
         }
@@ -348,6 +263,7 @@ pub fn apply_to(table: &mut ProgrammedTable, ops: &[Op]) -> Vec<Op> {
 mod tests {
     use super::*;
     use crate::model::Protocol;
+    use crate::table::{Frontend, TrafficPolicy};
 
     fn key(address: &str, port: u16) -> VsKey {
         VsKey::new(Protocol::Tcp, address.parse().expect("address"), port)

@@ -7,7 +7,6 @@
 
 pub mod agent;
 pub mod config;
-pub mod convert;
 pub mod dataplane;
 pub mod diff;
 pub mod health;

@@ -1,9 +1,9 @@
 //! The cluster model the planner reads: Services, EndpointSlices and Nodes, already validated.
 //!
 //! These types are converted once, at the edge, from the Kubernetes API objects
-//! (see [`crate::convert`]). Everything here is well-formed: addresses parse, ports are in
+//! (see [`crate::source::convert`]). Everything here is well-formed: addresses parse, ports are in
 //! range, protocols are known. Anything that was not is dropped during conversion with a
-//! [`crate::convert::Warning`], so the planner never has to second-guess its input.
+//! [`crate::source::convert::Warning`], so the planner never has to second-guess its input.
 
 use std::fmt;
 use std::net::IpAddr;

@@ -15,46 +15,16 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
-use crate::dataplane::{Dataplane, DataplaneError};
-use crate::diff::{
-    apply_to, diff, programmed_table, Op, OpBatch, ProgrammedService, ProgrammedTable,
+use crate::dataplane::{
+    programmed_table, Dataplane, DataplaneError, ProgrammedService, ProgrammedTable,
 };
-use crate::model::{EndpointSlice, Node, Service, ServiceKey};
+use crate::diff::{apply_to, diff, Op, OpBatch};
+use crate::model::{Node, ServiceKey};
 use crate::planner::{plan, replan_service, PlanConfig};
+use crate::source::{Resource, SourceEvent};
 use crate::state::AgentState;
-use crate::store::{SliceKey, Store};
+use crate::store::Store;
 use crate::table::{NodeTable, VsKey};
-
-/// A source's initial list (or re-list) that gates programming.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Resource {
-    Services,
-    EndpointSlices,
-    Node,
-}
-
-impl Resource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Services => "services",
-            Self::EndpointSlices => "endpointslices",
-            Self::Node => "node",
-        }
-    }
-}
-
-/// A change reported by a source, already converted to the model.
-#[derive(Debug, Clone, PartialEq)]
-pub enum SourceEvent {
-    /// A Service was added or changed (`Some`) or is gone or unusable (`None`).
-    Service(ServiceKey, Option<Service>),
-    /// Likewise for an EndpointSlice.
-    Slice(SliceKey, Option<EndpointSlice>),
-    /// This node's Node object; `None` when it was deleted.
-    Node(Option<Node>),
-    /// The source finished listing `Resource`; everything it knows has been sent.
-    Listed(Resource),
-}
 
 /// Timing and planning settings of the loop.
 #[derive(Debug, Clone)]

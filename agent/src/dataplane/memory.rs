@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::diff::{apply_to, Op, ProgrammedTable};
+use crate::diff::{apply_to, Op};
 
-use super::{Dataplane, DataplaneError, FailedOp};
+use super::{Dataplane, DataplaneError, FailedOp, ProgrammedTable};
 
 #[derive(Debug, Default)]
 struct Inner {

@@ -7,10 +7,16 @@
 pub mod ebpf;
 pub mod ipvs;
 pub mod memory;
+pub mod programmed;
 
 use std::future::Future;
 
-use crate::diff::{Op, ProgrammedTable, TierScope};
+pub use programmed::{
+    programmed_table, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
+    TierScope,
+};
+
+use crate::diff::Op;
 use crate::table::VsKey;
 
 /// Why a dataplane could not do what was asked.

@@ -25,7 +25,7 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, IgnoredAny, MapAccess, 
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
-use crate::convert::{
+use super::convert::{
     self, ObjectRef, Warning, DEFAULT_NAMESPACE, KIND_ENDPOINT_SLICE, KIND_NODE, KIND_SERVICE,
     UNNAMED,
 };

@@ -23,12 +23,12 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::convert::{self, Warning};
+use super::convert::{self, Warning};
+use super::{Resource, SourceEvent};
 use crate::model::ServiceKey;
 use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_NAME};
 use crate::state::AgentState;
 use crate::store::SliceKey;
-use crate::sync::{Resource, SourceEvent};
 
 /// How one Kubernetes resource maps onto source events.
 trait Watched: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static {

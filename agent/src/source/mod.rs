@@ -1,5 +1,43 @@
 //! Sources that fill the store: the Kubernetes API, or a directory of YAML.
+//!
+//! Every source reports what it saw as [`SourceEvent`]s, already converted to the model by
+//! [`convert`]; the sync loop consumes them.
 
+pub mod convert;
 pub mod file;
 pub mod kube;
 pub mod poll;
+
+use crate::model::{EndpointSlice, Node, Service, ServiceKey};
+use crate::store::SliceKey;
+
+/// A source's initial list (or re-list) that gates programming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Resource {
+    Services,
+    EndpointSlices,
+    Node,
+}
+
+impl Resource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+            Self::Node => "node",
+        }
+    }
+}
+
+/// A change reported by a source, already converted to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceEvent {
+    /// A Service was added or changed (`Some`) or is gone or unusable (`None`).
+    Service(ServiceKey, Option<Service>),
+    /// Likewise for an EndpointSlice.
+    Slice(SliceKey, Option<EndpointSlice>),
+    /// This node's Node object; `None` when it was deleted.
+    Node(Option<Node>),
+    /// The source finished listing `Resource`; everything it knows has been sent.
+    Listed(Resource),
+}

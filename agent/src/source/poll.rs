@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
+use super::{Resource, SourceEvent};
 use crate::state::AgentState;
 use crate::store::{SliceKey, Store};
-use crate::sync::{Resource, SourceEvent};
 
 use super::file::{load_dir, yaml_files, FileSourceError};
 

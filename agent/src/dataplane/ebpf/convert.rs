@@ -6,7 +6,7 @@ use topoproxy_common::{
     flags, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, MAX_TIERS, SCHEDULER_LEN,
 };
 
-use crate::diff::ServiceConfig;
+use crate::dataplane::ServiceConfig;
 use crate::model::Protocol;
 use crate::table::{Frontend, TrafficPolicy, VsKey};
 

@@ -36,14 +36,15 @@ use topoproxy_common::{
     RevNatKey, Service, ServiceKey, ServiceStats, MAX_TIERS, MAX_TIER_BACKENDS, TIER_SHIFT,
 };
 
-use crate::diff::{
-    Destination, DestinationState, Op, ProgrammedService, ProgrammedTable, ServiceConfig, TierScope,
-};
+use crate::diff::{Destination, Op};
 use crate::table::VsKey;
 
 pub use loader::{cgroup2_mount, cleanup, CleanupReport, LoadReport, PROGRAMS};
 
-use super::{error_chain, Dataplane, DataplaneError, ServiceTraffic};
+use super::{
+    error_chain, Dataplane, DataplaneError, DestinationState, ProgrammedService, ProgrammedTable,
+    ServiceConfig, ServiceTraffic, TierScope,
+};
 
 const NAME: &str = "ebpf";
 

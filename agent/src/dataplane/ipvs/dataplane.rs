@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use ipnetwork::IpNetwork;
 
-use crate::dataplane::{error_chain, Dataplane, DataplaneError, FailedOp};
-use crate::diff::{DestinationState, Op, ProgrammedService, ProgrammedTable, ServiceConfig};
+use crate::dataplane::{
+    error_chain, Dataplane, DataplaneError, DestinationState, FailedOp, ProgrammedService,
+    ProgrammedTable, ServiceConfig,
+};
+use crate::diff::Op;
 use crate::table::{Frontend, VsKey};
 
 use super::conntrack::{self, BackendFlow};
