@@ -1,5 +1,6 @@
 //! Builds the eBPF programs (`../ebpf`) for the BPF target with aya-build; the agent embeds
-//! the object (`dataplane::ebpf`).
+//! the object (`dataplane::ebpf`). Also records the git revision for `topoproxy --version`
+//! (`TOPOPROXY_GIT_REVISION`).
 //!
 //! Needs `bpf-linker` on PATH and the `rust-src` component: `cargo xtask ebpf-setup` installs
 //! both. Stable Rust builds `core` for the BPF target only with `RUSTC_BOOTSTRAP=1`, which is
@@ -7,9 +8,10 @@
 
 use std::env;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode};
 
 fn main() -> ExitCode {
+    record_git_revision();
     println!("cargo:rerun-if-changed=../common");
     println!("cargo:rerun-if-env-changed=PATH");
     if !on_path("bpf-linker") {
@@ -66,4 +68,65 @@ fn toolchain() -> String {
         .and_then(|name| name.to_str())
         .map(str::to_owned)
         .unwrap_or_else(|| "stable".to_owned())
+}
+
+/// Sets `TOPOPROXY_GIT_REVISION` for the crate: the override of the same name if set (builds
+/// from a source tarball, where there is no `.git`), else `git rev-parse HEAD` of this
+/// checkout, else `unknown` (no git, or no repository).
+fn record_git_revision() {
+    println!("cargo:rerun-if-env-changed=TOPOPROXY_GIT_REVISION");
+    let revision = env::var("TOPOPROXY_GIT_REVISION")
+        .ok()
+        .filter(|value| !value.is_empty())
+        .or_else(|| {
+            watch_git_head();
+            git(&["rev-parse", "--short=12", "HEAD"])
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=TOPOPROXY_GIT_REVISION={revision}");
+}
+
+/// Re-runs this script when HEAD moves: HEAD itself (a checkout) and the ref it names (a
+/// commit), which in a worktree lives in the common git directory.
+fn watch_git_head() {
+    if let Some(head) = git(&["rev-parse", "--path-format=absolute", "--git-path", "HEAD"]) {
+        println!("cargo:rerun-if-changed={head}");
+    }
+    if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        if let Some(path) = git(&[
+            "rev-parse",
+            "--path-format=absolute",
+            "--git-path",
+            &reference,
+        ]) {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    if let Some(packed) = git(&[
+        "rev-parse",
+        "--path-format=absolute",
+        "--git-path",
+        "packed-refs",
+    ]) {
+        println!("cargo:rerun-if-changed={packed}");
+    }
+}
+
+/// One line of `git ARGS` output in the manifest directory, or None if git is missing or fails.
+/// The search for a repository stops at the workspace root: a source tree unpacked inside some
+/// other repository must say `unknown`, not that repository's revision.
+fn git(args: &[&str]) -> Option<String> {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR")?);
+    let ceiling = manifest_dir.parent()?.parent()?;
+    let output = Command::new("git")
+        .args(args)
+        .env("GIT_CEILING_DIRECTORIES", ceiling)
+        .current_dir(&manifest_dir)
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let line = String::from_utf8(output.stdout).ok()?.trim().to_owned();
+    (!line.is_empty()).then_some(line)
 }

@@ -269,3 +269,29 @@ fn json_logs_are_one_json_object_per_line() {
         );
     }
 }
+
+#[test]
+fn version_names_the_release_and_the_git_revision() {
+    let output = topoproxy(&["--version"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let expected_revision = std::env::var("TOPOPROXY_GIT_REVISION")
+        .ok()
+        .filter(|value| !value.is_empty())
+        .or_else(|| {
+            Command::new("git")
+                .args(["rev-parse", "--short=12", "HEAD"])
+                .current_dir(workspace_root())
+                .output()
+                .ok()
+                .filter(|out| out.status.success())
+                .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    assert_eq!(
+        stdout(&output),
+        format!(
+            "topoproxy {} (git {expected_revision})\n",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
+}

@@ -21,10 +21,19 @@ use topoproxy::source::file;
 /// as distinct from a failure while serving it.
 const EXIT_USAGE: u8 = 2;
 
+/// `topoproxy --version`: the release and the git revision it was built from (`unknown` when
+/// built outside a git checkout without `TOPOPROXY_GIT_REVISION`; see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("TOPOPROXY_GIT_REVISION"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "topoproxy",
-    version,
+    version = VERSION,
     about = "Topology-aware kube-proxy replacement: routes every Service to the nearest healthy backends"
 )]
 struct Cli {

@@ -15,6 +15,12 @@
 //! - `k8s-setup`: builds and installs the real Kubernetes components the tests run against
 //!   (kube-apiserver, kube-controller-manager, kube-proxy, kubectl, etcd, haproxy, kustomize,
 //!   helm; see `k8s.rs`).
+//! - `image`: the container image, built without a container engine; `--check` builds it
+//!   twice, compares digests and runs the in-image smoke test (see `image/mod.rs`).
+//! - `chart`: `--check` lints and templates charts/topoproxy with the pinned helm and proves
+//!   that it renders the same objects as the kustomize overlays (see `chart.rs`).
+//! - `release`: binary tarball, image archive and SBOM, chart package pinned to the image's
+//!   digest, SHA256SUMS (see `release.rs`).
 //! - `demo`: the example cluster on this machine with real traffic through the eBPF dataplane
 //!   (see `demo.rs`).
 
@@ -27,10 +33,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod chart;
 mod demo;
 mod ebpf;
 mod k8s;
+mod image;
+mod release;
 mod testall;
+mod tools;
 mod vm;
 mod vmbench;
 mod vmtest;
@@ -93,6 +103,37 @@ enum Task {
         /// Internal: the demo's own pods and client, started inside its namespaces.
         #[arg(long, hide = true, num_args = 1.., allow_hyphen_values = true)]
         role: Vec<String>,
+    },
+    /// The OCI image (layout, docker/oci archive, SBOM) without a container engine: Debian's
+    /// nft, ipvsadm, conntrack and their libraries, and the release topoproxy binary.
+    Image {
+        /// Output directory (default: <target>/image).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Use this topoproxy binary instead of building the release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Also build a second time and compare digests, then run the image's programs in
+        /// its unpacked root (root, unshare).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Release artifacts: binary tarball, image archive + SBOM, chart package (pinned to the
+    /// image digest), SHA256SUMS, in <target>/release-artifacts/vX.Y.Z.
+    Release {
+        /// Use this topoproxy binary instead of building the release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Also check the image (reproducibility, in-image smoke test).
+        #[arg(long)]
+        check: bool,
+    },
+    /// The Helm chart: with --check, helm lint, helm template, and chart = kustomize for the
+    /// same settings (needs `cargo xtask k8s-setup`'s helm and kustomize).
+    Chart {
+        /// Lint, template and compare with the overlays.
+        #[arg(long)]
+        check: bool,
     },
     /// Boots each kernel in QEMU, runs the smoke test, then the `vm_*` test targets' ignored
     /// tests in one boot per kernel.
@@ -178,6 +219,18 @@ fn main() -> Result<()> {
         Task::VmSetup => vm::vm_setup(),
         Task::EbpfSetup => ebpf::ebpf_setup(),
         Task::K8sSetup => k8s::k8s_setup(),
+        Task::Release { binary, check } => {
+            release::release(&release::ReleaseOptions { binary, check })
+        }
+        Task::Chart { check } => {
+            if !check {
+                bail!("nothing to do: `cargo xtask chart --check` lints and compares the chart");
+            }
+            chart::chart_check()
+        }
+        Task::Image { out, binary, check } => {
+            image::image(&image::ImageOptions { out, binary, check }).map(|_| ())
+        }
         Task::Demo {
             node,
             keep,
@@ -278,6 +331,14 @@ fn workspace_root() -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where cargo builds: CARGO_TARGET_DIR if set (relative to the workspace), else `target/`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target"),
+    }
 }
 
 fn cargo(args: &[&str], envs: &[(&str, String)]) -> Result<()> {
