@@ -5,7 +5,7 @@
 
 Needs PyYAML (`pip install pyyaml`) and kustomize (`cargo xtask k8s-setup` installs it; found
 in TOPOPROXY_TOOLS_BIN, k8s-setup's cache, or PATH). Schema, defaulting and admission are the
-real apiserver's job: `cargo test --test k8s_agent every_overlay` runs a server-side dry run of
+real apiserver's job: `cargo test --test k8s_agent every_overlay_and_chart` runs a server-side dry run of
 every render. What this file checks:
 
 1. Every *.yaml under manifests/ parses.

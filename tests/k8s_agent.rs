@@ -783,10 +783,11 @@ async fn its_own_node_deleted_recreated_and_moved_to_another_zone() {
     );
 }
 
-/// Every kustomize overlay, rendered by the real kustomize, passes a server-side dry run on
-/// the real apiserver (schema, defaulting, admission, RBAC of the objects themselves).
+/// Every kustomize overlay (rendered by the real kustomize) and every mode of the Helm chart
+/// (rendered by the real helm) passes a server-side dry run on the real apiserver (schema,
+/// defaulting, admission, RBAC of the objects themselves).
 #[tokio::test]
-async fn every_overlay_passes_a_server_side_dry_run() {
+async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
     let _serial = serial().await;
     let plane = ControlPlane::start(Options {
         controller_manager: false,
@@ -825,9 +826,40 @@ async fn every_overlay_passes_a_server_side_dry_run() {
             }
         }
     }
+    // The Helm chart, each mode (the ServiceMonitor needs the Prometheus operator's CRD, which
+    // this cluster does not have).
+    let helm = &plane.binaries().helm;
+    for mode in ["shadow", "ipvs", "ebpf"] {
+        let out = std::process::Command::new(helm)
+            .args(["template", "topoproxy"])
+            .arg(agent::workspace_root().join("charts/topoproxy"))
+            .args(["--namespace", "kube-system", "--kube-version", "1.36.3"])
+            .args(["--set", &format!("mode={mode}")])
+            .output()
+            .expect("running helm");
+        assert!(
+            out.status.success(),
+            "helm template: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for object in yaml_documents(&String::from_utf8_lossy(&out.stdout)) {
+            let what = format!(
+                "chart mode={mode}: {} {}",
+                object["kind"].as_str().unwrap_or("?"),
+                object["metadata"]["name"].as_str().unwrap_or("?")
+            );
+            checked += 1;
+            if let Err(error) = apply_object(&client, object, true).await {
+                failures.insert(what, error);
+            }
+        }
+    }
     assert!(
         failures.is_empty(),
         "server-side dry run refused: {failures:#?}"
     );
-    assert!(checked >= 20, "every overlay rendered objects ({checked})");
+    assert!(
+        checked >= 30,
+        "every overlay and chart mode rendered objects ({checked})"
+    );
 }
