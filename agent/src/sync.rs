@@ -19,7 +19,7 @@ use crate::dataplane::{Dataplane, DataplaneError};
 use crate::diff::{
     apply_to, diff, programmed_table, Op, OpBatch, ProgrammedService, ProgrammedTable,
 };
-use crate::model::{EndpointSlice, Node, Service, ServiceKey};
+use crate::model::{EndpointSlice, LocalityPolicy, Node, NodeLocality, Service, ServiceKey};
 use crate::planner::{plan, replan_service, PlanConfig};
 use crate::state::AgentState;
 use crate::store::{SliceKey, Store};
@@ -31,6 +31,8 @@ pub enum Resource {
     Services,
     EndpointSlices,
     Node,
+    /// Every Node's zone and region (metadata only).
+    NodeLocalities,
 }
 
 impl Resource {
@@ -39,6 +41,7 @@ impl Resource {
             Self::Services => "services",
             Self::EndpointSlices => "endpointslices",
             Self::Node => "node",
+            Self::NodeLocalities => "nodes",
         }
     }
 }
@@ -52,6 +55,8 @@ pub enum SourceEvent {
     Slice(SliceKey, Option<EndpointSlice>),
     /// This node's Node object; `None` when it was deleted.
     Node(Option<Node>),
+    /// Where some Node (any Node) sits; `None` when it was deleted.
+    NodeLocality(String, Option<NodeLocality>),
     /// The source finished listing `Resource`; everything it knows has been sent.
     Listed(Resource),
 }
@@ -231,6 +236,19 @@ impl<D: Dataplane> SyncLoop<D> {
                     node = %self.node_name,
                     "this node's Node object was deleted; keeping the last known topology"
                 );
+            }
+            SourceEvent::NodeLocality(name, locality) => {
+                let changed = match locality {
+                    Some(locality) => self.store.upsert_node_locality(&name, locality),
+                    None => self.store.remove_node_locality(&name),
+                };
+                // Zones, regions and node counts feed only the locality policies' tiers.
+                let in_use = self.settings.plan.default_locality != LocalityPolicy::KubeProxy
+                    || self.store.has_locality_services();
+                if changed && in_use {
+                    self.replan_all = true;
+                    self.note_pending_change();
+                }
             }
             SourceEvent::Listed(resource) => {
                 if self.listed.insert(resource) {
@@ -455,13 +473,21 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 
     fn publish_table_stats(&self) {
-        let (virtual_servers, backends) = {
+        let (virtual_servers, backends, locality_servers, locality_shares) = {
             let table = self.read_table();
-            (table.len(), table.programmed_backends())
+            (
+                table.len(),
+                table.programmed_backends(),
+                table.locality_servers(),
+                table.locality_share_means(),
+            )
         };
         self.state
             .metrics
             .set_table_stats(virtual_servers, backends, self.falling_back.len());
+        self.state
+            .metrics
+            .set_locality_shares(locality_servers, &locality_shares);
     }
 }
 
