@@ -188,19 +188,26 @@ fn classify(
 }
 
 /// The capacity guard of a tier: the locality's share of Ready endpoints over its share of
-/// Nodes (clients). `None` without the counts to know, for hinted tiers, and outside regions.
+/// Nodes (clients), bounded by every enclosing locality's (node ⊂ zone ⊂ region) — also when
+/// an enclosing tier holds no endpoint of its own, because the cap is on what is served
+/// *within* the locality. `None` without the counts to know, for hinted tiers, and for the
+/// cluster-wide tiers.
 fn capacity(tier: TierKind, hinted: bool, scope: &Scope<'_>, counts: &ReadyCounts) -> Option<f64> {
     if hinted || scope.nodes == 0 || counts.cluster == 0 {
         return None;
     }
-    let (ready, nodes) = match tier {
-        TierKind::SameNode => (counts.node, 1),
-        TierKind::SameZone => (counts.zone, scope.zone_nodes),
-        TierKind::SameRegion => (counts.region, scope.region_nodes),
-        _ => return None,
+    let ratio = |ready: usize, nodes: usize| -> Option<f64> {
+        (nodes > 0)
+            .then(|| (ready as f64 / counts.cluster as f64) / (nodes as f64 / scope.nodes as f64))
     };
-    if nodes == 0 {
-        return None;
+    let region = ratio(counts.region, scope.region_nodes);
+    let zone = ratio(counts.zone, scope.zone_nodes);
+    let node = ratio(counts.node, 1);
+    let nested = |caps: &[Option<f64>]| caps.iter().flatten().copied().reduce(f64::min);
+    match tier {
+        TierKind::SameNode => nested(&[node, zone, region]),
+        TierKind::SameZone => nested(&[zone, region]),
+        TierKind::SameRegion => region,
+        _ => None,
     }
-    Some((ready as f64 / counts.cluster as f64) / (nodes as f64 / scope.nodes as f64))
 }

@@ -241,6 +241,34 @@ fn node_policy_serves_this_node_first_within_its_capacity() {
 }
 
 #[test]
+fn node_policy_keeps_the_zone_cap_even_with_no_other_endpoint_in_the_zone() {
+    // a1 holds zone-a's only endpoint, and zone-a has three nodes: a naive "always local"
+    // would load it with a1's traffic plus a2's and a3's zone tier.
+    let nodes = vec![
+        located("a1", "zone-a", "r1"),
+        located("a2", "zone-a", "r1"),
+        located("a3", "zone-a", "r1"),
+        located("b1", "zone-b", "r1"),
+    ];
+    let endpoints = vec![
+        ep("10.0.0.1", "a1", "zone-a"),
+        ep("10.0.0.2", "b1", "zone-b"),
+        ep("10.0.0.3", "b1", "zone-b"),
+        ep("10.0.0.4", "b1", "zone-b"),
+    ];
+    let store = cluster(
+        &nodes,
+        dns(Some(LocalityPolicy::Node)),
+        vec![dns_slice(endpoints)],
+    );
+    let vs = the_vs(&store, &nodes[0], &PlanConfig::default());
+    assert_eq!(
+        shares(&vs),
+        [(TierKind::SameNode, 333), (TierKind::SameRegion, 667)]
+    );
+}
+
+#[test]
 fn regions_come_from_node_labels_and_unknown_nodes_are_cluster_wide() {
     let nodes = vec![
         located("a1", "zone-a", "r1"),
