@@ -27,6 +27,7 @@ use clap::{Parser, Subcommand};
 mod demo;
 mod ebpf;
 mod testall;
+mod topology;
 mod vm;
 mod vmbench;
 mod vmtest;
@@ -61,6 +62,13 @@ enum Task {
     },
     /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
     VmSetup,
+    /// Plans the topology scenarios with the real planner and writes the table into
+    /// docs/topology.md.
+    TopologyReport {
+        /// Only check that docs/topology.md is current.
+        #[arg(long)]
+        check: bool,
+    },
     /// Installs what building the eBPF programs needs: rust-src, LLVM 22 (root, apt) and
     /// bpf-linker.
     EbpfSetup,
@@ -157,6 +165,7 @@ fn main() -> Result<()> {
         } => bench_sync(services, events, rss_only),
         Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
         Task::VmSetup => vm::vm_setup(),
+        Task::TopologyReport { check } => topology::topology_report(check),
         Task::EbpfSetup => ebpf::ebpf_setup(),
         Task::Demo {
             node,

@@ -3,8 +3,10 @@
 //! Endpoints are ordered by where they are relative to this node — this node (`node` policy
 //! only), this zone, this region, this cluster, other clusters — and the spill rule
 //! ([`super::spill`]) decides each tier's share. Where the EndpointSlice controller wrote hints
-//! that kube-proxy would follow on this node, they still decide the near tier: they encode the
-//! controller's capacity-aware split, so that tier gets no capacity guard. When hints vanish
+//! that kube-proxy would follow on this node, they still decide the near tier. Hints written
+//! for `topology-mode: Auto` encode the controller's capacity-aware split, so that tier gets no
+//! capacity guard; hints written for `trafficDistribution` only mirror each endpoint's own zone
+//! or node (no capacity check in the controller), so the guard applies. When hints vanish
 //! (a rollout, a small zone, a node without CPU information: kubernetes#114215, #122437), the
 //! endpoints' own `zone` and `nodeName` keep the order, guarded by endpoints per zone versus
 //! Nodes per zone, instead of kube-proxy's jump to cluster-wide.
@@ -12,7 +14,7 @@
 //! An endpoint's region is its Node's `topology.kubernetes.io/region` label; an endpoint on an
 //! unknown Node has no known region (an endpoint in this node's zone is in its region anyway).
 
-use crate::model::{LocalityPolicy, Node};
+use crate::model::{LocalityPolicy, Node, TopologyIntent};
 use crate::store::Store;
 use crate::table::{TierKind, TopologyMode};
 
@@ -55,7 +57,10 @@ pub fn locality_tiers(
     node: &Node,
     mode: TopologyMode,
     policy: LocalityPolicy,
+    intent: TopologyIntent,
 ) -> LocalityTiers {
+    // Only topology-mode Auto hints come from the controller's capacity-aware allocation.
+    let trusted_hints = intent == TopologyIntent::Auto;
     let scope = Scope {
         node: &node.name,
         zone: node.zone.as_deref(),
@@ -70,7 +75,7 @@ pub fn locality_tiers(
     let mut counts = ReadyCounts::default();
     let mut classes = Vec::with_capacity(candidates.len());
     for candidate in candidates {
-        let class = classify(candidate, store, &scope, mode, policy);
+        let class = classify(candidate, store, &scope, mode, policy, trusted_hints);
         if candidate.is_ready() && !candidate.is_remote() {
             counts.cluster += 1;
             counts.node += usize::from(class.on_node);
@@ -93,7 +98,7 @@ pub fn locality_tiers(
                 health.push(TierHealth {
                     ready: 0,
                     total: 0,
-                    capacity: capacity(class.tier, class.hinted, &scope, &counts),
+                    capacity: capacity(class.tier, class.hinted && trusted_hints, &scope, &counts),
                 });
                 tiers.len() - 1
             }
@@ -147,6 +152,7 @@ fn classify(
     scope: &Scope<'_>,
     mode: TopologyMode,
     policy: LocalityPolicy,
+    trusted_hints: bool,
 ) -> Class {
     let endpoint = candidate.endpoint;
     let endpoint_node = endpoint.node_name.as_deref();
@@ -166,7 +172,12 @@ fn classify(
         (TierKind::RemoteClusters, false)
     } else if hinted_node {
         (TierKind::SameNode, true)
-    } else if policy == LocalityPolicy::Node && on_node {
+    } else if policy == LocalityPolicy::Node
+        && on_node
+        // The controller may have lent this node's endpoint to another zone; keeping it
+        // here would undo its capacity-aware split.
+        && (hinted_zone || !(trusted_hints && mode == TopologyMode::SameZone))
+    {
         (TierKind::SameNode, false)
     } else if hinted_zone {
         (TierKind::SameZone, true)

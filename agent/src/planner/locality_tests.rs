@@ -134,7 +134,9 @@ fn complete_hints_still_decide_the_first_tier() {
         zone_hint(ep("10.0.0.2", "a2", "zone-a"), &["zone-b"]),
         zone_hint(ep("10.0.0.3", "b1", "zone-b"), &["zone-b"]),
     ];
-    let store = cluster(&nodes, dns(None), vec![dns_slice(endpoints)]);
+    let mut auto = dns(None);
+    auto.topology_intent = crate::model::TopologyIntent::Auto;
+    let store = cluster(&nodes, auto, vec![dns_slice(endpoints)]);
     let vs = the_vs(&store, &nodes[0], &zone_policy());
     assert_eq!(vs.topology, TopologyMode::SameZone);
     assert_eq!(
@@ -206,6 +208,24 @@ fn a_small_zone_is_guarded_by_endpoints_per_node() {
     assert_eq!(
         shares(&vs),
         [(TierKind::SameZone, 1_000), (TierKind::SameRegion, 0)]
+    );
+    // trafficDistribution hints mirror each endpoint's zone without any capacity check, so
+    // they decide the tier but do not lift the guard (kube-proxy would send all of zone-a's
+    // three nodes to its one endpoint).
+    let mut prefer = dns(None);
+    prefer.topology_intent = crate::model::TopologyIntent::PreferSameZone;
+    let hinted = vec![
+        zone_hint(ep("10.0.0.1", "a1", "zone-a"), &["zone-a"]),
+        zone_hint(ep("10.0.0.2", "b1", "zone-b"), &["zone-b"]),
+        zone_hint(ep("10.0.0.3", "b1", "zone-b"), &["zone-b"]),
+        zone_hint(ep("10.0.0.4", "b1", "zone-b"), &["zone-b"]),
+    ];
+    let store = cluster(&nodes, prefer, vec![dns_slice(hinted)]);
+    let vs = the_vs(&store, &nodes[1], &zone_policy());
+    assert_eq!(vs.topology, TopologyMode::SameZone);
+    assert_eq!(
+        shares(&vs),
+        [(TierKind::SameZone, 333), (TierKind::SameRegion, 667)]
     );
 }
 

@@ -300,7 +300,14 @@ pub(crate) fn port_plans<'a>(
                     (Some(cluster_tiers(&candidates, node, mode)), None)
                 }
                 (true, policy) => {
-                    let planned = locality_tiers(&candidates, store, node, mode, policy);
+                    let planned = locality_tiers(
+                        &candidates,
+                        store,
+                        node,
+                        mode,
+                        policy,
+                        service.topology_intent,
+                    );
                     let spill = SpillPlan::new(&planned.tiers, planned.health);
                     (Some(planned.tiers), Some(spill))
                 }
