@@ -5,6 +5,11 @@
 //! - full plan of 10,000 Services × 10 endpoints over 3 zones: ≤ 100 ms;
 //! - re-plan of one Service after one endpoint changed: ≤ 20 µs.
 //!
+//! Each runs with kube-proxy's behaviour and with the `zone` locality policy as the cluster
+//! default (`_zone_spill`: locality tiers, Envoy spill with the capacity guard, weights; the
+//! synthetic zones hold 3 or 4 of a Service's 10 endpoints for a third of the nodes, so many
+//! Services really spill 10 % outward).
+//!
 //! Run with `cargo bench -p topoproxy --bench plan`. Sample sizes are kept small so the whole
 //! run stays well under three minutes on two cores.
 
@@ -13,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, SamplingMode};
 
-use topoproxy::model::{EndpointSlice, Node, ServiceKey};
+use topoproxy::model::{EndpointSlice, LocalityPolicy, Node, ServiceKey};
 use topoproxy::planner::{plan, replan_service, PlanConfig};
 use topoproxy::store::Store;
 use topoproxy::synthetic::{
@@ -42,12 +47,23 @@ fn this_node(store: &Store) -> Node {
     }
 }
 
-fn hints_label(with_hints: bool) -> &'static str {
-    if with_hints {
-        "hints"
-    } else {
-        "no_hints"
-    }
+/// The two planner configurations every bench runs with.
+fn configs() -> [(PlanConfig, &'static str); 2] {
+    [
+        (PlanConfig::default(), ""),
+        (
+            PlanConfig {
+                default_locality: LocalityPolicy::Zone,
+                ..PlanConfig::default()
+            },
+            "_zone_spill",
+        ),
+    ]
+}
+
+fn label(with_hints: bool, suffix: &str) -> String {
+    let hints = if with_hints { "hints" } else { "no_hints" };
+    format!("{hints}{suffix}")
 }
 
 /// The incremental path under test: store the slice, re-plan every Service it affects.
@@ -64,7 +80,6 @@ fn apply_slice(
 }
 
 fn full_plan(c: &mut Criterion) {
-    let config = PlanConfig::default();
     let mut group = c.benchmark_group("full_plan_10k_services_x_10_endpoints_3_zones");
     group
         .sampling_mode(SamplingMode::Flat)
@@ -74,21 +89,25 @@ fn full_plan(c: &mut Criterion) {
     for with_hints in [true, false] {
         let store = synthetic_cluster(&spec(with_hints));
         let node = this_node(&store);
-        group.bench_function(hints_label(with_hints), |b| {
-            b.iter(|| plan(black_box(&store), black_box(&node), &config))
-        });
+        for (config, suffix) in configs() {
+            group.bench_function(label(with_hints, suffix), |b| {
+                b.iter(|| plan(black_box(&store), black_box(&node), &config))
+            });
+        }
     }
     group.finish();
 }
 
 fn replan_one_service(c: &mut Criterion) {
-    let config = PlanConfig::default();
     let mut group = c.benchmark_group("replan_one_service_after_endpoint_change");
     group
         .sample_size(50)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    for with_hints in [true, false] {
+    for (with_hints, (config, suffix)) in [true, false]
+        .into_iter()
+        .flat_map(|hints| configs().map(|config| (hints, config)))
+    {
         let mut store = synthetic_cluster(&spec(with_hints));
         let node = this_node(&store);
         // svc-5010 has two ports (http and dns), so it contributes two virtual servers, and
@@ -119,7 +138,7 @@ fn replan_one_service(c: &mut Criterion) {
         // Setup (not measured) hands out the two versions alternately; the first one handed
         // out is the flipped version, since the store holds the original.
         let mut next_is_flipped = false;
-        group.bench_function(hints_label(with_hints), |b| {
+        group.bench_function(label(with_hints, suffix), |b| {
             b.iter_batched(
                 || {
                     next_is_flipped = !next_is_flipped;

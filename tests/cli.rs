@@ -295,3 +295,114 @@ fn version_names_the_release_and_the_git_revision() {
         )
     );
 }
+
+/// Four nodes in two zones of one region; `dns` opts in, `odd` has a bad value, both have
+/// zone-a half down (a2's endpoint not ready).
+const LOCALITY_CLUSTER: &str = r#"apiVersion: v1
+kind: NodeList
+items:
+- metadata: {name: a1, labels: {topology.kubernetes.io/zone: zone-a, topology.kubernetes.io/region: r1}}
+  status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+- metadata: {name: a2, labels: {topology.kubernetes.io/zone: zone-a, topology.kubernetes.io/region: r1}}
+  status: {addresses: [{type: InternalIP, address: 192.168.0.2}]}
+- metadata: {name: b1, labels: {topology.kubernetes.io/zone: zone-b, topology.kubernetes.io/region: r1}}
+  status: {addresses: [{type: InternalIP, address: 192.168.0.3}]}
+- metadata: {name: b2, labels: {topology.kubernetes.io/zone: zone-b, topology.kubernetes.io/region: r1}}
+  status: {addresses: [{type: InternalIP, address: 192.168.0.4}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: default, annotations: {topoproxy.io/topology: zone}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: dns, port: 53, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: odd, namespace: default, annotations: {topoproxy.io/topology: everywhere}}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: dns, port: 53, protocol: UDP}]
+"#;
+
+fn locality_slice(service: &str) -> String {
+    format!(
+        r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}
+addressType: IPv4
+ports: [{{name: dns, port: 53, protocol: UDP}}]
+endpoints:
+- {{addresses: [10.0.0.1], nodeName: a1, zone: zone-a}}
+- {{addresses: [10.0.0.2], nodeName: a2, zone: zone-a, conditions: {{ready: false}}}}
+- {{addresses: [10.0.0.3], nodeName: b1, zone: zone-b}}
+- {{addresses: [10.0.0.4], nodeName: b2, zone: zone-b}}
+"#
+    )
+}
+
+#[test]
+fn locality_opt_in_shows_shares_weights_and_why() {
+    let scratch = Scratch::new("locality");
+    scratch.write("cluster.yaml", LOCALITY_CLUSTER);
+    scratch.write("dns.yaml", &locality_slice("dns"));
+    scratch.write("odd.yaml", &locality_slice("odd"));
+    let output = topoproxy(&[
+        "plan",
+        "--source",
+        scratch.path(),
+        "--node",
+        "a1",
+        "--format",
+        "json",
+        "--explain",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("default/odd")
+            && stderr(&output).contains("topoproxy.io/topology \"everywhere\""),
+        "{}",
+        stderr(&output)
+    );
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&output)).expect("valid JSON");
+    let servers = doc["virtualServers"].as_array().expect("virtualServers");
+    let by_name = |name: &str| {
+        servers
+            .iter()
+            .find(|vs| vs["service"]["name"] == name)
+            .unwrap_or_else(|| panic!("no virtual server for {name}"))
+    };
+    let dns = by_name("dns");
+    assert_eq!(dns["locality"], "zone");
+    assert_eq!(dns["scheduler"], "wrr");
+    // 1 of 3 ready endpoints for 2 of 4 nodes: the zone keeps 2/3, the region gets 1/3.
+    assert_eq!(dns["tiers"][0]["kind"], "SameZone");
+    assert_eq!(dns["tiers"][0]["sharePpm"], 666_667);
+    assert_eq!(dns["tiers"][1]["kind"], "SameRegion");
+    assert_eq!(dns["tiers"][1]["sharePpm"], 333_333);
+    let weights: Vec<u64> = dns["programmed"]
+        .as_array()
+        .expect("programmed")
+        .iter()
+        .map(|b| b["weight"].as_u64().expect("weight"))
+        .collect();
+    assert_eq!(weights, [4, 1, 1]);
+    let odd = by_name("odd");
+    assert!(odd.get("locality").is_none(), "{odd}");
+    assert_eq!(odd["scheduler"], "rr");
+    assert_eq!(odd["tiers"][0].get("sharePpm"), None);
+    let explained = doc["explain"]
+        .as_array()
+        .expect("explain")
+        .iter()
+        .find(|s| s["service"]["name"] == "dns")
+        .expect("dns explained");
+    let tiers = &explained["ports"][0]["tiers"];
+    assert_eq!(tiers[0]["tier"], "SameZone");
+    assert!(
+        tiers[0]["why"]
+            .as_str()
+            .is_some_and(|why| why.starts_with("capacity guard")),
+        "{tiers}"
+    );
+}

@@ -30,13 +30,16 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 use topoproxy::model::{
-    Endpoint, EndpointSlice, Hints, IpFamily, Node, Protocol, Service, ServiceKey, ServicePort,
-    ServiceType, SliceOrigin, SlicePort, TopologyIntent,
+    Endpoint, EndpointSlice, Hints, IpFamily, LocalityPolicy, Node, Protocol, Service, ServiceKey,
+    ServicePort, ServiceType, SliceOrigin, SlicePort, TopologyIntent,
 };
+use topoproxy::planner::spill::{spill, TierHealth, WEIGHT_TOLERANCE_PPM};
 use topoproxy::planner::{plan, replan_service, PlanConfig};
 use topoproxy::store::{SliceKey, Store};
 use topoproxy::synthetic::with_endpoint_flipped;
-use topoproxy::table::{Frontend, NodeTable, TierKind, TrafficPolicy, VirtualServer, VsKey};
+use topoproxy::table::{
+    Frontend, NodeTable, TierKind, TrafficPolicy, VirtualServer, VsKey, SHARE_WHOLE,
+};
 
 const ZONES: [&str; 4] = ["zone-a", "zone-b", "zone-c", "zone-d"];
 const MAX_NODES: usize = 6;
@@ -616,6 +619,7 @@ fn build_service(index: usize, raw: &RawService) -> Service {
         external_traffic_local: raw.external_local && externally_typed,
         topology_intent: raw.intent,
         proxy_name: raw.proxy_name.map(str::to_owned),
+        locality: None,
     }
 }
 
@@ -1528,4 +1532,251 @@ fn generator_covers_the_interesting_cases() {
     ];
     let missing: Vec<_> = wanted.iter().filter(|w| !seen.contains(*w)).collect();
     assert!(missing.is_empty(), "generator never produced: {missing:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Locality policies (topoproxy.io/topology, --topology-default)
+// ---------------------------------------------------------------------------------------------
+
+fn locality_config(node_policy: bool) -> PlanConfig {
+    PlanConfig {
+        default_locality: if node_policy {
+            LocalityPolicy::Node
+        } else {
+            LocalityPolicy::Zone
+        },
+        ..PlanConfig::default()
+    }
+}
+
+/// Whether some slice of `service` has a Ready endpoint at `address:port`.
+fn has_ready_entry(store: &Store, service: &ServiceKey, address: IpAddr, port: u16) -> bool {
+    store.slices_of(service).any(|slice| {
+        slice.ports.iter().any(|p| p.port == port)
+            && slice
+                .endpoints
+                .iter()
+                .any(|endpoint| endpoint.address == address && endpoint.ready)
+    })
+}
+
+fn check_locality_server(store: &Store, vs: &VirtualServer) -> Result<(), TestCaseError> {
+    if vs.tiers.is_empty() {
+        return Ok(());
+    }
+    let shares: Vec<u32> = vs
+        .tiers
+        .iter()
+        .map(|tier| tier.share_ppm.unwrap_or(u32::MAX))
+        .collect();
+    prop_assert!(
+        shares.iter().all(|&share| share <= SHARE_WHOLE),
+        "{:?}: a tier without a share: {:?}",
+        vs.key,
+        shares
+    );
+    prop_assert_eq!(
+        shares.iter().sum::<u32>(),
+        SHARE_WHOLE,
+        "{:?}: shares {:?} do not sum to the whole",
+        vs.key,
+        shares
+    );
+    prop_assert!(
+        !vs.programmed().is_empty(),
+        "{:?}: sends to nothing",
+        vs.key
+    );
+    let mut weighted_total = 0.0f64;
+    for tier in &vs.tiers {
+        let share = tier.share_ppm.unwrap_or(0);
+        for backend in &tier.backends {
+            if share == 0 {
+                prop_assert_eq!(
+                    backend.weight,
+                    0,
+                    "{:?}: weight in a tier without share",
+                    vs.key
+                );
+            } else {
+                prop_assert!(
+                    backend.weight >= 1,
+                    "{:?}: weightless backend in use",
+                    vs.key
+                );
+            }
+            weighted_total += f64::from(backend.weight);
+        }
+        if share > 0 && tier.kind == TierKind::ServingTerminating {
+            prop_assert_eq!(
+                vs.tiers.len(),
+                1,
+                "{:?}: last resort used beside Ready tiers",
+                vs.key
+            );
+        } else if share > 0 {
+            for backend in &tier.backends {
+                prop_assert!(
+                    has_ready_entry(store, &vs.service, backend.address, backend.port),
+                    "{:?}: {}:{} in tier {:?} with share {} is not Ready",
+                    vs.key,
+                    backend.address,
+                    backend.port,
+                    tier.kind,
+                    share
+                );
+            }
+        }
+    }
+    // The weights deliver the planned shares (within the documented tolerance).
+    for tier in &vs.tiers {
+        let weight: f64 = tier.backends.iter().map(|b| f64::from(b.weight)).sum();
+        let real = weight / weighted_total * f64::from(SHARE_WHOLE);
+        let planned = f64::from(tier.share_ppm.unwrap_or(0));
+        prop_assert!(
+            (real - planned).abs() <= f64::from(WEIGHT_TOLERANCE_PPM) + 1.0,
+            "{:?}: tier {:?} planned {} ppm, weights give {:.0}",
+            vs.key,
+            tier.kind,
+            planned,
+            real
+        );
+    }
+    Ok(())
+}
+
+/// Random tiers for the spill rule: (ready, not ready, capacity guard).
+fn raw_tier_health() -> impl Strategy<Value = TierHealth> {
+    (0usize..6, 0usize..6, prop::option::of(0.0f64..3.0)).prop_map(|(ready, down, capacity)| {
+        TierHealth {
+            ready,
+            total: ready + down,
+            capacity,
+        }
+    })
+}
+
+/// Cumulative shares through each tier.
+fn cumulative(loads: &[topoproxy::planner::spill::TierLoad]) -> Vec<u32> {
+    loads
+        .iter()
+        .scan(0u32, |sum, load| {
+            *sum += load.share_ppm;
+            Some(*sum)
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Locality 1: shares sum to the whole; only tiers with Ready endpoints take connections
+    /// (serving-terminating ones only when nothing is Ready); weights deliver the shares;
+    /// something is always programmed when some tier exists.
+    #[test]
+    fn locality_shares_are_whole_and_only_ready_tiers_take_connections(
+        cluster in cluster(),
+        node_policy in any::<bool>(),
+    ) {
+        let store = cluster.store();
+        let config = locality_config(node_policy);
+        for node in &cluster.nodes {
+            let table = plan(&store, node, &config);
+            for vs in table.servers().filter(|vs| !vs.locality.is_kube_proxy()) {
+                prop_assert_eq!(vs.traffic_policy, TrafficPolicy::Cluster);
+                check_locality_server(&store, vs)?;
+            }
+        }
+    }
+
+    /// Locality 2: what is not opted in is kube-proxy's — Local-policy virtual servers under a
+    /// locality default, and every Service annotated `kube-proxy`, whatever the default.
+    #[test]
+    fn opted_out_servers_are_kube_proxys(cluster in cluster(), node_policy in any::<bool>()) {
+        let store = cluster.store();
+        let opted_config = locality_config(node_policy);
+        let mut annotated = Store::new();
+        for node in &cluster.nodes {
+            annotated.upsert_node(node.clone());
+        }
+        for service in &cluster.services {
+            let mut service = service.clone();
+            service.locality = Some(LocalityPolicy::KubeProxy);
+            annotated.upsert_service(service);
+        }
+        for slice in &cluster.slices {
+            annotated.upsert_slice(slice.clone());
+        }
+        for node in &cluster.nodes {
+            let kube_proxy = plan(&store, node, &config());
+            let opted = plan(&store, node, &opted_config);
+            for vs in opted.servers().filter(|vs| vs.traffic_policy == TrafficPolicy::Local) {
+                prop_assert_eq!(Some(vs), kube_proxy.get(&vs.key));
+            }
+            let explicit = plan(&annotated, node, &opted_config);
+            prop_assert_eq!(json(&explicit), json(&kube_proxy), "node {}", node.name);
+        }
+    }
+
+    /// Locality 3: re-planning only the affected Services equals a full plan.
+    #[test]
+    fn locality_replan_equals_full_plan(
+        cluster in cluster(),
+        changes in prop::collection::vec(change(), 1..=3),
+        node_policy in any::<bool>(),
+    ) {
+        let config = locality_config(node_policy);
+        let mut store = cluster.store();
+        let mut tables: Vec<NodeTable> =
+            cluster.nodes.iter().map(|node| plan(&store, node, &config)).collect();
+        for (serial, change) in changes.iter().enumerate() {
+            let affected = apply(&cluster, &mut store, change, serial);
+            for (node, table) in cluster.nodes.iter().zip(tables.iter_mut()) {
+                for key in &affected {
+                    replan_service(table, &store, key, node, &config);
+                }
+                let full = plan(&store, node, &config);
+                prop_assert_eq!(json(table), json(&full), "after {:?} on {}", change, node.name);
+            }
+        }
+    }
+
+    /// Locality 4: the spill rule is monotone in tier health. One more Ready endpoint in a
+    /// usable tier never lowers the share served up to and beyond that tier, never raises
+    /// the share of the tiers before it; and shares always sum to the whole.
+    #[test]
+    fn spill_is_monotone_in_tier_health(
+        tiers in prop::collection::vec(raw_tier_health(), 1..6),
+        pick in any::<usize>(),
+    ) {
+        let before = spill(&tiers);
+        let usable = tiers.iter().any(|t| t.ready > 0);
+        let sum: u32 = before.iter().map(|l| l.share_ppm).sum();
+        prop_assert_eq!(sum, if usable { SHARE_WHOLE } else { 0 });
+        for (tier, load) in tiers.iter().zip(&before) {
+            if tier.ready == 0 {
+                prop_assert_eq!(load.share_ppm, 0);
+            }
+        }
+        let candidates: Vec<usize> = (0..tiers.len())
+            .filter(|&i| tiers[i].ready > 0 && tiers[i].ready < tiers[i].total)
+            .collect();
+        if let Some(&healthier) = candidates.get(pick % candidates.len().max(1)) {
+            let mut better = tiers.clone();
+            better[healthier].ready += 1;
+            let after = spill(&better);
+            let (b, a) = (cumulative(&before), cumulative(&after));
+            for k in 0..tiers.len() {
+                if k >= healthier {
+                    prop_assert!(a[k] + 1 >= b[k], "through tier {k}: {b:?} -> {a:?}");
+                } else {
+                    prop_assert!(a[k] <= b[k] + 1, "through tier {k}: {b:?} -> {a:?}");
+                }
+            }
+        }
+    }
 }

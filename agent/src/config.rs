@@ -14,6 +14,7 @@ use ipnetwork::IpNetwork;
 use crate::dataplane::ebpf::EbpfSettings;
 use crate::dataplane::ipvs::nft::NftSettings;
 use crate::dataplane::ipvs::IpvsSettings;
+use crate::model::LocalityPolicy;
 use crate::planner::PlanConfig;
 
 /// Which dataplane programs the table.
@@ -82,6 +83,11 @@ pub struct RunOptions {
     /// [default: topoproxy].
     #[arg(long)]
     pub service_proxy_name: Option<String>,
+    /// Locality policy of Services without a `topoproxy.io/topology` annotation: kube-proxy
+    /// (exactly kube-proxy's table), zone or node (locality tiers with gradual spill)
+    /// [default: kube-proxy].
+    #[arg(long, value_enum)]
+    pub topology_default: Option<LocalityPolicy>,
     /// How often `--source` is checked for changes [default: 1s].
     #[arg(long)]
     pub source_poll_period: Option<String>,
@@ -265,6 +271,10 @@ pub fn resolve(
                 .service_proxy_name
                 .or(file.service_proxy_name)
                 .unwrap_or_else(|| PlanConfig::default().proxy_name),
+            default_locality: flags
+                .topology_default
+                .or(file.topology_default)
+                .unwrap_or_default(),
         },
         source_poll_period: duration(
             "source-poll-period",

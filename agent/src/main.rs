@@ -13,6 +13,7 @@ use topoproxy::dataplane::ebpf::{self, EbpfDataplane, EbpfSettings};
 use topoproxy::dataplane::ipvs::{self, IpvsDataplane};
 use topoproxy::dataplane::memory::MemoryDataplane;
 use topoproxy::dataplane::Dataplane;
+use topoproxy::model::LocalityPolicy;
 use topoproxy::planner::{self, explain, PlanConfig};
 use topoproxy::render;
 use topoproxy::source::file;
@@ -80,6 +81,9 @@ enum Command {
         /// left to that proxy.
         #[arg(long, default_value = "topoproxy")]
         service_proxy_name: String,
+        /// Locality policy of Services without a `topoproxy.io/topology` annotation.
+        #[arg(long, value_enum, default_value_t = LocalityPolicy::KubeProxy)]
+        topology_default: LocalityPolicy,
         /// Log format on stderr.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -206,12 +210,14 @@ fn run(command: Command) -> Result<(), Failure> {
             explain,
             ipvs_scheduler,
             service_proxy_name,
+            topology_default,
             log_format,
         } => {
             init_logging(log_format);
             let config = PlanConfig {
                 scheduler: ipvs_scheduler,
                 proxy_name: service_proxy_name,
+                default_locality: topology_default,
             };
             plan(&source, &node, format, explain, &config)
         }

@@ -63,6 +63,12 @@ struct ServiceLabels {
     port: u16,
 }
 
+/// `tier` label of the locality metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabels {
+    tier: &'static str,
+}
+
 /// `op` label of `topoproxy_dataplane_operations_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -79,6 +85,8 @@ pub struct Metrics {
     virtual_servers: Gauge,
     backends: Gauge,
     services_falling_back: Gauge,
+    locality_virtual_servers: Gauge,
+    locality_programmed_share: Family<TierLabels, Gauge<f64, AtomicU64>>,
     skipped_objects: Family<KindLabels, Counter>,
     watch_restarts: Family<ResourceLabels, Counter>,
     watch_errors: Family<ResourceLabels, Counter>,
@@ -157,6 +165,20 @@ impl Metrics {
             "services_falling_back",
             "Services that ask for topology-aware routing but are served cluster-wide on this node (hints missing, partial or not for this node)",
             services_falling_back.clone(),
+        );
+
+        let locality_virtual_servers = Gauge::default();
+        registry.register(
+            "locality_virtual_servers",
+            "Virtual servers under a topoproxy locality policy (topoproxy.io/topology or --topology-default), Cluster traffic policy",
+            locality_virtual_servers.clone(),
+        );
+
+        let locality_programmed_share = Family::<TierLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "locality_programmed_share",
+            "Mean share of new connections programmed per locality tier (0 to 1) over the virtual servers under a locality policy",
+            locality_programmed_share.clone(),
         );
 
         let skipped_objects = Family::<KindLabels, Counter>::default();
@@ -242,6 +264,8 @@ impl Metrics {
             virtual_servers,
             backends,
             services_falling_back,
+            locality_virtual_servers,
+            locality_programmed_share,
             skipped_objects,
             watch_restarts,
             watch_errors,
@@ -293,6 +317,19 @@ impl Metrics {
         self.backends.set(gauge_value(backends));
         self.services_falling_back
             .set(gauge_value(services_falling_back));
+    }
+
+    /// Records the programmed share per locality tier: `servers` virtual servers under a
+    /// locality policy and, per tier, their mean share (0..=1).
+    pub fn set_locality_shares(&self, servers: usize, shares: &[(crate::table::TierKind, f64)]) {
+        self.locality_virtual_servers.set(gauge_value(servers));
+        for (tier, share) in shares {
+            self.locality_programmed_share
+                .get_or_create(&TierLabels {
+                    tier: tier.as_str(),
+                })
+                .set(*share);
+        }
     }
 
     /// Counts `count` skipped objects of `kind` (e.g. `service`, `endpointslice`, `endpoint`).
@@ -457,6 +494,13 @@ mod tests {
         metrics.observe_sync(Duration::from_secs(60), false);
         metrics.set_last_successful_sync(UNIX_EPOCH + Duration::from_millis(1_700_000_000_500));
         metrics.set_table_stats(12, 40, 3);
+        metrics.set_locality_shares(
+            4,
+            &[
+                (crate::table::TierKind::SameZone, 0.75),
+                (crate::table::TierKind::Cluster, 0.25),
+            ],
+        );
         metrics.skipped_objects("endpointslice", 2);
         metrics.skipped_objects("endpointslice", 1);
         metrics.skipped_objects("service", 0);
@@ -474,6 +518,15 @@ mod tests {
 
         let lines = lines(&metrics);
         assert_line(&lines, "topoproxy_syncs_total{result=\"success\"} 2");
+        assert_line(&lines, "topoproxy_locality_virtual_servers 4");
+        assert_line(
+            &lines,
+            "topoproxy_locality_programmed_share{tier=\"same-zone\"} 0.75",
+        );
+        assert_line(
+            &lines,
+            "topoproxy_locality_programmed_share{tier=\"cluster\"} 0.25",
+        );
         assert_line(&lines, "topoproxy_syncs_total{result=\"failure\"} 1");
         assert_line(&lines, "topoproxy_sync_duration_seconds_count 3");
         assert_line(

@@ -2,10 +2,15 @@
 //! by the Service they belong to, and Nodes.
 //!
 //! Every mutation returns the Service keys it affects, so a caller can re-plan just those.
+//!
+//! Besides full Nodes (the file source has them all; the API source only this node's), the
+//! store keeps every Node's locality — zone and region, interned — with node counts per zone
+//! and region, which the locality tiers' capacity guard reads (see `docs/topology.md`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-use crate::model::{EndpointSlice, Node, Service, ServiceKey};
+use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey};
 
 /// `namespace/name` of an EndpointSlice.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -31,6 +36,72 @@ pub struct Store {
     slices: HashMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
     slice_owner: HashMap<SliceKey, ServiceKey>,
     nodes: BTreeMap<String, Node>,
+    localities: Localities,
+    /// Services carrying a `topoproxy.io/topology` annotation other than `kube-proxy`.
+    locality_services: usize,
+}
+
+/// Every known Node's zone and region, and how many Nodes each zone and region has.
+#[derive(Debug, Clone, Default)]
+struct Localities {
+    by_node: HashMap<Box<str>, NodeLocality>,
+    zone_nodes: HashMap<Arc<str>, usize>,
+    region_nodes: HashMap<Arc<str>, usize>,
+}
+
+impl Localities {
+    /// The shared copy of a zone or region name.
+    fn intern(&self, name: &str) -> Arc<str> {
+        self.zone_nodes
+            .get_key_value(name)
+            .or_else(|| self.region_nodes.get_key_value(name))
+            .map(|(shared, _)| Arc::clone(shared))
+            .unwrap_or_else(|| Arc::from(name))
+    }
+
+    fn insert(&mut self, name: &str, locality: NodeLocality) -> bool {
+        let locality = NodeLocality {
+            zone: locality.zone.map(|zone| self.intern(&zone)),
+            region: locality.region.map(|region| self.intern(&region)),
+        };
+        if self.by_node.get(name) == Some(&locality) {
+            return false;
+        }
+        self.remove(name);
+        count(&mut self.zone_nodes, locality.zone.as_ref(), true);
+        count(&mut self.region_nodes, locality.region.as_ref(), true);
+        self.by_node.insert(name.into(), locality);
+        true
+    }
+
+    fn remove(&mut self, name: &str) -> bool {
+        let Some(old) = self.by_node.remove(name) else {
+            return false;
+        };
+        count(&mut self.zone_nodes, old.zone.as_ref(), false);
+        count(&mut self.region_nodes, old.region.as_ref(), false);
+        true
+    }
+}
+
+fn count(counts: &mut HashMap<Arc<str>, usize>, name: Option<&Arc<str>>, up: bool) {
+    let Some(name) = name else {
+        return;
+    };
+    if up {
+        *counts.entry(Arc::clone(name)).or_default() += 1;
+    } else if let Some(n) = counts.get_mut(name) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(name);
+        }
+    }
+}
+
+fn opts_in(service: &Service) -> bool {
+    service
+        .locality
+        .is_some_and(|policy| !policy.is_kube_proxy())
 }
 
 impl Store {
@@ -41,13 +112,26 @@ impl Store {
     /// Adds or replaces a Service; returns the key to re-plan.
     pub fn upsert_service(&mut self, service: Service) -> ServiceKey {
         let key = service.key.clone();
-        self.services.insert(key.clone(), service);
+        self.locality_services += usize::from(opts_in(&service));
+        if let Some(old) = self.services.insert(key.clone(), service) {
+            self.locality_services -= usize::from(opts_in(&old));
+        }
         key
     }
 
     /// Removes a Service; its slices stay (they may outlive it briefly in a real cluster).
     pub fn remove_service(&mut self, key: &ServiceKey) -> Option<Service> {
-        self.services.remove(key)
+        let removed = self.services.remove(key);
+        if let Some(old) = &removed {
+            self.locality_services -= usize::from(opts_in(old));
+        }
+        removed
+    }
+
+    /// Whether some Service asks for locality tiers by annotation (so a change of some Node's
+    /// zone or region may change plans even under a `kube-proxy` default).
+    pub fn has_locality_services(&self) -> bool {
+        self.locality_services > 0
     }
 
     /// Adds or replaces a slice; returns every Service key whose endpoints changed (two when
@@ -86,12 +170,58 @@ impl Store {
         }
     }
 
+    /// Adds or replaces a full Node (and its locality).
     pub fn upsert_node(&mut self, node: Node) {
+        let locality = NodeLocality {
+            zone: node.zone.as_deref().map(Arc::from),
+            region: node.region.as_deref().map(Arc::from),
+        };
+        self.localities.insert(&node.name, locality);
         self.nodes.insert(node.name.clone(), node);
     }
 
     pub fn remove_node(&mut self, name: &str) -> Option<Node> {
+        self.localities.remove(name);
         self.nodes.remove(name)
+    }
+
+    /// Records where a Node sits; true if that changed what the store knew.
+    pub fn upsert_node_locality(&mut self, name: &str, locality: NodeLocality) -> bool {
+        self.localities.insert(name, locality)
+    }
+
+    /// Forgets a Node's locality; true if it was known.
+    pub fn remove_node_locality(&mut self, name: &str) -> bool {
+        self.localities.remove(name)
+    }
+
+    /// Where the Node `name` sits, if known.
+    pub fn node_locality(&self, name: &str) -> Option<&NodeLocality> {
+        self.localities.by_node.get(name)
+    }
+
+    /// The shared copy of a zone or region name, for building a [`NodeLocality`].
+    pub fn intern_locality_name(&self, name: &str) -> Arc<str> {
+        self.localities.intern(name)
+    }
+
+    /// Number of Nodes whose locality is known.
+    pub fn located_node_count(&self) -> usize {
+        self.localities.by_node.len()
+    }
+
+    /// Number of known Nodes in `zone`.
+    pub fn nodes_in_zone(&self, zone: &str) -> usize {
+        self.localities.zone_nodes.get(zone).copied().unwrap_or(0)
+    }
+
+    /// Number of known Nodes in `region`.
+    pub fn nodes_in_region(&self, region: &str) -> usize {
+        self.localities
+            .region_nodes
+            .get(region)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {

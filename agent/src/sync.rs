@@ -19,7 +19,7 @@ use crate::dataplane::{
     programmed_table, Dataplane, DataplaneError, ProgrammedService, ProgrammedTable,
 };
 use crate::diff::{apply_to, diff, Op, OpBatch};
-use crate::model::{Node, ServiceKey};
+use crate::model::{LocalityPolicy, Node, ServiceKey};
 use crate::planner::{plan, replan_service, PlanConfig};
 use crate::source::{Resource, SourceEvent};
 use crate::state::AgentState;
@@ -201,6 +201,19 @@ impl<D: Dataplane> SyncLoop<D> {
                     node = %self.node_name,
                     "this node's Node object was deleted; keeping the last known topology"
                 );
+            }
+            SourceEvent::NodeLocality(name, locality) => {
+                let changed = match locality {
+                    Some(locality) => self.store.upsert_node_locality(&name, locality),
+                    None => self.store.remove_node_locality(&name),
+                };
+                // Zones, regions and node counts feed only the locality policies' tiers.
+                let in_use = self.settings.plan.default_locality != LocalityPolicy::KubeProxy
+                    || self.store.has_locality_services();
+                if changed && in_use {
+                    self.replan_all = true;
+                    self.note_pending_change();
+                }
             }
             SourceEvent::Listed(resource) => {
                 if self.listed.insert(resource) {
@@ -425,13 +438,21 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 
     fn publish_table_stats(&self) {
-        let (virtual_servers, backends) = {
+        let (virtual_servers, backends, locality_servers, locality_shares) = {
             let table = self.read_table();
-            (table.len(), table.programmed_backends())
+            (
+                table.len(),
+                table.programmed_backends(),
+                table.locality_servers(),
+                table.locality_share_means(),
+            )
         };
         self.state
             .metrics
             .set_table_stats(virtual_servers, backends, self.falling_back.len());
+        self.state
+            .metrics
+            .set_locality_shares(locality_servers, &locality_shares);
     }
 }
 

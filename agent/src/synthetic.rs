@@ -158,6 +158,7 @@ pub fn synthetic_service(spec: &SyntheticSpec, index: usize) -> Service {
             TopologyIntent::None
         },
         proxy_name: None,
+        locality: None,
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::model::{IpFamily, Protocol, ServiceKey, TopologyIntent};
+use crate::model::{IpFamily, LocalityPolicy, Protocol, ServiceKey, TopologyIntent};
 
 /// Identity of a virtual server, as IPVS knows it. Field order gives `ipvsadm`'s sort order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -70,10 +70,12 @@ pub enum TopologyMode {
 /// Why a group of backends sits where it does in the fallback order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum TierKind {
-    /// Ready, hinted for this node.
+    /// Ready, hinted for this node (or, under the `node` locality policy, on this node).
     SameNode,
     /// Ready, hinted for (or, as a fallback tier, located in) this node's zone.
     SameZone,
+    /// Ready, in this node's region (locality policies only; from the endpoint's Node labels).
+    SameRegion,
     /// Ready, anywhere in this cluster.
     Cluster,
     /// Ready, in another cluster (MCS slices).
@@ -84,6 +86,22 @@ pub enum TierKind {
     NodeLocal,
     /// Serving-terminating, on this node (Local traffic policy).
     NodeLocalServingTerminating,
+}
+
+impl TierKind {
+    /// The tier's name in explanations and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SameNode => "same-node",
+            Self::SameZone => "same-zone",
+            Self::SameRegion => "same-region",
+            Self::Cluster => "cluster",
+            Self::RemoteClusters => "remote-clusters",
+            Self::ServingTerminating => "serving-terminating",
+            Self::NodeLocal => "node-local",
+            Self::NodeLocalServingTerminating => "node-local-serving-terminating",
+        }
+    }
 }
 
 /// A real server.
@@ -103,6 +121,33 @@ pub struct Backend {
 pub struct Tier {
     pub kind: TierKind,
     pub backends: Vec<Backend>,
+    /// Under a locality policy, the share of new connections this tier takes, in parts per
+    /// million (the tiers of a virtual server sum to 1,000,000, or all are 0 when nothing is
+    /// usable). `None` under kube-proxy's behaviour: the first tier takes everything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_ppm: Option<u32>,
+}
+
+/// The whole, in parts per million.
+pub const SHARE_WHOLE: u32 = 1_000_000;
+
+impl Tier {
+    /// Whether this tier takes new connections, given its position in the fallback order.
+    pub fn takes_connections(&self, position: usize) -> bool {
+        match self.share_ppm {
+            Some(share) => share > 0,
+            None => position == 0,
+        }
+    }
+
+    /// The share of new connections this tier takes, in parts per million.
+    pub fn share(&self, position: usize) -> u32 {
+        match self.share_ppm {
+            Some(share) => share,
+            None if position == 0 => SHARE_WHOLE,
+            None => 0,
+        }
+    }
 }
 
 /// One IPVS virtual server (or BPF service entry).
@@ -120,18 +165,39 @@ pub struct VirtualServer {
     pub traffic_policy: TrafficPolicy,
     pub intent: TopologyIntent,
     pub topology: TopologyMode,
-    /// Fallback order; the programmed set is the first non-empty tier. Tiers are never empty.
+    /// The locality policy in force; `KubeProxy` for Local traffic policy, whatever the
+    /// Service asked, since a Local set never leaves the node.
+    #[serde(skip_serializing_if = "LocalityPolicy::is_kube_proxy")]
+    pub locality: LocalityPolicy,
+    /// Fallback order. Under kube-proxy's behaviour the programmed set is the first tier;
+    /// under a locality policy every tier with a share above 0 (see [`Tier::share_ppm`]),
+    /// each backend weighted. Tiers are never empty.
     pub tiers: Vec<Tier>,
 }
 
 impl VirtualServer {
-    /// The backends to program now: the nearest non-empty tier, which is exactly the set
-    /// kube-proxy would program.
-    pub fn programmed(&self) -> &[Backend] {
+    /// The backends to program now. Under kube-proxy's behaviour that is the nearest non-empty
+    /// tier, exactly the set kube-proxy would program; under a locality policy, the backends of
+    /// every tier that takes a share, with their weights.
+    pub fn programmed(&self) -> Vec<&Backend> {
+        self.programmed_tiers()
+            .flat_map(|(_, tier)| &tier.backends)
+            .collect()
+    }
+
+    /// How many backends [`Self::programmed`] returns, without collecting them.
+    pub fn programmed_len(&self) -> usize {
+        self.programmed_tiers()
+            .map(|(_, tier)| tier.backends.len())
+            .sum()
+    }
+
+    /// The tiers that take new connections, with their positions in the fallback order.
+    pub fn programmed_tiers(&self) -> impl Iterator<Item = (usize, &Tier)> {
         self.tiers
-            .first()
-            .map(|tier| tier.backends.as_slice())
-            .unwrap_or(&[])
+            .iter()
+            .enumerate()
+            .filter(|(position, tier)| tier.takes_connections(*position))
     }
 
     /// The tier the programmed backends come from, if any.
@@ -169,6 +235,10 @@ pub struct NodeTable {
     shadowed: BTreeMap<VsKey, BTreeMap<ServiceKey, VirtualServer>>,
     /// Programmed backends over all of `servers`, kept current on every change.
     programmed_backends: usize,
+    /// Over the servers under a locality policy: their count and, per tier kind, the sum of
+    /// their tiers' shares (ppm), kept current on every change for the metrics.
+    locality_servers: usize,
+    locality_shares: BTreeMap<TierKind, u64>,
 }
 
 impl NodeTable {
@@ -247,10 +317,10 @@ impl NodeTable {
     }
 
     fn put(&mut self, vs: VirtualServer) -> Option<VirtualServer> {
-        self.programmed_backends += vs.programmed().len();
+        self.count(&vs, true);
         let displaced = self.servers.insert(vs.key, vs);
         if let Some(old) = &displaced {
-            self.programmed_backends -= old.programmed().len();
+            self.count(old, false);
         }
         displaced
     }
@@ -258,9 +328,51 @@ impl NodeTable {
     fn take(&mut self, key: &VsKey) -> Option<VirtualServer> {
         let removed = self.servers.remove(key);
         if let Some(old) = &removed {
-            self.programmed_backends -= old.programmed().len();
+            self.count(old, false);
         }
         removed
+    }
+
+    /// Adds `vs` to (or, with `added` false, removes it from) the running totals.
+    fn count(&mut self, vs: &VirtualServer, added: bool) {
+        let backends = vs.programmed_len();
+        if added {
+            self.programmed_backends += backends;
+        } else {
+            self.programmed_backends -= backends;
+        }
+        if vs.locality.is_kube_proxy() {
+            return;
+        }
+        if added {
+            self.locality_servers += 1;
+        } else {
+            self.locality_servers -= 1;
+        }
+        for tier in &vs.tiers {
+            let share = u64::from(tier.share_ppm.unwrap_or(0));
+            let sum = self.locality_shares.entry(tier.kind).or_default();
+            if added {
+                *sum += share;
+            } else {
+                *sum -= share;
+            }
+        }
+    }
+
+    /// Number of virtual servers under a locality policy.
+    pub fn locality_servers(&self) -> usize {
+        self.locality_servers
+    }
+
+    /// Per tier kind, the mean share of new connections (0..=1) over the virtual servers
+    /// under a locality policy; every kind that ever appeared is listed (0 when unused now).
+    pub fn locality_share_means(&self) -> Vec<(TierKind, f64)> {
+        let servers = self.locality_servers.max(1) as f64;
+        self.locality_shares
+            .iter()
+            .map(|(kind, sum)| (*kind, *sum as f64 / f64::from(SHARE_WHOLE) / servers))
+            .collect()
     }
 
     /// Every key `service` claims, whether it won it or not.

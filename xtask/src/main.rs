@@ -41,6 +41,7 @@ mod k8s;
 mod release;
 mod testall;
 mod tools;
+mod topology;
 mod vm;
 mod vmbench;
 mod vmtest;
@@ -79,6 +80,13 @@ enum Task {
     },
     /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
     VmSetup,
+    /// Plans the topology scenarios with the real planner and writes the table into
+    /// docs/topology.md.
+    TopologyReport {
+        /// Only check that docs/topology.md is current.
+        #[arg(long)]
+        check: bool,
+    },
     /// Installs what building the eBPF programs needs: rust-src, LLVM 22 (root, apt) and
     /// bpf-linker.
     EbpfSetup,
@@ -217,6 +225,7 @@ fn main() -> Result<()> {
         }
         Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
         Task::VmSetup => vm::vm_setup(),
+        Task::TopologyReport { check } => topology::topology_report(check),
         Task::EbpfSetup => ebpf::ebpf_setup(),
         Task::K8sSetup => k8s::k8s_setup(),
         Task::Release { binary, check } => {

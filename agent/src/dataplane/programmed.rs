@@ -24,7 +24,9 @@ pub struct ServiceConfig {
 /// Which tiers of a virtual server a dataplane holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TierScope {
-    /// Only the nearest non-empty tier, as tier 0 (IPVS: what kube-proxy would program).
+    /// Only the tiers taking connections, as tier 0: the nearest non-empty tier under
+    /// kube-proxy's behaviour (IPVS: what kube-proxy would program), every tier with a share
+    /// under a locality policy, weighted.
     #[default]
     Active,
     /// Every tier, numbered in fallback order (eBPF: the datapath falls back by itself).
@@ -55,10 +57,6 @@ pub struct ProgrammedService {
 impl ProgrammedService {
     /// What a dataplane holding `scope` programs for `vs`: its settings and its backends.
     pub fn from_virtual_server(vs: &VirtualServer, scope: TierScope) -> Self {
-        let tiers = match scope {
-            TierScope::Active => vs.tiers.len().min(1),
-            TierScope::All => vs.tiers.len(),
-        };
         Self {
             config: ServiceConfig {
                 scheduler: vs.scheduler.clone(),
@@ -66,10 +64,22 @@ impl ProgrammedService {
                 frontend: vs.frontend,
                 traffic_policy: vs.traffic_policy,
             },
-            destinations: vs.tiers[..tiers]
+            destinations: vs
+                .tiers
                 .iter()
+                .enumerate()
                 .zip(0u8..)
-                .flat_map(|(tier, index)| {
+                .filter(|((position, tier), _)| match scope {
+                    TierScope::Active => tier.takes_connections(*position),
+                    TierScope::All => true,
+                })
+                .flat_map(|((_, tier), index)| {
+                    // Active: every tier in use is programmed at once, as tier 0 (IPVS has no
+                    // tiers; a locality policy's spill is in the weights).
+                    let index = match scope {
+                        TierScope::Active => 0,
+                        TierScope::All => index,
+                    };
                     tier.backends.iter().map(move |b| {
                         (
                             (b.address, b.port),

@@ -9,13 +9,16 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
-use crate::model::{Hints, IpFamily, Node, Protocol, ServiceKey, SliceOrigin, TopologyIntent};
+use crate::model::{
+    Hints, IpFamily, LocalityPolicy, Node, Protocol, ServiceKey, SliceOrigin, TopologyIntent,
+};
 use crate::store::Store;
-use crate::table::{Frontend, TierKind, TopologyMode, TrafficPolicy};
+use crate::table::{Frontend, TierKind, TopologyMode, TrafficPolicy, SHARE_WHOLE};
 
 use super::endpoints::Candidate;
+use super::spill::OVERPROVISIONING;
 use super::topology::IndexTiers;
-use super::{port_plans, skip_reason, PlanConfig, PortPlan, SkipReason};
+use super::{port_plans, skip_reason, PlanConfig, PortPlan, SkipReason, SpillPlan};
 
 /// Why one Service does what it does on this node.
 #[derive(Debug, Clone, Serialize)]
@@ -38,8 +41,32 @@ pub struct PortExplanation {
     /// The Service asked for topology-aware routing, has Ready endpoints, and this node
     /// serves it from all of them anyway.
     pub falling_back: bool,
+    /// The locality policy of the Cluster-policy frontends.
+    #[serde(skip_serializing_if = "LocalityPolicy::is_kube_proxy")]
+    pub locality: LocalityPolicy,
+    /// Under a locality policy: each Cluster-policy tier, its health and its share.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tiers: Vec<TierExplanation>,
     pub frontends: Vec<FrontendExplanation>,
     pub endpoints: Vec<EndpointExplanation>,
+}
+
+/// One locality tier and the share the spill rule gave it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TierExplanation {
+    pub tier: TierKind,
+    pub ready: usize,
+    pub total: usize,
+    /// Envoy's health, in parts per million.
+    pub health_ppm: u32,
+    /// The capacity guard's cap on the share served up to this tier, in parts per million.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_ppm: Option<u32>,
+    pub share_ppm: u32,
+    /// Weight of each of the tier's backends.
+    pub weight: u32,
+    pub why: String,
 }
 
 /// An address:port the port is served on.
@@ -70,8 +97,12 @@ pub struct EndpointExplanation {
 pub struct Verdict {
     /// The tier it sits in, if any.
     pub tier: Option<TierKind>,
-    /// In the first non-empty tier, i.e. programmed now.
+    /// In the first non-empty tier, i.e. programmed now (under a locality policy: in a tier
+    /// with a share above 0).
     pub programmed: bool,
+    /// Under a locality policy, the backend's weight.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
     pub why: String,
 }
 
@@ -84,7 +115,7 @@ pub fn explain(store: &Store, node: &Node, config: &PlanConfig) -> Vec<ServiceEx
             let ports = if skipped.is_some() {
                 Vec::new()
             } else {
-                port_plans(store, service, node)
+                port_plans(store, service, node, config)
                     .iter()
                     .map(|plan| explain_port(plan, service.topology_intent, node))
                     .collect()
@@ -110,10 +141,10 @@ fn explain_port(plan: &PortPlan<'_>, intent: TopologyIntent, node: &Node) -> Por
             slice: candidate.slice.to_owned(),
             node_name: candidate.endpoint.node_name.as_deref().map(str::to_owned),
             zone: candidate.endpoint.zone.as_deref().map(str::to_owned),
-            cluster: plan
-                .cluster
-                .as_ref()
-                .map(|tiers| cluster_verdict(tiers, index, candidate, plan.mode, node)),
+            cluster: plan.cluster.as_ref().map(|tiers| match &plan.spill {
+                None => cluster_verdict(tiers, index, candidate, plan.mode, node),
+                Some(spill) => locality_verdict(tiers, spill, index, candidate, plan.mode, node),
+            }),
             local: plan
                 .local
                 .as_ref()
@@ -137,6 +168,11 @@ fn explain_port(plan: &PortPlan<'_>, intent: TopologyIntent, node: &Node) -> Por
                     .first()
                     .is_some_and(|(kind, _)| *kind == TierKind::Cluster)
         }),
+        locality: plan.locality,
+        tiers: match (&plan.cluster, &plan.spill) {
+            (Some(tiers), Some(spill)) => explain_tiers(tiers, spill),
+            _ => Vec::new(),
+        },
         frontends: plan
             .frontends
             .iter()
@@ -149,6 +185,122 @@ fn explain_port(plan: &PortPlan<'_>, intent: TopologyIntent, node: &Node) -> Por
             .collect(),
         endpoints,
     }
+}
+
+fn ppm(fraction: f64) -> u32 {
+    (fraction.clamp(0.0, 1.0) * f64::from(SHARE_WHOLE)).round() as u32
+}
+
+fn explain_tiers(tiers: &IndexTiers, spill: &SpillPlan) -> Vec<TierExplanation> {
+    let last_usable = spill.health.iter().rposition(|h| h.ready > 0);
+    tiers
+        .iter()
+        .enumerate()
+        .map(|(position, (kind, _))| {
+            let health = spill.health[position];
+            let load = spill.loads[position];
+            let why = if health.ready == 0 {
+                "nothing ready here counts yet (kube-proxy's last resort)".to_owned()
+            } else if load.share_ppm == 0 {
+                "nearer tiers are healthy enough to take every connection".to_owned()
+            } else if Some(position) == last_usable && load.share_ppm == SHARE_WHOLE {
+                "the only tier with ready endpoints in use".to_owned()
+            } else if Some(position) == last_usable {
+                "the outermost tier with ready endpoints takes what the nearer ones hand over"
+                    .to_owned()
+            } else if let Some(cap) = load.capped_at {
+                format!(
+                    "capacity guard: this locality has {:.1}% of its fair share of ready endpoints \
+                     for its nodes, so at most {:.1}% is served up to here",
+                    health.capacity.unwrap_or(cap) * 100.0,
+                    cap * 100.0
+                )
+            } else if health.health() < 1.0 {
+                format!(
+                    "{} of {} ready × {OVERPROVISIONING} = {:.1}% healthy: hands the rest outward",
+                    health.ready,
+                    health.total,
+                    health.health() * 100.0
+                )
+            } else {
+                format!(
+                    "{} of {} ready: healthy (× {OVERPROVISIONING} overprovisioning)",
+                    health.ready, health.total
+                )
+            };
+            TierExplanation {
+                tier: *kind,
+                ready: health.ready,
+                total: health.total,
+                health_ppm: ppm(health.health()),
+                capacity_ppm: health.capacity.map(ppm),
+                share_ppm: load.share_ppm,
+                weight: spill.weights[position],
+                why,
+            }
+        })
+        .collect()
+}
+
+fn locality_verdict(
+    tiers: &IndexTiers,
+    spill: &SpillPlan,
+    index: usize,
+    candidate: &Candidate<'_>,
+    mode: TopologyMode,
+    node: &Node,
+) -> Verdict {
+    let Some((position, tier)) = placement(tiers, index) else {
+        return Verdict {
+            tier: None,
+            programmed: false,
+            weight: None,
+            why: unusable_why(candidate),
+        };
+    };
+    let zone = node.zone.as_deref().unwrap_or("");
+    let region = node.region.as_deref().unwrap_or("");
+    let endpoint = candidate.endpoint;
+    let place = match tier {
+        TierKind::SameNode if mode == TopologyMode::SameNode => {
+            format!("node hint names this node {}", node.name)
+        }
+        TierKind::SameNode => format!("on this node {}", node.name),
+        TierKind::SameZone if mode == TopologyMode::SameZone => {
+            format!("zone hint names this node's zone {zone}")
+        }
+        TierKind::SameZone => format!("in this node's zone {zone}"),
+        TierKind::SameRegion => format!("in this node's region {region}"),
+        TierKind::Cluster => format!(
+            "elsewhere in this cluster (zone {}, {})",
+            endpoint.zone.as_deref().unwrap_or("unknown"),
+            hints(candidate)
+        ),
+        TierKind::RemoteClusters => match candidate.origin {
+            SliceOrigin::Remote(name) => format!("ready in cluster {name}"),
+            SliceOrigin::Local => "ready in another cluster".to_owned(),
+        },
+        TierKind::ServingTerminating => {
+            "terminating but still serving; used only while no endpoint is ready".to_owned()
+        }
+        TierKind::NodeLocal | TierKind::NodeLocalServingTerminating => {
+            "local tier in a cluster set".to_owned()
+        }
+    };
+    let share = spill.loads[position].share_ppm;
+    Verdict {
+        tier: Some(tier),
+        programmed: share > 0,
+        weight: Some(spill.weights[position]),
+        why: format!("{place}; tier share {}", percent_text(share)),
+    }
+}
+
+fn percent_text(share_ppm: u32) -> String {
+    format!(
+        "{:.1}%",
+        f64::from(share_ppm) / f64::from(SHARE_WHOLE) * 100.0
+    )
 }
 
 fn placement(tiers: &IndexTiers, index: usize) -> Option<(usize, TierKind)> {
@@ -198,6 +350,7 @@ fn cluster_verdict(
         return Verdict {
             tier: None,
             programmed: false,
+            weight: None,
             why: unusable_why(candidate),
         };
     };
@@ -213,6 +366,7 @@ fn cluster_verdict(
         (TierKind::Cluster, TopologyMode::None) => {
             "ready; no topology filter applies on this node".to_owned()
         }
+        (TierKind::SameRegion, _) => "in this node's region".to_owned(),
         (TierKind::Cluster, _) => format!(
             "ready, {}; outside this node's topology preference",
             hints(candidate)
@@ -234,6 +388,7 @@ fn cluster_verdict(
     Verdict {
         tier: Some(tier),
         programmed: position == 0,
+        weight: None,
         why,
     }
 }
@@ -253,6 +408,7 @@ fn local_verdict(
         return Verdict {
             tier: Some(tier),
             programmed: position == 0,
+            weight: None,
             why,
         };
     }
@@ -269,6 +425,7 @@ fn local_verdict(
     Verdict {
         tier: None,
         programmed: false,
+        weight: None,
         why,
     }
 }
@@ -292,22 +449,17 @@ fn mode_text(mode: TopologyMode) -> &'static str {
 }
 
 fn tier_text(tier: TierKind) -> &'static str {
-    match tier {
-        TierKind::SameNode => "same-node",
-        TierKind::SameZone => "same-zone",
-        TierKind::Cluster => "cluster",
-        TierKind::RemoteClusters => "remote-clusters",
-        TierKind::ServingTerminating => "serving-terminating",
-        TierKind::NodeLocal => "node-local",
-        TierKind::NodeLocalServingTerminating => "node-local-serving-terminating",
-    }
+    tier.as_str()
 }
 
 fn verdict_text(verdict: &Verdict) -> String {
-    let status = match (verdict.programmed, verdict.tier) {
-        (true, Some(tier)) => format!("programmed ({})", tier_text(tier)),
-        (false, Some(tier)) => format!("fallback ({})", tier_text(tier)),
-        (_, None) => "left out".to_owned(),
+    let status = match (verdict.programmed, verdict.tier, verdict.weight) {
+        (true, Some(tier), Some(weight)) => {
+            format!("programmed ({}, weight {weight})", tier_text(tier))
+        }
+        (true, Some(tier), None) => format!("programmed ({})", tier_text(tier)),
+        (false, Some(tier), _) => format!("fallback ({})", tier_text(tier)),
+        (_, None, _) => "left out".to_owned(),
     };
     format!("{status}: {}", verdict.why)
 }
@@ -364,6 +516,25 @@ pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
                     "    topology: {}: {}",
                     mode_text(port.topology),
                     port.topology_reason
+                );
+            }
+            if !port.locality.is_kube_proxy() {
+                let _ = writeln!(
+                    out,
+                    "    locality policy: {} (spill by Envoy's priority rule, capacity-guarded)",
+                    port.locality
+                );
+            }
+            for tier in &port.tiers {
+                let _ = writeln!(
+                    out,
+                    "    tier {}: {} of {} ready, share {}, weight {}: {}",
+                    tier_text(tier.tier),
+                    tier.ready,
+                    tier.total,
+                    percent_text(tier.share_ppm),
+                    tier.weight,
+                    tier.why
                 );
             }
             if port.falling_back {

@@ -3,9 +3,18 @@
 //! Endpoint selection follows kube-proxy exactly (see DESIGN.md "Endpoint selection"); the
 //! result keeps every usable endpoint in ordered tiers, and the programmed set is the first
 //! non-empty tier, which is the set kube-proxy would program.
+//!
+//! A Service under a locality policy (the `topoproxy.io/topology` annotation, or the agent's
+//! cluster-wide default) gets locality tiers instead ([`locality`]), each with a share of new
+//! connections from the spill rule ([`spill`]) and per-backend weights; see
+//! `docs/topology.md`. Without one, nothing here differs from kube-proxy.
 
 mod endpoints;
 pub mod explain;
+mod locality;
+#[cfg(test)]
+mod locality_tests;
+pub mod spill;
 #[cfg(test)]
 mod tests;
 mod topology;
@@ -15,13 +24,15 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::model::{IpFamily, Node, Service, ServiceKey, ServicePort, ServiceType};
+use crate::model::{IpFamily, LocalityPolicy, Node, Service, ServiceKey, ServicePort, ServiceType};
 use crate::store::Store;
 use crate::table::{
     Backend, Frontend, NodeTable, Tier, TopologyMode, TrafficPolicy, VirtualServer, VsKey,
 };
 
 use endpoints::{merge, Candidate};
+use locality::locality_tiers;
+use spill::{backend_weights, spill, TierHealth, TierLoad};
 pub use topology::TopologyReason;
 use topology::{cluster_tiers, decide_mode, local_tiers, IndexTiers};
 
@@ -32,6 +43,8 @@ pub struct PlanConfig {
     pub scheduler: String,
     /// This proxy's name for `service.kubernetes.io/service-proxy-name`.
     pub proxy_name: String,
+    /// The locality policy of Services without a `topoproxy.io/topology` annotation.
+    pub default_locality: LocalityPolicy,
 }
 
 impl Default for PlanConfig {
@@ -39,6 +52,26 @@ impl Default for PlanConfig {
         Self {
             scheduler: "rr".to_owned(),
             proxy_name: "topoproxy".to_owned(),
+            default_locality: LocalityPolicy::KubeProxy,
+        }
+    }
+}
+
+impl PlanConfig {
+    /// The locality policy `service` is planned with.
+    pub fn locality_of(&self, service: &Service) -> LocalityPolicy {
+        service.locality.unwrap_or(self.default_locality)
+    }
+
+    /// The IPVS scheduler for virtual servers under `policy`. Weights are how a locality
+    /// policy spills, and `rr` and `lc` ignore them, so those become `wrr` and `wlc` (with one
+    /// tier in use every weight is 1 and `wrr` schedules exactly as `rr`).
+    pub fn scheduler_for(&self, policy: LocalityPolicy) -> String {
+        match (policy, self.scheduler.as_str()) {
+            (LocalityPolicy::KubeProxy, scheduler) => scheduler.to_owned(),
+            (_, "rr") => "wrr".to_owned(),
+            (_, "lc") => "wlc".to_owned(),
+            (_, scheduler) => scheduler.to_owned(),
         }
     }
 }
@@ -79,9 +112,12 @@ pub fn plan_service(
         return Vec::new();
     }
     let mut servers = Vec::new();
-    for port_plan in port_plans(store, service, node) {
-        let cluster = port_plan.cluster.as_ref().map(|t| port_plan.tiers(t));
-        let local = port_plan.local.as_ref().map(|t| port_plan.tiers(t));
+    for port_plan in port_plans(store, service, node, config) {
+        let cluster = port_plan
+            .cluster
+            .as_ref()
+            .map(|t| port_plan.tiers(t, port_plan.spill.as_ref()));
+        let local = port_plan.local.as_ref().map(|t| port_plan.tiers(t, None));
         for frontend in &port_plan.frontends {
             // A NodePort on a node address that is also an externalIP, say: first one wins.
             if servers
@@ -90,20 +126,21 @@ pub fn plan_service(
             {
                 continue;
             }
-            let tiers = match frontend.policy {
-                TrafficPolicy::Cluster => cluster.clone(),
-                TrafficPolicy::Local => local.clone(),
+            let (tiers, locality) = match frontend.policy {
+                TrafficPolicy::Cluster => (cluster.clone(), port_plan.locality),
+                TrafficPolicy::Local => (local.clone(), LocalityPolicy::KubeProxy),
             };
             servers.push(VirtualServer {
                 key: frontend.key,
                 service: service.key.clone(),
                 port_name: port_plan.port.name.clone(),
                 frontend: frontend.kind,
-                scheduler: config.scheduler.clone(),
+                scheduler: config.scheduler_for(locality),
                 persistence_timeout: service.session_affinity_timeout,
                 traffic_policy: frontend.policy,
                 intent: service.topology_intent,
                 topology: port_plan.mode,
+                locality,
                 tiers: tiers.unwrap_or_default(),
             });
         }
@@ -173,18 +210,46 @@ pub(crate) struct PortPlan<'a> {
     pub candidates: Vec<Candidate<'a>>,
     pub mode: TopologyMode,
     pub reason: TopologyReason,
+    /// The locality policy of the Cluster-policy frontends.
+    pub locality: LocalityPolicy,
     /// Present when some frontend uses Cluster policy.
     pub cluster: Option<IndexTiers>,
+    /// Under a locality policy: the spill rule's view of each `cluster` tier, same order.
+    pub spill: Option<SpillPlan>,
     /// Present when some frontend uses Local policy.
     pub local: Option<IndexTiers>,
     pub frontends: Vec<FrontendSpec>,
 }
 
+/// What the spill rule made of one Service port's locality tiers.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SpillPlan {
+    pub health: Vec<TierHealth>,
+    pub loads: Vec<TierLoad>,
+    /// Weight of each backend of each tier (tiers in order).
+    pub weights: Vec<u32>,
+}
+
+impl SpillPlan {
+    fn new(tiers: &IndexTiers, health: Vec<TierHealth>) -> Self {
+        let loads = spill(&health);
+        let shares: Vec<u32> = loads.iter().map(|load| load.share_ppm).collect();
+        let sizes: Vec<usize> = tiers.iter().map(|(_, members)| members.len()).collect();
+        let weights = backend_weights(&shares, &sizes);
+        Self {
+            health,
+            loads,
+            weights,
+        }
+    }
+}
+
 impl PortPlan<'_> {
-    fn tiers(&self, tiers: &IndexTiers) -> Vec<Tier> {
+    fn tiers(&self, tiers: &IndexTiers, spill: Option<&SpillPlan>) -> Vec<Tier> {
         tiers
             .iter()
-            .map(|(kind, members)| Tier {
+            .enumerate()
+            .map(|(position, (kind, members))| Tier {
                 kind: *kind,
                 backends: members
                     .iter()
@@ -193,12 +258,13 @@ impl PortPlan<'_> {
                         Backend {
                             address: candidate.address(),
                             port: candidate.port,
-                            weight: 1,
+                            weight: spill.map_or(1, |plan| plan.weights[position]),
                             node_name: candidate.endpoint.node_name.clone(),
                             zone: candidate.endpoint.zone.clone(),
                         }
                     })
                     .collect(),
+                share_ppm: spill.map(|plan| plan.loads[position].share_ppm),
             })
             .collect()
     }
@@ -210,7 +276,9 @@ pub(crate) fn port_plans<'a>(
     store: &'a Store,
     service: &'a Service,
     node: &Node,
+    config: &PlanConfig,
 ) -> Vec<PortPlan<'a>> {
+    let locality = config.locality_of(service);
     let mut families: Vec<IpFamily> = service.cluster_ips.iter().map(IpFamily::of).collect();
     families.sort();
     families.dedup();
@@ -226,8 +294,24 @@ pub(crate) fn port_plans<'a>(
             );
             let (mode, reason) = decide_mode(&candidates, node);
             let uses = |policy| frontends.iter().any(|f| f.policy == policy);
-            let cluster =
-                uses(TrafficPolicy::Cluster).then(|| cluster_tiers(&candidates, node, mode));
+            let (cluster, spill) = match (uses(TrafficPolicy::Cluster), locality) {
+                (false, _) => (None, None),
+                (true, LocalityPolicy::KubeProxy) => {
+                    (Some(cluster_tiers(&candidates, node, mode)), None)
+                }
+                (true, policy) => {
+                    let planned = locality_tiers(
+                        &candidates,
+                        store,
+                        node,
+                        mode,
+                        policy,
+                        service.topology_intent,
+                    );
+                    let spill = SpillPlan::new(&planned.tiers, planned.health);
+                    (Some(planned.tiers), Some(spill))
+                }
+            };
             let local = uses(TrafficPolicy::Local).then(|| local_tiers(&candidates, node));
             plans.push(PortPlan {
                 family,
@@ -235,7 +319,9 @@ pub(crate) fn port_plans<'a>(
                 candidates,
                 mode,
                 reason,
+                locality,
                 cluster,
+                spill,
                 local,
                 frontends,
             });

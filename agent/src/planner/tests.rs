@@ -12,14 +12,14 @@ use crate::model::{
 };
 use crate::table::TierKind;
 
-const TCP: Protocol = Protocol::Tcp;
+pub(super) const TCP: Protocol = Protocol::Tcp;
 const UDP: Protocol = Protocol::Udp;
 
-fn ip(text: &str) -> IpAddr {
+pub(super) fn ip(text: &str) -> IpAddr {
     text.parse().expect("test address")
 }
 
-fn node(name: &str, zone: Option<&str>, addresses: &[&str]) -> Node {
+pub(super) fn node(name: &str, zone: Option<&str>, addresses: &[&str]) -> Node {
     Node {
         name: name.to_owned(),
         zone: zone.map(str::to_owned),
@@ -28,7 +28,7 @@ fn node(name: &str, zone: Option<&str>, addresses: &[&str]) -> Node {
     }
 }
 
-fn port(name: &str, protocol: Protocol, number: u16) -> ServicePort {
+pub(super) fn port(name: &str, protocol: Protocol, number: u16) -> ServicePort {
     ServicePort {
         name: name.to_owned(),
         protocol,
@@ -37,7 +37,7 @@ fn port(name: &str, protocol: Protocol, number: u16) -> ServicePort {
     }
 }
 
-fn service(name: &str, cluster_ip: &str, ports: Vec<ServicePort>) -> Service {
+pub(super) fn service(name: &str, cluster_ip: &str, ports: Vec<ServicePort>) -> Service {
     Service {
         key: ServiceKey::new("default", name),
         service_type: ServiceType::ClusterIP,
@@ -51,11 +51,12 @@ fn service(name: &str, cluster_ip: &str, ports: Vec<ServicePort>) -> Service {
         external_traffic_local: false,
         topology_intent: TopologyIntent::None,
         proxy_name: None,
+        locality: None,
     }
 }
 
 /// A Ready endpoint on `node` in `zone`, without hints.
-fn ep(address: &str, node: &str, zone: &str) -> Endpoint {
+pub(super) fn ep(address: &str, node: &str, zone: &str) -> Endpoint {
     Endpoint {
         address: ip(address),
         ready: true,
@@ -68,7 +69,7 @@ fn ep(address: &str, node: &str, zone: &str) -> Endpoint {
     }
 }
 
-fn zone_hint(mut endpoint: Endpoint, zones: &[&str]) -> Endpoint {
+pub(super) fn zone_hint(mut endpoint: Endpoint, zones: &[&str]) -> Endpoint {
     endpoint.zone_hints = zones.iter().map(|z| (*z).to_owned()).collect();
     endpoint
 }
@@ -79,20 +80,20 @@ fn node_hint(mut endpoint: Endpoint, nodes: &[&str]) -> Endpoint {
 }
 
 /// Terminating; `serving` says whether it still passes its readiness probe.
-fn terminating(mut endpoint: Endpoint, serving: bool) -> Endpoint {
+pub(super) fn terminating(mut endpoint: Endpoint, serving: bool) -> Endpoint {
     endpoint.ready = false;
     endpoint.serving = serving;
     endpoint.terminating = true;
     endpoint
 }
 
-fn not_ready(mut endpoint: Endpoint) -> Endpoint {
+pub(super) fn not_ready(mut endpoint: Endpoint) -> Endpoint {
     endpoint.ready = false;
     endpoint.serving = false;
     endpoint
 }
 
-fn slice(
+pub(super) fn slice(
     service: &str,
     name: &str,
     ports: &[(&str, Protocol, u16)],
@@ -120,7 +121,7 @@ fn slice(
     }
 }
 
-fn store(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Store {
+pub(super) fn store(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Store {
     let mut store = Store::new();
     for service in services {
         store.upsert_service(service);

@@ -22,7 +22,7 @@ struct JsonVirtualServer<'a> {
     #[serde(flatten)]
     server: &'a VirtualServer,
     active_tier: Option<TierKind>,
-    programmed: &'a [Backend],
+    programmed: Vec<&'a Backend>,
     falling_back: bool,
 }
 

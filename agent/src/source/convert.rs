@@ -18,10 +18,11 @@ use serde::Serialize;
 
 use crate::model::Hints;
 use crate::model::{
-    Endpoint, EndpointSlice, IpFamily, Node, Protocol, Service, ServiceKey, ServicePort,
-    ServiceType, SliceOrigin, SlicePort, TopologyIntent, ANNOTATION_TOPOLOGY_AWARE_HINTS,
-    ANNOTATION_TOPOLOGY_MODE, DEFAULT_AFFINITY_TIMEOUT_SECONDS, LABEL_HEADLESS, LABEL_REGION,
-    LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_SOURCE_CLUSTER, LABEL_ZONE,
+    Endpoint, EndpointSlice, IpFamily, LocalityPolicy, Node, NodeLocality, Protocol, Service,
+    ServiceKey, ServicePort, ServiceType, SliceOrigin, SlicePort, TopologyIntent,
+    ANNOTATION_LOCALITY, ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE,
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS, LABEL_HEADLESS, LABEL_REGION, LABEL_SERVICE_NAME,
+    LABEL_SERVICE_PROXY_NAME, LABEL_SOURCE_CLUSTER, LABEL_ZONE,
 };
 
 /// Which object a warning is about.
@@ -270,6 +271,7 @@ pub fn service_from_api(
     // kube-proxy selects Services on the label's absence, so an empty value still means
     // "another proxy's"; keep it as given.
     let proxy_name = label(meta, LABEL_SERVICE_PROXY_NAME).map(str::to_owned);
+    let locality = locality_policy(meta, &mut report);
 
     Some(Service {
         key: ServiceKey::new(namespace_of(meta), name),
@@ -284,7 +286,29 @@ pub fn service_from_api(
         external_traffic_local,
         topology_intent,
         proxy_name,
+        locality,
     })
+}
+
+/// The `topoproxy.io/topology` annotation. A value we do not know must not silently become
+/// the cluster default (which may spill): it gets kube-proxy's behaviour, with a warning.
+fn locality_policy(meta: &ObjectMeta, report: &mut Report<'_>) -> Option<LocalityPolicy> {
+    let value = annotation(meta, ANNOTATION_LOCALITY)?;
+    match LocalityPolicy::parse(value) {
+        Some(policy) => Some(policy),
+        None => {
+            let known: Vec<&str> = LocalityPolicy::VALUES
+                .iter()
+                .map(|(name, _)| *name)
+                .collect();
+            report.warn(format!(
+                "annotation {ANNOTATION_LOCALITY} {value:?} is not one of {}; kube-proxy's \
+                 behaviour applies",
+                known.join(", ")
+            ));
+            Some(LocalityPolicy::KubeProxy)
+        }
+    }
 }
 
 fn load_balancer_ips(svc: &core::Service, report: &mut Report<'_>) -> Vec<IpAddr> {
@@ -605,6 +629,15 @@ fn endpoint_from_api(
 
 /// Converts a Node. Returns `None` (with a warning) only when it has no name; invalid
 /// addresses are skipped one by one.
+/// A Node's zone and region from its labels: all a metadata-only watch of every Node gives.
+/// (The store interns the names, so the Nodes of a zone share one string.)
+pub fn node_locality_from_meta(meta: &ObjectMeta) -> NodeLocality {
+    NodeLocality {
+        zone: non_empty(label(meta, LABEL_ZONE)).map(Arc::from),
+        region: non_empty(label(meta, LABEL_REGION)).map(Arc::from),
+    }
+}
+
 pub fn node_from_api(
     node: &core::Node,
     origin: Option<&str>,
@@ -721,6 +754,7 @@ mod tests {
                 external_traffic_local: false,
                 topology_intent: TopologyIntent::None,
                 proxy_name: None,
+                locality: None,
             })
         );
     }
@@ -1240,6 +1274,44 @@ mod tests {
             };
             assert_eq!(messages(&warnings), expected, "{case}");
         }
+    }
+
+    #[test]
+    fn locality_annotation() {
+        let cases = [
+            (json!({}), None),
+            (
+                json!({ANNOTATION_LOCALITY: "zone"}),
+                Some(LocalityPolicy::Zone),
+            ),
+            (
+                json!({ANNOTATION_LOCALITY: " Node "}),
+                Some(LocalityPolicy::Node),
+            ),
+            (
+                json!({ANNOTATION_LOCALITY: "kube-proxy"}),
+                Some(LocalityPolicy::KubeProxy),
+            ),
+        ];
+        for (annotations, expected) in cases {
+            let (service, warnings) =
+                service_object(json!({"metadata": {"name": "web", "annotations": annotations}}));
+            assert_eq!(service.unwrap().locality, expected, "{annotations}");
+            assert!(warnings.is_empty(), "{annotations}: {warnings:?}");
+        }
+        // A bad value: kube-proxy's behaviour (not the cluster default), and a warning that
+        // names the Service.
+        let (service, warnings) = service_object(
+            json!({"metadata": {"name": "web", "annotations": {ANNOTATION_LOCALITY: "nearest"}}}),
+        );
+        assert_eq!(service.unwrap().locality, Some(LocalityPolicy::KubeProxy));
+        assert_eq!(
+            messages(&warnings),
+            [
+                r#"annotation topoproxy.io/topology "nearest" is not one of kube-proxy, zone, node; kube-proxy's behaviour applies"#
+            ]
+        );
+        assert!(warnings[0].to_string().contains("web"), "{}", warnings[0]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ pub mod file;
 pub mod kube;
 pub mod poll;
 
-use crate::model::{EndpointSlice, Node, Service, ServiceKey};
+use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey};
 use crate::store::SliceKey;
 
 /// A source's initial list (or re-list) that gates programming.
@@ -17,6 +17,8 @@ pub enum Resource {
     Services,
     EndpointSlices,
     Node,
+    /// Every Node's zone and region (metadata only).
+    NodeLocalities,
 }
 
 impl Resource {
@@ -25,6 +27,7 @@ impl Resource {
             Self::Services => "services",
             Self::EndpointSlices => "endpointslices",
             Self::Node => "node",
+            Self::NodeLocalities => "nodes",
         }
     }
 }
@@ -38,6 +41,8 @@ pub enum SourceEvent {
     Slice(SliceKey, Option<EndpointSlice>),
     /// This node's Node object; `None` when it was deleted.
     Node(Option<Node>),
+    /// Where some Node (any Node) sits; `None` when it was deleted.
+    NodeLocality(String, Option<NodeLocality>),
     /// The source finished listing `Resource`; everything it knows has been sent.
     Listed(Resource),
 }

@@ -123,6 +123,21 @@ pub fn changes(before: &Store, after: &Store, node_name: &str) -> Vec<SourceEven
             events.push(SourceEvent::Slice(key, Some(slice)));
         }
     }
+    // Every Node's locality (the API source gets these from a metadata-only watch).
+    for node in before.nodes() {
+        if after.node(&node.name).is_none() {
+            events.push(SourceEvent::NodeLocality(node.name.clone(), None));
+        }
+    }
+    for node in after.nodes() {
+        let locality = after.node_locality(&node.name);
+        if before.node_locality(&node.name) != locality {
+            events.push(SourceEvent::NodeLocality(
+                node.name.clone(),
+                Some(locality.cloned().unwrap_or_default()),
+            ));
+        }
+    }
     match (before.node(node_name), after.node(node_name)) {
         (old, Some(new)) if old != Some(new) => events.push(SourceEvent::Node(Some(new.clone()))),
         (Some(_), None) => events.push(SourceEvent::Node(None)),
