@@ -412,6 +412,30 @@ fn client_process() {
                 let names: Vec<String> = names.into_iter().collect();
                 format!("ok {ok} {failed} {first_error} {}", names.join(","))
             }
+            ["pin", cpu] => match pin_to_cpu(cpu.parse().expect("cpu")) {
+                Ok(()) => "ok pinned".to_owned(),
+                Err(error) => format!("err {error}"),
+            },
+            ["connects", ip, port, millis] => {
+                let address = target(ip, port);
+                let until = Instant::now() + Duration::from_millis(millis.parse().expect("ms"));
+                let (mut ok, mut failed, mut first_error) = (0u64, 0u64, String::from("-"));
+                while Instant::now() < until {
+                    match TcpStream::connect_timeout(&address, Duration::from_secs(2)) {
+                        Ok(stream) => {
+                            linger_zero(&stream);
+                            ok += 1;
+                        }
+                        Err(error) => {
+                            if failed == 0 {
+                                first_error = error.to_string().replace(' ', "_");
+                            }
+                            failed += 1;
+                        }
+                    }
+                }
+                format!("ok {ok} {failed} {first_error}")
+            }
             ["bench", ip, port, count] => {
                 let address = target(ip, port);
                 let count: u32 = count.parse().expect("count");
@@ -429,6 +453,21 @@ fn client_process() {
             other => format!("err unknown command {other:?}"),
         };
         println!("@@ {answer}");
+    }
+}
+
+/// Keeps this process on one CPU, so concurrent clients really run in parallel.
+fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity only touch it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -886,6 +925,100 @@ fn one_endpoint_change_costs_a_constant_number_of_map_writes() {
     assert!(remove <= 4, "remove: {remove}");
     assert!(tier_move <= 5, "tier move: {tier_move}");
     assert_eq!(weight, 1);
+}
+
+/// One client per CPU, each pinned to its CPU, connecting to `vip:port` in a loop for
+/// `millis` while `during` runs over and over; (connects, failures, first error) per client.
+fn connect_loops(
+    world: &World,
+    vip: &str,
+    port: u16,
+    millis: u64,
+    mut during: impl FnMut(),
+) -> Vec<(u64, u64, String)> {
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    let finished = std::sync::Arc::new(AtomicU32::new(0));
+    let loops: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            let mut client = world.client();
+            assert_eq!(client.ask(&format!("pin {cpu}")), "ok pinned");
+            client.send(&format!("connects {vip} {port} {millis}"));
+            let finished = finished.clone();
+            std::thread::spawn(move || {
+                let answer = client.answer();
+                finished.fetch_add(1, Ordering::SeqCst);
+                answer
+            })
+        })
+        .collect();
+    while finished.load(Ordering::SeqCst) < cpus as u32 {
+        during();
+    }
+    loops
+        .into_iter()
+        .map(|handle| {
+            let answer = handle.join().expect("client thread");
+            let words: Vec<&str> = answer.split_whitespace().collect();
+            assert_eq!(words.first(), Some(&"ok"), "{answer}");
+            (
+                words[1].parse().expect("connects"),
+                words[2].parse().expect("failures"),
+                words[3].to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A sink service on VIP4 with `backends`, all in tier 0.
+fn sink_service(backends: &[Backend], persistence_timeout: Option<u32>) -> ProgrammedTable {
+    let destinations = backends
+        .iter()
+        .map(|backend| {
+            (
+                (backend.v4.parse().expect("address"), SINK_PORT),
+                DestinationState { weight: 1, tier: 0 },
+            )
+        })
+        .collect();
+    [(
+        VsKey::new(Protocol::Tcp, VIP4.parse().expect("vip"), SINK_PORT),
+        ProgrammedService {
+            config: config(persistence_timeout),
+            destinations,
+        },
+    )]
+    .into()
+}
+
+#[test]
+fn connects_racing_backend_removals_never_miss() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    // Three backends down to one and back: the removals delete slots 1 and 2, which a connect
+    // that read the old counts may be about to read.
+    let full = sink_service(&[T0A, T0B, T1A], None);
+    let shrunk = sink_service(&[T1A], None);
+    sync(&mut dataplane, &full);
+    let to_shrunk = diff(&shrunk, &full);
+    let to_full = diff(&full, &shrunk);
+    let mut churns = 0u64;
+    let results = connect_loops(&world, VIP4, SINK_PORT, 4_000, || {
+        block_on(dataplane.apply(&to_shrunk)).expect("remove backends");
+        block_on(dataplane.apply(&to_full)).expect("add them back");
+        churns += 1;
+    });
+    let connects: u64 = results.iter().map(|r| r.0).sum();
+    let failures: u64 = results.iter().map(|r| r.1).sum();
+    println!(
+        "{connects} connects, {failures} failed, during {churns} remove/add rounds: {results:?}"
+    );
+    assert!(churns > 20, "too few churn rounds: {churns}");
+    assert!(connects > 1_000, "too few connects: {results:?}");
+    assert_eq!(
+        failures, 0,
+        "connects failed while backends churned: {results:?}"
+    );
+    assert_eq!(block_on(dataplane.read()).expect("read"), full);
 }
 
 // ---- benchmarks ----

@@ -18,7 +18,8 @@ use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use topoproxy_common::maps;
 
-use super::{EbpfError, EbpfSettings, Maps};
+use super::maps::PinnedMaps;
+use super::{EbpfError, EbpfSettings};
 
 /// The object built from `ebpf/` by `agent/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/topoproxy-ebpf"));
@@ -68,7 +69,7 @@ fn program_pin(pin_dir: &Path, program: &str) -> PathBuf {
 
 /// Creates or opens the pinned maps and makes sure every program is attached through a pinned
 /// link, adopting the links a previous agent left.
-pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfError> {
+pub(super) fn load(settings: &EbpfSettings) -> Result<(PinnedMaps, LoadReport), EbpfError> {
     raise_memlock();
     if let Some(parent) = settings.pin_dir.parent() {
         ensure_bpffs(parent)?;
@@ -170,7 +171,7 @@ fn attach(
     Ok(())
 }
 
-fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, EbpfError> {
+fn take_maps(ebpf: &mut Ebpf) -> Result<PinnedMaps, EbpfError> {
     fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, EbpfError> {
         ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
     }
@@ -181,7 +182,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, EbpfError> {
             source: Box::new(source),
         }
     };
-    Ok(Maps {
+    Ok(PinnedMaps {
         services: HashMap::try_from(take(ebpf, maps::SERVICES)?)
             .map_err(map_error(maps::SERVICES))?,
         backends: HashMap::try_from(take(ebpf, maps::BACKENDS)?)
