@@ -412,6 +412,12 @@ fn client_process() {
                 let names: Vec<String> = names.into_iter().collect();
                 format!("ok {ok} {failed} {first_error} {}", names.join(","))
             }
+            ["udp2", first, second, port] => {
+                match udp_two_vips(&target(first, port), &target(second, port)) {
+                    Ok(replies) => format!("ok {replies}"),
+                    Err(error) => format!("err {error}"),
+                }
+            }
             ["pin", cpu] => match pin_to_cpu(cpu.parse().expect("cpu")) {
                 Ok(()) => "ok pinned".to_owned(),
                 Err(error) => format!("err {error}"),
@@ -521,6 +527,22 @@ fn udp_name(address: &SocketAddr, connected: bool) -> std::io::Result<(String, S
         socket.recv_from(&mut buf)?
     };
     Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+}
+
+/// One unconnected socket asks two addresses before reading either reply; the replies as
+/// `name@from name@from`, in arrival order.
+fn udp_two_vips(first: &SocketAddr, second: &SocketAddr) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.send_to(b"who", first)?;
+    socket.send_to(b"who", second)?;
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let mut buf = [0u8; 64];
+        let (len, from) = socket.recv_from(&mut buf)?;
+        replies.push(format!("{}@{from}", String::from_utf8_lossy(&buf[..len])));
+    }
+    Ok(replies.join(" "))
 }
 
 // ---- desired tables and the dataplane ----
@@ -1019,6 +1041,89 @@ fn connects_racing_backend_removals_never_miss() {
         "connects failed while backends churned: {results:?}"
     );
     assert_eq!(block_on(dataplane.read()).expect("read"), full);
+}
+
+#[test]
+fn affinity_holds_while_clients_on_every_cpu_connect_at_once() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let backends = [T0A, T0B, T1A, T1B];
+    sync(&mut dataplane, &sink_service(&backends, Some(60)));
+    // One connect first, so the loops start from one affinity entry.
+    let mut first = world.client();
+    let answer = first.ask(&format!("connects {VIP4} {SINK_PORT} 1"));
+    assert!(answer.starts_with("ok"), "{answer}");
+    // Every client is in the same network namespace: one affinity entry, stamped from every
+    // CPU at once.
+    let results = connect_loops(&world, VIP4, SINK_PORT, 3_000, || {
+        std::thread::sleep(Duration::from_millis(10));
+    });
+    assert!(results.iter().all(|r| r.1 == 0), "{results:?}");
+    let connects: u64 = results.iter().map(|r| r.0).sum();
+    let listing = dataplane.list().expect("list");
+    let used: Vec<(IpAddr, u64)> = listing.services[0]
+        .backends
+        .iter()
+        .filter(|b| b.connections > 0)
+        .map(|b| (b.address, b.connections))
+        .collect();
+    println!("{connects} connects went to {used:?}");
+    assert!(connects > 1_000, "too few connects: {results:?}");
+    assert_eq!(
+        used.len(),
+        1,
+        "affinity broke under concurrent connects: {used:?}"
+    );
+}
+
+#[test]
+fn ipv4_mapped_vips_from_dual_stack_sockets_are_translated_as_ipv4() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    sync(&mut dataplane, &all_services(&[(T0A, 0)], None));
+    let mut client = world.client();
+    let mapped = format!("::ffff:{VIP4}");
+    let in_view = socket(&mapped).to_string();
+    assert_eq!(client.tcp(&mapped), ("t0a".to_owned(), in_view.clone()));
+    assert_eq!(client.udp(&mapped), ("t0a".to_owned(), in_view.clone()));
+    assert_eq!(client.udp_connected(&mapped), ("t0a".to_owned(), in_view));
+    let listing = dataplane.list().expect("list");
+    let udp4 = VsKey::new(Protocol::Udp, VIP4.parse().expect("vip"), PORT);
+    let counted = listing
+        .services
+        .iter()
+        .find(|s| s.key == udp4)
+        .expect("udp4");
+    assert!(counted.counters.translations >= 2, "{counted:?}");
+}
+
+#[test]
+fn one_udp_socket_asking_two_vips_that_share_a_backend_sees_each_reply_from_its_vip() {
+    const VIP4_B: &str = "10.96.213.11";
+    let world = World::new();
+    let mut dataplane = world.open();
+    let mut table = ProgrammedTable::new();
+    service(&mut table, Protocol::Udp, VIP4, &[(T0A, 0)], None);
+    service(
+        &mut table,
+        Protocol::Udp,
+        VIP4_B,
+        &[(T0A, 0), (T0B, 0)],
+        None,
+    );
+    sync(&mut dataplane, &table);
+    let mut client = world.client();
+    for round in 0..20 {
+        let answer = client.ask(&format!("udp2 {VIP4} {VIP4_B} {PORT}"));
+        let mut replies: Vec<&str> = answer.split_whitespace().skip(1).collect();
+        replies.sort_unstable();
+        assert!(answer.starts_with("ok"), "{answer}");
+        let expected = [
+            format!("t0a@{}", socket(VIP4)),
+            format!("t0b@{}", socket(VIP4_B)),
+        ];
+        assert_eq!(replies, expected, "round {round}: {answer}");
+    }
 }
 
 // ---- benchmarks ----

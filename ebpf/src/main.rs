@@ -6,6 +6,11 @@
 //!   client's affine backend), rewrite the address and remember socket → VIP in `TP_REV_NAT`.
 //! - `recvmsg4/6` (UDP replies) and `getpeername4/6` put the VIP back, so the application only
 //!   ever sees the address it asked for.
+//! - The v6 hooks treat an IPv4-mapped address (`::ffff:VIP`, a dual-stack socket talking
+//!   IPv4) as the IPv4 VIP and answer in the same mapped form.
+//! - An unconnected UDP socket asking two VIPs that share a backend gets, where the VIP has
+//!   another backend, one not already answering this socket for the other VIP, since a reply
+//!   carries only the backend's address.
 //!
 //! The map ABI lives in `topoproxy-common`; the agent writes the maps (see its
 //! `dataplane::ebpf` module). Programs never fail a call they do not own: anything that is not
@@ -61,22 +66,22 @@ static TP_BE_STATS: PerCpuHashMap<BackendStatsKey, BackendStats> =
 
 #[cgroup_sock_addr(connect4)]
 pub fn tp_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, false, Hook::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn tp_connect6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, true, Hook::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tp_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, false, Hook::Sendmsg)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tp_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, true, Hook::Sendmsg)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -113,7 +118,24 @@ fn store(field: *mut u32, value: u32) {
     unsafe { core::ptr::write_volatile(field, value) }
 }
 
-/// The address and port the socket call names.
+/// Which call a forward program serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// `connect`: the socket has one peer from now on.
+    Connect,
+    /// `sendmsg` on an unconnected UDP socket: it may talk to several VIPs at once.
+    Sendmsg,
+}
+
+/// `::ffff:0:0/96`, an IPv4-mapped IPv6 address, has this third word (network order).
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Candidates `sendmsg` tries for a backend whose replies on this socket are not already
+/// claimed by another VIP (bounded for the verifier).
+const REPLY_PROBES: u32 = 4;
+
+/// The address and port the socket call names. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
+/// what dual-stack sockets and Java send to IPv4 peers) comes back as the IPv4 address it is.
 #[inline(always)]
 fn user_endpoint(sa: *mut bpf_sock_addr, v6: bool) -> Endpoint {
     let mut endpoint = Endpoint {
@@ -136,18 +158,28 @@ fn user_endpoint(sa: *mut bpf_sock_addr, v6: bool) -> Endpoint {
         // The port is network order in the low 16 bits.
         endpoint.port = load(&(*sa).user_port) as u16;
     }
+    if v6 && endpoint.addr[0] == 0 && endpoint.addr[1] == 0 && endpoint.addr[2] == V4_MAPPED_WORD {
+        endpoint.addr = [endpoint.addr[3], 0, 0, 0];
+        endpoint.family = FAMILY_V4;
+    }
     endpoint
 }
 
+/// Writes `endpoint` into the call; an IPv4 one in a v6 hook goes in as `::ffff:a.b.c.d`.
 #[inline(always)]
 fn set_user_endpoint(sa: *mut bpf_sock_addr, v6: bool, endpoint: &Endpoint) {
+    let words = if endpoint.family == FAMILY_V4 {
+        [0, 0, V4_MAPPED_WORD, endpoint.addr[0]]
+    } else {
+        endpoint.addr
+    };
     // SAFETY: see `user_endpoint`.
     unsafe {
         if v6 {
-            store(&mut (*sa).user_ip6[0], endpoint.addr[0]);
-            store(&mut (*sa).user_ip6[1], endpoint.addr[1]);
-            store(&mut (*sa).user_ip6[2], endpoint.addr[2]);
-            store(&mut (*sa).user_ip6[3], endpoint.addr[3]);
+            store(&mut (*sa).user_ip6[0], words[0]);
+            store(&mut (*sa).user_ip6[1], words[1]);
+            store(&mut (*sa).user_ip6[2], words[2]);
+            store(&mut (*sa).user_ip6[3], words[3]);
         } else {
             store(&mut (*sa).user_ip4, endpoint.addr[0]);
         }
@@ -157,7 +189,7 @@ fn set_user_endpoint(sa: *mut bpf_sock_addr, v6: bool, endpoint: &Endpoint) {
 
 /// connect and sendmsg: VIP → backend.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn forward(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     let vip = user_endpoint(sa, v6);
     let key = ServiceKey {
@@ -188,14 +220,14 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     let tier = tier as u32;
 
-    let (backend, affine) = match choose(ctx, &service, tier, count) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let (backend, affine) = match choose(ctx, &service, tier, count, cookie, &vip, hook) {
         Some(chosen) => chosen,
         // A slot below the count is always filled; a miss means the agent broke the order.
         None => return REJECT,
     };
     set_user_endpoint(sa, v6, &backend);
 
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let reverse = RevNatKey {
         cookie,
         backend,
@@ -216,6 +248,9 @@ fn choose(
     service: &Service,
     tier: u32,
     count: u32,
+    cookie: u64,
+    vip: &Endpoint,
+    hook: Hook,
 ) -> Option<(Endpoint, bool)> {
     let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
     let mut affinity = None;
@@ -229,10 +264,10 @@ fn choose(
         if let Some(entry) = TP_AFFINITY.get_ptr_mut(key) {
             // SAFETY: a pointer the map lookup returned, valid for this program run.
             let held = unsafe { *entry };
-            if now.wrapping_sub(held.last_used_ns) <= timeout_ns
-                && held.slot >> TIER_SHIFT == tier
-                && held.slot & 0xffff < count
-            {
+            // Another CPU may have stamped the entry after `now` was read: a stamp newer
+            // than `now` is fresh, not 2^64 ns old.
+            let fresh = held.last_used_ns >= now || now - held.last_used_ns <= timeout_ns;
+            if fresh && held.slot >> TIER_SHIFT == tier && held.slot & 0xffff < count {
                 let slot = BackendKey {
                     service_id: service.id,
                     slot: held.slot,
@@ -240,8 +275,10 @@ fn choose(
                 // SAFETY: copied out at once.
                 if let Some(backend) = unsafe { TP_BACKENDS.get(slot) } {
                     if backend.endpoint == held.backend {
-                        // SAFETY: as above; a racing update only moves the timestamp.
-                        unsafe { (*entry).last_used_ns = now };
+                        if now > held.last_used_ns {
+                            // SAFETY: as above; a racing update only moves the timestamp.
+                            unsafe { (*entry).last_used_ns = now };
+                        }
                         return Some((held.backend, true));
                     }
                 }
@@ -250,14 +287,7 @@ fn choose(
         affinity = Some((key, now));
     }
 
-    let index = unsafe { bpf_get_prandom_u32() } % count;
-    let slot = tier << TIER_SHIFT | index;
-    let key = BackendKey {
-        service_id: service.id,
-        slot,
-    };
-    // SAFETY: copied out at once.
-    let backend = unsafe { TP_BACKENDS.get(key) }?.endpoint;
+    let (backend, slot) = pick(service.id, tier, count, cookie, vip, hook)?;
     if let Some((key, now)) = affinity {
         let value = AffinityValue {
             backend,
@@ -267,6 +297,62 @@ fn choose(
         let _ = TP_AFFINITY.insert(key, value, u64::from(BPF_ANY));
     }
     Some((backend, false))
+}
+
+/// A random backend of `tier` and its slot. For `sendmsg`, replies carry only the backend's
+/// address, so a backend this socket already reaches for another VIP would make those replies
+/// ambiguous: the next few slots are tried for one that is free. If every candidate is taken
+/// (the VIPs share all their backends), the first stays and the last VIP asked wins.
+#[inline(always)]
+fn pick(
+    service_id: u32,
+    tier: u32,
+    count: u32,
+    cookie: u64,
+    vip: &Endpoint,
+    hook: Hook,
+) -> Option<(Endpoint, u32)> {
+    let start = unsafe { bpf_get_prandom_u32() } % count;
+    let first = slot_backend(service_id, tier, start)?;
+    if hook != Hook::Sendmsg || reply_is_free(cookie, &first, vip) {
+        return Some((first, tier << TIER_SHIFT | start));
+    }
+    let mut step = 1;
+    while step < REPLY_PROBES && step < count {
+        let index = (start + step) % count;
+        if let Some(candidate) = slot_backend(service_id, tier, index) {
+            if reply_is_free(cookie, &candidate, vip) {
+                return Some((candidate, tier << TIER_SHIFT | index));
+            }
+        }
+        step += 1;
+    }
+    Some((first, tier << TIER_SHIFT | start))
+}
+
+#[inline(always)]
+fn slot_backend(service_id: u32, tier: u32, index: u32) -> Option<Endpoint> {
+    let key = BackendKey {
+        service_id,
+        slot: tier << TIER_SHIFT | index,
+    };
+    // SAFETY: copied out at once.
+    unsafe { TP_BACKENDS.get(key) }.map(|backend| backend.endpoint)
+}
+
+/// Whether replies from `backend` on this socket can be shown as `vip`.
+#[inline(always)]
+fn reply_is_free(cookie: u64, backend: &Endpoint, vip: &Endpoint) -> bool {
+    let key = RevNatKey {
+        cookie,
+        backend: *backend,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    match unsafe { TP_REV_NAT.get(key) } {
+        Some(asked) => asked == vip,
+        None => true,
+    }
 }
 
 /// recvmsg and getpeername: backend → the VIP this socket asked for.
