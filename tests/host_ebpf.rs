@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
-use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings, PROGRAMS};
+use topoproxy::dataplane::ebpf::{
+    cgroup2_mount, cleanup, program_pin, EbpfDataplane, EbpfSettings, PROGRAMS,
+};
 use topoproxy::dataplane::Dataplane as _;
 use topoproxy::diff::{diff, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
 use topoproxy::model::Protocol;
@@ -858,19 +860,21 @@ fn a_missing_map_pin_makes_the_next_open_attach_afresh() {
     assert_eq!(client.udp(VIP4).1, socket(VIP4).to_string());
 }
 
-/// Ids of the loaded programs named like ours.
-/// The ids of the programs pinned as `prog_<name>` in `pin_dir`.
+/// The ids of this agent's programs pinned in `pin_dir`.
 fn pinned_program_ids(pin_dir: &std::path::Path) -> BTreeSet<u32> {
-    PROGRAMS
-        .iter()
-        .map(|name| {
-            aya::programs::ProgramInfo::from_pin(pin_dir.join(format!("prog_{name}")))
-                .unwrap_or_else(|e| panic!("reading the pinned program {name}: {e}"))
-                .id()
-        })
-        .collect()
+    program_ids_at(PROGRAMS.iter().map(|name| program_pin(pin_dir, name)))
 }
 
+fn program_ids_at(pins: impl Iterator<Item = PathBuf>) -> BTreeSet<u32> {
+    pins.map(|pin| {
+        aya::programs::ProgramInfo::from_pin(&pin)
+            .unwrap_or_else(|e| panic!("reading the pinned program {}: {e}", pin.display()))
+            .id()
+    })
+    .collect()
+}
+
+/// Ids of the loaded programs named like ours.
 fn loaded_program_ids() -> BTreeSet<u32> {
     // Freed programs can linger briefly after their last reference goes.
     std::thread::sleep(Duration::from_millis(200));
@@ -1124,6 +1128,93 @@ fn one_udp_socket_asking_two_vips_that_share_a_backend_sees_each_reply_from_its_
         ];
         assert_eq!(replies, expected, "round {round}: {answer}");
     }
+}
+
+#[test]
+fn a_new_version_swaps_its_programs_into_the_pinned_links_under_a_connect_loop() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let desired = all_services(&[(T0A, 0), (T0B, 0)], None);
+    sync(&mut dataplane, &desired);
+    // What the previous build leaves: the same links and maps, its programs pinned without a
+    // version.
+    let old_pins: Vec<PathBuf> = PROGRAMS
+        .iter()
+        .map(|name| world.settings.pin_dir.join(format!("prog_{name}")))
+        .collect();
+    for (name, old) in PROGRAMS.iter().zip(&old_pins) {
+        std::fs::rename(program_pin(&world.settings.pin_dir, name), old).expect("rename pin");
+    }
+    let old_ids = program_ids_at(old_pins.iter().cloned());
+    let mut client = world.client();
+    let held = client.ask(&format!("hold {VIP4} {PORT}"));
+    assert!(held.starts_with("ok"), "{held}");
+
+    client.send(&format!("loop {VIP4} {PORT} 2000"));
+    // The loop is running once its connects show in the counters.
+    let counted = |dataplane: &mut EbpfDataplane| -> u64 {
+        let listing = dataplane.list().expect("list");
+        listing
+            .services
+            .iter()
+            .map(|s| s.counters.translations)
+            .sum()
+    };
+    let before = counted(&mut dataplane);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted(&mut dataplane) < before + 10 {
+        assert!(Instant::now() < deadline, "the connect loop did not start");
+        std::thread::yield_now();
+    }
+    drop(dataplane);
+    let mut dataplane = world.open();
+    let report = dataplane.load_report().clone();
+    let answer = client.answer();
+
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(words[0], "ok", "{answer}");
+    let (ok, failed): (u64, u64) = (
+        words[1].parse().expect("ok"),
+        words[2].parse().expect("failed"),
+    );
+    assert!(ok > 10, "too few connects in the loop: {answer}");
+    assert_eq!(failed, 0, "connects failed across the upgrade: {answer}");
+    assert_eq!(report.upgraded.len(), PROGRAMS.len(), "{report:?}");
+    assert!(
+        report.adopted.is_empty() && report.attached.is_empty(),
+        "{report:?}"
+    );
+    let new_ids = pinned_program_ids(&world.settings.pin_dir);
+    assert!(
+        new_ids.is_disjoint(&old_ids),
+        "old {old_ids:?}, new {new_ids:?}"
+    );
+    assert!(
+        old_pins.iter().all(|pin| !pin.exists()),
+        "old program pins left"
+    );
+    // The links run the new programs: nothing holds the old ones any more.
+    let still_loaded: Vec<u32> = loaded_program_ids()
+        .intersection(&old_ids)
+        .copied()
+        .collect();
+    assert!(
+        still_loaded.is_empty(),
+        "old programs still loaded: {still_loaded:?}"
+    );
+    assert_eq!(block_on(dataplane.read()).expect("read"), desired);
+    assert!(
+        client.ask("ping 0").starts_with("ok ping"),
+        "held connection"
+    );
+    let (_, peer) = client.tcp(VIP4);
+    assert_eq!(peer, socket(VIP4).to_string());
+
+    // The same version again is adopted as before.
+    drop(dataplane);
+    let dataplane = world.open();
+    assert_eq!(dataplane.load_report().adopted.len(), PROGRAMS.len());
+    assert_eq!(pinned_program_ids(&world.settings.pin_dir), new_ids);
 }
 
 // ---- benchmarks ----

@@ -243,6 +243,8 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     pin_dir = %settings.ebpf.pin_dir.display(),
                     adopted = report.adopted.len(),
                     attached = report.attached.len(),
+                    upgraded = report.upgraded.len(),
+                    version = %ebpf::loader::programs_version(),
                     "eBPF programs in place"
                 );
                 serve(settings, dataplane).await

@@ -31,7 +31,9 @@ use crate::diff::{Op, ProgrammedTable, TierScope};
 use crate::table::VsKey;
 
 pub use list::{ListedBackend, ListedService, Listing, ServiceCounters};
-pub use loader::{cgroup2_mount, cleanup, CleanupReport, LoadReport, PROGRAMS};
+pub use loader::{
+    cgroup2_mount, cleanup, program_pin, programs_version, CleanupReport, LoadReport, PROGRAMS,
+};
 
 use layout::SlotLayout;
 use maps::PinnedMaps;
