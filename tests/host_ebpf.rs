@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
 use topoproxy::dataplane::ebpf::{
-    cgroup2_mount, cleanup, program_pin, EbpfDataplane, EbpfSettings, PROGRAMS,
+    cgroup2_mount, cleanup, program_pin, DatapathLog, EbpfDataplane, EbpfSettings, PROGRAMS,
 };
 use topoproxy::dataplane::Dataplane as _;
 use topoproxy::diff::{diff, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
@@ -1215,6 +1215,156 @@ fn a_new_version_swaps_its_programs_into_the_pinned_links_under_a_connect_loop()
     let dataplane = world.open();
     assert_eq!(dataplane.load_report().adopted.len(), PROGRAMS.len());
     assert_eq!(pinned_program_ids(&world.settings.pin_dir), new_ids);
+}
+
+/// Everything the test process logs through `tracing`, from every thread.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct CapturedLog;
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(|| CapturedLog)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Captured log lines with `needle` in them.
+fn log_lines_with(needle: &str) -> Vec<String> {
+    let logs = LOGS.lock().expect("log buffer");
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|line| line.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `count` log lines contain every one of `needles`.
+fn wait_for_log_lines(needles: &[&str], count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<String> = log_lines_with(needles[0])
+            .into_iter()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .collect();
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needles:?}: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn datapath_diagnostics_are_off_by_default_and_name_the_service_once_switched_on() {
+    capture_logs();
+    let world = World::new();
+    let mut dataplane = world.open();
+    let unique_name = format!("diag-{}", world.id);
+    let names = unique_name.clone();
+    dataplane.attach_service_names(std::sync::Arc::new(move |key: &VsKey| {
+        Some(format!("{names}/port-{}", key.port))
+    }));
+    // No backend on the sink port; only a tier-1 backend on the name port.
+    let mut table = sink_service(&[], None);
+    service(&mut table, Protocol::Tcp, VIP4, &[(T1A, 1)], None);
+    sync(&mut dataplane, &table);
+    let mut client = world.client();
+    let refused = format!("tcp {VIP4} {SINK_PORT}");
+    let no_backend = [unique_name.as_str(), "no_backend", "port-9090"];
+    let fallback = [unique_name.as_str(), "tier_fallback", "port-8080"];
+
+    // Off: refused and fallen back, but nothing logged.
+    let answer = client.ask(&refused);
+    assert!(
+        answer.starts_with("err"),
+        "the sink VIP is refused: {answer}"
+    );
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+
+    dataplane
+        .set_datapath_log(DatapathLog {
+            events: topoproxy_common::log_events::ALL,
+            per_second: 100,
+        })
+        .expect("switch the datapath log on");
+    assert!(client.ask(&refused).starts_with("err"));
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+    let logged = wait_for_log_lines(&no_backend, 1);
+    let fell_back = wait_for_log_lines(&fallback, 1);
+    assert!(fell_back[0].contains("tier=1"), "{fell_back:?}");
+    // The ring buffer is ordered: the calls made while it was off left nothing before these.
+    assert_eq!(
+        log_lines_with(&unique_name).len(),
+        2,
+        "{logged:?} {fell_back:?}"
+    );
+
+    // Capped: one record per CPU per second, whatever the burst.
+    dataplane
+        .set_datapath_log(DatapathLog {
+            events: topoproxy_common::log_events::NO_BACKEND,
+            per_second: 1,
+        })
+        .expect("cap the datapath log");
+    let before = log_lines_with(&unique_name).len();
+    // Over a second, so every CPU's window renews at least once.
+    let burst = client.ask(&format!("connects {VIP4} {SINK_PORT} 1200"));
+    let refused_in_burst: u64 = burst
+        .split_whitespace()
+        .nth(2)
+        .expect("failures")
+        .parse()
+        .expect("n");
+    assert!(refused_in_burst >= 20, "{burst}");
+    // A last record marks the end of the burst in the ring buffer.
+    dataplane
+        .set_datapath_log(DatapathLog {
+            events: topoproxy_common::log_events::TIER_FALLBACK,
+            per_second: 100,
+        })
+        .expect("switch to tier fallbacks");
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+    wait_for_log_lines(&fallback, 2);
+    let burst_records = log_lines_with(&unique_name).len() - before - 1;
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    // 1.2 s opens at most two new one-second windows per CPU.
+    assert!(
+        (1..=2 * cpus).contains(&burst_records),
+        "{burst_records} records for {refused_in_burst} refused connects"
+    );
+
+    // `topoproxy datapath-log` switches it from outside the agent, through the pins.
+    topoproxy::dataplane::ebpf::set_datapath_log(&world.settings.pin_dir, DatapathLog::OFF)
+        .expect("switch the datapath log off through the pinned map");
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+    assert!(client.ask(&refused).starts_with("err"));
+    // A marker switched on after them: nothing from the two calls made while off precedes it.
+    dataplane
+        .set_datapath_log(DatapathLog {
+            events: topoproxy_common::log_events::NO_BACKEND,
+            per_second: 100,
+        })
+        .expect("switch no-backend records on");
+    let before = log_lines_with(&unique_name).len();
+    assert!(client.ask(&refused).starts_with("err"));
+    let lines = wait_for_log_lines(&[unique_name.as_str()], before + 1);
+    assert_eq!(lines.len(), before + 1, "{lines:?}");
+    assert!(lines[before].contains("no_backend"), "{lines:?}");
 }
 
 // ---- benchmarks ----

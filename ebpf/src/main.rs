@@ -12,6 +12,10 @@
 //!   another backend, one not already answering this socket for the other VIP, since a reply
 //!   carries only the backend's address.
 //!
+//! Operator diagnostics (no backend, a tier fallback, a slot miss, an ambiguous UDP reply) go
+//! out through aya-log, off until the agent switches them on in `TP_LOG_CONFIG` and capped
+//! per CPU per second.
+//!
 //! The map ABI lives in `topoproxy-common`; the agent writes the maps (see its
 //! `dataplane::ebpf` module). Programs never fail a call they do not own: anything that is not
 //! a known VIP passes untouched.
@@ -23,14 +27,15 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::SockAddrContext,
     EbpfContext as _,
 };
+use aya_log_ebpf::{error, info, warn};
 use topoproxy_common::{
-    limits, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats, BackendStatsKey,
-    Endpoint, RevNatKey, Service, ServiceKey, ServiceStats, FAMILY_V4, FAMILY_V6, MAX_TIERS,
-    TIER_SHIFT,
+    limits, log_events, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats,
+    BackendStatsKey, Endpoint, LogBudget, LogConfig, RevNatKey, Service, ServiceKey, ServiceStats,
+    FAMILY_V4, FAMILY_V6, MAX_TIERS, TIER_SHIFT,
 };
 
 /// Let the call go on.
@@ -63,6 +68,13 @@ static TP_SVC_STATS: PerCpuHashMap<u32, ServiceStats> =
 #[map]
 static TP_BE_STATS: PerCpuHashMap<BackendStatsKey, BackendStats> =
     PerCpuHashMap::pinned(limits::BACKEND_STATS, BPF_F_NO_PREALLOC);
+
+// Written by the agent (`topoproxy datapath-log`); all zero, nothing is logged.
+#[map]
+static TP_LOG_CONFIG: Array<LogConfig> = Array::pinned(1, 0);
+
+#[map]
+static TP_LOG_BUDGET: PerCpuArray<LogBudget> = PerCpuArray::pinned(1, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn tp_connect4(ctx: SockAddrContext) -> i32 {
@@ -216,15 +228,26 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     }
     if count == 0 {
         count_service(service.id, 0, 0, 1);
+        if may_log(log_events::NO_BACKEND) {
+            warn!(ctx, "no_backend svc={}", service.id);
+        }
         return REJECT;
     }
     let tier = tier as u32;
+    if tier != 0 && may_log(log_events::TIER_FALLBACK) {
+        info!(ctx, "tier_fallback svc={} tier={}", service.id, tier);
+    }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let (backend, affine) = match choose(ctx, &service, tier, count, cookie, &vip, hook) {
         Some(chosen) => chosen,
         // A slot below the count is always filled; a miss means the agent broke the order.
-        None => return REJECT,
+        None => {
+            if may_log(log_events::SLOT_MISS) {
+                error!(ctx, "slot_miss svc={} tier={}", service.id, tier);
+            }
+            return REJECT;
+        }
     };
     set_user_endpoint(sa, v6, &backend);
 
@@ -287,7 +310,7 @@ fn choose(
         affinity = Some((key, now));
     }
 
-    let (backend, slot) = pick(service.id, tier, count, cookie, vip, hook)?;
+    let (backend, slot) = pick(ctx, service.id, tier, count, cookie, vip, hook)?;
     if let Some((key, now)) = affinity {
         let value = AffinityValue {
             backend,
@@ -305,6 +328,7 @@ fn choose(
 /// (the VIPs share all their backends), the first stays and the last VIP asked wins.
 #[inline(always)]
 fn pick(
+    ctx: &SockAddrContext,
     service_id: u32,
     tier: u32,
     count: u32,
@@ -326,6 +350,9 @@ fn pick(
             }
         }
         step += 1;
+    }
+    if may_log(log_events::REPLY_AMBIGUOUS) {
+        warn!(ctx, "reply_ambiguous svc={} tier={}", service_id, tier);
     }
     Some((first, tier << TIER_SHIFT | start))
 }
@@ -370,6 +397,35 @@ fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // These hooks must return 1.
     ALLOW
+}
+
+/// Whether `event` is switched on and this CPU has log budget left this second. Logging is
+/// off until the agent writes `TP_LOG_CONFIG`, and capped per CPU, so a refused-connect storm
+/// cannot flood the ring buffer or the agent's logs.
+#[inline(always)]
+fn may_log(event: u32) -> bool {
+    let Some(config) = TP_LOG_CONFIG.get(0) else {
+        return false;
+    };
+    if config.events & event == 0 || config.per_second == 0 {
+        return false;
+    }
+    let Some(budget) = TP_LOG_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's element; programs on one CPU do not nest here.
+    unsafe {
+        if now.wrapping_sub((*budget).window_start_ns) >= 1_000_000_000 {
+            (*budget).window_start_ns = now;
+            (*budget).emitted = 0;
+        }
+        if (*budget).emitted >= config.per_second {
+            return false;
+        }
+        (*budget).emitted += 1;
+    }
+    true
 }
 
 #[inline(always)]

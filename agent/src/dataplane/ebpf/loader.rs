@@ -16,7 +16,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, PerCpuHashMap};
+use aya::maps::{Array, HashMap, Map, PerCpuHashMap};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
@@ -45,13 +45,15 @@ pub const PROGRAMS: [&str; 8] = [
     "tp_getpeername6",
 ];
 
-const MAP_NAMES: [&str; 6] = [
+const MAP_NAMES: [&str; 8] = [
     maps::SERVICES,
     maps::BACKENDS,
     maps::REV_NAT,
     maps::AFFINITY,
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,
+    maps::LOG_CONFIG,
+    maps::LOG_BUDGET,
 ];
 
 /// What [`load`] found and did.
@@ -81,6 +83,18 @@ fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
 /// Where this agent's version of `program` is pinned.
 pub fn program_pin(pin_dir: &Path, program: &str) -> PathBuf {
     pin_dir.join(format!("prog_{program}_v{}", programs_version()))
+}
+
+/// The id of the program our links run for `tp_connect4` (every program of one load shares
+/// the maps, the log ring buffer among them).
+pub(super) fn pinned_program_id(pin_dir: &Path) -> Result<u32, EbpfError> {
+    let path = program_pin(pin_dir, PROGRAMS[0]);
+    aya::programs::ProgramInfo::from_pin(&path)
+        .map(|info| info.id())
+        .map_err(|source| EbpfError::Program {
+            program: PROGRAMS[0],
+            source: Box::new(source),
+        })
 }
 
 /// Pins of `program` from any other version (`prog_<name>` before versions were recorded).
@@ -123,11 +137,15 @@ pub(super) fn load(settings: &EbpfSettings) -> Result<(PinnedMaps, LoadReport), 
     })?;
     // Adopted programs read the maps they were loaded with. If any map pin is gone, a load
     // would create fresh maps those programs never see: start over with new links instead.
+    // (Programs of another version are swapped for ours in their links, with ours maps.)
     let all_maps_pinned = MAP_NAMES
         .iter()
         .all(|name| settings.pin_dir.join(name).exists());
     if !all_maps_pinned {
         for name in PROGRAMS {
+            if !is_bpf_object(&program_pin(&settings.pin_dir, name)) {
+                continue;
+            }
             let link_path = link_pin(&settings.pin_dir, name);
             if let Ok(fd) = bpf_obj_get(&link_path) {
                 tracing::warn!(
@@ -286,6 +304,8 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<PinnedMaps, EbpfError> {
             .map_err(map_error(maps::SERVICE_STATS))?,
         backend_stats: PerCpuHashMap::try_from(take(ebpf, maps::BACKEND_STATS)?)
             .map_err(map_error(maps::BACKEND_STATS))?,
+        log_config: Array::try_from(take(ebpf, maps::LOG_CONFIG)?)
+            .map_err(map_error(maps::LOG_CONFIG))?,
     })
 }
 

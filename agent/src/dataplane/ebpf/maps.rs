@@ -4,9 +4,12 @@
 use std::io;
 use std::net::IpAddr;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap};
 use topoproxy_common::{self as abi, maps};
 
+use super::datapath_log::DatapathLog;
 use super::lb_maps::LbMaps;
 use super::list::ServiceCounters;
 use super::{convert, EbpfError};
@@ -21,6 +24,7 @@ pub(crate) struct PinnedMaps {
     pub(super) affinity: HashMap<MapData, abi::AffinityKey, abi::AffinityValue>,
     pub(super) service_stats: PerCpuHashMap<MapData, u32, abi::ServiceStats>,
     pub(super) backend_stats: PerCpuHashMap<MapData, abi::BackendStatsKey, abi::BackendStats>,
+    pub(super) log_config: Array<MapData, abi::LogConfig>,
 }
 
 pub(super) fn map_error(
@@ -123,6 +127,11 @@ fn synchronize_rcu() -> Result<(), EbpfError> {
 }
 
 impl PinnedMaps {
+    /// Switches the programs' diagnostics; they see it at their next run.
+    pub(super) fn set_datapath_log(&mut self, log: DatapathLog) -> Result<(), EbpfError> {
+        write_log_config(&mut self.log_config, log)
+    }
+
     /// One service's counters, summed over CPUs.
     pub(super) fn service_counters(&self, id: u32) -> Result<ServiceCounters, EbpfError> {
         match self.service_stats.get(&id, 0) {
@@ -157,4 +166,24 @@ impl PinnedMaps {
             Err(error) => Err(map_error(maps::BACKEND_STATS, "lookup")(error)),
         }
     }
+}
+
+fn write_log_config(
+    map: &mut Array<MapData, abi::LogConfig>,
+    log: DatapathLog,
+) -> Result<(), EbpfError> {
+    let config = abi::LogConfig {
+        events: log.events,
+        per_second: log.per_second,
+    };
+    map.set(0, config, 0)
+        .map_err(map_error(maps::LOG_CONFIG, "update"))
+}
+
+/// Switches the diagnostics of the programs pinned in `pin_dir`, from outside the agent.
+pub fn set_datapath_log(pin_dir: &Path, log: DatapathLog) -> Result<(), EbpfError> {
+    let path = pin_dir.join(maps::LOG_CONFIG);
+    let data = MapData::from_pin(&path).map_err(map_error(maps::LOG_CONFIG, "open"))?;
+    let mut map = Array::try_from(Map::Array(data)).map_err(map_error(maps::LOG_CONFIG, "open"))?;
+    write_log_config(&mut map, log)
 }

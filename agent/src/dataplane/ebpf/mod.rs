@@ -12,6 +12,7 @@
 //! - [`loader`]: loading, attaching, pinning, adopting and removing the programs.
 
 mod convert;
+pub mod datapath_log;
 mod layout;
 mod lb_maps;
 mod list;
@@ -22,6 +23,7 @@ use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use aya::maps::MapError;
 use topoproxy_common::MAX_TIERS;
@@ -35,10 +37,14 @@ pub use loader::{
     cgroup2_mount, cleanup, program_pin, programs_version, CleanupReport, LoadReport, PROGRAMS,
 };
 
+pub use datapath_log::DatapathLog;
+pub use maps::set_datapath_log;
+
+use datapath_log::{LogReader, ServiceIds};
 use layout::SlotLayout;
 use maps::PinnedMaps;
 
-use super::{error_chain, Dataplane, DataplaneError, ServiceTraffic};
+use super::{error_chain, Dataplane, DataplaneError, ServiceNames, ServiceTraffic};
 
 const NAME: &str = "ebpf";
 
@@ -126,6 +132,8 @@ pub enum EbpfError {
     FamilyMismatch { address: IpAddr },
     #[error("waiting for an RCU grace period (membarrier) failed")]
     GracePeriod(#[source] io::Error),
+    #[error("reading the programs' log ring buffer failed")]
+    LogReader(#[source] Box<aya_log::Error>),
 }
 
 /// The eBPF dataplane. Dropping it leaves everything pinned and attached.
@@ -134,6 +142,9 @@ pub struct EbpfDataplane {
     maps: PinnedMaps,
     load_report: LoadReport,
     layout: SlotLayout,
+    /// Service id → virtual service, for the datapath log reader.
+    ids: ServiceIds,
+    log_reader: Option<LogReader>,
 }
 
 impl EbpfDataplane {
@@ -146,7 +157,36 @@ impl EbpfDataplane {
             maps,
             load_report,
             layout,
+            ids: ServiceIds::default(),
+            log_reader: None,
         })
+    }
+
+    /// Switches the programs' diagnostics (off by default) while they run.
+    pub fn set_datapath_log(&mut self, log: DatapathLog) -> Result<(), EbpfError> {
+        self.maps.set_datapath_log(log)
+    }
+
+    /// Starts re-emitting the programs' diagnostics as `tracing` events, naming Services with
+    /// `names`.
+    pub fn start_datapath_log(&mut self, names: ServiceNames) -> Result<(), EbpfError> {
+        let program_id = loader::pinned_program_id(&self.settings.pin_dir)?;
+        let reader = LogReader::start(program_id, Arc::clone(&self.ids), names)
+            .map_err(|source| EbpfError::LogReader(Box::new(source)))?;
+        self.log_reader = Some(reader);
+        self.refresh_ids();
+        Ok(())
+    }
+
+    /// Keeps the log reader's id → service view current.
+    fn refresh_ids(&self) {
+        if self.log_reader.is_none() {
+            return;
+        }
+        if let Ok(mut ids) = self.ids.write() {
+            ids.clear();
+            ids.extend(self.layout.entries().map(|(key, entry)| (entry.id(), *key)));
+        }
     }
 
     /// What opening found: adopted or freshly attached programs.
@@ -164,9 +204,12 @@ impl EbpfDataplane {
     }
 
     fn apply_sync(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
-        self.layout
+        let result = self
+            .layout
             .apply(&mut self.maps, ops)
-            .map_err(|failures| DataplaneError::apply_failures(NAME, ops, failures))
+            .map_err(|failures| DataplaneError::apply_failures(NAME, ops, failures));
+        self.refresh_ids();
+        result
     }
 
     /// The table read back from the maps.
@@ -239,6 +282,12 @@ impl Dataplane for EbpfDataplane {
     fn apply(&mut self, ops: &[Op]) -> impl Future<Output = Result<(), DataplaneError>> + Send {
         let result = self.apply_sync(ops);
         async move { result }
+    }
+
+    fn attach_service_names(&mut self, names: ServiceNames) {
+        if let Err(error) = self.start_datapath_log(names) {
+            tracing::warn!(error = %error_chain(&error), "datapath diagnostics will not reach the agent's log");
+        }
     }
 
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
