@@ -374,6 +374,7 @@ impl Cluster {
                     zone: node.zone.map(|zone| ZONES[zone].to_owned()),
                     region: node.region.then(|| "region-1".to_owned()),
                     addresses,
+                    leaving: None,
                 }
             })
             .collect();

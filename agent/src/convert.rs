@@ -640,7 +640,27 @@ pub fn node_from_api(
         zone: non_empty(label(meta, LABEL_ZONE)).map(str::to_owned),
         region: non_empty(label(meta, LABEL_REGION)).map(str::to_owned),
         addresses,
+        leaving: leaving(node),
     })
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Why `node` is leaving the cluster, as kube-proxy judges it for `/healthz` (KEP-3836):
+/// a deletion timestamp, or the cluster autoscaler's deletion taint.
+fn leaving(node: &core::Node) -> Option<String> {
+    if node.metadata.deletion_timestamp.is_some() {
+        return Some("the Node is being deleted".to_owned());
+    }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.taints.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .any(|taint| taint.key == TAINT_TO_BE_DELETED);
+    tainted.then(|| format!("the Node is tainted {TAINT_TO_BE_DELETED}"))
 }
 
 #[cfg(test)]
@@ -1593,6 +1613,7 @@ mod tests {
                 zone: Some("zone-1".into()),
                 region: Some("region-1".into()),
                 addresses: vec![ip("10.0.0.1"), ip("fd00::1"), ip("203.0.113.7")],
+                leaving: None,
             })
         );
         assert_eq!(
@@ -1623,5 +1644,33 @@ mod tests {
             warnings[0].to_string(),
             "test.yaml: Node <unnamed>: metadata.name is missing; node dropped"
         );
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_by_the_autoscaler_is_leaving() {
+        let leaving = |object: Json| node_object(object).0.and_then(|node| node.leaving);
+        assert_eq!(leaving(json!({"metadata": {"name": "n"}})), None);
+        assert_eq!(
+            leaving(
+                json!({"metadata": {"name": "n", "deletionTimestamp": "2026-12-01T10:00:00Z"}})
+            ),
+            Some("the Node is being deleted".to_owned())
+        );
+        let tainted = json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": [
+                {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},
+                {"key": "ToBeDeletedByClusterAutoscaler", "value": "1733047200", "effect": "NoSchedule"},
+            ]},
+        });
+        assert_eq!(
+            leaving(tainted),
+            Some("the Node is tainted ToBeDeletedByClusterAutoscaler".to_owned())
+        );
+        let other_taint = json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": [{"key": "DeletionCandidateOfClusterAutoscaler", "effect": "PreferNoSchedule"}]},
+        });
+        assert_eq!(leaving(other_taint), None);
     }
 }

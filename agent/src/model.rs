@@ -308,4 +308,21 @@ pub struct Node {
     pub region: Option<String>,
     /// `status.addresses` of type InternalIP and ExternalIP, in API order, deduplicated.
     pub addresses: Vec<IpAddr>,
+    /// Why the node is on its way out (being deleted, or tainted
+    /// `ToBeDeletedByClusterAutoscaler`); load balancers should stop sending to it. The
+    /// planner ignores it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaving: Option<String>,
+}
+
+impl Node {
+    /// The node without [`Node::leaving`]: what planning depends on.
+    pub fn topology(&self) -> (&str, Option<&str>, Option<&str>, &[IpAddr]) {
+        (
+            &self.name,
+            self.zone.as_deref(),
+            self.region.as_deref(),
+            &self.addresses,
+        )
+    }
 }

@@ -210,15 +210,21 @@ impl<D: Dataplane> SyncLoop<D> {
                     tracing::debug!(node = %node.name, "ignoring another node's object");
                     return;
                 }
-                if self.node.as_ref() != Some(&node) {
-                    if self.node.is_some() {
-                        tracing::info!(
-                            zone = ?node.zone,
-                            addresses = ?node.addresses,
-                            "this node's topology or addresses changed; re-planning everything"
-                        );
-                    }
-                    self.node = Some(node);
+                if node.leaving != self.node.as_ref().and_then(|n| n.leaving.clone()) {
+                    tracing::info!(leaving = ?node.leaving, "this node's eligibility for load balancers changed");
+                }
+                self.state.health.set_node_leaving(node.leaving.clone());
+                // Only topology and addresses matter to the plan.
+                let replan = self.node.as_ref().map(Node::topology) != Some(node.topology());
+                if replan && self.node.is_some() {
+                    tracing::info!(
+                        zone = ?node.zone,
+                        addresses = ?node.addresses,
+                        "this node's topology or addresses changed; re-planning everything"
+                    );
+                }
+                self.node = Some(node);
+                if replan {
                     self.replan_all = true;
                     self.note_pending_change();
                 }

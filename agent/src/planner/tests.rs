@@ -25,6 +25,7 @@ fn node(name: &str, zone: Option<&str>, addresses: &[&str]) -> Node {
         zone: zone.map(str::to_owned),
         region: None,
         addresses: addresses.iter().map(|a| ip(a)).collect(),
+        leaving: None,
     }
 }
 
