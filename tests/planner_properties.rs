@@ -617,6 +617,7 @@ fn build_service(index: usize, raw: &RawService) -> Service {
         external_traffic_local: raw.external_local && externally_typed,
         topology_intent: raw.intent,
         proxy_name: raw.proxy_name.map(str::to_owned),
+        health_check_node_port: None,
     }
 }
 

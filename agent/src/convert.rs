@@ -270,6 +270,19 @@ pub fn service_from_api(
     // kube-proxy selects Services on the label's absence, so an empty value still means
     // "another proxy's"; keep it as given.
     let proxy_name = label(meta, LABEL_SERVICE_PROXY_NAME).map(str::to_owned);
+    // kube-proxy serves it only for external-local LoadBalancers, whatever else the field says.
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| external_traffic_local && service_type == ServiceType::LoadBalancer)
+        .and_then(|value| {
+            let port = port_number(value);
+            if port.is_none() {
+                report.warn(format!(
+                    "spec.healthCheckNodePort: {value} is out of range 1-65535; health check dropped"
+                ));
+            }
+            port
+        });
 
     Some(Service {
         key: ServiceKey::new(namespace_of(meta), name),
@@ -284,6 +297,7 @@ pub fn service_from_api(
         external_traffic_local,
         topology_intent,
         proxy_name,
+        health_check_node_port,
     })
 }
 
@@ -741,6 +755,7 @@ mod tests {
                 external_traffic_local: false,
                 topology_intent: TopologyIntent::None,
                 proxy_name: None,
+                health_check_node_port: None,
             })
         );
     }
@@ -1643,6 +1658,32 @@ mod tests {
         assert_eq!(
             warnings[0].to_string(),
             "test.yaml: Node <unnamed>: metadata.name is missing; node dropped"
+        );
+    }
+
+    #[test]
+    fn health_check_node_ports_only_for_external_local_load_balancers() {
+        let port = |type_: &str, policy: &str| {
+            service_object(json!({
+                "metadata": {"name": "lb"},
+                "spec": {"type": type_, "externalTrafficPolicy": policy,
+                         "healthCheckNodePort": 32000, "clusterIP": "10.96.0.9"},
+            }))
+            .0
+            .and_then(|service| service.health_check_node_port)
+        };
+        assert_eq!(port("LoadBalancer", "Local"), Some(32000));
+        assert_eq!(port("LoadBalancer", "Cluster"), None);
+        assert_eq!(port("NodePort", "Local"), None);
+        let (service, warnings) = service_object(json!({
+            "metadata": {"name": "lb"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "healthCheckNodePort": 70000, "clusterIP": "10.96.0.9"},
+        }));
+        assert_eq!(service.and_then(|s| s.health_check_node_port), None);
+        assert_eq!(
+            messages(&warnings),
+            vec!["spec.healthCheckNodePort: 70000 is out of range 1-65535; health check dropped"]
         );
     }
 

@@ -11,6 +11,7 @@ pub mod convert;
 pub mod dataplane;
 pub mod diff;
 pub mod health;
+pub mod healthcheck;
 pub mod heap;
 pub mod http;
 pub mod metrics;

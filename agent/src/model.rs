@@ -190,6 +190,9 @@ pub struct Service {
     pub topology_intent: TopologyIntent,
     /// Value of the `service.kubernetes.io/service-proxy-name` label, if any.
     pub proxy_name: Option<String>,
+    /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy:
+    /// Local` (the only ones the API gives one).
+    pub health_check_node_port: Option<u16>,
 }
 
 impl Service {

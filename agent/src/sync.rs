@@ -19,6 +19,7 @@ use crate::dataplane::{Dataplane, DataplaneError};
 use crate::diff::{
     apply_to, diff, programmed_table, Op, OpBatch, ProgrammedService, ProgrammedTable,
 };
+use crate::healthcheck::{self, HealthCheckServers};
 use crate::model::{EndpointSlice, Node, Service, ServiceKey};
 use crate::planner::{plan, replan_service, PlanConfig};
 use crate::state::AgentState;
@@ -95,12 +96,14 @@ pub struct SyncLoop<D> {
     last_attempt: Option<Instant>,
     retry_backoff: Option<Duration>,
     next_resync: Instant,
+    health_checks: HealthCheckServers,
 }
 
 impl<D: Dataplane> SyncLoop<D> {
     pub fn new(settings: SyncSettings, dataplane: D, state: Arc<AgentState>) -> Self {
         let node_name = state.node_name.clone();
         let next_resync = Instant::now() + settings.sync_period;
+        let health_checks = HealthCheckServers::new(Arc::clone(&state));
         let loop_ = Self {
             settings,
             node_name,
@@ -118,6 +121,7 @@ impl<D: Dataplane> SyncLoop<D> {
             last_attempt: None,
             retry_backoff: None,
             next_resync,
+            health_checks,
         };
         loop_.report_waiting();
         loop_
@@ -346,6 +350,18 @@ impl<D: Dataplane> SyncLoop<D> {
             Err(error) => self.fail(started, &error),
         }
         self.publish_table_stats();
+        self.sync_health_checks();
+    }
+
+    /// Opens, closes and updates the Services' health-check node ports (both proxy modes).
+    fn sync_health_checks(&mut self) {
+        let desired = healthcheck::desired(&self.store, &self.node_name, &self.settings.plan);
+        self.health_checks.sync(&desired);
+    }
+
+    /// Where each Service's health check listens (for tests).
+    pub fn health_check_ports(&self) -> std::collections::BTreeMap<ServiceKey, u16> {
+        self.health_checks.ports()
     }
 
     fn fail(&mut self, started: Instant, error: &DataplaneError) {

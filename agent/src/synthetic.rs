@@ -159,6 +159,7 @@ pub fn synthetic_service(spec: &SyntheticSpec, index: usize) -> Service {
             TopologyIntent::None
         },
         proxy_name: None,
+        health_check_node_port: None,
     }
 }
 

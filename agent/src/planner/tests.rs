@@ -52,6 +52,7 @@ fn service(name: &str, cluster_ip: &str, ports: Vec<ServicePort>) -> Service {
         external_traffic_local: false,
         topology_intent: TopologyIntent::None,
         proxy_name: None,
+        health_check_node_port: None,
     }
 }
 
