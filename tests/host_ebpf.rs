@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
-use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings, PROGRAMS};
+use topoproxy::dataplane::ebpf::{
+    cgroup2_mount, cleanup, program_pin, DatapathLog, EbpfDataplane, EbpfSettings, PROGRAMS,
+};
 use topoproxy::dataplane::Dataplane as _;
 use topoproxy::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
 use topoproxy::diff::diff;
@@ -413,6 +415,36 @@ fn client_process() {
                 let names: Vec<String> = names.into_iter().collect();
                 format!("ok {ok} {failed} {first_error} {}", names.join(","))
             }
+            ["udp2", first, second, port] => {
+                match udp_two_vips(&target(first, port), &target(second, port)) {
+                    Ok(replies) => format!("ok {replies}"),
+                    Err(error) => format!("err {error}"),
+                }
+            }
+            ["pin", cpu] => match pin_to_cpu(cpu.parse().expect("cpu")) {
+                Ok(()) => "ok pinned".to_owned(),
+                Err(error) => format!("err {error}"),
+            },
+            ["connects", ip, port, millis] => {
+                let address = target(ip, port);
+                let until = Instant::now() + Duration::from_millis(millis.parse().expect("ms"));
+                let (mut ok, mut failed, mut first_error) = (0u64, 0u64, String::from("-"));
+                while Instant::now() < until {
+                    match TcpStream::connect_timeout(&address, Duration::from_secs(2)) {
+                        Ok(stream) => {
+                            linger_zero(&stream);
+                            ok += 1;
+                        }
+                        Err(error) => {
+                            if failed == 0 {
+                                first_error = error.to_string().replace(' ', "_");
+                            }
+                            failed += 1;
+                        }
+                    }
+                }
+                format!("ok {ok} {failed} {first_error}")
+            }
             ["bench", ip, port, count] => {
                 let address = target(ip, port);
                 let count: u32 = count.parse().expect("count");
@@ -430,6 +462,21 @@ fn client_process() {
             other => format!("err unknown command {other:?}"),
         };
         println!("@@ {answer}");
+    }
+}
+
+/// Keeps this process on one CPU, so concurrent clients really run in parallel.
+fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity only touch it.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -483,6 +530,22 @@ fn udp_name(address: &SocketAddr, connected: bool) -> std::io::Result<(String, S
         socket.recv_from(&mut buf)?
     };
     Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+}
+
+/// One unconnected socket asks two addresses before reading either reply; the replies as
+/// `name@from name@from`, in arrival order.
+fn udp_two_vips(first: &SocketAddr, second: &SocketAddr) -> std::io::Result<String> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.send_to(b"who", first)?;
+    socket.send_to(b"who", second)?;
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let mut buf = [0u8; 64];
+        let (len, from) = socket.recv_from(&mut buf)?;
+        replies.push(format!("{}@{from}", String::from_utf8_lossy(&buf[..len])));
+    }
+    Ok(replies.join(" "))
 }
 
 // ---- desired tables and the dataplane ----
@@ -798,19 +861,21 @@ fn a_missing_map_pin_makes_the_next_open_attach_afresh() {
     assert_eq!(client.udp(VIP4).1, socket(VIP4).to_string());
 }
 
-/// Ids of the loaded programs named like ours.
-/// The ids of the programs pinned as `prog_<name>` in `pin_dir`.
+/// The ids of this agent's programs pinned in `pin_dir`.
 fn pinned_program_ids(pin_dir: &std::path::Path) -> BTreeSet<u32> {
-    PROGRAMS
-        .iter()
-        .map(|name| {
-            aya::programs::ProgramInfo::from_pin(pin_dir.join(format!("prog_{name}")))
-                .unwrap_or_else(|e| panic!("reading the pinned program {name}: {e}"))
-                .id()
-        })
-        .collect()
+    program_ids_at(PROGRAMS.iter().map(|name| program_pin(pin_dir, name)))
 }
 
+fn program_ids_at(pins: impl Iterator<Item = PathBuf>) -> BTreeSet<u32> {
+    pins.map(|pin| {
+        aya::programs::ProgramInfo::from_pin(&pin)
+            .unwrap_or_else(|e| panic!("reading the pinned program {}: {e}", pin.display()))
+            .id()
+    })
+    .collect()
+}
+
+/// Ids of the loaded programs named like ours.
 fn loaded_program_ids() -> BTreeSet<u32> {
     // Freed programs can linger briefly after their last reference goes.
     std::thread::sleep(Duration::from_millis(200));
@@ -887,6 +952,420 @@ fn one_endpoint_change_costs_a_constant_number_of_map_writes() {
     assert!(remove <= 4, "remove: {remove}");
     assert!(tier_move <= 5, "tier move: {tier_move}");
     assert_eq!(weight, 1);
+}
+
+/// One client per CPU, each pinned to its CPU, connecting to `vip:port` in a loop for
+/// `millis` while `during` runs over and over; (connects, failures, first error) per client.
+fn connect_loops(
+    world: &World,
+    vip: &str,
+    port: u16,
+    millis: u64,
+    mut during: impl FnMut(),
+) -> Vec<(u64, u64, String)> {
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    let finished = std::sync::Arc::new(AtomicU32::new(0));
+    let loops: Vec<_> = (0..cpus)
+        .map(|cpu| {
+            let mut client = world.client();
+            assert_eq!(client.ask(&format!("pin {cpu}")), "ok pinned");
+            client.send(&format!("connects {vip} {port} {millis}"));
+            let finished = finished.clone();
+            std::thread::spawn(move || {
+                let answer = client.answer();
+                finished.fetch_add(1, Ordering::SeqCst);
+                answer
+            })
+        })
+        .collect();
+    while finished.load(Ordering::SeqCst) < cpus as u32 {
+        during();
+    }
+    loops
+        .into_iter()
+        .map(|handle| {
+            let answer = handle.join().expect("client thread");
+            let words: Vec<&str> = answer.split_whitespace().collect();
+            assert_eq!(words.first(), Some(&"ok"), "{answer}");
+            (
+                words[1].parse().expect("connects"),
+                words[2].parse().expect("failures"),
+                words[3].to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A sink service on VIP4 with `backends`, all in tier 0.
+fn sink_service(backends: &[Backend], persistence_timeout: Option<u32>) -> ProgrammedTable {
+    let destinations = backends
+        .iter()
+        .map(|backend| {
+            (
+                (backend.v4.parse().expect("address"), SINK_PORT),
+                DestinationState { weight: 1, tier: 0 },
+            )
+        })
+        .collect();
+    [(
+        VsKey::new(Protocol::Tcp, VIP4.parse().expect("vip"), SINK_PORT),
+        ProgrammedService {
+            config: config(persistence_timeout),
+            destinations,
+        },
+    )]
+    .into()
+}
+
+#[test]
+fn connects_racing_backend_removals_never_miss() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    // Three backends down to one and back: the removals delete slots 1 and 2, which a connect
+    // that read the old counts may be about to read.
+    let full = sink_service(&[T0A, T0B, T1A], None);
+    let shrunk = sink_service(&[T1A], None);
+    sync(&mut dataplane, &full);
+    let to_shrunk = diff(&shrunk, &full);
+    let to_full = diff(&full, &shrunk);
+    let mut churns = 0u64;
+    let results = connect_loops(&world, VIP4, SINK_PORT, 4_000, || {
+        block_on(dataplane.apply(&to_shrunk)).expect("remove backends");
+        block_on(dataplane.apply(&to_full)).expect("add them back");
+        churns += 1;
+    });
+    let connects: u64 = results.iter().map(|r| r.0).sum();
+    let failures: u64 = results.iter().map(|r| r.1).sum();
+    println!(
+        "{connects} connects, {failures} failed, during {churns} remove/add rounds: {results:?}"
+    );
+    assert!(churns > 20, "too few churn rounds: {churns}");
+    assert!(connects > 1_000, "too few connects: {results:?}");
+    assert_eq!(
+        failures, 0,
+        "connects failed while backends churned: {results:?}"
+    );
+    assert_eq!(block_on(dataplane.read()).expect("read"), full);
+}
+
+#[test]
+fn affinity_holds_while_clients_on_every_cpu_connect_at_once() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let backends = [T0A, T0B, T1A, T1B];
+    sync(&mut dataplane, &sink_service(&backends, Some(60)));
+    // One connect first, so the loops start from one affinity entry.
+    let mut first = world.client();
+    let answer = first.ask(&format!("connects {VIP4} {SINK_PORT} 1"));
+    assert!(answer.starts_with("ok"), "{answer}");
+    // Every client is in the same network namespace: one affinity entry, stamped from every
+    // CPU at once.
+    let results = connect_loops(&world, VIP4, SINK_PORT, 3_000, || {
+        std::thread::sleep(Duration::from_millis(10));
+    });
+    assert!(results.iter().all(|r| r.1 == 0), "{results:?}");
+    let connects: u64 = results.iter().map(|r| r.0).sum();
+    let listing = dataplane.list().expect("list");
+    let used: Vec<(IpAddr, u64)> = listing.services[0]
+        .backends
+        .iter()
+        .filter(|b| b.connections > 0)
+        .map(|b| (b.address, b.connections))
+        .collect();
+    println!("{connects} connects went to {used:?}");
+    assert!(connects > 1_000, "too few connects: {results:?}");
+    assert_eq!(
+        used.len(),
+        1,
+        "affinity broke under concurrent connects: {used:?}"
+    );
+}
+
+#[test]
+fn ipv4_mapped_vips_from_dual_stack_sockets_are_translated_as_ipv4() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    sync(&mut dataplane, &all_services(&[(T0A, 0)], None));
+    let mut client = world.client();
+    let mapped = format!("::ffff:{VIP4}");
+    let in_view = socket(&mapped).to_string();
+    assert_eq!(client.tcp(&mapped), ("t0a".to_owned(), in_view.clone()));
+    assert_eq!(client.udp(&mapped), ("t0a".to_owned(), in_view.clone()));
+    assert_eq!(client.udp_connected(&mapped), ("t0a".to_owned(), in_view));
+    let listing = dataplane.list().expect("list");
+    let udp4 = VsKey::new(Protocol::Udp, VIP4.parse().expect("vip"), PORT);
+    let counted = listing
+        .services
+        .iter()
+        .find(|s| s.key == udp4)
+        .expect("udp4");
+    assert!(counted.counters.translations >= 2, "{counted:?}");
+}
+
+#[test]
+fn one_udp_socket_asking_two_vips_that_share_a_backend_sees_each_reply_from_its_vip() {
+    const VIP4_B: &str = "10.96.213.11";
+    let world = World::new();
+    let mut dataplane = world.open();
+    let mut table = ProgrammedTable::new();
+    service(&mut table, Protocol::Udp, VIP4, &[(T0A, 0)], None);
+    service(
+        &mut table,
+        Protocol::Udp,
+        VIP4_B,
+        &[(T0A, 0), (T0B, 0)],
+        None,
+    );
+    sync(&mut dataplane, &table);
+    let mut client = world.client();
+    for round in 0..20 {
+        let answer = client.ask(&format!("udp2 {VIP4} {VIP4_B} {PORT}"));
+        let mut replies: Vec<&str> = answer.split_whitespace().skip(1).collect();
+        replies.sort_unstable();
+        assert!(answer.starts_with("ok"), "{answer}");
+        let expected = [
+            format!("t0a@{}", socket(VIP4)),
+            format!("t0b@{}", socket(VIP4_B)),
+        ];
+        assert_eq!(replies, expected, "round {round}: {answer}");
+    }
+}
+
+#[test]
+fn a_new_version_swaps_its_programs_into_the_pinned_links_under_a_connect_loop() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let desired = all_services(&[(T0A, 0), (T0B, 0)], None);
+    sync(&mut dataplane, &desired);
+    // What the previous build leaves: the same links and maps, its programs pinned without a
+    // version.
+    let old_pins: Vec<PathBuf> = PROGRAMS
+        .iter()
+        .map(|name| world.settings.pin_dir.join(format!("prog_{name}")))
+        .collect();
+    for (name, old) in PROGRAMS.iter().zip(&old_pins) {
+        std::fs::rename(program_pin(&world.settings.pin_dir, name), old).expect("rename pin");
+    }
+    let old_ids = program_ids_at(old_pins.iter().cloned());
+    let mut client = world.client();
+    let held = client.ask(&format!("hold {VIP4} {PORT}"));
+    assert!(held.starts_with("ok"), "{held}");
+
+    client.send(&format!("loop {VIP4} {PORT} 2000"));
+    // The loop is running once its connects show in the counters.
+    let counted = |dataplane: &mut EbpfDataplane| -> u64 {
+        let listing = dataplane.list().expect("list");
+        listing
+            .services
+            .iter()
+            .map(|s| s.counters.translations)
+            .sum()
+    };
+    let before = counted(&mut dataplane);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted(&mut dataplane) < before + 10 {
+        assert!(Instant::now() < deadline, "the connect loop did not start");
+        std::thread::yield_now();
+    }
+    drop(dataplane);
+    let mut dataplane = world.open();
+    let report = dataplane.load_report().clone();
+    let answer = client.answer();
+
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(words[0], "ok", "{answer}");
+    let (ok, failed): (u64, u64) = (
+        words[1].parse().expect("ok"),
+        words[2].parse().expect("failed"),
+    );
+    assert!(ok > 10, "too few connects in the loop: {answer}");
+    assert_eq!(failed, 0, "connects failed across the upgrade: {answer}");
+    assert_eq!(report.upgraded.len(), PROGRAMS.len(), "{report:?}");
+    assert!(
+        report.adopted.is_empty() && report.attached.is_empty(),
+        "{report:?}"
+    );
+    let new_ids = pinned_program_ids(&world.settings.pin_dir);
+    assert!(
+        new_ids.is_disjoint(&old_ids),
+        "old {old_ids:?}, new {new_ids:?}"
+    );
+    assert!(
+        old_pins.iter().all(|pin| !pin.exists()),
+        "old program pins left"
+    );
+    // The links run the new programs: nothing holds the old ones any more.
+    let still_loaded: Vec<u32> = loaded_program_ids()
+        .intersection(&old_ids)
+        .copied()
+        .collect();
+    assert!(
+        still_loaded.is_empty(),
+        "old programs still loaded: {still_loaded:?}"
+    );
+    assert_eq!(block_on(dataplane.read()).expect("read"), desired);
+    assert!(
+        client.ask("ping 0").starts_with("ok ping"),
+        "held connection"
+    );
+    let (_, peer) = client.tcp(VIP4);
+    assert_eq!(peer, socket(VIP4).to_string());
+
+    // The same version again is adopted as before.
+    drop(dataplane);
+    let dataplane = world.open();
+    assert_eq!(dataplane.load_report().adopted.len(), PROGRAMS.len());
+    assert_eq!(pinned_program_ids(&world.settings.pin_dir), new_ids);
+}
+
+/// Everything the test process logs through `tracing`, from every thread.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct CapturedLog;
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(|| CapturedLog)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Captured log lines with `needle` in them.
+fn log_lines_with(needle: &str) -> Vec<String> {
+    let logs = LOGS.lock().expect("log buffer");
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|line| line.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `count` log lines contain every one of `needles`.
+fn wait_for_log_lines(needles: &[&str], count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<String> = log_lines_with(needles[0])
+            .into_iter()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .collect();
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needles:?}: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn datapath_diagnostics_are_off_by_default_and_name_the_service_once_switched_on() {
+    capture_logs();
+    let world = World::new();
+    let mut dataplane = world.open();
+    let unique_name = format!("diag-{}", world.id);
+    let names = unique_name.clone();
+    dataplane.attach_service_names(std::sync::Arc::new(move |key: &VsKey| {
+        Some(format!("{names}/port-{}", key.port))
+    }));
+    // No backend on the sink port; only a tier-1 backend on the name port.
+    let mut table = sink_service(&[], None);
+    service(&mut table, Protocol::Tcp, VIP4, &[(T1A, 1)], None);
+    sync(&mut dataplane, &table);
+    let mut client = world.client();
+    let refused = format!("tcp {VIP4} {SINK_PORT}");
+    let no_backend = [unique_name.as_str(), "no_backend", "port-9090"];
+    let fallback = [unique_name.as_str(), "tier_fallback", "port-8080"];
+
+    // Off: refused and fallen back, but nothing logged.
+    let answer = client.ask(&refused);
+    assert!(
+        answer.starts_with("err"),
+        "the sink VIP is refused: {answer}"
+    );
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+
+    dataplane
+        .set_datapath_log(DatapathLog {
+            events: topoproxy_common::log_events::ALL,
+            per_second: 100,
+        })
+        .expect("switch the datapath log on");
+    assert!(client.ask(&refused).starts_with("err"));
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+    let logged = wait_for_log_lines(&no_backend, 1);
+    let fell_back = wait_for_log_lines(&fallback, 1);
+    assert!(fell_back[0].contains("tier=1"), "{fell_back:?}");
+    // The ring buffer is ordered: the calls made while it was off left nothing before these.
+    assert_eq!(
+        log_lines_with(&unique_name).len(),
+        2,
+        "{logged:?} {fell_back:?}"
+    );
+
+    // Capped: one record per CPU per second, whatever the burst.
+    dataplane
+        .set_datapath_log(DatapathLog {
+            events: topoproxy_common::log_events::NO_BACKEND,
+            per_second: 1,
+        })
+        .expect("cap the datapath log");
+    let before = log_lines_with(&unique_name).len();
+    // Over a second, so every CPU's window renews at least once.
+    let burst = client.ask(&format!("connects {VIP4} {SINK_PORT} 1200"));
+    let refused_in_burst: u64 = burst
+        .split_whitespace()
+        .nth(2)
+        .expect("failures")
+        .parse()
+        .expect("n");
+    assert!(refused_in_burst >= 20, "{burst}");
+    // A last record marks the end of the burst in the ring buffer.
+    dataplane
+        .set_datapath_log(DatapathLog {
+            events: topoproxy_common::log_events::TIER_FALLBACK,
+            per_second: 100,
+        })
+        .expect("switch to tier fallbacks");
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+    wait_for_log_lines(&fallback, 2);
+    let burst_records = log_lines_with(&unique_name).len() - before - 1;
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    // 1.2 s opens at most two new one-second windows per CPU.
+    assert!(
+        (1..=2 * cpus).contains(&burst_records),
+        "{burst_records} records for {refused_in_burst} refused connects"
+    );
+
+    // `topoproxy datapath-log` switches it from outside the agent, through the pins.
+    topoproxy::dataplane::ebpf::set_datapath_log(&world.settings.pin_dir, DatapathLog::OFF)
+        .expect("switch the datapath log off through the pinned map");
+    assert_eq!(client.tcp(VIP4).0, "t1a");
+    assert!(client.ask(&refused).starts_with("err"));
+    // A marker switched on after them: nothing from the two calls made while off precedes it.
+    dataplane
+        .set_datapath_log(DatapathLog {
+            events: topoproxy_common::log_events::NO_BACKEND,
+            per_second: 100,
+        })
+        .expect("switch no-backend records on");
+    let before = log_lines_with(&unique_name).len();
+    assert!(client.ask(&refused).starts_with("err"));
+    let lines = wait_for_log_lines(&[unique_name.as_str()], before + 1);
+    assert_eq!(lines.len(), before + 1, "{lines:?}");
+    assert!(lines[before].contains("no_backend"), "{lines:?}");
 }
 
 // ---- benchmarks ----

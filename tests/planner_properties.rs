@@ -377,6 +377,7 @@ impl Cluster {
                     zone: node.zone.map(|zone| ZONES[zone].to_owned()),
                     region: node.region.then(|| "region-1".to_owned()),
                     addresses,
+                    leaving: None,
                 }
             })
             .collect();
@@ -620,6 +621,7 @@ fn build_service(index: usize, raw: &RawService) -> Service {
         topology_intent: raw.intent,
         proxy_name: raw.proxy_name.map(str::to_owned),
         locality: None,
+        health_check_node_port: None,
     }
 }
 

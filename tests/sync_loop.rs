@@ -359,3 +359,99 @@ async fn min_sync_period_batches_a_burst_into_few_syncs() {
     assert!(syncs <= 2, "20 changes in 200 ms took {syncs} applies");
     agent.stop().await;
 }
+
+/// Status line and body of `GET /` on `port` of the loopback, or `None` if nothing listens.
+async fn health_check(port: u16) -> Option<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET /any/path HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head.to_ascii_lowercase(), body.to_owned()))
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("[::]:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+#[tokio::test]
+async fn a_health_check_node_port_answers_as_kube_proxys_with_the_local_endpoints() {
+    use topoproxy::model::ServiceType;
+    let store = example();
+    let (agent, _) = synced(&store).await;
+    let key = ServiceKey::new("shop", "frontend");
+    let port = free_port();
+    let mut service = store.service(&key).expect("frontend").clone();
+    service.service_type = ServiceType::LoadBalancer;
+    service.external_traffic_local = true;
+    service.health_check_node_port = Some(port);
+    agent
+        .send([SourceEvent::Service(key.clone(), Some(service.clone()))])
+        .await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (status, head, body) = loop {
+        if let Some(reply) = health_check(port).await {
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no health check on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(status, 200, "{body}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert_eq!(
+        body,
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"shop\",\n\t\t\"name\": \"frontend\"\n\t},\n\t\"localEndpoints\": 1,\n\t\"serviceProxyHealthy\": true\n}"
+    );
+
+    // Its one endpoint on this node stops being ready: 503, 0 local endpoints.
+    let mut slices: Vec<_> = store.slices_of(&key).cloned().collect();
+    for slice in &mut slices {
+        for endpoint in &mut slice.endpoints {
+            if endpoint.node_name.as_deref() == Some(NODE) {
+                endpoint.ready = false;
+            }
+        }
+    }
+    for slice in slices {
+        agent
+            .send([SourceEvent::Slice(SliceKey::of(&slice), Some(slice))])
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = health_check(port).await.expect("health check");
+        if reply.0 == 503 {
+            assert!(reply.2.contains("\"localEndpoints\": 0,"), "{}", reply.2);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {reply:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Back to ClusterIP: the port closes.
+    service.health_check_node_port = None;
+    agent.send([SourceEvent::Service(key, Some(service))]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health_check(port).await.is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "port {port} still open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    agent.stop().await;
+}

@@ -261,6 +261,7 @@ fn node(spec: &(&str, &str, &str), index: usize) -> Node {
         zone: Some(spec.1.to_owned()),
         region: Some(spec.2.to_owned()),
         addresses: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1 + index as u8))],
+        leaving: None,
     }
 }
 
@@ -314,6 +315,7 @@ fn store(scenario: &Scenario, policy: LocalityPolicy) -> Store {
         session_affinity_timeout: None,
         internal_traffic_local: false,
         external_traffic_local: false,
+        health_check_node_port: None,
         topology_intent: match scenario.hints {
             HintSource::PreferSameZone => TopologyIntent::PreferSameZone,
             HintSource::Auto | HintSource::AutoVanished => TopologyIntent::Auto,

@@ -58,7 +58,7 @@ pub struct Agent<D> {
 
 impl<D: Dataplane + 'static> Agent<D> {
     /// Builds the shared state and binds `/healthz` and `/metrics`.
-    pub async fn start(settings: RunSettings, dataplane: D) -> Result<Self, AgentError> {
+    pub async fn start(settings: RunSettings, mut dataplane: D) -> Result<Self, AgentError> {
         let state = Arc::new(AgentState {
             node_name: settings.node_name.clone(),
             metrics: Metrics::new(),
@@ -66,6 +66,15 @@ impl<D: Dataplane + 'static> Agent<D> {
             health: HealthTracker::new(settings.sync_period * 2),
             table: RwLock::new(NodeTable::new()),
         });
+        let table_state = Arc::clone(&state);
+        dataplane.attach_service_names(Arc::new(move |key| {
+            let table = table_state.table.read().ok()?;
+            let server = table.get(key)?;
+            Some(format!(
+                "{}/{}",
+                server.service.namespace, server.service.name
+            ))
+        }));
         let healthz = http::bind(settings.healthz_bind_address).await?;
         let metrics = http::bind(settings.metrics_bind_address).await?;
         Ok(Self {

@@ -44,6 +44,11 @@ pub struct HealthStatus {
     /// The time the status was judged at (RFC 3339 in JSON).
     #[serde(serialize_with = "serialize_time")]
     pub current_time: SystemTime,
+    /// `/healthz` only: whether load balancers may keep sending to this node (false while the
+    /// Node is being deleted or tainted `ToBeDeletedByClusterAutoscaler`), as kube-proxy's
+    /// `nodeEligible`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_eligible: Option<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +61,8 @@ struct Inner {
     last_failure: Option<(SystemTime, String)>,
     /// The oldest change not yet synced.
     oldest_pending: Option<SystemTime>,
+    /// Why this node is leaving the cluster, if it is.
+    node_leaving: Option<String>,
 }
 
 /// Tracks sync outcomes and pending changes; shared by reference between the sync loop, the
@@ -121,7 +128,13 @@ impl HealthTracker {
         self.lock().watch_errors.remove(resource);
     }
 
-    /// Judges health at `now`.
+    /// Whether this node is leaving the cluster, and why (from its Node object).
+    pub fn set_node_leaving(&self, reason: Option<String>) {
+        self.lock().node_leaving = reason;
+    }
+
+    /// Judges the agent's own health at `now`: `/livez`, and the `serviceProxyHealthy` of the
+    /// health-check node ports.
     pub fn status(&self, now: SystemTime) -> HealthStatus {
         let inner = self.lock();
         let reason = self.unhealthy_reason(&inner, now);
@@ -130,7 +143,21 @@ impl HealthTracker {
             reason,
             last_successful_sync: inner.last_success,
             current_time: now,
+            node_eligible: None,
         }
+    }
+
+    /// `/healthz`: the agent's health, and unhealthy as well while the node is leaving, so
+    /// load balancers drain it first (kube-proxy since KEP-3836).
+    pub fn healthz_status(&self, now: SystemTime) -> HealthStatus {
+        let mut status = self.status(now);
+        let leaving = self.lock().node_leaving.clone();
+        status.node_eligible = Some(leaving.is_none());
+        if let (true, Some(leaving)) = (status.healthy, leaving) {
+            status.healthy = false;
+            status.reason = Some(leaving);
+        }
+        status
     }
 
     fn unhealthy_reason(&self, inner: &Inner, now: SystemTime) -> Option<String> {
@@ -434,5 +461,35 @@ mod tests {
             })
         );
         assert_eq!(format_time(far), "9999-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn healthz_fails_while_the_node_is_leaving_and_livez_ignores_it() {
+        let tracker = HealthTracker::new(Duration::from_secs(60));
+        tracker.set_waiting_for(Vec::new());
+        tracker.record_sync_success(t(100));
+        assert!(tracker.healthz_status(t(101)).healthy);
+        assert_eq!(tracker.healthz_status(t(101)).node_eligible, Some(true));
+
+        tracker.set_node_leaving(Some("the Node is being deleted".to_owned()));
+        let healthz = tracker.healthz_status(t(102));
+        assert!(!healthz.healthy);
+        assert_eq!(healthz.reason.as_deref(), Some("the Node is being deleted"));
+        assert_eq!(healthz.node_eligible, Some(false));
+        let livez = tracker.status(t(102));
+        assert!(livez.healthy && livez.node_eligible.is_none());
+
+        // An unhealthy agent keeps its own reason first.
+        tracker.record_sync_failure(t(103), "boom".to_owned());
+        let healthz = tracker.healthz_status(t(104));
+        assert!(healthz
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("boom")));
+        assert_eq!(healthz.node_eligible, Some(false));
+
+        tracker.set_node_leaving(None);
+        tracker.record_sync_success(t(105));
+        assert!(tracker.healthz_status(t(106)).healthy);
     }
 }

@@ -19,6 +19,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+
+use crate::health::HealthStatus;
 use serde::Deserialize;
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -69,8 +71,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
 /// Routes of the health server: `GET /healthz` and `GET /livez`.
 pub fn healthz_router(state: Arc<AgentState>) -> Router {
     Router::new()
-        .route("/healthz", get(health))
-        .route("/livez", get(health))
+        .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
         .with_state(state)
 }
 
@@ -98,8 +100,15 @@ pub async fn serve(
         .map_err(|source| HttpError::Serve { addr, source })
 }
 
-async fn health(State(state): State<Arc<AgentState>>) -> Response {
-    let status = state.health.status(SystemTime::now());
+async fn healthz(State(state): State<Arc<AgentState>>) -> Response {
+    health_reply(state.health.healthz_status(SystemTime::now()))
+}
+
+async fn livez(State(state): State<Arc<AgentState>>) -> Response {
+    health_reply(state.health.status(SystemTime::now()))
+}
+
+fn health_reply(status: HealthStatus) -> Response {
     let code = if status.healthy {
         StatusCode::OK
     } else {
@@ -374,6 +383,29 @@ mod tests {
             assert!(json["currentTime"].is_string());
         }
         assert_eq!(get(server.addr, "/metrics").await.status, 404);
+        server.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn only_healthz_fails_while_the_node_is_leaving() {
+        let state = state(true);
+        state.health.set_node_leaving(Some(
+            "the Node is tainted ToBeDeletedByClusterAutoscaler".to_owned(),
+        ));
+        let server = Server::start(healthz_router(state)).await;
+        let healthz = get(server.addr, "/healthz").await;
+        assert_eq!(healthz.status, 503);
+        let json: serde_json::Value = serde_json::from_str(&healthz.body).expect("json");
+        assert_eq!(json["nodeEligible"], false);
+        assert_eq!(
+            json["reason"],
+            "the Node is tainted ToBeDeletedByClusterAutoscaler"
+        );
+        let livez = get(server.addr, "/livez").await;
+        assert_eq!(livez.status, 200);
+        let json: serde_json::Value = serde_json::from_str(&livez.body).expect("json");
+        assert_eq!(json["healthy"], true);
+        assert!(json.get("nodeEligible").is_none());
         server.shutdown().await;
     }
 

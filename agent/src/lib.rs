@@ -10,6 +10,7 @@ pub mod config;
 pub mod dataplane;
 pub mod diff;
 pub mod health;
+pub mod healthcheck;
 pub mod heap;
 pub mod http;
 pub mod metrics;

@@ -1,7 +1,7 @@
 //! The `topoproxy` command line.
 
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -103,6 +103,20 @@ enum Command {
         #[arg(long)]
         no_counters: bool,
     },
+    /// Switch the eBPF programs' diagnostics while they run (off by default); the running
+    /// agent logs each record with its Service.
+    DatapathLog {
+        /// `all`, `none`, or a comma-separated list of no-backend, tier-fallback, slot-miss,
+        /// reply-ambiguous.
+        #[arg(long, default_value = "all")]
+        events: String,
+        /// Records each CPU may emit per second; 0 switches logging off.
+        #[arg(long, default_value_t = 10)]
+        per_second: u32,
+        /// The bpffs directory the agent pins its maps in.
+        #[arg(long, default_value = "/sys/fs/bpf/topoproxy")]
+        bpf_pin_dir: PathBuf,
+    },
     /// Remove everything topoproxy programmed on this node.
     Cleanup {
         /// The dataplane to clean up.
@@ -185,6 +199,11 @@ fn run(command: Command) -> Result<(), Failure> {
             all,
             no_counters,
         } => list(proxy_mode, bpf_pin_dir, all, no_counters),
+        Command::DatapathLog {
+            events,
+            per_second,
+            bpf_pin_dir,
+        } => datapath_log(&events, per_second, &bpf_pin_dir),
         Command::Cleanup {
             proxy_mode,
             kube_proxy,
@@ -258,6 +277,8 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     pin_dir = %settings.ebpf.pin_dir.display(),
                     adopted = report.adopted.len(),
                     attached = report.attached.len(),
+                    upgraded = report.upgraded.len(),
+                    version = %ebpf::loader::programs_version(),
                     "eBPF programs in place"
                 );
                 serve(settings, dataplane).await
@@ -290,6 +311,13 @@ async fn serve<D: Dataplane + 'static>(
         .run(source, shutdown_signal())
         .await
         .context("running the agent")?;
+    Ok(())
+}
+
+fn datapath_log(events: &str, per_second: u32, pin_dir: &Path) -> Result<(), Failure> {
+    let events = ebpf::datapath_log::parse_events(events).map_err(Failure::Usage)?;
+    ebpf::set_datapath_log(pin_dir, ebpf::DatapathLog { events, per_second })
+        .with_context(|| format!("switching the datapath log in {}", pin_dir.display()))?;
     Ok(())
 }
 

@@ -250,6 +250,9 @@ pub struct Service {
     /// The `topoproxy.io/topology` annotation: `None` when absent (the agent's default
     /// applies); an invalid value was turned into `KubeProxy` with a warning.
     pub locality: Option<LocalityPolicy>,
+    /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy:
+    /// Local` (the only ones the API gives one).
+    pub health_check_node_port: Option<u16>,
 }
 
 impl Service {
@@ -377,4 +380,21 @@ pub struct Node {
     pub region: Option<String>,
     /// `status.addresses` of type InternalIP and ExternalIP, in API order, deduplicated.
     pub addresses: Vec<IpAddr>,
+    /// Why the node is on its way out (being deleted, or tainted
+    /// `ToBeDeletedByClusterAutoscaler`); load balancers should stop sending to it. The
+    /// planner ignores it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaving: Option<String>,
+}
+
+impl Node {
+    /// The node without [`Node::leaving`]: what planning depends on.
+    pub fn topology(&self) -> (&str, Option<&str>, Option<&str>, &[IpAddr]) {
+        (
+            &self.name,
+            self.zone.as_deref(),
+            self.region.as_deref(),
+            &self.addresses,
+        )
+    }
 }

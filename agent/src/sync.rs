@@ -19,6 +19,7 @@ use crate::dataplane::{
     programmed_table, Dataplane, DataplaneError, ProgrammedService, ProgrammedTable,
 };
 use crate::diff::{apply_to, diff, Op, OpBatch};
+use crate::healthcheck::{self, HealthCheckServers};
 use crate::model::{LocalityPolicy, Node, ServiceKey};
 use crate::planner::{plan, replan_service, PlanConfig};
 use crate::source::{Resource, SourceEvent};
@@ -65,12 +66,14 @@ pub struct SyncLoop<D> {
     last_attempt: Option<Instant>,
     retry_backoff: Option<Duration>,
     next_resync: Instant,
+    health_checks: HealthCheckServers,
 }
 
 impl<D: Dataplane> SyncLoop<D> {
     pub fn new(settings: SyncSettings, dataplane: D, state: Arc<AgentState>) -> Self {
         let node_name = state.node_name.clone();
         let next_resync = Instant::now() + settings.sync_period;
+        let health_checks = HealthCheckServers::new(Arc::clone(&state));
         let loop_ = Self {
             settings,
             node_name,
@@ -88,6 +91,7 @@ impl<D: Dataplane> SyncLoop<D> {
             last_attempt: None,
             retry_backoff: None,
             next_resync,
+            health_checks,
         };
         loop_.report_waiting();
         loop_
@@ -180,15 +184,21 @@ impl<D: Dataplane> SyncLoop<D> {
                     tracing::debug!(node = %node.name, "ignoring another node's object");
                     return;
                 }
-                if self.node.as_ref() != Some(&node) {
-                    if self.node.is_some() {
-                        tracing::info!(
-                            zone = ?node.zone,
-                            addresses = ?node.addresses,
-                            "this node's topology or addresses changed; re-planning everything"
-                        );
-                    }
-                    self.node = Some(node);
+                if node.leaving != self.node.as_ref().and_then(|n| n.leaving.clone()) {
+                    tracing::info!(leaving = ?node.leaving, "this node's eligibility for load balancers changed");
+                }
+                self.state.health.set_node_leaving(node.leaving.clone());
+                // Only topology and addresses matter to the plan.
+                let replan = self.node.as_ref().map(Node::topology) != Some(node.topology());
+                if replan && self.node.is_some() {
+                    tracing::info!(
+                        zone = ?node.zone,
+                        addresses = ?node.addresses,
+                        "this node's topology or addresses changed; re-planning everything"
+                    );
+                }
+                self.node = Some(node);
+                if replan {
                     self.replan_all = true;
                     self.note_pending_change();
                 }
@@ -323,6 +333,18 @@ impl<D: Dataplane> SyncLoop<D> {
             Err(error) => self.fail(started, &error),
         }
         self.publish_table_stats();
+        self.sync_health_checks();
+    }
+
+    /// Opens, closes and updates the Services' health-check node ports (both proxy modes).
+    fn sync_health_checks(&mut self) {
+        let desired = healthcheck::desired(&self.store, &self.node_name, &self.settings.plan);
+        self.health_checks.sync(&desired);
+    }
+
+    /// Where each Service's health check listens (for tests).
+    pub fn health_check_ports(&self) -> std::collections::BTreeMap<ServiceKey, u16> {
+        self.health_checks.ports()
     }
 
     fn fail(&mut self, started: Instant, error: &DataplaneError) {

@@ -107,6 +107,7 @@ pub fn synthetic_node(zone: usize, index: usize, nodes_per_zone: usize) -> Node 
         addresses: vec![IpAddr::V4(Ipv4Addr::from(
             NODE_CIDR_BASE + 1 + offset_in(ordinal, NODE_CIDR_HOSTS),
         ))],
+        leaving: None,
     }
 }
 
@@ -159,6 +160,7 @@ pub fn synthetic_service(spec: &SyntheticSpec, index: usize) -> Service {
         },
         proxy_name: None,
         locality: None,
+        health_check_node_port: None,
     }
 }
 

@@ -46,6 +46,23 @@ pub mod maps {
     pub const SERVICE_STATS: &str = "TP_SVC_STATS";
     /// [`crate::BackendStatsKey`] → [`crate::BackendStats`] (per CPU).
     pub const BACKEND_STATS: &str = "TP_BE_STATS";
+    /// One [`crate::LogConfig`] (array of 1): which datapath events the programs log.
+    pub const LOG_CONFIG: &str = "TP_LOG_CONFIG";
+    /// One [`crate::LogBudget`] per CPU (array of 1): the programs' log rate limit.
+    pub const LOG_BUDGET: &str = "TP_LOG_BUDGET";
+}
+
+/// [`LogConfig::events`] bits: the datapath events the programs can log (with aya-log).
+pub mod log_events {
+    /// A connect or datagram refused: the Service has no backend in any tier.
+    pub const NO_BACKEND: u32 = 1 << 0;
+    /// A backend chosen from a tier other than the nearest (the nearer ones are empty).
+    pub const TIER_FALLBACK: u32 = 1 << 1;
+    /// A counted slot was empty (the agent broke the write order); the call was refused.
+    pub const SLOT_MISS: u32 = 1 << 2;
+    /// An unconnected UDP socket's replies from one backend now map to another VIP.
+    pub const REPLY_AMBIGUOUS: u32 = 1 << 3;
+    pub const ALL: u32 = NO_BACKEND | TIER_FALLBACK | SLOT_MISS | REPLY_AMBIGUOUS;
 }
 
 /// Map sizes; the agent refuses more than these.
@@ -182,6 +199,27 @@ pub struct BackendStats {
     pub connections: u64,
 }
 
+/// What the programs log; all zero (the map's initial value) means nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    /// [`log_events`] bits.
+    pub events: u32,
+    /// Records each CPU may emit per second; 0 means none.
+    pub per_second: u32,
+}
+
+/// One CPU's log budget for the current second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogBudget {
+    /// `bpf_ktime_get_ns` when the current one-second window began.
+    pub window_start_ns: u64,
+    /// Records emitted in it.
+    pub emitted: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: every type is `#[repr(C)]`, `Copy`, made only of integers and arrays of them,
@@ -197,6 +235,8 @@ mod user {
     unsafe impl aya::Pod for super::ServiceStats {}
     unsafe impl aya::Pod for super::BackendStatsKey {}
     unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::LogConfig {}
+    unsafe impl aya::Pod for super::LogBudget {}
 }
 
 // The layouts have no implicit padding: sizes are the sums of their fields.
@@ -210,4 +250,6 @@ const _: () = {
     assert!(size_of::<AffinityKey>() == 16);
     assert!(size_of::<AffinityValue>() == 32);
     assert!(size_of::<BackendStatsKey>() == 24);
+    assert!(size_of::<LogConfig>() == 8);
+    assert!(size_of::<LogBudget>() == 16);
 };

@@ -6,6 +6,15 @@
 //!   client's affine backend), rewrite the address and remember socket → VIP in `TP_REV_NAT`.
 //! - `recvmsg4/6` (UDP replies) and `getpeername4/6` put the VIP back, so the application only
 //!   ever sees the address it asked for.
+//! - The v6 hooks treat an IPv4-mapped address (`::ffff:VIP`, a dual-stack socket talking
+//!   IPv4) as the IPv4 VIP and answer in the same mapped form.
+//! - An unconnected UDP socket asking two VIPs that share a backend gets, where the VIP has
+//!   another backend, one not already answering this socket for the other VIP, since a reply
+//!   carries only the backend's address.
+//!
+//! Operator diagnostics (no backend, a tier fallback, a slot miss, an ambiguous UDP reply) go
+//! out through aya-log, off until the agent switches them on in `TP_LOG_CONFIG` and capped
+//! per CPU per second.
 //!
 //! The map ABI lives in `topoproxy-common`; the agent writes the maps (see its
 //! `dataplane::ebpf` module). Programs never fail a call they do not own: anything that is not
@@ -18,14 +27,15 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::SockAddrContext,
     EbpfContext as _,
 };
+use aya_log_ebpf::{error, info, warn};
 use topoproxy_common::{
-    limits, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats, BackendStatsKey,
-    Endpoint, RevNatKey, Service, ServiceKey, ServiceStats, FAMILY_V4, FAMILY_V6, MAX_TIERS,
-    TIER_SHIFT,
+    limits, log_events, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats,
+    BackendStatsKey, Endpoint, LogBudget, LogConfig, RevNatKey, Service, ServiceKey, ServiceStats,
+    FAMILY_V4, FAMILY_V6, MAX_TIERS, TIER_SHIFT,
 };
 
 /// Let the call go on.
@@ -59,24 +69,31 @@ static TP_SVC_STATS: PerCpuHashMap<u32, ServiceStats> =
 static TP_BE_STATS: PerCpuHashMap<BackendStatsKey, BackendStats> =
     PerCpuHashMap::pinned(limits::BACKEND_STATS, BPF_F_NO_PREALLOC);
 
+// Written by the agent (`topoproxy datapath-log`); all zero, nothing is logged.
+#[map]
+static TP_LOG_CONFIG: Array<LogConfig> = Array::pinned(1, 0);
+
+#[map]
+static TP_LOG_BUDGET: PerCpuArray<LogBudget> = PerCpuArray::pinned(1, 0);
+
 #[cgroup_sock_addr(connect4)]
 pub fn tp_connect4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, false, Hook::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn tp_connect6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, true, Hook::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn tp_sendmsg4(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, false)
+    forward(&ctx, false, Hook::Sendmsg)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn tp_sendmsg6(ctx: SockAddrContext) -> i32 {
-    forward(&ctx, true)
+    forward(&ctx, true, Hook::Sendmsg)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -113,7 +130,24 @@ fn store(field: *mut u32, value: u32) {
     unsafe { core::ptr::write_volatile(field, value) }
 }
 
-/// The address and port the socket call names.
+/// Which call a forward program serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// `connect`: the socket has one peer from now on.
+    Connect,
+    /// `sendmsg` on an unconnected UDP socket: it may talk to several VIPs at once.
+    Sendmsg,
+}
+
+/// `::ffff:0:0/96`, an IPv4-mapped IPv6 address, has this third word (network order).
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// Candidates `sendmsg` tries for a backend whose replies on this socket are not already
+/// claimed by another VIP (bounded for the verifier).
+const REPLY_PROBES: u32 = 4;
+
+/// The address and port the socket call names. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`,
+/// what dual-stack sockets and Java send to IPv4 peers) comes back as the IPv4 address it is.
 #[inline(always)]
 fn user_endpoint(sa: *mut bpf_sock_addr, v6: bool) -> Endpoint {
     let mut endpoint = Endpoint {
@@ -136,18 +170,28 @@ fn user_endpoint(sa: *mut bpf_sock_addr, v6: bool) -> Endpoint {
         // The port is network order in the low 16 bits.
         endpoint.port = load(&(*sa).user_port) as u16;
     }
+    if v6 && endpoint.addr[0] == 0 && endpoint.addr[1] == 0 && endpoint.addr[2] == V4_MAPPED_WORD {
+        endpoint.addr = [endpoint.addr[3], 0, 0, 0];
+        endpoint.family = FAMILY_V4;
+    }
     endpoint
 }
 
+/// Writes `endpoint` into the call; an IPv4 one in a v6 hook goes in as `::ffff:a.b.c.d`.
 #[inline(always)]
 fn set_user_endpoint(sa: *mut bpf_sock_addr, v6: bool, endpoint: &Endpoint) {
+    let words = if endpoint.family == FAMILY_V4 {
+        [0, 0, V4_MAPPED_WORD, endpoint.addr[0]]
+    } else {
+        endpoint.addr
+    };
     // SAFETY: see `user_endpoint`.
     unsafe {
         if v6 {
-            store(&mut (*sa).user_ip6[0], endpoint.addr[0]);
-            store(&mut (*sa).user_ip6[1], endpoint.addr[1]);
-            store(&mut (*sa).user_ip6[2], endpoint.addr[2]);
-            store(&mut (*sa).user_ip6[3], endpoint.addr[3]);
+            store(&mut (*sa).user_ip6[0], words[0]);
+            store(&mut (*sa).user_ip6[1], words[1]);
+            store(&mut (*sa).user_ip6[2], words[2]);
+            store(&mut (*sa).user_ip6[3], words[3]);
         } else {
             store(&mut (*sa).user_ip4, endpoint.addr[0]);
         }
@@ -157,7 +201,7 @@ fn set_user_endpoint(sa: *mut bpf_sock_addr, v6: bool, endpoint: &Endpoint) {
 
 /// connect and sendmsg: VIP → backend.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
+fn forward(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let sa = ctx.sock_addr;
     let vip = user_endpoint(sa, v6);
     let key = ServiceKey {
@@ -184,18 +228,29 @@ fn forward(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     if count == 0 {
         count_service(service.id, 0, 0, 1);
+        if may_log(log_events::NO_BACKEND) {
+            warn!(ctx, "no_backend svc={}", service.id);
+        }
         return REJECT;
     }
     let tier = tier as u32;
+    if tier != 0 && may_log(log_events::TIER_FALLBACK) {
+        info!(ctx, "tier_fallback svc={} tier={}", service.id, tier);
+    }
 
-    let (backend, affine) = match choose(ctx, &service, tier, count) {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let (backend, affine) = match choose(ctx, &service, tier, count, cookie, &vip, hook) {
         Some(chosen) => chosen,
         // A slot below the count is always filled; a miss means the agent broke the order.
-        None => return REJECT,
+        None => {
+            if may_log(log_events::SLOT_MISS) {
+                error!(ctx, "slot_miss svc={} tier={}", service.id, tier);
+            }
+            return REJECT;
+        }
     };
     set_user_endpoint(sa, v6, &backend);
 
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let reverse = RevNatKey {
         cookie,
         backend,
@@ -216,6 +271,9 @@ fn choose(
     service: &Service,
     tier: u32,
     count: u32,
+    cookie: u64,
+    vip: &Endpoint,
+    hook: Hook,
 ) -> Option<(Endpoint, bool)> {
     let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
     let mut affinity = None;
@@ -229,10 +287,10 @@ fn choose(
         if let Some(entry) = TP_AFFINITY.get_ptr_mut(key) {
             // SAFETY: a pointer the map lookup returned, valid for this program run.
             let held = unsafe { *entry };
-            if now.wrapping_sub(held.last_used_ns) <= timeout_ns
-                && held.slot >> TIER_SHIFT == tier
-                && held.slot & 0xffff < count
-            {
+            // Another CPU may have stamped the entry after `now` was read: a stamp newer
+            // than `now` is fresh, not 2^64 ns old.
+            let fresh = held.last_used_ns >= now || now - held.last_used_ns <= timeout_ns;
+            if fresh && held.slot >> TIER_SHIFT == tier && held.slot & 0xffff < count {
                 let slot = BackendKey {
                     service_id: service.id,
                     slot: held.slot,
@@ -240,8 +298,10 @@ fn choose(
                 // SAFETY: copied out at once.
                 if let Some(backend) = unsafe { TP_BACKENDS.get(slot) } {
                     if backend.endpoint == held.backend {
-                        // SAFETY: as above; a racing update only moves the timestamp.
-                        unsafe { (*entry).last_used_ns = now };
+                        if now > held.last_used_ns {
+                            // SAFETY: as above; a racing update only moves the timestamp.
+                            unsafe { (*entry).last_used_ns = now };
+                        }
                         return Some((held.backend, true));
                     }
                 }
@@ -250,14 +310,7 @@ fn choose(
         affinity = Some((key, now));
     }
 
-    let index = unsafe { bpf_get_prandom_u32() } % count;
-    let slot = tier << TIER_SHIFT | index;
-    let key = BackendKey {
-        service_id: service.id,
-        slot,
-    };
-    // SAFETY: copied out at once.
-    let backend = unsafe { TP_BACKENDS.get(key) }?.endpoint;
+    let (backend, slot) = pick(ctx, service.id, tier, count, cookie, vip, hook)?;
     if let Some((key, now)) = affinity {
         let value = AffinityValue {
             backend,
@@ -267,6 +320,66 @@ fn choose(
         let _ = TP_AFFINITY.insert(key, value, u64::from(BPF_ANY));
     }
     Some((backend, false))
+}
+
+/// A random backend of `tier` and its slot. For `sendmsg`, replies carry only the backend's
+/// address, so a backend this socket already reaches for another VIP would make those replies
+/// ambiguous: the next few slots are tried for one that is free. If every candidate is taken
+/// (the VIPs share all their backends), the first stays and the last VIP asked wins.
+#[inline(always)]
+fn pick(
+    ctx: &SockAddrContext,
+    service_id: u32,
+    tier: u32,
+    count: u32,
+    cookie: u64,
+    vip: &Endpoint,
+    hook: Hook,
+) -> Option<(Endpoint, u32)> {
+    let start = unsafe { bpf_get_prandom_u32() } % count;
+    let first = slot_backend(service_id, tier, start)?;
+    if hook != Hook::Sendmsg || reply_is_free(cookie, &first, vip) {
+        return Some((first, tier << TIER_SHIFT | start));
+    }
+    let mut step = 1;
+    while step < REPLY_PROBES && step < count {
+        let index = (start + step) % count;
+        if let Some(candidate) = slot_backend(service_id, tier, index) {
+            if reply_is_free(cookie, &candidate, vip) {
+                return Some((candidate, tier << TIER_SHIFT | index));
+            }
+        }
+        step += 1;
+    }
+    if may_log(log_events::REPLY_AMBIGUOUS) {
+        warn!(ctx, "reply_ambiguous svc={} tier={}", service_id, tier);
+    }
+    Some((first, tier << TIER_SHIFT | start))
+}
+
+#[inline(always)]
+fn slot_backend(service_id: u32, tier: u32, index: u32) -> Option<Endpoint> {
+    let key = BackendKey {
+        service_id,
+        slot: tier << TIER_SHIFT | index,
+    };
+    // SAFETY: copied out at once.
+    unsafe { TP_BACKENDS.get(key) }.map(|backend| backend.endpoint)
+}
+
+/// Whether replies from `backend` on this socket can be shown as `vip`.
+#[inline(always)]
+fn reply_is_free(cookie: u64, backend: &Endpoint, vip: &Endpoint) -> bool {
+    let key = RevNatKey {
+        cookie,
+        backend: *backend,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    match unsafe { TP_REV_NAT.get(key) } {
+        Some(asked) => asked == vip,
+        None => true,
+    }
 }
 
 /// recvmsg and getpeername: backend → the VIP this socket asked for.
@@ -284,6 +397,35 @@ fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // These hooks must return 1.
     ALLOW
+}
+
+/// Whether `event` is switched on and this CPU has log budget left this second. Logging is
+/// off until the agent writes `TP_LOG_CONFIG`, and capped per CPU, so a refused-connect storm
+/// cannot flood the ring buffer or the agent's logs.
+#[inline(always)]
+fn may_log(event: u32) -> bool {
+    let Some(config) = TP_LOG_CONFIG.get(0) else {
+        return false;
+    };
+    if config.events & event == 0 || config.per_second == 0 {
+        return false;
+    }
+    let Some(budget) = TP_LOG_BUDGET.get_ptr_mut(0) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's element; programs on one CPU do not nest here.
+    unsafe {
+        if now.wrapping_sub((*budget).window_start_ns) >= 1_000_000_000 {
+            (*budget).window_start_ns = now;
+            (*budget).emitted = 0;
+        }
+        if (*budget).emitted >= config.per_second {
+            return false;
+        }
+        (*budget).emitted += 1;
+    }
+    true
 }
 
 #[inline(always)]

@@ -95,6 +95,9 @@ pub struct ServiceTraffic {
 }
 
 /// Something that programs a node's virtual services.
+/// Names a virtual service's Service (`namespace/name`) for logs; `None` if unknown.
+pub type ServiceNames = std::sync::Arc<dyn Fn(&VsKey) -> Option<String> + Send + Sync>;
+
 pub trait Dataplane: Send {
     /// A short name for logs and metrics (`ipvs`, `ebpf`, `dry-run`).
     fn name(&self) -> &'static str;
@@ -109,6 +112,9 @@ pub trait Dataplane: Send {
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+
+    /// Gives the dataplane the Service names behind virtual services, for its own logs.
+    fn attach_service_names(&mut self, _names: ServiceNames) {}
 
     /// Per-service traffic counters (running totals), for dataplanes that count; read at each
     /// periodic re-read.

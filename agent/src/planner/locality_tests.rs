@@ -17,6 +17,7 @@ fn located(name: &str, zone: &str, region: &str) -> Node {
         zone: Some(zone.to_owned()),
         region: Some(region.to_owned()),
         addresses: Vec::new(),
+        leaving: None,
     }
 }
 

@@ -25,6 +25,7 @@ pub(super) fn node(name: &str, zone: Option<&str>, addresses: &[&str]) -> Node {
         zone: zone.map(str::to_owned),
         region: None,
         addresses: addresses.iter().map(|a| ip(a)).collect(),
+        leaving: None,
     }
 }
 
@@ -52,6 +53,7 @@ pub(super) fn service(name: &str, cluster_ip: &str, ports: Vec<ServicePort>) -> 
         topology_intent: TopologyIntent::None,
         proxy_name: None,
         locality: None,
+        health_check_node_port: None,
     }
 }
 

@@ -272,6 +272,19 @@ pub fn service_from_api(
     // "another proxy's"; keep it as given.
     let proxy_name = label(meta, LABEL_SERVICE_PROXY_NAME).map(str::to_owned);
     let locality = locality_policy(meta, &mut report);
+    // kube-proxy serves it only for external-local LoadBalancers, whatever else the field says.
+    let health_check_node_port = spec
+        .health_check_node_port
+        .filter(|_| external_traffic_local && service_type == ServiceType::LoadBalancer)
+        .and_then(|value| {
+            let port = port_number(value);
+            if port.is_none() {
+                report.warn(format!(
+                    "spec.healthCheckNodePort: {value} is out of range 1-65535; health check dropped"
+                ));
+            }
+            port
+        });
 
     Some(Service {
         key: ServiceKey::new(namespace_of(meta), name),
@@ -287,6 +300,7 @@ pub fn service_from_api(
         topology_intent,
         proxy_name,
         locality,
+        health_check_node_port,
     })
 }
 
@@ -673,7 +687,27 @@ pub fn node_from_api(
         zone: non_empty(label(meta, LABEL_ZONE)).map(str::to_owned),
         region: non_empty(label(meta, LABEL_REGION)).map(str::to_owned),
         addresses,
+        leaving: leaving(node),
     })
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+const TAINT_TO_BE_DELETED: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Why `node` is leaving the cluster, as kube-proxy judges it for `/healthz` (KEP-3836):
+/// a deletion timestamp, or the cluster autoscaler's deletion taint.
+fn leaving(node: &core::Node) -> Option<String> {
+    if node.metadata.deletion_timestamp.is_some() {
+        return Some("the Node is being deleted".to_owned());
+    }
+    let tainted = node
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.taints.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .any(|taint| taint.key == TAINT_TO_BE_DELETED);
+    tainted.then(|| format!("the Node is tainted {TAINT_TO_BE_DELETED}"))
 }
 
 #[cfg(test)]
@@ -755,6 +789,7 @@ mod tests {
                 topology_intent: TopologyIntent::None,
                 proxy_name: None,
                 locality: None,
+                health_check_node_port: None,
             })
         );
     }
@@ -1665,6 +1700,7 @@ mod tests {
                 zone: Some("zone-1".into()),
                 region: Some("region-1".into()),
                 addresses: vec![ip("10.0.0.1"), ip("fd00::1"), ip("203.0.113.7")],
+                leaving: None,
             })
         );
         assert_eq!(
@@ -1695,5 +1731,59 @@ mod tests {
             warnings[0].to_string(),
             "test.yaml: Node <unnamed>: metadata.name is missing; node dropped"
         );
+    }
+
+    #[test]
+    fn health_check_node_ports_only_for_external_local_load_balancers() {
+        let port = |type_: &str, policy: &str| {
+            service_object(json!({
+                "metadata": {"name": "lb"},
+                "spec": {"type": type_, "externalTrafficPolicy": policy,
+                         "healthCheckNodePort": 32000, "clusterIP": "10.96.0.9"},
+            }))
+            .0
+            .and_then(|service| service.health_check_node_port)
+        };
+        assert_eq!(port("LoadBalancer", "Local"), Some(32000));
+        assert_eq!(port("LoadBalancer", "Cluster"), None);
+        assert_eq!(port("NodePort", "Local"), None);
+        let (service, warnings) = service_object(json!({
+            "metadata": {"name": "lb"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "healthCheckNodePort": 70000, "clusterIP": "10.96.0.9"},
+        }));
+        assert_eq!(service.and_then(|s| s.health_check_node_port), None);
+        assert_eq!(
+            messages(&warnings),
+            vec!["spec.healthCheckNodePort: 70000 is out of range 1-65535; health check dropped"]
+        );
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_tainted_by_the_autoscaler_is_leaving() {
+        let leaving = |object: Json| node_object(object).0.and_then(|node| node.leaving);
+        assert_eq!(leaving(json!({"metadata": {"name": "n"}})), None);
+        assert_eq!(
+            leaving(
+                json!({"metadata": {"name": "n", "deletionTimestamp": "2026-12-01T10:00:00Z"}})
+            ),
+            Some("the Node is being deleted".to_owned())
+        );
+        let tainted = json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": [
+                {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"},
+                {"key": "ToBeDeletedByClusterAutoscaler", "value": "1733047200", "effect": "NoSchedule"},
+            ]},
+        });
+        assert_eq!(
+            leaving(tainted),
+            Some("the Node is tainted ToBeDeletedByClusterAutoscaler".to_owned())
+        );
+        let other_taint = json!({
+            "metadata": {"name": "n"},
+            "spec": {"taints": [{"key": "DeletionCandidateOfClusterAutoscaler", "effect": "PreferNoSchedule"}]},
+        });
+        assert_eq!(leaving(other_taint), None);
     }
 }

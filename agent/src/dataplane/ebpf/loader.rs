@@ -1,24 +1,29 @@
 //! Loading, attaching, pinning and adopting the eBPF programs and maps, and removing them.
 //!
 //! Everything of ours lives in one bpffs directory (`/sys/fs/bpf/topoproxy` by default): the
-//! maps under their own names, each program as `prog_<name>` and its cgroup link as
-//! `link_<name>`. A pinned link keeps its program attached after the agent exits, so Services
-//! keep resolving while it is down; the next agent finds the pins and adopts them instead of
-//! attaching again. [`cleanup`] detaches and unpins all of it.
+//! maps under their own names, each program as `prog_<name>_v<version>` (bpffs refuses dots
+//! in names) and its cgroup link as `link_<name>`. A pinned link keeps its program attached
+//! after the agent exits, so Services keep resolving while it is down; the next agent finds
+//! the pins and adopts them instead of attaching again. The version is a hash of the embedded
+//! object: an agent whose programs differ from the pinned ones (an upgrade, or a downgrade)
+//! swaps its programs into the existing links with `BPF_LINK_UPDATE`, which the kernel does
+//! atomically, so no connect goes unbalanced in between. [`cleanup`] detaches and unpins all
+//! of it.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, PerCpuHashMap};
+use aya::maps::{Array, HashMap, Map, PerCpuHashMap};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use topoproxy_common::maps;
 
-use super::{EbpfError, EbpfSettings, Maps};
+use super::maps::PinnedMaps;
+use super::{EbpfError, EbpfSettings};
 
 /// The object built from `ebpf/` by `agent/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/topoproxy-ebpf"));
@@ -40,13 +45,15 @@ pub const PROGRAMS: [&str; 8] = [
     "tp_getpeername6",
 ];
 
-const MAP_NAMES: [&str; 6] = [
+const MAP_NAMES: [&str; 8] = [
     maps::SERVICES,
     maps::BACKENDS,
     maps::REV_NAT,
     maps::AFFINITY,
     maps::SERVICE_STATS,
     maps::BACKEND_STATS,
+    maps::LOG_CONFIG,
+    maps::LOG_BUDGET,
 ];
 
 /// What [`load`] found and did.
@@ -56,19 +63,69 @@ pub struct LoadReport {
     pub adopted: Vec<&'static str>,
     /// Programs attached by this call.
     pub attached: Vec<&'static str>,
+    /// Programs of another version whose links now run this agent's programs.
+    pub upgraded: Vec<&'static str>,
+}
+
+/// The version of the embedded programs: FNV-1a of the object, as 16 hex digits. Any change to
+/// the programs or the map ABI changes it.
+pub fn programs_version() -> String {
+    let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
     pin_dir.join(format!("link_{program}"))
 }
 
-fn program_pin(pin_dir: &Path, program: &str) -> PathBuf {
-    pin_dir.join(format!("prog_{program}"))
+/// Where this agent's version of `program` is pinned.
+pub fn program_pin(pin_dir: &Path, program: &str) -> PathBuf {
+    pin_dir.join(format!("prog_{program}_v{}", programs_version()))
+}
+
+/// The id of the program our links run for `tp_connect4` (every program of one load shares
+/// the maps, the log ring buffer among them).
+pub(super) fn pinned_program_id(pin_dir: &Path) -> Result<u32, EbpfError> {
+    let path = program_pin(pin_dir, PROGRAMS[0]);
+    aya::programs::ProgramInfo::from_pin(&path)
+        .map(|info| info.id())
+        .map_err(|source| EbpfError::Program {
+            program: PROGRAMS[0],
+            source: Box::new(source),
+        })
+}
+
+/// Pins of `program` from any other version (`prog_<name>` before versions were recorded).
+fn stale_program_pins(pin_dir: &Path, program: &str) -> Result<Vec<PathBuf>, EbpfError> {
+    let ours = program_pin(pin_dir, program);
+    let unversioned = format!("prog_{program}");
+    let versioned = format!("prog_{program}_v");
+    let entries = std::fs::read_dir(pin_dir).map_err(|source| EbpfError::Io {
+        call: "read_dir",
+        path: pin_dir.to_owned(),
+        source,
+    })?;
+    let mut stale = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| EbpfError::Io {
+            call: "read_dir",
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if (name == unversioned || name.starts_with(&versioned)) && entry.path() != ours {
+            stale.push(entry.path());
+        }
+    }
+    Ok(stale)
 }
 
 /// Creates or opens the pinned maps and makes sure every program is attached through a pinned
 /// link, adopting the links a previous agent left.
-pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfError> {
+pub(super) fn load(settings: &EbpfSettings) -> Result<(PinnedMaps, LoadReport), EbpfError> {
     raise_memlock();
     if let Some(parent) = settings.pin_dir.parent() {
         ensure_bpffs(parent)?;
@@ -80,11 +137,15 @@ pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfEr
     })?;
     // Adopted programs read the maps they were loaded with. If any map pin is gone, a load
     // would create fresh maps those programs never see: start over with new links instead.
+    // (Programs of another version are swapped for ours in their links, with ours maps.)
     let all_maps_pinned = MAP_NAMES
         .iter()
         .all(|name| settings.pin_dir.join(name).exists());
     if !all_maps_pinned {
         for name in PROGRAMS {
+            if !is_bpf_object(&program_pin(&settings.pin_dir, name)) {
+                continue;
+            }
             let link_path = link_pin(&settings.pin_dir, name);
             if let Ok(fd) = bpf_obj_get(&link_path) {
                 tracing::warn!(
@@ -108,8 +169,13 @@ pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfEr
     let mut cgroup: Option<File> = None;
     for name in PROGRAMS {
         let link_path = link_pin(&settings.pin_dir, name);
-        if link_path.exists() && is_bpf_object(&link_path) {
-            report.adopted.push(name);
+        if let Ok(link) = bpf_obj_get(&link_path) {
+            if is_bpf_object(&program_pin(&settings.pin_dir, name)) {
+                report.adopted.push(name);
+            } else {
+                upgrade(&mut ebpf, name, &link, &settings.pin_dir)?;
+                report.upgraded.push(name);
+            }
             continue;
         }
         let cgroup = match &mut cgroup {
@@ -128,6 +194,48 @@ pub(super) fn load(settings: &EbpfSettings) -> Result<(Maps, LoadReport), EbpfEr
         report.attached.push(name);
     }
     Ok((take_maps(&mut ebpf)?, report))
+}
+
+/// Loads this agent's `name` and swaps it into the pinned link of another version's, in one
+/// `BPF_LINK_UPDATE`; then pins it and drops the old program's pins (the kernel frees the old
+/// program once nothing holds it).
+fn upgrade(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    link: &OwnedFd,
+    pin_dir: &Path,
+) -> Result<(), EbpfError> {
+    let program_error = |source| EbpfError::Program {
+        program: name,
+        source: Box::new(source),
+    };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    let program_fd = program.fd().map_err(program_error)?;
+    bpf_link_update(link, program_fd.as_fd()).map_err(|source| EbpfError::Io {
+        call: "BPF_LINK_UPDATE",
+        path: link_pin(pin_dir, name),
+        source,
+    })?;
+    let prog_path = program_pin(pin_dir, name);
+    remove_if_present(&prog_path)?;
+    program.pin(&prog_path).map_err(|source| EbpfError::Pin {
+        path: prog_path,
+        source,
+    })?;
+    for stale in stale_program_pins(pin_dir, name)? {
+        remove_if_present(&stale)?;
+    }
+    tracing::info!(
+        program = name,
+        version = %programs_version(),
+        "replaced a pinned program of another version"
+    );
+    Ok(())
 }
 
 fn attach(
@@ -149,6 +257,9 @@ fn attach(
     let prog_path = program_pin(pin_dir, name);
     // A program pin without its link is left from an interrupted start: replace it.
     remove_if_present(&prog_path)?;
+    for stale in stale_program_pins(pin_dir, name)? {
+        remove_if_present(&stale)?;
+    }
     program.pin(&prog_path).map_err(|source| EbpfError::Pin {
         path: prog_path.clone(),
         source,
@@ -170,7 +281,7 @@ fn attach(
     Ok(())
 }
 
-fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, EbpfError> {
+fn take_maps(ebpf: &mut Ebpf) -> Result<PinnedMaps, EbpfError> {
     fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, EbpfError> {
         ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
     }
@@ -181,7 +292,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, EbpfError> {
             source: Box::new(source),
         }
     };
-    Ok(Maps {
+    Ok(PinnedMaps {
         services: HashMap::try_from(take(ebpf, maps::SERVICES)?)
             .map_err(map_error(maps::SERVICES))?,
         backends: HashMap::try_from(take(ebpf, maps::BACKENDS)?)
@@ -193,6 +304,8 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<Maps, EbpfError> {
             .map_err(map_error(maps::SERVICE_STATS))?,
         backend_stats: PerCpuHashMap::try_from(take(ebpf, maps::BACKEND_STATS)?)
             .map_err(map_error(maps::BACKEND_STATS))?,
+        log_config: Array::try_from(take(ebpf, maps::LOG_CONFIG)?)
+            .map_err(map_error(maps::LOG_CONFIG))?,
     })
 }
 
@@ -342,6 +455,7 @@ pub fn cleanup(settings: &EbpfSettings) -> Result<CleanupReport, EbpfError> {
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 fn bpf(command: libc::c_long, attr: &mut [u64; 3]) -> io::Result<libc::c_long> {
@@ -370,6 +484,17 @@ fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(|_| io::Error::other("BPF_OBJ_GET returned a bad fd"))?;
     // SAFETY: the kernel just gave us this descriptor.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes `link` run `program` instead of its current one, atomically (kernel 5.7+ for cgroup
+/// links).
+fn bpf_link_update(link: &OwnedFd, program: BorrowedFd<'_>) -> io::Result<()> {
+    // union bpf_attr { struct { __u32 link_fd; __u32 new_prog_fd; __u32 flags;
+    //                           __u32 old_prog_fd; } link_update; }
+    let link_fd = u64::from(link.as_raw_fd() as u32);
+    let program_fd = u64::from(program.as_raw_fd() as u32);
+    let mut attr = [link_fd | program_fd << 32, 0, 0];
+    bpf(BPF_LINK_UPDATE, &mut attr).map(|_| ())
 }
 
 fn bpf_link_detach(fd: &OwnedFd) -> io::Result<()> {

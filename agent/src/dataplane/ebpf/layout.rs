@@ -1,0 +1,640 @@
+//! The slot layout: where each service's backends sit in the `BACKENDS` map and in which order
+//! the maps are written so that a program never finds a counted slot empty. Pure apart from
+//! the [`LbMaps`] seam, so it is tested on in-memory maps.
+//!
+//! # Slot layout and update order
+//!
+//! A service's backends sit in dense per-tier slot ranges (see `topoproxy_common`), and the
+//! service entry carries the count of each tier. Programs read the entry, then one slot below
+//! its counts. Every change therefore writes slots first and the entry after, and a slot is
+//! deleted only once no program can still hold an entry counting it (make-before-break):
+//!
+//! - add: write slot `count` of the tier; the entry then counts `count + 1`;
+//! - remove: copy the tier's last backend into the hole; the entry then counts `count - 1`;
+//!   the old last slot keeps a live backend (the one just moved) until it is freed;
+//! - tier move: add to the new tier and remove from the old one, switched by one entry write;
+//! - weight change: rewrite the slot (1 write).
+//!
+//! Entry writes are coalesced per service within one `apply` (a cold sync writes each entry
+//! once). Slots no written entry counts any more are *retired*; at the end of an `apply` one
+//! grace period ([`LbMaps::grace_period`]) lets every program run that may have read an old
+//! entry finish, and only then are the retired slots deleted. A retired slot written again
+//! (a backend added right after one was removed) is live again and is not deleted. Service ids
+//! are reused only after the grace period too, so an old entry never reads a new service's
+//! slots.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+use topoproxy_common::{self as abi, MAX_TIERS, MAX_TIER_BACKENDS, TIER_SHIFT};
+
+use super::lb_maps::LbMaps;
+use super::{convert, EbpfError};
+use crate::dataplane::{
+    error_chain, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
+};
+use crate::diff::{Destination, Op};
+use crate::table::VsKey;
+
+/// One backend in a slot, as the agent remembers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Slot {
+    pub address: IpAddr,
+    pub port: u16,
+    pub weight: u32,
+}
+
+/// The agent's copy of one service's map entries.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    raw_key: abi::ServiceKey,
+    id: u32,
+    config: ServiceConfig,
+    tiers: [Vec<Slot>; MAX_TIERS],
+    /// (address, port) → (tier, index).
+    positions: HashMap<(IpAddr, u16), (u8, u32)>,
+    /// The entry the kernel holds; `None` before the first write.
+    written: Option<abi::Service>,
+}
+
+impl Entry {
+    fn new(raw_key: abi::ServiceKey, id: u32, config: ServiceConfig) -> Self {
+        Self {
+            raw_key,
+            id,
+            config,
+            tiers: Default::default(),
+            positions: HashMap::new(),
+            written: None,
+        }
+    }
+
+    /// The id keying this service's slots and counters.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// Each tier's backends in slot order, nearest tier first.
+    pub fn tiers(&self) -> &[Vec<Slot>; MAX_TIERS] {
+        &self.tiers
+    }
+
+    fn counts(&self) -> [u16; MAX_TIERS] {
+        // A tier never exceeds MAX_TIER_BACKENDS (checked on add).
+        self.tiers.each_ref().map(|tier| tier.len() as u16)
+    }
+
+    fn value(&self) -> abi::Service {
+        convert::service_value(self.id, &self.config, self.counts())
+    }
+
+    /// How many slots of `tier` the kernel counts.
+    fn written_count(&self, tier: usize) -> usize {
+        self.written
+            .map(|value| usize::from(value.tier_counts[tier]))
+            .unwrap_or(0)
+    }
+
+    fn programmed(&self) -> ProgrammedService {
+        let destinations = self
+            .tiers
+            .iter()
+            .zip(0u8..)
+            .flat_map(|(slots, tier)| {
+                slots.iter().map(move |slot| {
+                    (
+                        (slot.address, slot.port),
+                        DestinationState {
+                            weight: slot.weight,
+                            tier,
+                        },
+                    )
+                })
+            })
+            .collect();
+        ProgrammedService {
+            config: self.config.clone(),
+            destinations,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct IdAllocator {
+    next: u32,
+    free: BTreeSet<u32>,
+}
+
+impl IdAllocator {
+    fn from_used(used: impl IntoIterator<Item = u32>) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().collect();
+        let next = used.last().map_or(0, |last| last + 1);
+        let free = (0..next).filter(|id| !used.contains(id)).collect();
+        Self { next, free }
+    }
+
+    fn allocate(&mut self) -> u32 {
+        self.free.pop_first().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn release(&mut self, id: u32) {
+        self.free.insert(id);
+    }
+}
+
+pub(crate) fn backend_key(id: u32, tier: usize, index: usize) -> abi::BackendKey {
+    abi::BackendKey {
+        service_id: id,
+        slot: (tier as u32) << TIER_SHIFT | index as u32,
+    }
+}
+
+fn slot_position(key: &abi::BackendKey) -> (usize, u32) {
+    (
+        (key.slot >> TIER_SHIFT) as usize,
+        key.slot & MAX_TIER_BACKENDS,
+    )
+}
+
+/// The agent's copy of the service and backend maps and the rules for changing them.
+#[derive(Debug, Default)]
+pub(crate) struct SlotLayout {
+    entries: BTreeMap<VsKey, Entry>,
+    ids: IdAllocator,
+    /// Services whose entry must be written before `apply` returns, with the ops that
+    /// changed them (they fail together if the write does).
+    pending: BTreeMap<VsKey, Vec<usize>>,
+    /// Slots to delete after the next grace period (unless written again before).
+    retired: HashSet<abi::BackendKey>,
+    /// Ids of deleted services, reusable after the next grace period.
+    retired_ids: Vec<u32>,
+    map_writes: u64,
+}
+
+impl SlotLayout {
+    /// Reads the layout back from the maps and frees slots no service counts (left by an
+    /// agent stopped mid-change).
+    pub fn read(maps: &mut impl LbMaps) -> Result<Self, EbpfError> {
+        let mut layout = Self::default();
+        layout.reload(maps)?;
+        layout.retire_orphans(maps)?;
+        layout.release_retired(maps);
+        Ok(layout)
+    }
+
+    /// Map updates and deletes issued so far (a cost measure: one endpoint change is O(1)).
+    pub fn map_writes(&self) -> u64 {
+        self.map_writes
+    }
+
+    /// The services, in key order.
+    pub fn entries(&self) -> impl Iterator<Item = (&VsKey, &Entry)> {
+        self.entries.iter()
+    }
+
+    /// The table as the layout holds it.
+    pub fn table(&self) -> ProgrammedTable {
+        self.entries
+            .iter()
+            .map(|(key, entry)| (*key, entry.programmed()))
+            .collect()
+    }
+
+    /// Rebuilds the agent's copy of the table from the maps.
+    pub fn reload(&mut self, maps: &mut impl LbMaps) -> Result<(), EbpfError> {
+        let mut entries = BTreeMap::new();
+        let mut repairs = Vec::new();
+        for (raw_key, value) in maps.services()? {
+            let Some(key) = convert::vs_key(&raw_key) else {
+                tracing::warn!(
+                    ?raw_key,
+                    "skipping a service entry with an unknown protocol"
+                );
+                continue;
+            };
+            let mut entry = Entry::new(raw_key, value.id, convert::service_config(&value));
+            entry.written = Some(value);
+            if !read_slots(maps, &key, &mut entry)? {
+                repairs.push(key);
+            }
+            entries.insert(key, entry);
+        }
+        let in_use = entries
+            .values()
+            .map(|entry| entry.id)
+            .chain(self.retired_ids.iter().copied());
+        self.ids = IdAllocator::from_used(in_use);
+        self.entries = entries;
+        self.pending.clear();
+        for key in repairs {
+            self.pending.insert(key, Vec::new());
+        }
+        if !self.pending.is_empty() {
+            self.flush_all(maps, &mut Vec::new());
+        }
+        Ok(())
+    }
+
+    /// Applies `ops` in order. Returns the ops that failed (index and reason); after a
+    /// failure the layout is read back from the maps, which stay consistent either way.
+    pub fn apply(
+        &mut self,
+        maps: &mut impl LbMaps,
+        ops: &[Op],
+    ) -> Result<(), Vec<(usize, String)>> {
+        let mut failures: Vec<(usize, String)> = Vec::new();
+        for (index, op) in ops.iter().enumerate() {
+            if let Err(error) = self.apply_op(maps, op, index) {
+                failures.push((index, error_chain(&error)));
+            }
+        }
+        self.flush_all(maps, &mut failures);
+        self.release_retired(maps);
+        if failures.is_empty() {
+            return Ok(());
+        }
+        // The agent's copy may no longer match the kernel: read the truth back.
+        if let Err(error) = self.reload(maps) {
+            tracing::warn!(error = %error_chain(&error), "re-reading the eBPF maps after a failed apply failed");
+        }
+        failures.sort_by_key(|(index, _)| *index);
+        failures.dedup_by_key(|(index, _)| *index);
+        Err(failures)
+    }
+
+    /// Retires backend slots no service counts.
+    fn retire_orphans(&mut self, maps: &mut impl LbMaps) -> Result<(), EbpfError> {
+        let counted = self.written_counts();
+        for key in maps.backend_keys()? {
+            if !is_counted(&counted, &key) {
+                self.retired.insert(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the kernel's entries count, by service id.
+    fn written_counts(&self) -> HashMap<u32, [u16; MAX_TIERS]> {
+        self.entries
+            .values()
+            .filter_map(|entry| Some((entry.id, entry.written?.tier_counts)))
+            .collect()
+    }
+
+    /// After one grace period, deletes the retired slots no written entry counts and frees
+    /// the retired ids. What cannot be deleted now stays retired for the next `apply`.
+    fn release_retired(&mut self, maps: &mut impl LbMaps) {
+        if self.retired.is_empty() && self.retired_ids.is_empty() {
+            return;
+        }
+        let counted = self.written_counts();
+        let deletable: Vec<abi::BackendKey> = self
+            .retired
+            .iter()
+            .filter(|key| !is_counted(&counted, key))
+            .copied()
+            .collect();
+        if deletable.is_empty() && self.retired_ids.is_empty() {
+            return;
+        }
+        if let Err(error) = maps.grace_period() {
+            tracing::warn!(error = %error_chain(&error), "no grace period; retired backend slots stay until the next apply");
+            return;
+        }
+        for key in deletable {
+            self.map_writes += 1;
+            match maps.delete_backend(&key) {
+                Ok(()) => {
+                    self.retired.remove(&key);
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), ?key, "deleting a retired backend slot failed; retrying at the next apply");
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.retired_ids) {
+            self.ids.release(id);
+        }
+    }
+
+    fn write_backend_slot(
+        &mut self,
+        maps: &mut impl LbMaps,
+        key: abi::BackendKey,
+        slot: &Slot,
+    ) -> Result<(), EbpfError> {
+        let backend = abi::Backend {
+            endpoint: convert::endpoint(slot.address, slot.port),
+            weight: slot.weight,
+        };
+        self.map_writes += 1;
+        maps.put_backend(key, backend)?;
+        // Live again: an entry will count it.
+        self.retired.remove(&key);
+        Ok(())
+    }
+
+    fn delete_backend_stats(
+        &mut self,
+        maps: &mut impl LbMaps,
+        id: u32,
+        address: IpAddr,
+        port: u16,
+    ) {
+        let key = abi::BackendStatsKey {
+            service_id: id,
+            backend: convert::endpoint(address, port),
+        };
+        self.map_writes += 1;
+        maps.delete_backend_stats(&key);
+    }
+
+    /// Writes a service's entry if it differs from what the kernel holds.
+    fn flush(&mut self, maps: &mut impl LbMaps, key: &VsKey) -> Result<(), EbpfError> {
+        self.pending.remove(key);
+        let entry = self
+            .entries
+            .get_mut(key)
+            .ok_or(EbpfError::NoService(*key))?;
+        let value = entry.value();
+        if entry.written == Some(value) {
+            return Ok(());
+        }
+        self.map_writes += 1;
+        maps.put_service(entry.raw_key, value)?;
+        entry.written = Some(value);
+        Ok(())
+    }
+
+    /// Writes every pending entry; a failure goes to every op that changed the service.
+    fn flush_all(&mut self, maps: &mut impl LbMaps, failures: &mut Vec<(usize, String)>) {
+        let pending = std::mem::take(&mut self.pending);
+        for (key, ops) in pending {
+            if let Err(error) = self.flush(maps, &key) {
+                let reason = error_chain(&error);
+                failures.extend(ops.into_iter().map(|op| (op, reason.clone())));
+            }
+        }
+    }
+
+    fn mark(&mut self, key: VsKey, op: usize) {
+        self.pending.entry(key).or_default().push(op);
+    }
+
+    fn apply_op(&mut self, maps: &mut impl LbMaps, op: &Op, index: usize) -> Result<(), EbpfError> {
+        match op {
+            Op::AddService { key, config } | Op::EditService { key, config } => {
+                match self.entries.get_mut(key) {
+                    Some(entry) => entry.config = config.clone(),
+                    None if matches!(op, Op::EditService { .. }) => {
+                        return Err(EbpfError::NoService(*key))
+                    }
+                    None => {
+                        let id = self.ids.allocate();
+                        let entry = Entry::new(convert::service_key(key), id, config.clone());
+                        self.entries.insert(*key, entry);
+                    }
+                }
+                self.mark(*key, index);
+                Ok(())
+            }
+            Op::AddDestination {
+                service,
+                destination,
+            }
+            | Op::EditDestination {
+                service,
+                destination,
+            } => self.put_destination(maps, *service, destination, index),
+            Op::DeleteDestination {
+                service,
+                destination,
+            } => self.remove_destination(
+                maps,
+                *service,
+                destination.address,
+                destination.port,
+                index,
+            ),
+            Op::DeleteService { key } => self.delete_service(maps, *key),
+        }
+    }
+
+    fn put_destination(
+        &mut self,
+        maps: &mut impl LbMaps,
+        service: VsKey,
+        destination: &Destination,
+        index: usize,
+    ) -> Result<(), EbpfError> {
+        let tier = usize::from(destination.tier);
+        if tier >= MAX_TIERS {
+            return Err(EbpfError::TierOutOfRange {
+                tier: destination.tier,
+            });
+        }
+        if destination.address.is_ipv4() != service.address.is_ipv4() {
+            return Err(EbpfError::FamilyMismatch {
+                address: destination.address,
+            });
+        }
+        let entry = self
+            .entries
+            .get(&service)
+            .ok_or(EbpfError::NoService(service))?;
+        let id = entry.id;
+        let slot = Slot {
+            address: destination.address,
+            port: destination.port,
+            weight: destination.weight,
+        };
+        match entry.positions.get(&(slot.address, slot.port)).copied() {
+            Some((current, at)) if usize::from(current) == tier => {
+                // Same tier: only the weight can differ.
+                self.write_backend_slot(maps, backend_key(id, tier, at as usize), &slot)?;
+                if let Some(entry) = self.entries.get_mut(&service) {
+                    entry.tiers[tier][at as usize] = slot;
+                }
+                Ok(())
+            }
+            Some((old_tier, old_at)) => {
+                // A tier move: both counts change in the one entry write at the end.
+                self.append(maps, service, tier, slot, index)?;
+                self.remove_slot(maps, service, usize::from(old_tier), old_at as usize, index)
+            }
+            None => self.append(maps, service, tier, slot, index),
+        }
+    }
+
+    /// Writes `slot` at the end of `tier`; the entry counts it once written.
+    fn append(
+        &mut self,
+        maps: &mut impl LbMaps,
+        service: VsKey,
+        tier: usize,
+        slot: Slot,
+        index: usize,
+    ) -> Result<(), EbpfError> {
+        let entry = self
+            .entries
+            .get(&service)
+            .ok_or(EbpfError::NoService(service))?;
+        let at = entry.tiers[tier].len();
+        if at >= MAX_TIER_BACKENDS as usize {
+            return Err(EbpfError::TierFull { tier: tier as u8 });
+        }
+        let id = entry.id;
+        self.write_backend_slot(maps, backend_key(id, tier, at), &slot)?;
+        if let Some(entry) = self.entries.get_mut(&service) {
+            entry.tiers[tier].push(slot);
+            entry
+                .positions
+                .insert((slot.address, slot.port), (tier as u8, at as u32));
+        }
+        self.mark(service, index);
+        Ok(())
+    }
+
+    fn remove_destination(
+        &mut self,
+        maps: &mut impl LbMaps,
+        service: VsKey,
+        address: IpAddr,
+        port: u16,
+        index: usize,
+    ) -> Result<(), EbpfError> {
+        let entry = self
+            .entries
+            .get(&service)
+            .ok_or(EbpfError::NoService(service))?;
+        let id = entry.id;
+        let (tier, at) = entry
+            .positions
+            .get(&(address, port))
+            .copied()
+            .ok_or(EbpfError::NoDestination { address, port })?;
+        self.remove_slot(maps, service, usize::from(tier), at as usize, index)?;
+        if let Some(entry) = self.entries.get_mut(&service) {
+            entry.positions.remove(&(address, port));
+        }
+        self.delete_backend_stats(maps, id, address, port);
+        Ok(())
+    }
+
+    /// Empties slot `at` of `tier`: the tier's last backend moves into it and the old last
+    /// slot is retired (it keeps the moved backend until freed, so an old entry still finds a
+    /// live backend there).
+    fn remove_slot(
+        &mut self,
+        maps: &mut impl LbMaps,
+        service: VsKey,
+        tier: usize,
+        at: usize,
+        index: usize,
+    ) -> Result<(), EbpfError> {
+        let entry = self
+            .entries
+            .get(&service)
+            .ok_or(EbpfError::NoService(service))?;
+        let id = entry.id;
+        let Some(last) = entry.tiers[tier].len().checked_sub(1) else {
+            return Ok(());
+        };
+        if at != last {
+            let moved = entry.tiers[tier][last];
+            self.write_backend_slot(maps, backend_key(id, tier, at), &moved)?;
+            if let Some(entry) = self.entries.get_mut(&service) {
+                entry.tiers[tier][at] = moved;
+                entry
+                    .positions
+                    .insert((moved.address, moved.port), (tier as u8, at as u32));
+            }
+        }
+        if let Some(entry) = self.entries.get_mut(&service) {
+            entry.tiers[tier].pop();
+        }
+        self.retired.insert(backend_key(id, tier, last));
+        self.mark(service, index);
+        Ok(())
+    }
+
+    fn delete_service(&mut self, maps: &mut impl LbMaps, key: VsKey) -> Result<(), EbpfError> {
+        let Some(entry) = self.entries.get(&key) else {
+            return Err(EbpfError::NoService(key));
+        };
+        if entry.written.is_some() {
+            self.map_writes += 1;
+            maps.delete_service(&entry.raw_key)?;
+        }
+        self.pending.remove(&key);
+        let Some(entry) = self.entries.remove(&key) else {
+            return Ok(());
+        };
+        // The service is gone from the datapath; its slots follow after the grace period.
+        for tier in 0..MAX_TIERS {
+            let slots = entry.tiers[tier].len().max(entry.written_count(tier));
+            for at in 0..slots {
+                self.retired.insert(backend_key(entry.id, tier, at));
+            }
+            for slot in &entry.tiers[tier] {
+                self.delete_backend_stats(maps, entry.id, slot.address, slot.port);
+            }
+        }
+        self.map_writes += 1;
+        maps.delete_service_stats(entry.id);
+        self.retired_ids.push(entry.id);
+        Ok(())
+    }
+}
+
+/// Fills `entry` with the slots its kernel entry counts. `false` when one is missing or
+/// unreadable (only an interrupted agent leaves this): the tier is shrunk to what is there.
+fn read_slots(maps: &impl LbMaps, key: &VsKey, entry: &mut Entry) -> Result<bool, EbpfError> {
+    let Some(value) = entry.written else {
+        return Ok(true);
+    };
+    let mut complete = true;
+    for tier in 0..MAX_TIERS {
+        for index in 0..usize::from(value.tier_counts[tier]) {
+            let decoded = maps
+                .backend(&backend_key(value.id, tier, index))?
+                .and_then(|backend| {
+                    let (address, port) = convert::from_endpoint(&backend.endpoint)?;
+                    Some((address, port, backend.weight))
+                });
+            let Some((address, port, weight)) = decoded else {
+                tracing::warn!(?key, tier, index, "service counts a missing backend slot");
+                complete = false;
+                break;
+            };
+            entry
+                .positions
+                .insert((address, port), (tier as u8, index as u32));
+            entry.tiers[tier].push(Slot {
+                address,
+                port,
+                weight,
+            });
+        }
+    }
+    Ok(complete)
+}
+
+fn is_counted(counted: &HashMap<u32, [u16; MAX_TIERS]>, key: &abi::BackendKey) -> bool {
+    let (tier, index) = slot_position(key);
+    counted.get(&key.service_id).is_some_and(|counts| {
+        counts
+            .get(tier)
+            .is_some_and(|&count| index < u32::from(count))
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,434 @@
+//! The slot layout on in-memory maps: a fake that also plays a program racing the agent
+//! (it remembers every service entry a program could still hold and fails any delete of a
+//! slot such an entry counts), and the same fake failing its n-th write.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+
+use aya::maps::MapError;
+use aya::sys::SyscallError;
+use proptest::prelude::*;
+use topoproxy_common::{self as abi, MAX_TIERS};
+
+use super::*;
+use crate::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use crate::diff::diff;
+use crate::model::Protocol;
+use crate::table::{Frontend, TrafficPolicy, VsKey};
+
+/// The service and backend maps in memory, checking the datapath's invariants on every write.
+#[derive(Debug, Default)]
+struct FakeMaps {
+    services: HashMap<abi::ServiceKey, abi::Service>,
+    backends: HashMap<abi::BackendKey, abi::Backend>,
+    /// Every service entry a program may still hold: the current ones and every one replaced
+    /// or deleted since the last grace period.
+    readable: Vec<abi::Service>,
+    /// Writes (puts and deletes of services and backends) so far.
+    writes: usize,
+    /// The write (0-based) that fails, if any.
+    fail_at: Option<usize>,
+    grace_periods: usize,
+    service_puts: usize,
+    backend_stats_deleted: Vec<abi::BackendStatsKey>,
+}
+
+impl FakeMaps {
+    fn failing_at(write: usize) -> Self {
+        Self {
+            fail_at: Some(write),
+            ..Self::default()
+        }
+    }
+
+    /// Counts a write; errors if it is the one that fails.
+    fn write(&mut self, map: &'static str) -> Result<(), EbpfError> {
+        let this = self.writes;
+        self.writes += 1;
+        if self.fail_at == Some(this) {
+            let io_error = std::io::Error::from_raw_os_error(libc::ENOMEM);
+            let source = MapError::SyscallError(SyscallError {
+                call: "bpf_map_update_elem",
+                io_error,
+            });
+            return Err(EbpfError::Map {
+                map,
+                call: "update",
+                source: Box::new(source),
+            });
+        }
+        Ok(())
+    }
+
+    /// A program reading any current entry finds every slot it counts ("never torn").
+    fn assert_counted_slots_filled(&self) {
+        for service in self.services.values() {
+            for key in counted_slots(service) {
+                assert!(
+                    self.backends.contains_key(&key),
+                    "service {} counts empty slot {key:?}",
+                    service.id
+                );
+            }
+        }
+    }
+}
+
+fn counted_slots(service: &abi::Service) -> impl Iterator<Item = abi::BackendKey> + '_ {
+    (0..MAX_TIERS).flat_map(move |tier| {
+        (0..usize::from(service.tier_counts[tier]))
+            .map(move |index| backend_key(service.id, tier, index))
+    })
+}
+
+impl LbMaps for FakeMaps {
+    fn services(&self) -> Result<Vec<(abi::ServiceKey, abi::Service)>, EbpfError> {
+        Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn backend(&self, key: &abi::BackendKey) -> Result<Option<abi::Backend>, EbpfError> {
+        Ok(self.backends.get(key).copied())
+    }
+
+    fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError> {
+        Ok(self.backends.keys().copied().collect())
+    }
+
+    fn put_service(&mut self, key: abi::ServiceKey, value: abi::Service) -> Result<(), EbpfError> {
+        self.write("services")?;
+        self.services.insert(key, value);
+        self.service_puts += 1;
+        self.readable.push(value);
+        self.assert_counted_slots_filled();
+        Ok(())
+    }
+
+    fn delete_service(&mut self, key: &abi::ServiceKey) -> Result<(), EbpfError> {
+        self.write("services")?;
+        self.services.remove(key);
+        Ok(())
+    }
+
+    fn put_backend(&mut self, key: abi::BackendKey, value: abi::Backend) -> Result<(), EbpfError> {
+        self.write("backends")?;
+        self.backends.insert(key, value);
+        Ok(())
+    }
+
+    fn delete_backend(&mut self, key: &abi::BackendKey) -> Result<(), EbpfError> {
+        self.write("backends")?;
+        for service in &self.readable {
+            assert!(
+                !counted_slots(service).any(|counted| counted == *key),
+                "slot {key:?} deleted while a program may still hold service entry {service:?}"
+            );
+        }
+        self.backends.remove(key);
+        self.assert_counted_slots_filled();
+        Ok(())
+    }
+
+    fn delete_backend_stats(&mut self, key: &abi::BackendStatsKey) {
+        self.backend_stats_deleted.push(*key);
+    }
+
+    fn delete_service_stats(&mut self, _id: u32) {}
+
+    fn grace_period(&mut self) -> Result<(), EbpfError> {
+        self.grace_periods += 1;
+        self.readable = self.services.values().copied().collect();
+        Ok(())
+    }
+}
+
+fn vs(last_octet: u8) -> VsKey {
+    VsKey::new(
+        Protocol::Tcp,
+        IpAddr::V4(Ipv4Addr::new(10, 96, 0, last_octet)),
+        80,
+    )
+}
+
+fn backend_address(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 244, 0, n))
+}
+
+fn config() -> ServiceConfig {
+    ServiceConfig {
+        scheduler: "rr".to_owned(),
+        persistence_timeout: None,
+        frontend: Frontend::ClusterIP,
+        traffic_policy: TrafficPolicy::Cluster,
+    }
+}
+
+/// A service with backends `(n, tier)` at 10.244.0.n:8080.
+fn service(backends: &[(u8, u8)]) -> ProgrammedService {
+    ProgrammedService {
+        config: config(),
+        destinations: backends
+            .iter()
+            .map(|&(n, tier)| {
+                (
+                    (backend_address(n), 8080),
+                    DestinationState { weight: 1, tier },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Applies the diff from what `layout` holds to `desired`.
+fn sync(
+    layout: &mut SlotLayout,
+    maps: &mut FakeMaps,
+    desired: &ProgrammedTable,
+) -> Result<(), Vec<(usize, String)>> {
+    let ops = diff(desired, &layout.table());
+    layout.apply(maps, &ops)
+}
+
+/// What a fresh agent reads back from `maps`.
+fn read_back(maps: &mut FakeMaps) -> ProgrammedTable {
+    match SlotLayout::read(maps) {
+        Ok(layout) => layout.table(),
+        Err(error) => panic!("reading the fake maps back failed: {error}"),
+    }
+}
+
+fn table(services: &[(u8, &[(u8, u8)])]) -> ProgrammedTable {
+    services
+        .iter()
+        .map(|&(vip, backends)| (vs(vip), service(backends)))
+        .collect()
+}
+
+fn slot_of(maps: &FakeMaps, vip: u8, tier: usize, index: usize) -> Option<IpAddr> {
+    let id = maps.services.get(&convert::service_key(&vs(vip)))?.id;
+    let backend = maps.backends.get(&backend_key(id, tier, index))?;
+    convert::from_endpoint(&backend.endpoint).map(|(address, _)| address)
+}
+
+#[test]
+fn a_cold_sync_fills_dense_tier_ranges_and_writes_each_entry_once() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let desired = table(&[(10, &[(1, 0), (2, 0), (3, 1)]), (11, &[(4, 2)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()));
+
+    // 4 slots + 2 entries; nothing retired, so no grace period.
+    assert_eq!(maps.writes, 6);
+    assert_eq!(layout.map_writes(), 6);
+    assert_eq!(maps.grace_periods, 0);
+    let first = maps.services[&convert::service_key(&vs(10))];
+    assert_eq!(first.tier_counts[..3], [2, 1, 0]);
+    assert_eq!(slot_of(&maps, 10, 1, 0), Some(backend_address(3)));
+    assert_eq!(slot_of(&maps, 11, 2, 0), Some(backend_address(4)));
+    assert_eq!(read_back(&mut maps), desired);
+}
+
+#[test]
+fn removing_a_backend_moves_the_last_into_the_hole_and_frees_the_tail_after_a_grace_period() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let before = table(&[(10, &[(1, 0), (2, 0), (3, 0)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+    let writes = maps.writes;
+
+    let after = table(&[(10, &[(2, 0), (3, 0)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &after), Ok(()));
+
+    // Hole copy, entry, tail delete: O(1) whatever the tier's size.
+    assert_eq!(maps.writes - writes, 3);
+    assert_eq!(maps.grace_periods, 1);
+    let at_zero = slot_of(&maps, 10, 0, 0);
+    assert!(at_zero == Some(backend_address(3)) || at_zero == Some(backend_address(2)));
+    assert_eq!(slot_of(&maps, 10, 0, 2), None);
+    assert_eq!(maps.backends.len(), 2);
+    assert_eq!(read_back(&mut maps), after);
+}
+
+#[test]
+fn a_tier_move_switches_both_counts_in_one_entry_write() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let before = table(&[(10, &[(1, 0), (2, 0)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+    let entries_before = maps.service_puts;
+
+    let after = table(&[(10, &[(1, 0), (2, 1)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &after), Ok(()));
+
+    assert_eq!(maps.service_puts - entries_before, 1);
+    let entry = maps.services[&convert::service_key(&vs(10))];
+    assert_eq!(entry.tier_counts[..2], [1, 1]);
+    assert_eq!(read_back(&mut maps), after);
+}
+
+#[test]
+fn a_slot_freed_and_refilled_in_one_apply_is_not_deleted() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let before = table(&[(10, &[(1, 0), (2, 0)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+
+    // The diff adds 3 before removing 2; apply them the other way round as well.
+    let after = table(&[(10, &[(1, 0), (3, 0)])]);
+    let mut ops = diff(&after, &layout.table());
+    ops.reverse();
+    assert_eq!(layout.apply(&mut maps, &ops), Ok(()));
+
+    assert_eq!(read_back(&mut maps), after);
+    assert_eq!(maps.backends.len(), 2);
+}
+
+#[test]
+fn a_deleted_service_frees_its_slots_and_its_id_only_after_a_grace_period() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let before = table(&[(10, &[(1, 0), (2, 1)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+    let old_id = maps.services[&convert::service_key(&vs(10))].id;
+
+    // Same apply: delete the service and add another one, which must not take its id.
+    let after = table(&[(11, &[(3, 0)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &after), Ok(()));
+
+    let new_id = maps.services[&convert::service_key(&vs(11))].id;
+    assert_ne!(new_id, old_id);
+    assert!(maps.backends.keys().all(|key| key.service_id == new_id));
+    assert_eq!(maps.backend_stats_deleted.len(), 2);
+    assert_eq!(read_back(&mut maps), after);
+
+    // After the grace period the id is free again.
+    let again = table(&[(11, &[(3, 0)]), (12, &[(4, 0)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &again), Ok(()));
+    assert_eq!(maps.services[&convert::service_key(&vs(12))].id, old_id);
+}
+
+#[test]
+fn reading_back_repairs_a_torn_service_and_sweeps_orphan_slots() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let before = table(&[(10, &[(1, 0), (2, 0)])]);
+    assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+    let id = maps.services[&convert::service_key(&vs(10))].id;
+    // What an agent killed mid-change could leave: a counted slot gone, an uncounted one left.
+    maps.backends.remove(&backend_key(id, 0, 1));
+    let orphan = abi::Backend {
+        endpoint: convert::endpoint(backend_address(9), 8080),
+        weight: 1,
+    };
+    maps.backends.insert(backend_key(id, 3, 0), orphan);
+    maps.readable.clear();
+
+    assert_eq!(read_back(&mut maps), table(&[(10, &[(1, 0)])]));
+    assert_eq!(
+        maps.services[&convert::service_key(&vs(10))].tier_counts[0],
+        1
+    );
+    assert_eq!(maps.backends.len(), 1);
+}
+
+/// Every way one write of a change can fail.
+#[test]
+fn a_failed_write_keeps_the_maps_consistent_and_the_next_sync_converges() {
+    let before = table(&[(10, &[(1, 0), (2, 0), (3, 1)]), (11, &[(4, 0), (5, 1)])]);
+    let after = table(&[(10, &[(2, 0), (3, 0), (6, 1)]), (12, &[(7, 0)])]);
+    let total = {
+        let mut maps = FakeMaps::default();
+        let mut layout = SlotLayout::default();
+        assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+        let writes = maps.writes;
+        assert_eq!(sync(&mut layout, &mut maps, &after), Ok(()));
+        maps.writes - writes
+    };
+    assert!(total > 5);
+
+    for failing in 0..total {
+        let mut maps = FakeMaps::default();
+        let mut layout = SlotLayout::default();
+        assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+        maps.fail_at = Some(maps.writes + failing);
+
+        match sync(&mut layout, &mut maps, &after) {
+            // Only freeing a retired slot may fail unseen: it is retried at the next apply.
+            Ok(()) => assert_eq!(read_back(&mut maps), after, "write {failing}"),
+            // The layout re-read the truth: it matches what a fresh agent would read.
+            Err(failures) => {
+                assert!(!failures.is_empty());
+                assert_eq!(layout.table(), read_back(&mut maps), "write {failing}");
+            }
+        }
+
+        assert_eq!(
+            sync(&mut layout, &mut maps, &after),
+            Ok(()),
+            "write {failing}"
+        );
+        assert_eq!(read_back(&mut maps), after, "write {failing}");
+        let counted: usize = maps
+            .services
+            .values()
+            .map(|s| counted_slots(s).count())
+            .sum();
+        assert_eq!(
+            maps.backends.len(),
+            counted,
+            "write {failing}: slots left behind"
+        );
+    }
+}
+
+#[test]
+fn a_failing_first_write_of_a_cold_sync_names_the_op() {
+    let mut maps = FakeMaps::failing_at(0);
+    let mut layout = SlotLayout::default();
+    let desired = table(&[(10, &[(1, 0)])]);
+    let ops = diff(&desired, &layout.table());
+    let failures = match layout.apply(&mut maps, &ops) {
+        Ok(()) => panic!("the failing write went unnoticed"),
+        Err(failures) => failures,
+    };
+    let (index, reason) = &failures[0];
+    assert!(matches!(ops[*index], Op::AddDestination { .. }), "{ops:?}");
+    assert!(reason.contains("backends"), "{reason}");
+    // The service exists without backends (connects are refused) until the next sync.
+    assert!(maps
+        .services
+        .values()
+        .all(|s| s.tier_counts == [0; MAX_TIERS]));
+    assert!(maps.backends.is_empty());
+}
+
+/// A desired table over a small universe: services 10..13, backends 1..6, tiers 0..3.
+fn any_table() -> impl Strategy<Value = ProgrammedTable> {
+    let backends = proptest::collection::btree_map(1u8..7, 0u8..3, 0..6);
+    proptest::collection::btree_map(10u8..13, backends, 0..3).prop_map(|services| {
+        services
+            .into_iter()
+            .map(|(vip, backends)| {
+                let backends: Vec<(u8, u8)> = backends.into_iter().collect();
+                (vs(vip), service(&backends))
+            })
+            .collect::<BTreeMap<_, _>>()
+    })
+}
+
+proptest! {
+    /// Any sequence of tables: each sync lands exactly, no counted slot is ever empty, and no
+    /// slot an in-flight program could read is deleted (the fake panics otherwise).
+    #[test]
+    fn any_sequence_of_syncs_is_make_before_break(tables in proptest::collection::vec(any_table(), 1..8)) {
+        let mut maps = FakeMaps::default();
+        let mut layout = SlotLayout::default();
+        for desired in &tables {
+            prop_assert_eq!(sync(&mut layout, &mut maps, desired), Ok(()));
+            prop_assert_eq!(&read_back(&mut maps), desired);
+            prop_assert_eq!(&layout.table(), desired);
+        }
+        // Nothing but counted slots is left once the last grace period passed.
+        let counted: usize = maps.services.values().map(|s| counted_slots(s).count()).sum();
+        prop_assert_eq!(maps.backends.len(), counted);
+    }
+}

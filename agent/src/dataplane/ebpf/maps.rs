@@ -1,0 +1,189 @@
+//! Map I/O: the pinned maps opened by the loader, as the [`LbMaps`] seam the slot layout
+//! writes through, and the per-CPU counters read for `topoproxy list` and metrics.
+
+use std::io;
+use std::net::IpAddr;
+
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap};
+use topoproxy_common::{self as abi, maps};
+
+use super::datapath_log::DatapathLog;
+use super::lb_maps::LbMaps;
+use super::list::ServiceCounters;
+use super::{convert, EbpfError};
+
+/// The maps, opened from their pins.
+pub(crate) struct PinnedMaps {
+    pub(super) services: HashMap<MapData, abi::ServiceKey, abi::Service>,
+    pub(super) backends: HashMap<MapData, abi::BackendKey, abi::Backend>,
+    #[allow(dead_code)] // Written by the programs only; kept open for inspection in tests.
+    pub(super) rev_nat: HashMap<MapData, abi::RevNatKey, abi::Endpoint>,
+    #[allow(dead_code)]
+    pub(super) affinity: HashMap<MapData, abi::AffinityKey, abi::AffinityValue>,
+    pub(super) service_stats: PerCpuHashMap<MapData, u32, abi::ServiceStats>,
+    pub(super) backend_stats: PerCpuHashMap<MapData, abi::BackendStatsKey, abi::BackendStats>,
+    pub(super) log_config: Array<MapData, abi::LogConfig>,
+}
+
+pub(super) fn map_error(
+    map: &'static str,
+    call: &'static str,
+) -> impl FnOnce(MapError) -> EbpfError {
+    move |source| EbpfError::Map {
+        map,
+        call,
+        source: Box::new(source),
+    }
+}
+
+fn is_missing(error: &MapError) -> bool {
+    match error {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(syscall) => syscall.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// Treats an absent key as success (deletes are idempotent).
+fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(), EbpfError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(error) if is_missing(&error) => Ok(()),
+        Err(error) => Err(map_error(map, "delete")(error)),
+    }
+}
+
+impl LbMaps for PinnedMaps {
+    fn services(&self) -> Result<Vec<(abi::ServiceKey, abi::Service)>, EbpfError> {
+        self.services
+            .iter()
+            .map(|item| item.map_err(map_error(maps::SERVICES, "iterate")))
+            .collect()
+    }
+
+    fn backend(&self, key: &abi::BackendKey) -> Result<Option<abi::Backend>, EbpfError> {
+        match self.backends.get(key, 0) {
+            Ok(backend) => Ok(Some(backend)),
+            Err(error) if is_missing(&error) => Ok(None),
+            Err(error) => Err(map_error(maps::BACKENDS, "lookup")(error)),
+        }
+    }
+
+    fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError> {
+        self.backends
+            .keys()
+            .map(|key| key.map_err(map_error(maps::BACKENDS, "iterate")))
+            .collect()
+    }
+
+    fn put_service(&mut self, key: abi::ServiceKey, value: abi::Service) -> Result<(), EbpfError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_error(maps::SERVICES, "update"))
+    }
+
+    fn delete_service(&mut self, key: &abi::ServiceKey) -> Result<(), EbpfError> {
+        ignore_missing(self.services.remove(key), maps::SERVICES)
+    }
+
+    fn put_backend(&mut self, key: abi::BackendKey, value: abi::Backend) -> Result<(), EbpfError> {
+        self.backends
+            .insert(key, value, 0)
+            .map_err(map_error(maps::BACKENDS, "update"))
+    }
+
+    fn delete_backend(&mut self, key: &abi::BackendKey) -> Result<(), EbpfError> {
+        ignore_missing(self.backends.remove(key), maps::BACKENDS)
+    }
+
+    fn delete_backend_stats(&mut self, key: &abi::BackendStatsKey) {
+        let _ = self.backend_stats.remove(key);
+    }
+
+    fn delete_service_stats(&mut self, id: u32) {
+        let _ = self.service_stats.remove(&id);
+    }
+
+    fn grace_period(&mut self) -> Result<(), EbpfError> {
+        synchronize_rcu()
+    }
+}
+
+/// `MEMBARRIER_CMD_GLOBAL`: the kernel answers it with `synchronize_rcu()`.
+const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+
+/// Waits for an RCU grace period. cgroup `sock_addr` programs run inside an RCU read-side
+/// section (`bpf_prog_run_array_cg`), so once it ends every program run that started before
+/// has returned. The kernel refuses it on `nohz_full` systems (`EINVAL`).
+fn synchronize_rcu() -> Result<(), EbpfError> {
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        return Err(EbpfError::GracePeriod(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+impl PinnedMaps {
+    /// Switches the programs' diagnostics; they see it at their next run.
+    pub(super) fn set_datapath_log(&mut self, log: DatapathLog) -> Result<(), EbpfError> {
+        write_log_config(&mut self.log_config, log)
+    }
+
+    /// One service's counters, summed over CPUs.
+    pub(super) fn service_counters(&self, id: u32) -> Result<ServiceCounters, EbpfError> {
+        match self.service_stats.get(&id, 0) {
+            Ok(values) => {
+                Ok(values
+                    .iter()
+                    .fold(ServiceCounters::default(), |sum, v| ServiceCounters {
+                        translations: sum.translations + v.translations,
+                        affinity_hits: sum.affinity_hits + v.affinity_hits,
+                        no_backend: sum.no_backend + v.no_backend,
+                    }))
+            }
+            Err(error) if is_missing(&error) => Ok(ServiceCounters::default()),
+            Err(error) => Err(map_error(maps::SERVICE_STATS, "lookup")(error)),
+        }
+    }
+
+    /// Connects sent to one backend of a service, summed over CPUs.
+    pub(super) fn backend_connections(
+        &self,
+        id: u32,
+        address: IpAddr,
+        port: u16,
+    ) -> Result<u64, EbpfError> {
+        let key = abi::BackendStatsKey {
+            service_id: id,
+            backend: convert::endpoint(address, port),
+        };
+        match self.backend_stats.get(&key, 0) {
+            Ok(values) => Ok(values.iter().map(|v| v.connections).sum()),
+            Err(error) if is_missing(&error) => Ok(0),
+            Err(error) => Err(map_error(maps::BACKEND_STATS, "lookup")(error)),
+        }
+    }
+}
+
+fn write_log_config(
+    map: &mut Array<MapData, abi::LogConfig>,
+    log: DatapathLog,
+) -> Result<(), EbpfError> {
+    let config = abi::LogConfig {
+        events: log.events,
+        per_second: log.per_second,
+    };
+    map.set(0, config, 0)
+        .map_err(map_error(maps::LOG_CONFIG, "update"))
+}
+
+/// Switches the diagnostics of the programs pinned in `pin_dir`, from outside the agent.
+pub fn set_datapath_log(pin_dir: &Path, log: DatapathLog) -> Result<(), EbpfError> {
+    let path = pin_dir.join(maps::LOG_CONFIG);
+    let data = MapData::from_pin(&path).map_err(map_error(maps::LOG_CONFIG, "open"))?;
+    let mut map = Array::try_from(Map::Array(data)).map_err(map_error(maps::LOG_CONFIG, "open"))?;
+    write_log_config(&mut map, log)
+}
