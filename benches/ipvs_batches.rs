@@ -1,0 +1,253 @@
+//! Where IPVS programming time goes: the same table (N services × 10 destinations) sent through
+//! [`IpvsClient::execute`] in several modes, each timed per `sendmsg` batch, beside
+//! `ipvsadm -R` of the same lines, all in one boot.
+//!
+//! Needs IPVS (root, the `ip_vs` module), so it runs inside the VM: `cargo xtask vm-bench`
+//! builds it, stages it and runs it with `TOPOPROXY_IPVS_BATCH_SIZES=1000,3000` set. Without
+//! that variable (a plain `cargo bench` on a host without IPVS) it says so and exits.
+//!
+//! Modes (the table is flushed before each):
+//! - `diff-order/ack-every`: every service, then every destination (the differ's order), each
+//!   message asking for an acknowledgement: what the agent sent before issue 14;
+//! - `diff-order/ack-last`: same order, only each batch's last message asks;
+//! - `ipvsadm-order/ack-last`: each service followed by its destinations, as `ipvsadm -R`
+//!   sends them (and the agent now does);
+//! - `ipvsadm-order/sequential`: one request per `sendmsg`, waiting for its answer (what
+//!   `ipvsadm -R` does, without its process and parsing);
+//! - `ipvsadm-order/ack-last/no-estimation`: with `net.ipv4.vs.run_estimation=0`, to show
+//!   what the kernel's rate estimators cost while the table grows;
+//! - `ipvsadm -R`: the real tool, same lines;
+//!
+//! then the read-back the agent's periodic re-read does (one service dump, one destination
+//! dump per service).
+//!
+//! Per mode: total seconds, batches, and the batches split into five equal groups in send
+//! order, each with its mean kernel time per message (inside `sendmsg`), mean reply-reading
+//! time per message and mean encoding time per message (µs), so growth with the table's size
+//! shows.
+
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use topoproxy::dataplane::ipvs::netlink::{
+    Acknowledgements, BatchTiming, Command, Forward, IpvsClient, IpvsDestination, IpvsService,
+    ServiceId,
+};
+use topoproxy::model::Protocol;
+
+const DESTINATIONS: usize = 10;
+const RUN_ESTIMATION: &str = "/proc/sys/net/ipv4/vs/run_estimation";
+
+fn service_id(index: usize) -> ServiceId {
+    let n = (10u32 << 24 | 96 << 16) + 1 + index as u32;
+    ServiceId {
+        protocol: Protocol::Tcp,
+        address: IpAddr::V4(Ipv4Addr::from(n)),
+        port: 80,
+    }
+}
+
+fn destination(service: usize, index: usize) -> IpvsDestination {
+    let n = (10u32 << 24 | 244 << 16) + 1 + (service * DESTINATIONS + index) as u32;
+    IpvsDestination {
+        address: IpAddr::V4(Ipv4Addr::from(n)),
+        port: 8080,
+        weight: 1,
+        forward: Forward::Masq,
+        active_connections: 0,
+        inactive_connections: 0,
+    }
+}
+
+fn new_service(index: usize) -> Command {
+    Command::NewService(IpvsService {
+        id: service_id(index),
+        scheduler: "rr".to_owned(),
+        persistence_timeout: None,
+    })
+}
+
+/// Every service first, then every destination.
+fn diff_order(services: usize) -> Vec<Command> {
+    let mut commands: Vec<Command> = (0..services).map(new_service).collect();
+    for s in 0..services {
+        for d in 0..DESTINATIONS {
+            commands.push(Command::NewDestination(service_id(s), destination(s, d)));
+        }
+    }
+    commands
+}
+
+/// Each service followed by its destinations.
+fn ipvsadm_order(services: usize) -> Vec<Command> {
+    let mut commands = Vec::new();
+    for s in 0..services {
+        commands.push(new_service(s));
+        for d in 0..DESTINATIONS {
+            commands.push(Command::NewDestination(service_id(s), destination(s, d)));
+        }
+    }
+    commands
+}
+
+fn restore_lines(commands: &[Command]) -> String {
+    let mut text = String::new();
+    for command in commands {
+        match command {
+            Command::NewService(s) => {
+                text += &format!("-A -t {}:{} -s rr\n", s.id.address, s.id.port);
+            }
+            Command::NewDestination(id, d) => {
+                text += &format!(
+                    "-a -t {}:{} -r {}:{} -m -w 1\n",
+                    id.address, id.port, d.address, d.port
+                );
+            }
+            _ => {}
+        }
+    }
+    text
+}
+
+fn micros_per_message(batches: &[BatchTiming], part: impl Fn(&BatchTiming) -> Duration) -> f64 {
+    let messages: usize = batches.iter().map(|b| b.messages).sum();
+    let total: Duration = batches.iter().map(part).sum();
+    total.as_secs_f64() * 1e6 / messages.max(1) as f64
+}
+
+fn report(size: usize, mode: &str, took: Duration, batches: &[BatchTiming]) {
+    let groups: Vec<String> = batches
+        .chunks(batches.len().div_ceil(5).max(1))
+        .map(|group| {
+            format!(
+                "{:.0}/{:.0}/{:.1}",
+                micros_per_message(group, |b| b.send),
+                micros_per_message(group, |b| b.replies),
+                micros_per_message(group, |b| b.encode)
+            )
+        })
+        .collect();
+    let messages: usize = batches.iter().map(|b| b.messages).sum();
+    println!(
+        "ipvs-batches services={size} mode={mode} total_s={:.2} batches={} messages={messages} \
+         kernel_s={:.2} replies_s={:.2} encode_s={:.3} per_fifth_us(kernel/replies/encode per message)=[{}]",
+        took.as_secs_f64(),
+        batches.len(),
+        batches.iter().map(|b| b.send).sum::<Duration>().as_secs_f64(),
+        batches.iter().map(|b| b.replies).sum::<Duration>().as_secs_f64(),
+        batches.iter().map(|b| b.encode).sum::<Duration>().as_secs_f64(),
+        groups.join(" ")
+    );
+}
+
+fn run_mode(
+    client: &mut IpvsClient,
+    size: usize,
+    mode: &str,
+    commands: &[Command],
+) -> Result<(), String> {
+    client.flush().map_err(|e| format!("flush: {e}"))?;
+    client.take_batch_timings();
+    let started = Instant::now();
+    let results = client.execute(commands);
+    let took = started.elapsed();
+    if let Some(error) = results.iter().find_map(|r| r.as_ref().err()) {
+        return Err(format!("{mode}: {error}"));
+    }
+    report(size, mode, took, &client.take_batch_timings());
+    Ok(())
+}
+
+fn set_estimation(on: bool) -> bool {
+    std::fs::write(RUN_ESTIMATION, if on { "1" } else { "0" }).is_ok()
+}
+
+fn bench_size(client: &mut IpvsClient, size: usize) -> Result<(), String> {
+    let diff = diff_order(size);
+    let interleaved = ipvsadm_order(size);
+
+    client.set_batch_limit(usize::MAX);
+    client.set_acknowledgements(Acknowledgements::Every);
+    run_mode(client, size, "diff-order/ack-every", &diff)?;
+    client.set_acknowledgements(Acknowledgements::Last);
+    run_mode(client, size, "diff-order/ack-last", &diff)?;
+    run_mode(client, size, "ipvsadm-order/ack-last", &interleaved)?;
+    if set_estimation(false) {
+        let outcome = run_mode(
+            client,
+            size,
+            "ipvsadm-order/ack-last/no-estimation",
+            &interleaved,
+        );
+        set_estimation(true);
+        outcome?;
+    }
+    client.set_batch_limit(1);
+    run_mode(client, size, "ipvsadm-order/sequential", &interleaved)?;
+    client.set_batch_limit(usize::MAX);
+
+    // The periodic re-read: one service dump, then one destination dump per service.
+    let started = Instant::now();
+    let services = client.services().map_err(|e| format!("dump: {e}"))?;
+    let dumped = started.elapsed();
+    let mut destinations = 0;
+    for service in &services {
+        destinations += client
+            .destinations(&service.id)
+            .map_err(|e| format!("dump: {e}"))?
+            .len();
+    }
+    println!(
+        "ipvs-batches services={size} read_back_s={:.2} (service dump {:.2} s, {} services, {destinations} destinations)",
+        started.elapsed().as_secs_f64(),
+        dumped.as_secs_f64(),
+        services.len()
+    );
+
+    client.flush().map_err(|e| format!("flush: {e}"))?;
+    let lines = restore_lines(&interleaved);
+    let started = Instant::now();
+    let mut restore = Process::new("ipvsadm")
+        .arg("-R")
+        .stdin(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("ipvsadm -R: {e}"))?;
+    if let Some(mut stdin) = restore.stdin.take() {
+        stdin
+            .write_all(lines.as_bytes())
+            .map_err(|e| format!("ipvsadm -R stdin: {e}"))?;
+    }
+    let status = restore.wait().map_err(|e| format!("ipvsadm -R: {e}"))?;
+    println!(
+        "ipvs-batches services={size} mode=ipvsadm-R total_s={:.2} exit={status}",
+        started.elapsed().as_secs_f64()
+    );
+    client.flush().map_err(|e| format!("flush: {e}"))?;
+    Ok(())
+}
+
+fn main() {
+    let Ok(sizes) = std::env::var("TOPOPROXY_IPVS_BATCH_SIZES") else {
+        println!("ipvs_batches: needs IPVS; `cargo xtask vm-bench` runs it inside the VM");
+        return;
+    };
+    let mut client = match IpvsClient::connect() {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("ipvs_batches: {error}");
+            std::process::exit(1);
+        }
+    };
+    client.record_batches(true);
+    for size in sizes
+        .split(',')
+        .filter_map(|s| s.trim().parse::<usize>().ok())
+    {
+        if let Err(error) = bench_size(&mut client, size) {
+            eprintln!("ipvs_batches services={size}: {error}");
+            std::process::exit(1);
+        }
+    }
+}
