@@ -453,7 +453,7 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
         // loading the YAML (which software emulation makes slow): its first sync's duration.
         let programming = read(n, "agent.log").and_then(|log| initial_sync_seconds(&log));
         if let Some(log) = read(n, "agent.log") {
-            for line in log.lines().filter(|l| l.contains("slow IPVS apply")) {
+            for line in log.lines().filter(|l| l.contains("slow IPVS ")) {
                 println!("vm-bench {label} services={n} agent log: {}", line.trim());
             }
         }
@@ -512,7 +512,7 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
                     initial_sync_seconds(&log).map_or("?".into(), |s| format!("{s:.2}"))
                 ),
             }
-            for line in log.lines().filter(|l| l.contains("slow IPVS apply")) {
+            for line in log.lines().filter(|l| l.contains("slow IPVS ")) {
                 println!(
                     "vm-bench {label} services={n} {name} agent log: {}",
                     line.trim()

@@ -150,8 +150,11 @@ impl IpvsDataplane {
     }
 
     /// Reads the owned part of the kernel's table, re-creating the nft table when it is missing
-    /// and rewriting its rules once per process (settings may have changed).
+    /// and rewriting it once per process (settings may have changed), with the hairpin
+    /// elements of the destinations IPVS holds.
     async fn read_owned(&mut self) -> Result<ProgrammedTable, DataplaneError> {
+        let mut phases = PhaseTimer::new();
+        let rewrite = !self.rules_current;
         if self.rules_current {
             // Listing a table of 10,000 services costs seconds: while every nft write since
             // the last full read succeeded, our copy is the table, so only check it is there.
@@ -164,17 +167,15 @@ impl IpvsDataplane {
             }
         } else {
             let recorded = self.nft.read().map_err(Self::read_error)?;
-            let owned = recorded.unwrap_or_default();
-            // Rewrites the rules too: they may come from an older version or other settings.
-            self.nft
-                .replace(&self.settings.nft, &owned)
-                .map_err(Self::read_error)?;
-            self.rules_current = true;
-            self.owned = owned;
+            self.owned = recorded.unwrap_or_default();
+            // The destinations come from the IPVS dump below; the table is rewritten after it.
+            self.owned.destinations.clear();
         }
 
+        phases.lap("nft");
         let mut table = ProgrammedTable::new();
         let services = self.ipvs.services().map_err(Self::read_error)?;
+        phases.lap("ipvs_services");
         for service in services {
             let key = VsKey::new(service.id.protocol, service.id.address, service.id.port);
             let Some(&(frontend, traffic_policy)) = self.owned.services.get(&key) else {
@@ -187,6 +188,11 @@ impl IpvsDataplane {
                 .ipvs
                 .destinations(&service.id)
                 .map_err(Self::read_error)?;
+            if rewrite {
+                self.owned
+                    .destinations
+                    .extend(destinations.iter().map(|d| (key, d.address, d.port)));
+            }
             let destinations = destinations
                 .into_iter()
                 .filter(|d| {
@@ -215,6 +221,15 @@ impl IpvsDataplane {
             table.insert(*key, service.clone());
         }
 
+        phases.lap("ipvs_destinations");
+        if rewrite {
+            // Rewrites the rules too: they may come from an older version or other settings.
+            self.nft
+                .replace(&self.settings.nft, &self.owned)
+                .map_err(Self::read_error)?;
+            self.rules_current = true;
+            phases.lap("nft_replace");
+        }
         self.address_users.clear();
         for (key, (frontend, _)) in &self.owned.services {
             if binds_address(*frontend) && table.contains_key(key) {
@@ -222,6 +237,8 @@ impl IpvsDataplane {
             }
         }
         self.repair_addresses().await.map_err(Self::read_error)?;
+        phases.lap("addresses");
+        phases.report("read", table.len());
         Ok(table)
     }
 
@@ -629,7 +646,7 @@ impl Dataplane for IpvsDataplane {
             tracing::warn!("{problem}");
         }
         phases.lap("drain_check");
-        phases.report(ops.len());
+        phases.report("apply", ops.len());
 
         if failed.is_empty() {
             Ok(())
@@ -682,7 +699,8 @@ impl PhaseTimer {
         self.last = now;
     }
 
-    fn report(&self, ops: usize) {
+    /// Logs the laps of a slow `what` (`apply`, `read`) of `items` ops or services.
+    fn report(&self, what: &'static str, items: usize) {
         let total = self.started.elapsed();
         if total < Self::SLOW {
             return;
@@ -693,10 +711,10 @@ impl PhaseTimer {
             .map(|(phase, took)| format!("{phase}={:.2}s", took.as_secs_f64()))
             .collect();
         tracing::info!(
-            ops,
+            items,
             took = format!("{:.2}s", total.as_secs_f64()),
             phases = phases.join(" "),
-            "slow IPVS apply"
+            "slow IPVS {what}"
         );
     }
 }
