@@ -249,11 +249,13 @@ settle() { last=""; cur=$(snap); while [ "$cur" != "$last" ]; do last=$cur; slee
 # The counters, retried: under load a scrape can come back empty.
 grab() { for i in 1 2 3 4 5 6 7 8 9 10; do r=$(requests); [ -n "$r" ] && { echo "$r"; return; }; sleep 1; done; }
 synced() { metrics | grep -q '^topoproxy_syncs_total{result="success"} [1-9]'; }
+# `run.sh size N` runs the agent part for N Services; `ip netns exec` starts it in a fresh
+# network namespace (see the loop at the end).
+ip link set lo up
 ip link add tp-pods type dummy && ip addr add 10.255.255.254/8 dev tp-pods && ip link set tp-pods up
-if [ -n "$BATCH_SIZES" ]; then
+if [ "$1" != size ] && [ -n "$BATCH_SIZES" ]; then
     TOPOPROXY_IPVS_BATCH_SIZES=$BATCH_SIZES $BATCH_BENCH > /host/out/batches.txt 2>&1
     echo "exit $?" >> /host/out/batches.txt
-    ipvsadm -C
 fi
 # Starts the agent over whatever IPVS holds and waits for its first successful sync; writes
 # the seconds it took to $out/$1 (or why not to $out/$1-failed), the log to $out/$1.log.
@@ -271,13 +273,8 @@ start_agent() {
     t1=$(uptime_cs)
     [ -f $out/$1-failed ] || echo $((t1 - t0)) > $out/$1
 }
-for n in $SIZES; do
-    out=/host/out/$n; mkdir -p $out
-    ipvsadm -C
-    t0=$(uptime_cs); ipvsadm -R < /host/restore-$n.txt; rc=$?; t1=$(uptime_cs)
-    echo "$rc $((t1 - t0))" > $out/restore
-    ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/restore-lines
-    ipvsadm -C
+if [ "$1" = size ]; then
+    n=$2; out=/host/out/$n
     rm -rf /tmp/cluster; cp -r /host/cluster-$n /tmp/cluster
     t0=$(uptime_cs)
     $AGENT run --proxy-mode ipvs --source /tmp/cluster --hostname-override node-a-0 \
@@ -317,7 +314,19 @@ for n in $SIZES; do
     fi
     kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
     $AGENT cleanup > $out/cleanup.log 2>&1
-    ipvsadm -C
+    exit 0
+fi
+# Every measurement in a network namespace of its own: IPVS keeps deleted destinations in a
+# per-namespace trash for 2-3 minutes and every destination added meanwhile walks all of it,
+# so a run right after another one's clean-up would pay for that clean-up.
+for n in $SIZES; do
+    out=/host/out/$n; mkdir -p $out
+    ip netns add tp-restore-$n
+    t0=$(uptime_cs); ip netns exec tp-restore-$n ipvsadm -R < /host/restore-$n.txt; rc=$?; t1=$(uptime_cs)
+    echo "$rc $((t1 - t0))" > $out/restore
+    ip netns exec tp-restore-$n ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/restore-lines
+    ip netns add tp-agent-$n
+    ip netns exec tp-agent-$n sh /host/run.sh size $n
 done
 exit 0
 "#;
