@@ -158,6 +158,16 @@ fn fresh_client() -> Result<IpvsClient, String> {
             std::io::Error::last_os_error()
         ));
     }
+    // IPVS refuses real servers it has no route to: a dummy link holding 10.0.0.0/8.
+    let setup = "ip link set lo up && ip link add tp-pods type dummy && \
+                 ip addr add 10.255.255.254/8 dev tp-pods && ip link set tp-pods up";
+    let status = Process::new("sh")
+        .args(["-c", setup])
+        .status()
+        .map_err(|e| format!("{setup}: {e}"))?;
+    if !status.success() {
+        return Err(format!("{setup}: {status}"));
+    }
     let mut client = IpvsClient::connect().map_err(|e| format!("connect: {e}"))?;
     client.record_batches(true);
     Ok(client)

@@ -249,10 +249,18 @@ settle() { last=""; cur=$(snap); while [ "$cur" != "$last" ]; do last=$cur; slee
 # The counters, retried: under load a scrape can come back empty.
 grab() { for i in 1 2 3 4 5 6 7 8 9 10; do r=$(requests); [ -n "$r" ] && { echo "$r"; return; }; sleep 1; done; }
 synced() { metrics | grep -q '^topoproxy_syncs_total{result="success"} [1-9]'; }
-# `run.sh size N` runs the agent part for N Services; `ip netns exec` starts it in a fresh
-# network namespace (see the loop at the end).
+# `run.sh size N` runs the agent part for N Services and `run.sh restore N` the `ipvsadm -R`
+# part; `unshare -n` starts each in a fresh network namespace (see the loop at the end). The
+# dummy link gives the pod addresses a route: IPVS refuses real servers it cannot route.
 ip link set lo up
 ip link add tp-pods type dummy && ip addr add 10.255.255.254/8 dev tp-pods && ip link set tp-pods up
+if [ "$1" = restore ]; then
+    n=$2; out=/host/out/$n
+    t0=$(uptime_cs); ipvsadm -R < /host/restore-$n.txt; rc=$?; t1=$(uptime_cs)
+    echo "$rc $((t1 - t0))" > $out/restore
+    ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/restore-lines
+    exit 0
+fi
 if [ "$1" != size ] && [ -n "$BATCH_SIZES" ]; then
     TOPOPROXY_IPVS_BATCH_SIZES=$BATCH_SIZES $BATCH_BENCH > /host/out/batches.txt 2>&1
     echo "exit $?" >> /host/out/batches.txt
@@ -321,12 +329,8 @@ fi
 # so a run right after another one's clean-up would pay for that clean-up.
 for n in $SIZES; do
     out=/host/out/$n; mkdir -p $out
-    ip netns add tp-restore-$n
-    t0=$(uptime_cs); ip netns exec tp-restore-$n ipvsadm -R < /host/restore-$n.txt; rc=$?; t1=$(uptime_cs)
-    echo "$rc $((t1 - t0))" > $out/restore
-    ip netns exec tp-restore-$n ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/restore-lines
-    ip netns add tp-agent-$n
-    ip netns exec tp-agent-$n sh /host/run.sh size $n
+    unshare -n sh /host/run.sh restore $n
+    unshare -n sh /host/run.sh size $n
 done
 exit 0
 "#;
