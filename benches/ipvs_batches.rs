@@ -149,7 +149,9 @@ fn report(size: usize, mode: &str, took: Duration, batches: &[BatchTiming]) {
 }
 
 /// Moves this (single-threaded) process into a new network namespace and opens a client
-/// there: empty IPVS tables, an empty destination trash.
+/// there: empty IPVS tables, an empty destination trash. Drop the previous client first: its
+/// socket keeps its namespace (and that namespace's table, estimators and service-hash
+/// entries, shared by all namespaces) alive.
 fn fresh_client() -> Result<IpvsClient, String> {
     // SAFETY: unshare has no memory-safety preconditions; the bench runs one thread.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
@@ -201,6 +203,7 @@ fn bench_size(size: usize) -> Result<(), String> {
     let mut client = fresh_client()?;
     client.set_acknowledgements(Acknowledgements::Every);
     run_mode(&mut client, size, "diff-order/ack-every", &diff)?;
+    drop(client);
     run_mode(&mut fresh_client()?, size, "diff-order/ack-last", &diff)?;
     run_mode(
         &mut fresh_client()?,
@@ -217,6 +220,7 @@ fn bench_size(size: usize) -> Result<(), String> {
             &interleaved,
         )?;
     }
+    drop(client);
     let mut client = fresh_client()?;
     client.set_batch_limit(1);
     run_mode(&mut client, size, "ipvsadm-order/sequential", &interleaved)?;
@@ -241,6 +245,7 @@ fn bench_size(size: usize) -> Result<(), String> {
     );
 
     // ipvsadm -R in a namespace of its own too.
+    drop(client);
     drop(fresh_client()?);
     let lines = restore_lines(&interleaved);
     let started = Instant::now();
