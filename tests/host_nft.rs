@@ -301,6 +301,15 @@ fn state(
     }
 }
 
+/// What `Nft::read` gives back for `state`: its services (destinations are not recorded in
+/// nftables, only their derived hairpin elements).
+fn recorded(state: &NftState) -> NftState {
+    NftState {
+        services: state.services.clone(),
+        destinations: Default::default(),
+    }
+}
+
 fn small_state() -> NftState {
     let dns = key(Protocol::Udp, "10.96.0.10", 53);
     let dns6 = key(Protocol::Tcp, "fd00:96::a", 53);
@@ -342,10 +351,10 @@ fn replace_update_read_delete_round_trip() {
     let first = small_state();
     nft.replace(&settings, &first).expect("replace");
     assert!(nft.exists().expect("exists"));
-    assert_eq!(nft.read().expect("read"), Some(first.clone()));
+    assert_eq!(nft.read().expect("read"), Some(recorded(&first)));
     nft.replace(&settings, &first)
         .expect("replace is idempotent");
-    assert_eq!(nft.read().expect("read"), Some(first.clone()));
+    assert_eq!(nft.read().expect("read"), Some(recorded(&first)));
 
     // An endpoint change, a policy change, a new service and a removed one.
     let mut second = first.clone();
@@ -368,7 +377,7 @@ fn replace_update_read_delete_round_trip() {
     second.services.remove(&np);
     second.destinations.retain(|(key, _, _)| *key != np);
     nft.update(&first, &second).expect("update");
-    assert_eq!(nft.read().expect("read"), Some(second.clone()));
+    assert_eq!(nft.read().expect("read"), Some(recorded(&second)));
     nft.update(&second, &second).expect("a no-op update");
 
     // A stale `from` makes the transaction fail as a whole: nothing changes.
@@ -376,7 +385,7 @@ fn replace_update_read_delete_round_trip() {
         .update(&first, &NftState::default())
         .expect_err("stale from");
     assert!(matches!(error, NftError::Failed { .. }), "{error}");
-    assert_eq!(nft.read().expect("read"), Some(second.clone()));
+    assert_eq!(nft.read().expect("read"), Some(recorded(&second)));
 
     // Every settings variant loads, and settings never leak into the state.
     for settings in [
@@ -394,7 +403,7 @@ fn replace_update_read_delete_round_trip() {
         },
     ] {
         nft.replace(&settings, &second).expect("replace");
-        assert_eq!(nft.read().expect("read"), Some(second.clone()));
+        assert_eq!(nft.read().expect("read"), Some(recorded(&second)));
     }
 
     nft.delete().expect("delete");
@@ -473,9 +482,9 @@ fn random_states_round_trip_through_the_kernel() {
         .run(&(arb_state(), arb_state()), |(a, b)| {
             let mut nft = nft.clone();
             nft.replace(&NftSettings::default(), &a).expect("replace");
-            prop_assert_eq!(nft.read().expect("read"), Some(a.clone()));
+            prop_assert_eq!(nft.read().expect("read"), Some(recorded(&a)));
             nft.update(&a, &b).expect("update");
-            prop_assert_eq!(nft.read().expect("read"), Some(b));
+            prop_assert_eq!(nft.read().expect("read"), Some(recorded(&b)));
             Ok(())
         })
         .expect("round trips");

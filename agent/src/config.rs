@@ -17,6 +17,19 @@ use crate::dataplane::ipvs::IpvsSettings;
 use crate::model::LocalityPolicy;
 use crate::planner::PlanConfig;
 
+/// Least time between two syncs unless configured (kube-proxy's `--min-sync-period` default).
+pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
+/// How often the dataplane is read back unless configured (kube-proxy's `--sync-period`).
+pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
+/// How often `--source` is checked for changes unless configured.
+pub const DEFAULT_SOURCE_POLL_PERIOD: Duration = Duration::from_secs(1);
+/// kube-proxy's health port, on every address.
+pub const DEFAULT_HEALTHZ_BIND_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 10256);
+/// kube-proxy's metrics port, on loopback.
+pub const DEFAULT_METRICS_BIND_ADDRESS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 10249);
+
 /// Which dataplane programs the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -231,7 +244,7 @@ pub fn resolve(
     let sync_period = duration(
         "sync-period",
         flags.sync_period.or(file.sync_period),
-        Duration::from_secs(30),
+        DEFAULT_SYNC_PERIOD,
     )?;
     if sync_period.is_zero() {
         return Err(ConfigError::ZeroSyncPeriod);
@@ -254,17 +267,17 @@ pub fn resolve(
         min_sync_period: duration(
             "min-sync-period",
             flags.min_sync_period.or(file.min_sync_period),
-            Duration::from_secs(1),
+            DEFAULT_MIN_SYNC_PERIOD,
         )?,
         sync_period,
         healthz_bind_address: flags
             .healthz_bind_address
             .or(file.healthz_bind_address)
-            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 10256))),
+            .unwrap_or(DEFAULT_HEALTHZ_BIND_ADDRESS),
         metrics_bind_address: flags
             .metrics_bind_address
             .or(file.metrics_bind_address)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 10249))),
+            .unwrap_or(DEFAULT_METRICS_BIND_ADDRESS),
         plan: PlanConfig {
             scheduler: scheduler.trim().to_owned(),
             proxy_name: flags
@@ -279,7 +292,7 @@ pub fn resolve(
         source_poll_period: duration(
             "source-poll-period",
             flags.source_poll_period.or(file.source_poll_period),
-            Duration::from_secs(1),
+            DEFAULT_SOURCE_POLL_PERIOD,
         )?,
         log_format: flags
             .log_format

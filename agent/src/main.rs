@@ -75,11 +75,11 @@ enum Command {
         #[arg(long)]
         explain: bool,
         /// IPVS scheduler for every virtual server.
-        #[arg(long, default_value = "rr")]
+        #[arg(long, default_value = planner::DEFAULT_SCHEDULER)]
         ipvs_scheduler: String,
         /// Services labelled `service.kubernetes.io/service-proxy-name` with another value are
         /// left to that proxy.
-        #[arg(long, default_value = "topoproxy")]
+        #[arg(long, default_value = planner::DEFAULT_PROXY_NAME)]
         service_proxy_name: String,
         /// Locality policy of Services without a `topoproxy.io/topology` annotation.
         #[arg(long, value_enum, default_value_t = LocalityPolicy::KubeProxy)]
@@ -94,7 +94,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = KernelMode::Ipvs)]
         proxy_mode: KernelMode,
         /// eBPF mode: the bpffs directory the agent pins its maps in.
-        #[arg(long, default_value = "/sys/fs/bpf/topoproxy")]
+        #[arg(long, default_value = ebpf::DEFAULT_PIN_DIR)]
         bpf_pin_dir: PathBuf,
         /// Also list IPVS services topoproxy does not own.
         #[arg(long)]
@@ -135,7 +135,7 @@ enum Command {
         #[arg(long)]
         ipvs_exclude_cidrs: Option<String>,
         /// eBPF mode: the bpffs directory the agent pins its maps, programs and links in.
-        #[arg(long, default_value = "/sys/fs/bpf/topoproxy")]
+        #[arg(long, default_value = ebpf::DEFAULT_PIN_DIR)]
         bpf_pin_dir: PathBuf,
         /// kube-proxy's `--service-node-port-range`, for `--kube-proxy`.
         #[arg(long, default_value = "30000-32767")]

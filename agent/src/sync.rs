@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use crate::dataplane::{
-    programmed_table, Dataplane, DataplaneError, ProgrammedService, ProgrammedTable,
+    error_chain, programmed_table, Dataplane, DataplaneError, ProgrammedService, ProgrammedTable,
 };
 use crate::diff::{apply_to, diff, Op, OpBatch};
 use crate::healthcheck::{self, HealthCheckServers};
@@ -348,11 +348,12 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 
     fn fail(&mut self, started: Instant, error: &DataplaneError) {
+        let error = error_chain(error);
         tracing::error!(%error, "sync failed; the dataplane keeps its last state, retrying");
         self.state.metrics.dataplane_error();
         self.state
             .health
-            .record_sync_failure(SystemTime::now(), error.to_string());
+            .record_sync_failure(SystemTime::now(), error);
         self.state.metrics.observe_sync(started.elapsed(), false);
         // We no longer know exactly what the dataplane holds.
         self.resync = true;

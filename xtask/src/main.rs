@@ -177,6 +177,13 @@ enum Task {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 1024)]
         memory: u32,
+        /// Also run the per-batch netlink bench (benches/ipvs_batches.rs) for these Service
+        /// counts first, in the same boot.
+        #[arg(long, value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Only the per-batch bench: skip `ipvsadm -R` and the agent runs.
+        #[arg(long, requires = "batches")]
+        only_batches: bool,
     },
     /// A cargo target runner: runs BINARY ARGS... in the VM and exits with its status.
     VmRunner {
@@ -277,11 +284,14 @@ fn main() -> Result<()> {
             services,
             timeout,
             memory,
+            batches,
+            only_batches,
         } => vmbench::vm_bench(&vmbench::BenchPlan {
             kernels,
-            services,
+            services: if only_batches { Vec::new() } else { services },
             timeout: Duration::from_secs(timeout),
             memory_mib: memory,
+            batches,
         }),
         Task::VmRunner {
             kernel,

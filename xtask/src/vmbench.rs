@@ -10,7 +10,14 @@
 //! 3. one endpoint change (one address of `svc-0` replaced): the time until IPVS shows it
 //!    (`ipvsadm -Ln -t` of that one service) and the netlink requests it cost:
 //!    `topoproxy_dataplane_kernel_requests_total{dataplane="ipvs",kind=...}` read before and
-//!    after, each time once the counters have held still for two seconds.
+//!    after, each time once the counters have held still for two seconds;
+//! 4. restarts without clean-up: the agent killed and started again over the correct table
+//!    (its first sync must change nothing), then again after 10 % of the destinations were
+//!    deleted behind its back (`ipvsadm -d`); start → first sync and the changes it made.
+//!
+//! With `--batches N,...` the per-batch netlink bench (`benches/ipvs_batches.rs`: the same
+//! table sent through the IPVS client in several modes, and `ipvsadm -R`) runs first in the
+//! same boot; its lines are printed as they are.
 //!
 //! The cluster (generated here, no hints, 3 zones × 2 nodes, N Services × 10 Ready endpoints,
 //! so every endpoint is in the plan: N × 10 real servers) is written as YAML; `svc-0` lives in
@@ -44,6 +51,8 @@ pub struct BenchPlan {
     pub services: Vec<usize>,
     pub timeout: Duration,
     pub memory_mib: u32,
+    /// Service counts for the per-batch bench (none: not run).
+    pub batches: Vec<usize>,
 }
 
 fn cluster_ip(index: usize) -> String {
@@ -177,6 +186,35 @@ pub fn listing_to_restore(listing: &str) -> String {
     out
 }
 
+/// `cargo build --release` of the per-batch bench; returns its executable.
+fn build_batch_bench() -> Result<PathBuf> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "topoproxy",
+            "--bench",
+            "ipvs_batches",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(crate::workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build --release --bench ipvs_batches")?;
+    ensure!(
+        out.status.success(),
+        "building the ipvs_batches bench failed: {}",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["target"]["name"] == "ipvs_batches")
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .context("cargo build did not report the ipvs_batches executable")
+}
+
 fn build_agent() -> Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
         .args([
@@ -211,14 +249,40 @@ settle() { last=""; cur=$(snap); while [ "$cur" != "$last" ]; do last=$cur; slee
 # The counters, retried: under load a scrape can come back empty.
 grab() { for i in 1 2 3 4 5 6 7 8 9 10; do r=$(requests); [ -n "$r" ] && { echo "$r"; return; }; sleep 1; done; }
 synced() { metrics | grep -q '^topoproxy_syncs_total{result="success"} [1-9]'; }
+# `run.sh size N` runs the agent part for N Services and `run.sh restore N` the `ipvsadm -R`
+# part; `unshare -n` starts each in a fresh network namespace (see the loop at the end). The
+# dummy link gives the pod addresses a route: IPVS refuses real servers it cannot route.
+ip link set lo up
 ip link add tp-pods type dummy && ip addr add 10.255.255.254/8 dev tp-pods && ip link set tp-pods up
-for n in $SIZES; do
-    out=/host/out/$n; mkdir -p $out
-    ipvsadm -C
+if [ "$1" = restore ]; then
+    n=$2; out=/host/out/$n
     t0=$(uptime_cs); ipvsadm -R < /host/restore-$n.txt; rc=$?; t1=$(uptime_cs)
     echo "$rc $((t1 - t0))" > $out/restore
     ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/restore-lines
-    ipvsadm -C
+    exit 0
+fi
+if [ "$1" != size ] && [ -n "$BATCH_SIZES" ]; then
+    TOPOPROXY_IPVS_BATCH_SIZES=$BATCH_SIZES $BATCH_BENCH > /host/out/batches.txt 2>&1
+    echo "exit $?" >> /host/out/batches.txt
+fi
+# Starts the agent over whatever IPVS holds and waits for its first successful sync; writes
+# the seconds it took to $out/$1 (or why not to $out/$1-failed), the log to $out/$1.log.
+start_agent() {
+    t0=$(uptime_cs)
+    $AGENT run --proxy-mode ipvs --source /tmp/cluster --hostname-override node-a-0 \
+        --metrics-bind-address 127.0.0.1:10249 --healthz-bind-address 127.0.0.1:10256 \
+        --min-sync-period 0 --source-poll-period 5s --sync-period 1h > $out/$1.log 2>&1 &
+    pid=$!
+    while ! synced; do
+        kill -0 $pid 2>/dev/null || { echo "agent exited" > $out/$1-failed; break; }
+        [ $(( $(uptime_cs) - t0 )) -gt $((LIMIT * 100)) ] && { echo "no sync in time" > $out/$1-failed; break; }
+        sleep 0.1
+    done
+    t1=$(uptime_cs)
+    [ -f $out/$1-failed ] || echo $((t1 - t0)) > $out/$1
+}
+if [ "$1" = size ]; then
+    n=$2; out=/host/out/$n
     rm -rf /tmp/cluster; cp -r /host/cluster-$n /tmp/cluster
     t0=$(uptime_cs)
     $AGENT run --proxy-mode ipvs --source /tmp/cluster --hostname-override node-a-0 \
@@ -246,10 +310,27 @@ for n in $SIZES; do
         echo $(( $(uptime_cs) - t0 )) > $out/change
         settle
         grab > $out/requests-after
+        # Restart over the correct table: the first sync must change nothing.
+        kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+        start_agent restart
+        kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+        # Restart over a table missing 10 % of its destinations (every tenth one).
+        ipvsadm -Sn | awk '/^-a/ { if (++i % 10 == 0) { sub(/^-a/, "-d"); sub(/ -m.*$/, ""); print } }' > /tmp/missing.txt
+        ipvsadm -R < /tmp/missing.txt
+        echo $(wc -l < /tmp/missing.txt) > $out/missing-count
+        start_agent restart-missing
     fi
     kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
     $AGENT cleanup > $out/cleanup.log 2>&1
-    ipvsadm -C
+    exit 0
+fi
+# Every measurement in a network namespace of its own: IPVS keeps deleted destinations in a
+# per-namespace trash for 2-3 minutes and every destination added meanwhile walks all of it,
+# so a run right after another one's clean-up would pay for that clean-up.
+for n in $SIZES; do
+    out=/host/out/$n; mkdir -p $out
+    unshare -n sh /host/run.sh restore $n
+    unshare -n sh /host/run.sh size $n
 done
 exit 0
 "#;
@@ -258,6 +339,11 @@ exit 0
 pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
     vm::require_tool(vm::QEMU)?;
     let agent = build_agent()?;
+    let batch_bench = if plan.batches.is_empty() {
+        None
+    } else {
+        Some(build_batch_bench()?)
+    };
     for label in &plan.kernels {
         let share = vm::vm_dir().join(format!("share-bench-{label}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&share);
@@ -288,11 +374,17 @@ pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
             std::fs::write(share.join(format!("restore-{n}.txt")), restore)?;
         }
         let sizes: Vec<String> = plan.services.iter().map(usize::to_string).collect();
+        let batch_sizes: Vec<String> = plan.batches.iter().map(usize::to_string).collect();
+        let guest_bench = match &batch_bench {
+            Some(path) => vm::stage_binary(&share, path)?,
+            None => String::new(),
+        };
         let script = format!(
             "#!/bin/sh\nexport LD_LIBRARY_PATH=/host/lib\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n\
-             SIZES='{}'\nAGENT={guest_agent}\nLIMIT={}\n{GUEST_SCRIPT}",
+             SIZES='{}'\nAGENT={guest_agent}\nLIMIT={}\nBATCH_SIZES='{}'\nBATCH_BENCH={guest_bench}\n{GUEST_SCRIPT}",
             sizes.join(" "),
-            plan.timeout.as_secs() / (2 * plan.services.len().max(1)) as u64
+            plan.timeout.as_secs() / (2 * plan.services.len().max(1)) as u64,
+            batch_sizes.join(",")
         );
         std::fs::write(share.join("run.sh"), script)?;
         let options = vm::VmOptions {
@@ -302,6 +394,11 @@ pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
         let outcome = vm::run_in_vm_with(label, &share, plan.timeout, &options);
         if let Err(e) = &outcome {
             println!("vm-bench {label}: the VM failed: {e:#}");
+        }
+        if let Ok(text) = std::fs::read_to_string(share.join("out/batches.txt")) {
+            for line in text.lines() {
+                println!("vm-bench {label} {line}");
+            }
         }
         report(label, &share, &plan.services);
         if outcome.is_ok() {
@@ -369,7 +466,7 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
         // loading the YAML (which software emulation makes slow): its first sync's duration.
         let programming = read(n, "agent.log").and_then(|log| initial_sync_seconds(&log));
         if let Some(log) = read(n, "agent.log") {
-            for line in log.lines().filter(|l| l.contains("slow IPVS apply")) {
+            for line in log.lines().filter(|l| l.contains("slow IPVS ")) {
                 println!("vm-bench {label} services={n} agent log: {}", line.trim());
             }
         }
@@ -396,6 +493,44 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
         {
             println!("vm-bench {label} services={n} one_endpoint_change: FAILED (no request counters scraped from /metrics)");
             continue;
+        }
+        for (name, what) in [
+            ("restart", "restart over the correct table"),
+            (
+                "restart-missing",
+                "restart over a table missing destinations",
+            ),
+        ] {
+            let log = read(n, &format!("{name}.log")).unwrap_or_default();
+            let changes = log
+                .lines()
+                .find(|l| l.contains("initial sync done"))
+                .and_then(|l| l.split("changes=").nth(1))
+                .and_then(|v| v.split_whitespace().next())
+                .unwrap_or("?")
+                .to_owned();
+            let missing = if name == "restart-missing" {
+                format!(
+                    " ({} destinations deleted first)",
+                    read(n, "missing-count").unwrap_or_else(|| "?".into())
+                )
+            } else {
+                String::new()
+            };
+            match read(n, &format!("{name}-failed")) {
+                Some(why) => println!("vm-bench {label} services={n} {what}: FAILED ({why})"),
+                None => println!(
+                    "vm-bench {label} services={n} {what}{missing}: first sync after {} s, {changes} changes, programming {} s",
+                    seconds(read(n, name)).map_or("?".into(), |s| format!("{s:.2}")),
+                    initial_sync_seconds(&log).map_or("?".into(), |s| format!("{s:.2}"))
+                ),
+            }
+            for line in log.lines().filter(|l| l.contains("slow IPVS ")) {
+                println!(
+                    "vm-bench {label} services={n} {name} agent log: {}",
+                    line.trim()
+                );
+            }
         }
         let before = parse(read(n, "requests-before"));
         let after = parse(read(n, "requests-after"));

@@ -23,10 +23,11 @@ use crate::table::VsKey;
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     /// Reading the dataplane's state failed.
-    #[error("reading the {dataplane} dataplane failed: {message}")]
+    #[error("reading the {dataplane} dataplane failed")]
     Read {
         dataplane: &'static str,
-        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
     /// Some changes were not applied; the others were.
     #[error("{} of the changes to the {dataplane} dataplane failed; first: {}", failed.len(), first_failure(failed))]
@@ -37,6 +38,17 @@ pub enum DataplaneError {
 }
 
 impl DataplaneError {
+    /// The read error of `dataplane`, keeping `source` as its cause.
+    pub fn read(
+        dataplane: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self::Read {
+            dataplane,
+            source: source.into(),
+        }
+    }
+
     /// The apply error for `failures`: (index into `ops`, reason) pairs, in op order.
     pub fn apply_failures(
         dataplane: &'static str,

@@ -36,6 +36,12 @@ use spill::{backend_weights, spill, TierHealth, TierLoad};
 pub use topology::TopologyReason;
 use topology::{cluster_tiers, decide_mode, local_tiers, IndexTiers};
 
+/// The IPVS scheduler when none is configured (kube-proxy's default too).
+pub const DEFAULT_SCHEDULER: &str = "rr";
+
+/// This proxy's `service.kubernetes.io/service-proxy-name` when none is configured.
+pub const DEFAULT_PROXY_NAME: &str = "topoproxy";
+
 /// Knobs the planner takes from the agent's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanConfig {
@@ -50,8 +56,8 @@ pub struct PlanConfig {
 impl Default for PlanConfig {
     fn default() -> Self {
         Self {
-            scheduler: "rr".to_owned(),
-            proxy_name: "topoproxy".to_owned(),
+            scheduler: DEFAULT_SCHEDULER.to_owned(),
+            proxy_name: DEFAULT_PROXY_NAME.to_owned(),
             default_locality: LocalityPolicy::KubeProxy,
         }
     }

@@ -51,6 +51,9 @@ use super::{
 
 const NAME: &str = "ebpf";
 
+/// Where the eBPF dataplane pins its objects unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/topoproxy";
+
 /// Where the eBPF dataplane pins its objects and which cgroup it attaches to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EbpfSettings {
@@ -64,7 +67,7 @@ pub struct EbpfSettings {
 impl Default for EbpfSettings {
     fn default() -> Self {
         Self {
-            pin_dir: PathBuf::from("/sys/fs/bpf/topoproxy"),
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             cgroup_path: None,
         }
     }
@@ -275,10 +278,9 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn read(&mut self) -> impl Future<Output = Result<ProgrammedTable, DataplaneError>> + Send {
-        let result = self.table().map_err(|error| DataplaneError::Read {
-            dataplane: NAME,
-            message: error_chain(&error),
-        });
+        let result = self
+            .table()
+            .map_err(|error| DataplaneError::read(NAME, error));
         async move { result }
     }
 

@@ -22,15 +22,16 @@ use crate::dataplane::{
     error_chain, Dataplane, DataplaneError, DestinationState, FailedOp, ProgrammedService,
     ProgrammedTable, ServiceConfig,
 };
-use crate::diff::Op;
-use crate::table::{Frontend, VsKey};
+use crate::diff::{apply_to, Op};
+use crate::table::VsKey;
 
+use super::commands::{
+    self, binds_address, is_not_found, service_id, AfterSuccess, OpCommand, Retry,
+};
 use super::conntrack::{self, BackendFlow};
 use super::drain::{self, DrainKey, DrainVerdict, Draining};
 use super::link::{DummyLink, LinkError, DUMMY_LINK};
-use super::netlink::{
-    Command, Forward, IpvsClient, IpvsDestination, IpvsError, IpvsService, MessageCounts, ServiceId,
-};
+use super::netlink::{Command, IpvsClient, IpvsError, MessageCounts};
 use super::nft::{Nft, NftError, NftSettings, NftState};
 use super::sysctl::{self, SysctlError, Sysctls};
 
@@ -41,6 +42,9 @@ const ADDRESS_REQUESTS_IN_FLIGHT: usize = 64;
 
 /// How often, at most, draining destinations are checked for remaining connections.
 const DRAIN_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a removed TCP destination keeps its connections unless configured.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// The IPVS dataplane's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +68,7 @@ impl Default for IpvsSettings {
             exclude_cidrs: Vec::new(),
             nft: NftSettings::default(),
             strict_arp: false,
-            drain_timeout: Duration::from_secs(900),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
@@ -84,38 +88,6 @@ pub enum IpvsSetupError {
     },
     #[error("preparing the nftables table")]
     Nft(#[from] NftError),
-}
-
-/// Whether a service's address is bound on the dummy link (NodePorts use node addresses).
-fn binds_address(frontend: Frontend) -> bool {
-    !matches!(frontend, Frontend::NodePort)
-}
-
-fn service_id(key: &VsKey) -> ServiceId {
-    ServiceId {
-        protocol: key.protocol,
-        address: key.address,
-        port: key.port,
-    }
-}
-
-fn ipvs_service(key: &VsKey, config: &ServiceConfig) -> IpvsService {
-    IpvsService {
-        id: service_id(key),
-        scheduler: config.scheduler.clone(),
-        persistence_timeout: config.persistence_timeout,
-    }
-}
-
-fn masq_destination(address: IpAddr, port: u16, weight: u32) -> IpvsDestination {
-    IpvsDestination {
-        address,
-        port,
-        weight,
-        forward: Forward::Masq,
-        active_connections: 0,
-        inactive_connections: 0,
-    }
 }
 
 /// The IPVS dataplane.
@@ -171,48 +143,39 @@ impl IpvsDataplane {
             .any(|cidr| cidr.contains(address))
     }
 
-    fn read_error(message: impl std::fmt::Display) -> DataplaneError {
-        DataplaneError::Read {
-            dataplane: NAME,
-            message: message.to_string(),
-        }
+    fn read_error(
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> DataplaneError {
+        DataplaneError::read(NAME, source)
     }
 
     /// Reads the owned part of the kernel's table, re-creating the nft table when it is missing
-    /// and rewriting its rules once per process (settings may have changed).
+    /// and rewriting it once per process (settings may have changed), with the hairpin
+    /// elements of the destinations IPVS holds.
     async fn read_owned(&mut self) -> Result<ProgrammedTable, DataplaneError> {
+        let mut phases = PhaseTimer::new();
+        let rewrite = !self.rules_current;
         if self.rules_current {
             // Listing a table of 10,000 services costs seconds: while every nft write since
             // the last full read succeeded, our copy is the table, so only check it is there.
-            let exists = self
-                .nft
-                .exists()
-                .map_err(|e| Self::read_error(error_chain(&e)))?;
+            let exists = self.nft.exists().map_err(Self::read_error)?;
             if !exists {
                 tracing::warn!("the nftables table inet topoproxy vanished; re-creating it");
                 self.nft
                     .replace(&self.settings.nft, &self.owned)
-                    .map_err(|e| Self::read_error(error_chain(&e)))?;
+                    .map_err(Self::read_error)?;
             }
         } else {
-            let recorded = self
-                .nft
-                .read()
-                .map_err(|e| Self::read_error(error_chain(&e)))?;
-            let owned = recorded.unwrap_or_default();
-            // Rewrites the rules too: they may come from an older version or other settings.
-            self.nft
-                .replace(&self.settings.nft, &owned)
-                .map_err(|e| Self::read_error(error_chain(&e)))?;
-            self.rules_current = true;
-            self.owned = owned;
+            let recorded = self.nft.read().map_err(Self::read_error)?;
+            self.owned = recorded.unwrap_or_default();
+            // The destinations come from the IPVS dump below; the table is rewritten after it.
+            self.owned.destinations.clear();
         }
 
+        phases.lap("nft");
         let mut table = ProgrammedTable::new();
-        let services = self
-            .ipvs
-            .services()
-            .map_err(|e| Self::read_error(error_chain(&e)))?;
+        let services = self.ipvs.services().map_err(Self::read_error)?;
+        phases.lap("ipvs_services");
         for service in services {
             let key = VsKey::new(service.id.protocol, service.id.address, service.id.port);
             let Some(&(frontend, traffic_policy)) = self.owned.services.get(&key) else {
@@ -224,7 +187,12 @@ impl IpvsDataplane {
             let destinations = self
                 .ipvs
                 .destinations(&service.id)
-                .map_err(|e| Self::read_error(error_chain(&e)))?;
+                .map_err(Self::read_error)?;
+            if rewrite {
+                self.owned
+                    .destinations
+                    .extend(destinations.iter().map(|d| (key, d.address, d.port)));
+            }
             let destinations = destinations
                 .into_iter()
                 .filter(|d| {
@@ -253,15 +221,24 @@ impl IpvsDataplane {
             table.insert(*key, service.clone());
         }
 
+        phases.lap("ipvs_destinations");
+        if rewrite {
+            // Rewrites the rules too: they may come from an older version or other settings.
+            self.nft
+                .replace(&self.settings.nft, &self.owned)
+                .map_err(Self::read_error)?;
+            self.rules_current = true;
+            phases.lap("nft_replace");
+        }
         self.address_users.clear();
         for (key, (frontend, _)) in &self.owned.services {
             if binds_address(*frontend) && table.contains_key(key) {
                 *self.address_users.entry(key.address).or_default() += 1;
             }
         }
-        self.repair_addresses()
-            .await
-            .map_err(|e| Self::read_error(error_chain(&e)))?;
+        self.repair_addresses().await.map_err(Self::read_error)?;
+        phases.lap("addresses");
+        phases.report("read", table.len());
         Ok(table)
     }
 
@@ -381,145 +358,75 @@ impl IpvsDataplane {
     }
 }
 
-/// One IPVS request planned for an op, with what to do when it succeeds.
+/// One IPVS request planned for an op.
 struct Planned {
     op: usize,
-    command: Command,
-    after: AfterSuccess,
+    command: OpCommand,
 }
 
-enum AfterSuccess {
-    Nothing,
-    /// A UDP/SCTP destination went: flush its conntrack entries.
-    FlushConntrack {
-        service: VsKey,
-        address: IpAddr,
-        port: u16,
-    },
-}
-
-impl Dataplane for IpvsDataplane {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
-        for problem in self.check_drains(true) {
-            tracing::warn!("{problem}");
-        }
-        self.read_owned().await
-    }
-
-    async fn apply(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
-        let mut failed: BTreeMap<usize, String> = BTreeMap::new();
-        let now = Instant::now();
-
-        // Ops on excluded addresses are recorded, never programmed.
+impl IpvsDataplane {
+    /// Phase 0: ops on excluded addresses are recorded as asked, never programmed. Returns the
+    /// indices of the others.
+    fn set_aside_excluded(&mut self, ops: &[Op]) -> Vec<usize> {
         let mut live = Vec::with_capacity(ops.len());
+        let mut excluded = Vec::new();
         for (index, op) in ops.iter().enumerate() {
-            let key = op.service();
-            if !self.is_excluded(key.address) {
+            if !self.is_excluded(op.service().address) {
                 live.push(index);
                 continue;
             }
-            match op {
-                Op::AddService { config, .. } => {
-                    tracing::warn!(
-                        service = %format_key(&key),
-                        "inside --ipvs-exclude-cidrs: not programmed"
-                    );
-                    self.excluded.insert(
-                        key,
-                        ProgrammedService {
-                            config: config.clone(),
-                            destinations: BTreeMap::new(),
-                        },
-                    );
-                }
-                Op::EditService { config, .. } => {
-                    if let Some(service) = self.excluded.get_mut(&key) {
-                        service.config = config.clone();
-                    }
-                }
-                Op::AddDestination { destination, .. }
-                | Op::EditDestination { destination, .. } => {
-                    if let Some(service) = self.excluded.get_mut(&key) {
-                        service
-                            .destinations
-                            .insert((destination.address, destination.port), destination.state());
-                    }
-                }
-                Op::DeleteDestination { destination, .. } => {
-                    if let Some(service) = self.excluded.get_mut(&key) {
-                        service
-                            .destinations
-                            .remove(&(destination.address, destination.port));
-                    }
-                }
-                Op::DeleteService { .. } => {
-                    self.excluded.remove(&key);
-                }
+            if let Op::AddService { key, .. } = op {
+                tracing::warn!(
+                    service = %format_key(key),
+                    "inside --ipvs-exclude-cidrs: not programmed"
+                );
             }
+            excluded.push(op.clone());
         }
+        // Ops that make no sense here (a destination of a service never asked for) are dropped.
+        let _ = apply_to(&mut self.excluded, &excluded);
+        live
+    }
 
-        let mut phases = PhaseTimer::new();
-        // 1. Record ownership (and hairpin destinations) before creating anything.
-        let mut recorded = NftState::default();
-        for &index in &live {
-            match &ops[index] {
-                Op::AddService { key, config } | Op::EditService { key, config } => {
-                    // A changed role replaces the old record in the same nft transaction.
-                    recorded
-                        .services
-                        .insert(*key, (config.frontend, config.traffic_policy));
-                }
-                Op::AddDestination {
-                    service,
-                    destination,
-                } => {
-                    recorded
-                        .destinations
-                        .insert((*service, destination.address, destination.port));
-                }
-                Op::EditDestination { .. }
-                | Op::DeleteDestination { .. }
-                | Op::DeleteService { .. } => {}
-            }
+    /// Phase 1: records ownership (and hairpin destinations) before anything is created. On
+    /// failure nothing may be created (a restart would not know it), so every op fails.
+    fn record_ownership(&mut self, ops: &[Op], live: &[usize]) -> Result<(), DataplaneError> {
+        let recorded = commands::records_to_add(ops, live, &self.owned);
+        if recorded.services.is_empty() && recorded.destinations.is_empty() {
+            return Ok(());
         }
-        recorded
-            .services
-            .retain(|key, role| self.owned.services.get(key) != Some(role));
-        recorded
-            .destinations
-            .retain(|d| !self.owned.destinations.contains(d));
-        if !recorded.services.is_empty() || !recorded.destinations.is_empty() {
-            // Full before/after states: derived elements (VIPs, hairpin) shared by several
-            // services are then kept or dropped correctly by the nft module.
-            let mut next = self.owned.clone();
-            next.services.extend(recorded.services);
-            next.destinations.extend(recorded.destinations);
-            if let Err(error) = self.nft.update(&self.owned, &next) {
-                // Without the record nothing may be created: a restart would not know it.
-                let reason = format!("recording ownership in nftables: {}", error_chain(&error));
-                self.rules_current = false;
-                return Err(DataplaneError::Apply {
-                    dataplane: NAME,
-                    failed: ops
-                        .iter()
-                        .map(|op| FailedOp {
-                            op: op.clone(),
-                            reason: reason.clone(),
-                        })
-                        .collect(),
-                });
-            }
-            self.owned = next;
+        // Full before/after states: derived elements (VIPs, hairpin) shared by several
+        // services are then kept or dropped correctly by the nft module.
+        let mut next = self.owned.clone();
+        next.services.extend(recorded.services);
+        next.destinations.extend(recorded.destinations);
+        if let Err(error) = self.nft.update(&self.owned, &next) {
+            let reason = format!("recording ownership in nftables: {}", error_chain(&error));
+            self.rules_current = false;
+            return Err(DataplaneError::Apply {
+                dataplane: NAME,
+                failed: ops
+                    .iter()
+                    .map(|op| FailedOp {
+                        op: op.clone(),
+                        reason: reason.clone(),
+                    })
+                    .collect(),
+            });
         }
+        self.owned = next;
+        Ok(())
+    }
 
-        phases.lap("nft_record");
-        // 2. Bind the addresses new services need.
+    /// Phase 2: binds the addresses new services need (first user of an address only).
+    async fn bind_new_addresses(
+        &mut self,
+        ops: &[Op],
+        live: &[usize],
+        failed: &mut BTreeMap<usize, String>,
+    ) {
         let mut new_addresses = Vec::new();
-        for &index in &live {
+        for &index in live {
             if let Op::AddService { key, config } = &ops[index] {
                 if binds_address(config.frontend) {
                     let users = self.address_users.entry(key.address).or_default();
@@ -530,139 +437,63 @@ impl Dataplane for IpvsDataplane {
                 }
             }
         }
-        if !new_addresses.is_empty() {
-            match self.link.addresses_elsewhere().await {
-                Ok(elsewhere) => {
-                    let link = &self.link;
-                    // Requests in flight together: a cold sync binds thousands of VIPs.
-                    let results: Vec<(usize, IpAddr, Result<(), LinkError>)> =
-                        futures::stream::iter(
-                            new_addresses
-                                .into_iter()
-                                .filter(|(_, address)| !elsewhere.contains(address)),
-                        )
-                        .map(|(index, address)| async move {
-                            (index, address, link.add_address(address).await)
-                        })
-                        .buffer_unordered(ADDRESS_REQUESTS_IN_FLIGHT)
-                        .collect()
-                        .await;
-                    for (index, address, result) in results {
-                        if let Err(error) = result {
-                            failed.insert(
-                                index,
-                                format!(
-                                    "binding {address} on {}: {}",
-                                    self.settings.link_name,
-                                    error_chain(&error)
-                                ),
-                            );
-                        }
-                    }
-                }
-                Err(error) => {
-                    for (index, _) in new_addresses {
-                        failed.insert(
-                            index,
-                            format!("listing node addresses: {}", error_chain(&error)),
-                        );
-                    }
-                }
-            }
+        if new_addresses.is_empty() {
+            return;
         }
-
-        phases.lap("bind_addresses");
-        // 3. The IPVS requests, pipelined.
-        let mut planned = Vec::with_capacity(live.len());
-        for &index in &live {
-            if failed.contains_key(&index) {
-                continue;
-            }
-            let (command, after) = match &ops[index] {
-                Op::AddService { key, config } => (
-                    Command::NewService(ipvs_service(key, config)),
-                    AfterSuccess::Nothing,
-                ),
-                Op::EditService { key, config } => (
-                    Command::SetService(ipvs_service(key, config)),
-                    AfterSuccess::Nothing,
-                ),
-                Op::AddDestination {
-                    service,
-                    destination,
-                } => {
-                    let dest =
-                        masq_destination(destination.address, destination.port, destination.weight);
-                    let returning = self.draining.cancel(&DrainKey {
-                        service: *service,
-                        address: destination.address,
-                        port: destination.port,
-                    });
-                    let command = if returning {
-                        Command::SetDestination(service_id(service), dest)
-                    } else {
-                        Command::NewDestination(service_id(service), dest)
-                    };
-                    (command, AfterSuccess::Nothing)
+        let elsewhere = match self.link.addresses_elsewhere().await {
+            Ok(elsewhere) => elsewhere,
+            Err(error) => {
+                let reason = format!("listing node addresses: {}", error_chain(&error));
+                for (index, _) in new_addresses {
+                    failed.insert(index, reason.clone());
                 }
-                Op::EditDestination {
-                    service,
-                    destination,
-                } => (
-                    Command::SetDestination(
-                        service_id(service),
-                        masq_destination(destination.address, destination.port, destination.weight),
+                return;
+            }
+        };
+        let link = &self.link;
+        // Requests in flight together: a cold sync binds thousands of VIPs.
+        let results: Vec<(usize, IpAddr, Result<(), LinkError>)> = futures::stream::iter(
+            new_addresses
+                .into_iter()
+                .filter(|(_, address)| !elsewhere.contains(address)),
+        )
+        .map(|(index, address)| async move { (index, address, link.add_address(address).await) })
+        .buffer_unordered(ADDRESS_REQUESTS_IN_FLIGHT)
+        .collect()
+        .await;
+        for (index, address, result) in results {
+            if let Err(error) = result {
+                failed.insert(
+                    index,
+                    format!(
+                        "binding {address} on {}: {}",
+                        self.settings.link_name,
+                        error_chain(&error)
                     ),
-                    AfterSuccess::Nothing,
-                ),
-                Op::DeleteDestination {
-                    service,
-                    destination,
-                } => {
-                    if drain::drains(service.protocol) {
-                        self.draining.start(
-                            DrainKey {
-                                service: *service,
-                                address: destination.address,
-                                port: destination.port,
-                            },
-                            now,
-                        );
-                        (
-                            Command::SetDestination(
-                                service_id(service),
-                                masq_destination(destination.address, destination.port, 0),
-                            ),
-                            AfterSuccess::Nothing,
-                        )
-                    } else {
-                        (
-                            Command::DelDestination(
-                                service_id(service),
-                                destination.address,
-                                destination.port,
-                            ),
-                            AfterSuccess::FlushConntrack {
-                                service: *service,
-                                address: destination.address,
-                                port: destination.port,
-                            },
-                        )
-                    }
-                }
-                Op::DeleteService { key } => {
-                    self.draining.forget_service(key);
-                    (Command::DelService(service_id(key)), AfterSuccess::Nothing)
-                }
-            };
-            planned.push(Planned {
-                op: index,
-                command,
-                after,
-            });
+                );
+            }
         }
-        let commands: Vec<Command> = planned.iter().map(|p| p.command.clone()).collect();
-        let results = self.ipvs.execute(&commands);
+    }
+
+    /// Phase 3: the IPVS requests, pipelined, then the refused ones retried in their other
+    /// form. Returns the requests that took effect.
+    fn program_ipvs(
+        &mut self,
+        ops: &[Op],
+        live: &[usize],
+        failed: &mut BTreeMap<usize, String>,
+        now: Instant,
+    ) -> Vec<Planned> {
+        let planned: Vec<Planned> = commands::kernel_order(ops, live)
+            .into_iter()
+            .filter(|index| !failed.contains_key(index))
+            .map(|index| Planned {
+                op: index,
+                command: commands::commands_for(&ops[index], &mut self.draining, now),
+            })
+            .collect();
+        let requests: Vec<Command> = planned.iter().map(|p| p.command.command.clone()).collect();
+        let results = self.ipvs.execute(&requests);
         let mut retries = Vec::new();
         let mut succeeded = Vec::with_capacity(planned.len());
         for (planned, result) in planned.into_iter().zip(results) {
@@ -671,7 +502,7 @@ impl Dataplane for IpvsDataplane {
                 continue;
             };
             let removing = matches!(ops[planned.op], Op::DeleteDestination { .. });
-            match retry_for(&planned.command, &error, removing) {
+            match commands::retry_for(&planned.command.command, &error, removing) {
                 Retry::Done => succeeded.push(planned),
                 Retry::With(command) => retries.push((planned, command)),
                 Retry::Fail => {
@@ -680,8 +511,8 @@ impl Dataplane for IpvsDataplane {
             }
         }
         if !retries.is_empty() {
-            let commands: Vec<Command> = retries.iter().map(|(_, c)| c.clone()).collect();
-            for ((planned, _), result) in retries.into_iter().zip(self.ipvs.execute(&commands)) {
+            let requests: Vec<Command> = retries.iter().map(|(_, c)| c.clone()).collect();
+            for ((planned, _), result) in retries.into_iter().zip(self.ipvs.execute(&requests)) {
                 match result {
                     Ok(()) => succeeded.push(planned),
                     Err(error) => {
@@ -690,12 +521,15 @@ impl Dataplane for IpvsDataplane {
                 }
             }
         }
+        succeeded
+    }
 
-        phases.lap("ipvs");
-        // 4. Conntrack clean-up for destinations deleted at once (one table dump per family).
+    /// Phase 4: conntrack clean-up for destinations deleted at once (one table dump per
+    /// family).
+    fn flush_conntrack(succeeded: &[Planned], failed: &mut BTreeMap<usize, String>) {
         let flushes: Vec<(usize, BackendFlow)> = succeeded
             .iter()
-            .filter_map(|planned| match planned.after {
+            .filter_map(|planned| match planned.command.after {
                 AfterSuccess::FlushConntrack {
                     service,
                     address,
@@ -711,58 +545,45 @@ impl Dataplane for IpvsDataplane {
                 AfterSuccess::Nothing => None,
             })
             .collect();
-        if !flushes.is_empty() {
-            let flows: Vec<BackendFlow> = flushes.iter().map(|(_, flow)| *flow).collect();
-            match conntrack::flush(&flows) {
-                Ok(flushed) => tracing::debug!(
-                    backends = flows.len(),
-                    flushed,
-                    "flushed conntrack entries of removed UDP/SCTP backends"
-                ),
-                Err(error) => {
-                    let reason = format!("flushing conntrack entries: {}", error_chain(&error));
-                    for (index, _) in flushes {
-                        failed.insert(index, reason.clone());
-                    }
+        if flushes.is_empty() {
+            return;
+        }
+        let flows: Vec<BackendFlow> = flushes.iter().map(|(_, flow)| *flow).collect();
+        match conntrack::flush(&flows) {
+            Ok(flushed) => tracing::debug!(
+                backends = flows.len(),
+                flushed,
+                "flushed conntrack entries of removed UDP/SCTP backends"
+            ),
+            Err(error) => {
+                let reason = format!("flushing conntrack entries: {}", error_chain(&error));
+                for (index, _) in flushes {
+                    failed.insert(index, reason.clone());
                 }
             }
         }
+    }
 
-        phases.lap("conntrack");
-        // 5. Forget what is gone: ownership records, then addresses no service needs.
-        let mut forgotten = NftState::default();
+    /// Phase 5: forgets what is gone: ownership records after the removal, then addresses no
+    /// service needs any more.
+    async fn forget_and_unbind(
+        &mut self,
+        ops: &[Op],
+        live: &[usize],
+        failed: &BTreeMap<usize, String>,
+    ) {
+        let forgotten = commands::records_to_forget(ops, live, failed, &self.owned);
         let mut released = Vec::new();
-        for &index in &live {
-            if failed.contains_key(&index) {
+        for (key, (frontend, _)) in &forgotten.services {
+            if !binds_address(*frontend) {
                 continue;
             }
-            match &ops[index] {
-                Op::DeleteService { key } => {
-                    let Some(&role) = self.owned.services.get(key) else {
-                        continue;
-                    };
-                    forgotten.services.insert(*key, role);
-                    if binds_address(role.0) {
-                        if let Some(users) = self.address_users.get_mut(&key.address) {
-                            *users = users.saturating_sub(1);
-                            if *users == 0 {
-                                self.address_users.remove(&key.address);
-                                released.push(key.address);
-                            }
-                        }
-                    }
+            if let Some(users) = self.address_users.get_mut(&key.address) {
+                *users = users.saturating_sub(1);
+                if *users == 0 {
+                    self.address_users.remove(&key.address);
+                    released.push(key.address);
                 }
-                Op::DeleteDestination {
-                    service,
-                    destination,
-                } => {
-                    forgotten.destinations.insert((
-                        *service,
-                        destination.address,
-                        destination.port,
-                    ));
-                }
-                _ => {}
             }
         }
         if !forgotten.services.is_empty() || !forgotten.destinations.is_empty() {
@@ -791,13 +612,41 @@ impl Dataplane for IpvsDataplane {
                 tracing::warn!(%address, error = %error_chain(&error), "could not unbind a VIP");
             }
         }
+    }
+}
 
+impl Dataplane for IpvsDataplane {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
+        for problem in self.check_drains(true) {
+            tracing::warn!("{problem}");
+        }
+        self.read_owned().await
+    }
+
+    async fn apply(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
+        let mut failed: BTreeMap<usize, String> = BTreeMap::new();
+        let now = Instant::now();
+        let live = self.set_aside_excluded(ops);
+        let mut phases = PhaseTimer::new();
+        self.record_ownership(ops, &live)?;
+        phases.lap("nft_record");
+        self.bind_new_addresses(ops, &live, &mut failed).await;
+        phases.lap("bind_addresses");
+        let succeeded = self.program_ipvs(ops, &live, &mut failed, now);
+        phases.lap("ipvs");
+        Self::flush_conntrack(&succeeded, &mut failed);
+        phases.lap("conntrack");
+        self.forget_and_unbind(ops, &live, &failed).await;
         phases.lap("nft_forget_and_unbind");
         for problem in self.check_drains(false) {
             tracing::warn!("{problem}");
         }
         phases.lap("drain_check");
-        phases.report(ops.len());
+        phases.report("apply", ops.len());
 
         if failed.is_empty() {
             Ok(())
@@ -850,7 +699,8 @@ impl PhaseTimer {
         self.last = now;
     }
 
-    fn report(&self, ops: usize) {
+    /// Logs the laps of a slow `what` (`apply`, `read`) of `items` ops or services.
+    fn report(&self, what: &'static str, items: usize) {
         let total = self.started.elapsed();
         if total < Self::SLOW {
             return;
@@ -861,40 +711,11 @@ impl PhaseTimer {
             .map(|(phase, took)| format!("{phase}={:.2}s", took.as_secs_f64()))
             .collect();
         tracing::info!(
-            ops,
+            items,
             took = format!("{:.2}s", total.as_secs_f64()),
             phases = phases.join(" "),
-            "slow IPVS apply"
+            "slow IPVS {what}"
         );
-    }
-}
-
-/// What to do about a refused request.
-enum Retry {
-    /// The kernel is already as wanted.
-    Done,
-    /// Send this instead.
-    With(Command),
-    Fail,
-}
-
-/// Requests whose target already was in the wanted state are redone in their other form: an
-/// existing service or destination is updated, a missing one is created (unless it was being
-/// removed), and deleting what is already gone succeeds.
-fn retry_for(command: &Command, error: &IpvsError, removing: bool) -> Retry {
-    match command {
-        Command::NewService(service) if is_exists(error) => {
-            Retry::With(Command::SetService(service.clone()))
-        }
-        Command::NewDestination(id, dest) if is_exists(error) => {
-            Retry::With(Command::SetDestination(*id, dest.clone()))
-        }
-        Command::SetDestination(..) if removing && is_not_found(error) => Retry::Done,
-        Command::SetDestination(id, dest) if is_not_found(error) => {
-            Retry::With(Command::NewDestination(*id, dest.clone()))
-        }
-        Command::DelDestination(..) | Command::DelService(..) if is_not_found(error) => Retry::Done,
-        _ => Retry::Fail,
     }
 }
 
@@ -905,14 +726,4 @@ pub fn format_key(key: &VsKey) -> String {
         key.protocol,
         SocketAddr::new(key.address, key.port)
     )
-}
-
-/// The kernel said the service or destination already exists.
-fn is_exists(error: &IpvsError) -> bool {
-    error.errno() == Some(libc::EEXIST)
-}
-
-/// The kernel said the service or destination does not exist.
-fn is_not_found(error: &IpvsError) -> bool {
-    matches!(error.errno(), Some(libc::ENOENT | libc::ESRCH))
 }

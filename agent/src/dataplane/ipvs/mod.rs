@@ -2,6 +2,7 @@
 //! few things IPVS cannot do (masquerade, hairpin, reject) in topoproxy's nftables table.
 
 pub mod cleanup;
+pub mod commands;
 pub mod conntrack;
 pub mod dataplane;
 pub mod drain;

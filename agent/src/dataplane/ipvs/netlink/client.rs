@@ -3,14 +3,23 @@
 //! their requests by sequence number.
 //!
 //! Generic netlink handles a `sendmsg` synchronously: every message in the buffer is executed
-//! and acknowledged before the call returns, the acknowledgements queued on our socket. So a
-//! batch is as large as the receive buffer can hold acknowledgements for; if it still
-//! overflows (`ENOBUFS`: the kernel dropped some), what was queued is read, the rest reported
-//! as [`IpvsError::AckLost`], and later batches are halved.
+//! before the call returns, and a refusal (or an acknowledgement, for a message that asks with
+//! `NLM_F_ACK`) is queued on our socket in message order. So only the last message of a batch
+//! asks for an acknowledgement: when it arrives, every earlier message without a refusal
+//! succeeded. A batch is as large as the receive buffer can hold refusals for (all of them may
+//! be refused); if it still overflows (`ENOBUFS`: the kernel dropped some), what was queued is
+//! read, the rest reported as [`IpvsError::AckLost`], and later batches are halved.
+//!
+//! [`IpvsClient::set_acknowledgements`] and [`IpvsClient::set_batch_limit`] select other
+//! modes (an acknowledgement per message; one message per `sendmsg`, as `ipvsadm` does), and
+//! [`IpvsClient::record_batches`] keeps per-batch timings, for the benchmarks that compare
+//! them.
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
 
 use netlink_packet_core::{
     DecodeError, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlaBuffer,
@@ -41,11 +50,36 @@ const RECV_TIMEOUT: Duration = Duration::from_secs(10);
 /// Dump attempts when the kernel flags a dump as interrupted (`NLM_F_DUMP_INTR`).
 const DUMP_ATTEMPTS: usize = 3;
 
+/// Where `nlmsg_flags` sits in a netlink header (after `nlmsg_len` and `nlmsg_type`).
+const FLAGS_OFFSET: usize = 6;
+
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 const NLM_F_CAPPED: u16 = 0x100;
 const NLM_F_ACK_TLVS: u16 = 0x200;
+
+/// Which messages of a batch ask the kernel for an acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acknowledgements {
+    /// Only the last: refusals come back anyway, so its acknowledgement confirms the rest.
+    Last,
+    /// Every message (what `ipvsadm` and kube-proxy's library ask for).
+    Every,
+}
+
+/// How one `sendmsg` of [`IpvsClient::execute`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchTiming {
+    pub messages: usize,
+    pub bytes: usize,
+    /// Encoding the messages into the send buffer.
+    pub encode: Duration,
+    /// The `sendmsg` call: the kernel runs every message of the batch inside it.
+    pub send: Duration,
+    /// Reading and matching the replies.
+    pub replies: Duration,
+}
 
 /// A generic-netlink socket bound to the `IPVS` family.
 pub struct IpvsClient {
@@ -54,8 +88,15 @@ pub struct IpvsClient {
     next_seq: u32,
     sent: MessageCounts,
     recv_buf: Vec<u8>,
+    /// The batch being encoded; reused so a large sync allocates it once.
+    send_buf: BytesMut,
     /// Most messages per batch; halved after an overflow.
     window: usize,
+    /// Most messages per batch whatever the window (1: one request, one answer).
+    batch_limit: usize,
+    acknowledgements: Acknowledgements,
+    /// Per-batch timings, when asked for.
+    batches: Option<Vec<BatchTiming>>,
 }
 
 /// One netlink message of a reply, classified.
@@ -146,7 +187,7 @@ pub(crate) fn encode(
     family_id: u16,
     flags: u16,
     sequence_number: u32,
-    out: &mut Vec<u8>,
+    out: &mut BytesMut,
 ) {
     let mut genl = GenlMessage::from_payload(payload);
     genl.set_resolved_family_id(family_id);
@@ -271,10 +312,39 @@ impl IpvsClient {
             next_seq: 1,
             sent: MessageCounts::default(),
             recv_buf: vec![0; RECV_CHUNK],
+            send_buf: BytesMut::with_capacity(BATCH_BYTES + 1024),
             window: (receive_buffer / ACK_COST).clamp(16, 4096),
+            batch_limit: usize::MAX,
+            acknowledgements: Acknowledgements::Last,
+            batches: None,
         };
         client.family_id = client.resolve_family()?;
         Ok(client)
+    }
+
+    /// Which messages of a batch ask for an acknowledgement ([`Acknowledgements::Last`]
+    /// unless set).
+    pub fn set_acknowledgements(&mut self, acknowledgements: Acknowledgements) {
+        self.acknowledgements = acknowledgements;
+    }
+
+    /// At most `messages` (at least 1) per `sendmsg`; 1 waits for each answer before the next
+    /// request, as `ipvsadm -R` does.
+    pub fn set_batch_limit(&mut self, messages: usize) {
+        self.batch_limit = messages.max(1);
+    }
+
+    /// Starts (or stops) keeping a [`BatchTiming`] per `sendmsg` of [`execute`](Self::execute).
+    pub fn record_batches(&mut self, on: bool) {
+        self.batches = on.then(Vec::new);
+    }
+
+    /// The batch timings kept since the last call.
+    pub fn take_batch_timings(&mut self) -> Vec<BatchTiming> {
+        self.batches
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// The `IPVS` family's id, as the kernel assigned it.
@@ -359,29 +429,46 @@ impl IpvsClient {
         let mut results: Vec<Option<Result<(), IpvsError>>> =
             commands.iter().map(|_| None).collect();
         let mut start = 0;
-        let mut out = Vec::with_capacity(BATCH_BYTES + 1024);
+        let mut out = std::mem::take(&mut self.send_buf);
         while start < commands.len() {
+            let encoding = Instant::now();
             out.clear();
             let first_seq = self.next_seq;
+            let limit = self.window.min(self.batch_limit);
             let mut end = start;
-            while end < commands.len() && end - start < self.window && out.len() < BATCH_BYTES {
+            let mut last_flags_at = 0;
+            while end < commands.len() && end - start < limit && out.len() < BATCH_BYTES {
                 let seq = first_seq.wrapping_add((end - start) as u32);
                 let message = IpvsMessage::from_command(&commands[end]);
-                encode(
-                    message,
-                    self.family_id,
-                    NLM_F_REQUEST | NLM_F_ACK,
-                    seq,
-                    &mut out,
-                );
+                last_flags_at = out.len() + FLAGS_OFFSET;
+                let flags = match self.acknowledgements {
+                    Acknowledgements::Every => NLM_F_REQUEST | NLM_F_ACK,
+                    Acknowledgements::Last => NLM_F_REQUEST,
+                };
+                encode(message, self.family_id, flags, seq, &mut out);
                 end += 1;
             }
+            // The last message of the batch always asks: its answer ends the batch.
+            out[last_flags_at..last_flags_at + 2]
+                .copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
             self.next_seq = first_seq.wrapping_add((end - start) as u32);
             let batch = &commands[start..end];
-            match self.socket.send(&out, 0) {
+            let sending = Instant::now();
+            let sent = self.socket.send(&out, 0);
+            let replying = Instant::now();
+            match sent {
                 Ok(_) => {
                     batch.iter().for_each(|c| count(&mut self.sent, c));
                     self.collect_acks(first_seq, batch, &mut results[start..end]);
+                    if let Some(batches) = &mut self.batches {
+                        batches.push(BatchTiming {
+                            messages: batch.len(),
+                            bytes: out.len(),
+                            encode: sending - encoding,
+                            send: replying - sending,
+                            replies: replying.elapsed(),
+                        });
+                    }
                 }
                 Err(error) => {
                     for slot in &mut results[start..end] {
@@ -394,6 +481,7 @@ impl IpvsClient {
             }
             start = end;
         }
+        self.send_buf = out;
         results
             .into_iter()
             .zip(commands)
@@ -464,6 +552,7 @@ impl IpvsClient {
                     continue;
                 }
                 let request = || Request::Command(batch[index].clone());
+                let answered_last = index + 1 == batch.len();
                 *slot = match reply {
                     Reply::Ack => Some(Ok(())),
                     Reply::Error { errno, message } => {
@@ -475,6 +564,15 @@ impl IpvsClient {
                     })),
                 };
                 pending -= 1;
+                // Answers come in message order and refusals always come: once the last
+                // message is answered, every message not refused succeeded. After an overflow
+                // a refusal may have been dropped, so the unanswered stay unknown (AckLost).
+                if answered_last && !overflowed {
+                    for slot in results.iter_mut().filter(|slot| slot.is_none()) {
+                        *slot = Some(Ok(()));
+                    }
+                    return;
+                }
             }
         }
     }
@@ -545,9 +643,12 @@ impl IpvsClient {
         request: &Request,
     ) -> Result<(Vec<IpvsMessage>, bool), IpvsError> {
         let seq = self.take_seq();
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.send_buf);
+        out.clear();
         encode(payload, self.family_id, flags, seq, &mut out);
-        self.socket.send(&out, 0).map_err(socket_error("sendmsg"))?;
+        let sent = self.socket.send(&out, 0);
+        self.send_buf = out;
+        sent.map_err(socket_error("sendmsg"))?;
         let mut messages = Vec::new();
         let mut interrupted = false;
         loop {

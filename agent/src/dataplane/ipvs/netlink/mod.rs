@@ -18,7 +18,7 @@ use netlink_packet_core::DecodeError;
 
 use crate::model::Protocol;
 
-pub use client::IpvsClient;
+pub use client::{Acknowledgements, BatchTiming, IpvsClient};
 
 /// Why an IPVS request failed. Kernel refusals carry the request they answer and the errno.
 #[derive(Debug, thiserror::Error)]

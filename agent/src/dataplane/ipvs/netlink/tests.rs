@@ -95,9 +95,9 @@ fn normalised(message: &[u8]) -> Vec<u8> {
 }
 
 fn ours(payload: IpvsMessage, family: u16, flags: u16) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = bytes::BytesMut::new();
     encode(payload, family, flags, 0, &mut out);
-    out
+    out.to_vec()
 }
 
 fn id(protocol: Protocol, address: &str, port: u16) -> ServiceId {

@@ -85,9 +85,11 @@ pub struct NftSettings {
 pub struct NftState {
     /// Every virtual service topoproxy owns, with how it is reached.
     pub services: BTreeMap<VsKey, (Frontend, TrafficPolicy)>,
-    /// (virtual service, destination address, destination port) for hairpin masquerade.
-    /// A destination whose family differs from its service's cannot be stored and is left
-    /// out (logged).
+    /// (virtual service, destination address, destination port) for hairpin masquerade:
+    /// only the derived `hairpin` set is written, so [`Nft::read`] returns these only from
+    /// an older version's table; the IPVS dataplane rebuilds them from the IPVS dump. A
+    /// destination whose family differs from its service's cannot be stored and is left out
+    /// (logged).
     pub destinations: BTreeSet<(VsKey, IpAddr, u16)>,
 }
 

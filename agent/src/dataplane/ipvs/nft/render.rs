@@ -8,10 +8,10 @@
 //! - `{frontend}-{policy}`: the [`VsKey`]s of one frontend kind and traffic policy, as
 //!   `addr . proto . port`; NodePort keys carry the node address. These are the record of
 //!   which virtual services topoproxy owns, and what the masquerade and reject rules match.
-//! - `destinations`: `vip . proto . vip port . destination . destination port`, the record of
-//!   [`NftState::destinations`]; no rule reads it.
-//! - `hairpin`: `destination . proto . port . destination`, derived from `destinations`
-//!   (kube-proxy's `KUBE-LOOP-BACK`): matched after IPVS translated the packet.
+//! - `hairpin`: `destination . proto . port . destination`, derived from
+//!   [`NftState::destinations`] (kube-proxy's `KUBE-LOOP-BACK`): matched after IPVS translated
+//!   the packet. The destinations themselves are not recorded in nftables: IPVS already lists
+//!   them for every owned service, and a restart rebuilds them from its dump.
 //! - `vips`: addresses of ClusterIP, ExternalIP and LoadBalancer keys that are not also
 //!   NodePort (node) addresses, derived; new connections to them on other ports are rejected
 //!   (kube-proxy's `KUBE-IPVS-IPS`).
@@ -51,7 +51,8 @@ pub const SERVICE_KINDS: [(Frontend, TrafficPolicy); 8] = [
     (Frontend::NodePort, TrafficPolicy::Local),
 ];
 
-/// Set name stem of the destination record.
+/// Set name stem of the destination record older versions wrote (read for compatibility,
+/// never written: the IPVS dump says the same).
 pub const DESTINATIONS: &str = "destinations";
 /// Set name stem of the hairpin match set.
 pub const HAIRPIN: &str = "hairpin";
@@ -106,7 +107,7 @@ pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
                 BTreeSet::new(),
             );
         }
-        for stem in [DESTINATIONS, HAIRPIN, VIPS] {
+        for stem in [HAIRPIN, VIPS] {
             sets.insert(set_name(stem, family), BTreeSet::new());
         }
     }
@@ -132,7 +133,6 @@ pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
     }
     for destination in representable(&state.destinations) {
         let family = IpFamily::of(&destination.1);
-        insert(DESTINATIONS, family, destination_element(destination));
         insert(HAIRPIN, family, hairpin_element(hairpin_of(destination)));
     }
     sets
@@ -151,15 +151,6 @@ type Hairpin = (IpAddr, Protocol, u16);
 
 fn hairpin_of((key, dest, port): &(VsKey, IpAddr, u16)) -> Hairpin {
     (*dest, key.protocol, *port)
-}
-
-fn destination_element((key, dest, port): &(VsKey, IpAddr, u16)) -> String {
-    format!(
-        "{} . {} . {} . {dest} . {port}",
-        key.address,
-        key.protocol.number(),
-        key.port
-    )
 }
 
 fn hairpin_element((dest, protocol, port): Hairpin) -> String {
@@ -196,8 +187,6 @@ fn set_type(name: &str) -> &'static str {
     let v6 = name.ends_with('6');
     let stem = &name[..name.len().saturating_sub(1)];
     match (stem, v6) {
-        (DESTINATIONS, false) => "ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service",
-        (DESTINATIONS, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr . inet_service",
         (HAIRPIN, false) => "ipv4_addr . inet_proto . inet_service . ipv4_addr",
         (HAIRPIN, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr",
         (VIPS, false) => "ipv4_addr",
@@ -397,17 +386,11 @@ pub fn render_update(from: &NftState, to: &NftState) -> String {
 
     let removed: Vec<_> = representable(from.destinations.difference(&to.destinations)).collect();
     let added: Vec<_> = representable(to.destinations.difference(&from.destinations)).collect();
-    let mut hairpins = BTreeSet::new();
-    for destination in &removed {
-        let name = set_name(DESTINATIONS, IpFamily::of(&destination.1));
-        changes.delete(name, destination_element(destination));
-        hairpins.insert(hairpin_of(destination));
-    }
-    for destination in &added {
-        let name = set_name(DESTINATIONS, IpFamily::of(&destination.1));
-        changes.add(name, destination_element(destination));
-        hairpins.insert(hairpin_of(destination));
-    }
+    let hairpins: BTreeSet<Hairpin> = removed
+        .iter()
+        .chain(&added)
+        .map(|destination| hairpin_of(destination))
+        .collect();
     if !hairpins.is_empty() {
         let before = present_hairpins(from, &hairpins);
         let after = present_hairpins(to, &hairpins);
@@ -678,8 +661,7 @@ pub(crate) mod tests {
             .insert((dns, "10.244.2.9".parse().expect("address"), 5353));
         assert_eq!(
             render_update(&from, &to),
-            "add element inet topoproxy destinations4 { 10.96.0.10 . 17 . 53 . 10.244.2.9 . 5353 }\n\
-             add element inet topoproxy hairpin4 { 10.244.2.9 . 17 . 5353 . 10.244.2.9 }\n"
+            "add element inet topoproxy hairpin4 { 10.244.2.9 . 17 . 5353 . 10.244.2.9 }\n"
         );
         assert_eq!(render_update(&to, &to), "");
     }
@@ -692,9 +674,15 @@ pub(crate) mod tests {
         let lb = key(Protocol::Tcp, "192.0.2.10", 443);
         to.destinations
             .remove(&(lb, "10.244.1.5".parse().expect("address"), 8443));
+        assert_eq!(render_update(&from, &to), "");
+        // Once no service has it, it goes.
+        let np = key(Protocol::Tcp, "198.51.100.7", 30443);
+        let mut last = to.clone();
+        last.destinations
+            .remove(&(np, "10.244.1.5".parse().expect("address"), 8443));
         assert_eq!(
-            render_update(&from, &to),
-            "delete element inet topoproxy destinations4 { 192.0.2.10 . 6 . 443 . 10.244.1.5 . 8443 }\n"
+            render_update(&to, &last),
+            "delete element inet topoproxy hairpin4 { 10.244.1.5 . 6 . 8443 . 10.244.1.5 }\n"
         );
     }
 
