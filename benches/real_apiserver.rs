@@ -22,8 +22,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_harness::objects::{apply, create_node, NodeSpec};
+use k8s_harness::objects::{create_node, NodeSpec};
 use k8s_harness::{free_port, ControlPlane, Daemon, Isolation, KubeconfigUser, Options};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::PostParams;
+use kube::Api;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -117,6 +121,18 @@ async fn metric(address: SocketAddr, name: &str) -> Option<f64> {
     sum
 }
 
+/// `slice` with the stored object's resourceVersion (a replace must name it). Read before the
+/// write is timed.
+async fn with_resource_version(
+    slices: &Api<EndpointSlice>,
+    name: &str,
+    mut slice: EndpointSlice,
+) -> EndpointSlice {
+    let stored = slices.get(name).await.expect("reading a slice");
+    slice.metadata.resource_version = stored.metadata.resource_version;
+    slice
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -163,8 +179,20 @@ async fn run(services: usize, events: usize) {
         .map(|i| {
             let client = client.clone();
             async move {
-                apply(&client, service_object(i)).await;
-                apply(&client, slice_object(i, 0)).await;
+                // Typed creates: one request each (server-side apply would add a discovery
+                // request per object).
+                let services: Api<Service> = Api::namespaced(client.clone(), "bench");
+                let slices: Api<EndpointSlice> = Api::namespaced(client, "bench");
+                let service = serde_json::from_value(service_object(i)).expect("a Service");
+                let slice = serde_json::from_value(slice_object(i, 0)).expect("a slice");
+                services
+                    .create(&PostParams::default(), &service)
+                    .await
+                    .expect("creating a Service");
+                slices
+                    .create(&PostParams::default(), &slice)
+                    .await
+                    .expect("creating a slice");
             }
         })
         .buffer_unordered(32)
@@ -225,14 +253,22 @@ async fn run(services: usize, events: usize) {
     // the next phase takes seconds anyway).
     let rss_synced = status_field(pid, "VmRSS:");
 
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "bench");
     let mut latencies = Vec::with_capacity(events);
     for event in 0..events {
         let before = metric(metrics, "topoproxy_dataplane_operations_total")
             .await
             .unwrap_or(0.0);
         let service = (event * 7919) % services;
+        let slice: EndpointSlice =
+            serde_json::from_value(slice_object(service, event + 1)).expect("a slice");
+        let name = format!("svc-{service}-1");
+        let slice = with_resource_version(&slices, &name, slice).await;
         let written = Instant::now();
-        apply(&client, slice_object(service, event + 1)).await;
+        slices
+            .replace(&name, &PostParams::default(), &slice)
+            .await
+            .expect("changing a slice");
         loop {
             let now = metric(metrics, "topoproxy_dataplane_operations_total")
                 .await
