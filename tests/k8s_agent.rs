@@ -20,7 +20,7 @@ use agent::{destinations, install_agent_identity, Agent, Auth};
 use futures::StreamExt as _;
 use k8s_harness::objects::{
     apply, apply_object, create_namespace, create_node, create_pod, delete_pod, eventually,
-    set_pod_status, yaml_documents, zone_hints, NodeSpec, PodSpec, ZONE_LABEL,
+    set_pod_status, slices_of, yaml_documents, zone_hints, NodeSpec, PodSpec, ZONE_LABEL,
 };
 use k8s_harness::{ControlPlane, Options};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -387,6 +387,18 @@ async fn topology_hints_from_the_real_controller_drive_the_table() {
 
     // A not-Ready pod leaves the table; Ready again, it returns.
     set_pod_status(&client, &auto_pods[0], false).await;
+    eventually(
+        "the controller marks the endpoint not ready",
+        CONVERGE,
+        || async {
+            let slices = slices_of(&client, ns, "auto").await;
+            let mut endpoints = slices.iter().flat_map(|s| s.endpoints.iter());
+            endpoints
+                .all(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(false))
+                .then_some(())
+        },
+    )
+    .await;
     let table = a1
         .converges(&client, &scratch(&plane, "a1"), CONVERGE)
         .await;
