@@ -821,28 +821,19 @@ async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
         "ipvs, ebpf, shadow, cutover: {overlays:?}"
     );
     dirs.extend(overlays);
-    let mut failures = BTreeMap::new();
-    let mut checked = 0;
+    let mut renders = Vec::new();
     for dir in &dirs {
-        let yaml = plane.binaries().kustomize_build(dir);
-        for object in yaml_documents(&yaml) {
-            let what = format!(
-                "{}: {} {}",
-                dir.file_name().unwrap_or_default().to_string_lossy(),
-                object["kind"].as_str().unwrap_or("?"),
-                object["metadata"]["name"].as_str().unwrap_or("?")
-            );
-            checked += 1;
-            if let Err(error) = apply_object(&client, object, true).await {
-                failures.insert(what, error);
-            }
-        }
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        renders.push((name, plane.binaries().kustomize_build(dir)));
     }
     // The Helm chart, each mode (the ServiceMonitor needs the Prometheus operator's CRD, which
     // this cluster does not have).
-    let helm = &plane.binaries().helm;
     for mode in ["shadow", "ipvs", "ebpf"] {
-        let out = std::process::Command::new(helm)
+        let out = std::process::Command::new(&plane.binaries().helm)
             .args(["template", "topoproxy"])
             .arg(agent::workspace_root().join("charts/topoproxy"))
             .args(["--namespace", "kube-system", "--kube-version", "1.36.3"])
@@ -854,9 +845,15 @@ async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
             "helm template: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        for object in yaml_documents(&String::from_utf8_lossy(&out.stdout)) {
+        let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+        renders.push((format!("chart mode={mode}"), yaml));
+    }
+    let mut failures = BTreeMap::new();
+    let mut checked = 0;
+    for (render, yaml) in renders {
+        for object in yaml_documents(&yaml) {
             let what = format!(
-                "chart mode={mode}: {} {}",
+                "{render}: {} {}",
                 object["kind"].as_str().unwrap_or("?"),
                 object["metadata"]["name"].as_str().unwrap_or("?")
             );
