@@ -47,14 +47,14 @@ fn zone(z: usize) -> String {
     format!("zone-{}", (b'a' + z as u8) as char)
 }
 
+/// Endpoint addresses: 10.100.0.0/14 for the initial ones, 10.250.0.0/16 for the address
+/// the `generation`-th change gives endpoint 0 (one distinct address per change).
 fn endpoint_address(service: usize, endpoint: usize, generation: usize) -> String {
+    if generation > 0 {
+        return format!("10.250.{}.{}", (generation >> 8) & 255, generation & 255);
+    }
     let n = service * ENDPOINTS + endpoint;
-    format!(
-        "10.{}.{}.{}",
-        100 + generation % 100 + (n >> 16) % 28,
-        (n >> 8) & 255,
-        n & 255
-    )
+    format!("10.{}.{}.{}", 100 + (n >> 16), (n >> 8) & 255, n & 255)
 }
 
 fn service_object(i: usize) -> Value {
@@ -113,7 +113,9 @@ async fn metric(address: SocketAddr, name: &str) -> Option<f64> {
     let body = get(address, "/metrics").await?;
     let mut sum = None;
     for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let (series, value) = line.rsplit_once(' ')?;
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         if series.split('{').next() == Some(name) {
             *sum.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
         }
@@ -255,7 +257,7 @@ async fn run(services: usize, events: usize) {
 
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "bench");
     let mut latencies = Vec::with_capacity(events);
-    for event in 0..events {
+    'events: for event in 0..events {
         let before = metric(metrics, "topoproxy_dataplane_operations_total")
             .await
             .unwrap_or(0.0);
@@ -276,15 +278,36 @@ async fn run(services: usize, events: usize) {
             if now > before {
                 break;
             }
-            assert!(
-                written.elapsed() < Duration::from_secs(60),
-                "endpoint change {event} was not applied"
-            );
+            if written.elapsed() > Duration::from_secs(60) {
+                let text = get(metrics, "/metrics").await.unwrap_or_default();
+                let operations: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.contains("operations_total") || l.contains("syncs_total"))
+                    .collect();
+                println!(
+                    "  NOT APPLIED: endpoint change {event} (svc-{service}) did not reach the \
+                     dataplane within 60 s (operations before: {before})\n  {}\n--- agent ---\n{}",
+                    operations.join("\n  "),
+                    agent.log_tail(10)
+                );
+                let plan = get(metrics, "/plan").await.unwrap_or_default();
+                let address = endpoint_address(service, 0, event + 1);
+                println!(
+                    "  /plan holds the new address {address}: {}",
+                    plan.contains(&format!("{address}:"))
+                );
+                break 'events;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         latencies.push(written.elapsed());
     }
     latencies.sort();
+    assert_eq!(
+        latencies.len(),
+        events,
+        "every endpoint change reached the dataplane"
+    );
     println!(
         "  one endpoint change, API write → dataplane apply ({events} changes): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         percentile(&latencies, 50.0).as_secs_f64() * 1e3,
