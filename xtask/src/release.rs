@@ -165,7 +165,7 @@ fn package_chart(
 ) -> Result<PathBuf> {
     let copy = staging.join("chart/topoproxy");
     let _ = fs::remove_dir_all(&copy);
-    copy_dir(&workspace.join("charts/topoproxy"), &copy)?;
+    crate::image::smoke::copy_dir(&workspace.join("charts/topoproxy"), &copy)?;
     let values_path = copy.join("values.yaml");
     let values = fs::read_to_string(&values_path).context("reading values.yaml")?;
     let placeholder = "  digest: \"\"\n";
@@ -204,19 +204,4 @@ fn package_chart(
         package.display()
     );
     Ok(package)
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-    for entry in fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
-        let entry = entry.with_context(|| format!("listing {}", from.display()))?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), &target)
-                .with_context(|| format!("copying {}", entry.path().display()))?;
-        }
-    }
-    Ok(())
 }

@@ -146,10 +146,6 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
-    pub fn log_path(&self) -> &Path {
-        &self.log
-    }
-
     /// The log so far (lossy UTF-8).
     pub fn log(&self) -> String {
         std::fs::read(&self.log)
@@ -176,16 +172,6 @@ impl Daemon {
                 .and_then(|(_, rest)| rest.split_whitespace().next())
                 .is_none_or(|state| state == "Z" || state == "X"),
             Err(_) => true,
-        }
-    }
-
-    /// Sends `signal` (e.g. SIGSTOP, SIGCONT) without waiting.
-    pub fn signal(&self, signal: libc::c_int) {
-        if let Some(pid) = self.pid() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(pid as libc::pid_t, signal);
-            }
         }
     }
 

@@ -24,7 +24,7 @@ mod debian;
 pub(crate) mod layer;
 mod oci;
 mod sbom;
-mod smoke;
+pub(crate) mod smoke;
 
 use std::fs;
 use std::path::{Path, PathBuf};

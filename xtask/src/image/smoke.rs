@@ -233,7 +233,9 @@ fn run_in_unchecked(root: &Path, command: &[&str]) -> Result<std::process::Outpu
         .with_context(|| format!("running unshare for {}", command.join(" ")))
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+/// Copies the tree `from` to `to` (files and directories; what the image and release tasks copy
+/// holds no links).
+pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for entry in fs::read_dir(from).with_context(|| format!("listing {}", from.display()))? {
         let entry = entry.with_context(|| format!("listing {}", from.display()))?;
