@@ -106,17 +106,78 @@ pub fn k8s_setup() -> Result<()> {
     Ok(())
 }
 
+/// The Go release used when the machine has none: the toolchain module the Go proxy serves
+/// (what `GOTOOLCHAIN` downloads), at the version this machine kind ships.
+const GO_TOOLCHAIN: &str = "v0.0.1-go1.26.8.linux-amd64";
+
+/// `go` on PATH or in `/usr/local/go`, else the toolchain unpacked into the cache.
+fn go_binary() -> PathBuf {
+    crate::vm::find_in_path("go")
+        .or_else(|| Some(PathBuf::from("/usr/local/go/bin/go")).filter(|p| p.is_file()))
+        .unwrap_or_else(|| go_toolchain_dir().join("bin/go"))
+}
+
+// Python's zipfile, keeping the executable bits (unzip may be missing on a fresh machine).
+const UNPACK_TOOLCHAIN: &str = "import os, sys, zipfile\n\
+    zip_path, prefix, dest = sys.argv[1:4]\n\
+    with zipfile.ZipFile(zip_path) as z:\n\
+    \x20   for info in z.infolist():\n\
+    \x20       if not info.filename.startswith(prefix) or info.is_dir():\n\
+    \x20           continue\n\
+    \x20       target = os.path.join(dest, info.filename[len(prefix):])\n\
+    \x20       os.makedirs(os.path.dirname(target), exist_ok=True)\n\
+    \x20       with z.open(info) as src, open(target, 'wb') as out:\n\
+    \x20           out.write(src.read())\n\
+    \x20       os.chmod(target, (info.external_attr >> 16) & 0o777 or 0o644)\n";
+
+fn go_toolchain_dir() -> PathBuf {
+    cache_dir().join("go").join(GO_TOOLCHAIN)
+}
+
 fn go_command() -> Command {
-    let mut cmd = Command::new("go");
-    // The machine's own Go; never a toolchain download.
+    let mut cmd = Command::new(go_binary());
+    // The machine's own Go (or the one fetched above); never a toolchain download mid-build.
     cmd.env("GOTOOLCHAIN", "local").env("CGO_ENABLED", "0");
     cmd
 }
 
+/// Fetches the Go toolchain from the module proxy when the machine has no Go: the zip holds a
+/// whole Go distribution under `golang.org/toolchain@VERSION/`.
+fn ensure_go() -> Result<()> {
+    if go_binary().is_file() {
+        return Ok(());
+    }
+    let dir = go_toolchain_dir();
+    let zip = cache_dir().join(format!("go-{GO_TOOLCHAIN}.zip"));
+    std::fs::create_dir_all(cache_dir()).context("creating the cache folder")?;
+    let url = format!("https://proxy.golang.org/golang.org/toolchain/@v/{GO_TOOLCHAIN}.zip");
+    println!("k8s-setup: no Go on this machine; fetching {url}");
+    run(Command::new("curl")
+        .args(["-fsSL", "-o"])
+        .arg(&zip)
+        .arg(&url))
+    .context("downloading the Go toolchain from the module proxy")?;
+    let prefix = format!("golang.org/toolchain@{GO_TOOLCHAIN}/");
+    run(Command::new("python3")
+        .args(["-c", UNPACK_TOOLCHAIN])
+        .arg(&zip)
+        .arg(&prefix)
+        .arg(&dir))
+    .context("unpacking the Go toolchain")?;
+    let _ = std::fs::remove_file(&zip);
+    ensure!(
+        go_binary().is_file(),
+        "the Go toolchain was unpacked but {} is missing",
+        go_binary().display()
+    );
+    Ok(())
+}
+
 fn go_version() -> Result<String> {
+    ensure_go()?;
     output(go_command().arg("version"))
         .map(|v| v.trim().to_owned())
-        .context("Go is needed to build Kubernetes: install Go 1.26 (golang) first")
+        .context("Go is needed to build Kubernetes (Go 1.26)")
 }
 
 fn apt_packages() -> Result<()> {
@@ -257,4 +318,17 @@ fn print_versions() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_toolchain_unpacker_is_valid_python() {
+        let status = std::process::Command::new("python3")
+            .args(["-c", "import ast, sys; ast.parse(sys.argv[1])"])
+            .arg(super::UNPACK_TOOLCHAIN)
+            .status()
+            .expect("running python3");
+        assert!(status.success());
+    }
 }
