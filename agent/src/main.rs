@@ -333,9 +333,10 @@ fn list(mode: KernelMode, pin_dir: PathBuf, all: bool, no_counters: bool) -> Res
             Ok(())
         }
         KernelMode::Ebpf => {
-            if !pin_dir.is_dir() {
+            // Opening loads and attaches where nothing is: only open what an agent programmed.
+            if !ebpf::maps_pinned(&pin_dir) {
                 return Err(Failure::Error(anyhow::anyhow!(
-                    "nothing is pinned in {}: is topoproxy running in eBPF mode (--bpf-pin-dir)?",
+                    "no maps of this version are pinned in {}: is topoproxy (this version) running in eBPF mode (--bpf-pin-dir)?",
                     pin_dir.display()
                 )));
             }

@@ -34,7 +34,8 @@ use crate::table::VsKey;
 
 pub use list::{ListedBackend, ListedService, Listing, ServiceCounters};
 pub use loader::{
-    cgroup2_mount, cleanup, program_pin, programs_version, CleanupReport, LoadReport, PROGRAMS,
+    cgroup2_mount, cleanup, maps_pinned, program_pin, programs_version, CleanupReport, LoadReport,
+    PROGRAMS,
 };
 
 pub use datapath_log::DatapathLog;
@@ -42,6 +43,7 @@ pub use maps::set_datapath_log;
 
 use datapath_log::{LogReader, ServiceIds};
 use layout::SlotLayout;
+use loader::MapSwitch;
 use maps::PinnedMaps;
 
 use super::{
@@ -147,6 +149,8 @@ pub struct EbpfDataplane {
     settings: EbpfSettings,
     maps: PinnedMaps,
     load_report: LoadReport,
+    /// Fresh maps waiting for the whole table before the running programs switch to them.
+    map_switch: Option<MapSwitch>,
     layout: SlotLayout,
     /// Service id → virtual service, for the datapath log reader.
     ids: ServiceIds,
@@ -156,12 +160,13 @@ pub struct EbpfDataplane {
 impl EbpfDataplane {
     /// Loads (or adopts) the programs and maps and reads the table back from the maps.
     pub fn open(settings: EbpfSettings) -> Result<Self, EbpfError> {
-        let (mut maps, load_report) = loader::load(&settings)?;
+        let (mut maps, load_report, map_switch) = loader::load(&settings)?;
         let layout = SlotLayout::read(&mut maps)?;
         Ok(Self {
             settings,
             maps,
             load_report,
+            map_switch,
             layout,
             ids: ServiceIds::default(),
             log_reader: None,
@@ -193,6 +198,25 @@ impl EbpfDataplane {
             ids.clear();
             ids.extend(self.layout.entries().map(|(key, entry)| (entry.id(), *key)));
         }
+    }
+
+    /// Switches the links still running programs on other maps to this agent's, once the
+    /// whole table is in its maps. Idempotent; nothing to do after the first success.
+    pub fn complete_map_switch(&mut self) -> Result<(), EbpfError> {
+        let Some(switch) = self.map_switch.take() else {
+            return Ok(());
+        };
+        let swapped = switch.complete()?;
+        tracing::info!(
+            programs = swapped.len(),
+            "the programs now read this agent's maps"
+        );
+        Ok(())
+    }
+
+    /// Whether programs still read maps other than this agent's (see [`Self::complete_map_switch`]).
+    pub fn map_switch_pending(&self) -> bool {
+        self.map_switch.is_some()
     }
 
     /// What opening found: adopted or freshly attached programs.
@@ -238,7 +262,8 @@ impl EbpfDataplane {
         self.layout.reload(&mut self.maps)?;
         let mut services = Vec::new();
         for (key, entry) in self.layout.entries() {
-            let active = entry.tiers().iter().position(|slots| !slots.is_empty());
+            let counts = std::array::from_fn(|tier| entry.tiers()[tier].len());
+            let serving = entry.config().tier_shares.serving(counts);
             let mut backends = Vec::new();
             for (tier, slots) in entry.tiers().iter().enumerate() {
                 for slot in slots {
@@ -247,7 +272,7 @@ impl EbpfDataplane {
                         port: slot.port,
                         weight: slot.weight,
                         tier: tier as u8,
-                        active: active == Some(tier),
+                        active: serving[tier],
                         connections: self.maps.backend_connections(
                             entry.id(),
                             slot.address,
@@ -297,6 +322,11 @@ impl Dataplane for EbpfDataplane {
 
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
         vec![("map_writes", self.layout.map_writes())]
+    }
+
+    fn synced(&mut self) -> Result<(), DataplaneError> {
+        self.complete_map_switch()
+            .map_err(|error| DataplaneError::read(NAME, error))
     }
 
     fn service_counters(&mut self) -> Vec<ServiceTraffic> {
