@@ -1,9 +1,10 @@
 //! The eBPF dataplane: socket-level load balancing by cgroup `sock_addr` programs (`ebpf/`)
 //! that read Services and backends from pinned BPF maps, which this module writes.
 //!
-//! It holds every tier of a service ([`TierScope::All`]): the datapath serves the nearest
-//! non-empty tier by itself, so emptying a tier is one map write and the very next connect
-//! lands in the next tier, without waiting for the agent.
+//! It holds every tier of a service ([`TierScope::All`]) with each tier's share of new
+//! connections: the datapath draws a tier by share among the non-empty ones (the nearest
+//! non-empty one when none has a share), so emptying a tier is one map write and the very next
+//! connect lands in the others, without waiting for the agent.
 //!
 //! - [`layout`]: where backends sit in the maps and the make-before-break write order (pure,
 //!   behind the [`lb_maps::LbMaps`] seam);
