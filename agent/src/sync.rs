@@ -277,6 +277,8 @@ impl<D: Dataplane> SyncLoop<D> {
             let traffic = self.dataplane.service_counters();
             if !traffic.is_empty() {
                 self.state.metrics.record_service_traffic(&traffic);
+                let served = served_by_tier_kind(&self.read_table(), &traffic);
+                self.state.metrics.record_locality_served(&served);
             }
             match read {
                 Ok(actual) => {
@@ -487,4 +489,22 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// The measured per-tier-position connection totals of `traffic`, labelled with the kind of
+/// tier each position holds in `table`: `(virtual server, tier kind, total)`.
+fn served_by_tier_kind(
+    table: &NodeTable,
+    traffic: &[crate::dataplane::ServiceTraffic],
+) -> Vec<(VsKey, crate::table::TierKind, u64)> {
+    let mut served = Vec::new();
+    for sample in traffic.iter().filter(|s| !s.tier_connections.is_empty()) {
+        let Some(vs) = table.get(&sample.key) else {
+            continue;
+        };
+        for (tier, &total) in vs.tiers.iter().zip(&sample.tier_connections) {
+            served.push((sample.key, tier.kind, total));
+        }
+    }
+    served
 }
