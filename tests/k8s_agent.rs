@@ -431,6 +431,174 @@ async fn topology_hints_from_the_real_controller_drive_the_table() {
     );
 }
 
+/// The tiers of the virtual server `address:port` in a `/plan?format=json` document: (kind,
+/// share in ppm, backend addresses), nearest first. Without a locality policy (no
+/// `sharePpm`), the first tier takes everything, as kube-proxy programs it.
+fn tiers_of(plan: &Value, address: &str, port: u16) -> Vec<(String, u64, Vec<String>)> {
+    let servers = plan["virtualServers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let Some(server) = servers
+        .iter()
+        .find(|vs| vs["key"]["address"] == address && vs["key"]["port"] == port)
+    else {
+        return Vec::new();
+    };
+    let tiers = server["tiers"].as_array().cloned().unwrap_or_default();
+    tiers
+        .iter()
+        .enumerate()
+        .map(|(position, tier)| {
+            let whole_if_first = if position == 0 { 1_000_000 } else { 0 };
+            let mut backends: Vec<String> = tier["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["address"].as_str().map(str::to_owned))
+                .collect();
+            backends.sort();
+            (
+                tier["kind"].as_str().unwrap_or_default().to_owned(),
+                tier["sharePpm"].as_u64().unwrap_or(whole_if_first),
+                backends,
+            )
+        })
+        .collect()
+}
+
+/// The share (0 to 1) of new connections the node sends into `zone_backends`, from `tiers`.
+fn share_into(tiers: &[(String, u64, Vec<String>)], zone_backends: &[&str]) -> f64 {
+    let mut share = 0.0;
+    for (_, ppm, backends) in tiers {
+        if backends.is_empty() {
+            continue;
+        }
+        let inside = backends
+            .iter()
+            .filter(|b| zone_backends.contains(&b.as_str()))
+            .count();
+        share += *ppm as f64 / 1e6 * inside as f64 / backends.len() as f64;
+    }
+    share
+}
+
+#[tokio::test]
+async fn hints_vanishing_and_a_thinning_zone_spill_gradually_under_the_zone_policy() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    let ns = "spill";
+    create_namespace(&client, ns).await;
+    let all = ["node-a1", "node-a2", "node-b1", "node-b2"];
+    let auto = json!({"service.kubernetes.io/topology-mode": "Auto"});
+    let kp = service(
+        &client,
+        ns,
+        "kp",
+        json!({"metadata": {"annotations": auto}}),
+    )
+    .await;
+    let near_annotations = json!({
+        "service.kubernetes.io/topology-mode": "Auto",
+        "topoproxy.io/topology": "zone",
+    });
+    let near = service(
+        &client,
+        ns,
+        "near",
+        json!({"metadata": {"annotations": near_annotations}}),
+    )
+    .await;
+    pods(&client, ns, "kp", &all, 1).await;
+    let near_pods = pods(&client, ns, "near", &all, 2).await;
+    wait_for_hints(&client, ns, "kp", 4, true).await;
+    wait_for_hints(&client, ns, "near", 4, true).await;
+    let zone_a_kp = ["10.244.1.10", "10.244.1.11"];
+    let zone_a_near = ["10.244.2.10", "10.244.2.11"];
+
+    let token = install_agent_identity(&plane, &client, None).await;
+    let a1 = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    a1.converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let plan = a1.plan_json().await.expect("/plan?format=json");
+    // With hints, both keep every connection in zone-a.
+    assert_eq!(share_into(&tiers_of(&plan, &kp, 80), &zone_a_kp), 1.0);
+    let tiers = tiers_of(&plan, &near, 80);
+    assert_eq!(share_into(&tiers, &zone_a_near), 1.0, "{tiers:?}");
+    assert_eq!(tiers[0].0, "SameZone", "{tiers:?}");
+
+    // A node without a zone makes the controller drop every hint (kubernetes#114215's
+    // cliff): kube-proxy's set becomes the whole cluster, the zone policy stays in zone-a
+    // from the endpoints' own zones.
+    create_node(&client, &NodeSpec::new("node-x1", None, "10.0.9.1")).await;
+    wait_for_hints(&client, ns, "kp", 4, false).await;
+    wait_for_hints(&client, ns, "near", 4, false).await;
+    a1.converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let plan = a1.plan_json().await.expect("/plan?format=json");
+    let kp_tiers = tiers_of(&plan, &kp, 80);
+    assert_eq!(
+        share_into(&kp_tiers, &zone_a_kp),
+        0.5,
+        "the cliff: {kp_tiers:?}"
+    );
+    let tiers = tiers_of(&plan, &near, 80);
+    assert_eq!(tiers[0].0, "SameZone", "{tiers:?}");
+    assert_eq!(tiers[0].2, zone_a_near, "{tiers:?}");
+    let in_zone = share_into(&tiers, &zone_a_near);
+    assert!(
+        in_zone >= 0.99,
+        "hints gone, zone kept: {in_zone} {tiers:?}"
+    );
+
+    // A rollout in zone-a: one of its two pods not Ready. The zone tier thins and hands a
+    // share of new connections to the rest of the cluster instead of all or nothing.
+    set_pod_status(&client, &near_pods[1], false).await;
+    eventually(
+        "the controller marks near-1 not ready",
+        CONVERGE,
+        || async {
+            let slices = slices_of(&client, ns, "near").await;
+            let not_ready = slices
+                .iter()
+                .flat_map(|s| s.endpoints.iter())
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(false))
+                .count();
+            (not_ready == 1).then_some(())
+        },
+    )
+    .await;
+    a1.converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let plan = a1.plan_json().await.expect("/plan?format=json");
+    let tiers = tiers_of(&plan, &near, 80);
+    let shares: u64 = tiers.iter().map(|t| t.1).sum();
+    assert_eq!(shares, 1_000_000, "shares sum to the whole: {tiers:?}");
+    let in_zone = share_into(&tiers, &zone_a_near);
+    eprintln!("zone-a thinning, node-a1 sends {in_zone} into zone-a: {tiers:?}");
+    assert!(
+        in_zone > 0.5 && in_zone < 1.0,
+        "a thinning zone spills a share, and keeps more than kube-proxy's fallback: {in_zone} {tiers:?}"
+    );
+    let served = a1
+        .metric("topoproxy_locality_programmed_share", "tier=\"cluster\"")
+        .await;
+    assert!(
+        served > Some(0.0),
+        "the spill shows in the metrics: {served:?}"
+    );
+
+    // Ready again: everything back in zone-a.
+    set_pod_status(&client, &near_pods[1], true).await;
+    eventually("near back in zone-a", CONVERGE, || async {
+        let plan = a1.plan_json().await?;
+        (share_into(&tiers_of(&plan, &near, 80), &zone_a_near) >= 0.99).then_some(())
+    })
+    .await;
+}
+
 /// Creates a Service `churn-N` and deletes `churn-(N-3)` in a loop through `client` until
 /// stopped, ignoring errors (the apiserver may be down); counts the writes that succeeded.
 struct Churn {
