@@ -190,10 +190,7 @@ async fn one_endpoint_change_sends_exactly_the_changes_it_needs() {
     let before = expected(&store, &node);
     let ops_before = agent.dataplane.ops_applied();
     // The zone-b frontend pod on node-b1 stops being ready.
-    let key = SliceKey {
-        namespace: "shop".to_owned(),
-        name: "frontend-4mzxq".to_owned(),
-    };
+    let key = SliceKey::new("shop", "frontend-4mzxq");
     let mut slice = store.slice(&key).expect("frontend slice").clone();
     let endpoint = slice
         .endpoints
@@ -338,10 +335,7 @@ async fn min_sync_period_batches_a_burst_into_few_syncs() {
         .eventually("initial sync", |a| a.dataplane.table() == want)
         .await;
     let applies = agent.dataplane.applies();
-    let key = SliceKey {
-        namespace: "kube-system".to_owned(),
-        name: "kube-dns-x7k2p".to_owned(),
-    };
+    let key = SliceKey::new("kube-system", "kube-dns-x7k2p");
     for round in 0..20 {
         let mut slice = store.slice(&key).expect("dns slice").clone();
         slice.endpoints[0].ready = round % 2 == 0;
