@@ -182,6 +182,11 @@ async fn every_rule_of_the_shipped_rbac_is_needed_and_a_missing_one_is_reported(
         "the role grants services, nodes and endpointslices"
     );
     for (index, resource) in cases {
+        // ServiceImports are watched only with a cluster id, and only once their CRD exists.
+        let mcs = resource == "serviceimports";
+        if mcs {
+            install_service_import_crd(&client).await;
+        }
         let mut reduced = shipped.clone();
         let kept: Vec<Value> = rules[index]["resources"]
             .as_array()
@@ -199,7 +204,8 @@ async fn every_rule_of_the_shipped_rbac_is_needed_and_a_missing_one_is_reported(
             reduced["rules"][index]["resources"] = Value::from(kept);
         }
         let token = install_agent_identity(&plane, &client, Some(reduced)).await;
-        let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+        let extra: &[&str] = if mcs { &["--cluster-id", "west"] } else { &[] };
+        let agent = Agent::start_with(&plane, &Auth::Token(token), "node-a1", extra);
         eventually(
             &format!("without {resource}: the 403 reported"),
             CONVERGE,
@@ -1038,5 +1044,197 @@ async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
     assert!(
         checked >= 30,
         "every overlay and chart mode rendered objects ({checked})"
+    );
+}
+
+/// The ServiceImport CRD of `tests/k8s/serviceimport-crd.yaml`, applied and established.
+async fn install_service_import_crd(client: &Client) {
+    let text =
+        std::fs::read_to_string(agent::workspace_root().join("tests/k8s/serviceimport-crd.yaml"))
+            .expect("reading the ServiceImport CRD");
+    for object in yaml_documents(&text) {
+        apply(client, object).await;
+    }
+    // A CRD serves its resource only once it is established.
+    eventually("the ServiceImport CRD is served", CONVERGE, || async {
+        client
+            .list_api_group_resources("multicluster.x-k8s.io/v1alpha1")
+            .await
+            .ok()
+            .filter(|list| list.resources.iter().any(|r| r.name == "serviceimports"))
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// An imported EndpointSlice of ServiceImport `shop/web` from `cluster`: `(address, ready)`
+/// endpoints on port `http` 8080, as an MCS implementation writes them.
+fn imported_slice(cluster: &str, endpoints: &[(&str, bool)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(address, ready)| json!({"addresses": [address], "conditions": {"ready": ready}}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("web-{cluster}"), "namespace": "shop",
+            "labels": {
+                "multicluster.kubernetes.io/service-name": "web",
+                "multicluster.kubernetes.io/source-cluster": cluster,
+                "endpointslice.kubernetes.io/managed-by": "mcs-test.topoproxy.io",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+/// The real servers of `frontend` with their weights, from an `ipvsadm -Ln` text.
+fn weighted_destinations(table: &str, frontend: &str) -> Vec<(String, u32)> {
+    let mut lines = table.lines();
+    let mut found = Vec::new();
+    while let Some(line) = lines.next() {
+        if line
+            .strip_prefix("TCP ")
+            .and_then(|l| l.split_whitespace().next())
+            != Some(frontend)
+        {
+            continue;
+        }
+        for dest in lines.by_ref() {
+            let Some(rest) = dest.trim_start().strip_prefix("-> ") else {
+                break;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if let (Some(address), Some(weight)) = (fields.first(), fields.get(2)) {
+                found.push(((*address).to_owned(), weight.parse().unwrap_or(0)));
+            }
+        }
+        break;
+    }
+    found.sort();
+    found
+}
+
+/// Clusterset VIPs against the real control plane: the agent starts before the MCS CRD exists
+/// (healthy, no watch errors, said once), picks the CRD up when it appears, and programs the
+/// ServiceImport's clusterset IP from the imported slices: this cluster's endpoints while it
+/// has them, spilling to the other cluster as it thins, all remote when scaled to zero, and
+/// back home when it returns.
+#[tokio::test]
+async fn mcs_clusterset_ip_serves_this_cluster_first_and_another_when_scaled_to_zero() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    create_namespace(&client, "shop").await;
+    let token = install_agent_identity(&plane, &client, None).await;
+    let agent = Agent::start_with(
+        &plane,
+        &Auth::Token(token),
+        "node-a1",
+        &["--cluster-id", "west"],
+    );
+    agent.wait_healthy(CONVERGE).await;
+    eventually("the missing CRD is reported", CONVERGE, || async {
+        agent
+            .log()
+            .contains("the ServiceImport CRD is not installed")
+            .then_some(())
+    })
+    .await;
+
+    install_service_import_crd(&client).await;
+    apply(
+        &client,
+        json!({
+            "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "ClusterSetIP", "ips": ["10.42.0.10"],
+                     "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
+        }),
+    )
+    .await;
+    let west = [("10.244.1.10", true), ("10.244.1.11", true)];
+    apply(&client, imported_slice("west", &west)).await;
+    apply(
+        &client,
+        imported_slice("east", &[("10.8.0.1", true), ("10.8.0.2", true)]),
+    )
+    .await;
+    let frontend = "10.42.0.10:80";
+    let wait_for = |what: &'static str, want: Vec<(&'static str, u32)>| {
+        let agent = &agent;
+        async move {
+            let want: Vec<(String, u32)> = want
+                .into_iter()
+                .map(|(address, weight)| (address.to_owned(), weight))
+                .collect();
+            eventually(what, CONVERGE, || async {
+                let table = agent.plan().await?;
+                (weighted_destinations(&table, frontend) == want).then_some(())
+            })
+            .await;
+        }
+    };
+    wait_for(
+        "this cluster's endpoints only",
+        vec![("10.244.1.10:8080", 1), ("10.244.1.11:8080", 1)],
+    )
+    .await;
+    let table = agent.plan().await.unwrap_or_default();
+    assert!(table.contains("TCP  10.42.0.10:80 wrr"), "{table}");
+
+    // Half of this cluster not ready: Envoy's 70/30 with the other cluster.
+    apply(
+        &client,
+        imported_slice("west", &[("10.244.1.10", true), ("10.244.1.11", false)]),
+    )
+    .await;
+    wait_for(
+        "this cluster thins and hands 30 % over",
+        vec![
+            ("10.244.1.10:8080", 14),
+            ("10.8.0.1:8080", 3),
+            ("10.8.0.2:8080", 3),
+        ],
+    )
+    .await;
+
+    apply(&client, imported_slice("west", &[])).await;
+    wait_for(
+        "scaled to zero: the other cluster",
+        vec![("10.8.0.1:8080", 1), ("10.8.0.2:8080", 1)],
+    )
+    .await;
+
+    apply(&client, imported_slice("west", &west)).await;
+    wait_for(
+        "scaled back: home again",
+        vec![("10.244.1.10:8080", 1), ("10.244.1.11:8080", 1)],
+    )
+    .await;
+
+    let (status, body) = agent.healthz().await.unwrap_or_default();
+    assert_eq!(status, 200, "{body}");
+    let log = agent.log();
+    assert_eq!(
+        log.matches("the ServiceImport CRD is not installed")
+            .count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert!(log.contains("the ServiceImport CRD is installed; watching serviceimports"));
+    let errors = agent
+        .metric(
+            "topoproxy_watch_errors_total",
+            "resource=\"serviceimports\"",
+        )
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(
+        errors, 0.0,
+        "no watch errors while the CRD was missing:\n{log}"
     );
 }

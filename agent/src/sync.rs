@@ -126,8 +126,21 @@ impl<D: Dataplane> SyncLoop<D> {
 
     fn ready(&self) -> bool {
         self.node.is_some()
-            && self.listed.contains(&Resource::Services)
-            && self.listed.contains(&Resource::EndpointSlices)
+            && self
+                .gating_resources()
+                .iter()
+                .all(|resource| self.listed.contains(resource))
+    }
+
+    /// The lists that must be complete before anything is programmed: with a cluster id also
+    /// the MCS ones (a source reports a missing ServiceImport CRD as an empty list), so a
+    /// restart does not withdraw clusterset IPs for a moment.
+    fn gating_resources(&self) -> Vec<Resource> {
+        let mut resources = vec![Resource::Services, Resource::EndpointSlices];
+        if self.settings.plan.cluster_id.is_some() {
+            resources.extend([Resource::ServiceImports, Resource::ImportedSlices]);
+        }
+        resources
     }
 
     fn has_work(&self) -> bool {
@@ -247,7 +260,7 @@ impl<D: Dataplane> SyncLoop<D> {
 
     fn report_waiting(&self) {
         let mut waiting = Vec::new();
-        for resource in [Resource::Services, Resource::EndpointSlices] {
+        for resource in self.gating_resources() {
             if !self.listed.contains(&resource) {
                 waiting.push(resource.as_str().to_owned());
             }
