@@ -281,6 +281,16 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     version = %ebpf::loader::programs_version(),
                     "eBPF programs in place"
                 );
+                let north_south =
+                    ebpf::north_south::attach(&settings.ebpf.pin_dir, &settings.north_south)
+                        .context("attaching the north-south tc programs")?;
+                tracing::info!(
+                    interfaces = ?north_south.interfaces,
+                    attached = north_south.attached,
+                    replaced = north_south.replaced,
+                    netlink = north_south.netlink,
+                    "north-south tc programs in place"
+                );
                 serve(settings, dataplane).await
             }
             ProxyMode::DryRun => {
@@ -429,6 +439,10 @@ fn cleanup(
             "detached {} program(s), unpinned {} object(s)",
             report.detached, report.unpinned
         );
+        let filters = ebpf::north_south::detach_netlink_filters();
+        if filters > 0 {
+            println!("removed {filters} north-south tc filter(s)");
+        }
     }
     if let Some(ipvs_scope) = ipvs_scope {
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -23,6 +23,8 @@
 #![no_std]
 #![no_main]
 
+mod north_south;
+
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -216,24 +218,13 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         return ALLOW;
     };
 
-    // The nearest tier with a backend: emptying a tier is one write of the service entry.
-    let mut tier = MAX_TIERS;
-    let mut count = 0u32;
-    for (index, &backends) in service.tier_counts.iter().enumerate() {
-        if backends != 0 {
-            tier = index;
-            count = u32::from(backends);
-            break;
-        }
-    }
-    if count == 0 {
+    let Some((tier, count)) = service_tier(&service) else {
         count_service(service.id, 0, 0, 1);
         if may_log(log_events::NO_BACKEND) {
             warn!(ctx, "no_backend svc={}", service.id);
         }
         return REJECT;
-    }
-    let tier = tier as u32;
+    };
     if tier != 0 && may_log(log_events::TIER_FALLBACK) {
         info!(ctx, "tier_fallback svc={} tier={}", service.id, tier);
     }
@@ -262,6 +253,23 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     count_service(service.id, 1, u64::from(affine), 0);
     count_backend(service.id, backend);
     ALLOW
+}
+
+/// The tier new connections of `service` go to and its backend count; `None` when every tier
+/// is empty. The socket path and the north-south tc path both choose through this.
+#[inline(always)]
+fn service_tier(service: &Service) -> Option<(u32, u32)> {
+    // The nearest tier with a backend: emptying a tier is one write of the service entry.
+    let mut tier = MAX_TIERS;
+    let mut count = 0u32;
+    for (index, &backends) in service.tier_counts.iter().enumerate() {
+        if backends != 0 {
+            tier = index;
+            count = u32::from(backends);
+            break;
+        }
+    }
+    (count != 0).then_some((tier as u32, count))
 }
 
 /// The backend for this client: its affine one while it holds, else a random one in `tier`.

@@ -9,7 +9,8 @@
 //!   behind the [`lb_maps::LbMaps`] seam);
 //! - [`maps`]: the pinned maps behind that seam, and the counters;
 //! - [`list`]: what `topoproxy list` shows;
-//! - [`loader`]: loading, attaching, pinning, adopting and removing the programs.
+//! - [`loader`]: loading, attaching, pinning, adopting and removing the programs;
+//! - [`north_south`]: the tc programs for traffic from outside the node.
 
 mod convert;
 pub mod datapath_log;
@@ -18,6 +19,7 @@ mod lb_maps;
 mod list;
 pub mod loader;
 mod maps;
+pub mod north_south;
 
 use std::future::Future;
 use std::io;
@@ -140,6 +142,8 @@ pub enum EbpfError {
     GracePeriod(#[source] io::Error),
     #[error("reading the programs' log ring buffer failed")]
     LogReader(#[source] Box<aya_log::Error>),
+    #[error("network interface {0:?} does not exist")]
+    NoInterface(String),
 }
 
 /// The eBPF dataplane. Dropping it leaves everything pinned and attached.
