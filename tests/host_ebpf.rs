@@ -24,13 +24,17 @@ use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
 use topoproxy::dataplane::ebpf::{
-    cgroup2_mount, cleanup, program_pin, DatapathLog, EbpfDataplane, EbpfSettings, PROGRAMS,
+    cgroup2_mount, cleanup, maps_pinned, program_pin, DatapathLog, EbpfDataplane, EbpfSettings,
+    PROGRAMS,
 };
 use topoproxy::dataplane::Dataplane as _;
-use topoproxy::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use topoproxy::dataplane::{
+    DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig, TierShares,
+};
 use topoproxy::diff::diff;
 use topoproxy::model::Protocol;
 use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
+use topoproxy_common::MAPS_DIR;
 
 const CLIENT_ENV: &str = "TOPOPROXY_EBPF_TEST_CLIENT";
 const PORT: u16 = 8080;
@@ -307,6 +311,31 @@ impl Client {
         parse_pair(&answer)
     }
 
+    /// `count` new connections (`tcp`) or datagrams (`udp`) to `address`: how many failed
+    /// and how many each backend served.
+    fn spread(
+        &mut self,
+        protocol: &str,
+        address: &str,
+        count: u32,
+    ) -> (u64, BTreeMap<String, u64>) {
+        let answer = self.ask(&format!("spread {protocol} {address} {PORT} {count}"));
+        let mut words = answer.split_whitespace();
+        assert_eq!(words.next(), Some("ok"), "{answer}");
+        let failed = words
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("failed count");
+        let served = words
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|pair| pair.split_once('='))
+            .map(|(name, n)| (name.to_owned(), n.parse().expect("served count")))
+            .collect();
+        (failed, served)
+    }
+
     fn udp_connected(&mut self, address: &str) -> (String, String) {
         let answer = self.ask(&format!("udpc {address} {PORT}"));
         parse_pair(&answer)
@@ -414,6 +443,26 @@ fn client_process() {
                 }
                 let names: Vec<String> = names.into_iter().collect();
                 format!("ok {ok} {failed} {first_error} {}", names.join(","))
+            }
+            ["spread", protocol, ip, port, count] => {
+                // Which backend served each of `count` new connections (or datagrams).
+                let mut served: BTreeMap<String, u64> = BTreeMap::new();
+                let mut failed = 0u64;
+                for _ in 0..count.parse::<u64>().expect("count") {
+                    let name = match *protocol {
+                        "tcp" => tcp_name(&target(ip, port)).map(|(name, _, _)| name),
+                        _ => udp_name(&target(ip, port), false).map(|(name, _)| name),
+                    };
+                    match name {
+                        Ok(name) => *served.entry(name).or_default() += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                let served: Vec<String> = served
+                    .iter()
+                    .map(|(name, n)| format!("{name}={n}"))
+                    .collect();
+                format!("ok {failed} {}", served.join(","))
             }
             ["udp2", first, second, port] => {
                 match udp_two_vips(&target(first, port), &target(second, port)) {
@@ -556,6 +605,7 @@ fn config(persistence_timeout: Option<u32>) -> ServiceConfig {
         persistence_timeout,
         frontend: Frontend::ClusterIP,
         traffic_policy: TrafficPolicy::Cluster,
+        tier_shares: TierShares::default(),
     }
 }
 
@@ -612,6 +662,30 @@ fn sync(dataplane: &mut EbpfDataplane, desired: &ProgrammedTable) {
     block_on(dataplane.apply(&ops)).expect("apply");
     let after = block_on(dataplane.read()).expect("read back");
     assert_eq!(&after, desired, "the maps read back differ from the plan");
+}
+
+/// [`all_services`] under a locality policy: each tier takes `shares` (ppm) of new connections.
+fn shared_services(
+    backends: &[(Backend, u8)],
+    shares: [u32; 8],
+    persistence_timeout: Option<u32>,
+) -> ProgrammedTable {
+    let mut table = all_services(backends, persistence_timeout);
+    for service in table.values_mut() {
+        service.config.tier_shares = TierShares(shares);
+    }
+    table
+}
+
+/// Connections served per tier of `backends` out of `spread`'s counts, as fractions.
+fn tier_fractions(backends: &[(Backend, u8)], served: &BTreeMap<String, u64>) -> [f64; 3] {
+    let total: u64 = served.values().sum();
+    let mut fractions = [0.0; 3];
+    for (backend, tier) in backends {
+        let n = served.get(backend.name).copied().unwrap_or(0);
+        fractions[usize::from(*tier)] += n as f64 / total as f64;
+    }
+    fractions
 }
 
 fn names(backends: &[(Backend, u8)], tier: u8) -> BTreeSet<String> {
@@ -730,6 +804,87 @@ fn vips_reach_the_nearest_tier_and_fall_back_with_the_vip_in_view() {
 }
 
 #[test]
+fn tiers_take_their_shares_and_an_emptied_tier_spills_on_the_very_next_connect() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let tiers = [(T0A, 0), (T0B, 0), (T1A, 1), (T1B, 1), (T2A, 2)];
+    // Tier 2 has no share: it is the fallback only.
+    let shares = [700_000, 300_000, 0, 0, 0, 0, 0, 0];
+    sync(&mut dataplane, &shared_services(&tiers, shares, None));
+    let mut client = world.client();
+    for (protocol, vip) in [("tcp", VIP4), ("udp", VIP6), ("tcp", VIP6), ("udp", VIP4)] {
+        let (failed, served) = client.spread(protocol, vip, 2000);
+        assert_eq!(failed, 0, "{protocol} {vip}: {served:?}");
+        let [near, next, fallback] = tier_fractions(&tiers, &served);
+        // ±5 points is about five standard deviations at 2,000 draws.
+        assert!(
+            (near - 0.7).abs() <= 0.05,
+            "{protocol} {vip} tier 0 took {near}: {served:?}"
+        );
+        assert!(
+            (next - 0.3).abs() <= 0.05,
+            "{protocol} {vip} tier 1 took {next}: {served:?}"
+        );
+        assert_eq!(
+            fallback, 0.0,
+            "{protocol} {vip}: the fallback tier served: {served:?}"
+        );
+        assert!(
+            served.len() == 4,
+            "every backend with a share serves: {served:?}"
+        );
+    }
+
+    // Tier 0 empties with the shares unchanged: the datapath draws among what is left, from
+    // the very first connect on.
+    let without_tier0 = [(T1A, 1), (T1B, 1), (T2A, 2)];
+    sync(
+        &mut dataplane,
+        &shared_services(&without_tier0, shares, None),
+    );
+    assert!(names(&without_tier0, 1).contains(&client.tcp(VIP4).0));
+    let (failed, served) = client.spread("tcp", VIP4, 200);
+    assert_eq!(failed, 0);
+    assert_eq!(
+        served.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&without_tier0, 1),
+        "after tier 0 emptied"
+    );
+
+    // Every tier with a share empty: the nearest non-empty tier takes over, as without shares.
+    sync(&mut dataplane, &shared_services(&[(T2A, 2)], shares, None));
+    assert_eq!(client.tcp(VIP4).0, "t2a");
+    assert_eq!(client.udp(VIP6).0, "t2a");
+
+    // Affinity under shares: one client keeps its backend while that backend's tier serves.
+    sync(
+        &mut dataplane,
+        &shared_services(&tiers, [500_000, 500_000, 0, 0, 0, 0, 0, 0], Some(60)),
+    );
+    let (failed, served) = client.spread("tcp", VIP4, 200);
+    assert_eq!(failed, 0);
+    assert_eq!(served.len(), 1, "affinity under shares: {served:?}");
+
+    let listing = dataplane.list().expect("list");
+    let tcp4 = listing
+        .services
+        .iter()
+        .find(|s| s.key == VsKey::new(Protocol::Tcp, VIP4.parse().expect("vip"), PORT))
+        .expect("tcp4 listed");
+    let active: BTreeSet<u8> = tcp4
+        .backends
+        .iter()
+        .filter(|b| b.active)
+        .map(|b| b.tier)
+        .collect();
+    assert_eq!(
+        active,
+        BTreeSet::from([0, 1]),
+        "both shared tiers are listed as serving"
+    );
+}
+
+#[test]
 fn client_ip_affinity_holds_to_one_backend() {
     let world = World::new();
     let mut dataplane = world.open();
@@ -842,19 +997,114 @@ fn a_restarted_dataplane_keeps_traffic_flowing_and_cleanup_removes_everything() 
     assert!(cleanup(&world.settings).expect("second cleanup").detached == 0);
 }
 
+/// What an agent of map ABI 1 leaves: its maps pinned in the pin directory itself, its
+/// programs pinned under another version.
+fn make_pins_look_like_abi_1(pin_dir: &std::path::Path) -> Vec<PathBuf> {
+    let maps_dir = pin_dir.join(MAPS_DIR);
+    for entry in std::fs::read_dir(&maps_dir).expect("maps dir") {
+        let entry = entry.expect("maps dir entry");
+        std::fs::rename(entry.path(), pin_dir.join(entry.file_name())).expect("move a map pin");
+    }
+    std::fs::remove_dir(&maps_dir).expect("remove the maps dir");
+    PROGRAMS
+        .iter()
+        .map(|name| {
+            let old = pin_dir.join(format!("prog_{name}"));
+            std::fs::rename(program_pin(pin_dir, name), &old).expect("rename a program pin");
+            old
+        })
+        .collect()
+}
+
 #[test]
-fn a_missing_map_pin_makes_the_next_open_attach_afresh() {
+fn maps_of_another_abi_keep_serving_until_the_new_ones_hold_the_table() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let desired = all_services(&[(T0A, 0), (T0B, 0)], None);
+    sync(&mut dataplane, &desired);
+    drop(dataplane);
+    let old_pins = make_pins_look_like_abi_1(&world.settings.pin_dir);
+    let old_ids = program_ids_at(old_pins.iter().cloned());
+
+    let mut client = world.client();
+    client.send(&format!("loop {VIP4} {PORT} 1500"));
+    let mut dataplane = world.open();
+    // Fresh maps, empty: the links still run the old programs on the old maps.
+    assert!(dataplane.map_switch_pending());
+    assert!(
+        dataplane.load_report().attached.is_empty(),
+        "{:?}",
+        dataplane.load_report()
+    );
+    assert!(!maps_pinned(&world.settings.pin_dir));
+    assert!(block_on(dataplane.read()).expect("read").is_empty());
+    let (name, _) = world.client().tcp(VIP4);
+    assert!(
+        ["t0a", "t0b"].contains(&name.as_str()),
+        "served by the old maps: {name}"
+    );
+
+    sync(&mut dataplane, &desired);
+    dataplane.complete_map_switch().expect("switch");
+    assert!(!dataplane.map_switch_pending());
+    let answer = client.answer();
+    let words: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(words[0], "ok", "{answer}");
+    assert!(
+        words[1].parse::<u64>().expect("ok") > 10,
+        "too few connects: {answer}"
+    );
+    assert_eq!(
+        words[2], "0",
+        "connects failed across the map switch: {answer}"
+    );
+
+    assert!(maps_pinned(&world.settings.pin_dir));
+    assert!(
+        old_pins.iter().all(|pin| !pin.exists()),
+        "old program pins left"
+    );
+    for map in ["TP_SERVICES", "TP_BACKENDS", "TP_REV_NAT"] {
+        assert!(
+            !world.settings.pin_dir.join(map).exists(),
+            "{map} of ABI 1 left"
+        );
+    }
+    assert!(!world.settings.pin_dir.join("maps_staging").exists());
+    let still_loaded: Vec<u32> = loaded_program_ids()
+        .intersection(&old_ids)
+        .copied()
+        .collect();
+    assert!(
+        still_loaded.is_empty(),
+        "old programs still loaded: {still_loaded:?}"
+    );
+    let (name, peer) = client.tcp(VIP4);
+    assert!(["t0a", "t0b"].contains(&name.as_str()));
+    assert_eq!(peer, socket(VIP4).to_string());
+
+    // The next agent adopts what this one left.
+    drop(dataplane);
+    let dataplane = world.open();
+    assert!(!dataplane.map_switch_pending());
+    assert_eq!(dataplane.load_report().adopted.len(), PROGRAMS.len());
+}
+
+#[test]
+fn a_missing_map_pin_loads_fresh_maps_and_switches_after_the_sync() {
     let world = World::new();
     let mut dataplane = world.open();
     let desired = all_services(&[(T0A, 0)], None);
     sync(&mut dataplane, &desired);
     drop(dataplane);
     // Adopting the old programs now would leave them reading maps no one writes.
-    std::fs::remove_file(world.settings.pin_dir.join("TP_REV_NAT")).expect("remove a map pin");
+    std::fs::remove_file(world.settings.pin_dir.join(MAPS_DIR).join("TP_REV_NAT"))
+        .expect("remove a map pin");
     let mut dataplane = world.open();
-    assert_eq!(dataplane.load_report().attached.len(), PROGRAMS.len());
-    assert!(dataplane.load_report().adopted.is_empty());
-    assert_eq!(block_on(dataplane.read()).expect("read"), desired);
+    assert!(dataplane.map_switch_pending());
+    sync(&mut dataplane, &desired);
+    dataplane.complete_map_switch().expect("switch");
+    assert!(maps_pinned(&world.settings.pin_dir));
     let mut client = world.client();
     let (name, peer) = client.tcp(VIP4);
     assert_eq!((name.as_str(), peer), ("t0a", socket(VIP4).to_string()));

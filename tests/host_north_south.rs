@@ -30,7 +30,9 @@ use futures::executor::block_on;
 use topoproxy::dataplane::ebpf::north_south::{self, NorthSouthSettings};
 use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings};
 use topoproxy::dataplane::Dataplane as _;
-use topoproxy::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use topoproxy::dataplane::{
+    DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig, TierShares,
+};
 use topoproxy::diff::diff;
 use topoproxy::model::Protocol;
 use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
@@ -226,13 +228,17 @@ impl World {
         EbpfDataplane::open(self.settings.clone()).expect("open the eBPF dataplane")
     }
 
-    /// Attaches the tc programs inside the node namespace with the default device choice.
-    fn attach(&self) -> north_south::NorthSouthReport {
-        let pin_dir = self.settings.pin_dir.clone();
+    /// Attaches the tc programs inside the node namespace with the default device choice,
+    /// as the agent does (the dataplane's maps are already switched in: a fresh pin dir).
+    fn attach(&self, dataplane: EbpfDataplane) -> (EbpfDataplane, north_south::NorthSouthReport) {
         within(&self.node, move || {
-            north_south::attach(&pin_dir, &NorthSouthSettings::default())
+            let mut dataplane = dataplane;
+            let report = dataplane
+                .attach_north_south(NorthSouthSettings::default())
+                .expect("attach the north-south programs")
+                .expect("no map switch pending in a fresh pin directory");
+            (dataplane, report)
         })
-        .expect("attach the north-south programs")
     }
 
     fn tcp(&self, address: &str, port: u16) -> std::io::Result<(String, String)> {
@@ -392,6 +398,7 @@ fn service(
                 persistence_timeout,
                 frontend,
                 traffic_policy,
+                tier_shares: TierShares::default(),
             },
             destinations,
         },
@@ -481,8 +488,7 @@ fn pair(name: &str, peer: &str) -> (String, String) {
 /// A world with programs attached and the table programmed.
 fn programmed() -> (World, EbpfDataplane) {
     let world = World::new();
-    let mut dataplane = world.open();
-    let report = world.attach();
+    let (mut dataplane, report) = world.attach(world.open());
     let expected: BTreeSet<String> = [world.uplink(), world.crosslink()].into();
     assert_eq!(
         report.interfaces.iter().cloned().collect::<BTreeSet<_>>(),
@@ -587,7 +593,7 @@ fn client_ip_affinity_holds_across_connections() {
 
 #[test]
 fn a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing() {
-    let (world, _dataplane) = programmed();
+    let (world, dataplane) = programmed();
     let target = SocketAddr::new(NODE.parse().expect("ip"), NODE_PORT);
     // A connection held open across the restart keeps working: its flow is tracked in maps
     // that outlive the programs.
@@ -600,7 +606,9 @@ fn a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing() {
     let mut greeting = String::new();
     reader.read_line(&mut greeting).expect("greeting");
 
-    let again = world.attach();
+    // A new agent: its dataplane opens the pinned maps and swaps its programs in.
+    drop(dataplane);
+    let (_dataplane, again) = world.attach(world.open());
     assert_eq!((again.attached, again.replaced), (0, 4));
     assert_eq!(
         world.tcx_programs(),

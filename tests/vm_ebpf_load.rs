@@ -13,7 +13,9 @@ use std::time::Duration;
 use futures::executor::block_on;
 use topoproxy::dataplane::ebpf::{cleanup, EbpfDataplane, EbpfSettings, PROGRAMS};
 use topoproxy::dataplane::Dataplane as _;
-use topoproxy::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use topoproxy::dataplane::{
+    DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig, TierShares,
+};
 use topoproxy::diff::diff;
 use topoproxy::model::Protocol;
 use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
@@ -29,6 +31,7 @@ fn desired(protocol: Protocol, backend: SocketAddr) -> (VsKey, ProgrammedService
                 persistence_timeout: Some(30),
                 frontend: Frontend::ClusterIP,
                 traffic_policy: TrafficPolicy::Cluster,
+                tier_shares: TierShares::default(),
             },
             destinations: [(
                 (backend.ip(), backend.port()),

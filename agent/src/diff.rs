@@ -262,6 +262,7 @@ pub fn apply_to(table: &mut ProgrammedTable, ops: &[Op]) -> Vec<Op> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::TierShares;
     use crate::model::Protocol;
     use crate::table::{Frontend, TrafficPolicy};
 
@@ -290,6 +291,7 @@ mod tests {
             persistence_timeout: None,
             frontend: Frontend::ClusterIP,
             traffic_policy: TrafficPolicy::Cluster,
+            tier_shares: TierShares::default(),
         }
     }
 

@@ -270,7 +270,7 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                 serve(settings, dataplane).await
             }
             ProxyMode::Ebpf => {
-                let dataplane = EbpfDataplane::open(settings.ebpf.clone())
+                let mut dataplane = EbpfDataplane::open(settings.ebpf.clone())
                     .context("starting the eBPF dataplane")?;
                 let report = dataplane.load_report();
                 tracing::info!(
@@ -281,16 +281,13 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     version = %ebpf::loader::programs_version(),
                     "eBPF programs in place"
                 );
-                let north_south =
-                    ebpf::north_south::attach(&settings.ebpf.pin_dir, &settings.north_south)
-                        .context("attaching the north-south tc programs")?;
-                tracing::info!(
-                    interfaces = ?north_south.interfaces,
-                    attached = north_south.attached,
-                    replaced = north_south.replaced,
-                    netlink = north_south.netlink,
-                    "north-south tc programs in place"
-                );
+                match dataplane
+                    .attach_north_south(settings.north_south.clone())
+                    .context("attaching the north-south tc programs")?
+                {
+                    Some(report) => ebpf::north_south::log_report(&report),
+                    None => tracing::info!("north-south tc programs wait for the first sync"),
+                }
                 serve(settings, dataplane).await
             }
             ProxyMode::DryRun => {
@@ -343,9 +340,10 @@ fn list(mode: KernelMode, pin_dir: PathBuf, all: bool, no_counters: bool) -> Res
             Ok(())
         }
         KernelMode::Ebpf => {
-            if !pin_dir.is_dir() {
+            // Opening loads and attaches where nothing is: only open what an agent programmed.
+            if !ebpf::maps_pinned(&pin_dir) {
                 return Err(Failure::Error(anyhow::anyhow!(
-                    "nothing is pinned in {}: is topoproxy running in eBPF mode (--bpf-pin-dir)?",
+                    "no maps of this version are pinned in {}: is topoproxy (this version) running in eBPF mode (--bpf-pin-dir)?",
                     pin_dir.display()
                 )));
             }

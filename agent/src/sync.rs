@@ -317,6 +317,9 @@ impl<D: Dataplane> SyncLoop<D> {
                         "initial sync done"
                     );
                 }
+                if let Err(error) = self.dataplane.synced() {
+                    tracing::error!(error = %error_chain(&error), "finishing the sync in the dataplane failed; retrying after the next one");
+                }
                 let first = !self.initial_sync_done;
                 self.initial_sync_done = true;
                 self.replan_all = false;

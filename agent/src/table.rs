@@ -129,7 +129,7 @@ pub struct Tier {
 }
 
 /// The whole, in parts per million.
-pub const SHARE_WHOLE: u32 = 1_000_000;
+pub use topoproxy_common::SHARE_WHOLE;
 
 impl Tier {
     /// Whether this tier takes new connections, given its position in the fallback order.

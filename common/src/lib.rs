@@ -26,6 +26,13 @@ pub const TIER_SHIFT: u32 = 16;
 pub const MAX_TIER_BACKENDS: u32 = u16::MAX as u32;
 /// Bytes of a service's scheduler name kept for read-back.
 pub const SCHEDULER_LEN: usize = 16;
+/// The pin directory's subdirectory holding the maps, named after the version of this map
+/// ABI: an agent never opens maps of another layout. A new version starts with fresh maps and
+/// swaps the programs over once it has filled them. Bump the suffix whenever a key or value
+/// below changes size or meaning (version 1 pinned its maps in the pin directory itself).
+pub const MAPS_DIR: &str = "maps_v2";
+/// The whole of a tier share: [`Service::tier_shares`] are parts per million.
+pub const SHARE_WHOLE: u32 = 1_000_000;
 
 /// `AF_INET`, as in `bpf_sock_addr::user_family`.
 pub const FAMILY_V4: u8 = 2;
@@ -109,6 +116,11 @@ pub struct Service {
     pub flags: u32,
     /// Backends per tier, nearest first.
     pub tier_counts: [u16; MAX_TIERS],
+    /// Share of new connections each tier takes, in parts per million of the shares of the
+    /// non-empty tiers (a tier emptied since takes nothing, without the agent). All zero: the
+    /// nearest non-empty tier takes everything (kube-proxy's behaviour), as it does when
+    /// every tier with a share is empty.
+    pub tier_shares: [u32; MAX_TIERS],
     /// The scheduler name the agent was given (NUL-padded); the datapath ignores it.
     pub scheduler: [u8; SCHEDULER_LEN],
 }
@@ -245,7 +257,7 @@ mod user {
 const _: () = {
     use core::mem::size_of;
     assert!(size_of::<ServiceKey>() == 20);
-    assert!(size_of::<Service>() == 28 + 2 * MAX_TIERS);
+    assert!(size_of::<Service>() == 28 + 2 * MAX_TIERS + 4 * MAX_TIERS);
     assert!(size_of::<Endpoint>() == 20);
     assert!(size_of::<Backend>() == 24);
     assert!(size_of::<RevNatKey>() == 32);

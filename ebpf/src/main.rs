@@ -2,8 +2,10 @@
 //! VIP:port into one of its backends when a socket names it, so the packets never carry the VIP.
 //!
 //! - `connect4/6` (TCP, connected UDP) and `sendmsg4/6` (unconnected UDP) look the destination
-//!   up in `TP_SERVICES`, pick a backend at random in the nearest non-empty tier (or the
-//!   client's affine backend), rewrite the address and remember socket → VIP in `TP_REV_NAT`.
+//!   up in `TP_SERVICES`, draw a tier by the entry's shares among its non-empty tiers (the
+//!   nearest non-empty tier when no tier has a share: kube-proxy's behaviour), pick a backend
+//!   at random in it (or keep the client's affine backend), rewrite the address and remember
+//!   socket → VIP in `TP_REV_NAT`.
 //! - `recvmsg4/6` (UDP replies) and `getpeername4/6` put the VIP back, so the application only
 //!   ever sees the address it asked for.
 //! - The v6 hooks treat an IPv4-mapped address (`::ffff:VIP`, a dual-stack socket talking
@@ -213,29 +215,33 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
         protocol: load(unsafe { &(*sa).protocol }) as u8,
         family: vip.family,
     };
-    // SAFETY: values are copied out at once; the agent replaces whole elements.
-    let Some(service) = (unsafe { TP_SERVICES.get(key) }).copied() else {
+    // SAFETY: the map is not preallocated, so an update swaps in a new element and this one
+    // stays whole until the program returns (RCU): counts and shares are read consistently.
+    let Some(service) = (unsafe { TP_SERVICES.get(key) }) else {
         return ALLOW;
     };
 
-    let Some((tier, count)) = service_tier(&service) else {
+    // Counts and shares come from one entry, so emptying a tier is one write and the very
+    // next call draws among the tiers left.
+    let tiers = TierView::of(service);
+    let Some(nearest) = tiers.nearest else {
         count_service(service.id, 0, 0, 1);
         if may_log(log_events::NO_BACKEND) {
             warn!(ctx, "no_backend svc={}", service.id);
         }
         return REJECT;
     };
-    if tier != 0 && may_log(log_events::TIER_FALLBACK) {
-        info!(ctx, "tier_fallback svc={} tier={}", service.id, tier);
+    if tiers.is_fallback() && may_log(log_events::TIER_FALLBACK) {
+        info!(ctx, "tier_fallback svc={} tier={}", service.id, nearest);
     }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let (backend, affine) = match choose(ctx, &service, tier, count, cookie, &vip, hook) {
+    let (backend, affine) = match choose(ctx, service, &tiers, cookie, &vip, hook) {
         Some(chosen) => chosen,
         // A slot below the count is always filled; a miss means the agent broke the order.
         None => {
             if may_log(log_events::SLOT_MISS) {
-                error!(ctx, "slot_miss svc={} tier={}", service.id, tier);
+                error!(ctx, "slot_miss svc={}", service.id);
             }
             return REJECT;
         }
@@ -255,30 +261,95 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     ALLOW
 }
 
-/// The tier new connections of `service` go to and its backend count; `None` when every tier
-/// is empty. The socket path and the north-south tc path both choose through this.
-#[inline(always)]
-fn service_tier(service: &Service) -> Option<(u32, u32)> {
-    // The nearest tier with a backend: emptying a tier is one write of the service entry.
-    let mut tier = MAX_TIERS;
-    let mut count = 0u32;
-    for (index, &backends) in service.tier_counts.iter().enumerate() {
-        if backends != 0 {
-            tier = index;
-            count = u32::from(backends);
-            break;
-        }
-    }
-    (count != 0).then_some((tier as u32, count))
+/// Which tiers of a service take new connections (kept small: the stack is 512 bytes).
+struct TierView {
+    /// The nearest tier with a backend; `None` when every tier is empty.
+    nearest: Option<u32>,
+    /// The shares of the non-empty tiers, summed; 0 when none has a share.
+    total_share: u32,
+    /// Whether the agent gave any tier a share (a locality policy).
+    weighted: bool,
 }
 
-/// The backend for this client: its affine one while it holds, else a random one in `tier`.
+impl TierView {
+    #[inline(always)]
+    fn of(service: &Service) -> Self {
+        let mut view = TierView {
+            nearest: None,
+            total_share: 0,
+            weighted: false,
+        };
+        let mut tier = 0;
+        while tier < MAX_TIERS {
+            let share = service.tier_shares[tier];
+            view.weighted |= share != 0;
+            if service.tier_counts[tier] != 0 {
+                if view.nearest.is_none() {
+                    view.nearest = Some(tier as u32);
+                }
+                view.total_share = view.total_share.saturating_add(share);
+            }
+            tier += 1;
+        }
+        view
+    }
+
+    /// Served by a tier only because nearer ones (or every tier with a share) are empty.
+    #[inline(always)]
+    fn is_fallback(&self) -> bool {
+        self.total_share == 0 && (self.weighted || self.nearest != Some(0))
+    }
+
+    /// Whether a backend at `index` of `tier` may take a new connection from this client.
+    #[inline(always)]
+    fn serves(&self, service: &Service, tier: u32, index: u32) -> bool {
+        let (Some(&count), Some(&share)) = (
+            service.tier_counts.get(tier as usize),
+            service.tier_shares.get(tier as usize),
+        ) else {
+            return false;
+        };
+        if index >= u32::from(count) {
+            return false;
+        }
+        if self.total_share == 0 {
+            return self.nearest == Some(tier);
+        }
+        share != 0
+    }
+
+    /// The tier of a new connection, with its backend count: drawn by share among the
+    /// non-empty tiers, or the nearest non-empty one when none has a share.
+    #[inline(always)]
+    fn draw(&self, service: &Service) -> Option<(u32, u32)> {
+        let nearest = self.nearest?;
+        if self.total_share != 0 {
+            let mut left = unsafe { bpf_get_prandom_u32() } % self.total_share;
+            let mut tier = 0;
+            while tier < MAX_TIERS {
+                let count = u32::from(service.tier_counts[tier]);
+                if count != 0 {
+                    let share = service.tier_shares[tier];
+                    if left < share {
+                        return Some((tier as u32, count));
+                    }
+                    left -= share;
+                }
+                tier += 1;
+            }
+        }
+        let count = u32::from(*service.tier_counts.get(nearest as usize)?);
+        Some((nearest, count))
+    }
+}
+
+/// The backend for this client: its affine one while its tier still takes connections, else
+/// a random one of a tier drawn by share.
 #[inline(always)]
 fn choose(
     ctx: &SockAddrContext,
     service: &Service,
-    tier: u32,
-    count: u32,
+    tiers: &TierView,
     cookie: u64,
     vip: &Endpoint,
     hook: Hook,
@@ -298,7 +369,7 @@ fn choose(
             // Another CPU may have stamped the entry after `now` was read: a stamp newer
             // than `now` is fresh, not 2^64 ns old.
             let fresh = held.last_used_ns >= now || now - held.last_used_ns <= timeout_ns;
-            if fresh && held.slot >> TIER_SHIFT == tier && held.slot & 0xffff < count {
+            if fresh && tiers.serves(service, held.slot >> TIER_SHIFT, held.slot & 0xffff) {
                 let slot = BackendKey {
                     service_id: service.id,
                     slot: held.slot,
@@ -318,6 +389,7 @@ fn choose(
         affinity = Some((key, now));
     }
 
+    let (tier, count) = tiers.draw(service)?;
     let (backend, slot) = pick(ctx, service.id, tier, count, cookie, vip, hook)?;
     if let Some((key, now)) = affinity {
         let value = AffinityValue {

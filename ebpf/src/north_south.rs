@@ -5,7 +5,7 @@
 //!   as a tracked client flow, then as a new flow to a Service frontend in the socket path's
 //!   own `TP_SERVICES` / `TP_BACKENDS` (same tier and slot choice, same counters). Anything
 //!   else — SSH to the node, ClusterIPs (the socket path's job), fragments — passes untouched.
-//! - A new flow gets its backend by tier as a connect does (`sessionAffinity: ClientIP` keyed
+//! - A new flow gets its backend by tier as a connect does (the same `TierView` draw) (`sessionAffinity: ClientIP` keyed
 //!   by the client's address), is DNATed and handed to the stack, which routes it to a local
 //!   pod or off the node. `externalTrafficPolicy: Local` Services hold only node-local tiers,
 //!   so the pod sees the client's address; with no local backend the packet is dropped.
@@ -42,7 +42,7 @@ use topoproxy_common::{
     AffinityValue, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, TIER_SHIFT,
 };
 
-use crate::{count_backend, count_service, service_tier, slot_backend, TP_SERVICES};
+use crate::{count_backend, count_service, slot_backend, TierView, TP_SERVICES};
 
 /// Not ours: let the next program (tcx) or filter (netlink) see the packet.
 const NEXT: i32 = TC_ACT_UNSPEC;
@@ -248,19 +248,22 @@ fn new_flow(ctx: &TcContext, packet: &Packet) -> i32 {
         protocol: packet.protocol,
         family: packet.family,
     };
-    // SAFETY: copied out at once; the agent replaces whole elements.
-    let Some(service) = (unsafe { TP_SERVICES.get(key) }).copied() else {
+    // SAFETY: the map is not preallocated, so an update swaps in a new element and this one
+    // stays whole until the program returns (RCU): counts and shares are read consistently.
+    let Some(service) = (unsafe { TP_SERVICES.get(key) }) else {
         return NEXT;
     };
     // ClusterIPs are balanced at the socket; only NodePorts, externalIPs and LB IPs here.
     if service.flags & flags::FRONTEND_MASK == 0 {
         return NEXT;
     }
-    let Some((tier, count)) = service_tier(&service) else {
+    // The socket path's tier view: the same draw by share, the same fallback.
+    let tiers = TierView::of(service);
+    if tiers.nearest.is_none() {
         count_service(service.id, 0, 0, 1);
         return DROP;
-    };
-    let Some((backend, affine)) = choose(&service, tier, count, packet) else {
+    }
+    let Some((backend, affine)) = choose(service, &tiers, packet) else {
         return DROP;
     };
     // Local policy: the tiers hold only node-local backends and the client's address stays.
@@ -439,12 +442,13 @@ fn snat_address(ifindex: u32, family: u8) -> Option<[u32; 4]> {
     }
 }
 
-/// The backend for this client: its affine one while it holds, else a random one in `tier`
-/// (the same slots and freshness rule as the socket path).
+/// The backend for this client: its affine one while its tier still takes connections, else
+/// a random one of a tier drawn by share (the socket path's rule, keyed by client address).
 // A BPF subprogram of its own: its stack frame is not added to the callers'.
 #[inline(never)]
-fn choose(service: &Service, tier: u32, count: u32, packet: &Packet) -> Option<(Endpoint, bool)> {
+fn choose(service: &Service, tiers: &TierView, packet: &Packet) -> Option<(Endpoint, bool)> {
     let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
+    let (tier, count) = tiers.draw(service)?;
     let index = unsafe { bpf_get_prandom_u32() } % count;
     if timeout_ns == 0 {
         return slot_backend(service.id, tier, index).map(|backend| (backend, false));
@@ -459,12 +463,12 @@ fn choose(service: &Service, tier: u32, count: u32, packet: &Packet) -> Option<(
     if let Some(entry) = TP_NS_AFFINITY.get_ptr_mut(key) {
         // SAFETY: a pointer the map lookup returned, valid for this program run.
         let held = unsafe { *entry };
+        // A stamp another CPU wrote after `now` was read is fresh, not 2^64 ns old.
         let fresh = held.last_used_ns >= now || now - held.last_used_ns <= timeout_ns;
-        let held_index = held.slot & 0xffff;
+        let (held_tier, held_index) = (held.slot >> TIER_SHIFT, held.slot & 0xffff);
         if fresh
-            && held.slot >> TIER_SHIFT == tier
-            && held_index < count
-            && slot_backend(service.id, tier, held_index) == Some(held.backend)
+            && tiers.serves(service, held_tier, held_index)
+            && slot_backend(service.id, held_tier, held_index) == Some(held.backend)
         {
             if now > held.last_used_ns {
                 // SAFETY: as above; a racing update only moves the timestamp.

@@ -13,7 +13,7 @@ use std::future::Future;
 
 pub use programmed::{
     programmed_table, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
-    TierScope,
+    TierScope, TierShares,
 };
 
 use crate::diff::Op;
@@ -123,6 +123,12 @@ pub trait Dataplane: Send {
     /// Requests sent to the kernel since start, by kind, for the metrics.
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
+    }
+
+    /// Called after every successful sync, once the dataplane holds the whole plan (the eBPF
+    /// dataplane switches its programs to freshly loaded maps then).
+    fn synced(&mut self) -> Result<(), DataplaneError> {
+        Ok(())
     }
 
     /// Gives the dataplane the Service names behind virtual services, for its own logs.

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use crate::table::{Frontend, NodeTable, TrafficPolicy, VirtualServer, VsKey};
+use topoproxy_common::MAX_TIERS;
+
+use crate::table::{Frontend, NodeTable, TrafficPolicy, VirtualServer, VsKey, SHARE_WHOLE};
 
 /// A virtual service's own settings, as a dataplane programs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +21,49 @@ pub struct ServiceConfig {
     pub frontend: Frontend,
     /// The traffic policy in force (external traffic keeps its source under `Local`).
     pub traffic_policy: TrafficPolicy,
+    /// Under [`TierScope::All`] and a locality policy, each tier's share of new connections.
+    pub tier_shares: TierShares,
+}
+
+/// Shares of new connections per tier position, in parts per million ([`SHARE_WHOLE`]). All
+/// zero means the nearest non-empty tier takes everything: kube-proxy's behaviour, and what
+/// a dataplane holding only [`TierScope::Active`] always carries (its weights say the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TierShares(pub [u32; MAX_TIERS]);
+
+impl TierShares {
+    /// The shares of `vs`'s tiers in fallback order; all zero under kube-proxy's behaviour.
+    /// Tiers beyond [`MAX_TIERS`] get none (the dataplane refuses them anyway).
+    pub fn of(vs: &VirtualServer) -> Self {
+        let mut shares = [0; MAX_TIERS];
+        for (share, tier) in shares.iter_mut().zip(&vs.tiers) {
+            *share = tier.share_ppm.unwrap_or(0).min(SHARE_WHOLE);
+        }
+        Self(shares)
+    }
+
+    /// Whether any tier has a share (a locality policy is in force).
+    pub fn is_weighted(&self) -> bool {
+        self.0.iter().any(|&share| share != 0)
+    }
+
+    /// Which tiers take new connections, given each tier's backend count — the datapath's
+    /// rule: the non-empty tiers with a share, or the nearest non-empty tier when none has one.
+    pub fn serving(&self, counts: [usize; MAX_TIERS]) -> [bool; MAX_TIERS] {
+        let mut serving = [false; MAX_TIERS];
+        let shared = counts
+            .iter()
+            .zip(self.0)
+            .any(|(&n, share)| n != 0 && share != 0);
+        if shared {
+            for ((serves, &n), share) in serving.iter_mut().zip(&counts).zip(self.0) {
+                *serves = n != 0 && share != 0;
+            }
+        } else if let Some(nearest) = counts.iter().position(|&n| n != 0) {
+            serving[nearest] = true;
+        }
+        serving
+    }
 }
 
 /// Which tiers of a virtual server a dataplane holds.
@@ -63,6 +108,10 @@ impl ProgrammedService {
                 persistence_timeout: vs.persistence_timeout,
                 frontend: vs.frontend,
                 traffic_policy: vs.traffic_policy,
+                tier_shares: match scope {
+                    TierScope::Active => TierShares::default(),
+                    TierScope::All => TierShares::of(vs),
+                },
             },
             destinations: vs
                 .tiers

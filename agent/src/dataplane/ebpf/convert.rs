@@ -6,7 +6,7 @@ use topoproxy_common::{
     flags, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, MAX_TIERS, SCHEDULER_LEN,
 };
 
-use crate::dataplane::ServiceConfig;
+use crate::dataplane::{ServiceConfig, TierShares};
 use crate::model::Protocol;
 use crate::table::{Frontend, TrafficPolicy, VsKey};
 
@@ -104,6 +104,7 @@ pub(super) fn service_value(
         affinity_timeout: config.persistence_timeout.unwrap_or(0),
         flags: frontend | policy,
         tier_counts,
+        tier_shares: config.tier_shares.0,
         scheduler,
     }
 }
@@ -128,6 +129,7 @@ pub(super) fn service_config(value: &Service) -> ServiceConfig {
         } else {
             TrafficPolicy::Cluster
         },
+        tier_shares: TierShares(value.tier_shares),
     }
 }
 
@@ -159,9 +161,11 @@ mod tests {
             persistence_timeout: Some(10800),
             frontend: Frontend::LoadBalancer,
             traffic_policy: TrafficPolicy::Local,
+            tier_shares: TierShares([700_000, 300_000, 0, 0, 0, 0, 0, 0]),
         };
         let value = service_value(7, &config, [1, 2, 0, 0, 0, 0, 0, 0]);
         assert_eq!(service_config(&value), config);
+        assert_eq!(value.tier_shares[1], 300_000);
         assert_eq!(value.tier_counts[1], 2);
     }
 }

@@ -20,7 +20,7 @@ use aya::maps::{Array, HashMap, Map, PerCpuHashMap};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
-use topoproxy_common::maps;
+use topoproxy_common::{maps, MAPS_DIR};
 
 use super::maps::PinnedMaps;
 use super::{EbpfError, EbpfSettings};
@@ -49,6 +49,9 @@ pub const PROGRAMS: [&str; 8] = [
     "tp_getpeername4",
     "tp_getpeername6",
 ];
+
+/// Where fresh maps are pinned until the programs switch to them.
+const STAGING_MAPS_DIR: &str = "maps_staging";
 
 const MAP_NAMES: [&str; 8] = [
     maps::SERVICES,
@@ -128,83 +131,192 @@ fn stale_program_pins(pin_dir: &Path, program: &str) -> Result<Vec<PathBuf>, Ebp
     Ok(stale)
 }
 
+/// Whether this agent's maps are all pinned in `pin_dir` (an agent of this map ABI has
+/// programmed them).
+pub fn maps_pinned(pin_dir: &Path) -> bool {
+    let maps_dir = pin_dir.join(MAPS_DIR);
+    MAP_NAMES.iter().all(|name| maps_dir.join(name).exists())
+}
+
 /// Creates or opens the pinned maps and makes sure every program is attached through a pinned
 /// link, adopting the links a previous agent left.
-pub(super) fn load(settings: &EbpfSettings) -> Result<(PinnedMaps, LoadReport), EbpfError> {
+///
+/// When this agent's maps are not all pinned (a first start, an agent of another map ABI
+/// before it, or a pin removed by hand), it loads fresh maps into a staging directory and
+/// attaches only where no link exists. Links that exist keep running their programs, with
+/// the maps they were loaded with, until [`MapSwitch::complete`] swaps them over, which the
+/// caller does once it has written the whole table into the new maps: no connect finds an
+/// empty table in between.
+pub(super) fn load(
+    settings: &EbpfSettings,
+) -> Result<(PinnedMaps, LoadReport, Option<MapSwitch>), EbpfError> {
     raise_memlock();
     if let Some(parent) = settings.pin_dir.parent() {
         ensure_bpffs(parent)?;
     }
-    std::fs::create_dir_all(&settings.pin_dir).map_err(|source| EbpfError::Io {
-        call: "create_dir_all",
-        path: settings.pin_dir.clone(),
-        source,
-    })?;
-    // Adopted programs read the maps they were loaded with. If any map pin is gone, a load
-    // would create fresh maps those programs never see: start over with new links instead.
-    // (Programs of another version are swapped for ours in their links, with ours maps.)
-    let all_maps_pinned = MAP_NAMES
-        .iter()
-        .all(|name| settings.pin_dir.join(name).exists());
-    if !all_maps_pinned {
-        for name in PROGRAMS {
-            if !is_bpf_object(&program_pin(&settings.pin_dir, name)) {
-                continue;
-            }
-            let link_path = link_pin(&settings.pin_dir, name);
-            if let Ok(fd) = bpf_obj_get(&link_path) {
-                tracing::warn!(
-                    program = name,
-                    "a map pin is missing; replacing the pinned link"
-                );
-                let _ = bpf_link_detach(&fd);
-            }
-            remove_if_present(&link_path)?;
-        }
+    create_dir(&settings.pin_dir)?;
+    if !maps_pinned(&settings.pin_dir) {
+        return load_switching(settings);
     }
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&settings.pin_dir)
-        .load(OBJECT)
-        .map_err(|source| EbpfError::Load {
-            pin_dir: settings.pin_dir.clone(),
-            source: Box::new(source),
-        })?;
-
+    let maps_dir = settings.pin_dir.join(MAPS_DIR);
+    let mut ebpf = load_object(&maps_dir)?;
     let mut report = LoadReport::default();
-    let mut cgroup: Option<File> = None;
+    let mut cgroup = CgroupHandle::default();
     for name in PROGRAMS {
         let link_path = link_pin(&settings.pin_dir, name);
         if let Ok(link) = bpf_obj_get(&link_path) {
             if is_bpf_object(&program_pin(&settings.pin_dir, name)) {
                 report.adopted.push(name);
             } else {
-                upgrade(&mut ebpf, name, &link, &settings.pin_dir)?;
+                // Another version of the programs, on these same maps: swap now.
+                load_program(&mut ebpf, name)?;
+                swap_into_link(&mut ebpf, name, &link, &settings.pin_dir)?;
                 report.upgraded.push(name);
             }
             continue;
         }
-        let cgroup = match &mut cgroup {
-            Some(file) => &*file,
-            None => {
-                let path = settings.cgroup()?;
-                let file = File::open(&path).map_err(|source| EbpfError::Io {
-                    call: "open",
-                    path: path.clone(),
-                    source,
-                })?;
-                &*cgroup.insert(file)
-            }
-        };
-        attach(&mut ebpf, name, cgroup, &settings.pin_dir)?;
+        attach(&mut ebpf, name, cgroup.open(settings)?, &settings.pin_dir)?;
         report.attached.push(name);
     }
-    Ok((take_maps(&mut ebpf)?, report))
+    Ok((take_maps(&mut ebpf)?, report, None))
 }
 
-/// Loads this agent's `name` and swaps it into the pinned link of another version's, in one
+/// The first half of [`load`] for fresh maps: they are pinned under a staging name, so an
+/// agent stopped before the switch leaves nothing the next one would mistake for filled maps.
+fn load_switching(
+    settings: &EbpfSettings,
+) -> Result<(PinnedMaps, LoadReport, Option<MapSwitch>), EbpfError> {
+    let staging = settings.pin_dir.join(STAGING_MAPS_DIR);
+    // Whatever is there now no program of a link reads: running programs hold their maps by
+    // reference, not by pin.
+    remove_pin_dir(&staging)?;
+    remove_pin_dir(&settings.pin_dir.join(MAPS_DIR))?;
+    create_dir(&staging)?;
+    let mut ebpf = load_object(&staging)?;
+    let mut report = LoadReport::default();
+    let mut cgroup = CgroupHandle::default();
+    let mut links = Vec::new();
+    for name in PROGRAMS {
+        let link_path = link_pin(&settings.pin_dir, name);
+        match bpf_obj_get(&link_path) {
+            Ok(link) => {
+                load_program(&mut ebpf, name)?;
+                links.push((name, link));
+            }
+            Err(_) => {
+                attach(&mut ebpf, name, cgroup.open(settings)?, &settings.pin_dir)?;
+                report.attached.push(name);
+            }
+        }
+    }
+    let maps = take_maps(&mut ebpf)?;
+    let switch = MapSwitch {
+        ebpf,
+        links,
+        pin_dir: settings.pin_dir.clone(),
+    };
+    if switch.links.is_empty() {
+        switch.complete()?;
+        return Ok((maps, report, None));
+    }
+    tracing::info!(
+        links = switch.links.len(),
+        "new maps loaded; the running programs keep serving until the table is written"
+    );
+    Ok((maps, report, Some(switch)))
+}
+
+/// Programs loaded with fresh maps, waiting to take over the links that still run programs
+/// on other maps.
+pub(super) struct MapSwitch {
+    ebpf: Ebpf,
+    links: Vec<(&'static str, OwnedFd)>,
+    pin_dir: PathBuf,
+}
+
+impl MapSwitch {
+    /// Swaps every waiting link to this agent's programs, publishes the maps under their
+    /// final name and removes maps of other versions. Returns the programs swapped.
+    pub(super) fn complete(mut self) -> Result<Vec<&'static str>, EbpfError> {
+        let mut swapped = Vec::new();
+        for (name, link) in std::mem::take(&mut self.links) {
+            swap_into_link(&mut self.ebpf, name, &link, &self.pin_dir)?;
+            swapped.push(name);
+        }
+        let staging = self.pin_dir.join(STAGING_MAPS_DIR);
+        let maps_dir = self.pin_dir.join(MAPS_DIR);
+        std::fs::rename(&staging, &maps_dir).map_err(|source| EbpfError::Io {
+            call: "rename",
+            path: staging.clone(),
+            source,
+        })?;
+        remove_stale_maps(&self.pin_dir)?;
+        Ok(swapped)
+    }
+}
+
+/// Maps no program of ours reads any more: version 1's (pinned in the pin directory itself)
+/// and other versions' directories.
+fn remove_stale_maps(pin_dir: &Path) -> Result<(), EbpfError> {
+    for name in MAP_NAMES {
+        remove_if_present(&pin_dir.join(name))?;
+    }
+    for entry in read_dir(pin_dir)? {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("maps_v") && name != MAPS_DIR && name != STAGING_MAPS_DIR {
+            remove_pin_dir(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// The cgroup the programs attach to, opened on first use.
+#[derive(Default)]
+struct CgroupHandle(Option<File>);
+
+impl CgroupHandle {
+    fn open(&mut self, settings: &EbpfSettings) -> Result<&File, EbpfError> {
+        if self.0.is_none() {
+            let path = settings.cgroup()?;
+            let file = File::open(&path).map_err(|source| EbpfError::Io {
+                call: "open",
+                path: path.clone(),
+                source,
+            })?;
+            self.0 = Some(file);
+        }
+        self.0.as_ref().ok_or(EbpfError::NoCgroup2)
+    }
+}
+
+fn load_object(maps_dir: &Path) -> Result<Ebpf, EbpfError> {
+    EbpfLoader::new()
+        .default_map_pin_directory(maps_dir)
+        .load(OBJECT)
+        .map_err(|source| EbpfError::Load {
+            pin_dir: maps_dir.to_owned(),
+            source: Box::new(source),
+        })
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
+    let program_error = |source| EbpfError::Program {
+        program: name,
+        source: Box::new(source),
+    };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)
+}
+
+/// Swaps this agent's loaded `name` into the pinned link of another program, in one
 /// `BPF_LINK_UPDATE`; then pins it and drops the old program's pins (the kernel frees the old
 /// program once nothing holds it).
-fn upgrade(
+fn swap_into_link(
     ebpf: &mut Ebpf,
     name: &'static str,
     link: &OwnedFd,
@@ -219,7 +331,6 @@ fn upgrade(
         .ok_or(EbpfError::MissingProgram(name))?
         .try_into()
         .map_err(program_error)?;
-    program.load().map_err(program_error)?;
     let program_fd = program.fd().map_err(program_error)?;
     bpf_link_update(link, program_fd.as_fd()).map_err(|source| EbpfError::Io {
         call: "BPF_LINK_UPDATE",
@@ -238,7 +349,7 @@ fn upgrade(
     tracing::info!(
         program = name,
         version = %programs_version(),
-        "replaced a pinned program of another version"
+        "this agent's program now runs in the pinned link"
     );
     Ok(())
 }
@@ -312,6 +423,46 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<PinnedMaps, EbpfError> {
         log_config: Array::try_from(take(ebpf, maps::LOG_CONFIG)?)
             .map_err(map_error(maps::LOG_CONFIG))?,
     })
+}
+
+fn create_dir(dir: &Path) -> Result<(), EbpfError> {
+    std::fs::create_dir_all(dir).map_err(|source| EbpfError::Io {
+        call: "create_dir_all",
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+fn read_dir(dir: &Path) -> Result<Vec<std::fs::DirEntry>, EbpfError> {
+    let io_error = |source| EbpfError::Io {
+        call: "read_dir",
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::read_dir(dir)
+        .map_err(io_error)?
+        .map(|entry| entry.map_err(io_error))
+        .collect()
+}
+
+/// Removes a directory of map pins and the directory; nothing there is fine.
+fn remove_pin_dir(dir: &Path) -> Result<usize, EbpfError> {
+    if !dir.is_dir() {
+        return Ok(0);
+    }
+    let entries = read_dir(dir)?;
+    for entry in &entries {
+        remove_if_present(&entry.path())?;
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(entries.len()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(entries.len()),
+        Err(source) => Err(EbpfError::Io {
+            call: "remove_dir",
+            path: dir.to_owned(),
+            source,
+        }),
+    }
 }
 
 /// Whether `path` opens as a BPF object (a stale regular file would not).
@@ -406,26 +557,13 @@ pub struct CleanupReport {
 /// traffic.
 pub fn cleanup(settings: &EbpfSettings) -> Result<CleanupReport, EbpfError> {
     let mut report = CleanupReport::default();
-    let entries = match std::fs::read_dir(&settings.pin_dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(report),
-        Err(source) => {
-            return Err(EbpfError::Io {
-                call: "read_dir",
-                path: settings.pin_dir.clone(),
-                source,
-            })
-        }
-    };
-    let mut paths: Vec<PathBuf> = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| EbpfError::Io {
-            call: "read_dir",
-            path: settings.pin_dir.clone(),
-            source,
-        })?;
-        paths.push(entry.path());
+    if !settings.pin_dir.is_dir() {
+        return Ok(report);
     }
+    let mut paths: Vec<PathBuf> = read_dir(&settings.pin_dir)?
+        .iter()
+        .map(|entry| entry.path())
+        .collect();
     // Links first: traffic stops being steered before the maps disappear.
     paths.sort_by_key(|path| {
         !path
@@ -433,6 +571,10 @@ pub fn cleanup(settings: &EbpfSettings) -> Result<CleanupReport, EbpfError> {
             .is_some_and(|name| name.as_bytes().starts_with(b"link_"))
     });
     for path in paths {
+        if path.is_dir() {
+            report.unpinned += remove_pin_dir(&path)?;
+            continue;
+        }
         let is_link = path
             .file_name()
             .is_some_and(|name| name.as_bytes().starts_with(b"link_"));

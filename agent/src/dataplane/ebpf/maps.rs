@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap};
-use topoproxy_common::{self as abi, maps};
+use topoproxy_common::{self as abi, maps, MAPS_DIR};
 
 use super::datapath_log::DatapathLog;
 use super::lb_maps::LbMaps;
@@ -182,7 +182,7 @@ fn write_log_config(
 
 /// Switches the diagnostics of the programs pinned in `pin_dir`, from outside the agent.
 pub fn set_datapath_log(pin_dir: &Path, log: DatapathLog) -> Result<(), EbpfError> {
-    let path = pin_dir.join(maps::LOG_CONFIG);
+    let path = pin_dir.join(MAPS_DIR).join(maps::LOG_CONFIG);
     let data = MapData::from_pin(&path).map_err(map_error(maps::LOG_CONFIG, "open"))?;
     let mut map = Array::try_from(Map::Array(data)).map_err(map_error(maps::LOG_CONFIG, "open"))?;
     write_log_config(&mut map, log)

@@ -1,9 +1,10 @@
 //! The eBPF dataplane: socket-level load balancing by cgroup `sock_addr` programs (`ebpf/`)
 //! that read Services and backends from pinned BPF maps, which this module writes.
 //!
-//! It holds every tier of a service ([`TierScope::All`]): the datapath serves the nearest
-//! non-empty tier by itself, so emptying a tier is one map write and the very next connect
-//! lands in the next tier, without waiting for the agent.
+//! It holds every tier of a service ([`TierScope::All`]) with each tier's share of new
+//! connections: the datapath draws a tier by share among the non-empty ones (the nearest
+//! non-empty one when none has a share), so emptying a tier is one map write and the very next
+//! connect lands in the others, without waiting for the agent.
 //!
 //! - [`layout`]: where backends sit in the maps and the make-before-break write order (pure,
 //!   behind the [`lb_maps::LbMaps`] seam);
@@ -36,7 +37,8 @@ use crate::table::VsKey;
 
 pub use list::{ListedBackend, ListedService, Listing, ServiceCounters};
 pub use loader::{
-    cgroup2_mount, cleanup, program_pin, programs_version, CleanupReport, LoadReport, PROGRAMS,
+    cgroup2_mount, cleanup, maps_pinned, program_pin, programs_version, CleanupReport, LoadReport,
+    PROGRAMS,
 };
 
 pub use datapath_log::DatapathLog;
@@ -44,6 +46,7 @@ pub use maps::set_datapath_log;
 
 use datapath_log::{LogReader, ServiceIds};
 use layout::SlotLayout;
+use loader::MapSwitch;
 use maps::PinnedMaps;
 
 use super::{
@@ -151,6 +154,11 @@ pub struct EbpfDataplane {
     settings: EbpfSettings,
     maps: PinnedMaps,
     load_report: LoadReport,
+    /// Fresh maps waiting for the whole table before the running programs switch to them.
+    map_switch: Option<MapSwitch>,
+    /// North-south settings waiting for the map switch (the tc programs must read the maps
+    /// that hold the table).
+    north_south: Option<north_south::NorthSouthSettings>,
     layout: SlotLayout,
     /// Service id → virtual service, for the datapath log reader.
     ids: ServiceIds,
@@ -160,12 +168,14 @@ pub struct EbpfDataplane {
 impl EbpfDataplane {
     /// Loads (or adopts) the programs and maps and reads the table back from the maps.
     pub fn open(settings: EbpfSettings) -> Result<Self, EbpfError> {
-        let (mut maps, load_report) = loader::load(&settings)?;
+        let (mut maps, load_report, map_switch) = loader::load(&settings)?;
         let layout = SlotLayout::read(&mut maps)?;
         Ok(Self {
             settings,
             maps,
             load_report,
+            map_switch,
+            north_south: None,
             layout,
             ids: ServiceIds::default(),
             log_reader: None,
@@ -197,6 +207,50 @@ impl EbpfDataplane {
             ids.clear();
             ids.extend(self.layout.entries().map(|(key, entry)| (entry.id(), *key)));
         }
+    }
+
+    /// Switches the links still running programs on other maps to this agent's, once the
+    /// whole table is in its maps. Idempotent; nothing to do after the first success.
+    pub fn complete_map_switch(&mut self) -> Result<(), EbpfError> {
+        let Some(switch) = self.map_switch.take() else {
+            return Ok(());
+        };
+        let swapped = switch.complete()?;
+        tracing::info!(
+            programs = swapped.len(),
+            "the programs now read this agent's maps"
+        );
+        Ok(())
+    }
+
+    /// Attaches the north-south tc programs now, or once the map switch is complete (then
+    /// `None` comes back and [`Dataplane::synced`] attaches them).
+    pub fn attach_north_south(
+        &mut self,
+        settings: north_south::NorthSouthSettings,
+    ) -> Result<Option<north_south::NorthSouthReport>, EbpfError> {
+        if self.map_switch.is_some() {
+            self.north_south = Some(settings);
+            return Ok(None);
+        }
+        north_south::attach(&self.settings.pin_dir, &settings).map(Some)
+    }
+
+    fn attach_pending_north_south(&mut self) -> Result<(), EbpfError> {
+        if self.map_switch.is_some() {
+            return Ok(());
+        }
+        let Some(settings) = self.north_south.take() else {
+            return Ok(());
+        };
+        let report = north_south::attach(&self.settings.pin_dir, &settings)?;
+        north_south::log_report(&report);
+        Ok(())
+    }
+
+    /// Whether programs still read maps other than this agent's (see [`Self::complete_map_switch`]).
+    pub fn map_switch_pending(&self) -> bool {
+        self.map_switch.is_some()
     }
 
     /// What opening found: adopted or freshly attached programs.
@@ -242,7 +296,8 @@ impl EbpfDataplane {
         self.layout.reload(&mut self.maps)?;
         let mut services = Vec::new();
         for (key, entry) in self.layout.entries() {
-            let active = entry.tiers().iter().position(|slots| !slots.is_empty());
+            let counts = std::array::from_fn(|tier| entry.tiers()[tier].len());
+            let serving = entry.config().tier_shares.serving(counts);
             let mut backends = Vec::new();
             for (tier, slots) in entry.tiers().iter().enumerate() {
                 for slot in slots {
@@ -251,7 +306,7 @@ impl EbpfDataplane {
                         port: slot.port,
                         weight: slot.weight,
                         tier: tier as u8,
-                        active: active == Some(tier),
+                        active: serving[tier],
                         connections: self.maps.backend_connections(
                             entry.id(),
                             slot.address,
@@ -301,6 +356,12 @@ impl Dataplane for EbpfDataplane {
 
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
         vec![("map_writes", self.layout.map_writes())]
+    }
+
+    fn synced(&mut self) -> Result<(), DataplaneError> {
+        self.complete_map_switch()
+            .and_then(|()| self.attach_pending_north_south())
+            .map_err(|error| DataplaneError::read(NAME, error))
     }
 
     fn service_counters(&mut self) -> Vec<ServiceTraffic> {

@@ -2,7 +2,7 @@
 //! from outside the node to NodePorts, externalIPs and load-balancer IPs, on the node's
 //! devices, from the same Service and backend maps as the socket programs.
 //!
-//! [`attach`] loads the programs (their maps shared through the pin directory), attaches
+//! [`attach`] loads the programs (their maps shared through the pinned maps directory), attaches
 //! `tp_ns_ingress` and `tp_ns_egress` to each device and records each device's node address
 //! (the SNAT source) and the SNAT port range in the maps. On kernels ≥ 6.6 the attachments are
 //! tcx links pinned as `link_tp_ns_{ingress,egress}_<device>`, so they outlive the agent and
@@ -23,6 +23,7 @@ use aya::programs::{SchedClassifier, TcAttachType, TcHandle};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 use topoproxy_common::north_south::{self as abi, Config, Device, DEFAULT_SNAT_PORTS};
+use topoproxy_common::MAPS_DIR;
 
 use super::{convert, loader, EbpfError};
 
@@ -90,8 +91,9 @@ pub struct NodeDevice {
 }
 
 /// Attaches the tc programs to the devices `settings` names and writes the device and SNAT
-/// maps. The socket programs' maps must already be pinned in `pin_dir`
-/// ([`super::EbpfDataplane::open`] does that). Does nothing for [`Interfaces::Off`].
+/// maps. The socket programs' maps must already be pinned and filled in `pin_dir`
+/// ([`super::EbpfDataplane::attach_north_south`] waits for that). Does nothing for
+/// [`Interfaces::Off`].
 pub fn attach(
     pin_dir: &Path,
     settings: &NorthSouthSettings,
@@ -101,11 +103,12 @@ pub fn attach(
         Interfaces::Auto => node_devices(None)?,
         Interfaces::Named(names) => node_devices(Some(names))?,
     };
+    let maps_dir = pin_dir.join(MAPS_DIR);
     let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
+        .default_map_pin_directory(&maps_dir)
         .load(loader::object())
         .map_err(|source| EbpfError::Load {
-            pin_dir: pin_dir.to_owned(),
+            pin_dir: maps_dir.clone(),
             source: Box::new(source),
         })?;
     // Devices and SNAT settings first: the programs must know their devices before a packet.
@@ -134,6 +137,17 @@ pub fn attach(
         }
     }
     Ok(report)
+}
+
+/// Logs what [`attach`] did.
+pub fn log_report(report: &NorthSouthReport) {
+    tracing::info!(
+        interfaces = ?report.interfaces,
+        attached = report.attached,
+        replaced = report.replaced,
+        netlink = report.netlink,
+        "north-south tc programs in place"
+    );
 }
 
 fn classifier<'a>(

@@ -263,6 +263,7 @@ pub fn kernel_order(ops: &[Op], live: &[usize]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::TierShares;
     use crate::diff::Destination;
     use crate::model::Protocol;
     use crate::table::TrafficPolicy;
@@ -287,6 +288,7 @@ mod tests {
             persistence_timeout: Some(600),
             frontend,
             traffic_policy: TrafficPolicy::Cluster,
+            tier_shares: TierShares::default(),
         }
     }
 

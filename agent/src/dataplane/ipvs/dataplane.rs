@@ -20,7 +20,7 @@ use ipnetwork::IpNetwork;
 
 use crate::dataplane::{
     error_chain, Dataplane, DataplaneError, DestinationState, FailedOp, ProgrammedService,
-    ProgrammedTable, ServiceConfig,
+    ProgrammedTable, ServiceConfig, TierShares,
 };
 use crate::diff::{apply_to, Op};
 use crate::table::VsKey;
@@ -212,6 +212,7 @@ impl IpvsDataplane {
                         persistence_timeout: service.persistence_timeout,
                         frontend,
                         traffic_policy,
+                        tier_shares: TierShares::default(),
                     },
                     destinations,
                 },

@@ -11,7 +11,9 @@ use proptest::prelude::*;
 use topoproxy_common::{self as abi, MAX_TIERS};
 
 use super::*;
-use crate::dataplane::{DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig};
+use crate::dataplane::{
+    DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig, TierShares,
+};
 use crate::diff::diff;
 use crate::model::Protocol;
 use crate::table::{Frontend, TrafficPolicy, VsKey};
@@ -159,6 +161,7 @@ fn config() -> ServiceConfig {
         persistence_timeout: None,
         frontend: Frontend::ClusterIP,
         traffic_policy: TrafficPolicy::Cluster,
+        tier_shares: TierShares::default(),
     }
 }
 
