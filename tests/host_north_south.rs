@@ -43,6 +43,12 @@ const NODE_TO_REMOTE: &str = "10.78.0.1";
 const EXTERNAL_IP: &str = "10.77.100.10";
 const LOCAL_POD: &str = "10.244.1.10";
 const REMOTE_POD: &str = "10.244.2.10";
+const CLIENT6: &str = "fd77::2";
+const NODE6: &str = "fd77::1";
+const NODE_TO_REMOTE6: &str = "fd78::1";
+const EXTERNAL_IP6: &str = "fd77:100::10";
+const LOCAL_POD6: &str = "fd44:1::10";
+const REMOTE_POD6: &str = "fd44:2::10";
 const POD_PORT: u16 = 8080;
 /// A plain server on the node address, like SSH: must stay reachable.
 const NODE_SERVER_PORT: u16 = 2222;
@@ -160,11 +166,17 @@ impl World {
             &self.id,
         );
         for ns in [c, n, r, l, q] {
-            run(&format!("ip netns add {ns} && ip -n {ns} link set lo up"));
+            // No duplicate address detection: addresses are usable at once.
+            run(&format!(
+                "ip netns add {ns} && ip -n {ns} link set lo up && \
+                 ip netns exec {ns} sysctl -qw net.ipv6.conf.all.accept_dad=0 \
+                 net.ipv6.conf.default.accept_dad=0"
+            ));
         }
         for ns in [n, r] {
             run(&format!(
                 "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 \
+                 net.ipv6.conf.all.forwarding=1 \
                  net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
             ));
         }
@@ -173,7 +185,11 @@ impl World {
             "ip -n {c} link add tnc{id} type veth peer name {} netns {n} && \
              ip -n {c} addr add {CLIENT}/24 dev tnc{id} && ip -n {c} link set tnc{id} up && \
              ip -n {n} addr add {NODE}/24 dev {} && ip -n {n} link set {} up && \
-             ip -n {c} route add 10.77.100.0/24 via {NODE}",
+             ip -n {c} route add 10.77.100.0/24 via {NODE} && \
+             ip -n {c} addr add {CLIENT6}/64 dev tnc{id} nodad && \
+             ip -n {n} addr add {NODE6}/64 dev {} nodad && \
+             ip -n {c} route add fd77:100::/64 via {NODE6}",
+            self.uplink(),
             self.uplink(),
             self.uplink(),
             self.uplink()
@@ -184,13 +200,18 @@ impl World {
              ip -n {n} addr add {NODE_TO_REMOTE}/24 dev {} && ip -n {n} link set {} up && \
              ip -n {r} addr add 10.78.0.2/24 dev tnr{id} && ip -n {r} link set tnr{id} up && \
              ip -n {n} route add 10.244.2.0/24 via 10.78.0.2 && \
-             ip -n {r} route add default via {NODE_TO_REMOTE}",
+             ip -n {r} route add default via {NODE_TO_REMOTE} && \
+             ip -n {n} addr add {NODE_TO_REMOTE6}/64 dev {} nodad && \
+             ip -n {r} addr add fd78::2/64 dev tnr{id} nodad && \
+             ip -n {n} route add fd44:2::/64 via fd78::2 && \
+             ip -n {r} route add default via {NODE_TO_REMOTE6}",
+            self.crosslink(),
             self.crosslink(),
             self.crosslink(),
             self.crosslink()
         ));
-        self.pod(n, l, &format!("tnl{id}"), LOCAL_POD);
-        self.pod(r, q, &format!("tnq{id}"), REMOTE_POD);
+        self.pod(n, l, &format!("tnl{id}"), LOCAL_POD, LOCAL_POD6);
+        self.pod(r, q, &format!("tnq{id}"), REMOTE_POD, REMOTE_POD6);
     }
 
     /// The node's device towards the client.
@@ -203,9 +224,9 @@ impl World {
         format!("tnx{}", self.id)
     }
 
-    /// A pod namespace behind `host`, Calico style: a /32, a default route via a link-local
-    /// gateway the host side holds, and a host route to the /32.
-    fn pod(&self, host: &str, pod: &str, link: &str, address: &str) {
+    /// A pod namespace behind `host`, Calico style: a /32 (/128), a default route via a
+    /// link-local gateway the host side holds, and a host route to the pod's address.
+    fn pod(&self, host: &str, pod: &str, link: &str, address: &str, address6: &str) {
         run(&format!(
             "ip -n {host} link add {link} type veth peer name eth0 netns {pod} && \
              ip -n {pod} addr add {address}/32 dev eth0 && ip -n {pod} link set eth0 up && \
@@ -213,15 +234,27 @@ impl World {
              ip -n {pod} route add default via 169.254.1.1 dev eth0 && \
              ip -n {host} link set {link} up && \
              ip -n {host} addr add 169.254.1.1/32 dev {link} && \
-             ip -n {host} route add {address}/32 dev {link}"
+             ip -n {host} route add {address}/32 dev {link} && \
+             ip -n {host} addr add fe80::1/64 dev {link} nodad && \
+             ip -n {pod} addr add {address6}/128 dev eth0 nodad && \
+             ip -n {pod} route add default via fe80::1 dev eth0 && \
+             ip -n {host} route add {address6}/128 dev {link}"
         ));
     }
 
     /// TCP and UDP servers in each pod, a TCP server on the node address.
     fn serve(&self) {
-        serve_pod(&self.local_pod, "local", LOCAL_POD, POD_PORT);
-        serve_pod(&self.remote_pod, "remote", REMOTE_POD, POD_PORT);
+        for (address, address6) in [(LOCAL_POD, LOCAL_POD6), (REMOTE_POD, REMOTE_POD6)] {
+            let (pod, name) = if address == LOCAL_POD {
+                (&self.local_pod, "local")
+            } else {
+                (&self.remote_pod, "remote")
+            };
+            serve_pod(pod, name, address, POD_PORT);
+            serve_pod(pod, name, address6, POD_PORT);
+        }
         serve_tcp(&self.node, "node", NODE, NODE_SERVER_PORT);
+        serve_tcp(&self.node, "node", NODE6, NODE_SERVER_PORT);
     }
 
     fn open(&self) -> EbpfDataplane {
@@ -359,7 +392,10 @@ fn tcp_ask(target: SocketAddr) -> std::io::Result<(String, String)> {
 
 /// One datagram from an unconnected socket; the reply's sender address is returned too.
 fn udp_ask(target: SocketAddr) -> std::io::Result<(String, String, SocketAddr)> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let socket = match target {
+        SocketAddr::V4(_) => UdpSocket::bind("0.0.0.0:0")?,
+        SocketAddr::V6(_) => UdpSocket::bind("[::]:0")?,
+    };
     socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     socket.send_to(b"hello", target)?;
     let mut buf = [0u8; 512];
@@ -407,68 +443,101 @@ fn service(
 
 /// The table every test programs: NodePorts (Cluster, Local, Local without a local endpoint,
 /// with affinity), an externalIP, UDP, and a ClusterIP the tc path must leave alone.
+/// A frontend of the test table: address, port, kind, policy, affinity timeout, backends.
+type Frontends<const N: usize> = [(
+    &'static str,
+    u16,
+    Frontend,
+    TrafficPolicy,
+    Option<u32>,
+    &'static [&'static str],
+); N];
+
 fn table() -> ProgrammedTable {
     use Frontend::*;
     use TrafficPolicy::*;
-    let both = [LOCAL_POD, REMOTE_POD];
-    let mut t = ProgrammedTable::new();
-    for protocol in [Protocol::Tcp, Protocol::Udp] {
-        service(
-            &mut t,
-            protocol,
-            (NODE, NODE_PORT),
+    // (frontend address, port, kind, policy, affinity, backends), for TCP and UDP.
+    let both_protocols: Frontends<7> = [
+        (
+            NODE,
+            NODE_PORT,
             NodePort,
             Cluster,
             None,
-            &both,
-        );
-        service(
-            &mut t,
-            protocol,
-            (NODE, NODE_PORT_LOCAL),
-            NodePort,
-            Local,
-            None,
-            &[LOCAL_POD],
-        );
-        service(
-            &mut t,
-            protocol,
-            (NODE, NODE_PORT_LOCAL_EMPTY),
-            NodePort,
-            Local,
-            None,
-            &[],
-        );
-        service(
-            &mut t,
-            protocol,
-            (EXTERNAL_IP, EXTERNAL_PORT),
+            &[LOCAL_POD, REMOTE_POD],
+        ),
+        (NODE, NODE_PORT_LOCAL, NodePort, Local, None, &[LOCAL_POD]),
+        (NODE, NODE_PORT_LOCAL_EMPTY, NodePort, Local, None, &[]),
+        (
+            EXTERNAL_IP,
+            EXTERNAL_PORT,
             ExternalIP,
             Cluster,
             None,
             &[REMOTE_POD],
+        ),
+        (
+            NODE6,
+            NODE_PORT,
+            NodePort,
+            Cluster,
+            None,
+            &[LOCAL_POD6, REMOTE_POD6],
+        ),
+        (NODE6, NODE_PORT_LOCAL, NodePort, Local, None, &[LOCAL_POD6]),
+        (
+            EXTERNAL_IP6,
+            EXTERNAL_PORT,
+            ExternalIP,
+            Cluster,
+            None,
+            &[REMOTE_POD6],
+        ),
+    ];
+    let tcp_only: Frontends<2> = [
+        (
+            NODE,
+            NODE_PORT_AFFINITY,
+            NodePort,
+            Cluster,
+            Some(10_800),
+            &[LOCAL_POD, REMOTE_POD],
+        ),
+        // A ClusterIP on a node address's port: the socket path's job, not tc's.
+        (
+            NODE,
+            NODE_SERVER_PORT + 1,
+            ClusterIP,
+            Cluster,
+            None,
+            &[LOCAL_POD, REMOTE_POD],
+        ),
+    ];
+    let mut t = ProgrammedTable::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for (address, port, kind, policy, affinity, backends) in both_protocols {
+            service(
+                &mut t,
+                protocol,
+                (address, port),
+                kind,
+                policy,
+                affinity,
+                backends,
+            );
+        }
+    }
+    for (address, port, kind, policy, affinity, backends) in tcp_only {
+        service(
+            &mut t,
+            Protocol::Tcp,
+            (address, port),
+            kind,
+            policy,
+            affinity,
+            backends,
         );
     }
-    service(
-        &mut t,
-        Protocol::Tcp,
-        (NODE, NODE_PORT_AFFINITY),
-        NodePort,
-        Cluster,
-        Some(10_800),
-        &both,
-    );
-    // A ClusterIP on the node address's port: the socket path's job, not tc's.
-    service(
-        &mut t,
-        Protocol::Tcp,
-        (NODE, NODE_SERVER_PORT + 1),
-        ClusterIP,
-        Cluster,
-        None,
-        &both,
-    );
     t
 }
 
@@ -572,12 +641,45 @@ fn non_service_traffic_to_the_node_is_untouched() {
             .expect("the node's own server"),
         pair("node", CLIENT)
     );
+    assert_eq!(
+        world
+            .tcp(NODE6, NODE_SERVER_PORT)
+            .expect("the node's own server, IPv6"),
+        pair("node", CLIENT6)
+    );
     // A ClusterIP entry is not a north-south frontend: the node's stack answers (nothing
     // listens there, so it refuses) instead of a backend.
     let error = world
         .tcp(NODE, NODE_SERVER_PORT + 1)
         .expect_err("ClusterIP entries are not balanced in tc");
     assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+}
+
+#[test]
+fn ipv6_node_port_external_ip_and_local_policy() {
+    let (world, _dataplane) = programmed();
+    assert_eq!(
+        world.tcp_backends(NODE6, NODE_PORT),
+        [pair("local", CLIENT6), pair("remote", NODE_TO_REMOTE6)].into()
+    );
+    assert_eq!(
+        world.tcp_backends(EXTERNAL_IP6, EXTERNAL_PORT),
+        [pair("remote", NODE_TO_REMOTE6)].into()
+    );
+    assert_eq!(
+        world.tcp_backends(NODE6, NODE_PORT_LOCAL),
+        [pair("local", CLIENT6)].into()
+    );
+    let mut seen = BTreeSet::new();
+    for _ in 0..TRIES {
+        let (name, peer, from) = world.udp(NODE6, NODE_PORT).expect("UDP over IPv6");
+        assert_eq!(from, SocketAddr::new(NODE6.parse().expect("ip"), NODE_PORT));
+        seen.insert((name, peer));
+    }
+    assert_eq!(
+        seen,
+        [pair("local", CLIENT6), pair("remote", NODE_TO_REMOTE6)].into()
+    );
 }
 
 #[test]
