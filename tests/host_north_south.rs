@@ -16,6 +16,10 @@
 //! served it and whether the client's address was kept.
 //!
 //! Everything (namespaces, cgroup, pins, links) is removed on drop, also when a test fails.
+//!
+//! Benchmark (ignored; `cargo test --test host_north_south -- --ignored --nocapture bench_`):
+//! request/response through the tc path against straight to the pod, and the conntrack map's
+//! memory.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, ErrorKind, Write as _};
@@ -188,7 +192,8 @@ impl World {
              ip -n {c} route add 10.77.100.0/24 via {NODE} && \
              ip -n {c} addr add {CLIENT6}/64 dev tnc{id} nodad && \
              ip -n {n} addr add {NODE6}/64 dev {} nodad && \
-             ip -n {c} route add fd77:100::/64 via {NODE6}",
+             ip -n {c} route add fd77:100::/64 via {NODE6} && \
+             ip -n {c} route add 10.244.0.0/16 via {NODE}",
             self.uplink(),
             self.uplink(),
             self.uplink(),
@@ -735,4 +740,111 @@ fn a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing() {
     );
     let error = world.tcp(NODE, NODE_PORT).expect_err("no more NodePort");
     assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+}
+
+/// Round trips of one 16-byte line on `stream`; returns each one's latency.
+fn round_trips(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, n: usize) -> Vec<u64> {
+    let mut latencies = Vec::with_capacity(n);
+    let mut line = String::new();
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        stream.write_all(b"0123456789abcde\n").expect("write");
+        line.clear();
+        reader.read_line(&mut line).expect("read");
+        assert_eq!(line.len(), 16, "echo");
+        latencies.push(started.elapsed().as_nanos() as u64);
+    }
+    latencies
+}
+
+/// A connection from the client namespace, past the server's greeting.
+fn session(world: &World, address: &str, port: u16) -> (TcpStream, BufReader<TcpStream>) {
+    let target = SocketAddr::new(address.parse().expect("address"), port);
+    let stream = within(&world.client, move || {
+        TcpStream::connect_timeout(&target, ANSWER_TIMEOUT).expect("connect")
+    });
+    stream.set_nodelay(true).expect("nodelay");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("greeting");
+    (stream, reader)
+}
+
+/// `memlock` of a pinned map, from its fdinfo (what the kernel charges for it).
+fn map_memlock(path: &Path) -> u64 {
+    let map = aya::maps::MapData::from_pin(path).expect("open the pinned map");
+    let fd = {
+        use std::os::fd::AsFd as _;
+        map.fd().as_fd().as_raw_fd()
+    };
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+    info.lines()
+        .find_map(|line| line.strip_prefix("memlock:"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("memlock in fdinfo")
+}
+
+#[test]
+#[ignore = "benchmark: cargo test --test host_north_south -- --ignored --nocapture bench_"]
+fn bench_request_response_through_tc_vs_direct() {
+    let (world, _dataplane) = programmed();
+    let total: usize = std::env::var("TOPOPROXY_BENCH_ROUND_TRIPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let chunk = 1_000.min(total);
+    // (name, through tc, direct): a local backend (Local policy: DNAT only) and a remote one
+    // (externalIP: DNAT + SNAT, replies redirected), each against the same pod directly.
+    let paths = [
+        ("local pod", (NODE, NODE_PORT_LOCAL), (LOCAL_POD, POD_PORT)),
+        (
+            "remote pod",
+            (EXTERNAL_IP, EXTERNAL_PORT),
+            (REMOTE_POD, POD_PORT),
+        ),
+    ];
+    for (name, (via, via_port), (pod, pod_port)) in paths {
+        let mut tc = session(&world, via, via_port);
+        let mut direct = session(&world, pod, pod_port);
+        round_trips(&mut tc.0, &mut tc.1, chunk);
+        round_trips(&mut direct.0, &mut direct.1, chunk);
+        let (mut through_tc, mut straight) = (Vec::new(), Vec::new());
+        // Alternate chunks so both see the same machine load.
+        for round in 0..total / chunk {
+            if round % 2 == 0 {
+                through_tc.extend(round_trips(&mut tc.0, &mut tc.1, chunk));
+                straight.extend(round_trips(&mut direct.0, &mut direct.1, chunk));
+            } else {
+                straight.extend(round_trips(&mut direct.0, &mut direct.1, chunk));
+                through_tc.extend(round_trips(&mut tc.0, &mut tc.1, chunk));
+            }
+        }
+        let rate = |l: &[u64]| l.len() as f64 / (l.iter().sum::<u64>() as f64 / 1e9);
+        let p99 = |l: &mut Vec<u64>| {
+            l.sort_unstable();
+            l[l.len() * 99 / 100] as f64 / 1e3
+        };
+        let (tc_rate, direct_rate) = (rate(&through_tc), rate(&straight));
+        println!(
+            "{name}: {} round trips each; through tc {tc_rate:.0}/s p99 {:.1} us; \
+             direct {direct_rate:.0}/s p99 {:.1} us; rate ratio direct/tc {:.3}",
+            through_tc.len(),
+            p99(&mut through_tc),
+            p99(&mut straight),
+            direct_rate / tc_rate
+        );
+    }
+    let conntrack = world
+        .settings
+        .pin_dir
+        .join(topoproxy_common::MAPS_DIR)
+        .join(topoproxy_common::north_south::maps::CONNTRACK);
+    let memlock = map_memlock(&conntrack);
+    let entries = topoproxy_common::north_south::limits::CONNTRACK;
+    println!(
+        "TP_NS_CT: memlock {:.1} MiB for {entries} entries (preallocated LRU: the same at any \
+         load; {:.0} bytes an entry; 100,000 tracked flows use 200,000-300,000 entries)",
+        memlock as f64 / (1 << 20) as f64,
+        memlock as f64 / f64::from(entries)
+    );
 }

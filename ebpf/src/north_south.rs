@@ -88,7 +88,12 @@ pub fn tp_ns_ingress(ctx: TcContext) -> i32 {
     if let Some(original) = tracked(&packet, direction::ORIGINAL) {
         return translate(&ctx, &packet, original);
     }
-    new_flow(&ctx, &packet)
+    // `new_flow` returns before `dnat` runs: their stack frames are never stacked on each
+    // other, which keeps the deepest call chain within the verifier's 512 bytes on 6.1.
+    match new_flow(&packet) {
+        Ok(chosen) => dnat(&ctx, &packet, &chosen),
+        Err(verdict) => verdict,
+    }
 }
 
 #[classifier]
@@ -238,10 +243,21 @@ fn translate(ctx: &TcContext, packet: &Packet, flow: &FlowNat) -> i32 {
     send(ctx, packet.family, flow.ifindex)
 }
 
-/// A packet to a frontend with no tracked flow yet.
+/// The backend a new flow gets, and how to translate it.
+struct Chosen {
+    service_id: u32,
+    backend: Endpoint,
+    /// Chosen by session affinity.
+    affine: bool,
+    /// Cluster policy: SNAT if the stack routes the flow out through one of our devices.
+    snat_if_remote: bool,
+}
+
+/// A packet to a frontend with no tracked flow yet: its backend, or the verdict (`NEXT` when
+/// it is not for a frontend of ours, `DROP` when the Service has no backend).
 // A BPF subprogram of its own: its stack frame is not added to the callers'.
 #[inline(never)]
-fn new_flow(ctx: &TcContext, packet: &Packet) -> i32 {
+fn new_flow(packet: &Packet) -> Result<Chosen, i32> {
     let key = ServiceKey {
         addr: packet.dst,
         port: packet.dport,
@@ -251,62 +267,66 @@ fn new_flow(ctx: &TcContext, packet: &Packet) -> i32 {
     // SAFETY: the map is not preallocated, so an update swaps in a new element and this one
     // stays whole until the program returns (RCU): counts and shares are read consistently.
     let Some(service) = (unsafe { TP_SERVICES.get(key) }) else {
-        return NEXT;
+        return Err(NEXT);
     };
     // ClusterIPs are balanced at the socket; only NodePorts, externalIPs and LB IPs here.
     if service.flags & flags::FRONTEND_MASK == 0 {
-        return NEXT;
+        return Err(NEXT);
     }
     // The socket path's tier view: the same draw by share, the same fallback.
     let tiers = TierView::of(service);
     if tiers.nearest.is_none() {
         count_service(service.id, 0, 0, 1);
-        return DROP;
+        return Err(DROP);
     }
-    let Some((backend, affine)) = choose(service, &tiers, packet) else {
-        return DROP;
-    };
-    // Local policy: the tiers hold only node-local backends and the client's address stays.
-    let snat_if_remote = service.flags & flags::TRAFFIC_POLICY_LOCAL == 0;
-    let verdict = dnat(ctx, packet, service.id, &backend, snat_if_remote);
-    if verdict != DROP {
-        count_service(service.id, 1, u64::from(affine), 0);
-        count_backend(service.id, backend);
-    }
-    verdict
+    let (backend, affine) = choose(service, &tiers, packet).ok_or(DROP)?;
+    Ok(Chosen {
+        service_id: service.id,
+        backend,
+        affine,
+        // Local policy: the tiers hold only node-local backends and the client's address
+        // stays.
+        snat_if_remote: service.flags & flags::TRAFFIC_POLICY_LOCAL == 0,
+    })
 }
 
-/// DNAT to `backend` and hand the packet to the stack. Tracks the client's flow, the replies
-/// of a local backend (for `tp_ns_egress`) and, with `snat_if_remote`, the DNATed flow in
-/// case it leaves through one of our devices.
+/// DNAT to the chosen backend and hand the packet to the stack. Tracks the client's flow,
+/// the replies of a local backend (for `tp_ns_egress`) and, under Cluster policy, the DNATed
+/// flow in case it leaves through one of our devices.
 // A BPF subprogram of its own: its stack frame is not added to the callers'.
 #[inline(never)]
-fn dnat(
-    ctx: &TcContext,
-    packet: &Packet,
-    service_id: u32,
-    backend: &Endpoint,
-    snat_if_remote: bool,
-) -> i32 {
-    if !track_local_reply(packet, backend, service_id) {
+fn dnat(ctx: &TcContext, packet: &Packet, chosen: &Chosen) -> i32 {
+    let backend = &chosen.backend;
+    if !track_local_reply(packet, backend, chosen.service_id) {
         return DROP;
     }
     // SAFETY: the context's skb, valid for the whole program.
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if snat_if_remote && !track_pending_snat(packet, backend, service_id, ingress_ifindex) {
+    if chosen.snat_if_remote
+        && !track_pending_snat(packet, backend, chosen.service_id, ingress_ifindex)
+    {
         return DROP;
     }
     let original = FlowNat {
         dst: backend.addr,
         dport: backend.port,
         flags: nat::DST,
-        service_id,
+        service_id: chosen.service_id,
         ..FlowNat::default()
     };
     if !track(packet, direction::ORIGINAL, &original) || rewrite(ctx, packet, &original).is_err() {
         return DROP;
     }
+    count_flow(chosen);
     PASS
+}
+
+/// The socket path's counters, for a flow sent to its backend.
+// A BPF subprogram of its own: its stack frame is not added to the callers'.
+#[inline(never)]
+fn count_flow(chosen: &Chosen) {
+    count_service(chosen.service_id, 1, u64::from(chosen.affine), 0);
+    count_backend(chosen.service_id, chosen.backend);
 }
 
 /// Tracks the replies of a local backend, which `tp_ns_egress` gives the frontend's source.
