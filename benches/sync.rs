@@ -95,6 +95,7 @@ async fn bench(services: usize, events: usize) {
         log_format: LogFormat::Text,
         ipvs: Default::default(),
         ebpf: Default::default(),
+        north_south: Default::default(),
     };
     let started = Instant::now();
     let agent = match Agent::start(settings, dataplane).await {

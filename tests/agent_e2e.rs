@@ -183,6 +183,7 @@ fn settings() -> RunSettings {
         log_format: LogFormat::Text,
         ipvs: Default::default(),
         ebpf: Default::default(),
+        north_south: Default::default(),
     }
 }
 

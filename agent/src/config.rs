@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use ipnetwork::IpNetwork;
 
+use crate::dataplane::ebpf::north_south::{self, NorthSouthSettings};
 use crate::dataplane::ebpf::EbpfSettings;
 use crate::dataplane::ipvs::nft::NftSettings;
 use crate::dataplane::ipvs::IpvsSettings;
@@ -139,6 +140,15 @@ pub struct RunOptions {
     /// [default: the cgroup v2 root, from /proc/self/mountinfo].
     #[arg(long)]
     pub cgroup_path: Option<PathBuf>,
+    /// eBPF mode: the devices whose traffic from outside the node is balanced by the tc
+    /// programs (NodePorts, externalIPs, LB IPs): `auto` (the devices holding the node's
+    /// addresses), `none`, or a comma-separated list [default: auto].
+    #[arg(long)]
+    pub north_south_interfaces: Option<String>,
+    /// eBPF mode: source ports for SNAT of outside traffic to a backend on another node
+    /// [default: 61000-65535, above Linux's default ephemeral ports].
+    #[arg(long)]
+    pub snat_port_range: Option<String>,
 }
 
 /// The resolved settings of `topoproxy run`.
@@ -157,6 +167,7 @@ pub struct RunSettings {
     pub log_format: LogFormat,
     pub ipvs: IpvsSettings,
     pub ebpf: EbpfSettings,
+    pub north_south: NorthSouthSettings,
 }
 
 /// What went wrong with the settings.
@@ -185,6 +196,10 @@ pub enum ConfigError {
     NoNodeName,
     #[error("ipvs-scheduler must not be empty")]
     EmptyScheduler,
+    #[error("north-south-interfaces: {0:?} is not auto, none or a list of interface names")]
+    NorthSouthInterfaces(String),
+    #[error("snat-port-range: {0:?} is not a port range like 61000-65535")]
+    SnatPortRange(String),
     #[error("{setting}: {value:?} is not a CIDR (use e.g. 10.244.0.0/16)")]
     Cidr {
         setting: &'static str,
@@ -335,6 +350,30 @@ pub fn resolve(
                 .unwrap_or_else(|| EbpfSettings::default().pin_dir),
             cgroup_path: flags.cgroup_path.or(file.cgroup_path),
         },
+        north_south: north_south_settings(
+            flags.north_south_interfaces.or(file.north_south_interfaces),
+            flags.snat_port_range.or(file.snat_port_range),
+        )?,
+    })
+}
+
+fn north_south_settings(
+    interfaces: Option<String>,
+    snat_port_range: Option<String>,
+) -> Result<NorthSouthSettings, ConfigError> {
+    let defaults = NorthSouthSettings::default();
+    Ok(NorthSouthSettings {
+        interfaces: match interfaces {
+            None => defaults.interfaces,
+            Some(text) => north_south::parse_interfaces(&text)
+                .ok_or(ConfigError::NorthSouthInterfaces(text))?,
+        },
+        snat_ports: match snat_port_range {
+            None => defaults.snat_ports,
+            Some(text) => {
+                north_south::parse_port_range(&text).ok_or(ConfigError::SnatPortRange(text))?
+            }
+        },
     })
 }
 
@@ -382,6 +421,44 @@ mod tests {
         assert_eq!(settings.metrics_bind_address.to_string(), "127.0.0.1:10249");
         assert_eq!(settings.plan, PlanConfig::default());
         assert_eq!(settings.proxy_mode, ProxyMode::DryRun);
+    }
+
+    #[test]
+    fn north_south_settings_default_to_auto_and_refuse_bad_values() {
+        let resolved = |options: RunOptions| {
+            resolve(options, RunOptions::default(), fallbacks(None, Some("n")))
+        };
+        let defaults = resolved(RunOptions::default()).expect("defaults resolve");
+        assert_eq!(defaults.north_south, NorthSouthSettings::default());
+        let set = resolved(RunOptions {
+            north_south_interfaces: Some("eth0,eth1".to_owned()),
+            snat_port_range: Some("40000-40999".to_owned()),
+            ..RunOptions::default()
+        })
+        .expect("valid settings resolve");
+        assert_eq!(
+            set.north_south.interfaces,
+            north_south::Interfaces::Named(vec!["eth0".to_owned(), "eth1".to_owned()])
+        );
+        assert_eq!(set.north_south.snat_ports, (40000, 40999));
+        let file: RunOptions =
+            serde_yaml::from_str("north-south-interfaces: none\nsnat-port-range: 100-200\n")
+                .expect("config keys parse");
+        assert_eq!(file.north_south_interfaces.as_deref(), Some("none"));
+        assert!(matches!(
+            resolved(RunOptions {
+                snat_port_range: Some("9-1".to_owned()),
+                ..RunOptions::default()
+            }),
+            Err(ConfigError::SnatPortRange(_))
+        ));
+        assert!(matches!(
+            resolved(RunOptions {
+                north_south_interfaces: Some(",".to_owned()),
+                ..RunOptions::default()
+            }),
+            Err(ConfigError::NorthSouthInterfaces(_))
+        ));
     }
 
     #[test]

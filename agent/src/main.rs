@@ -278,7 +278,7 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                 serve(settings, dataplane).await
             }
             ProxyMode::Ebpf => {
-                let dataplane = EbpfDataplane::open(settings.ebpf.clone())
+                let mut dataplane = EbpfDataplane::open(settings.ebpf.clone())
                     .context("starting the eBPF dataplane")?;
                 let report = dataplane.load_report();
                 tracing::info!(
@@ -289,6 +289,13 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     version = %ebpf::loader::programs_version(),
                     "eBPF programs in place"
                 );
+                match dataplane
+                    .attach_north_south(settings.north_south.clone())
+                    .context("attaching the north-south tc programs")?
+                {
+                    Some(report) => ebpf::north_south::log_report(&report),
+                    None => tracing::info!("north-south tc programs wait for the first sync"),
+                }
                 serve(settings, dataplane).await
             }
             ProxyMode::DryRun => {
@@ -438,6 +445,10 @@ fn cleanup(
             "detached {} program(s), unpinned {} object(s)",
             report.detached, report.unpinned
         );
+        let filters = ebpf::north_south::detach_netlink_filters();
+        if filters > 0 {
+            println!("removed {filters} north-south tc filter(s)");
+        }
     }
     if let Some(ipvs_scope) = ipvs_scope {
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -16,6 +16,8 @@
 
 #![no_std]
 
+pub mod north_south;
+
 /// Tiers a service can hold (node, zone, region, cluster, other clusters, …).
 pub const MAX_TIERS: usize = 8;
 /// `slot >> TIER_SHIFT` is the tier; the low bits are the index within it.

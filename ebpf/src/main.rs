@@ -25,6 +25,8 @@
 #![no_std]
 #![no_main]
 
+mod north_south;
+
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},

@@ -28,6 +28,11 @@ use super::{EbpfError, EbpfSettings};
 /// The object built from `ebpf/` by `agent/build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/topoproxy-ebpf"));
 
+/// The embedded object, for the north-south loader (its maps are shared through the pins).
+pub(super) fn object() -> &'static [u8] {
+    OBJECT
+}
+
 /// Every program with the hook it attaches to.
 ///
 /// # Minimum kernel version

@@ -10,7 +10,8 @@
 //!   behind the [`lb_maps::LbMaps`] seam);
 //! - [`maps`]: the pinned maps behind that seam, and the counters;
 //! - [`list`]: what `topoproxy list` shows;
-//! - [`loader`]: loading, attaching, pinning, adopting and removing the programs.
+//! - [`loader`]: loading, attaching, pinning, adopting and removing the programs;
+//! - [`north_south`]: the tc programs for traffic from outside the node.
 
 mod convert;
 pub mod datapath_log;
@@ -19,6 +20,7 @@ mod lb_maps;
 mod list;
 pub mod loader;
 mod maps;
+pub mod north_south;
 
 use std::future::Future;
 use std::io;
@@ -143,6 +145,8 @@ pub enum EbpfError {
     GracePeriod(#[source] io::Error),
     #[error("reading the programs' log ring buffer failed")]
     LogReader(#[source] Box<aya_log::Error>),
+    #[error("network interface {0:?} does not exist")]
+    NoInterface(String),
 }
 
 /// The eBPF dataplane. Dropping it leaves everything pinned and attached.
@@ -152,6 +156,9 @@ pub struct EbpfDataplane {
     load_report: LoadReport,
     /// Fresh maps waiting for the whole table before the running programs switch to them.
     map_switch: Option<MapSwitch>,
+    /// North-south settings waiting for the map switch (the tc programs must read the maps
+    /// that hold the table).
+    north_south: Option<north_south::NorthSouthSettings>,
     layout: SlotLayout,
     /// Service id → virtual service, for the datapath log reader.
     ids: ServiceIds,
@@ -168,6 +175,7 @@ impl EbpfDataplane {
             maps,
             load_report,
             map_switch,
+            north_south: None,
             layout,
             ids: ServiceIds::default(),
             log_reader: None,
@@ -212,6 +220,31 @@ impl EbpfDataplane {
             programs = swapped.len(),
             "the programs now read this agent's maps"
         );
+        Ok(())
+    }
+
+    /// Attaches the north-south tc programs now, or once the map switch is complete (then
+    /// `None` comes back and [`Dataplane::synced`] attaches them).
+    pub fn attach_north_south(
+        &mut self,
+        settings: north_south::NorthSouthSettings,
+    ) -> Result<Option<north_south::NorthSouthReport>, EbpfError> {
+        if self.map_switch.is_some() {
+            self.north_south = Some(settings);
+            return Ok(None);
+        }
+        north_south::attach(&self.settings.pin_dir, &settings).map(Some)
+    }
+
+    fn attach_pending_north_south(&mut self) -> Result<(), EbpfError> {
+        if self.map_switch.is_some() {
+            return Ok(());
+        }
+        let Some(settings) = self.north_south.take() else {
+            return Ok(());
+        };
+        let report = north_south::attach(&self.settings.pin_dir, &settings)?;
+        north_south::log_report(&report);
         Ok(())
     }
 
@@ -349,6 +382,7 @@ impl Dataplane for EbpfDataplane {
 
     fn synced(&mut self) -> Result<(), DataplaneError> {
         self.complete_map_switch()
+            .and_then(|()| self.attach_pending_north_south())
             .map_err(|error| DataplaneError::read(NAME, error))
     }
 

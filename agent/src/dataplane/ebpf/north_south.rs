@@ -1,0 +1,554 @@
+//! North-south in eBPF mode: the tc programs (`ebpf/src/north_south.rs`) that balance traffic
+//! from outside the node to NodePorts, externalIPs and load-balancer IPs, on the node's
+//! devices, from the same Service and backend maps as the socket programs.
+//!
+//! [`attach`] loads the programs (their maps shared through the pinned maps directory), attaches
+//! `tp_ns_ingress` and `tp_ns_egress` to each device and records each device's node address
+//! (the SNAT source) and the SNAT port range in the maps. On kernels ≥ 6.6 the attachments are
+//! tcx links pinned as `link_tp_ns_{ingress,egress}_<device>`, so they outlive the agent and
+//! [`super::cleanup`] detaches them with the others; each start swaps the freshly loaded
+//! programs into the pinned links in one `BPF_LINK_UPDATE`, so no packet goes unbalanced in
+//! between. Older kernels get a `clsact` qdisc and a netlink filter at a fixed priority and
+//! handle, replaced in place on each start; [`detach_netlink_filters`] removes them.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType, TcHandle};
+use aya::util::KernelVersion;
+use aya::{Ebpf, EbpfLoader};
+use topoproxy_common::north_south::{self as abi, Config, Device, DEFAULT_SNAT_PORTS};
+use topoproxy_common::MAPS_DIR;
+
+use super::{convert, loader, EbpfError};
+
+/// The tc programs and where each attaches.
+pub const PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("tp_ns_ingress", TcAttachType::Ingress),
+    ("tp_ns_egress", TcAttachType::Egress),
+];
+
+/// Netlink filter priority and handle on kernels without tcx (fixed, so a restart replaces
+/// the filter in place instead of adding a second one).
+const NETLINK_PRIORITY: u16 = 1;
+const NETLINK_HANDLE: TcHandle = TcHandle::new(0, 0x7470);
+
+/// Which devices get the tc programs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Interfaces {
+    /// The devices holding the node's addresses: every device that is up, is not loopback and
+    /// holds a global unicast address.
+    #[default]
+    Auto,
+    /// These devices.
+    Named(Vec<String>),
+    /// None: only the socket path (processes on the node) is balanced.
+    Off,
+}
+
+/// The settings of the north-south programs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NorthSouthSettings {
+    pub interfaces: Interfaces,
+    /// SNAT source ports (inclusive) for flows to remote backends.
+    pub snat_ports: (u16, u16),
+}
+
+impl Default for NorthSouthSettings {
+    fn default() -> Self {
+        Self {
+            interfaces: Interfaces::Auto,
+            snat_ports: DEFAULT_SNAT_PORTS,
+        }
+    }
+}
+
+/// What [`attach`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NorthSouthReport {
+    /// The devices the programs run on.
+    pub interfaces: Vec<String>,
+    /// Attachments made by this call.
+    pub attached: usize,
+    /// Attachments of a previous agent that now run this agent's programs.
+    pub replaced: usize,
+    /// Netlink tc (kernel < 6.6) rather than tcx links.
+    pub netlink: bool,
+}
+
+/// A device and the addresses the programs SNAT to when a packet leaves through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDevice {
+    pub name: String,
+    pub ifindex: u32,
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+/// Attaches the tc programs to the devices `settings` names and writes the device and SNAT
+/// maps. The socket programs' maps must already be pinned and filled in `pin_dir`
+/// ([`super::EbpfDataplane::attach_north_south`] waits for that). Does nothing for
+/// [`Interfaces::Off`].
+pub fn attach(
+    pin_dir: &Path,
+    settings: &NorthSouthSettings,
+) -> Result<NorthSouthReport, EbpfError> {
+    let devices = match &settings.interfaces {
+        Interfaces::Off => return Ok(NorthSouthReport::default()),
+        Interfaces::Auto => node_devices(None)?,
+        Interfaces::Named(names) => node_devices(Some(names))?,
+    };
+    let maps_dir = pin_dir.join(MAPS_DIR);
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&maps_dir)
+        .load(loader::object())
+        .map_err(|source| EbpfError::Load {
+            pin_dir: maps_dir.clone(),
+            source: Box::new(source),
+        })?;
+    // Devices and SNAT settings first: the programs must know their devices before a packet.
+    write_devices(&mut ebpf, &devices)?;
+    write_config(&mut ebpf, settings.snat_ports)?;
+    let netlink = !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    let mut report = NorthSouthReport {
+        interfaces: devices.iter().map(|d| d.name.clone()).collect(),
+        netlink,
+        ..NorthSouthReport::default()
+    };
+    for (name, attach_type) in PROGRAMS {
+        let program = classifier(&mut ebpf, name)?;
+        program.load().map_err(program_error(name))?;
+        for device in &devices {
+            let replaced = if netlink {
+                attach_netlink(program, name, attach_type, &device.name)?
+            } else {
+                attach_tcx(program, name, attach_type, &device.name, pin_dir)?
+            };
+            if replaced {
+                report.replaced += 1;
+            } else {
+                report.attached += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Logs what [`attach`] did.
+pub fn log_report(report: &NorthSouthReport) {
+    tracing::info!(
+        interfaces = ?report.interfaces,
+        attached = report.attached,
+        replaced = report.replaced,
+        netlink = report.netlink,
+        "north-south tc programs in place"
+    );
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, EbpfError> {
+    ebpf.program_mut(name)
+        .ok_or(EbpfError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_error(name))
+}
+
+fn program_error(program: &'static str) -> impl Fn(aya::programs::ProgramError) -> EbpfError {
+    move |source| EbpfError::Program {
+        program,
+        source: Box::new(source),
+    }
+}
+
+/// Where the tcx link of `program` on `device` is pinned (bpffs refuses dots in names).
+pub fn link_pin(pin_dir: &Path, program: &str, device: &str) -> PathBuf {
+    pin_dir.join(format!("link_{program}_{}", device.replace('.', "_")))
+}
+
+/// Attaches through a pinned tcx link; `true` when an existing link was updated.
+fn attach_tcx(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    attach_type: TcAttachType,
+    device: &str,
+    pin_dir: &Path,
+) -> Result<bool, EbpfError> {
+    let path = link_pin(pin_dir, name, device);
+    if let Ok(pinned) = PinnedLink::from_pin(&path) {
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned));
+        match link.map(|link| program.attach_to_link(link)) {
+            Ok(Ok(id)) => {
+                // The pin keeps the link; dropping our handle only closes the descriptor.
+                drop(program.take_link(id).map_err(program_error(name))?);
+                return Ok(true);
+            }
+            // A link whose device went away (or not a tcx link): attach afresh.
+            Ok(Err(error)) => {
+                tracing::warn!(%error, device, program = name, "replacing a defunct pinned tc link")
+            }
+            Err(error) => {
+                tracing::warn!(%error, device, program = name, "replacing a pinned link that is not tcx")
+            }
+        }
+        remove_pin(&path)?;
+    }
+    let id = program
+        .attach_with_options(
+            device,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(program_error(name))?;
+    let link = program.take_link(id).map_err(program_error(name))?;
+    let link = FdLink::try_from(link).map_err(|_| EbpfError::NoBpfLink(name))?;
+    link.pin(&path)
+        .map_err(|source| EbpfError::Pin { path, source })?;
+    Ok(false)
+}
+
+/// Attaches as a netlink filter at our fixed priority and handle, replacing ours if there;
+/// `true` when it replaced one.
+fn attach_netlink(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    attach_type: TcAttachType,
+    device: &str,
+) -> Result<bool, EbpfError> {
+    if let Err(error) = tc::qdisc_add_clsact(device) {
+        // EEXIST: the qdisc is already there (ours from before, or another tool's).
+        tracing::debug!(%error, device, "adding the clsact qdisc");
+    }
+    let existing =
+        SchedClassifierLink::attached(device, attach_type, NETLINK_PRIORITY, NETLINK_HANDLE, None)
+            .map_err(|source| EbpfError::Io {
+                call: "if_nametoindex",
+                path: PathBuf::from(device),
+                source,
+            })?;
+    let (id, replaced) = match program.attach_to_link(existing) {
+        Ok(id) => (id, true),
+        Err(_) => {
+            let options = TcAttachOptions::Netlink(NlOptions {
+                priority: NETLINK_PRIORITY,
+                handle: NETLINK_HANDLE,
+                classid: None,
+            });
+            let id = program
+                .attach_with_options(device, attach_type, options)
+                .map_err(program_error(name))?;
+            (id, false)
+        }
+    };
+    // A netlink filter stays on the qdisc after we exit; dropping the link would detach it.
+    std::mem::forget(program.take_link(id).map_err(program_error(name))?);
+    Ok(replaced)
+}
+
+/// Removes our netlink tc filters from every device of this network namespace (kernels
+/// without tcx; tcx links are pinned and [`super::cleanup`] detaches them). Returns how many
+/// filters were removed.
+pub fn detach_netlink_filters() -> usize {
+    let mut removed = 0;
+    for device in interface_names() {
+        for (name, attach_type) in PROGRAMS {
+            if tc::qdisc_detach_program(&device, attach_type, name).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
+fn write_devices(ebpf: &mut Ebpf, devices: &[NodeDevice]) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(abi::maps::DEVICES)
+        .ok_or(EbpfError::MissingMap(abi::maps::DEVICES))?;
+    let mut map: HashMap<&mut MapData, u32, Device> =
+        HashMap::try_from(map).map_err(map_error("open"))?;
+    let stale: Vec<u32> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|ifindex| devices.iter().all(|d| d.ifindex != *ifindex))
+        .collect();
+    for device in devices {
+        map.insert(device.ifindex, device_value(device), 0)
+            .map_err(map_error("insert"))?;
+    }
+    for ifindex in stale {
+        map.remove(&ifindex).map_err(map_error("remove"))?;
+    }
+    Ok(())
+}
+
+fn write_config(ebpf: &mut Ebpf, (min, max): (u16, u16)) -> Result<(), EbpfError> {
+    let map = ebpf
+        .map_mut(abi::maps::CONFIG)
+        .ok_or(EbpfError::MissingMap(abi::maps::CONFIG))?;
+    let mut map: Array<&mut MapData, Config> = Array::try_from(map).map_err(map_error("open"))?;
+    let config = Config {
+        snat_port_min: min,
+        snat_port_max: max,
+        _pad: 0,
+    };
+    map.set(0, config, 0).map_err(map_error("set"))
+}
+
+fn map_error(call: &'static str) -> impl Fn(aya::maps::MapError) -> EbpfError {
+    move |source| EbpfError::Map {
+        map: "north-south",
+        call,
+        source: Box::new(source),
+    }
+}
+
+/// The map value for `device`: its addresses as the programs compare them.
+pub fn device_value(device: &NodeDevice) -> Device {
+    Device {
+        addr4: device
+            .v4
+            .map(|a| convert::endpoint(IpAddr::V4(a), 0).addr[0])
+            .unwrap_or(0),
+        addr6: device
+            .v6
+            .map(|a| convert::endpoint(IpAddr::V6(a), 0).addr)
+            .unwrap_or([0; 4]),
+    }
+}
+
+/// The devices of this network namespace holding a node address (`names: None`), or the
+/// named ones, each with its first global IPv4 and IPv6 address.
+fn node_devices(names: Option<&Vec<String>>) -> Result<Vec<NodeDevice>, EbpfError> {
+    let addresses = interface_addresses()?;
+    let mut devices: Vec<NodeDevice> = Vec::new();
+    let wanted: Vec<String> = match names {
+        Some(names) => names.clone(),
+        None => {
+            let mut auto: Vec<String> = addresses
+                .iter()
+                .filter(|a| a.up && !a.loopback && is_node_address(&a.address))
+                .map(|a| a.name.clone())
+                .collect();
+            auto.dedup();
+            auto
+        }
+    };
+    for name in wanted {
+        if devices.iter().any(|d| d.name == name) {
+            continue;
+        }
+        let c_name =
+            CString::new(name.as_str()).map_err(|_| EbpfError::NoInterface(name.clone()))?;
+        // SAFETY: a NUL-terminated name we own.
+        let ifindex = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(EbpfError::NoInterface(name));
+        }
+        let mine = || addresses.iter().filter(|a| a.name == name);
+        devices.push(NodeDevice {
+            ifindex,
+            v4: mine().find_map(|a| match a.address {
+                IpAddr::V4(v4) if is_node_address(&a.address) => Some(v4),
+                _ => None,
+            }),
+            v6: mine().find_map(|a| match a.address {
+                IpAddr::V6(v6) if is_node_address(&a.address) => Some(v6),
+                _ => None,
+            }),
+            name,
+        });
+    }
+    Ok(devices)
+}
+
+/// A global unicast address (not loopback, link-local or multicast).
+pub fn is_node_address(address: &IpAddr) -> bool {
+    match address {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback() || v4.is_link_local() || v4.is_multicast() || v4.is_unspecified())
+        }
+        IpAddr::V6(v6) => {
+            let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+            !(v6.is_loopback() || link_local || v6.is_multicast() || v6.is_unspecified())
+        }
+    }
+}
+
+struct InterfaceAddress {
+    name: String,
+    address: IpAddr,
+    up: bool,
+    loopback: bool,
+}
+
+/// Every address of every device in this network namespace (`getifaddrs`).
+fn interface_addresses() -> Result<Vec<InterfaceAddress>, EbpfError> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(EbpfError::Io {
+            call: "getifaddrs",
+            path: PathBuf::new(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    let mut found = Vec::new();
+    let mut entry = head;
+    while !entry.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
+        let ifa = unsafe { &*entry };
+        entry = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name and a sockaddr of the family it says.
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
+            .to_string_lossy()
+            .into_owned();
+        let address = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                IpAddr::V4(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+            }
+            libc::AF_INET6 => {
+                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+            }
+            _ => continue,
+        };
+        let flags = ifa.ifa_flags as i32;
+        found.push(InterfaceAddress {
+            name,
+            address,
+            up: flags & libc::IFF_UP != 0,
+            loopback: flags & libc::IFF_LOOPBACK != 0,
+        });
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(found)
+}
+
+/// The names of this network namespace's devices (`if_nameindex`).
+fn interface_names() -> Vec<String> {
+    // SAFETY: if_nameindex returns an array ended by a zero entry, freed below.
+    let head = unsafe { libc::if_nameindex() };
+    if head.is_null() {
+        return Vec::new();
+    }
+    let mut names = Vec::new();
+    let mut entry = head;
+    // SAFETY: walking the array up to its terminating entry.
+    unsafe {
+        while (*entry).if_index != 0 && !(*entry).if_name.is_null() {
+            names.push(
+                CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            entry = entry.add(1);
+        }
+        libc::if_freenameindex(head);
+    }
+    names
+}
+
+fn remove_pin(path: &Path) -> Result<(), EbpfError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(EbpfError::Io {
+            call: "remove_file",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Parses `MIN-MAX` (inclusive, MIN ≥ 1, MIN ≤ MAX).
+pub fn parse_port_range(text: &str) -> Option<(u16, u16)> {
+    let (min, max) = text.trim().split_once('-')?;
+    let (min, max): (u16, u16) = (min.trim().parse().ok()?, max.trim().parse().ok()?);
+    (min >= 1 && min <= max).then_some((min, max))
+}
+
+/// Parses the `north-south-interfaces` setting: `auto`, `none` or a comma-separated list.
+pub fn parse_interfaces(text: &str) -> Option<Interfaces> {
+    match text.trim() {
+        "auto" => Some(Interfaces::Auto),
+        "none" => Some(Interfaces::Off),
+        list => {
+            let names: Vec<String> = list
+                .split(',')
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let valid = |name: &String| name.len() < libc::IFNAMSIZ && !name.contains(['/', ' ']);
+            (!names.is_empty() && names.iter().all(valid)).then_some(Interfaces::Named(names))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_addresses_are_global_unicast_only() {
+        for global in ["10.0.0.1", "192.0.2.7", "2001:db8::1", "fd00::1"] {
+            assert!(is_node_address(&global.parse().expect("ip")), "{global}");
+        }
+        for other in [
+            "127.0.0.1",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
+            "224.0.0.1",
+            "0.0.0.0",
+        ] {
+            assert!(!is_node_address(&other.parse().expect("ip")), "{other}");
+        }
+    }
+
+    #[test]
+    fn settings_parse_and_refuse_nonsense() {
+        assert_eq!(parse_port_range("61000-65535"), Some((61000, 65535)));
+        assert_eq!(parse_port_range(" 40000 - 40000 "), Some((40000, 40000)));
+        for bad in ["", "0-10", "10-9", "a-b", "70000-70001", "100"] {
+            assert_eq!(parse_port_range(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_interfaces("auto"), Some(Interfaces::Auto));
+        assert_eq!(parse_interfaces("none"), Some(Interfaces::Off));
+        assert_eq!(
+            parse_interfaces("eth0, bond0.100"),
+            Some(Interfaces::Named(vec!["eth0".into(), "bond0.100".into()]))
+        );
+        for bad in ["", " , ", "a/b", "averyveryverylongname0"] {
+            assert_eq!(parse_interfaces(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn device_values_hold_network_order_words() {
+        let device = NodeDevice {
+            name: "eth0".into(),
+            ifindex: 2,
+            v4: Some(Ipv4Addr::new(10, 77, 0, 1)),
+            v6: None,
+        };
+        let value = device_value(&device);
+        assert_eq!(value.addr4.to_ne_bytes(), [10, 77, 0, 1]);
+        assert_eq!(value.addr6, [0; 4]);
+        assert_eq!(
+            link_pin(Path::new("/p"), "tp_ns_ingress", "bond0.100"),
+            PathBuf::from("/p/link_tp_ns_ingress_bond0_100")
+        );
+    }
+}
