@@ -70,10 +70,8 @@ impl<D: Dataplane + 'static> Agent<D> {
         dataplane.attach_service_names(Arc::new(move |key| {
             let table = table_state.table.read().ok()?;
             let server = table.get(key)?;
-            Some(format!(
-                "{}/{}",
-                server.service.namespace, server.service.name
-            ))
+            // `namespace/name`; a ServiceImport's says so (`serviceimport/namespace/name`).
+            Some(server.service.to_string())
         }));
         let healthz = http::bind(settings.healthz_bind_address).await?;
         let metrics = http::bind(settings.metrics_bind_address).await?;
