@@ -13,7 +13,8 @@ every render. What this file checks:
    rendered by `kustomize build`; every YAML file of the tree is referenced by some
    kustomization, and every rendered object has apiVersion, kind and metadata.name.
 4. The rendered objects are checked for what matters to a service proxy: read-only RBAC
-   (get/list/watch on services, nodes and endpointslices, nothing else), references
+   (get/list/watch on services, nodes and endpointslices, list/watch on MCS serviceimports,
+   nothing else), references
    (ServiceAccount, ConfigMap, ClusterRole, volumes) resolve, the config file parses and its
    ports agree with the probes and declared ports, privileges fit the proxy mode, API
    validation rules the server would enforce (Bidirectional propagation only when
@@ -58,15 +59,15 @@ CONFIG_KEYS = {
     "kubeconfig", "hostname-override", "source", "proxy-mode", "min-sync-period", "sync-period",
     "healthz-bind-address", "metrics-bind-address", "ipvs-scheduler", "service-proxy-name",
     "source-poll-period", "log-format", "masquerade-all", "cluster-cidr", "ipvs-exclude-cidrs",
-    "ipvs-strict-arp", "ipvs-drain-timeout", "bpf-pin-dir", "cgroup-path",
-    "north-south-interfaces", "snat-port-range",
+    "ipvs-strict-arp", "ipvs-drain-timeout", "bpf-pin-dir", "cgroup-path", "topology-default",
+    "cluster-id", "north-south-interfaces", "snat-port-range",
 }
 PROXY_MODES = {"ipvs", "ebpf", "dry-run"}
 RBAC_ALLOWED = {
     (group, resource, verb)
     for group, resource in (("", "services"), ("", "nodes"), ("discovery.k8s.io", "endpointslices"))
     for verb in ("get", "list", "watch")
-}
+} | {("multicluster.x-k8s.io", "serviceimports", verb) for verb in ("list", "watch")}
 # Host ports taken by kube-proxy (10249, 10256), kube-scheduler (10259),
 # kube-controller-manager (10257), cloud-controller-manager (10258) and the kubelet.
 KUBE_PORTS = {10248, 10249, 10250, 10255, 10256, 10257, 10258, 10259}

@@ -406,3 +406,52 @@ fn locality_opt_in_shows_shares_weights_and_why() {
         "{tiers}"
     );
 }
+
+/// A clusterset VIP planned from a YAML directory: weights across this cluster and the other
+/// (west has one of two pods ready: Envoy's 70/30), `--explain` says why, and without
+/// `--cluster-id` the ServiceImport is left out with the reason.
+#[test]
+fn plan_programs_a_service_import_with_a_cluster_id() {
+    let args = [
+        "plan",
+        "--source",
+        "examples/clusterset",
+        "--node",
+        "west-a1",
+        "--cluster-id",
+        "west",
+    ];
+    let output = topoproxy(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let table = stdout(&output);
+    let lines: Vec<&str> = table.lines().skip(3).map(str::trim_end).collect();
+    assert_eq!(
+        lines,
+        [
+            "TCP  10.42.0.10:80 wrr",
+            "  -> 10.8.0.1:8080                Masq    3      0          0",
+            "  -> 10.8.0.2:8080                Masq    3      0          0",
+            "  -> 10.244.1.10:8080             Masq    14     0          0",
+        ]
+    );
+    let explained = stdout(&topoproxy(&[&args[..], &["--explain"]].concat()));
+    for expected in [
+        "ServiceImport shop/web",
+        "clusterset VIP: endpoints from this cluster (west) first",
+        "tier cluster: 1 of 2 ready, share 70.0%, weight 14",
+        "tier remote-clusters: 2 of 2 ready, share 30.0%, weight 3",
+        "ready in cluster east",
+    ] {
+        assert!(explained.contains(expected), "{expected}:\n{explained}");
+    }
+    let without = topoproxy(&[&args[..5], &["--explain"]].concat());
+    assert!(without.status.success(), "{}", stderr(&without));
+    let text = stdout(&without);
+    assert!(!text.contains("TCP  10.42.0.10:80"), "{text}");
+    assert!(
+        text.contains(
+            "ServiceImport shop/web: skipped: a ServiceImport, but this cluster's id is unknown"
+        ),
+        "{text}"
+    );
+}

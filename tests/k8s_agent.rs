@@ -182,6 +182,11 @@ async fn every_rule_of_the_shipped_rbac_is_needed_and_a_missing_one_is_reported(
         "the role grants services, nodes and endpointslices"
     );
     for (index, resource) in cases {
+        // ServiceImports are watched only with a cluster id, and only once their CRD exists.
+        let mcs = resource == "serviceimports";
+        if mcs {
+            install_service_import_crd(&client).await;
+        }
         let mut reduced = shipped.clone();
         let kept: Vec<Value> = rules[index]["resources"]
             .as_array()
@@ -199,7 +204,8 @@ async fn every_rule_of_the_shipped_rbac_is_needed_and_a_missing_one_is_reported(
             reduced["rules"][index]["resources"] = Value::from(kept);
         }
         let token = install_agent_identity(&plane, &client, Some(reduced)).await;
-        let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+        let extra: &[&str] = if mcs { &["--cluster-id", "west"] } else { &[] };
+        let agent = Agent::start_with(&plane, &Auth::Token(token), "node-a1", extra);
         eventually(
             &format!("without {resource}: the 403 reported"),
             CONVERGE,
@@ -429,6 +435,174 @@ async fn topology_hints_from_the_real_controller_drive_the_table() {
         4,
         "no zone: all"
     );
+}
+
+/// The tiers of the virtual server `address:port` in a `/plan?format=json` document: (kind,
+/// share in ppm, backend addresses), nearest first. Without a locality policy (no
+/// `sharePpm`), the first tier takes everything, as kube-proxy programs it.
+fn tiers_of(plan: &Value, address: &str, port: u16) -> Vec<(String, u64, Vec<String>)> {
+    let servers = plan["virtualServers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let Some(server) = servers
+        .iter()
+        .find(|vs| vs["key"]["address"] == address && vs["key"]["port"] == port)
+    else {
+        return Vec::new();
+    };
+    let tiers = server["tiers"].as_array().cloned().unwrap_or_default();
+    tiers
+        .iter()
+        .enumerate()
+        .map(|(position, tier)| {
+            let whole_if_first = if position == 0 { 1_000_000 } else { 0 };
+            let mut backends: Vec<String> = tier["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["address"].as_str().map(str::to_owned))
+                .collect();
+            backends.sort();
+            (
+                tier["kind"].as_str().unwrap_or_default().to_owned(),
+                tier["sharePpm"].as_u64().unwrap_or(whole_if_first),
+                backends,
+            )
+        })
+        .collect()
+}
+
+/// The share (0 to 1) of new connections the node sends into `zone_backends`, from `tiers`.
+fn share_into(tiers: &[(String, u64, Vec<String>)], zone_backends: &[&str]) -> f64 {
+    let mut share = 0.0;
+    for (_, ppm, backends) in tiers {
+        if backends.is_empty() {
+            continue;
+        }
+        let inside = backends
+            .iter()
+            .filter(|b| zone_backends.contains(&b.as_str()))
+            .count();
+        share += *ppm as f64 / 1e6 * inside as f64 / backends.len() as f64;
+    }
+    share
+}
+
+#[tokio::test]
+async fn hints_vanishing_and_a_thinning_zone_spill_gradually_under_the_zone_policy() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    let ns = "spill";
+    create_namespace(&client, ns).await;
+    let all = ["node-a1", "node-a2", "node-b1", "node-b2"];
+    let auto = json!({"service.kubernetes.io/topology-mode": "Auto"});
+    let kp = service(
+        &client,
+        ns,
+        "kp",
+        json!({"metadata": {"annotations": auto}}),
+    )
+    .await;
+    let near_annotations = json!({
+        "service.kubernetes.io/topology-mode": "Auto",
+        "topoproxy.io/topology": "zone",
+    });
+    let near = service(
+        &client,
+        ns,
+        "near",
+        json!({"metadata": {"annotations": near_annotations}}),
+    )
+    .await;
+    pods(&client, ns, "kp", &all, 1).await;
+    let near_pods = pods(&client, ns, "near", &all, 2).await;
+    wait_for_hints(&client, ns, "kp", 4, true).await;
+    wait_for_hints(&client, ns, "near", 4, true).await;
+    let zone_a_kp = ["10.244.1.10", "10.244.1.11"];
+    let zone_a_near = ["10.244.2.10", "10.244.2.11"];
+
+    let token = install_agent_identity(&plane, &client, None).await;
+    let a1 = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    a1.converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let plan = a1.plan_json().await.expect("/plan?format=json");
+    // With hints, both keep every connection in zone-a.
+    assert_eq!(share_into(&tiers_of(&plan, &kp, 80), &zone_a_kp), 1.0);
+    let tiers = tiers_of(&plan, &near, 80);
+    assert_eq!(share_into(&tiers, &zone_a_near), 1.0, "{tiers:?}");
+    assert_eq!(tiers[0].0, "SameZone", "{tiers:?}");
+
+    // A node without a zone makes the controller drop every hint (kubernetes#114215's
+    // cliff): kube-proxy's set becomes the whole cluster, the zone policy stays in zone-a
+    // from the endpoints' own zones.
+    create_node(&client, &NodeSpec::new("node-x1", None, "10.0.9.1")).await;
+    wait_for_hints(&client, ns, "kp", 4, false).await;
+    wait_for_hints(&client, ns, "near", 4, false).await;
+    a1.converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let plan = a1.plan_json().await.expect("/plan?format=json");
+    let kp_tiers = tiers_of(&plan, &kp, 80);
+    assert_eq!(
+        share_into(&kp_tiers, &zone_a_kp),
+        0.5,
+        "the cliff: {kp_tiers:?}"
+    );
+    let tiers = tiers_of(&plan, &near, 80);
+    assert_eq!(tiers[0].0, "SameZone", "{tiers:?}");
+    assert_eq!(tiers[0].2, zone_a_near, "{tiers:?}");
+    let in_zone = share_into(&tiers, &zone_a_near);
+    assert!(
+        in_zone >= 0.99,
+        "hints gone, zone kept: {in_zone} {tiers:?}"
+    );
+
+    // A rollout in zone-a: one of its two pods not Ready. The zone tier thins and hands a
+    // share of new connections to the rest of the cluster instead of all or nothing.
+    set_pod_status(&client, &near_pods[1], false).await;
+    eventually(
+        "the controller marks near-1 not ready",
+        CONVERGE,
+        || async {
+            let slices = slices_of(&client, ns, "near").await;
+            let not_ready = slices
+                .iter()
+                .flat_map(|s| s.endpoints.iter())
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(false))
+                .count();
+            (not_ready == 1).then_some(())
+        },
+    )
+    .await;
+    a1.converges(&client, &scratch(&plane, "a1"), CONVERGE)
+        .await;
+    let plan = a1.plan_json().await.expect("/plan?format=json");
+    let tiers = tiers_of(&plan, &near, 80);
+    let shares: u64 = tiers.iter().map(|t| t.1).sum();
+    assert_eq!(shares, 1_000_000, "shares sum to the whole: {tiers:?}");
+    let in_zone = share_into(&tiers, &zone_a_near);
+    eprintln!("zone-a thinning, node-a1 sends {in_zone} into zone-a: {tiers:?}");
+    assert!(
+        in_zone > 0.5 && in_zone < 1.0,
+        "a thinning zone spills a share, and keeps more than kube-proxy's fallback: {in_zone} {tiers:?}"
+    );
+    let served = a1
+        .metric("topoproxy_locality_programmed_share", "tier=\"cluster\"")
+        .await;
+    assert!(
+        served > Some(0.0),
+        "the spill shows in the metrics: {served:?}"
+    );
+
+    // Ready again: everything back in zone-a.
+    set_pod_status(&client, &near_pods[1], true).await;
+    eventually("near back in zone-a", CONVERGE, || async {
+        let plan = a1.plan_json().await?;
+        (share_into(&tiers_of(&plan, &near, 80), &zone_a_near) >= 0.99).then_some(())
+    })
+    .await;
 }
 
 /// Creates a Service `churn-N` and deletes `churn-(N-3)` in a loop through `client` until
@@ -870,5 +1044,197 @@ async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
     assert!(
         checked >= 30,
         "every overlay and chart mode rendered objects ({checked})"
+    );
+}
+
+/// The ServiceImport CRD of `tests/k8s/serviceimport-crd.yaml`, applied and established.
+async fn install_service_import_crd(client: &Client) {
+    let text =
+        std::fs::read_to_string(agent::workspace_root().join("tests/k8s/serviceimport-crd.yaml"))
+            .expect("reading the ServiceImport CRD");
+    for object in yaml_documents(&text) {
+        apply(client, object).await;
+    }
+    // A CRD serves its resource only once it is established.
+    eventually("the ServiceImport CRD is served", CONVERGE, || async {
+        client
+            .list_api_group_resources("multicluster.x-k8s.io/v1alpha1")
+            .await
+            .ok()
+            .filter(|list| list.resources.iter().any(|r| r.name == "serviceimports"))
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// An imported EndpointSlice of ServiceImport `shop/web` from `cluster`: `(address, ready)`
+/// endpoints on port `http` 8080, as an MCS implementation writes them.
+fn imported_slice(cluster: &str, endpoints: &[(&str, bool)]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(address, ready)| json!({"addresses": [address], "conditions": {"ready": ready}}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("web-{cluster}"), "namespace": "shop",
+            "labels": {
+                "multicluster.kubernetes.io/service-name": "web",
+                "multicluster.kubernetes.io/source-cluster": cluster,
+                "endpointslice.kubernetes.io/managed-by": "mcs-test.topoproxy.io",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+/// The real servers of `frontend` with their weights, from an `ipvsadm -Ln` text.
+fn weighted_destinations(table: &str, frontend: &str) -> Vec<(String, u32)> {
+    let mut lines = table.lines();
+    let mut found = Vec::new();
+    while let Some(line) = lines.next() {
+        if line
+            .strip_prefix("TCP ")
+            .and_then(|l| l.split_whitespace().next())
+            != Some(frontend)
+        {
+            continue;
+        }
+        for dest in lines.by_ref() {
+            let Some(rest) = dest.trim_start().strip_prefix("-> ") else {
+                break;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if let (Some(address), Some(weight)) = (fields.first(), fields.get(2)) {
+                found.push(((*address).to_owned(), weight.parse().unwrap_or(0)));
+            }
+        }
+        break;
+    }
+    found.sort();
+    found
+}
+
+/// Clusterset VIPs against the real control plane: the agent starts before the MCS CRD exists
+/// (healthy, no watch errors, said once), picks the CRD up when it appears, and programs the
+/// ServiceImport's clusterset IP from the imported slices: this cluster's endpoints while it
+/// has them, spilling to the other cluster as it thins, all remote when scaled to zero, and
+/// back home when it returns.
+#[tokio::test]
+async fn mcs_clusterset_ip_serves_this_cluster_first_and_another_when_scaled_to_zero() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options::default()).await;
+    let client = plane.admin_client().await;
+    four_nodes(&client).await;
+    create_namespace(&client, "shop").await;
+    let token = install_agent_identity(&plane, &client, None).await;
+    let agent = Agent::start_with(
+        &plane,
+        &Auth::Token(token),
+        "node-a1",
+        &["--cluster-id", "west"],
+    );
+    agent.wait_healthy(CONVERGE).await;
+    eventually("the missing CRD is reported", CONVERGE, || async {
+        agent
+            .log()
+            .contains("the ServiceImport CRD is not installed")
+            .then_some(())
+    })
+    .await;
+
+    install_service_import_crd(&client).await;
+    apply(
+        &client,
+        json!({
+            "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceImport",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"type": "ClusterSetIP", "ips": ["10.42.0.10"],
+                     "ports": [{"name": "http", "protocol": "TCP", "port": 80}]},
+        }),
+    )
+    .await;
+    let west = [("10.244.1.10", true), ("10.244.1.11", true)];
+    apply(&client, imported_slice("west", &west)).await;
+    apply(
+        &client,
+        imported_slice("east", &[("10.8.0.1", true), ("10.8.0.2", true)]),
+    )
+    .await;
+    let frontend = "10.42.0.10:80";
+    let wait_for = |what: &'static str, want: Vec<(&'static str, u32)>| {
+        let agent = &agent;
+        async move {
+            let want: Vec<(String, u32)> = want
+                .into_iter()
+                .map(|(address, weight)| (address.to_owned(), weight))
+                .collect();
+            eventually(what, CONVERGE, || async {
+                let table = agent.plan().await?;
+                (weighted_destinations(&table, frontend) == want).then_some(())
+            })
+            .await;
+        }
+    };
+    wait_for(
+        "this cluster's endpoints only",
+        vec![("10.244.1.10:8080", 1), ("10.244.1.11:8080", 1)],
+    )
+    .await;
+    let table = agent.plan().await.unwrap_or_default();
+    assert!(table.contains("TCP  10.42.0.10:80 wrr"), "{table}");
+
+    // Half of this cluster not ready: Envoy's 70/30 with the other cluster.
+    apply(
+        &client,
+        imported_slice("west", &[("10.244.1.10", true), ("10.244.1.11", false)]),
+    )
+    .await;
+    wait_for(
+        "this cluster thins and hands 30 % over",
+        vec![
+            ("10.244.1.10:8080", 14),
+            ("10.8.0.1:8080", 3),
+            ("10.8.0.2:8080", 3),
+        ],
+    )
+    .await;
+
+    apply(&client, imported_slice("west", &[])).await;
+    wait_for(
+        "scaled to zero: the other cluster",
+        vec![("10.8.0.1:8080", 1), ("10.8.0.2:8080", 1)],
+    )
+    .await;
+
+    apply(&client, imported_slice("west", &west)).await;
+    wait_for(
+        "scaled back: home again",
+        vec![("10.244.1.10:8080", 1), ("10.244.1.11:8080", 1)],
+    )
+    .await;
+
+    let (status, body) = agent.healthz().await.unwrap_or_default();
+    assert_eq!(status, 200, "{body}");
+    let log = agent.log();
+    assert_eq!(
+        log.matches("the ServiceImport CRD is not installed")
+            .count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert!(log.contains("the ServiceImport CRD is installed; watching serviceimports"));
+    let errors = agent
+        .metric(
+            "topoproxy_watch_errors_total",
+            "resource=\"serviceimports\"",
+        )
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(
+        errors, 0.0,
+        "no watch errors while the CRD was missing:\n{log}"
     );
 }

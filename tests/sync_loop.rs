@@ -55,6 +55,15 @@ impl Running {
         sync_period: Duration,
         prepare: impl FnOnce(&MemoryHandle),
     ) -> Self {
+        Self::start_planning(min_sync_period, sync_period, PlanConfig::default(), prepare)
+    }
+
+    fn start_planning(
+        min_sync_period: Duration,
+        sync_period: Duration,
+        plan: PlanConfig,
+        prepare: impl FnOnce(&MemoryHandle),
+    ) -> Self {
         let (dataplane, handle) = MemoryDataplane::new("memory");
         prepare(&handle);
         let state = Arc::new(AgentState {
@@ -66,7 +75,7 @@ impl Running {
         let settings = SyncSettings {
             min_sync_period,
             sync_period,
-            plan: PlanConfig::default(),
+            plan,
         };
         let sync = SyncLoop::new(settings, dataplane, Arc::clone(&state));
         let (events, rx) = mpsc::channel(1024);
@@ -172,6 +181,46 @@ async fn nothing_is_programmed_until_services_slices_and_node_are_known() {
     agent.stop().await;
 }
 
+/// With a cluster id, the MCS lists gate the first sync too (a source reports a missing
+/// ServiceImport CRD as an empty list), so a restart never withdraws a clusterset IP.
+#[tokio::test]
+async fn with_a_cluster_id_the_mcs_lists_gate_the_first_sync() {
+    let store = example();
+    let plan_config = PlanConfig {
+        cluster_id: Some("west".to_owned()),
+        ..PlanConfig::default()
+    };
+    let node = store.node(NODE).expect("node").clone();
+    let want = programmed_table(&plan(&store, &node, &plan_config), TierScope::Active);
+    let agent =
+        Running::start_planning(Duration::ZERO, Duration::from_secs(60), plan_config, |_| {});
+    agent.list(&store).await;
+    agent
+        .eventually("health waits for the MCS lists", |a| {
+            let health = a.state.health.status(SystemTime::now());
+            health.reason.as_deref().is_some_and(|reason| {
+                reason.contains("serviceimports") && reason.contains("endpointslices-multicluster")
+            })
+        })
+        .await;
+    assert_eq!(
+        agent.dataplane.applies(),
+        0,
+        "programmed before the MCS lists"
+    );
+    agent
+        .send([
+            SourceEvent::Listed(Resource::ServiceImports),
+            SourceEvent::Listed(Resource::ImportedSlices),
+        ])
+        .await;
+    agent
+        .eventually("the table is programmed", |a| a.dataplane.table() == want)
+        .await;
+    assert!(agent.state.health.status(SystemTime::now()).healthy);
+    agent.stop().await;
+}
+
 async fn synced(store: &Store) -> (Running, Node) {
     let node = store.node(NODE).expect("node").clone();
     let agent = Running::start(Duration::ZERO, Duration::from_secs(60));
@@ -190,10 +239,7 @@ async fn one_endpoint_change_sends_exactly_the_changes_it_needs() {
     let before = expected(&store, &node);
     let ops_before = agent.dataplane.ops_applied();
     // The zone-b frontend pod on node-b1 stops being ready.
-    let key = SliceKey {
-        namespace: "shop".to_owned(),
-        name: "frontend-4mzxq".to_owned(),
-    };
+    let key = SliceKey::new("shop", "frontend-4mzxq");
     let mut slice = store.slice(&key).expect("frontend slice").clone();
     let endpoint = slice
         .endpoints
@@ -338,10 +384,7 @@ async fn min_sync_period_batches_a_burst_into_few_syncs() {
         .eventually("initial sync", |a| a.dataplane.table() == want)
         .await;
     let applies = agent.dataplane.applies();
-    let key = SliceKey {
-        namespace: "kube-system".to_owned(),
-        name: "kube-dns-x7k2p".to_owned(),
-    };
+    let key = SliceKey::new("kube-system", "kube-dns-x7k2p");
     for round in 0..20 {
         let mut slice = store.slice(&key).expect("dns slice").clone();
         slice.endpoints[0].ready = round % 2 == 0;

@@ -58,7 +58,13 @@ struct Scenario {
     /// Ready pods of the same Service exported by cluster `east` (MCS slices).
     remote_pods: usize,
     hints: HintSource,
+    /// The VIP is a ServiceImport's clusterset IP (this cluster, `west`, exports its local pods
+    /// too; planned with `--cluster-id west`), not a derived Service's ClusterIP.
+    clusterset: bool,
 }
+
+/// This cluster's MCS id in the clusterset scenarios.
+const THIS_CLUSTER: &str = "west";
 
 fn pods(spec: &[(&'static str, bool)]) -> Vec<Pod> {
     spec.iter()
@@ -86,6 +92,7 @@ fn scenarios() -> Vec<Scenario> {
             pods: pods(&[("a1", up), ("a2", up), ("b1", up), ("b2", up)]),
             remote_pods: 0,
             hints: HintSource::Auto,
+            clusterset: false,
         },
         Scenario {
             title: "Seed: 4 nodes / 2 zones, 2 DNS pods",
@@ -94,6 +101,7 @@ fn scenarios() -> Vec<Scenario> {
             pods: pods(&[("a1", up), ("b1", up)]),
             remote_pods: 0,
             hints: HintSource::Auto,
+            clusterset: false,
         },
         Scenario {
             title: "Seed: 4 nodes / 2 zones, 1 DNS pod",
@@ -102,6 +110,7 @@ fn scenarios() -> Vec<Scenario> {
             pods: pods(&[("a1", up)]),
             remote_pods: 0,
             hints: HintSource::Auto,
+            clusterset: false,
         },
         Scenario {
             title: "Rollout: hints vanish",
@@ -118,6 +127,7 @@ fn scenarios() -> Vec<Scenario> {
             ]),
             remote_pods: 0,
             hints: HintSource::AutoVanished,
+            clusterset: false,
         },
         Scenario {
             title: "One zone down",
@@ -126,6 +136,7 @@ fn scenarios() -> Vec<Scenario> {
             pods: pods(&[("a1", up), ("a2", up), ("b1", down), ("b2", down)]),
             remote_pods: 0,
             hints: HintSource::Auto,
+            clusterset: false,
         },
         Scenario {
             title: "A zone half down",
@@ -135,6 +146,7 @@ fn scenarios() -> Vec<Scenario> {
             pods: pods(&[("a1", up), ("a2", up), ("b1", up), ("b2", down)]),
             remote_pods: 0,
             hints: HintSource::Auto,
+            clusterset: false,
         },
         Scenario {
             title: "Small zone: one endpoint for many nodes",
@@ -153,6 +165,7 @@ fn scenarios() -> Vec<Scenario> {
             pods: pods(&[("a1", up), ("b1", up), ("b1", up), ("b2", up)]),
             remote_pods: 0,
             hints: HintSource::PreferSameZone,
+            clusterset: false,
         },
         Scenario {
             title: "Region down",
@@ -180,6 +193,7 @@ fn scenarios() -> Vec<Scenario> {
             ]),
             remote_pods: 0,
             hints: HintSource::Auto,
+            clusterset: false,
         },
         Scenario {
             title: "Two clusters: local scaled to zero",
@@ -188,6 +202,7 @@ fn scenarios() -> Vec<Scenario> {
             pods: Vec::new(),
             remote_pods: 2,
             hints: HintSource::Auto,
+            clusterset: false,
         },
         Scenario {
             title: "Two clusters: local scaled back",
@@ -196,6 +211,36 @@ fn scenarios() -> Vec<Scenario> {
             pods: pods(&[("a1", up), ("a2", up), ("b1", up), ("b2", up)]),
             remote_pods: 2,
             hints: HintSource::Auto,
+            clusterset: false,
+        },
+        Scenario {
+            title: "Clusterset VIP: local scaled to zero",
+            about:
+                "A ServiceImport (type ClusterSetIP); this cluster (west) exports no pod, east 2 \
+                    ready ones.",
+            nodes: seed_nodes(),
+            pods: Vec::new(),
+            remote_pods: 2,
+            hints: HintSource::AutoVanished,
+            clusterset: true,
+        },
+        Scenario {
+            title: "Clusterset VIP: local rollout, half ready",
+            about: "West's 4 pods, 2 of them not ready yet, beside east's 2 ready ones.",
+            nodes: seed_nodes(),
+            pods: pods(&[("a1", up), ("a2", down), ("b1", up), ("b2", down)]),
+            remote_pods: 2,
+            hints: HintSource::AutoVanished,
+            clusterset: true,
+        },
+        Scenario {
+            title: "Clusterset VIP: local scaled back",
+            about: "West's 4 pods ready again beside east's 2.",
+            nodes: seed_nodes(),
+            pods: pods(&[("a1", up), ("a2", up), ("b1", up), ("b2", up)]),
+            remote_pods: 2,
+            hints: HintSource::AutoVanished,
+            clusterset: true,
         },
     ]
 }
@@ -278,11 +323,16 @@ fn endpoint(address: IpAddr, node: &str, zone: &str, ready: bool, hint: Option<&
     }
 }
 
-fn slice(name: &str, origin: SliceOrigin, endpoints: Vec<Endpoint>) -> EndpointSlice {
+fn slice(
+    name: &str,
+    owner: &ServiceKey,
+    origin: SliceOrigin,
+    endpoints: Vec<Endpoint>,
+) -> EndpointSlice {
     EndpointSlice {
         namespace: "kube-system".to_owned(),
         name: name.to_owned(),
-        service: ServiceKey::new("kube-system", "kube-dns"),
+        service: owner.clone(),
         family: IpFamily::V4,
         origin,
         ports: vec![SlicePort {
@@ -299,8 +349,13 @@ fn store(scenario: &Scenario, policy: LocalityPolicy) -> Store {
     for (index, spec) in scenario.nodes.iter().enumerate() {
         store.upsert_node(node(spec, index));
     }
+    let key = if scenario.clusterset {
+        ServiceKey::import("kube-system", "kube-dns")
+    } else {
+        ServiceKey::new("kube-system", "kube-dns")
+    };
     store.upsert_service(Service {
-        key: ServiceKey::new("kube-system", "kube-dns"),
+        key: key.clone(),
         service_type: ServiceType::ClusterIP,
         headless: false,
         cluster_ips: vec![IpAddr::V4(VIP)],
@@ -317,6 +372,7 @@ fn store(scenario: &Scenario, policy: LocalityPolicy) -> Store {
         external_traffic_local: false,
         health_check_node_port: None,
         topology_intent: match scenario.hints {
+            _ if scenario.clusterset => TopologyIntent::None,
             HintSource::PreferSameZone => TopologyIntent::PreferSameZone,
             HintSource::Auto | HintSource::AutoVanished => TopologyIntent::Auto,
         },
@@ -354,7 +410,12 @@ fn store(scenario: &Scenario, policy: LocalityPolicy) -> Store {
             endpoint(pod_address(i), pod.node, zone_of(pod.node), pod.ready, hint)
         })
         .collect();
-    store.upsert_slice(slice("kube-dns-local", SliceOrigin::Local, local));
+    let local_origin = if scenario.clusterset {
+        SliceOrigin::Remote(THIS_CLUSTER.to_owned())
+    } else {
+        SliceOrigin::Local
+    };
+    store.upsert_slice(slice("kube-dns-local", &key, local_origin, local));
     if scenario.remote_pods > 0 {
         let remote = (0..scenario.remote_pods)
             .map(|i| {
@@ -369,6 +430,7 @@ fn store(scenario: &Scenario, policy: LocalityPolicy) -> Store {
             .collect();
         store.upsert_slice(slice(
             "kube-dns-east",
+            &key,
             SliceOrigin::Remote("east".to_owned()),
             remote,
         ));
@@ -396,7 +458,11 @@ fn evaluate(scenario: &Scenario, policy: LocalityPolicy) -> Outcome {
     let mut sending_to_nothing = 0;
     for (index, spec) in scenario.nodes.iter().enumerate() {
         let client = node(spec, index);
-        let table = plan(&store, &client, &PlanConfig::default());
+        let config = PlanConfig {
+            cluster_id: scenario.clusterset.then(|| THIS_CLUSTER.to_owned()),
+            ..PlanConfig::default()
+        };
+        let table = plan(&store, &client, &config);
         let programmed = table
             .get(&key)
             .map(|vs| vs.programmed())

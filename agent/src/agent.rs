@@ -132,6 +132,7 @@ impl<D: Dataplane + 'static> Agent<D> {
             ClusterSource::Kube(client) => source::kube::spawn_watchers(
                 client,
                 &self.settings.node_name,
+                self.settings.plan.cluster_id.as_deref(),
                 events_tx,
                 Arc::clone(&self.state),
             ),

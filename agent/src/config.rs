@@ -102,6 +102,12 @@ pub struct RunOptions {
     /// [default: kube-proxy].
     #[arg(long, value_enum)]
     pub topology_default: Option<LocalityPolicy>,
+    /// This cluster's id in its MCS clusterset: the `multicluster.kubernetes.io/source-cluster`
+    /// value on the slices of its own exported endpoints. Needed to program ServiceImports'
+    /// clusterset IPs (this cluster first, then the others); unset, ServiceImports are not
+    /// watched.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
     /// How often `--source` is checked for changes [default: 1s].
     #[arg(long)]
     pub source_poll_period: Option<String>,
@@ -303,6 +309,7 @@ pub fn resolve(
                 .topology_default
                 .or(file.topology_default)
                 .unwrap_or_default(),
+            cluster_id: non_empty(flags.cluster_id.or(file.cluster_id)),
         },
         source_poll_period: duration(
             "source-poll-period",
@@ -548,6 +555,31 @@ mod tests {
         )
         .expect_err("a bad CIDR must fail");
         assert!(error.to_string().contains("cluster-cidr"), "{error}");
+    }
+
+    #[test]
+    fn cluster_id_from_flag_or_file_and_blank_is_unset() {
+        let file: RunOptions = serde_yaml::from_str("cluster-id: west\n").expect("parses");
+        let settings = resolve(
+            RunOptions::default(),
+            file.clone(),
+            fallbacks(None, Some("h")),
+        )
+        .expect("resolves");
+        assert_eq!(settings.plan.cluster_id.as_deref(), Some("west"));
+        let flags = RunOptions {
+            cluster_id: Some(" east ".to_owned()),
+            ..RunOptions::default()
+        };
+        let settings = resolve(flags, file, fallbacks(None, Some("h"))).expect("resolves");
+        assert_eq!(settings.plan.cluster_id.as_deref(), Some("east"));
+        let blank = RunOptions {
+            cluster_id: Some("  ".to_owned()),
+            ..RunOptions::default()
+        };
+        let settings =
+            resolve(blank, RunOptions::default(), fallbacks(None, Some("h"))).expect("resolves");
+        assert_eq!(settings.plan.cluster_id, None);
     }
 
     #[test]

@@ -84,6 +84,10 @@ enum Command {
         /// Locality policy of Services without a `topoproxy.io/topology` annotation.
         #[arg(long, value_enum, default_value_t = LocalityPolicy::KubeProxy)]
         topology_default: LocalityPolicy,
+        /// This cluster's MCS cluster id (its slices' `multicluster.kubernetes.io/source-cluster`);
+        /// ServiceImports are planned only with it.
+        #[arg(long)]
+        cluster_id: Option<String>,
         /// Log format on stderr.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -230,6 +234,7 @@ fn run(command: Command) -> Result<(), Failure> {
             ipvs_scheduler,
             service_proxy_name,
             topology_default,
+            cluster_id,
             log_format,
         } => {
             init_logging(log_format);
@@ -237,6 +242,9 @@ fn run(command: Command) -> Result<(), Failure> {
                 scheduler: ipvs_scheduler,
                 proxy_name: service_proxy_name,
                 default_locality: topology_default,
+                cluster_id: cluster_id
+                    .map(|id| id.trim().to_owned())
+                    .filter(|id| !id.is_empty()),
             };
             plan(&source, &node, format, explain, &config)
         }

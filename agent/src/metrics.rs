@@ -87,6 +87,12 @@ pub struct Metrics {
     services_falling_back: Gauge,
     locality_virtual_servers: Gauge,
     locality_programmed_share: Family<TierLabels, Gauge<f64, AtomicU64>>,
+    locality_served_connections: Family<TierLabels, Counter>,
+    /// The per-tier totals last reported per virtual server, so the counter advances by the
+    /// difference.
+    locality_served_totals: std::sync::Mutex<
+        std::collections::HashMap<(crate::table::VsKey, crate::table::TierKind), u64>,
+    >,
     skipped_objects: Family<KindLabels, Counter>,
     watch_restarts: Family<ResourceLabels, Counter>,
     watch_errors: Family<ResourceLabels, Counter>,
@@ -181,6 +187,13 @@ impl Metrics {
             locality_programmed_share.clone(),
         );
 
+        let locality_served_connections = Family::<TierLabels, Counter>::default();
+        registry.register(
+            "locality_served_connections",
+            "Connections the eBPF datapath sent to backends of each locality tier, over the virtual servers under a locality policy (measured share: the rate of one tier over the sum)",
+            locality_served_connections.clone(),
+        );
+
         let skipped_objects = Family::<KindLabels, Counter>::default();
         registry.register(
             "skipped_objects",
@@ -266,6 +279,8 @@ impl Metrics {
             services_falling_back,
             locality_virtual_servers,
             locality_programmed_share,
+            locality_served_connections,
+            locality_served_totals: std::sync::Mutex::default(),
             skipped_objects,
             watch_restarts,
             watch_errors,
@@ -329,6 +344,30 @@ impl Metrics {
                     tier: tier.as_str(),
                 })
                 .set(*share);
+        }
+    }
+
+    /// Advances the per-tier served-connection counters from measured totals `(virtual
+    /// server, tier kind, connections to that tier's backends so far)`.
+    pub fn record_locality_served(
+        &self,
+        served: &[(crate::table::VsKey, crate::table::TierKind, u64)],
+    ) {
+        if served.is_empty() {
+            return;
+        }
+        let mut last = self
+            .locality_served_totals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for &(key, tier, total) in served {
+            let previous = last.insert((key, tier), total).unwrap_or(0);
+            // A backend that moved tiers takes its count along; a total never runs backwards.
+            self.locality_served_connections
+                .get_or_create(&TierLabels {
+                    tier: tier.as_str(),
+                })
+                .inc_by(total.saturating_sub(previous));
         }
     }
 
@@ -501,6 +540,14 @@ mod tests {
                 (crate::table::TierKind::Cluster, 0.25),
             ],
         );
+        let vs = crate::table::VsKey::new(
+            crate::model::Protocol::Tcp,
+            std::net::IpAddr::from([10, 96, 0, 10]),
+            53,
+        );
+        use crate::table::TierKind::{Cluster, SameZone};
+        metrics.record_locality_served(&[(vs, SameZone, 70), (vs, Cluster, 30)]);
+        metrics.record_locality_served(&[(vs, SameZone, 75), (vs, Cluster, 29)]);
         metrics.skipped_objects("endpointslice", 2);
         metrics.skipped_objects("endpointslice", 1);
         metrics.skipped_objects("service", 0);
@@ -519,6 +566,14 @@ mod tests {
         let lines = lines(&metrics);
         assert_line(&lines, "topoproxy_syncs_total{result=\"success\"} 2");
         assert_line(&lines, "topoproxy_locality_virtual_servers 4");
+        assert_line(
+            &lines,
+            "topoproxy_locality_served_connections_total{tier=\"same-zone\"} 75",
+        );
+        assert_line(
+            &lines,
+            "topoproxy_locality_served_connections_total{tier=\"cluster\"} 30",
+        );
         assert_line(
             &lines,
             "topoproxy_locality_programmed_share{tier=\"same-zone\"} 0.75",

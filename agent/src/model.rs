@@ -23,6 +23,8 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label on EndpointSlices imported from another cluster (Multi-Cluster Services API).
 pub const LABEL_SOURCE_CLUSTER: &str = "multicluster.kubernetes.io/source-cluster";
+/// Label tying an imported EndpointSlice to its `ServiceImport` (KEP-1645).
+pub const LABEL_MCS_SERVICE_NAME: &str = "multicluster.kubernetes.io/service-name";
 /// Annotation asking the EndpointSlice controller for topology hints (Kubernetes ≥ 1.27).
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// The older spelling of [`ANNOTATION_TOPOLOGY_MODE`] (Kubernetes 1.21–1.26).
@@ -32,25 +34,73 @@ pub const ANNOTATION_LOCALITY: &str = "topoproxy.io/topology";
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (three hours), as the API defines it.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 
-/// `namespace/name` of a Service; the unit of re-planning.
+/// Which kind of object a [`ServiceKey`] names. A `ServiceImport` often shares its
+/// `namespace/name` with a Service (the exported one), so the kind is part of the key.
+/// `Service` sorts first: when both claim one address, the Service wins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum ServiceKind {
+    #[default]
+    Service,
+    /// A Multi-Cluster Services `ServiceImport` (multicluster.x-k8s.io/v1alpha1).
+    ServiceImport,
+}
+
+impl ServiceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::ServiceImport => "ServiceImport",
+        }
+    }
+
+    pub fn is_service(&self) -> bool {
+        *self == Self::Service
+    }
+}
+
+/// `namespace/name` of a Service (or a ServiceImport); the unit of re-planning.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ServiceKey {
+    #[serde(skip_serializing_if = "ServiceKind::is_service")]
+    pub kind: ServiceKind,
     pub namespace: String,
     pub name: String,
 }
 
 impl ServiceKey {
+    /// The key of a Service.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
+            kind: ServiceKind::Service,
             namespace: namespace.into(),
             name: name.into(),
         }
     }
+
+    /// The key of a ServiceImport.
+    pub fn import(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            kind: ServiceKind::ServiceImport,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    pub fn is_import(&self) -> bool {
+        self.kind == ServiceKind::ServiceImport
+    }
 }
 
 impl fmt::Display for ServiceKey {
+    /// `namespace/name` for a Service (as everywhere in Kubernetes), prefixed with the kind
+    /// for a ServiceImport so the two never read the same.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        match self.kind {
+            ServiceKind::Service => write!(f, "{}/{}", self.namespace, self.name),
+            ServiceKind::ServiceImport => {
+                write!(f, "serviceimport/{}/{}", self.namespace, self.name)
+            }
+        }
     }
 }
 
@@ -225,6 +275,10 @@ pub struct ServicePort {
 }
 
 /// A Service, reduced to what a proxy needs.
+///
+/// A `ServiceImport` of type `ClusterSetIP` is one too (its key's kind says so): its
+/// clusterset IPs are `cluster_ips`, its ports `ports`, and its endpoints the slices labelled
+/// `multicluster.kubernetes.io/service-name`; a `Headless` import is `headless`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Service {
     pub key: ServiceKey,
@@ -269,7 +323,8 @@ impl Service {
 pub enum SliceOrigin {
     /// This cluster.
     Local,
-    /// Another cluster, by its `multicluster.kubernetes.io/source-cluster` label.
+    /// Labelled `multicluster.kubernetes.io/source-cluster` with this name: another cluster,
+    /// unless the name is this cluster's own id (the planner's `cluster_id`).
     Remote(String),
 }
 
@@ -354,7 +409,8 @@ impl FromIterator<String> for Hints {
 pub struct EndpointSlice {
     pub namespace: String,
     pub name: String,
-    /// From the `kubernetes.io/service-name` label.
+    /// From the `kubernetes.io/service-name` label, or for the slices of a ServiceImport
+    /// from `multicluster.kubernetes.io/service-name` (the key's kind says which).
     pub service: ServiceKey,
     /// `addressType`; FQDN slices are dropped at conversion.
     pub family: IpFamily,

@@ -10,18 +10,31 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey};
+use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey, ServiceKind};
 
-/// `namespace/name` of an EndpointSlice.
+/// `namespace/name` of an EndpointSlice, and which kind of object it feeds: a slice labelled
+/// for both a Service and a ServiceImport is held once for each, so the two roles change
+/// independently (each has its own watch).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SliceKey {
+    pub owner: ServiceKind,
     pub namespace: String,
     pub name: String,
 }
 
 impl SliceKey {
+    /// The key of a slice feeding a Service.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            owner: ServiceKind::Service,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
     pub fn of(slice: &EndpointSlice) -> Self {
         Self {
+            owner: slice.service.kind,
             namespace: slice.namespace.clone(),
             name: slice.name.clone(),
         }

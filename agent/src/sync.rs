@@ -126,8 +126,21 @@ impl<D: Dataplane> SyncLoop<D> {
 
     fn ready(&self) -> bool {
         self.node.is_some()
-            && self.listed.contains(&Resource::Services)
-            && self.listed.contains(&Resource::EndpointSlices)
+            && self
+                .gating_resources()
+                .iter()
+                .all(|resource| self.listed.contains(resource))
+    }
+
+    /// The lists that must be complete before anything is programmed: with a cluster id also
+    /// the MCS ones (a source reports a missing ServiceImport CRD as an empty list), so a
+    /// restart does not withdraw clusterset IPs for a moment.
+    fn gating_resources(&self) -> Vec<Resource> {
+        let mut resources = vec![Resource::Services, Resource::EndpointSlices];
+        if self.settings.plan.cluster_id.is_some() {
+            resources.extend([Resource::ServiceImports, Resource::ImportedSlices]);
+        }
+        resources
     }
 
     fn has_work(&self) -> bool {
@@ -247,7 +260,7 @@ impl<D: Dataplane> SyncLoop<D> {
 
     fn report_waiting(&self) {
         let mut waiting = Vec::new();
-        for resource in [Resource::Services, Resource::EndpointSlices] {
+        for resource in self.gating_resources() {
             if !self.listed.contains(&resource) {
                 waiting.push(resource.as_str().to_owned());
             }
@@ -277,6 +290,8 @@ impl<D: Dataplane> SyncLoop<D> {
             let traffic = self.dataplane.service_counters();
             if !traffic.is_empty() {
                 self.state.metrics.record_service_traffic(&traffic);
+                let served = served_by_tier_kind(&self.read_table(), &traffic);
+                self.state.metrics.record_locality_served(&served);
             }
             match read {
                 Ok(actual) => {
@@ -487,4 +502,22 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// The measured per-tier-position connection totals of `traffic`, labelled with the kind of
+/// tier each position holds in `table`: `(virtual server, tier kind, total)`.
+fn served_by_tier_kind(
+    table: &NodeTable,
+    traffic: &[crate::dataplane::ServiceTraffic],
+) -> Vec<(VsKey, crate::table::TierKind, u64)> {
+    let mut served = Vec::new();
+    for sample in traffic.iter().filter(|s| !s.tier_connections.is_empty()) {
+        let Some(vs) = table.get(&sample.key) else {
+            continue;
+        };
+        for (tier, &total) in vs.tiers.iter().zip(&sample.tier_connections) {
+            served.push((sample.key, tier.kind, total));
+        }
+    }
+    served
 }

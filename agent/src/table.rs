@@ -200,6 +200,11 @@ impl VirtualServer {
             .filter(|(position, tier)| tier.takes_connections(*position))
     }
 
+    /// Whether the tiers carry spill shares (a locality policy, or a ServiceImport).
+    pub fn has_shares(&self) -> bool {
+        self.tiers.iter().any(|tier| tier.share_ppm.is_some())
+    }
+
     /// The tier the programmed backends come from, if any.
     pub fn active_tier(&self) -> Option<TierKind> {
         self.tiers.first().map(|tier| tier.kind)
@@ -341,7 +346,7 @@ impl NodeTable {
         } else {
             self.programmed_backends -= backends;
         }
-        if vs.locality.is_kube_proxy() {
+        if vs.locality.is_kube_proxy() && !vs.has_shares() {
             return;
         }
         if added {

@@ -166,6 +166,12 @@ impl Agent {
             .and_then(|(status, body)| (status == 200).then_some(body))
     }
 
+    /// `/plan?format=json`, parsed.
+    pub async fn plan_json(&self) -> Option<serde_json::Value> {
+        let (status, body) = get(self.metrics, "/plan?format=json").await?;
+        (status == 200).then(|| serde_json::from_str(&body).ok())?
+    }
+
     pub async fn healthz(&self) -> Option<(u16, String)> {
         get(self.healthz, "/healthz").await
     }

@@ -97,6 +97,8 @@ pub struct Service {
     pub ports: Vec<Port>,
     /// Written as `spec.trafficDistribution: PreferSameZone` when true.
     pub prefer_same_zone: bool,
+    /// The `topoproxy.io/topology` annotation (a locality policy), if any.
+    pub topology: Option<&'static str>,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -159,12 +161,18 @@ impl Fixture {
 
     /// `topoproxy plan --source DIR --node NODE`.
     pub fn plan(&self, node: &str) -> String {
+        self.plan_as(node, "ipvsadm")
+    }
+
+    /// The plan for `node` as `plan --format json` prints it.
+    pub fn plan_json(&self, node: &str) -> String {
+        self.plan_as(node, "json")
+    }
+
+    fn plan_as(&self, node: &str, format: &str) -> String {
+        let source = self.dir.to_str().expect("UTF-8 temp dir");
         topoproxy(&[
-            "plan",
-            "--source",
-            self.dir.to_str().expect("UTF-8 temp dir"),
-            "--node",
-            node,
+            "plan", "--source", source, "--node", node, "--format", format,
         ])
     }
 }
@@ -185,8 +193,12 @@ fn service_yaml(service: &Service) -> String {
     let Service {
         name, cluster_ip, ..
     } = service;
+    let annotations = match service.topology {
+        Some(policy) => format!("  annotations: {{topoproxy.io/topology: {policy}}}\n"),
+        None => String::new(),
+    };
     let mut text = format!(
-        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n{annotations}spec:\n  \
          type: ClusterIP\n  clusterIP: {cluster_ip}\n  clusterIPs: [{cluster_ip}]\n"
     );
     if service.prefer_same_zone {

@@ -70,6 +70,10 @@ enum Task {
         /// RSS and endpoint-change latency, beside the fake's numbers.
         #[arg(long)]
         real_apiserver: bool,
+        /// With --real-apiserver: Nodes in the cluster (at least the 30 that hold endpoints);
+        /// the rest have none, to measure what watching every Node costs.
+        #[arg(long, default_value_t = 30)]
+        nodes: usize,
     },
     /// Installs what the tests need (root, apt) and runs them all: cargo test, then the VM
     /// tests on every kernel.
@@ -223,10 +227,11 @@ fn main() -> Result<()> {
             events,
             rss_only,
             real_apiserver,
+            nodes,
         } => {
             bench_sync(services, events, rss_only)?;
             if real_apiserver {
-                bench_real_apiserver(services, events)?;
+                bench_real_apiserver(services, events, nodes)?;
             }
             Ok(())
         }
@@ -393,7 +398,7 @@ fn bench_sync(services: usize, events: usize, rss_only: bool) -> Result<()> {
     agent_rss(services)
 }
 
-fn bench_real_apiserver(services: usize, events: usize) -> Result<()> {
+fn bench_real_apiserver(services: usize, events: usize, nodes: usize) -> Result<()> {
     println!(
         "== real kube-apiserver: initial sync, RSS, endpoint-change latency at {services} services"
     );
@@ -404,6 +409,10 @@ fn bench_real_apiserver(services: usize, events: usize) -> Result<()> {
         &[
             ("TOPOPROXY_BENCH_SERVICES", services.to_string()),
             ("TOPOPROXY_BENCH_EVENTS", events.min(1000).to_string()),
+            (
+                "TOPOPROXY_BENCH_EXTRA_NODES",
+                nodes.saturating_sub(30).to_string(),
+            ),
             (
                 "TOPOPROXY_K8S_BIN",
                 k8s::kubernetes_bin_dir(&version).display().to_string(),

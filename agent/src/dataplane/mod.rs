@@ -95,7 +95,7 @@ fn first_failure(failed: &[FailedOp]) -> String {
 }
 
 /// Running totals of one virtual service's traffic, as a dataplane counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceTraffic {
     pub key: VsKey,
     /// Connections (and unconnected datagrams) sent to a backend.
@@ -104,6 +104,9 @@ pub struct ServiceTraffic {
     pub affinity_hits: u64,
     /// Attempts refused because the service had no backend at all.
     pub no_backend: u64,
+    /// Under a locality policy, connections sent to the backends now in each tier position
+    /// (eBPF: from the per-backend counters); empty where not measured.
+    pub tier_connections: Vec<u64>,
 }
 
 /// Something that programs a node's virtual services.

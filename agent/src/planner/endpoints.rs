@@ -19,6 +19,8 @@ pub struct Candidate<'a> {
     pub port: u16,
     pub origin: &'a SliceOrigin,
     pub slice: &'a str,
+    /// In another cluster: labelled with a source cluster that is not this cluster's id.
+    remote: bool,
 }
 
 impl Candidate<'_> {
@@ -27,7 +29,7 @@ impl Candidate<'_> {
     }
 
     pub fn is_remote(&self) -> bool {
-        matches!(self.origin, SliceOrigin::Remote(_))
+        self.remote
     }
 
     /// Ready, as kube-proxy's `IsReady` (terminating does not matter).
@@ -46,6 +48,7 @@ impl Candidate<'_> {
         let b = other.endpoint;
         a.terminating
             .cmp(&b.terminating)
+            .then_with(|| self.remote.cmp(&other.remote))
             .then_with(|| self.origin.cmp(other.origin))
             .then_with(|| b.ready.cmp(&a.ready))
             .then_with(|| b.serving.cmp(&a.serving))
@@ -57,13 +60,25 @@ impl Candidate<'_> {
     }
 }
 
+/// Whether a slice of `origin` holds another cluster's endpoints, for a cluster whose own id
+/// is `cluster_id`. An MCS implementation labels this cluster's own exported endpoints with its
+/// id too (KEP-1645: slices for every exporting cluster); without an id every labelled slice
+/// counts as another cluster's.
+pub fn is_remote(origin: &SliceOrigin, cluster_id: Option<&str>) -> bool {
+    match origin {
+        SliceOrigin::Local => false,
+        SliceOrigin::Remote(cluster) => cluster_id != Some(cluster.as_str()),
+    }
+}
+
 /// The deduplicated endpoints serving Service port (`port_name`, `protocol`) in `family`,
-/// sorted by (address, port).
+/// sorted by (address, port); `cluster_id` says which source cluster is this one.
 pub fn merge<'a>(
     slices: impl Iterator<Item = &'a EndpointSlice>,
     family: IpFamily,
     port_name: &str,
     protocol: Protocol,
+    cluster_id: Option<&str>,
 ) -> Vec<Candidate<'a>> {
     let mut candidates = Vec::new();
     for slice in slices.filter(|slice| slice.family == family) {
@@ -83,6 +98,7 @@ pub fn merge<'a>(
                         port: slice_port.port,
                         origin: &slice.origin,
                         slice: &slice.name,
+                        remote: is_remote(&slice.origin, cluster_id),
                     }),
             );
         }

@@ -25,6 +25,9 @@ use super::{port_plans, skip_reason, PlanConfig, PortPlan, SkipReason, SpillPlan
 pub struct ServiceExplanation {
     pub service: ServiceKey,
     pub skipped: Option<SkipReason>,
+    /// For a programmed ServiceImport: how its clusters are ordered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clusterset: Option<String>,
     pub intent: TopologyIntent,
     pub ports: Vec<PortExplanation>,
 }
@@ -120,9 +123,17 @@ pub fn explain(store: &Store, node: &Node, config: &PlanConfig) -> Vec<ServiceEx
                     .map(|plan| explain_port(plan, service.topology_intent, node))
                     .collect()
             };
+            let clusterset = match (&config.cluster_id, service.key.is_import(), &skipped) {
+                (Some(id), true, None) => Some(format!(
+                    "clusterset VIP: endpoints from this cluster ({id}) first, then the other \
+                     clusters', spilling by Envoy's priority rule as this cluster thins"
+                )),
+                _ => None,
+            };
             ServiceExplanation {
                 service: service.key.clone(),
                 skipped,
+                clusterset,
                 intent: service.topology_intent,
                 ports,
             }
@@ -271,11 +282,18 @@ fn locality_verdict(
         }
         TierKind::SameZone => format!("in this node's zone {zone}"),
         TierKind::SameRegion => format!("in this node's region {region}"),
-        TierKind::Cluster => format!(
-            "elsewhere in this cluster (zone {}, {})",
-            endpoint.zone.as_deref().unwrap_or("unknown"),
-            hints(candidate)
-        ),
+        TierKind::Cluster => match candidate.origin {
+            // An imported slice this cluster exported itself (its id as source cluster).
+            SliceOrigin::Remote(name) => format!(
+                "in this cluster {name} (zone {})",
+                endpoint.zone.as_deref().unwrap_or("unknown")
+            ),
+            SliceOrigin::Local => format!(
+                "elsewhere in this cluster (zone {}, {})",
+                endpoint.zone.as_deref().unwrap_or("unknown"),
+                hints(candidate)
+            ),
+        },
         TierKind::RemoteClusters => match candidate.origin {
             SliceOrigin::Remote(name) => format!("ready in cluster {name}"),
             SliceOrigin::Local => "ready in another cluster".to_owned(),
@@ -430,6 +448,11 @@ fn local_verdict(
     }
 }
 
+/// `Service ns/name` or `ServiceImport ns/name`.
+fn heading(key: &ServiceKey) -> String {
+    format!("{} {}/{}", key.kind.as_str(), key.namespace, key.name)
+}
+
 fn intent_text(intent: TopologyIntent) -> &'static str {
     match intent {
         TopologyIntent::None => "none",
@@ -481,15 +504,18 @@ pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
     for service in explanations {
         let _ = writeln!(out);
         if let Some(skipped) = &service.skipped {
-            let _ = writeln!(out, "Service {}: skipped: {skipped}", service.service);
+            let _ = writeln!(out, "{}: skipped: {skipped}", heading(&service.service));
             continue;
         }
         let _ = writeln!(
             out,
-            "Service {} (topology intent: {})",
-            service.service,
+            "{} (topology intent: {})",
+            heading(&service.service),
             intent_text(service.intent)
         );
+        if let Some(clusterset) = &service.clusterset {
+            let _ = writeln!(out, "  {clusterset}");
+        }
         if service.ports.is_empty() {
             let _ = writeln!(out, "  no ports");
         }

@@ -11,6 +11,9 @@
 //! endpoints' own `zone` and `nodeName` keep the order, guarded by endpoints per zone versus
 //! Nodes per zone, instead of kube-proxy's jump to cluster-wide.
 //!
+//! Under `kube-proxy` (only ever asked for a ServiceImport, which kube-proxy does not program)
+//! there are just two tiers besides the last resort: this cluster, then the other clusters.
+//!
 //! An endpoint's region is its Node's `topology.kubernetes.io/region` label; an endpoint on an
 //! unknown Node has no known region (an endpoint in this node's zone is in its region anyway).
 
@@ -50,7 +53,8 @@ struct ReadyCounts {
     region: usize,
 }
 
-/// Orders `candidates` into locality tiers for `node` under `policy` (not `KubeProxy`).
+/// Orders `candidates` into locality tiers for `node` under `policy` (`KubeProxy`: this
+/// cluster as one tier, then the other clusters).
 pub fn locality_tiers(
     candidates: &[Candidate<'_>],
     store: &Store,
@@ -170,6 +174,8 @@ fn classify(
         && scope.zone.is_some_and(|z| endpoint.zone_hints.contains(z));
     let (tier, hinted) = if candidate.is_remote() {
         (TierKind::RemoteClusters, false)
+    } else if policy.is_kube_proxy() {
+        (TierKind::Cluster, false)
     } else if hinted_node {
         (TierKind::SameNode, true)
     } else if policy == LocalityPolicy::Node

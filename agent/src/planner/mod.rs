@@ -8,7 +8,14 @@
 //! cluster-wide default) gets locality tiers instead ([`locality`]), each with a share of new
 //! connections from the spill rule ([`spill`]) and per-backend weights; see
 //! `docs/topology.md`. Without one, nothing here differs from kube-proxy.
+//!
+//! A ServiceImport (MCS clusterset VIP, a `Service` whose key is of kind `ServiceImport`) is
+//! planned only when this cluster's id is known: its imported slices whose source cluster is
+//! this one form the near tiers (one tier under `kube-proxy`, node/zone/region tiers under
+//! `zone` and `node`), the other clusters' the tier behind them, with the same spill rule.
 
+#[cfg(test)]
+mod clusterset_tests;
 mod endpoints;
 pub mod explain;
 mod locality;
@@ -51,6 +58,10 @@ pub struct PlanConfig {
     pub proxy_name: String,
     /// The locality policy of Services without a `topoproxy.io/topology` annotation.
     pub default_locality: LocalityPolicy,
+    /// This cluster's id in its clusterset (the `multicluster.kubernetes.io/source-cluster`
+    /// value of its own exported endpoints). Without it, ServiceImports are not programmed
+    /// and every slice with a source cluster counts as another cluster's.
+    pub cluster_id: Option<String>,
 }
 
 impl Default for PlanConfig {
@@ -59,6 +70,7 @@ impl Default for PlanConfig {
             scheduler: DEFAULT_SCHEDULER.to_owned(),
             proxy_name: DEFAULT_PROXY_NAME.to_owned(),
             default_locality: LocalityPolicy::KubeProxy,
+            cluster_id: None,
         }
     }
 }
@@ -73,11 +85,17 @@ impl PlanConfig {
     /// policy spills, and `rr` and `lc` ignore them, so those become `wrr` and `wlc` (with one
     /// tier in use every weight is 1 and `wrr` schedules exactly as `rr`).
     pub fn scheduler_for(&self, policy: LocalityPolicy) -> String {
-        match (policy, self.scheduler.as_str()) {
-            (LocalityPolicy::KubeProxy, scheduler) => scheduler.to_owned(),
-            (_, "rr") => "wrr".to_owned(),
-            (_, "lc") => "wlc".to_owned(),
-            (_, scheduler) => scheduler.to_owned(),
+        self.scheduler_weighted(!policy.is_kube_proxy())
+    }
+
+    /// The IPVS scheduler for virtual servers whose backends carry spill weights (`weighted`)
+    /// or not.
+    pub fn scheduler_weighted(&self, weighted: bool) -> String {
+        match (weighted, self.scheduler.as_str()) {
+            (false, scheduler) => scheduler.to_owned(),
+            (true, "rr") => "wrr".to_owned(),
+            (true, "lc") => "wlc".to_owned(),
+            (true, scheduler) => scheduler.to_owned(),
         }
     }
 }
@@ -132,16 +150,20 @@ pub fn plan_service(
             {
                 continue;
             }
-            let (tiers, locality) = match frontend.policy {
-                TrafficPolicy::Cluster => (cluster.clone(), port_plan.locality),
-                TrafficPolicy::Local => (local.clone(), LocalityPolicy::KubeProxy),
+            let (tiers, locality, weighted) = match frontend.policy {
+                TrafficPolicy::Cluster => (
+                    cluster.clone(),
+                    port_plan.locality,
+                    port_plan.spill.is_some(),
+                ),
+                TrafficPolicy::Local => (local.clone(), LocalityPolicy::KubeProxy, false),
             };
             servers.push(VirtualServer {
                 key: frontend.key,
                 service: service.key.clone(),
                 port_name: port_plan.port.name.clone(),
                 frontend: frontend.kind,
-                scheduler: config.scheduler_for(locality),
+                scheduler: config.scheduler_weighted(weighted),
                 persistence_timeout: service.session_affinity_timeout,
                 traffic_policy: frontend.policy,
                 intent: service.topology_intent,
@@ -165,6 +187,9 @@ pub enum SkipReason {
     NoClusterIp,
     /// Labelled `service.kubernetes.io/service-proxy-name` for another proxy.
     OtherProxy(String),
+    /// A ServiceImport, but this cluster's id (`--cluster-id`) is not configured, so its
+    /// own endpoints cannot be told from the other clusters'.
+    NoClusterId,
 }
 
 impl fmt::Display for SkipReason {
@@ -177,6 +202,9 @@ impl fmt::Display for SkipReason {
                 f,
                 "labelled service.kubernetes.io/service-proxy-name={name:?}, handled by another proxy"
             ),
+            Self::NoClusterId => f.write_str(
+                "a ServiceImport, but this cluster's id is unknown (set --cluster-id to program clusterset IPs)",
+            ),
         }
     }
 }
@@ -188,6 +216,9 @@ pub fn skip_reason(service: &Service, config: &PlanConfig) -> Option<SkipReason>
     }
     if service.headless {
         return Some(SkipReason::Headless);
+    }
+    if service.key.is_import() && config.cluster_id.is_none() {
+        return Some(SkipReason::NoClusterId);
     }
     // kube-proxy selects Services *without* the label; naming ourselves opts a Service in.
     if let Some(name) = &service.proxy_name {
@@ -297,21 +328,22 @@ pub(crate) fn port_plans<'a>(
                 family,
                 &port.name,
                 port.protocol,
+                config.cluster_id.as_deref(),
             );
             let (mode, reason) = decide_mode(&candidates, node);
             let uses = |policy| frontends.iter().any(|f| f.policy == policy);
-            let (cluster, spill) = match (uses(TrafficPolicy::Cluster), locality) {
+            // A ServiceImport always spills between clusters; kube-proxy never programmed one.
+            let spills = !locality.is_kube_proxy() || service.key.is_import();
+            let (cluster, spill) = match (uses(TrafficPolicy::Cluster), spills) {
                 (false, _) => (None, None),
-                (true, LocalityPolicy::KubeProxy) => {
-                    (Some(cluster_tiers(&candidates, node, mode)), None)
-                }
-                (true, policy) => {
+                (true, false) => (Some(cluster_tiers(&candidates, node, mode)), None),
+                (true, true) => {
                     let planned = locality_tiers(
                         &candidates,
                         store,
                         node,
                         mode,
-                        policy,
+                        locality,
                         service.topology_intent,
                     );
                     let spill = SpillPlan::new(&planned.tiers, planned.health);

@@ -17,13 +17,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use crate::model::Hints;
+use crate::model::ServiceKind;
 use crate::model::{
     Endpoint, EndpointSlice, IpFamily, LocalityPolicy, Node, NodeLocality, Protocol, Service,
     ServiceKey, ServicePort, ServiceType, SliceOrigin, SlicePort, TopologyIntent,
     ANNOTATION_LOCALITY, ANNOTATION_TOPOLOGY_AWARE_HINTS, ANNOTATION_TOPOLOGY_MODE,
-    DEFAULT_AFFINITY_TIMEOUT_SECONDS, LABEL_HEADLESS, LABEL_REGION, LABEL_SERVICE_NAME,
-    LABEL_SERVICE_PROXY_NAME, LABEL_SOURCE_CLUSTER, LABEL_ZONE,
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS, LABEL_HEADLESS, LABEL_MCS_SERVICE_NAME, LABEL_REGION,
+    LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_SOURCE_CLUSTER, LABEL_ZONE,
 };
+
+use super::mcs;
 
 /// Which object a warning is about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -66,6 +69,8 @@ pub const KIND_SERVICE: &str = "Service";
 pub const KIND_ENDPOINT_SLICE: &str = "EndpointSlice";
 /// [`ObjectRef::kind`] of a Node.
 pub const KIND_NODE: &str = "Node";
+/// [`ObjectRef::kind`] of a ServiceImport.
+pub const KIND_SERVICE_IMPORT: &str = mcs::KIND;
 /// [`ObjectRef::name`] of an object that has no `metadata.name`.
 pub const UNNAMED: &str = "<unnamed>";
 /// The namespace the API server puts an object in when it names none.
@@ -242,7 +247,10 @@ pub fn service_from_api(
 
     let session_affinity_timeout = match non_empty(spec.session_affinity.as_deref()) {
         None | Some("None") => None,
-        Some("ClientIP") => Some(affinity_timeout(spec, &mut report)),
+        Some("ClientIP") => Some(affinity_timeout(
+            spec.session_affinity_config.as_ref(),
+            &mut report,
+        )),
         Some(other) => {
             report.warn(format!(
                 "spec.sessionAffinity {other:?} is not one of ClientIP, None; \
@@ -302,6 +310,110 @@ pub fn service_from_api(
         locality,
         health_check_node_port,
     })
+}
+
+/// Converts a ServiceImport into the Service the planner programs for it: its clusterset IPs
+/// as cluster IPs, its ports, its session affinity, and the `topoproxy.io/topology`
+/// annotation. `type: Headless` (or no IPs) programs nothing, as a headless Service. Returns
+/// `None` (with a warning) without a name or with an unknown `spec.type`.
+pub fn service_import_from_api(
+    import: &mcs::ServiceImport,
+    origin: Option<&str>,
+    warnings: &mut Vec<Warning>,
+) -> Option<Service> {
+    let meta = &import.metadata;
+    let mut report = Report::new(
+        ObjectRef::from_meta(KIND_SERVICE_IMPORT, true, meta),
+        origin,
+        warnings,
+    );
+    let name = report.required_name(meta, "service import")?;
+    let default_spec = mcs::ServiceImportSpec::default();
+    let spec = import.spec.as_ref().unwrap_or(&default_spec);
+    let headless = match non_empty(spec.type_.as_deref()) {
+        Some("ClusterSetIP") => false,
+        Some("Headless") => true,
+        // Older CRDs leave the type optional: clusterset IPs are what make a ClusterSetIP.
+        None => spec.ips.as_ref().is_none_or(Vec::is_empty),
+        Some(other) => {
+            report.warn(format!(
+                "spec.type {other:?} is not one of ClusterSetIP, Headless; service import dropped"
+            ));
+            return None;
+        }
+    };
+    let cluster_ips = if headless {
+        Vec::new()
+    } else {
+        spec.ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, ip)| report.parse_ip(&format!("spec.ips[{i}]"), ip))
+            .collect()
+    };
+    let ports = import_ports(spec, &mut report);
+    let session_affinity_timeout = match non_empty(spec.session_affinity.as_deref()) {
+        None | Some("None") => None,
+        Some("ClientIP") => Some(affinity_timeout(
+            spec.session_affinity_config.as_ref(),
+            &mut report,
+        )),
+        Some(other) => {
+            report.warn(format!(
+                "spec.sessionAffinity {other:?} is not one of ClientIP, None; \
+                 session affinity off"
+            ));
+            None
+        }
+    };
+    let locality = locality_policy(meta, &mut report);
+    Some(Service {
+        key: ServiceKey::import(namespace_of(meta), name),
+        service_type: ServiceType::ClusterIP,
+        headless,
+        cluster_ips,
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        ports,
+        session_affinity_timeout,
+        internal_traffic_local: false,
+        external_traffic_local: false,
+        topology_intent: TopologyIntent::None,
+        proxy_name: None,
+        locality,
+        health_check_node_port: None,
+    })
+}
+
+fn import_ports(spec: &mcs::ServiceImportSpec, report: &mut Report<'_>) -> Vec<ServicePort> {
+    let mut ports = Vec::new();
+    for (i, port) in spec.ports.iter().flatten().enumerate() {
+        let field = port_field("spec.ports", i, port.name.as_deref());
+        let protocol = match protocol_of(port.protocol.as_deref()) {
+            Ok(protocol) => protocol,
+            Err(other) => {
+                report.warn(format!(
+                    "{field}: protocol {other:?} is not one of TCP, UDP, SCTP; port skipped"
+                ));
+                continue;
+            }
+        };
+        let Some(number) = port_number(port.port) else {
+            report.warn(format!(
+                "{field}: port {} is out of range 1-65535; port skipped",
+                port.port
+            ));
+            continue;
+        };
+        ports.push(ServicePort {
+            name: port.name.clone().unwrap_or_default(),
+            protocol,
+            port: number,
+            node_port: None,
+        });
+    }
+    ports
 }
 
 /// The `topoproxy.io/topology` annotation. A value we do not know must not silently become
@@ -400,10 +512,8 @@ fn service_ports(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Vec<Servi
     ports
 }
 
-fn affinity_timeout(spec: &core::ServiceSpec, report: &mut Report<'_>) -> u32 {
-    let configured = spec
-        .session_affinity_config
-        .as_ref()
+fn affinity_timeout(config: Option<&core::SessionAffinityConfig>, report: &mut Report<'_>) -> u32 {
+    let configured = config
         .and_then(|c| c.client_ip.as_ref())
         .and_then(|c| c.timeout_seconds);
     match configured {
@@ -475,6 +585,36 @@ pub fn slice_from_api(
     origin: Option<&str>,
     warnings: &mut Vec<Warning>,
 ) -> Option<EndpointSlice> {
+    slice_for(slice, ServiceKind::Service, origin, warnings)
+}
+
+/// Converts an EndpointSlice as one of a ServiceImport's (the MCS implementation's imported
+/// slices): as [`slice_from_api`], but owned by the ServiceImport its
+/// `multicluster.kubernetes.io/service-name` label names.
+pub fn import_slice_from_api(
+    slice: &discovery::EndpointSlice,
+    origin: Option<&str>,
+    warnings: &mut Vec<Warning>,
+) -> Option<EndpointSlice> {
+    slice_for(slice, ServiceKind::ServiceImport, origin, warnings)
+}
+
+/// Whether an EndpointSlice is one of a ServiceImport's (carries the MCS service label).
+pub fn is_import_slice(slice: &discovery::EndpointSlice) -> bool {
+    label(&slice.metadata, LABEL_MCS_SERVICE_NAME).is_some()
+}
+
+/// Whether an EndpointSlice is one of a Service's (carries the service label).
+pub fn is_service_slice(slice: &discovery::EndpointSlice) -> bool {
+    label(&slice.metadata, LABEL_SERVICE_NAME).is_some()
+}
+
+fn slice_for(
+    slice: &discovery::EndpointSlice,
+    owner: ServiceKind,
+    origin: Option<&str>,
+    warnings: &mut Vec<Warning>,
+) -> Option<EndpointSlice> {
     let meta = &slice.metadata;
     let mut report = Report::new(
         ObjectRef::from_meta(KIND_ENDPOINT_SLICE, true, meta),
@@ -501,9 +641,13 @@ pub fn slice_from_api(
             return None;
         }
     };
-    let Some(service_name) = non_empty(label(meta, LABEL_SERVICE_NAME)) else {
+    let owner_label = match owner {
+        ServiceKind::Service => LABEL_SERVICE_NAME,
+        ServiceKind::ServiceImport => LABEL_MCS_SERVICE_NAME,
+    };
+    let Some(service_name) = non_empty(label(meta, owner_label)) else {
         report.warn(format!(
-            "label {LABEL_SERVICE_NAME} is missing or empty; slice dropped"
+            "label {owner_label} is missing or empty; slice dropped"
         ));
         return None;
     };
@@ -523,7 +667,11 @@ pub fn slice_from_api(
         .collect();
 
     Some(EndpointSlice {
-        service: ServiceKey::new(namespace.clone(), service_name),
+        service: ServiceKey {
+            kind: owner,
+            namespace: namespace.clone(),
+            name: service_name.to_owned(),
+        },
         namespace,
         name,
         family,
@@ -1477,6 +1625,102 @@ mod tests {
         assert_eq!(
             warnings[0].to_string(),
             "test.yaml: EndpointSlice prod/web-abc: label kubernetes.io/service-name is missing or empty; slice dropped"
+        );
+    }
+
+    fn import_object(object: Json) -> (Option<Service>, Vec<Warning>) {
+        let mut warnings = Vec::new();
+        let import: mcs::ServiceImport = serde_json::from_value(object).expect("a ServiceImport");
+        let converted = service_import_from_api(&import, ORIGIN, &mut warnings);
+        (converted, warnings)
+    }
+
+    #[test]
+    fn service_import_becomes_a_service_keyed_as_an_import() {
+        let (import, warnings) = import_object(json!({
+            "metadata": {"name": "web", "namespace": "shop",
+                         "annotations": {ANNOTATION_LOCALITY: "zone"}},
+            "spec": {"type": "ClusterSetIP", "ips": ["10.42.0.10", "bad", "fd00:42::10"],
+                     "ports": [{"name": "http", "port": 80},
+                               {"name": "dns", "protocol": "UDP", "port": 53},
+                               {"name": "x", "protocol": "ICMP", "port": 1},
+                               {"name": "y", "port": 0}],
+                     "sessionAffinity": "ClientIP",
+                     "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}},
+        }));
+        let import = import.expect("converts");
+        assert_eq!(import.key, ServiceKey::import("shop", "web"));
+        assert_eq!(import.key.to_string(), "serviceimport/shop/web");
+        assert!(!import.headless);
+        assert_eq!(
+            import.cluster_ips,
+            vec![
+                "10.42.0.10".parse::<IpAddr>().unwrap(),
+                "fd00:42::10".parse::<IpAddr>().unwrap()
+            ]
+        );
+        let ports: Vec<(&str, Protocol, u16)> = import
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.protocol, p.port))
+            .collect();
+        assert_eq!(
+            ports,
+            [("http", Protocol::Tcp, 80), ("dns", Protocol::Udp, 53)]
+        );
+        assert_eq!(import.session_affinity_timeout, Some(60));
+        assert_eq!(import.locality, Some(LocalityPolicy::Zone));
+        assert_eq!(
+            messages(&warnings),
+            [
+                r#"spec.ips[1]: "bad" is not a valid IP address; address skipped"#,
+                r#"spec.ports[2] (name "x"): protocol "ICMP" is not one of TCP, UDP, SCTP; port skipped"#,
+                r#"spec.ports[3] (name "y"): port 0 is out of range 1-65535; port skipped"#,
+            ]
+        );
+        assert!(warnings[0].to_string().contains("ServiceImport shop/web"));
+    }
+
+    #[test]
+    fn service_import_types() {
+        let typed = |spec: Json| import_object(json!({"metadata": {"name": "web"}, "spec": spec}));
+        let (headless, _) = typed(json!({"type": "Headless", "ips": ["10.42.0.10"]}));
+        let headless = headless.expect("converts");
+        assert!(headless.headless && headless.cluster_ips.is_empty());
+        // No type: the IPs decide.
+        let (untyped, _) = typed(json!({"ips": ["10.42.0.10"]}));
+        assert!(!untyped.expect("converts").headless);
+        let (untyped, _) = typed(json!({}));
+        assert!(untyped.expect("converts").headless);
+        let (unknown, warnings) = typed(json!({"type": "LoadBalancer"}));
+        assert!(unknown.is_none());
+        assert_eq!(
+            messages(&warnings),
+            [
+                r#"spec.type "LoadBalancer" is not one of ClusterSetIP, Headless; service import dropped"#
+            ]
+        );
+    }
+
+    #[test]
+    fn import_slices_are_owned_by_the_import_their_mcs_label_names() {
+        let object = json!({
+            "metadata": {"name": "web-east", "namespace": "shop", "labels": {
+                LABEL_MCS_SERVICE_NAME: "web", LABEL_SOURCE_CLUSTER: "east"}},
+            "addressType": "IPv4",
+        });
+        let api_slice = api::<discovery::EndpointSlice>(object);
+        assert!(is_import_slice(&api_slice) && !is_service_slice(&api_slice));
+        let mut warnings = Vec::new();
+        let slice = import_slice_from_api(&api_slice, ORIGIN, &mut warnings).expect("converts");
+        assert!(warnings.is_empty());
+        assert_eq!(slice.service, ServiceKey::import("shop", "web"));
+        assert_eq!(slice.origin, SliceOrigin::Remote("east".into()));
+        // As a Service's slice it has no owner: dropped with a warning naming the label.
+        assert!(slice_from_api(&api_slice, ORIGIN, &mut warnings).is_none());
+        assert_eq!(
+            messages(&warnings),
+            ["label kubernetes.io/service-name is missing or empty; slice dropped"]
         );
     }
 

@@ -5,7 +5,8 @@
 //! later file deterministically replaces an earlier definition of the same object. A file may
 //! hold one document, several `---`-separated documents, or a `kind: List` (or a typed list
 //! such as `ServiceList`) whose items are objects; lists may nest. Services and Nodes
-//! (`v1`) and EndpointSlices (`discovery.k8s.io/v1`) are used; every other kind is ignored.
+//! (`v1`), EndpointSlices (`discovery.k8s.io/v1`) and MCS ServiceImports
+//! (`multicluster.x-k8s.io/v1alpha1`) are used; every other kind is ignored.
 //!
 //! Two kinds of trouble, two treatments, as with the API watcher: a file that is not YAML at
 //! all fails the load ([`FileSourceError::Parse`], with the line), while a well-formed
@@ -27,8 +28,9 @@ use serde_yaml::{Mapping, Value};
 
 use super::convert::{
     self, ObjectRef, Warning, DEFAULT_NAMESPACE, KIND_ENDPOINT_SLICE, KIND_NODE, KIND_SERVICE,
-    UNNAMED,
+    KIND_SERVICE_IMPORT, UNNAMED,
 };
+use super::mcs;
 use crate::store::Store;
 
 /// What a directory held.
@@ -269,12 +271,38 @@ impl FileLoader<'_> {
                     map,
                     position,
                 ) {
-                    if let Some(slice) = convert::slice_from_api(
-                        &api_slice,
+                    // A slice may feed a Service, a ServiceImport, or (both labels) both.
+                    let import = convert::is_import_slice(&api_slice);
+                    if import {
+                        if let Some(slice) = convert::import_slice_from_api(
+                            &api_slice,
+                            Some(self.origin),
+                            &mut self.loaded.warnings,
+                        ) {
+                            self.loaded.store.upsert_slice(slice);
+                        }
+                    }
+                    if !import || convert::is_service_slice(&api_slice) {
+                        if let Some(slice) = convert::slice_from_api(
+                            &api_slice,
+                            Some(self.origin),
+                            &mut self.loaded.warnings,
+                        ) {
+                            self.loaded.store.upsert_slice(slice);
+                        }
+                    }
+                }
+            }
+            (mcs::API_VERSION, mcs::KIND) => {
+                if let Some(api_import) =
+                    self.decode::<mcs::ServiceImport>(KIND_SERVICE_IMPORT, true, map, position)
+                {
+                    if let Some(import) = convert::service_import_from_api(
+                        &api_import,
                         Some(self.origin),
                         &mut self.loaded.warnings,
                     ) {
-                        self.loaded.store.upsert_slice(slice);
+                        self.loaded.store.upsert_service(import);
                     }
                 }
             }
@@ -1053,6 +1081,84 @@ endpoints:
                 path.display()
             )
         );
+    }
+
+    #[test]
+    fn service_imports_and_their_slices_load_beside_services() {
+        let dir = Scratch::new();
+        dir.write(
+            "mcs.yaml",
+            "\
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceImport
+metadata: {name: web, namespace: prod}
+spec:
+  type: ClusterSetIP
+  ips: [10.42.0.10]
+  ports: [{name: http, protocol: TCP, port: 80}]
+---
+apiVersion: multicluster.x-k8s.io/v1alpha1
+kind: ServiceImport
+metadata: {name: db, namespace: prod}
+spec: {type: Headless, ports: [{port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-east
+  namespace: prod
+  labels:
+    multicluster.kubernetes.io/service-name: web
+    multicluster.kubernetes.io/source-cluster: east
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.8.0.1]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-both
+  namespace: prod
+  labels:
+    kubernetes.io/service-name: web
+    multicluster.kubernetes.io/service-name: web
+    multicluster.kubernetes.io/source-cluster: west
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.0.1]}]
+",
+        );
+        let loaded = dir.load();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let web = loaded
+            .store
+            .service(&ServiceKey::import("prod", "web"))
+            .expect("import");
+        assert_eq!(web.cluster_ips, vec![ip("10.42.0.10")]);
+        assert!(!web.headless);
+        let db = loaded
+            .store
+            .service(&ServiceKey::import("prod", "db"))
+            .expect("headless import");
+        assert!(db.headless && db.cluster_ips.is_empty());
+        // No Service prod/web exists; its slice role is kept all the same.
+        assert!(loaded
+            .store
+            .service(&ServiceKey::new("prod", "web"))
+            .is_none());
+        let import_slices: Vec<&str> = loaded
+            .store
+            .slices_of(&ServiceKey::import("prod", "web"))
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(import_slices, ["web-both", "web-east"]);
+        let service_slices: Vec<&str> = loaded
+            .store
+            .slices_of(&ServiceKey::new("prod", "web"))
+            .map(|s| s.name.as_str())
+            .collect();
+        assert_eq!(service_slices, ["web-both"]);
+        assert_eq!(loaded.store.slice_count(), 3);
     }
 
     #[test]

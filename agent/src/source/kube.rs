@@ -10,10 +10,20 @@
 //! meanwhile become deletions. Unchanged objects are dropped by the sync loop's equality check.
 //! Errors are retried with kube-runtime's default backoff; nothing is ever withdrawn because
 //! the API is unreachable.
+//!
+//! With a cluster id (`--cluster-id`), MCS ServiceImports and the EndpointSlices labelled
+//! `multicluster.kubernetes.io/service-name` are watched too. The ServiceImport CRD belongs to
+//! the MCS implementation and may not be installed: discovery is asked first, and while the
+//! API group does not serve `serviceimports` the agent says so once and asks again with
+//! backoff (1 s doubling to 5 min), so a missing CRD costs no watch errors and keeps
+//! `/healthz` healthy; once it appears the watch starts, and if it disappears, the last
+//! ServiceImports are kept and discovery resumes.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::hash::Hash;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use futures::StreamExt as _;
@@ -28,9 +38,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::convert::{self, Warning};
+use super::mcs::{self, ServiceImport};
 use super::{Resource, SourceEvent};
 use crate::model::ServiceKey;
-use crate::model::{LABEL_HEADLESS, LABEL_SERVICE_NAME};
+use crate::model::{LABEL_HEADLESS, LABEL_MCS_SERVICE_NAME, LABEL_SERVICE_NAME};
 use crate::state::AgentState;
 use crate::store::SliceKey;
 
@@ -40,6 +51,8 @@ trait Watched: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Sen
     type Model: Send;
     const RESOURCE: Resource;
     const KIND: &'static str;
+    /// Served by a CRD that may go away: a 404 ends the watch instead of retrying it.
+    const OPTIONAL: bool = false;
 
     fn key(&self) -> Option<Self::Key>;
     fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model>;
@@ -64,7 +77,7 @@ impl Watched for core::Service {
     const KIND: &'static str = convert::KIND_SERVICE;
 
     fn key(&self) -> Option<ServiceKey> {
-        namespaced_key(&self.metadata).map(|(namespace, name)| ServiceKey { namespace, name })
+        namespaced_key(&self.metadata).map(|(namespace, name)| ServiceKey::new(namespace, name))
     }
 
     fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model> {
@@ -83,7 +96,7 @@ impl Watched for discovery::EndpointSlice {
     const KIND: &'static str = convert::KIND_ENDPOINT_SLICE;
 
     fn key(&self) -> Option<SliceKey> {
-        namespaced_key(&self.metadata).map(|(namespace, name)| SliceKey { namespace, name })
+        namespaced_key(&self.metadata).map(|(namespace, name)| SliceKey::new(namespace, name))
     }
 
     fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model> {
@@ -134,8 +147,128 @@ impl Watched for PartialObjectMeta<core::Node> {
     }
 }
 
-/// Starts the four watchers; they run until `events` is closed.
+/// An EndpointSlice in its role as one of a ServiceImport's: the same API object, watched
+/// separately (selected by `multicluster.kubernetes.io/service-name`) and converted for the
+/// ServiceImport.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(transparent)]
+struct ImportedSlice(discovery::EndpointSlice);
+
+impl kube::Resource for ImportedSlice {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(<discovery::EndpointSlice as k8s_openapi::Resource>::KIND)
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(<discovery::EndpointSlice as k8s_openapi::Resource>::GROUP)
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(<discovery::EndpointSlice as k8s_openapi::Resource>::VERSION)
+    }
+
+    fn api_version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(<discovery::EndpointSlice as k8s_openapi::Resource>::API_VERSION)
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed(<discovery::EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT)
+    }
+
+    fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &self.0.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.0.metadata
+    }
+}
+
+impl Watched for ImportedSlice {
+    type Key = SliceKey;
+    type Model = crate::model::EndpointSlice;
+    const RESOURCE: Resource = Resource::ImportedSlices;
+    const KIND: &'static str = convert::KIND_ENDPOINT_SLICE;
+
+    fn key(&self) -> Option<SliceKey> {
+        namespaced_key(&self.0.metadata).map(|(namespace, name)| SliceKey {
+            owner: crate::model::ServiceKind::ServiceImport,
+            namespace,
+            name,
+        })
+    }
+
+    fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model> {
+        convert::import_slice_from_api(&self.0, None, warnings)
+    }
+
+    fn event(key: SliceKey, model: Option<Self::Model>) -> SourceEvent {
+        SourceEvent::Slice(key, model)
+    }
+}
+
+impl Watched for ServiceImport {
+    type Key = ServiceKey;
+    type Model = crate::model::Service;
+    const RESOURCE: Resource = Resource::ServiceImports;
+    const KIND: &'static str = convert::KIND_SERVICE_IMPORT;
+    const OPTIONAL: bool = true;
+
+    fn key(&self) -> Option<ServiceKey> {
+        namespaced_key(&self.metadata).map(|(namespace, name)| ServiceKey::import(namespace, name))
+    }
+
+    fn convert(&self, warnings: &mut Vec<Warning>) -> Option<Self::Model> {
+        convert::service_import_from_api(self, None, warnings)
+    }
+
+    fn event(key: ServiceKey, model: Option<Self::Model>) -> SourceEvent {
+        SourceEvent::Service(key, model)
+    }
+}
+
+/// Starts the watchers (four, plus the two MCS ones with a `cluster_id`); they run until
+/// `events` is closed.
 pub fn spawn_watchers(
+    client: Client,
+    node_name: &str,
+    cluster_id: Option<&str>,
+    events: mpsc::Sender<SourceEvent>,
+    state: Arc<AgentState>,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    match cluster_id {
+        Some(cluster_id) => {
+            tracing::info!(
+                cluster_id,
+                "watching MCS ServiceImports and imported EndpointSlices"
+            );
+            tasks.push(tokio::spawn(watch_and_forget::<ImportedSlice>(
+                watcher(
+                    Api::all(client.clone()),
+                    watcher::Config::default().labels(LABEL_MCS_SERVICE_NAME),
+                ),
+                events.clone(),
+                Arc::clone(&state),
+            )));
+            tasks.push(tokio::spawn(watch_service_imports(
+                client.clone(),
+                events.clone(),
+                Arc::clone(&state),
+            )));
+        }
+        None => tracing::info!(
+            "no --cluster-id: MCS ServiceImports are not watched (clusterset IPs not programmed)"
+        ),
+    }
+    tasks.extend(spawn_core_watchers(client, node_name, events, state));
+    tasks
+}
+
+fn spawn_core_watchers(
     client: Client,
     node_name: &str,
     events: mpsc::Sender<SourceEvent>,
@@ -148,17 +281,17 @@ pub fn spawn_watchers(
     let services = watcher::Config::default();
     let node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     vec![
-        tokio::spawn(watch::<core::Service>(
+        tokio::spawn(watch_and_forget::<core::Service>(
             watcher(Api::all(client.clone()), services),
             events.clone(),
             Arc::clone(&state),
         )),
-        tokio::spawn(watch::<discovery::EndpointSlice>(
+        tokio::spawn(watch_and_forget::<discovery::EndpointSlice>(
             watcher(Api::all(client.clone()), slices),
             events.clone(),
             Arc::clone(&state),
         )),
-        tokio::spawn(watch::<PartialObjectMeta<core::Node>>(
+        tokio::spawn(watch_and_forget::<PartialObjectMeta<core::Node>>(
             // `Api<PartialObjectMeta<_>>` makes metadata-only list and watch requests.
             watcher(
                 Api::<PartialObjectMeta<core::Node>>::all(client.clone()),
@@ -167,7 +300,7 @@ pub fn spawn_watchers(
             events.clone(),
             Arc::clone(&state),
         )),
-        tokio::spawn(watch::<core::Node>(
+        tokio::spawn(watch_and_forget::<core::Node>(
             watcher(Api::all(client), node),
             events,
             state,
@@ -175,11 +308,110 @@ pub fn spawn_watchers(
     ]
 }
 
-async fn watch<K: Watched>(
+/// First wait between two discovery checks for the ServiceImport CRD.
+const DISCOVERY_FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between two discovery checks: one cheap GET per agent every 5 minutes.
+const DISCOVERY_MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Why a watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchEnd {
+    /// The sync loop is gone.
+    EventsClosed,
+    /// The API server no longer serves the resource (an optional CRD was removed).
+    ResourceGone,
+}
+
+async fn watch_and_forget<K: Watched>(
     stream: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
     events: mpsc::Sender<SourceEvent>,
     state: Arc<AgentState>,
 ) {
+    watch(stream, events, state).await;
+}
+
+/// Watches ServiceImports while their CRD is served; see the module docs.
+async fn watch_service_imports(
+    client: Client,
+    events: mpsc::Sender<SourceEvent>,
+    state: Arc<AgentState>,
+) {
+    let resource = Resource::ServiceImports.as_str();
+    let mut backoff = DISCOVERY_FIRST_BACKOFF;
+    let mut said_missing = false;
+    let mut last_error: Option<String> = None;
+    let mut listed = false;
+    loop {
+        match serves_service_imports(&client).await {
+            Ok(true) => {
+                tracing::info!(
+                    resource,
+                    api_version = mcs::API_VERSION,
+                    "the ServiceImport CRD is installed; watching serviceimports"
+                );
+                (said_missing, last_error, listed) = (false, None, true);
+                backoff = DISCOVERY_FIRST_BACKOFF;
+                let stream = watcher(
+                    Api::<ServiceImport>::all(client.clone()),
+                    watcher::Config::default(),
+                );
+                match watch(stream, events.clone(), Arc::clone(&state)).await {
+                    WatchEnd::EventsClosed => return,
+                    WatchEnd::ResourceGone => {
+                        tracing::warn!(
+                            resource,
+                            "the ServiceImport CRD is no longer served; keeping the last                              ServiceImports and checking for it again with backoff"
+                        );
+                        continue;
+                    }
+                }
+            }
+            Ok(false) => {
+                if !said_missing {
+                    tracing::info!(
+                        resource,
+                        api_version = mcs::API_VERSION,
+                        "the ServiceImport CRD is not installed (the MCS implementation                          installs it); checking again with backoff up to {}s",
+                        DISCOVERY_MAX_BACKOFF.as_secs()
+                    );
+                    said_missing = true;
+                }
+            }
+            Err(error) => {
+                let error = error.to_string();
+                if last_error.as_ref() != Some(&error) {
+                    tracing::warn!(resource, %error, "cannot ask discovery for the ServiceImport CRD; retrying with backoff");
+                    last_error = Some(error);
+                }
+            }
+        }
+        // Nothing to list is a complete list: it must not hold up the first sync.
+        if !listed {
+            listed = true;
+            state.metrics.set_api_synced(resource, true);
+            if !send(&events, SourceEvent::Listed(Resource::ServiceImports)).await {
+                return;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(DISCOVERY_MAX_BACKOFF);
+    }
+}
+
+/// Whether the API server serves `serviceimports` in `multicluster.x-k8s.io/v1alpha1`.
+async fn serves_service_imports(client: &Client) -> Result<bool, kube::Error> {
+    match client.list_api_group_resources(mcs::API_VERSION).await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == mcs::PLURAL)),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+async fn watch<K: Watched>(
+    stream: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+    events: mpsc::Sender<SourceEvent>,
+    state: Arc<AgentState>,
+) -> WatchEnd {
     let resource = K::RESOURCE.as_str();
     let mut stream = stream.default_backoff().boxed();
     let mut known: HashSet<K::Key> = HashSet::new();
@@ -239,6 +471,10 @@ async fn watch<K: Watched>(
                 }
                 None => true,
             },
+            Err(error) if K::OPTIONAL && status_code(&error) == Some(404) => {
+                state.metrics.set_api_synced(resource, false);
+                return WatchEnd::ResourceGone;
+            }
             Err(error) => {
                 if is_forbidden(&error) {
                     tracing::error!(
@@ -258,21 +494,27 @@ async fn watch<K: Watched>(
             }
         };
         if !sent {
-            return;
+            return WatchEnd::EventsClosed;
         }
     }
+    WatchEnd::EventsClosed
 }
 
 /// Whether the API server refused the request as unauthorized (403 Forbidden).
 fn is_forbidden(error: &watcher::Error) -> bool {
+    status_code(error) == Some(403)
+}
+
+/// The HTTP status the API server answered a failed list or watch with.
+fn status_code(error: &watcher::Error) -> Option<u16> {
     let status = match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
         | watcher::Error::WatchStartFailed(kube::Error::Api(status))
         | watcher::Error::WatchFailed(kube::Error::Api(status)) => status,
         watcher::Error::WatchError(status) => status,
-        _ => return false,
+        _ => return None,
     };
-    status.code == 403
+    Some(status.code)
 }
 
 fn convert_reporting<K: Watched>(object: &K, state: &AgentState) -> Option<K::Model> {

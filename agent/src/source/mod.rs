@@ -6,6 +6,7 @@
 pub mod convert;
 pub mod file;
 pub mod kube;
+pub mod mcs;
 pub mod poll;
 
 use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey};
@@ -19,6 +20,10 @@ pub enum Resource {
     Node,
     /// Every Node's zone and region (metadata only).
     NodeLocalities,
+    /// MCS `ServiceImport`s (listed as empty while their CRD is not installed).
+    ServiceImports,
+    /// EndpointSlices labelled `multicluster.kubernetes.io/service-name`.
+    ImportedSlices,
 }
 
 impl Resource {
@@ -28,6 +33,8 @@ impl Resource {
             Self::EndpointSlices => "endpointslices",
             Self::Node => "node",
             Self::NodeLocalities => "nodes",
+            Self::ServiceImports => "serviceimports",
+            Self::ImportedSlices => "endpointslices-multicluster",
         }
     }
 }
@@ -37,7 +44,9 @@ impl Resource {
 pub enum SourceEvent {
     /// A Service was added or changed (`Some`) or is gone or unusable (`None`).
     Service(ServiceKey, Option<Service>),
-    /// Likewise for an EndpointSlice.
+    /// Likewise for an EndpointSlice (in the role its key names: a Service's or a
+    /// ServiceImport's). A ServiceImport comes as a `Service` whose key is of kind
+    /// `ServiceImport`.
     Slice(SliceKey, Option<EndpointSlice>),
     /// This node's Node object; `None` when it was deleted.
     Node(Option<Node>),

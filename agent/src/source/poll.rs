@@ -81,7 +81,13 @@ pub async fn run(
         current = loaded.store;
         if !listed {
             listed = true;
-            for resource in [Resource::Services, Resource::EndpointSlices] {
+            // One load covers every kind a directory can hold.
+            for resource in [
+                Resource::Services,
+                Resource::EndpointSlices,
+                Resource::ServiceImports,
+                Resource::ImportedSlices,
+            ] {
                 if events.send(SourceEvent::Listed(resource)).await.is_err() {
                     return;
                 }

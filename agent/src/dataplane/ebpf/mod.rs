@@ -291,6 +291,28 @@ impl EbpfDataplane {
             .collect()
     }
 
+    /// For services under a locality policy (only those: one lookup per backend), the
+    /// connections sent to the backends now in each tier, summed over CPUs.
+    pub fn tier_connections(&mut self) -> Result<Vec<(VsKey, Vec<u64>)>, EbpfError> {
+        self.layout.reload(&mut self.maps)?;
+        let mut measured = Vec::new();
+        for (key, entry) in self.layout.entries() {
+            if !entry.config().tier_shares.is_weighted() {
+                continue;
+            }
+            let mut per_tier = vec![0u64; MAX_TIERS];
+            for (total, slots) in per_tier.iter_mut().zip(entry.tiers()) {
+                for slot in slots {
+                    *total += self
+                        .maps
+                        .backend_connections(entry.id(), slot.address, slot.port)?;
+                }
+            }
+            measured.push((*key, per_tier));
+        }
+        Ok(measured)
+    }
+
     /// The table read back from the maps with per-service and per-backend counters.
     pub fn list(&mut self) -> Result<Listing, EbpfError> {
         self.layout.reload(&mut self.maps)?;
@@ -365,6 +387,14 @@ impl Dataplane for EbpfDataplane {
     }
 
     fn service_counters(&mut self) -> Vec<ServiceTraffic> {
+        let mut per_tier: std::collections::HashMap<VsKey, Vec<u64>> = match self.tier_connections()
+        {
+            Ok(measured) => measured.into_iter().collect(),
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "reading the per-backend counters failed");
+                Default::default()
+            }
+        };
         match EbpfDataplane::service_counters(self) {
             Ok(counters) => counters
                 .into_iter()
@@ -373,6 +403,7 @@ impl Dataplane for EbpfDataplane {
                     translations: c.translations,
                     affinity_hits: c.affinity_hits,
                     no_backend: c.no_backend,
+                    tier_connections: per_tier.remove(&key).unwrap_or_default(),
                 })
                 .collect(),
             Err(error) => {
