@@ -843,7 +843,8 @@ fn bench_request_response_through_tc_vs_direct() {
     let entries = topoproxy_common::north_south::limits::CONNTRACK;
     println!(
         "TP_NS_CT: memlock {:.1} MiB for {entries} entries (preallocated LRU: the same at any \
-         load; {:.0} bytes an entry; 100,000 tracked flows use 200,000-300,000 entries)",
+         load; {:.0} bytes an entry; a flow takes 2 entries under Local policy, 3 to a local and 4 to a \
+         remote backend under Cluster, so 100,000 flows need 200,000-400,000)",
         memlock as f64 / (1 << 20) as f64,
         memlock as f64 / f64::from(entries)
     );
