@@ -250,48 +250,10 @@ impl CtSocket {
                         request: request.to_owned(),
                         source,
                     })?;
-            let mut offset = 0;
-            while offset < datagram.len() {
-                let length = NetlinkBuffer::new_checked(&datagram[offset..])
-                    .map(|buffer| buffer.length() as usize)
-                    .map_err(|source| ConntrackError::Decode {
-                        request: request.to_owned(),
-                        source,
-                    })?;
-                let end = (offset + length).min(datagram.len());
-                let bytes = &datagram[offset..end];
-                offset += length.max(1).next_multiple_of(4);
-
-                let message = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
-                    Ok(message) => message,
-                    // One entry the codec cannot read must not stop the clean-up of the rest.
-                    Err(error) => {
-                        tracing::warn!(%error, request, "skipping an undecodable ctnetlink message");
-                        continue;
-                    }
-                };
-                if message.header.sequence_number != sequence {
-                    continue;
-                }
-                match message.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(ref error) => {
-                        return match error.code {
-                            None => Ok(()),
-                            Some(_) => Err(ConntrackError::Kernel {
-                                request: request.to_owned(),
-                                source: error.to_io(),
-                            }),
-                        };
-                    }
-                    NetlinkPayload::Overrun(_) => {
-                        return Err(ConntrackError::Receive {
-                            request: request.to_owned(),
-                            source: io::Error::from_raw_os_error(libc::ENOBUFS),
-                        })
-                    }
-                    _ => each(message),
-                }
+            let replies = decode_datagram(&datagram, sequence, request)?;
+            replies.messages.into_iter().for_each(&mut each);
+            if replies.finished {
+                return Ok(());
             }
         }
     }
@@ -306,15 +268,7 @@ impl CtSocket {
         )?;
         let mut entries = Vec::new();
         self.receive(sequence, &request, |message| {
-            if let NetlinkPayload::InnerMessage(NetfilterMessage {
-                inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
-                ..
-            }) = &message.payload
-            {
-                if let Some(entry) = entry_from(attributes) {
-                    entries.push(entry);
-                }
-            }
+            entries.extend(dumped_entry(&message));
         })?;
         Ok(entries)
     }
@@ -340,6 +294,88 @@ impl CtSocket {
             }
             Err(error) => Err(error),
         }
+    }
+}
+
+/// What one datagram from ctnetlink says about one request.
+#[derive(Debug, Default)]
+pub struct DatagramReplies {
+    /// The request's data messages, in order.
+    pub messages: Vec<NetlinkMessage<NetfilterMessage>>,
+    /// The request is answered: NLMSG_DONE, or a success acknowledgement.
+    pub finished: bool,
+}
+
+/// Splits one datagram into its netlink messages and keeps those answering `sequence`. Pure,
+/// so every byte sequence the kernel (or anything else) could send is tested without a
+/// socket. A message the codec cannot read is skipped with a warning: one bad entry must not
+/// stop the clean-up of the rest. A kernel error for the request is returned as one.
+pub fn decode_datagram(
+    datagram: &[u8],
+    sequence: u32,
+    request: &str,
+) -> Result<DatagramReplies, ConntrackError> {
+    let mut replies = DatagramReplies::default();
+    let mut offset = 0;
+    while offset < datagram.len() {
+        let length = NetlinkBuffer::new_checked(&datagram[offset..])
+            .map(|buffer| buffer.length() as usize)
+            .map_err(|source| ConntrackError::Decode {
+                request: request.to_owned(),
+                source,
+            })?;
+        let end = offset.saturating_add(length).min(datagram.len());
+        let bytes = &datagram[offset..end];
+        offset = offset.saturating_add(length.max(1).next_multiple_of(4));
+
+        let message = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, request, "skipping an undecodable ctnetlink message");
+                continue;
+            }
+        };
+        if message.header.sequence_number != sequence {
+            continue;
+        }
+        match message.payload {
+            NetlinkPayload::Done(_) => {
+                replies.finished = true;
+                return Ok(replies);
+            }
+            NetlinkPayload::Error(ref error) => {
+                return match error.code {
+                    None => {
+                        replies.finished = true;
+                        Ok(replies)
+                    }
+                    Some(_) => Err(ConntrackError::Kernel {
+                        request: request.to_owned(),
+                        source: error.to_io(),
+                    }),
+                };
+            }
+            NetlinkPayload::Overrun(_) => {
+                return Err(ConntrackError::Receive {
+                    request: request.to_owned(),
+                    source: io::Error::from_raw_os_error(libc::ENOBUFS),
+                })
+            }
+            _ => replies.messages.push(message),
+        }
+    }
+    Ok(replies)
+}
+
+/// The conntrack entry of one dump message; `None` for other messages and for entries
+/// without both tuples' addresses.
+pub fn dumped_entry(message: &NetlinkMessage<NetfilterMessage>) -> Option<ConntrackEntry> {
+    match &message.payload {
+        NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
+            ..
+        }) => entry_from(attributes),
+        _ => None,
     }
 }
 
@@ -581,6 +617,38 @@ mod tests {
                 ConntrackAttribute::CtaTupleOrig(original),
                 ConntrackAttribute::Other(zone)
             ]
+        );
+    }
+
+    fn seed(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/seeds/conntrack_netlink")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
+    /// The fuzz seeds (fuzz/seeds/make-seeds.py) are dump replies as the kernel sends them:
+    /// two entries, then NLMSG_DONE; or a refusal.
+    #[test]
+    fn a_dump_datagram_decodes_to_its_entries_and_its_end() {
+        let replies = decode_datagram(&seed("dump-two"), 1, "test").expect("decodes");
+        assert!(replies.finished);
+        let entries: Vec<_> = replies.messages.iter().filter_map(dumped_entry).collect();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert_eq!(
+            entries[0].original.destination,
+            "10.96.0.10:53".parse().expect("addr")
+        );
+        assert_eq!(entries[1].protocol, 132);
+        assert!(entries[1].zone.is_some());
+
+        let other_request = decode_datagram(&seed("dump-two"), 2, "test").expect("decodes");
+        assert!(other_request.messages.is_empty() && !other_request.finished);
+
+        let error = decode_datagram(&seed("error-enoent"), 1, "test").expect_err("refusal");
+        assert!(
+            matches!(&error, ConntrackError::Kernel { source, .. } if source.raw_os_error() == Some(libc::ENOENT)),
+            "{error:?}"
         );
     }
 
