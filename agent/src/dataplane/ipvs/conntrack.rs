@@ -297,6 +297,11 @@ impl CtSocket {
     }
 }
 
+/// Netlink's first message type that is not a control message (`NLMSG_MIN_TYPE`).
+const NLMSG_MIN_TYPE: u16 = 0x10;
+/// `NFNL_SUBSYS_CTNETLINK`: the high byte of every ctnetlink message type.
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+
 /// What one datagram from ctnetlink says about one request.
 #[derive(Debug, Default)]
 pub struct DatagramReplies {
@@ -328,6 +333,20 @@ pub fn decode_datagram(
         let bytes = &datagram[offset..end];
         offset = offset.saturating_add(length.max(1).next_multiple_of(4));
 
+        // Only ctnetlink's own messages (and netlink's control messages) are decoded: the
+        // codec's parsers of other nfnetlink subsystems (nftables) panic on short attributes
+        // (found by the conntrack_netlink fuzz target), and the kernel sends none here.
+        let message_type = bytes
+            .get(4..6)
+            .map_or(0, |kind| u16::from_ne_bytes([kind[0], kind[1]]));
+        if message_type >= NLMSG_MIN_TYPE && message_type >> 8 != NFNL_SUBSYS_CTNETLINK {
+            tracing::debug!(
+                message_type,
+                request,
+                "skipping a message of another nfnetlink subsystem"
+            );
+            continue;
+        }
         let message = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
             Ok(message) => message,
             Err(error) => {
@@ -650,6 +669,20 @@ mod tests {
             matches!(&error, ConntrackError::Kernel { source, .. } if source.raw_os_error() == Some(libc::ENOENT)),
             "{error:?}"
         );
+    }
+
+    /// Regression (fuzz target conntrack_netlink, crash-39d18d56…): an nftables message with
+    /// a 0-length attribute made the codec's nftables set parser overflow and panic.
+    #[test]
+    fn messages_of_other_nfnetlink_subsystems_are_skipped() {
+        let datagram = seed("regression-nftables-short-attribute");
+        // The nftables message is skipped; the 6 bytes after it are no message: an error.
+        let error = decode_datagram(&datagram, 0, "test").expect_err("trailing bytes");
+        assert!(matches!(error, ConntrackError::Decode { .. }), "{error:?}");
+        let nftables_only = &datagram[..0x24];
+        let replies = decode_datagram(nftables_only, 0, "test").expect("skipped");
+        assert!(replies.messages.is_empty() && !replies.finished);
+        crate::fuzzing::conntrack_datagram(&datagram);
     }
 
     /// The request bytes, checked against the layout `conntrack -D -p udp …` sends (nfgenmsg
