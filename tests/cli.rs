@@ -455,3 +455,119 @@ fn plan_programs_a_service_import_with_a_cluster_id() {
         "{text}"
     );
 }
+
+/// `topoproxy run` with `args` (a node name given, so only the flags under test can fail);
+/// none of these gets as far as starting anything.
+fn run_refused(args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["run", "--hostname-override", "n1"];
+    all.extend_from_slice(args);
+    let output = topoproxy(&all);
+    (output.status.code(), stderr(&output))
+}
+
+/// Every duration flag, absurd values: a usage error (exit 2) naming the flag, never a panic
+/// in `Instant` arithmetic (`--sync-period 300000000000y` used to overflow and abort).
+#[test]
+fn absurd_durations_are_usage_errors_naming_the_flag() {
+    for flag in [
+        "--min-sync-period",
+        "--sync-period",
+        "--source-poll-period",
+        "--ipvs-drain-timeout",
+    ] {
+        let setting = flag.trim_start_matches("--");
+        for (value, expected) in [
+            ("300000000000y", "is longer than the most allowed, 365d"),
+            ("18446744073709551616s", "is not a duration"),
+            ("1e3s", "is not a duration"),
+            ("-5s", "is not a duration"),
+        ] {
+            // `--flag=value`: clap would read a separate "-5s" as a flag.
+            let (code, err) = run_refused(&[&format!("{flag}={value}")]);
+            assert_eq!(code, Some(2), "{flag} {value}: {err}");
+            assert!(
+                err.starts_with(&format!("error: {setting}: \"{value}\""))
+                    && err.contains(expected),
+                "{flag} {value}: {err}"
+            );
+            assert!(!err.contains("panicked"), "{flag} {value}: {err}");
+        }
+    }
+}
+
+#[test]
+fn zero_periods_that_would_spin_are_usage_errors() {
+    for (flag, expected) in [
+        ("--sync-period", "error: sync-period must be more than 0"),
+        (
+            "--source-poll-period",
+            "error: source-poll-period must be more than 0",
+        ),
+    ] {
+        let (code, err) = run_refused(&[flag, "0"]);
+        assert_eq!(code, Some(2), "{flag}: {err}");
+        assert_eq!(err.trim(), expected);
+    }
+}
+
+/// Out-of-range numbers for the other numeric flags: clap refuses them before anything runs.
+#[test]
+fn out_of_range_numbers_are_refused_by_the_parser() {
+    for args in [
+        &["run", "--metrics-bind-address", "127.0.0.1:70000"][..],
+        &["run", "--healthz-bind-address", "[::1]:-1"],
+        &["datapath-log", "--per-second", "4294967296"],
+        &["datapath-log", "--per-second=-1"],
+    ] {
+        let output = topoproxy(args);
+        let err = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("invalid value"), "{args:?}: {err}");
+    }
+    for range in ["0-70000", "32767-30000", "-", "30000"] {
+        let output = topoproxy(&["cleanup", "--node-port-range", range]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{range}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains("is not a range"),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
+/// The same values from a config file: the same errors, naming the key and the file's
+/// values, and a key of the wrong type names the key.
+#[test]
+fn absurd_values_in_the_config_file_are_usage_errors_naming_the_key() {
+    let scratch = Scratch::new("config-absurd");
+    for (text, expected) in [
+        (
+            "sync-period: 300000000000y\n",
+            "sync-period: \"300000000000y\" is longer than the most allowed, 365d",
+        ),
+        (
+            "ipvs-drain-timeout: 9999999d\n",
+            "ipvs-drain-timeout: \"9999999d\" is longer than the most allowed, 365d",
+        ),
+        (
+            "source-poll-period: 0\n",
+            "source-poll-period must be more than 0",
+        ),
+        ("sync-period: [1]\n", "sync-period: invalid type: sequence"),
+        (
+            "metrics-bind-address: 127.0.0.1:99999\n",
+            "metrics-bind-address",
+        ),
+    ] {
+        scratch.write("config.yaml", text);
+        let config = format!("{}/config.yaml", scratch.path());
+        let (code, err) = run_refused(&["--config", &config]);
+        assert_eq!(code, Some(2), "{text}: {err}");
+        assert!(err.contains(expected), "{text}: {err}");
+    }
+}

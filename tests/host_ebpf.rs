@@ -423,15 +423,20 @@ fn client_process() {
                 Ok((name, from)) => format!("ok {name} {from}"),
                 Err(error) => format!("err {error}"),
             },
-            ["loop", ip, port, millis] => {
-                let until = Instant::now() + Duration::from_millis(millis.parse().expect("ms"));
+            // Connects until the file `stop` exists: the test ends the loop when it has seen
+            // what it waits for, however slow the machine (a minute at most, for a test
+            // that dies without stopping it).
+            ["loop", ip, port, stop] => {
+                let until = Instant::now() + Duration::from_secs(60);
                 let (mut ok, mut failed, mut first_error) = (0u64, 0u64, String::from("-"));
                 let mut names = BTreeSet::new();
-                while Instant::now() < until {
+                let progress = LoopStop::progress_path(Path::new(stop));
+                while Instant::now() < until && !Path::new(stop).exists() {
                     match tcp_name(&target(ip, port)) {
                         Ok((name, _, _)) => {
                             ok += 1;
                             names.insert(name);
+                            std::fs::write(&progress, ok.to_string()).expect("write progress");
                         }
                         Err(error) => {
                             if failed == 0 {
@@ -938,16 +943,21 @@ fn a_restarted_dataplane_keeps_traffic_flowing_and_cleanup_removes_everything() 
     let held = client.ask(&format!("hold {VIP4} {PORT}"));
     assert!(held.starts_with("ok"), "{held}");
 
-    // Connect in a loop while the dataplane is dropped and reopened from its pins.
-    client.send(&format!("loop {VIP4} {PORT} 1500"));
-    std::thread::sleep(Duration::from_millis(300));
+    // Connect in a loop while the dataplane is dropped and reopened from its pins: the loop
+    // runs before the drop, while nothing is open, and after the reopen.
+    let stop = LoopStop::new();
+    client.send(&format!("loop {VIP4} {PORT} {}", stop.path.display()));
+    stop.wait_for_connects(10, "the connect loop did not start");
     // Ids of the programs behind this test's pins: other tests load programs of the same
     // names at the same time.
     let program_ids = pinned_program_ids(&world.settings.pin_dir);
     assert_eq!(program_ids.len(), PROGRAMS.len());
     drop(dataplane);
-    std::thread::sleep(Duration::from_millis(300));
+    // While nothing is open: the loop goes on through the pinned programs and maps.
+    stop.wait_for_connects(10, "no connects while the dataplane was closed");
     let mut dataplane = world.open();
+    stop.wait_for_connects(10, "no connects after the reopen");
+    stop.now();
     let answer = client.answer();
     let words: Vec<&str> = answer.split_whitespace().collect();
     assert_eq!(words[0], "ok", "{answer}");
@@ -985,10 +995,7 @@ fn a_restarted_dataplane_keeps_traffic_flowing_and_cleanup_removes_everything() 
         answer.starts_with("err"),
         "translated after cleanup: {answer}"
     );
-    let still_loaded: Vec<u32> = loaded_program_ids()
-        .intersection(&program_ids)
-        .copied()
-        .collect();
+    let still_loaded = wait_until_unloaded(&program_ids);
     assert!(
         still_loaded.is_empty(),
         "programs still loaded: {still_loaded:?}"
@@ -1111,6 +1118,55 @@ fn a_missing_map_pin_loads_fresh_maps_and_switches_after_the_sync() {
     assert_eq!(client.udp(VIP4).1, socket(VIP4).to_string());
 }
 
+/// The file whose existence ends a client's `loop`, and the one beside it where the loop
+/// counts its successful connects; both removed on drop.
+struct LoopStop {
+    path: PathBuf,
+}
+
+impl LoopStop {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("topoproxy-loop-stop-{}", unique()));
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_file(Self::progress_path(&path));
+        Self { path }
+    }
+
+    fn progress_path(stop: &Path) -> PathBuf {
+        stop.with_extension("connects")
+    }
+
+    fn connects(&self) -> u64 {
+        std::fs::read_to_string(Self::progress_path(&self.path))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the loop made `more` successful connects, for at most 30 s.
+    fn wait_for_connects(&self, more: u64, what: &str) {
+        let target = self.connects() + more;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.connects() < target {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::yield_now();
+        }
+    }
+
+    fn now(&self) {
+        std::fs::write(&self.path, b"stop").expect("write the loop's stop file");
+    }
+}
+
+impl Drop for LoopStop {
+    fn drop(&mut self) {
+        // Also ends a loop whose test failed before stopping it.
+        let _ = std::fs::write(&self.path, b"stop");
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(Self::progress_path(&self.path));
+    }
+}
+
 /// The ids of this agent's programs pinned in `pin_dir`.
 fn pinned_program_ids(pin_dir: &std::path::Path) -> BTreeSet<u32> {
     program_ids_at(PROGRAMS.iter().map(|name| program_pin(pin_dir, name)))
@@ -1125,10 +1181,21 @@ fn program_ids_at(pins: impl Iterator<Item = PathBuf>) -> BTreeSet<u32> {
     .collect()
 }
 
+/// Which of `ids` are still loaded once they had 10 s to go: a freed program lingers until
+/// the kernel's deferred free (an RCU grace period) has run.
+fn wait_until_unloaded(ids: &BTreeSet<u32>) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let still: Vec<u32> = loaded_program_ids().intersection(ids).copied().collect();
+        if still.is_empty() || Instant::now() >= deadline {
+            return still;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Ids of the loaded programs named like ours.
 fn loaded_program_ids() -> BTreeSet<u32> {
-    // Freed programs can linger briefly after their last reference goes.
-    std::thread::sleep(Duration::from_millis(200));
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|info| {
@@ -1401,25 +1468,14 @@ fn a_new_version_swaps_its_programs_into_the_pinned_links_under_a_connect_loop()
     let held = client.ask(&format!("hold {VIP4} {PORT}"));
     assert!(held.starts_with("ok"), "{held}");
 
-    client.send(&format!("loop {VIP4} {PORT} 2000"));
-    // The loop is running once its connects show in the counters.
-    let counted = |dataplane: &mut EbpfDataplane| -> u64 {
-        let listing = dataplane.list().expect("list");
-        listing
-            .services
-            .iter()
-            .map(|s| s.counters.translations)
-            .sum()
-    };
-    let before = counted(&mut dataplane);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while counted(&mut dataplane) < before + 10 {
-        assert!(Instant::now() < deadline, "the connect loop did not start");
-        std::thread::yield_now();
-    }
+    let stop = LoopStop::new();
+    client.send(&format!("loop {VIP4} {PORT} {}", stop.path.display()));
+    stop.wait_for_connects(10, "the connect loop did not start");
     drop(dataplane);
     let mut dataplane = world.open();
     let report = dataplane.load_report().clone();
+    stop.wait_for_connects(10, "no connects after the upgrade");
+    stop.now();
     let answer = client.answer();
 
     let words: Vec<&str> = answer.split_whitespace().collect();
@@ -1445,10 +1501,7 @@ fn a_new_version_swaps_its_programs_into_the_pinned_links_under_a_connect_loop()
         "old program pins left"
     );
     // The links run the new programs: nothing holds the old ones any more.
-    let still_loaded: Vec<u32> = loaded_program_ids()
-        .intersection(&old_ids)
-        .copied()
-        .collect();
+    let still_loaded = wait_until_unloaded(&old_ids);
     assert!(
         still_loaded.is_empty(),
         "old programs still loaded: {still_loaded:?}"

@@ -142,7 +142,9 @@ fn metric(state: &AgentState, name: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
-#[tokio::test]
+// Paused time: the sleep below lets the loop run until it is idle, however busy the machine
+// (tokio advances the clock only when every task waits), so "nothing happened" is exact.
+#[tokio::test(start_paused = true)]
 async fn nothing_is_programmed_until_services_slices_and_node_are_known() {
     let store = example();
     let node = store.node(NODE).expect("node").clone();
@@ -373,7 +375,9 @@ async fn a_restart_over_a_programmed_dataplane_changes_nothing() {
     agent.stop().await;
 }
 
-#[tokio::test]
+// Paused time: the burst's 20 × 10 ms are virtual and the loop's min-sync-period timer runs
+// on the same clock, so the burst fits in one period whatever the machine's load.
+#[tokio::test(start_paused = true)]
 async fn min_sync_period_batches_a_burst_into_few_syncs() {
     let mut store = example();
     let node = store.node(NODE).expect("node").clone();

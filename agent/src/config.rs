@@ -24,6 +24,10 @@ pub const DEFAULT_MIN_SYNC_PERIOD: Duration = Duration::from_secs(1);
 pub const DEFAULT_SYNC_PERIOD: Duration = Duration::from_secs(30);
 /// How often `--source` is checked for changes unless configured.
 pub const DEFAULT_SOURCE_POLL_PERIOD: Duration = Duration::from_secs(1);
+/// The longest duration any setting takes. The agent adds periods to `Instant`s (and doubles
+/// the sync period for health), which panics on overflow; a year is far beyond any sensible
+/// period and far below any overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// kube-proxy's health port, on every address.
 pub const DEFAULT_HEALTHZ_BIND_ADDRESS: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 10256);
@@ -189,9 +193,16 @@ pub enum ConfigError {
     Duration {
         setting: &'static str,
         value: String,
+        #[source]
+        source: humantime::DurationError,
     },
-    #[error("sync-period must be more than 0")]
-    ZeroSyncPeriod,
+    #[error("{setting}: {value:?} is longer than the most allowed, 365d")]
+    DurationTooLong {
+        setting: &'static str,
+        value: String,
+    },
+    #[error("{setting} must be more than 0")]
+    ZeroPeriod { setting: &'static str },
     #[error("no node name: pass --hostname-override or set NODE_NAME (the hostname is unknown)")]
     NoNodeName,
     #[error("ipvs-scheduler must not be empty")]
@@ -215,13 +226,18 @@ pub fn read_config_file(path: &Path) -> Result<RunOptions, ConfigError> {
         path: path.to_path_buf(),
         source,
     })?;
-    if text.trim().is_empty() {
-        return Ok(RunOptions::default());
-    }
-    serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+    parse_config(&text).map_err(|source| ConfigError::Parse {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Parses a config file's text; an empty (or all-blank) file sets nothing.
+pub fn parse_config(text: &str) -> Result<RunOptions, serde_yaml::Error> {
+    if text.trim().is_empty() {
+        return Ok(RunOptions::default());
+    }
+    serde_yaml::from_str(text)
 }
 
 /// Where the node name comes from when neither flag nor file sets it.
@@ -244,7 +260,28 @@ fn duration(
     if trimmed == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(trimmed).map_err(|_| ConfigError::Duration { setting, value })
+    match humantime::parse_duration(trimmed) {
+        Ok(parsed) if parsed <= MAX_DURATION => Ok(parsed),
+        Ok(_) => Err(ConfigError::DurationTooLong { setting, value }),
+        Err(source) => Err(ConfigError::Duration {
+            setting,
+            value,
+            source,
+        }),
+    }
+}
+
+/// A period the agent waits on with a ticker, which must not be zero.
+fn period(
+    setting: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let period = duration(setting, value, default)?;
+    if period.is_zero() {
+        return Err(ConfigError::ZeroPeriod { setting });
+    }
+    Ok(period)
 }
 
 fn non_empty(value: Option<String>) -> Option<String> {
@@ -262,14 +299,11 @@ pub fn resolve(
         // kube-proxy lower-cases the hostname: Node names are lower-case DNS names.
         .or_else(|| non_empty(node.hostname).map(|h| h.to_lowercase()))
         .ok_or(ConfigError::NoNodeName)?;
-    let sync_period = duration(
+    let sync_period = period(
         "sync-period",
         flags.sync_period.or(file.sync_period),
         DEFAULT_SYNC_PERIOD,
     )?;
-    if sync_period.is_zero() {
-        return Err(ConfigError::ZeroSyncPeriod);
-    }
     let scheduler = flags
         .ipvs_scheduler
         .or(file.ipvs_scheduler)
@@ -311,7 +345,7 @@ pub fn resolve(
                 .unwrap_or_default(),
             cluster_id: non_empty(flags.cluster_id.or(file.cluster_id)),
         },
-        source_poll_period: duration(
+        source_poll_period: period(
             "source-poll-period",
             flags.source_poll_period.or(file.source_poll_period),
             DEFAULT_SOURCE_POLL_PERIOD,
@@ -521,6 +555,95 @@ mod tests {
             let error = resolve(flags, RunOptions::default(), node).expect_err("must fail");
             assert!(error.to_string().contains(expected), "{error}");
         }
+    }
+
+    /// Every duration setting, set to absurd values: a clear error naming it, never a panic
+    /// later in `Instant` arithmetic.
+    #[test]
+    fn absurd_durations_are_refused_for_every_setting() {
+        type Setter = fn(&mut RunOptions, String);
+        let settings: [(&str, Setter); 4] = [
+            ("min-sync-period", |o, v| o.min_sync_period = Some(v)),
+            ("sync-period", |o, v| o.sync_period = Some(v)),
+            ("source-poll-period", |o, v| o.source_poll_period = Some(v)),
+            ("ipvs-drain-timeout", |o, v| o.ipvs_drain_timeout = Some(v)),
+        ];
+        for (name, set) in settings {
+            for (value, expected) in [
+                ("300000000000y", "is longer than the most allowed, 365d"),
+                ("366d", "is longer than the most allowed, 365d"),
+                ("99999999999999999999999s", "is not a duration"),
+                ("-1s", "is not a duration"),
+                ("1.5.3s", "is not a duration"),
+            ] {
+                let mut flags = RunOptions::default();
+                set(&mut flags, value.to_owned());
+                let error = resolve(flags, RunOptions::default(), fallbacks(None, Some("h")))
+                    .expect_err(value);
+                let text = format!("{:#}", anyhow::Error::from(error));
+                assert!(text.starts_with(&format!("{name}: ")), "{text}");
+                assert!(text.contains(expected), "{name} {value}: {text}");
+            }
+            let mut flags = RunOptions::default();
+            set(&mut flags, "365d".to_owned());
+            let resolved = resolve(flags, RunOptions::default(), fallbacks(None, Some("h")))
+                .expect("the maximum itself is allowed");
+            let now = std::time::Instant::now();
+            let _ = now + resolved.sync_period * 2 + resolved.ipvs.drain_timeout;
+        }
+    }
+
+    #[test]
+    fn zero_is_refused_only_where_it_would_spin() {
+        for (flags, expected) in [
+            (
+                RunOptions {
+                    source_poll_period: Some("0".to_owned()),
+                    ..RunOptions::default()
+                },
+                Some("source-poll-period must be more than 0"),
+            ),
+            (
+                RunOptions {
+                    sync_period: Some("0s".to_owned()),
+                    ..RunOptions::default()
+                },
+                Some("sync-period must be more than 0"),
+            ),
+            (
+                RunOptions {
+                    min_sync_period: Some("0".to_owned()),
+                    ipvs_drain_timeout: Some("0".to_owned()),
+                    ..RunOptions::default()
+                },
+                None,
+            ),
+        ] {
+            let result = resolve(flags, RunOptions::default(), fallbacks(None, Some("h")));
+            match expected {
+                Some(expected) => {
+                    let error = result.expect_err(expected).to_string();
+                    assert_eq!(error, expected);
+                }
+                None => {
+                    let settings = result.expect("zero is allowed here");
+                    assert_eq!(settings.min_sync_period, Duration::ZERO);
+                    assert_eq!(settings.ipvs.drain_timeout, Duration::ZERO);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn config_file_values_of_the_wrong_type_name_the_key() {
+        let error = parse_config("sync-period: [1, 2]\n").expect_err("a list is no duration");
+        assert!(error.to_string().contains("sync-period"), "{error}");
+        let error = parse_config("masquerade-all: maybe\n").expect_err("not a bool");
+        assert!(error.to_string().contains("masquerade-all"), "{error}");
+        assert_eq!(
+            parse_config(" \n\t\n").expect("blank"),
+            RunOptions::default()
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@ pub mod agent;
 pub mod config;
 pub mod dataplane;
 pub mod diff;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod health;
 pub mod healthcheck;
 pub mod heap;

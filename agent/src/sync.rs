@@ -25,7 +25,7 @@ use crate::planner::{plan, replan_service, PlanConfig};
 use crate::source::{Resource, SourceEvent};
 use crate::state::AgentState;
 use crate::store::Store;
-use crate::table::{NodeTable, VsKey};
+use crate::table::{Conflict, NodeTable, VsKey};
 
 /// Timing and planning settings of the loop.
 #[derive(Debug, Clone)]
@@ -67,6 +67,8 @@ pub struct SyncLoop<D> {
     retry_backoff: Option<Duration>,
     next_resync: Instant,
     health_checks: HealthCheckServers,
+    /// Address:port claims two Services make, already warned about.
+    known_conflicts: BTreeSet<ConflictId>,
 }
 
 impl<D: Dataplane> SyncLoop<D> {
@@ -92,6 +94,7 @@ impl<D: Dataplane> SyncLoop<D> {
             retry_backoff: None,
             next_resync,
             health_checks,
+            known_conflicts: BTreeSet::new(),
         };
         loop_.report_waiting();
         loop_
@@ -410,6 +413,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 .filter(|vs| vs.is_falling_back())
                 .map(|vs| vs.service.clone())
                 .collect();
+            self.known_conflicts = warn_new_conflicts(&table, &self.known_conflicts);
             return keys;
         }
         for key in &dirty {
@@ -424,6 +428,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 self.falling_back.remove(key);
             }
         }
+        self.known_conflicts = warn_new_conflicts(&table, &self.known_conflicts);
         keys
     }
 
@@ -495,6 +500,42 @@ impl<D: Dataplane> SyncLoop<D> {
             .metrics
             .set_locality_shares(locality_servers, &locality_shares);
     }
+}
+
+/// A claim two Services make on one address:port: (key, winner, loser).
+type ConflictId = (VsKey, ServiceKey, ServiceKey);
+
+/// Says, once per conflict, which Service lost an address:port two Services claim (say, a
+/// duplicated ClusterIP): the smaller Service key keeps it, whatever the order the objects
+/// came in, and the other Service's other addresses are unaffected. Returns the conflicts now.
+fn warn_new_conflicts(table: &NodeTable, known: &BTreeSet<ConflictId>) -> BTreeSet<ConflictId> {
+    let mut now = BTreeSet::new();
+    for conflict in table.conflicts() {
+        let id = (
+            conflict.key,
+            conflict.winner.clone(),
+            conflict.loser.clone(),
+        );
+        if !known.contains(&id) {
+            warn_conflict(&conflict);
+        }
+        now.insert(id);
+    }
+    now
+}
+
+fn warn_conflict(conflict: &Conflict) {
+    tracing::warn!(
+        service = %conflict.loser,
+        winner = %conflict.winner,
+        "{} {}:{} is claimed by both {} and {}; {} keeps it",
+        conflict.key.protocol,
+        conflict.key.address,
+        conflict.key.port,
+        conflict.winner,
+        conflict.loser,
+        conflict.winner
+    );
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -21,6 +21,7 @@
 //!   that it renders the same objects as the kustomize overlays (see `chart.rs`).
 //! - `release`: binary tarball, image archive and SBOM, chart package pinned to the image's
 //!   digest, SHA256SUMS (see `release.rs`).
+//! - `fuzz`: every fuzz target in `fuzz/` for a bounded time; fails on a crash (see `fuzz.rs`).
 //! - `demo`: the example cluster on this machine with real traffic through the eBPF dataplane
 //!   (see `demo.rs`).
 
@@ -36,6 +37,7 @@ use clap::{Parser, Subcommand};
 mod chart;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod image;
 mod k8s;
 mod release;
@@ -84,6 +86,16 @@ enum Task {
     },
     /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
     VmSetup,
+    /// Runs every fuzz target (cargo fuzz, libFuzzer; installs cargo-fuzz if missing) for a
+    /// bounded time each; fails on a crash and says where the input is.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Target to run; repeat for several. Default: all.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
     /// Plans the topology scenarios with the real planner and writes the table into
     /// docs/topology.md.
     TopologyReport {
@@ -237,6 +249,7 @@ fn main() -> Result<()> {
         }
         Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
         Task::VmSetup => vm::vm_setup(),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Task::TopologyReport { check } => topology::topology_report(check),
         Task::EbpfSetup => ebpf::ebpf_setup(),
         Task::K8sSetup => k8s::k8s_setup(),

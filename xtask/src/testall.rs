@@ -2,14 +2,19 @@
 //! Debian 12 machine (as root), then runs every test: unit, golden, property, CLI and agent
 //! tests, the host kernel tests (nftables, conntrack, eBPF with real traffic in network
 //! namespaces), the agent against a real control plane (etcd, kube-apiserver,
-//! kube-controller-manager built by `k8s-setup`), and the IPVS and eBPF tests inside QEMU on Debian's 6.1 and 6.12 kernels.
+//! kube-controller-manager built by `k8s-setup`), every fuzz target for a short bound, and the
+//! IPVS and eBPF tests inside QEMU on Debian's 6.1 and 6.12 kernels.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 
-use crate::{ebpf, k8s, vm, vmtest};
+use crate::{ebpf, fuzz, k8s, vm, vmtest};
+
+/// Seconds each fuzz target runs here: 5 targets stay under the 4 minutes CI gives fuzzing
+/// with the build; `cargo xtask fuzz` alone defaults to 60.
+const CI_FUZZ_SECONDS: u64 = 30;
 
 /// Runs the set-up and every test; fails on the first failing stage.
 pub fn test_all(vm_timeout: Duration) -> Result<()> {
@@ -33,6 +38,9 @@ pub fn test_all(vm_timeout: Duration) -> Result<()> {
         .status()
         .context("running cargo test")?;
     ensure!(status.success(), "cargo test failed ({status})");
+
+    println!("== fuzzing: every target for {CI_FUZZ_SECONDS} s (cargo fuzz)");
+    fuzz::fuzz(CI_FUZZ_SECONDS, &[])?;
 
     println!("== VM tests (IPVS, kube-ipvs0, eBPF verifier) on every kernel");
     vmtest::vm_test(&vmtest::VmTestPlan {

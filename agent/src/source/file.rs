@@ -159,20 +159,53 @@ fn collect_yaml_files(
 }
 
 fn load_file(path: &Path, loaded: &mut Loaded) -> Result<(), FileSourceError> {
-    let text = fs::read_to_string(path).map_err(|source| io_error(path, source))?;
+    let bytes = fs::read(path).map_err(|source| io_error(path, source))?;
+    load_bytes(path, &bytes, loaded)
+}
+
+/// Loads the objects of one file's contents into `loaded`; `path` names the file in errors
+/// and warnings. Contents that are not UTF-8 (a binary file, a file in another encoding) are
+/// a [`FileSourceError::Parse`] naming the first bad byte's line and column, as YAML itself
+/// must be UTF-8.
+pub fn load_bytes(path: &Path, bytes: &[u8], loaded: &mut Loaded) -> Result<(), FileSourceError> {
+    let text = std::str::from_utf8(bytes).map_err(|error| not_utf8(path, bytes, &error))?;
     let origin = path.display().to_string();
     let mut file = FileLoader {
-        text: &text,
+        text,
         origin: &origin,
         loaded,
     };
-    for (document, deserializer) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (document, deserializer) in serde_yaml::Deserializer::from_str(text).enumerate() {
         // After a syntax error the document iterator yields the same error forever, so the
         // first one has to end the file.
         let value = Value::deserialize(deserializer).map_err(|error| parse_error(path, &error))?;
         file.object(value, &Position::document(document), None);
     }
     Ok(())
+}
+
+fn not_utf8(path: &Path, bytes: &[u8], error: &std::str::Utf8Error) -> FileSourceError {
+    let valid = &bytes[..error.valid_up_to()];
+    let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+    let line_start = valid
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |newline| newline + 1);
+    // The column counts characters, as serde_yaml's do; the valid prefix is UTF-8.
+    let column = String::from_utf8_lossy(&valid[line_start..])
+        .chars()
+        .count()
+        + 1;
+    FileSourceError::Parse {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message: format!(
+            "not UTF-8 (byte 0x{:02x} at offset {}); YAML files must be UTF-8",
+            bytes[error.valid_up_to()],
+            error.valid_up_to()
+        ),
+    }
 }
 
 fn parse_error(path: &Path, error: &serde_yaml::Error) -> FileSourceError {

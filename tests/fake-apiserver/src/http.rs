@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     watch_counts: [AtomicU64; 3],
     pub open_watches: AtomicUsize,
     pub open_watches_changed: tokio::sync::Notify,
+    /// BOOKMARK lines handed to watch responses so far.
+    pub bookmarks_sent: AtomicU64,
 }
 
 impl Shared {
@@ -48,6 +50,7 @@ impl Shared {
             watch_counts: Default::default(),
             open_watches: AtomicUsize::new(0),
             open_watches_changed: tokio::sync::Notify::new(),
+            bookmarks_sent: AtomicU64::new(0),
         }
     }
 
@@ -618,7 +621,7 @@ fn watch_response(shared: Arc<Shared>, kind: Kind, filter: Filter, p: &Params) -
     shared.open_watches.fetch_add(1, Ordering::SeqCst);
     shared.open_watches_changed.notify_waiters();
     let state = WatchState {
-        _guard: OpenGuard(Arc::clone(&shared)),
+        open: OpenGuard(Arc::clone(&shared)),
         kind,
         filter,
         bookmarks: p.bookmarks,
@@ -653,7 +656,8 @@ enum Pending {
 }
 
 struct WatchState {
-    _guard: OpenGuard,
+    /// Counts this stream as open while it lives; also the way back to the shared state.
+    open: OpenGuard,
     kind: Kind,
     filter: Filter,
     bookmarks: bool,
@@ -746,6 +750,7 @@ impl WatchState {
                 Ok(Live::Bookmark(rv)) => {
                     if self.bookmarks && rv >= self.min_rv {
                         let line = bookmark_line(self.kind, rv, false);
+                        self.open.0.bookmarks_sent.fetch_add(1, Ordering::SeqCst);
                         return Some((Ok(Bytes::from(line)), self));
                     }
                 }

@@ -420,6 +420,38 @@ preferences: {{}}
         }
     }
 
+    /// Number of BOOKMARK lines handed to watch responses so far (all kinds).
+    pub fn bookmarks_sent(&self) -> u64 {
+        self.shared.bookmarks_sent.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` BOOKMARK lines were handed to watch responses. Returns false
+    /// on timeout.
+    pub async fn wait_for_bookmarks_sent(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.bookmarks_sent() < n {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
+    /// Waits until no watch stream is open. Returns false on timeout.
+    pub async fn wait_for_no_open_watches(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.open_watches_changed.notified();
+            if self.open_watches() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.open_watches() == 0;
+            }
+        }
+    }
+
     /// The current (global) resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.shared.store().rv()

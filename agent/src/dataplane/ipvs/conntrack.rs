@@ -250,48 +250,10 @@ impl CtSocket {
                         request: request.to_owned(),
                         source,
                     })?;
-            let mut offset = 0;
-            while offset < datagram.len() {
-                let length = NetlinkBuffer::new_checked(&datagram[offset..])
-                    .map(|buffer| buffer.length() as usize)
-                    .map_err(|source| ConntrackError::Decode {
-                        request: request.to_owned(),
-                        source,
-                    })?;
-                let end = (offset + length).min(datagram.len());
-                let bytes = &datagram[offset..end];
-                offset += length.max(1).next_multiple_of(4);
-
-                let message = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
-                    Ok(message) => message,
-                    // One entry the codec cannot read must not stop the clean-up of the rest.
-                    Err(error) => {
-                        tracing::warn!(%error, request, "skipping an undecodable ctnetlink message");
-                        continue;
-                    }
-                };
-                if message.header.sequence_number != sequence {
-                    continue;
-                }
-                match message.payload {
-                    NetlinkPayload::Done(_) => return Ok(()),
-                    NetlinkPayload::Error(ref error) => {
-                        return match error.code {
-                            None => Ok(()),
-                            Some(_) => Err(ConntrackError::Kernel {
-                                request: request.to_owned(),
-                                source: error.to_io(),
-                            }),
-                        };
-                    }
-                    NetlinkPayload::Overrun(_) => {
-                        return Err(ConntrackError::Receive {
-                            request: request.to_owned(),
-                            source: io::Error::from_raw_os_error(libc::ENOBUFS),
-                        })
-                    }
-                    _ => each(message),
-                }
+            let replies = decode_datagram(&datagram, sequence, request)?;
+            replies.messages.into_iter().for_each(&mut each);
+            if replies.finished {
+                return Ok(());
             }
         }
     }
@@ -306,15 +268,7 @@ impl CtSocket {
         )?;
         let mut entries = Vec::new();
         self.receive(sequence, &request, |message| {
-            if let NetlinkPayload::InnerMessage(NetfilterMessage {
-                inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
-                ..
-            }) = &message.payload
-            {
-                if let Some(entry) = entry_from(attributes) {
-                    entries.push(entry);
-                }
-            }
+            entries.extend(dumped_entry(&message));
         })?;
         Ok(entries)
     }
@@ -340,6 +294,107 @@ impl CtSocket {
             }
             Err(error) => Err(error),
         }
+    }
+}
+
+/// Netlink's first message type that is not a control message (`NLMSG_MIN_TYPE`).
+const NLMSG_MIN_TYPE: u16 = 0x10;
+/// `NFNL_SUBSYS_CTNETLINK`: the high byte of every ctnetlink message type.
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+
+/// What one datagram from ctnetlink says about one request.
+#[derive(Debug, Default)]
+pub struct DatagramReplies {
+    /// The request's data messages, in order.
+    pub messages: Vec<NetlinkMessage<NetfilterMessage>>,
+    /// The request is answered: NLMSG_DONE, or a success acknowledgement.
+    pub finished: bool,
+}
+
+/// Splits one datagram into its netlink messages and keeps those answering `sequence`. Pure,
+/// so every byte sequence the kernel (or anything else) could send is tested without a
+/// socket. A message the codec cannot read is skipped with a warning: one bad entry must not
+/// stop the clean-up of the rest. A kernel error for the request is returned as one.
+pub fn decode_datagram(
+    datagram: &[u8],
+    sequence: u32,
+    request: &str,
+) -> Result<DatagramReplies, ConntrackError> {
+    let mut replies = DatagramReplies::default();
+    let mut offset = 0;
+    while offset < datagram.len() {
+        let length = NetlinkBuffer::new_checked(&datagram[offset..])
+            .map(|buffer| buffer.length() as usize)
+            .map_err(|source| ConntrackError::Decode {
+                request: request.to_owned(),
+                source,
+            })?;
+        let end = offset.saturating_add(length).min(datagram.len());
+        let bytes = &datagram[offset..end];
+        offset = offset.saturating_add(length.max(1).next_multiple_of(4));
+
+        // Only ctnetlink's own messages (and netlink's control messages) are decoded: the
+        // codec's parsers of other nfnetlink subsystems (nftables) panic on short attributes
+        // (found by the conntrack_netlink fuzz target), and the kernel sends none here.
+        let message_type = bytes
+            .get(4..6)
+            .map_or(0, |kind| u16::from_ne_bytes([kind[0], kind[1]]));
+        if message_type >= NLMSG_MIN_TYPE && message_type >> 8 != NFNL_SUBSYS_CTNETLINK {
+            tracing::debug!(
+                message_type,
+                request,
+                "skipping a message of another nfnetlink subsystem"
+            );
+            continue;
+        }
+        let message = match NetlinkMessage::<NetfilterMessage>::deserialize(bytes) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, request, "skipping an undecodable ctnetlink message");
+                continue;
+            }
+        };
+        if message.header.sequence_number != sequence {
+            continue;
+        }
+        match message.payload {
+            NetlinkPayload::Done(_) => {
+                replies.finished = true;
+                return Ok(replies);
+            }
+            NetlinkPayload::Error(ref error) => {
+                return match error.code {
+                    None => {
+                        replies.finished = true;
+                        Ok(replies)
+                    }
+                    Some(_) => Err(ConntrackError::Kernel {
+                        request: request.to_owned(),
+                        source: error.to_io(),
+                    }),
+                };
+            }
+            NetlinkPayload::Overrun(_) => {
+                return Err(ConntrackError::Receive {
+                    request: request.to_owned(),
+                    source: io::Error::from_raw_os_error(libc::ENOBUFS),
+                })
+            }
+            _ => replies.messages.push(message),
+        }
+    }
+    Ok(replies)
+}
+
+/// The conntrack entry of one dump message; `None` for other messages and for entries
+/// without both tuples' addresses.
+pub fn dumped_entry(message: &NetlinkMessage<NetfilterMessage>) -> Option<ConntrackEntry> {
+    match &message.payload {
+        NetlinkPayload::InnerMessage(NetfilterMessage {
+            inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attributes)),
+            ..
+        }) => entry_from(attributes),
+        _ => None,
     }
 }
 
@@ -582,6 +637,52 @@ mod tests {
                 ConntrackAttribute::Other(zone)
             ]
         );
+    }
+
+    fn seed(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/seeds/conntrack_netlink")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    }
+
+    /// The fuzz seeds (fuzz/seeds/make-seeds.py) are dump replies as the kernel sends them:
+    /// two entries, then NLMSG_DONE; or a refusal.
+    #[test]
+    fn a_dump_datagram_decodes_to_its_entries_and_its_end() {
+        let replies = decode_datagram(&seed("dump-two"), 1, "test").expect("decodes");
+        assert!(replies.finished);
+        let entries: Vec<_> = replies.messages.iter().filter_map(dumped_entry).collect();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert_eq!(
+            entries[0].original.destination,
+            "10.96.0.10:53".parse().expect("addr")
+        );
+        assert_eq!(entries[1].protocol, 132);
+        assert!(entries[1].zone.is_some());
+
+        let other_request = decode_datagram(&seed("dump-two"), 2, "test").expect("decodes");
+        assert!(other_request.messages.is_empty() && !other_request.finished);
+
+        let error = decode_datagram(&seed("error-enoent"), 1, "test").expect_err("refusal");
+        assert!(
+            matches!(&error, ConntrackError::Kernel { source, .. } if source.raw_os_error() == Some(libc::ENOENT)),
+            "{error:?}"
+        );
+    }
+
+    /// Regression (fuzz target conntrack_netlink, crash-39d18d56…): an nftables message with
+    /// a 0-length attribute made the codec's nftables set parser overflow and panic.
+    #[test]
+    fn messages_of_other_nfnetlink_subsystems_are_skipped() {
+        let datagram = seed("regression-nftables-short-attribute");
+        // The nftables message is skipped; the 6 bytes after it are no message: an error.
+        let error = decode_datagram(&datagram, 0, "test").expect_err("trailing bytes");
+        assert!(matches!(error, ConntrackError::Decode { .. }), "{error:?}");
+        let nftables_only = &datagram[..0x24];
+        let replies = decode_datagram(nftables_only, 0, "test").expect("skipped");
+        assert!(replies.messages.is_empty() && !replies.finished);
+        crate::fuzzing::conntrack_datagram(&datagram);
     }
 
     /// The request bytes, checked against the layout `conntrack -D -p udp …` sends (nfgenmsg

@@ -127,12 +127,14 @@ pub(crate) fn parse_datagram(
             NLMSG_ERROR | NLMSG_DONE => {
                 match NetlinkMessage::<GenlMessage<IpvsMessage>>::deserialize(bytes)?.payload {
                     NetlinkPayload::Error(error) if error.code.is_none() => Reply::Ack,
+                    // Saturating: a reply carrying i32::MIN must not overflow the negation
+                    // (found by the ipvs_netlink fuzz target).
                     NetlinkPayload::Error(error) => Reply::Error {
-                        errno: -error.raw_code(),
+                        errno: error.raw_code().saturating_neg(),
                         message: extended_ack_message(header.flags, &error.header),
                     },
                     NetlinkPayload::Done(done) if done.code < 0 => Reply::Error {
-                        errno: -done.code,
+                        errno: done.code.saturating_neg(),
                         message: None,
                     },
                     _ => Reply::Done,

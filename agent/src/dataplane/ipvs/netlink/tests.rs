@@ -648,3 +648,46 @@ fn address_of_a_v4_service_sits_in_the_first_four_bytes() {
     assert_eq!(address[..4], [10, 96, 0, 10]);
     assert!(address[4..].iter().all(|b| *b == 0));
 }
+
+/// Regression (fuzz target ipvs_netlink, crash-331f61f6…): an NLMSG_DONE or NLMSG_ERROR whose
+/// code is i32::MIN made `-code` overflow and panic. It is a refusal with the largest errno.
+#[test]
+fn an_error_code_of_i32_min_is_a_refusal_not_a_panic() {
+    fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(16 + payload.len() as u32).to_ne_bytes());
+        bytes.extend_from_slice(&kind.to_ne_bytes());
+        bytes.extend_from_slice(&2u16.to_ne_bytes()); // NLM_F_MULTI
+        bytes.extend_from_slice(&[0; 8]); // sequence, port id
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+    let done = message(3, &i32::MIN.to_ne_bytes());
+    // NLMSG_ERROR: the code, then the header of the request it answers.
+    let mut error_payload = i32::MIN.to_ne_bytes().to_vec();
+    error_payload.extend_from_slice(&message(0x20, &[])[..16]);
+    let error = message(2, &error_payload);
+    for datagram in [done, error] {
+        let replies = parse_datagram(&datagram).expect("parses");
+        assert!(
+            matches!(
+                replies[..],
+                [(
+                    _,
+                    Reply::Error {
+                        errno: i32::MAX,
+                        ..
+                    }
+                )]
+            ),
+            "{replies:?}"
+        );
+    }
+    let captured = std::fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/seeds/ipvs_netlink/regression-errno-i32-min"),
+    )
+    .expect("the fuzzer's input");
+    // The whole input as the fuzz target runs it: it panicked before the fix.
+    crate::fuzzing::ipvs_reply(&captured);
+}
