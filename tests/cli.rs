@@ -206,7 +206,8 @@ fn list_in_ebpf_mode_without_pins_says_what_is_missing() {
     ]);
     assert_eq!(output.status.code(), Some(1));
     assert!(
-        stderr(&output).contains("no maps of this version are pinned in /nonexistent/topoproxy-pins"),
+        stderr(&output)
+            .contains("no maps of this version are pinned in /nonexistent/topoproxy-pins"),
         "{}",
         stderr(&output)
     );

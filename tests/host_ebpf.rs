@@ -1034,7 +1034,9 @@ fn maps_of_another_abi_keep_serving_until_the_new_ones_hold_the_table() {
     let old_ids = program_ids_at(old_pins.iter().cloned());
 
     let mut client = world.client();
-    client.send(&format!("loop {VIP4} {PORT} 1500"));
+    let stop = LoopStop::new();
+    client.send(&format!("loop {VIP4} {PORT} {}", stop.path.display()));
+    stop.wait_for_connects(10, "the connect loop did not start");
     let mut dataplane = world.open();
     // Fresh maps, empty: the links still run the old programs on the old maps.
     assert!(dataplane.map_switch_pending());
@@ -1051,9 +1053,12 @@ fn maps_of_another_abi_keep_serving_until_the_new_ones_hold_the_table() {
         "served by the old maps: {name}"
     );
 
+    stop.wait_for_connects(10, "no connects while the new maps were filled");
     sync(&mut dataplane, &desired);
     dataplane.complete_map_switch().expect("switch");
     assert!(!dataplane.map_switch_pending());
+    stop.wait_for_connects(10, "no connects after the switch");
+    stop.now();
     let answer = client.answer();
     let words: Vec<&str> = answer.split_whitespace().collect();
     assert_eq!(words[0], "ok", "{answer}");
@@ -1078,10 +1083,7 @@ fn maps_of_another_abi_keep_serving_until_the_new_ones_hold_the_table() {
         );
     }
     assert!(!world.settings.pin_dir.join("maps_staging").exists());
-    let still_loaded: Vec<u32> = loaded_program_ids()
-        .intersection(&old_ids)
-        .copied()
-        .collect();
+    let still_loaded = wait_until_unloaded(&old_ids);
     assert!(
         still_loaded.is_empty(),
         "old programs still loaded: {still_loaded:?}"

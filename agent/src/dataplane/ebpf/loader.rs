@@ -300,17 +300,28 @@ fn load_object(maps_dir: &Path) -> Result<Ebpf, EbpfError> {
         })
 }
 
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
-    let program_error = |source| EbpfError::Program {
-        program: name,
-        source: Box::new(source),
-    };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
+/// The cgroup program `name` of the object.
+fn sock_addr_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, EbpfError> {
+    ebpf.program_mut(name)
         .ok_or(EbpfError::MissingProgram(name))?
         .try_into()
-        .map_err(program_error)?;
-    program.load().map_err(program_error)
+        .map_err(|source| program_error(name, source))
+}
+
+fn program_error(program: &'static str, source: aya::programs::ProgramError) -> EbpfError {
+    EbpfError::Program {
+        program,
+        source: Box::new(source),
+    }
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfError> {
+    sock_addr_program(ebpf, name)?
+        .load()
+        .map_err(|source| program_error(name, source))
 }
 
 /// Swaps this agent's loaded `name` into the pinned link of another program, in one
@@ -322,15 +333,8 @@ fn swap_into_link(
     link: &OwnedFd,
     pin_dir: &Path,
 ) -> Result<(), EbpfError> {
-    let program_error = |source| EbpfError::Program {
-        program: name,
-        source: Box::new(source),
-    };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::MissingProgram(name))?
-        .try_into()
-        .map_err(program_error)?;
+    let program_error = |source| program_error(name, source);
+    let program = sock_addr_program(ebpf, name)?;
     let program_fd = program.fd().map_err(program_error)?;
     bpf_link_update(link, program_fd.as_fd()).map_err(|source| EbpfError::Io {
         call: "BPF_LINK_UPDATE",
@@ -360,15 +364,8 @@ fn attach(
     cgroup: &File,
     pin_dir: &Path,
 ) -> Result<(), EbpfError> {
-    let program_error = |source| EbpfError::Program {
-        program: name,
-        source: Box::new(source),
-    };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::MissingProgram(name))?
-        .try_into()
-        .map_err(program_error)?;
+    let program_error = |source| program_error(name, source);
+    let program = sock_addr_program(ebpf, name)?;
     program.load().map_err(program_error)?;
     let prog_path = program_pin(pin_dir, name);
     // A program pin without its link is left from an interrupted start: replace it.
