@@ -42,7 +42,10 @@ pub fn test_all(vm_timeout: Duration) -> Result<()> {
     println!("== fuzzing: every target for {CI_FUZZ_SECONDS} s (cargo fuzz)");
     fuzz::fuzz(CI_FUZZ_SECONDS, &[])?;
 
-    println!("== VM tests (IPVS, kube-ipvs0, eBPF verifier) on every kernel");
+    println!(
+        "== VM tests (IPVS, kube-ipvs0, eBPF verifier, kube-proxy parity against a real \
+         control plane on the host) on every kernel"
+    );
     vmtest::vm_test(&vmtest::VmTestPlan {
         kernels: vm::KERNELS.iter().map(|k| (*k).to_owned()).collect(),
         tests: Vec::new(),

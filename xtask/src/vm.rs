@@ -79,6 +79,29 @@ const BOOT_MODULES: &[&str] = &[
     "nft_compat?",
     // Captures netlink traffic for byte-level tests (`ip link add nlmon0 type nlmon`).
     "nlmon?",
+    // The guest's uplink (QEMU user networking) to the control plane on the host.
+    "virtio_net",
+    // kube-proxy's IPVS mode beside the agent (tests/vm_k8s_parity.rs): iptables (nft
+    // backend, through nft_compat) with the matches and targets its rules use, and ipset.
+    "x_tables?",
+    "xt_comment?",
+    "xt_mark?",
+    "xt_MASQUERADE?",
+    "xt_addrtype?",
+    "xt_conntrack?",
+    "xt_nat?",
+    "ip_set?",
+    "ip_set_hash_ip?",
+    "ip_set_hash_ipport?",
+    "ip_set_hash_ipportip?",
+    "ip_set_hash_ipportnet?",
+    "ip_set_hash_net?",
+    "ip_set_bitmap_port?",
+    "xt_set?",
+    "ipt_REJECT?",
+    "ip6t_REJECT?",
+    "xt_physdev?",
+    "xt_ipvs?",
 ];
 
 /// Shipped in the initramfs but not loaded at boot: the kernel asks `/sbin/modprobe` for them
@@ -104,7 +127,28 @@ const GUEST_TOOLS: &[(&str, &str)] = &[
     ("tc", "/usr/sbin/tc"),
     ("nft?", "/usr/sbin/nft"),
     ("conntrack?", "/usr/sbin/conntrack"),
+    // kube-proxy's IPVS mode runs these (tests/vm_k8s_parity.rs).
+    ("ipset?", "/usr/sbin/ipset"),
+    ("iptables?", "/usr/sbin/iptables"),
 ];
+
+/// Host files copied into the initramfs as they are: ipset (kube-proxy's `tcp:443` entries)
+/// resolves protocol names through /etc/protocols.
+const GUEST_FILES: &[&str] = &["/etc/protocols", "/etc/services"];
+
+/// Names under which a multi-call tool from [`GUEST_TOOLS`] is linked in the guest:
+/// `(tool path, link path)`. xtables-nft-multi picks its personality from `argv[0]`.
+const GUEST_TOOL_LINKS: &[(&str, &str)] = &[
+    ("iptables", "/usr/sbin/iptables-save"),
+    ("iptables", "/usr/sbin/iptables-restore"),
+    ("iptables", "/usr/sbin/ip6tables"),
+    ("iptables", "/usr/sbin/ip6tables-save"),
+    ("iptables", "/usr/sbin/ip6tables-restore"),
+];
+
+/// The iptables extensions (`libxt_*.so`), which iptables opens by name at run time, so `ldd`
+/// does not list them.
+const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 
 const BUSYBOX: &str = "/bin/busybox";
 
@@ -273,6 +317,9 @@ pub fn vm_setup() -> Result<()> {
         "xz-utils",
         "nftables",
         "conntrack",
+        // kube-proxy's IPVS mode in the guest (tests/vm_k8s_parity.rs).
+        "iptables",
+        "ipset",
     ];
     let missing_base: Vec<&str> = base
         .iter()
@@ -320,6 +367,8 @@ pub fn vm_setup() -> Result<()> {
         "iproute2",
         "nftables",
         "conntrack",
+        "iptables",
+        "ipset",
     ] {
         println!(
             "vm-setup: {package} {}",
@@ -989,6 +1038,12 @@ pub fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
         b"passwd: files\ngroup: files\nhosts: files\n",
     );
     cpio.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n");
+    for file in GUEST_FILES {
+        match std::fs::read(file) {
+            Ok(body) => cpio.file(file, 0o644, &body),
+            Err(e) => println!("vm: warning: {file} not copied into the guest: {e}"),
+        }
+    }
 
     let mut libs = BTreeSet::new();
     for (name, guest) in GUEST_TOOLS {
@@ -1007,6 +1062,19 @@ pub fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
         };
         cpio.file(guest, 0o755, &std::fs::read(&host)?);
         libs.extend(ldd_libraries(&host)?);
+    }
+    let shipped: BTreeSet<&str> = GUEST_TOOLS
+        .iter()
+        .filter(|(name, _)| find_in_path(name.trim_end_matches('?')).is_some())
+        .map(|(name, _)| name.trim_end_matches('?'))
+        .collect();
+    for (tool, link) in GUEST_TOOL_LINKS {
+        if shipped.contains(tool) {
+            cpio.symlink(link, tool);
+        }
+    }
+    if shipped.contains("iptables") {
+        libs.extend(xtables_extensions(&mut cpio)?);
     }
     for lib in &libs {
         let body = std::fs::read(lib).with_context(|| format!("reading {}", lib.display()))?;
@@ -1068,6 +1136,25 @@ pub fn build_initramfs(kernel: &Kernel) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Copies the iptables extensions into the initramfs; returns the libraries they need.
+fn xtables_extensions(cpio: &mut Cpio) -> Result<BTreeSet<PathBuf>> {
+    let mut libs = BTreeSet::new();
+    let Ok(entries) = std::fs::read_dir(XTABLES_EXTENSIONS) else {
+        println!("vm: warning: {XTABLES_EXTENSIONS} missing, iptables in the guest has no matches");
+        return Ok(libs);
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(OsStr::to_str) != Some("so") {
+            continue;
+        }
+        let body = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        cpio.file(&path.to_string_lossy(), 0o644, &body);
+        libs.extend(ldd_libraries(&path)?);
+    }
+    Ok(libs)
+}
+
 fn compress_gzip(data: &[u8]) -> Result<Vec<u8>> {
     decompress("gzip", &["-c", "-6", "-n"], data).context("gzip of the initramfs")
 }
@@ -1082,6 +1169,8 @@ fn initramfs_inputs_hash() -> u64 {
     BOOT_MODULES.hash(&mut hasher);
     ON_DEMAND_MODULES.hash(&mut hasher);
     GUEST_TOOLS.hash(&mut hasher);
+    GUEST_TOOL_LINKS.hash(&mut hasher);
+    GUEST_FILES.hash(&mut hasher);
     let files = std::iter::once(PathBuf::from(BUSYBOX)).chain(
         GUEST_TOOLS
             .iter()
@@ -1156,13 +1245,27 @@ pub struct VmOptions {
     /// Extra host folders exported read-only over 9p as `(mount tag, host path)`; `run.sh`
     /// mounts them (`mount -t 9p -o trans=virtio,version=9p2000.L,ro TAG DIR`).
     pub read_only_shares: Vec<(String, PathBuf)>,
+    /// A virtio NIC on QEMU's user networking: the guest is 10.0.2.15 and reaches the host's
+    /// loopback at [`HOST_ADDRESS`] (QEMU opens the guest's connections there from the host).
+    /// `run.sh` brings it up (see [`UPLINK_UP`]).
+    pub user_network: bool,
 }
+
+/// The host's loopback as the guest sees it over QEMU's user networking.
+pub const HOST_ADDRESS: &str = "10.0.2.2";
+
+/// Shell lines that configure the guest's uplink (QEMU's user-network defaults, no DHCP).
+pub const UPLINK_UP: &str = "/usr/sbin/ip link set eth0 up && \
+/usr/sbin/ip addr add 10.0.2.15/24 dev eth0 && \
+/usr/sbin/ip route add default via 10.0.2.2 dev eth0 || echo 'TOPOPROXY-VM: the uplink failed'
+";
 
 impl Default for VmOptions {
     fn default() -> Self {
         Self {
             memory_mib: 1024,
             read_only_shares: Vec::new(),
+            user_network: false,
         }
     }
 }
@@ -1228,7 +1331,19 @@ pub fn run_in_vm_with(
     }
     let mut child = qemu_cmd
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .args(["-nic", "none"])
+        .args(if options.user_network {
+            // The tests connect only to HOST_ADDRESS (the host's loopback). `restrict=on`
+            // would cut that too, and a guestfwd chardev carries one connection at a time.
+            // `romfile=`: no iPXE option ROM to load at boot.
+            vec![
+                "-netdev",
+                "user,id=uplink",
+                "-device",
+                "virtio-net-pci,netdev=uplink,romfile=",
+            ]
+        } else {
+            vec!["-nic", "none"]
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

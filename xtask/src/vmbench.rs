@@ -390,6 +390,7 @@ pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
         let options = vm::VmOptions {
             memory_mib: plan.memory_mib,
             read_only_shares: Vec::new(),
+            user_network: false,
         };
         let outcome = vm::run_in_vm_with(label, &share, plan.timeout, &options);
         if let Err(e) = &outcome {

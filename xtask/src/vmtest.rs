@@ -50,6 +50,11 @@ const PACKAGE: &str = "topoproxy";
 const VM_TARGET_PREFIX: &str = "vm_";
 /// Seconds the guest keeps back from a boot's limit to write results and power off.
 const GUEST_MARGIN_SECS: u64 = 15;
+/// Test targets whose name starts with this get a real control plane on the host, reached
+/// from the guest over QEMU's user networking (see [`HostControlPlane`]).
+const K8S_TARGET_PREFIX: &str = "vm_k8s_";
+/// Where the guest finds the control plane's kubeconfigs and certificates.
+const GUEST_K8S_DIR: &str = "/host/k8s";
 
 /// What `vm-test` runs.
 #[derive(Debug, Clone)]
@@ -302,6 +307,88 @@ fn workspace_share() -> (String, PathBuf) {
     ("src".to_owned(), crate::workspace_root())
 }
 
+/// etcd, kube-apiserver and kube-controller-manager (tests/k8s-harness) on the host, one per
+/// boot, for the `vm_k8s_*` targets. The apiserver listens on the host's loopback; QEMU's
+/// user networking maps the guest's connections to [`vm::HOST_ADDRESS`] there (its serving
+/// certificate carries that address). Everything the guest needs is written into the share's
+/// `k8s/` folder: the CA, the admin and `system:kube-proxy` client certificates, and a
+/// kubeconfig for each naming `https://10.0.2.2:PORT` and the files at their guest paths.
+/// Dropping it stops every component.
+struct HostControlPlane {
+    plane: Option<k8s_harness::ControlPlane>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl HostControlPlane {
+    fn start(share: &Path) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("a tokio runtime for the control plane")?;
+        // The harness panics with the component's log when something does not come up.
+        let plane = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime.block_on(k8s_harness::ControlPlane::start(
+                k8s_harness::Options::default(),
+            ))
+        }))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the control plane did not start (its log is above; `cargo xtask k8s-setup` \
+                 builds the components)"
+            )
+        })?;
+        let dir = share.join("k8s");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let pki = plane.pki();
+        let guest = |file: &str| PathBuf::from(GUEST_K8S_DIR).join(file);
+        let copy = |from: &Path, to: &str| {
+            std::fs::copy(from, dir.join(to))
+                .with_context(|| format!("copying {} into the share", from.display()))
+        };
+        copy(&pki.ca.cert, "ca.crt")?;
+        let server = format!("https://{}:{}", vm::HOST_ADDRESS, plane.endpoint().port());
+        for (name, files) in [("admin", &pki.admin), ("kube-proxy", &pki.kube_proxy)] {
+            copy(&files.cert, &format!("{name}.crt"))?;
+            copy(&files.key, &format!("{name}.key"))?;
+            let user = k8s_harness::KubeconfigUser::Cert(k8s_harness::pki::CertFiles {
+                cert: guest(&format!("{name}.crt")),
+                key: guest(&format!("{name}.key")),
+            });
+            k8s_harness::write_kubeconfig(
+                &dir.join(format!("{name}.kubeconfig")),
+                &server,
+                &guest("ca.crt"),
+                &user,
+            );
+        }
+        Ok(Self {
+            plane: Some(plane),
+            _runtime: runtime,
+        })
+    }
+
+    /// The kube-proxy binary the harness found (built by `cargo xtask k8s-setup`).
+    fn kube_proxy(&self) -> Option<&Path> {
+        self.plane
+            .as_ref()
+            .map(|p| p.binaries().kube_proxy.as_path())
+    }
+
+    /// The components' log tails, for a failed boot's report.
+    fn logs(&self) -> String {
+        self.plane.as_ref().map(|p| p.logs(20)).unwrap_or_default()
+    }
+}
+
+impl Drop for HostControlPlane {
+    fn drop(&mut self) {
+        // Inside the runtime's context: the harness's Drop may touch tokio resources.
+        let _guard = self._runtime.enter();
+        self.plane.take();
+    }
+}
+
 /// The result of one test target in one boot.
 #[derive(Debug)]
 enum Verdict {
@@ -328,14 +415,33 @@ fn run_targets(
 ) -> Result<(Vec<TargetResult>, String)> {
     let mut share = Share::new(&format!("vmtest-{label}"))?;
     let agent = vm::stage_binary(&share.dir, agent)?;
-    let mut script = prologue(
-        Some(&agent),
-        package_dir,
-        &[(
-            "CARGO_MANIFEST_DIR".to_owned(),
-            package_dir.display().to_string(),
-        )],
-    );
+    let mut env = vec![(
+        "CARGO_MANIFEST_DIR".to_owned(),
+        package_dir.display().to_string(),
+    )];
+    let needs_k8s = built
+        .iter()
+        .any(|b| b.target.starts_with(K8S_TARGET_PREFIX));
+    let control_plane = if needs_k8s {
+        let started = Instant::now();
+        let plane = HostControlPlane::start(&share.dir)?;
+        if let Some(kube_proxy) = plane.kube_proxy() {
+            let guest = vm::stage_binary(&share.dir, kube_proxy)?;
+            env.push(("TOPOPROXY_KUBE_PROXY".to_owned(), guest));
+        }
+        env.push(("TOPOPROXY_VM_K8S".to_owned(), GUEST_K8S_DIR.to_owned()));
+        println!(
+            "vm-test {label}: control plane up on the host in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        Some(plane)
+    } else {
+        None
+    };
+    let mut script = prologue(Some(&agent), package_dir, &env);
+    if needs_k8s {
+        script.push_str(vm::UPLINK_UP);
+    }
     let limit = plan.timeout.as_secs();
     script.push_str(&format!(
         "failed=0\nrun_target() {{\n  name=$1; shift\n  \
@@ -370,12 +476,18 @@ fn run_targets(
     let options = vm::VmOptions {
         memory_mib: plan.memory_mib,
         read_only_shares: vec![workspace_share()],
+        user_network: needs_k8s,
     };
     let outcome = vm::run_in_vm_with(label, &share.dir, plan.timeout, &options);
-    let console = match &outcome {
+    let mut console = match &outcome {
         Ok(outcome) => outcome.console_log.clone(),
         Err(e) => format!("{e:#}"),
     };
+    if let Some(plane) = control_plane {
+        if outcome.is_err() {
+            console.push_str(&plane.logs());
+        }
+    }
     let out = share.dir.join("out");
     let read = |name: &str| std::fs::read_to_string(out.join(name)).ok();
     let mut results = Vec::new();
@@ -585,6 +697,7 @@ pub fn vm_runner(plan: &RunnerPlan) -> Result<i32> {
     let options = vm::VmOptions {
         memory_mib: plan.memory_mib,
         read_only_shares: vec![workspace_share()],
+        user_network: false,
     };
     let outcome = vm::run_in_vm_with(&plan.kernel, &share.dir, plan.timeout, &options);
     let log = std::fs::read_to_string(share.dir.join("out/log")).unwrap_or_default();

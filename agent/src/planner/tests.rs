@@ -557,6 +557,8 @@ fn traffic_policies() {
             external: &["10.244.1.2:8080"],
         },
         Case {
+            // No local endpoint: no ClusterIP backend, where kube-proxy's IPVS mode programs the
+            // cluster endpoints (docs/parity.md).
             name: "ITP Local: ClusterIP on this node only; external keeps Cluster",
             internal_local: true,
             external_local: false,
@@ -577,6 +579,16 @@ fn traffic_policies() {
             ],
             cluster_ip: &["10.244.3.2:8080"],
             external: &["10.244.1.2:8080"],
+        },
+        Case {
+            // A deliberate deviation from kube-proxy's IPVS mode, which programs the cluster
+            // endpoints here (kubernetes/kubernetes#97081; docs/parity.md).
+            name: "ETP Local without a local endpoint: no external backend",
+            internal_local: false,
+            external_local: true,
+            endpoints: vec![ep("10.244.3.2", "b1", "b")],
+            cluster_ip: &["10.244.3.2:8080"],
+            external: &[],
         },
         Case {
             name: "Local: this node's serving-terminating endpoint when none here is ready",

@@ -120,6 +120,9 @@ impl Pki {
             name("kube-apiserver", None),
             &[
                 "127.0.0.1",
+                // The host's loopback as a QEMU guest on user networking reaches it
+                // (tests/vm_k8s_parity.rs).
+                "10.0.2.2",
                 "localhost",
                 "10.96.0.1",
                 "kubernetes",

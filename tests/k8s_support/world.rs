@@ -1,0 +1,482 @@
+//! A multi-node world inside the VM, for `tests/vm_k8s_parity.rs`.
+//!
+//! The VM's root namespace is the fabric (a router); every node is a network namespace with
+//! its own IPVS table, `kube-ipvs0` and nftables, joined to the fabric by a veth pair:
+//!
+//! ```text
+//!   outside client (tpn-out, 192.168.100.2) ─┐
+//!   node-kp (tpn-kp, 192.168.1.2) ──────────┼── fabric (root ns) ── eth0 ── QEMU user net
+//!   node-tp (tpn-tp, 192.168.2.2) ──────────┤      masquerades           10.0.2.2 = host
+//!   node-b  (tpn-b,  192.168.3.2) ──────────┘      to eth0               loopback (apiserver)
+//! ```
+//!
+//! Node `i` owns the pod CIDRs `10.244.i.0/24` and `fd00:10:244:i::/64`; the fabric routes
+//! them to the node, the node routes each pod's /32 (/128) to the pod's veth (Calico style:
+//! the pod's gateway is a link-local address on the node's side). Every node forwards. The
+//! agents reach the control plane on the host through the fabric's masquerade and QEMU's
+//! user networking. Everything is removed on drop, also when a test panics.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `ip` from iproute2; busybox's applet would shadow it on PATH inside the VM.
+pub const IP: &str = "/usr/sbin/ip";
+const NFT: &str = "/usr/sbin/nft";
+const GATEWAY: &str = "169.254.1.1";
+const FABRIC_TABLE: &str = "tp-world";
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("starting {program} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and ignores its outcome (cleanup paths).
+pub fn sh_quiet(program: &str, args: &[&str]) {
+    let _ = Command::new(program).args(args).output();
+}
+
+/// Runs `program args` inside network namespace `netns`.
+pub fn sh_in(netns: &str, program: &str, args: &[&str]) -> String {
+    let mut full = vec!["netns", "exec", netns, program];
+    full.extend_from_slice(args);
+    sh(IP, &full)
+}
+
+fn write_sysctl_in(netns: &str, key: &str, value: &str) {
+    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    sh_in(netns, "/bin/sh", &["-c", &format!("echo {value} > {path}")]);
+}
+
+/// A node of the world.
+#[derive(Clone, Debug)]
+pub struct NodeNet {
+    /// The Kubernetes Node name.
+    pub name: String,
+    /// The network namespace.
+    pub netns: String,
+    /// `i` in every address of the node.
+    pub index: u8,
+}
+
+impl NodeNet {
+    pub fn address(&self) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, self.index, 2)
+    }
+    pub fn address6(&self) -> String {
+        format!("fd00:192:168:{}::2", self.index)
+    }
+    /// The `n`th pod address of this node.
+    pub fn pod_ip(&self, n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.index, n)
+    }
+    pub fn pod_ip6(&self, n: u8) -> String {
+        format!("fd00:10:244:{}::{n}", self.index)
+    }
+    fn fabric_link(&self) -> String {
+        format!("tpw-{}", self.index)
+    }
+}
+
+/// A pod as a network namespace behind its node.
+pub struct PodNet {
+    pub netns: String,
+    pub address: Ipv4Addr,
+}
+
+impl PodNet {
+    /// Runs `f` on a thread inside the pod's network namespace.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        within_netns(&format!("/run/netns/{}", self.netns), f)
+    }
+}
+
+/// Runs `f` on a thread that entered the network namespace at `path`.
+pub fn within_netns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("the thread inside the namespace panicked")
+}
+
+/// The world: fabric, nodes, pods, outside client.
+pub struct World {
+    pub nodes: Vec<NodeNet>,
+    pub outside: String,
+    pods: Vec<PodNet>,
+}
+
+impl World {
+    /// Builds the fabric and the nodes (each `(name, index)`), and the outside client.
+    pub fn build(nodes: &[(&str, u8)]) -> Self {
+        let mut world = Self {
+            nodes: Vec::new(),
+            outside: "tpn-out".to_owned(),
+            pods: Vec::new(),
+        };
+        world.clean_leftovers(nodes);
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enabling forwarding");
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+            .expect("enabling IPv6 forwarding");
+        sh(NFT, &["add", "table", "ip", FABRIC_TABLE]);
+        sh(
+            NFT,
+            &["add chain ip tp-world post { type nat hook postrouting priority srcnat; }"],
+        );
+        sh(
+            NFT,
+            &[
+                "add",
+                "rule",
+                "ip",
+                FABRIC_TABLE,
+                "post",
+                "oifname",
+                "eth0",
+                "masquerade",
+            ],
+        );
+        for (name, index) in nodes {
+            let node = NodeNet {
+                name: (*name).to_owned(),
+                netns: format!("tpn-{}", name.trim_start_matches("node-")),
+                index: *index,
+            };
+            world.add_node_namespace(&node);
+            world.nodes.push(node);
+        }
+        world.add_outside();
+        world
+    }
+
+    fn clean_leftovers(&self, nodes: &[(&str, u8)]) {
+        sh_quiet(NFT, &["delete", "table", "ip", FABRIC_TABLE]);
+        for (name, index) in nodes {
+            sh_quiet(IP, &["link", "del", &format!("tpw-{index}")]);
+            sh_quiet(
+                IP,
+                &[
+                    "netns",
+                    "del",
+                    &format!("tpn-{}", name.trim_start_matches("node-")),
+                ],
+            );
+        }
+        sh_quiet(IP, &["link", "del", "tpw-out"]);
+        sh_quiet(IP, &["netns", "del", &self.outside]);
+    }
+
+    fn add_node_namespace(&self, node: &NodeNet) {
+        let netns = &node.netns;
+        let link = node.fabric_link();
+        let i = node.index;
+        sh(IP, &["netns", "add", netns]);
+        sh(
+            IP,
+            &[
+                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", netns,
+            ],
+        );
+        sh(
+            IP,
+            &["addr", "add", &format!("192.168.{i}.1/24"), "dev", &link],
+        );
+        sh(
+            IP,
+            &[
+                "addr",
+                "add",
+                &format!("fd00:192:168:{i}::1/64"),
+                "dev",
+                &link,
+                "nodad",
+            ],
+        );
+        sh(IP, &["link", "set", &link, "up"]);
+        let inside = |args: &[&str]| {
+            let mut full = vec!["-n", netns.as_str()];
+            full.extend_from_slice(args);
+            sh(IP, &full);
+        };
+        inside(&["link", "set", "lo", "up"]);
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/24", node.address()),
+            "dev",
+            "eth0",
+        ]);
+        inside(&[
+            "addr",
+            "add",
+            &format!("{}/64", node.address6()),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        inside(&["link", "set", "eth0", "up"]);
+        inside(&["route", "add", "default", "via", &format!("192.168.{i}.1")]);
+        inside(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:192:168:{i}::1"),
+        ]);
+        write_sysctl_in(netns, "net.ipv4.ip_forward", "1");
+        write_sysctl_in(netns, "net.ipv6.conf.all.forwarding", "1");
+        sh(
+            IP,
+            &[
+                "route",
+                "add",
+                &format!("10.244.{i}.0/24"),
+                "via",
+                &node.address().to_string(),
+            ],
+        );
+        sh(
+            IP,
+            &[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:10:244:{i}::/64"),
+                "via",
+                &node.address6(),
+            ],
+        );
+    }
+
+    fn add_outside(&self) {
+        let netns = &self.outside;
+        sh(IP, &["netns", "add", netns]);
+        sh(
+            IP,
+            &[
+                "link", "add", "tpw-out", "type", "veth", "peer", "name", "eth0", "netns", netns,
+            ],
+        );
+        sh(IP, &["addr", "add", "192.168.100.1/24", "dev", "tpw-out"]);
+        sh(IP, &["link", "set", "tpw-out", "up"]);
+        sh(IP, &["-n", netns, "link", "set", "lo", "up"]);
+        sh(
+            IP,
+            &[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                "192.168.100.2/24",
+                "dev",
+                "eth0",
+            ],
+        );
+        sh(IP, &["-n", netns, "link", "set", "eth0", "up"]);
+        sh(
+            IP,
+            &[
+                "-n",
+                netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.168.100.1",
+            ],
+        );
+    }
+
+    pub fn node(&self, name: &str) -> &NodeNet {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name} in the world"))
+    }
+
+    /// Adds pod `n` of `node` as a namespace behind it (`10.244.i.n`).
+    pub fn add_pod(&mut self, node: &str, n: u8) -> &PodNet {
+        let node = self.node(node).clone();
+        let netns = format!("tpp-{}-{n}", node.index);
+        let node_link = format!("tpv-{}-{n}", node.index);
+        let address = node.pod_ip(n);
+        sh_quiet(IP, &["netns", "del", &netns]);
+        sh(IP, &["netns", "add", &netns]);
+        sh(
+            IP,
+            &[
+                "link", "add", &node_link, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            ],
+        );
+        sh(IP, &["link", "set", &node_link, "netns", &node.netns]);
+        let pod = |args: &[&str]| {
+            let mut full = vec!["-n", netns.as_str()];
+            full.extend_from_slice(args);
+            sh(IP, &full);
+        };
+        pod(&["link", "set", "lo", "up"]);
+        pod(&["addr", "add", &format!("{address}/32"), "dev", "eth0"]);
+        pod(&["link", "set", "eth0", "up"]);
+        pod(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
+        pod(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
+        let host = |args: &[&str]| {
+            let mut full = vec!["-n", node.netns.as_str()];
+            full.extend_from_slice(args);
+            sh(IP, &full);
+        };
+        host(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &node_link]);
+        host(&["link", "set", &node_link, "up"]);
+        host(&["route", "add", &format!("{address}/32"), "dev", &node_link]);
+        self.pods.push(PodNet { netns, address });
+        self.pods.last().expect("the pod just added")
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        for pod in &self.pods {
+            sh_quiet(IP, &["netns", "del", &pod.netns]);
+        }
+        for node in &self.nodes {
+            sh_quiet(IP, &["link", "del", &node.fabric_link()]);
+            sh_quiet(IP, &["netns", "del", &node.netns]);
+        }
+        sh_quiet(IP, &["link", "del", "tpw-out"]);
+        sh_quiet(IP, &["netns", "del", &self.outside]);
+        sh_quiet(NFT, &["delete", "table", "ip", FABRIC_TABLE]);
+    }
+}
+
+/// A TCP server on a thread inside a namespace that answers each connection with `reply`.
+/// It serves `count` connections and then ends.
+pub fn serve_in(netns_path: &str, address: SocketAddr, reply: &'static str, count: usize) {
+    let path = netns_path.to_owned();
+    let listener = within_netns(&path, move || TcpListener::bind(address))
+        .unwrap_or_else(|e| panic!("binding {address}: {e}"));
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().take(count).flatten() {
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+}
+
+/// Connects from inside a namespace and returns what the server said.
+pub fn ask_from(netns_path: &str, address: SocketAddr) -> std::io::Result<String> {
+    within_netns(netns_path, move || {
+        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
+    })
+}
+
+/// A process inside a node's namespace, killed on drop; its output goes to a log file.
+pub struct NodeProcess {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn spawn(name: &str, netns: &str, program: &Path, args: &[&str]) -> Self {
+        // `cargo xtask vm-test` collects /host/out; elsewhere the logs go to /tmp.
+        let dir = if Path::new("/host/out").is_dir() {
+            "/host/out"
+        } else {
+            "/tmp"
+        };
+        let log = PathBuf::from(format!("{dir}/{name}.log"));
+        let file = File::create(&log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let err = file.try_clone().expect("cloning the log handle");
+        let child = Command::new(IP)
+            .args(["netns", "exec", netns])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Self {
+            name: name.to_owned(),
+            child,
+            log,
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last `lines` lines of the log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An address as the parity comparison names it: the addresses of `own` and `peer` nodes
+/// (node address, pod addresses) relabelled relative to the agent reading the table, so two
+/// twin nodes' tables compare equal when they are the same up to which node is "self".
+pub fn relabel(address: IpAddr, own: u8, peer: u8) -> String {
+    let role = |index: u8| {
+        if index == own {
+            Some("self")
+        } else if index == peer {
+            Some("peer")
+        } else {
+            None
+        }
+    };
+    match address {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            match (a, b, role(c)) {
+                (192, 168, Some(r)) if d == 2 => format!("node-{r}"),
+                (10, 244, Some(r)) => format!("pod-{r}.{d}"),
+                _ => v4.to_string(),
+            }
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            match (s[0], s[1], s[2], role(s[3] as u8)) {
+                (0xfd00, 0x192, 0x168, Some(r)) if s[3] < 256 && s[7] == 2 => format!("node6-{r}"),
+                (0xfd00, 0x10, 0x244, Some(r)) if s[3] < 256 => format!("pod6-{r}.{:x}", s[7]),
+                _ => v6.to_string(),
+            }
+        }
+    }
+}
