@@ -14,7 +14,7 @@ use crate::{ebpf, fuzz, k8s, vm, vmtest};
 
 /// Seconds each fuzz target runs here: 5 targets stay under the 4 minutes CI gives fuzzing
 /// with the build; `cargo xtask fuzz` alone defaults to 60.
-const CI_FUZZ_SECONDS: u64 = 30;
+const CI_FUZZ_SECONDS: u64 = 20;
 
 /// Runs the set-up and every test; fails on the first failing stage.
 pub fn test_all(vm_timeout: Duration) -> Result<()> {
