@@ -386,24 +386,39 @@ pub fn service_import_from_api(
     })
 }
 
+/// A port's protocol and number, or `None` (with a warning naming `field`) when either is
+/// invalid and the port must be skipped.
+fn checked_port(
+    field: &str,
+    protocol: Option<&str>,
+    port: i32,
+    report: &mut Report<'_>,
+) -> Option<(Protocol, u16)> {
+    let protocol = match protocol_of(protocol) {
+        Ok(protocol) => protocol,
+        Err(other) => {
+            report.warn(format!(
+                "{field}: protocol {other:?} is not one of TCP, UDP, SCTP; port skipped"
+            ));
+            return None;
+        }
+    };
+    let Some(number) = port_number(port) else {
+        report.warn(format!(
+            "{field}: port {port} is out of range 1-65535; port skipped"
+        ));
+        return None;
+    };
+    Some((protocol, number))
+}
+
 fn import_ports(spec: &mcs::ServiceImportSpec, report: &mut Report<'_>) -> Vec<ServicePort> {
     let mut ports = Vec::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let field = port_field("spec.ports", i, port.name.as_deref());
-        let protocol = match protocol_of(port.protocol.as_deref()) {
-            Ok(protocol) => protocol,
-            Err(other) => {
-                report.warn(format!(
-                    "{field}: protocol {other:?} is not one of TCP, UDP, SCTP; port skipped"
-                ));
-                continue;
-            }
-        };
-        let Some(number) = port_number(port.port) else {
-            report.warn(format!(
-                "{field}: port {} is out of range 1-65535; port skipped",
-                port.port
-            ));
+        let Some((protocol, number)) =
+            checked_port(&field, port.protocol.as_deref(), port.port, report)
+        else {
             continue;
         };
         ports.push(ServicePort {
@@ -474,20 +489,9 @@ fn service_ports(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Vec<Servi
     let mut ports = Vec::new();
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let field = port_field("spec.ports", i, port.name.as_deref());
-        let protocol = match protocol_of(port.protocol.as_deref()) {
-            Ok(protocol) => protocol,
-            Err(other) => {
-                report.warn(format!(
-                    "{field}: protocol {other:?} is not one of TCP, UDP, SCTP; port skipped"
-                ));
-                continue;
-            }
-        };
-        let Some(number) = port_number(port.port) else {
-            report.warn(format!(
-                "{field}: port {} is out of range 1-65535; port skipped",
-                port.port
-            ));
+        let Some((protocol, number)) =
+            checked_port(&field, port.protocol.as_deref(), port.port, report)
+        else {
             continue;
         };
         let node_port = match port.node_port {

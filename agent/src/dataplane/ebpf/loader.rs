@@ -467,7 +467,7 @@ fn is_bpf_object(path: &Path) -> bool {
     bpf_obj_get(path).is_ok()
 }
 
-fn remove_if_present(path: &Path) -> Result<(), EbpfError> {
+pub(super) fn remove_if_present(path: &Path) -> Result<(), EbpfError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),

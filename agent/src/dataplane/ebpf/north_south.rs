@@ -197,7 +197,7 @@ fn attach_tcx(
                 tracing::warn!(%error, device, program = name, "replacing a pinned link that is not tcx")
             }
         }
-        remove_pin(&path)?;
+        loader::remove_if_present(&path)?;
     }
     let id = program
         .attach_with_options(
@@ -457,18 +457,6 @@ fn interface_names() -> Vec<String> {
         libc::if_freenameindex(head);
     }
     names
-}
-
-fn remove_pin(path: &Path) -> Result<(), EbpfError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(EbpfError::Io {
-            call: "remove_file",
-            path: path.to_owned(),
-            source,
-        }),
-    }
 }
 
 /// Parses `MIN-MAX` (inclusive, MIN ≥ 1, MIN ≤ MAX).
