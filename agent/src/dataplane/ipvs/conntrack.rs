@@ -368,9 +368,11 @@ pub fn decode_datagram(
                         replies.finished = true;
                         Ok(replies)
                     }
+                    // Not `to_io()`: it negates the code, which overflows on i32::MIN (found
+                    // by the conntrack_netlink fuzz target).
                     Some(_) => Err(ConntrackError::Kernel {
                         request: request.to_owned(),
-                        source: error.to_io(),
+                        source: io::Error::from_raw_os_error(error.raw_code().saturating_neg()),
                     }),
                 };
             }
@@ -682,6 +684,21 @@ mod tests {
         let nftables_only = &datagram[..0x24];
         let replies = decode_datagram(nftables_only, 0, "test").expect("skipped");
         assert!(replies.messages.is_empty() && !replies.finished);
+        crate::fuzzing::conntrack_datagram(&datagram);
+    }
+
+    /// Regression (fuzz target conntrack_netlink, found by CI): an NLMSG_ERROR whose code is
+    /// i32::MIN overflowed the negation in `ErrorMessage::to_io`.
+    #[test]
+    fn an_error_code_of_i32_min_is_a_kernel_error_not_a_panic() {
+        let mut datagram = Vec::new();
+        datagram.extend_from_slice(&36u32.to_ne_bytes()); // nlmsg_len
+        datagram.extend_from_slice(&2u16.to_ne_bytes()); // NLMSG_ERROR
+        datagram.extend_from_slice(&[0; 10]); // flags, seq, pid
+        datagram.extend_from_slice(&i32::MIN.to_ne_bytes()); // error code
+        datagram.extend_from_slice(&[0; 16]); // the request's header
+        let error = decode_datagram(&datagram, 0, "test").expect_err("a kernel error");
+        assert!(matches!(error, ConntrackError::Kernel { .. }), "{error:?}");
         crate::fuzzing::conntrack_datagram(&datagram);
     }
 
