@@ -39,7 +39,7 @@ struct Outcome {
 }
 
 /// Runs each of `targets` (all when empty) for `seconds`; fails on the first crash.
-pub fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
+pub fn fuzz(seconds: u64, targets: &[String], seed: Option<u32>) -> Result<()> {
     let selected: Vec<&'static str> = if targets.is_empty() {
         TARGETS.to_vec()
     } else {
@@ -67,7 +67,7 @@ pub fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
     ensure!(status.success(), "cargo fuzz build failed ({status})");
     let mut outcomes = Vec::new();
     for target in selected {
-        outcomes.push(run_target(target, seconds)?);
+        outcomes.push(run_target(target, seconds, seed)?);
     }
     println!("fuzz: {seconds} s per target, no crash");
     println!("| target | executions | corpus units after | seconds |");
@@ -91,7 +91,7 @@ fn binary(target: &str) -> std::path::PathBuf {
         .join(target)
 }
 
-fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
+fn run_target(target: &'static str, seconds: u64, seed: Option<u32>) -> Result<Outcome> {
     let root = crate::workspace_root();
     let corpus = crate::target_dir().join("fuzz/corpus").join(target);
     std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
@@ -102,7 +102,11 @@ fn run_target(target: &'static str, seconds: u64) -> Result<Outcome> {
         .with_context(|| format!("creating {}", artifacts.display()))?;
     println!("fuzz: {target} for {seconds} s");
     let started = Instant::now();
-    let output = Command::new(binary(target))
+    let mut command = Command::new(binary(target));
+    if let Some(seed) = seed {
+        command.arg(format!("-seed={seed}"));
+    }
+    let output = command
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         // One input taking a second is a hang for these decoders.

@@ -95,6 +95,9 @@ enum Task {
         /// Target to run; repeat for several. Default: all.
         #[arg(long = "target")]
         targets: Vec<String>,
+        /// libFuzzer's random seed, to replay a run's mutations; default: a new one each run.
+        #[arg(long)]
+        seed: Option<u32>,
     },
     /// Plans the topology scenarios with the real planner and writes the table into
     /// docs/topology.md.
@@ -249,7 +252,11 @@ fn main() -> Result<()> {
         }
         Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
         Task::VmSetup => vm::vm_setup(),
-        Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
+        Task::Fuzz {
+            seconds,
+            targets,
+            seed,
+        } => fuzz::fuzz(seconds, &targets, seed),
         Task::TopologyReport { check } => topology::topology_report(check),
         Task::EbpfSetup => ebpf::ebpf_setup(),
         Task::K8sSetup => k8s::k8s_setup(),

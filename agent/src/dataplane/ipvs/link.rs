@@ -320,7 +320,9 @@ async fn find_index(handle: &Handle, name: &str) -> Result<Option<u32>, LinkErro
 
 fn errno_of(error: &rtnetlink::Error) -> Option<i32> {
     match error {
-        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| code.get().saturating_abs()),
+        rtnetlink::Error::NetlinkError(message) => {
+            message.code.map(|code| code.get().saturating_abs())
+        }
         _ => None,
     }
 }
