@@ -1255,10 +1255,12 @@ pub struct VmOptions {
 pub const HOST_ADDRESS: &str = "10.0.2.2";
 
 /// Shell lines that configure the guest's uplink (QEMU's user-network defaults, no DHCP).
-/// No default route: the guest reaches only 10.0.2.0/24 (the host at 10.0.2.2), so a VIP or a
-/// real server the other VM tests expect to be unroutable stays unroutable when they share the
-/// boot with the parity tests.
-pub const UPLINK_UP: &str = "/usr/sbin/ip link set eth0 up && \
+/// No default route, v4 or v6 (slirp sends router advertisements: they are ignored): the guest
+/// reaches only 10.0.2.0/24 (the host at 10.0.2.2), so a VIP or a real server the other VM tests
+/// expect to be unroutable stays unroutable when they share the boot with the parity tests.
+pub const UPLINK_UP: &str = "echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_ra && \
+echo 0 > /proc/sys/net/ipv6/conf/eth0/autoconf && \
+/usr/sbin/ip link set eth0 up && \
 /usr/sbin/ip addr add 10.0.2.15/24 dev eth0 || echo 'TOPOPROXY-VM: the uplink failed'
 ";
 
