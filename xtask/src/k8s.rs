@@ -243,11 +243,29 @@ fn kubernetes_binaries() -> Result<()> {
          -X k8s.io/component-base/version.gitTreeState=clean \
          -X k8s.io/client-go/pkg/version.gitVersion={version}"
     );
-    for command in missing {
+    // The build cache of Kubernetes is several gigabytes and worthless once the binaries are
+    // cached (they are rebuilt only when go.sum changes): it lives beside them and goes after.
+    let build_cache = dir.join("go-build-cache");
+    let built = build_commands(&missing, &dir, &build_cache, &version, &ldflags);
+    let _ = std::fs::remove_dir_all(&build_cache);
+    built?;
+    std::fs::write(&stamp, go_sum).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
+}
+
+fn build_commands(
+    commands: &[&str],
+    dir: &Path,
+    build_cache: &Path,
+    version: &str,
+    ldflags: &str,
+) -> Result<()> {
+    for &command in commands {
         println!("k8s-setup: building {command} {version} (kube-apiserver takes ~12 minutes cold)");
         let started = Instant::now();
         run(go_command()
-            .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
+            .env("GOCACHE", build_cache)
+            .args(["build", "-trimpath", "-ldflags", ldflags, "-o"])
             .arg(dir.join(command))
             .arg(format!("k8s.io/kubernetes/cmd/{command}"))
             .current_dir(go_module_dir()))
@@ -257,7 +275,6 @@ fn kubernetes_binaries() -> Result<()> {
             started.elapsed().as_secs_f64()
         );
     }
-    std::fs::write(&stamp, go_sum).with_context(|| format!("writing {}", stamp.display()))?;
     Ok(())
 }
 

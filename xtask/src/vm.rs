@@ -1211,8 +1211,7 @@ pub fn stage_binary(share: &Path, path: &Path) -> Result<String> {
     let lib = share.join("lib");
     std::fs::create_dir_all(&bin)?;
     std::fs::create_dir_all(&lib)?;
-    std::fs::copy(path, bin.join(name))
-        .with_context(|| format!("copying {} into the share", path.display()))?;
+    link_or_copy(path, &bin.join(name))?;
     for library in ldd_libraries(path)? {
         let file = library.file_name().context("library name")?;
         // std::fs::copy follows symlinks, so the copy holds the real library.
@@ -1220,6 +1219,18 @@ pub fn stage_binary(share: &Path, path: &Path) -> Result<String> {
             .with_context(|| format!("copying {} into the share", library.display()))?;
     }
     Ok(format!("/host/bin/{name}"))
+}
+
+/// Hard-links `from` to `to` (test executables are hundreds of megabytes and the share sits in
+/// the same target directory), copying when a link cannot be made (another filesystem).
+fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(to);
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(drop)
+        .with_context(|| format!("copying {} into the share", from.display()))
 }
 
 /// Writes `share/run.sh`: exits on the first failing command; binaries staged with
