@@ -15,6 +15,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod heap;
 pub mod http;
+pub mod kernel_writes;
 pub mod metrics;
 pub mod model;
 pub mod planner;

@@ -263,8 +263,19 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
     };
     let settings = config::resolve(flags, file, fallbacks)
         .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
+    let crash_after = topoproxy::kernel_writes::crash_point_from_env().map_err(Failure::Usage)?;
     init_logging(settings.log_format);
     topoproxy::heap::limit_arenas();
+    // Armed once the dataplane is set up: the writes counted are those of syncs.
+    let arm_crash_point = move || {
+        if let Some(writes) = crash_after {
+            tracing::warn!(
+                writes,
+                "crash point armed: SIGKILL after this many kernel writes"
+            );
+            topoproxy::kernel_writes::arm_crash(writes);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -275,6 +286,7 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                 let dataplane = IpvsDataplane::new(settings.ipvs.clone())
                     .await
                     .context("starting the IPVS dataplane")?;
+                arm_crash_point();
                 serve(settings, dataplane).await
             }
             ProxyMode::Ebpf => {
@@ -296,6 +308,7 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     Some(report) => ebpf::north_south::log_report(&report),
                     None => tracing::info!("north-south tc programs wait for the first sync"),
                 }
+                arm_crash_point();
                 serve(settings, dataplane).await
             }
             ProxyMode::DryRun => {

@@ -101,6 +101,9 @@ pub struct Metrics {
     dataplane_operations: Family<OpLabels, Counter>,
     drift_repairs: Counter,
     kernel_requests: Family<RequestLabels, Counter>,
+    kernel_writes: Counter,
+    /// The process's kernel-write total last reported.
+    kernel_writes_reported: std::sync::atomic::AtomicU64,
     /// The totals last reported per series, so counters advance by the difference.
     kernel_request_totals: std::sync::Mutex<std::collections::HashMap<RequestLabels, u64>>,
     service_translations: Family<ServiceLabels, Counter>,
@@ -250,6 +253,13 @@ impl Metrics {
             kernel_requests.clone(),
         );
 
+        let kernel_writes = Counter::default();
+        registry.register(
+            "dataplane_kernel_writes",
+            "Kernel writes the dataplane saw succeed: IPVS commands, nftables transactions, VIPs bound or unbound, BPF map elements put or deleted",
+            kernel_writes.clone(),
+        );
+
         let service_translations = Family::<ServiceLabels, Counter>::default();
         registry.register(
             "service_translations",
@@ -289,6 +299,8 @@ impl Metrics {
             dataplane_operations,
             drift_repairs,
             kernel_requests,
+            kernel_writes,
+            kernel_writes_reported: std::sync::atomic::AtomicU64::new(0),
             kernel_request_totals: std::sync::Mutex::default(),
             service_translations,
             service_affinity_hits,
@@ -435,6 +447,16 @@ impl Metrics {
             if total > previous {
                 counter.inc_by(total - previous);
             }
+        }
+    }
+
+    /// Records the process's running total of kernel writes.
+    pub fn record_kernel_writes(&self, total: u64) {
+        let previous = self
+            .kernel_writes_reported
+            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+        if total > previous {
+            self.kernel_writes.inc_by(total - previous);
         }
     }
 

@@ -338,6 +338,9 @@ impl<D: Dataplane> SyncLoop<D> {
                 if let Err(error) = self.dataplane.synced() {
                     tracing::error!(error = %error_chain(&error), "finishing the sync in the dataplane failed; retrying after the next one");
                 }
+                // Before the sync is counted, so a successful sync's writes are all in the
+                // metrics (the dataplane's start and `synced` write too, not only `apply`).
+                self.record_kernel_requests();
                 let first = !self.initial_sync_done;
                 self.initial_sync_done = true;
                 self.replan_all = false;
@@ -475,6 +478,9 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 
     fn record_kernel_requests(&self) {
+        self.state
+            .metrics
+            .record_kernel_writes(crate::kernel_writes::total());
         let totals = self.dataplane.kernel_requests();
         if !totals.is_empty() {
             self.state

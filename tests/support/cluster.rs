@@ -264,6 +264,12 @@ pub struct Agent {
     /// Where `/metrics` is served.
     pub metrics: SocketAddr,
     extra: Vec<String>,
+    /// `--proxy-mode ...` and what the mode needs.
+    mode: Vec<String>,
+    /// `topoproxy cleanup ...` for that mode.
+    cleanup: Vec<String>,
+    /// Extra environment of the next spawn.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -274,16 +280,48 @@ impl Agent {
 
     /// [`Agent::start`] with extra flags.
     pub fn start_with(fixture: &Fixture, node: &str, extra: &[&str]) -> Self {
-        let mut agent = Self {
+        let mut agent = Self::new_in_mode(fixture, node, &["--proxy-mode", "ipvs"], &["cleanup"]);
+        agent.extra = extra.iter().map(|s| (*s).to_owned()).collect();
+        agent.spawn();
+        agent
+    }
+
+    /// An agent not started yet: `mode` are the `run` flags of its proxy mode, `cleanup` the
+    /// arguments that clean that mode up.
+    pub fn new_in_mode(fixture: &Fixture, node: &str, mode: &[&str], cleanup: &[&str]) -> Self {
+        let owned = |args: &[&str]| args.iter().map(|s| (*s).to_owned()).collect();
+        Self {
             child: None,
             log: fixture.dir.with_extension("agent.log"),
             source: fixture.dir.clone(),
             node: node.to_owned(),
             metrics: free_loopback_port(),
-            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        agent.spawn();
-        agent
+            extra: Vec::new(),
+            mode: owned(mode),
+            cleanup: owned(cleanup),
+            env: Vec::new(),
+        }
+    }
+
+    /// Sets (or with `None` removes) an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(value) = value {
+            self.env.push((key.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// Starts the process (killing a running one first).
+    pub fn start_process(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// How the process ended, `None` while it runs (or was never started).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     fn spawn(&mut self) {
@@ -295,7 +333,8 @@ impl Agent {
         let healthz = free_loopback_port();
         let child = Command::new(agent_bin())
             .arg("run")
-            .args(["--proxy-mode", "ipvs", "--source"])
+            .args(&self.mode)
+            .arg("--source")
             .arg(&self.source)
             .args(["--hostname-override", &self.node])
             .args(["--metrics-bind-address", &self.metrics.to_string()])
@@ -306,6 +345,7 @@ impl Agent {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("cloning the log handle"))
             .stderr(log)
             .stdin(Stdio::null())
@@ -361,7 +401,7 @@ impl Agent {
     pub fn stop_and_cleanup(&mut self) {
         self.kill9();
         let _ = Command::new(agent_bin())
-            .args(["cleanup"])
+            .args(&self.cleanup)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();

@@ -419,6 +419,12 @@ fn run_targets(
         "CARGO_MANIFEST_DIR".to_owned(),
         package_dir.display().to_string(),
     )];
+    // Test knobs such as TOPOPROXY_CRASH_POINT_STRIDE reach the guest's tests.
+    env.extend(
+        forwarded_env()
+            .into_iter()
+            .filter(|(key, _)| key.starts_with("TOPOPROXY_")),
+    );
     let needs_k8s = built
         .iter()
         .any(|b| b.target.starts_with(K8S_TARGET_PREFIX));

@@ -13,6 +13,7 @@ use super::datapath_log::DatapathLog;
 use super::lb_maps::LbMaps;
 use super::list::ServiceCounters;
 use super::{convert, EbpfError};
+use crate::kernel_writes;
 
 /// The maps, opened from their pins.
 pub(crate) struct PinnedMaps {
@@ -82,20 +83,24 @@ impl LbMaps for PinnedMaps {
         self.services
             .insert(key, value, 0)
             .map_err(map_error(maps::SERVICES, "update"))
+            .inspect(|()| kernel_writes::done("eBPF service put"))
     }
 
     fn delete_service(&mut self, key: &abi::ServiceKey) -> Result<(), EbpfError> {
         ignore_missing(self.services.remove(key), maps::SERVICES)
+            .inspect(|()| kernel_writes::done("eBPF service deleted"))
     }
 
     fn put_backend(&mut self, key: abi::BackendKey, value: abi::Backend) -> Result<(), EbpfError> {
         self.backends
             .insert(key, value, 0)
             .map_err(map_error(maps::BACKENDS, "update"))
+            .inspect(|()| kernel_writes::done("eBPF backend put"))
     }
 
     fn delete_backend(&mut self, key: &abi::BackendKey) -> Result<(), EbpfError> {
         ignore_missing(self.backends.remove(key), maps::BACKENDS)
+            .inspect(|()| kernel_writes::done("eBPF backend deleted"))
     }
 
     fn delete_backend_stats(&mut self, key: &abi::BackendStatsKey) {

@@ -223,6 +223,7 @@ impl IpvsDataplane {
         }
 
         phases.lap("ipvs_destinations");
+        self.drop_records_without_services(&table, rewrite)?;
         if rewrite {
             // Rewrites the rules too: they may come from an older version or other settings.
             self.nft
@@ -241,6 +242,43 @@ impl IpvsDataplane {
         phases.lap("addresses");
         phases.report("read", table.len());
         Ok(table)
+    }
+
+    /// Forgets records of services IPVS does not have: an agent killed between recording and
+    /// creating a service, or between deleting it and clearing its record, leaves one. Kept, it
+    /// would claim whatever service another tool later creates at that address and port.
+    /// Written with the rewrite when one follows, else as an update of its own.
+    fn drop_records_without_services(
+        &mut self,
+        table: &ProgrammedTable,
+        rewrite: bool,
+    ) -> Result<(), DataplaneError> {
+        let stale: BTreeSet<VsKey> = self
+            .owned
+            .services
+            .keys()
+            .filter(|key| !table.contains_key(key))
+            .copied()
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            records = stale.len(),
+            "forgetting ownership records of IPVS services that do not exist (left by an agent stopped between two writes)"
+        );
+        let recorded = (!rewrite).then(|| self.owned.clone());
+        self.owned.services.retain(|key, _| !stale.contains(key));
+        self.owned
+            .destinations
+            .retain(|(key, _, _)| !stale.contains(key));
+        if let Some(recorded) = recorded {
+            if let Err(error) = self.nft.update(&recorded, &self.owned) {
+                self.rules_current = false;
+                return Err(Self::read_error(error));
+            }
+        }
+        Ok(())
     }
 
     /// Binds every address an owned service needs and unbinds the dummy link's others.

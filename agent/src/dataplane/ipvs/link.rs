@@ -241,7 +241,10 @@ impl DummyLink {
                 .push(AddressAttribute::Flags(AddressFlags::Nodad));
         }
         match request.execute().await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                crate::kernel_writes::done("VIP bound");
+                Ok(())
+            }
             Err(source) if errno_of(&source) == Some(libc::EEXIST) => Ok(()),
             Err(source) => Err(LinkError::AddAddress {
                 name: self.name.clone(),
@@ -267,7 +270,10 @@ impl DummyLink {
             message.attributes.push(AddressAttribute::Address(address));
         }
         match self.handle.address().del(message).execute().await {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                crate::kernel_writes::done("VIP unbound");
+                Ok(())
+            }
             Err(source) if errno_of(&source) == Some(libc::EADDRNOTAVAIL) => Ok(()),
             Err(source) => Err(LinkError::DeleteAddress {
                 name: self.name.clone(),

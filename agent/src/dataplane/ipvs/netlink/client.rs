@@ -267,6 +267,17 @@ pub(crate) fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Res
     }
 }
 
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::NewService(_) => "IPVS new service",
+        Command::SetService(_) => "IPVS set service",
+        Command::DelService(_) => "IPVS delete service",
+        Command::NewDestination(..) => "IPVS new destination",
+        Command::SetDestination(..) => "IPVS set destination",
+        Command::DelDestination(..) => "IPVS delete destination",
+    }
+}
+
 fn count(counts: &mut MessageCounts, command: &Command) {
     let counter = match command {
         Command::NewService(_) => &mut counts.new_service,
@@ -436,7 +447,11 @@ impl IpvsClient {
             let encoding = Instant::now();
             out.clear();
             let first_seq = self.next_seq;
-            let limit = self.window.min(self.batch_limit);
+            let limit = if crate::kernel_writes::crash_armed() {
+                1
+            } else {
+                self.window.min(self.batch_limit)
+            };
             let mut end = start;
             let mut last_flags_at = 0;
             while end < commands.len() && end - start < limit && out.len() < BATCH_BYTES {
@@ -462,6 +477,11 @@ impl IpvsClient {
                 Ok(_) => {
                     batch.iter().for_each(|c| count(&mut self.sent, c));
                     self.collect_acks(first_seq, batch, &mut results[start..end]);
+                    for (command, result) in batch.iter().zip(&results[start..end]) {
+                        if matches!(result, Some(Ok(()))) {
+                            crate::kernel_writes::done(command_name(command));
+                        }
+                    }
                     if let Some(batches) = &mut self.batches {
                         batches.push(BatchTiming {
                             messages: batch.len(),

@@ -125,6 +125,7 @@ impl Nft {
         let script = render::render_replace(settings, state);
         self.invocation
             .run("replace", &["-f", "-"], Some(&script))?;
+        crate::kernel_writes::done("nftables table replaced");
         Ok(())
     }
 
@@ -138,6 +139,7 @@ impl Nft {
             return Ok(());
         }
         self.invocation.run("update", &["-f", "-"], Some(&script))?;
+        crate::kernel_writes::done("nftables set elements updated");
         Ok(())
     }
 
@@ -175,6 +177,7 @@ impl Nft {
     pub fn delete(&mut self) -> Result<(), NftError> {
         self.invocation
             .run("delete", &["-f", "-"], Some(&render::render_delete()))?;
+        crate::kernel_writes::done("nftables table deleted");
         Ok(())
     }
 }
