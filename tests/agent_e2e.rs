@@ -383,6 +383,7 @@ async fn a_yaml_directory_source_is_re_read_when_it_changes() {
         .await
         .expect("agent starts");
     let (stop, stopped) = oneshot::channel::<()>();
+    let state = agent.state();
     let source = ClusterSource::Directory(dir.clone());
     let task = tokio::spawn(agent.run(source, async {
         let _ = stopped.await;
@@ -408,7 +409,19 @@ async fn a_yaml_directory_source_is_re_read_when_it_changes() {
         "kind: Service\nmetadata: [unclosed\n",
     )
     .expect("write");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = "topoproxy_watch_errors_total{resource=\"directory\"} 1";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !state
+        .metrics
+        .encode()
+        .is_ok_and(|text| text.lines().any(|line| line == refused))
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the broken file was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(handle.table(), cluster.expected());
     std::fs::remove_file(dir.join("broken.yaml")).expect("remove");
     cluster

@@ -13,6 +13,9 @@
 //! Benchmarks (ignored; run with `--ignored --nocapture`): `bench_connect_vip_vs_direct`,
 //! `bench_cold_sync`.
 
+#[path = "support/host.rs"]
+mod host;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -23,6 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
+use host::{require_root, run};
 use topoproxy::dataplane::ebpf::{
     cgroup2_mount, cleanup, maps_pinned, program_pin, DatapathLog, EbpfDataplane, EbpfSettings,
     PROGRAMS,
@@ -40,24 +44,6 @@ const CLIENT_ENV: &str = "TOPOPROXY_EBPF_TEST_CLIENT";
 const PORT: u16 = 8080;
 /// A listener that only accepts and closes, for the connect benchmark.
 const SINK_PORT: u16 = 9090;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "host_ebpf needs root (cgroups, bpffs, network namespaces)"
-    );
-}
-
-fn run(command: &str) {
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .status()
-        .expect("spawn sh");
-    assert!(status.success(), "`{command}` failed: {status}");
-}
 
 fn unique() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -125,7 +111,7 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        require_root();
+        require_root("cgroups, bpffs, network namespaces");
         let id = unique();
         let client_ns = format!("tpe-c{id}");
         let pods_ns = format!("tpe-p{id}");

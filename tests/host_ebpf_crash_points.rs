@@ -7,6 +7,8 @@
 mod cluster;
 #[path = "support/crash_points.rs"]
 mod crash_points;
+#[path = "support/host.rs"]
+mod host;
 #[path = "support/netns.rs"]
 mod netns;
 

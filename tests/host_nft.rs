@@ -6,6 +6,9 @@
 //! after our marking chains, as IPVS is) stands in for it. Needs root and `nft`; fails
 //! (does not skip) without them.
 
+#[path = "support/host.rs"]
+mod host;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -24,8 +27,7 @@ use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn require_root_and_nft() -> std::path::PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "host_nft needs root");
+    host::require_root("nftables");
     find_nft().expect("host_nft needs nft (apt-get install -y nftables)")
 }
 

@@ -21,6 +21,9 @@
 //! request/response through the tc path against straight to the pod, and the conntrack map's
 //! memory.
 
+#[path = "support/host.rs"]
+mod host;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, ErrorKind, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -31,6 +34,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures::executor::block_on;
+use host::{require_root, run};
 use topoproxy::dataplane::ebpf::north_south::{self, NorthSouthSettings};
 use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings};
 use topoproxy::dataplane::Dataplane as _;
@@ -66,29 +70,6 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 const DROP_TIMEOUT: Duration = Duration::from_secs(1);
 /// Connections tried to see every backend of a random choice at least once.
 const TRIES: usize = 64;
-
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "host_north_south needs root (network namespaces, bpffs, tc)"
-    );
-}
-
-fn run(command: &str) {
-    let output = Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .output()
-        .expect("spawn sh");
-    assert!(
-        output.status.success(),
-        "`{command}` failed: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 fn unique() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -135,7 +116,7 @@ struct World {
 
 impl World {
     fn new() -> Self {
-        require_root();
+        require_root("network namespaces, bpffs, tc");
         let id = unique();
         let cgroup = cgroup2_mount()
             .expect("cgroup2 mount")

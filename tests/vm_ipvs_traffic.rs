@@ -630,10 +630,23 @@ fn agent_killed_and_restarted_under_load_loses_no_connection() {
             failures
         })
     };
-    std::thread::sleep(Duration::from_secs(1));
+    // Counted requests, not seconds: the client must have run before, during and after the
+    // agent's absence, however slow the machine.
+    let served_more = |what: &str, more: usize| {
+        let from = served.load(Ordering::Relaxed);
+        eventually(what, CONVERGE, || {
+            let now = served.load(Ordering::Relaxed);
+            if now >= from + more {
+                Ok(())
+            } else {
+                Err(format!("{} requests served", now - from))
+            }
+        });
+    };
+    served_more("the client runs", 10);
     let before = ipvsadm(&["-Ln"]);
     world.agent().kill9();
-    std::thread::sleep(Duration::from_secs(1));
+    served_more("requests are served while the agent is dead", 10);
     assert_eq!(
         without_weight_zero(&ipvsadm(&["-Ln"])).lines().count(),
         without_weight_zero(&before).lines().count(),
@@ -645,7 +658,7 @@ fn agent_killed_and_restarted_under_load_loses_no_connection() {
     eventually("the restarted agent serves /metrics", CONVERGE, || {
         cluster::http_get(metrics, "/metrics").ok_or_else(|| "no answer".to_owned())
     });
-    std::thread::sleep(Duration::from_secs(1));
+    served_more("requests are served after the restart", 10);
     stop.store(true, Ordering::Relaxed);
     let failures = client.join().expect("the client thread");
     let served = served.load(Ordering::Relaxed);

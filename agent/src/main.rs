@@ -552,15 +552,7 @@ fn plan(
     };
     let table = planner::plan(&loaded.store, node, config);
     for conflict in table.conflicts() {
-        tracing::warn!(
-            "{} {}:{} is claimed by both {} and {}; {} wins",
-            conflict.key.protocol,
-            conflict.key.address,
-            conflict.key.port,
-            conflict.winner,
-            conflict.loser,
-            conflict.winner
-        );
+        topoproxy::sync::warn_conflict(&conflict);
     }
     let explanation = with_explanation.then(|| explain::explain(&loaded.store, node, config));
     let output = match format {

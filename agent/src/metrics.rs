@@ -214,7 +214,7 @@ impl Metrics {
         let watch_errors = Family::<ResourceLabels, Counter>::default();
         registry.register(
             "watch_errors",
-            "Errors from a watch on the Kubernetes API, by resource; the last good state is kept while it retries",
+            "Errors from a watch on the Kubernetes API, by resource (\"directory\": a --source directory that cannot be read or loaded); the last good state is kept while it retries",
             watch_errors.clone(),
         );
 

@@ -530,7 +530,8 @@ fn warn_new_conflicts(table: &NodeTable, known: &BTreeSet<ConflictId>) -> BTreeS
     now
 }
 
-fn warn_conflict(conflict: &Conflict) {
+/// Warns that two Services claim one address:port and which keeps it (the agent and `plan`).
+pub fn warn_conflict(conflict: &Conflict) {
     tracing::warn!(
         service = %conflict.loser,
         winner = %conflict.winner,

@@ -34,6 +34,10 @@ fn fingerprint(path: &Path) -> Result<Fingerprint, FileSourceError> {
         .collect())
 }
 
+/// The `resource` label of `topoproxy_watch_errors_total` for a directory that cannot be
+/// read or loaded.
+pub const DIRECTORY_RESOURCE: &str = "directory";
+
 /// Loads `dir`, sends it, and keeps sending its changes every `interval` until the sync loop
 /// goes away.
 pub async fn run(
@@ -54,6 +58,7 @@ pub async fn run(
             Ok(print) => print,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the source directory; keeping the last state");
+                state.metrics.watch_error(DIRECTORY_RESOURCE);
                 continue;
             }
         };
@@ -64,6 +69,7 @@ pub async fn run(
             Ok(loaded) => loaded,
             Err(error) => {
                 tracing::warn!(%error, "cannot load the source directory; keeping the last state");
+                state.metrics.watch_error(DIRECTORY_RESOURCE);
                 seen = Some(print);
                 continue;
             }
