@@ -80,12 +80,7 @@ impl Kernel for EbpfKernel {
     }
 
     fn listing(&self) -> String {
-        let out = self.run(&["list", "--no-counters"]);
-        if out.status.success() {
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        } else {
-            format!("(list failed: {})", String::from_utf8_lossy(&out.stderr))
-        }
+        cluster::list_owned(&["--proxy-mode", "ebpf", "--bpf-pin-dir", self.pin_dir_arg()])
     }
 
     fn strays_after_crash(&self, before: &str, after: &str) -> Vec<String> {
@@ -94,7 +89,7 @@ impl Kernel for EbpfKernel {
             .chain(listed_services(after))
             .collect();
         let listing = self.listing();
-        if listing.starts_with("(list failed") {
+        if listing.starts_with(cluster::LIST_FAILED) {
             // Maps not pinned yet: nothing of ours in the kernel beyond the programs.
             return Vec::new();
         }
@@ -200,17 +195,7 @@ fn every_crash_point_of_a_change_set_recovers_in_ebpf_mode() {
         (&before, &after),
         1,
     );
-    eprintln!(
-        "eBPF crash points: {} writes in the change set, {} crash points recovered",
-        report.change_set_writes,
-        report.crashes.len()
-    );
-    for crash in &report.crashes {
-        eprintln!(
-            "  after write {:>2} ({}): recovered with {} writes",
-            crash.after_write, crash.write, crash.recovery_writes
-        );
-    }
+    eprintln!("{}", report.summary("eBPF"));
     assert_eq!(
         report.crashes.len() as u64,
         report.change_set_writes,

@@ -9,7 +9,7 @@
 //! shows up in several slices (and now and then twice in one). Conditions are random; zone and
 //! node hints cover all, some or none of a Service's endpoints.
 //!
-//! The properties are stated from DESIGN.md ("Endpoint selection"), not from the planner's
+//! The properties are stated from docs/design.md ("Endpoint selection"), not from the planner's
 //! code:
 //!
 //! 1. every frontend and every backend (programmed or in a later tier) comes from the input;
@@ -857,7 +857,7 @@ fn check_ready_means_programmed(
     Ok(())
 }
 
-/// The traffic policy DESIGN.md rule 4 puts on a frontend of `service`.
+/// The traffic policy docs/design.md rule 4 puts on a frontend of `service`.
 fn expected_policy(service: &Service, frontend: Frontend) -> TrafficPolicy {
     let local = if frontend.is_external() {
         service.external_traffic_local
@@ -953,7 +953,7 @@ fn check_tiers(store: &Store, node: &Node, vs: &VirtualServer) -> Result<(), Tes
 }
 
 /// What kube-proxy's `CategorizeEndpoints` programs for one Service port in one family under
-/// `policy` on `node` (DESIGN.md "Endpoint selection", rules 1–3), as a set of
+/// `policy` on `node` (docs/design.md, "Endpoint selection", rules 1–3), as a set of
 /// (address, port); `None` when the answer depends on how duplicates are merged (the same
 /// `IP:port` twice with different conditions, hints or node) or when the Service has slices
 /// from other clusters, which kube-proxy does not know.

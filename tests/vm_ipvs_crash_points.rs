@@ -99,15 +99,7 @@ impl Kernel for IpvsKernel {
     }
 
     fn listing(&self) -> String {
-        let out = std::process::Command::new(cluster::agent_bin())
-            .args(["list", "--no-counters"])
-            .output()
-            .expect("starting topoproxy list");
-        if out.status.success() {
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        } else {
-            format!("(list failed: {})", String::from_utf8_lossy(&out.stderr))
-        }
+        cluster::list_owned(&[])
     }
 
     fn strays_after_crash(&self, before: &str, after: &str) -> Vec<String> {
@@ -209,17 +201,7 @@ fn every_crash_point_of_a_change_set_recovers_in_ipvs_mode() {
         (&before, &after),
         stride(),
     );
-    eprintln!(
-        "IPVS crash points: {} writes in the change set, {} crash points recovered",
-        report.change_set_writes,
-        report.crashes.len()
-    );
-    for crash in &report.crashes {
-        eprintln!(
-            "  after write {:>2} ({}): recovered with {} writes",
-            crash.after_write, crash.write, crash.recovery_writes
-        );
-    }
+    eprintln!("{}", report.summary("IPVS"));
     assert!(!report.crashes.is_empty());
 }
 

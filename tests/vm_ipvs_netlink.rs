@@ -48,7 +48,7 @@ impl Drop for CleanIpvs {
 }
 
 /// A dummy link holding 10.244.255.254/16 and fd00:244::ffff/64: IPVS wants a route to its
-/// real servers (TESTING.md).
+/// real servers (docs/testing.md).
 struct RouteLink;
 
 const LINK: &str = "tpnl0";

@@ -169,18 +169,7 @@ impl World {
 
 /// `topoproxy list --no-counters`, or the error text.
 fn list_owned() -> String {
-    let out = std::process::Command::new(cluster::agent_bin())
-        .args(["list", "--no-counters"])
-        .output()
-        .expect("starting topoproxy list");
-    if out.status.success() {
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    } else {
-        format!(
-            "(topoproxy list failed: {})",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    }
+    cluster::list_owned(&[])
 }
 
 /// The `ipvsadm -Ln` text without destinations at weight 0.

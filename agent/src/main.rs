@@ -103,7 +103,8 @@ enum Command {
         /// Also list IPVS services topoproxy does not own.
         #[arg(long)]
         all: bool,
-        /// Print connection counters as 0, as `plan` does, so the two compare with `diff`.
+        /// Print what `plan` cannot know as `plan` does (connection counters as 0, the version
+        /// line's IPVS version and table size), so the two compare with `diff`.
         #[arg(long)]
         no_counters: bool,
     },

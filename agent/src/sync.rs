@@ -335,7 +335,7 @@ impl<D: Dataplane> SyncLoop<D> {
                         "initial sync done"
                     );
                 }
-                if let Err(error) = self.dataplane.synced() {
+                if let Err(error) = self.dataplane.synced().await {
                     tracing::error!(error = %error_chain(&error), "finishing the sync in the dataplane failed; retrying after the next one");
                 }
                 // Before the sync is counted, so a successful sync's writes are all in the

@@ -44,6 +44,23 @@ pub fn topoproxy(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// What `topoproxy list` says before a text is its error.
+pub const LIST_FAILED: &str = "(topoproxy list failed: ";
+
+/// `topoproxy list --no-counters ARGS`, or [`LIST_FAILED`] and the error text.
+pub fn list_owned(args: &[&str]) -> String {
+    let out = Command::new(agent_bin())
+        .args(["list", "--no-counters"])
+        .args(args)
+        .output()
+        .expect("starting topoproxy list");
+    if out.status.success() {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        format!("{LIST_FAILED}{})", String::from_utf8_lossy(&out.stderr))
+    }
+}
+
 /// Runs `ipvsadm ARGS`, panicking on failure; returns stdout.
 pub fn ipvsadm(args: &[&str]) -> String {
     let out = Command::new(IPVSADM)

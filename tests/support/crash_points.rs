@@ -67,6 +67,21 @@ pub struct Report {
     pub crashes: Vec<Crash>,
 }
 
+impl Report {
+    /// One line for the test's output.
+    pub fn summary(&self, dataplane: &str) -> String {
+        let writes = self.crashes.iter().map(|c| c.recovery_writes);
+        format!(
+            "{dataplane} crash points: {} writes in the change set, {} crash points recovered, \
+             recoveries wrote {}–{}",
+            self.change_set_writes,
+            self.crashes.len(),
+            writes.clone().min().unwrap_or(0),
+            writes.max().unwrap_or(0)
+        )
+    }
+}
+
 /// Tries every `stride`-th crash point (1, 1 + stride, ...) of the change `before` → `after`
 /// for `node`; a stride of 1 tries them all.
 pub fn every_crash_point(
@@ -178,7 +193,16 @@ pub fn every_crash_point(
             "after recovering from a crash after write {k} ({write}): {differences:#?}"
         );
         agent.kill9();
-        eprintln!("crash point {k} ({write}): recovered with {recovery_writes} writes");
+        let log = agent.log();
+        let first_sync = log
+            .lines()
+            .rev()
+            .find(|line| line.contains("initial sync done"))
+            .unwrap_or("(no initial sync logged)");
+        eprintln!(
+            "crash point {k} ({write}): recovered with {recovery_writes} writes; {}",
+            first_sync.trim()
+        );
         crashes.push(Crash {
             after_write: k,
             write,

@@ -129,9 +129,10 @@ pub trait Dataplane: Send {
     }
 
     /// Called after every successful sync, once the dataplane holds the whole plan (the eBPF
-    /// dataplane switches its programs to freshly loaded maps then).
-    fn synced(&mut self) -> Result<(), DataplaneError> {
-        Ok(())
+    /// dataplane switches its programs to freshly loaded maps then; the IPVS one unbinds the
+    /// addresses its read found unneeded and the sync did not take up).
+    fn synced(&mut self) -> impl Future<Output = Result<(), DataplaneError>> + Send {
+        async { Ok(()) }
     }
 
     /// Gives the dataplane the Service names behind virtual services, for its own logs.

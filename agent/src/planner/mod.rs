@@ -1,6 +1,6 @@
 //! The planner: a pure function from the store and this node to the node's table.
 //!
-//! Endpoint selection follows kube-proxy exactly (see DESIGN.md "Endpoint selection"); the
+//! Endpoint selection follows kube-proxy exactly (see docs/design.md, "Endpoint selection"); the
 //! result keeps every usable endpoint in ordered tiers, and the programmed set is the first
 //! non-empty tier, which is the set kube-proxy would program.
 //!

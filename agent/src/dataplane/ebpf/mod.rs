@@ -380,7 +380,7 @@ impl Dataplane for EbpfDataplane {
         vec![("map_writes", self.layout.map_writes())]
     }
 
-    fn synced(&mut self) -> Result<(), DataplaneError> {
+    async fn synced(&mut self) -> Result<(), DataplaneError> {
         self.complete_map_switch()
             .and_then(|()| self.attach_pending_north_south())
             .map_err(|error| DataplaneError::read(NAME, error))

@@ -104,6 +104,10 @@ pub struct IpvsDataplane {
     excluded: BTreeMap<VsKey, ProgrammedService>,
     /// How many owned services need each address bound on the dummy link.
     address_users: BTreeMap<IpAddr, usize>,
+    /// Addresses the last read found bound that no owned service needs. They are unbound when
+    /// the sync ends ([`Dataplane::synced`]), unless its apply took them up: after a crash
+    /// between binding a VIP and creating its service, the restart neither unbinds nor rebinds it.
+    unneeded_addresses: BTreeSet<IpAddr>,
     draining: Draining,
     last_drain_check: Option<Instant>,
 }
@@ -131,6 +135,7 @@ impl IpvsDataplane {
             rules_current: false,
             excluded: BTreeMap::new(),
             address_users: BTreeMap::new(),
+            unneeded_addresses: BTreeSet::new(),
             draining: Draining::new(),
             last_drain_check: None,
         })
@@ -281,7 +286,8 @@ impl IpvsDataplane {
         Ok(())
     }
 
-    /// Binds every address an owned service needs and unbinds the dummy link's others.
+    /// Binds every address an owned service needs, and marks the dummy link's others for
+    /// unbinding at the end of the sync.
     async fn repair_addresses(&mut self) -> Result<(), LinkError> {
         let bound = self.link.addresses().await?;
         let needed: BTreeSet<IpAddr> = self.address_users.keys().copied().collect();
@@ -294,8 +300,17 @@ impl IpvsDataplane {
                 }
             }
         }
-        for address in bound.difference(&needed) {
-            self.link.delete_address(*address).await?;
+        self.unneeded_addresses = bound.difference(&needed).copied().collect();
+        Ok(())
+    }
+
+    /// Unbinds the addresses the last read found unneeded that no service took up since.
+    async fn unbind_unneeded(&mut self) -> Result<(), LinkError> {
+        let unneeded = std::mem::take(&mut self.unneeded_addresses);
+        for address in unneeded {
+            if !self.address_users.contains_key(&address) {
+                self.link.delete_address(address).await?;
+            }
         }
         Ok(())
     }
@@ -692,6 +707,10 @@ impl Dataplane for IpvsDataplane {
         } else {
             Err(DataplaneError::apply_failures(NAME, ops, failed))
         }
+    }
+
+    async fn synced(&mut self) -> Result<(), DataplaneError> {
+        self.unbind_unneeded().await.map_err(Self::read_error)
     }
 
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {

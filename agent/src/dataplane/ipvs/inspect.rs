@@ -24,7 +24,8 @@ pub enum InspectError {
 pub struct ListOptions {
     /// Include IPVS services topoproxy does not own.
     pub all: bool,
-    /// Print connection counts as 0, as `topoproxy plan` does.
+    /// Print what `topoproxy plan` cannot know as it does: connection counts as 0, and the
+    /// version line's IPVS version and connection-table size.
     pub zero_counters: bool,
 }
 
@@ -84,6 +85,10 @@ pub fn list(options: ListOptions) -> Result<String, InspectError> {
             persistence_timeout: service.persistence_timeout,
             destinations,
         });
+    }
+    if options.zero_counters {
+        // What `plan` prints: it cannot know the kernel's version or table size either.
+        return Ok(ipvsadm::render_rows(rows));
     }
     let (major, minor, patch) = info.version;
     Ok(ipvsadm::render_rows_with_header(
