@@ -63,7 +63,7 @@ fn endpoint_address(service: usize, endpoint: usize, generation: usize) -> Strin
 
 fn service_object(i: usize) -> Value {
     let mut ports = vec![json!({"name": "http", "port": 80, "protocol": "TCP"})];
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         ports.push(json!({"name": "dns", "port": 53, "protocol": "UDP"}));
     }
     json!({
@@ -88,7 +88,7 @@ fn slice_object(i: usize, generation: usize) -> Value {
         })
         .collect();
     let mut ports = vec![json!({"name": "http", "port": 8080, "protocol": "TCP"})];
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         ports.push(json!({"name": "dns", "port": 5353, "protocol": "UDP"}));
     }
     json!({

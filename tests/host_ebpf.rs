@@ -1696,7 +1696,7 @@ fn bench_connect_vip_vs_direct() {
     measure(T0A.v4);
     for round in 0..total / chunk {
         // Alternate which goes first, so neither always follows the other.
-        let (vip, direct) = if round % 2 == 0 {
+        let (vip, direct) = if round.is_multiple_of(2) {
             let vip = measure(VIP4);
             (vip, measure(T0A.v4))
         } else {

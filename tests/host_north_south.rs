@@ -792,7 +792,7 @@ fn bench_request_response_through_tc_vs_direct() {
         let (mut through_tc, mut straight) = (Vec::new(), Vec::new());
         // Alternate chunks so both see the same machine load.
         for round in 0..total / chunk {
-            if round % 2 == 0 {
+            if round.is_multiple_of(2) {
                 through_tc.extend(round_trips(&mut tc.0, &mut tc.1, chunk));
                 straight.extend(round_trips(&mut direct.0, &mut direct.1, chunk));
             } else {

@@ -253,7 +253,7 @@ pub fn with_endpoint_flipped(store: &Store, key: &ServiceKey) -> Option<Endpoint
 
 /// Whether Service number `index` has the extra UDP `dns` port.
 fn has_dns_port(index: usize) -> bool {
-    index % 10 == 0
+    index.is_multiple_of(10)
 }
 
 /// `index` folded into `0..hosts` (wraps around a full range).
