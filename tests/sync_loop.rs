@@ -425,18 +425,13 @@ async fn health_check(port: u16) -> Option<(u16, String, String)> {
     Some((status, head.to_ascii_lowercase(), body.to_owned()))
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("[::]:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
-}
-
 #[tokio::test]
 async fn a_health_check_node_port_answers_as_kube_proxys_with_the_local_endpoints() {
     use topoproxy::model::ServiceType;
     let store = example();
     let (agent, _) = synced(&store).await;
     let key = ServiceKey::new("shop", "frontend");
-    let port = free_port();
+    let port = k8s_harness::free_port();
     let mut service = store.service(&key).expect("frontend").clone();
     service.service_type = ServiceType::LoadBalancer;
     service.external_traffic_local = true;

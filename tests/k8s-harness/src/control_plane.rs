@@ -61,12 +61,36 @@ pub struct ControlPlane {
     admin_kubeconfig: PathBuf,
 }
 
-/// A free TCP port on loopback (bound, then released for the daemon to take).
+/// Ports handed out by [`free_port`], below Linux's default ephemeral range (32768–60999) and
+/// the NodePort range (30000–32767).
+const TEST_PORTS: std::ops::Range<u16> = 20000..30000;
+
+/// A free TCP port on loopback for a daemon to listen on.
+///
+/// Not an ephemeral port (`bind :0`): between releasing one and the daemon binding it, any
+/// outgoing connection on the machine (the tests' clients, another control plane's) may take it
+/// as its local port, and the daemon then fails with "address already in use". Ports come from
+/// [`TEST_PORTS`] instead, each handed out once per process, starting at an offset drawn from the
+/// process id so concurrent test processes start far apart; one that is taken is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("finding a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        let offset = std::process::id().wrapping_mul(2654435761) % span;
+        let _ = NEXT.compare_exchange(u32::MAX, offset, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let index = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let Ok(index) = u16::try_from(index) else {
+            continue;
+        };
+        let port = TEST_PORTS.start + index;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {TEST_PORTS:?}")
 }
 
 /// A fresh folder for one control plane: on tmpfs when there is one (etcd's fsyncs are the
