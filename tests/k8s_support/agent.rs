@@ -106,20 +106,22 @@ impl Agent {
         let log = plane
             .dir()
             .join(format!("agent-{node}-{}.log", metrics.port()));
+        // Dry-run unless `extra` names a mode.
+        let mode: &[&str] = if extra.contains(&"--proxy-mode") {
+            &[]
+        } else {
+            &["--proxy-mode", "dry-run"]
+        };
         let mut cmd = Command::new(agent_bin());
-        cmd.args([
-            "run",
-            "--proxy-mode",
-            "dry-run",
-            "--hostname-override",
-            node,
-        ])
-        .args(["--metrics-bind-address", &metrics.to_string()])
-        .args(["--healthz-bind-address", &healthz.to_string()])
-        .args(["--min-sync-period", "0"])
-        .args(extra)
-        .env_remove("KUBECONFIG")
-        .env("RUST_LOG", "info");
+        cmd.arg("run")
+            .args(mode)
+            .args(["--hostname-override", node])
+            .args(["--metrics-bind-address", &metrics.to_string()])
+            .args(["--healthz-bind-address", &healthz.to_string()])
+            .args(["--min-sync-period", "0"])
+            .args(extra)
+            .env_remove("KUBECONFIG")
+            .env("RUST_LOG", "info");
         let mut isolation = Isolation::default();
         match auth {
             Auth::Token(token) => {

@@ -354,6 +354,14 @@ impl World {
         self.pods.push(PodNet { netns, address });
         self.pods.last().expect("the pod just added")
     }
+
+    /// Removes the pod at `address`: its namespace, and with it the veth pair and the route.
+    pub fn remove_pod(&mut self, address: Ipv4Addr) {
+        if let Some(index) = self.pods.iter().position(|p| p.address == address) {
+            let pod = self.pods.remove(index);
+            sh(IP, &["netns", "del", &pod.netns]);
+        }
+    }
 }
 
 impl Drop for World {
@@ -431,6 +439,11 @@ impl NodeProcess {
 
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process id (`ip netns exec` execs the program, so it is the program's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The last `lines` lines of the log.
