@@ -23,7 +23,7 @@ use k8s_harness::objects::{create_namespace, create_node, NodeSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::DeleteParams;
 use kube::{Api, Client};
-use world::{sh_in, NodeProcess, World, IP};
+use world::{agent_bin, k8s_dir, sh_in, NodeProcess, World, IP};
 
 /// The agent's node and the other one, with their world indexes (the parity test's nodes
 /// use 1 to 4, and both tests may share a control plane).
@@ -37,21 +37,6 @@ const AGENT_START: Duration = Duration::from_secs(180);
 const SOAK_KERNEL: &str = "6.1.";
 /// Rounds on [`SOAK_KERNEL`] without `TOPOPROXY_CHURN_ROUNDS`.
 const CI_ROUNDS: usize = 3;
-
-fn k8s_dir() -> PathBuf {
-    PathBuf::from(std::env::var("TOPOPROXY_VM_K8S").unwrap_or_else(|_| {
-        panic!(
-            "TOPOPROXY_VM_K8S is unset: run this test with `cargo xtask vm-test --test \
-             vm_k8s_churn`, which starts the control plane on the host"
-        )
-    }))
-}
-
-fn agent_bin() -> PathBuf {
-    std::env::var_os("TOPOPROXY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_topoproxy")))
-}
 
 /// Rounds to run on this kernel; none when the soak is not for it.
 fn rounds_here() -> usize {
@@ -96,13 +81,7 @@ impl Fabric for VmFabric {
         command
             .args(["netns", "exec", &self.agent_netns])
             .arg(std::env::current_exe().expect("the test binary"))
-            .args([
-                "churn_client_process",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(churn::CLIENT_ARGS)
             .env(churn::CLIENT_ENV, settings);
         command
     }
@@ -199,20 +178,5 @@ async fn rolling_updates_scaling_and_zone_moves_lose_no_request_in_ipvs_mode() {
         Ok(report) => report,
         Err(error) => std::panic::resume_unwind(error.into_panic()),
     };
-    eprintln!("{}", report.summary("IPVS"));
-    assert!(report.attempts > 0, "the client loop made no request");
-    assert_eq!(report.failed, 0, "failed requests: {:#?}", report.failures);
-    assert_eq!(
-        report.served_after_drain, 0,
-        "requests served after a drain"
-    );
-    assert!(
-        report.narrower_checks > 0,
-        "the zone hints never narrowed the near Service"
-    );
-    assert!(
-        !report.rss_grew(),
-        "the agent's RSS grew: {:?}",
-        report.samples
-    );
+    report.assert_sound("IPVS");
 }

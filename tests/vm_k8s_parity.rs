@@ -33,7 +33,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
-use world::{relabel, sh_in, NodeProcess, World};
+use world::{agent_bin, k8s_dir, relabel, sh_in, NodeProcess, World};
 
 const KP: &str = "node-kp";
 const TP: &str = "node-tp";
@@ -92,26 +92,11 @@ fn smoke_only() -> Option<&'static [&'static str]> {
     (!release.starts_with(FULL_CORPUS_KERNEL)).then_some(SMOKE)
 }
 
-fn k8s_dir() -> PathBuf {
-    PathBuf::from(std::env::var("TOPOPROXY_VM_K8S").unwrap_or_else(|_| {
-        panic!(
-            "TOPOPROXY_VM_K8S is unset: run this test with `cargo xtask vm-test --test \
-             vm_k8s_parity`, which starts the control plane on the host"
-        )
-    }))
-}
-
 fn kube_proxy_bin() -> PathBuf {
     PathBuf::from(
         std::env::var("TOPOPROXY_KUBE_PROXY")
             .expect("TOPOPROXY_KUBE_PROXY is unset (cargo xtask vm-test stages kube-proxy)"),
     )
-}
-
-fn agent_bin() -> PathBuf {
-    std::env::var_os("TOPOPROXY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_topoproxy")))
 }
 
 /// The IPVS table of a node's namespace.

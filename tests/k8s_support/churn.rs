@@ -47,6 +47,14 @@ pub const CONVERGE: Duration = Duration::from_secs(90);
 /// The environment variable that makes the test binary the client loop (its value: the
 /// loop's settings file).
 pub const CLIENT_ENV: &str = "TOPOPROXY_CHURN_CLIENT";
+/// The test binary's arguments that run only its `churn_client_process` helper test.
+pub const CLIENT_ARGS: [&str; 5] = [
+    "churn_client_process",
+    "--exact",
+    "--ignored",
+    "--nocapture",
+    "--test-threads=1",
+];
 /// Rounds of churn; `TOPOPROXY_CHURN_ROUNDS` sets more (a longer soak).
 pub const DEFAULT_ROUNDS: usize = 20;
 
@@ -553,6 +561,20 @@ impl Report {
             self.narrower_checks,
             rss.iter().max(),
         )
+    }
+
+    /// Prints the summary and fails the test unless the soak was sound: requests made, none
+    /// failed, none served after a drain, the hints in effect at times, RSS not climbing.
+    pub fn assert_sound(&self, dataplane: &str) {
+        eprintln!("{}", self.summary(dataplane));
+        assert!(self.attempts > 0, "the client loop made no request");
+        assert_eq!(self.failed, 0, "failed requests: {:#?}", self.failures);
+        assert_eq!(self.served_after_drain, 0, "requests served after a drain");
+        assert!(
+            self.narrower_checks > 0,
+            "the zone hints never narrowed the near Service"
+        );
+        assert!(!self.rss_grew(), "the agent's RSS grew: {:?}", self.samples);
     }
 
     /// RSS may move with the allocator but must not climb round after round: the end stays

@@ -32,6 +32,24 @@ const NFT: &str = "/usr/sbin/nft";
 const GATEWAY: &str = "169.254.1.1";
 const FABRIC_TABLE: &str = "tp-world";
 
+/// The control plane's files in the guest (kubeconfigs, certificates), which `cargo xtask
+/// vm-test` shares for the `vm_k8s_*` targets.
+pub fn k8s_dir() -> PathBuf {
+    PathBuf::from(std::env::var("TOPOPROXY_VM_K8S").unwrap_or_else(|_| {
+        panic!(
+            "TOPOPROXY_VM_K8S is unset: run the vm_k8s_* tests with `cargo xtask vm-test`, \
+             which starts the control plane on the host"
+        )
+    }))
+}
+
+/// The agent binary: the one `vm-test` staged, else cargo's.
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("TOPOPROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_topoproxy")))
+}
+
 /// Runs a command, panicking with its output when it fails.
 pub fn sh(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
