@@ -281,6 +281,24 @@ impl World {
     }
 
     /// Attachments of our programs on the node's devices (tcx), per device.
+    /// The ids of the programs attached to the node's devices through tcx.
+    fn tcx_program_ids(&self) -> BTreeSet<u32> {
+        let devices = [self.uplink(), self.crosslink()];
+        within(&self.node, move || {
+            let mut ids = BTreeSet::new();
+            for device in &devices {
+                for (_, attach_type) in north_south::PROGRAMS {
+                    if let Ok((_, programs)) =
+                        aya::programs::SchedClassifier::query_tcx(device, attach_type)
+                    {
+                        ids.extend(programs.iter().map(|p| p.id()));
+                    }
+                }
+            }
+            ids
+        })
+    }
+
     fn tcx_programs(&self) -> usize {
         let devices = [self.uplink(), self.crosslink(), format!("tnl{}", self.id)];
         within(&self.node, move || {
@@ -828,5 +846,206 @@ fn bench_request_response_through_tc_vs_direct() {
          remote backend under Cluster, so 100,000 flows need 200,000-400,000)",
         memlock as f64 / (1 << 20) as f64,
         memlock as f64 / f64::from(entries)
+    );
+}
+
+/// Where the dataplane owner process finds its world: pin dir, cgroup and node namespace,
+/// one per line.
+const OWNER_ENV: &str = "TOPOPROXY_NS_TEST_OWNER";
+
+/// The dataplane's owner as the agent is one: a process of its own (this test binary,
+/// re-executed as the ignored `dataplane_owner_process` test) that opens the maps, attaches
+/// the tc programs in the node namespace, programs the table, says `ready` and then waits,
+/// so a test can SIGKILL it.
+struct Owner {
+    child: std::process::Child,
+}
+
+impl Owner {
+    fn start(world: &World) -> Self {
+        let place = format!(
+            "{}\n{}\n{}",
+            world.settings.pin_dir.display(),
+            world.cgroup.display(),
+            world.node
+        );
+        let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+            .args([
+                "dataplane_owner_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(OWNER_ENV, place)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the dataplane owner");
+        let stdout = child.stdout.take().expect("the owner's stdout");
+        // libtest prints `test NAME ... ` before the test's own output, on the same line.
+        let ready = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.ends_with("ready"));
+        assert!(ready, "the dataplane owner exited before it was ready");
+        Self { child }
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[ignore = "helper process for the kill -9 test, started by it"]
+fn dataplane_owner_process() {
+    let Ok(place) = std::env::var(OWNER_ENV) else {
+        return;
+    };
+    let mut lines = place.lines();
+    let (Some(pin_dir), Some(cgroup), Some(node)) = (lines.next(), lines.next(), lines.next())
+    else {
+        panic!("{OWNER_ENV} needs pin dir, cgroup and node namespace");
+    };
+    let settings = EbpfSettings {
+        pin_dir: PathBuf::from(pin_dir),
+        cgroup_path: Some(PathBuf::from(cgroup)),
+    };
+    let mut dataplane = EbpfDataplane::open(settings).expect("open the eBPF dataplane");
+    sync(&mut dataplane, &table());
+    let dataplane = within(node, move || {
+        let mut dataplane = dataplane;
+        dataplane
+            .attach_north_south(NorthSouthSettings::default())
+            .expect("attach the north-south programs");
+        dataplane
+    });
+    println!("ready");
+    // Until killed (or the test's end closes stdin).
+    let _ = std::io::stdin().lines().count();
+    drop(dataplane);
+}
+
+/// New connections (TCP, with an echo) and datagrams (UDP) to the NodePort and the externalIP
+/// from the client namespace, in turn, until stopped; counts answers and failures.
+struct TrafficLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl TrafficLoop {
+    fn start(world: &World) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = std::sync::Arc::new(AtomicU32::new(0));
+        let client = netns_path(&world.client);
+        let thread = {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                setns(&client);
+                let node_port = SocketAddr::new(NODE.parse().expect("ip"), NODE_PORT);
+                let external = SocketAddr::new(EXTERNAL_IP.parse().expect("ip"), EXTERNAL_PORT);
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    for target in [node_port, external] {
+                        let tcp = tcp_ask(target).map(|_| ());
+                        let udp = udp_ask(target).map(|_| ());
+                        for (protocol, outcome) in [("TCP", tcp), ("UDP", udp)] {
+                            match outcome {
+                                Ok(()) => {
+                                    answered.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => failures.push(format!("{protocol} {target}: {e}")),
+                            }
+                        }
+                    }
+                }
+                failures
+            })
+        };
+        Self {
+            stop,
+            answered,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until `more` further requests have been answered.
+    fn wait_for(&self, more: u32, what: &str) {
+        let goal = self.answered.load(Ordering::Relaxed) + more;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.answered.load(Ordering::Relaxed) < goal {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {more} answers within 60 s ({what})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the loop; returns (answered, failures).
+    fn stop(mut self) -> (u32, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self
+            .thread
+            .take()
+            .map(|t| t.join().expect("the traffic loop panicked"))
+            .unwrap_or_default();
+        (self.answered.load(Ordering::Relaxed), failures)
+    }
+}
+
+impl Drop for TrafficLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn killing_the_owner_with_sigkill_and_starting_another_loses_no_request() {
+    let world = World::new();
+    let first = Owner::start(&world);
+    let programs_before = world.tcx_program_ids();
+    assert_eq!(
+        world.tcx_programs(),
+        4,
+        "one program per device and direction"
+    );
+    assert_eq!(
+        programs_before.len(),
+        2,
+        "the ingress and the egress program"
+    );
+    let traffic = TrafficLoop::start(&world);
+    traffic.wait_for(200, "before the kill");
+    first.kill9();
+    // No process holds the dataplane now: the pinned links, programs and maps serve on.
+    traffic.wait_for(200, "while no owner runs");
+    let second = Owner::start(&world);
+    traffic.wait_for(200, "after the new owner took over");
+    let (answered, failures) = traffic.stop();
+    let programs_after = world.tcx_program_ids();
+    let attached_after = world.tcx_programs();
+    drop(second);
+    eprintln!(
+        "kill -9 under a loop: {answered} requests answered, {} failed; tc programs {:?} → {:?}",
+        failures.len(),
+        programs_before,
+        programs_after
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:#?}");
+    assert_eq!(attached_after, 4, "one program per device and direction");
+    assert!(
+        programs_after.is_disjoint(&programs_before),
+        "the new owner's programs replaced the old ones"
     );
 }

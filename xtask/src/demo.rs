@@ -556,6 +556,10 @@ impl World {
                 "0",
                 "--source-poll-period",
                 POLL_PERIOD,
+                // The agent runs in the host's own network namespace: its devices (the
+                // machine's uplink) are no node of the demo and get no tc programs.
+                "--north-south-interfaces",
+                "none",
             ]
             .map(str::to_owned),
         );
