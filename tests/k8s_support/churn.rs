@@ -56,7 +56,7 @@ pub const CLIENT_ARGS: [&str; 5] = [
     "--test-threads=1",
 ];
 /// Rounds of churn; `TOPOPROXY_CHURN_ROUNDS` sets more (a longer soak).
-pub const DEFAULT_ROUNDS: usize = 20;
+pub const DEFAULT_ROUNDS: usize = 10;
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the one clock every process of the test shares.
 pub fn monotonic_ns() -> u64 {

@@ -1,0 +1,1006 @@
+//! North-south in eBPF mode with real traffic: the world and the checks that
+//! `tests/host_north_south.rs` runs on the host kernel (tcx, 6.6 and later) and
+//! `tests/vm_north_south_traffic.rs` runs in the VM (Debian's 6.1: netlink clsact filters).
+//! Include with `#[path = "support/north_south_world.rs"] mod world;`; needs root.
+//!
+//! Each check builds its own routed world of network namespaces:
+//!
+//! ```text
+//!  client 10.77.0.2 ──── 10.77.0.1 [node] 10.78.0.1 ──── 10.78.0.2 [remote node]
+//!  (externalIPs 10.77.100.0/24 via the node)   │                          │
+//!                                   local pod 10.244.1.10       remote pod 10.244.2.10
+//! ```
+//!
+//! The tc programs are attached inside the node namespace with the default device choice
+//! (the devices holding node addresses: the two uplinks, not the pod's veth). Services are
+//! written through the `Dataplane` trait with ops from the agent's differ, into the same
+//! maps the socket programs read (those attach to an empty child cgroup here). Pod servers
+//! answer with their name and the peer address they see, so a check knows which backend
+//! served it and whether the client's address was kept.
+//!
+//! Everything (namespaces, cgroup, pins, links) is removed on drop, also when a check fails.
+
+#![allow(dead_code)]
+
+#[path = "host.rs"]
+mod host;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader, ErrorKind, Write as _};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures::executor::block_on;
+use host::{require_root, run};
+use topoproxy::dataplane::ebpf::north_south::{self, NorthSouthSettings};
+use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings};
+use topoproxy::dataplane::Dataplane as _;
+use topoproxy::dataplane::{
+    DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig, TierShares,
+};
+use topoproxy::diff::diff;
+use topoproxy::model::Protocol;
+use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
+
+/// `ip` from iproute2 by its path: busybox's `sh` in the VM prefers its own `ip` applet,
+/// which has no `netns`.
+pub const IP: &str = "/usr/sbin/ip";
+pub const CLIENT: &str = "10.77.0.2";
+pub const NODE: &str = "10.77.0.1";
+pub const NODE_TO_REMOTE: &str = "10.78.0.1";
+pub const EXTERNAL_IP: &str = "10.77.100.10";
+pub const LOCAL_POD: &str = "10.244.1.10";
+pub const REMOTE_POD: &str = "10.244.2.10";
+pub const CLIENT6: &str = "fd77::2";
+pub const NODE6: &str = "fd77::1";
+pub const NODE_TO_REMOTE6: &str = "fd78::1";
+pub const EXTERNAL_IP6: &str = "fd77:100::10";
+pub const LOCAL_POD6: &str = "fd44:1::10";
+pub const REMOTE_POD6: &str = "fd44:2::10";
+pub const POD_PORT: u16 = 8080;
+/// A plain server on the node address, like SSH: must stay reachable.
+pub const NODE_SERVER_PORT: u16 = 2222;
+pub const NODE_PORT: u16 = 30080;
+pub const NODE_PORT_LOCAL: u16 = 30081;
+pub const NODE_PORT_LOCAL_EMPTY: u16 = 30082;
+pub const NODE_PORT_AFFINITY: u16 = 30083;
+pub const EXTERNAL_PORT: u16 = 80;
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a test waits for a packet that must be dropped.
+pub const DROP_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connections tried to see every backend of a random choice at least once.
+pub const TRIES: usize = 64;
+
+pub fn unique() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{}",
+        std::process::id() % 10_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/run/netns/{name}"))
+}
+
+pub fn setns(netns: &Path) {
+    let file = std::fs::File::open(netns).expect("open netns");
+    // SAFETY: setns on a namespace file we hold open; affects this thread only.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// Runs `f` on a thread inside `netns` (sockets it creates stay there).
+pub fn within<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = netns_path(netns);
+    std::thread::spawn(move || {
+        setns(&path);
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// One test's namespaces, cgroup and pin directory, removed on drop.
+pub struct World {
+    pub id: String,
+    pub client: String,
+    pub node: String,
+    pub remote: String,
+    pub local_pod: String,
+    pub remote_pod: String,
+    pub cgroup: PathBuf,
+    pub settings: EbpfSettings,
+}
+
+impl World {
+    pub fn new() -> Self {
+        require_root("network namespaces, bpffs, tc");
+        let id = unique();
+        let cgroup = cgroup2_mount()
+            .expect("cgroup2 mount")
+            .join(format!("topoproxy-ns-test-{id}"));
+        let world = Self {
+            client: format!("tpn-c{id}"),
+            node: format!("tpn-n{id}"),
+            remote: format!("tpn-r{id}"),
+            local_pod: format!("tpn-l{id}"),
+            remote_pod: format!("tpn-q{id}"),
+            settings: EbpfSettings {
+                pin_dir: PathBuf::from(format!("/sys/fs/bpf/topoproxy-ns-test-{id}")),
+                cgroup_path: Some(cgroup.clone()),
+            },
+            cgroup,
+            id,
+        };
+        // Built inside `world` so that a failing step still cleans up what came before.
+        std::fs::create_dir(&world.cgroup).expect("create the test cgroup");
+        world.build_network();
+        world.serve();
+        world
+    }
+
+    pub fn build_network(&self) {
+        let (c, n, r, l, q, id) = (
+            &self.client,
+            &self.node,
+            &self.remote,
+            &self.local_pod,
+            &self.remote_pod,
+            &self.id,
+        );
+        for ns in [c, n, r, l, q] {
+            // No duplicate address detection: addresses are usable at once.
+            run(&format!(
+                "{IP} netns add {ns} && {IP} -n {ns} link set lo up && \
+                 {IP} netns exec {ns} sysctl -qw net.ipv6.conf.all.accept_dad=0 \
+                 net.ipv6.conf.default.accept_dad=0"
+            ));
+        }
+        for ns in [n, r] {
+            run(&format!(
+                "{IP} netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 \
+                 net.ipv6.conf.all.forwarding=1 \
+                 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
+            ));
+        }
+        // Client ↔ node uplink.
+        run(&format!(
+            "{IP} -n {c} link add tnc{id} type veth peer name {} netns {n} && \
+             {IP} -n {c} addr add {CLIENT}/24 dev tnc{id} && {IP} -n {c} link set tnc{id} up && \
+             {IP} -n {n} addr add {NODE}/24 dev {} && {IP} -n {n} link set {} up && \
+             {IP} -n {c} route add 10.77.100.0/24 via {NODE} && \
+             {IP} -n {c} addr add {CLIENT6}/64 dev tnc{id} nodad && \
+             {IP} -n {n} addr add {NODE6}/64 dev {} nodad && \
+             {IP} -n {c} route add fd77:100::/64 via {NODE6} && \
+             {IP} -n {c} route add 10.244.0.0/16 via {NODE}",
+            self.uplink(),
+            self.uplink(),
+            self.uplink(),
+            self.uplink()
+        ));
+        // Node ↔ remote node, and the remote pod network behind it.
+        run(&format!(
+            "{IP} -n {n} link add {} type veth peer name tnr{id} netns {r} && \
+             {IP} -n {n} addr add {NODE_TO_REMOTE}/24 dev {} && {IP} -n {n} link set {} up && \
+             {IP} -n {r} addr add 10.78.0.2/24 dev tnr{id} && {IP} -n {r} link set tnr{id} up && \
+             {IP} -n {n} route add 10.244.2.0/24 via 10.78.0.2 && \
+             {IP} -n {r} route add default via {NODE_TO_REMOTE} && \
+             {IP} -n {n} addr add {NODE_TO_REMOTE6}/64 dev {} nodad && \
+             {IP} -n {r} addr add fd78::2/64 dev tnr{id} nodad && \
+             {IP} -n {n} route add fd44:2::/64 via fd78::2 && \
+             {IP} -n {r} route add default via {NODE_TO_REMOTE6}",
+            self.crosslink(),
+            self.crosslink(),
+            self.crosslink(),
+            self.crosslink()
+        ));
+        self.pod(n, l, &format!("tnl{id}"), LOCAL_POD, LOCAL_POD6);
+        self.pod(r, q, &format!("tnq{id}"), REMOTE_POD, REMOTE_POD6);
+    }
+
+    /// The node's device towards the client.
+    pub fn uplink(&self) -> String {
+        format!("tnn{}", self.id)
+    }
+
+    /// The node's device towards the remote node.
+    pub fn crosslink(&self) -> String {
+        format!("tnx{}", self.id)
+    }
+
+    /// A pod namespace behind `host`, Calico style: a /32 (/128), a default route via a
+    /// link-local gateway the host side holds, and a host route to the pod's address.
+    pub fn pod(&self, host: &str, pod: &str, link: &str, address: &str, address6: &str) {
+        run(&format!(
+            "{IP} -n {host} link add {link} type veth peer name eth0 netns {pod} && \
+             {IP} -n {pod} addr add {address}/32 dev eth0 && {IP} -n {pod} link set eth0 up && \
+             {IP} -n {pod} route add 169.254.1.1 dev eth0 scope link && \
+             {IP} -n {pod} route add default via 169.254.1.1 dev eth0 && \
+             {IP} -n {host} link set {link} up && \
+             {IP} -n {host} addr add 169.254.1.1/32 dev {link} && \
+             {IP} -n {host} route add {address}/32 dev {link} && \
+             {IP} -n {host} addr add fe80::1/64 dev {link} nodad && \
+             {IP} -n {pod} addr add {address6}/128 dev eth0 nodad && \
+             {IP} -n {pod} route add default via fe80::1 dev eth0 && \
+             {IP} -n {host} route add {address6}/128 dev {link}"
+        ));
+    }
+
+    /// TCP and UDP servers in each pod, a TCP server on the node address.
+    pub fn serve(&self) {
+        for (address, address6) in [(LOCAL_POD, LOCAL_POD6), (REMOTE_POD, REMOTE_POD6)] {
+            let (pod, name) = if address == LOCAL_POD {
+                (&self.local_pod, "local")
+            } else {
+                (&self.remote_pod, "remote")
+            };
+            serve_pod(pod, name, address, POD_PORT);
+            serve_pod(pod, name, address6, POD_PORT);
+        }
+        serve_tcp(&self.node, "node", NODE, NODE_SERVER_PORT);
+        serve_tcp(&self.node, "node", NODE6, NODE_SERVER_PORT);
+    }
+
+    pub fn open(&self) -> EbpfDataplane {
+        EbpfDataplane::open(self.settings.clone()).expect("open the eBPF dataplane")
+    }
+
+    /// Attaches the tc programs inside the node namespace with the default device choice,
+    /// as the agent does (the dataplane's maps are already switched in: a fresh pin dir).
+    pub fn attach(
+        &self,
+        dataplane: EbpfDataplane,
+    ) -> (EbpfDataplane, north_south::NorthSouthReport) {
+        within(&self.node, move || {
+            let mut dataplane = dataplane;
+            let report = dataplane
+                .attach_north_south(NorthSouthSettings::default())
+                .expect("attach the north-south programs")
+                .expect("no map switch pending in a fresh pin directory");
+            (dataplane, report)
+        })
+    }
+
+    pub fn tcp(&self, address: &str, port: u16) -> std::io::Result<(String, String)> {
+        let target = SocketAddr::new(address.parse().expect("address"), port);
+        within(&self.client, move || tcp_ask(target))
+    }
+
+    pub fn udp(&self, address: &str, port: u16) -> std::io::Result<(String, String, SocketAddr)> {
+        let target = SocketAddr::new(address.parse().expect("address"), port);
+        within(&self.client, move || udp_ask(target))
+    }
+
+    /// The backends (name → peer they saw) answering `TRIES` TCP connections.
+    pub fn tcp_backends(&self, address: &str, port: u16) -> BTreeSet<(String, String)> {
+        (0..TRIES)
+            .map(|_| {
+                self.tcp(address, port)
+                    .unwrap_or_else(|e| panic!("TCP to {address}:{port}: {e}"))
+            })
+            .collect()
+    }
+
+    /// Attachments of our programs on the node's devices (tcx), per device.
+    /// The ids of the programs attached to the node's devices through tcx.
+    pub fn tcx_program_ids(&self) -> BTreeSet<u32> {
+        let devices = [self.uplink(), self.crosslink()];
+        within(&self.node, move || {
+            let mut ids = BTreeSet::new();
+            for device in &devices {
+                for (_, attach_type) in north_south::PROGRAMS {
+                    if let Ok((_, programs)) =
+                        aya::programs::SchedClassifier::query_tcx(device, attach_type)
+                    {
+                        ids.extend(programs.iter().map(|p| p.id()));
+                    }
+                }
+            }
+            ids
+        })
+    }
+
+    pub fn tcx_programs(&self) -> usize {
+        let devices = [self.uplink(), self.crosslink(), format!("tnl{}", self.id)];
+        within(&self.node, move || {
+            let mut count = 0;
+            for device in &devices {
+                for (_, attach_type) in north_south::PROGRAMS {
+                    if let Ok((_, programs)) =
+                        aya::programs::SchedClassifier::query_tcx(device, attach_type)
+                    {
+                        count += programs.len();
+                    }
+                }
+            }
+            count
+        })
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = cleanup(&self.settings);
+        for ns in [
+            &self.client,
+            &self.node,
+            &self.remote,
+            &self.local_pod,
+            &self.remote_pod,
+        ] {
+            let _ = Command::new(IP).args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// TCP (`name peer` then echo) and UDP (`name peer`) servers on `address:port` in `netns`.
+pub fn serve_pod(netns: &str, name: &'static str, address: &str, port: u16) {
+    serve_tcp(netns, name, address, port);
+    let address: IpAddr = address.parse().expect("address");
+    let udp = within(netns, move || {
+        UdpSocket::bind((address, port)).expect("bind udp")
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("{name} {}", from.ip()).as_bytes(), from);
+        }
+    });
+}
+
+pub fn serve_tcp(netns: &str, name: &'static str, address: &str, port: u16) {
+    let address: IpAddr = address.parse().expect("address");
+    let listener = within(netns, move || {
+        TcpListener::bind((address, port)).expect("bind tcp")
+    });
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let peer = stream.peer_addr().map(|p| p.ip().to_string());
+                let _ = writeln!(stream, "{name} {}", peer.unwrap_or_default());
+                let Ok(clone) = stream.try_clone() else {
+                    return;
+                };
+                let mut reader = BufReader::new(clone);
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                    let _ = stream.write_all(line.as_bytes());
+                    line.clear();
+                }
+            });
+        }
+    });
+}
+
+/// Connects, reads `name peer`, checks one echo round trip (the reply path both ways).
+pub fn tcp_ask(target: SocketAddr) -> std::io::Result<(String, String)> {
+    let stream = TcpStream::connect_timeout(&target, DROP_TIMEOUT)?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting)?;
+    let (name, peer) = greeting
+        .trim()
+        .split_once(' ')
+        .map(|(n, p)| (n.to_owned(), p.to_owned()))
+        .ok_or_else(|| std::io::Error::other(format!("bad greeting {greeting:?}")))?;
+    (&stream).write_all(b"echo-check\n")?;
+    let mut echo = String::new();
+    reader.read_line(&mut echo)?;
+    if echo != "echo-check\n" {
+        return Err(std::io::Error::other(format!("bad echo {echo:?}")));
+    }
+    Ok((name, peer))
+}
+
+/// One datagram from an unconnected socket; the reply's sender address is returned too.
+pub fn udp_ask(target: SocketAddr) -> std::io::Result<(String, String, SocketAddr)> {
+    let socket = match target {
+        SocketAddr::V4(_) => UdpSocket::bind("0.0.0.0:0")?,
+        SocketAddr::V6(_) => UdpSocket::bind("[::]:0")?,
+    };
+    socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    socket.send_to(b"hello", target)?;
+    let mut buf = [0u8; 512];
+    let (len, from) = socket.recv_from(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+    let (name, peer) = text
+        .split_once(' ')
+        .ok_or_else(|| std::io::Error::other(format!("bad reply {text:?}")))?;
+    Ok((name.to_owned(), peer.to_owned(), from))
+}
+
+pub fn service(
+    table: &mut ProgrammedTable,
+    protocol: Protocol,
+    (address, port): (&str, u16),
+    frontend: Frontend,
+    traffic_policy: TrafficPolicy,
+    persistence_timeout: Option<u32>,
+    backends: &[&str],
+) {
+    let key = VsKey::new(protocol, address.parse().expect("address"), port);
+    let destinations = backends
+        .iter()
+        .map(|b| {
+            (
+                (b.parse().expect("backend"), POD_PORT),
+                DestinationState::active(1),
+            )
+        })
+        .collect();
+    table.insert(
+        key,
+        ProgrammedService {
+            config: ServiceConfig {
+                scheduler: "rr".to_owned(),
+                persistence_timeout,
+                frontend,
+                traffic_policy,
+                tier_shares: TierShares::default(),
+            },
+            destinations,
+        },
+    );
+}
+
+/// The table every test programs: NodePorts (Cluster, Local, Local without a local endpoint,
+/// with affinity), an externalIP, UDP, and a ClusterIP the tc path must leave alone.
+/// A frontend of the test table: address, port, kind, policy, affinity timeout, backends.
+pub type Frontends<const N: usize> = [(
+    &'static str,
+    u16,
+    Frontend,
+    TrafficPolicy,
+    Option<u32>,
+    &'static [&'static str],
+); N];
+
+pub fn table() -> ProgrammedTable {
+    use Frontend::*;
+    use TrafficPolicy::*;
+    // (frontend address, port, kind, policy, affinity, backends), for TCP and UDP.
+    let both_protocols: Frontends<7> = [
+        (
+            NODE,
+            NODE_PORT,
+            NodePort,
+            Cluster,
+            None,
+            &[LOCAL_POD, REMOTE_POD],
+        ),
+        (NODE, NODE_PORT_LOCAL, NodePort, Local, None, &[LOCAL_POD]),
+        (NODE, NODE_PORT_LOCAL_EMPTY, NodePort, Local, None, &[]),
+        (
+            EXTERNAL_IP,
+            EXTERNAL_PORT,
+            ExternalIP,
+            Cluster,
+            None,
+            &[REMOTE_POD],
+        ),
+        (
+            NODE6,
+            NODE_PORT,
+            NodePort,
+            Cluster,
+            None,
+            &[LOCAL_POD6, REMOTE_POD6],
+        ),
+        (NODE6, NODE_PORT_LOCAL, NodePort, Local, None, &[LOCAL_POD6]),
+        (
+            EXTERNAL_IP6,
+            EXTERNAL_PORT,
+            ExternalIP,
+            Cluster,
+            None,
+            &[REMOTE_POD6],
+        ),
+    ];
+    let tcp_only: Frontends<2> = [
+        (
+            NODE,
+            NODE_PORT_AFFINITY,
+            NodePort,
+            Cluster,
+            Some(10_800),
+            &[LOCAL_POD, REMOTE_POD],
+        ),
+        // A ClusterIP on a node address's port: the socket path's job, not tc's.
+        (
+            NODE,
+            NODE_SERVER_PORT + 1,
+            ClusterIP,
+            Cluster,
+            None,
+            &[LOCAL_POD, REMOTE_POD],
+        ),
+    ];
+    let mut t = ProgrammedTable::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for (address, port, kind, policy, affinity, backends) in both_protocols {
+            service(
+                &mut t,
+                protocol,
+                (address, port),
+                kind,
+                policy,
+                affinity,
+                backends,
+            );
+        }
+    }
+    for (address, port, kind, policy, affinity, backends) in tcp_only {
+        service(
+            &mut t,
+            Protocol::Tcp,
+            (address, port),
+            kind,
+            policy,
+            affinity,
+            backends,
+        );
+    }
+    t
+}
+
+/// Diffs against what the dataplane reads back and applies: the sync loop's path.
+pub fn sync(dataplane: &mut EbpfDataplane, desired: &ProgrammedTable) {
+    let actual = block_on(dataplane.read()).expect("read");
+    let ops = diff(desired, &actual);
+    block_on(dataplane.apply(&ops)).expect("apply");
+    let after = block_on(dataplane.read()).expect("read back");
+    assert_eq!(&after, desired, "the maps read back differ from the plan");
+}
+
+pub fn pair(name: &str, peer: &str) -> (String, String) {
+    (name.to_owned(), peer.to_owned())
+}
+
+/// A world with programs attached and the table programmed.
+pub fn programmed() -> (World, EbpfDataplane) {
+    let world = World::new();
+    let (mut dataplane, report) = world.attach(world.open());
+    let expected: BTreeSet<String> = [world.uplink(), world.crosslink()].into();
+    assert_eq!(
+        report.interfaces.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "the default devices are the ones holding node addresses (not the pod's veth)"
+    );
+    assert_eq!((report.attached, report.replaced), (4, 0));
+    sync(&mut dataplane, &table());
+    (world, dataplane)
+}
+
+/// Round trips of one 16-byte line on `stream`; returns each one's latency.
+pub fn round_trips(
+    stream: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    n: usize,
+) -> Vec<u64> {
+    let mut latencies = Vec::with_capacity(n);
+    let mut line = String::new();
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        stream.write_all(b"0123456789abcde\n").expect("write");
+        line.clear();
+        reader.read_line(&mut line).expect("read");
+        assert_eq!(line.len(), 16, "echo");
+        latencies.push(started.elapsed().as_nanos() as u64);
+    }
+    latencies
+}
+
+/// A connection from the client namespace, past the server's greeting.
+pub fn session(world: &World, address: &str, port: u16) -> (TcpStream, BufReader<TcpStream>) {
+    let target = SocketAddr::new(address.parse().expect("address"), port);
+    let stream = within(&world.client, move || {
+        TcpStream::connect_timeout(&target, ANSWER_TIMEOUT).expect("connect")
+    });
+    stream.set_nodelay(true).expect("nodelay");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("greeting");
+    (stream, reader)
+}
+
+/// `memlock` of a pinned map, from its fdinfo (what the kernel charges for it).
+pub fn map_memlock(path: &Path) -> u64 {
+    let map = aya::maps::MapData::from_pin(path).expect("open the pinned map");
+    let fd = {
+        use std::os::fd::AsFd as _;
+        map.fd().as_fd().as_raw_fd()
+    };
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).expect("fdinfo");
+    info.lines()
+        .find_map(|line| line.strip_prefix("memlock:"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("memlock in fdinfo")
+}
+
+/// Where the dataplane owner process finds its world: pin dir, cgroup and node namespace,
+/// one per line.
+pub const OWNER_ENV: &str = "TOPOPROXY_NS_TEST_OWNER";
+
+/// The dataplane's owner as the agent is one: a process of its own (this test binary,
+/// re-executed as the ignored `dataplane_owner_process` test) that opens the maps, attaches
+/// the tc programs in the node namespace, programs the table, says `ready` and then waits,
+/// so a test can SIGKILL it.
+pub struct Owner {
+    child: std::process::Child,
+}
+
+impl Owner {
+    pub fn start(world: &World) -> Self {
+        let place = format!(
+            "{}\n{}\n{}",
+            world.settings.pin_dir.display(),
+            world.cgroup.display(),
+            world.node
+        );
+        let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+            .args([
+                "dataplane_owner_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(OWNER_ENV, place)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the dataplane owner");
+        let stdout = child.stdout.take().expect("the owner's stdout");
+        // libtest prints `test NAME ... ` before the test's own output, on the same line.
+        let ready = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.ends_with("ready"));
+        assert!(ready, "the dataplane owner exited before it was ready");
+        Self { child }
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// New connections (TCP, with an echo) and datagrams (UDP) to the NodePort and the externalIP
+/// from the client namespace, in turn, until stopped; counts answers and failures.
+pub struct TrafficLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    answered: std::sync::Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl TrafficLoop {
+    pub fn start(world: &World) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = std::sync::Arc::new(AtomicU32::new(0));
+        let client = netns_path(&world.client);
+        let thread = {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            std::thread::spawn(move || {
+                setns(&client);
+                let node_port = SocketAddr::new(NODE.parse().expect("ip"), NODE_PORT);
+                let external = SocketAddr::new(EXTERNAL_IP.parse().expect("ip"), EXTERNAL_PORT);
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    for target in [node_port, external] {
+                        let tcp = tcp_ask(target).map(|_| ());
+                        let udp = udp_ask(target).map(|_| ());
+                        for (protocol, outcome) in [("TCP", tcp), ("UDP", udp)] {
+                            match outcome {
+                                Ok(()) => {
+                                    answered.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => failures.push(format!("{protocol} {target}: {e}")),
+                            }
+                        }
+                    }
+                }
+                failures
+            })
+        };
+        Self {
+            stop,
+            answered,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until `more` further requests have been answered.
+    pub fn wait_for(&self, more: u32, what: &str) {
+        let goal = self.answered.load(Ordering::Relaxed) + more;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.answered.load(Ordering::Relaxed) < goal {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fewer than {more} answers within 60 s ({what})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the loop; returns (answered, failures).
+    pub fn stop(mut self) -> (u32, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self
+            .thread
+            .take()
+            .map(|t| t.join().expect("the traffic loop panicked"))
+            .unwrap_or_default();
+        (self.answered.load(Ordering::Relaxed), failures)
+    }
+}
+
+impl Drop for TrafficLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+pub fn node_port_reaches_local_and_remote_backends_with_the_right_sources() {
+    let (world, _dataplane) = programmed();
+    // Local backend: DNAT only, the pod sees the client. Remote: SNAT to the node's address
+    // on the link towards it. Each answer came back through the echo, so replies are right.
+    assert_eq!(
+        world.tcp_backends(NODE, NODE_PORT),
+        [pair("local", CLIENT), pair("remote", NODE_TO_REMOTE)].into()
+    );
+}
+
+pub fn external_ip_reaches_a_remote_backend() {
+    let (world, _dataplane) = programmed();
+    assert_eq!(
+        world.tcp_backends(EXTERNAL_IP, EXTERNAL_PORT),
+        [pair("remote", NODE_TO_REMOTE)].into()
+    );
+}
+
+pub fn udp_node_port_and_external_ip_answer_from_the_frontend() {
+    let (world, _dataplane) = programmed();
+    let mut seen = BTreeSet::new();
+    for _ in 0..TRIES {
+        let (name, peer, from) = world.udp(NODE, NODE_PORT).expect("UDP to the NodePort");
+        assert_eq!(from, SocketAddr::new(NODE.parse().expect("ip"), NODE_PORT));
+        seen.insert((name, peer));
+    }
+    assert_eq!(
+        seen,
+        [pair("local", CLIENT), pair("remote", NODE_TO_REMOTE)].into()
+    );
+    let (name, _, from) = world
+        .udp(EXTERNAL_IP, EXTERNAL_PORT)
+        .expect("UDP to the externalIP");
+    assert_eq!(name, "remote");
+    assert_eq!(
+        from,
+        SocketAddr::new(EXTERNAL_IP.parse().expect("ip"), EXTERNAL_PORT)
+    );
+}
+
+pub fn local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint() {
+    let (world, _dataplane) = programmed();
+    assert_eq!(
+        world.tcp_backends(NODE, NODE_PORT_LOCAL),
+        [pair("local", CLIENT)].into()
+    );
+    let (name, peer, _) = world.udp(NODE, NODE_PORT_LOCAL).expect("UDP, Local");
+    assert_eq!((name.as_str(), peer.as_str()), ("local", CLIENT));
+    // Dropped, not refused: nothing on the node answers for the NodePort.
+    let error = world
+        .tcp(NODE, NODE_PORT_LOCAL_EMPTY)
+        .expect_err("no local endpoint: no connection");
+    assert!(
+        matches!(error.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "expected a drop (timeout), got {error}"
+    );
+}
+
+pub fn non_service_traffic_to_the_node_is_untouched() {
+    let (world, _dataplane) = programmed();
+    // Like SSH: a plain server on the node address, and it sees the client as it is.
+    assert_eq!(
+        world
+            .tcp(NODE, NODE_SERVER_PORT)
+            .expect("the node's own server"),
+        pair("node", CLIENT)
+    );
+    assert_eq!(
+        world
+            .tcp(NODE6, NODE_SERVER_PORT)
+            .expect("the node's own server, IPv6"),
+        pair("node", CLIENT6)
+    );
+    // A ClusterIP entry is not a north-south frontend: the node's stack answers (nothing
+    // listens there, so it refuses) instead of a backend.
+    let error = world
+        .tcp(NODE, NODE_SERVER_PORT + 1)
+        .expect_err("ClusterIP entries are not balanced in tc");
+    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+}
+
+pub fn ipv6_node_port_external_ip_and_local_policy() {
+    let (world, _dataplane) = programmed();
+    assert_eq!(
+        world.tcp_backends(NODE6, NODE_PORT),
+        [pair("local", CLIENT6), pair("remote", NODE_TO_REMOTE6)].into()
+    );
+    assert_eq!(
+        world.tcp_backends(EXTERNAL_IP6, EXTERNAL_PORT),
+        [pair("remote", NODE_TO_REMOTE6)].into()
+    );
+    assert_eq!(
+        world.tcp_backends(NODE6, NODE_PORT_LOCAL),
+        [pair("local", CLIENT6)].into()
+    );
+    let mut seen = BTreeSet::new();
+    for _ in 0..TRIES {
+        let (name, peer, from) = world.udp(NODE6, NODE_PORT).expect("UDP over IPv6");
+        assert_eq!(from, SocketAddr::new(NODE6.parse().expect("ip"), NODE_PORT));
+        seen.insert((name, peer));
+    }
+    assert_eq!(
+        seen,
+        [pair("local", CLIENT6), pair("remote", NODE_TO_REMOTE6)].into()
+    );
+}
+
+pub fn client_ip_affinity_holds_across_connections() {
+    let (world, _dataplane) = programmed();
+    let backends = world.tcp_backends(NODE, NODE_PORT_AFFINITY);
+    assert_eq!(
+        backends.len(),
+        1,
+        "one backend for one client: {backends:?}"
+    );
+}
+
+pub fn a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing() {
+    let (world, dataplane) = programmed();
+    let target = SocketAddr::new(NODE.parse().expect("ip"), NODE_PORT);
+    // A connection held open across the restart keeps working: its flow is tracked in maps
+    // that outlive the programs.
+    let held = within(&world.client, move || {
+        TcpStream::connect_timeout(&target, ANSWER_TIMEOUT).expect("connect")
+    });
+    held.set_read_timeout(Some(ANSWER_TIMEOUT))
+        .expect("timeout");
+    let mut reader = BufReader::new(held.try_clone().expect("clone"));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("greeting");
+
+    // A new agent: its dataplane opens the pinned maps and swaps its programs in.
+    drop(dataplane);
+    let (_dataplane, again) = world.attach(world.open());
+    assert_eq!((again.attached, again.replaced), (0, 4));
+    if !again.netlink {
+        assert_eq!(
+            world.tcx_programs(),
+            4,
+            "one program per device and direction"
+        );
+    }
+    (&held).write_all(b"after-restart\n").expect("write");
+    let mut echo = String::new();
+    reader.read_line(&mut echo).expect("echo after the restart");
+    assert_eq!(echo, "after-restart\n");
+
+    // As `topoproxy cleanup` does it, in the node's namespace: netlink filters are not pinned.
+    let settings = world.settings.clone();
+    let (report, filters) = within(&world.node, move || {
+        let filters = north_south::detach_netlink_filters();
+        (cleanup(&settings).expect("cleanup"), filters)
+    });
+    if again.netlink {
+        assert_eq!(
+            filters, 4,
+            "one filter per device and direction: {report:?}"
+        );
+    } else {
+        assert!(report.detached >= 4, "{report:?}");
+    }
+    assert_eq!(world.tcx_programs(), 0, "nothing left attached");
+    assert!(!world.settings.pin_dir.exists(), "nothing left pinned");
+    // The node is reachable as before, and the NodePort is no longer translated.
+    assert_eq!(
+        world
+            .tcp(NODE, NODE_SERVER_PORT)
+            .expect("the node's own server"),
+        pair("node", CLIENT)
+    );
+    let error = world.tcp(NODE, NODE_PORT).expect_err("no more NodePort");
+    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+}
+
+/// The body of the `dataplane_owner_process` helper test (see [`Owner`]).
+pub fn dataplane_owner_main() {
+    let Ok(place) = std::env::var(OWNER_ENV) else {
+        return;
+    };
+    let mut lines = place.lines();
+    let (Some(pin_dir), Some(cgroup), Some(node)) = (lines.next(), lines.next(), lines.next())
+    else {
+        panic!("{OWNER_ENV} needs pin dir, cgroup and node namespace");
+    };
+    let settings = EbpfSettings {
+        pin_dir: PathBuf::from(pin_dir),
+        cgroup_path: Some(PathBuf::from(cgroup)),
+    };
+    let mut dataplane = EbpfDataplane::open(settings).expect("open the eBPF dataplane");
+    sync(&mut dataplane, &table());
+    let dataplane = within(node, move || {
+        let mut dataplane = dataplane;
+        dataplane
+            .attach_north_south(NorthSouthSettings::default())
+            .expect("attach the north-south programs");
+        dataplane
+    });
+    println!("ready");
+    // Until killed (or the test's end closes stdin).
+    let _ = std::io::stdin().lines().count();
+    drop(dataplane);
+}
+
+pub fn killing_the_owner_with_sigkill_and_starting_another_loses_no_request() {
+    let world = World::new();
+    let first = Owner::start(&world);
+    // Below 6.6 the programs are netlink filters, which tcx queries do not see.
+    let tcx = world.tcx_programs() > 0;
+    let programs_before = world.tcx_program_ids();
+    if tcx {
+        assert_eq!(
+            world.tcx_programs(),
+            4,
+            "one program per device and direction"
+        );
+        assert_eq!(
+            programs_before.len(),
+            2,
+            "the ingress and the egress program"
+        );
+    }
+    let traffic = TrafficLoop::start(&world);
+    traffic.wait_for(200, "before the kill");
+    first.kill9();
+    // No process holds the dataplane now: the pinned links, programs and maps serve on.
+    traffic.wait_for(200, "while no owner runs");
+    let second = Owner::start(&world);
+    traffic.wait_for(200, "after the new owner took over");
+    let (answered, failures) = traffic.stop();
+    let programs_after = world.tcx_program_ids();
+    let attached_after = world.tcx_programs();
+    drop(second);
+    eprintln!(
+        "kill -9 under a loop: {answered} requests answered, {} failed; tc programs {:?} → {:?}",
+        failures.len(),
+        programs_before,
+        programs_after
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:#?}");
+    if tcx {
+        assert_eq!(attached_after, 4, "one program per device and direction");
+        assert!(
+            programs_after.is_disjoint(&programs_before),
+            "the new owner's programs replaced the old ones"
+        );
+    }
+}
