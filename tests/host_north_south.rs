@@ -11,55 +11,32 @@ mod world;
 
 use world::*;
 
-#[test]
-fn node_port_reaches_local_and_remote_backends_with_the_right_sources() {
-    world::node_port_reaches_local_and_remote_backends_with_the_right_sources();
+/// One test per check of the world.
+macro_rules! checks {
+    ($($check:ident),* $(,)?) => {$(
+        #[test]
+        fn $check() {
+            world::$check();
+        }
+    )*};
 }
 
-#[test]
-fn external_ip_reaches_a_remote_backend() {
-    world::external_ip_reaches_a_remote_backend();
-}
-
-#[test]
-fn udp_node_port_and_external_ip_answer_from_the_frontend() {
-    world::udp_node_port_and_external_ip_answer_from_the_frontend();
-}
-
-#[test]
-fn local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint() {
-    world::local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint();
-}
-
-#[test]
-fn non_service_traffic_to_the_node_is_untouched() {
-    world::non_service_traffic_to_the_node_is_untouched();
-}
-
-#[test]
-fn ipv6_node_port_external_ip_and_local_policy() {
-    world::ipv6_node_port_external_ip_and_local_policy();
-}
-
-#[test]
-fn client_ip_affinity_holds_across_connections() {
-    world::client_ip_affinity_holds_across_connections();
-}
-
-#[test]
-fn a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing() {
-    world::a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing();
-}
+checks!(
+    node_port_reaches_local_and_remote_backends_with_the_right_sources,
+    external_ip_reaches_a_remote_backend,
+    udp_node_port_and_external_ip_answer_from_the_frontend,
+    local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint,
+    non_service_traffic_to_the_node_is_untouched,
+    ipv6_node_port_external_ip_and_local_policy,
+    client_ip_affinity_holds_across_connections,
+    a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing,
+    killing_the_owner_with_sigkill_and_starting_another_loses_no_request,
+);
 
 #[test]
 #[ignore = "helper process for the kill -9 test, started by it"]
 fn dataplane_owner_process() {
     world::dataplane_owner_main();
-}
-
-#[test]
-fn killing_the_owner_with_sigkill_and_starting_another_loses_no_request() {
-    world::killing_the_owner_with_sigkill_and_starting_another_loses_no_request();
 }
 
 #[test]

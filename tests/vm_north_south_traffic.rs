@@ -25,80 +25,33 @@ fn netlink_kernel() -> bool {
     netlink
 }
 
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn node_port_reaches_local_and_remote_backends_with_the_right_sources() {
-    if netlink_kernel() {
-        world::node_port_reaches_local_and_remote_backends_with_the_right_sources();
-    }
+/// One ignored test per check of the world, each a no-op on a tcx kernel.
+macro_rules! on_netlink_kernels {
+    ($($check:ident),* $(,)?) => {$(
+        #[test]
+        #[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
+        fn $check() {
+            if netlink_kernel() {
+                world::$check();
+            }
+        }
+    )*};
 }
 
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn external_ip_reaches_a_remote_backend() {
-    if netlink_kernel() {
-        world::external_ip_reaches_a_remote_backend();
-    }
-}
-
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn udp_node_port_and_external_ip_answer_from_the_frontend() {
-    if netlink_kernel() {
-        world::udp_node_port_and_external_ip_answer_from_the_frontend();
-    }
-}
-
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint() {
-    if netlink_kernel() {
-        world::local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint();
-    }
-}
-
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn non_service_traffic_to_the_node_is_untouched() {
-    if netlink_kernel() {
-        world::non_service_traffic_to_the_node_is_untouched();
-    }
-}
-
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn ipv6_node_port_external_ip_and_local_policy() {
-    if netlink_kernel() {
-        world::ipv6_node_port_external_ip_and_local_policy();
-    }
-}
-
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn client_ip_affinity_holds_across_connections() {
-    if netlink_kernel() {
-        world::client_ip_affinity_holds_across_connections();
-    }
-}
-
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing() {
-    if netlink_kernel() {
-        world::a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing();
-    }
-}
+on_netlink_kernels!(
+    node_port_reaches_local_and_remote_backends_with_the_right_sources,
+    external_ip_reaches_a_remote_backend,
+    udp_node_port_and_external_ip_answer_from_the_frontend,
+    local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint,
+    non_service_traffic_to_the_node_is_untouched,
+    ipv6_node_port_external_ip_and_local_policy,
+    client_ip_affinity_holds_across_connections,
+    a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing,
+    killing_the_owner_with_sigkill_and_starting_another_loses_no_request,
+);
 
 #[test]
 #[ignore = "helper process for the kill -9 test, started by it"]
 fn dataplane_owner_process() {
     world::dataplane_owner_main();
-}
-
-#[test]
-#[ignore = "needs a VM: cargo xtask vm-test --test vm_north_south_traffic"]
-fn killing_the_owner_with_sigkill_and_starting_another_loses_no_request() {
-    if netlink_kernel() {
-        world::killing_the_owner_with_sigkill_and_starting_another_loses_no_request();
-    }
 }
