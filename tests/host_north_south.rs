@@ -7,6 +7,7 @@
 //! memory.
 
 #[path = "support/north_south_world.rs"]
+#[macro_use]
 mod world;
 
 use world::*;
@@ -21,23 +22,7 @@ macro_rules! checks {
     )*};
 }
 
-checks!(
-    node_port_reaches_local_and_remote_backends_with_the_right_sources,
-    external_ip_reaches_a_remote_backend,
-    udp_node_port_and_external_ip_answer_from_the_frontend,
-    local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint,
-    non_service_traffic_to_the_node_is_untouched,
-    ipv6_node_port_external_ip_and_local_policy,
-    client_ip_affinity_holds_across_connections,
-    a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing,
-    killing_the_owner_with_sigkill_and_starting_another_loses_no_request,
-);
-
-#[test]
-#[ignore = "helper process for the kill -9 test, started by it"]
-fn dataplane_owner_process() {
-    world::dataplane_owner_main();
-}
+every_check!(checks);
 
 #[test]
 #[ignore = "benchmark: cargo test --test host_north_south -- --ignored --nocapture bench_"]

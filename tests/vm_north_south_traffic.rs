@@ -6,6 +6,7 @@
 //! the host, and the 6.12 boot has no CI time to spare.
 
 #[path = "support/north_south_world.rs"]
+#[macro_use]
 mod world;
 
 /// Whether this kernel attaches the tc programs as netlink filters (below 6.6).
@@ -38,20 +39,4 @@ macro_rules! on_netlink_kernels {
     )*};
 }
 
-on_netlink_kernels!(
-    node_port_reaches_local_and_remote_backends_with_the_right_sources,
-    external_ip_reaches_a_remote_backend,
-    udp_node_port_and_external_ip_answer_from_the_frontend,
-    local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint,
-    non_service_traffic_to_the_node_is_untouched,
-    ipv6_node_port_external_ip_and_local_policy,
-    client_ip_affinity_holds_across_connections,
-    a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing,
-    killing_the_owner_with_sigkill_and_starting_another_loses_no_request,
-);
-
-#[test]
-#[ignore = "helper process for the kill -9 test, started by it"]
-fn dataplane_owner_process() {
-    world::dataplane_owner_main();
-}
+every_check!(on_netlink_kernels);

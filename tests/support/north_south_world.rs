@@ -22,6 +22,31 @@
 
 #![allow(dead_code)]
 
+/// Declares, at the call site, the owner helper test and one test per check of this module,
+/// each made by `$test!` (the including file says how: plain, or ignored in the VM). Include
+/// this module with `#[macro_use]`.
+macro_rules! every_check {
+    ($test:ident) => {
+        $test!(
+            node_port_reaches_local_and_remote_backends_with_the_right_sources,
+            external_ip_reaches_a_remote_backend,
+            udp_node_port_and_external_ip_answer_from_the_frontend,
+            local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint,
+            non_service_traffic_to_the_node_is_untouched,
+            ipv6_node_port_external_ip_and_local_policy,
+            client_ip_affinity_holds_across_connections,
+            a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing,
+            killing_the_owner_with_sigkill_and_starting_another_loses_no_request,
+        );
+
+        #[test]
+        #[ignore = "helper process for the kill -9 test, started by it"]
+        fn dataplane_owner_process() {
+            world::dataplane_owner_main();
+        }
+    };
+}
+
 #[path = "host.rs"]
 mod host;
 
