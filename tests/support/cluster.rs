@@ -13,7 +13,7 @@
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -266,11 +266,15 @@ fn service_yaml(service: &Service) -> String {
     text
 }
 
+/// A loopback port for the agent to listen on, below the ephemeral range: an ephemeral one may
+/// be taken by any outgoing connection between two spawns of the same agent
+/// (`k8s_harness::free_port`).
 fn free_loopback_port() -> SocketAddr {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("finding a free loopback port")
+    SocketAddr::from((Ipv4Addr::LOCALHOST, k8s_harness::free_port()))
 }
+
+/// Lines of the agent's log a failing test prints.
+const AGENT_LOG_TAIL: usize = 40;
 
 /// The agent as a process.
 pub struct Agent {
@@ -428,10 +432,17 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // Only the tail: a whole log of many restarts would push the panic message out of
+            // what CI shows of the output.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(AGENT_LOG_TAIL)..];
             eprintln!(
-                "---- agent log ({}) ----\n{}",
+                "---- agent log ({}), last {} of {} lines ----\n{}",
                 self.log.display(),
-                self.log()
+                tail.len(),
+                lines.len(),
+                tail.join("\n")
             );
         }
         self.stop_and_cleanup();

@@ -112,42 +112,21 @@ pub fn every_crash_point(
             CONVERGE,
             || {
                 if let Some(status) = agent.exit_status() {
-                    return Ok(Some(status));
+                    return Ok(Err(status));
                 }
-                if synced_to(agent, kernel, &plan_after) {
-                    return Ok(None);
+                match synced_to(agent, kernel, &plan_after) {
+                    Some(writes) => Ok(Ok(writes)),
+                    None => Err(kernel.listing()),
                 }
-                Err(kernel.listing())
             },
         );
-        let Some(status) = crashed else {
-            // A run that survived made every write of the change set, all counted.
-            let change_set_writes = agent
-                .metric_sum("topoproxy_dataplane_kernel_writes_total")
-                .unwrap_or(0.0) as u64;
-            agent.kill9();
-            let last_crash = crashes.last().map_or(0, |c: &Crash| c.after_write);
-            assert!(
-                last_crash <= change_set_writes && change_set_writes < k,
-                "armed at write {k}, the agent survived a change set of {change_set_writes} \
-                 writes; the last crash was after write {last_crash}"
-            );
-            for crash in &crashes {
-                let Crash {
-                    after_write,
-                    recovery_writes,
-                    ..
-                } = crash;
-                assert!(
-                    *recovery_writes <= change_set_writes,
-                    "recovering from a crash after write {after_write} took {recovery_writes} \
-                     writes, more than the whole change set ({change_set_writes})"
-                );
+        let status = match crashed {
+            Err(status) => status,
+            Ok(change_set_writes) => {
+                // A run that survived made every write of the change set, all counted.
+                agent.kill9();
+                return survived(k, change_set_writes, crashes);
             }
-            return Report {
-                change_set_writes,
-                crashes,
-            };
         };
         let log = agent.log();
         assert_eq!(
@@ -178,13 +157,7 @@ pub fn every_crash_point(
                     "the restarted agent exited:\n{}",
                     agent.log()
                 );
-                if synced_to(agent, kernel, &plan_after) {
-                    Ok(agent
-                        .metric_sum("topoproxy_dataplane_kernel_writes_total")
-                        .unwrap_or(0.0) as u64)
-                } else {
-                    Err(kernel.listing())
-                }
+                synced_to(agent, kernel, &plan_after).ok_or_else(|| kernel.listing())
             },
         );
         let differences = kernel.differences_from(&plan_after);
@@ -228,22 +201,61 @@ fn program(
     agent.start_process();
     eventually("the agent programs the first state", CONVERGE, || {
         assert!(agent.running(), "the agent exited:\n{}", agent.log());
-        if synced_to(agent, kernel, planned) {
-            Ok(())
-        } else {
-            Err(kernel.listing())
-        }
+        synced_to(agent, kernel, planned)
+            .map(drop)
+            .ok_or_else(|| kernel.listing())
     });
     agent.kill9();
 }
 
-/// The agent lists `planned` and has finished a sync: a successful sync is counted after
-/// its last write, so nothing of it is still to come.
-fn synced_to(agent: &Agent, kernel: &impl Kernel, planned: &str) -> bool {
-    let synced = agent
-        .metric_sum("topoproxy_syncs_total{result=\"success\"}")
-        .is_some_and(|n| n >= 1.0);
-    synced && kernel.listing() == planned
+/// The kernel writes the agent has made, once it lists `planned` and has finished a sync: a
+/// successful sync is counted after its last write, so nothing of it is still to come. Both
+/// numbers come from one read of `/metrics`; `None` while either is missing (the agent not
+/// serving yet, or a read that failed) or the listing differs.
+fn synced_to(agent: &Agent, kernel: &impl Kernel, planned: &str) -> Option<u64> {
+    let metrics = agent.metrics_text()?;
+    let syncs = metric_value(&metrics, "topoproxy_syncs_total{result=\"success\"}")?;
+    let writes = metric_value(&metrics, "topoproxy_dataplane_kernel_writes_total")?;
+    (syncs >= 1.0 && kernel.listing() == planned).then_some(writes as u64)
+}
+
+/// The value of the one sample whose line starts with `prefix`.
+fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The report of a loop whose agent, armed at write `k`, survived a change set of
+/// `change_set_writes` writes; asserts that every write before it was a crash point and that no
+/// recovery wrote more than the whole change set.
+fn survived(k: u64, change_set_writes: u64, crashes: Vec<Crash>) -> Report {
+    let last_crash = crashes.last().map_or(0, |c| c.after_write);
+    assert!(
+        last_crash <= change_set_writes && change_set_writes < k,
+        "armed at write {k}, the agent survived a change set of {change_set_writes} writes; \
+         the last crash was after write {last_crash}"
+    );
+    for crash in &crashes {
+        let Crash {
+            after_write,
+            recovery_writes,
+            ..
+        } = crash;
+        assert!(
+            *recovery_writes <= change_set_writes,
+            "recovering from a crash after write {after_write} took {recovery_writes} writes, \
+             more than the whole change set ({change_set_writes})"
+        );
+    }
+    Report {
+        change_set_writes,
+        crashes,
+    }
 }
 
 /// The `(protocol, address:port)` of every virtual service in `ipvsadm -Ln` text.
