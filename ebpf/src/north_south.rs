@@ -90,9 +90,10 @@ pub fn tp_ns_ingress(ctx: TcContext) -> i32 {
     }
     // `new_flow` returns before `dnat` runs: their stack frames are never stacked on each
     // other, which keeps the deepest call chain within the verifier's 512 bytes on 6.1.
-    match new_flow(&packet) {
-        Ok(chosen) => dnat(&ctx, &packet, &chosen),
-        Err(verdict) => verdict,
+    let mut chosen = Chosen::NONE;
+    match new_flow(&packet, &mut chosen) {
+        CHOSEN => dnat(&ctx, &packet, &chosen),
+        verdict => verdict,
     }
 }
 
@@ -253,11 +254,31 @@ struct Chosen {
     snat_if_remote: bool,
 }
 
-/// A packet to a frontend with no tracked flow yet: its backend, or the verdict (`NEXT` when
-/// it is not for a frontend of ours, `DROP` when the Service has no backend).
-// A BPF subprogram of its own: its stack frame is not added to the callers'.
+impl Chosen {
+    const NONE: Chosen = Chosen {
+        service_id: 0,
+        backend: Endpoint {
+            addr: [0; 4],
+            port: 0,
+            family: 0,
+            _pad: 0,
+        },
+        affine: false,
+        snat_if_remote: false,
+    };
+}
+
+/// What [`new_flow`] returns when it filled in the backend; no TC action has this value.
+const CHOSEN: i32 = i32::MIN;
+
+/// A packet to a frontend with no tracked flow yet: [`CHOSEN`] with its backend written to
+/// `chosen`, or the verdict (`NEXT` when it is not for a frontend of ours, `DROP` when the
+/// Service has no backend).
+// A BPF subprogram of its own: its stack frame is not added to the callers'. It returns a
+// plain verdict, not a `Result`: the BTF of a subprogram's `Result<Chosen, i32>` is a union
+// whose tag sits past the payload, and the kernel rejects the whole object's BTF for it.
 #[inline(never)]
-fn new_flow(packet: &Packet) -> Result<Chosen, i32> {
+fn new_flow(packet: &Packet, chosen: &mut Chosen) -> i32 {
     let key = ServiceKey {
         addr: packet.dst,
         port: packet.dport,
@@ -267,27 +288,25 @@ fn new_flow(packet: &Packet) -> Result<Chosen, i32> {
     // SAFETY: the map is not preallocated, so an update swaps in a new element and this one
     // stays whole until the program returns (RCU): counts and shares are read consistently.
     let Some(service) = (unsafe { TP_SERVICES.get(key) }) else {
-        return Err(NEXT);
+        return NEXT;
     };
     // ClusterIPs are balanced at the socket; only NodePorts, externalIPs and LB IPs here.
     if service.flags & flags::FRONTEND_MASK == 0 {
-        return Err(NEXT);
+        return NEXT;
     }
     // The socket path's tier view: the same draw by share, the same fallback.
     let tiers = TierView::of(service);
     if tiers.nearest.is_none() {
         count_service(service.id, 0, 0, 1);
-        return Err(DROP);
+        return DROP;
     }
-    let (backend, affine) = choose(service, &tiers, packet).ok_or(DROP)?;
-    Ok(Chosen {
-        service_id: service.id,
-        backend,
-        affine,
-        // Local policy: the tiers hold only node-local backends and the client's address
-        // stays.
-        snat_if_remote: service.flags & flags::TRAFFIC_POLICY_LOCAL == 0,
-    })
+    if !choose(service, &tiers, packet, chosen) {
+        return DROP;
+    }
+    chosen.service_id = service.id;
+    // Local policy: the tiers hold only node-local backends and the client's address stays.
+    chosen.snat_if_remote = service.flags & flags::TRAFFIC_POLICY_LOCAL == 0;
+    CHOSEN
 }
 
 /// DNAT to the chosen backend and hand the packet to the stack. Tracks the client's flow,
@@ -462,11 +481,31 @@ fn snat_address(ifindex: u32, family: u8) -> Option<[u32; 4]> {
     }
 }
 
+/// Writes the backend for this client and whether affinity chose it into `chosen`; `false`
+/// when the tier drawn has no backend.
+// A BPF subprogram of its own: its stack frame is not added to the callers'. It returns a
+// `bool`: the BTF of an `Option<(Endpoint, bool)>` return is a union with its tag past the
+// payload, which the kernel rejects.
+#[inline(never)]
+fn choose(service: &Service, tiers: &TierView, packet: &Packet, chosen: &mut Chosen) -> bool {
+    match affine_or_drawn(service, tiers, packet) {
+        Some((backend, affine)) => {
+            chosen.backend = backend;
+            chosen.affine = affine;
+            true
+        }
+        None => false,
+    }
+}
+
 /// The backend for this client: its affine one while its tier still takes connections, else
 /// a random one of a tier drawn by share (the socket path's rule, keyed by client address).
-// A BPF subprogram of its own: its stack frame is not added to the callers'.
-#[inline(never)]
-fn choose(service: &Service, tiers: &TierView, packet: &Packet) -> Option<(Endpoint, bool)> {
+#[inline(always)]
+fn affine_or_drawn(
+    service: &Service,
+    tiers: &TierView,
+    packet: &Packet,
+) -> Option<(Endpoint, bool)> {
     let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
     let (tier, count) = tiers.draw(service)?;
     let index = unsafe { bpf_get_prandom_u32() } % count;
