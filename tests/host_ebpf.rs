@@ -700,6 +700,11 @@ fn vips_reach_the_nearest_tier_and_fall_back_with_the_vip_in_view() {
     let world = World::new();
     let mut dataplane = world.open();
     assert_eq!(dataplane.load_report().attached.len(), PROGRAMS.len());
+    assert_eq!(
+        dataplane.load_report().btf,
+        Some(true),
+        "the kernel refused the object's BTF (aya's warning in the log says why)"
+    );
     let tiers = [(T0A, 0), (T0B, 0), (T1A, 1), (T1B, 1), (T2A, 2)];
     sync(&mut dataplane, &all_services(&tiers, None));
     let mut client = world.client();

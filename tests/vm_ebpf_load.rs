@@ -52,6 +52,11 @@ fn programs_load_attach_translate_and_clean_up() {
     let _ = cleanup(&settings);
     let mut dataplane = EbpfDataplane::open(settings.clone()).expect("load and attach");
     assert_eq!(dataplane.load_report().attached, PROGRAMS.to_vec());
+    assert_eq!(
+        dataplane.load_report().btf,
+        Some(true),
+        "the kernel refused the object's BTF (aya's warning in the log says why)"
+    );
 
     // Backends on loopback: a TCP server that writes its name and a UDP echo.
     let tcp = TcpListener::bind("127.0.0.1:0").expect("bind tcp");
@@ -83,6 +88,7 @@ fn programs_load_attach_translate_and_clean_up() {
     // A second open adopts the pinned links and reads the same table back.
     let mut dataplane = EbpfDataplane::open(settings.clone()).expect("adopt");
     assert_eq!(dataplane.load_report().adopted, PROGRAMS.to_vec());
+    assert_eq!(dataplane.load_report().btf, None, "nothing was loaded");
     assert_eq!(block_on(dataplane.read()).expect("read back"), table);
 
     let vip = SocketAddr::new(VIP.parse::<IpAddr>().expect("vip"), 80);

@@ -299,6 +299,12 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     adopted = report.adopted.len(),
                     attached = report.attached.len(),
                     upgraded = report.upgraded.len(),
+                    btf = match report.btf {
+                        Some(true) => "loaded",
+                        // aya's warning above says what the kernel refused.
+                        Some(false) => "refused",
+                        None => "adopted programs",
+                    },
                     version = %ebpf::loader::programs_version(),
                     "eBPF programs in place"
                 );

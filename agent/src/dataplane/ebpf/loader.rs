@@ -73,6 +73,9 @@ pub struct LoadReport {
     pub attached: Vec<&'static str>,
     /// Programs of another version whose links now run this agent's programs.
     pub upgraded: Vec<&'static str>,
+    /// Whether the kernel took the object's BTF with the programs this call loaded (it then
+    /// knows their functions and source lines); `None` when every program was adopted.
+    pub btf: Option<bool>,
 }
 
 /// The version of the embedded programs: FNV-1a of the object, as 16 hex digits. Any change to
@@ -178,6 +181,7 @@ pub(super) fn load(
         attach(&mut ebpf, name, cgroup.open(settings)?, &settings.pin_dir)?;
         report.attached.push(name);
     }
+    report.btf = loaded_with_btf(&mut ebpf);
     Ok((take_maps(&mut ebpf)?, report, None))
 }
 
@@ -209,6 +213,7 @@ fn load_switching(
             }
         }
     }
+    report.btf = loaded_with_btf(&mut ebpf);
     let maps = take_maps(&mut ebpf)?;
     let switch = MapSwitch {
         ebpf,
@@ -309,6 +314,16 @@ fn sock_addr_program<'a>(
         .ok_or(EbpfError::MissingProgram(name))?
         .try_into()
         .map_err(|source| program_error(name, source))
+}
+
+/// Whether the programs of `ebpf` this process loaded carry the object's BTF: aya loads the
+/// programs without it, after a warning, when the kernel refuses the BTF. `None` when none
+/// was loaded here.
+fn loaded_with_btf(ebpf: &mut Ebpf) -> Option<bool> {
+    PROGRAMS.iter().find_map(|name| {
+        let info = sock_addr_program(ebpf, name).ok()?.info().ok()?;
+        Some(info.btf_id().is_some())
+    })
 }
 
 fn program_error(program: &'static str, source: aya::programs::ProgramError) -> EbpfError {

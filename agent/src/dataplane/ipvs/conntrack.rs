@@ -11,6 +11,12 @@
 //! match by its original tuple (`IPCTNL_MSG_CT_DELETE`). The messages are
 //! `netlink-packet-netfilter`'s; the socket is a blocking `NETLINK_NETFILTER` one.
 //!
+//! Unlike kube-proxy, the dump asks the kernel to filter too (`CTA_FILTER`, Linux 5.8): one
+//! dump per removed backend returns only the entries whose reply comes from it (from its port,
+//! for IPv6), so a table of TCP connections is walked in the kernel rather than copied out.
+//! The userspace match stays: a kernel without `CTA_FILTER` ignores the attribute and sends
+//! the whole table.
+//!
 //! Every call works in the network namespace of the calling thread.
 
 use std::io;
@@ -35,6 +41,24 @@ use super::netlink::client::set_receive_timeout;
 
 /// `CTA_ZONE`: an entry outside the default zone is only found again with its zone.
 const CTA_ZONE: u16 = 18;
+
+/// `CTA_FILTER` (nested): which fields of the request's tuples a dump must match.
+const CTA_FILTER: u16 = 25;
+/// `CTA_FILTER_REPLY_FLAGS` inside [`CTA_FILTER`]: the fields of `CTA_TUPLE_REPLY` to match.
+const CTA_FILTER_REPLY_FLAGS: u16 = 2;
+/// `CTA_FILTER_F_CTA_PROTO_NUM | CTA_FILTER_F_CTA_PROTO_SRC_PORT`: the reply's protocol and
+/// source port.
+const REPLY_PORT_FLAGS: u32 = (1 << 3) | (1 << 4);
+/// `CTA_FILTER_F_CTA_IP_SRC`: the reply's source address too. IPv4 only: the kernel's IPv6
+/// comparison is inverted (`!ipv6_addr_cmp`, seen on 6.18: a dump for one address returns
+/// every other one), so an IPv6 dump filters on protocol and port and userspace does the rest.
+const REPLY_ADDRESS_FLAG: u32 = 1 << 0;
+/// `NLA_F_NESTED`.
+const NLA_F_NESTED: u16 = 1 << 15;
+
+/// More removed backends than this in one flush get one unfiltered dump instead of one
+/// filtered dump each: each filtered dump walks the whole table in the kernel.
+const FILTERED_DUMPS_MAX: usize = 16;
 
 /// How long one receive may block: the kernel answers at once, so this only bounds a wedge.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,18 +184,79 @@ pub fn flush(flows: &[BackendFlow]) -> Result<usize, ConntrackError> {
             continue;
         }
         let mut socket = CtSocket::open()?;
-        for entry in socket.dump(family)? {
-            if wanted.iter().any(|flow| flow.matches(&entry)) && socket.delete(family, &entry)? {
-                deleted += 1;
+        for filter in dump_filters(&wanted) {
+            for entry in socket.dump(family, filter)? {
+                if wanted.iter().any(|flow| flow.matches(&entry))
+                    && socket.delete(family, &entry)?
+                {
+                    deleted += 1;
+                }
             }
         }
     }
     Ok(deleted)
 }
 
+/// The reply source (protocol and backend) a dump asks the kernel to filter on; `None` asks
+/// for the whole table.
+type ReplySource = Option<(u8, SocketAddr)>;
+
+/// The dumps that find every entry of `wanted` (flows of one family): one per distinct
+/// backend, or one of the whole table when there are more than [`FILTERED_DUMPS_MAX`].
+fn dump_filters(wanted: &[&BackendFlow]) -> Vec<ReplySource> {
+    let mut sources: Vec<(u8, SocketAddr)> = wanted
+        .iter()
+        .map(|flow| (ipproto(flow.protocol), flow.backend))
+        .collect();
+    sources.sort_unstable();
+    sources.dedup();
+    if sources.len() > FILTERED_DUMPS_MAX {
+        return vec![None];
+    }
+    sources.into_iter().map(Some).collect()
+}
+
+/// The attributes of a dump request that only entries whose reply comes from
+/// `protocol`/`backend` match: the reply tuple to compare with, and the `CTA_FILTER` that says
+/// which of its fields count, as raw bytes to append.
+///
+/// `CTA_FILTER` is written by hand: `netlink-packet-netfilter` 0.4 emits an `Other` attribute
+/// without `NLA_F_NESTED`, and the kernel parses `CTA_FILTER` strictly (EINVAL without it).
+fn reply_source_filter(protocol: u8, backend: SocketAddr) -> (Vec<ConntrackAttribute>, Vec<u8>) {
+    let mut reply = vec![Tuple::Proto(vec![
+        ProtoTuple::Protocol(protocol.into()),
+        ProtoTuple::SourcePort(backend.port()),
+    ])];
+    let mut flags = REPLY_PORT_FLAGS;
+    if backend.is_ipv4() {
+        reply.insert(0, Tuple::Ip(vec![IPTuple::SourceAddress(backend.ip())]));
+        flags |= REPLY_ADDRESS_FLAG;
+    }
+    let tuple = vec![ConntrackAttribute::CtaTupleReply(reply)];
+    let mut filter = Vec::with_capacity(16);
+    // CTA_FILTER { CTA_FILTER_REPLY_FLAGS: u32 }: 4 + 8 bytes, both aligned.
+    filter.extend_from_slice(&12u16.to_ne_bytes());
+    filter.extend_from_slice(&(CTA_FILTER | NLA_F_NESTED).to_ne_bytes());
+    filter.extend_from_slice(&8u16.to_ne_bytes());
+    filter.extend_from_slice(&CTA_FILTER_REPLY_FLAGS.to_ne_bytes());
+    filter.extend_from_slice(&flags.to_ne_bytes());
+    (tuple, filter)
+}
+
 /// Every conntrack entry of `family`.
 pub fn dump(family: IpFamily) -> Result<Vec<ConntrackEntry>, ConntrackError> {
-    CtSocket::open()?.dump(family)
+    CtSocket::open()?.dump(family, None)
+}
+
+/// The conntrack entries of `family` as the kernel filters them for replies from `backend`
+/// over `protocol`: exactly those for IPv4, those from its port for IPv6 (see
+/// [`REPLY_ADDRESS_FLAG`]), the whole table from a kernel without `CTA_FILTER`.
+pub fn dump_replies_from(
+    family: IpFamily,
+    protocol: Protocol,
+    backend: SocketAddr,
+) -> Result<Vec<ConntrackEntry>, ConntrackError> {
+    CtSocket::open()?.dump(family, Some((ipproto(protocol), backend)))
 }
 
 fn ipproto(protocol: Protocol) -> u8 {
@@ -209,22 +294,17 @@ impl CtSocket {
         })
     }
 
+    /// Sends `message` with `trailing` (whole, aligned attributes) after its own attributes.
     fn send(
         &mut self,
         family: IpFamily,
         message: ConntrackMessage,
+        trailing: &[u8],
         flags: u16,
         request: &str,
     ) -> Result<u32, ConntrackError> {
         self.sequence = self.sequence.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = flags;
-        header.sequence_number = self.sequence;
-        let inner = NetfilterMessage::new(NetfilterHeader::new(nfproto(family), 0, 0), message);
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(inner));
-        packet.finalize();
-        let mut buffer = vec![0; packet.buffer_len()];
-        packet.serialize(&mut buffer);
+        let buffer = request_bytes(family, message, trailing, flags, self.sequence);
         self.socket
             .send(&buffer, 0)
             .map_err(|source| ConntrackError::Send {
@@ -258,11 +338,25 @@ impl CtSocket {
         }
     }
 
-    fn dump(&mut self, family: IpFamily) -> Result<Vec<ConntrackEntry>, ConntrackError> {
-        let request = format!("dump the {family} conntrack table");
+    fn dump(
+        &mut self,
+        family: IpFamily,
+        filter: ReplySource,
+    ) -> Result<Vec<ConntrackEntry>, ConntrackError> {
+        let (request, (attributes, trailing)) = match filter {
+            None => (
+                format!("dump the {family} conntrack table"),
+                (Vec::new(), Vec::new()),
+            ),
+            Some((protocol, backend)) => (
+                format!("dump the {family} conntrack entries of replies from {backend}"),
+                reply_source_filter(protocol, backend),
+            ),
+        };
         let sequence = self.send(
             family,
-            ConntrackMessage::Get(Vec::new()),
+            ConntrackMessage::Get(attributes),
+            &trailing,
             NLM_F_REQUEST | NLM_F_DUMP,
             &request,
         )?;
@@ -282,6 +376,7 @@ impl CtSocket {
         let sequence = self.send(
             family,
             ConntrackMessage::Delete(delete_attributes(entry)),
+            &[],
             NLM_F_REQUEST | NLM_F_ACK,
             &request,
         )?;
@@ -460,6 +555,30 @@ fn flow_of(tuples: &[Tuple]) -> Option<(u8, FlowTuple)> {
             destination: SocketAddr::new(destination?, destination_port),
         },
     ))
+}
+
+/// One request as sent: the netlink message of `message`, then `trailing`, with the length in
+/// the header covering both.
+fn request_bytes(
+    family: IpFamily,
+    message: ConntrackMessage,
+    trailing: &[u8],
+    flags: u16,
+    sequence: u32,
+) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = flags;
+    header.sequence_number = sequence;
+    let inner = NetfilterMessage::new(NetfilterHeader::new(nfproto(family), 0, 0), message);
+    let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(inner));
+    packet.finalize();
+    let mut buffer = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buffer);
+    buffer.extend_from_slice(trailing);
+    // nlmsg_len: the first four bytes, in host order. A request is far below 4 GiB.
+    let length = u32::try_from(buffer.len()).unwrap_or(u32::MAX);
+    buffer[..4].copy_from_slice(&length.to_ne_bytes());
+    buffer
 }
 
 fn delete_attributes(entry: &ConntrackEntry) -> Vec<ConntrackAttribute> {
@@ -704,6 +823,68 @@ mod tests {
 
     /// The request bytes, checked against the layout `conntrack -D -p udp …` sends (nfgenmsg
     /// AF_INET, then CTA_TUPLE_ORIG{CTA_TUPLE_IP{src, dst}, CTA_TUPLE_PROTO{num, sport, dport}}).
+    #[test]
+    fn a_dump_filtered_on_an_ipv4_reply_source_carries_a_nested_cta_filter() {
+        let backend: SocketAddr = "10.244.1.2:5353".parse().expect("addr");
+        let (attributes, trailing) = reply_source_filter(17, backend);
+        let bytes = request_bytes(
+            IpFamily::V4,
+            ConntrackMessage::Get(attributes),
+            &trailing,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            7,
+        );
+        #[rustfmt::skip]
+        let expected_body: Vec<u8> = vec![
+            0x02, 0x00, 0x00, 0x00,                         // nfgenmsg: AF_INET, v0, res 0
+            0x24, 0x00, 0x02, 0x80,                         // CTA_TUPLE_REPLY (nested), 36
+            0x0c, 0x00, 0x01, 0x80,                         //  CTA_TUPLE_IP (nested), 12
+            0x08, 0x00, 0x01, 0x00, 10, 244, 1, 2,          //   CTA_IP_V4_SRC
+            0x14, 0x00, 0x02, 0x80,                         //  CTA_TUPLE_PROTO (nested), 20
+            0x05, 0x00, 0x01, 0x00, 17, 0, 0, 0,            //   CTA_PROTO_NUM udp (+pad)
+            0x06, 0x00, 0x02, 0x00, 0x14, 0xe9, 0, 0,       //   CTA_PROTO_SRC_PORT 5353
+            0x0c, 0x00, 0x19, 0x80,                         // CTA_FILTER (nested), 12
+            0x08, 0x00, 0x02, 0x00, 0x19, 0, 0, 0,          //  CTA_FILTER_REPLY_FLAGS: ip src, proto, sport
+        ];
+        assert_eq!(&bytes[16..], expected_body.as_slice());
+        let length = u32::from_ne_bytes(bytes[..4].try_into().expect("4 bytes"));
+        assert_eq!(
+            length as usize,
+            bytes.len(),
+            "nlmsg_len covers the appended filter"
+        );
+    }
+
+    #[test]
+    fn an_ipv6_dump_filters_on_protocol_and_port_only() {
+        let backend: SocketAddr = "[fd00::2]:53".parse().expect("addr");
+        let (attributes, trailing) = reply_source_filter(17, backend);
+        let [ConntrackAttribute::CtaTupleReply(reply)] = attributes.as_slice() else {
+            panic!("one reply tuple: {attributes:?}");
+        };
+        assert!(
+            reply.iter().all(|tuple| !matches!(tuple, Tuple::Ip(_))),
+            "{reply:?}"
+        );
+        assert_eq!(
+            &trailing[8..],
+            &0x18u32.to_ne_bytes(),
+            "proto and sport flags only"
+        );
+    }
+
+    #[test]
+    fn few_backends_get_a_filtered_dump_each_and_many_share_one_whole_dump() {
+        let flows: Vec<BackendFlow> = (0..=FILTERED_DUMPS_MAX as u16)
+            .map(|n| flow(Protocol::Udp, None, &format!("10.244.0.{}:53", n + 1)))
+            .collect();
+        let few: Vec<&BackendFlow> = flows.iter().take(3).chain(flows.iter().take(1)).collect();
+        assert_eq!(dump_filters(&few).len(), 3, "one per distinct backend");
+        assert!(dump_filters(&few).iter().all(Option::is_some));
+        let many: Vec<&BackendFlow> = flows.iter().collect();
+        assert_eq!(dump_filters(&many), vec![None]);
+    }
+
     #[test]
     fn delete_request_bytes() {
         let entry = translated(
