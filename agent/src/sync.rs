@@ -327,16 +327,19 @@ impl<D: Dataplane> SyncLoop<D> {
         };
         match self.apply(&ops).await {
             Ok(()) => {
+                if let Err(error) = self.dataplane.synced().await {
+                    tracing::error!(error = %error_chain(&error), "finishing the sync in the dataplane failed; retrying after the next one");
+                }
                 if !self.initial_sync_done {
+                    // The kernel writes since the start (failed attempts included): what this
+                    // restart had to change, with the dataplane's own start and `synced`.
                     tracing::info!(
                         virtual_servers = self.read_table().len(),
                         changes = ops.len(),
+                        kernel_writes = crate::kernel_writes::total(),
                         elapsed = ?started.elapsed(),
                         "initial sync done"
                     );
-                }
-                if let Err(error) = self.dataplane.synced().await {
-                    tracing::error!(error = %error_chain(&error), "finishing the sync in the dataplane failed; retrying after the next one");
                 }
                 // Before the sync is counted, so a successful sync's writes are all in the
                 // metrics (the dataplane's start and `synced` write too, not only `apply`).

@@ -208,15 +208,34 @@ fn program(
     agent.kill9();
 }
 
-/// The kernel writes the agent has made, once it lists `planned` and has finished a sync: a
-/// successful sync is counted after its last write, so nothing of it is still to come. Both
-/// numbers come from one read of `/metrics`; `None` while either is missing (the agent not
-/// serving yet, or a read that failed) or the listing differs.
+/// The kernel writes the agent made up to its first successful sync, once it lists `planned`
+/// and has finished that sync (counted in `/metrics` after the sync's log line); `None` while
+/// `/metrics` does not answer or the listing differs.
+///
+/// The count is the one the agent logs with "initial sync done", not the writes metric: a
+/// later sync (a repair, another event) must not be counted as the recovery's.
 fn synced_to(agent: &Agent, kernel: &impl Kernel, planned: &str) -> Option<u64> {
     let metrics = agent.metrics_text()?;
     let syncs = metric_value(&metrics, "topoproxy_syncs_total{result=\"success\"}")?;
-    let writes = metric_value(&metrics, "topoproxy_dataplane_kernel_writes_total")?;
-    (syncs >= 1.0 && kernel.listing() == planned).then_some(writes as u64)
+    if syncs < 1.0 || kernel.listing() != planned {
+        return None;
+    }
+    if syncs > 1.0 {
+        eprintln!("note: {syncs} syncs before the test looked; the first one's writes count");
+    }
+    initial_sync_writes(&agent.log())
+}
+
+/// `kernel_writes` of the log's last "initial sync done" line: the latest start's, since the
+/// log is appended to across restarts and the caller saw that start's sync counted.
+fn initial_sync_writes(log: &str) -> Option<u64> {
+    log.lines()
+        .rev()
+        .find(|line| line.contains("initial sync done"))?
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("kernel_writes="))?
+        .parse()
+        .ok()
 }
 
 /// The value of the one sample whose line starts with `prefix`.
