@@ -409,13 +409,7 @@ impl Agent {
     /// The sum of a metric's samples whose line starts with `prefix` (a name, optionally with
     /// the opening of its label set).
     pub fn metric_sum(&self, prefix: &str) -> Option<f64> {
-        let text = self.metrics_text()?;
-        Some(
-            text.lines()
-                .filter(|line| line.starts_with(prefix))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        Some(metric_sum_in(&self.metrics_text()?, prefix))
     }
 
     /// Stops the agent and removes what it programmed.
@@ -448,6 +442,15 @@ impl Drop for Agent {
         self.stop_and_cleanup();
         let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// The sum of the samples of `/metrics` text whose line starts with `prefix`.
+pub fn metric_sum_in(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// A minimal HTTP/1.1 GET on loopback; `None` when nothing answers.

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use std::net::Ipv4Addr;
 
-use super::cluster::{Agent, Condition, Endpoint, Fixture, Port, Service};
+use super::cluster::{metric_sum_in, Agent, Condition, Endpoint, Fixture, Port, Service};
 use super::netns::eventually;
 
 /// The variable that arms the crash point (`topoproxy::kernel_writes::ENV`).
@@ -216,7 +216,7 @@ fn program(
 /// later sync (a repair, another event) must not be counted as the recovery's.
 fn synced_to(agent: &Agent, kernel: &impl Kernel, planned: &str) -> Option<u64> {
     let metrics = agent.metrics_text()?;
-    let syncs = metric_value(&metrics, "topoproxy_syncs_total{result=\"success\"}")?;
+    let syncs = metric_sum_in(&metrics, "topoproxy_syncs_total{result=\"success\"}");
     if syncs < 1.0 || kernel.listing() != planned {
         return None;
     }
@@ -234,17 +234,6 @@ fn initial_sync_writes(log: &str) -> Option<u64> {
         .find(|line| line.contains("initial sync done"))?
         .split_whitespace()
         .find_map(|field| field.strip_prefix("kernel_writes="))?
-        .parse()
-        .ok()
-}
-
-/// The value of the one sample whose line starts with `prefix`.
-fn metric_value(metrics: &str, prefix: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|line| line.starts_with(prefix))?
-        .rsplit(' ')
-        .next()?
         .parse()
         .ok()
 }

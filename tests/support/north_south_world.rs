@@ -312,8 +312,22 @@ impl World {
             .collect()
     }
 
-    /// Attachments of our programs on the node's devices (tcx), per device.
     /// The ids of the programs attached to the node's devices through tcx.
+    /// `(backend, peer it saw)` of [`TRIES`] UDP datagrams to `address:port`, each answer
+    /// checked to come back from that frontend.
+    pub fn udp_backends(&self, address: &str, port: u16) -> BTreeSet<(String, String)> {
+        let frontend = SocketAddr::new(address.parse().expect("frontend address"), port);
+        (0..TRIES)
+            .map(|_| {
+                let (name, peer, from) = self
+                    .udp(address, port)
+                    .unwrap_or_else(|e| panic!("UDP to {frontend}: {e}"));
+                assert_eq!(from, frontend, "the answer's source");
+                (name, peer)
+            })
+            .collect()
+    }
+
     pub fn tcx_program_ids(&self) -> BTreeSet<u32> {
         let devices = [self.uplink(), self.crosslink()];
         within(&self.node, move || {
@@ -802,14 +816,8 @@ pub fn external_ip_reaches_a_remote_backend() {
 
 pub fn udp_node_port_and_external_ip_answer_from_the_frontend() {
     let (world, _dataplane) = programmed();
-    let mut seen = BTreeSet::new();
-    for _ in 0..TRIES {
-        let (name, peer, from) = world.udp(NODE, NODE_PORT).expect("UDP to the NodePort");
-        assert_eq!(from, SocketAddr::new(NODE.parse().expect("ip"), NODE_PORT));
-        seen.insert((name, peer));
-    }
     assert_eq!(
-        seen,
+        world.udp_backends(NODE, NODE_PORT),
         [pair("local", CLIENT), pair("remote", NODE_TO_REMOTE)].into()
     );
     let (name, _, from) = world
@@ -877,14 +885,8 @@ pub fn ipv6_node_port_external_ip_and_local_policy() {
         world.tcp_backends(NODE6, NODE_PORT_LOCAL),
         [pair("local", CLIENT6)].into()
     );
-    let mut seen = BTreeSet::new();
-    for _ in 0..TRIES {
-        let (name, peer, from) = world.udp(NODE6, NODE_PORT).expect("UDP over IPv6");
-        assert_eq!(from, SocketAddr::new(NODE6.parse().expect("ip"), NODE_PORT));
-        seen.insert((name, peer));
-    }
     assert_eq!(
-        seen,
+        world.udp_backends(NODE6, NODE_PORT),
         [pair("local", CLIENT6), pair("remote", NODE_TO_REMOTE6)].into()
     );
 }
