@@ -136,6 +136,8 @@ async fn runs_in_cluster_as_its_service_account_with_the_shipped_rbac() {
     create_namespace(&client, "shop").await;
     let vip = service(&client, "shop", "web", json!({})).await;
     pods(&client, "shop", "web", &["node-a1", "node-b1"], 1).await;
+    // The controller's slice first: an agent that starts before it converges on no endpoints.
+    wait_for_hints(&client, "shop", "web", 2, false).await;
     let token = install_agent_identity(&plane, &client, None).await;
 
     let agent = Agent::start(&plane, &Auth::InCluster(token), "node-a1");
