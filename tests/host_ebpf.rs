@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
-use host::{require_root, run};
+use host::{capture_logs, log_lines_with, require_root, run, wait_for_log_lines};
 use topoproxy::dataplane::ebpf::{
     cgroup2_mount, cleanup, maps_pinned, program_pin, DatapathLog, EbpfDataplane, EbpfSettings,
     PROGRAMS,
@@ -1515,57 +1515,6 @@ fn a_new_version_swaps_its_programs_into_the_pinned_links_under_a_connect_loop()
 }
 
 /// Everything the test process logs through `tracing`, from every thread.
-static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
-
-struct CapturedLog;
-
-impl std::io::Write for CapturedLog {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        LOGS.lock().expect("log buffer").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(|| CapturedLog)
-        .with_ansi(false)
-        .try_init();
-}
-
-/// Captured log lines with `needle` in them.
-fn log_lines_with(needle: &str) -> Vec<String> {
-    let logs = LOGS.lock().expect("log buffer");
-    String::from_utf8_lossy(&logs)
-        .lines()
-        .filter(|line| line.contains(needle))
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Waits until `count` log lines contain every one of `needles`.
-fn wait_for_log_lines(needles: &[&str], count: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let lines: Vec<String> = log_lines_with(needles[0])
-            .into_iter()
-            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
-            .collect();
-        if lines.len() >= count {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no log line with {needles:?}: {lines:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn datapath_diagnostics_are_off_by_default_and_name_the_service_once_switched_on() {
     capture_logs();

@@ -112,7 +112,7 @@ enum Command {
     /// agent logs each record with its Service.
     DatapathLog {
         /// `all`, `none`, or a comma-separated list of no-backend, tier-fallback, slot-miss,
-        /// reply-ambiguous.
+        /// reply-ambiguous, etp-local-drop, snat-exhausted.
         #[arg(long, default_value = "all")]
         events: String,
         /// Records each CPU may emit per second; 0 switches logging off.

@@ -63,7 +63,8 @@ pub mod maps {
 
 /// [`LogConfig::events`] bits: the datapath events the programs can log (with aya-log).
 pub mod log_events {
-    /// A connect or datagram refused: the Service has no backend in any tier.
+    /// A connect or datagram refused, or a packet from outside the node dropped in tc: the
+    /// Service has no backend in any tier.
     pub const NO_BACKEND: u32 = 1 << 0;
     /// A backend chosen from a tier other than the nearest (the nearer ones are empty).
     pub const TIER_FALLBACK: u32 = 1 << 1;
@@ -71,7 +72,13 @@ pub mod log_events {
     pub const SLOT_MISS: u32 = 1 << 2;
     /// An unconnected UDP socket's replies from one backend now map to another VIP.
     pub const REPLY_AMBIGUOUS: u32 = 1 << 3;
-    pub const ALL: u32 = NO_BACKEND | TIER_FALLBACK | SLOT_MISS | REPLY_AMBIGUOUS;
+    /// A packet from outside the node dropped in tc: `externalTrafficPolicy: Local` and no
+    /// endpoint on this node.
+    pub const ETP_LOCAL_DROP: u32 = 1 << 4;
+    /// A packet from outside the node dropped in tc: no free port in the SNAT range.
+    pub const SNAT_EXHAUSTED: u32 = 1 << 5;
+    pub const ALL: u32 =
+        NO_BACKEND | TIER_FALLBACK | SLOT_MISS | REPLY_AMBIGUOUS | ETP_LOCAL_DROP | SNAT_EXHAUSTED;
 }
 
 /// Map sizes; the agent refuses more than these.

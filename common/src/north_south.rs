@@ -56,8 +56,9 @@ pub mod nat {
     /// Send the rewritten packet out of `FlowNat::ifindex` (`bpf_redirect_neigh`) instead of
     /// up the stack, which would drop a packet from a node address arriving from outside.
     pub const REDIRECT: u32 = 1 << 2;
-    /// An [`super::direction::EGRESS`] entry whose SNAT port is not claimed yet; `dst` /
-    /// `dport` hold the frontend the client asked for.
+    /// An [`super::direction::EGRESS`] entry whose SNAT port is not claimed yet; `src` /
+    /// `sport` hold the client as it sent (before a port clash was resolved), `dst` / `dport`
+    /// the frontend it asked for.
     pub const SNAT_PENDING: u32 = 1 << 3;
 }
 

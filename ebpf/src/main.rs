@@ -483,7 +483,7 @@ fn reverse(ctx: &SockAddrContext, v6: bool) -> i32 {
 /// off until the agent writes `TP_LOG_CONFIG`, and capped per CPU, so a refused-connect storm
 /// cannot flood the ring buffer or the agent's logs.
 #[inline(always)]
-fn may_log(event: u32) -> bool {
+pub(crate) fn may_log(event: u32) -> bool {
     let Some(config) = TP_LOG_CONFIG.get(0) else {
         return false;
     };

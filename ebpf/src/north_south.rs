@@ -15,7 +15,10 @@
 //!   `tp_ns_ingress` puts the frontend and the client back and sends them out of the device
 //!   the client's packets came in on with `bpf_redirect_neigh` (the stack would drop a packet
 //!   from its own address arriving from outside). A local backend's replies are routed by the
-//!   stack and get the frontend back as source in `tp_ns_egress`.
+//!   stack and get the frontend back as source in `tp_ns_egress`. A client that reaches one
+//!   backend through two frontends from the same source port would show that backend one
+//!   4-tuple for two flows: the second flow gets a port from the SNAT range instead (the
+//!   client's address stays), as netfilter's NAT resolves such a clash.
 //! - Every leg is tracked in the LRU `TP_NS_CT`, so a flow keeps its backend and SNAT port,
 //!   also across an agent restart (the maps are pinned).
 //!
@@ -34,15 +37,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap},
     programs::TcContext,
 };
+use aya_log_ebpf::warn;
 use topoproxy_common::{
-    flags,
+    flags, log_events,
     north_south::{
         direction, limits, nat, AffinityKey, Config, Device, FlowKey, FlowNat, DEFAULT_SNAT_PORTS,
     },
     AffinityValue, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, TIER_SHIFT,
 };
 
-use crate::{count_backend, count_service, slot_backend, TierView, TP_SERVICES};
+use crate::{count_backend, count_service, may_log, slot_backend, TierView, TP_SERVICES};
 
 /// Not ours: let the next program (tcx) or filter (netlink) see the packet.
 const NEXT: i32 = TC_ACT_UNSPEC;
@@ -91,7 +95,7 @@ pub fn tp_ns_ingress(ctx: TcContext) -> i32 {
     // `new_flow` returns before `dnat` runs: their stack frames are never stacked on each
     // other, which keeps the deepest call chain within the verifier's 512 bytes on 6.1.
     let mut chosen = Chosen::NONE;
-    match new_flow(&packet, &mut chosen) {
+    match new_flow(&ctx, &packet, &mut chosen) {
         CHOSEN => dnat(&ctx, &packet, &chosen),
         verdict => verdict,
     }
@@ -278,7 +282,7 @@ const CHOSEN: i32 = i32::MIN;
 // plain verdict, not a `Result`: the BTF of a subprogram's `Result<Chosen, i32>` is a union
 // whose tag sits past the payload, and the kernel rejects the whole object's BTF for it.
 #[inline(never)]
-fn new_flow(packet: &Packet, chosen: &mut Chosen) -> i32 {
+fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
     let key = ServiceKey {
         addr: packet.dst,
         port: packet.dport,
@@ -298,6 +302,7 @@ fn new_flow(packet: &Packet, chosen: &mut Chosen) -> i32 {
     let tiers = TierView::of(service);
     if tiers.nearest.is_none() {
         count_service(service.id, 0, 0, 1);
+        log_no_backend(ctx, service);
         return DROP;
     }
     if !choose(service, &tiers, packet, chosen) {
@@ -316,23 +321,31 @@ fn new_flow(packet: &Packet, chosen: &mut Chosen) -> i32 {
 #[inline(never)]
 fn dnat(ctx: &TcContext, packet: &Packet, chosen: &Chosen) -> i32 {
     let backend = &chosen.backend;
-    if !track_local_reply(packet, backend, chosen.service_id) {
+    let sport = claim_local_reply(packet, backend, chosen.service_id);
+    if sport == NO_PORT {
+        log_snat_exhausted(ctx, chosen.service_id);
         return DROP;
     }
+    let sport = sport as u16;
     // SAFETY: the context's skb, valid for the whole program.
     let ingress_ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if chosen.snat_if_remote
-        && !track_pending_snat(packet, backend, chosen.service_id, ingress_ifindex)
+        && !track_pending_snat(packet, backend, sport, chosen.service_id, ingress_ifindex)
     {
         return DROP;
     }
-    let original = FlowNat {
+    let mut original = FlowNat {
         dst: backend.addr,
         dport: backend.port,
         flags: nat::DST,
         service_id: chosen.service_id,
         ..FlowNat::default()
     };
+    if sport != packet.sport {
+        original.flags |= nat::SRC;
+        original.src = packet.src;
+        original.sport = sport;
+    }
     if !track(packet, direction::ORIGINAL, &original) || rewrite(ctx, packet, &original).is_err() {
         return DROP;
     }
@@ -348,11 +361,20 @@ fn count_flow(chosen: &Chosen) {
     count_backend(chosen.service_id, chosen.backend);
 }
 
-/// Tracks the replies of a local backend, which `tp_ns_egress` gives the frontend's source.
-// A BPF subprogram of its own: its stack frame is not added to the callers'.
+/// What [`claim_local_reply`] returns when every port it tried was taken.
+const NO_PORT: u32 = u32::MAX;
+
+/// Tracks the replies of a local backend, which `tp_ns_egress` gives the frontend's source,
+/// and returns the source port (network order) the flow reaches the backend with: the
+/// client's own, unless the client already uses that port towards this backend through
+/// another frontend. The backend would then see one 4-tuple for two flows, so this one gets
+/// a port from the SNAT range and keeps the client's address (netfilter's NAT resolves such
+/// a clash the same way). [`NO_PORT`] when none is free.
+// A BPF subprogram of its own: its stack frame is not added to the callers'. It returns a
+// plain integer, not an `Option`, to keep the object's BTF loadable (see `new_flow`).
 #[inline(never)]
-fn track_local_reply(packet: &Packet, backend: &Endpoint, service_id: u32) -> bool {
-    let key = FlowKey {
+fn claim_local_reply(packet: &Packet, backend: &Endpoint, service_id: u32) -> u32 {
+    let mut key = FlowKey {
         src: backend.addr,
         dst: packet.src,
         sport: backend.port,
@@ -362,33 +384,86 @@ fn track_local_reply(packet: &Packet, backend: &Endpoint, service_id: u32) -> bo
         direction: direction::REPLY_LOCAL,
         _pad: 0,
     };
-    let reply = FlowNat {
+    let mut reply = FlowNat {
         src: packet.dst,
         sport: packet.dport,
         flags: nat::SRC,
         service_id,
         ..FlowNat::default()
     };
-    TP_NS_CT.insert(key, reply, u64::from(BPF_ANY)).is_ok()
+    if TP_NS_CT
+        .insert(&key, &reply, u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return u32::from(packet.sport);
+    }
+    // SAFETY: a map value, valid for this program run; only compared.
+    if let Some(held) = unsafe { TP_NS_CT.get(&key) } {
+        // This flow's own reply leg (its first packets raced, or its client leg was evicted).
+        if held.flags == nat::SRC && held.src == packet.dst && held.sport == packet.dport {
+            return u32::from(packet.sport);
+        }
+    }
+    reply.flags = nat::SRC | nat::DST;
+    reply.dst = packet.src;
+    reply.dport = packet.sport;
+    let (min, range) = snat_ports();
+    let start = unsafe { bpf_get_prandom_u32() } % range;
+    let mut probe = 0;
+    while probe < SNAT_PROBES {
+        let port = ((u32::from(min) + (start + probe) % range) as u16).to_be();
+        key.dport = port;
+        if TP_NS_CT
+            .insert(&key, &reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return u32::from(port);
+        }
+        probe += 1;
+    }
+    NO_PORT
 }
 
-/// Tracks the DNATed flow for `tp_ns_egress`, which SNATs it if it leaves through one of our
-/// devices; remembers the frontend and where the client's packets arrive.
+/// The SNAT port range: its first port and its size (host order).
+#[inline(always)]
+fn snat_ports() -> (u16, u32) {
+    let (min, max) = match TP_NS_CONFIG.get(0) {
+        Some(config)
+            if config.snat_port_min != 0 && config.snat_port_max >= config.snat_port_min =>
+        {
+            (config.snat_port_min, config.snat_port_max)
+        }
+        _ => DEFAULT_SNAT_PORTS,
+    };
+    (min, u32::from(max) - u32::from(min) + 1)
+}
+
+/// Tracks the DNATed flow (leaving with source port `sport`) for `tp_ns_egress`, which
+/// SNATs it if it leaves through one of our devices; remembers the client, the frontend and
+/// where the client's packets arrive.
 // A BPF subprogram of its own: its stack frame is not added to the callers'.
 #[inline(never)]
-fn track_pending_snat(packet: &Packet, backend: &Endpoint, service_id: u32, ifindex: u32) -> bool {
+fn track_pending_snat(
+    packet: &Packet,
+    backend: &Endpoint,
+    sport: u16,
+    service_id: u32,
+    ifindex: u32,
+) -> bool {
     let key = FlowKey {
         dst: backend.addr,
         dport: backend.port,
+        sport,
         ..packet.key(direction::EGRESS)
     };
     let pending = FlowNat {
+        src: packet.src,
+        sport: packet.sport,
         dst: packet.dst,
         dport: packet.dport,
         flags: nat::SNAT_PENDING,
         service_id,
         ifindex,
-        ..FlowNat::default()
     };
     TP_NS_CT.insert(key, pending, u64::from(BPF_ANY)).is_ok()
 }
@@ -406,6 +481,7 @@ fn snat_at_egress(ctx: &TcContext, packet: &Packet, pending: &FlowNat) -> i32 {
         return DROP;
     };
     let Some(port) = claim_snat_port(packet, &snat, pending) else {
+        log_snat_exhausted(ctx, pending.service_id);
         return DROP;
     };
     let egress = FlowNat {
@@ -423,29 +499,21 @@ fn snat_at_egress(ctx: &TcContext, packet: &Packet, pending: &FlowNat) -> i32 {
 
 /// Reserves a source port on `snat` towards the packet's destination (the backend) by
 /// inserting the reply leg of the flow (`BPF_NOEXIST`, so two flows never share a port):
-/// back to the frontend and the client, out of the device the client's packets arrive on.
-/// Returns the port in network order.
+/// back to the frontend and the client (as it sent, before any port clash was resolved),
+/// out of the device the client's packets arrive on. Returns the port in network order.
 // A BPF subprogram of its own: its stack frame is not added to the callers'.
 #[inline(never)]
 fn claim_snat_port(packet: &Packet, snat: &[u32; 4], pending: &FlowNat) -> Option<u16> {
     let reply = FlowNat {
         src: pending.dst,
         sport: pending.dport,
-        dst: packet.src,
-        dport: packet.sport,
+        dst: pending.src,
+        dport: pending.sport,
         flags: nat::SRC | nat::DST | nat::REDIRECT,
         service_id: pending.service_id,
         ifindex: pending.ifindex,
     };
-    let (min, max) = match TP_NS_CONFIG.get(0) {
-        Some(config)
-            if config.snat_port_min != 0 && config.snat_port_max >= config.snat_port_min =>
-        {
-            (config.snat_port_min, config.snat_port_max)
-        }
-        _ => DEFAULT_SNAT_PORTS,
-    };
-    let range = u32::from(max) - u32::from(min) + 1;
+    let (min, range) = snat_ports();
     let start = unsafe { bpf_get_prandom_u32() } % range;
     let mut probe = 0;
     while probe < SNAT_PROBES {
@@ -478,6 +546,29 @@ fn snat_address(ifindex: u32, family: u8) -> Option<[u32; 4]> {
         (device.addr4 != 0).then_some([device.addr4, 0, 0, 0])
     } else {
         (device.addr6 != [0; 4]).then_some(device.addr6)
+    }
+}
+
+/// Logs a packet dropped for want of a backend: `externalTrafficPolicy: Local` without a
+/// node-local endpoint, or no endpoint at all.
+// A BPF subprogram of its own: the log record's code stays out of the callers' frames.
+#[inline(never)]
+fn log_no_backend(ctx: &TcContext, service: &Service) {
+    if service.flags & flags::TRAFFIC_POLICY_LOCAL != 0 {
+        if may_log(log_events::ETP_LOCAL_DROP) {
+            warn!(ctx, "etp_local_drop svc={}", service.id);
+        }
+    } else if may_log(log_events::NO_BACKEND) {
+        warn!(ctx, "no_backend svc={}", service.id);
+    }
+}
+
+/// Logs a packet dropped because every SNAT port tried was taken.
+// A BPF subprogram of its own: the log record's code stays out of the callers' frames.
+#[inline(never)]
+fn log_snat_exhausted(ctx: &TcContext, service_id: u32) {
+    if may_log(log_events::SNAT_EXHAUSTED) {
+        warn!(ctx, "snat_exhausted svc={}", service_id);
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// Fails the test unless it runs as root; `needs` says what for.
 pub fn require_root(needs: &str) {
@@ -25,4 +26,57 @@ pub fn run(command: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Everything the `tracing` subscriber of [`capture_logs`] wrote.
+static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+
+struct CapturedLog;
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends the `tracing` events of this test process to the buffer the functions below read.
+pub fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(|| CapturedLog)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Captured log lines with `needle` in them.
+pub fn log_lines_with(needle: &str) -> Vec<String> {
+    let logs = LOGS.lock().expect("log buffer");
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .filter(|line| line.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `count` log lines contain every one of `needles`.
+pub fn wait_for_log_lines(needles: &[&str], count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lines: Vec<String> = log_lines_with(needles[0])
+            .into_iter()
+            .filter(|line| needles.iter().all(|needle| line.contains(needle)))
+            .collect();
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {needles:?}: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -37,6 +37,9 @@ macro_rules! every_check {
             client_ip_affinity_holds_across_connections,
             a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing,
             killing_the_owner_with_sigkill_and_starting_another_loses_no_request,
+            one_client_port_through_two_frontends_to_one_backend_keeps_both_flows,
+            a_changed_device_address_becomes_the_snat_source_after_the_next_sync,
+            drops_are_logged_with_the_service_once_switched_on,
         );
 
         #[test]
@@ -60,7 +63,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures::executor::block_on;
-use host::{require_root, run};
+use host::{capture_logs, require_root, run, wait_for_log_lines};
 use topoproxy::dataplane::ebpf::north_south::{self, NorthSouthSettings};
 use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings};
 use topoproxy::dataplane::Dataplane as _;
@@ -282,10 +285,18 @@ impl World {
         &self,
         dataplane: EbpfDataplane,
     ) -> (EbpfDataplane, north_south::NorthSouthReport) {
+        self.attach_with(dataplane, NorthSouthSettings::default())
+    }
+
+    pub fn attach_with(
+        &self,
+        dataplane: EbpfDataplane,
+        settings: NorthSouthSettings,
+    ) -> (EbpfDataplane, north_south::NorthSouthReport) {
         within(&self.node, move || {
             let mut dataplane = dataplane;
             let report = dataplane
-                .attach_north_south(NorthSouthSettings::default())
+                .attach_north_south(settings)
                 .expect("attach the north-south programs")
                 .expect("no map switch pending in a fresh pin directory");
             (dataplane, report)
@@ -1030,4 +1041,179 @@ pub fn killing_the_owner_with_sigkill_and_starting_another_loses_no_request() {
             "the new owner's programs replaced the old ones"
         );
     }
+}
+
+/// Binds a socket of `kind` to `local` with `SO_REUSEADDR`, so two sockets can share one
+/// source port towards different destinations.
+fn bound_to(local: SocketAddr, kind: socket2::Type) -> socket2::Socket {
+    let protocol = if kind == socket2::Type::STREAM {
+        socket2::Protocol::TCP
+    } else {
+        socket2::Protocol::UDP
+    };
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, kind, Some(protocol)).expect("socket");
+    socket.set_reuse_address(true).expect("SO_REUSEADDR");
+    socket.bind(&local.into()).expect("bind the client port");
+    socket
+}
+
+/// A TCP connection from `local` to `target`, past the server's greeting (`name peer`).
+fn connect_from(
+    local: SocketAddr,
+    target: SocketAddr,
+) -> (TcpStream, BufReader<TcpStream>, String) {
+    let socket = bound_to(local, socket2::Type::STREAM);
+    socket
+        .connect_timeout(&target.into(), ANSWER_TIMEOUT)
+        .expect("connect from the shared port");
+    let stream = TcpStream::from(socket);
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting).expect("greeting");
+    (stream, reader, greeting.trim().to_owned())
+}
+
+/// One echo round trip on a held connection.
+fn echo(stream: &TcpStream, reader: &mut BufReader<TcpStream>, text: &str) -> String {
+    let mut stream = stream;
+    stream
+        .write_all(format!("{text}\n").as_bytes())
+        .expect("write");
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("echo");
+    line.trim().to_owned()
+}
+
+pub fn one_client_port_through_two_frontends_to_one_backend_keeps_both_flows() {
+    let (world, mut dataplane) = programmed();
+    // A second frontend whose only backend is the local pod, as NODE_PORT_LOCAL's is.
+    let mut desired = table();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        service(
+            &mut desired,
+            protocol,
+            (EXTERNAL_IP, NODE_PORT_LOCAL),
+            Frontend::ExternalIP,
+            TrafficPolicy::Local,
+            None,
+            &[LOCAL_POD],
+        );
+    }
+    sync(&mut dataplane, &desired);
+    let node_port = SocketAddr::new(NODE.parse().expect("ip"), NODE_PORT_LOCAL);
+    let external = SocketAddr::new(EXTERNAL_IP.parse().expect("ip"), NODE_PORT_LOCAL);
+    let local = SocketAddr::new(
+        CLIENT.parse().expect("ip"),
+        40_000 + (std::process::id() % 20_000) as u16,
+    );
+    within(&world.client, move || {
+        // Both flows would reach the pod as CLIENT:port -> pod:8080; the second must get
+        // another source port, and both keep working side by side.
+        let (first, mut first_reader, first_greeting) = connect_from(local, node_port);
+        let (second, mut second_reader, second_greeting) = connect_from(local, external);
+        assert_eq!(first_greeting, format!("local {CLIENT}"));
+        assert_eq!(
+            second_greeting,
+            format!("local {CLIENT}"),
+            "the client's address stays"
+        );
+        for round in 0..3 {
+            assert_eq!(
+                echo(&first, &mut first_reader, &format!("first-{round}")),
+                format!("first-{round}")
+            );
+            assert_eq!(
+                echo(&second, &mut second_reader, &format!("second-{round}")),
+                format!("second-{round}")
+            );
+        }
+
+        // UDP from one unconnected socket: every reply comes from the frontend asked.
+        let udp = UdpSocket::from(bound_to(local, socket2::Type::DGRAM));
+        udp.set_read_timeout(Some(ANSWER_TIMEOUT)).expect("timeout");
+        let mut buf = [0u8; 512];
+        for target in [node_port, external, node_port, external] {
+            udp.send_to(b"hello", target).expect("send");
+            let (len, from) = udp.recv_from(&mut buf).expect("a reply");
+            assert_eq!(from, target, "the reply shows the frontend that was asked");
+            assert_eq!(&buf[..len], format!("local {CLIENT}").as_bytes());
+        }
+    });
+}
+
+pub fn a_changed_device_address_becomes_the_snat_source_after_the_next_sync() {
+    let (world, dataplane) = programmed();
+    assert_eq!(
+        world.tcp_backends(EXTERNAL_IP, EXTERNAL_PORT),
+        [pair("remote", NODE_TO_REMOTE)].into()
+    );
+    // The node's address towards the remote node moves (as on a DHCP renewal).
+    let (n, link) = (&world.node, world.crosslink());
+    run(&format!(
+        "{IP} netns exec {n} sysctl -qw net.ipv4.conf.{link}.promote_secondaries=1 && \
+         {IP} -n {n} addr add 10.78.0.3/24 dev {link} && \
+         {IP} -n {n} addr del {NODE_TO_REMOTE}/24 dev {link} && \
+         {IP} -n {n} route replace 10.244.2.0/24 via 10.78.0.2"
+    ));
+    // After a sync the dataplane reads the devices again, in the agent's namespace.
+    let _dataplane = within(&world.node, move || {
+        let mut dataplane = dataplane;
+        block_on(dataplane.synced()).expect("the sync's end");
+        dataplane
+    });
+    assert_eq!(
+        world.tcp_backends(EXTERNAL_IP, EXTERNAL_PORT),
+        [pair("remote", "10.78.0.3")].into(),
+        "the remote pod sees the new address as the source"
+    );
+}
+
+pub fn drops_are_logged_with_the_service_once_switched_on() {
+    capture_logs();
+    let world = World::new();
+    // One SNAT port: a second flow to the same remote backend finds none free.
+    let settings = NorthSouthSettings {
+        snat_ports: (61_000, 61_000),
+        ..NorthSouthSettings::default()
+    };
+    let (mut dataplane, _) = world.attach_with(world.open(), settings);
+    sync(&mut dataplane, &table());
+    let tag = format!("ns-diag-{}", world.id);
+    let names = tag.clone();
+    dataplane
+        .start_datapath_log(std::sync::Arc::new(move |key: &VsKey| {
+            Some(format!("{names}/port-{}", key.port))
+        }))
+        .expect("start the datapath log readers");
+    dataplane
+        .set_datapath_log(topoproxy::dataplane::ebpf::DatapathLog {
+            events: topoproxy_common::log_events::ALL,
+            per_second: 100,
+        })
+        .expect("switch the datapath log on");
+
+    world
+        .tcp(NODE, NODE_PORT_LOCAL_EMPTY)
+        .expect_err("no local endpoint: dropped");
+    let dropped = wait_for_log_lines(&[tag.as_str(), "etp_local_drop"], 1);
+    assert!(
+        dropped[0].contains(&format!("port-{NODE_PORT_LOCAL_EMPTY}")),
+        "{dropped:?}"
+    );
+
+    let target = SocketAddr::new(EXTERNAL_IP.parse().expect("ip"), EXTERNAL_PORT);
+    let _held = within(&world.client, move || {
+        TcpStream::connect_timeout(&target, ANSWER_TIMEOUT).expect("the first flow takes the port")
+    });
+    world
+        .tcp(EXTERNAL_IP, EXTERNAL_PORT)
+        .expect_err("no SNAT port left for a second flow");
+    let exhausted = wait_for_log_lines(&[tag.as_str(), "snat_exhausted"], 1);
+    assert!(
+        exhausted[0].contains(&format!("port-{EXTERNAL_PORT}")),
+        "{exhausted:?}"
+    );
 }

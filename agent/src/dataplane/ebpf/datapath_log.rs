@@ -32,11 +32,13 @@ impl DatapathLog {
 }
 
 /// The event names accepted by `topoproxy datapath-log --events`, with their bits.
-pub const EVENT_NAMES: [(&str, u32); 4] = [
+pub const EVENT_NAMES: [(&str, u32); 6] = [
     ("no-backend", log_events::NO_BACKEND),
     ("tier-fallback", log_events::TIER_FALLBACK),
     ("slot-miss", log_events::SLOT_MISS),
     ("reply-ambiguous", log_events::REPLY_AMBIGUOUS),
+    ("etp-local-drop", log_events::ETP_LOCAL_DROP),
+    ("snat-exhausted", log_events::SNAT_EXHAUSTED),
 ];
 
 /// Parses `all`, `none` or a comma-separated list of [`EVENT_NAMES`].

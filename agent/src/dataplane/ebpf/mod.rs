@@ -156,13 +156,24 @@ pub struct EbpfDataplane {
     load_report: LoadReport,
     /// Fresh maps waiting for the whole table before the running programs switch to them.
     map_switch: Option<MapSwitch>,
-    /// North-south settings waiting for the map switch (the tc programs must read the maps
-    /// that hold the table).
-    north_south: Option<north_south::NorthSouthSettings>,
+    /// The north-south tc programs: their settings, and once attached (after the map switch:
+    /// they must read the maps that hold the table) the devices they run on.
+    north_south: Option<NorthSouth>,
     layout: SlotLayout,
-    /// Service id → virtual service, for the datapath log reader.
+    /// Service id → virtual service, for the datapath log readers.
     ids: ServiceIds,
+    /// Names for the log readers, once the agent gave them.
+    names: Option<ServiceNames>,
     log_reader: Option<LogReader>,
+    /// The tc programs' own log ring buffer (loaded apart from the socket programs).
+    north_south_log_reader: Option<LogReader>,
+}
+
+/// The north-south programs as the dataplane knows them.
+struct NorthSouth {
+    settings: north_south::NorthSouthSettings,
+    /// `None` until attached.
+    attached: Option<north_south::NorthSouthReport>,
 }
 
 impl EbpfDataplane {
@@ -178,7 +189,9 @@ impl EbpfDataplane {
             north_south: None,
             layout,
             ids: ServiceIds::default(),
+            names: None,
             log_reader: None,
+            north_south_log_reader: None,
         })
     }
 
@@ -191,10 +204,28 @@ impl EbpfDataplane {
     /// `names`.
     pub fn start_datapath_log(&mut self, names: ServiceNames) -> Result<(), EbpfError> {
         let program_id = loader::pinned_program_id(&self.settings.pin_dir)?;
-        let reader = LogReader::start(program_id, Arc::clone(&self.ids), names)
+        let reader = LogReader::start(program_id, Arc::clone(&self.ids), Arc::clone(&names))
             .map_err(|source| EbpfError::LogReader(Box::new(source)))?;
         self.log_reader = Some(reader);
+        self.names = Some(names);
         self.refresh_ids();
+        self.start_north_south_log()
+    }
+
+    /// Reads the tc programs' records too, once they are attached and names are known.
+    fn start_north_south_log(&mut self) -> Result<(), EbpfError> {
+        let program_id = self
+            .north_south
+            .as_ref()
+            .and_then(|ns| ns.attached.as_ref())
+            .and_then(|report| report.program_id);
+        let (Some(program_id), Some(names)) = (program_id, &self.names) else {
+            return Ok(());
+        };
+        // A new reader first: the old one reads a ring buffer no attached program writes.
+        let reader = LogReader::start(program_id, Arc::clone(&self.ids), Arc::clone(names))
+            .map_err(|source| EbpfError::LogReader(Box::new(source)))?;
+        self.north_south_log_reader = Some(reader);
         Ok(())
     }
 
@@ -229,23 +260,56 @@ impl EbpfDataplane {
         &mut self,
         settings: north_south::NorthSouthSettings,
     ) -> Result<Option<north_south::NorthSouthReport>, EbpfError> {
+        self.north_south = Some(NorthSouth {
+            settings,
+            attached: None,
+        });
         if self.map_switch.is_some() {
-            self.north_south = Some(settings);
             return Ok(None);
         }
-        north_south::attach(&self.settings.pin_dir, &settings).map(Some)
+        self.attach_north_south_now().map(Some)
     }
 
-    fn attach_pending_north_south(&mut self) -> Result<(), EbpfError> {
+    fn attach_north_south_now(&mut self) -> Result<north_south::NorthSouthReport, EbpfError> {
+        let Some(ns) = self.north_south.as_mut() else {
+            return Ok(north_south::NorthSouthReport::default());
+        };
+        let report = north_south::attach(&self.settings.pin_dir, &ns.settings)?;
+        ns.attached = Some(report.clone());
+        self.start_north_south_log()?;
+        Ok(report)
+    }
+
+    /// After a sync: attaches the tc programs if they waited for the map switch, else brings
+    /// them up to date with the node's devices and addresses.
+    fn refresh_north_south(&mut self) -> Result<(), EbpfError> {
         if self.map_switch.is_some() {
             return Ok(());
         }
-        let Some(settings) = self.north_south.take() else {
+        let Some(ns) = self.north_south.as_mut() else {
             return Ok(());
         };
-        let report = north_south::attach(&self.settings.pin_dir, &settings)?;
-        north_south::log_report(&report);
-        Ok(())
+        let Some(attached) = ns.attached.as_mut() else {
+            let report = self.attach_north_south_now()?;
+            north_south::log_report(&report);
+            return Ok(());
+        };
+        match north_south::refresh(&self.settings.pin_dir, &ns.settings, &attached.devices)? {
+            north_south::Refreshed::Unchanged => Ok(()),
+            north_south::Refreshed::Addresses(devices) => {
+                tracing::info!(
+                    devices = ?devices,
+                    "the north-south devices' addresses changed; SNAT sources rewritten"
+                );
+                attached.devices = devices;
+                Ok(())
+            }
+            north_south::Refreshed::Reattached(report) => {
+                north_south::log_report(&report);
+                ns.attached = Some(report);
+                self.start_north_south_log()
+            }
+        }
     }
 
     /// Whether programs still read maps other than this agent's (see [`Self::complete_map_switch`]).
@@ -382,7 +446,7 @@ impl Dataplane for EbpfDataplane {
 
     async fn synced(&mut self) -> Result<(), DataplaneError> {
         self.complete_map_switch()
-            .and_then(|()| self.attach_pending_north_south())
+            .and_then(|()| self.refresh_north_south())
             .map_err(|error| DataplaneError::read(NAME, error))
     }
 

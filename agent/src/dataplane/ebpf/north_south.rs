@@ -10,13 +10,19 @@
 //! programs into the pinned links in one `BPF_LINK_UPDATE`, so no packet goes unbalanced in
 //! between. Older kernels get a `clsact` qdisc and a netlink filter at a fixed priority and
 //! handle, replaced in place on each start; [`detach_netlink_filters`] removes them.
+//!
+//! Devices and their addresses change under a running agent (DHCP, a bond brought up later):
+//! [`refresh`] reads them again after every sync, rewrites the SNAT sources in place when only
+//! addresses moved, and attaches to new devices and detaches from gone ones otherwise.
 
 use std::ffi::{CStr, CString};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData};
+use std::borrow::BorrowMut;
+
+use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, TcHandle};
@@ -79,6 +85,22 @@ pub struct NorthSouthReport {
     pub replaced: usize,
     /// Netlink tc (kernel < 6.6) rather than tcx links.
     pub netlink: bool,
+    /// The devices as attached, with the addresses written for them.
+    pub devices: Vec<NodeDevice>,
+    /// `tp_ns_ingress`'s program id: the tc programs' log ring buffer is among its maps.
+    pub program_id: Option<u32>,
+}
+
+/// What [`refresh`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refreshed {
+    /// The same devices with the same addresses.
+    Unchanged,
+    /// The same devices; their addresses changed and the SNAT sources were rewritten.
+    Addresses(Vec<NodeDevice>),
+    /// Devices came or went: the programs were attached again (to the new set) and detached
+    /// from the devices no longer wanted.
+    Reattached(NorthSouthReport),
 }
 
 /// A device and the addresses the programs SNAT to when a packet leaves through it.
@@ -98,10 +120,8 @@ pub fn attach(
     pin_dir: &Path,
     settings: &NorthSouthSettings,
 ) -> Result<NorthSouthReport, EbpfError> {
-    let devices = match &settings.interfaces {
-        Interfaces::Off => return Ok(NorthSouthReport::default()),
-        Interfaces::Auto => node_devices(None)?,
-        Interfaces::Named(names) => node_devices(Some(names))?,
+    let Some(devices) = wanted_devices(settings)? else {
+        return Ok(NorthSouthReport::default());
     };
     let maps_dir = pin_dir.join(MAPS_DIR);
     let mut ebpf = EbpfLoader::new()
@@ -112,9 +132,15 @@ pub fn attach(
             source: Box::new(source),
         })?;
     // Devices and SNAT settings first: the programs must know their devices before a packet.
-    write_devices(&mut ebpf, &devices)?;
+    {
+        let map = ebpf
+            .map_mut(abi::maps::DEVICES)
+            .ok_or(EbpfError::MissingMap(abi::maps::DEVICES))?;
+        let mut map = HashMap::try_from(map).map_err(map_error("open"))?;
+        write_devices(&mut map, &devices)?;
+    }
     write_config(&mut ebpf, settings.snat_ports)?;
-    let netlink = !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    let netlink = uses_netlink();
     let mut report = NorthSouthReport {
         interfaces: devices.iter().map(|d| d.name.clone()).collect(),
         netlink,
@@ -123,6 +149,9 @@ pub fn attach(
     for (name, attach_type) in PROGRAMS {
         let program = classifier(&mut ebpf, name)?;
         program.load().map_err(program_error(name))?;
+        if report.program_id.is_none() {
+            report.program_id = program.info().ok().map(|info| info.id());
+        }
         for device in &devices {
             let replaced = if netlink {
                 attach_netlink(program, name, attach_type, &device.name)?
@@ -136,7 +165,77 @@ pub fn attach(
             }
         }
     }
+    report.devices = devices;
     Ok(report)
+}
+
+/// Reads the devices and their node addresses again and brings the tc programs up to date
+/// with them, against `known` (what the last [`attach`] or refresh found).
+pub fn refresh(
+    pin_dir: &Path,
+    settings: &NorthSouthSettings,
+    known: &[NodeDevice],
+) -> Result<Refreshed, EbpfError> {
+    let Some(devices) = wanted_devices(settings)? else {
+        return Ok(Refreshed::Unchanged);
+    };
+    if devices == known {
+        return Ok(Refreshed::Unchanged);
+    }
+    if same_devices(&devices, known) {
+        let path = pin_dir.join(MAPS_DIR).join(abi::maps::DEVICES);
+        let pinned = MapData::from_pin(&path).map_err(map_error("open pinned"))?;
+        let mut map = HashMap::try_from(Map::HashMap(pinned)).map_err(map_error("open"))?;
+        write_devices(&mut map, &devices)?;
+        return Ok(Refreshed::Addresses(devices));
+    }
+    let report = attach(pin_dir, settings)?;
+    for gone in known
+        .iter()
+        .filter(|old| report.devices.iter().all(|new| new.name != old.name))
+    {
+        detach_device(pin_dir, &gone.name, report.netlink)?;
+    }
+    Ok(Refreshed::Reattached(report))
+}
+
+/// The same devices (names and indexes), whatever their addresses.
+fn same_devices(a: &[NodeDevice], b: &[NodeDevice]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(a, b)| a.name == b.name && a.ifindex == b.ifindex)
+}
+
+/// Takes our programs off `device`: its pinned tcx links (unpinning the last reference
+/// detaches them), or its netlink filters. A device that is gone took them with it.
+fn detach_device(pin_dir: &Path, device: &str, netlink: bool) -> Result<(), EbpfError> {
+    for (name, attach_type) in PROGRAMS {
+        if netlink {
+            // Fails only when the device or the filter is gone already.
+            let _ = tc::qdisc_detach_program(device, attach_type, name);
+        } else {
+            loader::remove_if_present(&link_pin(pin_dir, name, device))?;
+        }
+    }
+    Ok(())
+}
+
+/// Kernels before 6.6 have no tcx: netlink `clsact` filters there.
+fn uses_netlink() -> bool {
+    !KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
+/// The devices `settings` names, with their addresses, sorted by name; `None` when
+/// north-south is off.
+fn wanted_devices(settings: &NorthSouthSettings) -> Result<Option<Vec<NodeDevice>>, EbpfError> {
+    let mut devices = match &settings.interfaces {
+        Interfaces::Off => return Ok(None),
+        Interfaces::Auto => node_devices(None)?,
+        Interfaces::Named(names) => node_devices(Some(names))?,
+    };
+    devices.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Some(devices))
 }
 
 /// Logs what [`attach`] did.
@@ -266,12 +365,10 @@ pub fn detach_netlink_filters() -> usize {
     removed
 }
 
-fn write_devices(ebpf: &mut Ebpf, devices: &[NodeDevice]) -> Result<(), EbpfError> {
-    let map = ebpf
-        .map_mut(abi::maps::DEVICES)
-        .ok_or(EbpfError::MissingMap(abi::maps::DEVICES))?;
-    let mut map: HashMap<&mut MapData, u32, Device> =
-        HashMap::try_from(map).map_err(map_error("open"))?;
+fn write_devices<T: BorrowMut<MapData>>(
+    map: &mut HashMap<T, u32, Device>,
+    devices: &[NodeDevice],
+) -> Result<(), EbpfError> {
     let stale: Vec<u32> = map
         .keys()
         .filter_map(Result::ok)
