@@ -12,7 +12,9 @@
 //! ```
 //!
 //! The tc programs are attached inside the node namespace with the default device choice
-//! (the devices holding node addresses: the two uplinks, not the pod's veth). Services are
+//! (the devices holding node addresses: the two uplinks, not the pod's veth). A check that
+//! wants two nodes balancing starts a second dataplane, with its own pins and tc programs, in
+//! the remote node ([`World::remote_agent`]), as a second agent would run there. Services are
 //! written through the `Dataplane` trait with ops from the agent's differ, into the same
 //! maps the socket programs read (those attach to an empty child cgroup here). Pod servers
 //! answer with their name and the peer address they see, so a check knows which backend
@@ -39,6 +41,7 @@ macro_rules! every_check {
             killing_the_owner_with_sigkill_and_starting_another_loses_no_request,
             one_client_port_through_two_frontends_to_one_backend_keeps_both_flows,
             a_changed_device_address_becomes_the_snat_source_after_the_next_sync,
+            two_nodes_balance_their_own_node_ports_and_answer_through_themselves,
             drops_are_logged_with_the_service_once_switched_on,
         );
 
@@ -80,6 +83,8 @@ pub const IP: &str = "/usr/sbin/ip";
 pub const CLIENT: &str = "10.77.0.2";
 pub const NODE: &str = "10.77.0.1";
 pub const NODE_TO_REMOTE: &str = "10.78.0.1";
+/// The remote node's address (towards the node; the client reaches it through the node).
+pub const REMOTE_NODE: &str = "10.78.0.2";
 pub const EXTERNAL_IP: &str = "10.77.100.10";
 pub const LOCAL_POD: &str = "10.244.1.10";
 pub const REMOTE_POD: &str = "10.244.2.10";
@@ -206,7 +211,8 @@ impl World {
              {IP} -n {c} addr add {CLIENT6}/64 dev tnc{id} nodad && \
              {IP} -n {n} addr add {NODE6}/64 dev {} nodad && \
              {IP} -n {c} route add fd77:100::/64 via {NODE6} && \
-             {IP} -n {c} route add 10.244.0.0/16 via {NODE}",
+             {IP} -n {c} route add 10.244.0.0/16 via {NODE} && \
+             {IP} -n {c} route add 10.78.0.0/24 via {NODE}",
             self.uplink(),
             self.uplink(),
             self.uplink(),
@@ -216,8 +222,8 @@ impl World {
         run(&format!(
             "{IP} -n {n} link add {} type veth peer name tnr{id} netns {r} && \
              {IP} -n {n} addr add {NODE_TO_REMOTE}/24 dev {} && {IP} -n {n} link set {} up && \
-             {IP} -n {r} addr add 10.78.0.2/24 dev tnr{id} && {IP} -n {r} link set tnr{id} up && \
-             {IP} -n {n} route add 10.244.2.0/24 via 10.78.0.2 && \
+             {IP} -n {r} addr add {REMOTE_NODE}/24 dev tnr{id} && {IP} -n {r} link set tnr{id} up && \
+             {IP} -n {n} route add 10.244.2.0/24 via {REMOTE_NODE} && \
              {IP} -n {r} route add default via {NODE_TO_REMOTE} && \
              {IP} -n {n} addr add {NODE_TO_REMOTE6}/64 dev {} nodad && \
              {IP} -n {r} addr add fd78::2/64 dev tnr{id} nodad && \
@@ -323,7 +329,6 @@ impl World {
             .collect()
     }
 
-    /// The ids of the programs attached to the node's devices through tcx.
     /// `(backend, peer it saw)` of [`TRIES`] UDP datagrams to `address:port`, each answer
     /// checked to come back from that frontend.
     pub fn udp_backends(&self, address: &str, port: u16) -> BTreeSet<(String, String)> {
@@ -339,6 +344,7 @@ impl World {
             .collect()
     }
 
+    /// The ids of the programs attached to the node's devices through tcx.
     pub fn tcx_program_ids(&self) -> BTreeSet<u32> {
         let devices = [self.uplink(), self.crosslink()];
         within(&self.node, move || {
@@ -372,6 +378,100 @@ impl World {
             count
         })
     }
+}
+
+/// The remote node's own dataplane (pins, cgroup, tc programs on its uplink), removed on drop.
+pub struct RemoteAgent {
+    pub settings: EbpfSettings,
+    pub dataplane: Option<EbpfDataplane>,
+}
+
+impl World {
+    /// Starts a dataplane in the remote node, as its own agent would: tc on its device towards
+    /// the node, and its NodePorts (`remote_table`) programmed.
+    pub fn remote_agent(&self) -> RemoteAgent {
+        let name = format!("topoproxy-ns-test-{}-r", self.id);
+        let cgroup = self.cgroup.with_file_name(&name);
+        let mut agent = RemoteAgent {
+            settings: EbpfSettings {
+                pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+                cgroup_path: Some(cgroup.clone()),
+            },
+            dataplane: None,
+        };
+        std::fs::create_dir(&cgroup).expect("create the remote node's cgroup");
+        let dataplane =
+            EbpfDataplane::open(agent.settings.clone()).expect("open the remote dataplane");
+        let (mut dataplane, report) = within(&self.remote, move || {
+            let mut dataplane = dataplane;
+            let report = dataplane
+                .attach_north_south(NorthSouthSettings::default())
+                .expect("attach the remote node's tc programs")
+                .expect("no map switch pending in a fresh pin directory");
+            (dataplane, report)
+        });
+        assert_eq!(report.interfaces, [format!("tnr{}", self.id)]);
+        sync(&mut dataplane, &remote_table());
+        agent.dataplane = Some(dataplane);
+        agent
+    }
+}
+
+impl Drop for RemoteAgent {
+    fn drop(&mut self) {
+        drop(self.dataplane.take());
+        let _ = cleanup(&self.settings);
+        if let Some(cgroup) = &self.settings.cgroup_path {
+            let _ = std::fs::remove_dir(cgroup);
+        }
+    }
+}
+
+/// The remote node's frontends: NodePorts on its address, the remote pod being its local one.
+pub fn remote_table() -> ProgrammedTable {
+    use Frontend::NodePort;
+    use TrafficPolicy::*;
+    let frontends: Frontends<3> = [
+        (
+            REMOTE_NODE,
+            NODE_PORT,
+            NodePort,
+            Cluster,
+            None,
+            &[LOCAL_POD, REMOTE_POD],
+        ),
+        (
+            REMOTE_NODE,
+            NODE_PORT_LOCAL,
+            NodePort,
+            Local,
+            None,
+            &[REMOTE_POD],
+        ),
+        (
+            REMOTE_NODE,
+            NODE_PORT_LOCAL_EMPTY,
+            NodePort,
+            Local,
+            None,
+            &[],
+        ),
+    ];
+    let mut t = ProgrammedTable::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        for (address, port, kind, policy, affinity, backends) in frontends {
+            service(
+                &mut t,
+                protocol,
+                (address, port),
+                kind,
+                policy,
+                affinity,
+                backends,
+            );
+        }
+    }
+    t
 }
 
 impl Drop for World {
@@ -1215,5 +1315,43 @@ pub fn drops_are_logged_with_the_service_once_switched_on() {
     assert!(
         exhausted[0].contains(&format!("port-{EXTERNAL_PORT}")),
         "{exhausted:?}"
+    );
+}
+
+pub fn two_nodes_balance_their_own_node_ports_and_answer_through_themselves() {
+    let (world, _dataplane) = programmed();
+    let _remote = world.remote_agent();
+    // Through the remote node: its local pod sees the client, the pod on the other node sees
+    // the remote node's address (SNAT there), and every answer comes back from the frontend
+    // asked, so through the remote node.
+    assert_eq!(
+        world.tcp_backends(REMOTE_NODE, NODE_PORT),
+        [pair("remote", CLIENT), pair("local", REMOTE_NODE)].into()
+    );
+    assert_eq!(
+        world.udp_backends(REMOTE_NODE, NODE_PORT),
+        [pair("remote", CLIENT), pair("local", REMOTE_NODE)].into()
+    );
+    // Through the node, as before, while the remote node's programs see the SNATed legs
+    // pass and leave them alone.
+    assert_eq!(
+        world.tcp_backends(NODE, NODE_PORT),
+        [pair("local", CLIENT), pair("remote", NODE_TO_REMOTE)].into()
+    );
+    // Local policy on each node: its own pod only, the client's address kept.
+    assert_eq!(
+        world.tcp_backends(REMOTE_NODE, NODE_PORT_LOCAL),
+        [pair("remote", CLIENT)].into()
+    );
+    assert_eq!(
+        world.tcp_backends(NODE, NODE_PORT_LOCAL),
+        [pair("local", CLIENT)].into()
+    );
+    let error = world
+        .tcp(REMOTE_NODE, NODE_PORT_LOCAL_EMPTY)
+        .expect_err("no local endpoint on the remote node: no connection");
+    assert!(
+        matches!(error.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "expected a drop (timeout), got {error}"
     );
 }
