@@ -32,6 +32,7 @@ macro_rules! every_check {
         $test!(
             node_port_reaches_local_and_remote_backends_with_the_right_sources,
             external_ip_reaches_a_remote_backend,
+            load_balancer_ip_reaches_local_and_remote_backends,
             udp_node_port_and_external_ip_answer_from_the_frontend,
             local_policy_keeps_the_client_address_and_drops_without_a_local_endpoint,
             non_service_traffic_to_the_node_is_untouched,
@@ -86,6 +87,8 @@ pub const NODE_TO_REMOTE: &str = "10.78.0.1";
 /// The remote node's address (towards the node; the client reaches it through the node).
 pub const REMOTE_NODE: &str = "10.78.0.2";
 pub const EXTERNAL_IP: &str = "10.77.100.10";
+/// A `status.loadBalancer.ingress` IP, routed to the node as a cloud load balancer would.
+pub const LB_IP: &str = "10.77.100.20";
 pub const LOCAL_POD: &str = "10.244.1.10";
 pub const REMOTE_POD: &str = "10.244.2.10";
 pub const CLIENT6: &str = "fd77::2";
@@ -602,8 +605,6 @@ pub fn service(
     );
 }
 
-/// The table every test programs: NodePorts (Cluster, Local, Local without a local endpoint,
-/// with affinity), an externalIP, UDP, and a ClusterIP the tc path must leave alone.
 /// A frontend of the test table: address, port, kind, policy, affinity timeout, backends.
 pub type Frontends<const N: usize> = [(
     &'static str,
@@ -614,6 +615,9 @@ pub type Frontends<const N: usize> = [(
     &'static [&'static str],
 ); N];
 
+/// The table every test programs: NodePorts (Cluster, Local, Local without a local endpoint,
+/// with affinity), an externalIP, a load-balancer IP, UDP, and a ClusterIP the tc path must
+/// leave alone.
 pub fn table() -> ProgrammedTable {
     use Frontend::*;
     use TrafficPolicy::*;
@@ -655,7 +659,15 @@ pub fn table() -> ProgrammedTable {
             &[REMOTE_POD6],
         ),
     ];
-    let tcp_only: Frontends<2> = [
+    let tcp_only: Frontends<3> = [
+        (
+            LB_IP,
+            EXTERNAL_PORT,
+            LoadBalancer,
+            Cluster,
+            None,
+            &[LOCAL_POD, REMOTE_POD],
+        ),
         (
             NODE,
             NODE_PORT_AFFINITY,
@@ -922,6 +934,14 @@ pub fn external_ip_reaches_a_remote_backend() {
     assert_eq!(
         world.tcp_backends(EXTERNAL_IP, EXTERNAL_PORT),
         [pair("remote", NODE_TO_REMOTE)].into()
+    );
+}
+
+pub fn load_balancer_ip_reaches_local_and_remote_backends() {
+    let (world, _dataplane) = programmed();
+    assert_eq!(
+        world.tcp_backends(LB_IP, EXTERNAL_PORT),
+        [pair("local", CLIENT), pair("remote", NODE_TO_REMOTE)].into()
     );
 }
 
