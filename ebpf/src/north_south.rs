@@ -37,7 +37,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap},
     programs::TcContext,
 };
-use aya_log_ebpf::warn;
+use aya_log_ebpf::{info, warn};
 use topoproxy_common::{
     flags, log_events,
     north_south::{
@@ -305,6 +305,9 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
         log_no_backend(ctx, service);
         return DROP;
     }
+    if tiers.is_fallback() {
+        log_tier_fallback(ctx, service.id, &tiers);
+    }
     if !choose(service, &tiers, packet, chosen) {
         return DROP;
     }
@@ -560,6 +563,17 @@ fn log_no_backend(ctx: &TcContext, service: &Service) {
         }
     } else if may_log(log_events::NO_BACKEND) {
         warn!(ctx, "no_backend svc={}", service.id);
+    }
+}
+
+/// Logs a new flow served by a farther tier because the nearer ones are empty.
+// A BPF subprogram of its own: the log record's code stays out of the callers' frames.
+#[inline(never)]
+fn log_tier_fallback(ctx: &TcContext, service_id: u32, tiers: &TierView) {
+    if let Some(nearest) = tiers.nearest {
+        if may_log(log_events::TIER_FALLBACK) {
+            info!(ctx, "tier_fallback svc={} tier={}", service_id, nearest);
+        }
     }
 }
 

@@ -1300,7 +1300,31 @@ pub fn drops_are_logged_with_the_service_once_switched_on() {
         ..NorthSouthSettings::default()
     };
     let (mut dataplane, _) = world.attach_with(world.open(), settings);
-    sync(&mut dataplane, &table());
+    // A NodePort whose only backend is in a farther tier: every flow is a fallback.
+    let mut desired = table();
+    let fallback = (NODE, NODE_PORT_AFFINITY + 1);
+    service(
+        &mut desired,
+        Protocol::Tcp,
+        fallback,
+        Frontend::NodePort,
+        TrafficPolicy::Cluster,
+        None,
+        &[LOCAL_POD],
+    );
+    for destination in desired
+        .get_mut(&VsKey::new(
+            Protocol::Tcp,
+            NODE.parse().expect("ip"),
+            fallback.1,
+        ))
+        .expect("the fallback NodePort")
+        .destinations
+        .values_mut()
+    {
+        destination.tier = 1;
+    }
+    sync(&mut dataplane, &desired);
     let tag = format!("ns-diag-{}", world.id);
     let names = tag.clone();
     dataplane
@@ -1331,6 +1355,16 @@ pub fn drops_are_logged_with_the_service_once_switched_on() {
     world
         .tcp(EXTERNAL_IP, EXTERNAL_PORT)
         .expect_err("no SNAT port left for a second flow");
+    assert_eq!(
+        world
+            .tcp(fallback.0, fallback.1)
+            .expect("served from tier 1")
+            .0,
+        "local"
+    );
+    let fell_back = wait_for_log_lines(&[tag.as_str(), "tier_fallback"], 1);
+    assert!(fell_back[0].contains("tier=1"), "{fell_back:?}");
+
     let exhausted = wait_for_log_lines(&[tag.as_str(), "snat_exhausted"], 1);
     assert!(
         exhausted[0].contains(&format!("port-{EXTERNAL_PORT}")),
