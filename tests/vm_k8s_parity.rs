@@ -1454,6 +1454,218 @@ async fn topoproxy_programs_what_kube_proxy_programs() {
     );
 }
 
+/// North-south through either twin (issue 9, item 4), kube-proxy's node and topoproxy's held
+/// to the same checks from a client outside the cluster: an externalIP, a NodePort and a
+/// load-balancer IP with a pod on node-b (masqueraded: the pod sees the node that forwarded),
+/// `externalTrafficPolicy: Local` (the twin's own pod, which sees the client), Local without a
+/// local endpoint (no connection through either: topoproxy refuses, kube-proxy forwards to
+/// node-b unmasqueraded and the reply misses the client), and a pod reaching itself through
+/// its Service (hairpin).
+#[tokio::test]
+#[ignore = "needs the VM and a control plane on the host: cargo xtask vm-test"]
+async fn north_south_through_either_twin_as_kube_proxy_does() {
+    let mut world = World::build(&[(KP, KP_INDEX), (TP, TP_INDEX), (NODE_B, B_INDEX)]);
+    let client = admin_client().await;
+    create_nodes(&client).await;
+    create_namespace(&client, "tp-marker").await;
+    let twins = Twins {
+        kube_proxy: start_kube_proxy(&world),
+        topoproxy: start_topoproxy(&world),
+        kp_netns: world.node(KP).netns.clone(),
+        tp_netns: world.node(TP).netns.clone(),
+    };
+    let mut cluster = Cluster {
+        client: client.clone(),
+        next_pod: NS_FIRST_POD,
+        marker: 0,
+    };
+    cluster.marker(&twins).await;
+
+    let scenario = north_south_scenario();
+    let mut run = Running {
+        scenario: &scenario,
+        namespace: "tp-north-south".to_owned(),
+        expected: BTreeMap::new(),
+        scope: Scope::default(),
+        found: Vec::new(),
+    };
+    apply_step(&mut cluster, &mut run, 0).await;
+    settle_step(&cluster, &mut run, 0).await;
+    // The pods behind the nodes, as the API placed them, each answering `address peer`.
+    for address in run.expected.keys() {
+        let ip: std::net::Ipv4Addr = address.parse().expect("an IPv4 pod address");
+        let [_, _, index, n] = ip.octets();
+        let node = [KP, TP, NODE_B][usize::from(index) - 1];
+        let netns = world.add_pod(node, n).netns.clone();
+        world::serve_peer_in(
+            &format!("/run/netns/{netns}"),
+            SocketAddr::new(ip.into(), 8080),
+            address.clone(),
+        );
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), &run.namespace);
+    let hairpin_ip: IpAddr = services
+        .get("ns-hairpin")
+        .await
+        .expect("the hairpin Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .and_then(|ip| ip.parse().ok())
+        .expect("its ClusterIP");
+    twins
+        .wait_for_address(hairpin_ip, "the hairpin Service")
+        .await;
+    cluster.marker(&twins).await;
+
+    let mut failures = Vec::new();
+    for (node, index, agent) in [(KP, KP_INDEX, "kube-proxy"), (TP, TP_INDEX, "topoproxy")] {
+        failures.extend(
+            north_south_checks(&world, node, index, hairpin_ip)
+                .into_iter()
+                .map(|f| format!("{agent} on {node}: {f}")),
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "north-south differs from what is expected:\n{}\n--- kube-proxy ---\n{}\n--- topoproxy ---\n{}",
+        failures.join("\n"),
+        twins.kube_proxy.log_tail(20),
+        twins.topoproxy.log_tail(20)
+    );
+}
+
+/// The first pod host number of the north-south test (below the corpus's, which starts at 10
+/// in its own run; the two tests build separate worlds).
+const NS_FIRST_POD: u8 = 40;
+const NS_EXTERNAL_IP: &str = "198.51.100.10";
+const NS_LB_IP: &str = "198.51.100.20";
+const NS_LOCAL_EXTERNAL_IP: &str = "198.51.100.11";
+const OUTSIDE_CLIENT: &str = "192.168.100.2";
+
+/// The Services and pods of the north-south test. Pod host numbers follow the order of the
+/// pod list: 40 ns-cluster (node-b), 41 ns-local (twins), 42 ns-local (node-b),
+/// 43 ns-elsewhere (node-b), 44 ns-hairpin (twins).
+fn north_south_scenario() -> Scenario {
+    let node_port = |port: u16| {
+        json!([{"name": "http", "port": 80, "targetPort": "http",
+                                       "protocol": "TCP", "nodePort": port}])
+    };
+    scenario(
+        "north-south",
+        Step {
+            objects: vec![
+                service(
+                    "ns-cluster",
+                    json!({"spec": {"type": "LoadBalancer", "externalIPs": [NS_EXTERNAL_IP],
+                                    "externalTrafficPolicy": "Cluster",
+                                    "ports": node_port(30100)}}),
+                ),
+                service(
+                    "ns-local",
+                    json!({"spec": {"type": "NodePort", "externalIPs": [NS_LOCAL_EXTERNAL_IP],
+                                    "externalTrafficPolicy": "Local",
+                                    "ports": node_port(30101)}}),
+                ),
+                service(
+                    "ns-elsewhere",
+                    json!({"spec": {"type": "NodePort", "externalTrafficPolicy": "Local",
+                                    "ports": node_port(30102)}}),
+                ),
+                service(
+                    "ns-hairpin",
+                    json!({"spec": {"internalTrafficPolicy": "Local"}}),
+                ),
+            ],
+            pods: vec![
+                pod("ns-cluster", Place::ZoneB, State::Ready),
+                pod("ns-local", Place::Twins, State::Ready),
+                pod("ns-local", Place::ZoneB, State::Ready),
+                pod("ns-elsewhere", Place::ZoneB, State::Ready),
+                pod("ns-hairpin", Place::Twins, State::Ready),
+            ],
+            lb_status: vec![("ns-cluster", json!({"ingress": [{"ip": NS_LB_IP}]}))],
+            ..Step::default()
+        },
+    )
+}
+
+/// The checks through one twin; returns what failed.
+fn north_south_checks(world: &World, node: &str, index: u8, hairpin_ip: IpAddr) -> Vec<String> {
+    let node_ip = world.node(node).address().to_string();
+    // The outside world's router sends the Service addresses to this twin.
+    world::sh(
+        world::IP,
+        &["route", "replace", "198.51.100.0/24", "via", &node_ip],
+    );
+    let outside = format!("/run/netns/{}", world.outside);
+    let remote_pod = format!("10.244.{B_INDEX}.{NS_FIRST_POD}");
+    let local_pod = format!("10.244.{index}.{}", NS_FIRST_POD + 1);
+    let hairpin_pod = format!("10.244.{index}.{}", NS_FIRST_POD + 4);
+    let mut failures = Vec::new();
+    let mut expect = |what: &str, from: &str, target: SocketAddr, want: Option<(&str, &str)>| {
+        let got = answer_within(from, target, want.is_some());
+        let ok = match (&got, want) {
+            (Ok(text), Some((pod, peer))) => text == &format!("{pod} {peer}"),
+            (Err(_), None) => true,
+            _ => false,
+        };
+        if !ok {
+            failures.push(format!("{what} ({target}): want {want:?}, got {got:?}"));
+        }
+    };
+    let at = |ip: &str, port: u16| SocketAddr::new(ip.parse().expect("an address"), port);
+    // Cluster policy, the only pod on node-b: masqueraded to the twin's address.
+    let masqueraded = Some((remote_pod.as_str(), node_ip.as_str()));
+    expect("externalIP", &outside, at(NS_EXTERNAL_IP, 80), masqueraded);
+    expect("NodePort", &outside, at(&node_ip, 30100), masqueraded);
+    expect("LB ingress IP", &outside, at(NS_LB_IP, 80), masqueraded);
+    // Local policy: the twin's own pod, which sees the client.
+    let kept = Some((local_pod.as_str(), OUTSIDE_CLIENT));
+    expect("Local NodePort", &outside, at(&node_ip, 30101), kept);
+    expect(
+        "Local externalIP",
+        &outside,
+        at(NS_LOCAL_EXTERNAL_IP, 80),
+        kept,
+    );
+    // Local without a local endpoint: no connection either way. topoproxy programs no real
+    // server; kube-proxy's IPVS mode programs the cluster's endpoints (DEVIATIONS) but does
+    // not masquerade, so the pod on node-b answers from its own address and the client drops
+    // it (docs/parity.md).
+    expect(
+        "Local NodePort, no local endpoint",
+        &outside,
+        at(&node_ip, 30102),
+        None,
+    );
+    // Hairpin: the pod reaches itself through its ClusterIP (internalTrafficPolicy Local
+    // leaves only itself).
+    let pod_netns = format!("/run/netns/tpp-{index}-{}", NS_FIRST_POD + 4);
+    let hairpin = SocketAddr::new(hairpin_ip, 80);
+    match answer_within(&pod_netns, hairpin, true) {
+        Ok(text) if text.split(' ').next() == Some(hairpin_pod.as_str()) => {}
+        other => failures.push(format!("hairpin ({hairpin}): got {other:?}")),
+    }
+    failures
+}
+
+/// What `target` answers from `netns_path`; retried for a few seconds when an answer is
+/// expected (the tables may still be filling), asked once more when it is not.
+fn answer_within(
+    netns_path: &str,
+    target: SocketAddr,
+    answer_expected: bool,
+) -> std::io::Result<String> {
+    let deadline = Instant::now() + AGREE;
+    loop {
+        let got = world::ask_from(netns_path, target);
+        if got.is_ok() || !answer_expected || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[test]
 fn relabelling_names_addresses_relative_to_the_reader() {
     let ip = |s: &str| s.parse::<IpAddr>().expect("an address");

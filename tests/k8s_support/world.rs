@@ -410,6 +410,23 @@ pub fn serve_in(netns_path: &str, address: SocketAddr, reply: &'static str, coun
     });
 }
 
+/// A TCP server on a thread inside a namespace that answers every connection with `name`
+/// and the peer address it sees (`name peer`), for as long as the test process runs.
+pub fn serve_peer_in(netns_path: &str, address: SocketAddr, name: String) {
+    let path = netns_path.to_owned();
+    let listener = within_netns(&path, move || TcpListener::bind(address))
+        .unwrap_or_else(|e| panic!("binding {address}: {e}"));
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let peer = stream
+                .peer_addr()
+                .map(|p| p.ip().to_string())
+                .unwrap_or_default();
+            let _ = stream.write_all(format!("{name} {peer}").as_bytes());
+        }
+    });
+}
+
 /// Connects from inside a namespace and returns what the server said.
 pub fn ask_from(netns_path: &str, address: SocketAddr) -> std::io::Result<String> {
     within_netns(netns_path, move || {
