@@ -185,28 +185,11 @@ impl World {
     pub(super) fn outside_step(&self) -> Result<()> {
         let zone = &self.node.zone;
         let expected = self.local(FRONTEND);
-        let service = PROBES[FRONTEND].service;
         section(&format!(
-            "4. A client outside the node reaches {service}'s NodePort and externalIP, through tc"
+            "4. A client outside the node reaches {}'s NodePort and externalIP, through tc",
+            PROBES[FRONTEND].service
         ));
-        println!(
-            "   The outside client ({}, {CLIENT}) is in no cgroup of the demo, so no socket program sees",
-            netns()
-        );
-        println!(
-            "   its connects. Its packets cross the uplink to {UPLINK} in {}, where the agent's tc",
-            self.node.netns()
-        );
-        println!(
-            "   programs (--north-south-interfaces {UPLINK}) DNAT them to a backend; the pods' replies"
-        );
-        println!("   get the frontend back as their source on the way out.");
-        println!(
-            "   {service} asks trafficDistribution PreferClose and has ready {zone} pods, so from {}",
-            self.node.name
-        );
-        println!("   the tc path draws from the same tier as the socket path: expect");
-        println!("   {} only, while they are ready.", self.names(&expected));
+        self.explain_outside(&expected);
         println!("   The agent logged: {}", self.wait_for_tc()?);
         self.show_plan(&self.outside, true)?;
         println!("   The outside client (in {}):", netns());
@@ -255,7 +238,30 @@ impl World {
         }
     }
 
-    /// Waits until the agent logs its tc programs attached to the uplink; returns that line.
+    /// What the outside client goes through, and which pods the operator should see answer.
+    fn explain_outside(&self, expected: &BTreeSet<usize>) {
+        let (node, zone, service) = (&self.node, &self.node.zone, PROBES[FRONTEND].service);
+        println!(
+            "   The client in {} ({CLIENT}) is in no cgroup of the demo: no socket program",
+            netns()
+        );
+        println!(
+            "   sees its connects. Its packets cross the uplink to {UPLINK} in {}, where",
+            node.netns()
+        );
+        println!("   the agent's tc programs (--north-south-interfaces {UPLINK}) DNAT them to a");
+        println!("   backend and give the replies the frontend back as their source.");
+        println!(
+            "   {service} asks trafficDistribution PreferClose and has ready {zone} pods: from"
+        );
+        println!(
+            "   {} the tc path draws from the same tier as the socket path. Expect",
+            node.name
+        );
+        println!("   {} only, while they are ready.", self.names(expected));
+    }
+
+    /// Waits until the agent logs its tc programs attached to the uplink; returns that message.
     fn wait_for_tc(&self) -> Result<String> {
         let path = self.root.join("agent.log");
         let started = Instant::now();
@@ -263,11 +269,13 @@ impl World {
             check_interrupted()?;
             let log = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            if let Some(line) = log
+            // From the message on: the timestamp and level say nothing here.
+            let found = log
                 .lines()
-                .find(|line| line.contains(ATTACHED_LOG) && line.contains(UPLINK))
-            {
-                return Ok(line.trim().to_owned());
+                .filter(|line| line.contains(UPLINK))
+                .find_map(|line| line.find(ATTACHED_LOG).map(|at| &line[at..]));
+            if let Some(message) = found {
+                return Ok(message.trim().to_owned());
             }
             if started.elapsed() > CONVERGE_TIMEOUT {
                 bail!(
