@@ -1,21 +1,32 @@
 //! `cargo xtask demo`: the bundled example cluster on this machine, with real traffic through
 //! the agent in eBPF mode. A client on one node (default `node-b1`, zone-b) reaches only its
 //! zone's pods; when they stop it falls back to the other zones; when they return, so does
-//! the traffic. Every step checks what it shows and the task exits non-zero if one did not
-//! behave; the world it builds is removed afterwards (unless `--keep`).
+//! the traffic. Then a client outside the node reaches shop/frontend's NodePort (on the
+//! node's InternalIP) and externalIP through the agent's north-south tc programs, answered by
+//! the same zone's pods. Every step checks what it shows and the task exits non-zero if one
+//! did not behave; the world it builds is removed afterwards (unless `--keep`).
 //!
 //! The world, all named `topoproxy-demo` / `tpdemo-*`:
 //! - a copy of `examples/cluster` in `/tmp/topoproxy-demo/cluster`, the agent's `--source`;
 //!   pods "stop" as the kubelet and the EndpointSlice controller would show it: their
 //!   endpoints turn `ready: false, serving: false` in that copy;
-//! - a node network namespace `tpdemo-<node>` holding the client, with the node's InternalIP
-//!   on its loopback and one veth per pod, routed by /32 (as a CNI would);
+//! - a node network namespace `tpdemo-<node>` holding the client and the agent, with the
+//!   node's InternalIP on its loopback and one veth per pod, routed by /32 (as a CNI would);
+//! - an outside namespace `tpdemo-outside` joined to the node by the veth `tpd-uplink`
+//!   (10.255.0.2 ↔ 10.255.0.1), routing the node's InternalIP and shop/frontend's externalIP
+//!   via the node (see `demo/outside.rs`); the pods route the client's range back via the
+//!   node's address and the node forwards;
 //! - one namespace per pod of the demo Services (kube-dns, shop/frontend) with the pod's
 //!   example address, where this binary (`--role serve`) answers `<pod> <zone>` over TCP and
 //!   UDP;
 //! - a child cgroup `topoproxy-demo` under the cgroup2 mount: the agent attaches its programs
 //!   there and the client joins it, so the host's own processes are never translated;
-//! - the agent, `topoproxy run --proxy-mode ebpf`, pinning in `/sys/fs/bpf/topoproxy-demo`.
+//! - the agent, `topoproxy run --proxy-mode ebpf`, pinning in `/sys/fs/bpf/topoproxy-demo`,
+//!   run inside the node namespace with `--north-south-interfaces tpd-uplink`: its tc
+//!   programs go on that veth only (never on the machine's own devices, which the demo does
+//!   not touch), and its `/metrics` and `/healthz` listen on that namespace's loopback, read
+//!   from a thread that enters it. The socket programs (cgroup) and pins are not tied to a
+//!   network namespace.
 //!
 //! Processes enter namespaces through `nsenter --net=` (`ip netns exec` remounts /sys and
 //! hides the cgroup mount). They run in their own process groups, so Ctrl-C reaches only this
@@ -25,14 +36,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use serde_json::Value;
+
+mod outside;
 
 const PIN_DIR: &str = "/sys/fs/bpf/topoproxy-demo";
 const CGROUP_NAME: &str = "topoproxy-demo";
@@ -84,9 +98,12 @@ impl Proto {
     }
 }
 
-/// A Service port the client exercises: a ClusterIP of the example cluster.
+/// A Service port a client exercises: a frontend (ClusterIP, NodePort, ExternalIP) of the
+/// example cluster.
 struct Probe {
     service: &'static str,
+    /// The frontend kind as the plan names it.
+    frontend: &'static str,
     protocol: Proto,
     vip: Ipv4Addr,
     port: u16,
@@ -100,28 +117,44 @@ impl Probe {
     fn label(&self) -> String {
         format!("{} {}:{}", self.protocol.upper(), self.vip, self.port)
     }
+
+    /// The Service, and the frontend kind unless it is the ClusterIP.
+    fn what(&self) -> String {
+        if self.frontend == "ClusterIP" {
+            self.service.to_owned()
+        } else {
+            format!("{} {}", self.service, self.frontend)
+        }
+    }
 }
 
 const PROBES: [Probe; 3] = [
     Probe {
         service: "kube-system/kube-dns",
+        frontend: "ClusterIP",
         protocol: Proto::Udp,
         vip: Ipv4Addr::new(10, 96, 0, 10),
         port: 53,
     },
     Probe {
         service: "kube-system/kube-dns",
+        frontend: "ClusterIP",
         protocol: Proto::Tcp,
         vip: Ipv4Addr::new(10, 96, 0, 10),
         port: 53,
     },
     Probe {
         service: "shop/frontend",
+        frontend: "ClusterIP",
         protocol: Proto::Tcp,
         vip: Ipv4Addr::new(10, 96, 20, 10),
         port: 80,
     },
 ];
+
+/// The index in [`PROBES`] of shop/frontend, whose NodePort and externalIP the outside client
+/// reaches.
+const FRONTEND: usize = 2;
 
 type VsKey = (Proto, SocketAddrV4);
 
@@ -314,6 +347,9 @@ struct World {
     pods: Vec<Pod>,
     /// Per probe: indices into `pods` of its backends.
     backends: Vec<Vec<usize>>,
+    /// shop/frontend's NodePort on the node address and its externalIPs, for the outside
+    /// client (their backends are the ClusterIP's: `backends[FRONTEND]`).
+    outside: Vec<Probe>,
     /// The source files as copied, for restoring.
     originals: BTreeMap<PathBuf, String>,
     metrics: SocketAddr,
@@ -342,6 +378,7 @@ impl World {
         let plan = plan_json(&binaries.topoproxy, &source, node)?;
         let node = node_info(&originals, node)?;
         let (pods, backends) = pods_from_plan(&plan)?;
+        let outside = outside::frontends(&plan, &node)?;
         let cgroup = cgroup2_mount()?.join(CGROUP_NAME);
         let mut world = Self {
             root,
@@ -351,6 +388,7 @@ impl World {
             node,
             pods,
             backends,
+            outside,
             originals,
             metrics: super::free_loopback_port()?,
             healthz: super::free_loopback_port()?,
@@ -361,6 +399,7 @@ impl World {
         };
         world.check_probes()?;
         world.build_network()?;
+        outside::build_network(&world)?;
         for index in 0..world.pods.len() {
             world.start_server(index)?;
         }
@@ -369,7 +408,11 @@ impl World {
         std::fs::create_dir(&world.cgroup)
             .with_context(|| format!("creating the cgroup {}", world.cgroup.display()))?;
         world.start_agent()?;
-        world.client = Some(Client::spawn(&world, Some(&world.cgroup))?);
+        world.client = Some(Client::spawn(
+            &world,
+            &world.node.netns(),
+            Some(&world.cgroup),
+        )?);
         Ok(world)
     }
 
@@ -475,6 +518,7 @@ impl World {
                 }
             );
         }
+        outside::describe(self);
         println!(
             "   source {}  (a copy of examples/cluster)",
             self.source.display()
@@ -556,10 +600,10 @@ impl World {
                 "0",
                 "--source-poll-period",
                 POLL_PERIOD,
-                // The agent runs in the host's own network namespace: its devices (the
-                // machine's uplink) are no node of the demo and get no tc programs.
+                // Named, not auto: the tc programs go on the uplink to the outside client
+                // only, never on a pod's veth.
                 "--north-south-interfaces",
-                "none",
+                outside::UPLINK,
             ]
             .map(str::to_owned),
         );
@@ -568,12 +612,17 @@ impl World {
 
     fn start_agent(&mut self) -> Result<()> {
         let args = self.agent_args();
-        println!("\n-- the agent");
-        println!("   topoproxy {}", args.join(" "));
+        let netns = format!("--net=/run/netns/{}", self.node.netns());
+        println!("\n-- the agent, in the node's namespace (it attaches its tc programs there)");
+        println!("   nsenter {netns} topoproxy {}", args.join(" "));
         let log = self.open_log("agent.log")?;
         let log2 = log.try_clone().context("cloning the agent log handle")?;
         let started = Instant::now();
-        let child = Command::new(&self.binaries.topoproxy)
+        // nsenter execs the agent (no --fork), so the child's pid is the agent's.
+        let child = Command::new("nsenter")
+            .arg(&netns)
+            .arg("--")
+            .arg(&self.binaries.topoproxy)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log)
@@ -591,7 +640,10 @@ impl World {
                     bail!("the agent exited at start: {status}");
                 }
             }
-            if http_get(self.healthz, "/healthz").is_ok_and(|(status, _)| status == 200) {
+            if self
+                .agent_get(self.healthz, "/healthz")
+                .is_ok_and(|(status, _)| status == 200)
+            {
                 break;
             }
             ensure!(
@@ -606,6 +658,12 @@ impl World {
             self.root.join("agent.log").display()
         );
         Ok(())
+    }
+
+    /// A GET of the agent's HTTP servers: they listen on the node namespace's loopback.
+    fn agent_get(&self, address: SocketAddr, path: &str) -> Result<(u16, String)> {
+        let path = path.to_owned();
+        in_netns(&self.node.netns(), move || http_get(address, &path))
     }
 
     fn record_pids(&self) -> Result<()> {
@@ -646,11 +704,11 @@ impl World {
             println!("   | {line}");
         }
         self.converge(&local)?;
-        self.show_plan(true)?;
+        self.show_plan(&PROBES, true)?;
         let falling_back_before = self.falling_back_metric()?;
         let answered = self.traffic(&local, &format!("only {zone} answered"))?;
         self.outside_cgroup()?;
-        self.show_list(&answered)?;
+        self.show_list(&PROBES, &answered)?;
 
         let stopped = self.zone_pods();
         section(&format!(
@@ -672,7 +730,7 @@ impl World {
             "   The agent re-read the YAML and reprogrammed the maps {:.2} s after the write.",
             elapsed.as_secs_f64()
         );
-        self.show_plan(false)?;
+        self.show_plan(&PROBES, false)?;
         let falling_back_after = self.falling_back_metric()?;
         println!(
             "   Metric topoproxy_services_falling_back: {falling_back_before} before, {falling_back_after} now; --explain says:"
@@ -690,7 +748,7 @@ impl World {
             &remote,
             &format!("no answer from {zone}; the other zones took over"),
         )?;
-        self.show_list(&answered)?;
+        self.show_list(&PROBES, &answered)?;
 
         section(&format!(
             "3. The {zone} pods return: traffic returns to {zone}"
@@ -709,10 +767,11 @@ impl World {
             "   The agent reprogrammed the maps {:.2} s after the write.",
             elapsed.as_secs_f64()
         );
-        self.show_plan(true)?;
+        self.show_plan(&PROBES, true)?;
         let answered = self.traffic(&local, &format!("only {zone} answered again"))?;
-        self.show_list(&answered)?;
-        Ok(())
+        self.show_list(&PROBES, &answered)?;
+
+        self.outside_step()
     }
 
     /// Waits until the kernel's active tiers (`topoproxy list`) hold exactly `expected` for
@@ -758,7 +817,7 @@ impl World {
 
     /// Prints the kernel's table for the demo's Services after traffic, and checks that its
     /// per-backend connect counters saw at least the answers the client got from each.
-    fn show_list(&self, answered: &Answered) -> Result<()> {
+    fn show_list(&self, probes: &[Probe], answered: &Answered) -> Result<()> {
         let text = self.list()?;
         let listed = parse_list(&text);
         println!("   The kernel's table for these Services (topoproxy list --proxy-mode ebpf --bpf-pin-dir {PIN_DIR};");
@@ -767,7 +826,7 @@ impl World {
             println!("   | {}", line.trim_end());
         }
         let mut short = Vec::new();
-        for probe in &PROBES {
+        for probe in probes {
             let Some(section) = listed.get(&probe.vs()) else {
                 bail!("topoproxy list lost {}", probe.label());
             };
@@ -828,12 +887,12 @@ impl World {
     }
 
     /// The agent's own view, `/plan?format=json`: which tier serves each probe.
-    fn show_plan(&self, zone_local: bool) -> Result<()> {
-        let (status, body) = http_get(self.metrics, "/plan?format=json")?;
+    fn show_plan(&self, probes: &[Probe], zone_local: bool) -> Result<()> {
+        let (status, body) = self.agent_get(self.metrics, "/plan?format=json")?;
         ensure!(status == 200, "/plan?format=json answered {status}");
         let plan: Value = serde_json::from_str(&body).context("parsing /plan?format=json")?;
         println!("   The agent's plan (GET /plan?format=json): active tier per Service port");
-        for probe in &PROBES {
+        for probe in probes {
             let vs = find_vs(&plan, probe)?;
             let active = vs["activeTier"].as_str().unwrap_or("?");
             let falling_back = vs["fallingBack"].as_bool().unwrap_or(false);
@@ -887,7 +946,7 @@ impl World {
     }
 
     fn falling_back_metric(&self) -> Result<f64> {
-        let (status, body) = http_get(self.metrics, "/metrics")?;
+        let (status, body) = self.agent_get(self.metrics, "/metrics")?;
         ensure!(status == 200, "/metrics answered {status}");
         super::metric(&body, "topoproxy_services_falling_back")
             .context("/metrics has no topoproxy_services_falling_back")
@@ -931,101 +990,131 @@ impl World {
         Ok(block)
     }
 
-    /// CONNECTS connects (or queries) per probe from the client; each answer must come from
-    /// `expected`, with the VIP as the peer, and a probe with several expected pods must
-    /// have spread over more than one.
+    /// CONNECTS connects (or queries) per probe from the client in the demo cgroup; see
+    /// [`Self::ask_all`].
     fn traffic(&mut self, expected: &[BTreeSet<usize>], verdict: &str) -> Result<Answered> {
         println!(
             "   The client (in the demo cgroup, in {}):",
             self.node.netns()
         );
-        let mut failures = Vec::new();
-        let mut answered = Answered::new();
-        for (i, probe) in PROBES.iter().enumerate() {
-            check_interrupted()?;
-            let client = self.client.as_mut().context("no client")?;
-            let tally = client.probe(probe, CONNECTS)?;
-            let verb = match probe.protocol {
-                Proto::Tcp => "TCP connects",
-                Proto::Udp => "UDP queries",
-            };
-            let answers: Vec<String> = tally
-                .answers
-                .iter()
-                .map(|(answer, count)| format!("{} ×{count}", self.answer_label(answer)))
-                .collect();
-            println!(
-                "   {CONNECTS} {verb} to {}:{} ({}) → {}{}",
-                probe.vip,
-                probe.port,
-                probe.service,
-                if answers.is_empty() {
-                    "no answer".to_owned()
-                } else {
-                    answers.join(", ")
-                },
-                if tally.errors.is_empty() {
-                    String::new()
-                } else {
-                    format!("; {} failed: {}", tally.errors.len(), tally.errors[0])
-                }
-            );
-            let wanted: BTreeSet<&str> = expected[i]
-                .iter()
-                .map(|&p| self.pods[p].name.as_str())
-                .collect();
-            let got: BTreeSet<&str> = tally
-                .answers
-                .keys()
-                .map(|answer| answer.split_whitespace().next().unwrap_or(""))
-                .collect();
-            for (answer, count) in &tally.answers {
-                let name = answer.split_whitespace().next().unwrap_or("");
-                let backend = self
-                    .pods
-                    .iter()
-                    .position(|pod| pod.name == name)
-                    .and_then(|i| {
-                        Some(SocketAddrV4::new(
-                            self.pods[i].address,
-                            self.target_port(probe, i)?,
-                        ))
-                    });
-                if let Some(backend) = backend {
-                    *answered
-                        .entry(probe.vs())
-                        .or_default()
-                        .entry(backend)
-                        .or_default() += count;
-                }
-            }
-            if !tally.errors.is_empty() {
-                failures.push(format!(
-                    "{}: {} of {CONNECTS} failed (first: {})",
-                    probe.label(),
-                    tally.errors.len(),
-                    tally.errors[0]
-                ));
-            }
-            let strays: Vec<&&str> = got.difference(&wanted).collect();
-            if !strays.is_empty() {
-                failures.push(format!(
-                    "{}: expected answers only from {}, also got {strays:?}",
-                    probe.label(),
-                    self.names(&expected[i])
-                ));
-            }
-            if strays.is_empty() && wanted.len() > 1 && got.len() < 2 {
-                failures.push(format!(
-                    "{}: all {CONNECTS} answers came from {got:?}, none from the rest of {}",
-                    probe.label(),
-                    self.names(&expected[i])
-                ));
-            }
-        }
-        ensure!(failures.is_empty(), "{}", failures.join("\n"));
+        let mut client = self.client.take().context("no client")?;
+        let asked = self.ask_all(&mut client, &PROBES, expected);
+        self.client = Some(client);
+        let answered = asked?;
         println!("   ✓ {verdict}; every answer came back from the VIP (getpeername / recvfrom)");
         Ok(answered)
+    }
+
+    /// CONNECTS connects (or queries) per probe from `client`; each answer must come from
+    /// the probe's `expected` pods, with the probe's address as the peer, and a probe with
+    /// several expected pods must have spread over more than one.
+    fn ask_all(
+        &self,
+        client: &mut Client,
+        probes: &[Probe],
+        expected: &[BTreeSet<usize>],
+    ) -> Result<Answered> {
+        let mut failures = Vec::new();
+        let mut answered = Answered::new();
+        for (probe, expected) in probes.iter().zip(expected) {
+            check_interrupted()?;
+            let tally = client.probe(probe, CONNECTS)?;
+            self.print_tally(probe, &tally);
+            self.add_answers(probe, &tally, &mut answered);
+            failures.extend(self.judge(probe, &tally, expected));
+        }
+        ensure!(failures.is_empty(), "{}", failures.join("\n"));
+        Ok(answered)
+    }
+
+    fn print_tally(&self, probe: &Probe, tally: &Tally) {
+        let verb = match probe.protocol {
+            Proto::Tcp => "TCP connects",
+            Proto::Udp => "UDP queries",
+        };
+        let answers: Vec<String> = tally
+            .answers
+            .iter()
+            .map(|(answer, count)| format!("{} ×{count}", self.answer_label(answer)))
+            .collect();
+        println!(
+            "   {CONNECTS} {verb} to {}:{} ({}) → {}{}",
+            probe.vip,
+            probe.port,
+            probe.what(),
+            if answers.is_empty() {
+                "no answer".to_owned()
+            } else {
+                answers.join(", ")
+            },
+            if tally.errors.is_empty() {
+                String::new()
+            } else {
+                format!("; {} failed: {}", tally.errors.len(), tally.errors[0])
+            }
+        );
+    }
+
+    /// Counts each answer against the backend (pod address and target port) that gave it.
+    fn add_answers(&self, probe: &Probe, tally: &Tally, answered: &mut Answered) {
+        for (answer, count) in &tally.answers {
+            let name = answer.split_whitespace().next().unwrap_or("");
+            let backend = self
+                .pods
+                .iter()
+                .position(|pod| pod.name == name)
+                .and_then(|i| {
+                    Some(SocketAddrV4::new(
+                        self.pods[i].address,
+                        self.target_port(probe, i)?,
+                    ))
+                });
+            if let Some(backend) = backend {
+                *answered
+                    .entry(probe.vs())
+                    .or_default()
+                    .entry(backend)
+                    .or_default() += count;
+            }
+        }
+    }
+
+    /// What was wrong with one probe's answers: failures, strays, no spread.
+    fn judge(&self, probe: &Probe, tally: &Tally, expected: &BTreeSet<usize>) -> Vec<String> {
+        let mut failures = Vec::new();
+        let wanted: BTreeSet<&str> = expected
+            .iter()
+            .map(|&p| self.pods[p].name.as_str())
+            .collect();
+        let got: BTreeSet<&str> = tally
+            .answers
+            .keys()
+            .map(|answer| answer.split_whitespace().next().unwrap_or(""))
+            .collect();
+        if !tally.errors.is_empty() {
+            failures.push(format!(
+                "{}: {} of {CONNECTS} failed (first: {})",
+                probe.label(),
+                tally.errors.len(),
+                tally.errors[0]
+            ));
+        }
+        let strays: Vec<&&str> = got.difference(&wanted).collect();
+        if !strays.is_empty() {
+            failures.push(format!(
+                "{}: expected answers only from {}, also got {strays:?}",
+                probe.label(),
+                self.names(expected)
+            ));
+        }
+        if strays.is_empty() && wanted.len() > 1 && got.len() < 2 {
+            failures.push(format!(
+                "{}: all {CONNECTS} answers came from {got:?}, none from the rest of {}",
+                probe.label(),
+                self.names(expected)
+            ));
+        }
+        failures
     }
 
     fn answer_label(&self, answer: &str) -> String {
@@ -1038,7 +1127,7 @@ impl World {
 
     /// A process in the same namespace but outside the demo cgroup is not translated.
     fn outside_cgroup(&self) -> Result<()> {
-        let mut outsider = Client::spawn(self, None)?;
+        let mut outsider = Client::spawn(self, &self.node.netns(), None)?;
         let probe = &PROBES[1];
         let tally = outsider.probe(probe, 1)?;
         ensure!(
@@ -1122,7 +1211,11 @@ impl World {
             "   agent pid {agent}, log {}",
             self.root.join("agent.log").display()
         );
-        println!("   live table:     curl -s http://{}/plan", self.metrics);
+        println!(
+            "   live table:     nsenter --net=/run/netns/{} curl -s http://{}/plan",
+            self.node.netns(),
+            self.metrics
+        );
         println!(
             "   kernel table:   {} list --proxy-mode ebpf --bpf-pin-dir {PIN_DIR}",
             self.binaries.topoproxy.display()
@@ -1133,6 +1226,7 @@ impl World {
             self.cgroup.display()
         );
         println!("                   then e.g. `bash -c 'cat < /dev/tcp/10.96.0.10/53'` (exit the shell before cleaning up)");
+        outside::keep_hint(self);
         println!(
             "   edit the YAML:  {} (re-read every {POLL_PERIOD})",
             self.source.display()
@@ -1320,7 +1414,8 @@ struct Tally {
     errors: Vec<String>,
 }
 
-/// The client process: `--role client`, in the node namespace (and the demo cgroup).
+/// The client process: `--role client`, in the node namespace (and the demo cgroup) or, for
+/// the outside client, in its own namespace beyond the uplink.
 struct Client {
     child: Child,
     stdin: ChildStdin,
@@ -1328,9 +1423,10 @@ struct Client {
 }
 
 impl Client {
-    fn spawn(world: &World, cgroup: Option<&Path>) -> Result<Self> {
+    /// The client in `netns`, in `cgroup` if given.
+    fn spawn(world: &World, netns: &str, cgroup: Option<&Path>) -> Result<Self> {
         let mut child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", world.node.netns()))
+            .arg(format!("--net=/run/netns/{netns}"))
             .arg("--")
             .arg(&world.binaries.xtask)
             .args(["demo", "--role", "client"])
@@ -1599,7 +1695,7 @@ fn find_vs<'a>(plan: &'a Value, probe: &Probe) -> Result<&'a Value> {
         .unwrap_or_default()
         .iter()
         .find(|vs| {
-            vs["frontend"] == "ClusterIP"
+            vs["frontend"] == probe.frontend
                 && vs["key"]["protocol"] == probe.protocol.upper()
                 && vs["key"]["address"] == probe.vip.to_string().as_str()
                 && vs["key"]["port"] == probe.port
@@ -1832,6 +1928,26 @@ fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     ensure!(status.success(), "{cmd:?} failed: {status}");
     Ok(())
+}
+
+/// Runs `f` on a thread that has entered the network namespace `netns` (`setns` moves only
+/// the calling thread; sockets `f` opens stay in that namespace).
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let path = format!("/run/netns/{netns}");
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on a namespace file this thread holds open; it moves only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns into the namespace");
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("the thread in {netns} panicked"))?
 }
 
 /// A minimal HTTP/1.1 GET on loopback: status and body (chunked bodies decoded).
