@@ -1276,6 +1276,27 @@ fn start_topoproxy(world: &World) -> NodeProcess {
     )
 }
 
+/// The Nodes, both agents on their twins, and a cluster handle whose pods start at host
+/// number `first_pod`; returns once both tables show a first marker Service.
+async fn start_twins(world: &World, first_pod: u8) -> (Client, Twins, Cluster) {
+    let client = admin_client().await;
+    create_nodes(&client).await;
+    create_namespace(&client, "tp-marker").await;
+    let twins = Twins {
+        kube_proxy: start_kube_proxy(world),
+        topoproxy: start_topoproxy(world),
+        kp_netns: world.node(KP).netns.clone(),
+        tp_netns: world.node(TP).netns.clone(),
+    };
+    let mut cluster = Cluster {
+        client: client.clone(),
+        next_pod: first_pod,
+        marker: 0,
+    };
+    cluster.marker(&twins).await;
+    (client, twins, cluster)
+}
+
 async fn admin_client() -> Client {
     k8s_harness::client_for(&k8s_dir().join("admin.kubeconfig")).await
 }
@@ -1347,21 +1368,7 @@ async fn world_routes_pods_across_nodes_and_reaches_the_apiserver() {
 async fn topoproxy_programs_what_kube_proxy_programs() {
     let started = Instant::now();
     let world = World::build(&[(KP, KP_INDEX), (TP, TP_INDEX), (NODE_B, B_INDEX)]);
-    let client = admin_client().await;
-    create_nodes(&client).await;
-    create_namespace(&client, "tp-marker").await;
-    let twins = Twins {
-        kube_proxy: start_kube_proxy(&world),
-        topoproxy: start_topoproxy(&world),
-        kp_netns: world.node(KP).netns.clone(),
-        tp_netns: world.node(TP).netns.clone(),
-    };
-    let mut cluster = Cluster {
-        client: client.clone(),
-        next_pod: 10,
-        marker: 0,
-    };
-    cluster.marker(&twins).await;
+    let (client, twins, mut cluster) = start_twins(&world, 10).await;
     println!("both agents up in {:.1} s", started.elapsed().as_secs_f64());
 
     let corpus = corpus();
@@ -1465,21 +1472,7 @@ async fn topoproxy_programs_what_kube_proxy_programs() {
 #[ignore = "needs the VM and a control plane on the host: cargo xtask vm-test"]
 async fn north_south_through_either_twin_as_kube_proxy_does() {
     let mut world = World::build(&[(KP, KP_INDEX), (TP, TP_INDEX), (NODE_B, B_INDEX)]);
-    let client = admin_client().await;
-    create_nodes(&client).await;
-    create_namespace(&client, "tp-marker").await;
-    let twins = Twins {
-        kube_proxy: start_kube_proxy(&world),
-        topoproxy: start_topoproxy(&world),
-        kp_netns: world.node(KP).netns.clone(),
-        tp_netns: world.node(TP).netns.clone(),
-    };
-    let mut cluster = Cluster {
-        client: client.clone(),
-        next_pod: NS_FIRST_POD,
-        marker: 0,
-    };
-    cluster.marker(&twins).await;
+    let (client, twins, mut cluster) = start_twins(&world, NS_FIRST_POD).await;
 
     let scenario = north_south_scenario();
     let mut run = Running {
