@@ -63,10 +63,18 @@ pub async fn create_node(client: &Client, spec: &NodeSpec) {
         "metadata": {"name": spec.name, "labels": labels},
     }))
     .expect("a Node");
-    nodes
-        .create(&PostParams::default(), &node)
-        .await
-        .unwrap_or_else(|e| panic!("creating node {}: {e}", spec.name));
+    match nodes.create(&PostParams::default(), &node).await {
+        Ok(_) => {}
+        // Tests sharing one control plane create the same Nodes: take it over, labels first.
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            let labels = json!({"metadata": {"labels": node.metadata.labels}});
+            nodes
+                .patch(&spec.name, &PatchParams::default(), &Patch::Merge(&labels))
+                .await
+                .unwrap_or_else(|e| panic!("relabelling node {}: {e}", spec.name));
+        }
+        Err(e) => panic!("creating node {}: {e}", spec.name),
+    }
     set_node_ready(client, spec).await;
 }
 
