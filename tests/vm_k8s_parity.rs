@@ -16,6 +16,8 @@
 
 #[path = "k8s_support/ipvs_table.rs"]
 mod ipvs_table;
+#[path = "k8s_support/side_by_side.rs"]
+mod side_by_side;
 #[path = "k8s_support/world.rs"]
 mod world;
 
@@ -1661,6 +1663,217 @@ fn answer_within(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// Set by `cargo xtask vm-bench --vs-kube-proxy`: the Service counts of [`side_by_side`]
+/// (comma-separated). Unset (as in `cargo xtask test`) the bench returns at once.
+const SIDE_BY_SIDE_ENV: &str = "TOPOPROXY_VS_KUBE_PROXY_SERVICES";
+/// Endpoints per Service in the bench.
+const BENCH_ENDPOINTS: usize = 10;
+/// Endpoint changes timed per agent and size.
+const BENCH_CHANGES: usize = 20;
+
+/// `cargo xtask vm-bench --vs-kube-proxy`: kube-proxy (IPVS mode, on node-kp) and topoproxy
+/// (on node-tp), one after the other in the same boot, against the same apiserver and the same
+/// N Services × 10 endpoints (selector-less, hand-written slices on node-b): start → whole
+/// table in IPVS and → first sync reported, one endpoint change → IPVS (p50/p99 over 20),
+/// RSS and CPU seconds. One agent runs at a time: the guest has one vCPU.
+#[tokio::test]
+#[ignore = "needs the VM and a control plane on the host: cargo xtask vm-bench --vs-kube-proxy"]
+async fn side_by_side() {
+    let Ok(sizes) = std::env::var(SIDE_BY_SIDE_ENV) else {
+        println!("{SIDE_BY_SIDE_ENV} unset: the bench runs only from cargo xtask vm-bench --vs-kube-proxy");
+        return;
+    };
+    let sizes: Vec<usize> = sizes
+        .split(',')
+        .map(|n| {
+            n.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{SIDE_BY_SIDE_ENV}: {n:?}: {e}"))
+        })
+        .collect();
+    let world = World::build(&[(KP, KP_INDEX), (TP, TP_INDEX), (NODE_B, B_INDEX)]);
+    let client = admin_client().await;
+    create_nodes(&client).await;
+    let mut rows = Vec::new();
+    for services in sizes {
+        let namespace = format!("bench-{services}");
+        let started = Instant::now();
+        let first_vip = create_bench_services(&client, &namespace, services).await;
+        println!(
+            "{services} Services × {BENCH_ENDPOINTS} endpoints created through the API in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let kube_proxy = measure_agent(&world, KP, &client, &namespace, services, first_vip).await;
+        println!("kube-proxy, {services}: {kube_proxy:?}");
+        let topoproxy = measure_agent(&world, TP, &client, &namespace, services, first_vip).await;
+        println!("topoproxy, {services}: {topoproxy:?}");
+        rows.extend(side_by_side::rows(services, &kube_proxy, &topoproxy));
+        cleanup_namespace(&client, &namespace).await;
+    }
+    println!("\n| Services | | kube-proxy | topoproxy | topoproxy / kube-proxy |");
+    println!("|---|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+}
+
+/// The `i`th endpoint address of the bench (10.192.0.0/12: `0AC…` in `/proc/net/ip_vs`).
+fn bench_endpoint(i: usize) -> String {
+    let n = (10u32 << 24 | 192 << 16) + 1 + i as u32;
+    std::net::Ipv4Addr::from(n).to_string()
+}
+
+/// Creates `services` selector-less Services with a slice of [`BENCH_ENDPOINTS`] Ready
+/// endpoints each; returns the first Service's ClusterIP.
+async fn create_bench_services(client: &Client, namespace: &str, services: usize) -> IpAddr {
+    use futures::StreamExt as _;
+    create_namespace(client, namespace).await;
+    let created = futures::stream::iter(0..services)
+        .map(|i| {
+            let client = client.clone();
+            let namespace = namespace.to_owned();
+            async move {
+                let name = format!("svc-{i}");
+                let service: Service = serde_json::from_value(json!({
+                    "metadata": {"name": name},
+                    "spec": {"ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]},
+                }))
+                .expect("a bench Service");
+                let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+                let created = services
+                    .create(&PostParams::default(), &service)
+                    .await
+                    .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+                let endpoints: Vec<Value> = (0..BENCH_ENDPOINTS)
+                    .map(|e| {
+                        endpoint(
+                            &bench_endpoint(i * BENCH_ENDPOINTS + e),
+                            NODE_B,
+                            Some("zone-b"),
+                            (true, true, false),
+                        )
+                    })
+                    .collect();
+                let mut slice = manual_slice(
+                    &name,
+                    &name,
+                    "IPv4",
+                    json!(endpoints),
+                    json!([{"port": 8080, "protocol": "TCP"}]),
+                );
+                slice["metadata"]["namespace"] = json!(namespace);
+                apply(&client, slice).await;
+                (i, created.spec.and_then(|s| s.cluster_ip))
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    created
+        .into_iter()
+        .find(|(i, _)| *i == 0)
+        .and_then(|(_, ip)| ip)
+        .and_then(|ip| ip.parse().ok())
+        .expect("svc-0's ClusterIP")
+}
+
+/// Starts the agent of `node` alone, times it to the whole table and its first sync, times
+/// [`BENCH_CHANGES`] endpoint changes of `svc-0`, reads its memory and CPU, and stops it.
+async fn measure_agent(
+    world: &World,
+    node: &str,
+    client: &Client,
+    namespace: &str,
+    services: usize,
+    first_vip: IpAddr,
+) -> side_by_side::AgentCost {
+    let netns = world.node(node).netns.clone();
+    let (mut agent, synced) = if node == KP {
+        (
+            start_kube_proxy(world),
+            ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ""),
+        )
+    } else {
+        (
+            start_topoproxy(world),
+            ("topoproxy_syncs_total", "result=\"success\""),
+        )
+    };
+    let started = Instant::now();
+    let metrics_at: SocketAddr = "127.0.0.1:10249".parse().expect("the metrics address");
+    let poll = Duration::from_millis((services as u64 / 10).max(250));
+    let limit = Duration::from_secs(60 + services as u64 / 5);
+    let (mut table, mut first_sync) = (None, None);
+    while table.is_none() || first_sync.is_none() {
+        assert!(
+            agent.running(),
+            "{node}'s agent exited:\n{}",
+            agent.log_tail(30)
+        );
+        assert!(
+            started.elapsed() < limit,
+            "{node}: table {table:?}, first sync {first_sync:?} after {limit:?}\n{}",
+            agent.log_tail(30)
+        );
+        if first_sync.is_none() {
+            let text =
+                side_by_side::http_get_in(&netns, metrics_at, "/metrics").unwrap_or_default();
+            if side_by_side::metric(&text, synced.0, synced.1).is_some_and(|v| v > 0.0) {
+                first_sync = Some(started.elapsed());
+            }
+        }
+        if table.is_none()
+            && side_by_side::real_servers_with(&netns, "0AC") >= services * BENCH_ENDPOINTS
+        {
+            table = Some(started.elapsed());
+        }
+        tokio::time::sleep(poll).await;
+    }
+    let mut changes = Vec::new();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+    for change in 0..BENCH_CHANGES {
+        // A fresh address per change and per agent run (10.200.x.y, still 0AC…).
+        let address = std::net::Ipv4Addr::new(10, 200, u8::from(node == KP), change as u8 + 1);
+        let patch = json!({"endpoints": (0..BENCH_ENDPOINTS).map(|e| {
+            let ip = if e == 0 { address.to_string() } else { bench_endpoint(e) };
+            endpoint(&ip, NODE_B, Some("zone-b"), (true, true, false))
+        }).collect::<Vec<_>>()});
+        let asked = Instant::now();
+        slices
+            .patch("svc-0", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("patching svc-0's slice: {e}"));
+        let wanted = format!("{address}:8080");
+        let target = format!("{first_vip}:80");
+        loop {
+            let listing = sh_in(&netns, IPVSADM, &["-Ln", "-t", &target]);
+            if listing.contains(&wanted) {
+                break;
+            }
+            assert!(
+                asked.elapsed() < limit,
+                "{node}: change {change} not in IPVS after {limit:?}:\n{listing}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        changes.push(asked.elapsed().as_secs_f64());
+    }
+    let pid = agent.pid();
+    let (rss_mib, peak_rss_mib) = side_by_side::memory_mib(pid).unwrap_or_default();
+    let cost = side_by_side::AgentCost {
+        table_seconds: table.map_or(f64::NAN, |t| t.as_secs_f64()),
+        first_sync_seconds: first_sync.map_or(f64::NAN, |t| t.as_secs_f64()),
+        change_seconds: changes,
+        rss_mib,
+        peak_rss_mib,
+        cpu_seconds: side_by_side::cpu_seconds(pid).unwrap_or(f64::NAN),
+    };
+    drop(agent);
+    // The next size starts from an empty table (kube-proxy leaves its services behind).
+    sh_in(&netns, IPVSADM, &["-C"]);
+    cost
 }
 
 #[test]

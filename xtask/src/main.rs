@@ -204,6 +204,10 @@ enum Task {
         /// Only the per-batch bench: skip `ipvsadm -R` and the agent runs.
         #[arg(long, requires = "batches")]
         only_batches: bool,
+        /// Instead: kube-proxy (IPVS mode) and the agent side by side through the real
+        /// apiserver (`vm_k8s_parity`'s `side_by_side`), for each `--services` count.
+        #[arg(long, conflicts_with_all = ["batches", "only_batches"])]
+        vs_kube_proxy: bool,
     },
     /// A cargo target runner: runs BINARY ARGS... in the VM and exits with its status.
     VmRunner {
@@ -303,6 +307,8 @@ fn main() -> Result<()> {
                 args,
                 timeout: Duration::from_secs(timeout),
                 memory_mib: memory,
+                agent: None,
+                env: Vec::new(),
             })
         }
         Task::VmBench {
@@ -310,8 +316,18 @@ fn main() -> Result<()> {
             services,
             timeout,
             memory,
+            batches: _,
+            only_batches: _,
+            vs_kube_proxy: true,
+        } => vmbench::vs_kube_proxy(&kernels, &services, Duration::from_secs(timeout), memory),
+        Task::VmBench {
+            kernels,
+            services,
+            timeout,
+            memory,
             batches,
             only_batches,
+            vs_kube_proxy: false,
         } => vmbench::vm_bench(&vmbench::BenchPlan {
             kernels,
             services: if only_batches { Vec::new() } else { services },

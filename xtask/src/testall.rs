@@ -56,6 +56,8 @@ pub fn test_all(vm_timeout: Duration) -> Result<()> {
         args: Vec::new(),
         timeout: vm_timeout,
         memory_mib: 1024,
+        agent: None,
+        env: Vec::new(),
     })?;
     println!(
         "test: everything passed in {:.0} s",

@@ -412,6 +412,35 @@ pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
 }
 
 /// The `elapsed` of the agent's "initial sync done" log line, in seconds.
+/// `vm-bench --vs-kube-proxy`: the `side_by_side` test of `vm_k8s_parity` in the VM (the
+/// control plane on the host, kube-proxy staged), with the agent's release build and the
+/// Service counts it reads; it prints the README's table.
+pub fn vs_kube_proxy(
+    kernels: &[String],
+    services: &[usize],
+    timeout: Duration,
+    memory_mib: u32,
+) -> Result<()> {
+    let agent = build_agent()?;
+    let sizes: Vec<String> = services.iter().map(usize::to_string).collect();
+    crate::vmtest::vm_test(&crate::vmtest::VmTestPlan {
+        kernels: kernels.to_vec(),
+        tests: vec!["vm_k8s_parity".to_owned()],
+        args: vec![
+            "--exact".to_owned(),
+            "side_by_side".to_owned(),
+            "--nocapture".to_owned(),
+        ],
+        timeout,
+        memory_mib,
+        agent: Some(agent),
+        env: vec![(
+            "TOPOPROXY_VS_KUBE_PROXY_SERVICES".to_owned(),
+            sizes.join(","),
+        )],
+    })
+}
+
 fn initial_sync_seconds(log: &str) -> Option<f64> {
     let line = log.lines().find(|l| l.contains("initial sync done"))?;
     let value = line.split("elapsed=").nth(1)?.split_whitespace().next()?;

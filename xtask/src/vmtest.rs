@@ -69,6 +69,11 @@ pub struct VmTestPlan {
     pub timeout: Duration,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// The agent binary the tests get (`TOPOPROXY_BIN`) instead of the debug build cargo made
+    /// for them (`vm-bench --vs-kube-proxy` passes a release build).
+    pub agent: Option<PathBuf>,
+    /// More variables for the guest's tests.
+    pub env: Vec<(String, String)>,
 }
 
 /// A test binary cargo built.
@@ -425,6 +430,7 @@ fn run_targets(
             .into_iter()
             .filter(|(key, _)| key.starts_with("TOPOPROXY_")),
     );
+    env.extend(plan.env.iter().cloned());
     let needs_k8s = built
         .iter()
         .any(|b| b.target.starts_with(K8S_TARGET_PREFIX));
@@ -594,7 +600,8 @@ pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
     };
     if !selected.is_empty() && !kernels_ok.is_empty() {
         println!("vm-test: building {}", selected.join(", "));
-        let (built, agent) = build(&selected)?;
+        let (built, built_agent) = build(&selected)?;
+        let agent = plan.agent.clone().unwrap_or(built_agent);
         for label in &kernels_ok {
             let started = Instant::now();
             let (results, console) = run_targets(label, &built, &agent, &package_dir, plan)?;
