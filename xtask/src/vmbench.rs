@@ -1,4 +1,6 @@
 //! `cargo xtask vm-bench`: IPVS programming cost inside the VM, the agent against `ipvsadm -R`.
+//! With `--vs-kube-proxy`, instead, the agent against kube-proxy through the real apiserver
+//! ([`vs_kube_proxy`]: the `side_by_side` test of `tests/vm_k8s_parity.rs`).
 //!
 //! Per kernel, ONE boot runs, for each Service count N (`--services 1000,10000`):
 //!
