@@ -14,6 +14,8 @@
 //! addresses; a difference fails the test unless it is one of [`DEVIATIONS`], which in turn
 //! must still differ (a fixed deviation fails too, so the list stays true).
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "k8s_support/ipvs_table.rs"]
 mod ipvs_table;
 #[path = "k8s_support/side_by_side.rs"]
@@ -950,6 +952,17 @@ struct Twins {
 }
 
 impl Twins {
+    /// Fails with `what`, the findings and both agents' last log lines unless `found` is empty.
+    fn assert_none(&self, what: &str, found: &[String]) {
+        assert!(
+            found.is_empty(),
+            "{what}:\n{}\n--- kube-proxy ---\n{}\n--- topoproxy ---\n{}",
+            found.join("\n"),
+            self.kube_proxy.log_tail(20),
+            self.topoproxy.log_tail(20)
+        );
+    }
+
     fn tables(
         &self,
     ) -> (
@@ -1456,13 +1469,7 @@ async fn topoproxy_programs_what_kube_proxy_programs() {
     if !whole.is_empty() {
         unexpected.push(format!("whole table: {}", whole.join("; ")));
     }
-    assert!(
-        unexpected.is_empty(),
-        "kube-proxy and topoproxy differ:\n{}\n--- kube-proxy ---\n{}\n--- topoproxy ---\n{}",
-        unexpected.join("\n"),
-        twins.kube_proxy.log_tail(20),
-        twins.topoproxy.log_tail(20)
-    );
+    twins.assert_none("kube-proxy and topoproxy differ", &unexpected);
 }
 
 /// North-south through either twin (issue 9, item 4), kube-proxy's node and topoproxy's held
@@ -1526,13 +1533,7 @@ async fn north_south_through_either_twin_as_kube_proxy_does() {
     // (markers included, their names restart at 1 in every test).
     cleanup_namespace(&client, &run.namespace).await;
     cleanup_namespace(&client, "tp-marker").await;
-    assert!(
-        failures.is_empty(),
-        "north-south differs from what is expected:\n{}\n--- kube-proxy ---\n{}\n--- topoproxy ---\n{}",
-        failures.join("\n"),
-        twins.kube_proxy.log_tail(20),
-        twins.topoproxy.log_tail(20)
-    );
+    twins.assert_none("north-south differs from what is expected", &failures);
 }
 
 /// The first pod host number of the north-south test (below the corpus's, which starts at 10
@@ -1799,12 +1800,12 @@ async fn measure_agent(
     let (mut agent, synced) = if node == KP {
         (
             start_kube_proxy(world),
-            ("kubeproxy_sync_proxy_rules_last_timestamp_seconds", ""),
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
         )
     } else {
         (
             start_topoproxy(world),
-            ("topoproxy_syncs_total", "result=\"success\""),
+            "topoproxy_syncs_total{result=\"success\"}",
         )
     };
     let started = Instant::now();
@@ -1829,7 +1830,7 @@ async fn measure_agent(
         if first_sync.is_none() {
             let text =
                 side_by_side::http_get_in(&netns, metrics_at, "/metrics").unwrap_or_default();
-            if side_by_side::metric(&text, synced.0, synced.1).is_some_and(|v| v > 0.0) {
+            if cluster::metric_sum_in(&text, synced) > 0.0 {
                 first_sync = Some(started.elapsed());
             }
         }

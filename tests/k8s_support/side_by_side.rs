@@ -4,9 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use crate::world::within_netns;
 
@@ -32,30 +30,8 @@ pub fn count_real_servers(listing: &str, prefix: &str) -> usize {
 /// `GET path` on `address` from inside `netns`; the body, or `None` while nothing answers.
 pub fn http_get_in(netns: &str, address: SocketAddr, path: &'static str) -> Option<String> {
     within_netns(&format!("/run/netns/{netns}"), move || {
-        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.0\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text).ok()?;
-        text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned())
+        crate::cluster::http_get(address, path)
     })
-}
-
-/// The value of the first sample of `name` (with `labels` in its label set) in a
-/// Prometheus text exposition.
-pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find(|line| {
-            line.split(['{', ' ']).next() == Some(name)
-                && (labels.is_empty() || line.contains(labels))
-        })
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
 }
 
 /// Resident set size (`VmRSS`) and its peak (`VmHWM`) of `pid`, in MiB.
@@ -176,25 +152,6 @@ mod tests {
               -> 0A000202:192B      Masq    1      0          0\n";
         assert_eq!(count_real_servers(listing, "0A8"), 2);
         assert_eq!(count_real_servers(listing, "0A"), 3);
-    }
-
-    #[test]
-    fn metrics_are_found_by_name_and_labels() {
-        let text = "# HELP x\ntopoproxy_syncs_total{result=\"failure\"} 1\n\
-            topoproxy_syncs_total{result=\"success\"} 3\nkubeproxy_sync_proxy_rules_last_timestamp_seconds 1.7e9\n";
-        assert_eq!(
-            metric(text, "topoproxy_syncs_total", "result=\"success\""),
-            Some(3.0)
-        );
-        assert_eq!(
-            metric(
-                text,
-                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-                ""
-            ),
-            Some(1.7e9)
-        );
-        assert_eq!(metric(text, "topoproxy_syncs", ""), None);
     }
 
     #[test]

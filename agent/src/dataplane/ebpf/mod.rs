@@ -204,9 +204,7 @@ impl EbpfDataplane {
     /// `names`.
     pub fn start_datapath_log(&mut self, names: ServiceNames) -> Result<(), EbpfError> {
         let program_id = loader::pinned_program_id(&self.settings.pin_dir)?;
-        let reader = LogReader::start(program_id, Arc::clone(&self.ids), Arc::clone(&names))
-            .map_err(|source| EbpfError::LogReader(Box::new(source)))?;
-        self.log_reader = Some(reader);
+        self.log_reader = Some(self.log_reader_for(program_id, &names)?);
         self.names = Some(names);
         self.refresh_ids();
         self.start_north_south_log()
@@ -223,10 +221,18 @@ impl EbpfDataplane {
             return Ok(());
         };
         // A new reader first: the old one reads a ring buffer no attached program writes.
-        let reader = LogReader::start(program_id, Arc::clone(&self.ids), Arc::clone(names))
-            .map_err(|source| EbpfError::LogReader(Box::new(source)))?;
-        self.north_south_log_reader = Some(reader);
+        self.north_south_log_reader = Some(self.log_reader_for(program_id, names)?);
         Ok(())
+    }
+
+    /// A reader of the log ring buffer of the programs loaded with `program_id`.
+    fn log_reader_for(
+        &self,
+        program_id: u32,
+        names: &ServiceNames,
+    ) -> Result<LogReader, EbpfError> {
+        LogReader::start(program_id, Arc::clone(&self.ids), Arc::clone(names))
+            .map_err(|source| EbpfError::LogReader(Box::new(source)))
     }
 
     /// Keeps the log reader's id → service view current.
