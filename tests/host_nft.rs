@@ -75,10 +75,7 @@ impl Netns {
 
     /// nft on this namespace's tables.
     fn nft(&self, nft: &std::path::Path) -> Nft {
-        Nft::with_command(
-            "nsenter",
-            [format!("--net={}", self.path()), nft.display().to_string()],
-        )
+        Nft::in_namespace(nft, self.path())
     }
 
     /// Runs an nft script in this namespace (for the test's own stand-in tables).
@@ -412,6 +409,24 @@ fn replace_update_read_delete_round_trip() {
     assert_eq!(nft.read().expect("read"), None);
     assert!(!nft.exists().expect("exists"));
     nft.delete().expect("delete again");
+}
+
+#[test]
+fn exists_names_only_the_inet_topoproxy_table() {
+    let nft_path = require_root_and_nft();
+    let ns = Netns::new();
+    let mut nft = ns.nft(&nft_path);
+    // Tables of the same name in another family, or of a longer name, are not ours.
+    ns.nft_script(
+        &nft_path,
+        "add table ip topoproxy\nadd table inet topoproxy2\nadd table inet topoprox\n",
+    );
+    assert!(!nft.exists().expect("exists"));
+    nft.replace(&NftSettings::default(), &small_state())
+        .expect("replace");
+    assert!(nft.exists().expect("exists"));
+    nft.delete().expect("delete");
+    assert!(!nft.exists().expect("exists"));
 }
 
 #[test]

@@ -345,6 +345,11 @@ impl<D: Dataplane> SyncLoop<D> {
                 // metrics (the dataplane's start and `synced` write too, not only `apply`).
                 self.record_kernel_requests();
                 let first = !self.initial_sync_done;
+                if self.resync {
+                    // Counted from the end: a read that takes longer than the period (10,000
+                    // services under emulation) must not start the next one at once.
+                    self.next_resync = Instant::now() + self.settings.sync_period;
+                }
                 self.initial_sync_done = true;
                 self.replan_all = false;
                 self.resync = false;

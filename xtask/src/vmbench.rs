@@ -15,7 +15,9 @@
 //!    after, each time once the counters have held still for two seconds;
 //! 4. restarts without clean-up: the agent killed and started again over the correct table
 //!    (its first sync must change nothing), then again after 10 % of the destinations were
-//!    deleted behind its back (`ipvsadm -d`); start → first sync and the changes it made.
+//!    deleted behind its back (`ipvsadm -d`); start → first sync and the changes it made;
+//! 5. a periodic re-read over the correct table (the agent once more, `--sync-period 20s`):
+//!    its phases, from the agent's `slow IPVS read` line.
 //!
 //! With `--batches N,...` the per-batch netlink bench (`benches/ipvs_batches.rs`: the same
 //! table sent through the IPVS client in several modes, and `ipvsadm -R`) runs first in the
@@ -273,7 +275,7 @@ start_agent() {
     t0=$(uptime_cs)
     $AGENT run --proxy-mode ipvs --source /tmp/cluster --hostname-override node-a-0 \
         --metrics-bind-address 127.0.0.1:10249 --healthz-bind-address 127.0.0.1:10256 \
-        --min-sync-period 0 --source-poll-period 5s --sync-period 1h > $out/$1.log 2>&1 &
+        --min-sync-period 0 --source-poll-period 5s --sync-period ${2:-1h} > $out/$1.log 2>&1 &
     pid=$!
     while ! synced; do
         kill -0 $pid 2>/dev/null || { echo "agent exited" > $out/$1-failed; break; }
@@ -321,6 +323,16 @@ if [ "$1" = size ]; then
         ipvsadm -R < /tmp/missing.txt
         echo $(wc -l < /tmp/missing.txt) > $out/missing-count
         start_agent restart-missing
+        kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
+        # A periodic re-read over the correct table: the agent again, re-reading 20 s after
+        # each read ends; its second successful sync is the periodic one.
+        start_agent periodic 20s
+        t0=$(uptime_cs)
+        until metrics | grep -q '^topoproxy_syncs_total{result="success"} [2-9]'; do
+            kill -0 $pid 2>/dev/null || { echo "agent exited" > $out/periodic-failed; break; }
+            [ $(( $(uptime_cs) - t0 )) -gt $((LIMIT * 100)) ] && { echo "no periodic sync in time" > $out/periodic-failed; break; }
+            sleep 1
+        done
     fi
     kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
     $AGENT cleanup > $out/cleanup.log 2>&1
@@ -564,6 +576,12 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
                 );
             }
         }
+        report_periodic_read(
+            label,
+            n,
+            read(n, "periodic.log"),
+            read(n, "periodic-failed"),
+        );
         let before = parse(read(n, "requests-before"));
         let after = parse(read(n, "requests-after"));
         let mut deltas = Vec::new();
@@ -587,8 +605,41 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
     }
 }
 
+/// The periodic re-read: the agent's second `slow IPVS read` line (its first is the read at
+/// start). A read under a second logs no line.
+fn report_periodic_read(label: &str, n: usize, log: Option<String>, failed: Option<String>) {
+    if let Some(why) = failed {
+        println!("vm-bench {label} services={n} periodic re-read: FAILED ({why})");
+        return;
+    }
+    let log = log.unwrap_or_default();
+    let line = periodic_read_line(&log).unwrap_or("under 1 s (no slow-read line)");
+    println!("vm-bench {label} services={n} periodic re-read over the correct table: {line}");
+}
+
+fn periodic_read_line(log: &str) -> Option<&str> {
+    let line = log
+        .lines()
+        .filter(|l| l.contains("slow IPVS read"))
+        .nth(1)?;
+    Some(line.split("slow IPVS read").nth(1).unwrap_or(line).trim())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_periodic_read_is_the_second_slow_read() {
+        let log = "a slow IPVS read items=10 took=\"9s\"\nb slow IPVS apply\nc slow IPVS read items=10 took=\"2s\" phases=\"nft=0.01s\"\n";
+        assert_eq!(
+            super::periodic_read_line(log),
+            Some("items=10 took=\"2s\" phases=\"nft=0.01s\"")
+        );
+        assert_eq!(
+            super::periodic_read_line("a slow IPVS read items=1\n"),
+            None
+        );
+    }
+
     #[test]
     fn reads_the_agents_initial_sync_duration() {
         let log = "2026-11-22T08:17:05Z  INFO topoproxy::sync: initial sync done virtual_servers=2 changes=6 elapsed=1.817740492s\n";

@@ -18,6 +18,7 @@
 //! parsing ([`parse`]) are pure; only [`run`] spawns processes. Calls block until `nft`
 //! exits (milliseconds); call them from a blocking context.
 
+pub mod netlink;
 pub mod parse;
 pub mod render;
 mod run;
@@ -66,6 +67,12 @@ pub enum NftError {
     },
     #[error("reading table inet {TABLE}")]
     Parse(#[source] ParseError),
+    #[error("nftables netlink: {action}")]
+    Netlink {
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Settings that shape the rules, from the agent's configuration.
@@ -97,6 +104,9 @@ pub struct NftState {
 #[derive(Debug, Clone)]
 pub struct Nft {
     invocation: run::Invocation,
+    /// The network namespace the netlink question ([`Nft::exists`]) is asked in; `None`: the
+    /// calling thread's.
+    netns: Option<PathBuf>,
 }
 
 impl Nft {
@@ -105,8 +115,8 @@ impl Nft {
         Ok(Self::with_command(run::find_nft()?, Vec::<OsString>::new()))
     }
 
-    /// Runs `program leading_args... <nft arguments>` instead, e.g.
-    /// `nsenter --net=/run/netns/X nft` to work on another network namespace.
+    /// Runs `program leading_args... <nft arguments>` instead, in the calling thread's
+    /// network namespace.
     pub fn with_command(
         program: impl Into<PathBuf>,
         leading_args: impl IntoIterator<Item = impl Into<OsString>>,
@@ -116,7 +126,23 @@ impl Nft {
                 program: program.into(),
                 leading_args: leading_args.into_iter().map(Into::into).collect(),
             },
+            netns: None,
         }
+    }
+
+    /// Works on the network namespace at `netns` (`/run/netns/X`): `nsenter --net=X nft`,
+    /// and netlink from a thread that entered it.
+    pub fn in_namespace(nft: &std::path::Path, netns: impl Into<PathBuf>) -> Self {
+        let netns = netns.into();
+        let mut this = Self::with_command(
+            "nsenter",
+            [
+                OsString::from(format!("--net={}", netns.display())),
+                nft.as_os_str().to_owned(),
+            ],
+        );
+        this.netns = Some(netns);
+        this
     }
 
     /// Replaces the whole table (chains, rules and sets) in one transaction.
@@ -162,15 +188,13 @@ impl Nft {
         }
     }
 
-    /// Whether the table exists, without listing its (possibly huge) sets.
+    /// Whether the table exists, asked over netlink: `nft list tables` would load every
+    /// set's elements first ([`netlink`]).
     pub fn exists(&mut self) -> Result<bool, NftError> {
-        let output = self
-            .invocation
-            .run("list", &["list", "tables", "inet"], None)?;
-        Ok(output
-            .stdout
-            .lines()
-            .any(|line| line.trim() == format!("table inet {TABLE}")))
+        match &self.netns {
+            None => netlink::table_exists(TABLE),
+            Some(netns) => in_netns(netns, || netlink::table_exists(TABLE)),
+        }
     }
 
     /// Deletes the table; a missing table is not an error.
@@ -180,6 +204,31 @@ impl Nft {
         crate::kernel_writes::done("nftables table deleted");
         Ok(())
     }
+}
+
+/// Runs `ask` on a thread that entered the network namespace at `netns`.
+fn in_netns(
+    netns: &std::path::Path,
+    ask: impl FnOnce() -> Result<bool, NftError> + Send,
+) -> Result<bool, NftError> {
+    use std::os::fd::AsRawFd as _;
+    let entered = |source| NftError::Netlink {
+        action: "enter the network namespace",
+        source,
+    };
+    let file = std::fs::File::open(netns).map_err(entered)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a namespace file held open; it affects this thread only.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(entered(std::io::Error::last_os_error()));
+                }
+                ask()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(entered(std::io::Error::other("the thread panicked"))))
+    })
 }
 
 fn warn_unrepresentable(state: &NftState) {
