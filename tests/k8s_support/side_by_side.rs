@@ -4,62 +4,27 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
-
-use ipnetwork::IpNetwork;
-use topoproxy::dataplane::ipvs::netlink::{IpvsClient, ServiceId};
 
 use crate::world::within_netns;
 
-/// How far an agent's IPVS table is, read over netlink from inside its namespace. A virtual
-/// service that has all its bench endpoints is counted once and never dumped again, so the
-/// probe costs one services dump plus one destinations dump per unfinished service: a whole
-/// `/proc/net/ip_vs` listing of 110,000 lines under emulation took the guest's one vCPU
-/// from the agent being measured.
-#[derive(Debug, Default)]
-pub struct TableProbe {
-    finished: BTreeSet<ServiceId>,
+/// The real servers in a namespace's IPVS table whose address starts with `prefix`
+/// (`/proc/net/ip_vs` of the thread's namespace: no `ipvsadm` process per poll).
+pub fn real_servers_with(netns: &str, prefix: &'static str) -> usize {
+    within_netns(&format!("/run/netns/{netns}"), move || {
+        let text = std::fs::read_to_string("/proc/thread-self/net/ip_vs").unwrap_or_default();
+        count_real_servers(&text, prefix)
+    })
 }
 
-impl TableProbe {
-    /// The number of virtual services whose real servers in `bench` number at least
-    /// `per_service`, after one more look.
-    pub fn finished_services(
-        &mut self,
-        netns: &str,
-        bench: IpNetwork,
-        per_service: usize,
-    ) -> usize {
-        let finished = std::mem::take(&mut self.finished);
-        self.finished = within_netns(&format!("/run/netns/{netns}"), move || {
-            let mut finished = finished;
-            // No IPVS client (yet) or a failed dump is "no progress": the next look retries.
-            let Ok(mut ipvs) = IpvsClient::connect() else {
-                return finished;
-            };
-            let Ok(services) = ipvs.services() else {
-                return finished;
-            };
-            for service in services {
-                if finished.contains(&service.id) {
-                    continue;
-                }
-                let Ok(destinations) = ipvs.destinations(&service.id) else {
-                    continue;
-                };
-                let in_bench = destinations
-                    .iter()
-                    .filter(|d| bench.contains(d.address))
-                    .count();
-                if in_bench >= per_service {
-                    finished.insert(service.id);
-                }
-            }
-            finished
-        });
-        self.finished.len()
-    }
+/// Counts `  -> ADDR:PORT` lines of a `/proc/net/ip_vs` listing whose address (hex, as the
+/// kernel prints it) starts with `prefix`.
+pub fn count_real_servers(listing: &str, prefix: &str) -> usize {
+    listing
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("-> "))
+        .filter(|rest| rest.starts_with(prefix))
+        .count()
 }
 
 /// `GET path` on `address` from inside `netns`; the body, or `None` while nothing answers.
@@ -175,6 +140,19 @@ pub fn rows(services: usize, kube_proxy: &AgentCost, topoproxy: &AgentCost) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn real_servers_are_counted_by_address_prefix() {
+        let listing = "IP Virtual Server version 1.2.1 (size=4096)\n\
+            Prot LocalAddress:Port Scheduler Flags\n\
+              -> RemoteAddress:Port Forward Weight ActiveConn InActConn\n\
+            TCP  0A600001:0050 rr\n\
+              -> 0A800001:1F90      Masq    1      0          0\n\
+              -> 0A800002:1F90      Masq    1      0          0\n\
+              -> 0A000202:192B      Masq    1      0          0\n";
+        assert_eq!(count_real_servers(listing, "0A8"), 2);
+        assert_eq!(count_real_servers(listing, "0A"), 3);
+    }
 
     #[test]
     fn quantiles_take_the_nearest_rank() {
