@@ -33,11 +33,11 @@ use netlink_packet_netfilter::conntrack::{
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr as NetlinkAddr};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
 use crate::model::{IpFamily, Protocol};
 
-use super::netlink::client::set_receive_timeout;
+use super::netlink::client::kernel_socket;
 
 /// `CTA_ZONE`: an entry outside the default zone is only found again with its zone.
 const CTA_ZONE: u16 = 18;
@@ -282,12 +282,8 @@ struct CtSocket {
 
 impl CtSocket {
     fn open() -> Result<Self, ConntrackError> {
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(ConntrackError::Socket)?;
-        socket.bind_auto().map_err(ConntrackError::Socket)?;
-        socket
-            .connect(&NetlinkAddr::new(0, 0))
-            .map_err(ConntrackError::Socket)?;
-        set_receive_timeout(&socket, RECEIVE_TIMEOUT).map_err(ConntrackError::Socket)?;
+        let socket =
+            kernel_socket(NETLINK_NETFILTER, RECEIVE_TIMEOUT).map_err(ConntrackError::Socket)?;
         Ok(Self {
             socket,
             sequence: 0,

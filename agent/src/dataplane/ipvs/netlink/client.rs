@@ -243,6 +243,16 @@ fn force_receive_buffer(socket: &Socket, size: usize) -> io::Result<()> {
     }
 }
 
+/// A blocking netlink socket of `protocol`, bound and connected to the kernel, whose reads
+/// give up after `timeout`.
+pub(crate) fn kernel_socket(protocol: isize, timeout: Duration) -> io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    set_receive_timeout(&socket, timeout)?;
+    Ok(socket)
+}
+
 /// `setsockopt(SOL_SOCKET, SO_RCVTIMEO)`: a netlink reply that never comes fails the call
 /// instead of hanging the agent.
 pub(crate) fn set_receive_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {

@@ -15,10 +15,10 @@ use netlink_packet_core::{
 };
 use netlink_packet_netfilter::nftables::{NfTablesMessage, TableAttribute, TableMessage};
 use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
-use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 
 use super::NftError;
-use crate::dataplane::ipvs::netlink::client::set_receive_timeout;
+use crate::dataplane::ipvs::netlink::client::kernel_socket;
 
 /// How long the kernel may take to answer; it answers at once unless something is wrong.
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,10 +43,7 @@ pub fn table_exists(name: &str) -> Result<bool, NftError> {
         action: "ask whether the table exists",
         source,
     };
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(failed)?;
-    socket.bind_auto().map_err(failed)?;
-    socket.connect(&SocketAddr::new(0, 0)).map_err(failed)?;
-    set_receive_timeout(&socket, RECEIVE_TIMEOUT).map_err(failed)?;
+    let socket = kernel_socket(NETLINK_NETFILTER, RECEIVE_TIMEOUT).map_err(failed)?;
     const SEQUENCE: u32 = 1;
     socket
         .send(&get_table_request(name, SEQUENCE), 0)
