@@ -112,6 +112,7 @@ impl Cluster {
         programmed_table(
             &plan(&store, &node, &PlanConfig::default()),
             TierScope::Active,
+            None,
         )
     }
 

@@ -622,6 +622,7 @@ fn service(
                 DestinationState {
                     weight: 1,
                     tier: *tier,
+                    local: false,
                 },
             )
         })
@@ -1219,6 +1220,7 @@ fn one_endpoint_change_costs_a_constant_number_of_map_writes() {
             DestinationState {
                 weight: 1,
                 tier: (i % 3) as u8,
+                local: false,
             },
         );
     }
@@ -1243,19 +1245,37 @@ fn one_endpoint_change_costs_a_constant_number_of_map_writes() {
     let first = IpAddr::from([10, 214, 0, 1]);
     let added = IpAddr::from([10, 215, 0, 1]);
     let add = cost(&|s| {
-        s.destinations
-            .insert((added, PORT), DestinationState { weight: 1, tier: 0 });
+        s.destinations.insert(
+            (added, PORT),
+            DestinationState {
+                weight: 1,
+                tier: 0,
+                local: false,
+            },
+        );
     });
     let remove = cost(&|s| {
         s.destinations.remove(&(first, PORT));
     });
     let tier_move = cost(&|s| {
-        s.destinations
-            .insert((added, PORT), DestinationState { weight: 1, tier: 2 });
+        s.destinations.insert(
+            (added, PORT),
+            DestinationState {
+                weight: 1,
+                tier: 2,
+                local: false,
+            },
+        );
     });
     let weight = cost(&|s| {
-        s.destinations
-            .insert((added, PORT), DestinationState { weight: 5, tier: 2 });
+        s.destinations.insert(
+            (added, PORT),
+            DestinationState {
+                weight: 5,
+                tier: 2,
+                local: false,
+            },
+        );
     });
     println!("map writes: add {add}, remove {remove}, tier move {tier_move}, weight {weight}");
     assert_eq!(add, 2, "add: slot + service entry");
@@ -1313,7 +1333,11 @@ fn sink_service(backends: &[Backend], persistence_timeout: Option<u32>) -> Progr
         .map(|backend| {
             (
                 (backend.v4.parse().expect("address"), SINK_PORT),
-                DestinationState { weight: 1, tier: 0 },
+                DestinationState {
+                    weight: 1,
+                    tier: 0,
+                    local: false,
+                },
             )
         })
         .collect();
@@ -1626,7 +1650,15 @@ fn bench_connect_vip_vs_direct() {
         VsKey::new(Protocol::Tcp, VIP4.parse().expect("vip"), SINK_PORT),
         ProgrammedService {
             config: config(None),
-            destinations: [((sink, SINK_PORT), DestinationState { weight: 1, tier: 0 })].into(),
+            destinations: [(
+                (sink, SINK_PORT),
+                DestinationState {
+                    weight: 1,
+                    tier: 0,
+                    local: false,
+                },
+            )]
+            .into(),
         },
     );
     sync(&mut dataplane, &desired);
@@ -1695,6 +1727,7 @@ fn bench_cold_sync() {
                     DestinationState {
                         weight: 1,
                         tier: (b % 3) as u8,
+                        local: false,
                     },
                 )
             })

@@ -20,7 +20,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use topoproxy::dataplane::ipvs::nft::{find_nft, Nft, NftError, NftSettings, NftState};
+use topoproxy::dataplane::ipvs::nft::{
+    find_nft, ListedTable, Nft, NftError, NftSettings, NftState,
+};
 use topoproxy::model::Protocol;
 use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
 
@@ -300,12 +302,19 @@ fn state(
     }
 }
 
-/// What `Nft::read` gives back for `state`: its services (destinations are not recorded in
-/// nftables, only their derived hairpin elements).
-fn recorded(state: &NftState) -> NftState {
-    NftState {
-        services: state.services.clone(),
-        destinations: Default::default(),
+/// What `Nft::read` gives back for `state`: its services, and its destinations only as the
+/// hairpin elements derived from them.
+fn recorded(state: &NftState) -> ListedTable {
+    ListedTable {
+        state: NftState {
+            services: state.services.clone(),
+            destinations: Default::default(),
+        },
+        hairpins: state
+            .destinations
+            .iter()
+            .map(|(key, dest, port)| (*dest, key.protocol, *port))
+            .collect(),
     }
 }
 

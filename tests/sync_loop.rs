@@ -34,6 +34,7 @@ fn expected(store: &Store, node: &Node) -> ProgrammedTable {
     programmed_table(
         &plan(store, node, &PlanConfig::default()),
         TierScope::Active,
+        None,
     )
 }
 
@@ -193,7 +194,7 @@ async fn with_a_cluster_id_the_mcs_lists_gate_the_first_sync() {
         ..PlanConfig::default()
     };
     let node = store.node(NODE).expect("node").clone();
-    let want = programmed_table(&plan(&store, &node, &plan_config), TierScope::Active);
+    let want = programmed_table(&plan(&store, &node, &plan_config), TierScope::Active, None);
     let agent =
         Running::start_planning(Duration::ZERO, Duration::from_secs(60), plan_config, |_| {});
     agent.list(&store).await;

@@ -35,7 +35,11 @@ fn desired(protocol: Protocol, backend: SocketAddr) -> (VsKey, ProgrammedService
             },
             destinations: [(
                 (backend.ip(), backend.port()),
-                DestinationState { weight: 1, tier: 1 },
+                DestinationState {
+                    weight: 1,
+                    tier: 1,
+                    local: false,
+                },
             )]
             .into(),
         },

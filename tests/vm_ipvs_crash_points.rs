@@ -52,6 +52,7 @@ impl IpvsKernel {
             .map_err(|e| e.to_string())?;
         Ok(state
             .unwrap_or_default()
+            .state
             .services
             .keys()
             .map(|key| {

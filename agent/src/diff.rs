@@ -19,6 +19,8 @@ pub struct Destination {
     pub weight: u32,
     /// Position of the destination's tier in the fallback order; 0 is the nearest.
     pub tier: u8,
+    /// The backend runs on this node ([`DestinationState::local`]).
+    pub local: bool,
 }
 
 impl Destination {
@@ -27,6 +29,7 @@ impl Destination {
         DestinationState {
             weight: self.weight,
             tier: self.tier,
+            local: self.local,
         }
     }
 }
@@ -38,6 +41,7 @@ fn destination(address: IpAddr, port: u16, state: DestinationState) -> Destinati
         port,
         weight: state.weight,
         tier: state.tier,
+        local: state.local,
     }
 }
 
@@ -438,6 +442,7 @@ mod tests {
                 port: 80,
                 weight: 1,
                 tier: 0,
+                local: false,
             },
         };
         assert_eq!(apply_to(&mut empty, std::slice::from_ref(&op)), vec![op]);

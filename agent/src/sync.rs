@@ -404,7 +404,18 @@ impl<D: Dataplane> SyncLoop<D> {
 
     /// The whole planned table in the form a dataplane holds it.
     fn desired_table(&self) -> ProgrammedTable {
-        programmed_table(&self.read_table(), self.dataplane.tier_scope())
+        programmed_table(
+            &self.read_table(),
+            self.dataplane.tier_scope(),
+            self.local_node(),
+        )
+    }
+
+    /// The node whose backends are marked local, when the dataplane holds that.
+    fn local_node(&self) -> Option<&str> {
+        self.dataplane
+            .marks_local_destinations()
+            .then_some(self.node_name.as_str())
     }
 
     /// Re-plans the dirty Services (or all of them) and returns the virtual-server keys whose
@@ -446,11 +457,12 @@ impl<D: Dataplane> SyncLoop<D> {
     fn diff_keys(&self, keys: &BTreeSet<VsKey>) -> Vec<Op> {
         let table = self.read_table();
         let scope = self.dataplane.tier_scope();
+        let local_node = self.local_node();
         let mut batch = OpBatch::new();
         for key in keys {
             let desired = table
                 .get(key)
-                .map(|vs| ProgrammedService::from_virtual_server(vs, scope));
+                .map(|vs| ProgrammedService::from_virtual_server(vs, scope, local_node));
             batch.service(*key, desired.as_ref(), self.mirror.get(key));
         }
         batch.into_ops()

@@ -123,6 +123,12 @@ pub trait Dataplane: Send {
         TierScope::Active
     }
 
+    /// Whether this dataplane holds which destinations run on this node
+    /// ([`DestinationState::local`]); the sync loop marks them when it does.
+    fn marks_local_destinations(&self) -> bool {
+        false
+    }
+
     /// Requests sent to the kernel since start, by kind, for the metrics.
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
         Vec::new()

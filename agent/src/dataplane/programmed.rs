@@ -83,12 +83,20 @@ pub enum TierScope {
 pub struct DestinationState {
     pub weight: u32,
     pub tier: u8,
+    /// The backend runs on this node. Only a dataplane that asks for it
+    /// ([`super::Dataplane::marks_local_destinations`]) gets it set: IPVS masquerades hairpin
+    /// traffic of node-local endpoints only, as kube-proxy does.
+    pub local: bool,
 }
 
 impl DestinationState {
-    /// A destination of the nearest tier.
+    /// A destination of the nearest tier, not marked local.
     pub fn active(weight: u32) -> Self {
-        Self { weight, tier: 0 }
+        Self {
+            weight,
+            tier: 0,
+            local: false,
+        }
     }
 }
 
@@ -100,8 +108,13 @@ pub struct ProgrammedService {
 }
 
 impl ProgrammedService {
-    /// What a dataplane holding `scope` programs for `vs`: its settings and its backends.
-    pub fn from_virtual_server(vs: &VirtualServer, scope: TierScope) -> Self {
+    /// What a dataplane holding `scope` programs for `vs`: its settings and its backends, those
+    /// on `local_node` marked local (none when it is `None`).
+    pub fn from_virtual_server(
+        vs: &VirtualServer,
+        scope: TierScope,
+        local_node: Option<&str>,
+    ) -> Self {
         Self {
             config: ServiceConfig {
                 scheduler: vs.scheduler.clone(),
@@ -135,6 +148,7 @@ impl ProgrammedService {
                             DestinationState {
                                 weight: b.weight,
                                 tier: index,
+                                local: local_node.is_some() && b.node_name.as_deref() == local_node,
                             },
                         )
                     })
@@ -147,10 +161,20 @@ impl ProgrammedService {
 /// A dataplane's whole table.
 pub type ProgrammedTable = BTreeMap<VsKey, ProgrammedService>;
 
-/// The programmed form of a node table, for a dataplane holding `scope`.
-pub fn programmed_table(table: &NodeTable, scope: TierScope) -> ProgrammedTable {
+/// The programmed form of a node table, for a dataplane holding `scope`, with the backends
+/// on `local_node` marked local.
+pub fn programmed_table(
+    table: &NodeTable,
+    scope: TierScope,
+    local_node: Option<&str>,
+) -> ProgrammedTable {
     table
         .servers()
-        .map(|vs| (vs.key, ProgrammedService::from_virtual_server(vs, scope)))
+        .map(|vs| {
+            (
+                vs.key,
+                ProgrammedService::from_virtual_server(vs, scope, local_node),
+            )
+        })
         .collect()
 }

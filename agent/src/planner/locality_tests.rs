@@ -405,10 +405,12 @@ fn ipvs_programs_every_tier_in_use_and_a_weight_change_is_one_edit() {
     let before = ProgrammedService::from_virtual_server(
         &the_vs(&healthy, &nodes[0], &zone_policy()),
         TierScope::Active,
+        None,
     );
     let after = ProgrammedService::from_virtual_server(
         &the_vs(&half_down, &nodes[0], &zone_policy()),
         TierScope::Active,
+        None,
     );
     let weights = |service: &ProgrammedService| -> Vec<(IpAddr, u32, u8)> {
         service
@@ -442,6 +444,40 @@ fn ipvs_programs_every_tier_in_use_and_a_weight_change_is_one_edit() {
             "delete_destination"
         ]
     );
+}
+
+#[test]
+fn backends_on_the_local_node_are_marked_only_when_asked() {
+    let nodes = four_nodes();
+    let store = cluster(&nodes, dns(None), vec![dns_slice(one_per_node())]);
+    let vs = the_vs(&store, &nodes[0], &PlanConfig::default());
+    let local = |service: ProgrammedService| -> Vec<(IpAddr, bool)> {
+        service
+            .destinations
+            .iter()
+            .map(|((address, _), state)| (*address, state.local))
+            .collect()
+    };
+    let marked = local(ProgrammedService::from_virtual_server(
+        &vs,
+        TierScope::Active,
+        Some("a1"),
+    ));
+    assert_eq!(
+        marked,
+        [
+            (ip("10.0.0.1"), true),
+            (ip("10.0.0.2"), false),
+            (ip("10.0.0.3"), false),
+            (ip("10.0.0.4"), false)
+        ]
+    );
+    let unmarked = local(ProgrammedService::from_virtual_server(
+        &vs,
+        TierScope::All,
+        None,
+    ));
+    assert!(unmarked.iter().all(|(_, local)| !local), "{unmarked:?}");
 }
 
 #[test]

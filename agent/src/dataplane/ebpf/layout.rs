@@ -111,6 +111,7 @@ impl Entry {
                         DestinationState {
                             weight: slot.weight,
                             tier,
+                            local: false,
                         },
                     )
                 })

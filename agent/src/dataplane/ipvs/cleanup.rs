@@ -127,7 +127,7 @@ pub async fn cleanup(
     let kube_proxy = scope.kube_proxy();
     let mut report = CleanupReport::default();
     let mut nft = Nft::new()?;
-    let owned = nft.read()?.unwrap_or_default();
+    let owned = nft.read()?.unwrap_or_default().state;
     let mut ipvs = IpvsClient::connect()?;
     let link = DummyLink::find(&settings.link_name)
         .await

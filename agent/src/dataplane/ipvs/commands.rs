@@ -183,7 +183,8 @@ pub fn is_not_found(error: &IpvsError) -> bool {
 }
 
 /// The records `ops[live]` need before anything is created and `owned` does not hold yet: a
-/// service's role (a changed role replaces the old one), and each added destination.
+/// service's role (a changed role replaces the old one), and each added or edited destination
+/// that is node-local (its hairpin element).
 pub fn records_to_add(ops: &[Op], live: &[usize], owned: &NftState) -> NftState {
     let mut recorded = NftState::default();
     for &index in live {
@@ -196,12 +197,17 @@ pub fn records_to_add(ops: &[Op], live: &[usize], owned: &NftState) -> NftState 
             Op::AddDestination {
                 service,
                 destination,
-            } => {
+            }
+            | Op::EditDestination {
+                service,
+                destination,
+            } if destination.local => {
                 recorded
                     .destinations
                     .insert((*service, destination.address, destination.port));
             }
-            Op::EditDestination { .. }
+            Op::AddDestination { .. }
+            | Op::EditDestination { .. }
             | Op::DeleteDestination { .. }
             | Op::DeleteService { .. } => {}
         }
@@ -215,7 +221,8 @@ pub fn records_to_add(ops: &[Op], live: &[usize], owned: &NftState) -> NftState 
     recorded
 }
 
-/// The records of what `ops[live]` removed (the ops not in `failed`), to clear once removed.
+/// The records of what `ops[live]` removed (the ops not in `failed`), to clear once removed:
+/// services, destinations, and the hairpin elements of destinations no longer node-local.
 pub fn records_to_forget(
     ops: &[Op],
     live: &[usize],
@@ -237,6 +244,15 @@ pub fn records_to_forget(
                 forgotten
                     .destinations
                     .insert((*service, destination.address, destination.port));
+            }
+            Op::EditDestination {
+                service,
+                destination,
+            } if !destination.local => {
+                let record = (*service, destination.address, destination.port);
+                if owned.destinations.contains(&record) {
+                    forgotten.destinations.insert(record);
+                }
             }
             _ => {}
         }
@@ -279,6 +295,14 @@ mod tests {
             port: 8080,
             weight,
             tier: 0,
+            local: false,
+        }
+    }
+
+    fn local_destination(weight: u32) -> Destination {
+        Destination {
+            local: true,
+            ..destination(weight)
         }
     }
 
@@ -470,7 +494,7 @@ mod tests {
             },
             Op::AddDestination {
                 service: b,
-                destination: destination(1),
+                destination: local_destination(1),
             },
             Op::DeleteService { key: a },
         ];
@@ -485,6 +509,70 @@ mod tests {
         );
         // Ops that are not live (excluded) record nothing.
         assert_eq!(records_to_add(&ops, &[0], &owned), NftState::default());
+    }
+
+    #[test]
+    fn only_node_local_destinations_get_hairpin_records() {
+        let service = key(Protocol::Tcp, 80);
+        let remote = Op::AddDestination {
+            service,
+            destination: destination(1),
+        };
+        assert_eq!(
+            records_to_add(std::slice::from_ref(&remote), &[0], &NftState::default()),
+            NftState::default()
+        );
+
+        // A destination that became local is recorded before its edit; one that stopped being
+        // local is forgotten after it.
+        let record = (service, destination(1).address, 8080);
+        let became_local = Op::EditDestination {
+            service,
+            destination: local_destination(1),
+        };
+        let recorded = records_to_add(&[became_local], &[0], &NftState::default());
+        assert_eq!(
+            recorded.destinations.into_iter().collect::<Vec<_>>(),
+            vec![record]
+        );
+        let owned = NftState {
+            destinations: [record].into(),
+            ..NftState::default()
+        };
+        let became_remote = Op::EditDestination {
+            service,
+            destination: destination(1),
+        };
+        assert!(
+            records_to_add(std::slice::from_ref(&became_remote), &[0], &owned)
+                .destinations
+                .is_empty()
+        );
+        let forgotten = records_to_forget(
+            std::slice::from_ref(&became_remote),
+            &[0],
+            &BTreeMap::new(),
+            &owned,
+        );
+        assert_eq!(
+            forgotten.destinations.into_iter().collect::<Vec<_>>(),
+            vec![record]
+        );
+        // Not after a failed edit, and not when nothing was recorded.
+        let failed = BTreeMap::from([(0, "refused".to_owned())]);
+        assert!(
+            records_to_forget(std::slice::from_ref(&became_remote), &[0], &failed, &owned)
+                .destinations
+                .is_empty()
+        );
+        assert!(records_to_forget(
+            &[became_remote],
+            &[0],
+            &BTreeMap::new(),
+            &NftState::default()
+        )
+        .destinations
+        .is_empty());
     }
 
     #[test]

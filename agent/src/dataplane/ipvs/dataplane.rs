@@ -170,12 +170,22 @@ impl IpvsDataplane {
                     .replace(&self.settings.nft, &self.owned)
                     .map_err(Self::read_error)?;
             }
-        } else {
-            let recorded = self.nft.read().map_err(Self::read_error)?;
-            self.owned = recorded.unwrap_or_default();
+        }
+        // Which destinations are node-local: on a full read what the hairpin set held, else
+        // our copy of it.
+        let listed_hairpins = if rewrite {
+            let listed = self
+                .nft
+                .read()
+                .map_err(Self::read_error)?
+                .unwrap_or_default();
+            self.owned = listed.state;
             // The destinations come from the IPVS dump below; the table is rewritten after it.
             self.owned.destinations.clear();
-        }
+            Some(listed.hairpins)
+        } else {
+            None
+        };
 
         phases.lap("nft");
         let mut table = ProgrammedTable::new();
@@ -193,11 +203,15 @@ impl IpvsDataplane {
                 .ipvs
                 .destinations(&service.id)
                 .map_err(Self::read_error)?;
-            if rewrite {
-                self.owned
-                    .destinations
-                    .extend(destinations.iter().map(|d| (key, d.address, d.port)));
+            if let Some(hairpins) = &listed_hairpins {
+                self.owned.destinations.extend(
+                    destinations
+                        .iter()
+                        .filter(|d| hairpins.contains(&(d.address, key.protocol, d.port)))
+                        .map(|d| (key, d.address, d.port)),
+                );
             }
+            let owned = &self.owned;
             let destinations = destinations
                 .into_iter()
                 .filter(|d| {
@@ -207,7 +221,13 @@ impl IpvsDataplane {
                         port: d.port,
                     })
                 })
-                .map(|d| ((d.address, d.port), DestinationState::active(d.weight)))
+                .map(|d| {
+                    let state = DestinationState {
+                        local: owned.destinations.contains(&(key, d.address, d.port)),
+                        ..DestinationState::active(d.weight)
+                    };
+                    ((d.address, d.port), state)
+                })
                 .collect();
             table.insert(
                 key,
@@ -442,7 +462,7 @@ impl IpvsDataplane {
         live
     }
 
-    /// Phase 1: records ownership (and hairpin destinations) before anything is created. On
+    /// Phase 1: records ownership (and node-local destinations, for hairpin) before anything is created. On
     /// failure nothing may be created (a restart would not know it), so every op fails.
     fn record_ownership(&mut self, ops: &[Op], live: &[usize]) -> Result<(), DataplaneError> {
         let recorded = commands::records_to_add(ops, live, &self.owned);
@@ -670,6 +690,10 @@ impl IpvsDataplane {
 }
 
 impl Dataplane for IpvsDataplane {
+    fn marks_local_destinations(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

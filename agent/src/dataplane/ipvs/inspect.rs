@@ -45,7 +45,7 @@ pub fn list(options: ListOptions) -> Result<String, InspectError> {
     let owned = if options.all {
         None
     } else {
-        Some(Nft::new()?.read()?.unwrap_or_default().services)
+        Some(Nft::new()?.read()?.unwrap_or_default().state.services)
     };
     let info = ipvs.info()?;
     let mut rows = Vec::new();

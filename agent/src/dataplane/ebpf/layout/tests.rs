@@ -174,7 +174,11 @@ fn service(backends: &[(u8, u8)]) -> ProgrammedService {
             .map(|&(n, tier)| {
                 (
                     (backend_address(n), 8080),
-                    DestinationState { weight: 1, tier },
+                    DestinationState {
+                        weight: 1,
+                        tier,
+                        local: false,
+                    },
                 )
             })
             .collect(),

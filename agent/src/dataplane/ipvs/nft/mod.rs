@@ -31,7 +31,7 @@ use std::process::ExitStatus;
 
 use crate::table::{Frontend, TrafficPolicy, VsKey};
 
-pub use parse::ParseError;
+pub use parse::{ListedTable, ParseError};
 pub use render::MASQ_MARK;
 
 /// Finds `nft` in PATH, else at `/usr/sbin/nft`.
@@ -92,11 +92,11 @@ pub struct NftSettings {
 pub struct NftState {
     /// Every virtual service topoproxy owns, with how it is reached.
     pub services: BTreeMap<VsKey, (Frontend, TrafficPolicy)>,
-    /// (virtual service, destination address, destination port) for hairpin masquerade:
+    /// The node-local destinations (virtual service, address, port), for hairpin masquerade:
     /// only the derived `hairpin` set is written, so [`Nft::read`] returns these only from
-    /// an older version's table; the IPVS dataplane rebuilds them from the IPVS dump. A
-    /// destination whose family differs from its service's cannot be stored and is left out
-    /// (logged).
+    /// an older version's table; the IPVS dataplane rebuilds them from the IPVS dump and the
+    /// hairpin set ([`ListedTable::hairpins`]). A destination whose family differs from its
+    /// service's cannot be stored and is left out (logged).
     pub destinations: BTreeSet<(VsKey, IpAddr, u16)>,
 }
 
@@ -170,7 +170,7 @@ impl Nft {
     }
 
     /// Reads the sets back; `None` when the table does not exist.
-    pub fn read(&mut self) -> Result<Option<NftState>, NftError> {
+    pub fn read(&mut self) -> Result<Option<ListedTable>, NftError> {
         let listed = self
             .invocation
             .run("list", &["-j", "list", "table", "inet", TABLE], None);

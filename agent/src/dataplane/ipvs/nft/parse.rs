@@ -1,15 +1,17 @@
-//! Pure parsing of `nft -j list table inet topoproxy` back into [`NftState`].
+//! Pure parsing of `nft -j list table inet topoproxy` back into what it records.
 //!
-//! Only the record sets are read: the per-(frontend, policy) service sets, and the
-//! destination sets older versions wrote (see [`super::render::DESTINATIONS`]). Derived sets (hairpin, vips), chains and rules are ignored: they follow
-//! from the record and are rewritten by every replace. Unknown sets are ignored too, so an
-//! older agent can read a newer table's records.
+//! Read are the record sets (the per-(frontend, policy) service sets, and the destination sets
+//! older versions wrote, see [`super::render::DESTINATIONS`]) and the hairpin set, which says
+//! which destinations are node-local: it is the only place that is kept. The vips set, chains
+//! and rules are ignored: they follow from the record and are rewritten by every replace.
+//! Unknown sets are ignored too, so an older agent can read a newer table's records.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use serde_json::Value;
 
-use super::render::{service_stem, set_name, DESTINATIONS, SERVICE_KINDS};
+use super::render::{service_stem, set_name, Hairpin, DESTINATIONS, HAIRPIN, SERVICE_KINDS};
 use super::{NftState, TABLE};
 use crate::model::{IpFamily, Protocol};
 use crate::table::VsKey;
@@ -35,10 +37,20 @@ pub enum ParseError {
     },
 }
 
-/// What a record set holds.
+/// What `nft` listed of the table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListedTable {
+    /// The records; `destinations` only from an older version's table.
+    pub state: NftState,
+    /// The hairpin set's elements: the node-local (address, protocol, port) destinations.
+    pub hairpins: BTreeSet<Hairpin>,
+}
+
+/// What a set read back holds.
 enum Record {
     Service(crate::table::Frontend, crate::table::TrafficPolicy),
     Destination,
+    Hairpin,
 }
 
 fn record_for(name: &str) -> Option<(Record, IpFamily)> {
@@ -51,18 +63,22 @@ fn record_for(name: &str) -> Option<(Record, IpFamily)> {
         if name == set_name(DESTINATIONS, family) {
             return Some((Record::Destination, family));
         }
+        if name == set_name(HAIRPIN, family) {
+            return Some((Record::Hairpin, family));
+        }
     }
     None
 }
 
-/// Rebuilds the state from the JSON of `nft -j list table inet topoproxy`.
-pub fn parse_table(json: &str) -> Result<NftState, ParseError> {
+/// Rebuilds the records and hairpins from the JSON of `nft -j list table inet topoproxy`.
+pub fn parse_table(json: &str) -> Result<ListedTable, ParseError> {
     let root: Value = serde_json::from_str(json).map_err(ParseError::Json)?;
     let items = root
         .get("nftables")
         .and_then(Value::as_array)
         .ok_or(ParseError::Shape)?;
-    let mut state = NftState::default();
+    let mut listed = ListedTable::default();
+    let state = &mut listed.state;
     // Which set each service came from, to report a key recorded twice.
     let mut origin = std::collections::BTreeMap::new();
     for item in items {
@@ -120,10 +136,25 @@ pub fn parse_table(json: &str) -> Result<NftState, ParseError> {
                     let dport = port_of(dport).ok_or_else(|| bad(name, element, "a port"))?;
                     state.destinations.insert((key, dest, dport));
                 }
+                Record::Hairpin => {
+                    let [dest, proto, port, source] = fields else {
+                        return Err(bad(name, element, "dest . proto . port . dest"));
+                    };
+                    let dest =
+                        address(dest, family).ok_or_else(|| bad(name, element, "an address"))?;
+                    if address(source, family) != Some(dest) {
+                        return Err(bad(name, element, "the same address twice"));
+                    }
+                    listed.hairpins.insert((
+                        dest,
+                        protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
+                        port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
+                    ));
+                }
             }
         }
     }
-    Ok(state)
+    Ok(listed)
 }
 
 fn bad(set: &str, element: &Value, expected: &'static str) -> ParseError {
@@ -191,7 +222,11 @@ mod tests {
 
     #[test]
     fn reads_back_what_real_nft_listed() {
-        assert_eq!(parse_table(SMALL_JSON).expect("parse"), small_state());
+        // An older version's table: it still recorded the destinations in sets of their own.
+        let listed = parse_table(SMALL_JSON).expect("parse");
+        let state = small_state();
+        assert_eq!(listed.hairpins, hairpins_of(&state));
+        assert_eq!(listed.state, state);
     }
 
     /// JSON shaped like nft's for a state's sets: addresses as strings, protocols by name
@@ -235,17 +270,30 @@ mod tests {
         serde_json::json!({ "nftables": sets }).to_string()
     }
 
+    /// The hairpin elements `state`'s destinations render to.
+    fn hairpins_of(state: &NftState) -> BTreeSet<Hairpin> {
+        state
+            .destinations
+            .iter()
+            .filter(|(key, dest, _)| IpFamily::of(&key.address) == IpFamily::of(dest))
+            .map(|(key, dest, port)| (*dest, key.protocol, *port))
+            .collect()
+    }
+
     proptest! {
         #[test]
         fn parse_inverts_render(state in arb_state(), numeric in any::<bool>()) {
-            // Only the services are recorded; destinations come back from the IPVS dump.
+            // The services are recorded; of the destinations, what the hairpin set holds (the
+            // dataplane pairs them with the IPVS dump).
+            let listed = parse_table(&nft_like_json(&state, numeric)).expect("parse");
             let recorded = NftState { services: state.services.clone(), ..NftState::default() };
-            prop_assert_eq!(parse_table(&nft_like_json(&state, numeric)).expect("parse"), recorded);
+            prop_assert_eq!(listed.state, recorded);
+            prop_assert_eq!(listed.hairpins, hairpins_of(&state));
         }
     }
 
     #[test]
-    fn ignores_other_tables_unknown_sets_and_derived_sets() {
+    fn ignores_other_tables_unknown_sets_and_the_vips_set() {
         let json = r#"{"nftables": [
             {"metainfo": {"version": "1.0.6"}},
             {"set": {"family": "inet", "name": "clusterip-cluster4", "table": "other",
@@ -254,19 +302,25 @@ mod tests {
                      "elem": [{"concat": ["10.0.0.1", "tcp", 80]}]}},
             {"set": {"family": "inet", "name": "future-set4", "table": "topoproxy",
                      "elem": ["garbage"]}},
+            {"set": {"family": "inet", "name": "vips4", "table": "topoproxy",
+                     "elem": ["10.0.0.9"]}},
             {"set": {"family": "inet", "name": "hairpin4", "table": "topoproxy",
                      "elem": [{"concat": ["10.0.0.2", "tcp", 80, "10.0.0.2"]}]}},
             {"set": {"family": "inet", "name": "nodeport-local4", "table": "topoproxy",
                      "elem": [{"elem": {"val": {"concat": ["10.0.0.3", 17, "30053"]},
                                         "comment": "wrapped"}}]}}
         ]}"#;
-        let state = parse_table(json).expect("parse");
+        let listed = parse_table(json).expect("parse");
         let key = VsKey::new(Protocol::Udp, "10.0.0.3".parse().expect("ip"), 30053);
         assert_eq!(
-            state.services.into_iter().collect::<Vec<_>>(),
+            listed.state.services.into_iter().collect::<Vec<_>>(),
             vec![(key, (Frontend::NodePort, TrafficPolicy::Local))]
         );
-        assert!(state.destinations.is_empty());
+        assert!(listed.state.destinations.is_empty());
+        assert_eq!(
+            listed.hairpins.into_iter().collect::<Vec<_>>(),
+            vec![("10.0.0.2".parse().expect("ip"), Protocol::Tcp, 80)]
+        );
     }
 
     #[test]
@@ -283,6 +337,9 @@ mod tests {
                         "elem": [{"concat": ["10.0.0.1", "tcp", 70000]}]}}"#,
             // Too few fields.
             r#"{"set": {"family": "inet", "name": "destinations4", "table": "topoproxy",
+                        "elem": [{"concat": ["10.0.0.1", "tcp", 80, "10.0.0.2"]}]}}"#,
+            // A hairpin element whose two addresses differ.
+            r#"{"set": {"family": "inet", "name": "hairpin4", "table": "topoproxy",
                         "elem": [{"concat": ["10.0.0.1", "tcp", 80, "10.0.0.2"]}]}}"#,
             // Not a concatenation.
             r#"{"set": {"family": "inet", "name": "clusterip-cluster4", "table": "topoproxy",

@@ -9,9 +9,10 @@
 //!   `addr . proto . port`; NodePort keys carry the node address. These are the record of
 //!   which virtual services topoproxy owns, and what the masquerade and reject rules match.
 //! - `hairpin`: `destination . proto . port . destination`, derived from
-//!   [`NftState::destinations`] (kube-proxy's `KUBE-LOOP-BACK`): matched after IPVS translated
-//!   the packet. The destinations themselves are not recorded in nftables: IPVS already lists
-//!   them for every owned service, and a restart rebuilds them from its dump.
+//!   [`NftState::destinations`], the node-local destinations (kube-proxy's `KUBE-LOOP-BACK`,
+//!   which also holds only local endpoints): matched after IPVS translated the packet. The
+//!   destinations themselves are not recorded in nftables: IPVS already lists them for every
+//!   owned service, and a restart pairs its dump with this set to know which are local.
 //! - `vips`: addresses of ClusterIP, ExternalIP and LoadBalancer keys that are not also
 //!   NodePort (node) addresses, derived; new connections to them on other ports are rejected
 //!   (kube-proxy's `KUBE-IPVS-IPS`).
@@ -147,7 +148,7 @@ fn representable<'a>(
 }
 
 /// What the hairpin set matches for a destination: address, protocol, port.
-type Hairpin = (IpAddr, Protocol, u16);
+pub type Hairpin = (IpAddr, Protocol, u16);
 
 fn hairpin_of((key, dest, port): &(VsKey, IpAddr, u16)) -> Hairpin {
     (*dest, key.protocol, *port)
