@@ -148,7 +148,8 @@ impl ProgrammedService {
                             DestinationState {
                                 weight: b.weight,
                                 tier: index,
-                                local: local_node.is_some() && b.node_name.as_deref() == local_node,
+                                local: local_node
+                                    .is_some_and(|node| b.node_name.as_deref() == Some(node)),
                             },
                         )
                     })

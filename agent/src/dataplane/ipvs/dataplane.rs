@@ -462,8 +462,9 @@ impl IpvsDataplane {
         live
     }
 
-    /// Phase 1: records ownership (and node-local destinations, for hairpin) before anything is created. On
-    /// failure nothing may be created (a restart would not know it), so every op fails.
+    /// Phase 1: records ownership (and node-local destinations, for hairpin) before anything is
+    /// created. On failure nothing may be created (a restart would not know it), so every op
+    /// fails.
     fn record_ownership(&mut self, ops: &[Op], live: &[usize]) -> Result<(), DataplaneError> {
         let recorded = commands::records_to_add(ops, live, &self.owned);
         if recorded.services.is_empty() && recorded.destinations.is_empty() {

@@ -1,9 +1,9 @@
 //! Pure parsing of `nft -j list table inet topoproxy` back into what it records.
 //!
 //! Read are the record sets (the per-(frontend, policy) service sets, and the destination sets
-//! older versions wrote, see [`super::render::DESTINATIONS`]) and the hairpin set, which says
-//! which destinations are node-local: it is the only place that is kept. The vips set, chains
-//! and rules are ignored: they follow from the record and are rewritten by every replace.
+//! older versions wrote, see [`super::render::DESTINATIONS`]) and the hairpin set: nothing else
+//! says which destinations are node-local. The vips set, chains and rules are ignored: they
+//! follow from the record and are rewritten by every replace.
 //! Unknown sets are ignored too, so an older agent can read a newer table's records.
 
 use std::collections::BTreeSet;
@@ -211,8 +211,8 @@ fn port_of(value: &Value) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::ipvs::nft::render::set_elements;
     use crate::dataplane::ipvs::nft::render::tests::{arb_state, small_state};
+    use crate::dataplane::ipvs::nft::render::{hairpins, set_elements};
     use crate::table::{Frontend, TrafficPolicy};
     use proptest::prelude::*;
 
@@ -270,14 +270,8 @@ mod tests {
         serde_json::json!({ "nftables": sets }).to_string()
     }
 
-    /// The hairpin elements `state`'s destinations render to.
     fn hairpins_of(state: &NftState) -> BTreeSet<Hairpin> {
-        state
-            .destinations
-            .iter()
-            .filter(|(key, dest, _)| IpFamily::of(&key.address) == IpFamily::of(dest))
-            .map(|(key, dest, port)| (*dest, key.protocol, *port))
-            .collect()
+        hairpins(state).collect()
     }
 
     proptest! {

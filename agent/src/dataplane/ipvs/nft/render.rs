@@ -132,11 +132,15 @@ pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
     for address in vips.difference(&node_addresses) {
         insert(VIPS, IpFamily::of(address), address.to_string());
     }
-    for destination in representable(&state.destinations) {
-        let family = IpFamily::of(&destination.1);
-        insert(HAIRPIN, family, hairpin_element(hairpin_of(destination)));
+    for hairpin in hairpins(state) {
+        insert(HAIRPIN, IpFamily::of(&hairpin.0), hairpin_element(hairpin));
     }
     sets
+}
+
+/// The hairpin set's elements for `state`'s (node-local) destinations.
+pub fn hairpins(state: &NftState) -> impl Iterator<Item = Hairpin> + '_ {
+    representable(&state.destinations).map(hairpin_of)
 }
 
 fn representable<'a>(
