@@ -1678,6 +1678,11 @@ const BENCH_CHANGES: usize = 20;
 /// How many endpoint changes to time (a run at 10,000 Services under emulation may need fewer:
 /// every change is a whole kube-proxy sync).
 const BENCH_CHANGES_ENV: &str = "TOPOPROXY_VS_KUBE_PROXY_CHANGES";
+/// kube-proxy's first-sync metric for the bench's family. The gauge is labelled per family
+/// (`{ip_family="IPv4"}`), so the bare name followed by a space never matches; and the bench's
+/// Services are IPv4-only, so the IPv6 proxier's own first sync is not what is measured.
+const KUBE_PROXY_SYNCED_IPV4: &str =
+    "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}";
 
 /// `cargo xtask vm-bench --vs-kube-proxy`: kube-proxy (IPVS mode, on node-kp) and topoproxy
 /// (on node-tp), one after the other in the same boot, against the same apiserver and the same
@@ -1798,10 +1803,7 @@ async fn measure_agent(
 ) -> side_by_side::AgentCost {
     let netns = world.node(node).netns.clone();
     let (mut agent, synced) = if node == KP {
-        (
-            start_kube_proxy(world),
-            "kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
-        )
+        (start_kube_proxy(world), KUBE_PROXY_SYNCED_IPV4)
     } else {
         (
             start_topoproxy(world),
@@ -1904,6 +1906,20 @@ async fn measure_agent(
     };
     drop(agent);
     cost
+}
+
+#[test]
+fn kube_proxys_first_sync_is_read_from_its_labelled_gauge() {
+    // As kube-proxy v1.36 exposes it on :10249/metrics (component-base, one series per family).
+    let exposed = "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds [ALPHA] The last time proxy rules were successfully synced\n\
+        # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\n\
+        kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1.7647e+09\n";
+    assert!(cluster::metric_sum_in(exposed, KUBE_PROXY_SYNCED_IPV4) > 0.0);
+    let ipv6_only = exposed.replace("IPv4", "IPv6");
+    assert_eq!(
+        cluster::metric_sum_in(&ipv6_only, KUBE_PROXY_SYNCED_IPV4),
+        0.0
+    );
 }
 
 #[test]
