@@ -7,8 +7,9 @@
 //! 2. finds every `vm_*` test target of the `topoproxy` package with `cargo metadata` (so new
 //!    files are picked up without touching this module) and builds them, plus the
 //!    `topoproxy` binary, with `cargo test --no-run --message-format=json`;
-//! 3. stages the binaries and their libraries into one share per kernel and boots the kernel
-//!    ONCE for all targets: each runs as `BIN --ignored --test-threads=1 ARGS...` with
+//! 3. stages the binaries and their libraries into one share per kernel and boots every
+//!    kernel at once, each ONCE for all targets (the second in reverse order): each target
+//!    runs as `BIN --ignored --test-threads=1 ARGS...` with
 //!    `TOPOPROXY_BIN=/host/bin/topoproxy`, the workspace mounted read-only at its host path
 //!    and the current directory at the package root, as under `cargo test`;
 //! 4. prints PASS/FAIL per kernel and target with its duration and output, the console tail
@@ -544,6 +545,56 @@ fn run_targets(
     Ok((results, console))
 }
 
+/// What one kernel's boot gave: its targets' results, its console, its wall-clock seconds.
+type Boot = (Vec<TargetResult>, String, f64);
+
+/// Boots every kernel at once, each in its own thread, and returns their boots in the order
+/// of `kernels`. The guests are single-vCPU TCG, so two of them use the two cores a CI
+/// machine has; one after the other, the VM tests alone took longer than CI can give them.
+/// The second kernel (and every other one) runs its targets in reverse order, so that the
+/// two boots' `vm_k8s_*` targets, each with its own control plane on the host, do not run
+/// at the same time.
+fn boot_kernels(
+    kernels: &[String],
+    built: &[Built],
+    agent: &Path,
+    package_dir: &Path,
+    plan: &VmTestPlan,
+) -> Vec<(String, Result<Boot>)> {
+    std::thread::scope(|scope| {
+        let running: Vec<_> = kernels
+            .iter()
+            .enumerate()
+            .map(|(index, label)| {
+                let mut order = built.to_vec();
+                if index % 2 == 1 {
+                    order.reverse();
+                }
+                let thread = scope.spawn(move || {
+                    let started = Instant::now();
+                    run_targets(label, &order, agent, package_dir, plan).map(
+                        |(mut results, console)| {
+                            // Reported in the order of the targets, whatever ran first.
+                            results.sort_by(|a, b| a.target.cmp(&b.target));
+                            (results, console, started.elapsed().as_secs_f64())
+                        },
+                    )
+                });
+                (label.clone(), thread)
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|(label, thread)| {
+                let boot = thread
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the {label} boot's thread panicked")));
+                (label, boot)
+            })
+            .collect()
+    })
+}
+
 /// Runs `vm-test`: the smoke test, then every selected `vm_*` target, per kernel.
 pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
     vm::require_tool(vm::QEMU)?;
@@ -602,10 +653,8 @@ pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
         println!("vm-test: building {}", selected.join(", "));
         let (built, built_agent) = build(&selected)?;
         let agent = plan.agent.clone().unwrap_or(built_agent);
-        for label in &kernels_ok {
-            let started = Instant::now();
-            let (results, console) = run_targets(label, &built, &agent, &package_dir, plan)?;
-            let boot = started.elapsed().as_secs_f64();
+        for (label, boot) in boot_kernels(&kernels_ok, &built, &agent, &package_dir, plan) {
+            let (results, console, boot) = boot?;
             let mut boot_failed = false;
             for result in &results {
                 let status = match result.verdict {
