@@ -1311,7 +1311,26 @@ async fn start_twins(world: &World, first_pod: u8) -> (Client, Twins, Cluster) {
         marker: 0,
     };
     cluster.marker(&twins).await;
+    reannounce_kube_proxy_zone(&client).await;
     (client, twins, cluster)
+}
+
+/// Takes node-kp's zone label away and gives it back, so that kube-proxy's proxier learns
+/// its zone whatever happened at its start (docs/parity.md, "kube-proxy can miss its own
+/// zone at start"). kube-proxy v1.36 adds its topology handler to the node informer that its
+/// node manager already runs, and registers the proxier with it only afterwards: when the
+/// informer replays the node in between, the zone is cached with no one to tell, and a later
+/// event carrying the same zone is skipped as no change. The marker in its table proves its
+/// sync loop runs, so the registration is done by now; the two changes reach it in order.
+async fn reannounce_kube_proxy_zone(client: &Client) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    for zone in [None, Some("zone-a")] {
+        let patch = json!({"metadata": {"labels": {"topology.kubernetes.io/zone": zone}}});
+        nodes
+            .patch(KP, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("relabelling {KP}: {e}"));
+    }
 }
 
 async fn admin_client() -> Client {
