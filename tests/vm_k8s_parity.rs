@@ -1924,6 +1924,10 @@ async fn measure_agent(
         cpu_seconds: side_by_side::cpu_seconds(pid).unwrap_or(f64::NAN),
     };
     drop(agent);
+    // kube-proxy leaves its services behind, and the next agent's whole-table probe reads
+    // /proc/net/ip_vs, which lists only part of a namespace's services while another
+    // namespace holds some (docs/testing.md): without this its table never looked whole.
+    sh_in(&netns, IPVSADM, &["-C"]);
     cost
 }
 

@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use crate::world::within_netns;
 
 /// The real servers in a namespace's IPVS table whose address starts with `prefix`
-/// (`/proc/net/ip_vs` of the thread's namespace: no `ipvsadm` process per poll).
+/// (`/proc/net/ip_vs` of the thread's namespace: no `ipvsadm` process per poll). Counts right
+/// only while no other namespace holds IPVS services: the kernel's listing then skips some of
+/// this one's (docs/testing.md).
 pub fn real_servers_with(netns: &str, prefix: &'static str) -> usize {
     within_netns(&format!("/run/netns/{netns}"), move || {
         let text = std::fs::read_to_string("/proc/thread-self/net/ip_vs").unwrap_or_default();
