@@ -60,7 +60,7 @@ CONFIG_KEYS = {
     "healthz-bind-address", "metrics-bind-address", "ipvs-scheduler", "service-proxy-name",
     "source-poll-period", "log-format", "masquerade-all", "cluster-cidr", "ipvs-exclude-cidrs",
     "ipvs-strict-arp", "ipvs-drain-timeout", "bpf-pin-dir", "cgroup-path", "topology-default",
-    "cluster-id", "north-south-interfaces", "snat-port-range",
+    "cluster-id", "north-south-interfaces", "snat-port-range", "nodeport-addresses",
 }
 PROXY_MODES = {"ipvs", "ebpf", "dry-run"}
 RBAC_ALLOWED = {

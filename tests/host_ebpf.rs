@@ -597,6 +597,7 @@ fn config(persistence_timeout: Option<u32>) -> ServiceConfig {
         frontend: Frontend::ClusterIP,
         traffic_policy: TrafficPolicy::Cluster,
         tier_shares: TierShares::default(),
+        source_ranges: Default::default(),
     }
 }
 

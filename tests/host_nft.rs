@@ -23,8 +23,8 @@ use proptest::prelude::*;
 use topoproxy::dataplane::ipvs::nft::{
     find_nft, ListedTable, Nft, NftError, NftSettings, NftState,
 };
-use topoproxy::model::Protocol;
-use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
+use topoproxy::model::{IpFamily, Protocol};
+use topoproxy::table::{Frontend, SourceRanges, TrafficPolicy, VsKey};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -299,6 +299,7 @@ fn state(
             .iter()
             .map(|(key, dest, port)| (*key, dest.parse().expect("address"), *port))
             .collect(),
+        ..NftState::default()
     }
 }
 
@@ -309,6 +310,8 @@ fn recorded(state: &NftState) -> ListedTable {
         state: NftState {
             services: state.services.clone(),
             destinations: Default::default(),
+            source_ranges: state.source_ranges.clone(),
+            node_addresses: state.node_addresses.clone(),
         },
         hairpins: state
             .destinations
@@ -471,28 +474,73 @@ fn arb_state() -> impl Strategy<Value = NftState> {
     (
         proptest::collection::btree_map(key, role, 0..16),
         proptest::collection::vec((any::<usize>(), any::<u32>(), any::<u16>()), 0..24),
+        proptest::collection::vec(any::<u8>(), 0..8),
     )
-        .prop_map(|(services, picks): (BTreeMap<VsKey, _>, Vec<_>)| {
-            let keys: Vec<VsKey> = services.keys().copied().collect();
-            let destinations: BTreeSet<_> = picks
-                .into_iter()
-                .filter(|_| !keys.is_empty())
-                .map(|(i, host, port)| {
-                    let key = keys[i % keys.len()];
-                    let dest = match key.address {
-                        IpAddr::V4(_) => IpAddr::from(host.to_be_bytes()),
-                        IpAddr::V6(_) => {
-                            IpAddr::from(Ipv6Addr::from(u128::from(host) | 0xfd00 << 112))
-                        }
-                    };
-                    (key, dest, port)
-                })
-                .collect();
-            NftState {
-                services,
-                destinations,
-            }
-        })
+        .prop_map(
+            |(services, picks, seed): (BTreeMap<VsKey, _>, Vec<_>, Vec<u8>)| {
+                let keys: Vec<VsKey> = services.keys().copied().collect();
+                let destinations: BTreeSet<_> = picks
+                    .into_iter()
+                    .filter(|_| !keys.is_empty())
+                    .map(|(i, host, port)| {
+                        let key = keys[i % keys.len()];
+                        let dest = match key.address {
+                            IpAddr::V4(_) => IpAddr::from(host.to_be_bytes()),
+                            IpAddr::V6(_) => {
+                                IpAddr::from(Ipv6Addr::from(u128::from(host) | 0xfd00 << 112))
+                            }
+                        };
+                        (key, dest, port)
+                    })
+                    .collect();
+                let source_ranges = firewall_of(&services, &seed);
+                NftState {
+                    services,
+                    destinations,
+                    source_ranges,
+                    node_addresses: seed.iter().map(|b| IpAddr::from([192, 0, 2, *b])).collect(),
+                }
+            },
+        )
+}
+
+/// Source ranges for the load-balancer keys `seed` picks, nested and disjoint prefixes alike.
+fn firewall_of(
+    services: &BTreeMap<VsKey, (Frontend, TrafficPolicy)>,
+    seed: &[u8],
+) -> BTreeMap<VsKey, SourceRanges> {
+    let mut ranges = BTreeMap::new();
+    for ((key, (frontend, _)), byte) in services.iter().zip(seed.iter().cycle()) {
+        if *frontend != Frontend::LoadBalancer || byte % 3 == 0 {
+            continue;
+        }
+        let nets: Vec<ipnetwork::IpNetwork> = (0..1 + byte % 4)
+            .map(|n| {
+                let prefix = 8 + (byte.wrapping_add(n * 5) % 20);
+                let address = match key.address {
+                    IpAddr::V4(_) => IpAddr::from([10, n % 2, *byte, 7]),
+                    IpAddr::V6(_) => {
+                        IpAddr::from([0xfd00, u16::from(n % 2), u16::from(*byte), 0, 0, 0, 0, 7])
+                    }
+                };
+                ipnetwork::IpNetwork::new(
+                    address,
+                    if key.family == IpFamily::V4 {
+                        prefix
+                    } else {
+                        prefix + 40
+                    },
+                )
+                .expect("prefix")
+            })
+            .collect();
+        let mut planned = SourceRanges::for_frontend(&nets, key.family, None);
+        planned.from_node = byte % 2 == 1;
+        if !planned.is_open() {
+            ranges.insert(*key, planned);
+        }
+    }
+    ranges
 }
 
 #[test]
@@ -786,4 +834,160 @@ fn masquerade_follows_frontend_policy_and_settings() {
     // Without our table nothing is masqueraded.
     nft.delete().expect("delete");
     assert_eq!(seen("lb-cluster"), kept);
+}
+
+/// kube-proxy's `loadBalancerSourceRanges` firewall with real traffic: a client inside the
+/// ranges reaches the load-balancer IP, one outside is dropped, and so is the node itself
+/// unless a range holds its address; the read-back keeps the ranges; opening the Service
+/// lets everyone in again. The LB IP sits on `lo` (no dummy links here) and a local listener
+/// stands in for IPVS: the filter runs before IPVS would, in the input hook.
+#[test]
+fn load_balancer_source_ranges_admit_only_their_sources() {
+    let nft_path = require_root_and_nft();
+    let node = Netns::new();
+    let inside = Netns::new();
+    let outside = Netns::new();
+    node.link(&inside, ("n0", "10.30.0.1/24"), ("i0", "10.30.0.2/24"));
+    node.link(&outside, ("n1", "10.31.0.1/24"), ("o0", "10.31.0.2/24"));
+    node.ip(&["addr", "add", "203.0.113.50/32", "dev", "lo"]);
+    inside.ip(&["route", "add", "203.0.113.0/24", "via", "10.30.0.1"]);
+    outside.ip(&["route", "add", "203.0.113.0/24", "via", "10.31.0.1"]);
+    let _servers = Servers::start(&node, &["0.0.0.0:80", "0.0.0.0:81"], &[]);
+
+    let lb = key(Protocol::Tcp, "203.0.113.50", 80);
+    let other_port = key(Protocol::Tcp, "203.0.113.50", 81);
+    let with_ranges = |ranges: &[&str], from_node: bool| {
+        let mut state = state(
+            &[
+                (lb, Frontend::LoadBalancer, TrafficPolicy::Cluster),
+                (other_port, Frontend::LoadBalancer, TrafficPolicy::Cluster),
+            ],
+            &[],
+        );
+        state.source_ranges.insert(
+            lb,
+            SourceRanges {
+                allowed: ranges.iter().map(|r| r.parse().expect("cidr")).collect(),
+                from_node,
+            },
+        );
+        state
+    };
+    let restricted = with_ranges(&["10.30.0.0/24", "192.0.2.0/28"], false);
+    let mut nft = node.nft(&nft_path);
+    nft.replace(&NftSettings::default(), &restricted)
+        .expect("replace");
+    inside.run(|| assert_eq!(seen_as("203.0.113.50:80"), Ok("10.30.0.2".into())));
+    outside.run(|| {
+        assert_eq!(
+            seen_as("203.0.113.50:80"),
+            Err(ErrorKind::TimedOut),
+            "outside the ranges"
+        );
+        // The firewall is per address:port: the Service's other port is open.
+        assert_eq!(seen_as("203.0.113.50:81"), Ok("10.31.0.2".into()));
+    });
+    // The node's own connection carries the LB IP as its source: dropped.
+    node.run(|| {
+        assert_eq!(
+            seen_as("203.0.113.50:80"),
+            Err(ErrorKind::TimedOut),
+            "from the node"
+        )
+    });
+    assert_eq!(
+        nft.read().expect("read").expect("table").state,
+        recorded(&restricted).state,
+        "read back"
+    );
+
+    // A range holds the node's address: the node may reach its LB IP.
+    let from_node = with_ranges(&["10.30.0.0/24", "192.0.2.0/28"], true);
+    nft.update(&restricted, &from_node).expect("update");
+    node.run(|| assert!(seen_as("203.0.113.50:80").is_ok(), "from the node"));
+    outside.run(|| assert_eq!(seen_as("203.0.113.50:80"), Err(ErrorKind::TimedOut)));
+
+    // Other ranges: the old ones stop admitting.
+    let moved = with_ranges(&["10.31.0.0/24"], false);
+    nft.update(&from_node, &moved).expect("update");
+    outside.run(|| assert_eq!(seen_as("203.0.113.50:80"), Ok("10.31.0.2".into())));
+    inside.run(|| assert_eq!(seen_as("203.0.113.50:80"), Err(ErrorKind::TimedOut)));
+
+    // No ranges: open to everyone.
+    let open = state(
+        &[
+            (lb, Frontend::LoadBalancer, TrafficPolicy::Cluster),
+            (other_port, Frontend::LoadBalancer, TrafficPolicy::Cluster),
+        ],
+        &[],
+    );
+    nft.update(&moved, &open).expect("update");
+    inside.run(|| assert_eq!(seen_as("203.0.113.50:80"), Ok("10.30.0.2".into())));
+    node.run(|| assert!(seen_as("203.0.113.50:80").is_ok(), "from the node"));
+    nft.delete().expect("delete");
+}
+
+/// An externalIP or LB IP the node itself holds on another interface (a secondary NIC, a
+/// keepalived VIP) is the node's: its other ports stay reachable, as with kube-proxy, which
+/// neither binds nor filters such an address. A plain VIP's other ports are still refused.
+#[test]
+fn a_service_address_the_node_holds_keeps_the_nodes_other_ports() {
+    let nft_path = require_root_and_nft();
+    let node = Netns::new();
+    let client = Netns::new();
+    node.link(&client, ("n0", "10.30.0.1/24"), ("c0", "10.30.0.2/24"));
+    node.ip(&["addr", "add", "10.30.0.9/24", "dev", "n0"]);
+    node.ip(&["addr", "add", "10.96.0.10/32", "dev", "lo"]);
+    client.ip(&["route", "add", "10.96.0.0/16", "via", "10.30.0.1"]);
+    let _servers = Servers::start(&node, &["0.0.0.0:22", "0.0.0.0:443"], &[]);
+
+    let mut services = state(
+        &[
+            (
+                key(Protocol::Tcp, "10.30.0.9", 443),
+                Frontend::ExternalIP,
+                TrafficPolicy::Cluster,
+            ),
+            (
+                key(Protocol::Tcp, "10.96.0.10", 443),
+                Frontend::ClusterIP,
+                TrafficPolicy::Cluster,
+            ),
+        ],
+        &[],
+    );
+    let mut nft = node.nft(&nft_path);
+    // Before the agent knows the node's addresses, the secondary address looks like a VIP.
+    nft.replace(&NftSettings::default(), &services)
+        .expect("replace");
+    client.run(|| assert_eq!(seen_as("10.30.0.9:22"), Err(ErrorKind::ConnectionRefused)));
+
+    let before = services.clone();
+    services.node_addresses = ["10.30.0.1", "10.30.0.9"]
+        .iter()
+        .map(|a| a.parse().expect("address"))
+        .collect();
+    nft.update(&before, &services).expect("update");
+    client.run(|| {
+        assert_eq!(
+            seen_as("10.30.0.9:22"),
+            Ok("10.30.0.2".into()),
+            "the node's SSH"
+        );
+        assert_eq!(seen_as("10.30.0.9:443"), Ok("10.30.0.2".into()));
+        assert_eq!(
+            seen_as("10.96.0.10:22"),
+            Err(ErrorKind::ConnectionRefused),
+            "a VIP"
+        );
+    });
+    assert_eq!(
+        nft.read()
+            .expect("read")
+            .expect("table")
+            .state
+            .node_addresses,
+        services.node_addresses
+    );
+    nft.delete().expect("delete");
 }

@@ -378,6 +378,7 @@ impl Cluster {
                     region: node.region.then(|| "region-1".to_owned()),
                     addresses,
                     leaving: None,
+                    local_addresses: None,
                 }
             })
             .collect();

@@ -498,3 +498,108 @@ async fn a_health_check_node_port_answers_as_kube_proxys_with_the_local_endpoint
     }
     agent.stop().await;
 }
+
+/// The host's addresses, as the dataplane reads them every sync, carry the NodePorts; when
+/// they change the NodePorts follow at the next sync.
+#[tokio::test]
+async fn node_ports_follow_the_addresses_the_dataplane_reads_from_the_host() {
+    let store = example();
+    // A short period: the periodic sync is what notices a host change without any event.
+    let agent = Running::start_with(Duration::ZERO, Duration::from_millis(200), |handle| {
+        handle.set_node_addresses(Some(["10.0.2.1".parse().expect("ip")].into()));
+    });
+    agent.list(&store).await;
+    let node_ports = |a: &Running| -> Vec<String> {
+        a.dataplane
+            .table()
+            .keys()
+            .filter(|key| key.port == 30080)
+            .map(|key| key.address.to_string())
+            .collect()
+    };
+    agent
+        .eventually("the NodePort on the host's address", |a| {
+            node_ports(a) == ["10.0.2.1"]
+        })
+        .await;
+    agent.dataplane.set_node_addresses(Some(
+        [
+            "10.0.2.1".parse().expect("ip"),
+            "192.0.2.44".parse().expect("ip"),
+        ]
+        .into(),
+    ));
+    agent
+        .eventually("the NodePort on the new address too", |a| {
+            node_ports(a) == ["10.0.2.1", "192.0.2.44"]
+        })
+        .await;
+    agent.stop().await;
+}
+
+/// A dataplane that cannot enforce `loadBalancerSourceRanges` is never given a load-balancer
+/// frontend that has them (closed, not open); the Service's other frontends are.
+#[tokio::test]
+async fn a_firewalled_load_balancer_ip_is_withheld_from_a_dataplane_that_cannot_enforce_it() {
+    let dir = tempdir("withheld");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+    copy_dir(&examples, &dir);
+    let checkout = dir.join("shop/checkout.yaml");
+    let text = std::fs::read_to_string(&checkout).expect("checkout.yaml");
+    std::fs::write(
+        &checkout,
+        text.replacen(
+            "  externalTrafficPolicy: Local\n",
+            "  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [192.0.2.0/24]\n",
+            1,
+        ),
+    )
+    .expect("write");
+    let store = load_dir(&dir).expect("loads").store;
+    let agent = Running::start_with(Duration::ZERO, Duration::from_secs(60), |handle| {
+        handle.ignore_source_ranges();
+    });
+    agent.list(&store).await;
+    agent
+        .eventually("the checkout ClusterIP is programmed", |a| {
+            a.dataplane
+                .table()
+                .keys()
+                .any(|key| key.address.to_string() == "10.96.20.30")
+        })
+        .await;
+    let table = agent.dataplane.table();
+    assert!(
+        !table
+            .keys()
+            .any(|key| key.address.to_string() == "198.51.100.20"),
+        "the firewalled LB IP was programmed: {:?}",
+        table.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        table.keys().any(|key| key.port == 31443),
+        "its NodePort is served"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    agent.stop().await;
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("topoproxy-sync-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            std::fs::create_dir_all(&target).expect("mkdir");
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}

@@ -32,6 +32,7 @@ fn desired(protocol: Protocol, backend: SocketAddr) -> (VsKey, ProgrammedService
                 frontend: Frontend::ClusterIP,
                 traffic_policy: TrafficPolicy::Cluster,
                 tier_shares: TierShares::default(),
+                source_ranges: Default::default(),
             },
             destinations: [(
                 (backend.ip(), backend.port()),

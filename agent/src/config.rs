@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::node_addresses::NodePortAddresses;
+
 use ipnetwork::IpNetwork;
 
 use crate::dataplane::ebpf::north_south::{self, NorthSouthSettings};
@@ -128,6 +130,11 @@ pub struct RunOptions {
     /// IPVS mode: comma-separated CIDRs whose IPVS services topoproxy never touches.
     #[arg(long)]
     pub ipvs_exclude_cidrs: Option<String>,
+    /// Where NodePorts are served, kube-proxy's syntax: comma-separated CIDRs and `primary`
+    /// (the node's primary address of each family); a family with no CIDR given keeps every
+    /// address [default: every local address but kube-ipvs0's, loopback and IPv6 link-local].
+    #[arg(long)]
+    pub nodeport_addresses: Option<String>,
     /// IPVS mode: set arp_ignore=1 and arp_announce=2 so VIPs are not answered over ARP
     /// [default: false].
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
@@ -211,6 +218,8 @@ pub enum ConfigError {
     NorthSouthInterfaces(String),
     #[error("snat-port-range: {0:?} is not a port range like 61000-65535")]
     SnatPortRange(String),
+    #[error(transparent)]
+    NodePortAddresses(#[from] crate::node_addresses::NodePortAddressesError),
     #[error("{setting}: {value:?} is not a CIDR (use e.g. 10.244.0.0/16)")]
     Cidr {
         setting: &'static str,
@@ -344,6 +353,12 @@ pub fn resolve(
                 .or(file.topology_default)
                 .unwrap_or_default(),
             cluster_id: non_empty(flags.cluster_id.or(file.cluster_id)),
+            node_port_addresses: NodePortAddresses::parse(
+                &flags
+                    .nodeport_addresses
+                    .or(file.nodeport_addresses)
+                    .unwrap_or_default(),
+            )?,
         },
         source_poll_period: period(
             "source-poll-period",

@@ -296,6 +296,7 @@ mod tests {
             frontend: Frontend::ClusterIP,
             traffic_policy: TrafficPolicy::Cluster,
             tier_shares: TierShares::default(),
+            source_ranges: Default::default(),
         }
     }
 

@@ -18,6 +18,7 @@ pub mod http;
 pub mod kernel_writes;
 pub mod metrics;
 pub mod model;
+pub mod node_addresses;
 pub mod planner;
 pub mod render;
 pub mod source;

@@ -561,7 +561,11 @@ fn plan(
     for conflict in table.conflicts() {
         topoproxy::sync::warn_conflict(&conflict);
     }
-    let explanation = with_explanation.then(|| explain::explain(&loaded.store, node, config));
+    let explanation = with_explanation.then(|| {
+        let mut explanation = explain::explain(&loaded.store, node, config);
+        explain::mark_conflicts(&mut explanation, &table.conflicts());
+        explanation
+    });
     let output = match format {
         OutputFormat::Ipvsadm => {
             let mut text = render::ipvsadm::render_table(&table);

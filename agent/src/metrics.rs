@@ -85,6 +85,7 @@ pub struct Metrics {
     virtual_servers: Gauge,
     backends: Gauge,
     services_falling_back: Gauge,
+    address_conflicts: Gauge,
     locality_virtual_servers: Gauge,
     locality_programmed_share: Family<TierLabels, Gauge<f64, AtomicU64>>,
     locality_served_connections: Family<TierLabels, Counter>,
@@ -174,6 +175,13 @@ impl Metrics {
             "services_falling_back",
             "Services that ask for topology-aware routing but are served cluster-wide on this node (hints missing, partial or not for this node)",
             services_falling_back.clone(),
+        );
+
+        let address_conflicts = Gauge::default();
+        registry.register(
+            "address_conflicts",
+            "Address:port claims left out because another Service holds the same key (an allocated ClusterIP wins over an externalIP or load-balancer claim; else the smaller namespace/name)",
+            address_conflicts.clone(),
         );
 
         let locality_virtual_servers = Gauge::default();
@@ -287,6 +295,7 @@ impl Metrics {
             virtual_servers,
             backends,
             services_falling_back,
+            address_conflicts,
             locality_virtual_servers,
             locality_programmed_share,
             locality_served_connections,
@@ -344,6 +353,11 @@ impl Metrics {
         self.backends.set(gauge_value(backends));
         self.services_falling_back
             .set(gauge_value(services_falling_back));
+    }
+
+    /// How many claims on an address:port lost to another Service's (see [`crate::table::Conflict`]).
+    pub fn set_address_conflicts(&self, conflicts: usize) {
+        self.address_conflicts.set(gauge_value(conflicts));
     }
 
     /// Records the programmed share per locality tier: `servers` virtual servers under a

@@ -291,6 +291,14 @@ pub struct Service {
     /// `status.loadBalancer.ingress[].ip`, except ingresses with `ipMode: Proxy`, whose
     /// traffic arrives from the load balancer addressed to the node, not to the VIP.
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`, both families, as given (trimmed, parsed). Like
+    /// kube-proxy, the `service.beta.kubernetes.io/load-balancer-source-ranges` annotation is
+    /// not read: cloud load balancers read it, no proxy does.
+    #[serde(
+        serialize_with = "networks_as_text",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub load_balancer_source_ranges: Vec<ipnetwork::IpNetwork>,
     pub ports: Vec<ServicePort>,
     /// `Some(timeout seconds)` for `sessionAffinity: ClientIP`.
     pub session_affinity_timeout: Option<u32>,
@@ -307,6 +315,14 @@ pub struct Service {
     /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy:
     /// Local` (the only ones the API gives one).
     pub health_check_node_port: Option<u16>,
+}
+
+/// Networks as `addr/len` text (ipnetwork has no serde here).
+fn networks_as_text<S: serde::Serializer>(
+    networks: &[ipnetwork::IpNetwork],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(networks.iter().map(ToString::to_string))
 }
 
 impl Service {
@@ -441,16 +457,32 @@ pub struct Node {
     /// planner ignores it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leaving: Option<String>,
+    /// The node's own addresses as the agent read them from the host it runs on (kube-proxy's
+    /// node address set: every interface but the dataplane's own, without loopback and IPv6
+    /// link-local); `None` where no host is looked at (`plan`, dry-run), and NodePorts then
+    /// sit on [`Node::addresses`]. Not part of the API object.
+    #[serde(skip)]
+    pub local_addresses: Option<std::collections::BTreeSet<IpAddr>>,
 }
+
+/// What planning depends on of a [`Node`].
+pub type NodeTopology<'a> = (
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    &'a [IpAddr],
+    Option<&'a std::collections::BTreeSet<IpAddr>>,
+);
 
 impl Node {
     /// The node without [`Node::leaving`]: what planning depends on.
-    pub fn topology(&self) -> (&str, Option<&str>, Option<&str>, &[IpAddr]) {
+    pub fn topology(&self) -> NodeTopology<'_> {
         (
             &self.name,
             self.zone.as_deref(),
             self.region.as_deref(),
             &self.addresses,
+            self.local_addresses.as_ref(),
         )
     }
 }

@@ -25,7 +25,7 @@ use crate::planner::{plan, replan_service, PlanConfig};
 use crate::source::{Resource, SourceEvent};
 use crate::state::AgentState;
 use crate::store::Store;
-use crate::table::{Conflict, NodeTable, VsKey};
+use crate::table::{Conflict, NodeTable, VirtualServer, VsKey};
 
 /// Timing and planning settings of the loop.
 #[derive(Debug, Clone)]
@@ -69,6 +69,8 @@ pub struct SyncLoop<D> {
     health_checks: HealthCheckServers,
     /// Address:port claims two Services make, already warned about.
     known_conflicts: BTreeSet<ConflictId>,
+    /// Firewalled load-balancer frontends the dataplane cannot enforce, already warned about.
+    withheld: BTreeSet<VsKey>,
 }
 
 impl<D: Dataplane> SyncLoop<D> {
@@ -95,6 +97,7 @@ impl<D: Dataplane> SyncLoop<D> {
             next_resync,
             health_checks,
             known_conflicts: BTreeSet::new(),
+            withheld: BTreeSet::new(),
         };
         loop_.report_waiting();
         loop_
@@ -204,6 +207,9 @@ impl<D: Dataplane> SyncLoop<D> {
                     tracing::info!(leaving = ?node.leaving, "this node's eligibility for load balancers changed");
                 }
                 self.state.health.set_node_leaving(node.leaving.clone());
+                // The host's addresses are the agent's own reading, not the object's.
+                let mut node = node;
+                node.local_addresses = self.node.as_ref().and_then(|n| n.local_addresses.clone());
                 // Only topology and addresses matter to the plan.
                 let replan = self.node.as_ref().map(Node::topology) != Some(node.topology());
                 if replan && self.node.is_some() {
@@ -277,6 +283,7 @@ impl<D: Dataplane> SyncLoop<D> {
     /// One sync: re-plan what is dirty (everything the first time or after a node change),
     /// read the dataplane back when a resync is due, diff, apply, record.
     pub async fn sync(&mut self) {
+        self.refresh_node_addresses().await;
         let Some(node) = self.node.clone() else {
             return;
         };
@@ -365,7 +372,40 @@ impl<D: Dataplane> SyncLoop<D> {
             Err(error) => self.fail(started, &error),
         }
         self.publish_table_stats();
+        self.warn_withheld();
         self.sync_health_checks();
+    }
+
+    /// Reads the node's own addresses from the dataplane's host; a change re-plans every
+    /// Service, as NodePorts follow the addresses (kube-proxy reads them on every sync too).
+    async fn refresh_node_addresses(&mut self) {
+        let Some(result) = self.dataplane.refresh_node_addresses().await else {
+            return;
+        };
+        let addresses = match result {
+            Ok(addresses) => addresses,
+            Err(error) => {
+                tracing::warn!(
+                    error = %error_chain(&error),
+                    "reading the node's addresses failed; NodePorts stay where they are"
+                );
+                return;
+            }
+        };
+        let Some(node) = self.node.as_mut() else {
+            return;
+        };
+        if node.local_addresses.as_ref() == Some(&addresses) {
+            return;
+        }
+        if node.local_addresses.is_some() {
+            tracing::info!(
+                ?addresses,
+                "this node's own addresses changed; re-planning everything"
+            );
+        }
+        node.local_addresses = Some(addresses);
+        self.replan_all = true;
     }
 
     /// Opens, closes and updates the Services' health-check node ports (both proxy modes).
@@ -404,11 +444,53 @@ impl<D: Dataplane> SyncLoop<D> {
 
     /// The whole planned table in the form a dataplane holds it.
     fn desired_table(&self) -> ProgrammedTable {
-        programmed_table(
+        let mut desired = programmed_table(
             &self.read_table(),
             self.dataplane.tier_scope(),
             self.local_node(),
-        )
+        );
+        if !self.dataplane.enforces_source_ranges() {
+            desired.retain(|_, service| service.config.source_ranges.is_open());
+        }
+        desired
+    }
+
+    /// Whether the dataplane may be given `vs`: not a firewalled load-balancer frontend when
+    /// it cannot enforce the firewall (closed, not open; warned once per key).
+    fn programmable(&self, vs: &VirtualServer) -> bool {
+        vs.source_ranges.is_open() || self.dataplane.enforces_source_ranges()
+    }
+
+    /// Says once per key which firewalled load-balancer frontends this dataplane leaves out.
+    fn warn_withheld(&mut self) {
+        if self.dataplane.enforces_source_ranges() {
+            return;
+        }
+        let table = self
+            .state
+            .table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now: BTreeSet<VsKey> = table
+            .servers()
+            .filter(|vs| !vs.source_ranges.is_open())
+            .map(|vs| {
+                if !self.withheld.contains(&vs.key) {
+                    tracing::warn!(
+                        service = %vs.service,
+                        "{} {}:{} has loadBalancerSourceRanges, which the {} dataplane does not \
+                         enforce yet: not served on this node (closed rather than open to every source)",
+                        vs.key.protocol,
+                        vs.key.address,
+                        vs.key.port,
+                        self.dataplane.name()
+                    );
+                }
+                vs.key
+            })
+            .collect();
+        drop(table);
+        self.withheld = now;
     }
 
     /// The node whose backends are marked local, when the dataplane holds that.
@@ -436,6 +518,9 @@ impl<D: Dataplane> SyncLoop<D> {
                 .map(|vs| vs.service.clone())
                 .collect();
             self.known_conflicts = warn_new_conflicts(&table, &self.known_conflicts);
+            self.state
+                .metrics
+                .set_address_conflicts(self.known_conflicts.len());
             return keys;
         }
         for key in &dirty {
@@ -451,6 +536,9 @@ impl<D: Dataplane> SyncLoop<D> {
             }
         }
         self.known_conflicts = warn_new_conflicts(&table, &self.known_conflicts);
+        self.state
+            .metrics
+            .set_address_conflicts(self.known_conflicts.len());
         keys
     }
 
@@ -462,6 +550,7 @@ impl<D: Dataplane> SyncLoop<D> {
         for key in keys {
             let desired = table
                 .get(key)
+                .filter(|vs| self.programmable(vs))
                 .map(|vs| ProgrammedService::from_virtual_server(vs, scope, local_node));
             batch.service(*key, desired.as_ref(), self.mirror.get(key));
         }
@@ -531,9 +620,10 @@ impl<D: Dataplane> SyncLoop<D> {
 /// A claim two Services make on one address:port: (key, winner, loser).
 type ConflictId = (VsKey, ServiceKey, ServiceKey);
 
-/// Says, once per conflict, which Service lost an address:port two Services claim (say, a
-/// duplicated ClusterIP): the smaller Service key keeps it, whatever the order the objects
-/// came in, and the other Service's other addresses are unaffected. Returns the conflicts now.
+/// Says, once per conflict, which Service lost an address:port two Services claim (say, an
+/// externalIP equal to another Service's ClusterIP): the rule of [`Conflict`] decides,
+/// whatever the order the objects came in, and the loser's other addresses are unaffected.
+/// Returns the conflicts now.
 fn warn_new_conflicts(table: &NodeTable, known: &BTreeSet<ConflictId>) -> BTreeSet<ConflictId> {
     let mut now = BTreeSet::new();
     for conflict in table.conflicts() {
@@ -555,13 +645,16 @@ pub fn warn_conflict(conflict: &Conflict) {
     tracing::warn!(
         service = %conflict.loser,
         winner = %conflict.winner,
-        "{} {}:{} is claimed by both {} and {}; {} keeps it",
+        "{} {}:{} is claimed by both {} (as {:?}) and {} (as {:?}); {} keeps it: {}",
         conflict.key.protocol,
         conflict.key.address,
         conflict.key.port,
         conflict.winner,
+        conflict.winner_frontend,
         conflict.loser,
-        conflict.winner
+        conflict.loser_frontend,
+        conflict.winner,
+        conflict.reason()
     );
 }
 

@@ -108,6 +108,7 @@ pub fn synthetic_node(zone: usize, index: usize, nodes_per_zone: usize) -> Node 
             NODE_CIDR_BASE + 1 + offset_in(ordinal, NODE_CIDR_HOSTS),
         ))],
         leaving: None,
+        local_addresses: None,
     }
 }
 
@@ -149,6 +150,7 @@ pub fn synthetic_service(spec: &SyntheticSpec, index: usize) -> Service {
         cluster_ips: vec![synthetic_cluster_ip(index)],
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
+        load_balancer_source_ranges: Vec::new(),
         ports,
         session_affinity_timeout: None,
         internal_traffic_local: false,

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use ipnetwork::IpNetwork;
 use serde::Serialize;
 
 use crate::model::{IpFamily, LocalityPolicy, Protocol, ServiceKey, TopologyIntent};
@@ -173,6 +174,85 @@ pub struct VirtualServer {
     /// under a locality policy every tier with a share above 0 (see [`Tier::share_ppm`]),
     /// each backend weighted. Tiers are never empty.
     pub tiers: Vec<Tier>,
+    /// Who may reach it: `spec.loadBalancerSourceRanges` on a load-balancer frontend; open
+    /// everywhere else.
+    #[serde(skip_serializing_if = "SourceRanges::is_open")]
+    pub source_ranges: SourceRanges,
+}
+
+/// The sources a load-balancer frontend accepts (`spec.loadBalancerSourceRanges`), with
+/// kube-proxy's meaning: traffic to the load-balancer IP:port from any other source is
+/// dropped before it is balanced (its `KUBE-SOURCE-RANGES-FIREWALL`); the node itself may
+/// reach the IP only when a range holds the node's own address.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SourceRanges {
+    /// The allowed source networks, canonical (host bits cleared), sorted, deduplicated;
+    /// empty: every source (no firewall).
+    pub allowed: Vec<IpNetwork>,
+    /// A range holds this node's primary address of the frontend's family, so connections
+    /// the node makes to the IP itself (which carry the IP as their source) are let through.
+    pub from_node: bool,
+}
+
+impl SourceRanges {
+    /// The firewall of one load-balancer frontend of `family`: the ranges of that family
+    /// (a range inside another left out), none at all if one of them is zero-masked
+    /// (`0.0.0.0/0` allows everything, as no ranges do), and whether one holds `node_address`.
+    pub fn for_frontend(
+        ranges: &[IpNetwork],
+        family: IpFamily,
+        node_address: Option<IpAddr>,
+    ) -> Self {
+        let in_family: Vec<IpNetwork> = ranges
+            .iter()
+            .filter(|net| IpFamily::of(&net.ip()) == family)
+            .map(|net| canonical(*net))
+            .collect();
+        if in_family.iter().any(|net| net.prefix() == 0) {
+            return Self::default();
+        }
+        // A range inside another adds nothing, and nft's interval sets refuse overlaps.
+        let mut allowed: Vec<IpNetwork> = in_family
+            .iter()
+            .filter(|net| {
+                !in_family
+                    .iter()
+                    .any(|wider| wider.prefix() < net.prefix() && wider.contains(net.network()))
+            })
+            .copied()
+            .collect();
+        allowed.sort();
+        allowed.dedup();
+        let from_node =
+            node_address.is_some_and(|node| allowed.iter().any(|net| net.contains(node)));
+        Self { allowed, from_node }
+    }
+
+    /// No firewall: every source is accepted.
+    pub fn is_open(&self) -> bool {
+        self.allowed.is_empty()
+    }
+
+    /// Whether a connection from `source` (not the node itself) passes.
+    pub fn admits(&self, source: IpAddr) -> bool {
+        self.is_open() || self.allowed.iter().any(|net| net.contains(source))
+    }
+}
+
+/// `net` with its host bits cleared (`10.1.2.3/8` → `10.0.0.0/8`), as the kernel's sets store it.
+pub fn canonical(net: IpNetwork) -> IpNetwork {
+    IpNetwork::new(net.network(), net.prefix()).unwrap_or(net)
+}
+
+impl Serialize for SourceRanges {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let allowed: Vec<String> = self.allowed.iter().map(ToString::to_string).collect();
+        let mut fields = serializer.serialize_struct("SourceRanges", 2)?;
+        fields.serialize_field("allowed", &allowed)?;
+        fields.serialize_field("fromNode", &self.from_node)?;
+        fields.end()
+    }
 }
 
 impl VirtualServer {
@@ -220,14 +300,59 @@ impl VirtualServer {
     }
 }
 
-/// A virtual-server key that two Services both want. The smaller Service key wins, so the
-/// outcome does not depend on the order objects arrived in.
+/// A virtual-server key that two Services both want. A ClusterIP claim wins over any other
+/// kind of claim ([`ClaimRank`]); between claims of one rank the smaller Service key wins, so
+/// the outcome does not depend on the order objects arrived in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Conflict {
     pub key: VsKey,
     pub winner: ServiceKey,
     pub loser: ServiceKey,
+    /// How each side claims the key (a ClusterIP, an externalIP, ...).
+    pub winner_frontend: Frontend,
+    pub loser_frontend: Frontend,
+}
+
+impl Conflict {
+    /// Why the winner keeps the key, in words for logs and `plan --explain`.
+    pub fn reason(&self) -> &'static str {
+        if ClaimRank::of(self.winner_frontend) < ClaimRank::of(self.loser_frontend) {
+            "a ClusterIP the API server allocated wins over any other claim on its address"
+        } else {
+            "between claims of one kind the smaller namespace/name wins"
+        }
+    }
+}
+
+/// How strongly a frontend kind holds an address:port against another Service's claim.
+///
+/// The API server allocates ClusterIPs and refuses duplicates, but anyone who may write a
+/// Service can put any address into `externalIPs` or (with status access) a load-balancer
+/// ingress. kube-proxy leaves the outcome of such a collision undefined (the CVE-2020-8554
+/// class); letting the smaller key win made it deterministic, so a Service in namespace `aaa`
+/// naming cluster DNS's ClusterIP took DNS over on every node. An allocated ClusterIP always
+/// wins instead (docs/security.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClaimRank {
+    /// A ClusterIP (or a ServiceImport's clusterset IP, allocated the same way).
+    Allocated,
+    /// An externalIP, load-balancer ingress or NodePort claim.
+    Declared,
+}
+
+impl ClaimRank {
+    pub fn of(frontend: Frontend) -> Self {
+        match frontend {
+            Frontend::ClusterIP => Self::Allocated,
+            Frontend::ExternalIP | Frontend::LoadBalancer | Frontend::NodePort => Self::Declared,
+        }
+    }
+}
+
+/// The order of claims on one key: the first one wins.
+fn claim_order(vs: &VirtualServer) -> (ClaimRank, &ServiceKey) {
+    (ClaimRank::of(vs.frontend), &vs.service)
 }
 
 /// The node's table, maintained per Service so one Service can be re-planned alone.
@@ -289,7 +414,11 @@ impl NodeTable {
         let Some(waiting) = self.shadowed.get_mut(&key) else {
             return;
         };
-        let next = waiting.pop_first().map(|(_, next)| next);
+        let first = waiting
+            .values()
+            .min_by(|a, b| claim_order(a).cmp(&claim_order(b)))
+            .map(|vs| vs.service.clone());
+        let next = first.and_then(|service| waiting.remove(&service));
         if waiting.is_empty() {
             self.shadowed.remove(&key);
         }
@@ -304,7 +433,7 @@ impl NodeTable {
             None => {
                 self.put(vs);
             }
-            Some(current) if vs.service < current.service => {
+            Some(current) if claim_order(&vs) < claim_order(current) => {
                 if let Some(displaced) = self.put(vs) {
                     self.shadowed
                         .entry(key)
@@ -408,12 +537,14 @@ impl NodeTable {
         self.shadowed
             .iter()
             .flat_map(|(key, losers)| {
-                let winner = self.servers.get(key).map(|vs| vs.service.clone());
-                losers.keys().filter_map(move |loser| {
-                    winner.clone().map(|winner| Conflict {
+                let winner = self.servers.get(key);
+                losers.values().filter_map(move |loser| {
+                    winner.map(|winner| Conflict {
                         key: *key,
-                        winner,
-                        loser: loser.clone(),
+                        winner: winner.service.clone(),
+                        loser: loser.service.clone(),
+                        winner_frontend: winner.frontend,
+                        loser_frontend: loser.frontend,
                     })
                 })
             })

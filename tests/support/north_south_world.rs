@@ -599,6 +599,7 @@ pub fn service(
                 frontend,
                 traffic_policy,
                 tier_shares: TierShares::default(),
+                source_ranges: Default::default(),
             },
             destinations,
         },

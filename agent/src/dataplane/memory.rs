@@ -4,6 +4,8 @@
 //! table on `/plan`) and the end-to-end tests, which read its state through a
 //! [`MemoryHandle`], inject drift and failures, and time every apply.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -20,6 +22,10 @@ struct Inner {
     ops_applied: u64,
     reads: u64,
     fail_next_applies: u32,
+    /// The node addresses it reports, as if it read them from a host.
+    node_addresses: Option<BTreeSet<IpAddr>>,
+    /// Plays a dataplane that cannot enforce `loadBalancerSourceRanges`.
+    ignores_source_ranges: bool,
 }
 
 /// What the last apply did, for observers.
@@ -77,6 +83,17 @@ impl MemoryDataplane {
 impl Dataplane for MemoryDataplane {
     fn name(&self) -> &'static str {
         self.name
+    }
+
+    fn enforces_source_ranges(&self) -> bool {
+        !lock(&self.inner).ignores_source_ranges
+    }
+
+    fn refresh_node_addresses(
+        &mut self,
+    ) -> impl std::future::Future<Output = Option<Result<BTreeSet<IpAddr>, DataplaneError>>> + Send
+    {
+        std::future::ready(lock(&self.inner).node_addresses.clone().map(Ok))
     }
 
     async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
@@ -163,6 +180,17 @@ impl MemoryHandle {
     /// Makes the next `count` apply calls fail entirely.
     pub fn fail_next_applies(&self, count: u32) {
         lock(&self.inner).fail_next_applies = count;
+    }
+
+    /// Reports `addresses` as the node's own from the next sync on (`None`: no host view,
+    /// as dry-run).
+    pub fn set_node_addresses(&self, addresses: Option<BTreeSet<IpAddr>>) {
+        lock(&self.inner).node_addresses = addresses;
+    }
+
+    /// Plays a dataplane that cannot enforce `loadBalancerSourceRanges` (eBPF today).
+    pub fn ignore_source_ranges(&self) {
+        lock(&self.inner).ignores_source_ranges = true;
     }
 
     /// Notified after every apply.

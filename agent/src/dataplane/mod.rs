@@ -9,7 +9,9 @@ pub mod ipvs;
 pub mod memory;
 pub mod programmed;
 
+use std::collections::BTreeSet;
 use std::future::Future;
+use std::net::IpAddr;
 
 pub use programmed::{
     programmed_table, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
@@ -127,6 +129,24 @@ pub trait Dataplane: Send {
     /// ([`DestinationState::local`]); the sync loop marks them when it does.
     fn marks_local_destinations(&self) -> bool {
         false
+    }
+
+    /// Whether this dataplane enforces `loadBalancerSourceRanges` ([`ServiceConfig::source_ranges`]).
+    /// One that does not is never given a load-balancer frontend that has ranges: it stays
+    /// closed on this node rather than open to every source.
+    fn enforces_source_ranges(&self) -> bool {
+        true
+    }
+
+    /// Reads the node's own addresses again (kube-proxy's node address set: every device but
+    /// the dataplane's own, without loopback and IPv6 link-local) and brings what the
+    /// dataplane derives from them up to date (IPVS: the addresses its input filter leaves
+    /// alone). `None`: this dataplane does not look at the host (dry-run), and NodePorts sit
+    /// on the Node object's addresses.
+    fn refresh_node_addresses(
+        &mut self,
+    ) -> impl Future<Output = Option<Result<BTreeSet<IpAddr>, DataplaneError>>> + Send {
+        std::future::ready(None)
     }
 
     /// Requests sent to the kernel since start, by kind, for the metrics.

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 
 use topoproxy_common::MAX_TIERS;
 
-use crate::table::{Frontend, NodeTable, TrafficPolicy, VirtualServer, VsKey, SHARE_WHOLE};
+use crate::table::{
+    Frontend, NodeTable, SourceRanges, TrafficPolicy, VirtualServer, VsKey, SHARE_WHOLE,
+};
 
 /// A virtual service's own settings, as a dataplane programs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +25,8 @@ pub struct ServiceConfig {
     pub traffic_policy: TrafficPolicy,
     /// Under [`TierScope::All`] and a locality policy, each tier's share of new connections.
     pub tier_shares: TierShares,
+    /// Who may reach a load-balancer frontend (`loadBalancerSourceRanges`); open otherwise.
+    pub source_ranges: SourceRanges,
 }
 
 /// Shares of new connections per tier position, in parts per million ([`SHARE_WHOLE`]). All
@@ -125,6 +129,7 @@ impl ProgrammedService {
                     TierScope::Active => TierShares::default(),
                     TierScope::All => TierShares::of(vs),
                 },
+                source_ranges: vs.source_ranges.clone(),
             },
             destinations: vs
                 .tiers

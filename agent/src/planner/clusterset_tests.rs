@@ -21,6 +21,7 @@ fn located(name: &str, zone: &str) -> Node {
         region: Some("r1".to_owned()),
         addresses: Vec::new(),
         leaving: None,
+        local_addresses: None,
     }
 }
 

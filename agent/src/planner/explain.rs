@@ -13,7 +13,7 @@ use crate::model::{
     Hints, IpFamily, LocalityPolicy, Node, Protocol, ServiceKey, SliceOrigin, TopologyIntent,
 };
 use crate::store::Store;
-use crate::table::{Frontend, TierKind, TopologyMode, TrafficPolicy, SHARE_WHOLE};
+use crate::table::{Conflict, Frontend, TierKind, TopologyMode, TrafficPolicy, SHARE_WHOLE};
 
 use super::endpoints::Candidate;
 use super::spill::OVERPROVISIONING;
@@ -79,6 +79,10 @@ pub struct FrontendExplanation {
     pub port: u16,
     pub kind: Frontend,
     pub policy: TrafficPolicy,
+    /// Why this node does not serve it: another Service holds the same address:port
+    /// ([`mark_conflicts`]).
+    #[serde(rename = "leftOut", skip_serializing_if = "Option::is_none")]
+    pub left_out: Option<String>,
 }
 
 /// One merged endpoint and what each policy made of it.
@@ -107,6 +111,34 @@ pub struct Verdict {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
     pub why: String,
+}
+
+/// Notes on each frontend that lost its address:port to another Service who holds it and why
+/// (the table decides conflicts; the explanation is planned per Service and cannot see them).
+pub fn mark_conflicts(explanations: &mut [ServiceExplanation], conflicts: &[Conflict]) {
+    for conflict in conflicts {
+        let Some(service) = explanations
+            .iter_mut()
+            .find(|e| e.service == conflict.loser)
+        else {
+            continue;
+        };
+        let frontends = service
+            .ports
+            .iter_mut()
+            .filter(|p| p.protocol == conflict.key.protocol)
+            .flat_map(|p| p.frontends.iter_mut());
+        for frontend in frontends {
+            if frontend.address == conflict.key.address && frontend.port == conflict.key.port {
+                frontend.left_out = Some(format!(
+                    "{} claims it as {:?} and keeps it: {}",
+                    conflict.winner,
+                    conflict.winner_frontend,
+                    conflict.reason()
+                ));
+            }
+        }
+    }
 }
 
 /// Explains every Service in the store for `node`, in Service key order.
@@ -192,6 +224,7 @@ fn explain_port(plan: &PortPlan<'_>, intent: TopologyIntent, node: &Node) -> Por
                 port: f.key.port,
                 kind: f.kind,
                 policy: f.policy,
+                left_out: None,
             })
             .collect(),
         endpoints,
@@ -578,6 +611,9 @@ pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
                     frontend.kind,
                     frontend.policy
                 );
+                if let Some(why) = &frontend.left_out {
+                    let _ = writeln!(out, "      left out: {why}");
+                }
             }
             if port.endpoints.is_empty() {
                 let _ = writeln!(out, "    no endpoints match this port");

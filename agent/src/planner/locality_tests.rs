@@ -18,6 +18,7 @@ fn located(name: &str, zone: &str, region: &str) -> Node {
         region: Some(region.to_owned()),
         addresses: Vec::new(),
         leaving: None,
+        local_addresses: None,
     }
 }
 

@@ -32,9 +32,11 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::model::{IpFamily, LocalityPolicy, Node, Service, ServiceKey, ServicePort, ServiceType};
+use crate::node_addresses::NodePortAddresses;
 use crate::store::Store;
 use crate::table::{
-    Backend, Frontend, NodeTable, Tier, TopologyMode, TrafficPolicy, VirtualServer, VsKey,
+    Backend, Frontend, NodeTable, SourceRanges, Tier, TopologyMode, TrafficPolicy, VirtualServer,
+    VsKey,
 };
 
 use endpoints::{merge, Candidate};
@@ -62,6 +64,8 @@ pub struct PlanConfig {
     /// value of its own exported endpoints). Without it, ServiceImports are not programmed
     /// and every slice with a source cluster counts as another cluster's.
     pub cluster_id: Option<String>,
+    /// Where NodePorts are served (kube-proxy's `--nodeport-addresses`).
+    pub node_port_addresses: NodePortAddresses,
 }
 
 impl Default for PlanConfig {
@@ -71,6 +75,7 @@ impl Default for PlanConfig {
             proxy_name: DEFAULT_PROXY_NAME.to_owned(),
             default_locality: LocalityPolicy::KubeProxy,
             cluster_id: None,
+            node_port_addresses: NodePortAddresses::default(),
         }
     }
 }
@@ -170,6 +175,7 @@ pub fn plan_service(
                 topology: port_plan.mode,
                 locality,
                 tiers: tiers.unwrap_or_default(),
+                source_ranges: source_ranges(service, frontend, port_plan.family, node),
             });
         }
     }
@@ -319,10 +325,15 @@ pub(crate) fn port_plans<'a>(
     let mut families: Vec<IpFamily> = service.cluster_ips.iter().map(IpFamily::of).collect();
     families.sort();
     families.dedup();
+    let node_port_addresses = if service.ports.iter().any(|p| p.node_port.is_some()) {
+        config.node_port_addresses.select(node)
+    } else {
+        Vec::new()
+    };
     let mut plans = Vec::new();
     for family in families {
         for port in &service.ports {
-            let frontends = frontends(service, port, family, node);
+            let frontends = frontends(service, port, family, &node_port_addresses);
             let candidates = merge(
                 store.slices_of(&service.key),
                 family,
@@ -368,11 +379,12 @@ pub(crate) fn port_plans<'a>(
     plans
 }
 
+/// Where `port` of `service` is served in `family`; NodePorts on `node_port_addresses`.
 fn frontends(
     service: &Service,
     port: &ServicePort,
     family: IpFamily,
-    node: &Node,
+    node_port_addresses: &[IpAddr],
 ) -> Vec<FrontendSpec> {
     let in_family = |ip: &&IpAddr| IpFamily::of(ip) == family;
     let internal = policy(service.internal_traffic_local);
@@ -395,11 +407,31 @@ fn frontends(
         add(*ip, port.port, Frontend::LoadBalancer, external);
     }
     if let Some(node_port) = port.node_port {
-        for ip in node.addresses.iter().filter(in_family) {
+        for ip in node_port_addresses.iter().filter(in_family) {
             add(*ip, node_port, Frontend::NodePort, external);
         }
     }
     specs
+}
+
+/// kube-proxy's firewall for a load-balancer frontend; every other frontend is open. The
+/// node's primary address (its first of the family, as kube-proxy's `--bind-address`/Node
+/// detection gives it) decides whether the node itself may reach the IP.
+fn source_ranges(
+    service: &Service,
+    frontend: &FrontendSpec,
+    family: IpFamily,
+    node: &Node,
+) -> SourceRanges {
+    if frontend.kind != Frontend::LoadBalancer {
+        return SourceRanges::default();
+    }
+    let node_address = node
+        .addresses
+        .iter()
+        .copied()
+        .find(|ip| IpFamily::of(ip) == family);
+    SourceRanges::for_frontend(&service.load_balancer_source_ranges, family, node_address)
 }
 
 fn policy(local: bool) -> TrafficPolicy {

@@ -26,6 +26,7 @@ pub(super) fn node(name: &str, zone: Option<&str>, addresses: &[&str]) -> Node {
         region: None,
         addresses: addresses.iter().map(|a| ip(a)).collect(),
         leaving: None,
+        local_addresses: None,
     }
 }
 
@@ -46,6 +47,7 @@ pub(super) fn service(name: &str, cluster_ip: &str, ports: Vec<ServicePort>) -> 
         cluster_ips: vec![ip(cluster_ip)],
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
+        load_balancer_source_ranges: Vec::new(),
         ports,
         session_affinity_timeout: None,
         internal_traffic_local: false,
@@ -1045,4 +1047,144 @@ fn conflicting_claims_resolve_by_service_key_whichever_arrives_first() {
         );
         assert!(table.conflicts().is_empty());
     }
+}
+
+#[test]
+fn an_allocated_cluster_ip_wins_over_an_external_ip_claim_whatever_the_names() {
+    // A Service in namespace `aaa` names cluster DNS's ClusterIP as an externalIP: the smaller
+    // key must not take DNS over (CVE-2020-8554 class, docs/security.md).
+    let mut dns = service("kube-dns", "10.96.0.10", vec![port("dns", UDP, 53)]);
+    dns.key = ServiceKey::new("kube-system", "kube-dns");
+    let mut thief = service("dns", "10.96.0.77", vec![port("dns", UDP, 53)]);
+    thief.key = ServiceKey::new("aaa", "dns");
+    thief.external_ips = vec![ip("10.96.0.10")];
+    let shared = VsKey::new(UDP, ip("10.96.0.10"), 53);
+    let a1 = &four_nodes()[0];
+    let config = PlanConfig::default();
+    for order in [[&dns, &thief], [&thief, &dns]] {
+        let store = store(order.iter().map(|s| (*s).clone()).collect(), Vec::new());
+        let mut table = NodeTable::new();
+        for service in order {
+            replan_service(&mut table, &store, &service.key, a1, &config);
+        }
+        assert_eq!(table.get(&shared).map(|vs| &vs.service), Some(&dns.key));
+        let conflicts = table.conflicts();
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].loser, thief.key);
+        assert_eq!(conflicts[0].loser_frontend, Frontend::ExternalIP);
+        assert!(
+            conflicts[0].reason().contains("ClusterIP"),
+            "{}",
+            conflicts[0].reason()
+        );
+        // The loser keeps its own ClusterIP.
+        assert!(table.get(&VsKey::new(UDP, ip("10.96.0.77"), 53)).is_some());
+        // A full plan decides the same.
+        let planned = plan(&store, a1, &config);
+        assert_eq!(planned.get(&shared).map(|vs| &vs.service), Some(&dns.key));
+
+        let mut explained = explain(&store, a1, &config);
+        super::explain::mark_conflicts(&mut explained, &conflicts);
+        let text = super::explain::render_text(&explained, a1);
+        assert!(
+            text.contains("left out: kube-system/kube-dns claims it as ClusterIP"),
+            "{text}"
+        );
+    }
+    // Once DNS leaves, the externalIP claim takes the key.
+    let store = store(vec![dns.clone(), thief.clone()], Vec::new());
+    let mut table = plan(&store, a1, &config);
+    table.replace_service(&dns.key, Vec::new());
+    assert_eq!(table.get(&shared).map(|vs| &vs.service), Some(&thief.key));
+}
+
+#[test]
+fn load_balancer_source_ranges_guard_only_the_load_balancer_frontends_of_their_family() {
+    let mut lb = service("lb", "10.96.0.50", vec![port("http", TCP, 80)]);
+    lb.service_type = ServiceType::LoadBalancer;
+    lb.load_balancer_ips = vec![ip("203.0.113.50")];
+    lb.external_ips = vec![ip("198.51.100.50")];
+    lb.load_balancer_source_ranges = ["10.0.0.0/8", "10.1.0.0/16", "fd00::/64", "192.0.2.77/24"]
+        .iter()
+        .map(|r| r.parse().expect("cidr"))
+        .collect();
+    let a1 = node("a1", Some("zone-a"), &["192.0.2.10"]);
+    let config = PlanConfig::default();
+    let table = plan(&store(vec![lb.clone()], Vec::new()), &a1, &config);
+    let guarded = table
+        .get(&VsKey::new(TCP, ip("203.0.113.50"), 80))
+        .expect("LB frontend");
+    let allowed: Vec<String> = guarded
+        .source_ranges
+        .allowed
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    // Host bits cleared, the nested range and the IPv6 one left out.
+    assert_eq!(allowed, ["10.0.0.0/8", "192.0.2.0/24"]);
+    assert!(
+        guarded.source_ranges.from_node,
+        "192.0.2.0/24 holds the node"
+    );
+    assert!(guarded.source_ranges.admits(ip("10.9.9.9")));
+    assert!(!guarded.source_ranges.admits(ip("198.51.100.1")));
+    for open in [
+        VsKey::new(TCP, ip("10.96.0.50"), 80),
+        VsKey::new(TCP, ip("198.51.100.50"), 80),
+    ] {
+        assert!(table.get(&open).expect("frontend").source_ranges.is_open());
+    }
+
+    // The node outside every range may not reach the IP itself.
+    let elsewhere = node("a2", Some("zone-a"), &["172.16.0.5"]);
+    let table = plan(&store(vec![lb.clone()], Vec::new()), &elsewhere, &config);
+    let guarded = table
+        .get(&VsKey::new(TCP, ip("203.0.113.50"), 80))
+        .expect("LB frontend");
+    assert!(!guarded.source_ranges.from_node);
+
+    // A zero-masked range allows everything, as kube-proxy reads it.
+    lb.load_balancer_source_ranges
+        .push("0.0.0.0/0".parse().expect("cidr"));
+    let table = plan(&store(vec![lb], Vec::new()), &a1, &config);
+    assert!(table
+        .get(&VsKey::new(TCP, ip("203.0.113.50"), 80))
+        .expect("LB frontend")
+        .source_ranges
+        .is_open());
+}
+
+#[test]
+fn node_ports_sit_on_the_hosts_addresses_when_the_agent_read_them() {
+    let mut np = service("np", "10.96.0.60", vec![port("http", TCP, 80)]);
+    np.service_type = ServiceType::NodePort;
+    np.ports[0].node_port = Some(30080);
+    let mut a1 = node("a1", Some("zone-a"), &["192.0.2.10"]);
+    let config = PlanConfig::default();
+    let node_ports = |table: &NodeTable| -> Vec<IpAddr> {
+        table
+            .servers()
+            .filter(|vs| vs.frontend == Frontend::NodePort)
+            .map(|vs| vs.key.address)
+            .collect()
+    };
+    let store = store(vec![np], Vec::new());
+    assert_eq!(
+        node_ports(&plan(&store, &a1, &config)),
+        vec![ip("192.0.2.10")]
+    );
+    a1.local_addresses = Some([ip("192.0.2.10"), ip("198.51.100.7")].into());
+    assert_eq!(
+        node_ports(&plan(&store, &a1, &config)),
+        vec![ip("192.0.2.10"), ip("198.51.100.7")]
+    );
+    let primary = PlanConfig {
+        node_port_addresses: crate::node_addresses::NodePortAddresses::parse("primary")
+            .expect("valid"),
+        ..PlanConfig::default()
+    };
+    assert_eq!(
+        node_ports(&plan(&store, &a1, &primary)),
+        vec![ip("192.0.2.10")]
+    );
 }

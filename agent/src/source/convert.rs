@@ -243,6 +243,7 @@ pub fn service_from_api(
         .collect();
 
     let load_balancer_ips = load_balancer_ips(svc, &mut report);
+    let load_balancer_source_ranges = source_ranges(spec, &mut report);
     let ports = service_ports(spec, &mut report);
 
     let session_affinity_timeout = match non_empty(spec.session_affinity.as_deref()) {
@@ -301,6 +302,7 @@ pub fn service_from_api(
         cluster_ips,
         external_ips,
         load_balancer_ips,
+        load_balancer_source_ranges,
         ports,
         session_affinity_timeout,
         internal_traffic_local,
@@ -375,6 +377,7 @@ pub fn service_import_from_api(
         cluster_ips,
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
+        load_balancer_source_ranges: Vec::new(),
         ports,
         session_affinity_timeout,
         internal_traffic_local: false,
@@ -483,6 +486,31 @@ fn load_balancer_ips(svc: &core::Service, report: &mut Report<'_>) -> Vec<IpAddr
         }
     }
     addresses
+}
+
+/// `spec.loadBalancerSourceRanges`, each trimmed (the API's validation lets padding through),
+/// as kube-proxy reads them. One that is not a CIDR is skipped with a warning; the API server
+/// refuses those, so only a YAML source can carry one.
+fn source_ranges(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Vec<ipnetwork::IpNetwork> {
+    let mut ranges = Vec::new();
+    for (i, text) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        let text = text.trim();
+        match text
+            .contains('/')
+            .then(|| text.parse::<ipnetwork::IpNetwork>())
+        {
+            Some(Ok(range)) => ranges.push(range),
+            _ => report.warn(format!(
+                "spec.loadBalancerSourceRanges[{i}]: {text:?} is not a CIDR; range skipped"
+            )),
+        }
+    }
+    ranges
 }
 
 fn service_ports(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Vec<ServicePort> {
@@ -840,6 +868,7 @@ pub fn node_from_api(
         region: non_empty(label(meta, LABEL_REGION)).map(str::to_owned),
         addresses,
         leaving: leaving(node),
+        local_addresses: None,
     })
 }
 
@@ -934,6 +963,7 @@ mod tests {
                 cluster_ips: vec![],
                 external_ips: vec![],
                 load_balancer_ips: vec![],
+                load_balancer_source_ranges: vec![],
                 ports: vec![],
                 session_affinity_timeout: None,
                 internal_traffic_local: false,
@@ -1949,6 +1979,7 @@ mod tests {
                 region: Some("region-1".into()),
                 addresses: vec![ip("10.0.0.1"), ip("fd00::1"), ip("203.0.113.7")],
                 leaving: None,
+                local_addresses: None,
             })
         );
         assert_eq!(

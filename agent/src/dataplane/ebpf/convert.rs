@@ -130,6 +130,7 @@ pub(super) fn service_config(value: &Service) -> ServiceConfig {
             TrafficPolicy::Cluster
         },
         tier_shares: TierShares(value.tier_shares),
+        source_ranges: Default::default(),
     }
 }
 
@@ -162,6 +163,7 @@ mod tests {
             frontend: Frontend::LoadBalancer,
             traffic_policy: TrafficPolicy::Local,
             tier_shares: TierShares([700_000, 300_000, 0, 0, 0, 0, 0, 0]),
+            source_ranges: Default::default(),
         };
         let value = service_value(7, &config, [1, 2, 0, 0, 0, 0, 0, 0]);
         assert_eq!(service_config(&value), config);

@@ -428,6 +428,22 @@ impl Dataplane for EbpfDataplane {
         TierScope::All
     }
 
+    /// Not yet: the tc path does not filter sources (docs/parity.md).
+    fn enforces_source_ranges(&self) -> bool {
+        false
+    }
+
+    fn refresh_node_addresses(
+        &mut self,
+    ) -> impl Future<
+        Output = Option<Result<std::collections::BTreeSet<std::net::IpAddr>, DataplaneError>>,
+    > + Send {
+        let read = crate::node_addresses::interface_addresses()
+            .map(|addresses| crate::node_addresses::kube_proxy_node_addresses(&addresses, None))
+            .map_err(|error| DataplaneError::read(NAME, error));
+        std::future::ready(Some(read))
+    }
+
     fn read(&mut self) -> impl Future<Output = Result<ProgrammedTable, DataplaneError>> + Send {
         let result = self
             .table()

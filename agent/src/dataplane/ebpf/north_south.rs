@@ -16,7 +16,6 @@
 //! addresses moved, and attaches to new devices and detaches from gone ones otherwise.
 
 use std::ffi::{CStr, CString};
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
@@ -422,7 +421,12 @@ pub fn device_value(device: &NodeDevice) -> Device {
 /// The devices of this network namespace holding a node address (`names: None`), or the
 /// named ones, each with its first global IPv4 and IPv6 address.
 fn node_devices(names: Option<&Vec<String>>) -> Result<Vec<NodeDevice>, EbpfError> {
-    let addresses = interface_addresses()?;
+    let addresses =
+        crate::node_addresses::interface_addresses().map_err(|source| EbpfError::Io {
+            call: "getifaddrs",
+            path: PathBuf::new(),
+            source,
+        })?;
     let mut devices: Vec<NodeDevice> = Vec::new();
     let wanted: Vec<String> = match names {
         Some(names) => names.clone(),
@@ -475,61 +479,6 @@ pub fn is_node_address(address: &IpAddr) -> bool {
             !(v6.is_loopback() || link_local || v6.is_multicast() || v6.is_unspecified())
         }
     }
-}
-
-struct InterfaceAddress {
-    name: String,
-    address: IpAddr,
-    up: bool,
-    loopback: bool,
-}
-
-/// Every address of every device in this network namespace (`getifaddrs`).
-fn interface_addresses() -> Result<Vec<InterfaceAddress>, EbpfError> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(EbpfError::Io {
-            call: "getifaddrs",
-            path: PathBuf::new(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    let mut found = Vec::new();
-    let mut entry = head;
-    while !entry.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
-        let ifa = unsafe { &*entry };
-        entry = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: a NUL-terminated name and a sockaddr of the family it says.
-        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }
-            .to_string_lossy()
-            .into_owned();
-        let address = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-            libc::AF_INET => {
-                let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
-                IpAddr::V4(Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()))
-            }
-            libc::AF_INET6 => {
-                let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
-                IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
-            }
-            _ => continue,
-        };
-        let flags = ifa.ifa_flags as i32;
-        found.push(InterfaceAddress {
-            name,
-            address,
-            up: flags & libc::IFF_UP != 0,
-            loopback: flags & libc::IFF_LOOPBACK != 0,
-        });
-    }
-    // SAFETY: the list getifaddrs allocated, freed once.
-    unsafe { libc::freeifaddrs(head) };
-    Ok(found)
 }
 
 /// The names of this network namespace's devices (`if_nameindex`).

@@ -183,8 +183,10 @@ pub fn is_not_found(error: &IpvsError) -> bool {
 }
 
 /// The records `ops[live]` need before anything is created and `owned` does not hold yet: a
-/// service's role (a changed role replaces the old one), and each added or edited destination
-/// that is node-local (its hairpin element).
+/// service's role (a changed role replaces the old one), its source ranges where they changed
+/// (open ranges included: they clear the old firewall), and each added or edited destination
+/// that is node-local (its hairpin element). A load-balancer key's firewall is so in place
+/// before IPVS serves it: it is never open for a moment.
 pub fn records_to_add(ops: &[Op], live: &[usize], owned: &NftState) -> NftState {
     let mut recorded = NftState::default();
     for &index in live {
@@ -193,6 +195,9 @@ pub fn records_to_add(ops: &[Op], live: &[usize], owned: &NftState) -> NftState 
                 recorded
                     .services
                     .insert(*key, (config.frontend, config.traffic_policy));
+                recorded
+                    .source_ranges
+                    .insert(*key, config.source_ranges.clone());
             }
             Op::AddDestination {
                 service,
@@ -215,6 +220,10 @@ pub fn records_to_add(ops: &[Op], live: &[usize], owned: &NftState) -> NftState 
     recorded
         .services
         .retain(|key, role| owned.services.get(key) != Some(role));
+    let open = crate::table::SourceRanges::default();
+    recorded
+        .source_ranges
+        .retain(|key, ranges| owned.source_ranges.get(key).unwrap_or(&open) != ranges);
     recorded
         .destinations
         .retain(|d| !owned.destinations.contains(d));
@@ -235,6 +244,9 @@ pub fn records_to_forget(
             Op::DeleteService { key } => {
                 if let Some(&role) = owned.services.get(key) {
                     forgotten.services.insert(*key, role);
+                }
+                if let Some(ranges) = owned.source_ranges.get(key) {
+                    forgotten.source_ranges.insert(*key, ranges.clone());
                 }
             }
             Op::DeleteDestination {
@@ -313,6 +325,7 @@ mod tests {
             frontend,
             traffic_policy: TrafficPolicy::Cluster,
             tier_shares: TierShares::default(),
+            source_ranges: Default::default(),
         }
     }
 

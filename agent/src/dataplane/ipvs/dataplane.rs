@@ -104,6 +104,8 @@ pub struct IpvsDataplane {
     excluded: BTreeMap<VsKey, ProgrammedService>,
     /// How many owned services need each address bound on the dummy link.
     address_users: BTreeMap<IpAddr, usize>,
+    /// The node's addresses on its other links, as last read ([`Self::record_node_addresses`]).
+    node_addresses: Option<BTreeSet<IpAddr>>,
     /// Addresses the last read found bound that no owned service needs. They are unbound when
     /// the sync ends ([`Dataplane::synced`]), unless its apply took them up: after a crash
     /// between binding a VIP and creating its service, the restart neither unbinds nor rebinds it.
@@ -135,6 +137,7 @@ impl IpvsDataplane {
             rules_current: false,
             excluded: BTreeMap::new(),
             address_users: BTreeMap::new(),
+            node_addresses: None,
             unneeded_addresses: BTreeSet::new(),
             draining: Draining::new(),
             last_drain_check: None,
@@ -182,6 +185,9 @@ impl IpvsDataplane {
             self.owned = listed.state;
             // The destinations come from the IPVS dump below; the table is rewritten after it.
             self.owned.destinations.clear();
+            if let Some(addresses) = &self.node_addresses {
+                self.owned.node_addresses = addresses.clone();
+            }
             Some(listed.hairpins)
         } else {
             None
@@ -238,6 +244,12 @@ impl IpvsDataplane {
                         frontend,
                         traffic_policy,
                         tier_shares: TierShares::default(),
+                        source_ranges: self
+                            .owned
+                            .source_ranges
+                            .get(&key)
+                            .cloned()
+                            .unwrap_or_default(),
                     },
                     destinations,
                 },
@@ -295,6 +307,9 @@ impl IpvsDataplane {
         let recorded = (!rewrite).then(|| self.owned.clone());
         self.owned.services.retain(|key, _| !stale.contains(key));
         self.owned
+            .source_ranges
+            .retain(|key, _| !stale.contains(key));
+        self.owned
             .destinations
             .retain(|(key, _, _)| !stale.contains(key));
         if let Some(recorded) = recorded {
@@ -322,6 +337,32 @@ impl IpvsDataplane {
         }
         self.unneeded_addresses = bound.difference(&needed).copied().collect();
         Ok(())
+    }
+
+    /// Reads the node's addresses on its other links and, when they changed, records them in
+    /// the nft table, whose input filter then leaves them alone.
+    async fn record_node_addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
+        let addresses: BTreeSet<IpAddr> = self
+            .link
+            .addresses_elsewhere()
+            .await
+            .map_err(Self::read_error)?
+            .into_iter()
+            .filter(|address| !address.is_loopback() && !is_ipv6_link_local(address))
+            .collect();
+        self.node_addresses = Some(addresses.clone());
+        // Until the first full read the table is not ours to update: that read rewrites it
+        // whole, with these addresses.
+        if self.rules_current && addresses != self.owned.node_addresses {
+            let mut next = self.owned.clone();
+            next.node_addresses = addresses.clone();
+            if let Err(error) = self.nft.update(&self.owned, &next) {
+                self.rules_current = false;
+                return Err(Self::read_error(error));
+            }
+            self.owned = next;
+        }
+        Ok(addresses)
     }
 
     /// Unbinds the addresses the last read found unneeded that no service took up since.
@@ -467,7 +508,10 @@ impl IpvsDataplane {
     /// fails.
     fn record_ownership(&mut self, ops: &[Op], live: &[usize]) -> Result<(), DataplaneError> {
         let recorded = commands::records_to_add(ops, live, &self.owned);
-        if recorded.services.is_empty() && recorded.destinations.is_empty() {
+        if recorded.services.is_empty()
+            && recorded.destinations.is_empty()
+            && recorded.source_ranges.is_empty()
+        {
             return Ok(());
         }
         // Full before/after states: derived elements (VIPs, hairpin) shared by several
@@ -475,6 +519,13 @@ impl IpvsDataplane {
         let mut next = self.owned.clone();
         next.services.extend(recorded.services);
         next.destinations.extend(recorded.destinations);
+        for (key, ranges) in recorded.source_ranges {
+            if ranges.is_open() {
+                next.source_ranges.remove(&key);
+            } else {
+                next.source_ranges.insert(key, ranges);
+            }
+        }
         if let Err(error) = self.nft.update(&self.owned, &next) {
             let reason = format!("recording ownership in nftables: {}", error_chain(&error));
             self.rules_current = false;
@@ -665,6 +716,7 @@ impl IpvsDataplane {
             let mut next = self.owned.clone();
             for key in forgotten.services.keys() {
                 next.services.remove(key);
+                next.source_ranges.remove(key);
             }
             for destination in &forgotten.destinations {
                 next.destinations.remove(destination);
@@ -732,6 +784,10 @@ impl Dataplane for IpvsDataplane {
         } else {
             Err(DataplaneError::apply_failures(NAME, ops, failed))
         }
+    }
+
+    async fn refresh_node_addresses(&mut self) -> Option<Result<BTreeSet<IpAddr>, DataplaneError>> {
+        Some(self.record_node_addresses().await)
     }
 
     async fn synced(&mut self) -> Result<(), DataplaneError> {
@@ -809,4 +865,9 @@ pub fn format_key(key: &VsKey) -> String {
         key.protocol,
         SocketAddr::new(key.address, key.port)
     )
+}
+
+/// An IPv6 link-local address (`fe80::/10`): never a node address kube-proxy counts.
+fn is_ipv6_link_local(address: &IpAddr) -> bool {
+    matches!(address, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }

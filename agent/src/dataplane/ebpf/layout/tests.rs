@@ -162,6 +162,7 @@ fn config() -> ServiceConfig {
         frontend: Frontend::ClusterIP,
         traffic_policy: TrafficPolicy::Cluster,
         tier_shares: TierShares::default(),
+        source_ranges: Default::default(),
     }
 }
 

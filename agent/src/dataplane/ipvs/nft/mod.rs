@@ -29,7 +29,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 
-use crate::table::{Frontend, TrafficPolicy, VsKey};
+use crate::table::{Frontend, SourceRanges, TrafficPolicy, VsKey};
 
 pub use parse::{ListedTable, ParseError};
 pub use render::MASQ_MARK;
@@ -98,6 +98,13 @@ pub struct NftState {
     /// hairpin set ([`ListedTable::hairpins`]). A destination whose family differs from its
     /// service's cannot be stored and is left out (logged).
     pub destinations: BTreeSet<(VsKey, IpAddr, u16)>,
+    /// The load-balancer frontends with `loadBalancerSourceRanges`, and who may reach them
+    /// (kube-proxy's `KUBE-LOAD-BALANCER-FW`, `-SOURCE-CIDR` and `-SOURCE-IP` sets).
+    pub source_ranges: BTreeMap<VsKey, SourceRanges>,
+    /// The node's own addresses on its other interfaces (kube-proxy's `nodeAddressSet`): a
+    /// Service address equal to one of them is never rejected on its other ports, since the
+    /// node itself listens there (SSH, the kubelet).
+    pub node_addresses: BTreeSet<IpAddr>,
 }
 
 /// Runs `nft` against table `inet topoproxy`.

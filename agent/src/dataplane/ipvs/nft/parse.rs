@@ -1,20 +1,25 @@
 //! Pure parsing of `nft -j list table inet topoproxy` back into what it records.
 //!
 //! Read are the record sets (the per-(frontend, policy) service sets, and the destination sets
-//! older versions wrote, see [`super::render::DESTINATIONS`]) and the hairpin set: nothing else
-//! says which destinations are node-local. The vips set, chains and rules are ignored: they
-//! follow from the record and are rewritten by every replace.
+//! older versions wrote, see [`super::render::DESTINATIONS`]), the hairpin set (nothing else
+//! says which destinations are node-local), the node addresses and the load-balancer firewall
+//! sets (`lb-not-from-node` follows from the others). The vips set, chains and rules are
+//! ignored: they follow from the record and are rewritten by every replace.
 //! Unknown sets are ignored too, so an older agent can read a newer table's records.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use ipnetwork::IpNetwork;
 use serde_json::Value;
 
-use super::render::{service_stem, set_name, Hairpin, DESTINATIONS, HAIRPIN, SERVICE_KINDS};
+use super::render::{
+    service_stem, set_name, Hairpin, DESTINATIONS, HAIRPIN, LB_FIREWALL, LB_FROM_NODE, LB_SOURCES,
+    NODE_ADDRESSES, SERVICE_KINDS,
+};
 use super::{NftState, TABLE};
 use crate::model::{IpFamily, Protocol};
-use crate::table::VsKey;
+use crate::table::{canonical, VsKey};
 
 /// What is wrong with the JSON `nft` printed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +56,10 @@ enum Record {
     Service(crate::table::Frontend, crate::table::TrafficPolicy),
     Destination,
     Hairpin,
+    NodeAddress,
+    Firewall,
+    Source,
+    FromNode,
 }
 
 fn record_for(name: &str) -> Option<(Record, IpFamily)> {
@@ -65,6 +74,16 @@ fn record_for(name: &str) -> Option<(Record, IpFamily)> {
         }
         if name == set_name(HAIRPIN, family) {
             return Some((Record::Hairpin, family));
+        }
+        for (stem, record) in [
+            (NODE_ADDRESSES, Record::NodeAddress),
+            (LB_FIREWALL, Record::Firewall),
+            (LB_SOURCES, Record::Source),
+            (LB_FROM_NODE, Record::FromNode),
+        ] {
+            if name == set_name(stem, family) {
+                return Some((record, family));
+            }
         }
     }
     None
@@ -102,8 +121,47 @@ pub fn parse_table(json: &str) -> Result<ListedTable, ParseError> {
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         for element in elements {
+            if let Record::NodeAddress = record {
+                let address = element_value(element)
+                    .and_then(|value| address(value, family))
+                    .ok_or_else(|| bad(name, element, "an address"))?;
+                state.node_addresses.insert(address);
+                continue;
+            }
             let fields = concat_fields(element).ok_or_else(|| bad(name, element, "a concat"))?;
             match &record {
+                Record::NodeAddress => {}
+                Record::Firewall => {
+                    let [addr, proto, port] = fields else {
+                        return Err(bad(name, element, "addr . proto . port"));
+                    };
+                    let key = vs_key(name, element, family, [addr, proto, port])?;
+                    state.source_ranges.entry(key).or_default();
+                }
+                Record::Source => {
+                    let [addr, proto, port, source] = fields else {
+                        return Err(bad(name, element, "addr . proto . port . network"));
+                    };
+                    let key = vs_key(name, element, family, [addr, proto, port])?;
+                    let network =
+                        network(source, family).ok_or_else(|| bad(name, element, "a network"))?;
+                    state
+                        .source_ranges
+                        .entry(key)
+                        .or_default()
+                        .allowed
+                        .push(network);
+                }
+                Record::FromNode => {
+                    let [addr, proto, port, source] = fields else {
+                        return Err(bad(name, element, "addr . proto . port . addr"));
+                    };
+                    let key = vs_key(name, element, family, [addr, proto, port])?;
+                    if address(source, family) != Some(key.address) {
+                        return Err(bad(name, element, "the same address twice"));
+                    }
+                    state.source_ranges.entry(key).or_default().from_node = true;
+                }
                 Record::Service(frontend, policy) => {
                     let [addr, proto, port] = fields else {
                         return Err(bad(name, element, "addr . proto . port"));
@@ -154,7 +212,90 @@ pub fn parse_table(json: &str) -> Result<ListedTable, ParseError> {
             }
         }
     }
+    // Ranges come back in set order; the planner's are sorted, deduplicated. A key that lost
+    // its firewall record but kept stray elements holds no firewall.
+    let keys: BTreeSet<VsKey> = listed.state.source_ranges.keys().copied().collect();
+    for key in keys {
+        if let Some(ranges) = listed.state.source_ranges.get_mut(&key) {
+            ranges.allowed.sort();
+            ranges.allowed.dedup();
+            if ranges.allowed.is_empty() {
+                listed.state.source_ranges.remove(&key);
+            }
+        }
+    }
     Ok(listed)
+}
+
+fn vs_key(
+    set: &str,
+    element: &Value,
+    family: IpFamily,
+    [addr, proto, port]: [&Value; 3],
+) -> Result<VsKey, ParseError> {
+    Ok(VsKey::new(
+        protocol(proto).ok_or_else(|| bad(set, element, "a protocol"))?,
+        address(addr, family).ok_or_else(|| bad(set, element, "an address"))?,
+        port_of(port).ok_or_else(|| bad(set, element, "a port"))?,
+    ))
+}
+
+/// A single-field element: the value itself, or wrapped as `{"elem": {"val": ...}}`.
+fn element_value(element: &Value) -> Option<&Value> {
+    Some(
+        element
+            .get("elem")
+            .and_then(|elem| elem.get("val"))
+            .unwrap_or(element),
+    )
+}
+
+/// A network in an interval set: nft prints a prefix as `{"prefix": {"addr", "len"}}` and a
+/// full-length one as the bare address; text `addr/len` is read too.
+fn network(value: &Value, family: IpFamily) -> Option<IpNetwork> {
+    let (addr, len) = if let Some(prefix) = value.get("prefix") {
+        let len = u8::try_from(prefix.get("len")?.as_u64()?).ok()?;
+        (address(prefix.get("addr")?, family)?, len)
+    } else if let Some([first, last]) = value
+        .get("range")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+    {
+        let (first, last) = (address(first, family)?, address(last, family)?);
+        (first, prefix_of_range(first, last)?)
+    } else {
+        let text = value.as_str()?;
+        match text.split_once('/') {
+            Some((addr, len)) => {
+                let addr: IpAddr = addr.parse().ok()?;
+                (IpFamily::of(&addr) == family).then_some(())?;
+                (addr, len.parse().ok()?)
+            }
+            None => {
+                let addr = address(value, family)?;
+                (addr, if addr.is_ipv4() { 32 } else { 128 })
+            }
+        }
+    };
+    IpNetwork::new(addr, len).ok().map(canonical)
+}
+
+/// The prefix length of the range `first..=last` when it is exactly one prefix.
+fn prefix_of_range(first: IpAddr, last: IpAddr) -> Option<u8> {
+    let (first, last, bits) = match (first, last) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => (u128::from(u32::from(a)), u128::from(u32::from(b)), 32),
+        (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+        _ => return None,
+    };
+    let span = last.checked_sub(first)?.checked_add(1).unwrap_or(0);
+    // A whole /0 of IPv6 overflows to 0.
+    let host_bits = if span == 0 {
+        128
+    } else {
+        span.trailing_zeros()
+    };
+    let aligned = span == 0 || (span.is_power_of_two() && first % span == 0);
+    (aligned && host_bits <= bits).then(|| (bits - host_bits) as u8)
 }
 
 fn bad(set: &str, element: &Value, expected: &'static str) -> ParseError {
@@ -280,10 +421,46 @@ mod tests {
             // The services are recorded; of the destinations, what the hairpin set holds (the
             // dataplane pairs them with the IPVS dump).
             let listed = parse_table(&nft_like_json(&state, numeric)).expect("parse");
-            let recorded = NftState { services: state.services.clone(), ..NftState::default() };
+            let recorded = NftState {
+                services: state.services.clone(),
+                source_ranges: state.source_ranges.clone(),
+                node_addresses: state.node_addresses.clone(),
+                ..NftState::default()
+            };
             prop_assert_eq!(listed.state, recorded);
             prop_assert_eq!(listed.hairpins, hairpins_of(&state));
         }
+    }
+
+    #[test]
+    fn reads_source_ranges_in_every_form_nft_prints() {
+        let json = r#"{"nftables": [
+            {"set": {"family": "inet", "name": "lb-firewall4", "table": "topoproxy",
+                     "elem": [{"concat": ["203.0.113.50", "tcp", 80]}]}},
+            {"set": {"family": "inet", "name": "lb-sources4", "table": "topoproxy",
+                     "elem": [{"concat": ["203.0.113.50", "tcp", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]},
+                              {"concat": ["203.0.113.50", "tcp", 80, {"range": ["192.0.2.0", "192.0.2.15"]}]},
+                              {"concat": ["203.0.113.50", "tcp", 80, "198.51.100.7"]}]}},
+            {"set": {"family": "inet", "name": "lb-from-node4", "table": "topoproxy",
+                     "elem": [{"concat": ["203.0.113.50", "tcp", 80, "203.0.113.50"]}]}},
+            {"set": {"family": "inet", "name": "node-addresses6", "table": "topoproxy",
+                     "elem": ["2001:db8::7"]}}
+        ]}"#;
+        let listed = parse_table(json).expect("parse");
+        let key = VsKey::new(Protocol::Tcp, "203.0.113.50".parse().expect("ip"), 80);
+        let ranges = &listed.state.source_ranges[&key];
+        let text: Vec<String> = ranges.allowed.iter().map(ToString::to_string).collect();
+        assert_eq!(text, ["10.0.0.0/8", "192.0.2.0/28", "198.51.100.7/32"]);
+        assert!(ranges.from_node);
+        assert_eq!(
+            listed.state.node_addresses,
+            ["2001:db8::7".parse().expect("ip")].into()
+        );
+        let (first, last) = (
+            "10.0.0.0".parse().expect("ip"),
+            "10.0.0.5".parse().expect("ip"),
+        );
+        assert_eq!(prefix_of_range(first, last), None);
     }
 
     #[test]

@@ -15,7 +15,14 @@
 //!   owned service, and a restart pairs its dump with this set to know which are local.
 //! - `vips`: addresses of ClusterIP, ExternalIP and LoadBalancer keys that are not also
 //!   NodePort (node) addresses, derived; new connections to them on other ports are rejected
-//!   (kube-proxy's `KUBE-IPVS-IPS`).
+//!   (kube-proxy's `KUBE-IPVS-IPS`), unless the address is in
+//! - `node-addresses`: the node's own addresses on its other interfaces, from
+//!   [`NftState::node_addresses`] (kube-proxy neither binds nor filters those).
+//! - `lb-firewall`, `lb-sources`, `lb-from-node`, `lb-not-from-node`: from
+//!   [`NftState::source_ranges`], kube-proxy's `loadBalancerSourceRanges` firewall: the keys
+//!   that have one; `key . source-network` pairs let through (an interval set); `key . VIP`
+//!   for keys the node may reach itself (its connections carry the VIP as source), and the
+//!   same for the keys it may not, dropped on output before IPVS sees them.
 //!
 //! Protocols are written as IANA numbers so the script parses without `/etc/protocols`.
 
@@ -27,7 +34,7 @@ use ipnetwork::IpNetwork;
 
 use super::{NftSettings, NftState, TABLE};
 use crate::model::{IpFamily, Protocol};
-use crate::table::{Frontend, TrafficPolicy, VsKey};
+use crate::table::{Frontend, SourceRanges, TrafficPolicy, VsKey};
 
 /// The packet mark bit that asks for masquerade, kube-proxy's `KUBE-MARK-MASQ` default
 /// (`--masquerade-bit 14`), so kubelet's and kube-proxy's own postrouting rules agree with ours.
@@ -59,6 +66,26 @@ pub const DESTINATIONS: &str = "destinations";
 pub const HAIRPIN: &str = "hairpin";
 /// Set name stem of the bound-VIP set.
 pub const VIPS: &str = "vips";
+/// Set name stem of the node's own addresses.
+pub const NODE_ADDRESSES: &str = "node-addresses";
+/// Set name stem of the load-balancer keys that have source ranges.
+pub const LB_FIREWALL: &str = "lb-firewall";
+/// Set name stem of the allowed `key . source network` pairs.
+pub const LB_SOURCES: &str = "lb-sources";
+/// Set name stem of the `key . VIP` pairs the node may reach itself.
+pub const LB_FROM_NODE: &str = "lb-from-node";
+/// Set name stem of the `key . VIP` pairs the node may not reach.
+pub const LB_NOT_FROM_NODE: &str = "lb-not-from-node";
+
+/// The stems of the sets derived from [`NftState::source_ranges`] and
+/// [`NftState::node_addresses`].
+const FIREWALL_STEMS: [&str; 5] = [
+    NODE_ADDRESSES,
+    LB_FIREWALL,
+    LB_SOURCES,
+    LB_FROM_NODE,
+    LB_NOT_FROM_NODE,
+];
 
 const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
 
@@ -108,7 +135,7 @@ pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
                 BTreeSet::new(),
             );
         }
-        for stem in [HAIRPIN, VIPS] {
+        for stem in [HAIRPIN, VIPS].into_iter().chain(FIREWALL_STEMS) {
             sets.insert(set_name(stem, family), BTreeSet::new());
         }
     }
@@ -135,7 +162,42 @@ pub fn set_elements(state: &NftState) -> BTreeMap<String, BTreeSet<String>> {
     for hairpin in hairpins(state) {
         insert(HAIRPIN, IpFamily::of(&hairpin.0), hairpin_element(hairpin));
     }
+    for address in &state.node_addresses {
+        insert(NODE_ADDRESSES, IpFamily::of(address), address.to_string());
+    }
+    for (key, ranges) in &state.source_ranges {
+        for (stem, element) in firewall_elements(key, ranges) {
+            insert(stem, key.family, element);
+        }
+    }
     sets
+}
+
+/// The elements one load-balancer key's source ranges put in the firewall sets, as
+/// (set stem, element); none when the key is open. Ranges of the other family cannot be
+/// stored and are left out (the planner never gives any).
+fn firewall_elements(key: &VsKey, ranges: &SourceRanges) -> Vec<(&'static str, String)> {
+    if ranges.is_open() {
+        return Vec::new();
+    }
+    let mut elements = vec![(LB_FIREWALL, key_element(key))];
+    for net in ranges
+        .allowed
+        .iter()
+        .filter(|net| IpFamily::of(&net.ip()) == key.family)
+    {
+        elements.push((
+            LB_SOURCES,
+            format!("{} . {}/{}", key_element(key), net.network(), net.prefix()),
+        ));
+    }
+    let node_stem = if ranges.from_node {
+        LB_FROM_NODE
+    } else {
+        LB_NOT_FROM_NODE
+    };
+    elements.push((node_stem, format!("{} . {}", key_element(key), key.address)));
+    elements
 }
 
 /// The hairpin set's elements for `state`'s (node-local) destinations.
@@ -176,6 +238,9 @@ pub fn render_replace(settings: &NftSettings, state: &NftState) -> String {
     for (name, elements) in set_elements(state) {
         let _ = writeln!(out, "\tset {name} {{");
         let _ = writeln!(out, "\t\ttype {}", set_type(&name));
+        if name.starts_with(LB_SOURCES) {
+            let _ = writeln!(out, "\t\tflags interval");
+        }
         if !elements.is_empty() {
             let list: Vec<&str> = elements.iter().map(String::as_str).collect();
             let _ = writeln!(out, "\t\telements = {{ {} }}", list.join(",\n\t\t\t"));
@@ -192,10 +257,14 @@ fn set_type(name: &str) -> &'static str {
     let v6 = name.ends_with('6');
     let stem = &name[..name.len().saturating_sub(1)];
     match (stem, v6) {
-        (HAIRPIN, false) => "ipv4_addr . inet_proto . inet_service . ipv4_addr",
-        (HAIRPIN, true) => "ipv6_addr . inet_proto . inet_service . ipv6_addr",
-        (VIPS, false) => "ipv4_addr",
-        (VIPS, true) => "ipv6_addr",
+        (HAIRPIN | LB_SOURCES | LB_FROM_NODE | LB_NOT_FROM_NODE, false) => {
+            "ipv4_addr . inet_proto . inet_service . ipv4_addr"
+        }
+        (HAIRPIN | LB_SOURCES | LB_FROM_NODE | LB_NOT_FROM_NODE, true) => {
+            "ipv6_addr . inet_proto . inet_service . ipv6_addr"
+        }
+        (VIPS | NODE_ADDRESSES, false) => "ipv4_addr",
+        (VIPS | NODE_ADDRESSES, true) => "ipv6_addr",
         (_, false) => "ipv4_addr . inet_proto . inet_service",
         (_, true) => "ipv6_addr . inet_proto . inet_service",
     }
@@ -294,6 +363,8 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
     let _ = writeln!(out, "\t\tmasquerade fully-random");
     let _ = writeln!(out, "\t}}");
 
+    render_firewall(out);
+
     // kube-proxy's KUBE-IPVS-FILTER (kubernetes/kubernetes#72236): an address bound for a
     // service must not expose the node's other ports. Runs before IPVS (LOCAL_IN 98/99).
     let _ = writeln!(out, "\tchain input {{");
@@ -301,6 +372,16 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
         out,
         "\t\ttype filter hook input priority filter; policy accept;"
     );
+    // kube-proxy's KUBE-PROXY-FIREWALL, from INPUT and FORWARD: every packet to a
+    // load-balancer key with source ranges, before IPVS balances it.
+    for family in FAMILIES {
+        let _ = writeln!(
+            out,
+            "\t\t{} daddr . meta l4proto . th dport @{} jump lb-source-ranges",
+            ip(family),
+            set_name(LB_FIREWALL, family)
+        );
+    }
     for family in FAMILIES {
         let _ = writeln!(
             out,
@@ -311,6 +392,16 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
     }
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "\tchain vip-ports {{");
+    // An address the node has on another interface is the node's: its own listeners there
+    // stay reachable (kube-proxy neither binds nor filters it).
+    for family in FAMILIES {
+        let _ = writeln!(
+            out,
+            "\t\t{} daddr @{} return",
+            ip(family),
+            set_name(NODE_ADDRESSES, family)
+        );
+    }
     for family in FAMILIES {
         for (frontend, policy) in SERVICE_KINDS {
             if frontend == Frontend::NodePort {
@@ -330,6 +421,57 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
         Protocol::Tcp.number()
     );
     let _ = writeln!(out, "\t\treject");
+    let _ = writeln!(out, "\t}}");
+}
+
+/// kube-proxy's `loadBalancerSourceRanges` chains: `lb-source-ranges` (its
+/// `KUBE-SOURCE-RANGES-FIREWALL`) lets an allowed source through and drops the rest;
+/// `forward` sends routed traffic through it as `input` does local traffic; `output-firewall`
+/// drops the node's own connections to a key whose ranges do not hold the node (its
+/// `KUBE-IPVS-OUT-FILTER`, kubernetes/kubernetes#119656), before IPVS translates them.
+fn render_firewall(out: &mut String) {
+    let _ = writeln!(out, "\tchain lb-source-ranges {{");
+    for stem in [LB_SOURCES, LB_FROM_NODE] {
+        for family in FAMILIES {
+            let ip = ip(family);
+            let _ = writeln!(
+                out,
+                "\t\t{ip} daddr . meta l4proto . th dport . {ip} saddr @{} return",
+                set_name(stem, family)
+            );
+        }
+    }
+    let _ = writeln!(out, "\t\tdrop");
+    let _ = writeln!(out, "\t}}");
+
+    let _ = writeln!(out, "\tchain forward {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook forward priority filter; policy accept;"
+    );
+    for family in FAMILIES {
+        let _ = writeln!(
+            out,
+            "\t\t{} daddr . meta l4proto . th dport @{} jump lb-source-ranges",
+            ip(family),
+            set_name(LB_FIREWALL, family)
+        );
+    }
+    let _ = writeln!(out, "\t}}");
+
+    let _ = writeln!(out, "\tchain output-firewall {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook output priority {MARK_PRIORITY}; policy accept;"
+    );
+    for family in FAMILIES {
+        let ip = ip(family);
+        let _ = writeln!(
+            out,
+            "\t\t{ip} daddr . meta l4proto . th dport . {ip} saddr @{} drop",
+            set_name(LB_NOT_FROM_NODE, family)
+        );
+    }
     let _ = writeln!(out, "\t}}");
 }
 
@@ -412,7 +554,42 @@ pub fn render_update(from: &NftState, to: &NftState) -> String {
             );
         }
     }
+    firewall_changes(from, to, &mut changes);
     changes.render()
+}
+
+/// The node-address and source-range elements that differ between `from` and `to`; a key
+/// whose ranges changed loses all its old elements and gets all its new ones.
+fn firewall_changes(from: &NftState, to: &NftState, changes: &mut ElementChanges) {
+    for address in from.node_addresses.difference(&to.node_addresses) {
+        changes.delete(
+            set_name(NODE_ADDRESSES, IpFamily::of(address)),
+            address.to_string(),
+        );
+    }
+    for address in to.node_addresses.difference(&from.node_addresses) {
+        changes.add(
+            set_name(NODE_ADDRESSES, IpFamily::of(address)),
+            address.to_string(),
+        );
+    }
+    let open = SourceRanges::default();
+    let changed: BTreeSet<&VsKey> = from
+        .source_ranges
+        .keys()
+        .chain(to.source_ranges.keys())
+        .filter(|key| from.source_ranges.get(key) != to.source_ranges.get(key))
+        .collect();
+    for key in changed {
+        let before = firewall_elements(key, from.source_ranges.get(key).unwrap_or(&open));
+        let after = firewall_elements(key, to.source_ranges.get(key).unwrap_or(&open));
+        for element in before.iter().filter(|e| !after.contains(e)) {
+            changes.delete(set_name(element.0, key.family), element.1.clone());
+        }
+        for element in after.iter().filter(|e| !before.contains(e)) {
+            changes.add(set_name(element.0, key.family), element.1.clone());
+        }
+    }
 }
 
 /// Which of `candidates` are in the `vips` set of `state`: bound by a ClusterIP, ExternalIP
@@ -522,8 +699,9 @@ pub(crate) mod tests {
                 ),
                 0..20,
             ),
+            any::<[u8; 16]>(),
         )
-            .prop_map(|(services, picks)| {
+            .prop_map(|(services, picks, seed)| {
                 let keys: Vec<VsKey> = services.keys().copied().collect();
                 let destinations = picks
                     .into_iter()
@@ -539,11 +717,55 @@ pub(crate) mod tests {
                         (key, dest, port)
                     })
                     .collect();
+                let (source_ranges, node_addresses) = arb_firewall(&services, seed);
                 NftState {
                     services,
                     destinations,
+                    source_ranges,
+                    node_addresses,
                 }
             })
+    }
+
+    /// Source ranges for some load-balancer keys and a few node addresses, from `seed`.
+    pub(crate) fn arb_firewall(
+        services: &BTreeMap<VsKey, (Frontend, TrafficPolicy)>,
+        seed: [u8; 16],
+    ) -> (BTreeMap<VsKey, SourceRanges>, BTreeSet<IpAddr>) {
+        let mut ranges = BTreeMap::new();
+        for (i, (key, (frontend, _))) in services.iter().enumerate() {
+            let byte = seed[i % seed.len()];
+            if *frontend != Frontend::LoadBalancer || byte % 3 == 0 {
+                continue;
+            }
+            let nets: Vec<IpNetwork> = (0..1 + byte % 3)
+                .map(|n| {
+                    let prefix = 8 + (byte.wrapping_add(n * 7) % 17);
+                    match key.address {
+                        IpAddr::V4(_) => IpNetwork::new(IpAddr::from([10, n, byte, 1]), prefix),
+                        IpAddr::V6(_) => IpNetwork::new(
+                            IpAddr::from([0xfd00, u16::from(n), u16::from(byte), 0, 0, 0, 0, 1]),
+                            prefix + 16,
+                        ),
+                    }
+                    .expect("valid prefix")
+                })
+                .collect();
+            let planned = SourceRanges::for_frontend(&nets, key.family, None);
+            ranges.insert(
+                *key,
+                SourceRanges {
+                    from_node: byte % 2 == 0,
+                    ..planned
+                },
+            );
+        }
+        let node_addresses = seed
+            .iter()
+            .take(usize::from(seed[0] % 4))
+            .map(|b| IpAddr::from([192, 0, 2, *b]))
+            .collect();
+        (ranges, node_addresses)
     }
 
     /// Applies an update script's element lines to a rendering of the sets.
