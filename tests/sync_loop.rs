@@ -322,6 +322,162 @@ async fn drift_is_repaired_at_the_next_sync_period() {
     agent.stop().await;
 }
 
+/// A sync loop driven by hand (`handle`, `sync`) over the in-memory dataplane, so a test
+/// decides exactly which events are pending when a resync comes.
+struct Driven {
+    sync: SyncLoop<MemoryDataplane>,
+    dataplane: MemoryHandle,
+    state: Arc<AgentState>,
+}
+
+/// The resync period of [`Driven`]; tests reach it with `tokio::time::advance`.
+const DRIVEN_SYNC_PERIOD: Duration = Duration::from_secs(60);
+
+impl Driven {
+    /// A loop that has done its initial sync of `store`.
+    async fn synced(store: &Store) -> Self {
+        let (dataplane, handle) = MemoryDataplane::new("memory");
+        let state = Arc::new(AgentState {
+            node_name: NODE.to_owned(),
+            metrics: Metrics::new(),
+            health: HealthTracker::new(DRIVEN_SYNC_PERIOD * 2),
+            table: RwLock::new(NodeTable::new()),
+        });
+        let settings = SyncSettings {
+            min_sync_period: Duration::ZERO,
+            sync_period: DRIVEN_SYNC_PERIOD,
+            plan: PlanConfig::default(),
+        };
+        let mut driven = Self {
+            sync: SyncLoop::new(settings, dataplane, Arc::clone(&state)),
+            dataplane: handle,
+            state,
+        };
+        driven.handle(changes(&Store::new(), store, NODE));
+        driven.handle([
+            SourceEvent::Listed(Resource::Services),
+            SourceEvent::Listed(Resource::EndpointSlices),
+        ]);
+        driven.sync.sync().await;
+        let node = store.node(NODE).expect("node");
+        assert_eq!(
+            driven.dataplane.table(),
+            expected(store, node),
+            "initial sync"
+        );
+        driven
+    }
+
+    fn handle(&mut self, events: impl IntoIterator<Item = SourceEvent>) {
+        for event in events {
+            self.sync.handle(event);
+        }
+    }
+
+    /// Lets the sync period pass, then syncs: the sync reads the dataplane back.
+    async fn resync(&mut self) {
+        tokio::time::advance(DRIVEN_SYNC_PERIOD).await;
+        let reads = self.dataplane.reads();
+        self.sync.sync().await;
+        assert_eq!(self.dataplane.reads(), reads + 1, "the sync read back");
+    }
+
+    fn drift_repairs(&self) -> Option<f64> {
+        metric(&self.state, "topoproxy_drift_repairs_total")
+    }
+}
+
+/// Takes the ready zone-b frontend endpoint on node-b1 out of service in `store`; returns the
+/// event that says so.
+fn unready_frontend_endpoint(store: &mut Store) -> SourceEvent {
+    let key = SliceKey::new("shop", "frontend-4mzxq");
+    let mut slice = store.slice(&key).expect("frontend slice").clone();
+    slice
+        .endpoints
+        .iter_mut()
+        .find(|e| e.address.to_string() == "10.244.3.20")
+        .expect("endpoint")
+        .ready = false;
+    store.upsert_slice(slice.clone());
+    SourceEvent::Slice(key, Some(slice))
+}
+
+// Paused time: the resync is due exactly when the test advances the clock.
+#[tokio::test(start_paused = true)]
+async fn a_resync_that_meets_pending_changes_reports_no_drift() {
+    let mut store = example();
+    let node = store.node(NODE).expect("node").clone();
+    let mut agent = Driven::synced(&store).await;
+    let event = unready_frontend_endpoint(&mut store);
+    let want = expected(&store, &node);
+    assert_ne!(agent.dataplane.table(), want, "the change must matter");
+    agent.handle([event]);
+    agent.resync().await;
+    assert_eq!(
+        agent.dataplane.table(),
+        want,
+        "the pending change is applied"
+    );
+    assert_eq!(
+        agent.drift_repairs(),
+        Some(0.0),
+        "the agent's own pending change counted as drift"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tampering_beside_pending_changes_counts_only_the_tampering() {
+    let mut store = example();
+    let node = store.node(NODE).expect("node").clone();
+    let mut agent = Driven::synced(&store).await;
+    let programmed = agent.dataplane.table();
+    let event = unready_frontend_endpoint(&mut store);
+    let want = expected(&store, &node);
+    // A virtual server the pending change does not touch disappears behind the agent's back.
+    let victim = *programmed
+        .iter()
+        .find(|(key, service)| want.get(key) == Some(service))
+        .expect("a virtual server the change leaves alone")
+        .0;
+    agent.dataplane.tamper(|table| {
+        table.remove(&victim);
+    });
+    let tampering = diff(&programmed, &agent.dataplane.table()).len();
+    assert!(tampering > 0);
+    agent.handle([event]);
+    agent.resync().await;
+    assert_eq!(
+        agent.dataplane.table(),
+        want,
+        "repaired, and the change applied"
+    );
+    assert_eq!(agent.drift_repairs(), Some(tampering as f64));
+}
+
+/// After a failed sync the agent no longer knows what the dataplane holds (a failed change may
+/// have been half made), so what the next read finds is taken as it is, not counted as drift.
+#[tokio::test(start_paused = true)]
+async fn a_resync_after_a_failed_sync_reports_no_drift() {
+    let mut store = example();
+    let node = store.node(NODE).expect("node").clone();
+    let mut agent = Driven::synced(&store).await;
+    let before = agent.dataplane.table();
+    let event = unready_frontend_endpoint(&mut store);
+    let want = expected(&store, &node);
+    agent.handle([event]);
+    agent.dataplane.fail_next_applies(1);
+    agent.sync.sync().await;
+    assert_eq!(agent.dataplane.table(), before, "the apply failed");
+    // The failed change took effect in the kernel after all.
+    let half_done = diff(&want, &before);
+    agent.dataplane.tamper(|table| {
+        topoproxy::diff::apply_to(table, &half_done);
+    });
+    agent.resync().await;
+    assert_eq!(agent.dataplane.table(), want);
+    assert_eq!(agent.drift_repairs(), Some(0.0));
+}
+
 #[tokio::test]
 async fn a_failing_dataplane_is_retried_and_reported() {
     let store = example();

@@ -57,6 +57,9 @@ pub struct SyncLoop<D> {
     listed: HashSet<Resource>,
     /// What the dataplane holds, as far as this loop knows.
     mirror: ProgrammedTable,
+    /// Whether `mirror` is exactly what the last sync left programmed: false until the first
+    /// successful sync and after a failed one. Drift is measured only against a trusted mirror.
+    mirror_trusted: bool,
     dirty: HashSet<ServiceKey>,
     replan_all: bool,
     /// Read the dataplane back and repair drift at the next sync.
@@ -87,6 +90,7 @@ impl<D: Dataplane> SyncLoop<D> {
             node: None,
             listed: HashSet::new(),
             mirror: ProgrammedTable::new(),
+            mirror_trusted: false,
             dirty: HashSet::new(),
             replan_all: false,
             resync: true,
@@ -293,82 +297,15 @@ impl<D: Dataplane> SyncLoop<D> {
             self.resync = true;
             self.next_resync = started + self.settings.sync_period;
         }
-        let full = self.replan_all || !self.initial_sync_done;
-        let ops = if self.resync {
-            let read = self.dataplane.read().await;
-            self.record_kernel_requests();
-            let traffic = self.dataplane.service_counters();
-            if !traffic.is_empty() {
-                self.state.metrics.record_service_traffic(&traffic);
-                let served = served_by_tier_kind(&self.read_table(), &traffic);
-                self.state.metrics.record_locality_served(&served);
-            }
-            match read {
-                Ok(actual) => {
-                    self.replan(&node, full);
-                    let desired = self.desired_table();
-                    self.mirror = actual;
-                    let ops = diff(&desired, &self.mirror);
-                    if self.initial_sync_done && !ops.is_empty() {
-                        tracing::warn!(
-                            changes = ops.len(),
-                            dataplane = self.dataplane.name(),
-                            "the dataplane drifted from the plan; repairing"
-                        );
-                        self.state.metrics.drift_repaired(ops.len() as u64);
-                    }
-                    ops
-                }
-                Err(error) => {
-                    self.fail(started, &error);
-                    return;
-                }
-            }
-        } else {
-            let keys = self.replan(&node, full);
-            if full {
-                diff(&self.desired_table(), &self.mirror)
-            } else {
-                self.diff_keys(&keys)
+        let ops = match self.plan_ops(&node).await {
+            Ok(ops) => ops,
+            Err(error) => {
+                self.fail(started, &error);
+                return;
             }
         };
         match self.apply(&ops).await {
-            Ok(()) => {
-                if let Err(error) = self.dataplane.synced().await {
-                    tracing::error!(error = %error_chain(&error), "finishing the sync in the dataplane failed; retrying after the next one");
-                }
-                if !self.initial_sync_done {
-                    // The kernel writes since the start (failed attempts included): what this
-                    // restart had to change, with the dataplane's own start and `synced`.
-                    tracing::info!(
-                        virtual_servers = self.read_table().len(),
-                        changes = ops.len(),
-                        kernel_writes = crate::kernel_writes::total(),
-                        elapsed = ?started.elapsed(),
-                        "initial sync done"
-                    );
-                }
-                // Before the sync is counted, so a successful sync's writes are all in the
-                // metrics (the dataplane's start and `synced` write too, not only `apply`).
-                self.record_kernel_requests();
-                let first = !self.initial_sync_done;
-                if self.resync {
-                    // Counted from the end: a read that takes longer than the period (10,000
-                    // services under emulation) must not start the next one at once.
-                    self.next_resync = Instant::now() + self.settings.sync_period;
-                }
-                self.initial_sync_done = true;
-                self.replan_all = false;
-                self.resync = false;
-                self.retry_backoff = None;
-                let now = SystemTime::now();
-                self.state.health.record_sync_success(now);
-                self.state.metrics.set_last_successful_sync(now);
-                self.state.metrics.observe_sync(started.elapsed(), true);
-                if first {
-                    crate::heap::release_free_memory();
-                }
-            }
+            Ok(()) => self.record_success(started, ops.len()).await,
             Err(error) => self.fail(started, &error),
         }
         self.publish_table_stats();
@@ -408,6 +345,96 @@ impl<D: Dataplane> SyncLoop<D> {
         self.replan_all = true;
     }
 
+    /// The changes this sync makes: re-plans what is dirty and diffs it against the mirror, or,
+    /// when a resync is due, reads the dataplane back first (counting drift) and diffs the
+    /// whole plan against what it holds.
+    async fn plan_ops(&mut self, node: &Node) -> Result<Vec<Op>, DataplaneError> {
+        let full = self.replan_all || !self.initial_sync_done;
+        if !self.resync {
+            let keys = self.replan(node, full);
+            return Ok(if full {
+                diff(&self.desired_table(), &self.mirror)
+            } else {
+                self.diff_keys(&keys)
+            });
+        }
+        let (actual, drift) = self.read_back().await?;
+        if drift > 0 {
+            tracing::warn!(
+                changes = drift,
+                dataplane = self.dataplane.name(),
+                "the dataplane drifted from what the agent programmed; repairing"
+            );
+            self.state.metrics.drift_repaired(drift as u64);
+        }
+        // Planned only now: pending changes are the agent's own, never drift.
+        self.replan(node, full);
+        self.mirror = actual;
+        Ok(diff(&self.desired_table(), &self.mirror))
+    }
+
+    /// Reads the dataplane back (and its traffic counters). Returns what it holds and the drift:
+    /// how many changes would take it back to what this loop last programmed, measured before
+    /// pending changes are planned, so they are never mistaken for another writer's.
+    async fn read_back(&mut self) -> Result<(ProgrammedTable, usize), DataplaneError> {
+        let read = self.dataplane.read().await;
+        self.record_kernel_requests();
+        let traffic = self.dataplane.service_counters();
+        if !traffic.is_empty() {
+            self.state.metrics.record_service_traffic(&traffic);
+            let served = served_by_tier_kind(&self.read_table(), &traffic);
+            self.state.metrics.record_locality_served(&served);
+        }
+        let actual = read?;
+        // Without a trusted mirror (before the first successful sync, or after a failed one)
+        // there is nothing to measure against: this read becomes the new baseline.
+        let drift = if self.mirror_trusted {
+            diff(&self.mirror, &actual).len()
+        } else {
+            0
+        };
+        Ok((actual, drift))
+    }
+
+    /// Records a sync whose `changes` were all applied.
+    async fn record_success(&mut self, started: Instant, changes: usize) {
+        if let Err(error) = self.dataplane.synced().await {
+            tracing::error!(error = %error_chain(&error), "finishing the sync in the dataplane failed; retrying after the next one");
+        }
+        if !self.initial_sync_done {
+            // The kernel writes since the start (failed attempts included): what this
+            // restart had to change, with the dataplane's own start and `synced`.
+            tracing::info!(
+                virtual_servers = self.read_table().len(),
+                changes,
+                kernel_writes = crate::kernel_writes::total(),
+                elapsed = ?started.elapsed(),
+                "initial sync done"
+            );
+        }
+        // Before the sync is counted, so a successful sync's writes are all in the
+        // metrics (the dataplane's start and `synced` write too, not only `apply`).
+        self.record_kernel_requests();
+        let first = !self.initial_sync_done;
+        if self.resync {
+            // Counted from the end: a read that takes longer than the period (10,000
+            // services under emulation) must not start the next one at once.
+            self.next_resync = Instant::now() + self.settings.sync_period;
+        }
+        self.initial_sync_done = true;
+        self.mirror_trusted = true;
+        self.replan_all = false;
+        self.resync = false;
+        self.retry_backoff = None;
+        let now = SystemTime::now();
+        self.state.health.record_sync_success(now);
+        self.state.metrics.set_last_successful_sync(now);
+        self.state.metrics.observe_sync(started.elapsed(), true);
+        if first {
+            crate::heap::release_free_memory();
+        }
+    }
+
     /// Opens, closes and updates the Services' health-check node ports (both proxy modes).
     fn sync_health_checks(&mut self) {
         let desired = healthcheck::desired(&self.store, &self.node_name, &self.settings.plan);
@@ -427,8 +454,11 @@ impl<D: Dataplane> SyncLoop<D> {
             .health
             .record_sync_failure(SystemTime::now(), error);
         self.state.metrics.observe_sync(started.elapsed(), false);
-        // We no longer know exactly what the dataplane holds.
+        // We no longer know exactly what the dataplane holds: a failed op may have been half
+        // done. So the next read is taken as it is, and what it finds is not counted as drift
+        // (the rule `read_back` follows): drift is only measured against a trusted mirror.
         self.resync = true;
+        self.mirror_trusted = false;
         self.retry_backoff = Some(
             self.retry_backoff
                 .map_or(FIRST_RETRY_BACKOFF, |b| (b * 2).min(MAX_RETRY_BACKOFF)),

@@ -489,6 +489,32 @@ mod tests {
         assert_eq!(retry_for(&new, &lost, false), Retry::Fail);
     }
 
+    /// A service the kernel has but a read did not report (the dump skipped it and no GET
+    /// was made) is asked to be created again: it, and each of its destinations, is then
+    /// updated in place, never failed and never removed and re-made.
+    #[test]
+    fn creating_what_the_kernel_already_has_updates_it() {
+        let tcp = key(Protocol::Tcp, 80);
+        let wanted = ipvs_service(&tcp, &config(Frontend::ClusterIP));
+        let id = service_id(&tcp);
+        assert_eq!(
+            retry_for(
+                &Command::NewService(wanted.clone()),
+                &refused(libc::EEXIST),
+                false
+            ),
+            Retry::With(Command::SetService(wanted))
+        );
+        assert_eq!(
+            retry_for(
+                &Command::NewDestination(id, masq(1)),
+                &refused(libc::EEXIST),
+                false
+            ),
+            Retry::With(Command::SetDestination(id, masq(1)))
+        );
+    }
+
     #[test]
     fn only_records_not_held_yet_are_written_first() {
         let (a, b) = (key(Protocol::Tcp, 80), key(Protocol::Tcp, 81));

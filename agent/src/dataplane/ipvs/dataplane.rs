@@ -5,6 +5,8 @@
 //! at any point leaves no IPVS service of ours unrecorded, and a restart adopts exactly what it
 //! owns. Every other IPVS service is foreign and never touched, and so is anything inside
 //! `--ipvs-exclude-cidrs`.
+//! A read forgets a record only when two reads agree that its service is gone: the service
+//! dump can skip services ([`records`] says when and why).
 //!
 //! Cost follows the change: `apply` sends one netlink request per op (pipelined), one nft
 //! transaction with just the set elements that changed, and address changes only when a VIP
@@ -23,7 +25,7 @@ use crate::dataplane::{
     ProgrammedTable, ServiceConfig, TierShares,
 };
 use crate::diff::{apply_to, Op};
-use crate::table::VsKey;
+use crate::table::{Frontend, TrafficPolicy, VsKey};
 
 use super::commands::{
     self, binds_address, is_not_found, service_id, AfterSuccess, OpCommand, Retry,
@@ -31,8 +33,10 @@ use super::commands::{
 use super::conntrack::{self, BackendFlow};
 use super::drain::{self, DrainKey, DrainVerdict, Draining};
 use super::link::{DummyLink, LinkError, DUMMY_LINK};
-use super::netlink::{Command, IpvsClient, IpvsError, MessageCounts};
+use super::netlink::{Command, IpvsClient, IpvsError, IpvsService, MessageCounts};
+use super::nft::render::Hairpin;
 use super::nft::{Nft, NftError, NftSettings, NftState};
+use super::records::{self, Probe};
 use super::sysctl::{self, SysctlError, Sysctls};
 
 const NAME: &str = "ipvs";
@@ -110,6 +114,9 @@ pub struct IpvsDataplane {
     /// the sync ends ([`Dataplane::synced`]), unless its apply took them up: after a crash
     /// between binding a VIP and creating its service, the restart neither unbinds nor rebinds it.
     unneeded_addresses: BTreeSet<IpAddr>,
+    /// Recorded services the last read's dump missed without a GET answering for them: their
+    /// records are kept until the next read agrees ([`records`]).
+    suspect_records: BTreeSet<VsKey>,
     draining: Draining,
     last_drain_check: Option<Instant>,
 }
@@ -139,6 +146,7 @@ impl IpvsDataplane {
             address_users: BTreeMap::new(),
             node_addresses: None,
             unneeded_addresses: BTreeSet::new(),
+            suspect_records: BTreeSet::new(),
             draining: Draining::new(),
             last_drain_check: None,
         })
@@ -194,73 +202,30 @@ impl IpvsDataplane {
         };
 
         phases.lap("nft");
-        let mut table = ProgrammedTable::new();
         let services = self.ipvs.services().map_err(Self::read_error)?;
         phases.lap("ipvs_services");
+        let mut table = ProgrammedTable::new();
+        let mut listed = BTreeSet::new();
         for service in services {
             let key = VsKey::new(service.id.protocol, service.id.address, service.id.port);
-            let Some(&(frontend, traffic_policy)) = self.owned.services.get(&key) else {
+            let Some(&role) = self.owned.services.get(&key) else {
                 continue;
             };
             if self.is_excluded(key.address) {
                 continue;
             }
-            let destinations = self
-                .ipvs
-                .destinations(&service.id)
-                .map_err(Self::read_error)?;
-            if let Some(hairpins) = &listed_hairpins {
-                self.owned.destinations.extend(
-                    destinations
-                        .iter()
-                        .filter(|d| hairpins.contains(&(d.address, key.protocol, d.port)))
-                        .map(|d| (key, d.address, d.port)),
-                );
-            }
-            let owned = &self.owned;
-            let destinations = destinations
-                .into_iter()
-                .filter(|d| {
-                    !self.draining.contains(&DrainKey {
-                        service: key,
-                        address: d.address,
-                        port: d.port,
-                    })
-                })
-                .map(|d| {
-                    let state = DestinationState {
-                        local: owned.destinations.contains(&(key, d.address, d.port)),
-                        ..DestinationState::active(d.weight)
-                    };
-                    ((d.address, d.port), state)
-                })
-                .collect();
-            table.insert(
-                key,
-                ProgrammedService {
-                    config: ServiceConfig {
-                        scheduler: service.scheduler,
-                        persistence_timeout: service.persistence_timeout,
-                        frontend,
-                        traffic_policy,
-                        tier_shares: TierShares::default(),
-                        source_ranges: self
-                            .owned
-                            .source_ranges
-                            .get(&key)
-                            .cloned()
-                            .unwrap_or_default(),
-                    },
-                    destinations,
-                },
-            );
+            listed.insert(key);
+            let programmed = self.read_service(key, role, service, listed_hairpins.as_ref())?;
+            table.insert(key, programmed);
         }
+        let probes = self.read_unlisted(&listed, &mut table, listed_hairpins.as_ref())?;
         for (key, service) in &self.excluded {
             table.insert(*key, service.clone());
         }
 
         phases.lap("ipvs_destinations");
-        self.drop_records_without_services(&table, rewrite)?;
+        let forget = self.judge_records(&table, &listed, &probes);
+        self.forget_records(&forget, rewrite)?;
         if rewrite {
             // Rewrites the rules too: they may come from an older version or other settings.
             self.nft
@@ -281,22 +246,145 @@ impl IpvsDataplane {
         Ok(table)
     }
 
-    /// Forgets records of services IPVS does not have: an agent killed between recording and
-    /// creating a service, or between deleting it and clearing its record, leaves one. Kept, it
-    /// would claim whatever service another tool later creates at that address and port.
-    /// Written with the rewrite when one follows, else as an update of its own.
-    fn drop_records_without_services(
+    /// One owned service as the dataplane holds it, with its destinations (draining ones left
+    /// out); on a full read, also notes which of them the hairpin set marks node-local.
+    fn read_service(
         &mut self,
-        table: &ProgrammedTable,
-        rewrite: bool,
-    ) -> Result<(), DataplaneError> {
-        let stale: BTreeSet<VsKey> = self
+        key: VsKey,
+        (frontend, traffic_policy): (Frontend, TrafficPolicy),
+        service: IpvsService,
+        hairpins: Option<&BTreeSet<Hairpin>>,
+    ) -> Result<ProgrammedService, DataplaneError> {
+        let destinations = self
+            .ipvs
+            .destinations(&service.id)
+            .map_err(Self::read_error)?;
+        if let Some(hairpins) = hairpins {
+            self.owned.destinations.extend(
+                destinations
+                    .iter()
+                    .filter(|d| hairpins.contains(&(d.address, key.protocol, d.port)))
+                    .map(|d| (key, d.address, d.port)),
+            );
+        }
+        let owned = &self.owned;
+        let destinations = destinations
+            .into_iter()
+            .filter(|d| {
+                !self.draining.contains(&DrainKey {
+                    service: key,
+                    address: d.address,
+                    port: d.port,
+                })
+            })
+            .map(|d| {
+                let state = DestinationState {
+                    local: owned.destinations.contains(&(key, d.address, d.port)),
+                    ..DestinationState::active(d.weight)
+                };
+                ((d.address, d.port), state)
+            })
+            .collect();
+        Ok(ProgrammedService {
+            config: ServiceConfig {
+                scheduler: service.scheduler,
+                persistence_timeout: service.persistence_timeout,
+                frontend,
+                traffic_policy,
+                tier_shares: TierShares::default(),
+                source_ranges: owned.source_ranges.get(&key).cloned().unwrap_or_default(),
+            },
+            destinations,
+        })
+    }
+
+    /// Asks for each owned service the dump did not list by its key, and adds those the kernel
+    /// has to `table`: the dump can skip services ([`IpvsClient::services`]), and a service read
+    /// as absent would have its VIP unbound and be created again over the destinations it
+    /// already has. Returns the answers, for [`judge_records`](Self::judge_records).
+    fn read_unlisted(
+        &mut self,
+        listed: &BTreeSet<VsKey>,
+        table: &mut ProgrammedTable,
+        hairpins: Option<&BTreeSet<Hairpin>>,
+    ) -> Result<BTreeMap<VsKey, Probe>, DataplaneError> {
+        let unlisted: Vec<(VsKey, (Frontend, TrafficPolicy))> = self
             .owned
             .services
-            .keys()
-            .filter(|key| !table.contains_key(key))
-            .copied()
+            .iter()
+            .filter(|(key, _)| !listed.contains(key) && !self.is_excluded(key.address))
+            .map(|(key, role)| (*key, *role))
             .collect();
+        let mut probes = BTreeMap::new();
+        for (key, role) in unlisted {
+            match self.ipvs.service(&service_id(&key)) {
+                Ok(Some(service)) => {
+                    let programmed = self.read_service(key, role, service, hairpins)?;
+                    table.insert(key, programmed);
+                    probes.insert(key, Probe::Present);
+                }
+                Ok(None) => {
+                    probes.insert(key, Probe::Absent);
+                }
+                // Without an answer the service is reported absent (re-creating one that
+                // exists updates it) and its record waits for the next read's dump.
+                Err(error) => tracing::warn!(
+                    service = %format_key(&key),
+                    error = %error_chain(&error),
+                    "could not ask IPVS for a service its dump did not list"
+                ),
+            }
+        }
+        let skipped = probes.values().filter(|p| **p == Probe::Present).count();
+        if skipped > 0 {
+            tracing::info!(
+                services = skipped,
+                "the IPVS service dump skipped services of ours (another namespace changed its services meanwhile); read them one by one"
+            );
+        }
+        Ok(probes)
+    }
+
+    /// The ownership records to forget after this read: those of services IPVS does not have
+    /// (an agent killed between recording and creating a service, or between deleting it and
+    /// clearing its record, leaves one; kept, it would claim whatever service another tool
+    /// later creates at that address and port). A record is forgotten only when two reads agree
+    /// that its service is gone, the dump and a GET, or two dumps in a row
+    /// ([`records::judge_records`]). Records inside `--ipvs-exclude-cidrs` that no op asked for
+    /// are forgotten as before, their services never being read.
+    fn judge_records(
+        &mut self,
+        table: &ProgrammedTable,
+        listed: &BTreeSet<VsKey>,
+        probes: &BTreeMap<VsKey, Probe>,
+    ) -> BTreeSet<VsKey> {
+        let mut recorded = BTreeSet::new();
+        let mut excluded = BTreeSet::new();
+        for key in self.owned.services.keys() {
+            if !self.is_excluded(key.address) {
+                recorded.insert(*key);
+            } else if !table.contains_key(key) {
+                excluded.insert(*key);
+            }
+        }
+        let verdict = records::judge_records(&recorded, listed, &self.suspect_records, probes);
+        if !verdict.suspects.is_empty() {
+            tracing::info!(
+                records = verdict.suspects.len(),
+                "the IPVS service dump missed recorded services and no GET answered for them; keeping their records until the next read"
+            );
+        }
+        self.suspect_records = verdict.suspects;
+        verdict.forget.union(&excluded).copied().collect()
+    }
+
+    /// Forgets the records of `stale` services. Written with the rewrite when one follows, else
+    /// as an update of its own.
+    fn forget_records(
+        &mut self,
+        stale: &BTreeSet<VsKey>,
+        rewrite: bool,
+    ) -> Result<(), DataplaneError> {
         if stale.is_empty() {
             return Ok(());
         }

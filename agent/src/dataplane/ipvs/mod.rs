@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod link;
 pub mod netlink;
 pub mod nft;
+pub mod records;
 pub mod sysctl;
 
 pub use dataplane::{IpvsDataplane, IpvsSettings};

@@ -198,6 +198,15 @@ impl IpvsMessage {
         }
     }
 
+    /// `IPVS_CMD_GET_SERVICE` for one service, sent without `NLM_F_DUMP`: the service's key
+    /// only, as `ipvsadm -L -t <address:port>` sends it.
+    pub fn get_service(service: &ServiceId) -> Self {
+        Self {
+            cmd: IpvsCmd::GetService,
+            attrs: vec![CmdAttr::Service(service_id_attrs(service))],
+        }
+    }
+
     /// `IPVS_CMD_GET_DEST` for one service, sent with `NLM_F_DUMP`.
     pub fn dump_destinations(service: &ServiceId) -> Self {
         Self {

@@ -289,6 +289,39 @@ fn info_and_dumps_encode_as_ipvsadm_sends_them() {
     }
 }
 
+/// No capture holds a GET of one service; the kernel parses its key as it parses a destination
+/// dump's (`ip_vs_genl_parse_service` without the full entry), so the two requests differ only
+/// in the command and the dump flag.
+#[test]
+fn a_service_get_carries_the_key_a_destination_dump_does() {
+    use Protocol::{Tcp, Udp};
+    let family = 0x1d;
+    for key in [id(Tcp, "10.96.0.10", 53), id(Udp, "fd00:96::a", 53)] {
+        let get = ours(
+            IpvsMessage::get_service(&key),
+            family,
+            NLM_F_REQUEST | NLM_F_ACK,
+        );
+        let dump = ours(
+            IpvsMessage::dump_destinations(&key),
+            family,
+            NLM_F_REQUEST | NLM_F_ACK,
+        );
+        assert_eq!(get.len(), dump.len(), "{key}");
+        // The genetlink command byte follows the 16-byte netlink header.
+        assert_eq!(get[16], u8::from(IpvsCmd::GetService), "{key}");
+        assert_eq!(&get[..16], &dump[..16], "{key}");
+        assert_eq!(&get[17..], &dump[17..], "{key}");
+        let decoded = decode_ipvs(&get).expect("decodes");
+        assert_eq!(decoded.cmd, IpvsCmd::GetService, "{key}");
+        assert_eq!(
+            decoded.service().map(<[_]>::len),
+            Some(4),
+            "{key}: family, protocol, address and port only"
+        );
+    }
+}
+
 #[test]
 fn flush_encodes_as_ipvsadm_sends_it() {
     for kernel in KERNELS {
