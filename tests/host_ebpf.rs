@@ -8,11 +8,14 @@
 //! cgroup and the client namespace, then runs socket commands sent over its stdin.
 //!
 //! Everything is driven through the `Dataplane` trait with ops from the agent's differ, so the
-//! agent's own path is what is tested.
+//! agent's own path is what is tested; the `list_` tests run the binaries instead
+//! (`topoproxy run --proxy-mode ebpf` on a YAML directory, and `topoproxy list` beside it).
 //!
 //! Benchmarks (ignored; run with `--ignored --nocapture`): `bench_connect_vip_vs_direct`,
 //! `bench_cold_sync`.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/host.rs"]
 mod host;
 
@@ -38,7 +41,10 @@ use topoproxy::dataplane::{
 use topoproxy::diff::diff;
 use topoproxy::model::Protocol;
 use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
-use topoproxy_common::MAPS_DIR;
+use topoproxy_common::{
+    maps, Backend as AbiBackend, BackendKey, LogConfig, Service as AbiService, ServiceKey,
+    MAPS_DIR, MAX_TIERS, TIER_SHIFT,
+};
 
 const CLIENT_ENV: &str = "TOPOPROXY_EBPF_TEST_CLIENT";
 const PORT: u16 = 8080;
@@ -1758,5 +1764,647 @@ fn bench_cold_sync() {
         ops.len(),
         applied.as_secs_f64(),
         read_back.as_secs_f64()
+    );
+}
+
+// ---- `topoproxy list --proxy-mode ebpf`: the real binary beside the real agent ----
+
+/// This node in the [`AgentWorld`] fixtures.
+const LIST_NODE: &str = "node-a1";
+
+/// An agent process (`topoproxy run --proxy-mode ebpf` on a YAML directory) whose programs
+/// attach to an empty child cgroup and pin under a directory of their own; north-south off and a
+/// sync period of an hour, so that every sync a test sees comes from a change it made (no
+/// periodic re-read repairs anything behind its back). Dropping it kills the agent, runs
+/// `topoproxy cleanup` and removes the pin directory and the cgroup.
+struct AgentWorld {
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+    fixture: cluster::Fixture,
+    agent: cluster::Agent,
+}
+
+impl AgentWorld {
+    fn new(label: &str) -> Self {
+        require_root("cgroups, bpffs");
+        let id = unique();
+        let cgroup = cgroup2_mount()
+            .expect("cgroup2 mount")
+            .join(format!("topoproxy-{label}-{id}"));
+        std::fs::create_dir(&cgroup).expect("create the test cgroup");
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/topoproxy-{label}-{id}"));
+        let mut fixture = cluster::Fixture::new(label);
+        fixture.nodes = vec![(LIST_NODE.to_owned(), "zone-a".to_owned())];
+        let pin_arg = pin_dir.to_str().expect("UTF-8 pin dir");
+        let cgroup_arg = cgroup.to_str().expect("UTF-8 cgroup");
+        let agent = cluster::Agent::new_in_mode(
+            &fixture,
+            LIST_NODE,
+            &[
+                "--proxy-mode",
+                "ebpf",
+                "--bpf-pin-dir",
+                pin_arg,
+                "--cgroup-path",
+                cgroup_arg,
+                "--north-south-interfaces",
+                "none",
+                "--sync-period",
+                "1h",
+            ],
+            &["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", pin_arg],
+        );
+        Self {
+            pin_dir,
+            cgroup,
+            fixture,
+            agent,
+        }
+    }
+
+    /// `topoproxy list --proxy-mode ebpf --no-counters` on this world's pins.
+    fn list(&self) -> std::process::Output {
+        list_command(&self.pin_dir)
+            .output()
+            .expect("starting topoproxy list")
+    }
+
+    /// Writes the fixture, and waits until the agent reports the table of `services` ×
+    /// `backends_each` programmed (its `/metrics` after the sync's apply), without failed syncs.
+    fn apply_and_wait(&mut self, services: usize, backends_each: usize) {
+        self.fixture.write();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            assert!(
+                self.agent.running(),
+                "the agent exited:\n{}",
+                self.agent.log()
+            );
+            let servers = self.agent.metric_sum("topoproxy_virtual_servers ");
+            let backends = self.agent.metric_sum("topoproxy_backends ");
+            let failed = self
+                .agent
+                .metric_sum("topoproxy_syncs_total{result=\"failure\"}");
+            assert_eq!(
+                failed.unwrap_or(0.0),
+                0.0,
+                "a sync failed:\n{}",
+                self.agent.log()
+            );
+            if servers == Some(services as f64)
+                && backends == Some((services * backends_each) as f64)
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not program {services} services × {backends_each} backends: \
+                 {servers:?} services, {backends:?} backends"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Service entries and backend slots as the maps hold them, read in this process.
+    fn maps_dump(&self) -> MapsDump {
+        let dir = self.pin_dir.join(MAPS_DIR);
+        let open = |name: &str| {
+            aya::maps::MapData::from_pin(dir.join(name))
+                .unwrap_or_else(|e| panic!("opening the pinned map {name}: {e}"))
+        };
+        let services: aya::maps::HashMap<_, ServiceKey, AbiService> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(open(maps::SERVICES)))
+                .expect("services map");
+        let backends: aya::maps::HashMap<_, BackendKey, AbiBackend> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(open(maps::BACKENDS)))
+                .expect("backends map");
+        let log_config: aya::maps::Array<_, LogConfig> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(open(maps::LOG_CONFIG)))
+                .expect("log config map");
+        MapsDump {
+            services: services
+                .iter()
+                .map(|item| item.expect("iterating the services map"))
+                .collect(),
+            backends: backends
+                .iter()
+                .map(|item| item.expect("iterating the backends map"))
+                .collect(),
+            log_config: format!("{:?}", log_config.get(&0, 0).expect("log config")),
+        }
+    }
+
+    /// Every file and directory under the pin directory.
+    fn pins(&self) -> BTreeSet<PathBuf> {
+        pins_under(&self.pin_dir)
+    }
+
+    /// (link pin, link id, program id) of every link pinned here.
+    fn links(&self) -> Vec<(PathBuf, u32, u32)> {
+        let mut links: Vec<_> = self
+            .pins()
+            .into_iter()
+            .filter(|path| {
+                path.file_name()
+                    .is_some_and(|name| name.to_string_lossy().starts_with("link_"))
+            })
+            .map(|path| {
+                let link = aya::programs::links::PinnedLink::from_pin(&path)
+                    .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+                let info = aya::programs::links::FdLink::from(link)
+                    .info()
+                    .unwrap_or_else(|e| panic!("link info of {}: {e}", path.display()));
+                (path, info.id(), info.program_id())
+            })
+            .collect();
+        links.sort();
+        links
+    }
+}
+
+impl Drop for AgentWorld {
+    fn drop(&mut self) {
+        // The agent's own drop runs `topoproxy cleanup` too; this one also covers what a
+        // test left after killing it.
+        self.agent.stop_and_cleanup();
+        let _ = cleanup(&EbpfSettings {
+            pin_dir: self.pin_dir.clone(),
+            cgroup_path: Some(self.cgroup.clone()),
+        });
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The maps' contents that `list` must never change.
+#[derive(Debug)]
+struct MapsDump {
+    services: Vec<(ServiceKey, AbiService)>,
+    backends: Vec<(BackendKey, AbiBackend)>,
+    log_config: String,
+}
+
+impl MapsDump {
+    /// Order-independent: the kernel's iteration order is not part of the contents.
+    fn sorted(mut self) -> Self {
+        self.services.sort_by_key(|(key, _)| format!("{key:?}"));
+        self.backends
+            .sort_by_key(|(key, _)| (key.service_id, key.slot));
+        self
+    }
+
+    /// The entries only one of `self` and `after` holds, as `-`/`+` lines.
+    fn changes_to(&self, after: &Self) -> Vec<String> {
+        let lines = |dump: &Self| -> BTreeSet<String> {
+            dump.services
+                .iter()
+                .map(|entry| format!("{entry:?}"))
+                .chain(dump.backends.iter().map(|entry| format!("{entry:?}")))
+                .chain([dump.log_config.clone()])
+                .collect()
+        };
+        let (before, after) = (lines(self), lines(after));
+        before
+            .difference(&after)
+            .map(|line| format!("- {line}"))
+            .chain(after.difference(&before).map(|line| format!("+ {line}")))
+            .collect()
+    }
+
+    /// Counted slots that are empty, and filled slots no entry counts.
+    fn holes_and_strays(&self) -> (Vec<BackendKey>, Vec<BackendKey>) {
+        let filled: BTreeSet<(u32, u32)> = self
+            .backends
+            .iter()
+            .map(|(key, _)| (key.service_id, key.slot))
+            .collect();
+        let mut counted = BTreeSet::new();
+        for (_, service) in &self.services {
+            for tier in 0..MAX_TIERS {
+                for index in 0..u32::from(service.tier_counts[tier]) {
+                    counted.insert((service.id, (tier as u32) << TIER_SHIFT | index));
+                }
+            }
+        }
+        let key = |&(service_id, slot): &(u32, u32)| BackendKey { service_id, slot };
+        (
+            counted.difference(&filled).map(key).collect(),
+            filled.difference(&counted).map(key).collect(),
+        )
+    }
+}
+
+fn pins_under(dir: &Path) -> BTreeSet<PathBuf> {
+    fn walk(dir: &Path, into: &mut BTreeSet<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            into.insert(path.clone());
+            if path.is_dir() {
+                walk(&path, into);
+            }
+        }
+    }
+    let mut pins = BTreeSet::new();
+    walk(dir, &mut pins);
+    pins
+}
+
+fn list_command(pin_dir: &Path) -> Command {
+    let mut command = Command::new(cluster::agent_bin());
+    command
+        .args([
+            "list",
+            "--proxy-mode",
+            "ebpf",
+            "--no-counters",
+            "--bpf-pin-dir",
+        ])
+        .arg(pin_dir)
+        .stdin(Stdio::null());
+    command
+}
+
+/// The cgroup `sock_addr` attach types of [`PROGRAMS`] (enum bpf_attach_type).
+const SOCK_ADDR_ATTACH_TYPES: [u32; 8] = [10, 11, 14, 15, 19, 20, 29, 30];
+
+/// The ids of the programs attached directly to `cgroup` for each of our attach types
+/// (`BPF_PROG_QUERY`, without `BPF_F_QUERY_EFFECTIVE`).
+fn cgroup_program_ids(cgroup: &Path) -> Vec<(u32, Vec<u32>)> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    let dir = std::fs::File::open(cgroup)
+        .unwrap_or_else(|e| panic!("opening the cgroup {}: {e}", cgroup.display()));
+    SOCK_ADDR_ATTACH_TYPES
+        .iter()
+        .map(|&attach_type| {
+            let mut ids = [0u32; 64];
+            // struct { u32 target_fd; u32 attach_type; u32 query_flags; u32 attach_flags;
+            //          u64 prog_ids; u32 prog_cnt; ... } query;
+            let mut attr = [0u64; 8];
+            attr[0] = u64::from(dir.as_raw_fd() as u32) | u64::from(attach_type) << 32;
+            attr[2] = ids.as_mut_ptr() as u64;
+            attr[3] = ids.len() as u64;
+            // SAFETY: `attr` is a zero-padded bpf_attr prefix whose `prog_ids` points at `ids`,
+            // which holds `prog_cnt` entries and outlives the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_PROG_QUERY,
+                    attr.as_mut_ptr(),
+                    std::mem::size_of_val(&attr),
+                )
+            };
+            assert!(
+                rc >= 0,
+                "BPF_PROG_QUERY on {}: {}",
+                cgroup.display(),
+                std::io::Error::last_os_error()
+            );
+            let count = (attr[3] & 0xffff_ffff) as usize;
+            let mut attached = ids[..count.min(ids.len())].to_vec();
+            attached.sort_unstable();
+            (attach_type, attached)
+        })
+        .collect()
+}
+
+/// `count` Services with one TCP port and `backends_each` ready endpoints on this node's zone;
+/// `generation` shifts the endpoint addresses, so that a new generation replaces every backend.
+fn many_services(count: usize, backends_each: usize, generation: u8) -> Vec<cluster::Service> {
+    (0..count)
+        .map(|i| cluster::Service {
+            name: format!("svc-{i}"),
+            cluster_ip: std::net::Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250 + 1) as u8),
+            ports: vec![cluster::Port {
+                name: "http".to_owned(),
+                protocol: "TCP",
+                port: 80,
+                target_port: 8080,
+            }],
+            prefer_same_zone: false,
+            topology: None,
+            endpoints: (0..backends_each)
+                .map(|b| cluster::Endpoint {
+                    address: std::net::Ipv4Addr::new(
+                        10,
+                        200 + generation,
+                        (i / 10) as u8,
+                        (i % 10 * 25 + b + 1) as u8,
+                    ),
+                    node: LIST_NODE.to_owned(),
+                    zone: "zone-a".to_owned(),
+                    condition: cluster::Condition::Ready,
+                    hint: None,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// `topoproxy list` runs back to back in another thread until stopped (or 4,000 runs, or
+/// 5 minutes); each run's exit status and output are kept.
+struct ListLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<std::process::Output>>>,
+}
+
+impl ListLoop {
+    fn start(pin_dir: &Path) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pin_dir = pin_dir.to_owned();
+        let stopped = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(300);
+            let mut runs = Vec::new();
+            while !stopped.load(Ordering::Relaxed)
+                && runs.len() < 4_000
+                && Instant::now() < deadline
+            {
+                runs.push(
+                    list_command(&pin_dir)
+                        .output()
+                        .expect("starting topoproxy list"),
+                );
+            }
+            runs
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    fn stop(mut self) -> Vec<std::process::Output> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("the loop runs")
+            .join()
+            .expect("the list loop panicked")
+    }
+}
+
+impl Drop for ListLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn list_in_a_tight_loop_during_large_applies_leaves_the_agents_table_exact() {
+    let mut world = AgentWorld::new("list-race");
+    world.fixture.services = many_services(4, 2, 0);
+    world.agent.start_process();
+    world.apply_and_wait(4, 2);
+
+    let lists = ListLoop::start(&world.pin_dir);
+    // Large applies: 1,500 new Services of 20 backends each (slots are written long before
+    // their entries count them), then every backend replaced, then half the Services gone.
+    let rounds = [(1_500, 20, 1), (1_500, 21, 2), (750, 21, 2)];
+    for (round, &(services, backends_each, generation)) in rounds.iter().enumerate() {
+        assert!(lists.running(), "the list loop ended before round {round}");
+        world.fixture.services = many_services(services, backends_each, generation);
+        world.apply_and_wait(services, backends_each);
+        // Right after the agent's own sync, with no re-read since (sync period: 1 h): every
+        // slot its entries count is there, and nothing else.
+        let dump = world.maps_dump();
+        let (holes, strays) = dump.holes_and_strays();
+        assert!(
+            holes.is_empty(),
+            "round {round}: {} counted backend slots are empty, e.g. {:?}",
+            holes.len(),
+            &holes[..holes.len().min(5)]
+        );
+        assert!(
+            strays.is_empty(),
+            "round {round}: {} backend slots no entry counts, e.g. {:?}",
+            strays.len(),
+            &strays[..strays.len().min(5)]
+        );
+        assert_eq!(dump.services.len(), services, "round {round}");
+        assert_eq!(
+            dump.backends.len(),
+            services * backends_each,
+            "round {round}"
+        );
+    }
+    let runs = lists.stop();
+    let failed: Vec<String> = runs
+        .iter()
+        .filter(|run| !run.status.success())
+        .map(|run| String::from_utf8_lossy(&run.stderr).into_owned())
+        .collect();
+    eprintln!("{} list runs during the applies", runs.len());
+    assert!(runs.len() >= 20, "only {} list runs", runs.len());
+    assert!(
+        failed.is_empty(),
+        "{} list runs failed: {:?}",
+        failed.len(),
+        &failed[..1]
+    );
+
+    // What `list` prints is the plan, as before.
+    let listing = world.list();
+    assert!(
+        listing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&listing.stdout),
+        world.fixture.plan(LIST_NODE),
+        "list and plan differ"
+    );
+    assert_eq!(
+        world
+            .agent
+            .metric_sum("topoproxy_drift_repairs_total")
+            .unwrap_or(-1.0),
+        0.0,
+        "the agent repaired drift"
+    );
+}
+
+#[test]
+fn list_writes_no_map_and_changes_no_link_program_or_pin() {
+    let mut world = AgentWorld::new("list-ro");
+    world.fixture.services = many_services(6, 3, 0);
+    world.agent.start_process();
+    world.apply_and_wait(6, 3);
+    // The agent stopped: whatever changes from here on is `list`'s doing.
+    world.agent.kill9();
+
+    // What `list` meets on a live node and must leave alone: a backend slot written but not
+    // counted yet (an agent mid-apply, or stopped mid-change), and running programs of another
+    // version than the `list` binary's (an agent upgraded, or a `list` from another image).
+    let dir = world.pin_dir.join(MAPS_DIR);
+    let mut backends: aya::maps::HashMap<_, BackendKey, AbiBackend> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(dir.join(maps::BACKENDS)).expect("backends pin"),
+        ))
+        .expect("backends map");
+    let dump = world.maps_dump();
+    let (_, service) = dump.services[0];
+    let (some_slot, some_backend) = dump.backends[0];
+    let uncounted = BackendKey {
+        service_id: service.id,
+        slot: u32::from(service.tier_counts[0]),
+    };
+    backends
+        .insert(uncounted, some_backend, 0)
+        .expect("writing an uncounted slot");
+    assert_ne!(some_slot, uncounted);
+    for name in PROGRAMS {
+        std::fs::rename(
+            program_pin(&world.pin_dir, name),
+            world.pin_dir.join(format!("prog_{name}_v0000000000000000")),
+        )
+        .expect("renaming a program pin");
+    }
+
+    let maps_before = world.maps_dump().sorted();
+    let pins_before = world.pins();
+    let links_before = world.links();
+    let attached_before = cgroup_program_ids(&world.cgroup);
+    assert_eq!(links_before.len(), PROGRAMS.len(), "{links_before:?}");
+    let planned = world.fixture.plan(LIST_NODE);
+    for run in 0..20 {
+        let listing = world.list();
+        assert!(
+            listing.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&listing.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&listing.stdout),
+            planned,
+            "run {run}"
+        );
+    }
+    let changed = maps_before.changes_to(&world.maps_dump().sorted());
+    assert!(changed.is_empty(), "list wrote to the maps: {changed:#?}");
+    assert_eq!(world.links(), links_before, "list changed a link");
+    assert_eq!(
+        cgroup_program_ids(&world.cgroup),
+        attached_before,
+        "list changed the cgroup's programs"
+    );
+    assert_eq!(world.pins(), pins_before, "list changed the pins");
+}
+
+#[test]
+fn list_with_an_empty_pin_dir_fails_naming_it_and_creates_nothing() {
+    require_root("bpffs");
+    let id = unique();
+    let empty = PathBuf::from(format!("/sys/fs/bpf/topoproxy-list-empty-{id}"));
+    let absent = PathBuf::from(format!("/sys/fs/bpf/topoproxy-list-absent-{id}"));
+    std::fs::create_dir(&empty).expect("creating an empty pin dir");
+    struct RemoveOnDrop([PathBuf; 2]);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let _ = cleanup(&EbpfSettings {
+                    pin_dir: dir.clone(),
+                    cgroup_path: None,
+                });
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+    let _remove = RemoveOnDrop([empty.clone(), absent.clone()]);
+    let root = cgroup2_mount().expect("cgroup2 mount");
+    let attached_before = cgroup_program_ids(&root);
+
+    for dir in [&empty, &absent] {
+        let output = list_command(dir).output().expect("starting topoproxy list");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "no maps of this version are pinned in {}",
+                dir.display()
+            )),
+            "{stderr}"
+        );
+        assert!(
+            output.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    assert!(pins_under(&empty).is_empty(), "{:?}", pins_under(&empty));
+    assert!(!absent.exists(), "list created {}", absent.display());
+    assert_eq!(
+        cgroup_program_ids(&root),
+        attached_before,
+        "programs attached to the root cgroup changed"
+    );
+}
+
+#[test]
+fn resync_counters_read_the_maps_without_writing() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let desired = all_services(&[(T0A, 0), (T0B, 0), (T1A, 0)], None);
+    sync(&mut dataplane, &desired);
+    // A counted slot emptied behind the agent's back (an agent stopped mid-change leaves
+    // entries like this): repairing it is the agent's read's job, not its counters'.
+    let dir = world.settings.pin_dir.join(MAPS_DIR);
+    let mut backends: aya::maps::HashMap<_, BackendKey, AbiBackend> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(dir.join(maps::BACKENDS)).expect("backends pin"),
+        ))
+        .expect("backends map");
+    let services: aya::maps::HashMap<_, ServiceKey, AbiService> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(dir.join(maps::SERVICES)).expect("services pin"),
+        ))
+        .expect("services map");
+    let (_, service) = services
+        .iter()
+        .next()
+        .expect("a service entry")
+        .expect("reading it");
+    let last = BackendKey {
+        service_id: service.id,
+        slot: u32::from(service.tier_counts[0]) - 1,
+    };
+    backends.remove(&last).expect("emptying a counted slot");
+    let entries_before: BTreeSet<String> = services
+        .iter()
+        .map(|item| format!("{:?}", item.expect("services")))
+        .collect();
+    let writes_before = dataplane.map_writes();
+
+    let traffic = topoproxy::dataplane::Dataplane::service_counters(&mut dataplane);
+    assert_eq!(traffic.len(), desired.len());
+    let _ = dataplane.list().expect("list");
+
+    assert_eq!(
+        dataplane.map_writes(),
+        writes_before,
+        "reading counters wrote"
+    );
+    let entries_after: BTreeSet<String> = services
+        .iter()
+        .map(|item| format!("{:?}", item.expect("services")))
+        .collect();
+    assert_eq!(
+        entries_after, entries_before,
+        "a service entry was rewritten"
     );
 }

@@ -368,58 +368,11 @@ fn list(mode: KernelMode, pin_dir: PathBuf, all: bool, no_counters: bool) -> Res
             Ok(())
         }
         KernelMode::Ebpf => {
-            // Opening loads and attaches where nothing is: only open what an agent programmed.
-            if !ebpf::maps_pinned(&pin_dir) {
-                return Err(Failure::Error(anyhow::anyhow!(
-                    "no maps of this version are pinned in {}: is topoproxy (this version) running in eBPF mode (--bpf-pin-dir)?",
-                    pin_dir.display()
-                )));
-            }
-            let mut dataplane = EbpfDataplane::open(EbpfSettings {
-                pin_dir,
-                ..EbpfSettings::default()
-            })
-            .context("opening the pinned eBPF maps")?;
-            let listing = dataplane.list().context("reading the eBPF maps")?;
-            print!(
-                "{}",
-                render::ipvsadm::render_rows(ebpf_rows(&listing, no_counters))
-            );
+            let listing = ebpf::inspect::list(&pin_dir).map_err(anyhow::Error::from)?;
+            print!("{}", ebpf::render_ipvsadm(&listing, no_counters));
             Ok(())
         }
     }
-}
-
-/// The active tier of every service as `ipvsadm -Ln` rows; the connection counter is the
-/// backend's per-CPU connect count (eBPF has no notion of active or inactive connections).
-fn ebpf_rows(listing: &ebpf::Listing, zero_counters: bool) -> Vec<render::ipvsadm::ServiceRow> {
-    use render::ipvsadm::{DestinationRow, Forward, ServiceRow};
-    listing
-        .services
-        .iter()
-        .map(|service| ServiceRow {
-            key: service.key,
-            scheduler: service.config.scheduler.clone(),
-            persistence_timeout: service.config.persistence_timeout,
-            destinations: service
-                .backends
-                .iter()
-                .filter(|backend| backend.active)
-                .map(|backend| DestinationRow {
-                    address: backend.address,
-                    port: backend.port,
-                    forward: Forward::Masq,
-                    weight: i32::try_from(backend.weight).unwrap_or(i32::MAX),
-                    active_connections: if zero_counters {
-                        0
-                    } else {
-                        u32::try_from(backend.connections).unwrap_or(u32::MAX)
-                    },
-                    inactive_connections: 0,
-                })
-                .collect(),
-        })
-        .collect()
 }
 
 fn cleanup(

@@ -28,7 +28,7 @@ use std::net::IpAddr;
 
 use topoproxy_common::{self as abi, MAX_TIERS, MAX_TIER_BACKENDS, TIER_SHIFT};
 
-use super::lb_maps::LbMaps;
+use super::lb_maps::{LbMaps, LbRead};
 use super::{convert, EbpfError};
 use crate::dataplane::{
     error_chain, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
@@ -208,24 +208,27 @@ impl SlotLayout {
             .collect()
     }
 
-    /// Rebuilds the agent's copy of the table from the maps.
+    /// Rebuilds the agent's copy of the table from the maps, and rewrites the entries that
+    /// count a missing slot so that they count only what is there (the agent's own repair;
+    /// `topoproxy list` decodes with [`decode`] and writes nothing).
     pub fn reload(&mut self, maps: &mut impl LbMaps) -> Result<(), EbpfError> {
         let mut entries = BTreeMap::new();
         let mut repairs = Vec::new();
-        for (raw_key, value) in maps.services()? {
-            let Some(key) = convert::vs_key(&raw_key) else {
-                tracing::warn!(
-                    ?raw_key,
-                    "skipping a service entry with an unknown protocol"
-                );
-                continue;
-            };
-            let mut entry = Entry::new(raw_key, value.id, convert::service_config(&value));
-            entry.written = Some(value);
-            if !read_slots(maps, &key, &mut entry)? {
-                repairs.push(key);
+        for service in decode(maps)? {
+            let mut entry = Entry::new(service.raw_key, service.value.id, service.config);
+            entry.written = Some(service.value);
+            for (tier, slots) in service.tiers.into_iter().enumerate() {
+                for (index, slot) in slots.iter().enumerate() {
+                    entry
+                        .positions
+                        .insert((slot.address, slot.port), (tier as u8, index as u32));
+                }
+                entry.tiers[tier] = slots;
             }
-            entries.insert(key, entry);
+            if !service.complete {
+                repairs.push(service.key);
+            }
+            entries.insert(service.key, entry);
         }
         let in_use = entries
             .values()
@@ -595,14 +598,56 @@ impl SlotLayout {
     }
 }
 
-/// Fills `entry` with the slots its kernel entry counts. `false` when one is missing or
-/// unreadable (only an interrupted agent leaves this): the tier is shrunk to what is there.
-fn read_slots(maps: &impl LbMaps, key: &VsKey, entry: &mut Entry) -> Result<bool, EbpfError> {
-    let Some(value) = entry.written else {
-        return Ok(true);
-    };
+/// One service entry of the maps with the backends in the slots it counts.
+#[derive(Debug, Clone)]
+pub(crate) struct DecodedService {
+    pub key: VsKey,
+    pub raw_key: abi::ServiceKey,
+    pub value: abi::Service,
+    pub config: ServiceConfig,
+    /// Each tier's backends in slot order, nearest tier first. A tier stops at its first
+    /// missing or undecodable slot.
+    pub tiers: [Vec<Slot>; MAX_TIERS],
+    /// Whether every slot the entry counts was there (only an interrupted agent leaves a hole,
+    /// or a reader racing the agent's grace period).
+    pub complete: bool,
+}
+
+/// Decodes the service map and the slots each entry counts, through the read half of the
+/// seam: the agent's [`SlotLayout::reload`] and `topoproxy list` share it, and it cannot write.
+/// Entries with an unknown protocol are skipped.
+pub(crate) fn decode(maps: &impl LbRead) -> Result<Vec<DecodedService>, EbpfError> {
+    let mut decoded = Vec::new();
+    for (raw_key, value) in maps.services()? {
+        let Some(key) = convert::vs_key(&raw_key) else {
+            tracing::warn!(
+                ?raw_key,
+                "skipping a service entry with an unknown protocol"
+            );
+            continue;
+        };
+        let (tiers, complete) = decode_slots(maps, &key, &value)?;
+        decoded.push(DecodedService {
+            key,
+            raw_key,
+            config: convert::service_config(&value),
+            value,
+            tiers,
+            complete,
+        });
+    }
+    Ok(decoded)
+}
+
+/// The slots `value` counts, and whether all of them were there.
+fn decode_slots(
+    maps: &impl LbRead,
+    key: &VsKey,
+    value: &abi::Service,
+) -> Result<([Vec<Slot>; MAX_TIERS], bool), EbpfError> {
+    let mut tiers: [Vec<Slot>; MAX_TIERS] = Default::default();
     let mut complete = true;
-    for tier in 0..MAX_TIERS {
+    for (tier, slots) in tiers.iter_mut().enumerate() {
         for index in 0..usize::from(value.tier_counts[tier]) {
             let decoded = maps
                 .backend(&backend_key(value.id, tier, index))?
@@ -615,17 +660,14 @@ fn read_slots(maps: &impl LbMaps, key: &VsKey, entry: &mut Entry) -> Result<bool
                 complete = false;
                 break;
             };
-            entry
-                .positions
-                .insert((address, port), (tier as u8, index as u32));
-            entry.tiers[tier].push(Slot {
+            slots.push(Slot {
                 address,
                 port,
                 weight,
             });
         }
     }
-    Ok(complete)
+    Ok((tiers, complete))
 }
 
 fn is_counted(counted: &HashMap<u32, [u16; MAX_TIERS]>, key: &abi::BackendKey) -> bool {

@@ -1,19 +1,26 @@
 //! The seam between the slot layout and the kernel: the few map operations the layout needs,
 //! as the datapath sees them. [`super::maps::PinnedMaps`] is the kernel; the layout's tests use
 //! an in-memory fake and one that fails the n-th write (Cilium's `LBMaps` / `FaultyLBMaps`).
+//!
+//! The reads are a trait of their own, [`LbRead`], so that `topoproxy list`
+//! ([`super::inspect`]) holds maps it cannot write through.
 
 use topoproxy_common as abi;
 
 use super::EbpfError;
 
-/// The service and backend maps the programs read, plus the counters the layout drops.
-pub(crate) trait LbMaps {
+/// Reading the service and backend maps the programs read.
+pub(crate) trait LbRead {
     /// Every service entry.
     fn services(&self) -> Result<Vec<(abi::ServiceKey, abi::Service)>, EbpfError>;
     /// One backend slot; `None` when it is empty.
     fn backend(&self, key: &abi::BackendKey) -> Result<Option<abi::Backend>, EbpfError>;
     /// The keys of every filled backend slot.
     fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError>;
+}
+
+/// The service and backend maps the programs read, plus the counters the layout drops.
+pub(crate) trait LbMaps: LbRead {
     /// Creates or replaces a service entry in one write (programs see the old or the new one).
     fn put_service(&mut self, key: abi::ServiceKey, value: abi::Service) -> Result<(), EbpfError>;
     /// Removes a service entry; an absent one is not an error.

@@ -635,10 +635,22 @@ fn bpf(command: libc::c_long, attr: &mut [u64; 3]) -> io::Result<libc::c_long> {
 }
 
 fn bpf_obj_get(path: &Path) -> io::Result<OwnedFd> {
+    bpf_obj_get_with_flags(path, 0)
+}
+
+/// `BPF_F_RDONLY`: the descriptor may look up and iterate but not update or delete.
+const BPF_F_RDONLY: u32 = 1 << 3;
+
+/// Opens the pinned object at `path` through a descriptor the kernel refuses writes on.
+pub(super) fn bpf_obj_get_read_only(path: &Path) -> io::Result<OwnedFd> {
+    bpf_obj_get_with_flags(path, BPF_F_RDONLY)
+}
+
+fn bpf_obj_get_with_flags(path: &Path, file_flags: u32) -> io::Result<OwnedFd> {
     let path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
     // union bpf_attr { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; }
-    let mut attr = [path.as_ptr() as u64, 0, 0];
+    let mut attr = [path.as_ptr() as u64, u64::from(file_flags) << 32, 0];
     let fd = bpf(BPF_OBJ_GET, &mut attr)?;
     let fd = i32::try_from(fd).map_err(|_| io::Error::other("BPF_OBJ_GET returned a bad fd"))?;
     // SAFETY: the kernel just gave us this descriptor.

@@ -1,5 +1,7 @@
 //! Map I/O: the pinned maps opened by the loader, as the [`LbMaps`] seam the slot layout
-//! writes through, and the per-CPU counters read for `topoproxy list` and metrics.
+//! writes through, and the per-CPU counters read for `topoproxy list` and metrics. The reads
+//! are free functions over one map each, so that [`super::inspect`] reads the same way
+//! through maps it opens itself.
 
 use std::io;
 use std::net::IpAddr;
@@ -10,8 +12,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap};
 use topoproxy_common::{self as abi, maps, MAPS_DIR};
 
 use super::datapath_log::DatapathLog;
-use super::lb_maps::LbMaps;
-use super::list::ServiceCounters;
+use super::lb_maps::{LbMaps, LbRead};
+use super::list::{CounterRead, ServiceCounters};
 use super::{convert, EbpfError};
 use crate::kernel_writes;
 
@@ -56,29 +58,99 @@ fn ignore_missing(result: Result<(), MapError>, map: &'static str) -> Result<(),
     }
 }
 
-impl LbMaps for PinnedMaps {
+impl LbRead for PinnedMaps {
     fn services(&self) -> Result<Vec<(abi::ServiceKey, abi::Service)>, EbpfError> {
-        self.services
-            .iter()
-            .map(|item| item.map_err(map_error(maps::SERVICES, "iterate")))
-            .collect()
+        read_services(&self.services)
     }
 
     fn backend(&self, key: &abi::BackendKey) -> Result<Option<abi::Backend>, EbpfError> {
-        match self.backends.get(key, 0) {
-            Ok(backend) => Ok(Some(backend)),
-            Err(error) if is_missing(&error) => Ok(None),
-            Err(error) => Err(map_error(maps::BACKENDS, "lookup")(error)),
-        }
+        read_backend(&self.backends, key)
     }
 
     fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError> {
-        self.backends
-            .keys()
-            .map(|key| key.map_err(map_error(maps::BACKENDS, "iterate")))
-            .collect()
+        read_backend_keys(&self.backends)
+    }
+}
+
+impl CounterRead for PinnedMaps {
+    fn service_counters(&self, id: u32) -> Result<ServiceCounters, EbpfError> {
+        read_service_counters(&self.service_stats, id)
     }
 
+    fn backend_connections(&self, id: u32, address: IpAddr, port: u16) -> Result<u64, EbpfError> {
+        read_backend_connections(&self.backend_stats, id, address, port)
+    }
+}
+
+/// Every entry of the services map.
+pub(super) fn read_services(
+    map: &HashMap<MapData, abi::ServiceKey, abi::Service>,
+) -> Result<Vec<(abi::ServiceKey, abi::Service)>, EbpfError> {
+    map.iter()
+        .map(|item| item.map_err(map_error(maps::SERVICES, "iterate")))
+        .collect()
+}
+
+/// One backend slot; `None` when it is empty.
+pub(super) fn read_backend(
+    map: &HashMap<MapData, abi::BackendKey, abi::Backend>,
+    key: &abi::BackendKey,
+) -> Result<Option<abi::Backend>, EbpfError> {
+    match map.get(key, 0) {
+        Ok(backend) => Ok(Some(backend)),
+        Err(error) if is_missing(&error) => Ok(None),
+        Err(error) => Err(map_error(maps::BACKENDS, "lookup")(error)),
+    }
+}
+
+/// The keys of every filled backend slot.
+pub(super) fn read_backend_keys(
+    map: &HashMap<MapData, abi::BackendKey, abi::Backend>,
+) -> Result<Vec<abi::BackendKey>, EbpfError> {
+    map.keys()
+        .map(|key| key.map_err(map_error(maps::BACKENDS, "iterate")))
+        .collect()
+}
+
+/// One service's counters, summed over CPUs.
+pub(super) fn read_service_counters(
+    map: &PerCpuHashMap<MapData, u32, abi::ServiceStats>,
+    id: u32,
+) -> Result<ServiceCounters, EbpfError> {
+    match map.get(&id, 0) {
+        Ok(values) => {
+            Ok(values
+                .iter()
+                .fold(ServiceCounters::default(), |sum, v| ServiceCounters {
+                    translations: sum.translations + v.translations,
+                    affinity_hits: sum.affinity_hits + v.affinity_hits,
+                    no_backend: sum.no_backend + v.no_backend,
+                }))
+        }
+        Err(error) if is_missing(&error) => Ok(ServiceCounters::default()),
+        Err(error) => Err(map_error(maps::SERVICE_STATS, "lookup")(error)),
+    }
+}
+
+/// Connects sent to one backend of a service, summed over CPUs.
+pub(super) fn read_backend_connections(
+    map: &PerCpuHashMap<MapData, abi::BackendStatsKey, abi::BackendStats>,
+    id: u32,
+    address: IpAddr,
+    port: u16,
+) -> Result<u64, EbpfError> {
+    let key = abi::BackendStatsKey {
+        service_id: id,
+        backend: convert::endpoint(address, port),
+    };
+    match map.get(&key, 0) {
+        Ok(values) => Ok(values.iter().map(|v| v.connections).sum()),
+        Err(error) if is_missing(&error) => Ok(0),
+        Err(error) => Err(map_error(maps::BACKEND_STATS, "lookup")(error)),
+    }
+}
+
+impl LbMaps for PinnedMaps {
     fn put_service(&mut self, key: abi::ServiceKey, value: abi::Service) -> Result<(), EbpfError> {
         self.services
             .insert(key, value, 0)
@@ -135,41 +207,6 @@ impl PinnedMaps {
     /// Switches the programs' diagnostics; they see it at their next run.
     pub(super) fn set_datapath_log(&mut self, log: DatapathLog) -> Result<(), EbpfError> {
         write_log_config(&mut self.log_config, log)
-    }
-
-    /// One service's counters, summed over CPUs.
-    pub(super) fn service_counters(&self, id: u32) -> Result<ServiceCounters, EbpfError> {
-        match self.service_stats.get(&id, 0) {
-            Ok(values) => {
-                Ok(values
-                    .iter()
-                    .fold(ServiceCounters::default(), |sum, v| ServiceCounters {
-                        translations: sum.translations + v.translations,
-                        affinity_hits: sum.affinity_hits + v.affinity_hits,
-                        no_backend: sum.no_backend + v.no_backend,
-                    }))
-            }
-            Err(error) if is_missing(&error) => Ok(ServiceCounters::default()),
-            Err(error) => Err(map_error(maps::SERVICE_STATS, "lookup")(error)),
-        }
-    }
-
-    /// Connects sent to one backend of a service, summed over CPUs.
-    pub(super) fn backend_connections(
-        &self,
-        id: u32,
-        address: IpAddr,
-        port: u16,
-    ) -> Result<u64, EbpfError> {
-        let key = abi::BackendStatsKey {
-            service_id: id,
-            backend: convert::endpoint(address, port),
-        };
-        match self.backend_stats.get(&key, 0) {
-            Ok(values) => Ok(values.iter().map(|v| v.connections).sum()),
-            Err(error) if is_missing(&error) => Ok(0),
-            Err(error) => Err(map_error(maps::BACKEND_STATS, "lookup")(error)),
-        }
     }
 }
 

@@ -9,12 +9,14 @@
 //! - [`layout`]: where backends sit in the maps and the make-before-break write order (pure,
 //!   behind the [`lb_maps::LbMaps`] seam);
 //! - [`maps`]: the pinned maps behind that seam, and the counters;
-//! - [`list`]: what `topoproxy list` shows;
+//! - [`list`]: what `topoproxy list` shows, and [`inspect`]: reading it from the pins without
+//!   writing (the `topoproxy list` command);
 //! - [`loader`]: loading, attaching, pinning, adopting and removing the programs;
 //! - [`north_south`]: the tc programs for traffic from outside the node.
 
 mod convert;
 pub mod datapath_log;
+pub mod inspect;
 mod layout;
 mod lb_maps;
 mod list;
@@ -35,7 +37,7 @@ use topoproxy_common::MAX_TIER_BACKENDS;
 use crate::diff::Op;
 use crate::table::VsKey;
 
-pub use list::{ListedBackend, ListedService, Listing, ServiceCounters};
+pub use list::{render_ipvsadm, ListedBackend, ListedService, Listing, ServiceCounters};
 pub use loader::{
     cgroup2_mount, cleanup, maps_pinned, program_pin, programs_version, CleanupReport, LoadReport,
     PROGRAMS,
@@ -46,6 +48,7 @@ pub use maps::set_datapath_log;
 
 use datapath_log::{LogReader, ServiceIds};
 use layout::SlotLayout;
+use list::CounterRead as _;
 use loader::MapSwitch;
 use maps::PinnedMaps;
 
@@ -352,9 +355,10 @@ impl EbpfDataplane {
         Ok(self.layout.table())
     }
 
-    /// Per-service counters, summed over CPUs, for every programmed service.
-    pub fn service_counters(&mut self) -> Result<Vec<(VsKey, ServiceCounters)>, EbpfError> {
-        self.layout.reload(&mut self.maps)?;
+    /// Per-service counters, summed over CPUs, for every service the agent programmed. Reads
+    /// the counters only: the services are the agent's own copy (current after every apply
+    /// and read), so a resync's counters never rewrite an entry.
+    pub fn service_counters(&self) -> Result<Vec<(VsKey, ServiceCounters)>, EbpfError> {
         self.layout
             .entries()
             .map(|(key, entry)| Ok((*key, self.maps.service_counters(entry.id())?)))
@@ -362,9 +366,9 @@ impl EbpfDataplane {
     }
 
     /// For services under a locality policy (only those: one lookup per backend), the
-    /// connections sent to the backends now in each tier, summed over CPUs.
-    pub fn tier_connections(&mut self) -> Result<Vec<(VsKey, Vec<u64>)>, EbpfError> {
-        self.layout.reload(&mut self.maps)?;
+    /// connections sent to the backends now in each tier, summed over CPUs. Reads the
+    /// counters only, as [`Self::service_counters`].
+    pub fn tier_connections(&self) -> Result<Vec<(VsKey, Vec<u64>)>, EbpfError> {
         let mut measured = Vec::new();
         for (key, entry) in self.layout.entries() {
             if !entry.config().tier_shares.is_weighted() {
@@ -383,39 +387,10 @@ impl EbpfDataplane {
         Ok(measured)
     }
 
-    /// The table read back from the maps with per-service and per-backend counters.
-    pub fn list(&mut self) -> Result<Listing, EbpfError> {
-        self.layout.reload(&mut self.maps)?;
-        let mut services = Vec::new();
-        for (key, entry) in self.layout.entries() {
-            let counts = std::array::from_fn(|tier| entry.tiers()[tier].len());
-            let serving = entry.config().tier_shares.serving(counts);
-            let mut backends = Vec::new();
-            for (tier, slots) in entry.tiers().iter().enumerate() {
-                for slot in slots {
-                    backends.push(ListedBackend {
-                        address: slot.address,
-                        port: slot.port,
-                        weight: slot.weight,
-                        tier: tier as u8,
-                        active: serving[tier],
-                        connections: self.maps.backend_connections(
-                            entry.id(),
-                            slot.address,
-                            slot.port,
-                        )?,
-                    });
-                }
-            }
-            services.push(ListedService {
-                key: *key,
-                config: entry.config().clone(),
-                id: entry.id(),
-                counters: self.maps.service_counters(entry.id())?,
-                backends,
-            });
-        }
-        Ok(Listing { services })
+    /// The table read back from the maps with per-service and per-backend counters, as
+    /// `topoproxy list` reads it: without writing, and without touching the agent's copy.
+    pub fn list(&self) -> Result<Listing, EbpfError> {
+        list::read_listing(&self.maps)
     }
 }
 

@@ -83,7 +83,7 @@ fn counted_slots(service: &abi::Service) -> impl Iterator<Item = abi::BackendKey
     })
 }
 
-impl LbMaps for FakeMaps {
+impl LbRead for FakeMaps {
     fn services(&self) -> Result<Vec<(abi::ServiceKey, abi::Service)>, EbpfError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }
@@ -95,7 +95,9 @@ impl LbMaps for FakeMaps {
     fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError> {
         Ok(self.backends.keys().copied().collect())
     }
+}
 
+impl LbMaps for FakeMaps {
     fn put_service(&mut self, key: abi::ServiceKey, value: abi::Service) -> Result<(), EbpfError> {
         self.write("services")?;
         self.services.insert(key, value);
@@ -439,4 +441,41 @@ proptest! {
         let counted: usize = maps.services.values().map(|s| counted_slots(s).count()).sum();
         prop_assert_eq!(maps.backends.len(), counted);
     }
+}
+
+#[test]
+fn decoding_writes_nothing_and_stops_a_tier_at_a_missing_slot() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let desired = table(&[(1, &[(1, 0), (2, 0), (3, 0)]), (2, &[(4, 0)])]);
+    sync(&mut layout, &mut maps, &desired).expect("sync");
+    let id = maps.services[&convert::service_key(&vs(1))].id;
+    // Behind the layout's back, as an agent stopped mid-change can leave it.
+    maps.backends.remove(&backend_key(id, 0, 1));
+    let writes = maps.writes;
+
+    let mut decoded = decode(&maps).expect("decode");
+    decoded.sort_by_key(|service| service.key);
+
+    assert_eq!(maps.writes, writes, "decoding wrote");
+    let found: Vec<(VsKey, bool, Vec<IpAddr>)> = decoded
+        .iter()
+        .map(|service| {
+            let addresses = service.tiers[0].iter().map(|slot| slot.address).collect();
+            (service.key, service.complete, addresses)
+        })
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (vs(1), false, vec![backend_address(1)]),
+            (vs(2), true, vec![backend_address(4)]),
+        ]
+    );
+    // The agent's own read is the one that repairs.
+    assert_eq!(
+        read_back(&mut maps),
+        table(&[(1, &[(1, 0)]), (2, &[(4, 0)])])
+    );
+    assert!(maps.writes > writes, "the agent's read repaired nothing");
 }
