@@ -1488,6 +1488,21 @@ async fn topoproxy_programs_what_kube_proxy_programs() {
     if !whole.is_empty() {
         unexpected.push(format!("whole table: {}", whole.join("; ")));
     }
+    // The corpus is the agent's own event-driven work: no periodic re-read may have counted
+    // any of it as drift (a drift repair means another writer, docs/reliability.md).
+    let metrics_at: SocketAddr = "127.0.0.1:10249".parse().expect("the metrics address");
+    match side_by_side::http_get_in(&twins.tp_netns, metrics_at, "/metrics") {
+        Some(metrics) => {
+            let drift = cluster::metric_sum_in(&metrics, "topoproxy_drift_repairs_total");
+            println!("topoproxy drift repairs during the corpus: {drift}");
+            if drift != 0.0 {
+                unexpected.push(format!(
+                    "topoproxy counted {drift} drift repairs during the corpus"
+                ));
+            }
+        }
+        None => unexpected.push("topoproxy's /metrics did not answer".to_owned()),
+    }
     twins.assert_none("kube-proxy and topoproxy differ", &unexpected);
 }
 
