@@ -25,8 +25,7 @@
 //! - `demo`: the example cluster on this machine with real traffic through the eBPF dataplane
 //!   (see `demo.rs`).
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,6 +43,7 @@ mod release;
 mod testall;
 mod tools;
 mod topology;
+mod util;
 mod vm;
 mod vmbench;
 mod vmtest;
@@ -560,9 +560,9 @@ fn agent_rss(services: usize) -> Result<()> {
     );
     let expected = services + services.div_ceil(10);
     loop {
-        let synced = http_get(metrics, "/metrics")
+        let synced = util::http_get(metrics, "/metrics")
             .ok()
-            .and_then(|body| metric(&body, "topoproxy_virtual_servers"))
+            .and_then(|(_, body)| metric(&body, "topoproxy_virtual_servers"))
             .is_some_and(|value| value as usize >= expected);
         if synced {
             break;
@@ -598,20 +598,4 @@ fn agent_rss(services: usize) -> Result<()> {
 fn metric(body: &str, name: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// A minimal HTTP/1.1 GET on loopback.
-fn http_get(address: SocketAddr, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default())
 }

@@ -703,7 +703,10 @@ pub fn vm_test_timed(plan: &VmTestPlan, stages: &mut Vec<(String, f64)>) -> Resu
             }
             if boot_failed {
                 failures += 1;
-                println!("vm-test {label}: console tail:\n{}", vm::tail(&console, 40));
+                println!(
+                    "vm-test {label}: console tail:\n{}",
+                    crate::util::tail(&console, 40)
+                );
             }
             println!(
                 "vm-test {label}: boot with {} target(s) took {boot:.1} s",
@@ -951,7 +954,7 @@ pub fn vm_runner(plan: &RunnerPlan) -> Result<i32> {
                     binary.display(),
                     outcome.exit_code,
                     plan.kernel,
-                    vm::tail(&outcome.console_log, 20)
+                    crate::util::tail(&outcome.console_log, 20)
                 );
             }
             Ok(outcome.exit_code)
