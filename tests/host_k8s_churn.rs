@@ -9,6 +9,8 @@
 mod agent;
 #[path = "k8s_support/churn.rs"]
 mod churn;
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/host.rs"]
 mod host;
 

@@ -6,6 +6,8 @@
 //! request/response through the tc path against straight to the pod, and the conntrack map's
 //! memory.
 
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/north_south_world.rs"]
 #[macro_use]
 mod world;

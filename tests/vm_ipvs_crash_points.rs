@@ -7,6 +7,8 @@
 mod cluster;
 #[path = "support/crash_points.rs"]
 mod crash_points;
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/netns.rs"]
 mod netns;
 
@@ -208,13 +210,17 @@ fn every_crash_point_of_a_change_set_recovers_in_ipvs_mode() {
 
 /// Every crash point takes ~50 s on TCG (three agent starts of a debug build, a dozen tools), so
 /// CI tries every third on 6.12 and every tenth on the other kernels;
-/// `TOPOPROXY_CRASH_POINT_STRIDE=1` tries them all (docs/reliability.md has that run).
+/// `TOPOPROXY_CRASH_POINT_STRIDE=1` tries them all (docs/reliability.md has that run), and so
+/// does the extended run (`cargo xtask test --extended`) unless that variable says otherwise.
 fn stride() -> u64 {
     if let Some(stride) = std::env::var("TOPOPROXY_CRASH_POINT_STRIDE")
         .ok()
         .and_then(|s| s.parse().ok())
     {
         return stride;
+    }
+    if harness::extended() {
+        return 1;
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     if release.starts_with("6.12.") {

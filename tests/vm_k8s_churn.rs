@@ -6,10 +6,13 @@
 //! with weight 0 or not at all.
 //!
 //! The soak runs on [`SOAK_KERNEL`] only (CI time: each round takes tens of seconds under
-//! TCG); `TOPOPROXY_CHURN_ROUNDS` makes it run on every kernel, that many rounds.
+//! TCG); `TOPOPROXY_CHURN_ROUNDS` makes it run on every kernel, that many rounds, and so does
+//! the extended run (`cargo xtask test --extended`), with [`churn::EXTENDED_ROUNDS`].
 
 #[path = "k8s_support/churn.rs"]
 mod churn;
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "k8s_support/world.rs"]
 mod world;
 
@@ -40,7 +43,7 @@ const CI_ROUNDS: usize = 3;
 
 /// Rounds to run on this kernel; none when the soak is not for it.
 fn rounds_here() -> usize {
-    if std::env::var_os("TOPOPROXY_CHURN_ROUNDS").is_some() {
+    if std::env::var_os("TOPOPROXY_CHURN_ROUNDS").is_some() || harness::extended() {
         return churn::rounds();
     }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -93,6 +96,8 @@ impl Fabric for VmFabric {
 fn churn_client_process() {
     if let Ok(settings) = std::env::var(churn::CLIENT_ENV) {
         churn::client_loop(Path::new(&settings));
+    } else {
+        harness::helper("churn_client_process");
     }
 }
 
@@ -166,7 +171,10 @@ async fn soak(client: Client, rounds: usize) -> churn::Report {
 async fn rolling_updates_scaling_and_zone_moves_lose_no_request_in_ipvs_mode() {
     let rounds = rounds_here();
     if rounds == 0 {
-        eprintln!("churn soak: not on this kernel (it runs on {SOAK_KERNEL}*)");
+        harness::skip(
+            "rolling_updates_scaling_and_zone_moves_lose_no_request_in_ipvs_mode",
+            &format!("the soak runs on {SOAK_KERNEL}* only in the gate"),
+        );
         return;
     }
     let client = k8s_harness::client_for(&k8s_dir().join("admin.kubeconfig")).await;

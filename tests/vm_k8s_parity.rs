@@ -16,6 +16,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "k8s_support/ipvs_table.rs"]
 mod ipvs_table;
 #[path = "k8s_support/side_by_side.rs"]
@@ -73,8 +75,9 @@ const NO_LOCAL_FALLBACK: &str = "kube-proxy's IPVS mode programs the cluster end
 /// in this world (docs/parity.md). Kept so a new one is named here, not silently ignored.
 const KUBE_PROXY_EXTRAS: &[&str] = &[];
 
-/// The kernel that runs the whole corpus; the others run [`SMOKE`] (CI time: the corpus takes
-/// minutes under TCG, and the tables do not depend on the kernel but for the IPVS code itself).
+/// The kernel that runs the whole corpus in the gate; the others run [`SMOKE`] there (CI time:
+/// the corpus takes minutes under TCG, and the tables do not depend on the kernel but for the
+/// IPVS code itself). The extended run (`cargo xtask test --extended`) runs it on every kernel.
 const FULL_CORPUS_KERNEL: &str = "6.12.";
 
 /// One scenario of each kind, for the other kernels.
@@ -94,6 +97,9 @@ const SMOKE: &[&str] = &[
 
 /// The scenarios to run on this kernel: `None` for the whole corpus.
 fn smoke_only() -> Option<&'static [&'static str]> {
+    if harness::extended() {
+        return None;
+    }
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     (!release.starts_with(FULL_CORPUS_KERNEL)).then_some(SMOKE)
 }
@@ -1727,7 +1733,10 @@ const KUBE_PROXY_SYNCED_IPV4: &str =
 #[ignore = "needs the VM and a control plane on the host: cargo xtask vm-bench --vs-kube-proxy"]
 async fn side_by_side() {
     let Ok(sizes) = std::env::var(SIDE_BY_SIDE_ENV) else {
-        println!("{SIDE_BY_SIDE_ENV} unset: the bench runs only from cargo xtask vm-bench --vs-kube-proxy");
+        harness::skip(
+            "side_by_side",
+            &format!("{SIDE_BY_SIDE_ENV} unset: the bench runs only from cargo xtask vm-bench --vs-kube-proxy"),
+        );
         return;
     };
     let sizes: Vec<usize> = sizes

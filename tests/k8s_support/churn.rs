@@ -57,6 +57,9 @@ pub const CLIENT_ARGS: [&str; 5] = [
 ];
 /// Rounds of churn; `TOPOPROXY_CHURN_ROUNDS` sets more (a longer soak).
 pub const DEFAULT_ROUNDS: usize = 10;
+/// Rounds of the extended run (`cargo xtask test --extended`) without
+/// `TOPOPROXY_CHURN_ROUNDS`: the host soak docs/reliability.md reports ran 40.
+pub const EXTENDED_ROUNDS: usize = 40;
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the one clock every process of the test shares.
 pub fn monotonic_ns() -> u64 {
@@ -74,7 +77,11 @@ pub fn rounds() -> usize {
     std::env::var("TOPOPROXY_CHURN_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_ROUNDS)
+        .unwrap_or(if crate::harness::extended() {
+            EXTENDED_ROUNDS
+        } else {
+            DEFAULT_ROUNDS
+        })
 }
 
 /// Where pods live, where the client loop runs, and what the kernel holds.

@@ -19,6 +19,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, ensure, Context as _, Result};
 
+use crate::util::{output, run};
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const APT_PACKAGES: [&str; 5] = [
@@ -173,21 +175,4 @@ fn llvm_packages() -> Result<()> {
     run(apt_get()
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing))
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}", out.status);
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _, Result};
 
+use crate::util::tail;
+
 /// The cargo-fuzz release the project uses.
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
@@ -208,11 +210,6 @@ fn count_files(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| entries.flatten().count() as u64)
         .unwrap_or(0)
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]

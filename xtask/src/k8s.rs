@@ -19,7 +19,8 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context as _, Result};
 
-use crate::vm::{apt_get, dpkg_installed, dpkg_version, output, run};
+use crate::util::{output, run};
+use crate::vm::{apt_get, dpkg_installed, dpkg_version};
 
 /// The Kubernetes commands built from the module, in build order (cheapest first, so a failure
 /// in the long kube-apiserver build comes after the others are cached).

@@ -9,8 +9,8 @@
 //! - `vm-run`: boots one kernel with a prepared share and runs its `run.sh`.
 //! - `vm-runner`: a cargo target runner running one binary in the VM (see `vmtest.rs`).
 //! - `vm-bench`: the agent's IPVS sync against `ipvsadm -R` in the VM (see `vmbench.rs`).
-//! - `test`: the README's test command: set-up, `cargo test --workspace`, every VM test (see
-//!   `testall.rs`).
+//! - `test`: the README's test command: set-up, `cargo test --workspace`, fuzzing, every VM
+//!   test; `--extended` adds what is too long for CI (see `testall.rs`).
 //! - `ebpf-setup`: installs the eBPF toolchain (rust-src, LLVM 22, bpf-linker; see `ebpf.rs`).
 //! - `k8s-setup`: builds and installs the real Kubernetes components the tests run against
 //!   (kube-apiserver, kube-controller-manager, kube-proxy, kubectl, etcd, haproxy, kustomize,
@@ -25,8 +25,7 @@
 //! - `demo`: the example cluster on this machine with real traffic through the eBPF dataplane
 //!   (see `demo.rs`).
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,6 +43,7 @@ mod release;
 mod testall;
 mod tools;
 mod topology;
+mod util;
 mod vm;
 mod vmbench;
 mod vmtest;
@@ -77,14 +77,22 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         nodes: usize,
     },
-    /// Installs what the tests need (root, apt) and runs them all: cargo test, then the VM
-    /// tests on every kernel.
+    /// Installs what the tests need (root, apt) and runs them all: cargo test, fuzzing, then
+    /// the VM tests on every kernel; prints each stage's wall time at the end.
     Test {
         /// Wall-clock limit per VM boot, in seconds: a guard against a hung guest. The two
         /// kernels boot at once; one after the other, a boot took 805–814 s on the 2-core CI
-        /// machine (TCG) and later more than 1,190 s, when 1,200 s was the limit.
-        #[arg(long, default_value_t = 2700)]
-        vm_timeout: u64,
+        /// machine (TCG) and later more than 1,190 s, when 1,200 s was the limit. Default:
+        /// 2,700 s, and 10,800 s with --extended (every crash point and 40 churn rounds per
+        /// kernel on top of the gate's boot).
+        #[arg(long)]
+        vm_timeout: Option<u64>,
+        /// Also what is too long for CI, run by hand before a release: the whole kube-proxy
+        /// parity corpus on both kernels, every crash point, 40-round churn soaks, 300 s per
+        /// fuzz target and the side-by-side benchmark against kube-proxy
+        /// (TOPOPROXY_EXTENDED=1 for the tests).
+        #[arg(long)]
+        extended: bool,
     },
     /// Installs QEMU, busybox-static, ipvsadm (root, apt) and prepares the VM kernels.
     VmSetup,
@@ -256,7 +264,16 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Test { vm_timeout } => testall::test_all(Duration::from_secs(vm_timeout)),
+        Task::Test {
+            vm_timeout,
+            extended,
+        } => {
+            let default_timeout = if extended { 10_800 } else { 2_700 };
+            testall::test_all(&testall::TestOptions {
+                vm_timeout: Duration::from_secs(vm_timeout.unwrap_or(default_timeout)),
+                extended,
+            })
+        }
         Task::VmSetup => vm::vm_setup(),
         Task::Fuzz {
             seconds,
@@ -543,9 +560,9 @@ fn agent_rss(services: usize) -> Result<()> {
     );
     let expected = services + services.div_ceil(10);
     loop {
-        let synced = http_get(metrics, "/metrics")
+        let synced = util::http_get(metrics, "/metrics")
             .ok()
-            .and_then(|body| metric(&body, "topoproxy_virtual_servers"))
+            .and_then(|(_, body)| metric(&body, "topoproxy_virtual_servers"))
             .is_some_and(|value| value as usize >= expected);
         if synced {
             break;
@@ -581,20 +598,4 @@ fn agent_rss(services: usize) -> Result<()> {
 fn metric(body: &str, name: &str) -> Option<f64> {
     body.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// A minimal HTTP/1.1 GET on loopback.
-fn http_get(address: SocketAddr, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default())
 }

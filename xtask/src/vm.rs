@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 
+use crate::util::{output, run, tail};
+
 /// The kernels the harness knows, by the label used on the command line.
 pub const KERNELS: [&str; 2] = ["6.1", "6.12"];
 
@@ -170,23 +172,6 @@ fn target_dir() -> PathBuf {
 /// `<target dir>/vm`: kernels, initramfs images and shares.
 pub fn vm_dir() -> PathBuf {
     target_dir().join("vm")
-}
-
-pub(crate) fn run(cmd: &mut Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
-    ensure!(status.success(), "{shown} failed: {status}");
-    Ok(())
-}
-
-pub(crate) fn output(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("starting {shown}"))?;
-    ensure!(out.status.success(), "{shown} failed: {}", out.status);
-    String::from_utf8(out.stdout).with_context(|| format!("{shown} printed non-UTF-8"))
 }
 
 pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
@@ -1240,12 +1225,6 @@ pub fn write_run_script(share: &Path, body: &str) -> Result<()> {
         "#!/bin/sh\nset -e\nexport LD_LIBRARY_PATH=/host/lib\nexport PATH=/usr/sbin:/usr/bin:/sbin:/bin\n{body}\n"
     );
     std::fs::write(share.join("run.sh"), script).context("writing run.sh into the share")
-}
-
-/// The last `lines` lines of a log.
-pub fn tail(log: &str, lines: usize) -> String {
-    let all: Vec<&str> = log.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// How a VM is booted beyond kernel, share and timeout.

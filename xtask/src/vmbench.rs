@@ -492,7 +492,7 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
             let log = read(n, "agent.log").unwrap_or_default();
             println!(
                 "vm-bench {label} services={n} agent: FAILED ({why}); log tail:\n{}",
-                vm::tail(&log, 10)
+                crate::util::tail(&log, 10)
             );
             continue;
         }

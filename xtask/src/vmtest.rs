@@ -12,8 +12,15 @@
 //!    runs as `BIN --ignored --test-threads=1 ARGS...` with
 //!    `TOPOPROXY_BIN=/host/bin/topoproxy`, the workspace mounted read-only at its host path
 //!    and the current directory at the package root, as under `cargo test`;
-//! 4. prints PASS/FAIL per kernel and target with its duration and output, the console tail
-//!    on failure, and exits non-zero if anything failed.
+//! 4. prints PASS, SKIP or FAIL per kernel and target with its duration and output, the
+//!    console tail on failure, a summary per kernel (passed, skipped and failed targets, each
+//!    skipped test with its reason), and exits non-zero if anything failed.
+//!
+//! SKIP: a test that returns without running its checks prints `SKIP: <test>: <reason>`, and
+//! a helper process's entry point run directly prints `HELPER: <name>`
+//! (`tests/support/harness.rs`). A target that exited 0 is SKIP when every test but the
+//! helpers skipped, `PASS (n skipped)` when some did; a failed target is FAIL whatever it
+//! printed.
 //!
 //! Time limits: `--timeout` bounds one boot. Inside the guest each target gets what is left
 //! of it (busybox `timeout -s KILL`), so a hung test is killed with its partial output kept
@@ -33,7 +40,7 @@
 //! runner stages `topoproxy` too when cargo built it next to the test (integration tests
 //! always build it) and forwards `RUST_*`, `TOPOPROXY_*` and `CARGO_*` variables.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
@@ -597,8 +604,14 @@ fn boot_kernels(
 
 /// Runs `vm-test`: the smoke test, then every selected `vm_*` target, per kernel.
 pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
+    vm_test_timed(plan, &mut Vec::new())
+}
+
+/// [`vm_test`], adding the wall time of each of its stages (the smoke boots, the build, each
+/// kernel's boot) to `stages`, also when a stage fails.
+pub fn vm_test_timed(plan: &VmTestPlan, stages: &mut Vec<(String, f64)>) -> Result<()> {
     vm::require_tool(vm::QEMU)?;
-    let mut summary: Vec<(String, String, String, f64)> = Vec::new();
+    let mut summary: Vec<SummaryRow> = Vec::new();
     let mut failures = 0usize;
     let mut kernels_ok = Vec::new();
     for label in &plan.kernels {
@@ -607,7 +620,12 @@ pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
             Ok(kernel) => kernel,
             Err(e) => {
                 println!("vm-test {label}: FAIL (preparing the kernel): {e:#}");
-                summary.push((label.clone(), "prepare".into(), "FAIL".into(), 0.0));
+                summary.push(SummaryRow::new(
+                    label,
+                    "prepare",
+                    Status::fail("prepare"),
+                    0.0,
+                ));
                 failures += 1;
                 continue;
             }
@@ -615,13 +633,14 @@ pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
         let started = Instant::now();
         let result = vm::smoke_test(label, plan.timeout);
         let seconds = started.elapsed().as_secs_f64();
+        stages.push((format!("VM smoke boot {label}"), seconds));
         match result {
             Ok(()) => {
                 println!(
                     "vm-test {label} ({}): PASS smoke (boot+test {seconds:.1} s)",
                     kernel.release
                 );
-                summary.push((label.clone(), "smoke".into(), "PASS".into(), seconds));
+                summary.push(SummaryRow::new(label, "smoke", Status::pass(), seconds));
                 kernels_ok.push(label.clone());
             }
             Err(e) => {
@@ -629,7 +648,12 @@ pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
                     "vm-test {label} ({}): FAIL smoke after {seconds:.1} s: {e:#}",
                     kernel.release
                 );
-                summary.push((label.clone(), "smoke".into(), "FAIL".into(), seconds));
+                summary.push(SummaryRow::new(
+                    label,
+                    "smoke",
+                    Status::fail("smoke"),
+                    seconds,
+                ));
                 failures += 1;
             }
         }
@@ -651,18 +675,18 @@ pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
     };
     if !selected.is_empty() && !kernels_ok.is_empty() {
         println!("vm-test: building {}", selected.join(", "));
-        let (built, built_agent) = build(&selected)?;
+        let started = Instant::now();
+        let built = build(&selected);
+        stages.push(("VM test build".to_owned(), started.elapsed().as_secs_f64()));
+        let (built, built_agent) = built?;
         let agent = plan.agent.clone().unwrap_or(built_agent);
         for (label, boot) in boot_kernels(&kernels_ok, &built, &agent, &package_dir, plan) {
             let (results, console, boot) = boot?;
+            stages.push((format!("VM boot {label} ({} targets)", results.len()), boot));
             let mut boot_failed = false;
             for result in &results {
-                let status = match result.verdict {
-                    Verdict::Pass => "PASS".to_owned(),
-                    Verdict::Fail(code) => format!("FAIL (exit {code})"),
-                    Verdict::TimedOut => "FAIL (timed out)".to_owned(),
-                    Verdict::NotRun => "FAIL (not run)".to_owned(),
-                };
+                let lines = parse_test_lines(&result.output);
+                let status = Status::of(&result.verdict, &lines);
                 println!(
                     "vm-test {label}: {status} {} ({:.1} s)",
                     result.target, result.seconds
@@ -672,18 +696,17 @@ pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
                         println!("    {line}");
                     }
                 }
-                let passed = matches!(result.verdict, Verdict::Pass);
-                boot_failed |= !passed;
-                summary.push((
-                    label.clone(),
-                    result.target.clone(),
-                    if passed { "PASS" } else { "FAIL" }.to_owned(),
-                    result.seconds,
-                ));
+                boot_failed |= matches!(status, Status::Fail(_));
+                let mut row = SummaryRow::new(&label, &result.target, status, result.seconds);
+                row.skipped = lines.skipped.into_iter().collect();
+                summary.push(row);
             }
             if boot_failed {
                 failures += 1;
-                println!("vm-test {label}: console tail:\n{}", vm::tail(&console, 40));
+                println!(
+                    "vm-test {label}: console tail:\n{}",
+                    crate::util::tail(&console, 40)
+                );
             }
             println!(
                 "vm-test {label}: boot with {} target(s) took {boot:.1} s",
@@ -691,14 +714,173 @@ pub fn vm_test(plan: &VmTestPlan) -> Result<()> {
             );
         }
     }
-    println!("vm-test summary:");
-    for (kernel, name, status, seconds) in &summary {
-        println!("  {kernel:<5} {name:<24} {status:<4} {seconds:>7.1} s");
-    }
+    print!("{}", render_summary(&summary));
     if failures > 0 {
         bail!("vm-test: {failures} failure(s)");
     }
     Ok(())
+}
+
+/// What a test target's output says about its tests: libtest's counts, and the lines of the
+/// convention in `tests/support/harness.rs`.
+#[derive(Debug, Default, PartialEq)]
+struct TestLines {
+    /// Tests libtest ran (passed or failed), helper entry points included.
+    ran: usize,
+    /// Helper-process entry points run directly (`HELPER: <name>`): not tests.
+    helpers: BTreeSet<String>,
+    /// Tests that did not run their checks (`SKIP: <test>: <reason>`), with the reason.
+    skipped: BTreeMap<String, String>,
+}
+
+/// The text after `tag` when `line` is one of the convention's lines. With `--test-threads=1`
+/// libtest writes `test NAME ... ` before the test runs and the result after it, so the line
+/// a test writes can follow that prefix.
+fn tagged<'a>(line: &'a str, tag: &str) -> Option<&'a str> {
+    if let Some(rest) = line.strip_prefix(tag) {
+        return Some(rest);
+    }
+    let (head, rest) = line.split_once(" ... ")?;
+    head.starts_with("test ").then_some(())?;
+    rest.strip_prefix(tag)
+}
+
+/// Reads a target's output: every `test result:` line, `SKIP:` and `HELPER:` line.
+fn parse_test_lines(output: &str) -> TestLines {
+    let mut lines = TestLines::default();
+    for line in output.lines() {
+        let line = line.trim_end();
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            // `ok. 3 passed; 0 failed; 2 ignored; 0 measured; 5 filtered out; finished in 1s`
+            for part in counts.split(';') {
+                let words: Vec<&str> = part.split_whitespace().collect();
+                if let [.., number, "passed" | "failed"] = words.as_slice() {
+                    lines.ran += number.parse::<usize>().unwrap_or(0);
+                }
+            }
+        } else if let Some(rest) = tagged(line, "SKIP: ") {
+            let (test, reason) = rest.split_once(": ").unwrap_or((rest, ""));
+            lines
+                .skipped
+                .insert(test.trim().to_owned(), reason.trim().to_owned());
+        } else if let Some(name) = tagged(line, "HELPER: ") {
+            lines.helpers.insert(name.trim().to_owned());
+        }
+    }
+    lines
+}
+
+/// A target's status in the report.
+#[derive(Debug, Clone, PartialEq)]
+enum Status {
+    /// Its tests passed; this many of them skipped their checks.
+    Pass { skipped: usize },
+    /// It exited 0, but every test skipped its checks.
+    Skip,
+    /// It failed, timed out or did not run (why); a skipped test never hides this.
+    Fail(String),
+}
+
+impl Status {
+    fn pass() -> Self {
+        Self::Pass { skipped: 0 }
+    }
+
+    fn fail(why: &str) -> Self {
+        Self::Fail(why.to_owned())
+    }
+
+    /// The status of a target that ended with `verdict` and printed `lines`.
+    fn of(verdict: &Verdict, lines: &TestLines) -> Self {
+        match verdict {
+            Verdict::Pass => {
+                let tests = lines.ran.saturating_sub(lines.helpers.len());
+                let skipped = lines.skipped.len();
+                if skipped > 0 && skipped >= tests {
+                    Self::Skip
+                } else {
+                    Self::Pass { skipped }
+                }
+            }
+            Verdict::Fail(code) => Self::Fail(format!("exit {code}")),
+            Verdict::TimedOut => Self::fail("timed out"),
+            Verdict::NotRun => Self::fail("not run"),
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pass { skipped: 0 } => f.write_str("PASS"),
+            Self::Pass { skipped } => write!(f, "PASS ({skipped} skipped)"),
+            Self::Skip => f.write_str("SKIP"),
+            Self::Fail(why) => write!(f, "FAIL ({why})"),
+        }
+    }
+}
+
+/// One line of the final summary: a kernel's smoke test or test target.
+#[derive(Debug, Clone)]
+struct SummaryRow {
+    kernel: String,
+    name: String,
+    status: Status,
+    seconds: f64,
+    /// `(test, reason)` of the target's skipped tests.
+    skipped: Vec<(String, String)>,
+}
+
+impl SummaryRow {
+    fn new(kernel: &str, name: &str, status: Status, seconds: f64) -> Self {
+        Self {
+            kernel: kernel.to_owned(),
+            name: name.to_owned(),
+            status,
+            seconds,
+            skipped: Vec::new(),
+        }
+    }
+}
+
+/// The summary `vm-test` ends with: every row, then per kernel the passed, skipped and failed
+/// targets and each skipped test with its reason.
+fn render_summary(rows: &[SummaryRow]) -> String {
+    let mut out = String::from("vm-test summary:\n");
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "  {:<5} {:<24} {:<18} {:>7.1} s",
+            row.kernel,
+            row.name,
+            row.status.to_string(),
+            row.seconds
+        );
+    }
+    let mut kernels: Vec<&str> = Vec::new();
+    for row in rows {
+        if !kernels.contains(&row.kernel.as_str()) {
+            kernels.push(&row.kernel);
+        }
+    }
+    for kernel in kernels {
+        let of_kernel: Vec<&SummaryRow> = rows.iter().filter(|r| r.kernel == kernel).collect();
+        let count =
+            |wanted: fn(&Status) -> bool| of_kernel.iter().filter(|r| wanted(&r.status)).count();
+        let _ = writeln!(
+            out,
+            "  {kernel}: {} passed, {} skipped, {} failed",
+            count(|s| matches!(s, Status::Pass { .. })),
+            count(|s| matches!(s, Status::Skip)),
+            count(|s| matches!(s, Status::Fail(_)))
+        );
+        for row in &of_kernel {
+            for (test, reason) in &row.skipped {
+                let _ = writeln!(out, "    skipped {}::{test}: {reason}", row.name);
+            }
+        }
+    }
+    out
 }
 
 /// What `vm-runner` runs.
@@ -772,7 +954,7 @@ pub fn vm_runner(plan: &RunnerPlan) -> Result<i32> {
                     binary.display(),
                     outcome.exit_code,
                     plan.kernel,
-                    vm::tail(&outcome.console_log, 20)
+                    crate::util::tail(&outcome.console_log, 20)
                 );
             }
             Ok(outcome.exit_code)
@@ -781,5 +963,127 @@ pub fn vm_runner(plan: &RunnerPlan) -> Result<i32> {
             eprintln!("vm-runner: {e:#}");
             Ok(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A passing target's output as the guest's log holds it (`--test-threads=1`): libtest's
+    /// `test NAME ... ` comes before the test runs, so a test's `SKIP:` line follows it.
+    const TWO_OF_THREE_SKIPPED: &str = "\
+running 3 tests
+test a_check ... SKIP: a_check: kernel 6.12.57: tcx, covered by host_north_south
+ok
+test b_check ... ok
+test c_check ... SKIP: c_check: kernel 6.12.57: tcx, covered by host_north_south
+ok
+
+test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 2 filtered out; finished in 0.01s
+";
+
+    #[test]
+    fn skip_lines_are_read_after_libtests_prefix_and_at_a_line_start() {
+        let lines = parse_test_lines(TWO_OF_THREE_SKIPPED);
+        assert_eq!(lines.ran, 3);
+        assert_eq!(
+            lines.skipped.keys().collect::<Vec<_>>(),
+            ["a_check", "c_check"]
+        );
+        assert_eq!(
+            lines.skipped["a_check"],
+            "kernel 6.12.57: tcx, covered by host_north_south"
+        );
+        let alone = parse_test_lines("SKIP: soak: not on this kernel\n");
+        assert_eq!(alone.skipped["soak"], "not on this kernel");
+    }
+
+    #[test]
+    fn some_skipped_is_a_pass_that_says_how_many() {
+        let status = Status::of(&Verdict::Pass, &parse_test_lines(TWO_OF_THREE_SKIPPED));
+        assert_eq!(status, Status::Pass { skipped: 2 });
+        assert_eq!(status.to_string(), "PASS (2 skipped)");
+        let plain = Status::of(
+            &Verdict::Pass,
+            &parse_test_lines("test result: ok. 1 passed; 0 failed;"),
+        );
+        assert_eq!(plain.to_string(), "PASS");
+    }
+
+    #[test]
+    fn every_test_skipped_is_skip_and_helpers_do_not_count() {
+        let output = "\
+running 2 tests
+test churn_client_process ... HELPER: churn_client_process
+ok
+test soak ... SKIP: soak: the soak runs on 6.1.* only in the gate
+ok
+
+test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s
+";
+        let lines = parse_test_lines(output);
+        assert_eq!(lines.helpers.len(), 1);
+        let status = Status::of(&Verdict::Pass, &lines);
+        assert_eq!(status, Status::Skip);
+        assert_eq!(status.to_string(), "SKIP");
+    }
+
+    #[test]
+    fn a_failure_wins_over_skipped_tests() {
+        let output = "\
+running 2 tests
+test a ... SKIP: a: no tcx
+ok
+test b ... FAILED
+
+test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out
+";
+        let lines = parse_test_lines(output);
+        assert_eq!(lines.ran, 2);
+        assert_eq!(
+            Status::of(&Verdict::Fail(101), &lines).to_string(),
+            "FAIL (exit 101)"
+        );
+        let all_skipped = parse_test_lines("SKIP: a: no tcx\n");
+        for verdict in [Verdict::TimedOut, Verdict::NotRun, Verdict::Fail(137)] {
+            assert!(matches!(
+                Status::of(&verdict, &all_skipped),
+                Status::Fail(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn a_test_printing_the_word_elsewhere_is_no_skip() {
+        let output =
+            "test a ... ok\nnote: SKIP: this is not at a line start\ntest b stays SKIP: no\n";
+        assert!(parse_test_lines(output).skipped.is_empty());
+    }
+
+    #[test]
+    fn the_summary_counts_targets_per_kernel_and_lists_the_skipped_tests() {
+        let mut skipped = SummaryRow::new("6.12", "vm_k8s_churn", Status::Skip, 0.1);
+        skipped.skipped = vec![("soak".to_owned(), "gate runs it on 6.1".to_owned())];
+        let rows = [
+            SummaryRow::new("6.1", "smoke", Status::pass(), 9.0),
+            SummaryRow::new("6.1", "vm_ipvs_link", Status::fail("exit 101"), 20.0),
+            SummaryRow::new("6.12", "smoke", Status::pass(), 8.0),
+            skipped,
+        ];
+        let text = render_summary(&rows);
+        assert!(
+            text.contains("  6.1: 1 passed, 0 skipped, 1 failed\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  6.12: 1 passed, 1 skipped, 0 failed\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("    skipped vm_k8s_churn::soak: gate runs it on 6.1\n"),
+            "{text}"
+        );
+        assert!(text.contains("FAIL (exit 101)"), "{text}");
     }
 }

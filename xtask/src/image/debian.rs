@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context as _, Result};
+
+use crate::util::run;
 use object::elf::{FileHeader64, DT_NEEDED, PT_INTERP};
 use object::read::elf::{Dyn as _, FileHeader as _, ProgramHeader as _};
 use object::Endianness;
@@ -375,12 +377,6 @@ pub fn files_by_package(files: &[ImageFile]) -> BTreeMap<&str, Vec<&Path>> {
             .push(file.image_path.as_path());
     }
     by_package
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(status.success(), "{cmd:?} failed: {status}");
-    Ok(())
 }
 
 #[cfg(test)]

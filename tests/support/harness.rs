@@ -1,0 +1,36 @@
+//! What a test and the harness running it say to each other: whether this run is the gate or
+//! the extended run (`cargo xtask test --extended` sets [`EXTENDED_ENV`], and `vm-test` forwards
+//! it into the guests), and the lines by which a test says that it did not run its checks.
+//! Include with `#[path = "support/harness.rs"] mod harness;` at the test target's root.
+
+#![allow(dead_code)]
+
+use std::io::Write as _;
+
+/// Set to `1` by `cargo xtask test --extended`: the runs too long for CI (the whole parity
+/// corpus on every kernel, every crash point, longer churn soaks).
+pub const EXTENDED_ENV: &str = "TOPOPROXY_EXTENDED";
+
+/// Whether this is the extended run rather than the gate.
+pub fn extended() -> bool {
+    std::env::var(EXTENDED_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Prints `SKIP: <test>: <reason>`: `test` returns without running its checks. The VM harness
+/// reports a target whose tests all print it as SKIP, not PASS. Written to the process's
+/// standard output directly: libtest captures only `print!`, and drops what a passing test
+/// printed.
+pub fn skip(test: &str, reason: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "SKIP: {test}: {reason}");
+    let _ = out.flush();
+}
+
+/// Prints `HELPER: <name>`: `name` is the entry point of a helper process that another test
+/// starts, run here directly (every ignored test runs under `--ignored`), so it did nothing.
+/// The VM harness does not count it as a test.
+pub fn helper(name: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "HELPER: {name}");
+    let _ = out.flush();
+}
