@@ -511,7 +511,7 @@ fn firewall_of(
 ) -> BTreeMap<VsKey, SourceRanges> {
     let mut ranges = BTreeMap::new();
     for ((key, (frontend, _)), byte) in services.iter().zip(seed.iter().cycle()) {
-        if *frontend != Frontend::LoadBalancer || byte % 3 == 0 {
+        if *frontend != Frontend::LoadBalancer || byte.is_multiple_of(3) {
             continue;
         }
         let nets: Vec<ipnetwork::IpNetwork> = (0..1 + byte % 4)
@@ -535,7 +535,7 @@ fn firewall_of(
             })
             .collect();
         let mut planned = SourceRanges::for_frontend(&nets, key.family, None);
-        planned.from_node = byte % 2 == 1;
+        planned.from_node = !byte.is_multiple_of(2);
         if !planned.is_open() {
             ranges.insert(*key, planned);
         }

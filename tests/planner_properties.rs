@@ -615,6 +615,7 @@ fn build_service(index: usize, raw: &RawService) -> Service {
         cluster_ips,
         external_ips,
         load_balancer_ips,
+        load_balancer_source_ranges: Vec::new(),
         ports,
         session_affinity_timeout: raw.affinity,
         internal_traffic_local: raw.internal_local,

@@ -307,6 +307,7 @@ fn node(spec: &(&str, &str, &str), index: usize) -> Node {
         region: Some(spec.2.to_owned()),
         addresses: vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1 + index as u8))],
         leaving: None,
+        local_addresses: None,
     }
 }
 
@@ -361,6 +362,7 @@ fn store(scenario: &Scenario, policy: LocalityPolicy) -> Store {
         cluster_ips: vec![IpAddr::V4(VIP)],
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
+        load_balancer_source_ranges: Vec::new(),
         ports: vec![ServicePort {
             name: "dns".to_owned(),
             protocol: Protocol::Udp,

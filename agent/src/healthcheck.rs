@@ -96,9 +96,18 @@ pub fn reply(service: &ServiceKey, local_endpoints: usize, proxy_healthy: bool) 
 
 type Counts = Arc<RwLock<HashMap<ServiceKey, usize>>>;
 
+/// One Service's servers: one per address listened on.
 struct Running {
     port: u16,
-    stop: oneshot::Sender<()>,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+impl Running {
+    fn stop(self) {
+        for stop in self.stops {
+            let _ = stop.send(());
+        }
+    }
 }
 
 /// The open health-check servers, kept in step with [`desired`] by the sync loop.
@@ -106,6 +115,9 @@ pub struct HealthCheckServers {
     state: Arc<AgentState>,
     counts: Counts,
     running: BTreeMap<ServiceKey, Running>,
+    /// Where the servers listen: `None` on every address, else on each of these (kube-proxy
+    /// with `--nodeport-addresses`).
+    addresses: Option<Vec<IpAddr>>,
 }
 
 impl HealthCheckServers {
@@ -114,6 +126,7 @@ impl HealthCheckServers {
             state,
             counts: Counts::default(),
             running: BTreeMap::new(),
+            addresses: None,
         }
     }
 
@@ -126,8 +139,20 @@ impl HealthCheckServers {
     }
 
     /// Opens servers for new Services, closes those of gone ones (or of a changed port), and
-    /// updates every count. A port that cannot be opened is logged and retried next time.
-    pub fn sync(&mut self, desired: &BTreeMap<ServiceKey, HealthCheck>) {
+    /// updates every count; listens on `addresses` (`None`: every address), and moves every
+    /// server when they change. A port that cannot be opened is logged and retried next time.
+    pub fn sync(
+        &mut self,
+        desired: &BTreeMap<ServiceKey, HealthCheck>,
+        addresses: Option<Vec<IpAddr>>,
+    ) {
+        if addresses != self.addresses {
+            for (key, running) in std::mem::take(&mut self.running) {
+                tracing::info!(service = %key, port = running.port, ?addresses, "moving health check");
+                running.stop();
+            }
+            self.addresses = addresses;
+        }
         {
             let mut counts = self.counts.write().unwrap_or_else(PoisonError::into_inner);
             counts.clear();
@@ -146,7 +171,7 @@ impl HealthCheckServers {
         for key in stale {
             if let Some(running) = self.running.remove(&key) {
                 tracing::info!(service = %key, port = running.port, "closing health check");
-                let _ = running.stop.send(());
+                running.stop();
             }
         }
         for (key, check) in desired {
@@ -166,7 +191,27 @@ impl HealthCheckServers {
     }
 
     fn open(&self, key: &ServiceKey, port: u16) -> std::io::Result<Running> {
-        let listener = listen_all(port)?;
+        let listeners = match &self.addresses {
+            None => vec![listen_all(port)?],
+            Some(addresses) => addresses
+                .iter()
+                .map(|address| listen_on(SocketAddr::new(*address, port)))
+                .collect::<std::io::Result<Vec<_>>>()?,
+        };
+        let mut stops = Vec::with_capacity(listeners.len());
+        for listener in listeners {
+            stops.push(self.serve(key, port, listener));
+        }
+        Ok(Running { port, stops })
+    }
+
+    /// Serves `key`'s health on `listener` until the returned sender fires or is dropped.
+    fn serve(
+        &self,
+        key: &ServiceKey,
+        port: u16,
+        listener: tokio::net::TcpListener,
+    ) -> oneshot::Sender<()> {
         let (stop, stopped) = oneshot::channel();
         let (counts, state, service) = (
             Arc::clone(&self.counts),
@@ -198,16 +243,23 @@ impl HealthCheckServers {
                 tracing::warn!(%error, port, "health check server stopped");
             }
         });
-        Ok(Running { port, stop })
+        stop
     }
 }
 
 impl Drop for HealthCheckServers {
     fn drop(&mut self) {
         for (_, running) in std::mem::take(&mut self.running) {
-            let _ = running.stop.send(());
+            running.stop();
         }
     }
+}
+
+/// One address only.
+fn listen_on(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
 }
 
 /// Every address, IPv4 and IPv6 (one dual-stack socket), as kube-proxy's default; IPv4 only

@@ -246,6 +246,8 @@ fn run(command: Command) -> Result<(), Failure> {
                 cluster_id: cluster_id
                     .map(|id| id.trim().to_owned())
                     .filter(|id| !id.is_empty()),
+                // Offline there is no host to read: NodePorts sit on the Node's addresses.
+                ..PlanConfig::default()
             };
             plan(&source, &node, format, explain, &config)
         }

@@ -438,7 +438,12 @@ impl<D: Dataplane> SyncLoop<D> {
     /// Opens, closes and updates the Services' health-check node ports (both proxy modes).
     fn sync_health_checks(&mut self) {
         let desired = healthcheck::desired(&self.store, &self.node_name, &self.settings.plan);
-        self.health_checks.sync(&desired);
+        // As kube-proxy: every address, unless --nodeport-addresses narrows the NodePorts.
+        let addresses = match (&self.node, &self.settings.plan.node_port_addresses) {
+            (Some(node), chosen) if !chosen.is_default() => Some(chosen.select(node)),
+            _ => None,
+        };
+        self.health_checks.sync(&desired, addresses);
     }
 
     /// Where each Service's health check listens (for tests).

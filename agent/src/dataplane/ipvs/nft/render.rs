@@ -735,7 +735,7 @@ pub(crate) mod tests {
         let mut ranges = BTreeMap::new();
         for (i, (key, (frontend, _))) in services.iter().enumerate() {
             let byte = seed[i % seed.len()];
-            if *frontend != Frontend::LoadBalancer || byte % 3 == 0 {
+            if *frontend != Frontend::LoadBalancer || byte.is_multiple_of(3) {
                 continue;
             }
             let nets: Vec<IpNetwork> = (0..1 + byte % 3)
@@ -755,7 +755,7 @@ pub(crate) mod tests {
             ranges.insert(
                 *key,
                 SourceRanges {
-                    from_node: byte % 2 == 0,
+                    from_node: byte.is_multiple_of(2),
                     ..planned
                 },
             );
