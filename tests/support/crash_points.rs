@@ -240,7 +240,7 @@ fn initial_sync_writes(log: &str) -> Option<u64> {
 
 /// The report of a loop whose agent, armed at write `k`, survived a change set of
 /// `change_set_writes` writes; asserts that every write before it was a crash point and that no
-/// recovery wrote more than the whole change set.
+/// recovery wrote more than the whole change set plus one undo per write the crash left.
 fn survived(k: u64, change_set_writes: u64, crashes: Vec<Crash>) -> Report {
     let last_crash = crashes.last().map_or(0, |c| c.after_write);
     assert!(
@@ -254,10 +254,14 @@ fn survived(k: u64, change_set_writes: u64, crashes: Vec<Crash>) -> Report {
             recovery_writes,
             ..
         } = crash;
+        // Each write the killed agent made may take one write to undo (an eBPF backend slot
+        // put but not yet counted, say). Before `topoproxy list` became read-only, the test's
+        // polling `list` did that undoing behind the agent's back, and the bound was the
+        // change set alone.
         assert!(
-            *recovery_writes <= change_set_writes,
+            *recovery_writes <= change_set_writes + after_write,
             "recovering from a crash after write {after_write} took {recovery_writes} writes, \
-             more than the whole change set ({change_set_writes})"
+             more than the whole change set ({change_set_writes}) and one undo per write made"
         );
     }
     Report {

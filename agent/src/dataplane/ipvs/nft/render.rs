@@ -347,16 +347,9 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
         out,
         "\t\ttype nat hook postrouting priority {MASQ_PRIORITY}; policy accept;"
     );
-    for family in FAMILIES {
-        let ip = ip(family);
-        // A pod reaching itself through a service: after translation source and
-        // destination are the same, and the reply would never leave the pod.
-        let _ = writeln!(
-            out,
-            "\t\t{ip} daddr . meta l4proto . th dport . {ip} saddr @{} masquerade",
-            set_name(HAIRPIN, family)
-        );
-    }
+    // A pod reaching itself through a service: after translation source and destination
+    // are the same, and the reply would never leave the pod.
+    key_source_rules(out, HAIRPIN, "masquerade");
     let _ = writeln!(out, "\t\tmeta mark & {MASQ_MARK:#x} == 0 return");
     // Clear the bit so a packet that traverses the stack again is not masqueraded twice.
     let _ = writeln!(out, "\t\tmeta mark set meta mark & {:#x}", !MASQ_MARK);
@@ -374,14 +367,7 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
     );
     // kube-proxy's KUBE-PROXY-FIREWALL, from INPUT and FORWARD: every packet to a
     // load-balancer key with source ranges, before IPVS balances it.
-    for family in FAMILIES {
-        let _ = writeln!(
-            out,
-            "\t\t{} daddr . meta l4proto . th dport @{} jump lb-source-ranges",
-            ip(family),
-            set_name(LB_FIREWALL, family)
-        );
-    }
+    key_rules(out, LB_FIREWALL, "jump lb-source-ranges");
     for family in FAMILIES {
         let _ = writeln!(
             out,
@@ -424,6 +410,41 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
     let _ = writeln!(out, "\t}}");
 }
 
+/// Opens a base chain: `chain NAME {` and its `type … hook … priority …; policy accept;` line.
+fn open_base_chain(out: &mut String, name: &str, kind: &str, hook: &str, priority: &str) {
+    let _ = writeln!(out, "\tchain {name} {{");
+    let _ = writeln!(
+        out,
+        "\t\ttype {kind} hook {hook} priority {priority}; policy accept;"
+    );
+}
+
+/// For each family, `verdict` on packets whose destination address, protocol and port are
+/// in the `stem` set.
+fn key_rules(out: &mut String, stem: &str, verdict: &str) {
+    for family in FAMILIES {
+        let _ = writeln!(
+            out,
+            "\t\t{} daddr . meta l4proto . th dport @{} {verdict}",
+            ip(family),
+            set_name(stem, family)
+        );
+    }
+}
+
+/// For each family, `verdict` on packets whose destination address, protocol, port and
+/// source address are in the `stem` set.
+fn key_source_rules(out: &mut String, stem: &str, verdict: &str) {
+    for family in FAMILIES {
+        let ip = ip(family);
+        let _ = writeln!(
+            out,
+            "\t\t{ip} daddr . meta l4proto . th dport . {ip} saddr @{} {verdict}",
+            set_name(stem, family)
+        );
+    }
+}
+
 /// kube-proxy's `loadBalancerSourceRanges` chains: `lb-source-ranges` (its
 /// `KUBE-SOURCE-RANGES-FIREWALL`) lets an allowed source through and drops the rest;
 /// `forward` sends routed traffic through it as `input` does local traffic; `output-firewall`
@@ -431,47 +452,23 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
 /// `KUBE-IPVS-OUT-FILTER`, kubernetes/kubernetes#119656), before IPVS translates them.
 fn render_firewall(out: &mut String) {
     let _ = writeln!(out, "\tchain lb-source-ranges {{");
-    for stem in [LB_SOURCES, LB_FROM_NODE] {
-        for family in FAMILIES {
-            let ip = ip(family);
-            let _ = writeln!(
-                out,
-                "\t\t{ip} daddr . meta l4proto . th dport . {ip} saddr @{} return",
-                set_name(stem, family)
-            );
-        }
-    }
+    key_source_rules(out, LB_SOURCES, "return");
+    key_source_rules(out, LB_FROM_NODE, "return");
     let _ = writeln!(out, "\t\tdrop");
     let _ = writeln!(out, "\t}}");
 
-    let _ = writeln!(out, "\tchain forward {{");
-    let _ = writeln!(
-        out,
-        "\t\ttype filter hook forward priority filter; policy accept;"
-    );
-    for family in FAMILIES {
-        let _ = writeln!(
-            out,
-            "\t\t{} daddr . meta l4proto . th dport @{} jump lb-source-ranges",
-            ip(family),
-            set_name(LB_FIREWALL, family)
-        );
-    }
+    open_base_chain(out, "forward", "filter", "forward", "filter");
+    key_rules(out, LB_FIREWALL, "jump lb-source-ranges");
     let _ = writeln!(out, "\t}}");
 
-    let _ = writeln!(out, "\tchain output-firewall {{");
-    let _ = writeln!(
+    open_base_chain(
         out,
-        "\t\ttype filter hook output priority {MARK_PRIORITY}; policy accept;"
+        "output-firewall",
+        "filter",
+        "output",
+        &MARK_PRIORITY.to_string(),
     );
-    for family in FAMILIES {
-        let ip = ip(family);
-        let _ = writeln!(
-            out,
-            "\t\t{ip} daddr . meta l4proto . th dport . {ip} saddr @{} drop",
-            set_name(LB_NOT_FROM_NODE, family)
-        );
-    }
+    key_source_rules(out, LB_NOT_FROM_NODE, "drop");
     let _ = writeln!(out, "\t}}");
 }
 
