@@ -413,8 +413,12 @@ impl Dataplane for EbpfDataplane {
     ) -> impl Future<
         Output = Option<Result<std::collections::BTreeSet<std::net::IpAddr>, DataplaneError>>,
     > + Send {
+        // A `kube-ipvs0` left by kube-proxy (or by this agent in IPVS mode) holds VIPs, never
+        // node addresses.
         let read = crate::node_addresses::interface_addresses()
-            .map(|addresses| crate::node_addresses::kube_proxy_node_addresses(&addresses, None))
+            .map(|addresses| {
+                crate::node_addresses::kube_proxy_node_addresses(&addresses, Some("kube-ipvs0"))
+            })
             .map_err(|error| DataplaneError::read(NAME, error));
         std::future::ready(Some(read))
     }
