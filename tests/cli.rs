@@ -572,3 +572,41 @@ fn absurd_values_in_the_config_file_are_usage_errors_naming_the_key() {
         assert!(err.contains(expected), "{text}: {err}");
     }
 }
+
+#[test]
+fn plan_narrows_node_ports_with_nodeport_addresses_and_refuses_a_bad_value() {
+    let all = topoproxy(&["plan", "--source", "examples/cluster", "--node", "node-b1"]);
+    assert!(
+        stdout(&all).contains("192.168.20.11:30080"),
+        "{}",
+        stdout(&all)
+    );
+    // A CIDR that holds no node address: no NodePort on the IPv4 address.
+    let narrowed = topoproxy(&[
+        "plan",
+        "--source",
+        "examples/cluster",
+        "--node",
+        "node-b1",
+        "--nodeport-addresses",
+        "10.255.0.0/16",
+    ]);
+    assert!(narrowed.status.success(), "{}", stderr(&narrowed));
+    assert!(!stdout(&narrowed).contains("192.168.20.11:30080"));
+    assert!(stdout(&narrowed).contains("10.96."), "ClusterIPs stay");
+    let bad = topoproxy(&[
+        "plan",
+        "--source",
+        "examples/cluster",
+        "--node",
+        "node-b1",
+        "--nodeport-addresses",
+        "eth0",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("\"eth0\" is neither a CIDR nor `primary`"),
+        "{}",
+        stderr(&bad)
+    );
+}

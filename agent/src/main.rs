@@ -14,6 +14,7 @@ use topoproxy::dataplane::ipvs::{self, IpvsDataplane};
 use topoproxy::dataplane::memory::MemoryDataplane;
 use topoproxy::dataplane::Dataplane;
 use topoproxy::model::LocalityPolicy;
+use topoproxy::node_addresses::NodePortAddresses;
 use topoproxy::planner::{self, explain, PlanConfig};
 use topoproxy::render;
 use topoproxy::source::file;
@@ -88,6 +89,11 @@ enum Command {
         /// ServiceImports are planned only with it.
         #[arg(long)]
         cluster_id: Option<String>,
+        /// Which of the Node object's addresses serve NodePorts: CIDRs and `primary`, as
+        /// kube-proxy's `--nodeport-addresses` (offline there is no host to read, so the
+        /// default is every address the Node object lists).
+        #[arg(long, default_value = "")]
+        nodeport_addresses: String,
         /// Log format on stderr.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -236,9 +242,12 @@ fn run(command: Command) -> Result<(), Failure> {
             service_proxy_name,
             topology_default,
             cluster_id,
+            nodeport_addresses,
             log_format,
         } => {
             init_logging(log_format);
+            let node_port_addresses = NodePortAddresses::parse(&nodeport_addresses)
+                .map_err(|error| Failure::Usage(error.to_string()))?;
             let config = PlanConfig {
                 scheduler: ipvs_scheduler,
                 proxy_name: service_proxy_name,
@@ -246,8 +255,7 @@ fn run(command: Command) -> Result<(), Failure> {
                 cluster_id: cluster_id
                     .map(|id| id.trim().to_owned())
                     .filter(|id| !id.is_empty()),
-                // Offline there is no host to read: NodePorts sit on the Node's addresses.
-                ..PlanConfig::default()
+                node_port_addresses,
             };
             plan(&source, &node, format, explain, &config)
         }

@@ -14,8 +14,8 @@ use ipnetwork::IpNetwork;
 use serde_json::Value;
 
 use super::render::{
-    service_stem, set_name, Hairpin, DESTINATIONS, HAIRPIN, LB_FIREWALL, LB_FROM_NODE, LB_SOURCES,
-    NODE_ADDRESSES, SERVICE_KINDS,
+    service_stem, set_name, Hairpin, DESTINATIONS, HAIRPIN, LB_FIREWALL, LB_FROM_NODE,
+    LB_SOURCES_STEMS, NODE_ADDRESSES, SERVICE_KINDS,
 };
 use super::{NftState, TABLE};
 use crate::model::{IpFamily, Protocol};
@@ -58,7 +58,7 @@ enum Record {
     Hairpin,
     NodeAddress,
     Firewall,
-    Source,
+    Source(Protocol),
     FromNode,
 }
 
@@ -78,11 +78,15 @@ fn record_for(name: &str) -> Option<(Record, IpFamily)> {
         for (stem, record) in [
             (NODE_ADDRESSES, Record::NodeAddress),
             (LB_FIREWALL, Record::Firewall),
-            (LB_SOURCES, Record::Source),
             (LB_FROM_NODE, Record::FromNode),
         ] {
             if name == set_name(stem, family) {
                 return Some((record, family));
+            }
+        }
+        for (protocol, stem) in LB_SOURCES_STEMS {
+            if name == set_name(stem, family) {
+                return Some((Record::Source(protocol), family));
             }
         }
     }
@@ -138,11 +142,15 @@ pub fn parse_table(json: &str) -> Result<ListedTable, ParseError> {
                     let key = vs_key(name, element, family, [addr, proto, port])?;
                     state.source_ranges.entry(key).or_default();
                 }
-                Record::Source => {
-                    let [addr, proto, port, source] = fields else {
-                        return Err(bad(name, element, "addr . proto . port . network"));
+                Record::Source(protocol) => {
+                    let [addr, port, source] = fields else {
+                        return Err(bad(name, element, "addr . port . network"));
                     };
-                    let key = vs_key(name, element, family, [addr, proto, port])?;
+                    let key = VsKey::new(
+                        *protocol,
+                        address(addr, family).ok_or_else(|| bad(name, element, "an address"))?,
+                        port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
+                    );
                     let network =
                         network(source, family).ok_or_else(|| bad(name, element, "a network"))?;
                     state
@@ -376,6 +384,8 @@ mod tests {
         let sets: Vec<Value> = set_elements(state)
             .into_iter()
             .map(|(name, elements)| {
+                // The per-protocol source sets carry no protocol field.
+                let named_protocols = !numeric_protocols && !name.starts_with("lb-sources");
                 let elem: Vec<Value> = elements
                     .iter()
                     .map(|element| {
@@ -387,7 +397,7 @@ mod tests {
                             .iter()
                             .enumerate()
                             .map(|(i, field)| match (i, field.parse::<u64>()) {
-                                (1, Ok(n)) if !numeric_protocols => Value::from(match n {
+                                (1, Ok(n)) if named_protocols => Value::from(match n {
                                     6 => "tcp",
                                     17 => "udp",
                                     _ => "sctp",
@@ -437,10 +447,10 @@ mod tests {
         let json = r#"{"nftables": [
             {"set": {"family": "inet", "name": "lb-firewall4", "table": "topoproxy",
                      "elem": [{"concat": ["203.0.113.50", "tcp", 80]}]}},
-            {"set": {"family": "inet", "name": "lb-sources4", "table": "topoproxy",
-                     "elem": [{"concat": ["203.0.113.50", "tcp", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]},
-                              {"concat": ["203.0.113.50", "tcp", 80, {"range": ["192.0.2.0", "192.0.2.15"]}]},
-                              {"concat": ["203.0.113.50", "tcp", 80, "198.51.100.7"]}]}},
+            {"set": {"family": "inet", "name": "lb-sources-tcp4", "table": "topoproxy",
+                     "elem": [{"concat": ["203.0.113.50", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]},
+                              {"concat": ["203.0.113.50", 80, {"range": ["192.0.2.0", "192.0.2.15"]}]},
+                              {"concat": ["203.0.113.50", 80, "198.51.100.7"]}]}},
             {"set": {"family": "inet", "name": "lb-from-node4", "table": "topoproxy",
                      "elem": [{"concat": ["203.0.113.50", "tcp", 80, "203.0.113.50"]}]}},
             {"set": {"family": "inet", "name": "node-addresses6", "table": "topoproxy",

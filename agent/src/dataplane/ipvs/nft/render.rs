@@ -70,8 +70,25 @@ pub const VIPS: &str = "vips";
 pub const NODE_ADDRESSES: &str = "node-addresses";
 /// Set name stem of the load-balancer keys that have source ranges.
 pub const LB_FIREWALL: &str = "lb-firewall";
-/// Set name stem of the allowed `key . source network` pairs.
+/// Set name stem prefix of the allowed `address . port . source network` triples, one set per
+/// protocol ([`lb_sources_stem`]). The protocol is matched in the rule, not in the set: Linux
+/// 6.12 refuses a `meta l4proto` field in a lookup of a concatenated interval set
+/// (EOPNOTSUPP; 6.1 and 6.18 accept it, `cargo xtask vm-test` found it).
 pub const LB_SOURCES: &str = "lb-sources";
+/// The per-protocol `lb-sources` set stems, for every protocol a Service may use.
+pub const LB_SOURCES_STEMS: [(Protocol, &str); 3] = [
+    (Protocol::Tcp, "lb-sources-tcp"),
+    (Protocol::Udp, "lb-sources-udp"),
+    (Protocol::Sctp, "lb-sources-sctp"),
+];
+
+/// The `lb-sources` set stem for `protocol`.
+pub fn lb_sources_stem(protocol: Protocol) -> &'static str {
+    LB_SOURCES_STEMS
+        .iter()
+        .find(|(p, _)| *p == protocol)
+        .map_or(LB_SOURCES_STEMS[0].1, |(_, stem)| stem)
+}
 /// Set name stem of the `key . VIP` pairs the node may reach itself.
 pub const LB_FROM_NODE: &str = "lb-from-node";
 /// Set name stem of the `key . VIP` pairs the node may not reach.
@@ -79,10 +96,12 @@ pub const LB_NOT_FROM_NODE: &str = "lb-not-from-node";
 
 /// The stems of the sets derived from [`NftState::source_ranges`] and
 /// [`NftState::node_addresses`].
-const FIREWALL_STEMS: [&str; 5] = [
+const FIREWALL_STEMS: [&str; 7] = [
     NODE_ADDRESSES,
     LB_FIREWALL,
-    LB_SOURCES,
+    LB_SOURCES_STEMS[0].1,
+    LB_SOURCES_STEMS[1].1,
+    LB_SOURCES_STEMS[2].1,
     LB_FROM_NODE,
     LB_NOT_FROM_NODE,
 ];
@@ -187,8 +206,14 @@ fn firewall_elements(key: &VsKey, ranges: &SourceRanges) -> Vec<(&'static str, S
         .filter(|net| IpFamily::of(&net.ip()) == key.family)
     {
         elements.push((
-            LB_SOURCES,
-            format!("{} . {}/{}", key_element(key), net.network(), net.prefix()),
+            lb_sources_stem(key.protocol),
+            format!(
+                "{} . {} . {}/{}",
+                key.address,
+                key.port,
+                net.network(),
+                net.prefix()
+            ),
         ));
     }
     let node_stem = if ranges.from_node {
@@ -257,11 +282,17 @@ fn set_type(name: &str) -> &'static str {
     let v6 = name.ends_with('6');
     let stem = &name[..name.len().saturating_sub(1)];
     match (stem, v6) {
-        (HAIRPIN | LB_SOURCES | LB_FROM_NODE | LB_NOT_FROM_NODE, false) => {
+        (HAIRPIN | LB_FROM_NODE | LB_NOT_FROM_NODE, false) => {
             "ipv4_addr . inet_proto . inet_service . ipv4_addr"
         }
-        (HAIRPIN | LB_SOURCES | LB_FROM_NODE | LB_NOT_FROM_NODE, true) => {
+        (HAIRPIN | LB_FROM_NODE | LB_NOT_FROM_NODE, true) => {
             "ipv6_addr . inet_proto . inet_service . ipv6_addr"
+        }
+        (sources, false) if sources.starts_with(LB_SOURCES) => {
+            "ipv4_addr . inet_service . ipv4_addr"
+        }
+        (sources, true) if sources.starts_with(LB_SOURCES) => {
+            "ipv6_addr . inet_service . ipv6_addr"
         }
         (VIPS | NODE_ADDRESSES, false) => "ipv4_addr",
         (VIPS | NODE_ADDRESSES, true) => "ipv6_addr",
@@ -452,7 +483,17 @@ fn key_source_rules(out: &mut String, stem: &str, verdict: &str) {
 /// `KUBE-IPVS-OUT-FILTER`, kubernetes/kubernetes#119656), before IPVS translates them.
 fn render_firewall(out: &mut String) {
     let _ = writeln!(out, "\tchain lb-source-ranges {{");
-    key_source_rules(out, LB_SOURCES, "return");
+    for (protocol, stem) in LB_SOURCES_STEMS {
+        for family in FAMILIES {
+            let ip = ip(family);
+            let _ = writeln!(
+                out,
+                "\t\tmeta l4proto {} {ip} daddr . th dport . {ip} saddr @{} return",
+                protocol.number(),
+                set_name(stem, family)
+            );
+        }
+    }
     key_source_rules(out, LB_FROM_NODE, "return");
     let _ = writeln!(out, "\t\tdrop");
     let _ = writeln!(out, "\t}}");
