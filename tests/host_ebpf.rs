@@ -1896,7 +1896,7 @@ impl AgentWorld {
 
     /// Every file and directory under the pin directory.
     fn pins(&self) -> BTreeSet<PathBuf> {
-        pins_under(&self.pin_dir)
+        host::paths_under(&self.pin_dir)
     }
 
     /// (link pin, link id, program id) of every link pinned here.
@@ -1997,24 +1997,6 @@ impl MapsDump {
             filled.difference(&counted).map(key).collect(),
         )
     }
-}
-
-fn pins_under(dir: &Path) -> BTreeSet<PathBuf> {
-    fn walk(dir: &Path, into: &mut BTreeSet<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            into.insert(path.clone());
-            if path.is_dir() {
-                walk(&path, into);
-            }
-        }
-    }
-    let mut pins = BTreeSet::new();
-    walk(dir, &mut pins);
-    pins
 }
 
 fn list_command(pin_dir: &Path) -> Command {
@@ -2346,7 +2328,11 @@ fn list_with_an_empty_pin_dir_fails_naming_it_and_creates_nothing() {
             String::from_utf8_lossy(&output.stdout)
         );
     }
-    assert!(pins_under(&empty).is_empty(), "{:?}", pins_under(&empty));
+    assert!(
+        host::paths_under(&empty).is_empty(),
+        "{:?}",
+        host::paths_under(&empty)
+    );
     assert!(!absent.exists(), "list created {}", absent.display());
     assert_eq!(
         cgroup_program_ids(&root),

@@ -13,7 +13,7 @@ mod host;
 mod netns;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use aya::maps::{HashMap, Map, MapData};
 use cluster::{Agent, Fixture};
@@ -42,21 +42,7 @@ impl EbpfKernel {
 
     /// Every file and directory under the pin directory.
     fn pins(&self) -> BTreeSet<PathBuf> {
-        fn walk(dir: &Path, into: &mut BTreeSet<PathBuf>) {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                into.insert(path.clone());
-                if path.is_dir() {
-                    walk(&path, into);
-                }
-            }
-        }
-        let mut pins = BTreeSet::new();
-        walk(&self.pin_dir, &mut pins);
-        pins
+        host::paths_under(&self.pin_dir)
     }
 
     /// Entries of the pinned backends map: the planned backends, plus strays if any.

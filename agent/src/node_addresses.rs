@@ -108,11 +108,18 @@ pub fn kube_proxy_node_addresses(
         .iter()
         .filter(|a| Some(a.name.as_str()) != except)
         .map(|a| a.address)
-        .filter(|ip| !ip.is_loopback() && !is_ipv6_link_local(ip))
+        .filter(counts_as_node_address)
         .collect()
 }
 
-fn is_ipv6_link_local(address: &IpAddr) -> bool {
+/// Whether kube-proxy counts an address of the node's as a node address: not loopback, not
+/// IPv6 link-local (IPv4 link-local counts).
+pub fn counts_as_node_address(address: &IpAddr) -> bool {
+    !address.is_loopback() && !is_ipv6_link_local(address)
+}
+
+/// An IPv6 link-local address (`fe80::/10`).
+pub fn is_ipv6_link_local(address: &IpAddr) -> bool {
     matches!(address, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }
 

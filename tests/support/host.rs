@@ -80,3 +80,22 @@ pub fn wait_for_log_lines(needles: &[&str], count: usize) -> Vec<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Every file and directory under `dir` (pinned BPF objects, say); empty when it is missing.
+pub fn paths_under(dir: &std::path::Path) -> std::collections::BTreeSet<std::path::PathBuf> {
+    fn walk(dir: &std::path::Path, into: &mut std::collections::BTreeSet<std::path::PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            into.insert(path.clone());
+            if path.is_dir() {
+                walk(&path, into);
+            }
+        }
+    }
+    let mut paths = std::collections::BTreeSet::new();
+    walk(dir, &mut paths);
+    paths
+}

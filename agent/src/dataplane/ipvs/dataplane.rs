@@ -436,7 +436,7 @@ impl IpvsDataplane {
             .await
             .map_err(Self::read_error)?
             .into_iter()
-            .filter(|address| !address.is_loopback() && !is_ipv6_link_local(address))
+            .filter(crate::node_addresses::counts_as_node_address)
             .collect();
         self.node_addresses = Some(addresses.clone());
         // Until the first full read the table is not ours to update: that read rewrites it
@@ -953,9 +953,4 @@ pub fn format_key(key: &VsKey) -> String {
         key.protocol,
         SocketAddr::new(key.address, key.port)
     )
-}
-
-/// An IPv6 link-local address (`fe80::/10`): never a node address kube-proxy counts.
-fn is_ipv6_link_local(address: &IpAddr) -> bool {
-    matches!(address, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
 }

@@ -22,6 +22,8 @@ use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, L
 use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, LinkDummy};
 
+use crate::node_addresses::is_ipv6_link_local;
+
 /// The dummy link's name, as kube-proxy's IPVS mode names it.
 pub const DUMMY_LINK: &str = "kube-ipvs0";
 
@@ -200,7 +202,7 @@ impl DummyLink {
             .iter()
             .filter(|message| message.header.index == self.index)
             .filter_map(address_of)
-            .filter(|address| !is_link_local(address))
+            .filter(|address| !is_ipv6_link_local(address))
             .collect())
     }
 
@@ -363,13 +365,6 @@ fn address_of(message: &AddressMessage) -> Option<IpAddr> {
     }
 }
 
-fn is_link_local(address: &IpAddr) -> bool {
-    match address {
-        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-        IpAddr::V4(_) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,11 +404,11 @@ mod tests {
 
     #[test]
     fn link_local_is_recognised() {
-        assert!(is_link_local(&"fe80::1".parse().expect("ip")));
-        assert!(is_link_local(&"febf::1".parse().expect("ip")));
-        assert!(!is_link_local(&"fec0::1".parse().expect("ip")));
-        assert!(!is_link_local(&"fd00::1".parse().expect("ip")));
-        assert!(!is_link_local(&"169.254.0.1".parse().expect("ip")));
+        assert!(is_ipv6_link_local(&"fe80::1".parse().expect("ip")));
+        assert!(is_ipv6_link_local(&"febf::1".parse().expect("ip")));
+        assert!(!is_ipv6_link_local(&"fec0::1".parse().expect("ip")));
+        assert!(!is_ipv6_link_local(&"fd00::1".parse().expect("ip")));
+        assert!(!is_ipv6_link_local(&"169.254.0.1".parse().expect("ip")));
     }
 
     #[test]
