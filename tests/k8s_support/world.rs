@@ -145,7 +145,12 @@ pub struct World {
     pub nodes: Vec<NodeNet>,
     pub outside: String,
     pods: Vec<PodNet>,
+    /// Policy-routing rules added in the fabric: `(family, from, table)`.
+    rules: Vec<(&'static str, String, String)>,
 }
+
+/// The fabric's routing tables for outside clients: this plus the node's index.
+const OUTSIDE_TABLE_BASE: u32 = 200;
 
 impl World {
     /// Builds the fabric and the nodes (each `(name, index)`), and the outside client.
@@ -154,6 +159,7 @@ impl World {
             nodes: Vec::new(),
             outside: "tpn-out".to_owned(),
             pods: Vec::new(),
+            rules: Vec::new(),
         };
         world.clean_leftovers(nodes);
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enabling forwarding");
@@ -327,6 +333,91 @@ impl World {
                 "192.168.100.1",
             ],
         );
+        sh(
+            IP,
+            &[
+                "addr",
+                "add",
+                "fd00:192:168:100::1/64",
+                "dev",
+                "tpw-out",
+                "nodad",
+            ],
+        );
+        sh(
+            IP,
+            &[
+                "-n",
+                netns,
+                "addr",
+                "add",
+                "fd00:192:168:100::2/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        sh(
+            IP,
+            &[
+                "-n",
+                netns,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "fd00:192:168:100::1",
+            ],
+        );
+    }
+
+    /// Gives the outside client one more source address, whose packets to `prefixes` the
+    /// fabric sends to `node` (policy routing by source: each twin gets its own clients, so
+    /// both are asked the same Service addresses at once).
+    pub fn add_outside_client(&mut self, address: IpAddr, node: &str, prefixes: &[&str]) {
+        let node = self.node(node).clone();
+        let table = (OUTSIDE_TABLE_BASE + u32::from(node.index)).to_string();
+        let (host_prefix, family, gateway) = match address {
+            IpAddr::V4(_) => ("/24", "-4", node.address().to_string()),
+            IpAddr::V6(_) => ("/64", "-6", node.address6()),
+        };
+        sh(
+            IP,
+            &[
+                "-n",
+                &self.outside,
+                "addr",
+                "add",
+                &format!("{address}{host_prefix}"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
+        let from = address.to_string();
+        sh(IP, &[family, "rule", "add", "from", &from, "table", &table]);
+        self.rules.push((family, from, table.clone()));
+        for prefix in prefixes {
+            if prefix.contains(':') == address.is_ipv6() {
+                sh(
+                    IP,
+                    &[
+                        family, "route", "replace", prefix, "via", &gateway, "table", &table,
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Adds `cidr` to `node`'s interface beside its InternalIP (a second NIC's address, a
+    /// keepalived VIP): kube-proxy treats every local address as the node's.
+    pub fn add_node_address(&self, node: &str, cidr: &str) {
+        let netns = &self.node(node).netns;
+        sh(
+            IP,
+            &["-n", netns, "addr", "add", cidr, "dev", "eth0", "nodad"],
+        );
     }
 
     pub fn node(&self, name: &str) -> &NodeNet {
@@ -338,6 +429,11 @@ impl World {
 
     /// Adds pod `n` of `node` as a namespace behind it (`10.244.i.n`).
     pub fn add_pod(&mut self, node: &str, n: u8) -> &PodNet {
+        self.add_pod_in_families(node, n, false)
+    }
+
+    /// Adds pod `n` of `node`, with its IPv6 address too (`fd00:10:244:i::n`) when `dual`.
+    pub fn add_pod_in_families(&mut self, node: &str, n: u8, dual: bool) -> &PodNet {
         let node = self.node(node).clone();
         let netns = format!("tpp-{}-{n}", node.index);
         let node_link = format!("tpv-{}-{n}", node.index);
@@ -369,6 +465,30 @@ impl World {
         host(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &node_link]);
         host(&["link", "set", &node_link, "up"]);
         host(&["route", "add", &format!("{address}/32"), "dev", &node_link]);
+        if dual {
+            // The pod's IPv6 gateway is the node side's link-local address, as for IPv4.
+            let address6 = format!("fd00:10:244:{}::{n:x}", node.index);
+            pod(&[
+                "addr",
+                "add",
+                &format!("{address6}/128"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            host(&["addr", "add", "fe80::1/64", "dev", &node_link, "nodad"]);
+            pod(&[
+                "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ]);
+            host(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{address6}/128"),
+                "dev",
+                &node_link,
+            ]);
+        }
         self.pods.push(PodNet { netns, address });
         self.pods.last().expect("the pod just added")
     }
@@ -394,6 +514,9 @@ impl Drop for World {
         sh_quiet(IP, &["link", "del", "tpw-out"]);
         sh_quiet(IP, &["netns", "del", &self.outside]);
         sh_quiet(NFT, &["delete", "table", "ip", FABRIC_TABLE]);
+        for (family, from, table) in &self.rules {
+            sh_quiet(IP, &[family, "rule", "del", "from", from, "table", table]);
+        }
     }
 }
 
@@ -513,18 +636,52 @@ pub fn relabel(address: IpAddr, own: u8, peer: u8) -> String {
         IpAddr::V4(v4) => {
             let [a, b, c, d] = v4.octets();
             match (a, b, role(c)) {
+                (192, 168, _) if c == OUTSIDE_NET => outside_label(IpAddr::V4(v4), u16::from(d)),
                 (192, 168, Some(r)) if d == 2 => format!("node-{r}"),
+                (192, 168, Some(r)) if d == SECOND_NODE_HOST => format!("node2-{r}"),
                 (10, 244, Some(r)) => format!("pod-{r}.{d}"),
                 _ => v4.to_string(),
             }
         }
         IpAddr::V6(v6) => {
             let s = v6.segments();
+            if (s[0], s[1], s[2], s[3]) == (0xfd00, 0x192, 0x168, 0x100) {
+                return outside_label(IpAddr::V6(v6), s[7]);
+            }
             match (s[0], s[1], s[2], role(s[3] as u8)) {
                 (0xfd00, 0x192, 0x168, Some(r)) if s[3] < 256 && s[7] == 2 => format!("node6-{r}"),
                 (0xfd00, 0x10, 0x244, Some(r)) if s[3] < 256 => format!("pod6-{r}.{:x}", s[7]),
                 _ => v6.to_string(),
             }
         }
+    }
+}
+
+/// The third octet of the outside clients' network (`192.168.100.0/24`,
+/// `fd00:192:168:100::/64`).
+pub const OUTSIDE_NET: u8 = 100;
+/// The host number of a node's second address (`192.168.i.3`), beside its InternalIP.
+pub const SECOND_NODE_HOST: u8 = 3;
+
+/// Outside clients by host number: the parity corpus gives each twin one inside and one
+/// outside a Service's source ranges (`.10`/`.11` inside, `.20`/`.21` outside; in IPv6 the
+/// same digits, `fd00:192:168:100::10`), which compare as the same client.
+fn outside_label(address: IpAddr, host: u16) -> String {
+    let inside = if address.is_ipv4() {
+        [10, 11]
+    } else {
+        [0x10, 0x11]
+    };
+    let outside = if address.is_ipv4() {
+        [20, 21]
+    } else {
+        [0x20, 0x21]
+    };
+    if inside.contains(&host) {
+        "outside-in".to_owned()
+    } else if outside.contains(&host) {
+        "outside-out".to_owned()
+    } else {
+        address.to_string()
     }
 }
