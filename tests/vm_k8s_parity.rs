@@ -1098,16 +1098,20 @@ impl Twins {
     }
 }
 
-/// The addresses and node ports a scenario's Services own.
+/// The addresses, ports and node ports a scenario's Services own.
 #[derive(Default, Debug)]
 struct Scope {
     addresses: BTreeSet<IpAddr>,
+    /// The Services' own ports: an address the node holds (an externalIP that is a node
+    /// address) also carries every other Service's NodePorts, which are not this scenario's.
+    ports: BTreeSet<u16>,
     node_ports: BTreeSet<u16>,
 }
 
 impl Scope {
     fn covers(&self, address: SocketAddr) -> bool {
-        self.addresses.contains(&address.ip()) || self.node_ports.contains(&address.port())
+        (self.addresses.contains(&address.ip()) && self.ports.contains(&address.port()))
+            || self.node_ports.contains(&address.port())
     }
 
     async fn of(client: &Client, namespace: &str) -> Self {
@@ -1138,6 +1142,7 @@ impl Scope {
                 .addresses
                 .extend(ips.filter_map(|ip| ip.parse::<IpAddr>().ok()));
             for port in spec.ports.unwrap_or_default() {
+                scope.ports.insert(port.port as u16);
                 if let Some(node_port) = port.node_port {
                     scope.node_ports.insert(node_port as u16);
                 }
@@ -1242,6 +1247,7 @@ async fn settle_step(cluster: &Cluster, run: &mut Running<'_>, index: usize) {
     }
     let now = Scope::of(&cluster.client, &run.namespace).await;
     run.scope.addresses.extend(now.addresses);
+    run.scope.ports.extend(now.ports);
     run.scope.node_ports.extend(now.node_ports);
 }
 
@@ -1580,6 +1586,10 @@ async fn compare_behaviour(
             );
             for line in &found {
                 println!("  DIFF {line}");
+            }
+            for (probe, seen) in &tp {
+                let seen: Vec<&str> = seen.iter().map(String::as_str).collect();
+                println!("  topoproxy: {probe}: {}", seen.join(", "));
             }
             if let Some((_, why)) = UNDEFINED_IN_KUBE_PROXY.iter().find(|(n, _)| *n == name) {
                 println!("  (not compared: {why})");
@@ -2429,7 +2439,11 @@ fn outside_clients_and_second_addresses_compare_as_one() {
         ("192.168.100.10", "192.168.100.11", "outside-in"),
         ("192.168.100.20", "192.168.100.21", "outside-out"),
         ("fd00:192:168:100::10", "fd00:192:168:100::11", "outside-in"),
-        ("fd00:192:168:100::20", "fd00:192:168:100::21", "outside-out"),
+        (
+            "fd00:192:168:100::20",
+            "fd00:192:168:100::21",
+            "outside-out",
+        ),
         ("192.168.1.3", "192.168.2.3", "node2-self"),
     ] {
         assert_eq!(relabel(ip(kp), KP_INDEX, TP_INDEX), label);

@@ -83,6 +83,32 @@ fn write_sysctl_in(netns: &str, key: &str, value: &str) {
     sh_in(netns, "/bin/sh", &["-c", &format!("echo {value} > {path}")]);
 }
 
+/// Turns off ICMP error rate limiting in `netns` (the root namespace for `None`). A REJECT,
+/// IPVS's "no destination" and a missing route answer with ICMP errors, which the kernel
+/// sends at most about once a second per destination by default: probes in quick succession
+/// would see some refused and some time out, by timing alone.
+fn answer_every_icmp_error(netns: Option<&str>) {
+    // The global budget (icmp_msgs_per_sec) exists in the root namespace only.
+    let global: &[(&str, &str)] = if netns.is_none() {
+        &[("net.ipv4.icmp_msgs_per_sec", "100000")]
+    } else {
+        &[]
+    };
+    let per_namespace = [
+        ("net.ipv4.icmp_ratelimit", "0"),
+        ("net.ipv6.icmp.ratelimit", "0"),
+    ];
+    for &(key, value) in per_namespace.iter().chain(global) {
+        match netns {
+            Some(netns) => write_sysctl_in(netns, key, value),
+            None => {
+                let path = format!("/proc/sys/{}", key.replace('.', "/"));
+                std::fs::write(&path, value).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+            }
+        }
+    }
+}
+
 /// A node of the world.
 #[derive(Clone, Debug)]
 pub struct NodeNet {
@@ -165,6 +191,7 @@ impl World {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enabling forwarding");
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
             .expect("enabling IPv6 forwarding");
+        answer_every_icmp_error(None);
         sh(NFT, &["add", "table", "ip", FABRIC_TABLE]);
         sh(
             NFT,
@@ -273,6 +300,7 @@ impl World {
         ]);
         write_sysctl_in(netns, "net.ipv4.ip_forward", "1");
         write_sysctl_in(netns, "net.ipv6.conf.all.forwarding", "1");
+        answer_every_icmp_error(Some(netns));
         sh(
             IP,
             &[
