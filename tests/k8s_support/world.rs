@@ -192,6 +192,11 @@ impl World {
         std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
             .expect("enabling IPv6 forwarding");
         answer_every_icmp_error(None);
+        // What no node owns ends at the fabric, answered at once, rather than leaving
+        // through QEMU's user network, which drops some of it and answers some.
+        for prefix in ["10.0.0.0/8", "192.168.0.0/16", "fd00::/8"] {
+            sh(IP, &["route", "replace", "unreachable", prefix]);
+        }
         sh(NFT, &["add", "table", "ip", FABRIC_TABLE]);
         sh(
             NFT,
@@ -542,6 +547,9 @@ impl Drop for World {
         sh_quiet(IP, &["link", "del", "tpw-out"]);
         sh_quiet(IP, &["netns", "del", &self.outside]);
         sh_quiet(NFT, &["delete", "table", "ip", FABRIC_TABLE]);
+        for prefix in ["10.0.0.0/8", "192.168.0.0/16", "fd00::/8"] {
+            sh_quiet(IP, &["route", "del", "unreachable", prefix]);
+        }
         for (family, from, table) in &self.rules {
             sh_quiet(IP, &[family, "rule", "del", "from", from, "table", table]);
         }
