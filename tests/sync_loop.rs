@@ -471,7 +471,7 @@ async fn a_resync_after_a_failed_sync_reports_no_drift() {
     // The failed change took effect in the kernel after all.
     let half_done = diff(&want, &before);
     agent.dataplane.tamper(|table| {
-        topoproxy::diff::apply_to(table, &half_done);
+        topoproxy::dataplane::op::apply_to(table, &half_done);
     });
     agent.resync().await;
     assert_eq!(agent.dataplane.table(), want);

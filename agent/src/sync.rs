@@ -15,10 +15,11 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use crate::dataplane::op::{apply_to, Op};
 use crate::dataplane::{
     error_chain, programmed_table, Dataplane, DataplaneError, ProgrammedService, ProgrammedTable,
 };
-use crate::diff::{apply_to, diff, Op, OpBatch};
+use crate::diff::{diff, OpBatch};
 use crate::healthcheck::{self, HealthCheckServers};
 use crate::model::{LocalityPolicy, Node, ServiceKey};
 use crate::planner::{plan, replan_service, PlanConfig};

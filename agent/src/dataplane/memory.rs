@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::diff::{apply_to, Op};
+use crate::dataplane::op::{apply_to, Op};
 
 use super::{Dataplane, DataplaneError, FailedOp, ProgrammedTable};
 

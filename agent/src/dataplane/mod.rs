@@ -7,6 +7,7 @@
 pub mod ebpf;
 pub mod ipvs;
 pub mod memory;
+pub mod op;
 pub mod programmed;
 
 use std::collections::BTreeSet;
@@ -18,7 +19,7 @@ pub use programmed::{
     TierScope, TierShares,
 };
 
-use crate::diff::Op;
+use crate::dataplane::op::Op;
 use crate::table::VsKey;
 
 /// Why a dataplane could not do what was asked.

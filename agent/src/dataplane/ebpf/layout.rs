@@ -30,10 +30,10 @@ use topoproxy_common::{self as abi, MAX_TIERS, MAX_TIER_BACKENDS, TIER_SHIFT};
 
 use super::lb_maps::{LbMaps, LbRead};
 use super::{convert, EbpfError};
+use crate::dataplane::op::{Destination, Op};
 use crate::dataplane::{
     error_chain, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
 };
-use crate::diff::{Destination, Op};
 use crate::table::VsKey;
 
 /// One backend in a slot, as the agent remembers it.

@@ -34,7 +34,7 @@ use aya::maps::MapError;
 use topoproxy_common::MAX_TIERS;
 use topoproxy_common::MAX_TIER_BACKENDS;
 
-use crate::diff::Op;
+use crate::dataplane::op::Op;
 use crate::table::VsKey;
 
 pub use list::{render_ipvsadm, ListedBackend, ListedService, Listing, ServiceCounters};

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use crate::diff::Op;
+use crate::dataplane::op::Op;
 use crate::table::{Frontend, VsKey};
 
 use super::drain::{self, DrainKey, Draining};
@@ -291,8 +291,8 @@ pub fn kernel_order(ops: &[Op], live: &[usize]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::op::Destination;
     use crate::dataplane::TierShares;
-    use crate::diff::Destination;
     use crate::model::Protocol;
     use crate::table::TrafficPolicy;
     use std::io;

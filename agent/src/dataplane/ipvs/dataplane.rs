@@ -20,11 +20,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use ipnetwork::IpNetwork;
 
+use crate::dataplane::op::{apply_to, Op};
 use crate::dataplane::{
     error_chain, Dataplane, DataplaneError, DestinationState, FailedOp, ProgrammedService,
     ProgrammedTable, ServiceConfig, TierShares,
 };
-use crate::diff::{apply_to, Op};
 use crate::table::{Frontend, TrafficPolicy, VsKey};
 
 use super::commands::{
