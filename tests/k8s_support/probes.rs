@@ -70,8 +70,11 @@ pub enum Answer {
     /// The text the server sent: `<name> <peer address>`.
     Answered(String),
     Refused,
+    /// Timed out, or an ICMP host/network unreachable came back: one outcome, since which of
+    /// the two a client sees for a packet sent towards an address nobody has depends on
+    /// whether the ICMP error is relayed back through an IPVS connection in time (the first
+    /// runs saw both, at random, through either twin).
     Unanswered,
-    Unreachable,
     Failed(String),
 }
 
@@ -91,8 +94,10 @@ pub fn ask_once(
 fn classify(error: &std::io::Error) -> Answer {
     match error.kind() {
         ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset => Answer::Refused,
-        ErrorKind::TimedOut | ErrorKind::WouldBlock => Answer::Unanswered,
-        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => Answer::Unreachable,
+        ErrorKind::TimedOut
+        | ErrorKind::WouldBlock
+        | ErrorKind::HostUnreachable
+        | ErrorKind::NetworkUnreachable => Answer::Unanswered,
         _ => Answer::Failed(format!("{:?}", error.kind())),
     }
 }
