@@ -23,7 +23,7 @@
 //!   digest, SHA256SUMS (see `release.rs`).
 //! - `fuzz`: every fuzz target in `fuzz/` for a bounded time; fails on a crash (see `fuzz.rs`).
 //! - `demo`: the example cluster on this machine with real traffic through the eBPF dataplane
-//!   (see `demo.rs`).
+//!   (see `demo/`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
