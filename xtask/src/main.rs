@@ -3,7 +3,7 @@
 //! - `bench-sync`: the end-to-end sync benchmarks. Runs the in-process bench (initial sync,
 //!   event-to-dataplane latency) and then the agent as its own process against the fake API
 //!   server, to measure its resident memory at scale.
-//! - `vm-setup`: installs QEMU and the guest tools, fetches the Debian kernels (see `vm.rs`).
+//! - `vm-setup`: installs QEMU and the guest tools, fetches the Debian kernels (see `vm/`).
 //! - `vm-test`: boots each kernel in QEMU, runs the smoke test, then every `vm_*` test target
 //!   in one boot per kernel (see `vmtest.rs`).
 //! - `vm-run`: boots one kernel with a prepared share and runs its `run.sh`.
