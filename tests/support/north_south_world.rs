@@ -44,6 +44,7 @@ macro_rules! every_check {
             a_changed_device_address_becomes_the_snat_source_after_the_next_sync,
             two_nodes_balance_their_own_node_ports_and_answer_through_themselves,
             drops_are_logged_with_the_service_once_switched_on,
+            the_snat_range_is_kept_from_the_nodes_ephemeral_ports_until_cleanup,
         );
 
         #[test]
@@ -1088,6 +1089,60 @@ pub fn a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing() {
     );
     let error = world.tcp(NODE, NODE_PORT).expect_err("no more NodePort");
     assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// The node namespace's reserved ports, as the kernel prints them.
+fn reserved_ports(world: &World) -> String {
+    within(&world.node, || {
+        std::fs::read_to_string(RESERVED_PORTS)
+            .expect("read ip_local_reserved_ports")
+            .trim()
+            .to_owned()
+    })
+}
+
+/// The SNAT range joins what the node reserved, so a widened `ip_local_port_range` never
+/// hands one of its ports to a node socket; cleanup gives back only the range.
+pub fn the_snat_range_is_kept_from_the_nodes_ephemeral_ports_until_cleanup() {
+    let world = World::new();
+    within(&world.node, || {
+        std::fs::write(RESERVED_PORTS, "8080\n").expect("reserve the node's own port");
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535\n")
+            .expect("widen the ephemeral range");
+    });
+    let (dataplane, _) = world.attach(world.open());
+    let (min, max) = north_south::NorthSouthSettings::default().snat_ports;
+    assert_eq!(reserved_ports(&world), format!("8080,{min}-{max}"));
+
+    // The SNAT range is 7 % of the widened one: without the reservation, 500 ephemeral
+    // binds all missing it has a chance of 0.93^500.
+    let in_range = within(&world.node, move || {
+        let sockets: Vec<UdpSocket> = (0..500)
+            .map(|_| UdpSocket::bind((NODE, 0)).expect("ephemeral bind"))
+            .collect();
+        sockets
+            .iter()
+            .map(|socket| socket.local_addr().expect("local address").port())
+            .filter(|port| (min..=max).contains(port))
+            .collect::<Vec<u16>>()
+    });
+    assert_eq!(
+        in_range,
+        Vec::<u16>::new(),
+        "ephemeral ports in the SNAT range"
+    );
+
+    drop(dataplane);
+    let settings = world.settings.clone();
+    let report = within(&world.node, move || cleanup(&settings).expect("cleanup"));
+    assert_eq!(report.released_snat_ports, Some((min, max)));
+    assert_eq!(
+        reserved_ports(&world),
+        "8080",
+        "the node's own reservation stays"
+    );
 }
 
 /// The body of the `dataplane_owner_process` helper test (see [`Owner`]).

@@ -12,7 +12,8 @@
 //! - [`list`]: what `topoproxy list` shows, and [`inspect`]: reading it from the pins without
 //!   writing (the `topoproxy list` command);
 //! - [`loader`]: loading, attaching, pinning, adopting and removing the programs;
-//! - [`north_south`]: the tc programs for traffic from outside the node;
+//! - [`north_south`]: the tc programs for traffic from outside the node, and
+//!   [`reserved_ports`]: their SNAT range kept out of the node's ephemeral ports;
 //! - [`udp_sockets`]: destroying connected UDP sockets sent to a removed backend.
 
 mod convert;
@@ -24,6 +25,7 @@ mod list;
 pub mod loader;
 mod maps;
 pub mod north_south;
+pub mod reserved_ports;
 mod udp_sockets;
 
 use std::future::Future;

@@ -30,7 +30,9 @@ use aya::{Ebpf, EbpfLoader};
 use topoproxy_common::north_south::{self as abi, Config, Device, DEFAULT_SNAT_PORTS};
 use topoproxy_common::MAPS_DIR;
 
-use super::{convert, loader, EbpfError};
+use super::{convert, loader, reserved_ports, EbpfError};
+use crate::dataplane::error_chain;
+use crate::dataplane::ipvs::sysctl::Sysctls;
 
 /// The tc programs and where each attaches.
 pub const PROGRAMS: [(&str, TcAttachType); 2] = [
@@ -138,7 +140,9 @@ pub fn attach(
         let mut map = HashMap::try_from(map).map_err(map_error("open"))?;
         write_devices(&mut map, &devices)?;
     }
+    let previous = snat_ports_of(&mut ebpf);
     write_config(&mut ebpf, settings.snat_ports)?;
+    reserve_snat_ports(previous, settings.snat_ports);
     let netlink = uses_netlink();
     let mut report = NorthSouthReport {
         interfaces: devices.iter().map(|d| d.name.clone()).collect(),
@@ -381,6 +385,42 @@ fn write_devices<T: BorrowMut<MapData>>(
         map.remove(&ifindex).map_err(map_error("remove"))?;
     }
     Ok(())
+}
+
+/// The SNAT range the pinned config holds (`None` before the first attach: all zero).
+fn snat_ports_of(ebpf: &mut Ebpf) -> Option<(u16, u16)> {
+    let map = ebpf.map_mut(abi::maps::CONFIG)?;
+    let map: Array<&mut MapData, Config> = Array::try_from(map).ok()?;
+    let config = map.get(&0, 0).ok()?;
+    (config.snat_port_max != 0).then_some((config.snat_port_min, config.snat_port_max))
+}
+
+/// The SNAT range the pinned config of `pin_dir` holds, for `topoproxy cleanup`.
+pub fn pinned_snat_ports(pin_dir: &Path) -> Option<(u16, u16)> {
+    let path = pin_dir.join(MAPS_DIR).join(abi::maps::CONFIG);
+    let pinned = MapData::from_pin(&path).ok()?;
+    let map: Array<MapData, Config> = Array::try_from(Map::Array(pinned)).ok()?;
+    let config = map.get(&0, 0).ok()?;
+    (config.snat_port_max != 0).then_some((config.snat_port_min, config.snat_port_max))
+}
+
+/// Keeps the SNAT range out of the node's ephemeral ports ([`reserved_ports`]), releasing a
+/// range an earlier configuration reserved. A failure (a read-only `/proc/sys`) is logged:
+/// SNAT works without it, only a widened `ip_local_port_range` may then collide.
+fn reserve_snat_ports(previous: Option<(u16, u16)>, range: (u16, u16)) {
+    let sysctls = Sysctls::proc();
+    if let Some(previous) = previous.filter(|previous| *previous != range) {
+        if let Err(error) = reserved_ports::release(&sysctls, previous) {
+            tracing::warn!(error = %error_chain(&error), "releasing the former SNAT port range failed");
+        }
+    }
+    if let Err(error) = reserved_ports::reserve(&sysctls, range) {
+        tracing::warn!(
+            error = %error_chain(&error),
+            "the SNAT port range is not reserved: a node socket given one of its ports by a \
+             widened ip_local_port_range can collide with SNATed flows"
+        );
+    }
 }
 
 fn write_config(ebpf: &mut Ebpf, (min, max): (u16, u16)) -> Result<(), EbpfError> {
