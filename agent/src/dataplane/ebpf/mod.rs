@@ -154,6 +154,8 @@ pub enum EbpfError {
     LogReader(#[source] Box<aya_log::Error>),
     #[error("network interface {0:?} does not exist")]
     NoInterface(String),
+    #[error("{0} cluster CIDRs given; the tc programs hold at most {max}", max = topoproxy_common::north_south::MAX_CLUSTER_CIDRS)]
+    TooManyClusterCidrs(usize),
 }
 
 /// The eBPF dataplane. Dropping it leaves everything pinned and attached.
