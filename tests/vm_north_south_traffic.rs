@@ -44,9 +44,17 @@ fn the_attach_path_follows_the_kernel() {
         kernel_version() < (6, 6),
         "kernel {:?} attached through {}",
         kernel_version(),
-        if report.netlink { "netlink filters" } else { "tcx" }
+        if report.netlink {
+            "netlink filters"
+        } else {
+            "tcx"
+        }
     );
     if !report.netlink {
-        assert_eq!(world.tcx_programs(), 4, "one tcx link per device and direction");
+        assert_eq!(
+            world.tcx_programs(),
+            4,
+            "one tcx link per device and direction"
+        );
     }
 }
