@@ -152,7 +152,7 @@ impl UdpTerminator {
         if removed.is_empty() {
             return Ok(Terminated::default());
         }
-        let Some(ids) = self.kernel_ids()? else {
+        let Some(ids) = self.kernel_ids() else {
             return Ok(Terminated::default());
         };
         let namespaces = network_namespaces()?;
@@ -181,25 +181,26 @@ impl UdpTerminator {
         })
     }
 
-    fn kernel_ids(&mut self) -> Result<Option<KernelIds>, SockDestroyError> {
+    /// The kernel's ids, probed once; `None` (said once in the log) when it has no kfunc.
+    fn kernel_ids(&mut self) -> Option<KernelIds> {
         match self.support {
-            Support::Available(ids) => Ok(Some(ids)),
-            Support::Missing => Ok(None),
+            Support::Available(ids) => Some(ids),
+            Support::Missing => None,
             Support::Unprobed => match KernelIds::probe() {
                 Ok(ids) => {
                     self.support = Support::Available(ids);
-                    Ok(Some(ids))
+                    Some(ids)
                 }
-                Err(error @ SockDestroyError::Unsupported(_)) => {
+                // No kfunc (before 6.5) or no kernel BTF to find it by: said once.
+                Err(error) => {
                     tracing::warn!(
                         error = %crate::dataplane::error_chain(&error),
                         "connected UDP sockets keep a removed backend until the application \
                          reconnects: this kernel cannot destroy them (bpf_sock_destroy, 6.5+)"
                     );
                     self.support = Support::Missing;
-                    Ok(None)
+                    None
                 }
-                Err(error) => Err(error),
             },
         }
     }
