@@ -16,6 +16,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/host.rs"]
 mod host;
 
@@ -377,6 +379,7 @@ fn client_process() {
     setns(Path::new(netns));
     let stdin = std::io::stdin();
     let mut held: Vec<TcpStream> = Vec::new();
+    let mut held_udp: Vec<(UdpSocket, SocketAddr)> = Vec::new();
     for line in stdin.lock().lines() {
         let line = line.expect("read command");
         let words: Vec<&str> = line.split_whitespace().collect();
@@ -415,6 +418,21 @@ fn client_process() {
                 Ok((name, from)) => format!("ok {name} {from}"),
                 Err(error) => format!("err {error}"),
             },
+            // A connected UDP socket kept open, as a DNS client or statsd holds one.
+            ["udpkeep", ip, port] => match udp_keep(&target(ip, port)) {
+                Ok((socket, name)) => {
+                    held_udp.push((socket, target(ip, port)));
+                    format!("ok {name} {}", held_udp.len() - 1)
+                }
+                Err(error) => format!("err {error}"),
+            },
+            ["udpagain", index] => {
+                let (socket, vip) = &held_udp[index.parse::<usize>().expect("index")];
+                match udp_again(socket, vip) {
+                    Ok((name, how)) => format!("ok {name} {how}"),
+                    Err(error) => format!("err {error}"),
+                }
+            }
             // Connects until the file `stop` exists: the test ends the loop when it has seen
             // what it waits for, however slow the machine (a minute at most, for a test
             // that dies without stopping it).
@@ -576,6 +594,53 @@ fn udp_name(address: &SocketAddr, connected: bool) -> std::io::Result<(String, S
         socket.recv_from(&mut buf)?
     };
     Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+}
+
+/// A connected UDP socket and the backend that answered its first datagram.
+fn udp_keep(address: &SocketAddr) -> std::io::Result<(UdpSocket, String)> {
+    let bind: SocketAddr = if address.is_ipv4() {
+        "0.0.0.0:0".parse().expect("any")
+    } else {
+        "[::]:0".parse().expect("any")
+    };
+    let socket = UdpSocket::bind(bind)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.connect(address)?;
+    socket.send(b"who")?;
+    let mut buf = [0u8; 64];
+    let len = socket.recv(&mut buf)?;
+    Ok((socket, String::from_utf8_lossy(&buf[..len]).into_owned()))
+}
+
+/// The next datagram on a kept socket, as a well-behaved client sends it: a destroyed socket
+/// is disconnected (a send fails with `EDESTADDRREQ`) and reports `ECONNABORTED` once (on a
+/// receive), and the client connects again. The answering backend and `same` or
+/// `reconnected`.
+fn udp_again(socket: &UdpSocket, vip: &SocketAddr) -> std::io::Result<(String, &'static str)> {
+    let mut buf = [0u8; 64];
+    let mut how = "same";
+    // At most: the send that finds the socket disconnected, the abort reported after the
+    // reconnect, the answer.
+    for _ in 0..3 {
+        let attempt = socket.send(b"who").and_then(|_| socket.recv(&mut buf));
+        match attempt {
+            Ok(len) => return Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), how)),
+            Err(error)
+                if how == "same"
+                    && matches!(
+                        error.raw_os_error(),
+                        Some(libc::ECONNABORTED) | Some(libc::EDESTADDRREQ)
+                    ) =>
+            {
+                how = "reconnected";
+                socket.connect(vip)?;
+            }
+            // The abort may surface only at the receive after the reconnect.
+            Err(error) if error.raw_os_error() == Some(libc::ECONNABORTED) => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Err(std::io::Error::other("no answer after reconnecting"))
 }
 
 /// One unconnected socket asks two addresses before reading either reply; the replies as
@@ -886,6 +951,67 @@ fn tiers_take_their_shares_and_an_emptied_tier_spills_on_the_very_next_connect()
         BTreeSet::from([0, 1]),
         "both shared tiers are listed as serving"
     );
+}
+
+/// Whether the kernel has `bpf_sock_destroy` (6.5+), which connected UDP sockets need to
+/// follow backend removals.
+fn kernel_destroys_sockets() -> bool {
+    aya::Btf::from_sys_fs().is_ok_and(|btf| {
+        btf.id_by_type_name_kind("bpf_sock_destroy", aya_obj::btf::BtfKind::Func)
+            .is_ok()
+    })
+}
+
+#[test]
+fn connected_udp_sockets_follow_a_removed_backend_and_others_stay() {
+    const TEST: &str = "connected_udp_sockets_follow_a_removed_backend_and_others_stay";
+    if !kernel_destroys_sockets() {
+        harness::skip(TEST, "the kernel has no bpf_sock_destroy (6.5+)");
+        return;
+    }
+    capture_logs();
+    let world = World::new();
+    let mut dataplane = world.open();
+    let both = [(T0A, 0), (T0B, 0)];
+    let mut table = ProgrammedTable::new();
+    for vip in [VIP4, VIP6] {
+        service(&mut table, Protocol::Udp, vip, &both, None);
+    }
+    // A second Service on the same backends that keeps them: its sockets stay.
+    let other4 = "10.96.213.20";
+    service(&mut table, Protocol::Udp, other4, &both, None);
+    sync(&mut dataplane, &table);
+    let mut client = world.client();
+
+    for vip in [VIP4, VIP6] {
+        let answer = client.ask(&format!("udpkeep {vip} {PORT}"));
+        let (first, index) = parse_pair(&answer);
+        let staying = parse_pair(&client.ask(&format!("udpkeep {other4} {PORT}")));
+        let removed = if first == T0A.name { T0A } else { T0B };
+        let live = if first == T0A.name { T0B } else { T0A };
+
+        let mut after = table.clone();
+        service(&mut after, Protocol::Udp, vip, &[(live, 0)], None);
+        sync(&mut dataplane, &after);
+
+        // The removed backend's server still answers: only the dataplane can move the
+        // socket.
+        let (name, how) = parse_pair(&client.ask(&format!("udpagain {index}")));
+        assert_eq!(
+            (name.as_str(), how.as_str()),
+            (live.name, "reconnected"),
+            "{vip}: the connected socket kept sending to {} after its removal; log: {:?}",
+            removed.name,
+            log_lines_with("UDP sockets")
+        );
+        let (name, how) = parse_pair(&client.ask(&format!("udpagain {}", staying.1)));
+        assert_eq!(
+            (name.as_str(), how.as_str()),
+            (staying.0.as_str(), "same"),
+            "a socket of another Service that keeps the backend was destroyed"
+        );
+        sync(&mut dataplane, &table);
+    }
 }
 
 #[test]

@@ -503,6 +503,38 @@ async fn a_failing_dataplane_is_retried_and_reported() {
     agent.stop().await;
 }
 
+/// The end of a sync (eBPF: the map switch, the tc attach) that fails is retried with backoff,
+/// without an event and long before the sync period.
+#[tokio::test(start_paused = true)]
+async fn a_failed_end_of_sync_is_retried_with_backoff() {
+    let store = example();
+    let agent = Running::start(Duration::ZERO, Duration::from_secs(60));
+    agent.dataplane.fail_next_synced(2);
+    agent.list(&store).await;
+    agent
+        .eventually("the failure is reported", |a| {
+            a.state
+                .health
+                .status(SystemTime::now())
+                .reason
+                .is_some_and(|r| r.contains("injected synced failure"))
+        })
+        .await;
+    // `eventually` gives up after 10 s, a sixth of the sync period.
+    agent
+        .eventually("synced retried until it succeeds", |a| {
+            a.dataplane.synced_calls() >= 3
+        })
+        .await;
+    agent
+        .eventually("healthy again", |a| {
+            a.state.health.status(SystemTime::now()).healthy
+        })
+        .await;
+    assert!(metric(&agent.state, "topoproxy_dataplane_errors_total").unwrap_or(0.0) >= 2.0);
+    agent.stop().await;
+}
+
 #[tokio::test]
 async fn a_restart_over_a_programmed_dataplane_changes_nothing() {
     let store = example();

@@ -320,6 +320,9 @@ pub fn resolve(
     if scheduler.trim().is_empty() {
         return Err(ConfigError::EmptyScheduler);
     }
+    // IPVS mode's nft rule and eBPF mode's tc path masquerade by the same settings.
+    let masquerade_all = flags.masquerade_all.or(file.masquerade_all);
+    let cluster_cidrs = cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?;
     Ok(RunSettings {
         kubeconfig: flags.kubeconfig.or(file.kubeconfig),
         node_name,
@@ -375,11 +378,8 @@ pub fn resolve(
                 flags.ipvs_exclude_cidrs.or(file.ipvs_exclude_cidrs),
             )?,
             nft: NftSettings {
-                masquerade_all: flags
-                    .masquerade_all
-                    .or(file.masquerade_all)
-                    .unwrap_or(false),
-                cluster_cidrs: cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?,
+                masquerade_all: masquerade_all.unwrap_or(false),
+                cluster_cidrs: cluster_cidrs.clone(),
             },
             strict_arp: flags
                 .ipvs_strict_arp
@@ -399,10 +399,16 @@ pub fn resolve(
                 .unwrap_or_else(|| EbpfSettings::default().pin_dir),
             cgroup_path: flags.cgroup_path.or(file.cgroup_path),
         },
-        north_south: north_south_settings(
-            flags.north_south_interfaces.or(file.north_south_interfaces),
-            flags.snat_port_range.or(file.snat_port_range),
-        )?,
+        north_south: NorthSouthSettings {
+            // The same rule as IPVS mode's nft masquerade, for ClusterIPs reached from
+            // outside the node through the tc path.
+            masquerade_all: masquerade_all.unwrap_or(false),
+            cluster_cidrs,
+            ..north_south_settings(
+                flags.north_south_interfaces.or(file.north_south_interfaces),
+                flags.snat_port_range.or(file.snat_port_range),
+            )?
+        },
     })
 }
 
@@ -423,6 +429,7 @@ fn north_south_settings(
                 north_south::parse_port_range(&text).ok_or(ConfigError::SnatPortRange(text))?
             }
         },
+        ..defaults
     })
 }
 

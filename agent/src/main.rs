@@ -428,6 +428,9 @@ fn cleanup(
             "detached {} program(s), unpinned {} object(s)",
             report.detached, report.unpinned
         );
+        if let Some((min, max)) = report.released_snat_ports {
+            println!("took the SNAT ports {min}-{max} out of net.ipv4.ip_local_reserved_ports");
+        }
         let filters = ebpf::north_south::detach_netlink_filters();
         if filters > 0 {
             println!("removed {filters} north-south tc filter(s)");

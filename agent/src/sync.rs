@@ -399,8 +399,12 @@ impl<D: Dataplane> SyncLoop<D> {
 
     /// Records a sync whose `changes` were all applied.
     async fn record_success(&mut self, started: Instant, changes: usize) {
+        // Not done until the dataplane finished it (eBPF: the map switch, the tc attach): a
+        // failure is retried with backoff like a failed apply, not left to the next event or
+        // the next resync.
         if let Err(error) = self.dataplane.synced().await {
-            tracing::error!(error = %error_chain(&error), "finishing the sync in the dataplane failed; retrying after the next one");
+            self.fail(started, &error);
+            return;
         }
         if !self.initial_sync_done {
             // The kernel writes since the start (failed attempts included): what this

@@ -24,6 +24,9 @@ pub mod maps {
     /// [`crate::north_south::AffinityKey`] → [`crate::AffinityValue`] (LRU):
     /// `sessionAffinity: ClientIP` for clients outside the node, keyed by their address.
     pub const AFFINITY: &str = "TP_NS_AFFINITY";
+    /// One [`crate::north_south::Masquerade`] (array of 1): kube-proxy's masquerade rule for
+    /// ClusterIPs reached from outside the node.
+    pub const MASQUERADE: &str = "TP_NS_MASQ";
 }
 
 /// Map sizes.
@@ -83,6 +86,34 @@ pub struct Config {
     pub _pad: u32,
 }
 
+/// Cluster CIDRs [`Masquerade`] holds at most (kube-proxy takes one per family).
+pub const MAX_CLUSTER_CIDRS: usize = 4;
+
+/// A CIDR, the address as it sits in a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: [u32; 4],
+    pub prefix_len: u8,
+    /// `crate::FAMILY_V4` or `crate::FAMILY_V6`; 0 for an unused slot.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Which ClusterIP flows from outside the node are SNATed when their backend is on another
+/// node, as kube-proxy's `KUBE-MARK-MASQ` for ClusterIPs (`pkg/proxy/ipvs/proxier.go`): every
+/// one under `--masquerade-all`, else those whose source is outside every `--cluster-cidr`
+/// (none when no cluster CIDR is set). An all-zero entry (before the agent writes it) SNATs
+/// none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Masquerade {
+    pub masquerade_all: u32,
+    /// How many of `cluster_cidrs` are set.
+    pub cidr_count: u32,
+    pub cluster_cidrs: [Cidr; MAX_CLUSTER_CIDRS],
+}
+
 /// SNAT ports unless configured: above Linux's default ephemeral range (32768–60999), so a
 /// translated flow never takes a 4-tuple the node's own sockets could use.
 pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61_000, 65_535);
@@ -137,6 +168,7 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowNat {}
     unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Masquerade {}
 }
 
 const _: () = {
@@ -146,4 +178,6 @@ const _: () = {
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<FlowNat>() == 48);
     assert!(size_of::<AffinityKey>() == 24);
+    assert!(size_of::<Cidr>() == 20);
+    assert!(size_of::<Masquerade>() == 8 + 20 * MAX_CLUSTER_CIDRS);
 };

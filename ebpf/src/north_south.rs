@@ -4,7 +4,9 @@
 //! - `tp_ns_ingress` looks a packet up as a reply from a remote backend (to a SNAT port), then
 //!   as a tracked client flow, then as a new flow to a Service frontend in the socket path's
 //!   own `TP_SERVICES` / `TP_BACKENDS` (same tier and slot choice, same counters). Anything
-//!   else — SSH to the node, ClusterIPs (the socket path's job), fragments — passes untouched.
+//!   else — SSH to the node, fragments — passes untouched. A ClusterIP arriving from outside
+//!   (a routed or advertised service CIDR) is balanced too; the node's own processes reach
+//!   ClusterIPs at the socket, so none of theirs comes here.
 //! - A new flow gets its backend by tier as a connect does (the same `TierView` draw) (`sessionAffinity: ClientIP` keyed
 //!   by the client's address), is DNATed and handed to the stack, which routes it to a local
 //!   pod or off the node. `externalTrafficPolicy: Local` Services hold only node-local tiers,
@@ -41,7 +43,8 @@ use aya_log_ebpf::{info, warn};
 use topoproxy_common::{
     flags, log_events,
     north_south::{
-        direction, limits, nat, AffinityKey, Config, Device, FlowKey, FlowNat, DEFAULT_SNAT_PORTS,
+        direction, limits, nat, AffinityKey, Config, Device, FlowKey, FlowNat, Masquerade,
+        DEFAULT_SNAT_PORTS, MAX_CLUSTER_CIDRS,
     },
     AffinityValue, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, TIER_SHIFT,
 };
@@ -73,6 +76,9 @@ static TP_NS_DEVICES: HashMap<u32, Device> = HashMap::pinned(limits::DEVICES, 0)
 
 #[map]
 static TP_NS_CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map]
+static TP_NS_MASQ: Array<Masquerade> = Array::pinned(1, 0);
 
 #[map]
 static TP_NS_CT: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(limits::CONNTRACK, 0);
@@ -294,10 +300,6 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
     let Some(service) = (unsafe { TP_SERVICES.get(key) }) else {
         return NEXT;
     };
-    // ClusterIPs are balanced at the socket; only NodePorts, externalIPs and LB IPs here.
-    if service.flags & flags::FRONTEND_MASK == 0 {
-        return NEXT;
-    }
     // The socket path's tier view: the same draw by share, the same fallback.
     let tiers = TierView::of(service);
     if tiers.nearest.is_none() {
@@ -312,9 +314,57 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
         return DROP;
     }
     chosen.service_id = service.id;
-    // Local policy: the tiers hold only node-local backends and the client's address stays.
-    chosen.snat_if_remote = service.flags & flags::TRAFFIC_POLICY_LOCAL == 0;
+    chosen.snat_if_remote = if service.flags & flags::FRONTEND_MASK == 0 {
+        // A ClusterIP routed to the node from outside (BGP-advertised service CIDR, a
+        // gateway node): kube-proxy's masquerade rule decides.
+        masquerades(packet)
+    } else {
+        // Local policy: the tiers hold only node-local backends and the client's address
+        // stays.
+        service.flags & flags::TRAFFIC_POLICY_LOCAL == 0
+    };
     CHOSEN
+}
+
+/// kube-proxy's `KUBE-MARK-MASQ` for a ClusterIP: everything under `--masquerade-all`, else
+/// a source outside every `--cluster-cidr` (none without one).
+// A BPF subprogram of its own: its stack frame is not added to the callers'.
+#[inline(never)]
+fn masquerades(packet: &Packet) -> bool {
+    let Some(masq) = TP_NS_MASQ.get(0) else {
+        return false;
+    };
+    if masq.masquerade_all != 0 {
+        return true;
+    }
+    if masq.cidr_count == 0 {
+        return false;
+    }
+    for cidr in masq.cluster_cidrs.iter().take(MAX_CLUSTER_CIDRS) {
+        if cidr.family == packet.family && in_cidr(&packet.src, &cidr.addr, cidr.prefix_len) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `addr` (network order words) is inside `prefix`/`len`.
+#[inline(always)]
+fn in_cidr(addr: &[u32; 4], prefix: &[u32; 4], len: u8) -> bool {
+    let mut left = u32::from(len);
+    for word in 0..4 {
+        let bits = if left >= 32 { 32 } else { left };
+        left -= bits;
+        let mask = if bits == 0 {
+            0
+        } else {
+            u32::MAX << (32 - bits)
+        };
+        if u32::from_be(addr[word]) & mask != u32::from_be(prefix[word]) & mask {
+            return false;
+        }
+    }
+    true
 }
 
 /// DNAT to the chosen backend and hand the packet to the stack. Tracks the client's flow,

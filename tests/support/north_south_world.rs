@@ -44,6 +44,8 @@ macro_rules! every_check {
             a_changed_device_address_becomes_the_snat_source_after_the_next_sync,
             two_nodes_balance_their_own_node_ports_and_answer_through_themselves,
             drops_are_logged_with_the_service_once_switched_on,
+            the_snat_range_is_kept_from_the_nodes_ephemeral_ports_until_cleanup,
+            a_cluster_ip_routed_to_the_node_from_outside_is_served_with_kube_proxys_masquerade,
         );
 
         #[test]
@@ -89,6 +91,8 @@ pub const REMOTE_NODE: &str = "10.78.0.2";
 pub const EXTERNAL_IP: &str = "10.77.100.10";
 /// A `status.loadBalancer.ingress` IP, routed to the node as a cloud load balancer would.
 pub const LB_IP: &str = "10.77.100.20";
+/// A ClusterIP; the client routes the service CIDR to the node, as a BGP-advertised one is.
+pub const CLUSTER_IP: &str = "10.96.77.10";
 pub const LOCAL_POD: &str = "10.244.1.10";
 pub const REMOTE_POD: &str = "10.244.2.10";
 pub const CLIENT6: &str = "fd77::2";
@@ -215,6 +219,7 @@ impl World {
              {IP} -n {n} addr add {NODE6}/64 dev {} nodad && \
              {IP} -n {c} route add fd77:100::/64 via {NODE6} && \
              {IP} -n {c} route add 10.244.0.0/16 via {NODE} && \
+             {IP} -n {c} route add 10.96.0.0/16 via {NODE} && \
              {IP} -n {c} route add 10.78.0.0/24 via {NODE}",
             self.uplink(),
             self.uplink(),
@@ -617,8 +622,8 @@ pub type Frontends<const N: usize> = [(
 ); N];
 
 /// The table every test programs: NodePorts (Cluster, Local, Local without a local endpoint,
-/// with affinity), an externalIP, a load-balancer IP, UDP, and a ClusterIP the tc path must
-/// leave alone.
+/// with affinity), an externalIP, a load-balancer IP, UDP, and a ClusterIP the client routes
+/// to the node.
 pub fn table() -> ProgrammedTable {
     use Frontend::*;
     use TrafficPolicy::*;
@@ -677,10 +682,9 @@ pub fn table() -> ProgrammedTable {
             Some(10_800),
             &[LOCAL_POD, REMOTE_POD],
         ),
-        // A ClusterIP on a node address's port: the socket path's job, not tc's.
         (
-            NODE,
-            NODE_SERVER_PORT + 1,
+            CLUSTER_IP,
+            EXTERNAL_PORT,
             ClusterIP,
             Cluster,
             None,
@@ -995,12 +999,32 @@ pub fn non_service_traffic_to_the_node_is_untouched() {
             .expect("the node's own server, IPv6"),
         pair("node", CLIENT6)
     );
-    // A ClusterIP entry is not a north-south frontend: the node's stack answers (nothing
-    // listens there, so it refuses) instead of a backend.
-    let error = world
-        .tcp(NODE, NODE_SERVER_PORT + 1)
-        .expect_err("ClusterIP entries are not balanced in tc");
-    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+}
+
+/// A ClusterIP routed to the node from outside (Calico BGP, kube-router, a gateway node) is
+/// served as kube-proxy serves it, with its masquerade rule: a source outside
+/// `--cluster-cidr` (or any, under `--masquerade-all`) is SNATed to a remote backend; a
+/// local backend sees the client (docs/parity.md).
+pub fn a_cluster_ip_routed_to_the_node_from_outside_is_served_with_kube_proxys_masquerade() {
+    let world = World::new();
+    let outside = NorthSouthSettings {
+        cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        ..NorthSouthSettings::default()
+    };
+    let (mut dataplane, _) = world.attach_with(world.open(), outside);
+    sync(&mut dataplane, &table());
+    let expected: BTreeSet<(String, String)> =
+        [pair("local", CLIENT), pair("remote", NODE_TO_REMOTE)].into();
+    assert_eq!(world.tcp_backends(CLUSTER_IP, EXTERNAL_PORT), expected);
+
+    // The client inside a cluster CIDR, but `--masquerade-all`: SNATed all the same.
+    let all = NorthSouthSettings {
+        cluster_cidrs: vec!["10.77.0.0/24".parse().expect("cidr")],
+        masquerade_all: true,
+        ..NorthSouthSettings::default()
+    };
+    let (_dataplane, _) = world.attach_with(dataplane, all);
+    assert_eq!(world.tcp_backends(CLUSTER_IP, EXTERNAL_PORT), expected);
 }
 
 pub fn ipv6_node_port_external_ip_and_local_policy() {
@@ -1088,6 +1112,60 @@ pub fn a_restart_swaps_programs_in_place_and_cleanup_leaves_nothing() {
     );
     let error = world.tcp(NODE, NODE_PORT).expect_err("no more NodePort");
     assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+}
+
+const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// The node namespace's reserved ports, as the kernel prints them.
+fn reserved_ports(world: &World) -> String {
+    within(&world.node, || {
+        std::fs::read_to_string(RESERVED_PORTS)
+            .expect("read ip_local_reserved_ports")
+            .trim()
+            .to_owned()
+    })
+}
+
+/// The SNAT range joins what the node reserved, so a widened `ip_local_port_range` never
+/// hands one of its ports to a node socket; cleanup gives back only the range.
+pub fn the_snat_range_is_kept_from_the_nodes_ephemeral_ports_until_cleanup() {
+    let world = World::new();
+    within(&world.node, || {
+        std::fs::write(RESERVED_PORTS, "8080\n").expect("reserve the node's own port");
+        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535\n")
+            .expect("widen the ephemeral range");
+    });
+    let (dataplane, _) = world.attach(world.open());
+    let (min, max) = north_south::NorthSouthSettings::default().snat_ports;
+    assert_eq!(reserved_ports(&world), format!("8080,{min}-{max}"));
+
+    // The SNAT range is 7 % of the widened one: without the reservation, 500 ephemeral
+    // binds all missing it has a chance of 0.93^500.
+    let in_range = within(&world.node, move || {
+        let sockets: Vec<UdpSocket> = (0..500)
+            .map(|_| UdpSocket::bind((NODE, 0)).expect("ephemeral bind"))
+            .collect();
+        sockets
+            .iter()
+            .map(|socket| socket.local_addr().expect("local address").port())
+            .filter(|port| (min..=max).contains(port))
+            .collect::<Vec<u16>>()
+    });
+    assert_eq!(
+        in_range,
+        Vec::<u16>::new(),
+        "ephemeral ports in the SNAT range"
+    );
+
+    drop(dataplane);
+    let settings = world.settings.clone();
+    let report = within(&world.node, move || cleanup(&settings).expect("cleanup"));
+    assert_eq!(report.released_snat_ports, Some((min, max)));
+    assert_eq!(
+        reserved_ports(&world),
+        "8080",
+        "the node's own reservation stays"
+    );
 }
 
 /// The body of the `dataplane_owner_process` helper test (see [`Owner`]).

@@ -22,6 +22,9 @@ struct Inner {
     ops_applied: u64,
     reads: u64,
     fail_next_applies: u32,
+    synced_calls: u64,
+    /// Plays a dataplane whose end-of-sync step (a map switch, a tc attach) fails.
+    fail_next_synced: u32,
     /// The node addresses it reports, as if it read them from a host.
     node_addresses: Option<BTreeSet<IpAddr>>,
     /// Plays a dataplane that cannot enforce `loadBalancerSourceRanges`.
@@ -94,6 +97,16 @@ impl Dataplane for MemoryDataplane {
     ) -> impl std::future::Future<Output = Option<Result<BTreeSet<IpAddr>, DataplaneError>>> + Send
     {
         std::future::ready(lock(&self.inner).node_addresses.clone().map(Ok))
+    }
+
+    async fn synced(&mut self) -> Result<(), DataplaneError> {
+        let mut inner = lock(&self.inner);
+        inner.synced_calls += 1;
+        if inner.fail_next_synced > 0 {
+            inner.fail_next_synced -= 1;
+            return Err(DataplaneError::read(self.name, "injected synced failure"));
+        }
+        Ok(())
     }
 
     async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
@@ -180,6 +193,16 @@ impl MemoryHandle {
     /// Makes the next `count` apply calls fail entirely.
     pub fn fail_next_applies(&self, count: u32) {
         lock(&self.inner).fail_next_applies = count;
+    }
+
+    /// Makes the next `count` `synced` calls (the end of a successful sync) fail.
+    pub fn fail_next_synced(&self, count: u32) {
+        lock(&self.inner).fail_next_synced = count;
+    }
+
+    /// Number of `synced` calls so far.
+    pub fn synced_calls(&self) -> u64 {
+        lock(&self.inner).synced_calls
     }
 
     /// Reports `addresses` as the node's own from the next sync on (`None`: no host view,

@@ -562,6 +562,8 @@ pub struct CleanupReport {
     pub detached: usize,
     /// Pins removed (links, programs, maps).
     pub unpinned: usize,
+    /// The SNAT range taken out of `ip_local_reserved_ports`, if the tc programs had one.
+    pub released_snat_ports: Option<(u16, u16)>,
 }
 
 /// Detaches every program of ours and removes the pin directory with all its pins. Safe to
@@ -571,6 +573,17 @@ pub fn cleanup(settings: &EbpfSettings) -> Result<CleanupReport, EbpfError> {
     let mut report = CleanupReport::default();
     if !settings.pin_dir.is_dir() {
         return Ok(report);
+    }
+    // Read before the maps go; the reservation is ours only while the programs SNAT.
+    if let Some(range) = super::north_south::pinned_snat_ports(&settings.pin_dir) {
+        let sysctls = crate::dataplane::ipvs::sysctl::Sysctls::proc();
+        match super::reserved_ports::release(&sysctls, range) {
+            Ok(_) => report.released_snat_ports = Some(range),
+            Err(error) => tracing::warn!(
+                error = %crate::dataplane::error_chain(&error),
+                "taking the SNAT port range out of ip_local_reserved_ports failed"
+            ),
+        }
     }
     let mut paths: Vec<PathBuf> = read_dir(&settings.pin_dir)?
         .iter()

@@ -21,7 +21,7 @@ use crate::kernel_writes;
 pub(crate) struct PinnedMaps {
     pub(super) services: HashMap<MapData, abi::ServiceKey, abi::Service>,
     pub(super) backends: HashMap<MapData, abi::BackendKey, abi::Backend>,
-    #[allow(dead_code)] // Written by the programs only; kept open for inspection in tests.
+    /// Written by the programs; read to find the sockets sent to a removed backend.
     pub(super) rev_nat: HashMap<MapData, abi::RevNatKey, abi::Endpoint>,
     #[allow(dead_code)]
     pub(super) affinity: HashMap<MapData, abi::AffinityKey, abi::AffinityValue>,

@@ -12,7 +12,9 @@
 //! - [`list`]: what `topoproxy list` shows, and [`inspect`]: reading it from the pins without
 //!   writing (the `topoproxy list` command);
 //! - [`loader`]: loading, attaching, pinning, adopting and removing the programs;
-//! - [`north_south`]: the tc programs for traffic from outside the node.
+//! - [`north_south`]: the tc programs for traffic from outside the node, and
+//!   [`reserved_ports`]: their SNAT range kept out of the node's ephemeral ports;
+//! - [`udp_sockets`]: destroying connected UDP sockets sent to a removed backend.
 
 mod convert;
 pub mod datapath_log;
@@ -23,6 +25,8 @@ mod list;
 pub mod loader;
 mod maps;
 pub mod north_south;
+pub mod reserved_ports;
+mod udp_sockets;
 
 use std::future::Future;
 use std::io;
@@ -150,6 +154,8 @@ pub enum EbpfError {
     LogReader(#[source] Box<aya_log::Error>),
     #[error("network interface {0:?} does not exist")]
     NoInterface(String),
+    #[error("{0} cluster CIDRs given; the tc programs hold at most {max}", max = topoproxy_common::north_south::MAX_CLUSTER_CIDRS)]
+    TooManyClusterCidrs(usize),
 }
 
 /// The eBPF dataplane. Dropping it leaves everything pinned and attached.
@@ -170,6 +176,7 @@ pub struct EbpfDataplane {
     log_reader: Option<LogReader>,
     /// The tc programs' own log ring buffer (loaded apart from the socket programs).
     north_south_log_reader: Option<LogReader>,
+    udp_terminator: udp_sockets::UdpTerminator,
 }
 
 /// The north-south programs as the dataplane knows them.
@@ -195,6 +202,7 @@ impl EbpfDataplane {
             names: None,
             log_reader: None,
             north_south_log_reader: None,
+            udp_terminator: udp_sockets::UdpTerminator::default(),
         })
     }
 
@@ -341,12 +349,50 @@ impl EbpfDataplane {
     }
 
     fn apply_sync(&mut self, ops: &[Op]) -> Result<(), DataplaneError> {
+        // Read before the apply forgets a deleted service's backends.
+        let removed = udp_sockets::removed_udp_pairs(ops, |key| self.backends_of(key));
         let result = self
             .layout
             .apply(&mut self.maps, ops)
             .map_err(|failures| DataplaneError::apply_failures(NAME, ops, failures));
         self.refresh_ids();
+        self.terminate_udp_sockets(&removed);
         result
+    }
+
+    /// Every backend of `key` in the agent's copy.
+    fn backends_of(&self, key: &VsKey) -> Vec<(IpAddr, u16)> {
+        self.layout
+            .entries()
+            .filter(|(entry_key, _)| *entry_key == key)
+            .flat_map(|(_, entry)| entry.tiers().iter().flatten())
+            .map(|slot| (slot.address, slot.port))
+            .collect()
+    }
+
+    /// After the maps no longer hold them: sockets sent to removed UDP backends reconnect
+    /// to live ones. A failure is logged; the sync itself succeeded.
+    fn terminate_udp_sockets(
+        &mut self,
+        removed: &std::collections::HashSet<udp_sockets::RemovedPair>,
+    ) {
+        let rev_nat = &self.maps.rev_nat;
+        match self
+            .udp_terminator
+            .terminate(removed, |key| rev_nat.get(key, 0).ok())
+        {
+            Ok(done) if done.sockets > 0 => tracing::info!(
+                sockets = done.sockets,
+                namespaces = done.namespaces,
+                "destroyed connected UDP sockets of removed backends"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(
+                error = %error_chain(&error),
+                "destroying connected UDP sockets of removed backends failed; they keep \
+                 sending there until the application reconnects"
+            ),
+        }
     }
 
     /// The table read back from the maps.

@@ -27,10 +27,15 @@ use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType, TcHandle};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
-use topoproxy_common::north_south::{self as abi, Config, Device, DEFAULT_SNAT_PORTS};
+use ipnetwork::IpNetwork;
+use topoproxy_common::north_south::{
+    self as abi, Cidr, Config, Device, Masquerade, DEFAULT_SNAT_PORTS,
+};
 use topoproxy_common::MAPS_DIR;
 
-use super::{convert, loader, EbpfError};
+use super::{convert, loader, reserved_ports, EbpfError};
+use crate::dataplane::error_chain;
+use crate::dataplane::ipvs::sysctl::Sysctls;
 
 /// The tc programs and where each attaches.
 pub const PROGRAMS: [(&str, TcAttachType); 2] = [
@@ -62,6 +67,10 @@ pub struct NorthSouthSettings {
     pub interfaces: Interfaces,
     /// SNAT source ports (inclusive) for flows to remote backends.
     pub snat_ports: (u16, u16),
+    /// `--masquerade-all`: SNAT every ClusterIP flow from outside to a remote backend.
+    pub masquerade_all: bool,
+    /// `--cluster-cidr`: ClusterIP flows from outside these are SNATed (kube-proxy's rule).
+    pub cluster_cidrs: Vec<IpNetwork>,
 }
 
 impl Default for NorthSouthSettings {
@@ -69,8 +78,43 @@ impl Default for NorthSouthSettings {
         Self {
             interfaces: Interfaces::Auto,
             snat_ports: DEFAULT_SNAT_PORTS,
+            masquerade_all: false,
+            cluster_cidrs: Vec::new(),
         }
     }
+}
+
+/// The tc programs' masquerade entry for `settings` (kube-proxy takes at most one CIDR per
+/// family; more than [`abi::MAX_CLUSTER_CIDRS`] are refused).
+pub fn masquerade_value(settings: &NorthSouthSettings) -> Result<Masquerade, EbpfError> {
+    if settings.cluster_cidrs.len() > abi::MAX_CLUSTER_CIDRS {
+        return Err(EbpfError::TooManyClusterCidrs(settings.cluster_cidrs.len()));
+    }
+    let mut value = Masquerade {
+        masquerade_all: u32::from(settings.masquerade_all),
+        cidr_count: settings.cluster_cidrs.len() as u32,
+        ..Masquerade::default()
+    };
+    for (slot, cidr) in value.cluster_cidrs.iter_mut().zip(&settings.cluster_cidrs) {
+        let endpoint = convert::endpoint(cidr.network(), 0);
+        *slot = Cidr {
+            addr: endpoint.addr,
+            prefix_len: cidr.prefix(),
+            family: endpoint.family,
+            _pad: [0; 2],
+        };
+    }
+    Ok(value)
+}
+
+fn write_masquerade(ebpf: &mut Ebpf, settings: &NorthSouthSettings) -> Result<(), EbpfError> {
+    let value = masquerade_value(settings)?;
+    let map = ebpf
+        .map_mut(abi::maps::MASQUERADE)
+        .ok_or(EbpfError::MissingMap(abi::maps::MASQUERADE))?;
+    let mut map: Array<&mut MapData, Masquerade> =
+        Array::try_from(map).map_err(map_error("open"))?;
+    map.set(0, value, 0).map_err(map_error("set"))
 }
 
 /// What [`attach`] did.
@@ -138,7 +182,10 @@ pub fn attach(
         let mut map = HashMap::try_from(map).map_err(map_error("open"))?;
         write_devices(&mut map, &devices)?;
     }
+    let previous = snat_ports_of(&mut ebpf);
     write_config(&mut ebpf, settings.snat_ports)?;
+    write_masquerade(&mut ebpf, settings)?;
+    reserve_snat_ports(previous, settings.snat_ports);
     let netlink = uses_netlink();
     let mut report = NorthSouthReport {
         interfaces: devices.iter().map(|d| d.name.clone()).collect(),
@@ -383,6 +430,42 @@ fn write_devices<T: BorrowMut<MapData>>(
     Ok(())
 }
 
+/// The SNAT range the pinned config holds (`None` before the first attach: all zero).
+fn snat_ports_of(ebpf: &mut Ebpf) -> Option<(u16, u16)> {
+    let map = ebpf.map_mut(abi::maps::CONFIG)?;
+    let map: Array<&mut MapData, Config> = Array::try_from(map).ok()?;
+    let config = map.get(&0, 0).ok()?;
+    (config.snat_port_max != 0).then_some((config.snat_port_min, config.snat_port_max))
+}
+
+/// The SNAT range the pinned config of `pin_dir` holds, for `topoproxy cleanup`.
+pub fn pinned_snat_ports(pin_dir: &Path) -> Option<(u16, u16)> {
+    let path = pin_dir.join(MAPS_DIR).join(abi::maps::CONFIG);
+    let pinned = MapData::from_pin(&path).ok()?;
+    let map: Array<MapData, Config> = Array::try_from(Map::Array(pinned)).ok()?;
+    let config = map.get(&0, 0).ok()?;
+    (config.snat_port_max != 0).then_some((config.snat_port_min, config.snat_port_max))
+}
+
+/// Keeps the SNAT range out of the node's ephemeral ports ([`reserved_ports`]), releasing a
+/// range an earlier configuration reserved. A failure (a read-only `/proc/sys`) is logged:
+/// SNAT works without it, only a widened `ip_local_port_range` may then collide.
+fn reserve_snat_ports(previous: Option<(u16, u16)>, range: (u16, u16)) {
+    let sysctls = Sysctls::proc();
+    if let Some(previous) = previous.filter(|previous| *previous != range) {
+        if let Err(error) = reserved_ports::release(&sysctls, previous) {
+            tracing::warn!(error = %error_chain(&error), "releasing the former SNAT port range failed");
+        }
+    }
+    if let Err(error) = reserved_ports::reserve(&sysctls, range) {
+        tracing::warn!(
+            error = %error_chain(&error),
+            "the SNAT port range is not reserved: a node socket given one of its ports by a \
+             widened ip_local_port_range can collide with SNATed flows"
+        );
+    }
+}
+
 fn write_config(ebpf: &mut Ebpf, (min, max): (u16, u16)) -> Result<(), EbpfError> {
     let map = ebpf
         .map_mut(abi::maps::CONFIG)
@@ -567,6 +650,36 @@ mod tests {
         for bad in ["", " , ", "a/b", "averyveryverylongname0"] {
             assert_eq!(parse_interfaces(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn masquerade_entries_follow_kube_proxys_settings() {
+        let settings = NorthSouthSettings {
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().expect("cidr"),
+                "fd00:10:244::/56".parse().expect("cidr"),
+            ],
+            ..NorthSouthSettings::default()
+        };
+        let value = masquerade_value(&settings).expect("value");
+        assert_eq!((value.masquerade_all, value.cidr_count), (0, 2));
+        assert_eq!(
+            value.cluster_cidrs[0].addr[0].to_ne_bytes(),
+            [10, 244, 0, 0]
+        );
+        assert_eq!(value.cluster_cidrs[0].prefix_len, 16);
+        assert_eq!(value.cluster_cidrs[1].prefix_len, 56);
+        assert_eq!(value.cluster_cidrs[1].family, topoproxy_common::FAMILY_V6);
+        let all = NorthSouthSettings {
+            masquerade_all: true,
+            ..NorthSouthSettings::default()
+        };
+        assert_eq!(masquerade_value(&all).expect("value").masquerade_all, 1);
+        let many = NorthSouthSettings {
+            cluster_cidrs: vec!["10.0.0.0/8".parse().expect("cidr"); 5],
+            ..NorthSouthSettings::default()
+        };
+        assert!(masquerade_value(&many).is_err());
     }
 
     #[test]

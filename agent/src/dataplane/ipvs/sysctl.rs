@@ -274,7 +274,12 @@ fn write_value(name: &str, value: &str, path: &Path) -> Result<(), SysctlError> 
         .write(true)
         .truncate(true)
         .open(path)
-        .and_then(|mut file| file.write_all(value.as_bytes()));
+        // An empty write changes nothing: an empty list sysctl (`ip_local_reserved_ports`)
+        // is cleared by a lone newline, as `echo > file` does.
+        .and_then(|mut file| {
+            let bytes = if value.is_empty() { "\n" } else { value };
+            file.write_all(bytes.as_bytes())
+        });
     result.map_err(|source| {
         let read_only = matches!(
             source.raw_os_error(),

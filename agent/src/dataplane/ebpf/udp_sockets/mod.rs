@@ -1,0 +1,372 @@
+//! Connected UDP sockets follow backend removals.
+//!
+//! The socket programs translate a connected UDP socket once, at `connect()`, so without help
+//! it keeps sending to its backend after the backend left the Service (the eBPF form of
+//! kubernetes#19029, which IPVS mode handles by flushing conntrack). After an apply that
+//! removed UDP backends the agent destroys the sockets its programs sent from a VIP to a
+//! removed backend of that VIP, as Cilium's socket termination does:
+//!
+//! 1. [`removed_udp_pairs`] (pure): the (VIP, backend) pairs the ops remove;
+//! 2. per network namespace on the node, a sock_diag dump of connected UDP sockets
+//!    ([`diag`]), kept when `TP_REV_NAT` says our program sent that socket from a removed
+//!    pair's VIP to its backend ([`doomed_cookies`], pure): a socket connected to the pod IP
+//!    itself, or sent there through another Service, is left alone;
+//! 3. an `iter/udp` program calling `bpf_sock_destroy` on those cookies ([`iter`]).
+//!
+//! The application sees `ECONNABORTED` on its next receive (or `EDESTADDRREQ` on its next
+//! send: the socket is disconnected), and a new `connect()` reaches a live backend.
+//!
+//! # Minimum kernel version
+//!
+//! `bpf_sock_destroy` is in 6.5 and later. Before that the agent says so once in its log and
+//! connected UDP sockets keep their backend until the application reconnects (README,
+//! docs/migrating-from-kube-proxy.md).
+
+mod diag;
+mod iter;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+
+use topoproxy_common::{Endpoint, RevNatKey};
+
+use super::convert::endpoint;
+use crate::diff::Op;
+use crate::model::Protocol;
+use crate::table::VsKey;
+
+use diag::ConnectedUdp;
+pub use iter::SockDestroyError;
+use iter::{DestroyIterator, KernelIds, MAX_COOKIES};
+
+/// A VIP and a backend taken out of it.
+pub(super) type RemovedPair = (Endpoint, Endpoint);
+
+/// The (VIP, backend) pairs of UDP services that `ops` remove: deleted destinations, and
+/// every backend of a deleted service (`backends_of` gives them, read before the apply).
+pub(super) fn removed_udp_pairs(
+    ops: &[Op],
+    backends_of: impl Fn(&VsKey) -> Vec<(IpAddr, u16)>,
+) -> HashSet<RemovedPair> {
+    let mut removed = HashSet::new();
+    for op in ops {
+        let service = op.service();
+        if service.protocol != Protocol::Udp {
+            continue;
+        }
+        let vip = endpoint(service.address, service.port);
+        match op {
+            Op::DeleteDestination { destination, .. } => {
+                removed.insert((vip, endpoint(destination.address, destination.port)));
+            }
+            Op::DeleteService { key } => {
+                for (address, port) in backends_of(key) {
+                    removed.insert((vip, endpoint(address, port)));
+                }
+            }
+            _ => {}
+        }
+    }
+    removed
+}
+
+/// The cookies of `sockets` that our programs sent from a VIP to a backend removed from it.
+/// `vip_of` reads `TP_REV_NAT`: (socket cookie, backend) → the VIP the socket asked for.
+fn doomed_cookies(
+    sockets: &[ConnectedUdp],
+    removed: &HashSet<RemovedPair>,
+    vip_of: impl Fn(&RevNatKey) -> Option<Endpoint>,
+) -> Vec<u64> {
+    let mut doomed = Vec::new();
+    for socket in sockets {
+        for backend in peer_endpoints(socket.peer) {
+            let key = RevNatKey {
+                cookie: socket.cookie,
+                backend,
+                _pad: 0,
+            };
+            if vip_of(&key).is_some_and(|vip| removed.contains(&(vip, backend))) {
+                doomed.push(socket.cookie);
+                break;
+            }
+        }
+    }
+    doomed
+}
+
+/// The peer as the programs may have recorded it: an IPv6 socket sent to an IPv4 backend
+/// reports a v4-mapped peer, which the programs translated as IPv4.
+fn peer_endpoints(peer: SocketAddr) -> Vec<Endpoint> {
+    let mut endpoints = vec![endpoint(peer.ip(), peer.port())];
+    if let IpAddr::V6(v6) = peer.ip() {
+        if let Some(v4) = v6.to_ipv4_mapped() {
+            endpoints.push(endpoint(IpAddr::V4(v4), peer.port()));
+        }
+    }
+    endpoints
+}
+
+/// What one termination pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Terminated {
+    /// Network namespaces whose sockets were looked at.
+    pub namespaces: usize,
+    /// Sockets destroyed (matched by cookie; one that closed meanwhile counts too).
+    pub sockets: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Support {
+    Unprobed,
+    Available(KernelIds),
+    /// Said once in the log.
+    Missing,
+}
+
+/// Destroys the node's connected UDP sockets that were sent to removed backends.
+#[derive(Debug)]
+pub(super) struct UdpTerminator {
+    support: Support,
+}
+
+impl Default for UdpTerminator {
+    fn default() -> Self {
+        Self {
+            support: Support::Unprobed,
+        }
+    }
+}
+
+impl UdpTerminator {
+    /// Destroys, in every network namespace of the node, the connected UDP sockets sent from
+    /// a VIP to a backend of `removed`. Does nothing (after one log line) on kernels without
+    /// `bpf_sock_destroy`.
+    pub fn terminate(
+        &mut self,
+        removed: &HashSet<RemovedPair>,
+        vip_of: impl Fn(&RevNatKey) -> Option<Endpoint>,
+    ) -> Result<Terminated, SockDestroyError> {
+        if removed.is_empty() {
+            return Ok(Terminated::default());
+        }
+        let Some(ids) = self.kernel_ids() else {
+            return Ok(Terminated::default());
+        };
+        let namespaces = network_namespaces()?;
+        let mut doomed: Vec<(&File, Vec<u64>)> = Vec::new();
+        for netns in namespaces.values() {
+            let sockets =
+                in_netns(netns, diag::connected_udp_sockets)?.map_err(SockDestroyError::Diag)?;
+            let cookies = doomed_cookies(&sockets, removed, &vip_of);
+            if !cookies.is_empty() {
+                doomed.push((netns, cookies));
+            }
+        }
+        let all: Vec<u64> = doomed.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+        let mut iterators = Vec::new();
+        for chunk in all.chunks(MAX_COOKIES) {
+            iterators.push(DestroyIterator::load(ids, chunk)?);
+        }
+        for (netns, _) in &doomed {
+            for iterator in &iterators {
+                in_netns(netns, || iterator.run_here())??;
+            }
+        }
+        Ok(Terminated {
+            namespaces: namespaces.len(),
+            sockets: all.len(),
+        })
+    }
+
+    /// The kernel's ids, probed once; `None` (said once in the log) when it has no kfunc.
+    fn kernel_ids(&mut self) -> Option<KernelIds> {
+        match self.support {
+            Support::Available(ids) => Some(ids),
+            Support::Missing => None,
+            Support::Unprobed => match KernelIds::probe() {
+                Ok(ids) => {
+                    self.support = Support::Available(ids);
+                    Some(ids)
+                }
+                // No kfunc (before 6.5) or no kernel BTF to find it by: said once.
+                Err(error) => {
+                    tracing::warn!(
+                        error = %crate::dataplane::error_chain(&error),
+                        "connected UDP sockets keep a removed backend until the application \
+                         reconnects: this kernel cannot destroy them (bpf_sock_destroy, 6.5+)"
+                    );
+                    self.support = Support::Missing;
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// One open handle per network namespace of the node's threads (a thread may have joined
+/// one its process's leader is not in), keyed by (device, inode) so each is visited once;
+/// the handles keep them alive while we work.
+fn network_namespaces() -> Result<BTreeMap<(u64, u64), File>, SockDestroyError> {
+    let proc_error = |source| SockDestroyError::Netns {
+        path: "/proc".to_owned(),
+        source,
+    };
+    let mut namespaces = BTreeMap::new();
+    let own = File::open("/proc/self/ns/net").map_err(proc_error)?;
+    let meta = own.metadata().map_err(proc_error)?;
+    namespaces.insert((meta.dev(), meta.ino()), own);
+    for process in std::fs::read_dir("/proc").map_err(proc_error)? {
+        let Ok(process) = process else { continue };
+        if !is_number(&process.file_name()) {
+            continue;
+        }
+        // A process or thread may exit while we look: skip it.
+        let Ok(threads) = std::fs::read_dir(process.path().join("task")) else {
+            continue;
+        };
+        for thread in threads.flatten() {
+            let Ok(file) = File::open(thread.path().join("ns/net")) else {
+                continue;
+            };
+            let Ok(meta) = file.metadata() else { continue };
+            namespaces.entry((meta.dev(), meta.ino())).or_insert(file);
+        }
+    }
+    Ok(namespaces)
+}
+
+fn is_number(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|name| !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Runs `work` on a thread that joined `netns` (setns affects the calling thread only).
+fn in_netns<T: Send>(netns: &File, work: impl FnOnce() -> T + Send) -> Result<T, SockDestroyError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on a namespace file we hold open; this thread only.
+                let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
+                if rc != 0 {
+                    return Err(SockDestroyError::Netns {
+                        path: format!("fd {}", netns.as_raw_fd()),
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                Ok(work())
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(SockDestroyError::Netns {
+                    path: format!("fd {}", netns.as_raw_fd()),
+                    source: std::io::Error::other("the namespace thread panicked"),
+                })
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diff::Destination;
+
+    fn destination(address: &str, port: u16) -> Destination {
+        Destination {
+            address: address.parse().expect("ip"),
+            port,
+            weight: 1,
+            tier: 0,
+            local: false,
+        }
+    }
+
+    fn key(protocol: Protocol, vip: &str, port: u16) -> VsKey {
+        VsKey::new(protocol, vip.parse().expect("ip"), port)
+    }
+
+    fn ep(address: &str, port: u16) -> Endpoint {
+        endpoint(address.parse().expect("ip"), port)
+    }
+
+    #[test]
+    fn udp_removals_and_deleted_udp_services_name_their_pairs_and_nothing_else() {
+        let dns = key(Protocol::Udp, "10.96.0.10", 53);
+        let gone = key(Protocol::Udp, "10.96.0.11", 53);
+        let tcp = key(Protocol::Tcp, "10.96.0.10", 53);
+        let ops = [
+            Op::DeleteDestination {
+                service: dns,
+                destination: destination("10.1.0.5", 5353),
+            },
+            Op::AddDestination {
+                service: dns,
+                destination: destination("10.1.0.6", 5353),
+            },
+            Op::DeleteDestination {
+                service: tcp,
+                destination: destination("10.1.0.7", 53),
+            },
+            Op::DeleteService { key: gone },
+            Op::EditDestination {
+                service: dns,
+                destination: destination("10.1.0.9", 5353),
+            },
+        ];
+        let removed = removed_udp_pairs(&ops, |key| {
+            if *key == gone {
+                vec![("10.1.0.8".parse().expect("ip"), 53)]
+            } else {
+                Vec::new()
+            }
+        });
+        let expected: HashSet<RemovedPair> = [
+            (ep("10.96.0.10", 53), ep("10.1.0.5", 5353)),
+            (ep("10.96.0.11", 53), ep("10.1.0.8", 53)),
+        ]
+        .into();
+        assert_eq!(removed, expected);
+    }
+
+    #[test]
+    fn only_sockets_sent_from_that_vip_to_the_removed_backend_are_doomed() {
+        let vip = ep("10.96.0.10", 53);
+        let other_vip = ep("10.96.0.99", 53);
+        let removed: HashSet<RemovedPair> = [(vip, ep("10.1.0.5", 5353))].into();
+        let sockets = [
+            // Sent through the VIP: doomed.
+            ConnectedUdp {
+                cookie: 1,
+                peer: "10.1.0.5:5353".parse().expect("addr"),
+            },
+            // Connected to the pod IP itself: no reverse entry.
+            ConnectedUdp {
+                cookie: 2,
+                peer: "10.1.0.5:5353".parse().expect("addr"),
+            },
+            // Sent there through another Service that keeps the backend.
+            ConnectedUdp {
+                cookie: 3,
+                peer: "10.1.0.5:5353".parse().expect("addr"),
+            },
+            // An IPv6 socket sent to the IPv4 VIP: a v4-mapped peer.
+            ConnectedUdp {
+                cookie: 4,
+                peer: "[::ffff:10.1.0.5]:5353".parse().expect("addr"),
+            },
+            // Another backend.
+            ConnectedUdp {
+                cookie: 5,
+                peer: "10.1.0.6:5353".parse().expect("addr"),
+            },
+        ];
+        let doomed = doomed_cookies(&sockets, &removed, |key| match key.cookie {
+            1 | 4 | 5 => Some(vip),
+            3 => Some(other_vip),
+            _ => None,
+        });
+        assert_eq!(doomed, vec![1, 4]);
+    }
+}
