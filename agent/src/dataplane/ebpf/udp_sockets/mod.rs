@@ -34,7 +34,7 @@ use std::os::unix::fs::MetadataExt;
 use topoproxy_common::{Endpoint, RevNatKey};
 
 use super::convert::endpoint;
-use crate::diff::Op;
+use crate::dataplane::op::Op;
 use crate::model::Protocol;
 use crate::table::VsKey;
 
