@@ -271,7 +271,7 @@ fn in_netns<T: Send>(netns: &File, work: impl FnOnce() -> T + Send) -> Result<T,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diff::Destination;
+    use crate::dataplane::op::Destination;
 
     fn destination(address: &str, port: u16) -> Destination {
         Destination {
