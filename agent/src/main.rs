@@ -19,6 +19,8 @@ use topoproxy::planner::{self, explain, PlanConfig};
 use topoproxy::render;
 use topoproxy::source::file;
 
+mod node_setup;
+
 /// Exit status for a request that cannot be served as asked (bad usage, unknown node),
 /// as distinct from a failure while serving it.
 const EXIT_USAGE: u8 = 2;
@@ -263,9 +265,17 @@ fn run(command: Command) -> Result<(), Failure> {
 }
 
 fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result<(), Failure> {
-    let file = match config_file {
-        Some(path) => config::read_config_file(path)
-            .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?,
+    let usage = |e: config::ConfigError| Failure::Usage(format!("{:#}", anyhow::Error::from(e)));
+    let loaded = match config_file {
+        Some(path) => Some(config::read_config_file(path).map_err(usage)?),
+        None => None,
+    };
+    let not_applied = match &loaded {
+        Some(config::ConfigFile::KubeProxy(translation)) => translation.not_applied.clone(),
+        _ => Vec::new(),
+    };
+    let file = match loaded {
+        Some(loaded) => loaded.into_options(&flags).map_err(usage)?,
         None => RunOptions::default(),
     };
     let fallbacks = NodeNameFallbacks {
@@ -276,6 +286,19 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
         .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
     let crash_after = topoproxy::kernel_writes::crash_point_from_env().map_err(Failure::Usage)?;
     init_logging(settings.log_format);
+    if config_file.is_some() && !not_applied.is_empty() {
+        tracing::info!(
+            fields = %not_applied
+                .iter()
+                .map(|n| format!("{} ({})", n.field, n.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+            "kube-proxy configuration: fields accepted that do not apply to topoproxy"
+        );
+    }
+    if settings.proxy_mode != ProxyMode::DryRun {
+        node_setup::apply(&settings).map_err(Failure::Error)?;
+    }
     topoproxy::heap::limit_arenas();
     // Armed once the dataplane is set up: the writes counted are those of syncs.
     let arm_crash_point = move || {
