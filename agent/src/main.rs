@@ -296,9 +296,6 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
             "kube-proxy configuration: fields accepted that do not apply to topoproxy"
         );
     }
-    if settings.proxy_mode != ProxyMode::DryRun {
-        node_setup::apply(&settings).map_err(Failure::Error)?;
-    }
     topoproxy::heap::limit_arenas();
     // Armed once the dataplane is set up: the writes counted are those of syncs.
     let arm_crash_point = move || {
@@ -320,6 +317,8 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                 let dataplane = IpvsDataplane::new(settings.ipvs.clone())
                     .await
                     .context("starting the IPVS dataplane")?;
+                // After the dataplane: its nftables table has loaded nf_conntrack.
+                node_setup::apply(&settings)?;
                 arm_crash_point();
                 serve(settings, dataplane).await
             }
@@ -348,6 +347,7 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     Some(report) => ebpf::north_south::log_report(&report),
                     None => tracing::info!("north-south tc programs wait for the first sync"),
                 }
+                node_setup::apply(&settings)?;
                 arm_crash_point();
                 serve(settings, dataplane).await
             }

@@ -1,4 +1,4 @@
-//! What `topoproxy run` sets on the node before any dataplane, as kube-proxy does at start
+//! What `topoproxy run` sets on the node once its dataplane is set up, as kube-proxy does at start
 //! (its `platformSetup` and `oom_score_adj`): the conntrack sysctls and the agent's own OOM
 //! score. Dry-run touches neither.
 
