@@ -314,6 +314,14 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
     runtime.block_on(async move {
         match settings.proxy_mode {
             ProxyMode::Ipvs => {
+                if settings.ipvs.nft.cluster_cidrs.is_empty() && !settings.ipvs.nft.masquerade_all {
+                    // kube-proxy warns the same way when detectLocalMode ClusterCIDR has no CIDR.
+                    tracing::warn!(
+                        "no cluster-cidr: ClusterIP traffic from outside the pod network is not \
+                         masqueraded, only node traffic whose source is the VIP; set cluster-cidr \
+                         (kube-proxy's clusterCIDR) to the pod CIDRs"
+                    );
+                }
                 let dataplane = IpvsDataplane::new(settings.ipvs.clone())
                     .await
                     .context("starting the IPVS dataplane")?;
