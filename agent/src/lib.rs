@@ -17,6 +17,7 @@ pub mod heap;
 pub mod http;
 pub mod kernel_writes;
 pub mod metrics;
+pub mod migrate_check;
 pub mod model;
 pub mod node_addresses;
 pub mod planner;

@@ -24,6 +24,8 @@ mod node_setup;
 /// Exit status for a request that cannot be served as asked (bad usage, unknown node),
 /// as distinct from a failure while serving it.
 const EXIT_USAGE: u8 = 2;
+/// Exit status of `migrate-check` when a blocker was found: not safe to cut over.
+const EXIT_NOT_SAFE: u8 = 3;
 
 /// `topoproxy --version`: the release and the git revision it was built from (`unknown` when
 /// built outside a git checkout without `TOPOPROXY_GIT_REVISION`; see build.rs).
@@ -130,6 +132,15 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/topoproxy")]
         bpf_pin_dir: PathBuf,
     },
+    /// Read-only pre-flight before replacing kube-proxy: reads the kube-system/kube-proxy
+    /// ConfigMap and DaemonSet, every Service and Node, and prints what topoproxy will do
+    /// differently or cannot do. Exit status 0: safe to cut over; 3: a blocker was found.
+    MigrateCheck {
+        /// Kubeconfig file (needs get on ConfigMaps and DaemonSets in kube-system, list on
+        /// Services and Nodes); else in-cluster, else the usual inference.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Remove everything topoproxy programmed on this node.
     Cleanup {
         /// The dataplane to clean up.
@@ -167,6 +178,8 @@ enum KernelMode {
 enum Failure {
     Usage(String),
     Error(anyhow::Error),
+    /// `migrate-check` found a blocker (the report is already printed).
+    NotSafe,
 }
 
 impl From<anyhow::Error> for Failure {
@@ -187,6 +200,7 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+        Err(Failure::NotSafe) => ExitCode::from(EXIT_NOT_SAFE),
     }
 }
 
@@ -206,6 +220,7 @@ fn init_logging(format: LogFormat) {
 fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run { config, options } => run_agent(config.as_deref(), *options),
+        Command::MigrateCheck { kubeconfig } => migrate_check(kubeconfig.as_deref()),
         Command::List {
             proxy_mode,
             bpf_pin_dir,
@@ -388,6 +403,30 @@ async fn serve<D: Dataplane + 'static>(
         .await
         .context("running the agent")?;
     Ok(())
+}
+
+fn migrate_check(kubeconfig: Option<&Path>) -> Result<(), Failure> {
+    use topoproxy::migrate_check;
+    init_logging(LogFormat::Text);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let inputs = runtime.block_on(async {
+        let client = kube_client(kubeconfig)
+            .await
+            .context("connecting to the Kubernetes API")?;
+        migrate_check::fetch(&client)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    let findings = migrate_check::check(&inputs);
+    print!("{}", migrate_check::render(&findings));
+    if migrate_check::safe(&findings) {
+        Ok(())
+    } else {
+        Err(Failure::NotSafe)
+    }
 }
 
 fn datapath_log(events: &str, per_second: u32, pin_dir: &Path) -> Result<(), Failure> {
