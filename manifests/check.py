@@ -64,7 +64,7 @@ CONFIG_KEYS = {
     "ipvs-tcp-timeout", "ipvs-tcpfin-timeout", "ipvs-udp-timeout", "conntrack-max-per-core",
     "conntrack-min", "conntrack-tcp-timeout-established", "conntrack-tcp-timeout-close-wait",
     "conntrack-tcp-be-liberal", "conntrack-udp-timeout", "conntrack-udp-timeout-stream",
-    "oom-score-adj",
+    "oom-score-adj", "detect-local-mode", "pod-bridge-interface", "pod-interface-name-prefix",
 }
 PROXY_MODES = {"ipvs", "ebpf", "dry-run"}
 RBAC_ALLOWED = {

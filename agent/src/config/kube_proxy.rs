@@ -544,12 +544,37 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
                 options.cluster_cidr = Some(cidrs.to_owned());
             }
         }
-        other @ ("NodeCIDR" | "BridgeInterface" | "InterfaceNamePrefix") => {
+        "NodeCIDR" => {
             return Err(refuse(
                 "detectLocalMode",
-                other,
-                "not implemented in topoproxy yet: only ClusterCIDR (with clusterCIDR) decides which traffic is local",
+                "NodeCIDR",
+                "not implemented in topoproxy yet: use ClusterCIDR (with clusterCIDR), BridgeInterface or InterfaceNamePrefix",
             ))
+        }
+        mode @ ("BridgeInterface" | "InterfaceNamePrefix") => {
+            let detect_local = config.detect_local.clone().unwrap_or_default();
+            let (field, value) = if mode == "BridgeInterface" {
+                ("detectLocal.bridgeInterface", detect_local.bridge_interface)
+            } else {
+                (
+                    "detectLocal.interfaceNamePrefix",
+                    detect_local.interface_name_prefix,
+                )
+            };
+            let name = value.unwrap_or_default();
+            if !crate::dataplane::ipvs::nft::LocalInterface::valid_name(&name) {
+                return Err(refuse(
+                    field,
+                    &name,
+                    format!("detectLocalMode {mode} needs an interface name (1 to 15 characters, no space, quote, slash or *)"),
+                ));
+            }
+            options.detect_local_mode = Some(mode.to_owned());
+            if mode == "BridgeInterface" {
+                options.pod_bridge_interface = Some(name);
+            } else {
+                options.pod_interface_name_prefix = Some(name);
+            }
         }
         other => {
             return Err(refuse(
@@ -560,8 +585,10 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
         }
     }
     if let Some(detect_local) = &config.detect_local {
-        if set_string(&detect_local.bridge_interface).is_some()
-            || set_string(&detect_local.interface_name_prefix).is_some()
+        let mode = config.detect_local_mode.as_deref().unwrap_or("");
+        if (mode != "BridgeInterface" && set_string(&detect_local.bridge_interface).is_some())
+            || (mode != "InterfaceNamePrefix"
+                && set_string(&detect_local.interface_name_prefix).is_some())
         {
             skip(
                 "detectLocal.bridgeInterface/interfaceNamePrefix",

@@ -19,7 +19,7 @@ use crate::dataplane::conntrack_sysctls::ConntrackSettings;
 use crate::dataplane::ebpf::north_south::{self, NorthSouthSettings};
 use crate::dataplane::ebpf::EbpfSettings;
 use crate::dataplane::ipvs::netlink::IpvsTimeouts;
-use crate::dataplane::ipvs::nft::NftSettings;
+use crate::dataplane::ipvs::nft::{LocalInterface, NftSettings};
 use crate::dataplane::ipvs::IpvsSettings;
 use crate::model::LocalityPolicy;
 use crate::planner::PlanConfig;
@@ -131,6 +131,18 @@ pub struct RunOptions {
     /// masqueraded.
     #[arg(long)]
     pub cluster_cidr: Option<String>,
+    /// IPVS mode: how pod traffic is told from the rest for ClusterIP masquerade: ClusterCIDR
+    /// (by --cluster-cidr), BridgeInterface (arrives on --pod-bridge-interface) or
+    /// InterfaceNamePrefix (on interfaces named --pod-interface-name-prefix*); NodeCIDR is not
+    /// built yet [default: ClusterCIDR].
+    #[arg(long)]
+    pub detect_local_mode: Option<String>,
+    /// The pods' bridge, with --detect-local-mode BridgeInterface.
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The prefix of the pods' interfaces, with --detect-local-mode InterfaceNamePrefix.
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
     /// IPVS mode: comma-separated CIDRs whose IPVS services topoproxy never touches.
     #[arg(long)]
     pub ipvs_exclude_cidrs: Option<String>,
@@ -276,6 +288,12 @@ pub enum ConfigError {
     },
     #[error(transparent)]
     KubeProxyRefused(#[from] kube_proxy::Refused),
+    #[error("{setting}: {value:?}: {reason}")]
+    DetectLocal {
+        setting: &'static str,
+        value: String,
+        reason: &'static str,
+    },
     #[error("{setting}: {value} is not within -1000..1000")]
     OomScoreAdj { setting: &'static str, value: i32 },
     #[error("{setting}: {value:?} is not a CIDR (use e.g. 10.244.0.0/16)")]
@@ -478,6 +496,13 @@ pub fn resolve(
                     .or(file.masquerade_all)
                     .unwrap_or(false),
                 cluster_cidrs: cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?,
+                local_interface: local_interface(
+                    flags.detect_local_mode.or(file.detect_local_mode),
+                    flags.pod_bridge_interface.or(file.pod_bridge_interface),
+                    flags
+                        .pod_interface_name_prefix
+                        .or(file.pod_interface_name_prefix),
+                )?,
             },
             strict_arp: flags
                 .ipvs_strict_arp
@@ -562,6 +587,47 @@ pub fn resolve(
             flags.snat_port_range.or(file.snat_port_range),
         )?,
     })
+}
+
+/// kube-proxy's `--detect-local-mode` and the interface it names.
+fn local_interface(
+    mode: Option<String>,
+    bridge: Option<String>,
+    prefix: Option<String>,
+) -> Result<Option<LocalInterface>, ConfigError> {
+    let named = |setting: &'static str, value: Option<String>| {
+        let value = value.unwrap_or_default();
+        if LocalInterface::valid_name(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::DetectLocal {
+                setting,
+                value,
+                reason: "not an interface name (1 to 15 characters, no space, quote, slash or *)",
+            })
+        }
+    };
+    match mode.as_deref().unwrap_or("ClusterCIDR") {
+        "ClusterCIDR" | "" => Ok(None),
+        "BridgeInterface" => Ok(Some(LocalInterface::Bridge(named(
+            "pod-bridge-interface",
+            bridge,
+        )?))),
+        "InterfaceNamePrefix" => Ok(Some(LocalInterface::NamePrefix(named(
+            "pod-interface-name-prefix",
+            prefix,
+        )?))),
+        "NodeCIDR" => Err(ConfigError::DetectLocal {
+            setting: "detect-local-mode",
+            value: "NodeCIDR".to_owned(),
+            reason: "not built yet: use ClusterCIDR with the pod CIDRs, BridgeInterface or InterfaceNamePrefix",
+        }),
+        other => Err(ConfigError::DetectLocal {
+            setting: "detect-local-mode",
+            value: other.to_owned(),
+            reason: "not one of ClusterCIDR, BridgeInterface, InterfaceNamePrefix, NodeCIDR",
+        }),
+    }
 }
 
 /// An IPVS timeout in whole seconds (kube-proxy truncates to seconds too); unset is 0.
@@ -883,6 +949,62 @@ mod tests {
         let settings =
             resolve(blank, RunOptions::default(), fallbacks(None, Some("h"))).expect("resolves");
         assert_eq!(settings.plan.cluster_id, None);
+    }
+
+    #[test]
+    fn detect_local_mode_flags_choose_the_interface_or_say_why_not() {
+        use crate::dataplane::ipvs::nft::LocalInterface;
+        let resolved = |mode: &str, bridge: Option<&str>, prefix: Option<&str>| {
+            resolve(
+                RunOptions {
+                    detect_local_mode: Some(mode.to_owned()),
+                    pod_bridge_interface: bridge.map(str::to_owned),
+                    pod_interface_name_prefix: prefix.map(str::to_owned),
+                    ..RunOptions::default()
+                },
+                RunOptions::default(),
+                fallbacks(None, Some("h")),
+            )
+        };
+        let settings = resolved("BridgeInterface", Some("cbr0"), None).expect("resolves");
+        assert_eq!(
+            settings.ipvs.nft.local_interface,
+            Some(LocalInterface::Bridge("cbr0".to_owned()))
+        );
+        let settings = resolved("InterfaceNamePrefix", None, Some("cali")).expect("resolves");
+        assert_eq!(
+            settings.ipvs.nft.local_interface,
+            Some(LocalInterface::NamePrefix("cali".to_owned()))
+        );
+        assert_eq!(
+            resolved("ClusterCIDR", Some("cbr0"), None)
+                .expect("resolves")
+                .ipvs
+                .nft
+                .local_interface,
+            None
+        );
+        for (mode, bridge, expected) in [
+            (
+                "BridgeInterface",
+                None,
+                "pod-bridge-interface: \"\": not an interface name",
+            ),
+            (
+                "BridgeInterface",
+                Some("x\" ; flush"),
+                "pod-bridge-interface",
+            ),
+            (
+                "NodeCIDR",
+                None,
+                "detect-local-mode: \"NodeCIDR\": not built yet",
+            ),
+            ("Sideways", None, "detect-local-mode: \"Sideways\""),
+        ] {
+            let error = resolved(mode, bridge, None).expect_err(mode).to_string();
+            assert!(error.starts_with(expected), "{error}");
+        }
     }
 
     #[test]

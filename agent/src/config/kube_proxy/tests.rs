@@ -308,9 +308,13 @@ fn each_refused_field_is_named_with_its_reason() {
         ("mode: ipvs\ndetectLocalMode: NodeCIDR\n", "detectLocalMode"),
         (
             "mode: ipvs\ndetectLocalMode: BridgeInterface\n",
-            "detectLocalMode",
+            "detectLocal.bridgeInterface",
         ),
         ("mode: ipvs\ndetectLocalMode: Sideways\n", "detectLocalMode"),
+        (
+            "mode: ipvs\ndetectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: \"ve th\"\n",
+            "detectLocal.interfaceNamePrefix",
+        ),
         ("mode: ipvs\nbindAddress: 10.0.0.5\n", "bindAddress"),
         ("mode: ipvs\nbindAddress: here\n", "bindAddress"),
         (
@@ -467,4 +471,43 @@ fn topoproxys_own_format_is_not_taken_for_kube_proxys() {
     assert!(is_kube_proxy_configuration(
         "apiVersion: kubeproxy.config.k8s.io/v1alpha2\n"
     ));
+}
+
+#[test]
+fn interface_detectors_become_the_nft_test_for_pod_traffic() {
+    use crate::dataplane::ipvs::nft::LocalInterface;
+    let bridge = settings_of(
+        &header("mode: ipvs\nclusterCIDR: 10.244.0.0/16\ndetectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: cbr0\n  interfaceNamePrefix: veth\n"),
+        RunOptions::default(),
+    );
+    assert_eq!(
+        bridge.ipvs.nft.local_interface,
+        Some(LocalInterface::Bridge("cbr0".to_owned()))
+    );
+    let prefix = settings_of(
+        &header("mode: ipvs\ndetectLocalMode: InterfaceNamePrefix\ndetectLocal:\n  interfaceNamePrefix: veth\n"),
+        RunOptions::default(),
+    );
+    assert_eq!(
+        prefix.ipvs.nft.local_interface,
+        Some(LocalInterface::NamePrefix("veth".to_owned()))
+    );
+    // The unused one of the two is listed as not applying.
+    let skipped = parse(&header("mode: ipvs\ndetectLocalMode: BridgeInterface\ndetectLocal:\n  bridgeInterface: cbr0\n  interfaceNamePrefix: veth\n"))
+        .expect("translates")
+        .not_applied;
+    assert_eq!(
+        skipped.iter().map(|n| n.field).collect::<Vec<_>>(),
+        vec!["detectLocal.bridgeInterface/interfaceNamePrefix"]
+    );
+    assert_eq!(
+        settings_of(
+            &header("mode: ipvs\ndetectLocalMode: ClusterCIDR\n"),
+            RunOptions::default()
+        )
+        .ipvs
+        .nft
+        .local_interface,
+        None
+    );
 }
