@@ -187,6 +187,7 @@ fn settings() -> RunSettings {
         north_south: Default::default(),
         conntrack: Default::default(),
         oom_score_adj: None,
+        pod_cidrs_from_node: false,
     }
 }
 

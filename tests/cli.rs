@@ -622,7 +622,7 @@ fn run_refuses_kube_proxy_fields_it_cannot_honour_naming_them() {
     let scratch = Scratch::new("kube-proxy-refused");
     for (body, expected) in [
         ("mode: ipvs\nportRange: 30000-32767\n", "portRange: \"30000-32767\": the userspace proxy's port range"),
-        ("mode: ipvs\ndetectLocalMode: NodeCIDR\n", "detectLocalMode: \"NodeCIDR\": not implemented"),
+        ("mode: ipvs\ndetectLocalMode: BridgeInterface\n", "detectLocal.bridgeInterface: \"\": detectLocalMode BridgeInterface needs an interface name"),
         ("mode: ipvs\nfeatureGates:\n  Foo: true\n", "featureGates.Foo"),
         ("mode: ipvs\nipvs:\n  tcpTimeout: 5 minutes\n", "ipvs.tcpTimeout: \"5 minutes\": not a duration"),
         ("mode: ipvs\nipvs:\n  schedular: rr\n", "unknown field `schedular`"),

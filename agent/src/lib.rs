@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod migrate_check;
 pub mod model;
 pub mod node_addresses;
+pub mod node_cidr;
 pub mod planner;
 pub mod render;
 pub mod source;

@@ -327,6 +327,10 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let mut settings = settings;
+        if settings.pod_cidrs_from_node {
+            settings.ipvs.nft.cluster_cidrs = node_pod_cidrs(&settings).await?;
+        }
         match settings.proxy_mode {
             ProxyMode::Ipvs => {
                 if settings.ipvs.nft.cluster_cidrs.is_empty() && !settings.ipvs.nft.masquerade_all {
@@ -380,6 +384,33 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
             }
         }
     })
+}
+
+/// `detect-local-mode NodeCIDR`: this Node's `spec.podCIDRs`, waited for.
+async fn node_pod_cidrs(
+    settings: &config::RunSettings,
+) -> Result<Vec<ipnetwork::IpNetwork>, Failure> {
+    if settings.source.is_some() {
+        return Err(Failure::Usage(
+            "detect-local-mode NodeCIDR reads the Node's spec.podCIDRs from the API, which --source does not give"
+                .to_owned(),
+        ));
+    }
+    let client = kube_client(settings.kubeconfig.as_deref())
+        .await
+        .context("connecting to the Kubernetes API")?;
+    tracing::info!(
+        node = %settings.node_name,
+        "detect-local-mode NodeCIDR: waiting for the Node's spec.podCIDRs"
+    );
+    let cidrs = topoproxy::node_cidr::pod_cidrs(client, &settings.node_name)
+        .await
+        .context("reading the pod CIDRs for detect-local-mode NodeCIDR")?;
+    tracing::info!(
+        cidrs = %cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        "detect-local-mode NodeCIDR: traffic from outside these pod CIDRs is masqueraded"
+    );
+    Ok(cidrs)
 }
 
 /// Runs the agent over `dataplane` until SIGINT or SIGTERM.

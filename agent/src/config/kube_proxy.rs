@@ -544,13 +544,8 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
                 options.cluster_cidr = Some(cidrs.to_owned());
             }
         }
-        "NodeCIDR" => {
-            return Err(refuse(
-                "detectLocalMode",
-                "NodeCIDR",
-                "not implemented in topoproxy yet: use ClusterCIDR (with clusterCIDR), BridgeInterface or InterfaceNamePrefix",
-            ))
-        }
+        // The pod CIDRs are the Node's spec.podCIDRs, read at start; clusterCIDR is unused.
+        "NodeCIDR" => options.detect_local_mode = Some("NodeCIDR".to_owned()),
         mode @ ("BridgeInterface" | "InterfaceNamePrefix") => {
             let detect_local = config.detect_local.clone().unwrap_or_default();
             let (field, value) = if mode == "BridgeInterface" {

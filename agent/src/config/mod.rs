@@ -132,9 +132,9 @@ pub struct RunOptions {
     #[arg(long)]
     pub cluster_cidr: Option<String>,
     /// IPVS mode: how pod traffic is told from the rest for ClusterIP masquerade: ClusterCIDR
-    /// (by --cluster-cidr), BridgeInterface (arrives on --pod-bridge-interface) or
-    /// InterfaceNamePrefix (on interfaces named --pod-interface-name-prefix*); NodeCIDR is not
-    /// built yet [default: ClusterCIDR].
+    /// (by --cluster-cidr), NodeCIDR (by this Node's spec.podCIDRs, waited for at start),
+    /// BridgeInterface (arrives on --pod-bridge-interface) or InterfaceNamePrefix (on
+    /// interfaces named --pod-interface-name-prefix*) [default: ClusterCIDR].
     #[arg(long)]
     pub detect_local_mode: Option<String>,
     /// The pods' bridge, with --detect-local-mode BridgeInterface.
@@ -239,6 +239,10 @@ pub struct RunSettings {
     pub conntrack: ConntrackSettings,
     /// Written to `/proc/self/oom_score_adj` at start when set.
     pub oom_score_adj: Option<i32>,
+    /// `detect-local-mode NodeCIDR`: the pod CIDRs (`ipvs.nft.cluster_cidrs`) are this Node's
+    /// `spec.podCIDRs`, read from the API at start (immutable once set, so read once, as
+    /// kube-proxy does).
+    pub pod_cidrs_from_node: bool,
 }
 
 /// What went wrong with the settings.
@@ -436,7 +440,9 @@ pub fn resolve(
     if scheduler.trim().is_empty() {
         return Err(ConfigError::EmptyScheduler);
     }
+    let detect_local_mode = flags.detect_local_mode.or(file.detect_local_mode);
     Ok(RunSettings {
+        pod_cidrs_from_node: detect_local_mode.as_deref() == Some("NodeCIDR"),
         kubeconfig: flags.kubeconfig.or(file.kubeconfig),
         node_name,
         source: flags.source.or(file.source),
@@ -497,7 +503,7 @@ pub fn resolve(
                     .unwrap_or(false),
                 cluster_cidrs: cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?,
                 local_interface: local_interface(
-                    flags.detect_local_mode.or(file.detect_local_mode),
+                    detect_local_mode.clone(),
                     flags.pod_bridge_interface.or(file.pod_bridge_interface),
                     flags
                         .pod_interface_name_prefix
@@ -617,11 +623,8 @@ fn local_interface(
             "pod-interface-name-prefix",
             prefix,
         )?))),
-        "NodeCIDR" => Err(ConfigError::DetectLocal {
-            setting: "detect-local-mode",
-            value: "NodeCIDR".to_owned(),
-            reason: "not built yet: use ClusterCIDR with the pod CIDRs, BridgeInterface or InterfaceNamePrefix",
-        }),
+        // The CIDRs come from the Node at start (`RunSettings::pod_cidrs_from_node`).
+        "NodeCIDR" => Ok(None),
         other => Err(ConfigError::DetectLocal {
             setting: "detect-local-mode",
             value: other.to_owned(),
@@ -971,7 +974,11 @@ mod tests {
             settings.ipvs.nft.local_interface,
             Some(LocalInterface::Bridge("cbr0".to_owned()))
         );
+        let settings = resolved("NodeCIDR", None, None).expect("resolves");
+        assert!(settings.pod_cidrs_from_node);
+        assert_eq!(settings.ipvs.nft.local_interface, None);
         let settings = resolved("InterfaceNamePrefix", None, Some("cali")).expect("resolves");
+        assert!(!settings.pod_cidrs_from_node);
         assert_eq!(
             settings.ipvs.nft.local_interface,
             Some(LocalInterface::NamePrefix("cali".to_owned()))
@@ -994,11 +1001,6 @@ mod tests {
                 "BridgeInterface",
                 Some("x\" ; flush"),
                 "pod-bridge-interface",
-            ),
-            (
-                "NodeCIDR",
-                None,
-                "detect-local-mode: \"NodeCIDR\": not built yet",
             ),
             ("Sideways", None, "detect-local-mode: \"Sideways\""),
         ] {

@@ -305,7 +305,6 @@ fn iptables_or_unset_mode_needs_the_proxy_mode_flag() {
 fn each_refused_field_is_named_with_its_reason() {
     for (body, field) in [
         ("mode: ipvs\nportRange: 30000-32767\n", "portRange"),
-        ("mode: ipvs\ndetectLocalMode: NodeCIDR\n", "detectLocalMode"),
         (
             "mode: ipvs\ndetectLocalMode: BridgeInterface\n",
             "detectLocal.bridgeInterface",
@@ -510,4 +509,14 @@ fn interface_detectors_become_the_nft_test_for_pod_traffic() {
         .local_interface,
         None
     );
+}
+
+#[test]
+fn node_cidr_takes_the_pod_cidrs_from_the_node() {
+    let settings = settings_of(
+        &header("mode: ipvs\nclusterCIDR: 10.244.0.0/16\ndetectLocalMode: NodeCIDR\n"),
+        RunOptions::default(),
+    );
+    assert!(settings.pod_cidrs_from_node);
+    assert_eq!(settings.ipvs.nft.local_interface, None);
 }
