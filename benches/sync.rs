@@ -96,6 +96,9 @@ async fn bench(services: usize, events: usize) {
         ipvs: Default::default(),
         ebpf: Default::default(),
         north_south: Default::default(),
+        conntrack: Default::default(),
+        oom_score_adj: None,
+        pod_cidrs_from_node: false,
     };
     let started = Instant::now();
     let agent = match Agent::start(settings, dataplane).await {

@@ -54,13 +54,17 @@ COMPONENT_HOST = "overlays/ipvs"
 # Renders that run at the same time in one cluster during the migration.
 COEXIST = [("overlays/shadow", "overlays/ipvs"), ("overlays/shadow", "overlays/cutover")]
 
-# The keys `topoproxy run --config` accepts (agent/src/config.rs, deny_unknown_fields).
+# The keys `topoproxy run --config` accepts (agent/src/config/mod.rs, deny_unknown_fields).
 CONFIG_KEYS = {
     "kubeconfig", "hostname-override", "source", "proxy-mode", "min-sync-period", "sync-period",
     "healthz-bind-address", "metrics-bind-address", "ipvs-scheduler", "service-proxy-name",
     "source-poll-period", "log-format", "masquerade-all", "cluster-cidr", "ipvs-exclude-cidrs",
     "ipvs-strict-arp", "ipvs-drain-timeout", "bpf-pin-dir", "cgroup-path", "topology-default",
     "cluster-id", "north-south-interfaces", "snat-port-range", "nodeport-addresses",
+    "ipvs-tcp-timeout", "ipvs-tcpfin-timeout", "ipvs-udp-timeout", "conntrack-max-per-core",
+    "conntrack-min", "conntrack-tcp-timeout-established", "conntrack-tcp-timeout-close-wait",
+    "conntrack-tcp-be-liberal", "conntrack-udp-timeout", "conntrack-udp-timeout-stream",
+    "oom-score-adj", "detect-local-mode", "pod-bridge-interface", "pod-interface-name-prefix",
 }
 PROXY_MODES = {"ipvs", "ebpf", "dry-run"}
 RBAC_ALLOWED = {

@@ -185,6 +185,9 @@ fn settings() -> RunSettings {
         ipvs: Default::default(),
         ebpf: Default::default(),
         north_south: Default::default(),
+        conntrack: Default::default(),
+        oom_score_adj: None,
+        pod_cidrs_from_node: false,
     }
 }
 

@@ -610,3 +610,97 @@ fn plan_narrows_node_ports_with_nodeport_addresses_and_refuses_a_bad_value() {
         stderr(&bad)
     );
 }
+
+/// kube-proxy's `KubeProxyConfiguration`, as the `kube-proxy` ConfigMap holds it.
+const KUBE_PROXY_HEADER: &str =
+    "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n";
+
+/// A field topoproxy cannot honour stops `run` before anything starts: exit 2, the field and
+/// the reason named.
+#[test]
+fn run_refuses_kube_proxy_fields_it_cannot_honour_naming_them() {
+    let scratch = Scratch::new("kube-proxy-refused");
+    for (body, expected) in [
+        ("mode: ipvs\nportRange: 30000-32767\n", "portRange: \"30000-32767\": the userspace proxy's port range"),
+        ("mode: ipvs\ndetectLocalMode: BridgeInterface\n", "detectLocal.bridgeInterface: \"\": detectLocalMode BridgeInterface needs an interface name"),
+        ("mode: ipvs\nfeatureGates:\n  Foo: true\n", "featureGates.Foo"),
+        ("mode: ipvs\nipvs:\n  tcpTimeout: 5 minutes\n", "ipvs.tcpTimeout: \"5 minutes\": not a duration"),
+        ("mode: ipvs\nipvs:\n  schedular: rr\n", "unknown field `schedular`"),
+        ("mode: iptables\n", "mode: \"iptables\": kube-proxy's iptables or nftables mode has no topoproxy equivalent: pass --proxy-mode"),
+    ] {
+        scratch.write("config.conf", &format!("{KUBE_PROXY_HEADER}{body}"));
+        let config = format!("{}/config.conf", scratch.path());
+        let (code, err) = run_refused(&["--config", &config]);
+        assert_eq!(code, Some(2), "{body}: {err}");
+        assert!(err.contains(expected), "{body}: {err}");
+        assert!(err.contains("config.conf") || !body.contains("schedular"), "{err}");
+    }
+}
+
+/// A file topoproxy takes starts the agent, and the fields that do not apply are logged once.
+/// The agent then stops at its first step that needs a cluster: the kubeconfig named does
+/// not exist.
+#[test]
+fn run_takes_a_kube_proxy_file_and_lists_what_does_not_apply_once() {
+    let scratch = Scratch::new("kube-proxy-taken");
+    scratch.write(
+        "config.conf",
+        &format!(
+            "{KUBE_PROXY_HEADER}mode: ipvs\nclusterCIDR: 10.244.0.0/16\nconfigSyncPeriod: 15m0s\n\
+             iptables:\n  masqueradeBit: 14\nclientConnection:\n  kubeconfig: {}/missing.conf\n",
+            scratch.path()
+        ),
+    );
+    let config = format!("{}/config.conf", scratch.path());
+    let output = Command::new(env!("CARGO_BIN_EXE_topoproxy"))
+        .args([
+            "run",
+            "--config",
+            &config,
+            "--proxy-mode",
+            "dry-run",
+            "--hostname-override",
+            "n1",
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run topoproxy");
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("missing.conf"),
+        "the file's kubeconfig is used: {err}"
+    );
+    let listed: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("fields accepted that do not apply"))
+        .collect();
+    assert_eq!(listed.len(), 1, "{err}");
+    assert!(listed[0].contains("iptables.masqueradeBit"), "{err}");
+    assert!(listed[0].contains("configSyncPeriod"), "{err}");
+}
+
+/// kube-proxy's own flags for what its file sets: bad values are usage errors naming them.
+#[test]
+fn kube_proxys_timeout_and_conntrack_flags_refuse_bad_values() {
+    for (args, expected) in [
+        (&["--ipvs-tcp-timeout", "soon"][..], "ipvs-tcp-timeout"),
+        (
+            &["--conntrack-udp-timeout=-1s"][..],
+            "conntrack-udp-timeout",
+        ),
+        (
+            &["--oom-score-adj", "-1001"][..],
+            "oom-score-adj: -1001 is not within -1000..1000",
+        ),
+        (&["--conntrack-min=-1"][..], "--conntrack-min"),
+    ] {
+        let (code, err) = run_refused(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+}

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use topoproxy::dataplane::ipvs::nft::{
-    find_nft, ListedTable, Nft, NftError, NftSettings, NftState,
+    find_nft, ListedTable, LocalInterface, Nft, NftError, NftSettings, NftState,
 };
 use topoproxy::model::{IpFamily, Protocol};
 use topoproxy::table::{Frontend, SourceRanges, TrafficPolicy, VsKey};
@@ -358,6 +358,7 @@ fn replace_update_read_delete_round_trip() {
             "10.244.0.0/16".parse().expect("cidr"),
             "fd00:244::/56".parse().expect("cidr"),
         ],
+        local_interface: None,
     };
     let first = small_state();
     nft.replace(&settings, &first).expect("replace");
@@ -404,6 +405,7 @@ fn replace_update_read_delete_round_trip() {
         NftSettings {
             masquerade_all: true,
             cluster_cidrs: vec![],
+            local_interface: None,
         },
         NftSettings {
             masquerade_all: false,
@@ -411,6 +413,7 @@ fn replace_update_read_delete_round_trip() {
                 "10.244.3.0/16".parse().expect("cidr"),
                 "10.0.0.0/8".parse().expect("cidr"),
             ],
+            local_interface: None,
         },
     ] {
         nft.replace(&settings, &second).expect("replace");
@@ -769,6 +772,7 @@ fn masquerade_follows_frontend_policy_and_settings() {
     let pods = NftSettings {
         masquerade_all: false,
         cluster_cidrs: vec!["10.10.0.0/24".parse().expect("cidr")],
+        local_interface: None,
     };
     nft.replace(&pods, &with_hairpin).expect("replace");
 
@@ -811,6 +815,7 @@ fn masquerade_follows_frontend_policy_and_settings() {
     let elsewhere = NftSettings {
         masquerade_all: false,
         cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+        local_interface: None,
     };
     nft.replace(&elsewhere, &with_hairpin).expect("replace");
     assert_eq!(seen("cluster-ip"), masqueraded);
@@ -820,10 +825,29 @@ fn masquerade_follows_frontend_policy_and_settings() {
     let all = NftSettings {
         masquerade_all: true,
         cluster_cidrs: vec!["10.10.0.0/24".parse().expect("cidr")],
+        local_interface: None,
     };
     nft.replace(&all, &with_hairpin).expect("replace");
     assert_eq!(seen("cluster-ip"), masqueraded);
     assert_eq!(seen("np-local"), kept);
+
+    // kube-proxy's interface detectors (detectLocalMode BridgeInterface, InterfaceNamePrefix)
+    // replace the CIDRs: traffic arriving on the pods' interface (r0) keeps its source.
+    for (interface, expected) in [
+        (LocalInterface::Bridge("r0".to_owned()), kept),
+        (LocalInterface::NamePrefix("r".to_owned()), kept),
+        (LocalInterface::Bridge("cbr0".to_owned()), masqueraded),
+        (LocalInterface::NamePrefix("veth".to_owned()), masqueraded),
+    ] {
+        let detector = NftSettings {
+            masquerade_all: false,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+            local_interface: Some(interface.clone()),
+        };
+        nft.replace(&detector, &with_hairpin).expect("replace");
+        assert_eq!(seen("cluster-ip"), expected, "{interface:?}");
+        assert_eq!(seen("np-cluster"), masqueraded, "{interface:?}");
+    }
 
     // No CIDRs: only VIP-sourced traffic would be; the client's is not.
     nft.replace(&NftSettings::default(), &with_hairpin)

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use topoproxy::dataplane::ipvs::netlink::{
     Acknowledgements, Command, Forward, IpvsClient, IpvsDestination, IpvsError, IpvsService,
-    MessageCounts, ServiceId,
+    IpvsTimeouts, MessageCounts, ServiceId,
 };
 use topoproxy::dataplane::ipvs::records::{judge_records, Probe};
 use topoproxy::model::Protocol;
@@ -222,6 +222,76 @@ fn info_is_what_ipvsadm_prints() {
     let listed = run(IPVSADM, &["-Ln"]);
     assert_eq!(listed.lines().next(), Some(line.as_str()));
     eprintln!("family id {:#x}: {line}", client.family_id());
+}
+
+/// `ipvsadm -L --timeout`'s three numbers.
+fn ipvsadm_timeouts() -> IpvsTimeouts {
+    let text = run(IPVSADM, &["-L", "--timeout"]);
+    let numbers: Vec<u32> = text
+        .split_once(':')
+        .map(|(_, numbers)| numbers)
+        .unwrap_or_else(|| panic!("no timeouts in {text:?}"))
+        .split_whitespace()
+        .map(|n| n.parse().expect("a number of seconds"))
+        .collect();
+    assert_eq!(numbers.len(), 3, "{text}");
+    IpvsTimeouts {
+        tcp: numbers[0],
+        tcp_fin: numbers[1],
+        udp: numbers[2],
+    }
+}
+
+/// Puts the kernel's timeouts back when dropped, even if the test panics.
+struct RestoreTimeouts(IpvsTimeouts);
+
+impl Drop for RestoreTimeouts {
+    fn drop(&mut self) {
+        let t = self.0;
+        let _ = Process::new(IPVSADM)
+            .args([
+                "--set",
+                &t.tcp.to_string(),
+                &t.tcp_fin.to_string(),
+                &t.udp.to_string(),
+            ])
+            .status();
+    }
+}
+
+/// kube-proxy's `ipvs.tcpTimeout`/`tcpFinTimeout`/`udpTimeout` as `ipvsadm --set` sets them:
+/// what the client sets is what `ipvsadm -L --timeout` prints and what the client reads back;
+/// a 0 leaves that timeout alone.
+#[test]
+#[ignore = "needs IPVS: runs inside the VM (cargo xtask vm-test)"]
+fn timeouts_set_over_netlink_are_what_ipvsadm_lists() {
+    let mut client = IpvsClient::connect().expect("connect");
+    let before = ipvsadm_timeouts();
+    let _restore = RestoreTimeouts(before);
+    assert_eq!(client.timeouts().expect("get timeouts"), before);
+    let wanted = IpvsTimeouts {
+        tcp: 1234,
+        tcp_fin: 56,
+        udp: 78,
+    };
+    assert_ne!(wanted, before, "the test must change something");
+    client.set_timeouts(&wanted).expect("set timeouts");
+    assert_eq!(ipvsadm_timeouts(), wanted);
+    assert_eq!(client.timeouts().expect("get timeouts"), wanted);
+    client
+        .set_timeouts(&IpvsTimeouts {
+            tcp: 0,
+            tcp_fin: 90,
+            udp: 0,
+        })
+        .expect("set one timeout");
+    assert_eq!(
+        ipvsadm_timeouts(),
+        IpvsTimeouts {
+            tcp_fin: 90,
+            ..wanted
+        }
+    );
 }
 
 #[test]

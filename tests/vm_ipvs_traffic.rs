@@ -348,6 +348,71 @@ fn world_works_with_plain_ipvsadm() {
     drop(plain);
 }
 
+/// `ipvsadm -L --timeout`'s line.
+fn ipvsadm_timeout_line() -> String {
+    ipvsadm(&["-L", "--timeout"]).trim().to_owned()
+}
+
+/// kube-proxy's own ConfigMap content, mounted unchanged: the agent sets its IPVS timeouts
+/// (as `ipvsadm --set`) and its conntrack sysctls at start, and programs the plan.
+#[test]
+#[ignore = "needs IPVS: runs inside the VM (cargo xtask vm-test)"]
+fn a_kube_proxy_configuration_sets_the_ipvs_timeouts_and_conntrack() {
+    let mut world = World::new("kube-proxy-config");
+    let before = ipvsadm_timeout_line();
+    let _restore = RestoreTimeouts(before.clone());
+    let config = world.fixture.dir.with_extension("kube-proxy.conf");
+    std::fs::write(
+        &config,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+         mode: ipvs\nclusterCIDR: 10.244.0.0/16\nipvs:\n  tcpTimeout: 16m40s\n  \
+         tcpFinTimeout: 1m10s\n  udpTimeout: 0s\nconntrack:\n  tcpCloseWaitTimeout: 2h0m0s\n",
+    )
+    .expect("writing the kube-proxy configuration");
+    let config = config.to_str().expect("utf-8 path").to_owned();
+    world.agent = Some(Agent::start_with(
+        &world.fixture,
+        NODE,
+        &["--config", &config],
+    ));
+    world.wait_converged();
+    let udp_before = before
+        .split_whitespace()
+        .last()
+        .expect("the udp timeout")
+        .to_owned();
+    assert_eq!(
+        ipvsadm_timeout_line(),
+        format!("Timeout (tcp tcpfin udp): 1000 70 {udp_before}"),
+        "udpTimeout 0s leaves the kernel's"
+    );
+    let close_wait =
+        std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait")
+            .expect("reading the close-wait timeout");
+    assert_eq!(close_wait.trim(), "7200");
+    let log = world.agent().log();
+    assert!(log.contains("IPVS connection timeouts set"), "{log}");
+}
+
+/// Puts `ipvsadm -L --timeout`'s values back when dropped.
+struct RestoreTimeouts(String);
+
+impl Drop for RestoreTimeouts {
+    fn drop(&mut self) {
+        let numbers: Vec<&str> = self
+            .0
+            .split_once(':')
+            .map(|(_, n)| n.split_whitespace().collect())
+            .unwrap_or_default();
+        if numbers.len() == 3 {
+            let _ = std::process::Command::new("/usr/sbin/ipvsadm")
+                .arg("--set")
+                .args(numbers)
+                .status();
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs IPVS: runs inside the VM (cargo xtask vm-test)"]
 fn ipvsadm_shows_the_plan() {

@@ -61,6 +61,10 @@ struct Scenario {
     /// The VIP is a ServiceImport's clusterset IP (this cluster, `west`, exports its local pods
     /// too; planned with `--cluster-id west`), not a derived Service's ClusterIP.
     clusterset: bool,
+    /// Every local pod is also listed, with the same IP, on a virtual node with no zone or
+    /// region (Admiralty's multicluster-scheduler: a proxy pod on a virtual-kubelet node and
+    /// the delegate on the real one), in a slice whose name sorts first.
+    virtual_copies: bool,
 }
 
 /// This cluster's MCS id in the clusterset scenarios.
@@ -93,6 +97,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 0,
             hints: HintSource::Auto,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "Seed: 4 nodes / 2 zones, 2 DNS pods",
@@ -102,6 +107,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 0,
             hints: HintSource::Auto,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "Seed: 4 nodes / 2 zones, 1 DNS pod",
@@ -111,6 +117,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 0,
             hints: HintSource::Auto,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "Rollout: hints vanish",
@@ -128,6 +135,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 0,
             hints: HintSource::AutoVanished,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "One zone down",
@@ -137,6 +145,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 0,
             hints: HintSource::Auto,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "A zone half down",
@@ -147,6 +156,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 0,
             hints: HintSource::Auto,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "Small zone: one endpoint for many nodes",
@@ -166,6 +176,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 0,
             hints: HintSource::PreferSameZone,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "Region down",
@@ -194,6 +205,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 0,
             hints: HintSource::Auto,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "Two clusters: local scaled to zero",
@@ -203,6 +215,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 2,
             hints: HintSource::Auto,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "Two clusters: local scaled back",
@@ -212,6 +225,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 2,
             hints: HintSource::Auto,
             clusterset: false,
+            virtual_copies: false,
         },
         Scenario {
             title: "Clusterset VIP: local scaled to zero",
@@ -223,6 +237,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 2,
             hints: HintSource::AutoVanished,
             clusterset: true,
+            virtual_copies: false,
         },
         Scenario {
             title: "Clusterset VIP: local rollout, half ready",
@@ -232,6 +247,7 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 2,
             hints: HintSource::AutoVanished,
             clusterset: true,
+            virtual_copies: false,
         },
         Scenario {
             title: "Clusterset VIP: local scaled back",
@@ -241,6 +257,19 @@ fn scenarios() -> Vec<Scenario> {
             remote_pods: 2,
             hints: HintSource::AutoVanished,
             clusterset: true,
+            virtual_copies: false,
+        },
+        Scenario {
+            title: "Delegated pods listed twice",
+            about: "4 pods, each also listed with its IP on a virtual node without zone or \
+                    region (Admiralty); trafficDistribution PreferSameZone. The copy on the \
+                    real node is kept, so the zone preference holds.",
+            nodes: seed_nodes(),
+            pods: pods(&[("a1", up), ("a2", up), ("b1", up), ("b2", up)]),
+            remote_pods: 0,
+            hints: HintSource::PreferSameZone,
+            clusterset: false,
+            virtual_copies: true,
         },
     ]
 }
@@ -417,6 +446,21 @@ fn store(scenario: &Scenario, policy: LocalityPolicy) -> Store {
     } else {
         SliceOrigin::Local
     };
+    if scenario.virtual_copies {
+        let copies = (0..scenario.pods.len())
+            .map(|i| Endpoint {
+                zone: None,
+                zone_hints: Hints::default(),
+                ..endpoint(pod_address(i), "admiralty-vk", "", true, None)
+            })
+            .collect();
+        store.upsert_slice(slice(
+            "kube-dns-admiralty",
+            &key,
+            local_origin.clone(),
+            copies,
+        ));
+    }
     store.upsert_slice(slice("kube-dns-local", &key, local_origin, local));
     if scenario.remote_pods > 0 {
         let remote = (0..scenario.remote_pods)

@@ -19,9 +19,13 @@ use topoproxy::planner::{self, explain, PlanConfig};
 use topoproxy::render;
 use topoproxy::source::file;
 
+mod node_setup;
+
 /// Exit status for a request that cannot be served as asked (bad usage, unknown node),
 /// as distinct from a failure while serving it.
 const EXIT_USAGE: u8 = 2;
+/// Exit status of `migrate-check` when a blocker was found: not safe to cut over.
+const EXIT_NOT_SAFE: u8 = 3;
 
 /// `topoproxy --version`: the release and the git revision it was built from (`unknown` when
 /// built outside a git checkout without `TOPOPROXY_GIT_REVISION`; see build.rs).
@@ -128,6 +132,15 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/topoproxy")]
         bpf_pin_dir: PathBuf,
     },
+    /// Read-only pre-flight before replacing kube-proxy: reads the kube-system/kube-proxy
+    /// ConfigMap and DaemonSet, every Service and Node, and prints what topoproxy will do
+    /// differently or cannot do. Exit status 0: safe to cut over; 3: a blocker was found.
+    MigrateCheck {
+        /// Kubeconfig file (needs get on ConfigMaps and DaemonSets in kube-system, list on
+        /// Services and Nodes); else in-cluster, else the usual inference.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Remove everything topoproxy programmed on this node.
     Cleanup {
         /// The dataplane to clean up.
@@ -165,6 +178,8 @@ enum KernelMode {
 enum Failure {
     Usage(String),
     Error(anyhow::Error),
+    /// `migrate-check` found a blocker (the report is already printed).
+    NotSafe,
 }
 
 impl From<anyhow::Error> for Failure {
@@ -185,6 +200,7 @@ fn main() -> ExitCode {
             eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
+        Err(Failure::NotSafe) => ExitCode::from(EXIT_NOT_SAFE),
     }
 }
 
@@ -204,6 +220,7 @@ fn init_logging(format: LogFormat) {
 fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run { config, options } => run_agent(config.as_deref(), *options),
+        Command::MigrateCheck { kubeconfig } => migrate_check(kubeconfig.as_deref()),
         Command::List {
             proxy_mode,
             bpf_pin_dir,
@@ -263,9 +280,17 @@ fn run(command: Command) -> Result<(), Failure> {
 }
 
 fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result<(), Failure> {
-    let file = match config_file {
-        Some(path) => config::read_config_file(path)
-            .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?,
+    let usage = |e: config::ConfigError| Failure::Usage(format!("{:#}", anyhow::Error::from(e)));
+    let loaded = match config_file {
+        Some(path) => Some(config::read_config_file(path).map_err(usage)?),
+        None => None,
+    };
+    let not_applied = match &loaded {
+        Some(config::ConfigFile::KubeProxy(translation)) => translation.not_applied.clone(),
+        _ => Vec::new(),
+    };
+    let file = match loaded {
+        Some(loaded) => loaded.into_options(&flags).map_err(usage)?,
         None => RunOptions::default(),
     };
     let fallbacks = NodeNameFallbacks {
@@ -276,6 +301,16 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
         .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
     let crash_after = topoproxy::kernel_writes::crash_point_from_env().map_err(Failure::Usage)?;
     init_logging(settings.log_format);
+    if config_file.is_some() && !not_applied.is_empty() {
+        tracing::info!(
+            fields = %not_applied
+                .iter()
+                .map(|n| format!("{} ({})", n.field, n.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+            "kube-proxy configuration: fields accepted that do not apply to topoproxy"
+        );
+    }
     topoproxy::heap::limit_arenas();
     // Armed once the dataplane is set up: the writes counted are those of syncs.
     let arm_crash_point = move || {
@@ -292,11 +327,25 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        let mut settings = settings;
+        if settings.pod_cidrs_from_node {
+            settings.ipvs.nft.cluster_cidrs = node_pod_cidrs(&settings).await?;
+        }
         match settings.proxy_mode {
             ProxyMode::Ipvs => {
+                if settings.ipvs.nft.cluster_cidrs.is_empty() && !settings.ipvs.nft.masquerade_all {
+                    // kube-proxy warns the same way when detectLocalMode ClusterCIDR has no CIDR.
+                    tracing::warn!(
+                        "no cluster-cidr: ClusterIP traffic from outside the pod network is not \
+                         masqueraded, only node traffic whose source is the VIP; set cluster-cidr \
+                         (kube-proxy's clusterCIDR) to the pod CIDRs"
+                    );
+                }
                 let dataplane = IpvsDataplane::new(settings.ipvs.clone())
                     .await
                     .context("starting the IPVS dataplane")?;
+                // After the dataplane: its nftables table has loaded nf_conntrack.
+                node_setup::apply(&settings)?;
                 arm_crash_point();
                 serve(settings, dataplane).await
             }
@@ -325,6 +374,7 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
                     Some(report) => ebpf::north_south::log_report(&report),
                     None => tracing::info!("north-south tc programs wait for the first sync"),
                 }
+                node_setup::apply(&settings)?;
                 arm_crash_point();
                 serve(settings, dataplane).await
             }
@@ -334,6 +384,33 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
             }
         }
     })
+}
+
+/// `detect-local-mode NodeCIDR`: this Node's `spec.podCIDRs`, waited for.
+async fn node_pod_cidrs(
+    settings: &config::RunSettings,
+) -> Result<Vec<ipnetwork::IpNetwork>, Failure> {
+    if settings.source.is_some() {
+        return Err(Failure::Usage(
+            "detect-local-mode NodeCIDR reads the Node's spec.podCIDRs from the API, which --source does not give"
+                .to_owned(),
+        ));
+    }
+    let client = kube_client(settings.kubeconfig.as_deref())
+        .await
+        .context("connecting to the Kubernetes API")?;
+    tracing::info!(
+        node = %settings.node_name,
+        "detect-local-mode NodeCIDR: waiting for the Node's spec.podCIDRs"
+    );
+    let cidrs = topoproxy::node_cidr::pod_cidrs(client, &settings.node_name)
+        .await
+        .context("reading the pod CIDRs for detect-local-mode NodeCIDR")?;
+    tracing::info!(
+        cidrs = %cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        "detect-local-mode NodeCIDR: traffic from outside these pod CIDRs is masqueraded"
+    );
+    Ok(cidrs)
 }
 
 /// Runs the agent over `dataplane` until SIGINT or SIGTERM.
@@ -357,6 +434,30 @@ async fn serve<D: Dataplane + 'static>(
         .await
         .context("running the agent")?;
     Ok(())
+}
+
+fn migrate_check(kubeconfig: Option<&Path>) -> Result<(), Failure> {
+    use topoproxy::migrate_check;
+    init_logging(LogFormat::Text);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let inputs = runtime.block_on(async {
+        let client = kube_client(kubeconfig)
+            .await
+            .context("connecting to the Kubernetes API")?;
+        migrate_check::fetch(&client)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    let findings = migrate_check::check(&inputs);
+    print!("{}", migrate_check::render(&findings));
+    if migrate_check::safe(&findings) {
+        Ok(())
+    } else {
+        Err(Failure::NotSafe)
+    }
 }
 
 fn datapath_log(events: &str, per_second: u32, pin_dir: &Path) -> Result<(), Failure> {

@@ -4,6 +4,7 @@
 //! it; [`memory::MemoryDataplane`] is the in-memory one used by `--proxy-mode dry-run` and by
 //! tests.
 
+pub mod conntrack_sysctls;
 pub mod ebpf;
 pub mod ipvs;
 pub mod memory;

@@ -97,6 +97,18 @@ pub struct EndpointExplanation {
     pub cluster: Option<Verdict>,
     /// Verdict under Local policy, when a frontend uses it.
     pub local: Option<Verdict>,
+    /// Other copies of this `IP:port` (in other slices or on other nodes) left out for this one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub duplicates: Vec<DuplicateExplanation>,
+}
+
+/// A copy of an endpoint left out, and why the programmed copy won.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DuplicateExplanation {
+    pub slice: String,
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    pub why: String,
 }
 
 /// Where an endpoint landed.
@@ -192,6 +204,19 @@ fn explain_port(plan: &PortPlan<'_>, intent: TopologyIntent, node: &Node) -> Por
                 .local
                 .as_ref()
                 .map(|tiers| local_verdict(tiers, index, candidate, node)),
+            duplicates: plan
+                .duplicates
+                .iter()
+                .filter(|d| {
+                    (d.dropped.address(), d.dropped.port) == (candidate.address(), candidate.port)
+                })
+                .map(|d| DuplicateExplanation {
+                    slice: d.dropped.slice.to_owned(),
+                    node_name: d.dropped.endpoint.node_name.as_deref().map(str::to_owned),
+                    zone: d.dropped.endpoint.zone.as_deref().map(str::to_owned),
+                    why: d.why.to_owned(),
+                })
+                .collect(),
         })
         .collect();
     PortExplanation {
@@ -632,6 +657,16 @@ pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
                 }
                 if let Some(verdict) = &endpoint.local {
                     let _ = writeln!(out, "      local policy: {}", verdict_text(verdict));
+                }
+                for duplicate in &endpoint.duplicates {
+                    let _ = writeln!(
+                        out,
+                        "      kept over its copy in slice {} (node {}, zone {}): {}",
+                        duplicate.slice,
+                        duplicate.node_name.as_deref().unwrap_or("-"),
+                        duplicate.zone.as_deref().unwrap_or("-"),
+                        duplicate.why
+                    );
                 }
             }
         }

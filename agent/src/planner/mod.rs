@@ -16,6 +16,8 @@
 
 #[cfg(test)]
 mod clusterset_tests;
+#[cfg(test)]
+mod duplicate_tests;
 mod endpoints;
 pub mod explain;
 mod locality;
@@ -39,7 +41,7 @@ use crate::table::{
     VsKey,
 };
 
-use endpoints::{merge, Candidate};
+use endpoints::{merge, Candidate, Duplicate};
 use locality::locality_tiers;
 use spill::{backend_weights, spill, TierHealth, TierLoad};
 pub use topology::TopologyReason;
@@ -251,6 +253,8 @@ pub(crate) struct PortPlan<'a> {
     pub family: IpFamily,
     pub port: &'a ServicePort,
     pub candidates: Vec<Candidate<'a>>,
+    /// Copies of a candidate's `IP:port` left out, and why.
+    pub duplicates: Vec<Duplicate<'a>>,
     pub mode: TopologyMode,
     pub reason: TopologyReason,
     /// The locality policy of the Cluster-policy frontends.
@@ -334,12 +338,13 @@ pub(crate) fn port_plans<'a>(
     for family in families {
         for port in &service.ports {
             let frontends = frontends(service, port, family, &node_port_addresses);
-            let candidates = merge(
+            let (candidates, duplicates) = merge(
                 store.slices_of(&service.key),
                 family,
                 &port.name,
                 port.protocol,
                 config.cluster_id.as_deref(),
+                store,
             );
             let (mode, reason) = decide_mode(&candidates, node);
             let uses = |policy| frontends.iter().any(|f| f.policy == policy);
@@ -366,6 +371,7 @@ pub(crate) fn port_plans<'a>(
                 family,
                 port,
                 candidates,
+                duplicates,
                 mode,
                 reason,
                 locality,

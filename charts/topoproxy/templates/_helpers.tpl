@@ -47,7 +47,7 @@ overlays' config patches), then .Values.config over them.
 {{- $common := dict "min-sync-period" "1s" "sync-period" "30s" "service-proxy-name" "topoproxy" "log-format" "text" -}}
 {{- $mode := dict -}}
 {{- if eq .Values.mode "ipvs" -}}
-{{- $mode = dict "proxy-mode" "ipvs" "healthz-bind-address" "0.0.0.0:10256" "metrics-bind-address" "127.0.0.1:10249" "ipvs-scheduler" "rr" "cluster-cidr" "10.244.0.0/16" "masquerade-all" false "ipvs-exclude-cidrs" "" "ipvs-strict-arp" false "ipvs-drain-timeout" "15m" -}}
+{{- $mode = dict "proxy-mode" "ipvs" "healthz-bind-address" "0.0.0.0:10256" "metrics-bind-address" "127.0.0.1:10249" "ipvs-scheduler" "rr" "cluster-cidr" "" "masquerade-all" false "ipvs-exclude-cidrs" "" "ipvs-strict-arp" false "ipvs-drain-timeout" "15m" -}}
 {{- else if eq .Values.mode "ebpf" -}}
 {{- $mode = dict "proxy-mode" "ebpf" "healthz-bind-address" "0.0.0.0:10256" "metrics-bind-address" "127.0.0.1:10249" -}}
 {{- else -}}

@@ -33,7 +33,7 @@ use super::commands::{
 use super::conntrack::{self, BackendFlow};
 use super::drain::{self, DrainKey, DrainVerdict, Draining};
 use super::link::{DummyLink, LinkError, DUMMY_LINK};
-use super::netlink::{Command, IpvsClient, IpvsError, IpvsService, MessageCounts};
+use super::netlink::{Command, IpvsClient, IpvsError, IpvsService, IpvsTimeouts, MessageCounts};
 use super::nft::render::Hairpin;
 use super::nft::{Nft, NftError, NftSettings, NftState};
 use super::records::{self, Probe};
@@ -63,6 +63,9 @@ pub struct IpvsSettings {
     pub strict_arp: bool,
     /// How long a removed TCP destination may keep its connections before it is deleted.
     pub drain_timeout: Duration,
+    /// IPVS's connection timeouts, set once at start as kube-proxy does (`ipvs.tcpTimeout`,
+    /// `ipvs.tcpFinTimeout`, `ipvs.udpTimeout`); all 0 (the default) sets nothing.
+    pub timeouts: IpvsTimeouts,
 }
 
 impl Default for IpvsSettings {
@@ -73,6 +76,7 @@ impl Default for IpvsSettings {
             nft: NftSettings::default(),
             strict_arp: false,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            timeouts: IpvsTimeouts::default(),
         }
     }
 }
@@ -84,6 +88,8 @@ pub enum IpvsSetupError {
     Sysctl(#[from] SysctlError),
     #[error("opening the IPVS netlink family (is the ip_vs module loaded?)")]
     Ipvs(#[from] IpvsError),
+    #[error("setting the IPVS connection timeouts (ipvs.tcpTimeout, tcpFinTimeout, udpTimeout)")]
+    Timeouts(#[source] IpvsError),
     #[error("preparing the {name} link")]
     Link {
         name: String,
@@ -127,7 +133,19 @@ impl IpvsDataplane {
     pub async fn new(settings: IpvsSettings) -> Result<Self, IpvsSetupError> {
         let kernel = sysctl::kernel_release().unwrap_or(None);
         Sysctls::proc().ensure_all(&sysctl::ipvs_sysctls(settings.strict_arp, kernel))?;
-        let ipvs = IpvsClient::connect()?;
+        let mut ipvs = IpvsClient::connect()?;
+        // kube-proxy's proxier does this only when one of the three is set; a 0 among them
+        // leaves that timeout as the kernel has it.
+        if !settings.timeouts.is_unset() {
+            ipvs.set_timeouts(&settings.timeouts)
+                .map_err(IpvsSetupError::Timeouts)?;
+            tracing::info!(
+                tcp = settings.timeouts.tcp,
+                tcp_fin = settings.timeouts.tcp_fin,
+                udp = settings.timeouts.udp,
+                "IPVS connection timeouts set (seconds; 0 left as it was)"
+            );
+        }
         let link = DummyLink::ensure(&settings.link_name)
             .await
             .map_err(|source| IpvsSetupError::Link {

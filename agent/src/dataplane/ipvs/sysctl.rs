@@ -246,6 +246,10 @@ fn hint_for(name: &str) -> &'static str {
         ": the ip_vs module is not loaded (modprobe ip_vs)"
     } else if name.starts_with("net.bridge.") || name.starts_with("net/bridge/") {
         ": the br_netfilter module is not loaded"
+    } else if name.starts_with("net.netfilter.nf_conntrack")
+        || name.starts_with("net/netfilter/nf_conntrack")
+    {
+        ": the nf_conntrack module is not loaded (modprobe nf_conntrack)"
     } else {
         ""
     }

@@ -11,6 +11,11 @@ use netlink_packet_core::{
 // Top-level attributes of every command but the info ones (enum IPVS_CMD_ATTR_*).
 pub const IPVS_CMD_ATTR_SERVICE: u16 = 1;
 pub const IPVS_CMD_ATTR_DEST: u16 = 2;
+/// The connection timeouts of `IPVS_CMD_SET_CONFIG`/`IPVS_CMD_GET_CONFIG`, in seconds
+/// (`ipvsadm --set tcp tcpfin udp`); 0 in a set leaves that timeout as it is.
+pub const IPVS_CMD_ATTR_TIMEOUT_TCP: u16 = 4;
+pub const IPVS_CMD_ATTR_TIMEOUT_TCP_FIN: u16 = 5;
+pub const IPVS_CMD_ATTR_TIMEOUT_UDP: u16 = 6;
 
 // Nested in IPVS_CMD_ATTR_SERVICE (enum IPVS_SVC_ATTR_*).
 pub const IPVS_SVC_ATTR_AF: u16 = 1;
@@ -132,6 +137,12 @@ pub enum CmdAttr {
     Service(Vec<ServiceAttr>),
     Dest(Vec<DestAttr>),
     Info(InfoAttr),
+    /// `IPVS_CMD_ATTR_TIMEOUT_TCP`: established TCP connections, seconds.
+    TimeoutTcp(u32),
+    /// `IPVS_CMD_ATTR_TIMEOUT_TCP_FIN`: TCP connections after a FIN, seconds.
+    TimeoutTcpFin(u32),
+    /// `IPVS_CMD_ATTR_TIMEOUT_UDP`: UDP flows, seconds.
+    TimeoutUdp(u32),
     Other(DefaultNla),
 }
 
@@ -406,6 +417,7 @@ impl Nla for CmdAttr {
             Self::Service(attrs) => attrs.as_slice().buffer_len(),
             Self::Dest(attrs) => attrs.as_slice().buffer_len(),
             Self::Info(attr) => attr.value_len(),
+            Self::TimeoutTcp(_) | Self::TimeoutTcpFin(_) | Self::TimeoutUdp(_) => 4,
             Self::Other(nla) => nla.value_len(),
         }
     }
@@ -416,6 +428,9 @@ impl Nla for CmdAttr {
             Self::Service(_) => IPVS_CMD_ATTR_SERVICE | NLA_F_NESTED,
             Self::Dest(_) => IPVS_CMD_ATTR_DEST | NLA_F_NESTED,
             Self::Info(attr) => attr.kind(),
+            Self::TimeoutTcp(_) => IPVS_CMD_ATTR_TIMEOUT_TCP,
+            Self::TimeoutTcpFin(_) => IPVS_CMD_ATTR_TIMEOUT_TCP_FIN,
+            Self::TimeoutUdp(_) => IPVS_CMD_ATTR_TIMEOUT_UDP,
             Self::Other(nla) => nla.kind(),
         }
     }
@@ -425,6 +440,11 @@ impl Nla for CmdAttr {
             Self::Service(attrs) => attrs.as_slice().emit(buffer),
             Self::Dest(attrs) => attrs.as_slice().emit(buffer),
             Self::Info(attr) => attr.emit_value(buffer),
+            Self::TimeoutTcp(seconds)
+            | Self::TimeoutTcpFin(seconds)
+            | Self::TimeoutUdp(seconds) => {
+                let _ = emit_u32(buffer, *seconds);
+            }
             Self::Other(nla) => nla.emit_value(buffer),
         }
     }
@@ -443,6 +463,15 @@ impl CmdAttr {
             IPVS_CMD_ATTR_DEST => Self::Dest(parse_nested(payload, "IPVS_CMD_ATTR_DEST", |nla| {
                 DestAttr::parse(nla)
             })?),
+            IPVS_CMD_ATTR_TIMEOUT_TCP => {
+                Self::TimeoutTcp(parse_u32(payload).context("invalid IPVS_CMD_ATTR_TIMEOUT_TCP")?)
+            }
+            IPVS_CMD_ATTR_TIMEOUT_TCP_FIN => Self::TimeoutTcpFin(
+                parse_u32(payload).context("invalid IPVS_CMD_ATTR_TIMEOUT_TCP_FIN")?,
+            ),
+            IPVS_CMD_ATTR_TIMEOUT_UDP => {
+                Self::TimeoutUdp(parse_u32(payload).context("invalid IPVS_CMD_ATTR_TIMEOUT_UDP")?)
+            }
             _ => Self::Other(DefaultNla::parse(buf)?),
         })
     }

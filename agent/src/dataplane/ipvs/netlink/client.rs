@@ -33,7 +33,8 @@ use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr};
 
 use super::message::{self, IpvsMessage, IPVS_GENL_NAME};
 use super::{
-    Command, IpvsDestination, IpvsError, IpvsInfo, IpvsService, MessageCounts, Request, ServiceId,
+    Command, IpvsDestination, IpvsError, IpvsInfo, IpvsService, IpvsTimeouts, MessageCounts,
+    Request, ServiceId,
 };
 
 /// Receive buffer asked for (the kernel doubles it): room for a few thousand acknowledgements.
@@ -389,6 +390,35 @@ impl IpvsClient {
         })?;
         message::parse_info(reply).map_err(|source| IpvsError::Decode {
             request: Box::new(Request::Info),
+            source,
+        })
+    }
+
+    /// Sets the connection timeouts (`ipvsadm --set`); a 0 leaves that one as it is.
+    pub fn set_timeouts(&mut self, timeouts: &IpvsTimeouts) -> Result<(), IpvsError> {
+        self.sent.other += 1;
+        self.transact(
+            IpvsMessage::set_timeouts(timeouts),
+            NLM_F_REQUEST | NLM_F_ACK,
+            Request::SetTimeouts(*timeouts),
+        )
+        .map(drop)
+    }
+
+    /// The connection timeouts the kernel has (`ipvsadm -L --timeout`).
+    pub fn timeouts(&mut self) -> Result<IpvsTimeouts, IpvsError> {
+        self.sent.other += 1;
+        let replies = self.transact(
+            IpvsMessage::get_timeouts(),
+            NLM_F_REQUEST | NLM_F_ACK,
+            Request::GetTimeouts,
+        )?;
+        let reply = replies.first().ok_or_else(|| IpvsError::Protocol {
+            request: Box::new(Request::GetTimeouts),
+            reason: "no IPVS_CMD_SET_CONFIG in the reply".into(),
+        })?;
+        message::parse_timeouts(reply).map_err(|source| IpvsError::Decode {
+            request: Box::new(Request::GetTimeouts),
             source,
         })
     }

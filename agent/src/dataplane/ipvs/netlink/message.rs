@@ -11,7 +11,7 @@ use netlink_packet_core::{
 use netlink_packet_generic::{GenlFamily, GenlHeader};
 
 use super::attr::*;
-use super::{Command, Forward, IpvsDestination, IpvsInfo, IpvsService, ServiceId};
+use super::{Command, Forward, IpvsDestination, IpvsInfo, IpvsService, IpvsTimeouts, ServiceId};
 use crate::model::Protocol;
 
 /// `IPVS_GENL_NAME`.
@@ -25,7 +25,7 @@ const IPPROTO_TCP: u16 = libc::IPPROTO_TCP as u16;
 const IPPROTO_UDP: u16 = libc::IPPROTO_UDP as u16;
 const IPPROTO_SCTP: u16 = libc::IPPROTO_SCTP as u16;
 
-/// `enum IPVS_CMD_*` (the daemon/config/zero commands are kept as `Other`).
+/// `enum IPVS_CMD_*` (the daemon and zero commands are kept as `Other`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IpvsCmd {
     NewService,
@@ -36,6 +36,9 @@ pub enum IpvsCmd {
     SetDest,
     DelDest,
     GetDest,
+    /// Sets the connection timeouts; also the command of the kernel's reply to `GetConfig`.
+    SetConfig,
+    GetConfig,
     /// The kernel's reply to `GetInfo` carries this command.
     SetInfo,
     GetInfo,
@@ -54,6 +57,8 @@ impl From<IpvsCmd> for u8 {
             IpvsCmd::SetDest => 6,
             IpvsCmd::DelDest => 7,
             IpvsCmd::GetDest => 8,
+            IpvsCmd::SetConfig => 12,
+            IpvsCmd::GetConfig => 13,
             IpvsCmd::SetInfo => 14,
             IpvsCmd::GetInfo => 15,
             IpvsCmd::Flush => 17,
@@ -73,6 +78,8 @@ impl From<u8> for IpvsCmd {
             6 => IpvsCmd::SetDest,
             7 => IpvsCmd::DelDest,
             8 => IpvsCmd::GetDest,
+            12 => IpvsCmd::SetConfig,
+            13 => IpvsCmd::GetConfig,
             14 => IpvsCmd::SetInfo,
             15 => IpvsCmd::GetInfo,
             17 => IpvsCmd::Flush,
@@ -186,6 +193,27 @@ impl IpvsMessage {
     pub fn get_info() -> Self {
         Self {
             cmd: IpvsCmd::GetInfo,
+            attrs: Vec::new(),
+        }
+    }
+
+    /// `IPVS_CMD_SET_CONFIG` with all three timeouts, as `ipvsadm --set` and kube-proxy's
+    /// libipvs send it (a 0 leaves that timeout as it is).
+    pub fn set_timeouts(timeouts: &IpvsTimeouts) -> Self {
+        Self {
+            cmd: IpvsCmd::SetConfig,
+            attrs: vec![
+                CmdAttr::TimeoutTcp(timeouts.tcp),
+                CmdAttr::TimeoutTcpFin(timeouts.tcp_fin),
+                CmdAttr::TimeoutUdp(timeouts.udp),
+            ],
+        }
+    }
+
+    /// `IPVS_CMD_GET_CONFIG`: the kernel answers with the current timeouts.
+    pub fn get_timeouts() -> Self {
+        Self {
+            cmd: IpvsCmd::GetConfig,
             attrs: Vec::new(),
         }
     }
@@ -443,6 +471,24 @@ pub fn parse_destination(
         forward,
         active_connections: active,
         inactive_connections: inactive,
+    })
+}
+
+/// The reply to `IPVS_CMD_GET_CONFIG` (the kernel always sends all three).
+pub fn parse_timeouts(message: &IpvsMessage) -> Result<IpvsTimeouts, DecodeError> {
+    let (mut tcp, mut tcp_fin, mut udp) = (None, None, None);
+    for attr in &message.attrs {
+        match attr {
+            CmdAttr::TimeoutTcp(v) => tcp = Some(*v),
+            CmdAttr::TimeoutTcpFin(v) => tcp_fin = Some(*v),
+            CmdAttr::TimeoutUdp(v) => udp = Some(*v),
+            _ => {}
+        }
+    }
+    Ok(IpvsTimeouts {
+        tcp: tcp.ok_or_else(|| missing("IPVS_CMD_ATTR_TIMEOUT_TCP"))?,
+        tcp_fin: tcp_fin.ok_or_else(|| missing("IPVS_CMD_ATTR_TIMEOUT_TCP_FIN"))?,
+        udp: udp.ok_or_else(|| missing("IPVS_CMD_ATTR_TIMEOUT_UDP"))?,
     })
 }
 

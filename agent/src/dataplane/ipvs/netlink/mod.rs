@@ -120,6 +120,8 @@ pub enum Request {
     GetService(ServiceId),
     DumpDestinations(ServiceId),
     Flush,
+    SetTimeouts(IpvsTimeouts),
+    GetTimeouts,
     Command(Command),
 }
 
@@ -132,6 +134,12 @@ impl fmt::Display for Request {
             Self::GetService(id) => write!(f, "get service {id}"),
             Self::DumpDestinations(id) => write!(f, "list destinations of {id}"),
             Self::Flush => write!(f, "flush"),
+            Self::SetTimeouts(t) => write!(
+                f,
+                "set timeouts tcp {}s tcpfin {}s udp {}s",
+                t.tcp, t.tcp_fin, t.udp
+            ),
+            Self::GetTimeouts => write!(f, "get timeouts"),
             Self::Command(command) => command.fmt(f),
         }
     }
@@ -227,6 +235,25 @@ pub enum Command {
 pub struct IpvsInfo {
     pub version: (u8, u8, u8),
     pub table_size: u32,
+}
+
+/// IPVS's connection timeouts in seconds, as `ipvsadm -L --timeout` prints them. In a set,
+/// 0 leaves that timeout as the kernel has it (the kernel's own rule).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IpvsTimeouts {
+    /// Established TCP connections (kube-proxy's `ipvs.tcpTimeout`).
+    pub tcp: u32,
+    /// TCP connections after a FIN (`ipvs.tcpFinTimeout`).
+    pub tcp_fin: u32,
+    /// UDP flows (`ipvs.udpTimeout`).
+    pub udp: u32,
+}
+
+impl IpvsTimeouts {
+    /// Whether a set would change nothing (every timeout 0).
+    pub fn is_unset(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Requests sent, by kind.

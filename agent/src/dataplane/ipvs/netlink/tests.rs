@@ -724,3 +724,68 @@ fn an_error_code_of_i32_min_is_a_refusal_not_a_panic() {
     // The whole input as the fuzz target runs it: it panicked before the fix.
     crate::fuzzing::ipvs_reply(&captured);
 }
+
+/// `ipvsadm --set 900 120 300`: no capture holds one (the capture host had no IPVS), so the
+/// bytes are written out from `linux/ip_vs.h` and the kernel's `ip_vs_genl_set_config`:
+/// `IPVS_CMD_SET_CONFIG` (12) with three u32 attributes numbered 4, 5 and 6, all sent even
+/// when 0, as libipvs (kube-proxy's client) sends them.
+#[test]
+fn timeouts_encode_as_the_kernel_reads_them_and_parse_back() {
+    use netlink_packet_core::ParseableParametrized as _;
+    let family = 0x1d;
+    let timeouts = IpvsTimeouts {
+        tcp: 900,
+        tcp_fin: 120,
+        udp: 300,
+    };
+    let sent = ours(
+        IpvsMessage::set_timeouts(&timeouts),
+        family,
+        NLM_F_REQUEST | NLM_F_ACK,
+    );
+    let mut expected = Vec::new();
+    expected.extend_from_slice(&(16u32 + 4 + 3 * 8).to_ne_bytes());
+    expected.extend_from_slice(&family.to_ne_bytes());
+    expected.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    expected.extend_from_slice(&[0; 8]);
+    expected.extend_from_slice(&[12, message::IPVS_GENL_VERSION, 0, 0]);
+    for (kind, seconds) in [(4u16, 900u32), (5, 120), (6, 300)] {
+        expected.extend_from_slice(&8u16.to_ne_bytes());
+        expected.extend_from_slice(&kind.to_ne_bytes());
+        expected.extend_from_slice(&seconds.to_ne_bytes());
+    }
+    assert_eq!(sent, expected);
+    // The kernel's answer to IPVS_CMD_GET_CONFIG carries IPVS_CMD_SET_CONFIG and the same
+    // three attributes.
+    let reply = IpvsMessage {
+        cmd: IpvsCmd::SetConfig,
+        attrs: vec![
+            CmdAttr::TimeoutTcp(900),
+            CmdAttr::TimeoutTcpFin(120),
+            CmdAttr::TimeoutUdp(300),
+        ],
+    };
+    let mut bytes = vec![0u8; reply.buffer_len()];
+    reply.emit(&mut bytes);
+    let parsed = IpvsMessage::parse_with_param(
+        &bytes[..],
+        netlink_packet_generic::GenlHeader {
+            cmd: 12,
+            version: message::IPVS_GENL_VERSION,
+        },
+    )
+    .expect("a config reply parses");
+    assert_eq!(
+        message::parse_timeouts(&parsed).expect("timeouts"),
+        timeouts
+    );
+    let partial = IpvsMessage {
+        cmd: IpvsCmd::SetConfig,
+        attrs: vec![CmdAttr::TimeoutTcp(900)],
+    };
+    assert!(message::parse_timeouts(&partial).is_err());
+    assert_eq!(
+        Request::SetTimeouts(timeouts).to_string(),
+        "set timeouts tcp 900s tcpfin 120s udp 300s"
+    );
+}

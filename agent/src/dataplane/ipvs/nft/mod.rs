@@ -85,6 +85,39 @@ pub struct NftSettings {
     /// only node-originated traffic whose source is the VIP itself is (kube-proxy's
     /// behaviour without a local-traffic detector).
     pub cluster_cidrs: Vec<ipnetwork::IpNetwork>,
+    /// kube-proxy's `detectLocalMode` `BridgeInterface` or `InterfaceNamePrefix`: pod traffic
+    /// is what arrives on these interfaces, and replaces `cluster_cidrs` as the test.
+    pub local_interface: Option<LocalInterface>,
+}
+
+/// Which interfaces pod traffic arrives on (kube-proxy's interface-based local detectors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalInterface {
+    /// `detectLocalMode: BridgeInterface`, `detectLocal.bridgeInterface`: exactly this one.
+    Bridge(String),
+    /// `detectLocalMode: InterfaceNamePrefix`, `detectLocal.interfaceNamePrefix`: every
+    /// interface whose name starts with it.
+    NamePrefix(String),
+}
+
+impl LocalInterface {
+    /// The `iifname` operand: the name quoted, with `*` after a prefix.
+    pub fn nft_operand(&self) -> String {
+        match self {
+            Self::Bridge(name) => format!("\"{name}\""),
+            Self::NamePrefix(prefix) => format!("\"{prefix}*\""),
+        }
+    }
+
+    /// Whether `name` may be written into an nft script and names an interface: 1 to 15
+    /// characters (IFNAMSIZ), none of them a space, quote, slash, `*`, `\\` or control.
+    pub fn valid_name(name: &str) -> bool {
+        !name.is_empty()
+            && name.len() <= 15
+            && name
+                .chars()
+                .all(|c| c.is_ascii_graphic() && !matches!(c, '"' | '\'' | '/' | '*' | '\\'))
+    }
 }
 
 /// Everything the table's sets hold.

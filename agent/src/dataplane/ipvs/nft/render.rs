@@ -327,6 +327,14 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
                     out,
                     "\t\t{ip} daddr . meta l4proto . th dport @{set} {mark}"
                 );
+            } else if let Some(interface) = &settings.local_interface {
+                // kube-proxy's interface detectors: `! -i cbr0`, `! -i veth+`; node traffic
+                // (no input interface) is masqueraded too, as there.
+                let _ = writeln!(
+                    out,
+                    "\t\t{ip} daddr . meta l4proto . th dport @{set} iifname != {} {mark}",
+                    interface.nft_operand()
+                );
             } else if !cidrs.is_empty() {
                 // Traffic from outside the pod network, e.g. a route to the service range
                 // pointing at this node, may leave the node: masquerade it.
@@ -901,6 +909,7 @@ pub(crate) mod tests {
         NftSettings {
             masquerade_all: false,
             cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+            local_interface: None,
         }
     }
 
@@ -1013,6 +1022,7 @@ pub(crate) mod tests {
         let all = NftSettings {
             masquerade_all: true,
             cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+            local_interface: None,
         };
         assert_eq!(
             services_chain(&render_replace(&all, &state)),
@@ -1030,6 +1040,7 @@ pub(crate) mod tests {
                 "10.244.7.1/16".parse().expect("cidr"),
                 "10.245.0.0/16".parse().expect("cidr"),
             ],
+            local_interface: None,
         };
         assert_eq!(
             services_chain(&render_replace(&dual, &state)),
@@ -1050,6 +1061,45 @@ pub(crate) mod tests {
                 "ip6 saddr . meta l4proto . th dport @clusterip-local6 meta mark set meta mark | 0x4000",
             ]
         );
+    }
+
+    #[test]
+    fn an_interface_detector_replaces_the_cluster_cidrs() {
+        use crate::dataplane::ipvs::nft::LocalInterface;
+        let state = small_state();
+        for (interface, operand) in [
+            (LocalInterface::Bridge("cbr0".to_owned()), "\"cbr0\""),
+            (LocalInterface::NamePrefix("veth".to_owned()), "\"veth*\""),
+        ] {
+            let settings = NftSettings {
+                masquerade_all: false,
+                cluster_cidrs: vec!["10.244.0.0/16".parse().expect("cidr")],
+                local_interface: Some(interface),
+            };
+            let script = render_replace(&settings, &state);
+            let chain = services_chain(&script);
+            assert_eq!(chain.len(), 4, "{chain:?}");
+            for line in &chain {
+                assert!(
+                    line.contains(&format!("iifname != {operand} meta mark")),
+                    "{line}"
+                );
+                assert!(!line.contains("saddr !="), "{line}");
+            }
+        }
+        assert!(LocalInterface::valid_name("cbr0"));
+        assert!(LocalInterface::valid_name("eth0.100"));
+        for bad in [
+            "",
+            "a-name-longer-than-15",
+            "we\"ird",
+            "sp ace",
+            "a*",
+            "a/b",
+            "tab\t",
+        ] {
+            assert!(!LocalInterface::valid_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

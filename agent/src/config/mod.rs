@@ -13,9 +13,13 @@ use crate::node_addresses::NodePortAddresses;
 
 use ipnetwork::IpNetwork;
 
+pub mod kube_proxy;
+
+use crate::dataplane::conntrack_sysctls::ConntrackSettings;
 use crate::dataplane::ebpf::north_south::{self, NorthSouthSettings};
 use crate::dataplane::ebpf::EbpfSettings;
-use crate::dataplane::ipvs::nft::NftSettings;
+use crate::dataplane::ipvs::netlink::IpvsTimeouts;
+use crate::dataplane::ipvs::nft::{LocalInterface, NftSettings};
 use crate::dataplane::ipvs::IpvsSettings;
 use crate::model::LocalityPolicy;
 use crate::planner::PlanConfig;
@@ -127,6 +131,18 @@ pub struct RunOptions {
     /// masqueraded.
     #[arg(long)]
     pub cluster_cidr: Option<String>,
+    /// IPVS mode: how pod traffic is told from the rest for ClusterIP masquerade: ClusterCIDR
+    /// (by --cluster-cidr), NodeCIDR (by this Node's spec.podCIDRs, waited for at start),
+    /// BridgeInterface (arrives on --pod-bridge-interface) or InterfaceNamePrefix (on
+    /// interfaces named --pod-interface-name-prefix*) [default: ClusterCIDR].
+    #[arg(long)]
+    pub detect_local_mode: Option<String>,
+    /// The pods' bridge, with --detect-local-mode BridgeInterface.
+    #[arg(long)]
+    pub pod_bridge_interface: Option<String>,
+    /// The prefix of the pods' interfaces, with --detect-local-mode InterfaceNamePrefix.
+    #[arg(long)]
+    pub pod_interface_name_prefix: Option<String>,
     /// IPVS mode: comma-separated CIDRs whose IPVS services topoproxy never touches.
     #[arg(long)]
     pub ipvs_exclude_cidrs: Option<String>,
@@ -143,6 +159,46 @@ pub struct RunOptions {
     /// before it is deleted anyway [default: 15m].
     #[arg(long)]
     pub ipvs_drain_timeout: Option<String>,
+    /// IPVS mode: idle timeout of established TCP connections, set at start as `ipvsadm --set`
+    /// does (kube-proxy's `--ipvs-tcp-timeout`) [default: 0, the kernel's as it is].
+    #[arg(long)]
+    pub ipvs_tcp_timeout: Option<String>,
+    /// IPVS mode: timeout of TCP connections after a FIN (`--ipvs-tcpfin-timeout`)
+    /// [default: 0, the kernel's as it is].
+    #[arg(long)]
+    pub ipvs_tcpfin_timeout: Option<String>,
+    /// IPVS mode: timeout of UDP flows (`--ipvs-udp-timeout`) [default: 0, the kernel's].
+    #[arg(long)]
+    pub ipvs_udp_timeout: Option<String>,
+    /// nf_conntrack_max per CPU, with kube-proxy's rules (at least --conntrack-min, at most
+    /// 1048576); 0 leaves the table size alone [default: 0; a kube-proxy file: 32768].
+    #[arg(long)]
+    pub conntrack_max_per_core: Option<u32>,
+    /// The least nf_conntrack_max written with --conntrack-max-per-core [default: 0; a
+    /// kube-proxy file: 131072].
+    #[arg(long)]
+    pub conntrack_min: Option<u32>,
+    /// nf_conntrack_tcp_timeout_established; 0 leaves it alone [default: 0; a kube-proxy
+    /// file: 24h].
+    #[arg(long)]
+    pub conntrack_tcp_timeout_established: Option<String>,
+    /// nf_conntrack_tcp_timeout_close_wait; 0 leaves it alone [default: 0; a kube-proxy file:
+    /// 1h].
+    #[arg(long)]
+    pub conntrack_tcp_timeout_close_wait: Option<String>,
+    /// Set nf_conntrack_tcp_be_liberal=1 [default: false].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub conntrack_tcp_be_liberal: Option<bool>,
+    /// nf_conntrack_udp_timeout; 0 leaves it alone [default: 0].
+    #[arg(long)]
+    pub conntrack_udp_timeout: Option<String>,
+    /// nf_conntrack_udp_timeout_stream; 0 leaves it alone [default: 0].
+    #[arg(long)]
+    pub conntrack_udp_timeout_stream: Option<String>,
+    /// The agent's own oom_score_adj, -1000..1000 [default: unchanged; a kube-proxy file:
+    /// -999].
+    #[arg(long, allow_hyphen_values = true)]
+    pub oom_score_adj: Option<i32>,
     /// eBPF mode: the bpffs directory for topoproxy's pinned maps, programs and links
     /// [default: /sys/fs/bpf/topoproxy].
     #[arg(long)]
@@ -179,6 +235,14 @@ pub struct RunSettings {
     pub ipvs: IpvsSettings,
     pub ebpf: EbpfSettings,
     pub north_south: NorthSouthSettings,
+    /// The conntrack sysctls written at start (IPVS and eBPF modes).
+    pub conntrack: ConntrackSettings,
+    /// Written to `/proc/self/oom_score_adj` at start when set.
+    pub oom_score_adj: Option<i32>,
+    /// `detect-local-mode NodeCIDR`: the pod CIDRs (`ipvs.nft.cluster_cidrs`) are this Node's
+    /// `spec.podCIDRs`, read from the API at start (immutable once set, so read once, as
+    /// kube-proxy does).
+    pub pod_cidrs_from_node: bool,
 }
 
 /// What went wrong with the settings.
@@ -220,6 +284,22 @@ pub enum ConfigError {
     SnatPortRange(String),
     #[error(transparent)]
     NodePortAddresses(#[from] crate::node_addresses::NodePortAddressesError),
+    #[error("invalid kube-proxy configuration file {}", path.display())]
+    KubeProxy {
+        path: PathBuf,
+        #[source]
+        source: kube_proxy::KubeProxyConfigError,
+    },
+    #[error(transparent)]
+    KubeProxyRefused(#[from] kube_proxy::Refused),
+    #[error("{setting}: {value:?}: {reason}")]
+    DetectLocal {
+        setting: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("{setting}: {value} is not within -1000..1000")]
+    OomScoreAdj { setting: &'static str, value: i32 },
     #[error("{setting}: {value:?} is not a CIDR (use e.g. 10.244.0.0/16)")]
     Cidr {
         setting: &'static str,
@@ -229,16 +309,56 @@ pub enum ConfigError {
     },
 }
 
-/// Reads a config file.
-pub fn read_config_file(path: &Path) -> Result<RunOptions, ConfigError> {
+/// A config file as read: topoproxy's own format, or kube-proxy's translated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigFile {
+    Topoproxy(RunOptions),
+    KubeProxy(kube_proxy::Translation),
+}
+
+impl ConfigFile {
+    /// The settings the file gives.
+    pub fn options(&self) -> &RunOptions {
+        match self {
+            Self::Topoproxy(options) => options,
+            Self::KubeProxy(translation) => &translation.options,
+        }
+    }
+
+    /// Checks what the file needs of the flags (a kube-proxy file without `mode: ipvs` needs
+    /// `--proxy-mode`) and returns its settings.
+    pub fn into_options(self, flags: &RunOptions) -> Result<RunOptions, ConfigError> {
+        match self {
+            Self::Topoproxy(options) => Ok(options),
+            Self::KubeProxy(translation) => {
+                kube_proxy::require_proxy_mode(&translation, flags)?;
+                Ok(translation.options)
+            }
+        }
+    }
+}
+
+/// Reads a config file: a `KubeProxyConfiguration` (by its kind or apiVersion) or
+/// topoproxy's own format.
+pub fn read_config_file(path: &Path) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse_config(&text).map_err(|source| ConfigError::Parse {
-        path: path.to_path_buf(),
-        source,
-    })
+    if kube_proxy::is_kube_proxy_configuration(&text) {
+        return kube_proxy::parse(&text)
+            .map(ConfigFile::KubeProxy)
+            .map_err(|source| ConfigError::KubeProxy {
+                path: path.to_path_buf(),
+                source,
+            });
+    }
+    parse_config(&text)
+        .map(ConfigFile::Topoproxy)
+        .map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Parses a config file's text; an empty (or all-blank) file sets nothing.
@@ -323,7 +443,9 @@ pub fn resolve(
     // IPVS mode's nft rule and eBPF mode's tc path masquerade by the same settings.
     let masquerade_all = flags.masquerade_all.or(file.masquerade_all);
     let cluster_cidrs = cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?;
+    let detect_local_mode = flags.detect_local_mode.or(file.detect_local_mode);
     Ok(RunSettings {
+        pod_cidrs_from_node: detect_local_mode.as_deref() == Some("NodeCIDR"),
         kubeconfig: flags.kubeconfig.or(file.kubeconfig),
         node_name,
         source: flags.source.or(file.source),
@@ -380,6 +502,13 @@ pub fn resolve(
             nft: NftSettings {
                 masquerade_all: masquerade_all.unwrap_or(false),
                 cluster_cidrs: cluster_cidrs.clone(),
+                local_interface: local_interface(
+                    detect_local_mode.clone(),
+                    flags.pod_bridge_interface.or(file.pod_bridge_interface),
+                    flags
+                        .pod_interface_name_prefix
+                        .or(file.pod_interface_name_prefix),
+                )?,
             },
             strict_arp: flags
                 .ipvs_strict_arp
@@ -390,7 +519,67 @@ pub fn resolve(
                 flags.ipvs_drain_timeout.or(file.ipvs_drain_timeout),
                 IpvsSettings::default().drain_timeout,
             )?,
+            timeouts: IpvsTimeouts {
+                tcp: timeout_seconds(
+                    "ipvs-tcp-timeout",
+                    flags.ipvs_tcp_timeout.or(file.ipvs_tcp_timeout),
+                )?,
+                tcp_fin: timeout_seconds(
+                    "ipvs-tcpfin-timeout",
+                    flags.ipvs_tcpfin_timeout.or(file.ipvs_tcpfin_timeout),
+                )?,
+                udp: timeout_seconds(
+                    "ipvs-udp-timeout",
+                    flags.ipvs_udp_timeout.or(file.ipvs_udp_timeout),
+                )?,
+            },
             ..IpvsSettings::default()
+        },
+        conntrack: ConntrackSettings {
+            max_per_core: flags
+                .conntrack_max_per_core
+                .or(file.conntrack_max_per_core)
+                .unwrap_or(0),
+            min: flags.conntrack_min.or(file.conntrack_min).unwrap_or(0),
+            tcp_established_timeout: duration(
+                "conntrack-tcp-timeout-established",
+                flags
+                    .conntrack_tcp_timeout_established
+                    .or(file.conntrack_tcp_timeout_established),
+                Duration::ZERO,
+            )?,
+            tcp_close_wait_timeout: duration(
+                "conntrack-tcp-timeout-close-wait",
+                flags
+                    .conntrack_tcp_timeout_close_wait
+                    .or(file.conntrack_tcp_timeout_close_wait),
+                Duration::ZERO,
+            )?,
+            tcp_be_liberal: flags
+                .conntrack_tcp_be_liberal
+                .or(file.conntrack_tcp_be_liberal)
+                .unwrap_or(false),
+            udp_timeout: duration(
+                "conntrack-udp-timeout",
+                flags.conntrack_udp_timeout.or(file.conntrack_udp_timeout),
+                Duration::ZERO,
+            )?,
+            udp_stream_timeout: duration(
+                "conntrack-udp-timeout-stream",
+                flags
+                    .conntrack_udp_timeout_stream
+                    .or(file.conntrack_udp_timeout_stream),
+                Duration::ZERO,
+            )?,
+        },
+        oom_score_adj: match flags.oom_score_adj.or(file.oom_score_adj) {
+            Some(value) if !(-1000..=1000).contains(&value) => {
+                return Err(ConfigError::OomScoreAdj {
+                    setting: "oom-score-adj",
+                    value,
+                })
+            }
+            other => other,
         },
         ebpf: EbpfSettings {
             pin_dir: flags
@@ -410,6 +599,51 @@ pub fn resolve(
             )?
         },
     })
+}
+
+/// kube-proxy's `--detect-local-mode` and the interface it names.
+fn local_interface(
+    mode: Option<String>,
+    bridge: Option<String>,
+    prefix: Option<String>,
+) -> Result<Option<LocalInterface>, ConfigError> {
+    let named = |setting: &'static str, value: Option<String>| {
+        let value = value.unwrap_or_default();
+        if LocalInterface::valid_name(&value) {
+            Ok(value)
+        } else {
+            Err(ConfigError::DetectLocal {
+                setting,
+                value,
+                reason: "not an interface name (1 to 15 characters, no space, quote, slash or *)",
+            })
+        }
+    };
+    match mode.as_deref().unwrap_or("ClusterCIDR") {
+        "ClusterCIDR" | "" => Ok(None),
+        "BridgeInterface" => Ok(Some(LocalInterface::Bridge(named(
+            "pod-bridge-interface",
+            bridge,
+        )?))),
+        "InterfaceNamePrefix" => Ok(Some(LocalInterface::NamePrefix(named(
+            "pod-interface-name-prefix",
+            prefix,
+        )?))),
+        // The CIDRs come from the Node at start (`RunSettings::pod_cidrs_from_node`).
+        "NodeCIDR" => Ok(None),
+        other => Err(ConfigError::DetectLocal {
+            setting: "detect-local-mode",
+            value: other.to_owned(),
+            reason: "not one of ClusterCIDR, BridgeInterface, InterfaceNamePrefix, NodeCIDR",
+        }),
+    }
+}
+
+/// An IPVS timeout in whole seconds (kube-proxy truncates to seconds too); unset is 0.
+fn timeout_seconds(setting: &'static str, value: Option<String>) -> Result<u32, ConfigError> {
+    let timeout = duration(setting, value, Duration::ZERO)?;
+    // MAX_DURATION (a year) is far below u32::MAX seconds.
+    Ok(u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX))
 }
 
 fn north_south_settings(
@@ -725,6 +959,61 @@ mod tests {
         let settings =
             resolve(blank, RunOptions::default(), fallbacks(None, Some("h"))).expect("resolves");
         assert_eq!(settings.plan.cluster_id, None);
+    }
+
+    #[test]
+    fn detect_local_mode_flags_choose_the_interface_or_say_why_not() {
+        use crate::dataplane::ipvs::nft::LocalInterface;
+        let resolved = |mode: &str, bridge: Option<&str>, prefix: Option<&str>| {
+            resolve(
+                RunOptions {
+                    detect_local_mode: Some(mode.to_owned()),
+                    pod_bridge_interface: bridge.map(str::to_owned),
+                    pod_interface_name_prefix: prefix.map(str::to_owned),
+                    ..RunOptions::default()
+                },
+                RunOptions::default(),
+                fallbacks(None, Some("h")),
+            )
+        };
+        let settings = resolved("BridgeInterface", Some("cbr0"), None).expect("resolves");
+        assert_eq!(
+            settings.ipvs.nft.local_interface,
+            Some(LocalInterface::Bridge("cbr0".to_owned()))
+        );
+        let settings = resolved("NodeCIDR", None, None).expect("resolves");
+        assert!(settings.pod_cidrs_from_node);
+        assert_eq!(settings.ipvs.nft.local_interface, None);
+        let settings = resolved("InterfaceNamePrefix", None, Some("cali")).expect("resolves");
+        assert!(!settings.pod_cidrs_from_node);
+        assert_eq!(
+            settings.ipvs.nft.local_interface,
+            Some(LocalInterface::NamePrefix("cali".to_owned()))
+        );
+        assert_eq!(
+            resolved("ClusterCIDR", Some("cbr0"), None)
+                .expect("resolves")
+                .ipvs
+                .nft
+                .local_interface,
+            None
+        );
+        for (mode, bridge, expected) in [
+            (
+                "BridgeInterface",
+                None,
+                "pod-bridge-interface: \"\": not an interface name",
+            ),
+            (
+                "BridgeInterface",
+                Some("x\" ; flush"),
+                "pod-bridge-interface",
+            ),
+            ("Sideways", None, "detect-local-mode: \"Sideways\""),
+        ] {
+            let error = resolved(mode, bridge, None).expect_err(mode).to_string();
+            assert!(error.starts_with(expected), "{error}");
+        }
     }
 
     #[test]
