@@ -69,7 +69,7 @@ pub enum Scan {
     /// No file was added, removed or changed in content.
     Unchanged,
     /// Something changed, and every file parsed.
-    Changed(Loaded),
+    Changed(Box<Loaded>),
 }
 
 /// How many files a scan read and parsed (for the tests and the debug log).
@@ -112,7 +112,7 @@ impl DirectoryCache {
         if !changed {
             return Ok((Scan::Unchanged, counts));
         }
-        Ok((Scan::Changed(self.merged()?), counts))
+        Ok((Scan::Changed(Box::new(self.merged()?)), counts))
     }
 
     /// Every file's objects in path order, a later file replacing an earlier definition of
@@ -210,7 +210,7 @@ mod tests {
 
     fn changed(cache: &mut DirectoryCache, dir: &Scratch) -> (Loaded, ScanCounts) {
         match cache.scan(dir.path()).unwrap() {
-            (Scan::Changed(loaded), counts) => (loaded, counts),
+            (Scan::Changed(loaded), counts) => (*loaded, counts),
             (Scan::Unchanged, counts) => panic!("no change seen ({counts:?})"),
         }
     }

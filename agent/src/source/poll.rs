@@ -68,7 +68,7 @@ pub async fn run(
                     parsed = counts.parsed,
                     "source directory changed"
                 );
-                loaded
+                *loaded
             }
             Ok((Scan::Unchanged, _)) => continue,
             Err(error) => {
