@@ -373,40 +373,64 @@ pub struct Endpoint {
 
 /// A sorted, duplicate-free set of hint names (zones or nodes).
 ///
-/// An endpoint carries one hint, rarely a few: a sorted vector costs one small allocation,
-/// where a `BTreeSet` allocates a whole B-tree leaf per endpoint — tens of MiB at 100,000
-/// endpoints.
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(transparent)]
-pub struct Hints(Vec<String>);
+/// An endpoint carries one hint, rarely a few, and the endpoints of a cluster carry only as
+/// many distinct sets as it has zones (or nodes): the set is shared, so a store can keep one
+/// copy of each ([`Hints::shared_mut`]) instead of a vector and a string per endpoint — tens
+/// of MiB at 100,000 endpoints. No hints: nothing allocated.
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Hints(Option<Arc<[Arc<str>]>>);
+
+/// As the vector of names it used to be: `Hints(["zone-a"])`.
+impl fmt::Debug for Hints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Hints")
+            .field(&self.iter().collect::<Vec<_>>())
+            .finish()
+    }
+}
 
 impl Hints {
+    fn names(&self) -> &[Arc<str>] {
+        self.0.as_deref().unwrap_or_default()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
-        self.0.iter().any(|hint| hint == name)
+        self.names().iter().any(|hint| &**hint == name)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.names().is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.names().len()
     }
 
     /// Hint names in order.
-    pub fn iter(&self) -> std::slice::Iter<'_, String> {
-        self.0.iter()
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.names().iter().map(|name| &**name)
     }
 
     /// Adds `name`; false if it was already there.
     pub fn insert(&mut self, name: String) -> bool {
-        match self.0.binary_search(&name) {
+        let names = self.names();
+        match names.binary_search_by(|hint| (**hint).cmp(name.as_str())) {
             Ok(_) => false,
             Err(at) => {
-                self.0.insert(at, name);
+                let mut grown: Vec<Arc<str>> = Vec::with_capacity(names.len() + 1);
+                grown.extend_from_slice(&names[..at]);
+                grown.push(Arc::from(name));
+                grown.extend_from_slice(&names[at..]);
+                self.0 = Some(grown.into());
                 true
             }
         }
+    }
+
+    /// The shared set itself (`None` when there are no hints), for a store that replaces it
+    /// with an equal set it already holds.
+    pub fn shared_mut(&mut self) -> Option<&mut Arc<[Arc<str>]>> {
+        self.0.as_mut()
     }
 }
 
@@ -415,8 +439,16 @@ impl FromIterator<String> for Hints {
         let mut names: Vec<String> = names.into_iter().collect();
         names.sort();
         names.dedup();
-        names.shrink_to_fit();
-        Self(names)
+        if names.is_empty() {
+            return Self(None);
+        }
+        Self(Some(names.into_iter().map(Arc::from).collect()))
+    }
+}
+
+impl Serialize for Hints {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
     }
 }
 

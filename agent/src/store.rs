@@ -7,7 +7,7 @@
 //! store keeps every Node's locality — zone and region, interned — with node counts per zone
 //! and region, which the locality tiers' capacity guard reads (see `docs/topology.md`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey, ServiceKind};
@@ -45,11 +45,17 @@ impl SliceKey {
 #[derive(Debug, Clone, Default)]
 pub struct Store {
     services: BTreeMap<ServiceKey, Service>,
-    /// Slices by owning Service, then by slice name (the order kube-proxy merges them in).
-    slices: HashMap<ServiceKey, BTreeMap<String, EndpointSlice>>,
+    /// Slices by owning Service, sorted by slice name (the order kube-proxy merges them in).
+    /// A Service has one slice or a few: a sorted vector of exactly that many, where a
+    /// B-tree would allocate a leaf of eleven slices for each Service.
+    slices: HashMap<ServiceKey, Vec<EndpointSlice>>,
     slice_owner: HashMap<SliceKey, ServiceKey>,
     nodes: BTreeMap<String, Node>,
     localities: Localities,
+    /// The node and zone names and the hint sets of every endpoint, each held once (the
+    /// sources convert one object at a time and cannot share them across objects).
+    endpoint_names: Shared<str>,
+    hint_sets: Shared<[Arc<str>]>,
     /// Services carrying a `topoproxy.io/topology` annotation other than `kube-proxy`.
     locality_services: usize,
 }
@@ -94,6 +100,51 @@ impl Localities {
         count(&mut self.zone_nodes, old.zone.as_ref(), false);
         count(&mut self.region_nodes, old.region.as_ref(), false);
         true
+    }
+}
+
+/// One shared copy of each distinct value (names, hint sets); a value nothing else holds
+/// any more is dropped when the set has doubled since it was last pruned.
+#[derive(Debug)]
+struct Shared<T: ?Sized> {
+    shared: HashSet<Arc<T>>,
+    pruned_at: usize,
+}
+
+// Derived, it would ask for `T: Clone`; cloning copies the handles, not the values.
+impl<T: ?Sized> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            pruned_at: self.pruned_at,
+        }
+    }
+}
+
+impl<T: ?Sized> Default for Shared<T> {
+    fn default() -> Self {
+        Self {
+            shared: HashSet::new(),
+            pruned_at: 0,
+        }
+    }
+}
+
+impl<T: ?Sized + Eq + std::hash::Hash> Shared<T> {
+    fn share(&mut self, name: &mut Arc<T>) {
+        match self.shared.get(name) {
+            Some(known) => *name = Arc::clone(known),
+            None => {
+                self.shared.insert(Arc::clone(name));
+            }
+        }
+    }
+
+    fn prune(&mut self) {
+        if self.shared.len() > 2 * self.pruned_at + 64 {
+            self.shared.retain(|name| Arc::strong_count(name) > 1);
+            self.pruned_at = self.shared.len();
+        }
     }
 }
 
@@ -149,7 +200,8 @@ impl Store {
 
     /// Adds or replaces a slice; returns every Service key whose endpoints changed (two when
     /// the slice's service label moved it from one Service to another).
-    pub fn upsert_slice(&mut self, slice: EndpointSlice) -> Vec<ServiceKey> {
+    pub fn upsert_slice(&mut self, mut slice: EndpointSlice) -> Vec<ServiceKey> {
+        self.compact(&mut slice);
         let slice_key = SliceKey::of(&slice);
         let owner = slice.service.clone();
         let mut affected = Vec::with_capacity(2);
@@ -159,12 +211,39 @@ impl Store {
                 affected.push(previous);
             }
         }
-        self.slices
-            .entry(owner.clone())
-            .or_default()
-            .insert(slice_key.name, slice);
+        let by_name = self.slices.entry(owner.clone()).or_default();
+        match by_name.binary_search_by(|held| held.name.cmp(&slice.name)) {
+            Ok(at) => by_name[at] = slice,
+            Err(at) => {
+                by_name.reserve_exact(1);
+                by_name.insert(at, slice);
+            }
+        }
         affected.push(owner);
         affected
+    }
+
+    /// Holds a slice in as little memory as it needs: vectors at their length (a converted
+    /// slice's endpoints were collected into a vector grown by doubling) and every node and
+    /// zone name and hint set shared with the other slices'.
+    fn compact(&mut self, slice: &mut EndpointSlice) {
+        slice.endpoints.shrink_to_fit();
+        slice.ports.shrink_to_fit();
+        for endpoint in &mut slice.endpoints {
+            for name in [&mut endpoint.node_name, &mut endpoint.zone]
+                .into_iter()
+                .flatten()
+            {
+                self.endpoint_names.share(name);
+            }
+            for hints in [&mut endpoint.zone_hints, &mut endpoint.node_hints] {
+                if let Some(set) = hints.shared_mut() {
+                    self.hint_sets.share(set);
+                }
+            }
+        }
+        self.endpoint_names.prune();
+        self.hint_sets.prune();
     }
 
     /// Removes a slice; returns the Service key whose endpoints changed.
@@ -176,9 +255,11 @@ impl Store {
 
     fn detach_slice(&mut self, owner: &ServiceKey, name: &str) {
         if let Some(by_name) = self.slices.get_mut(owner) {
-            by_name.remove(name);
+            by_name.retain(|slice| slice.name != name);
             if by_name.is_empty() {
                 self.slices.remove(owner);
+            } else {
+                by_name.shrink_to_fit();
             }
         }
     }
@@ -260,18 +341,21 @@ impl Store {
 
     /// The slices of one Service, ordered by slice name.
     pub fn slices_of(&self, key: &ServiceKey) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices.get(key).into_iter().flat_map(|s| s.values())
+        self.slices.get(key).into_iter().flatten()
     }
 
     /// One slice by key.
     pub fn slice(&self, key: &SliceKey) -> Option<&EndpointSlice> {
         let owner = self.slice_owner.get(key)?;
-        self.slices.get(owner)?.get(&key.name)
+        self.slices
+            .get(owner)?
+            .iter()
+            .find(|slice| slice.name == key.name)
     }
 
     /// Every slice, in no particular order.
     pub fn slices(&self) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices.values().flat_map(|by_name| by_name.values())
+        self.slices.values().flatten()
     }
 
     pub fn slice_count(&self) -> usize {

@@ -428,7 +428,7 @@ pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
 /// The `elapsed` of the agent's "initial sync done" log line, in seconds.
 /// `vm-bench --vs-kube-proxy`: the `side_by_side` test of `vm_k8s_parity` in the VM (the
 /// control plane on the host, kube-proxy staged), with the agent's release build and the
-/// Service counts it reads; it prints the README's table.
+/// Service counts it reads; it prints the table of docs/benchmarks.md.
 pub fn vs_kube_proxy(
     kernels: &[String],
     services: &[usize],

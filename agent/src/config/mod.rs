@@ -118,7 +118,8 @@ pub struct RunOptions {
     /// watched.
     #[arg(long)]
     pub cluster_id: Option<String>,
-    /// How often `--source` is checked for changes [default: 1s].
+    /// How often `--source` is re-scanned for changes inotify did not report (a network file
+    /// system, a lost event) [default: 1s]; inotify reports the rest at once.
     #[arg(long)]
     pub source_poll_period: Option<String>,
     /// Log format: text or json [default: text].

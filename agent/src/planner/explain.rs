@@ -397,11 +397,7 @@ fn unusable_why(candidate: &Candidate<'_>) -> String {
 }
 
 fn joined(hints: &Hints) -> String {
-    hints
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(",")
+    hints.iter().collect::<Vec<_>>().join(",")
 }
 
 fn hints(candidate: &Candidate<'_>) -> String {

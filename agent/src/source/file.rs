@@ -69,6 +69,31 @@ pub enum FileSourceError {
     },
 }
 
+impl FileSourceError {
+    /// A copy of an error remembered with the file that caused it (`io::Error` is not
+    /// `Clone`; the copy keeps its kind and message).
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::NotFound { path } => Self::NotFound { path: path.clone() },
+            Self::Io { path, source } => Self::Io {
+                path: path.clone(),
+                source: io::Error::new(source.kind(), source.to_string()),
+            },
+            Self::Parse {
+                path,
+                line,
+                column,
+                message,
+            } => Self::Parse {
+                path: path.clone(),
+                line: *line,
+                column: *column,
+                message: message.clone(),
+            },
+        }
+    }
+}
+
 /// Loads every Service, EndpointSlice and Node from the YAML files under `path`, which may
 /// also name a single file (read whatever its extension).
 pub fn load_dir(path: &Path) -> Result<Loaded, FileSourceError> {
@@ -93,7 +118,7 @@ pub fn yaml_files(path: &Path) -> Result<Vec<PathBuf>, FileSourceError> {
     Ok(files)
 }
 
-fn io_error(path: &Path, source: io::Error) -> FileSourceError {
+pub(crate) fn io_error(path: &Path, source: io::Error) -> FileSourceError {
     if source.kind() == io::ErrorKind::NotFound {
         FileSourceError::NotFound {
             path: path.to_path_buf(),

@@ -4,10 +4,13 @@
 //! [`convert`]; the sync loop consumes them.
 
 pub mod convert;
+pub mod dir_cache;
 pub mod file;
 pub mod kube;
 pub mod mcs;
 pub mod poll;
+#[cfg(test)]
+mod test_dir;
 
 use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey};
 use crate::store::SliceKey;
