@@ -11,7 +11,7 @@ use k8s_harness::objects::{apply, create_node, eventually, NodeSpec};
 use k8s_harness::{ControlPlane, Daemon, Isolation, Options};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams};
-use kube::Api;
+use kube::{Api, Client};
 use serde_json::json;
 
 /// One control plane at a time: the machine's cores are shared.
@@ -49,9 +49,8 @@ fn migrate_check(plane: &ControlPlane) -> (Option<i32>, String) {
     )
 }
 
-#[tokio::test]
-async fn migrate_check_reads_the_cluster_and_says_whether_to_cut_over() {
-    let _serial = serial().await;
+/// A control plane without the controller manager, and its Node `node-a1` in zone-a.
+async fn plane_with_a_node() -> (ControlPlane, Client) {
     let plane = ControlPlane::start(Options {
         controller_manager: false,
         ..Options::default()
@@ -63,6 +62,13 @@ async fn migrate_check_reads_the_cluster_and_says_whether_to_cut_over() {
         &NodeSpec::new("node-a1", Some("zone-a"), "10.0.1.1"),
     )
     .await;
+    (plane, client)
+}
+
+#[tokio::test]
+async fn migrate_check_reads_the_cluster_and_says_whether_to_cut_over() {
+    let _serial = serial().await;
+    let (plane, client) = plane_with_a_node().await;
     install_kube_proxy(&client, &format!("{CONFIG}portRange: 30000-30100\n")).await;
     apply(
         &client,
@@ -120,17 +126,7 @@ async fn migrate_check_reads_the_cluster_and_says_whether_to_cut_over() {
 #[tokio::test]
 async fn node_cidr_mode_waits_for_the_nodes_pod_cidrs() {
     let _serial = serial().await;
-    let plane = ControlPlane::start(Options {
-        controller_manager: false,
-        ..Options::default()
-    })
-    .await;
-    let client = plane.admin_client().await;
-    create_node(
-        &client,
-        &NodeSpec::new("node-a1", Some("zone-a"), "10.0.1.1"),
-    )
-    .await;
+    let (plane, client) = plane_with_a_node().await;
     let config = plane.dir().join("kube-proxy.conf");
     std::fs::write(
         &config,

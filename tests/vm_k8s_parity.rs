@@ -273,6 +273,17 @@ fn twins_and_b(app: &'static str) -> Vec<PodDef> {
     ]
 }
 
+/// [`twins_and_b`] with an IPv6 address for every pod.
+fn dual_stack_twins_and_b(app: &'static str) -> Vec<PodDef> {
+    twins_and_b(app)
+        .into_iter()
+        .map(|def| PodDef {
+            dual_stack: true,
+            ..def
+        })
+        .collect()
+}
+
 /// The corpus.
 fn corpus() -> Vec<Scenario> {
     use Place::*;
@@ -512,16 +523,7 @@ fn corpus() -> Vec<Scenario> {
             json!({"ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack",
                    "loadBalancerSourceRanges": [IN_RANGE_V6]}),
             json!({"ingress": [{"ip": "fd00:60::18"}]}),
-            vec![
-                PodDef {
-                    dual_stack: true,
-                    ..pod("s", Twins, Ready)
-                },
-                PodDef {
-                    dual_stack: true,
-                    ..pod("s", ZoneB, Ready)
-                },
-            ],
+            dual_stack_twins_and_b("s"),
         ),
         // The older annotation: kube-proxy does not read it (cloud providers do), so the
         // load-balancer IP stays open on both.
@@ -677,16 +679,7 @@ fn corpus() -> Vec<Scenario> {
             http(
                 "s",
                 json!({"spec": {"ipFamilyPolicy": "RequireDualStack"}}),
-                vec![
-                    PodDef {
-                        dual_stack: true,
-                        ..pod("s", Twins, Ready)
-                    },
-                    PodDef {
-                        dual_stack: true,
-                        ..pod("s", ZoneB, Ready)
-                    },
-                ],
+                dual_stack_twins_and_b("s"),
             ),
         ),
         scenario(
@@ -694,16 +687,7 @@ fn corpus() -> Vec<Scenario> {
             http(
                 "s",
                 json!({"spec": {"type": "NodePort", "ipFamilies": ["IPv6"], "ipFamilyPolicy": "SingleStack"}}),
-                vec![
-                    PodDef {
-                        dual_stack: true,
-                        ..pod("s", Twins, Ready)
-                    },
-                    PodDef {
-                        dual_stack: true,
-                        ..pod("s", ZoneB, Ready)
-                    },
-                ],
+                dual_stack_twins_and_b("s"),
             ),
         ),
         scenario("manual-slices", manual_slices_step()),
