@@ -575,7 +575,8 @@ fn tcp_name(address: &SocketAddr) -> std::io::Result<(String, SocketAddr, TcpStr
     Ok((name.trim().to_owned(), peer, stream))
 }
 
-fn udp_name(address: &SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
+/// An unbound-address UDP socket of `address`'s family, reads timing out after 2 s.
+fn udp_socket_for(address: &SocketAddr) -> std::io::Result<UdpSocket> {
     let bind: SocketAddr = if address.is_ipv4() {
         "0.0.0.0:0".parse().expect("any")
     } else {
@@ -583,6 +584,11 @@ fn udp_name(address: &SocketAddr, connected: bool) -> std::io::Result<(String, S
     };
     let socket = UdpSocket::bind(bind)?;
     socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    Ok(socket)
+}
+
+fn udp_name(address: &SocketAddr, connected: bool) -> std::io::Result<(String, SocketAddr)> {
+    let socket = udp_socket_for(address)?;
     let mut buf = [0u8; 64];
     let (len, from) = if connected {
         socket.connect(address)?;
@@ -598,13 +604,7 @@ fn udp_name(address: &SocketAddr, connected: bool) -> std::io::Result<(String, S
 
 /// A connected UDP socket and the backend that answered its first datagram.
 fn udp_keep(address: &SocketAddr) -> std::io::Result<(UdpSocket, String)> {
-    let bind: SocketAddr = if address.is_ipv4() {
-        "0.0.0.0:0".parse().expect("any")
-    } else {
-        "[::]:0".parse().expect("any")
-    };
-    let socket = UdpSocket::bind(bind)?;
-    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let socket = udp_socket_for(address)?;
     socket.connect(address)?;
     socket.send(b"who")?;
     let mut buf = [0u8; 64];

@@ -3,6 +3,7 @@
 //! most specific locality is kept, in either slice order, and `--explain` says which and why.
 
 use super::explain::explain;
+use super::locality_tests::located;
 use super::tests::{ep, ip, not_ready, port, service, slice, zone_hint, TCP};
 use super::*;
 use crate::model::{Endpoint, EndpointSlice};
@@ -10,17 +11,6 @@ use crate::table::TierKind;
 
 const VIP: &str = "10.96.0.10";
 const VIRTUAL: &str = "admiralty-vk";
-
-fn located(name: &str, zone: &str, region: &str) -> Node {
-    Node {
-        name: name.to_owned(),
-        zone: Some(zone.to_owned()),
-        region: Some(region.to_owned()),
-        addresses: Vec::new(),
-        leaving: None,
-        local_addresses: None,
-    }
-}
 
 fn nodes() -> Vec<Node> {
     vec![located("a1", "zone-a", "r1"), located("b1", "zone-b", "r1")]

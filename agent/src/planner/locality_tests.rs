@@ -11,7 +11,7 @@ use crate::table::{TierKind, SHARE_WHOLE};
 
 const VIP: &str = "10.96.0.10";
 
-fn located(name: &str, zone: &str, region: &str) -> Node {
+pub(super) fn located(name: &str, zone: &str, region: &str) -> Node {
     Node {
         name: name.to_owned(),
         zone: Some(zone.to_owned()),
