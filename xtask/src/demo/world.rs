@@ -395,13 +395,9 @@ impl World {
             elapsed.as_secs_f64()
         );
         self.show_plan(&PROBES, false)?;
-        let falling_back_after = self.falling_back_metric()?;
+        let falling_back_after = self.falling_back_metric_above(falling_back_before)?;
         println!(
             "   Metric topoproxy_services_falling_back: {falling_back_before} before, {falling_back_after} now; --explain says:"
-        );
-        ensure!(
-            falling_back_after > falling_back_before,
-            "topoproxy_services_falling_back did not rise ({falling_back_before} → {falling_back_after})"
         );
         for line in self.explain_block()?.lines().filter(|line| {
             line.trim_start().starts_with("topology:") || line.contains("falling back")
@@ -618,6 +614,26 @@ impl World {
         ensure!(status == 200, "/metrics answered {status}");
         crate::metric(&body, "topoproxy_services_falling_back")
             .context("/metrics has no topoproxy_services_falling_back")
+    }
+
+    /// Waits for the gauge to rise above `before`. The agent publishes its table statistics
+    /// after the kernel writes and the map switch, so the maps can already show the change
+    /// while the gauge still holds the previous sync's value.
+    pub(super) fn falling_back_metric_above(&self, before: f64) -> Result<f64> {
+        let started = Instant::now();
+        loop {
+            check_interrupted()?;
+            let now = self.falling_back_metric()?;
+            if now > before {
+                return Ok(now);
+            }
+            ensure!(
+                started.elapsed() <= CONVERGE_TIMEOUT,
+                "topoproxy_services_falling_back did not rise within {} s ({before} → {now})",
+                CONVERGE_TIMEOUT.as_secs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `topoproxy plan --explain` for kube-dns's first port on this node.
