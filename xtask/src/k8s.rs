@@ -1,11 +1,13 @@
 //! `cargo xtask k8s-setup`: the real Kubernetes the tests run against, installed idempotently on
 //! Debian 12 (as root).
 //!
-//! - `kube-apiserver`, `kube-controller-manager`, `kube-proxy` and `kubectl` built from the
+//! - `kube-apiserver`, `kube-controller-manager`, `kube-scheduler`, `kube-proxy`, `kubelet` and
+//!   `kubectl` built from the
 //!   `k8s.io/kubernetes` Go module that `tests/k8s/go.mod` requires (its staging modules are
 //!   mapped to their published copies there), CGO off, with the release's version stamped in.
 //! - `kustomize` and `helm` by `go install` at the versions below.
-//! - `etcd-server` and `haproxy` from Debian's apt.
+//! - `etcd-server`, `haproxy`, `containerd`, `runc` and the CNI plugins from Debian's apt.
+//! - The real node's test images (a pod sandbox and an echo server, [`test_images`]).
 //!
 //! Binaries are kept outside the work tree (`$TOPOPROXY_CACHE`, else
 //! `$XDG_CACHE_HOME/topoproxy`, else `~/.cache/topoproxy`) beside Go's own module and build
@@ -24,9 +26,11 @@ use crate::vm::{apt_get, dpkg_installed, dpkg_version};
 
 /// The Kubernetes commands built from the module, in build order (cheapest first, so a failure
 /// in the long kube-apiserver build comes after the others are cached).
-pub const KUBERNETES_COMMANDS: [&str; 4] = [
+pub const KUBERNETES_COMMANDS: [&str; 6] = [
     "kube-proxy",
     "kubectl",
+    "kube-scheduler",
+    "kubelet",
     "kube-controller-manager",
     "kube-apiserver",
 ];
@@ -42,7 +46,15 @@ const GO_TOOLS: [(&str, &str, &str); 2] = [
     ("helm", "helm.sh/helm/v3/cmd/helm", "v3.22.0"),
 ];
 
-const APT_PACKAGES: [&str; 2] = ["etcd-server", "haproxy"];
+/// etcd and haproxy for the control plane; containerd, runc and the CNI plugins for the real
+/// node (`tests/k8s-harness/src/node.rs`).
+const APT_PACKAGES: [&str; 5] = [
+    "etcd-server",
+    "haproxy",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+];
 
 /// The folder that outlives work trees: `$TOPOPROXY_CACHE`, `$XDG_CACHE_HOME/topoproxy` or
 /// `~/.cache/topoproxy`.
@@ -99,6 +111,7 @@ pub fn k8s_setup() -> Result<()> {
     apt_packages()?;
     kubernetes_binaries()?;
     go_tools()?;
+    test_images()?;
     print_versions()?;
     println!(
         "k8s-setup: done in {:.1} s",
@@ -202,7 +215,7 @@ fn apt_packages() -> Result<()> {
         .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
     }
     // Debian starts the packaged daemons; the tests start their own on other ports.
-    for service in ["etcd", "haproxy"] {
+    for service in ["etcd", "haproxy", "containerd"] {
         let _ = Command::new("systemctl")
             .args(["disable", "--now", service])
             .stderr(std::process::Stdio::null())
@@ -276,6 +289,24 @@ fn build_commands(
             started.elapsed().as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// Where the real node's test images are kept (`tests/k8s-harness` reads them from there).
+pub fn test_images_dir() -> PathBuf {
+    cache_dir().join("test-images")
+}
+
+fn test_images() -> Result<()> {
+    let sources = go_module_dir().join("images");
+    crate::image::test_images::build_test_images(&test_images_dir(), &sources, &|dir, binary| {
+        run(go_command()
+            .args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
+            .arg(binary)
+            .arg(".")
+            .current_dir(dir))
+        .with_context(|| format!("building {}", dir.display()))
+    })?;
     Ok(())
 }
 

@@ -49,6 +49,12 @@ pub enum InspectError {
     },
 }
 
+/// Whether an agent's maps are pinned under `pin_dir` (what `list` without `--proxy-mode`
+/// takes for "this node runs eBPF mode").
+pub fn agent_pinned(pin_dir: &Path) -> bool {
+    pin_dir.join(MAPS_DIR).join(maps::SERVICES).exists()
+}
+
 /// The maps `topoproxy list` reads, opened read-only from their pins.
 struct ReadOnlyMaps {
     services: HashMap<MapData, abi::ServiceKey, abi::Service>,
