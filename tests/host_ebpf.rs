@@ -12,7 +12,7 @@
 //! (`topoproxy run --proxy-mode ebpf` on a YAML directory, and `topoproxy list` beside it).
 //!
 //! Benchmarks (ignored; run with `--ignored --nocapture`): `bench_connect_vip_vs_direct`,
-//! `bench_cold_sync`.
+//! `bench_cold_sync`, `bench_udp_removal_over_100_network_namespaces`.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -1950,6 +1950,100 @@ fn bench_connect_vip_vs_direct() {
         ratios.len(),
         ratios[ratios.len() / 2]
     );
+}
+
+/// Network namespaces pinned under /run/netns, as a runtime pins pods', each holding a
+/// connected UDP socket (what a pod's DNS client holds); removed on drop.
+struct PinnedNamespaces {
+    names: Vec<String>,
+    _sockets: Vec<UdpSocket>,
+}
+
+impl PinnedNamespaces {
+    fn new(count: usize) -> Self {
+        let id = unique();
+        let mut namespaces = Self {
+            names: Vec::new(),
+            _sockets: Vec::new(),
+        };
+        for i in 0..count {
+            let name = format!("tpe-b{id}-{i}");
+            run(&format!("ip netns add {name} && ip -n {name} link set lo up"));
+            namespaces.names.push(name);
+        }
+        let paths: Vec<PathBuf> = namespaces
+            .names
+            .iter()
+            .map(|name| World::netns_path(name))
+            .collect();
+        // setns on a thread of its own: a socket belongs to the namespace it was made in.
+        namespaces._sockets = std::thread::spawn(move || {
+            paths
+                .iter()
+                .map(|path| {
+                    setns(path);
+                    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+                    socket.connect("127.0.0.1:53").expect("connect");
+                    socket
+                })
+                .collect()
+        })
+        .join()
+        .expect("socket thread");
+        namespaces
+    }
+}
+
+impl Drop for PinnedNamespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// What one apply that removes a backend costs, with 100 pinned network namespaces (one
+/// connected UDP socket each) on the node: a UDP removal (the agent walks every namespace
+/// once) against a TCP removal (no walk).
+#[test]
+#[ignore = "benchmark: cargo test --test host_ebpf -- --ignored --nocapture bench_"]
+fn bench_udp_removal_over_100_network_namespaces() {
+    const TEST: &str = "bench_udp_removal_over_100_network_namespaces";
+    if !kernel_destroys_sockets() {
+        harness::skip(TEST, "the kernel has no bpf_sock_destroy (6.5+)");
+        return;
+    }
+    let count: usize = std::env::var("TOPOPROXY_BENCH_NAMESPACES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let world = World::new();
+    let _namespaces = PinnedNamespaces::new(count);
+    let mut dataplane = world.open();
+    let rounds = 20;
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let mut both = ProgrammedTable::new();
+        service(&mut both, protocol, VIP4, &[(T0A, 0), (T0B, 0)], None);
+        let mut one = ProgrammedTable::new();
+        service(&mut one, protocol, VIP4, &[(T0A, 0)], None);
+        let mut took = Vec::new();
+        for _ in 0..rounds {
+            sync(&mut dataplane, &both);
+            let actual = block_on(dataplane.read()).expect("read");
+            let ops = diff(&one, &actual);
+            let started = Instant::now();
+            block_on(dataplane.apply(&ops)).expect("apply");
+            took.push(started.elapsed());
+        }
+        took.sort();
+        sync(&mut dataplane, &ProgrammedTable::new());
+        println!(
+            "{protocol:?} backend removal with {count} pinned namespaces: median {:.2} ms, \
+             max {:.2} ms over {rounds} applies",
+            took[rounds / 2].as_secs_f64() * 1e3,
+            took[rounds - 1].as_secs_f64() * 1e3
+        );
+    }
 }
 
 #[test]

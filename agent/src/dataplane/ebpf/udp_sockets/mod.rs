@@ -214,31 +214,7 @@ fn pass(
     removed: &HashSet<RemovedPair>,
     vip_of: &(impl Fn(&RevNatKey) -> Option<Endpoint> + Sync),
 ) -> Result<Terminated, SockDestroyError> {
-    let mut done = Terminated::default();
-    let skip = |done: &mut Terminated, netns: &Netns, error: SockDestroyError| {
-        done.skipped += 1;
-        tracing::debug!(
-            netns = %netns.found_at.display(),
-            error = %crate::dataplane::error_chain(&error),
-            "skipped a network namespace while destroying connected UDP sockets"
-        );
-    };
-    let mut doomed: Vec<(&Netns, Vec<u64>)> = Vec::new();
-    for netns in namespaces.values() {
-        let sockets = netns::enter(netns).and_then(|()| {
-            diag::connected_udp_sockets().map_err(SockDestroyError::Diag)
-        });
-        match sockets {
-            Ok(sockets) => {
-                done.namespaces += 1;
-                let cookies = doomed_cookies(&sockets, removed, vip_of);
-                if !cookies.is_empty() {
-                    doomed.push((netns, cookies));
-                }
-            }
-            Err(error) => skip(&mut done, netns, error),
-        }
-    }
+    let (mut done, doomed) = survey(namespaces, removed, vip_of);
     let all: Vec<u64> = doomed.iter().flat_map(|(_, c)| c.iter().copied()).collect();
     let mut iterators = Vec::new();
     for chunk in all.chunks(MAX_COOKIES) {
@@ -258,10 +234,45 @@ fn pass(
     Ok(done)
 }
 
+/// The doomed cookies of each namespace (on the calling thread, which joins each in turn).
+fn survey<'n>(
+    namespaces: &'n BTreeMap<netns::NetnsKey, Netns>,
+    removed: &HashSet<RemovedPair>,
+    vip_of: &impl Fn(&RevNatKey) -> Option<Endpoint>,
+) -> (Terminated, Vec<(&'n Netns, Vec<u64>)>) {
+    let mut done = Terminated::default();
+    let mut doomed = Vec::new();
+    for netns in namespaces.values() {
+        let sockets = netns::enter(netns)
+            .and_then(|()| diag::connected_udp_sockets().map_err(SockDestroyError::Diag));
+        match sockets {
+            Ok(sockets) => {
+                done.namespaces += 1;
+                let cookies = doomed_cookies(&sockets, removed, vip_of);
+                if !cookies.is_empty() {
+                    doomed.push((netns, cookies));
+                }
+            }
+            Err(error) => skip(&mut done, netns, error),
+        }
+    }
+    (done, doomed)
+}
+
+fn skip(done: &mut Terminated, netns: &Netns, error: SockDestroyError) {
+    done.skipped += 1;
+    tracing::debug!(
+        netns = %netns.found_at.display(),
+        error = %crate::dataplane::error_chain(&error),
+        "skipped a network namespace while destroying connected UDP sockets"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dataplane::op::Destination;
+    use std::os::unix::fs::MetadataExt;
 
     fn destination(address: &str, port: u16) -> Destination {
         Destination {
@@ -318,6 +329,53 @@ mod tests {
         ]
         .into();
         assert_eq!(removed, expected);
+    }
+
+    #[test]
+    fn a_namespace_that_cannot_be_entered_is_skipped_and_the_others_are_surveyed() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // The format of tests/support/harness.rs.
+            println!(
+                "SKIP: a_namespace_that_cannot_be_entered_is_skipped_and_the_others_are_surveyed: \
+                 setns needs CAP_SYS_ADMIN (run as root)"
+            );
+            return;
+        }
+        let open = |path: &str| std::fs::File::open(path).expect("open");
+        let own = open("/proc/self/ns/net");
+        let meta = own.metadata().expect("stat");
+        let mut namespaces = BTreeMap::new();
+        namespaces.insert(
+            (meta.dev(), meta.ino()),
+            Netns {
+                found_at: "/proc/self/ns/net".into(),
+                file: own,
+            },
+        );
+        // What setns(CLONE_NEWNET) refuses, as it refuses a namespace it cannot join.
+        namespaces.insert(
+            (0, 0),
+            Netns {
+                found_at: "/proc/self/ns/uts".into(),
+                file: open("/proc/self/ns/uts"),
+            },
+        );
+        let removed: HashSet<RemovedPair> = [(ep("10.96.0.10", 53), ep("10.1.0.5", 53))].into();
+        // setns is per thread: not on the test harness's.
+        let (done, doomed) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let (done, doomed) = survey(&namespaces, &removed, &|_: &RevNatKey| None);
+                    (done, doomed.len())
+                })
+                .join()
+                .expect("survey thread")
+        });
+        assert_eq!(
+            (done.namespaces, done.skipped, done.sockets, doomed),
+            (1, 1, 0, 0)
+        );
     }
 
     #[test]
