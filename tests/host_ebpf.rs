@@ -1968,7 +1968,9 @@ impl PinnedNamespaces {
         };
         for i in 0..count {
             let name = format!("tpe-b{id}-{i}");
-            run(&format!("ip netns add {name} && ip -n {name} link set lo up"));
+            run(&format!(
+                "ip netns add {name} && ip -n {name} link set lo up"
+            ));
             namespaces.names.push(name);
         }
         let paths: Vec<PathBuf> = namespaces

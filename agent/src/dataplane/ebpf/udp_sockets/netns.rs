@@ -169,8 +169,7 @@ mod tests {
     }
 
     #[test]
-    fn pins_and_threads_of_one_namespace_count_once_and_what_is_no_network_namespace_is_skipped()
-    {
+    fn pins_and_threads_of_one_namespace_count_once_and_what_is_no_network_namespace_is_skipped() {
         let pins = Scratch::new();
         let proc = Scratch::new();
         let own = Path::new("/proc/self/ns/net");
@@ -260,7 +259,11 @@ mod tests {
             .iter()
             .filter(|(path, _)| *path == &thread_netns(unpinned))
             .collect();
-        assert_eq!(by_thread.len(), 1, "the unpinned thread's namespace: {found:?}");
+        assert_eq!(
+            by_thread.len(),
+            1,
+            "the unpinned thread's namespace: {found:?}"
+        );
         assert!(
             !found.iter().any(|(path, _)| *path == &thread_netns(pinned)),
             "the pinned namespace is listed again through its thread: {found:?}"
