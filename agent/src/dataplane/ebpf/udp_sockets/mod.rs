@@ -115,8 +115,8 @@ fn peer_endpoints(peer: SocketAddr) -> Vec<Endpoint> {
 pub struct Terminated {
     /// Network namespaces whose sockets were looked at.
     pub namespaces: usize,
-    /// Network namespaces skipped after an error (one that went away meanwhile), logged at
-    /// debug.
+    /// Network namespaces skipped after an error (setns refused, a dump or the destroy
+    /// program failed there), logged at debug.
     pub skipped: usize,
     /// Sockets destroyed (matched by cookie; one that closed meanwhile counts too).
     pub sockets: usize,
@@ -206,8 +206,9 @@ impl UdpTerminator {
 
 /// One pass, on a thread that may join any namespace: dump each namespace's connected UDP
 /// sockets, pick the doomed ones, load the destroy program once for all of them and run it in
-/// the namespaces that hold some. A namespace that fails (its pod went away between the
-/// listing and our visit) is logged at debug and skipped; loading the program fails the pass.
+/// the namespaces that hold some. A namespace that fails is logged at debug and skipped (the
+/// listing holds each open, so one whose pod went away meanwhile can still be entered; what
+/// fails is the kernel refusing us there); loading the program fails the pass.
 fn pass(
     ids: KernelIds,
     namespaces: &BTreeMap<netns::NetnsKey, Netns>,

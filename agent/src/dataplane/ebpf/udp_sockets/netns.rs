@@ -64,7 +64,15 @@ pub(super) fn network_namespaces(
             continue;
         };
         for entry in entries.flatten() {
-            add(&mut namespaces, entry.path());
+            let path = entry.path();
+            if let Err(error) = add(&mut namespaces, path.clone()) {
+                // Its pod went away between the listing and the open.
+                tracing::debug!(
+                    netns = %path.display(),
+                    %error,
+                    "skipped a network namespace pin"
+                );
+            }
         }
     }
     if let Ok(processes) = std::fs::read_dir(proc) {
@@ -77,24 +85,27 @@ pub(super) fn network_namespaces(
                 continue;
             };
             for thread in threads.flatten() {
-                add(&mut namespaces, thread.path().join("ns/net"));
+                // A thread that exited meanwhile: nothing to say.
+                let _ = add(&mut namespaces, thread.path().join("ns/net"));
             }
         }
     }
     Ok(namespaces)
 }
 
-/// Adds the network namespace at `path`, if it is one and is not there yet.
-fn add(namespaces: &mut BTreeMap<NetnsKey, Netns>, path: PathBuf) {
-    let Ok(file) = File::open(&path) else { return };
+/// Adds the network namespace at `path`, if it is one and is not there yet; fails only when
+/// it cannot be opened or read.
+fn add(namespaces: &mut BTreeMap<NetnsKey, Netns>, path: PathBuf) -> std::io::Result<()> {
+    let file = File::open(&path)?;
     if !is_network_namespace(&file) {
-        return;
+        return Ok(());
     }
-    let Ok(key) = key_of(&file) else { return };
+    let key = key_of(&file)?;
     namespaces.entry(key).or_insert(Netns {
         found_at: path,
         file,
     });
+    Ok(())
 }
 
 fn key_of(file: &File) -> std::io::Result<NetnsKey> {
