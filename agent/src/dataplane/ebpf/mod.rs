@@ -384,9 +384,14 @@ impl EbpfDataplane {
             Ok(done) if done.sockets > 0 => tracing::info!(
                 sockets = done.sockets,
                 namespaces = done.namespaces,
+                skipped_namespaces = done.skipped,
                 "destroyed connected UDP sockets of removed backends"
             ),
-            Ok(_) => {}
+            Ok(done) => tracing::debug!(
+                namespaces = done.namespaces,
+                skipped_namespaces = done.skipped,
+                "no connected UDP socket of a removed backend"
+            ),
             Err(error) => tracing::warn!(
                 error = %error_chain(&error),
                 "destroying connected UDP sockets of removed backends failed; they keep \
