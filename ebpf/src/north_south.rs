@@ -3,7 +3,9 @@
 //!
 //! - `tp_ns_ingress` looks a packet up as a reply from a remote backend (to a SNAT port), then
 //!   as a tracked client flow, then as a new flow to a Service frontend in the socket path's
-//!   own `TP_SERVICES` / `TP_BACKENDS` (same tier and slot choice, same counters). Anything
+//!   own `TP_SERVICES` / `TP_BACKENDS` (same tier and slot choice, same counters); a new flow
+//!   to a Service with `loadBalancerSourceRanges` from a source outside them (LPM trie
+//!   `TP_SRC_RANGES`) is dropped first, as kube-proxy's firewall chain drops it. Anything
 //!   else — SSH to the node, fragments — passes untouched. A ClusterIP arriving from outside
 //!   (a routed or advertised service CIDR) is balanced too; the node's own processes reach
 //!   ClusterIPs at the socket, so none of theirs comes here.
@@ -36,7 +38,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
     programs::TcContext,
 };
 use aya_log_ebpf::{info, warn};
@@ -46,7 +48,8 @@ use topoproxy_common::{
         direction, limits, nat, AffinityKey, Config, Device, FlowKey, FlowNat, Masquerade,
         DEFAULT_SNAT_PORTS, MAX_CLUSTER_CIDRS,
     },
-    AffinityValue, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, TIER_SHIFT,
+    AffinityValue, Endpoint, Service, ServiceKey, SourceRangeKey, FAMILY_V4, FAMILY_V6,
+    SOURCE_RANGE_LOOKUP_BITS, TIER_SHIFT,
 };
 
 use crate::{count_backend, count_service, may_log, slot_backend, TierView, TP_SERVICES};
@@ -86,6 +89,12 @@ static TP_NS_CT: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(limits::CONNT
 #[map]
 static TP_NS_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(limits::AFFINITY, 0);
+
+/// `loadBalancerSourceRanges`, written by the agent (the flows' side of the socket object's
+/// maps, declared here because only the tc programs read it).
+#[map]
+static TP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::pinned(topoproxy_common::limits::SOURCE_RANGES, 0);
 
 #[classifier]
 pub fn tp_ns_ingress(ctx: TcContext) -> i32 {
@@ -300,6 +309,11 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
     let Some(service) = (unsafe { TP_SERVICES.get(key) }) else {
         return NEXT;
     };
+    // kube-proxy's `KUBE-SOURCE-RANGES-FIREWALL`: before any balancing, and a drop (the
+    // client times out), not a reject.
+    if service.flags & flags::SOURCE_RANGES != 0 && !admitted(packet, service.id) {
+        return DROP;
+    }
     // The socket path's tier view: the same draw by share, the same fallback.
     let tiers = TierView::of(service);
     if tiers.nearest.is_none() {
@@ -324,6 +338,22 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
         service.flags & flags::TRAFFIC_POLICY_LOCAL == 0
     };
     CHOSEN
+}
+
+/// Whether the packet's source is inside one of the `loadBalancerSourceRanges` of service
+/// `service_id`. The agent writes a service's ranges before an entry that flags them, and
+/// removes them only after one that does not, so a flagged entry never misses its ranges.
+// A BPF subprogram of its own: the lookup key's frame is not added to the callers'.
+#[inline(never)]
+fn admitted(packet: &Packet, service_id: u32) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_LOOKUP_BITS,
+        SourceRangeKey {
+            service_id,
+            addr: packet.src,
+        },
+    );
+    TP_SRC_RANGES.get(&key).is_some()
 }
 
 /// kube-proxy's `KUBE-MARK-MASQ` for a ClusterIP: everything under `--masquerade-all`, else
