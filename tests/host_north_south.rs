@@ -12,6 +12,14 @@ mod harness;
 #[macro_use]
 mod world;
 
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+
+use ipnetwork::IpNetwork;
+use topoproxy::dataplane::ebpf::EbpfDataplane;
+use topoproxy::dataplane::ProgrammedTable;
+use topoproxy::model::{IpFamily, Protocol};
+use topoproxy::table::{Frontend, SourceRanges, TrafficPolicy, VsKey};
 use world::*;
 
 /// One test per check of the world.
@@ -90,4 +98,225 @@ fn bench_request_response_through_tc_vs_direct() {
         memlock as f64 / (1 << 20) as f64,
         memlock as f64 / f64::from(entries)
     );
+}
+
+// ---- loadBalancerSourceRanges (kube-proxy's firewall for load-balancer frontends) ----
+
+/// Second addresses of the client, outside the ranges these tests allow.
+const OUTSIDER: &str = "10.77.0.9";
+const OUTSIDER6: &str = "fd77::8";
+/// A load-balancer IPv6 address, routed to the node like the externalIPs.
+const LB_IP6: &str = "fd77:100::20";
+/// A load-balancer port whose ranges include a zero-masked one: no firewall.
+const OPEN_PORT: u16 = 81;
+
+/// The world's table with the load-balancer frontends firewalled: `LB_IP:80` (TCP and UDP)
+/// and `[LB_IP6]:80` to `v4`/`v6` (none: open), `LB_IP:81` behind `0.0.0.0/0` and a /32.
+fn firewalled_table(v4: &[&str], v6: &[&str]) -> ProgrammedTable {
+    let mut table = table();
+    service(
+        &mut table,
+        Protocol::Udp,
+        (LB_IP, EXTERNAL_PORT),
+        Frontend::LoadBalancer,
+        TrafficPolicy::Cluster,
+        None,
+        &[LOCAL_POD, REMOTE_POD],
+    );
+    service(
+        &mut table,
+        Protocol::Tcp,
+        (LB_IP6, EXTERNAL_PORT),
+        Frontend::LoadBalancer,
+        TrafficPolicy::Cluster,
+        None,
+        &[LOCAL_POD6, REMOTE_POD6],
+    );
+    service(
+        &mut table,
+        Protocol::Tcp,
+        (LB_IP, OPEN_PORT),
+        Frontend::LoadBalancer,
+        TrafficPolicy::Cluster,
+        None,
+        &[LOCAL_POD, REMOTE_POD],
+    );
+    let ranges = |texts: &[&str], family| {
+        let nets: Vec<IpNetwork> = texts.iter().map(|t| t.parse().expect("range")).collect();
+        SourceRanges::for_frontend(&nets, family, Some(NODE.parse().expect("node")))
+    };
+    let firewall = [
+        (
+            Protocol::Tcp,
+            LB_IP,
+            EXTERNAL_PORT,
+            ranges(v4, IpFamily::V4),
+        ),
+        (
+            Protocol::Udp,
+            LB_IP,
+            EXTERNAL_PORT,
+            ranges(v4, IpFamily::V4),
+        ),
+        (
+            Protocol::Tcp,
+            LB_IP6,
+            EXTERNAL_PORT,
+            ranges(v6, IpFamily::V6),
+        ),
+        (
+            Protocol::Tcp,
+            LB_IP,
+            OPEN_PORT,
+            ranges(&["0.0.0.0/0", "10.77.0.2/32"], IpFamily::V4),
+        ),
+    ];
+    for (protocol, address, port, ranges) in firewall {
+        let key = VsKey::new(protocol, address.parse().expect("address"), port);
+        table.get_mut(&key).expect("frontend").config.source_ranges = ranges;
+    }
+    table
+}
+
+/// A world whose client also holds [`OUTSIDER`] and [`OUTSIDER6`], with `table` programmed.
+fn firewalled_world(table: &ProgrammedTable) -> (World, EbpfDataplane) {
+    let world = World::new();
+    let status = std::process::Command::new(IP)
+        .args([
+            "-n",
+            &world.client,
+            "addr",
+            "add",
+            &format!("{OUTSIDER}/24"),
+        ])
+        .args(["dev", &format!("tnc{}", world.id)])
+        .status()
+        .expect("ip");
+    assert!(status.success(), "adding {OUTSIDER}");
+    let status = std::process::Command::new(IP)
+        .args([
+            "-n",
+            &world.client,
+            "addr",
+            "add",
+            &format!("{OUTSIDER6}/64"),
+        ])
+        .args(["dev", &format!("tnc{}", world.id), "nodad"])
+        .status()
+        .expect("ip");
+    assert!(status.success(), "adding {OUTSIDER6}");
+    let (mut dataplane, _) = world.attach(world.open());
+    sync(&mut dataplane, table);
+    (world, dataplane)
+}
+
+/// A TCP exchange with `address:port` from the client's `source`.
+fn tcp_from(world: &World, source: &str, address: &str, port: u16) -> std::io::Result<String> {
+    let source = SocketAddr::new(source.parse().expect("source"), 0);
+    let target = SocketAddr::new(address.parse().expect("address"), port);
+    within(&world.client, move || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&source.into())?;
+        socket.connect_timeout(&target.into(), DROP_TIMEOUT)?;
+        let stream = std::net::TcpStream::from(socket);
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        let mut greeting = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut greeting)?;
+        Ok(greeting.trim().to_owned())
+    })
+}
+
+/// A UDP exchange with `address:port` from the client's `source`.
+fn udp_from(world: &World, source: &str, address: &str, port: u16) -> std::io::Result<String> {
+    let source = SocketAddr::new(source.parse().expect("source"), 0);
+    let target = SocketAddr::new(address.parse().expect("address"), port);
+    within(&world.client, move || {
+        let socket = std::net::UdpSocket::bind(source)?;
+        socket.set_read_timeout(Some(DROP_TIMEOUT))?;
+        socket.send_to(b"hello", target)?;
+        let mut buf = [0u8; 512];
+        let (len, _) = socket.recv_from(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+    })
+}
+
+/// Served from `source`: a backend answers (the greeting names it and the peer it saw).
+fn assert_served(world: &World, source: &str, address: &str, port: u16) {
+    let answer = tcp_from(world, source, address, port)
+        .unwrap_or_else(|error| panic!("{source} → {address}:{port} not served: {error}"));
+    assert!(
+        answer.starts_with("local ") || answer.starts_with("remote "),
+        "{source} → {address}:{port}: {answer:?}"
+    );
+}
+
+/// Dropped from `source`: the connect times out, and the same source is answered by the
+/// NodePort right after (so the timeout is the firewall's, not the network's).
+fn assert_dropped(world: &World, source: &str, address: &str, port: u16, node: &str) {
+    let error = tcp_from(world, source, address, port)
+        .expect_err(&format!("{source} → {address}:{port} must be dropped"));
+    assert!(
+        matches!(error.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "{source} → {address}:{port}: expected a drop (timeout), got {error}"
+    );
+    assert_served(world, source, node, NODE_PORT);
+}
+
+/// kube-proxy's `loadBalancerSourceRanges` in the tc path, with real traffic: a client inside
+/// the ranges is served, one outside them times out (IPv4 TCP and UDP, IPv6), and a
+/// zero-masked range leaves the frontend open.
+#[test]
+fn load_balancer_source_ranges_admit_only_sources_inside_them() {
+    let desired = firewalled_table(&["10.77.0.0/29", "192.0.2.0/24"], &["fd77::/125"]);
+    let (world, _dataplane) = firewalled_world(&desired);
+
+    assert_served(&world, CLIENT, LB_IP, EXTERNAL_PORT);
+    assert_dropped(&world, OUTSIDER, LB_IP, EXTERNAL_PORT, NODE);
+
+    let answer = udp_from(&world, CLIENT, LB_IP, EXTERNAL_PORT).expect("UDP inside the range");
+    assert!(
+        answer.starts_with("local ") || answer.starts_with("remote "),
+        "{answer}"
+    );
+    let error = udp_from(&world, OUTSIDER, LB_IP, EXTERNAL_PORT)
+        .expect_err("UDP outside the range must be dropped");
+    assert!(
+        matches!(error.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock),
+        "{error}"
+    );
+    let answer = udp_from(&world, OUTSIDER, NODE, NODE_PORT).expect("the NodePort over UDP");
+    assert!(
+        answer.starts_with("local ") || answer.starts_with("remote "),
+        "{answer}"
+    );
+
+    assert_served(&world, CLIENT6, LB_IP6, EXTERNAL_PORT);
+    assert_dropped(&world, OUTSIDER6, LB_IP6, EXTERNAL_PORT, NODE6);
+
+    for source in [CLIENT, OUTSIDER] {
+        assert_served(&world, source, LB_IP, OPEN_PORT);
+    }
+}
+
+/// A change of the ranges applies to the very next new flow, and removing them opens the
+/// frontend.
+#[test]
+fn a_source_range_change_applies_to_the_next_new_flow() {
+    let before = firewalled_table(&["10.77.0.2/32"], &[]);
+    let (world, mut dataplane) = firewalled_world(&before);
+    assert_served(&world, CLIENT, LB_IP, EXTERNAL_PORT);
+    assert_dropped(&world, OUTSIDER, LB_IP, EXTERNAL_PORT, NODE);
+
+    sync(&mut dataplane, &firewalled_table(&["10.77.0.9/32"], &[]));
+    assert_served(&world, OUTSIDER, LB_IP, EXTERNAL_PORT);
+    assert_dropped(&world, CLIENT, LB_IP, EXTERNAL_PORT, NODE);
+
+    sync(&mut dataplane, &firewalled_table(&[], &[]));
+    for source in [CLIENT, OUTSIDER] {
+        assert_served(&world, source, LB_IP, EXTERNAL_PORT);
+    }
 }
