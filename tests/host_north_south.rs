@@ -302,21 +302,75 @@ fn load_balancer_source_ranges_admit_only_sources_inside_them() {
     }
 }
 
-/// A change of the ranges applies to the very next new flow, and removing them opens the
-/// frontend.
+/// A change of the ranges applies to the very next new flow and to flows already running
+/// (kube-proxy's filter drops every packet of a source outside them), and removing them opens
+/// the frontend.
 #[test]
-fn a_source_range_change_applies_to_the_next_new_flow() {
+fn a_source_range_change_applies_to_new_and_running_flows() {
     let before = firewalled_table(&["10.77.0.2/32"], &[]);
     let (world, mut dataplane) = firewalled_world(&before);
     assert_served(&world, CLIENT, LB_IP, EXTERNAL_PORT);
     assert_dropped(&world, OUTSIDER, LB_IP, EXTERNAL_PORT, NODE);
+    let mut running = hold(&world, CLIENT, LB_IP, EXTERNAL_PORT);
+    echo(&mut running).expect("a running flow inside the ranges");
 
     sync(&mut dataplane, &firewalled_table(&["10.77.0.9/32"], &[]));
     assert_served(&world, OUTSIDER, LB_IP, EXTERNAL_PORT);
     assert_dropped(&world, CLIENT, LB_IP, EXTERNAL_PORT, NODE);
+    echo(&mut running).expect_err("the running flow's source left the ranges");
 
     sync(&mut dataplane, &firewalled_table(&[], &[]));
     for source in [CLIENT, OUTSIDER] {
         assert_served(&world, source, LB_IP, EXTERNAL_PORT);
     }
+    let mut running = hold(&world, CLIENT, LB_IP, EXTERNAL_PORT);
+    echo(&mut running).expect("a running flow to the open frontend");
+
+    // Ranges added while it runs: it is cut too.
+    sync(&mut dataplane, &firewalled_table(&["10.77.0.9/32"], &[]));
+    echo(&mut running).expect_err("the running flow's source is outside the new ranges");
+    assert_served(&world, OUTSIDER, LB_IP, EXTERNAL_PORT);
+}
+
+/// A TCP connection from the client's `source` kept open, its greeting read.
+fn hold(
+    world: &World,
+    source: &str,
+    address: &str,
+    port: u16,
+) -> (std::net::TcpStream, std::io::BufReader<std::net::TcpStream>) {
+    let source = SocketAddr::new(source.parse().expect("source"), 0);
+    let target = SocketAddr::new(address.parse().expect("address"), port);
+    let stream = within(&world.client, move || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(target),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.bind(&source.into())?;
+        socket.connect_timeout(&target.into(), ANSWER_TIMEOUT)?;
+        Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
+    })
+    .expect("connect");
+    // Short: a dropped echo is recognised by its timeout.
+    stream
+        .set_read_timeout(Some(DROP_TIMEOUT))
+        .expect("read timeout");
+    let mut reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+    let mut greeting = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut greeting).expect("greeting");
+    (stream, reader)
+}
+
+/// One echo round trip on a held connection.
+fn echo(
+    (stream, reader): &mut (std::net::TcpStream, std::io::BufReader<std::net::TcpStream>),
+) -> std::io::Result<()> {
+    std::io::Write::write_all(stream, b"still-there\n")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(reader, &mut line)?;
+    if line != "still-there\n" {
+        return Err(std::io::Error::other(format!("bad echo {line:?}")));
+    }
+    Ok(())
 }

@@ -100,6 +100,8 @@ pub mod limits {
 pub mod flags {
     /// Bits 0–1: the frontend (0 ClusterIP, 1 ExternalIP, 2 LoadBalancer, 3 NodePort).
     pub const FRONTEND_MASK: u32 = 0b11;
+    /// The frontend bits of a load-balancer IP.
+    pub const FRONTEND_LOAD_BALANCER: u32 = 2;
     /// The traffic policy is `Local`.
     pub const TRAFFIC_POLICY_LOCAL: u32 = 1 << 2;
     /// `loadBalancerSourceRanges`: a new flow from outside the node is served only when its

@@ -5,7 +5,10 @@
 //!   as a tracked client flow, then as a new flow to a Service frontend in the socket path's
 //!   own `TP_SERVICES` / `TP_BACKENDS` (same tier and slot choice, same counters); a new flow
 //!   to a Service with `loadBalancerSourceRanges` from a source outside them (LPM trie
-//!   `TP_SRC_RANGES`) is dropped first, as kube-proxy's firewall chain drops it. Anything
+//!   `TP_SRC_RANGES`) is dropped first, as kube-proxy's firewall chain drops it, and so is
+//!   every later packet of a tracked flow to a load-balancer IP whose source the Service's
+//!   ranges (as they are now) do not hold; the conntrack entry of such a flow is flagged, so
+//!   flows to other frontends pay nothing. Anything
 //!   else — SSH to the node, fragments — passes untouched. A ClusterIP arriving from outside
 //!   (a routed or advertised service CIDR) is balanced too; the node's own processes reach
 //!   ClusterIPs at the socket, so none of theirs comes here.
@@ -105,6 +108,9 @@ pub fn tp_ns_ingress(ctx: TcContext) -> i32 {
         return translate(&ctx, &packet, reply);
     }
     if let Some(original) = tracked(&packet, direction::ORIGINAL) {
+        if original.flags & nat::SOURCE_RANGES != 0 && !still_admitted(&packet) {
+            return DROP;
+        }
         return translate(&ctx, &packet, original);
     }
     // `new_flow` returns before `dnat` runs: their stack frames are never stacked on each
@@ -271,6 +277,8 @@ struct Chosen {
     affine: bool,
     /// Cluster policy: SNAT if the stack routes the flow out through one of our devices.
     snat_if_remote: bool,
+    /// A load-balancer IP: every later packet is checked against the ranges too.
+    source_ranges: bool,
 }
 
 impl Chosen {
@@ -284,6 +292,7 @@ impl Chosen {
         },
         affine: false,
         snat_if_remote: false,
+        source_ranges: false,
     };
 }
 
@@ -328,6 +337,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
         return DROP;
     }
     chosen.service_id = service.id;
+    chosen.source_ranges = service.flags & flags::FRONTEND_MASK == flags::FRONTEND_LOAD_BALANCER;
     chosen.snat_if_remote = if service.flags & flags::FRONTEND_MASK == 0 {
         // A ClusterIP routed to the node from outside (BGP-advertised service CIDR, a
         // gateway node): kube-proxy's masquerade rule decides.
@@ -354,6 +364,25 @@ fn admitted(packet: &Packet, service_id: u32) -> bool {
         },
     );
     TP_SRC_RANGES.get(&key).is_some()
+}
+
+/// A packet of a tracked flow to a load-balancer IP: whether the `loadBalancerSourceRanges`
+/// the Service has now hold its source (a change reaches flows already running, as
+/// kube-proxy's filter does). A Service gone or without ranges now lets it pass.
+// A BPF subprogram of its own: its stack frame is not added to the callers'.
+#[inline(never)]
+fn still_admitted(packet: &Packet) -> bool {
+    let key = ServiceKey {
+        addr: packet.dst,
+        port: packet.dport,
+        protocol: packet.protocol,
+        family: packet.family,
+    };
+    // SAFETY: a map value, valid for this program run; only read.
+    match unsafe { TP_SERVICES.get(key) } {
+        Some(service) if service.flags & flags::SOURCE_RANGES != 0 => admitted(packet, service.id),
+        _ => true,
+    }
 }
 
 /// kube-proxy's `KUBE-MARK-MASQ` for a ClusterIP: everything under `--masquerade-all`, else
@@ -424,6 +453,9 @@ fn dnat(ctx: &TcContext, packet: &Packet, chosen: &Chosen) -> i32 {
         service_id: chosen.service_id,
         ..FlowNat::default()
     };
+    if chosen.source_ranges {
+        original.flags |= nat::SOURCE_RANGES;
+    }
     if sport != packet.sport {
         original.flags |= nat::SRC;
         original.src = packet.src;
