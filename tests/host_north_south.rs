@@ -1,10 +1,12 @@
 //! North-south in eBPF mode on the host kernel, with real traffic (needs root): the checks
 //! of `support/north_south_world.rs`, where the world is drawn. The same checks run in the VM
 //! on Debian's 6.1 kernel, through netlink filters instead of tcx (`vm_north_south_traffic`).
+//! The `loadBalancerSourceRanges` tests below run on the host only.
 //!
 //! Benchmark (ignored; `cargo test --test host_north_south -- --ignored --nocapture bench_`):
-//! request/response through the tc path against straight to the pod, and the conntrack map's
-//! memory.
+//! request/response through the tc path against straight to the pod (a local and a remote
+//! backend, and the remote one behind a load-balancer IP with source ranges), and the
+//! conntrack map's memory.
 
 #[path = "support/harness.rs"]
 mod harness;
@@ -37,19 +39,41 @@ every_check!(checks);
 #[test]
 #[ignore = "benchmark: cargo test --test host_north_south -- --ignored --nocapture bench_"]
 fn bench_request_response_through_tc_vs_direct() {
-    let (world, _dataplane) = programmed();
+    let (world, mut dataplane) = programmed();
+    // The load-balancer IP firewalled to the client, with the remote pod only: every packet
+    // of its flows is checked against the ranges.
+    let mut firewalled = table();
+    let lb = VsKey::new(
+        Protocol::Tcp,
+        LB_IP.parse().expect("address"),
+        EXTERNAL_PORT,
+    );
+    if let Some(service) = firewalled.get_mut(&lb) {
+        service.destinations.retain(|(address, _), _| {
+            *address == REMOTE_POD.parse::<std::net::IpAddr>().expect("pod")
+        });
+        let client: IpNetwork = format!("{CLIENT}/32").parse().expect("range");
+        service.config.source_ranges = SourceRanges::for_frontend(&[client], IpFamily::V4, None);
+    }
+    sync(&mut dataplane, &firewalled);
     let total: usize = std::env::var("TOPOPROXY_BENCH_ROUND_TRIPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
     let chunk = 1_000.min(total);
-    // (name, through tc, direct): a local backend (Local policy: DNAT only) and a remote one
-    // (externalIP: DNAT + SNAT, replies redirected), each against the same pod directly.
+    // (name, through tc, direct): a local backend (Local policy: DNAT only), a remote one
+    // (externalIP: DNAT + SNAT, replies redirected) and the same behind a load-balancer IP
+    // with source ranges, each against the same pod directly.
     let paths = [
         ("local pod", (NODE, NODE_PORT_LOCAL), (LOCAL_POD, POD_PORT)),
         (
             "remote pod",
             (EXTERNAL_IP, EXTERNAL_PORT),
+            (REMOTE_POD, POD_PORT),
+        ),
+        (
+            "remote pod, firewalled load-balancer IP",
+            (LB_IP, EXTERNAL_PORT),
             (REMOTE_POD, POD_PORT),
         ),
     ];
