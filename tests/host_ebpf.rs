@@ -1661,6 +1661,59 @@ fn affinity_holds_while_clients_on_every_cpu_connect_at_once() {
     );
 }
 
+/// A load-balancer frontend with `loadBalancerSourceRanges` is not translated at the socket:
+/// the source of an unbound socket is not known at connect, so the call goes on to the IP
+/// itself (unroutable here) rather than to a backend the ranges may not admit. Without
+/// ranges, or once they are removed, the same frontend is balanced at the socket.
+#[test]
+fn a_firewalled_load_balancer_frontend_is_not_translated_at_the_socket() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let open = load_balancer_services(&[]);
+    sync(&mut dataplane, &open);
+    let mut client = world.client();
+    for vip in [VIP4, VIP6] {
+        assert_eq!(client.tcp(vip).0, "t0a");
+        assert_eq!(client.udp(vip).0, "t0a");
+    }
+
+    // Ranges that hold the client and the node: still not translated at the socket.
+    sync(
+        &mut dataplane,
+        &load_balancer_services(&["10.213.0.0/24", "fd00:213::/64"]),
+    );
+    for vip in [VIP4, VIP6] {
+        for protocol in ["tcp", "udp"] {
+            let answer = client.ask(&format!("{protocol} {vip} {PORT}"));
+            assert!(
+                answer.starts_with("err "),
+                "{protocol} to firewalled {vip} was translated: {answer}"
+            );
+        }
+    }
+
+    sync(&mut dataplane, &open);
+    for vip in [VIP4, VIP6] {
+        assert_eq!(client.tcp(vip).0, "t0a");
+    }
+}
+
+/// [`all_services`] on T0A as load-balancer frontends with `ranges` (none: open).
+fn load_balancer_services(ranges: &[&str]) -> ProgrammedTable {
+    let mut table = all_services(&[(T0A, 0)], None);
+    let nets: Vec<ipnetwork::IpNetwork> = ranges
+        .iter()
+        .map(|range| range.parse().expect("range"))
+        .collect();
+    for (key, service) in table.iter_mut() {
+        let family = topoproxy::model::IpFamily::of(&key.address);
+        service.config.frontend = Frontend::LoadBalancer;
+        service.config.source_ranges =
+            topoproxy::table::SourceRanges::for_frontend(&nets, family, None);
+    }
+    table
+}
+
 #[test]
 fn ipv4_mapped_vips_from_dual_stack_sockets_are_translated_as_ipv4() {
     let world = World::new();

@@ -10,14 +10,15 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuHashMap};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
 use topoproxy_common::{self as abi, maps, MAPS_DIR};
 
 use super::lb_maps::LbRead;
 use super::list::{read_listing, CounterRead, Listing, ServiceCounters};
 use super::loader::{bpf_obj_get_read_only, maps_pinned};
 use super::maps::{
-    read_backend, read_backend_connections, read_backend_keys, read_service_counters, read_services,
+    read_backend, read_backend_connections, read_backend_keys, read_service_counters,
+    read_services, read_source_ranges,
 };
 use super::EbpfError;
 
@@ -61,6 +62,7 @@ struct ReadOnlyMaps {
     backends: HashMap<MapData, abi::BackendKey, abi::Backend>,
     service_stats: PerCpuHashMap<MapData, u32, abi::ServiceStats>,
     backend_stats: PerCpuHashMap<MapData, abi::BackendStatsKey, abi::BackendStats>,
+    source_ranges: LpmTrie<MapData, abi::SourceRangeKey, u8>,
 }
 
 impl ReadOnlyMaps {
@@ -78,6 +80,9 @@ impl ReadOnlyMaps {
             })?,
             backend_stats: open(&maps_dir, maps::BACKEND_STATS, |map| {
                 PerCpuHashMap::try_from(Map::PerCpuHashMap(map))
+            })?,
+            source_ranges: open(&maps_dir, maps::SOURCE_RANGES, |map| {
+                LpmTrie::try_from(Map::LpmTrie(map))
             })?,
         })
     }
@@ -114,6 +119,10 @@ impl LbRead for ReadOnlyMaps {
 
     fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError> {
         read_backend_keys(&self.backends)
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, ipnetwork::IpNetwork)>, EbpfError> {
+        read_source_ranges(&self.source_ranges)
     }
 }
 

@@ -454,9 +454,10 @@ impl Dataplane for EbpfDataplane {
         TierScope::All
     }
 
-    /// Not yet: the tc path does not filter sources (docs/parity.md).
+    /// The tc programs drop new flows from outside the ranges; the socket programs leave a
+    /// firewalled frontend untranslated (docs/parity.md).
     fn enforces_source_ranges(&self) -> bool {
-        false
+        true
     }
 
     fn refresh_node_addresses(
