@@ -388,6 +388,14 @@ state = "{state}"
             .arg(archive));
     }
 
+    /// Gives an imported image a second name (`ctr images tag`), e.g. a new tag for a
+    /// DaemonSet rolling update without a registry.
+    pub fn tag_image(&self, source: &str, target: &str) {
+        run(self
+            .ctr()
+            .args(["images", "tag", "--force", source, target]));
+    }
+
     fn write_kubelet_config(&self, plane: &ControlPlane) -> PathBuf {
         let address = self.options.address.to_string();
         let certs =

@@ -1,7 +1,9 @@
 // The backend of the real-node tests: on every TCP connection and every UDP datagram it
 // answers "<pod name> <peer address it saw>\n", so a test knows which pod answered and what
 // source address the proxy left on the packet. With -connect ADDRESS it is the client
-// instead: it prints the answer of one TCP connection to ADDRESS and exits.
+// instead: it prints the answer of one connection to ADDRESS and exits, or with -for it asks
+// again every -every until that time has passed and prints "answered N failed M" (and each
+// failure on standard error).
 package main
 
 import (
@@ -18,7 +20,12 @@ func main() {
 	connect := flag.String("connect", "", "ask ADDRESS once over TCP, print the answer and exit")
 	udp := flag.Bool("udp", false, "with -connect: ask over UDP")
 	timeout := flag.Duration("timeout", 3*time.Second, "with -connect: how long to wait")
+	during := flag.Duration("for", 0, "with -connect: keep asking for this long")
+	every := flag.Duration("every", 100*time.Millisecond, "with -for: pause between asks")
 	flag.Parse()
+	if *connect != "" && *during > 0 {
+		os.Exit(askRepeatedly(*connect, *udp, *timeout, *during, *every))
+	}
 	if *connect != "" {
 		os.Exit(ask(*connect, *udp, *timeout))
 	}
@@ -82,5 +89,20 @@ func ask(address string, udp bool, timeout time.Duration) int {
 		return 1
 	}
 	fmt.Print(line)
+	return 0
+}
+
+func askRepeatedly(address string, udp bool, timeout, during, every time.Duration) int {
+	answered, failed := 0, 0
+	deadline := time.Now().Add(during)
+	for time.Now().Before(deadline) {
+		if ask(address, udp, timeout) == 0 {
+			answered++
+		} else {
+			failed++
+		}
+		time.Sleep(every)
+	}
+	fmt.Printf("answered %d failed %d\n", answered, failed)
 	return 0
 }
