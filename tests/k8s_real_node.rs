@@ -27,6 +27,9 @@ use serde_json::json;
 const PIN_DIR: &str = "/sys/fs/bpf/topoproxy";
 const NAMESPACE: &str = "shop";
 const BACKENDS: [&str; 2] = ["echo-1", "echo-2"];
+const NODE_PORT: u16 = 30080;
+/// The Service's externalIP, routed to the node by the outside client's namespace.
+const EXTERNAL_IP: &str = "192.168.241.10";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -280,6 +283,69 @@ async fn rolling_update_loses_no_connection(
     );
 }
 
+/// One TCP ask from the outside client's namespace (bash's `/dev/tcp`): the pod that answered.
+fn ask_from_outside(node: &RealNode, address: &str, port: u16) -> Option<String> {
+    let script = format!("exec 3<>/dev/tcp/{address}/{port} && head -n 1 <&3");
+    let out = Command::new("timeout")
+        .args([
+            "3",
+            "ip",
+            "netns",
+            "exec",
+            &node.outside_netns(),
+            "bash",
+            "-c",
+            &script,
+        ])
+        .output()
+        .ok()?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    answer.split_whitespace().next().map(str::to_owned)
+}
+
+/// A client outside the node (its own namespace, on the node's link) reaches the NodePort at
+/// the node's InternalIP and the externalIP, routed to the node, through the tc programs,
+/// and every backend answers.
+async fn outside_client_reaches_the_node_port_and_the_external_ip(node: &RealNode) {
+    let outside = node.outside_netns();
+    let via = node.address().to_string();
+    let route = Command::new("ip")
+        .args([
+            "-n",
+            &outside,
+            "route",
+            "add",
+            &format!("{EXTERNAL_IP}/32"),
+            "via",
+            &via,
+        ])
+        .output()
+        .expect("running ip route");
+    assert!(
+        route.status.success(),
+        "{}",
+        String::from_utf8_lossy(&route.stderr)
+    );
+    for (address, port) in [(via.clone(), NODE_PORT), (EXTERNAL_IP.to_owned(), 80)] {
+        let seen: BTreeSet<String> = eventually(
+            &format!("both backends answering {address}:{port} from outside the node"),
+            Duration::from_secs(60),
+            || {
+                let address = address.clone();
+                async move {
+                    let seen: BTreeSet<String> = (0..12)
+                        .filter_map(|_| ask_from_outside(node, &address, port))
+                        .collect();
+                    (seen.len() == BACKENDS.len()).then_some(seen)
+                }
+            },
+        )
+        .await;
+        let expected: BTreeSet<String> = BACKENDS.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(seen, expected, "{address}:{port} from outside");
+    }
+}
+
 fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -424,6 +490,10 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         &port_value,
         "--set",
         "apiServer.host=127.0.0.1",
+        // The tc programs on the node's link only, not on every interface of the machine
+        // running the test (the default `auto` takes every one holding a node address).
+        "--set",
+        "config.north-south-interfaces=tprn0",
     ];
     let post_renderer = post_renderer_args(&plane);
     install.extend(post_renderer.iter().map(String::as_str));
@@ -453,10 +523,14 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": "echo", "namespace": NAMESPACE},
             "spec": {
+                "type": "NodePort",
                 "selector": {"app": "echo"},
+                "externalIPs": [EXTERNAL_IP],
                 "ports": [
-                    {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-                    {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP"},
+                    {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP",
+                     "nodePort": NODE_PORT},
+                    {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP",
+                     "nodePort": NODE_PORT},
                 ],
             },
         }),
@@ -501,6 +575,8 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         let expected: BTreeSet<String> = BACKENDS.iter().map(|s| (*s).to_owned()).collect();
         assert_eq!(seen, expected, "{address} (udp: {udp})");
     }
+
+    outside_client_reaches_the_node_port_and_the_external_ip(&node).await;
 
     let listed = kubectl(
         &plane,

@@ -27,6 +27,16 @@ pub const ECHO_IMAGE: &str = "topoproxy.test/echo:1";
 
 /// Where containerd's CRI plugin pins pod network namespaces (fixed in containerd 1.6).
 const NETNS_DIR: &str = "/run/netns";
+/// Host folders the kubelet, containerd, runc and the CNI plugins write to whatever they are
+/// told (containers' logs and the links to them, device-plugin sockets, runc's state and the
+/// shims' sockets, libcni's result cache).
+const HOST_DIRS: [&str; 5] = [
+    "/var/log/pods",
+    "/var/log/containers",
+    "/var/lib/kubelet",
+    "/run/containerd",
+    "/var/lib/cni",
+];
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const UNIFIED: &str = "/sys/fs/cgroup/unified";
 
@@ -57,6 +67,9 @@ pub struct RealNode {
     socket: PathBuf,
     cgroup: String,
     netns_before: BTreeSet<String>,
+    /// Each of [`HOST_DIRS`]: every path below it before the node started, `None` if it was
+    /// absent.
+    host_dirs_before: Vec<Option<BTreeSet<PathBuf>>>,
     containerd: Option<Daemon>,
     kubelet: Option<Daemon>,
     kubeconfig: PathBuf,
@@ -86,7 +99,11 @@ fn ip(args: &[&str]) -> String {
 }
 
 fn netns_names() -> BTreeSet<String> {
-    std::fs::read_dir(NETNS_DIR)
+    entry_names(Path::new(NETNS_DIR))
+}
+
+fn entry_names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
@@ -107,6 +124,24 @@ fn hierarchies() -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Every path below `dir` (not following links).
+fn paths_below(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut all = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(entry.path());
+            }
+            all.insert(entry.path());
+        }
+    }
+    all
 }
 
 /// Removes a cgroup and every cgroup below it, deepest first.
@@ -157,6 +192,10 @@ impl RealNode {
             dir,
             cgroup,
             netns_before: netns_names(),
+            host_dirs_before: HOST_DIRS
+                .iter()
+                .map(|dir| Path::new(dir).is_dir().then(|| paths_below(Path::new(dir))))
+                .collect(),
             containerd: None,
             kubelet: None,
             made_shared: Vec::new(),
@@ -551,6 +590,30 @@ registerNode: true
     }
 }
 
+impl RealNode {
+    /// Removes what the node wrote under [`HOST_DIRS`]: a folder that was not there before,
+    /// else every path that was not.
+    fn remove_host_files(&self) {
+        for (dir, before) in HOST_DIRS.iter().zip(&self.host_dirs_before) {
+            let dir = Path::new(dir);
+            match before {
+                None => {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                Some(before) => {
+                    let mut new: Vec<PathBuf> =
+                        paths_below(dir).difference(before).cloned().collect();
+                    new.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+                    for path in new {
+                        let _ =
+                            std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Drop for RealNode {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -574,6 +637,7 @@ impl Drop for RealNode {
         for hierarchy in hierarchies() {
             remove_cgroup_tree(&hierarchy.join(&self.cgroup));
         }
+        self.remove_host_files();
         run_quietly(Command::new("ip").args(["link", "del", &self.bridge()]));
         run_quietly(Command::new("ip").args(["link", "del", &self.host_link()]));
         run_quietly(Command::new("ip").args(["netns", "del", &self.outside_netns()]));
