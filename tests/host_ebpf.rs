@@ -1081,25 +1081,7 @@ fn a_pods_connected_udp_socket_follows_a_removed_backend_when_the_agent_sees_no_
         endpoints: vec![endpoint(T0A), endpoint(T0B)],
     }];
     fixture.write();
-    let pin_arg = world.settings.pin_dir.to_str().expect("UTF-8 pin dir");
-    let cgroup_arg = world.cgroup.to_str().expect("UTF-8 cgroup");
-    let mut agent = cluster::Agent::new_in_mode(
-        &fixture,
-        LIST_NODE,
-        &[
-            "--proxy-mode",
-            "ebpf",
-            "--bpf-pin-dir",
-            pin_arg,
-            "--cgroup-path",
-            cgroup_arg,
-            "--north-south-interfaces",
-            "none",
-            "--sync-period",
-            "1h",
-        ],
-        &["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", pin_arg],
-    );
+    let mut agent = ebpf_agent(&fixture, &world.settings.pin_dir, &world.cgroup);
     agent.set_wrapper(&OWN_PID_NAMESPACE);
     agent.set_env("RUST_LOG", Some("info,topoproxy::dataplane::ebpf=debug"));
     agent.start_process();
@@ -2183,25 +2165,7 @@ impl AgentWorld {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/topoproxy-{label}-{id}"));
         let mut fixture = cluster::Fixture::new(label);
         fixture.nodes = vec![(LIST_NODE.to_owned(), "zone-a".to_owned())];
-        let pin_arg = pin_dir.to_str().expect("UTF-8 pin dir");
-        let cgroup_arg = cgroup.to_str().expect("UTF-8 cgroup");
-        let agent = cluster::Agent::new_in_mode(
-            &fixture,
-            LIST_NODE,
-            &[
-                "--proxy-mode",
-                "ebpf",
-                "--bpf-pin-dir",
-                pin_arg,
-                "--cgroup-path",
-                cgroup_arg,
-                "--north-south-interfaces",
-                "none",
-                "--sync-period",
-                "1h",
-            ],
-            &["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", pin_arg],
-        );
+        let agent = ebpf_agent(&fixture, &pin_dir, &cgroup);
         Self {
             pin_dir,
             cgroup,
@@ -2385,6 +2349,30 @@ impl MapsDump {
             filled.difference(&counted).map(key).collect(),
         )
     }
+}
+
+/// The agent in eBPF mode on `fixture` as node [`LIST_NODE`], its programs in `cgroup`, no
+/// tc programs, no periodic re-read; `cleanup` of its pins when dropped.
+fn ebpf_agent(fixture: &cluster::Fixture, pin_dir: &Path, cgroup: &Path) -> cluster::Agent {
+    let pin_arg = pin_dir.to_str().expect("UTF-8 pin dir");
+    let cgroup_arg = cgroup.to_str().expect("UTF-8 cgroup");
+    cluster::Agent::new_in_mode(
+        fixture,
+        LIST_NODE,
+        &[
+            "--proxy-mode",
+            "ebpf",
+            "--bpf-pin-dir",
+            pin_arg,
+            "--cgroup-path",
+            cgroup_arg,
+            "--north-south-interfaces",
+            "none",
+            "--sync-period",
+            "1h",
+        ],
+        &["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", pin_arg],
+    )
 }
 
 fn list_command(pin_dir: &Path) -> Command {

@@ -236,6 +236,21 @@ fn firewalled_world(table: &ProgrammedTable) -> (World, EbpfDataplane) {
 
 /// A TCP exchange with `address:port` from the client's `source`.
 fn tcp_from(world: &World, source: &str, address: &str, port: u16) -> std::io::Result<String> {
+    let stream = connect_from(world, source, address, port, DROP_TIMEOUT)?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let mut greeting = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut greeting)?;
+    Ok(greeting.trim().to_owned())
+}
+
+/// A TCP connection to `address:port` from the client's `source`, within `timeout`.
+fn connect_from(
+    world: &World,
+    source: &str,
+    address: &str,
+    port: u16,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
     let source = SocketAddr::new(source.parse().expect("source"), 0);
     let target = SocketAddr::new(address.parse().expect("address"), port);
     within(&world.client, move || {
@@ -245,12 +260,8 @@ fn tcp_from(world: &World, source: &str, address: &str, port: u16) -> std::io::R
             None,
         )?;
         socket.bind(&source.into())?;
-        socket.connect_timeout(&target.into(), DROP_TIMEOUT)?;
-        let stream = std::net::TcpStream::from(socket);
-        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-        let mut greeting = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut greeting)?;
-        Ok(greeting.trim().to_owned())
+        socket.connect_timeout(&target.into(), timeout)?;
+        Ok(std::net::TcpStream::from(socket))
     })
 }
 
@@ -363,19 +374,7 @@ fn hold(
     address: &str,
     port: u16,
 ) -> (std::net::TcpStream, std::io::BufReader<std::net::TcpStream>) {
-    let source = SocketAddr::new(source.parse().expect("source"), 0);
-    let target = SocketAddr::new(address.parse().expect("address"), port);
-    let stream = within(&world.client, move || {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(target),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.bind(&source.into())?;
-        socket.connect_timeout(&target.into(), ANSWER_TIMEOUT)?;
-        Ok::<_, std::io::Error>(std::net::TcpStream::from(socket))
-    })
-    .expect("connect");
+    let stream = connect_from(world, source, address, port, ANSWER_TIMEOUT).expect("connect");
     // Short: a dropped echo is recognised by its timeout.
     stream
         .set_read_timeout(Some(DROP_TIMEOUT))

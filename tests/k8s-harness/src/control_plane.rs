@@ -476,14 +476,8 @@ impl ControlPlane {
         if self.real_nodes {
             controllers.push("daemonset-controller");
         }
-        let mut cmd = Command::new(&self.bins.kube_controller_manager);
-        cmd.arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--authentication-kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--authorization-kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--use-service-account-credentials")
+        let mut cmd = component_command(&self.bins.kube_controller_manager, &kubeconfig);
+        cmd.arg("--use-service-account-credentials")
             .arg("--service-account-private-key-file")
             .arg(&self.pki.service_account_key)
             .arg("--root-ca-file")
@@ -526,14 +520,8 @@ impl ControlPlane {
             "scheduler.kubeconfig",
             &KubeconfigUser::Cert(self.pki.scheduler.clone()),
         );
-        let mut cmd = Command::new(&self.bins.kube_scheduler);
-        cmd.arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--authentication-kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--authorization-kubeconfig")
-            .arg(&kubeconfig)
-            .args(["--leader-elect=false", "--secure-port", "0", "-v", "1"]);
+        let mut cmd = component_command(&self.bins.kube_scheduler, &kubeconfig);
+        cmd.args(["--leader-elect=false", "--secure-port", "0", "-v", "1"]);
         self.scheduler = Some(Daemon::spawn(
             "kube-scheduler",
             cmd,
@@ -605,6 +593,19 @@ impl Drop for ControlPlane {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A control-plane component authenticating, and delegating authentication and authorization
+/// checks, with one kubeconfig.
+fn component_command(binary: &Path, kubeconfig: &Path) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--authentication-kubeconfig")
+        .arg(kubeconfig)
+        .arg("--authorization-kubeconfig")
+        .arg(kubeconfig);
+    cmd
 }
 
 /// A GET request for `path` (kube's raw request form).
