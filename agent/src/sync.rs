@@ -442,6 +442,9 @@ impl<D: Dataplane> SyncLoop<D> {
         self.state.metrics.set_last_successful_sync(now);
         self.state.metrics.observe_sync(started.elapsed(), true);
         if first {
+            self.store.compact_services();
+            // Every Service of the initial lists was dirty once; the set keeps its capacity.
+            self.dirty.shrink_to_fit();
             crate::heap::release_free_memory();
         }
     }
