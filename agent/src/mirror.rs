@@ -12,7 +12,7 @@
 //! (its tier scope, whether it marks local destinations, whether it enforces source ranges)
 //! does not change while it runs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::dataplane::op::{apply_to, Op};
 use crate::dataplane::{ProgrammedService, ProgrammedTable, TierScope};
@@ -160,23 +160,27 @@ impl Mirror {
     }
 
     /// Records `applied`, the changes the dataplane accepted, then forgets the pins that equal
-    /// the plan again.
+    /// the plan again. One key at a time (a change concerns one virtual server alone): the
+    /// initial sync's changes never build a second whole table beside the dataplane's.
     pub fn record<'a>(&mut self, applied: impl IntoIterator<Item = &'a Op>, planned: &Planned<'_>) {
-        let applied: Vec<&Op> = applied.into_iter().collect();
-        let touched: BTreeSet<VsKey> = applied.iter().map(|op| op.service()).collect();
-        let mut held = ProgrammedTable::new();
-        for key in &touched {
-            let service = match self.pinned.remove(key) {
-                Some(pinned) => pinned,
-                None => planned.get(key),
-            };
-            if let Some(service) = service {
-                held.insert(*key, service);
-            }
+        let mut by_key: BTreeMap<VsKey, Vec<&Op>> = BTreeMap::new();
+        for op in applied {
+            by_key.entry(op.service()).or_default().push(op);
         }
-        apply_to(&mut held, applied);
-        for key in touched {
-            self.pinned.insert(key, held.remove(&key));
+        let mut one = ProgrammedTable::new();
+        for (key, ops) in by_key {
+            let held = match self.pinned.remove(&key) {
+                Some(pinned) => pinned,
+                None => planned.get(&key),
+            };
+            if let Some(service) = held {
+                one.insert(key, service);
+            }
+            apply_to(&mut one, ops);
+            let held = one.remove(&key);
+            if held != planned.get(&key) {
+                self.pinned.insert(key, held);
+            }
         }
         self.pinned
             .retain(|key, held| planned.get(key).as_ref() != held.as_ref());
@@ -215,6 +219,7 @@ mod tests {
         synthetic_cluster, synthetic_node_name, synthetic_service_key, with_endpoint_flipped,
         SyntheticSpec,
     };
+    use std::collections::BTreeSet;
 
     const NODE: &str = "node-a-0";
 
@@ -315,7 +320,11 @@ mod tests {
         let mut actual = copy.clone();
         let first = *actual.keys().next().expect("a service");
         actual.remove(&first);
-        let (key, service) = copy.iter().nth(5).map(|(k, s)| (*k, s.clone())).expect("6th");
+        let (key, service) = copy
+            .iter()
+            .nth(5)
+            .map(|(k, s)| (*k, s.clone()))
+            .expect("6th");
         let mut stranger = key;
         stranger.port = 1;
         actual.insert(stranger, service);
