@@ -443,6 +443,11 @@ impl<D: Dataplane> SyncLoop<D> {
         self.state.metrics.observe_sync(started.elapsed(), true);
         if first {
             self.store.compact_services();
+            self.state
+                .table
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .compact();
             // Every Service of the initial lists was dirty once; the set keeps its capacity.
             self.dirty.shrink_to_fit();
             crate::heap::release_free_memory();

@@ -114,7 +114,6 @@ pub fn plan(store: &Store, node: &Node, config: &PlanConfig) -> NodeTable {
         let servers = plan_service(store, service, node, config);
         table.replace_service(&service.key, servers);
     }
-    table.compact();
     table
 }
 
