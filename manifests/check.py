@@ -388,9 +388,14 @@ def check_daemonset(where: str, ds: dict, by_id: dict, expect: dict) -> None:
         fail(here, f"{mode} mode needs capabilities {sorted(MODE_CAPS[mode])}, has {sorted(added)}")
     if mode == "ebpf":
         host_paths = {v.get("hostPath", {}).get("path") for v in volumes.values()}
-        for needed in ("/sys/fs/bpf", "/sys/fs/cgroup"):
+        for needed in ("/sys/fs/bpf", "/sys/fs/cgroup", "/run/netns"):
             if needed not in host_paths:
                 fail(here, f"ebpf mode needs the host's {needed} mounted")
+        # Pods' namespaces are pinned after the agent started: without propagation the
+        # container sees empty files and reaches no pod's connected UDP sockets.
+        netns = mounts.get("/run/netns")
+        if netns is not None and netns.get("mountPropagation") != "HostToContainer":
+            fail(here, "ebpf mode mounts /run/netns with mountPropagation: HostToContainer")
     if mode in ("ipvs", "ebpf") and pod.get("priorityClassName") != "system-node-critical":
         fail(here, "the real agent must be system-node-critical")
 

@@ -12,7 +12,7 @@
 //! (`topoproxy run --proxy-mode ebpf` on a YAML directory, and `topoproxy list` beside it).
 //!
 //! Benchmarks (ignored; run with `--ignored --nocapture`): `bench_connect_vip_vs_direct`,
-//! `bench_cold_sync`.
+//! `bench_cold_sync`, `bench_udp_removal_over_100_network_namespaces`.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -1014,6 +1014,101 @@ fn connected_udp_sockets_follow_a_removed_backend_and_others_stay() {
     }
 }
 
+/// `unshare` options that give the agent what a DaemonSet pod without `hostPID` has: a PID
+/// namespace and a `/proc` of its own (it sees only its own processes), and a mount namespace
+/// that receives the host's later mounts, as `mountPropagation: HostToContainer` does.
+const OWN_PID_NAMESPACE: [&str; 7] = [
+    "unshare",
+    "--pid",
+    "--fork",
+    "--mount-proc",
+    "--propagation=slave",
+    "--kill-child",
+    "--",
+];
+
+/// Waits until the agent reports `count` backends programmed, without a failed sync.
+fn wait_for_backends(agent: &mut cluster::Agent, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(agent.running(), "the agent exited:\n{}", agent.log());
+        let failed = agent.metric_sum("topoproxy_syncs_total{result=\"failure\"}");
+        assert_eq!(failed.unwrap_or(0.0), 0.0, "a sync failed");
+        if agent.metric_sum("topoproxy_backends ") == Some(count as f64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not program {count} backends"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent as deployed (`topoproxy run` in a PID namespace of its own, so `/proc` shows
+/// none of the node's other processes) still finds a pod's network namespace through its pin
+/// under `/run/netns`, and a connected UDP socket there follows its backend's removal.
+#[test]
+fn a_pods_connected_udp_socket_follows_a_removed_backend_when_the_agent_sees_no_host_pids() {
+    const TEST: &str =
+        "a_pods_connected_udp_socket_follows_a_removed_backend_when_the_agent_sees_no_host_pids";
+    if !kernel_destroys_sockets() {
+        harness::skip(TEST, "the kernel has no bpf_sock_destroy (6.5+)");
+        return;
+    }
+    // Dropped last: namespaces, cgroup and pins go even when an assertion fails.
+    let world = World::new();
+    let mut fixture = cluster::Fixture::new("udpnetns");
+    fixture.nodes = vec![(LIST_NODE.to_owned(), "zone-a".to_owned())];
+    let endpoint = |backend: Backend| cluster::Endpoint {
+        address: backend.v4.parse().expect("v4"),
+        node: LIST_NODE.to_owned(),
+        zone: "zone-a".to_owned(),
+        condition: cluster::Condition::Ready,
+        hint: None,
+    };
+    fixture.services = vec![cluster::Service {
+        name: "dns".to_owned(),
+        cluster_ip: VIP4.parse().expect("vip"),
+        ports: vec![cluster::Port {
+            name: "dns".to_owned(),
+            protocol: "UDP",
+            port: PORT,
+            target_port: PORT,
+        }],
+        prefer_same_zone: false,
+        topology: None,
+        endpoints: vec![endpoint(T0A), endpoint(T0B)],
+    }];
+    fixture.write();
+    let mut agent = ebpf_agent(&fixture, &world.settings.pin_dir, &world.cgroup);
+    agent.set_wrapper(&OWN_PID_NAMESPACE);
+    agent.set_env("RUST_LOG", Some("info,topoproxy::dataplane::ebpf=debug"));
+    agent.start_process();
+    wait_for_backends(&mut agent, 2);
+
+    // The pod: the client process in its own network namespace, pinned under /run/netns.
+    let mut client = world.client();
+    let (first, index) = parse_pair(&client.ask(&format!("udpkeep {VIP4} {PORT}")));
+    let (removed, live) = if first == T0A.name {
+        (T0A, T0B)
+    } else {
+        (T0B, T0A)
+    };
+    fixture.service_mut("dns").endpoints = vec![endpoint(live)];
+    fixture.write();
+    wait_for_backends(&mut agent, 1);
+
+    // The removed backend's server still answers: only the agent can move the socket.
+    let (name, how) = parse_pair(&client.ask(&format!("udpagain {index}")));
+    assert_eq!(
+        (name.as_str(), how.as_str()),
+        (live.name, "reconnected"),
+        "the pod's connected socket kept sending to {} after its removal",
+        removed.name
+    );
+}
+
 #[test]
 fn client_ip_affinity_holds_to_one_backend() {
     let world = World::new();
@@ -1548,6 +1643,59 @@ fn affinity_holds_while_clients_on_every_cpu_connect_at_once() {
     );
 }
 
+/// A load-balancer frontend with `loadBalancerSourceRanges` is not translated at the socket:
+/// the source of an unbound socket is not known at connect, so the call goes on to the IP
+/// itself (unroutable here) rather than to a backend the ranges may not admit. Without
+/// ranges, or once they are removed, the same frontend is balanced at the socket.
+#[test]
+fn a_firewalled_load_balancer_frontend_is_not_translated_at_the_socket() {
+    let world = World::new();
+    let mut dataplane = world.open();
+    let open = load_balancer_services(&[]);
+    sync(&mut dataplane, &open);
+    let mut client = world.client();
+    for vip in [VIP4, VIP6] {
+        assert_eq!(client.tcp(vip).0, "t0a");
+        assert_eq!(client.udp(vip).0, "t0a");
+    }
+
+    // Ranges that hold the client and the node: still not translated at the socket.
+    sync(
+        &mut dataplane,
+        &load_balancer_services(&["10.213.0.0/24", "fd00:213::/64"]),
+    );
+    for vip in [VIP4, VIP6] {
+        for protocol in ["tcp", "udp"] {
+            let answer = client.ask(&format!("{protocol} {vip} {PORT}"));
+            assert!(
+                answer.starts_with("err "),
+                "{protocol} to firewalled {vip} was translated: {answer}"
+            );
+        }
+    }
+
+    sync(&mut dataplane, &open);
+    for vip in [VIP4, VIP6] {
+        assert_eq!(client.tcp(vip).0, "t0a");
+    }
+}
+
+/// [`all_services`] on T0A as load-balancer frontends with `ranges` (none: open).
+fn load_balancer_services(ranges: &[&str]) -> ProgrammedTable {
+    let mut table = all_services(&[(T0A, 0)], None);
+    let nets: Vec<ipnetwork::IpNetwork> = ranges
+        .iter()
+        .map(|range| range.parse().expect("range"))
+        .collect();
+    for (key, service) in table.iter_mut() {
+        let family = topoproxy::model::IpFamily::of(&key.address);
+        service.config.frontend = Frontend::LoadBalancer;
+        service.config.source_ranges =
+            topoproxy::table::SourceRanges::for_frontend(&nets, family, None);
+    }
+    table
+}
+
 #[test]
 fn ipv4_mapped_vips_from_dual_stack_sockets_are_translated_as_ipv4() {
     let world = World::new();
@@ -1839,6 +1987,102 @@ fn bench_connect_vip_vs_direct() {
     );
 }
 
+/// Network namespaces pinned under /run/netns, as a runtime pins pods', each holding a
+/// connected UDP socket (what a pod's DNS client holds); removed on drop.
+struct PinnedNamespaces {
+    names: Vec<String>,
+    _sockets: Vec<UdpSocket>,
+}
+
+impl PinnedNamespaces {
+    fn new(count: usize) -> Self {
+        let id = unique();
+        let mut namespaces = Self {
+            names: Vec::new(),
+            _sockets: Vec::new(),
+        };
+        for i in 0..count {
+            let name = format!("tpe-b{id}-{i}");
+            run(&format!(
+                "ip netns add {name} && ip -n {name} link set lo up"
+            ));
+            namespaces.names.push(name);
+        }
+        let paths: Vec<PathBuf> = namespaces
+            .names
+            .iter()
+            .map(|name| World::netns_path(name))
+            .collect();
+        // setns on a thread of its own: a socket belongs to the namespace it was made in.
+        namespaces._sockets = std::thread::spawn(move || {
+            paths
+                .iter()
+                .map(|path| {
+                    setns(path);
+                    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+                    socket.connect("127.0.0.1:53").expect("connect");
+                    socket
+                })
+                .collect()
+        })
+        .join()
+        .expect("socket thread");
+        namespaces
+    }
+}
+
+impl Drop for PinnedNamespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// What one apply that removes a backend costs, with 100 pinned network namespaces (one
+/// connected UDP socket each) on the node: a UDP removal (the agent walks every namespace
+/// once) against a TCP removal (no walk).
+#[test]
+#[ignore = "benchmark: cargo test --test host_ebpf -- --ignored --nocapture bench_"]
+fn bench_udp_removal_over_100_network_namespaces() {
+    const TEST: &str = "bench_udp_removal_over_100_network_namespaces";
+    if !kernel_destroys_sockets() {
+        harness::skip(TEST, "the kernel has no bpf_sock_destroy (6.5+)");
+        return;
+    }
+    let count: usize = std::env::var("TOPOPROXY_BENCH_NAMESPACES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let world = World::new();
+    let _namespaces = PinnedNamespaces::new(count);
+    let mut dataplane = world.open();
+    let rounds = 20;
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let mut both = ProgrammedTable::new();
+        service(&mut both, protocol, VIP4, &[(T0A, 0), (T0B, 0)], None);
+        let mut one = ProgrammedTable::new();
+        service(&mut one, protocol, VIP4, &[(T0A, 0)], None);
+        let mut took = Vec::new();
+        for _ in 0..rounds {
+            sync(&mut dataplane, &both);
+            let actual = block_on(dataplane.read()).expect("read");
+            let ops = diff(&one, &actual);
+            let started = Instant::now();
+            block_on(dataplane.apply(&ops)).expect("apply");
+            took.push(started.elapsed());
+        }
+        took.sort();
+        sync(&mut dataplane, &ProgrammedTable::new());
+        println!(
+            "{protocol:?} backend removal with {count} pinned namespaces: median {:.2} ms, \
+             max {:.2} ms over {rounds} applies",
+            took[rounds / 2].as_secs_f64() * 1e3,
+            took[rounds - 1].as_secs_f64() * 1e3
+        );
+    }
+}
+
 #[test]
 #[ignore = "benchmark: cargo test --test host_ebpf -- --ignored --nocapture bench_"]
 fn bench_cold_sync() {
@@ -1921,25 +2165,7 @@ impl AgentWorld {
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/topoproxy-{label}-{id}"));
         let mut fixture = cluster::Fixture::new(label);
         fixture.nodes = vec![(LIST_NODE.to_owned(), "zone-a".to_owned())];
-        let pin_arg = pin_dir.to_str().expect("UTF-8 pin dir");
-        let cgroup_arg = cgroup.to_str().expect("UTF-8 cgroup");
-        let agent = cluster::Agent::new_in_mode(
-            &fixture,
-            LIST_NODE,
-            &[
-                "--proxy-mode",
-                "ebpf",
-                "--bpf-pin-dir",
-                pin_arg,
-                "--cgroup-path",
-                cgroup_arg,
-                "--north-south-interfaces",
-                "none",
-                "--sync-period",
-                "1h",
-            ],
-            &["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", pin_arg],
-        );
+        let agent = ebpf_agent(&fixture, &pin_dir, &cgroup);
         Self {
             pin_dir,
             cgroup,
@@ -2123,6 +2349,30 @@ impl MapsDump {
             filled.difference(&counted).map(key).collect(),
         )
     }
+}
+
+/// The agent in eBPF mode on `fixture` as node [`LIST_NODE`], its programs in `cgroup`, no
+/// tc programs, no periodic re-read; `cleanup` of its pins when dropped.
+fn ebpf_agent(fixture: &cluster::Fixture, pin_dir: &Path, cgroup: &Path) -> cluster::Agent {
+    let pin_arg = pin_dir.to_str().expect("UTF-8 pin dir");
+    let cgroup_arg = cgroup.to_str().expect("UTF-8 cgroup");
+    cluster::Agent::new_in_mode(
+        fixture,
+        LIST_NODE,
+        &[
+            "--proxy-mode",
+            "ebpf",
+            "--bpf-pin-dir",
+            pin_arg,
+            "--cgroup-path",
+            cgroup_arg,
+            "--north-south-interfaces",
+            "none",
+            "--sync-period",
+            "1h",
+        ],
+        &["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", pin_arg],
+    )
 }
 
 fn list_command(pin_dir: &Path) -> Command {
@@ -2403,6 +2653,20 @@ fn list_writes_no_map_and_changes_no_link_program_or_pin() {
             "run {run}"
         );
     }
+    // Without --proxy-mode, `list` reads the mode whose maps are pinned: what an operator
+    // types in the agent's pod (`kubectl exec ds/topoproxy -- topoproxy list`).
+    let unflagged = Command::new(cluster::agent_bin())
+        .args(["list", "--no-counters", "--bpf-pin-dir"])
+        .arg(&world.pin_dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("starting topoproxy list");
+    assert!(
+        unflagged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&unflagged.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&unflagged.stdout), planned);
     let changed = maps_before.changes_to(&world.maps_dump().sorted());
     assert!(changed.is_empty(), "list wrote to the maps: {changed:#?}");
     assert_eq!(world.links(), links_before, "list changed a link");

@@ -718,7 +718,7 @@ async fn two_apiservers_behind_a_load_balancer_each_killed_in_turn() {
     let mut plane = ControlPlane::start(Options {
         apiservers: 2,
         load_balancer: true,
-        controller_manager: true,
+        ..Options::default()
     })
     .await;
     let client = plane.admin_client().await;

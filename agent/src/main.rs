@@ -104,9 +104,11 @@ enum Command {
     },
     /// Print the table the kernel actually has, in `ipvsadm -Ln` format (as `plan` prints it).
     List {
-        /// The dataplane to read.
-        #[arg(long, value_enum, default_value_t = KernelMode::Ipvs)]
-        proxy_mode: KernelMode,
+        /// The dataplane to read [default: ebpf when an agent's maps are pinned at
+        /// --bpf-pin-dir, else ipvs], so `kubectl exec ds/topoproxy -- topoproxy list` reads
+        /// the node's mode.
+        #[arg(long, value_enum)]
+        proxy_mode: Option<KernelMode>,
         /// eBPF mode: the bpffs directory the agent pins its maps in.
         #[arg(long, default_value = ebpf::DEFAULT_PIN_DIR)]
         bpf_pin_dir: PathBuf,
@@ -226,7 +228,16 @@ fn run(command: Command) -> Result<(), Failure> {
             bpf_pin_dir,
             all,
             no_counters,
-        } => list(proxy_mode, bpf_pin_dir, all, no_counters),
+        } => {
+            let mode = proxy_mode.unwrap_or_else(|| {
+                if ebpf::inspect::agent_pinned(&bpf_pin_dir) {
+                    KernelMode::Ebpf
+                } else {
+                    KernelMode::Ipvs
+                }
+            });
+            list(mode, bpf_pin_dir, all, no_counters)
+        }
         Command::DatapathLog {
             events,
             per_second,

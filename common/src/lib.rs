@@ -30,7 +30,7 @@ pub const SCHEDULER_LEN: usize = 16;
 /// ABI: an agent never opens maps of another layout. A new version starts with fresh maps and
 /// swaps the programs over once it has filled them. Bump the suffix whenever a key or value
 /// below changes size or meaning (version 1 pinned its maps in the pin directory itself).
-pub const MAPS_DIR: &str = "maps_v2";
+pub const MAPS_DIR: &str = "maps_v3";
 /// The whole of a tier share: [`Service::tier_shares`] are parts per million.
 pub const SHARE_WHOLE: u32 = 1_000_000;
 
@@ -59,6 +59,10 @@ pub mod maps {
     pub const LOG_CONFIG: &str = "TP_LOG_CONFIG";
     /// One [`crate::LogBudget`] per CPU (array of 1): the programs' log rate limit.
     pub const LOG_BUDGET: &str = "TP_LOG_BUDGET";
+    /// LPM trie: `Key<`[`crate::SourceRangeKey`]`>` → the range's family ([`crate::FAMILY_V4`]
+    /// or [`crate::FAMILY_V6`], for read-back; the programs look only for a match): the
+    /// `loadBalancerSourceRanges` of the services flagged [`crate::flags::SOURCE_RANGES`].
+    pub const SOURCE_RANGES: &str = "TP_SRC_RANGES";
 }
 
 /// [`LogConfig::events`] bits: the datapath events the programs can log (with aya-log).
@@ -88,14 +92,26 @@ pub mod limits {
     pub const REV_NAT: u32 = 262_144;
     pub const AFFINITY: u32 = 131_072;
     pub const BACKEND_STATS: u32 = 1_048_576;
+    /// Source ranges of all services together.
+    pub const SOURCE_RANGES: u32 = 65_536;
 }
 
 /// `Service::flags` bits.
 pub mod flags {
     /// Bits 0–1: the frontend (0 ClusterIP, 1 ExternalIP, 2 LoadBalancer, 3 NodePort).
     pub const FRONTEND_MASK: u32 = 0b11;
+    /// The frontend bits of a load-balancer IP.
+    pub const FRONTEND_LOAD_BALANCER: u32 = 2;
     /// The traffic policy is `Local`.
     pub const TRAFFIC_POLICY_LOCAL: u32 = 1 << 2;
+    /// `loadBalancerSourceRanges`: a new flow from outside the node is served only when its
+    /// source matches a prefix under the service's id in `TP_SRC_RANGES` (dropped otherwise).
+    /// The socket programs leave such a service untranslated: the source of an unbound
+    /// socket is not known at connect.
+    pub const SOURCE_RANGES: u32 = 1 << 3;
+    /// With [`SOURCE_RANGES`]: a range holds the node's own address (kept for read-back;
+    /// the datapath does not use it).
+    pub const SOURCE_RANGES_FROM_NODE: u32 = 1 << 4;
 }
 
 /// A virtual service: VIP, port and IP protocol.
@@ -131,6 +147,23 @@ pub struct Service {
     /// The scheduler name the agent was given (NUL-padded); the datapath ignores it.
     pub scheduler: [u8; SCHEDULER_LEN],
 }
+
+/// The data of a `TP_SRC_RANGES` key: a service and a source address. The trie's prefix
+/// length counts the 32 bits of the id plus the range's own prefix, so a lookup with the full
+/// length (32 + 128) matches only prefixes of that service. An IPv4 address sits in `addr[0]`
+/// (the rest zero), as everywhere in these maps, so an IPv4 prefix never matches an IPv6
+/// source beyond it: the family is the service's, and a service has one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// Compared whole (every prefix length is at least 32), so its byte order is irrelevant.
+    pub service_id: u32,
+    /// Network byte order words.
+    pub addr: [u32; 4],
+}
+
+/// The prefix length of a `TP_SRC_RANGES` lookup: the id and a whole address.
+pub const SOURCE_RANGE_LOOKUP_BITS: u32 = 32 + 128;
 
 /// One backend slot of a service.
 #[repr(C)]
@@ -258,6 +291,7 @@ mod user {
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::LogConfig {}
     unsafe impl aya::Pod for super::LogBudget {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
 }
 
 // The layouts have no implicit padding: sizes are the sums of their fields.
@@ -273,4 +307,5 @@ const _: () = {
     assert!(size_of::<BackendStatsKey>() == 24);
     assert!(size_of::<LogConfig>() == 8);
     assert!(size_of::<LogBudget>() == 16);
+    assert!(size_of::<SourceRangeKey>() == 20);
 };

@@ -63,6 +63,10 @@ pub mod nat {
     /// `sport` hold the client as it sent (before a port clash was resolved), `dst` / `dport`
     /// the frontend it asked for.
     pub const SNAT_PENDING: u32 = 1 << 3;
+    /// A [`super::direction::ORIGINAL`] entry of a flow to a load-balancer IP: each of its
+    /// packets is checked against the `loadBalancerSourceRanges` the Service has now
+    /// (kube-proxy's filter drops every packet, not only the first, also after a change).
+    pub const SOURCE_RANGES: u32 = 1 << 4;
 }
 
 /// A device the tc programs run on.

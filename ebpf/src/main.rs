@@ -6,6 +6,9 @@
 //!   nearest non-empty tier when no tier has a share: kube-proxy's behaviour), pick a backend
 //!   at random in it (or keep the client's affine backend), rewrite the address and remember
 //!   socket → VIP in `TP_REV_NAT`.
+//! - A Service with `loadBalancerSourceRanges` (flagged in its entry) is left untranslated:
+//!   the source of an unbound socket is unknown at connect. The tc programs enforce the
+//!   ranges for clients outside the node.
 //! - `recvmsg4/6` (UDP replies) and `getpeername4/6` put the VIP back, so the application only
 //!   ever sees the address it asked for.
 //! - The v6 hooks treat an IPv4-mapped address (`::ffff:VIP`, a dual-stack socket talking
@@ -37,7 +40,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, info, warn};
 use topoproxy_common::{
-    limits, log_events, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats,
+    flags, limits, log_events, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats,
     BackendStatsKey, Endpoint, LogBudget, LogConfig, RevNatKey, Service, ServiceKey, ServiceStats,
     FAMILY_V4, FAMILY_V6, MAX_TIERS, TIER_SHIFT,
 };
@@ -220,6 +223,12 @@ fn forward(ctx: &SockAddrContext, v6: bool, hook: Hook) -> i32 {
     let Some(service) = (unsafe { TP_SERVICES.get(key) }) else {
         return ALLOW;
     };
+    // `loadBalancerSourceRanges`: the source of an unbound socket is not known here, so the
+    // call goes on untranslated, as before the agent enforced them (never open to a source
+    // the ranges leave out); the tc programs serve such a frontend to clients outside.
+    if service.flags & flags::SOURCE_RANGES != 0 {
+        return ALLOW;
+    }
 
     // Counts and shares come from one entry, so emptying a tier is one write and the very
     // next call draws among the tiers left.

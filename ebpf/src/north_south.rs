@@ -3,7 +3,12 @@
 //!
 //! - `tp_ns_ingress` looks a packet up as a reply from a remote backend (to a SNAT port), then
 //!   as a tracked client flow, then as a new flow to a Service frontend in the socket path's
-//!   own `TP_SERVICES` / `TP_BACKENDS` (same tier and slot choice, same counters). Anything
+//!   own `TP_SERVICES` / `TP_BACKENDS` (same tier and slot choice, same counters); a new flow
+//!   to a Service with `loadBalancerSourceRanges` from a source outside them (LPM trie
+//!   `TP_SRC_RANGES`) is dropped first, as kube-proxy's firewall chain drops it, and so is
+//!   every later packet of a tracked flow to a load-balancer IP whose source the Service's
+//!   ranges (as they are now) do not hold; the conntrack entry of such a flow is flagged, so
+//!   flows to other frontends pay nothing. Anything
 //!   else — SSH to the node, fragments — passes untouched. A ClusterIP arriving from outside
 //!   (a routed or advertised service CIDR) is balanced too; the node's own processes reach
 //!   ClusterIPs at the socket, so none of theirs comes here.
@@ -36,7 +41,7 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_redirect_neigh},
     macros::{classifier, map},
-    maps::{Array, HashMap, LruHashMap},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
     programs::TcContext,
 };
 use aya_log_ebpf::{info, warn};
@@ -46,7 +51,8 @@ use topoproxy_common::{
         direction, limits, nat, AffinityKey, Config, Device, FlowKey, FlowNat, Masquerade,
         DEFAULT_SNAT_PORTS, MAX_CLUSTER_CIDRS,
     },
-    AffinityValue, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, TIER_SHIFT,
+    AffinityValue, Endpoint, Service, ServiceKey, SourceRangeKey, FAMILY_V4, FAMILY_V6,
+    SOURCE_RANGE_LOOKUP_BITS, TIER_SHIFT,
 };
 
 use crate::{count_backend, count_service, may_log, slot_backend, TierView, TP_SERVICES};
@@ -87,6 +93,12 @@ static TP_NS_CT: LruHashMap<FlowKey, FlowNat> = LruHashMap::pinned(limits::CONNT
 static TP_NS_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(limits::AFFINITY, 0);
 
+/// `loadBalancerSourceRanges`, written by the agent (the flows' side of the socket object's
+/// maps, declared here because only the tc programs read it).
+#[map]
+static TP_SRC_RANGES: LpmTrie<SourceRangeKey, u8> =
+    LpmTrie::pinned(topoproxy_common::limits::SOURCE_RANGES, 0);
+
 #[classifier]
 pub fn tp_ns_ingress(ctx: TcContext) -> i32 {
     let Some(packet) = parse(&ctx) else {
@@ -96,6 +108,9 @@ pub fn tp_ns_ingress(ctx: TcContext) -> i32 {
         return translate(&ctx, &packet, reply);
     }
     if let Some(original) = tracked(&packet, direction::ORIGINAL) {
+        if original.flags & nat::SOURCE_RANGES != 0 && !still_admitted(&packet) {
+            return DROP;
+        }
         return translate(&ctx, &packet, original);
     }
     // `new_flow` returns before `dnat` runs: their stack frames are never stacked on each
@@ -262,6 +277,8 @@ struct Chosen {
     affine: bool,
     /// Cluster policy: SNAT if the stack routes the flow out through one of our devices.
     snat_if_remote: bool,
+    /// A load-balancer IP: every later packet is checked against the ranges too.
+    source_ranges: bool,
 }
 
 impl Chosen {
@@ -275,6 +292,7 @@ impl Chosen {
         },
         affine: false,
         snat_if_remote: false,
+        source_ranges: false,
     };
 }
 
@@ -300,6 +318,11 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
     let Some(service) = (unsafe { TP_SERVICES.get(key) }) else {
         return NEXT;
     };
+    // kube-proxy's `KUBE-SOURCE-RANGES-FIREWALL`: before any balancing, and a drop (the
+    // client times out), not a reject.
+    if service.flags & flags::SOURCE_RANGES != 0 && !admitted(packet, service.id) {
+        return DROP;
+    }
     // The socket path's tier view: the same draw by share, the same fallback.
     let tiers = TierView::of(service);
     if tiers.nearest.is_none() {
@@ -314,6 +337,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
         return DROP;
     }
     chosen.service_id = service.id;
+    chosen.source_ranges = service.flags & flags::FRONTEND_MASK == flags::FRONTEND_LOAD_BALANCER;
     chosen.snat_if_remote = if service.flags & flags::FRONTEND_MASK == 0 {
         // A ClusterIP routed to the node from outside (BGP-advertised service CIDR, a
         // gateway node): kube-proxy's masquerade rule decides.
@@ -324,6 +348,41 @@ fn new_flow(ctx: &TcContext, packet: &Packet, chosen: &mut Chosen) -> i32 {
         service.flags & flags::TRAFFIC_POLICY_LOCAL == 0
     };
     CHOSEN
+}
+
+/// Whether the packet's source is inside one of the `loadBalancerSourceRanges` of service
+/// `service_id`. The agent writes a service's ranges before an entry that flags them, and
+/// removes them only after one that does not, so a flagged entry never misses its ranges.
+// A BPF subprogram of its own: the lookup key's frame is not added to the callers'.
+#[inline(never)]
+fn admitted(packet: &Packet, service_id: u32) -> bool {
+    let key = Key::new(
+        SOURCE_RANGE_LOOKUP_BITS,
+        SourceRangeKey {
+            service_id,
+            addr: packet.src,
+        },
+    );
+    TP_SRC_RANGES.get(&key).is_some()
+}
+
+/// A packet of a tracked flow to a load-balancer IP: whether the `loadBalancerSourceRanges`
+/// the Service has now hold its source (a change reaches flows already running, as
+/// kube-proxy's filter does). A Service gone or without ranges now lets it pass.
+// A BPF subprogram of its own: its stack frame is not added to the callers'.
+#[inline(never)]
+fn still_admitted(packet: &Packet) -> bool {
+    let key = ServiceKey {
+        addr: packet.dst,
+        port: packet.dport,
+        protocol: packet.protocol,
+        family: packet.family,
+    };
+    // SAFETY: a map value, valid for this program run; only read.
+    match unsafe { TP_SERVICES.get(key) } {
+        Some(service) if service.flags & flags::SOURCE_RANGES != 0 => admitted(packet, service.id),
+        _ => true,
+    }
 }
 
 /// kube-proxy's `KUBE-MARK-MASQ` for a ClusterIP: everything under `--masquerade-all`, else
@@ -394,6 +453,9 @@ fn dnat(ctx: &TcContext, packet: &Packet, chosen: &Chosen) -> i32 {
         service_id: chosen.service_id,
         ..FlowNat::default()
     };
+    if chosen.source_ranges {
+        original.flags |= nat::SOURCE_RANGES;
+    }
     if sport != packet.sport {
         original.flags |= nat::SRC;
         original.src = packet.src;

@@ -291,6 +291,9 @@ pub struct Agent {
     cleanup: Vec<String>,
     /// Extra environment of the next spawn.
     env: Vec<(String, String)>,
+    /// A command the agent runs under (its program and arguments, the agent's path appended),
+    /// e.g. `unshare` to give it namespaces of its own.
+    wrapper: Vec<String>,
 }
 
 impl Agent {
@@ -321,7 +324,13 @@ impl Agent {
             mode: owned(mode),
             cleanup: owned(cleanup),
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
+    }
+
+    /// Runs the agent as `WRAPPER... topoproxy run ...` from the next start on.
+    pub fn set_wrapper(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|s| (*s).to_owned()).collect();
     }
 
     /// Sets (or with `None` removes) an environment variable for the next start.
@@ -352,7 +361,15 @@ impl Agent {
             .open(&self.log)
             .expect("opening the agent log");
         let healthz = free_loopback_port();
-        let child = Command::new(agent_bin())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(agent_bin());
+                command
+            }
+            None => Command::new(agent_bin()),
+        };
+        let child = command
             .arg("run")
             .args(&self.mode)
             .arg("--source")

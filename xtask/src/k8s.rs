@@ -1,17 +1,20 @@
 //! `cargo xtask k8s-setup`: the real Kubernetes the tests run against, installed idempotently on
 //! Debian 12 (as root).
 //!
-//! - `kube-apiserver`, `kube-controller-manager`, `kube-proxy` and `kubectl` built from the
-//!   `k8s.io/kubernetes` Go module that `tests/k8s/go.mod` requires (its staging modules are
-//!   mapped to their published copies there), CGO off, with the release's version stamped in.
+//! - `kube-apiserver`, `kube-controller-manager`, `kube-scheduler`, `kube-proxy`, `kubelet` and
+//!   `kubectl` built from the `k8s.io/kubernetes` Go module that `tests/k8s/go.mod` requires
+//!   (its staging modules are mapped to their published copies there), CGO off, with the
+//!   release's version stamped in.
 //! - `kustomize` and `helm` by `go install` at the versions below.
-//! - `etcd-server` and `haproxy` from Debian's apt.
+//! - `etcd-server`, `haproxy`, `containerd`, `runc` and the CNI plugins from Debian's apt.
+//! - The real node's test images (a pod sandbox and an echo server, [`test_images`]).
 //!
 //! Binaries are kept outside the work tree (`$TOPOPROXY_CACHE`, else
 //! `$XDG_CACHE_HOME/topoproxy`, else `~/.cache/topoproxy`) beside Go's own module and build
 //! caches, so a fresh clone on the same machine (CI) finds them: the Kubernetes binaries under
-//! `k8s/<version>/` with a copy of the `go.sum` they were built from (a changed `go.sum`
-//! rebuilds them), the tools under `bin/` with a `<tool>.version` stamp each.
+//! `k8s/<version>/` with a copy of the `go.sum` they were built from (when `go.sum` changes,
+//! a command is rebuilt only if a module it compiles from changed version), the tools under
+//! `bin/` with a `<tool>.version` stamp each.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,9 +27,11 @@ use crate::vm::{apt_get, dpkg_installed, dpkg_version};
 
 /// The Kubernetes commands built from the module, in build order (cheapest first, so a failure
 /// in the long kube-apiserver build comes after the others are cached).
-pub const KUBERNETES_COMMANDS: [&str; 4] = [
+pub const KUBERNETES_COMMANDS: [&str; 6] = [
     "kube-proxy",
     "kubectl",
+    "kube-scheduler",
+    "kubelet",
     "kube-controller-manager",
     "kube-apiserver",
 ];
@@ -42,7 +47,15 @@ const GO_TOOLS: [(&str, &str, &str); 2] = [
     ("helm", "helm.sh/helm/v3/cmd/helm", "v3.22.0"),
 ];
 
-const APT_PACKAGES: [&str; 2] = ["etcd-server", "haproxy"];
+/// etcd and haproxy for the control plane; containerd, runc and the CNI plugins for the real
+/// node (`tests/k8s-harness/src/node.rs`).
+const APT_PACKAGES: [&str; 5] = [
+    "etcd-server",
+    "haproxy",
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+];
 
 /// The folder that outlives work trees: `$TOPOPROXY_CACHE`, `$XDG_CACHE_HOME/topoproxy` or
 /// `~/.cache/topoproxy`.
@@ -99,6 +112,7 @@ pub fn k8s_setup() -> Result<()> {
     apt_packages()?;
     kubernetes_binaries()?;
     go_tools()?;
+    test_images()?;
     print_versions()?;
     println!(
         "k8s-setup: done in {:.1} s",
@@ -202,7 +216,7 @@ fn apt_packages() -> Result<()> {
         .with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
     }
     // Debian starts the packaged daemons; the tests start their own on other ports.
-    for service in ["etcd", "haproxy"] {
+    for service in ["etcd", "haproxy", "containerd"] {
         let _ = Command::new("systemctl")
             .args(["disable", "--now", service])
             .stderr(std::process::Stdio::null())
@@ -218,11 +232,20 @@ fn kubernetes_binaries() -> Result<()> {
     let go_sum =
         std::fs::read(go_module_dir().join("go.sum")).context("reading tests/k8s/go.sum")?;
     let stamp = dir.join("go.sum");
-    let fresh = std::fs::read(&stamp).is_ok_and(|built| built == go_sum);
-    let missing: Vec<&str> = KUBERNETES_COMMANDS
-        .into_iter()
-        .filter(|c| !fresh || !dir.join(c).is_file())
-        .collect();
+    let built_from = std::fs::read_to_string(&stamp).ok();
+    let fresh = built_from.as_deref().map(str::as_bytes) == Some(go_sum.as_slice());
+    let mut missing = Vec::new();
+    for command in KUBERNETES_COMMANDS {
+        let present = dir.join(command).is_file();
+        let current = present
+            && (fresh
+                || built_from
+                    .as_deref()
+                    .is_some_and(|old| built_with_same_modules(command, old)));
+        if !current {
+            missing.push(command);
+        }
+    }
     if missing.is_empty() {
         println!(
             "k8s-setup: Kubernetes {version} binaries cached in {}",
@@ -254,6 +277,51 @@ fn kubernetes_binaries() -> Result<()> {
     Ok(())
 }
 
+/// Whether `command`, built when `go.sum` read `old_go_sum`, would be built from the same
+/// module versions now: every module it compiles from (`go list -deps`, replacements applied)
+/// had its zip hash for exactly that version in the old `go.sum` and no other version's. A
+/// `go.sum` that only gained modules for other commands (as when kubelet was added) then
+/// rebuilds only those.
+fn built_with_same_modules(command: &str, old_go_sum: &str) -> bool {
+    let listed = output(
+        go_command()
+            .args([
+                "list",
+                "-deps",
+                "-f",
+                "{{with .Module}}{{with .Replace}}{{.Path}} {{.Version}}{{else}}{{.Path}} {{.Version}}{{end}}{{end}}",
+            ])
+            .arg(format!("k8s.io/kubernetes/cmd/{command}"))
+            .current_dir(go_module_dir()),
+    );
+    listed.is_ok_and(|listed| modules_unchanged(&listed, old_go_sum))
+}
+
+/// Whether every `path version` line of `listed` names the one version whose zip hash
+/// `old_go_sum` holds for that path (lines ending `/go.mod` hash only a go.mod).
+fn modules_unchanged(listed: &str, old_go_sum: &str) -> bool {
+    let zip_versions = |path: &str| -> Vec<&str> {
+        old_go_sum
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                let (module, version) = (words.next()?, words.next()?);
+                (module == path && !version.ends_with("/go.mod")).then_some(version)
+            })
+            .collect()
+    };
+    let modules: std::collections::BTreeSet<&str> = listed
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    !modules.is_empty()
+        && modules.into_iter().all(|line| match line.split_once(' ') {
+            Some((path, version)) => zip_versions(path) == [version],
+            None => false,
+        })
+}
+
 fn build_commands(
     commands: &[&str],
     dir: &Path,
@@ -276,6 +344,24 @@ fn build_commands(
             started.elapsed().as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// Where the real node's test images are kept (`tests/k8s-harness` reads them from there).
+pub fn test_images_dir() -> PathBuf {
+    cache_dir().join("test-images")
+}
+
+fn test_images() -> Result<()> {
+    let sources = go_module_dir().join("images");
+    crate::image::test_images::build_test_images(&test_images_dir(), &sources, &|dir, binary| {
+        run(go_command()
+            .args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
+            .arg(binary)
+            .arg(".")
+            .current_dir(dir))
+        .with_context(|| format!("building {}", dir.display()))
+    })?;
     Ok(())
 }
 
@@ -348,5 +434,29 @@ mod tests {
             .status()
             .expect("running python3");
         assert!(status.success());
+    }
+
+    const OLD_GO_SUM: &str = "\
+k8s.io/api v0.36.3 h1:aaa=
+k8s.io/api v0.36.3/go.mod h1:bbb=
+golang.org/x/net v0.40.0 h1:ccc=
+golang.org/x/net v0.40.0/go.mod h1:ddd=
+golang.org/x/net v0.38.0/go.mod h1:eee=
+";
+
+    #[test]
+    fn a_command_built_from_the_same_module_versions_is_kept() {
+        let listed = "k8s.io/api v0.36.3\ngolang.org/x/net v0.40.0\nk8s.io/api v0.36.3\n";
+        assert!(super::modules_unchanged(listed, OLD_GO_SUM));
+    }
+
+    #[test]
+    fn a_changed_or_new_module_version_rebuilds() {
+        let unchanged = |listed: &str| super::modules_unchanged(listed, OLD_GO_SUM);
+        assert!(!unchanged("golang.org/x/net v0.41.0\n"));
+        // Only the go.mod of v0.38.0 was hashed: nothing was compiled from it.
+        assert!(!unchanged("golang.org/x/net v0.38.0\n"));
+        assert!(!unchanged("k8s.io/cri-streaming v0.36.3\n"));
+        assert!(!unchanged(""));
     }
 }

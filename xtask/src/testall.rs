@@ -2,7 +2,8 @@
 //! Debian 12 machine (as root), then runs every test: unit, golden, property, CLI and agent
 //! tests, the host kernel tests (nftables, conntrack, eBPF with real traffic in network
 //! namespaces), the agent against a real control plane (etcd, kube-apiserver,
-//! kube-controller-manager built by `k8s-setup`), every fuzz target for a short bound, and the
+//! kube-controller-manager built by `k8s-setup`), the chart's DaemonSet from the image built
+//! here under a real kubelet (`tests/k8s_real_node.rs`), every fuzz target for a short bound, and the
 //! IPVS and eBPF tests inside QEMU on Debian's 6.1 and 6.12 kernels.
 //!
 //! Without flags this is the gate `.ci/run` runs. `--extended` runs what is too long for CI,
@@ -92,13 +93,23 @@ fn run_stages(options: &TestOptions, stages: &mut Vec<(String, f64)>) -> Result<
     timed(stages, "set-up: vm-setup", vm::vm_setup)?;
     println!("== set-up: eBPF toolchain (rust-src, LLVM 22, bpf-linker)");
     timed(stages, "set-up: ebpf-setup", ebpf::ebpf_setup)?;
-    println!("== set-up: real Kubernetes (kube-apiserver, controller manager, kube-proxy, etcd, kustomize, helm)");
+    println!("== set-up: real Kubernetes (kube-apiserver, controller manager, scheduler, kubelet, kube-proxy, etcd, containerd, kustomize, helm, test images)");
     timed(stages, "set-up: k8s-setup", k8s::k8s_setup)?;
 
-    println!("== cargo test (unit, golden, property, CLI, agent, host kernel tests)");
+    println!("== the image (release build): the real-node test runs the chart's DaemonSet from it");
+    let agent_image = timed(stages, "image (release build)", || {
+        crate::image::image(&crate::image::ImageOptions {
+            out: None,
+            binary: None,
+            check: false,
+        })
+    })?;
+
+    println!("== cargo test (unit, golden, property, CLI, agent, host kernel tests, real node)");
     timed(stages, "cargo test --workspace", || {
         let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args(["test", "--workspace"])
+            .env("TOPOPROXY_AGENT_IMAGE", &agent_image.archive)
             .env(
                 "TOPOPROXY_K8S_BIN",
                 k8s::kubernetes_bin_dir(&k8s::kubernetes_version()?),

@@ -30,6 +30,11 @@ pub struct Options {
     pub load_balancer: bool,
     /// Start kube-controller-manager (the EndpointSlice controller writes slices and hints).
     pub controller_manager: bool,
+    /// For real kubelets ([`crate::node::RealNode`]): the ServiceAccount admission plugin
+    /// (Pods get their token volume), the DaemonSet controller, kube-scheduler (DaemonSet
+    /// Pods are bound by it), and the apiserver's client certificate for kubelets (`exec`,
+    /// `logs`).
+    pub real_nodes: bool,
 }
 
 impl Default for Options {
@@ -38,6 +43,7 @@ impl Default for Options {
             apiservers: 1,
             load_balancer: false,
             controller_manager: true,
+            real_nodes: false,
         }
     }
 }
@@ -58,6 +64,8 @@ pub struct ControlPlane {
     apiservers: Vec<ApiServer>,
     load_balancer: Option<(u16, Daemon)>,
     controller_manager: Option<Daemon>,
+    scheduler: Option<Daemon>,
+    real_nodes: bool,
     admin_kubeconfig: PathBuf,
 }
 
@@ -201,6 +209,8 @@ impl ControlPlane {
             apiservers,
             load_balancer: None,
             controller_manager: None,
+            scheduler: None,
+            real_nodes: options.real_nodes,
         };
         plane.start_etcd();
         for i in 0..options.apiservers {
@@ -221,6 +231,9 @@ impl ControlPlane {
         }
         if options.controller_manager {
             plane.start_controller_manager().await;
+        }
+        if options.real_nodes {
+            plane.start_scheduler();
         }
         plane
     }
@@ -353,10 +366,18 @@ impl ControlPlane {
         // 127.0.0.1 may not be written into default/kubernetes' endpoints ("in the loopback
         // range"): no reconciler, and that Service has no endpoints in these tests.
         .args(["--endpoint-reconciler-type", "none"])
-        // Without a ServiceAccount admission plugin, Pods need not wait for the
-        // namespace's default ServiceAccount (no kubelet mounts tokens here anyway).
-        .args(["--disable-admission-plugins", "ServiceAccount"])
         .args(["--profiling=false", "-v", "1"]);
+        if self.real_nodes {
+            cmd.arg("--kubelet-client-certificate")
+                .arg(&pki.admin.cert)
+                .arg("--kubelet-client-key")
+                .arg(&pki.admin.key)
+                .args(["--kubelet-preferred-address-types", "InternalIP"]);
+        } else {
+            // Without a ServiceAccount admission plugin, Pods need not wait for the
+            // namespace's default ServiceAccount (no kubelet mounts tokens here anyway).
+            cmd.args(["--disable-admission-plugins", "ServiceAccount"]);
+        }
         let log = self.dir.join(format!("apiserver-{index}.log"));
         let isolation = Isolation {
             hostname: Some(hostname.clone()),
@@ -442,7 +463,7 @@ impl ControlPlane {
             "controller-manager.kubeconfig",
             &KubeconfigUser::Cert(self.pki.controller_manager.clone()),
         );
-        let controllers = [
+        let mut controllers = vec![
             "endpointslice-controller",
             "endpointslice-mirroring-controller",
             "endpoints-controller",
@@ -452,14 +473,11 @@ impl ControlPlane {
             "garbage-collector-controller",
             "root-ca-certificate-publisher-controller",
         ];
-        let mut cmd = Command::new(&self.bins.kube_controller_manager);
-        cmd.arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--authentication-kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--authorization-kubeconfig")
-            .arg(&kubeconfig)
-            .arg("--use-service-account-credentials")
+        if self.real_nodes {
+            controllers.push("daemonset-controller");
+        }
+        let mut cmd = component_command(&self.bins.kube_controller_manager, &kubeconfig);
+        cmd.arg("--use-service-account-credentials")
             .arg("--service-account-private-key-file")
             .arg(&self.pki.service_account_key)
             .arg("--root-ca-file")
@@ -493,6 +511,23 @@ impl ControlPlane {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// kube-scheduler, as `system:kube-scheduler`: the DaemonSet controller leaves binding
+    /// its Pods to the scheduler (their node affinity names the node).
+    fn start_scheduler(&mut self) {
+        let kubeconfig = self.kubeconfig(
+            "scheduler.kubeconfig",
+            &KubeconfigUser::Cert(self.pki.scheduler.clone()),
+        );
+        let mut cmd = component_command(&self.bins.kube_scheduler, &kubeconfig);
+        cmd.args(["--leader-elect=false", "--secure-port", "0", "-v", "1"]);
+        self.scheduler = Some(Daemon::spawn(
+            "kube-scheduler",
+            cmd,
+            &self.dir.join("scheduler.log"),
+            &Isolation::default(),
+        ));
     }
 
     /// The current etcd revision.
@@ -529,7 +564,8 @@ impl ControlPlane {
             .iter()
             .chain(self.apiservers.iter().filter_map(|a| a.daemon.as_ref()))
             .chain(self.load_balancer.iter().map(|(_, d)| d))
-            .chain(self.controller_manager.iter());
+            .chain(self.controller_manager.iter())
+            .chain(self.scheduler.iter());
         for daemon in daemons {
             all.push_str(&format!(
                 "--- {} ---\n{}\n",
@@ -546,6 +582,7 @@ impl Drop for ControlPlane {
         if std::thread::panicking() {
             eprintln!("{}", self.logs(30));
         }
+        self.scheduler.take();
         self.controller_manager.take();
         self.load_balancer.take();
         for api in &mut self.apiservers {
@@ -556,6 +593,19 @@ impl Drop for ControlPlane {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// A control-plane component authenticating, and delegating authentication and authorization
+/// checks, with one kubeconfig.
+fn component_command(binary: &Path, kubeconfig: &Path) -> Command {
+    let mut cmd = Command::new(binary);
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--authentication-kubeconfig")
+        .arg(kubeconfig)
+        .arg("--authorization-kubeconfig")
+        .arg(kubeconfig);
+    cmd
 }
 
 /// A GET request for `path` (kube's raw request form).

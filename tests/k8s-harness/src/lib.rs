@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 mod control_plane;
+pub mod node;
 pub mod objects;
 pub mod pki;
 mod process;
@@ -28,6 +29,8 @@ pub struct Binaries {
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
     pub kube_proxy: PathBuf,
+    pub kube_scheduler: PathBuf,
+    pub kubelet: PathBuf,
     pub kubectl: PathBuf,
     pub etcd: PathBuf,
     pub haproxy: PathBuf,
@@ -47,6 +50,11 @@ fn cache_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
     PathBuf::from(home).join(".cache/topoproxy")
+}
+
+/// Where `cargo xtask k8s-setup` keeps the real node's test images (`pause.tar`, `echo.tar`).
+pub fn test_images_dir() -> PathBuf {
+    cache_dir().join("test-images")
 }
 
 /// The `k8s.io/kubernetes` version that `tests/k8s/go.mod` requires.
@@ -88,6 +96,8 @@ impl Binaries {
             kube_apiserver: existing(k8s.join("kube-apiserver")),
             kube_controller_manager: existing(k8s.join("kube-controller-manager")),
             kube_proxy: existing(k8s.join("kube-proxy")),
+            kube_scheduler: existing(k8s.join("kube-scheduler")),
+            kubelet: existing(k8s.join("kubelet")),
             kubectl: existing(k8s.join("kubectl")),
             etcd: existing(PathBuf::from("/usr/bin/etcd")),
             haproxy: existing(PathBuf::from("/usr/sbin/haproxy")),

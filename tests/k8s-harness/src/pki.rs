@@ -30,6 +30,8 @@ pub struct Pki {
     pub controller_manager: CertFiles,
     /// `system:kube-proxy`, which the default bindings give `system:node-proxier`.
     pub kube_proxy: CertFiles,
+    /// `system:kube-scheduler`, which the default bindings give its role.
+    pub scheduler: CertFiles,
     /// Service-account token signing key (private; the apiserver derives the public half).
     pub service_account_key: PathBuf,
     /// Its public half, which verifies the tokens.
@@ -53,16 +55,24 @@ fn name(common_name: &str, organization: Option<&str>) -> DistinguishedName {
     dn
 }
 
+/// The cluster CA's common name (also what [`Pki::issue_kubelet`] signs as).
+const CA_NAME: &str = "topoproxy-test-ca";
+
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name, None);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
 impl Authority {
     fn create(dir: &Path, file: &str, common_name: &str) -> (Self, CertFiles) {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name(common_name, None);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let params = ca_params(common_name);
         let key = KeyPair::generate().expect("generating a CA key");
         let cert = params.self_signed(&key).expect("self-signing the CA");
         let files = CertFiles {
@@ -111,7 +121,7 @@ impl Pki {
     /// Creates every certificate under `dir`.
     pub fn create(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).expect("creating the pki folder");
-        let (ca, ca_files) = Authority::create(dir, "ca", "topoproxy-test-ca");
+        let (ca, ca_files) = Authority::create(dir, "ca", CA_NAME);
         let (front, front_files) =
             Authority::create(dir, "front-proxy-ca", "topoproxy-test-front-proxy-ca");
         let apiserver = ca.issue(
@@ -159,6 +169,13 @@ impl Pki {
             "kube-proxy",
             name("system:kube-proxy", None),
             &[],
+            client.clone(),
+        );
+        let scheduler = ca.issue(
+            dir,
+            "kube-scheduler",
+            name("system:kube-scheduler", None),
+            &[],
             client,
         );
         let sa = KeyPair::generate().expect("generating the service-account key");
@@ -174,8 +191,46 @@ impl Pki {
             admin,
             controller_manager,
             kube_proxy,
+            scheduler,
             service_account_key,
             service_account_public_key,
         }
+    }
+}
+
+/// A kubelet's certificates: its client identity (`system:node:<name>` in `system:nodes`,
+/// which the Node authorizer and NodeRestriction admit) and its serving certificate (the
+/// apiserver's `exec` and `logs` connect to it).
+#[derive(Clone, Debug)]
+pub struct KubeletCerts {
+    pub client: CertFiles,
+    pub serving: CertFiles,
+}
+
+impl Pki {
+    /// Issues a kubelet's certificates for `node`, serving on `addresses`, from the cluster
+    /// CA (its key is read back from the control plane's folder).
+    pub fn issue_kubelet(&self, dir: &Path, node: &str, addresses: &[&str]) -> KubeletCerts {
+        std::fs::create_dir_all(dir).expect("creating the kubelet's pki folder");
+        let key_pem = std::fs::read_to_string(&self.ca.key).expect("reading the CA key");
+        let key = KeyPair::from_pem(&key_pem).expect("parsing the CA key");
+        let ca = Authority {
+            issuer: Issuer::new(ca_params(CA_NAME), key),
+        };
+        let client = ca.issue(
+            dir,
+            "kubelet-client",
+            name(&format!("system:node:{node}"), Some("system:nodes")),
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let serving = ca.issue(
+            dir,
+            "kubelet-serving",
+            name(&format!("system:node:{node}"), Some("system:nodes")),
+            addresses,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        KubeletCerts { client, serving }
     }
 }

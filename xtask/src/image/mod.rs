@@ -25,6 +25,7 @@ pub(crate) mod layer;
 mod oci;
 mod sbom;
 pub(crate) mod smoke;
+pub(crate) mod test_images;
 
 use std::fs;
 use std::path::{Path, PathBuf};

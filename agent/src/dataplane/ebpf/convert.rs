@@ -3,12 +3,16 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use topoproxy_common::{
-    flags, Endpoint, Service, ServiceKey, FAMILY_V4, FAMILY_V6, MAX_TIERS, SCHEDULER_LEN,
+    flags, Endpoint, Service, ServiceKey, SourceRangeKey, FAMILY_V4, FAMILY_V6, MAX_TIERS,
+    SCHEDULER_LEN,
 };
+
+use aya::maps::lpm_trie::Key;
+use ipnetwork::IpNetwork;
 
 use crate::dataplane::{ServiceConfig, TierShares};
 use crate::model::Protocol;
-use crate::table::{Frontend, TrafficPolicy, VsKey};
+use crate::table::{Frontend, SourceRanges, TrafficPolicy, VsKey};
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -99,17 +103,24 @@ pub(super) fn service_value(
         TrafficPolicy::Cluster => 0,
         TrafficPolicy::Local => flags::TRAFFIC_POLICY_LOCAL,
     };
+    let firewall = match &config.source_ranges {
+        ranges if ranges.is_open() => 0,
+        ranges if ranges.from_node => flags::SOURCE_RANGES | flags::SOURCE_RANGES_FROM_NODE,
+        _ => flags::SOURCE_RANGES,
+    };
     Service {
         id,
         affinity_timeout: config.persistence_timeout.unwrap_or(0),
-        flags: frontend | policy,
+        flags: frontend | policy | firewall,
         tier_counts,
         tier_shares: config.tier_shares.0,
         scheduler,
     }
 }
 
-pub(super) fn service_config(value: &Service) -> ServiceConfig {
+/// The config of a service entry; its source ranges are `ranges` (those written under its id)
+/// when the entry flags them, and none otherwise.
+pub(super) fn service_config(value: &Service, ranges: &[IpNetwork]) -> ServiceConfig {
     let end = value
         .scheduler
         .iter()
@@ -130,8 +141,49 @@ pub(super) fn service_config(value: &Service) -> ServiceConfig {
             TrafficPolicy::Cluster
         },
         tier_shares: TierShares(value.tier_shares),
-        source_ranges: Default::default(),
+        source_ranges: if value.flags & flags::SOURCE_RANGES != 0 {
+            let mut allowed = ranges.to_vec();
+            allowed.sort();
+            allowed.dedup();
+            SourceRanges {
+                allowed,
+                from_node: value.flags & flags::SOURCE_RANGES_FROM_NODE != 0,
+            }
+        } else {
+            SourceRanges::default()
+        },
     }
+}
+
+/// The `TP_SRC_RANGES` key and value of one range of service `id`: the id's 32 bits, then
+/// the range; the value is its family.
+pub(super) fn source_range_entry(id: u32, range: IpNetwork) -> (Key<SourceRangeKey>, u8) {
+    let network = endpoint(range.network(), 0);
+    let key = Key::new(
+        32 + u32::from(range.prefix()),
+        SourceRangeKey {
+            service_id: id,
+            addr: network.addr,
+        },
+    );
+    (key, network.family)
+}
+
+/// The service id and range of a `TP_SRC_RANGES` entry; `None` for one no agent writes.
+pub(super) fn from_source_range_key(
+    key: &Key<SourceRangeKey>,
+    family: u8,
+) -> Option<(u32, IpNetwork)> {
+    let data = key.data();
+    let prefix = u8::try_from(key.prefix_len().checked_sub(32)?).ok()?;
+    let (address, _) = from_endpoint(&Endpoint {
+        addr: data.addr,
+        port: 0,
+        family,
+        _pad: 0,
+    })?;
+    let range = IpNetwork::new(address, prefix).ok()?;
+    Some((data.service_id, range))
 }
 
 #[cfg(test)]
@@ -166,8 +218,53 @@ mod tests {
             source_ranges: Default::default(),
         };
         let value = service_value(7, &config, [1, 2, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(service_config(&value), config);
+        assert_eq!(service_config(&value, &[]), config);
         assert_eq!(value.tier_shares[1], 300_000);
         assert_eq!(value.tier_counts[1], 2);
+        assert_eq!(value.flags & flags::SOURCE_RANGES, 0);
+    }
+
+    #[test]
+    fn source_ranges_round_trip_through_the_flags_and_the_trie_keys() {
+        let ranges: Vec<IpNetwork> = ["fd00::/64", "10.0.0.0/8", "192.0.2.7/32"]
+            .iter()
+            .map(|r| r.parse().expect("range"))
+            .collect();
+        let mut config = ServiceConfig {
+            scheduler: "rr".to_owned(),
+            persistence_timeout: None,
+            frontend: Frontend::LoadBalancer,
+            traffic_policy: TrafficPolicy::Cluster,
+            tier_shares: TierShares::default(),
+            source_ranges: SourceRanges {
+                allowed: ranges[1..].to_vec(),
+                from_node: true,
+            },
+        };
+        let value = service_value(9, &config, [0; MAX_TIERS]);
+        assert_eq!(
+            value.flags & (flags::SOURCE_RANGES | flags::SOURCE_RANGES_FROM_NODE),
+            flags::SOURCE_RANGES | flags::SOURCE_RANGES_FROM_NODE
+        );
+        // Read back in any order.
+        assert_eq!(service_config(&value, &[ranges[2], ranges[1]]), config);
+        config.source_ranges.from_node = false;
+        let value = service_value(9, &config, [0; MAX_TIERS]);
+        assert_eq!(value.flags & flags::SOURCE_RANGES_FROM_NODE, 0);
+        assert_eq!(service_config(&value, &ranges[1..]), config);
+        // Ranges under an entry without the flag are not its ranges.
+        config.source_ranges = SourceRanges::default();
+        let value = service_value(9, &config, [0; MAX_TIERS]);
+        assert_eq!(service_config(&value, &ranges), config);
+
+        for range in ranges {
+            let (key, family) = source_range_entry(9, range);
+            // The id's 32 bits, then the range's own prefix.
+            assert_eq!(key.prefix_len(), 32 + u32::from(range.prefix()));
+            assert_eq!(from_source_range_key(&key, family), Some((9, range)));
+        }
+        let (v4, _) = source_range_entry(9, "10.0.0.0/8".parse().expect("range"));
+        assert_eq!(v4.data().addr, [u32::from_ne_bytes([10, 0, 0, 0]), 0, 0, 0]);
+        assert_eq!(from_source_range_key(&v4, 0), None, "unknown family");
     }
 }

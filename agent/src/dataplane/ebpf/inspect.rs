@@ -10,14 +10,15 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuHashMap};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
 use topoproxy_common::{self as abi, maps, MAPS_DIR};
 
 use super::lb_maps::LbRead;
 use super::list::{read_listing, CounterRead, Listing, ServiceCounters};
 use super::loader::{bpf_obj_get_read_only, maps_pinned};
 use super::maps::{
-    read_backend, read_backend_connections, read_backend_keys, read_service_counters, read_services,
+    read_backend, read_backend_connections, read_backend_keys, read_service_counters,
+    read_services, read_source_ranges,
 };
 use super::EbpfError;
 
@@ -49,12 +50,19 @@ pub enum InspectError {
     },
 }
 
+/// Whether an agent's maps are pinned under `pin_dir` (what `list` without `--proxy-mode`
+/// takes for "this node runs eBPF mode").
+pub fn agent_pinned(pin_dir: &Path) -> bool {
+    pin_dir.join(MAPS_DIR).join(maps::SERVICES).exists()
+}
+
 /// The maps `topoproxy list` reads, opened read-only from their pins.
 struct ReadOnlyMaps {
     services: HashMap<MapData, abi::ServiceKey, abi::Service>,
     backends: HashMap<MapData, abi::BackendKey, abi::Backend>,
     service_stats: PerCpuHashMap<MapData, u32, abi::ServiceStats>,
     backend_stats: PerCpuHashMap<MapData, abi::BackendStatsKey, abi::BackendStats>,
+    source_ranges: LpmTrie<MapData, abi::SourceRangeKey, u8>,
 }
 
 impl ReadOnlyMaps {
@@ -72,6 +80,9 @@ impl ReadOnlyMaps {
             })?,
             backend_stats: open(&maps_dir, maps::BACKEND_STATS, |map| {
                 PerCpuHashMap::try_from(Map::PerCpuHashMap(map))
+            })?,
+            source_ranges: open(&maps_dir, maps::SOURCE_RANGES, |map| {
+                LpmTrie::try_from(Map::LpmTrie(map))
             })?,
         })
     }
@@ -108,6 +119,10 @@ impl LbRead for ReadOnlyMaps {
 
     fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError> {
         read_backend_keys(&self.backends)
+    }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, ipnetwork::IpNetwork)>, EbpfError> {
+        read_source_ranges(&self.source_ranges)
     }
 }
 

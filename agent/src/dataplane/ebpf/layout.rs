@@ -22,10 +22,25 @@
 //! (a backend added right after one was removed) is live again and is not deleted. Service ids
 //! are reused only after the grace period too, so an old entry never reads a new service's
 //! slots.
+//!
+//! # Source ranges
+//!
+//! A load-balancer frontend's `loadBalancerSourceRanges` sit in `TP_SRC_RANGES` under its id,
+//! and its entry carries a flag that makes the tc programs look there. The ranges are written
+//! with the entry, in the order that never lets a program see the flag without them:
+//!
+//! - firewalled after the write: the new ranges are put, the entry (with the flag) written,
+//!   then the ranges no longer wanted deleted (make-before-break: a flagged entry always has
+//!   ranges, and in between a source either configuration allows passes, never another);
+//! - open after the write: the entry (without the flag) first, the ranges deleted after;
+//! - a deleted service's ranges go after its entry; any a failure left behind are deleted
+//!   before an entry reusing the id is flagged (while the kernel's entry for a key is not
+//!   flagged, ranges under its id not wanted are deleted before anything else).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
+use ipnetwork::IpNetwork;
 use topoproxy_common::{self as abi, MAX_TIERS, MAX_TIER_BACKENDS, TIER_SHIFT};
 
 use super::lb_maps::{LbMaps, LbRead};
@@ -90,6 +105,12 @@ impl Entry {
 
     fn value(&self) -> abi::Service {
         convert::service_value(self.id, &self.config, self.counts())
+    }
+
+    /// Whether the entry the kernel holds makes the tc programs look up the source ranges.
+    fn flags_source_ranges(&self) -> bool {
+        self.written
+            .is_some_and(|written| written.flags & abi::flags::SOURCE_RANGES != 0)
     }
 
     /// How many slots of `tier` the kernel counts.
@@ -176,6 +197,11 @@ pub(crate) struct SlotLayout {
     retired: HashSet<abi::BackendKey>,
     /// Ids of deleted services, reusable after the next grace period.
     retired_ids: Vec<u32>,
+    /// The source ranges the kernel holds, by service id (firewalled services, and ranges a
+    /// failed delete left under an id).
+    ranges: BTreeMap<u32, BTreeSet<IpNetwork>>,
+    /// Ids whose ranges no entry uses any more: deleted at the end of the next `apply`.
+    stale_ranges: BTreeSet<u32>,
     map_writes: u64,
 }
 
@@ -187,6 +213,7 @@ impl SlotLayout {
         layout.reload(maps)?;
         layout.retire_orphans(maps)?;
         layout.release_retired(maps);
+        layout.sweep_stale_ranges(maps);
         Ok(layout)
     }
 
@@ -214,6 +241,10 @@ impl SlotLayout {
     pub fn reload(&mut self, maps: &mut impl LbMaps) -> Result<(), EbpfError> {
         let mut entries = BTreeMap::new();
         let mut repairs = Vec::new();
+        let mut ranges: BTreeMap<u32, BTreeSet<IpNetwork>> = BTreeMap::new();
+        for (id, range) in maps.source_ranges()? {
+            ranges.entry(id).or_default().insert(range);
+        }
         for service in decode(maps)? {
             let mut entry = Entry::new(service.raw_key, service.value.id, service.config);
             entry.written = Some(service.value);
@@ -235,6 +266,19 @@ impl SlotLayout {
             .map(|entry| entry.id)
             .chain(self.retired_ids.iter().copied());
         self.ids = IdAllocator::from_used(in_use);
+        // Ranges no program looks up: under an id no entry holds or one whose entry is not
+        // flagged (an agent stopped mid-delete, a failed delete).
+        let flagged: BTreeSet<u32> = entries
+            .values()
+            .filter(|entry| entry.flags_source_ranges())
+            .map(|entry| entry.id)
+            .collect();
+        self.stale_ranges = ranges
+            .keys()
+            .filter(|id| !flagged.contains(id))
+            .copied()
+            .collect();
+        self.ranges = ranges;
         self.entries = entries;
         self.pending.clear();
         for key in repairs {
@@ -260,6 +304,7 @@ impl SlotLayout {
             }
         }
         self.flush_all(maps, &mut failures);
+        self.sweep_stale_ranges(maps);
         self.release_retired(maps);
         if failures.is_empty() {
             return Ok(());
@@ -360,21 +405,109 @@ impl SlotLayout {
         maps.delete_backend_stats(&key);
     }
 
-    /// Writes a service's entry if it differs from what the kernel holds.
+    /// Writes a service's entry if it differs from what the kernel holds, and its source
+    /// ranges around it (see the module's documentation for the order).
     fn flush(&mut self, maps: &mut impl LbMaps, key: &VsKey) -> Result<(), EbpfError> {
         self.pending.remove(key);
-        let entry = self
-            .entries
-            .get_mut(key)
-            .ok_or(EbpfError::NoService(*key))?;
-        let value = entry.value();
-        if entry.written == Some(value) {
-            return Ok(());
+        let entry = self.entries.get(key).ok_or(EbpfError::NoService(*key))?;
+        let (id, raw_key, value) = (entry.id, entry.raw_key, entry.value());
+        let unchanged = entry.written == Some(value);
+        let flagged = entry.flags_source_ranges();
+        let wanted: BTreeSet<IpNetwork> =
+            entry.config.source_ranges.allowed.iter().copied().collect();
+        if let Some(range) = wanted
+            .iter()
+            .find(|range| range.is_ipv4() != key.address.is_ipv4())
+        {
+            return Err(EbpfError::FamilyMismatch {
+                address: range.ip(),
+            });
         }
-        self.map_writes += 1;
-        maps.put_service(entry.raw_key, value)?;
-        entry.written = Some(value);
+        if !flagged {
+            // No program looks at these ranges yet; whatever the id still holds (a deleted
+            // service's, a failed delete's) must go before a flag makes them count, and every
+            // wanted one is written, whatever the agent's record says.
+            self.delete_ranges_but(maps, id, &wanted)?;
+            if let Some(held) = self.ranges.get_mut(&id) {
+                held.clear();
+            }
+        }
+        self.put_ranges(maps, id, &wanted)?;
+        if !unchanged {
+            self.map_writes += 1;
+            maps.put_service(raw_key, value)?;
+            if let Some(entry) = self.entries.get_mut(key) {
+                entry.written = Some(value);
+            }
+        }
+        self.delete_ranges_but(maps, id, &wanted)
+    }
+
+    /// Puts the ranges of `wanted` the kernel does not hold under `id` yet. The agent's record
+    /// follows each write, so a failure leaves it true.
+    fn put_ranges(
+        &mut self,
+        maps: &mut impl LbMaps,
+        id: u32,
+        wanted: &BTreeSet<IpNetwork>,
+    ) -> Result<(), EbpfError> {
+        for range in wanted {
+            if self
+                .ranges
+                .get(&id)
+                .is_some_and(|held| held.contains(range))
+            {
+                continue;
+            }
+            self.map_writes += 1;
+            maps.put_source_range(id, *range)?;
+            self.ranges.entry(id).or_default().insert(*range);
+        }
         Ok(())
+    }
+
+    /// Deletes the ranges the kernel holds under `id` that are not in `wanted`.
+    fn delete_ranges_but(
+        &mut self,
+        maps: &mut impl LbMaps,
+        id: u32,
+        wanted: &BTreeSet<IpNetwork>,
+    ) -> Result<(), EbpfError> {
+        let Some(held) = self.ranges.get(&id) else {
+            return Ok(());
+        };
+        let unwanted: Vec<IpNetwork> = held.difference(wanted).copied().collect();
+        for range in unwanted {
+            self.map_writes += 1;
+            maps.delete_source_range(id, range)?;
+            if let Some(held) = self.ranges.get_mut(&id) {
+                held.remove(&range);
+            }
+        }
+        if self.ranges.get(&id).is_some_and(BTreeSet::is_empty) {
+            self.ranges.remove(&id);
+        }
+        Ok(())
+    }
+
+    /// Deletes the ranges no program looks up (a deleted service's, or left under an entry
+    /// without the flag). What cannot be deleted now is tried again at the next `apply`, and
+    /// a service flagged under the id first deletes what it does not want.
+    fn sweep_stale_ranges(&mut self, maps: &mut impl LbMaps) {
+        for id in std::mem::take(&mut self.stale_ranges) {
+            if self
+                .entries
+                .values()
+                .any(|entry| entry.id == id && entry.flags_source_ranges())
+            {
+                // Programs look them up: the entry's own flush writes them.
+                continue;
+            }
+            if let Err(error) = self.delete_ranges_but(maps, id, &BTreeSet::new()) {
+                tracing::warn!(error = %error_chain(&error), id, "deleting a deleted service's source ranges failed; retrying at the next apply");
+                self.stale_ranges.insert(id);
+            }
+        }
     }
 
     /// Writes every pending entry; a failure goes to every op that changed the service.
@@ -594,6 +727,9 @@ impl SlotLayout {
         }
         self.map_writes += 1;
         maps.delete_service_stats(entry.id);
+        if self.ranges.contains_key(&entry.id) {
+            self.stale_ranges.insert(entry.id);
+        }
         self.retired_ids.push(entry.id);
         Ok(())
     }
@@ -618,6 +754,10 @@ pub(crate) struct DecodedService {
 /// seam: the agent's [`SlotLayout::reload`] and `topoproxy list` share it, and it cannot write.
 /// Entries with an unknown protocol are skipped.
 pub(crate) fn decode(maps: &impl LbRead) -> Result<Vec<DecodedService>, EbpfError> {
+    let mut ranges: HashMap<u32, Vec<IpNetwork>> = HashMap::new();
+    for (id, range) in maps.source_ranges()? {
+        ranges.entry(id).or_default().push(range);
+    }
     let mut decoded = Vec::new();
     for (raw_key, value) in maps.services()? {
         let Some(key) = convert::vs_key(&raw_key) else {
@@ -631,7 +771,10 @@ pub(crate) fn decode(maps: &impl LbRead) -> Result<Vec<DecodedService>, EbpfErro
         decoded.push(DecodedService {
             key,
             raw_key,
-            config: convert::service_config(&value),
+            config: convert::service_config(
+                &value,
+                ranges.get(&value.id).map_or(&[], Vec::as_slice),
+            ),
             value,
             tiers,
             complete,

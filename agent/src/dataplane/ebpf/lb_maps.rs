@@ -5,6 +5,7 @@
 //! The reads are a trait of their own, [`LbRead`], so that `topoproxy list`
 //! ([`super::inspect`]) holds maps it cannot write through.
 
+use ipnetwork::IpNetwork;
 use topoproxy_common as abi;
 
 use super::EbpfError;
@@ -17,6 +18,8 @@ pub(crate) trait LbRead {
     fn backend(&self, key: &abi::BackendKey) -> Result<Option<abi::Backend>, EbpfError>;
     /// The keys of every filled backend slot.
     fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError>;
+    /// Every `loadBalancerSourceRanges` entry: service id and range.
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, EbpfError>;
 }
 
 /// The service and backend maps the programs read, plus the counters the layout drops.
@@ -29,6 +32,10 @@ pub(crate) trait LbMaps: LbRead {
     fn put_backend(&mut self, key: abi::BackendKey, value: abi::Backend) -> Result<(), EbpfError>;
     /// Empties a backend slot; an empty one is not an error.
     fn delete_backend(&mut self, key: &abi::BackendKey) -> Result<(), EbpfError>;
+    /// Adds one source range of service `id` (canonical: host bits clear).
+    fn put_source_range(&mut self, id: u32, range: IpNetwork) -> Result<(), EbpfError>;
+    /// Removes one source range of service `id`; an absent one is not an error.
+    fn delete_source_range(&mut self, id: u32, range: IpNetwork) -> Result<(), EbpfError>;
     /// Drops one backend's counters (best effort: a leftover only shows until the id is reused).
     fn delete_backend_stats(&mut self, key: &abi::BackendStatsKey);
     /// Drops one service's counters (best effort, as above).

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, Map, PerCpuHashMap};
 use aya::programs::links::FdLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
@@ -53,7 +53,7 @@ pub const PROGRAMS: [&str; 8] = [
 /// Where fresh maps are pinned until the programs switch to them.
 const STAGING_MAPS_DIR: &str = "maps_staging";
 
-const MAP_NAMES: [&str; 8] = [
+const MAP_NAMES: [&str; 9] = [
     maps::SERVICES,
     maps::BACKENDS,
     maps::REV_NAT,
@@ -62,6 +62,7 @@ const MAP_NAMES: [&str; 8] = [
     maps::BACKEND_STATS,
     maps::LOG_CONFIG,
     maps::LOG_BUDGET,
+    maps::SOURCE_RANGES,
 ];
 
 /// What [`load`] found and did.
@@ -434,6 +435,8 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<PinnedMaps, EbpfError> {
             .map_err(map_error(maps::BACKEND_STATS))?,
         log_config: Array::try_from(take(ebpf, maps::LOG_CONFIG)?)
             .map_err(map_error(maps::LOG_CONFIG))?,
+        source_ranges: LpmTrie::try_from(take(ebpf, maps::SOURCE_RANGES)?)
+            .map_err(map_error(maps::SOURCE_RANGES))?,
     })
 }
 

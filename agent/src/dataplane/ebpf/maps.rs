@@ -8,7 +8,8 @@ use std::net::IpAddr;
 
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap};
+use ipnetwork::IpNetwork;
 use topoproxy_common::{self as abi, maps, MAPS_DIR};
 
 use super::datapath_log::DatapathLog;
@@ -28,6 +29,8 @@ pub(crate) struct PinnedMaps {
     pub(super) service_stats: PerCpuHashMap<MapData, u32, abi::ServiceStats>,
     pub(super) backend_stats: PerCpuHashMap<MapData, abi::BackendStatsKey, abi::BackendStats>,
     pub(super) log_config: Array<MapData, abi::LogConfig>,
+    /// `loadBalancerSourceRanges`, read by the tc programs.
+    pub(super) source_ranges: LpmTrie<MapData, abi::SourceRangeKey, u8>,
 }
 
 pub(super) fn map_error(
@@ -70,6 +73,10 @@ impl LbRead for PinnedMaps {
     fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError> {
         read_backend_keys(&self.backends)
     }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, EbpfError> {
+        read_source_ranges(&self.source_ranges)
+    }
 }
 
 impl CounterRead for PinnedMaps {
@@ -110,6 +117,26 @@ pub(super) fn read_backend_keys(
     map.keys()
         .map(|key| key.map_err(map_error(maps::BACKENDS, "iterate")))
         .collect()
+}
+
+/// Every source range, by service id. An entry no agent writes (a bad prefix length or
+/// family) is skipped with a warning.
+pub(super) fn read_source_ranges(
+    map: &LpmTrie<MapData, abi::SourceRangeKey, u8>,
+) -> Result<Vec<(u32, IpNetwork)>, EbpfError> {
+    let mut ranges = Vec::new();
+    for item in map.iter() {
+        let (key, family) = item.map_err(map_error(maps::SOURCE_RANGES, "iterate"))?;
+        match convert::from_source_range_key(&key, family) {
+            Some(range) => ranges.push(range),
+            None => tracing::warn!(
+                prefix_len = key.prefix_len(),
+                family,
+                "skipping a source range entry no agent writes"
+            ),
+        }
+    }
+    Ok(ranges)
 }
 
 /// One service's counters, summed over CPUs.
@@ -173,6 +200,20 @@ impl LbMaps for PinnedMaps {
     fn delete_backend(&mut self, key: &abi::BackendKey) -> Result<(), EbpfError> {
         ignore_missing(self.backends.remove(key), maps::BACKENDS)
             .inspect(|()| kernel_writes::done("eBPF backend deleted"))
+    }
+
+    fn put_source_range(&mut self, id: u32, range: IpNetwork) -> Result<(), EbpfError> {
+        let (key, family) = convert::source_range_entry(id, range);
+        self.source_ranges
+            .insert(&key, family, 0)
+            .map_err(map_error(maps::SOURCE_RANGES, "update"))
+            .inspect(|()| kernel_writes::done("eBPF source range put"))
+    }
+
+    fn delete_source_range(&mut self, id: u32, range: IpNetwork) -> Result<(), EbpfError> {
+        let (key, _) = convert::source_range_entry(id, range);
+        ignore_missing(self.source_ranges.remove(&key), maps::SOURCE_RANGES)
+            .inspect(|()| kernel_writes::done("eBPF source range deleted"))
     }
 
     fn delete_backend_stats(&mut self, key: &abi::BackendStatsKey) {

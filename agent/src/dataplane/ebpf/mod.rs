@@ -384,9 +384,14 @@ impl EbpfDataplane {
             Ok(done) if done.sockets > 0 => tracing::info!(
                 sockets = done.sockets,
                 namespaces = done.namespaces,
+                skipped_namespaces = done.skipped,
                 "destroyed connected UDP sockets of removed backends"
             ),
-            Ok(_) => {}
+            Ok(done) => tracing::debug!(
+                namespaces = done.namespaces,
+                skipped_namespaces = done.skipped,
+                "no connected UDP socket of a removed backend"
+            ),
             Err(error) => tracing::warn!(
                 error = %error_chain(&error),
                 "destroying connected UDP sockets of removed backends failed; they keep \
@@ -449,9 +454,10 @@ impl Dataplane for EbpfDataplane {
         TierScope::All
     }
 
-    /// Not yet: the tc path does not filter sources (docs/parity.md).
+    /// The tc programs drop new flows from outside the ranges; the socket programs leave a
+    /// firewalled frontend untranslated (docs/parity.md).
     fn enforces_source_ranges(&self) -> bool {
-        false
+        true
     }
 
     fn refresh_node_addresses(

@@ -2,8 +2,10 @@
 //! (it remembers every service entry a program could still hold and fails any delete of a
 //! slot such an entry counts), and the same fake failing its n-th write.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
+
+use ipnetwork::IpNetwork;
 
 use aya::maps::MapError;
 use aya::sys::SyscallError;
@@ -33,6 +35,11 @@ struct FakeMaps {
     grace_periods: usize,
     service_puts: usize,
     backend_stats_deleted: Vec<abi::BackendStatsKey>,
+    /// `TP_SRC_RANGES`: service id → ranges.
+    source_ranges: BTreeMap<u32, BTreeSet<IpNetwork>>,
+    /// The ranges a flagged entry of each service may have while the test's change is
+    /// written: those of the configuration before and after it.
+    permitted: HashMap<abi::ServiceKey, BTreeSet<IpNetwork>>,
 }
 
 impl FakeMaps {
@@ -60,6 +67,32 @@ impl FakeMaps {
             });
         }
         Ok(())
+    }
+
+    /// A program reading any current entry flagged for source ranges finds some under its id,
+    /// and only ranges the configuration before or after the change allows (never open).
+    fn assert_flagged_entries_have_their_ranges(&self) {
+        for (key, service) in &self.services {
+            if service.flags & abi::flags::SOURCE_RANGES == 0 {
+                continue;
+            }
+            let held = self
+                .source_ranges
+                .get(&service.id)
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                !held.is_empty(),
+                "service {} is flagged without ranges",
+                service.id
+            );
+            let permitted = self.permitted.get(key).cloned().unwrap_or_default();
+            assert!(
+                held.is_subset(&permitted),
+                "service {} admits {held:?}, beyond {permitted:?}",
+                service.id
+            );
+        }
     }
 
     /// A program reading any current entry finds every slot it counts ("never torn").
@@ -95,6 +128,14 @@ impl LbRead for FakeMaps {
     fn backend_keys(&self) -> Result<Vec<abi::BackendKey>, EbpfError> {
         Ok(self.backends.keys().copied().collect())
     }
+
+    fn source_ranges(&self) -> Result<Vec<(u32, IpNetwork)>, EbpfError> {
+        Ok(self
+            .source_ranges
+            .iter()
+            .flat_map(|(id, ranges)| ranges.iter().map(move |range| (*id, *range)))
+            .collect())
+    }
 }
 
 impl LbMaps for FakeMaps {
@@ -104,6 +145,7 @@ impl LbMaps for FakeMaps {
         self.service_puts += 1;
         self.readable.push(value);
         self.assert_counted_slots_filled();
+        self.assert_flagged_entries_have_their_ranges();
         Ok(())
     }
 
@@ -129,6 +171,26 @@ impl LbMaps for FakeMaps {
         }
         self.backends.remove(key);
         self.assert_counted_slots_filled();
+        Ok(())
+    }
+
+    fn put_source_range(&mut self, id: u32, range: IpNetwork) -> Result<(), EbpfError> {
+        self.write("source_ranges")?;
+        assert_eq!(range, crate::table::canonical(range), "host bits set");
+        self.source_ranges.entry(id).or_default().insert(range);
+        self.assert_flagged_entries_have_their_ranges();
+        Ok(())
+    }
+
+    fn delete_source_range(&mut self, id: u32, range: IpNetwork) -> Result<(), EbpfError> {
+        self.write("source_ranges")?;
+        if let Some(ranges) = self.source_ranges.get_mut(&id) {
+            ranges.remove(&range);
+            if ranges.is_empty() {
+                self.source_ranges.remove(&id);
+            }
+        }
+        self.assert_flagged_entries_have_their_ranges();
         Ok(())
     }
 
@@ -411,29 +473,94 @@ fn a_failing_first_write_of_a_cold_sync_names_the_op() {
     assert!(maps.backends.is_empty());
 }
 
-/// A desired table over a small universe: services 10..13, backends 1..6, tiers 0..3.
+/// A desired table over a small universe: services 10..13, backends 1..6, tiers 0..3, and
+/// source ranges from [`RANGES`] (none: open).
 fn any_table() -> impl Strategy<Value = ProgrammedTable> {
     let backends = proptest::collection::btree_map(1u8..7, 0u8..3, 0..6);
-    proptest::collection::btree_map(10u8..13, backends, 0..3).prop_map(|services| {
+    let ranges = proptest::collection::btree_set(0..RANGES.len(), 0..3);
+    proptest::collection::btree_map(10u8..13, (backends, ranges), 0..3).prop_map(|services| {
         services
             .into_iter()
-            .map(|(vip, backends)| {
+            .map(|(vip, (backends, ranges))| {
                 let backends: Vec<(u8, u8)> = backends.into_iter().collect();
-                (vs(vip), service(&backends))
+                let ranges: Vec<&str> = ranges.into_iter().map(|i| RANGES[i]).collect();
+                (vs(vip), firewalled(&backends, &ranges))
             })
             .collect::<BTreeMap<_, _>>()
     })
 }
 
+/// Source ranges the tests draw from (disjoint, as the planner leaves them).
+const RANGES: [&str; 4] = [
+    "10.0.0.0/8",
+    "192.0.2.0/24",
+    "198.51.100.7/32",
+    "203.0.113.0/25",
+];
+
+/// A load-balancer frontend with backends `(n, tier)` and `ranges` (none: open).
+fn firewalled(backends: &[(u8, u8)], ranges: &[&str]) -> ProgrammedService {
+    let mut service = service(backends);
+    service.config.frontend = Frontend::LoadBalancer;
+    let mut allowed: Vec<IpNetwork> = ranges
+        .iter()
+        .map(|range| range.parse().expect("range"))
+        .collect();
+    allowed.sort();
+    service.config.source_ranges = crate::table::SourceRanges {
+        allowed,
+        from_node: false,
+    };
+    service
+}
+
+/// Lets a flagged entry hold the ranges of `before` or `after` while the change is written.
+fn permit(maps: &mut FakeMaps, before: &ProgrammedTable, after: &ProgrammedTable) {
+    maps.permitted.clear();
+    for (key, service) in before.iter().chain(after) {
+        maps.permitted
+            .entry(convert::service_key(key))
+            .or_default()
+            .extend(service.config.source_ranges.allowed.iter().copied());
+    }
+}
+
+/// The kernel holds exactly the ranges of the flagged entries, under their ids.
+fn assert_only_flagged_ranges(maps: &FakeMaps, desired: &ProgrammedTable) {
+    let expected: BTreeMap<u32, BTreeSet<IpNetwork>> = desired
+        .iter()
+        .filter(|(_, service)| !service.config.source_ranges.is_open())
+        .map(|(key, service)| {
+            let id = maps.services[&convert::service_key(key)].id;
+            (
+                id,
+                service
+                    .config
+                    .source_ranges
+                    .allowed
+                    .iter()
+                    .copied()
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(maps.source_ranges, expected);
+}
+
 proptest! {
     /// Any sequence of tables: each sync lands exactly, no counted slot is ever empty, and no
-    /// slot an in-flight program could read is deleted (the fake panics otherwise).
+    /// slot an in-flight program could read is deleted; a flagged entry always has its ranges
+    /// and no others (the fake panics otherwise).
     #[test]
     fn any_sequence_of_syncs_is_make_before_break(tables in proptest::collection::vec(any_table(), 1..8)) {
         let mut maps = FakeMaps::default();
         let mut layout = SlotLayout::default();
+        let mut before = ProgrammedTable::new();
         for desired in &tables {
+            permit(&mut maps, &before, desired);
             prop_assert_eq!(sync(&mut layout, &mut maps, desired), Ok(()));
+            assert_only_flagged_ranges(&maps, desired);
+            before = desired.clone();
             prop_assert_eq!(&read_back(&mut maps), desired);
             prop_assert_eq!(&layout.table(), desired);
         }
@@ -478,4 +605,156 @@ fn decoding_writes_nothing_and_stops_a_tier_at_a_missing_slot() {
         table(&[(1, &[(1, 0)]), (2, &[(4, 0)])])
     );
     assert!(maps.writes > writes, "the agent's read repaired nothing");
+}
+
+#[test]
+fn source_ranges_are_put_before_the_flag_and_deleted_after_it() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let steps: [(&[&str], usize, usize); 5] = [
+        // (ranges, range writes, entry writes)
+        (&[], 0, 1),
+        (&["10.0.0.0/8"], 1, 1),
+        (&["10.0.0.0/8", "192.0.2.0/24"], 1, 0),
+        (&["192.0.2.0/24"], 1, 0),
+        (&[], 1, 1),
+    ];
+    let mut before = ProgrammedTable::new();
+    for (ranges, range_writes, entry_writes) in steps {
+        let desired: ProgrammedTable = [(vs(10), firewalled(&[(1, 0)], ranges))].into();
+        permit(&mut maps, &before, &desired);
+        let (writes, puts) = (maps.writes, maps.service_puts);
+        assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()), "{ranges:?}");
+        let backend_writes = usize::from(before.is_empty());
+        assert_eq!(
+            (
+                maps.writes - writes - backend_writes,
+                maps.service_puts - puts
+            ),
+            (range_writes + entry_writes, entry_writes),
+            "{ranges:?}"
+        );
+        assert_only_flagged_ranges(&maps, &desired);
+        assert_eq!(read_back(&mut maps), desired);
+        before = desired;
+    }
+    // A deleted service's ranges go with it.
+    let desired: ProgrammedTable = [(vs(10), firewalled(&[(1, 0)], &["10.0.0.0/8"]))].into();
+    permit(&mut maps, &before, &desired);
+    assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()));
+    assert_eq!(
+        sync(&mut layout, &mut maps, &ProgrammedTable::new()),
+        Ok(())
+    );
+    assert!(maps.source_ranges.is_empty());
+    assert!(maps.services.is_empty());
+}
+
+#[test]
+fn a_reused_id_never_admits_the_ranges_its_last_service_left() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let first: ProgrammedTable = [(vs(10), firewalled(&[(1, 0)], &["10.0.0.0/8"]))].into();
+    permit(&mut maps, &ProgrammedTable::new(), &first);
+    assert_eq!(sync(&mut layout, &mut maps, &first), Ok(()));
+    let id = maps.services[&convert::service_key(&vs(10))].id;
+
+    // The service goes; deleting its range (the write after the entry's) fails.
+    maps.fail_at = Some(maps.writes + 1);
+    assert_eq!(
+        sync(&mut layout, &mut maps, &ProgrammedTable::new()),
+        Ok(())
+    );
+    assert!(maps.services.is_empty());
+    assert_eq!(
+        maps.source_ranges.len(),
+        1,
+        "the failed delete left the range"
+    );
+
+    // Another firewalled service takes the id: it must never admit 10.0.0.0/8 (the fake
+    // checks every write against what this change permits).
+    let second: ProgrammedTable = [(vs(11), firewalled(&[(2, 0)], &["192.0.2.0/24"]))].into();
+    permit(&mut maps, &ProgrammedTable::new(), &second);
+    assert_eq!(sync(&mut layout, &mut maps, &second), Ok(()));
+    assert_eq!(maps.services[&convert::service_key(&vs(11))].id, id);
+    assert_only_flagged_ranges(&maps, &second);
+    assert_eq!(read_back(&mut maps), second);
+}
+
+#[test]
+fn reading_back_sweeps_ranges_no_flagged_entry_uses() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let desired: ProgrammedTable = [
+        (vs(10), firewalled(&[(1, 0)], &["10.0.0.0/8"])),
+        (vs(11), firewalled(&[(2, 0)], &[])),
+    ]
+    .into();
+    permit(&mut maps, &ProgrammedTable::new(), &desired);
+    assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()));
+    let open_id = maps.services[&convert::service_key(&vs(11))].id;
+    // What an agent stopped mid-change could leave: ranges under an unflagged entry and
+    // under an id no entry holds.
+    let stray: IpNetwork = "192.0.2.0/24".parse().expect("range");
+    maps.source_ranges.entry(open_id).or_default().insert(stray);
+    maps.source_ranges.entry(77).or_default().insert(stray);
+
+    assert_eq!(read_back(&mut maps), desired);
+    assert_only_flagged_ranges(&maps, &desired);
+}
+
+/// Every way one write of a change of source ranges can fail.
+#[test]
+fn a_failed_range_write_keeps_every_flagged_entry_within_its_ranges_and_converges() {
+    let before: ProgrammedTable = [
+        (
+            vs(10),
+            firewalled(&[(1, 0)], &["10.0.0.0/8", "192.0.2.0/24"]),
+        ),
+        (vs(11), firewalled(&[(2, 0)], &[])),
+        (vs(12), firewalled(&[(3, 0)], &["198.51.100.7/32"])),
+    ]
+    .into();
+    let after: ProgrammedTable = [
+        (
+            vs(10),
+            firewalled(&[(1, 0)], &["192.0.2.0/24", "203.0.113.0/25"]),
+        ),
+        (vs(11), firewalled(&[(2, 0)], &["10.0.0.0/8"])),
+        (vs(13), firewalled(&[(4, 0)], &["198.51.100.7/32"])),
+    ]
+    .into();
+    let total = {
+        let mut maps = FakeMaps::default();
+        let mut layout = SlotLayout::default();
+        permit(&mut maps, &ProgrammedTable::new(), &before);
+        assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+        let writes = maps.writes;
+        permit(&mut maps, &before, &after);
+        assert_eq!(sync(&mut layout, &mut maps, &after), Ok(()));
+        maps.writes - writes
+    };
+    assert!(total > 8);
+
+    for failing in 0..total {
+        let mut maps = FakeMaps::default();
+        let mut layout = SlotLayout::default();
+        permit(&mut maps, &ProgrammedTable::new(), &before);
+        assert_eq!(sync(&mut layout, &mut maps, &before), Ok(()));
+        permit(&mut maps, &before, &after);
+        maps.fail_at = Some(maps.writes + failing);
+
+        if sync(&mut layout, &mut maps, &after).is_err() {
+            assert_eq!(layout.table(), read_back(&mut maps), "write {failing}");
+        }
+
+        assert_eq!(
+            sync(&mut layout, &mut maps, &after),
+            Ok(()),
+            "write {failing}"
+        );
+        assert_eq!(read_back(&mut maps), after, "write {failing}");
+        assert_only_flagged_ranges(&maps, &after);
+    }
 }

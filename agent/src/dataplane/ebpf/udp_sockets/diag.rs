@@ -26,7 +26,8 @@ pub(super) fn cookie(raw: [u8; 8]) -> u64 {
     u64::from(high) << 32 | u64::from(low)
 }
 
-/// Connected UDP sockets (v4 and v6) of this thread's network namespace.
+/// Connected UDP sockets (v4 and v6) of this thread's network namespace: a netlink socket
+/// belongs to the namespace of the thread that creates it, and inet_diag dumps that one.
 pub(super) fn connected_udp_sockets() -> io::Result<Vec<ConnectedUdp>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
     socket.bind_auto()?;

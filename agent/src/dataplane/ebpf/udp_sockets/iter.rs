@@ -293,8 +293,9 @@ impl DestroyIterator {
         })
     }
 
-    /// Walks every UDP socket of this thread's network namespace (the kernel binds the
-    /// iterator to the namespace of the thread that creates it).
+    /// Walks every UDP socket of this thread's network namespace: `BPF_ITER_CREATE` runs the
+    /// target's `init_seq_private`, `bpf_iter_init_seq_net` (fs/proc/proc_net.c), which takes
+    /// `current->nsproxy->net_ns`, the creating thread's, not the link's or the program's.
     pub fn run_here(&self) -> Result<(), SockDestroyError> {
         let mut attr = IterCreateAttr {
             link_fd: self.link.as_raw_fd() as u32,

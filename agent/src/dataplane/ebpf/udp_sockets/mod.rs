@@ -7,7 +7,8 @@
 //! removed backend of that VIP, as Cilium's socket termination does:
 //!
 //! 1. [`removed_udp_pairs`] (pure): the (VIP, backend) pairs the ops remove;
-//! 2. per network namespace on the node, a sock_diag dump of connected UDP sockets
+//! 2. per network namespace on the node ([`netns`]: the runtimes' pins under `/run/netns` and
+//!    the threads the agent sees in `/proc`), a sock_diag dump of connected UDP sockets
 //!    ([`diag`]), kept when `TP_REV_NAT` says our program sent that socket from a removed
 //!    pair's VIP to its backend ([`doomed_cookies`], pure): a socket connected to the pod IP
 //!    itself, or sent there through another Service, is left alone;
@@ -24,12 +25,11 @@
 
 mod diag;
 mod iter;
+mod netns;
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use topoproxy_common::{Endpoint, RevNatKey};
 
@@ -41,6 +41,7 @@ use crate::table::VsKey;
 use diag::ConnectedUdp;
 pub use iter::SockDestroyError;
 use iter::{DestroyIterator, KernelIds, MAX_COOKIES};
+use netns::Netns;
 
 /// A VIP and a backend taken out of it.
 pub(super) type RemovedPair = (Endpoint, Endpoint);
@@ -114,6 +115,9 @@ fn peer_endpoints(peer: SocketAddr) -> Vec<Endpoint> {
 pub struct Terminated {
     /// Network namespaces whose sockets were looked at.
     pub namespaces: usize,
+    /// Network namespaces skipped after an error (setns refused, a dump or the destroy
+    /// program failed there), logged at debug.
+    pub skipped: usize,
     /// Sockets destroyed (matched by cookie; one that closed meanwhile counts too).
     pub sockets: usize,
 }
@@ -141,13 +145,14 @@ impl Default for UdpTerminator {
 }
 
 impl UdpTerminator {
-    /// Destroys, in every network namespace of the node, the connected UDP sockets sent from
-    /// a VIP to a backend of `removed`. Does nothing (after one log line) on kernels without
-    /// `bpf_sock_destroy`.
+    /// Destroys, in every network namespace of the node ([`netns`]), the connected UDP
+    /// sockets sent from a VIP to a backend of `removed`. Does nothing (after one log line) on
+    /// kernels without `bpf_sock_destroy`, and nothing at all when `removed` is empty: one
+    /// pass over the namespaces per apply that removed a UDP backend.
     pub fn terminate(
         &mut self,
         removed: &HashSet<RemovedPair>,
-        vip_of: impl Fn(&RevNatKey) -> Option<Endpoint>,
+        vip_of: impl Fn(&RevNatKey) -> Option<Endpoint> + Sync,
     ) -> Result<Terminated, SockDestroyError> {
         if removed.is_empty() {
             return Ok(Terminated::default());
@@ -155,29 +160,22 @@ impl UdpTerminator {
         let Some(ids) = self.kernel_ids() else {
             return Ok(Terminated::default());
         };
-        let namespaces = network_namespaces()?;
-        let mut doomed: Vec<(&File, Vec<u64>)> = Vec::new();
-        for netns in namespaces.values() {
-            let sockets =
-                in_netns(netns, diag::connected_udp_sockets)?.map_err(SockDestroyError::Diag)?;
-            let cookies = doomed_cookies(&sockets, removed, &vip_of);
-            if !cookies.is_empty() {
-                doomed.push((netns, cookies));
-            }
-        }
-        let all: Vec<u64> = doomed.iter().flat_map(|(_, c)| c.iter().copied()).collect();
-        let mut iterators = Vec::new();
-        for chunk in all.chunks(MAX_COOKIES) {
-            iterators.push(DestroyIterator::load(ids, chunk)?);
-        }
-        for (netns, _) in &doomed {
-            for iterator in &iterators {
-                in_netns(netns, || iterator.run_here())??;
-            }
-        }
-        Ok(Terminated {
-            namespaces: namespaces.len(),
-            sockets: all.len(),
+        let pin_dirs = netns::PIN_DIRS.map(Path::new);
+        let namespaces = netns::network_namespaces(&pin_dirs, Path::new("/proc"))?;
+        // sock_diag answers for the namespace of the netlink socket, and an `iter/udp`
+        // iterator walks the namespace of the thread that creates it (`bpf_iter_init_seq_net`
+        // takes `current`'s): both run on a thread of ours that joins each namespace in turn,
+        // never on the caller's (a runtime worker, which other tasks share).
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| pass(ids, &namespaces, removed, &vip_of))
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(SockDestroyError::Netns {
+                        path: "(the namespace thread)".to_owned(),
+                        source: std::io::Error::other("it panicked"),
+                    })
+                })
         })
     }
 
@@ -206,72 +204,76 @@ impl UdpTerminator {
     }
 }
 
-/// One open handle per network namespace of the node's threads (a thread may have joined
-/// one its process's leader is not in), keyed by (device, inode) so each is visited once;
-/// the handles keep them alive while we work.
-fn network_namespaces() -> Result<BTreeMap<(u64, u64), File>, SockDestroyError> {
-    let proc_error = |source| SockDestroyError::Netns {
-        path: "/proc".to_owned(),
-        source,
-    };
-    let mut namespaces = BTreeMap::new();
-    let own = File::open("/proc/self/ns/net").map_err(proc_error)?;
-    let meta = own.metadata().map_err(proc_error)?;
-    namespaces.insert((meta.dev(), meta.ino()), own);
-    for process in std::fs::read_dir("/proc").map_err(proc_error)? {
-        let Ok(process) = process else { continue };
-        if !is_number(&process.file_name()) {
-            continue;
-        }
-        // A process or thread may exit while we look: skip it.
-        let Ok(threads) = std::fs::read_dir(process.path().join("task")) else {
-            continue;
-        };
-        for thread in threads.flatten() {
-            let Ok(file) = File::open(thread.path().join("ns/net")) else {
-                continue;
-            };
-            let Ok(meta) = file.metadata() else { continue };
-            namespaces.entry((meta.dev(), meta.ino())).or_insert(file);
+/// One pass, on a thread that may join any namespace: dump each namespace's connected UDP
+/// sockets, pick the doomed ones, load the destroy program once for all of them and run it in
+/// the namespaces that hold some. A namespace that fails is logged at debug and skipped (the
+/// listing holds each open, so one whose pod went away meanwhile can still be entered; what
+/// fails is the kernel refusing us there); loading the program fails the pass.
+fn pass(
+    ids: KernelIds,
+    namespaces: &BTreeMap<netns::NetnsKey, Netns>,
+    removed: &HashSet<RemovedPair>,
+    vip_of: &(impl Fn(&RevNatKey) -> Option<Endpoint> + Sync),
+) -> Result<Terminated, SockDestroyError> {
+    let (mut done, doomed) = survey(namespaces, removed, vip_of);
+    let all: Vec<u64> = doomed.iter().flat_map(|(_, c)| c.iter().copied()).collect();
+    let mut iterators = Vec::new();
+    for chunk in all.chunks(MAX_COOKIES) {
+        iterators.push(DestroyIterator::load(ids, chunk)?);
+    }
+    for (netns, cookies) in &doomed {
+        let ran = netns::enter(netns).and_then(|()| {
+            iterators
+                .iter()
+                .try_for_each(|iterator| iterator.run_here())
+        });
+        match ran {
+            Ok(()) => done.sockets += cookies.len(),
+            Err(error) => skip(&mut done, netns, error),
         }
     }
-    Ok(namespaces)
+    Ok(done)
 }
 
-fn is_number(name: &std::ffi::OsStr) -> bool {
-    name.to_str()
-        .is_some_and(|name| !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Runs `work` on a thread that joined `netns` (setns affects the calling thread only).
-fn in_netns<T: Send>(netns: &File, work: impl FnOnce() -> T + Send) -> Result<T, SockDestroyError> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // SAFETY: setns on a namespace file we hold open; this thread only.
-                let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(SockDestroyError::Netns {
-                        path: format!("fd {}", netns.as_raw_fd()),
-                        source: std::io::Error::last_os_error(),
-                    });
+/// The doomed cookies of each namespace (on the calling thread, which joins each in turn).
+fn survey<'n>(
+    namespaces: &'n BTreeMap<netns::NetnsKey, Netns>,
+    removed: &HashSet<RemovedPair>,
+    vip_of: &impl Fn(&RevNatKey) -> Option<Endpoint>,
+) -> (Terminated, Vec<(&'n Netns, Vec<u64>)>) {
+    let mut done = Terminated::default();
+    let mut doomed = Vec::new();
+    for netns in namespaces.values() {
+        let sockets = netns::enter(netns)
+            .and_then(|()| diag::connected_udp_sockets().map_err(SockDestroyError::Diag));
+        match sockets {
+            Ok(sockets) => {
+                done.namespaces += 1;
+                let cookies = doomed_cookies(&sockets, removed, vip_of);
+                if !cookies.is_empty() {
+                    doomed.push((netns, cookies));
                 }
-                Ok(work())
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(SockDestroyError::Netns {
-                    path: format!("fd {}", netns.as_raw_fd()),
-                    source: std::io::Error::other("the namespace thread panicked"),
-                })
-            })
-    })
+            }
+            Err(error) => skip(&mut done, netns, error),
+        }
+    }
+    (done, doomed)
+}
+
+fn skip(done: &mut Terminated, netns: &Netns, error: SockDestroyError) {
+    done.skipped += 1;
+    tracing::debug!(
+        netns = %netns.found_at.display(),
+        error = %crate::dataplane::error_chain(&error),
+        "skipped a network namespace while destroying connected UDP sockets"
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dataplane::op::Destination;
+    use std::os::unix::fs::MetadataExt;
 
     fn destination(address: &str, port: u16) -> Destination {
         Destination {
@@ -328,6 +330,53 @@ mod tests {
         ]
         .into();
         assert_eq!(removed, expected);
+    }
+
+    #[test]
+    fn a_namespace_that_cannot_be_entered_is_skipped_and_the_others_are_surveyed() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // The format of tests/support/harness.rs.
+            println!(
+                "SKIP: a_namespace_that_cannot_be_entered_is_skipped_and_the_others_are_surveyed: \
+                 setns needs CAP_SYS_ADMIN (run as root)"
+            );
+            return;
+        }
+        let open = |path: &str| std::fs::File::open(path).expect("open");
+        let own = open("/proc/self/ns/net");
+        let meta = own.metadata().expect("stat");
+        let mut namespaces = BTreeMap::new();
+        namespaces.insert(
+            (meta.dev(), meta.ino()),
+            Netns {
+                found_at: "/proc/self/ns/net".into(),
+                file: own,
+            },
+        );
+        // What setns(CLONE_NEWNET) refuses, as it refuses a namespace it cannot join.
+        namespaces.insert(
+            (0, 0),
+            Netns {
+                found_at: "/proc/self/ns/uts".into(),
+                file: open("/proc/self/ns/uts"),
+            },
+        );
+        let removed: HashSet<RemovedPair> = [(ep("10.96.0.10", 53), ep("10.1.0.5", 53))].into();
+        // setns is per thread: not on the test harness's.
+        let (done, doomed) = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let (done, doomed) = survey(&namespaces, &removed, &|_: &RevNatKey| None);
+                    (done, doomed.len())
+                })
+                .join()
+                .expect("survey thread")
+        });
+        assert_eq!(
+            (done.namespaces, done.skipped, done.sockets, doomed),
+            (1, 1, 0, 0)
+        );
     }
 
     #[test]

@@ -1,0 +1,651 @@
+//! A real node for the control plane: containerd (Debian's) running pods through runc and the
+//! bridge + host-local CNI plugins, and a real kubelet registering a Node with the control
+//! plane, with a zone label, all in the host's network namespace.
+//!
+//! Everything lives under one folder and one cgroup of its own, and is torn down on drop, also
+//! when the test panics (the kubelet's and containerd's logs are printed then): every process
+//! of the node (pods, shims, containerd) is killed through the cgroup, then the mounts under
+//! the folder and the pods' network namespaces are unmounted, and the cgroups, the CNI bridge,
+//! the node's link and the folder are removed.
+//!
+//! The node's InternalIP sits on one end of a veth pair whose other end is in a network
+//! namespace of the test's (`outside`), so the kubelet has a non-loopback address (it refuses
+//! loopback) and the test has a client outside the node.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::control_plane::{write_kubeconfig, ControlPlane, KubeconfigUser};
+use crate::process::{Daemon, Isolation};
+
+/// The sandbox image containerd is configured with; the harness imports it at start.
+pub const PAUSE_IMAGE: &str = "topoproxy.test/pause:1";
+/// The echo image (`tests/k8s/images/echo`): answers `<pod name> <peer>` on TCP and UDP.
+pub const ECHO_IMAGE: &str = "topoproxy.test/echo:1";
+
+/// Where containerd's CRI plugin pins pod network namespaces (fixed in containerd 1.6).
+const NETNS_DIR: &str = "/run/netns";
+/// Host folders the kubelet, containerd, runc and the CNI plugins write to whatever they are
+/// told (containers' logs and the links to them, device-plugin sockets, runc's state and the
+/// shims' sockets, libcni's result cache).
+const HOST_DIRS: [&str; 5] = [
+    "/var/log/pods",
+    "/var/log/containers",
+    "/var/lib/kubelet",
+    "/run/containerd",
+    "/var/lib/cni",
+];
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+const UNIFIED: &str = "/sys/fs/cgroup/unified";
+
+/// What the node looks like.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub name: String,
+    pub zone: Option<String>,
+    /// The node's InternalIP (a /24 on the node's link; `.2` of it is the outside client).
+    pub address: std::net::Ipv4Addr,
+    /// The pods' subnet (the bridge CNI's host-local range), e.g. `10.244.1.0/24`.
+    pub pod_cidr: String,
+    /// A short tag for the node's links and cgroup (`tprn<tag>`), unique per test process.
+    pub tag: u8,
+}
+
+/// Host mounts a pod of the chart mounts with `mountPropagation: HostToContainer`, which
+/// containerd accepts only on a shared or slave mount. systemd makes every mount shared; this
+/// machine kind boots without it, so the harness does what a systemd node has.
+const PROPAGATED_MOUNTS: [&str; 1] = ["/sys/fs/bpf"];
+
+/// A running node. Dropping it removes everything it made.
+pub struct RealNode {
+    options: NodeOptions,
+    /// Mounts the harness made shared, made private again on drop.
+    made_shared: Vec<PathBuf>,
+    dir: PathBuf,
+    socket: PathBuf,
+    cgroup: String,
+    netns_before: BTreeSet<String>,
+    /// Each of [`HOST_DIRS`]: every path below it before the node started, `None` if it was
+    /// absent.
+    host_dirs_before: Vec<Option<BTreeSet<PathBuf>>>,
+    containerd: Option<Daemon>,
+    kubelet: Option<Daemon>,
+    kubeconfig: PathBuf,
+}
+
+/// Runs `command`, panicking with its output when it fails.
+fn run(command: &mut Command) -> String {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `command`, ignoring the outcome (tear-down of what may already be gone).
+fn run_quietly(command: &mut Command) {
+    let _ = command.output();
+}
+
+fn ip(args: &[&str]) -> String {
+    run(Command::new("ip").args(args))
+}
+
+fn netns_names() -> BTreeSet<String> {
+    entry_names(Path::new(NETNS_DIR))
+}
+
+fn entry_names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every cgroup hierarchy mounted under /sys/fs/cgroup (v1 controllers and the unified one).
+fn hierarchies() -> Vec<PathBuf> {
+    std::fs::read_dir(CGROUP_ROOT)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every path below `dir` (not following links).
+fn paths_below(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut all = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(entry.path());
+            }
+            all.insert(entry.path());
+        }
+    }
+    all
+}
+
+/// Removes a cgroup and every cgroup below it, deepest first.
+fn remove_cgroup_tree(path: &Path) {
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+/// Mount points at or below `prefix`, deepest first.
+fn mounts_below(prefix: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .map(|point| PathBuf::from(point.replace("\\040", " ")))
+        .filter(|point| point.starts_with(prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    points
+}
+
+fn unmount(point: &Path) {
+    if let Ok(c) = std::ffi::CString::new(point.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}
+
+impl RealNode {
+    /// Starts containerd and the kubelet, imports the pause image, and waits until the Node
+    /// is Ready in the API.
+    pub async fn start(plane: &ControlPlane, options: NodeOptions, test_images: &Path) -> Self {
+        let dir = plane.dir().join(format!("node-{}", options.name));
+        std::fs::create_dir_all(&dir).expect("creating the node's folder");
+        let cgroup = format!("topoproxy-rn-{}-{}", std::process::id(), options.tag);
+        let mut node = Self {
+            socket: dir.join("containerd.sock"),
+            kubeconfig: dir.join("kubelet.kubeconfig"),
+            dir,
+            cgroup,
+            netns_before: netns_names(),
+            host_dirs_before: HOST_DIRS
+                .iter()
+                .map(|dir| Path::new(dir).is_dir().then(|| paths_below(Path::new(dir))))
+                .collect(),
+            containerd: None,
+            kubelet: None,
+            made_shared: Vec::new(),
+            options,
+        };
+        node.share_propagated_mounts();
+        node.create_link();
+        node.create_cgroups();
+        node.start_containerd();
+        node.import_image(&test_images.join("pause.tar"));
+        node.start_kubelet(plane);
+        node.wait_ready(plane).await;
+        node
+    }
+
+    pub fn name(&self) -> &str {
+        &self.options.name
+    }
+
+    /// The node's InternalIP.
+    pub fn address(&self) -> std::net::Ipv4Addr {
+        self.options.address
+    }
+
+    /// The network namespace holding the outside client (`<node address>.2`).
+    pub fn outside_netns(&self) -> String {
+        format!("tprn{}-out", self.options.tag)
+    }
+
+    /// The outside client's address.
+    pub fn outside_address(&self) -> std::net::Ipv4Addr {
+        let [a, b, c, _] = self.options.address.octets();
+        std::net::Ipv4Addr::new(a, b, c, 2)
+    }
+
+    fn host_link(&self) -> String {
+        format!("tprn{}", self.options.tag)
+    }
+
+    fn bridge(&self) -> String {
+        format!("tprn{}-br", self.options.tag)
+    }
+
+    /// The unified (v2) cgroup every process of the node is in.
+    pub fn unified_cgroup(&self) -> PathBuf {
+        Path::new(UNIFIED).join(&self.cgroup)
+    }
+
+    fn share_propagated_mounts(&mut self) {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for point in PROPAGATED_MOUNTS {
+            // Optional fields (`shared:N`, `master:N`) sit between the mount options and `-`.
+            let shared = mountinfo.lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(4) == Some(&point)
+                    && fields
+                        .iter()
+                        .skip(6)
+                        .take_while(|f| **f != "-")
+                        .any(|f| f.starts_with("shared:") || f.starts_with("master:"))
+            });
+            if !shared {
+                run(Command::new("mount").args(["--make-shared", point]));
+                self.made_shared.push(PathBuf::from(point));
+            }
+        }
+    }
+
+    fn create_link(&self) {
+        let host = self.host_link();
+        let outside = self.outside_netns();
+        run_quietly(Command::new("ip").args(["netns", "del", &outside]));
+        run_quietly(Command::new("ip").args(["link", "del", &host]));
+        ip(&["netns", "add", &outside]);
+        ip(&[
+            "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &outside,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", self.options.address),
+            "dev",
+            &host,
+        ]);
+        ip(&["link", "set", &host, "up"]);
+        let ns = |args: &[&str]| {
+            let mut all = vec!["-n", outside.as_str()];
+            all.extend_from_slice(args);
+            ip(&all)
+        };
+        ns(&[
+            "addr",
+            "add",
+            &format!("{}/24", self.outside_address()),
+            "dev",
+            "eth0",
+        ]);
+        ns(&["link", "set", "eth0", "up"]);
+        ns(&["link", "set", "lo", "up"]);
+        ns(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.options.address.to_string(),
+        ]);
+    }
+
+    /// The kubelet's `cgroupRoot` must exist in every hierarchy; containerd (and the shims it
+    /// starts) go into `<root>/runtime`, so one kill of the root's processes ends them all.
+    fn create_cgroups(&self) {
+        for hierarchy in hierarchies() {
+            let _ = std::fs::create_dir_all(hierarchy.join(&self.cgroup));
+        }
+        std::fs::create_dir_all(self.unified_cgroup().join("runtime"))
+            .expect("creating the node's runtime cgroup");
+    }
+
+    fn write_containerd_config(&self) -> PathBuf {
+        let cni = self.dir.join("cni");
+        std::fs::create_dir_all(&cni).expect("creating the CNI folder");
+        let conflist = format!(
+            r#"{{"cniVersion": "0.4.0", "name": "tprn{tag}", "plugins": [
+  {{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
+    "hairpinMode": true,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{cidr}"}}]],
+              "routes": [{{"dst": "0.0.0.0/0"}}], "dataDir": "{ipam}"}}}}
+]}}
+"#,
+            tag = self.options.tag,
+            bridge = self.bridge(),
+            cidr = self.options.pod_cidr,
+            ipam = self.dir.join("cni-ipam").display(),
+        );
+        std::fs::write(cni.join("10-tprn.conflist"), conflist).expect("writing the CNI config");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  # Lowering a process's oom_score_adj (the kubelet asks -998 for sandboxes) needs
+  # CAP_SYS_RESOURCE, which this machine kind's root lacks: runc's nsexec then dies. Keep
+  # containers at containerd's own score or above, as rootless containerd does.
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{cni}"
+"#,
+            root = self.dir.join("containerd/root").display(),
+            state = self.dir.join("containerd/state").display(),
+            socket = self.socket.display(),
+            pause = PAUSE_IMAGE,
+            cni = cni.display(),
+        );
+        let path = self.dir.join("containerd.toml");
+        std::fs::write(&path, config).expect("writing containerd's config");
+        path
+    }
+
+    fn start_containerd(&mut self) {
+        let config = self.write_containerd_config();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&config);
+        let daemon = Daemon::spawn(
+            &format!("containerd ({})", self.options.name),
+            cmd,
+            &self.dir.join("containerd.log"),
+            &Isolation::default(),
+        );
+        if let Some(pid) = daemon.pid() {
+            std::fs::write(
+                self.unified_cgroup().join("runtime/cgroup.procs"),
+                pid.to_string(),
+            )
+            .expect("moving containerd into the node's cgroup");
+        }
+        self.containerd = Some(daemon);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.socket.exists() || !self.ctr_ok(&["version"]) {
+            let daemon = self.containerd.as_ref();
+            if daemon.is_none_or(Daemon::exited) || Instant::now() > deadline {
+                panic!(
+                    "containerd did not come up\n{}",
+                    daemon.map(|d| d.log_tail(40)).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"]);
+        cmd
+    }
+
+    fn ctr_ok(&self, args: &[&str]) -> bool {
+        self.ctr()
+            .args(args)
+            .output()
+            .is_ok_and(|out| out.status.success())
+    }
+
+    /// `ctr images import` of an OCI archive into the kubelet's image namespace.
+    pub fn import_image(&self, archive: &Path) {
+        run(self
+            .ctr()
+            .args(["images", "import", "--no-unpack=false"])
+            .arg(archive));
+    }
+
+    /// Gives an imported image a second name (`ctr images tag`), e.g. a new tag for a
+    /// DaemonSet rolling update without a registry.
+    pub fn tag_image(&self, source: &str, target: &str) {
+        run(self
+            .ctr()
+            .args(["images", "tag", "--force", source, target]));
+    }
+
+    fn write_kubelet_config(&self, plane: &ControlPlane) -> PathBuf {
+        let address = self.options.address.to_string();
+        let certs =
+            plane
+                .pki()
+                .issue_kubelet(&self.dir.join("pki"), &self.options.name, &[&address]);
+        write_kubeconfig(
+            &self.kubeconfig,
+            &plane.server_url(),
+            &plane.pki().ca.cert,
+            &KubeconfigUser::Cert(certs.client),
+        );
+        let port = crate::free_port();
+        let healthz = crate::free_port();
+        let config = format!(
+            r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# This host mounts the cgroup v1 controllers beside the unified hierarchy.
+failCgroupV1: false
+cgroupDriver: cgroupfs
+cgroupRoot: /{cgroup}
+failSwapOn: false
+containerRuntimeEndpoint: unix://{socket}
+address: {address}
+port: {port}
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: {healthz}
+tlsCertFile: {serving_cert}
+tlsPrivateKeyFile: {serving_key}
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    enabled: false
+  x509:
+    clientCAFile: {ca}
+authorization:
+  mode: AlwaysAllow
+# Images are imported, never pulled: never collect them.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard:
+  imagefs.available: "0%"
+  nodefs.available: "0%"
+  nodefs.inodesFree: "0%"
+  memory.available: "1Mi"
+resolvConf: /etc/resolv.conf
+nodeStatusUpdateFrequency: 2s
+syncFrequency: 5s
+fileCheckFrequency: 5s
+serializeImagePulls: false
+registerNode: true
+"#,
+            cgroup = self.cgroup,
+            socket = self.socket.display(),
+            serving_cert = certs.serving.cert.display(),
+            serving_key = certs.serving.key.display(),
+            ca = plane.pki().ca.cert.display(),
+        );
+        let path = self.dir.join("kubelet.yaml");
+        std::fs::write(&path, config).expect("writing the kubelet's config");
+        path
+    }
+
+    fn start_kubelet(&mut self, plane: &ControlPlane) {
+        let config = self.write_kubelet_config(plane);
+        let mut labels = String::from("topoproxy.io/test-node=true");
+        if let Some(zone) = &self.options.zone {
+            labels.push_str(&format!(",topology.kubernetes.io/zone={zone}"));
+        }
+        let mut cmd = Command::new(&plane.binaries().kubelet);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--root-dir")
+            .arg(self.dir.join("kubelet"))
+            .arg("--cert-dir")
+            .arg(self.dir.join("kubelet-pki"))
+            .args(["--hostname-override", &self.options.name])
+            .args(["--node-ip", &self.options.address.to_string()])
+            .args(["--node-labels", &labels])
+            .args(["-v", "1"]);
+        self.kubelet = Some(Daemon::spawn(
+            &format!("kubelet ({})", self.options.name),
+            cmd,
+            &self.dir.join("kubelet.log"),
+            &Isolation::default(),
+        ));
+    }
+
+    async fn wait_ready(&self, plane: &ControlPlane) {
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> =
+            kube::Api::all(plane.admin_client().await);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let ready = nodes
+                .get_opt(&self.options.name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|node| node.status?.conditions)
+                .is_some_and(|conditions| {
+                    conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                });
+            if ready {
+                return;
+            }
+            let kubelet = self.kubelet.as_ref();
+            if kubelet.is_none_or(Daemon::exited) || Instant::now() > deadline {
+                panic!(
+                    "node {} did not become Ready\n{}",
+                    self.options.name,
+                    self.logs(60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The last `lines` lines of the kubelet's and containerd's logs.
+    pub fn logs(&self, lines: usize) -> String {
+        let mut all = String::new();
+        for daemon in self.kubelet.iter().chain(self.containerd.iter()) {
+            all.push_str(&format!(
+                "--- {} ---\n{}\n",
+                daemon.name(),
+                daemon.log_tail(lines)
+            ));
+        }
+        all
+    }
+
+    /// Kills every process in the node's cgroup (pods, shims, containerd) and waits until
+    /// none is left.
+    fn kill_everything(&self) {
+        let root = self.unified_cgroup();
+        let _ = std::fs::write(root.join("cgroup.kill"), "1");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let populated = std::fs::read_to_string(root.join("cgroup.events"))
+                .map(|events| events.lines().any(|l| l == "populated 1"))
+                .unwrap_or(false);
+            if !populated {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("RealNode: processes remain in {}", root.display());
+    }
+}
+
+impl RealNode {
+    /// Removes what the node wrote under [`HOST_DIRS`]: a folder that was not there before,
+    /// else every path that was not.
+    fn remove_host_files(&self) {
+        for (dir, before) in HOST_DIRS.iter().zip(&self.host_dirs_before) {
+            let dir = Path::new(dir);
+            match before {
+                None => {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+                Some(before) => {
+                    let mut new: Vec<PathBuf> =
+                        paths_below(dir).difference(before).cloned().collect();
+                    new.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+                    for path in new {
+                        let _ =
+                            std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for RealNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs(40));
+        }
+        if let Some(mut kubelet) = self.kubelet.take() {
+            kubelet.kill();
+        }
+        self.kill_everything();
+        if let Some(mut containerd) = self.containerd.take() {
+            containerd.kill();
+        }
+        for point in mounts_below(&self.dir) {
+            unmount(&point);
+        }
+        for name in netns_names().difference(&self.netns_before) {
+            let path = Path::new(NETNS_DIR).join(name);
+            unmount(&path);
+            let _ = std::fs::remove_file(&path);
+        }
+        for hierarchy in hierarchies() {
+            remove_cgroup_tree(&hierarchy.join(&self.cgroup));
+        }
+        self.remove_host_files();
+        run_quietly(Command::new("ip").args(["link", "del", &self.bridge()]));
+        run_quietly(Command::new("ip").args(["link", "del", &self.host_link()]));
+        run_quietly(Command::new("ip").args(["netns", "del", &self.outside_netns()]));
+        for point in &self.made_shared {
+            run_quietly(Command::new("mount").arg("--make-private").arg(point));
+        }
+        if std::env::var_os("TOPOPROXY_KEEP_K8S").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}

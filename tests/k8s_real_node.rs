@@ -1,0 +1,627 @@
+//! topoproxy as operators run it: the Helm chart's DaemonSet, from the image `cargo xtask image`
+//! builds, started by a real kubelet through containerd and runc on a real node
+//! (`k8s_harness::node`), against the harness's control plane with kube-scheduler and the
+//! DaemonSet controller. eBPF mode, on the host's kernel.
+//!
+//! Needs root, BPF and cgroup v2, `cargo xtask k8s-setup` (kubelet, containerd, the test
+//! images) and the image archive in `TOPOPROXY_AGENT_IMAGE` (`cargo xtask test` builds it and
+//! sets it); without the archive the test says SKIP.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_harness::node::{NodeOptions, RealNode, ECHO_IMAGE};
+use k8s_harness::objects::{apply, eventually};
+use k8s_harness::{ControlPlane, Options};
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::ListParams;
+use kube::{Api, Client};
+use serde_json::json;
+
+/// Where the chart's agent pins its maps and links (its default `bpf-pin-dir`).
+const PIN_DIR: &str = "/sys/fs/bpf/topoproxy";
+const NAMESPACE: &str = "shop";
+const BACKENDS: [&str; 2] = ["echo-1", "echo-2"];
+const NODE_PORT: u16 = 30080;
+/// The Service's externalIP, routed to the node by the outside client's namespace.
+const EXTERNAL_IP: &str = "192.168.241.10";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs `topoproxy cleanup` for the chart's pin folder when dropped: a failing test must not
+/// leave the agent's programs attached to the host's cgroup root.
+struct CleanupGuard;
+
+impl Drop for CleanupGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_topoproxy"))
+            .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", PIN_DIR])
+            .output();
+    }
+}
+
+fn kubectl(plane: &ControlPlane, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(&plane.binaries().kubectl)
+        .arg("--kubeconfig")
+        .arg(plane.admin_kubeconfig())
+        .args(args)
+        .output()
+        .map_err(|e| format!("running kubectl: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "kubectl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn helm(plane: &ControlPlane, args: &[&str]) {
+    let out = Command::new(&plane.binaries().helm)
+        .arg("--kubeconfig")
+        .arg(plane.admin_kubeconfig())
+        .args(args)
+        .output()
+        .expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether this process may hand `CAP_SYS_RESOURCE` to a container (this machine kind's root
+/// has every capability but that one in its bounding set).
+fn can_grant_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|bounding| bounding >> CAP_SYS_RESOURCE & 1 == 1)
+}
+
+/// A Helm post-renderer dropping `SYS_RESOURCE` from the chart's capabilities, for a host that
+/// cannot grant it (runc fails "unable to apply caps" otherwise). The agent needs it only to
+/// raise `RLIMIT_MEMLOCK` on kernels before 5.11 and goes on without it (a warning).
+fn post_renderer_without_sys_resource(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join("drop-sys-resource.sh");
+    std::fs::write(&path, "#!/bin/sh\nexec sed 's/, \"SYS_RESOURCE\"//'\n")
+        .expect("writing the post-renderer");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .expect("making the post-renderer executable");
+    path
+}
+
+/// VmRSS of the agent's process (`topoproxy run`), found among the node's processes.
+fn agent_rss_kib(node: &RealNode) -> Option<u64> {
+    fn pids_below(cgroup: &Path, out: &mut Vec<u32>) {
+        if let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+            out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if let Ok(entries) = std::fs::read_dir(cgroup) {
+            for entry in entries.filter_map(Result::ok) {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    pids_below(&entry.path(), out);
+                }
+            }
+        }
+    }
+    let mut pids = Vec::new();
+    pids_below(&node.unified_cgroup(), &mut pids);
+    pids.into_iter().find_map(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_agent = words.first().is_some_and(|w| w.ends_with(b"topoproxy"))
+            && words.get(1) == Some(&&b"run"[..]);
+        if !is_agent {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// `--post-renderer <script>` when this host cannot grant `SYS_RESOURCE`, else nothing.
+fn post_renderer_args(plane: &ControlPlane) -> Vec<String> {
+    if can_grant_sys_resource() {
+        return Vec::new();
+    }
+    println!("this host cannot grant CAP_SYS_RESOURCE: the chart is installed without it");
+    let script = post_renderer_without_sys_resource(plane.dir());
+    vec![
+        "--post-renderer".to_owned(),
+        script.to_string_lossy().into_owned(),
+    ]
+}
+
+/// The image tag the chart deploys by default (`v` + the chart's appVersion).
+const IMAGE: &str = "ghcr.io/topoproxy/topoproxy:v0.1.0";
+/// The same image under another tag: a new pod template, so a real rolling update.
+const NEXT_TAG: &str = "v0.1.0-next";
+
+/// `helm upgrade` to another image tag (the DaemonSet replaces the agent's pod: the old one
+/// stops, the new one adopts the pinned programs) while a client pod asks the Service every
+/// 50 ms, from before the upgrade until after the new pod is Ready: no ask may fail.
+async fn rolling_update_loses_no_connection(
+    plane: &ControlPlane,
+    client: &Client,
+    node: &RealNode,
+    chart: &str,
+    address: &str,
+) {
+    node.tag_image(IMAGE, &format!("ghcr.io/topoproxy/topoproxy:{NEXT_TAG}"));
+    // Rounds of 5 s of asking until the rollout is over and one more round has run, so the
+    // asking covers the whole rollout however long it takes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let asking = {
+        let kubectl = plane.binaries().kubectl.clone();
+        let kubeconfig = plane.admin_kubeconfig().to_owned();
+        let address = address.to_owned();
+        let stop = stop.clone();
+        let (began, first_round) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let (mut answered, mut failed, mut errors) = (0u64, 0u64, String::new());
+            loop {
+                let last = stop.load(std::sync::atomic::Ordering::SeqCst);
+                let _ = began.send(());
+                let output = Command::new(&kubectl)
+                    .arg("--kubeconfig")
+                    .arg(&kubeconfig)
+                    .args([
+                        "-n", NAMESPACE, "exec", "client", "--", "/tp-echo", "-connect",
+                    ])
+                    .arg(&address)
+                    .args(["-for", "5s", "-every", "50ms", "-timeout", "2s"])
+                    .output();
+                let summary = output
+                    .as_ref()
+                    .ok()
+                    .and_then(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .lines()
+                            .last()
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_default();
+                match summary.split_whitespace().collect::<Vec<_>>().as_slice() {
+                    ["answered", a, "failed", f] => {
+                        answered += a.parse::<u64>().unwrap_or(0);
+                        failed += f.parse::<u64>().unwrap_or(0);
+                        if let Ok(o) = &output {
+                            errors.push_str(&String::from_utf8_lossy(&o.stderr));
+                        }
+                    }
+                    _ => {
+                        failed += 1;
+                        errors.push_str(&format!("a round of asking failed: {output:?}\n"));
+                    }
+                }
+                if last {
+                    return (answered, failed, errors);
+                }
+            }
+        });
+        // The first round is under way before the upgrade starts.
+        let _ = first_round.recv();
+        thread
+    };
+    let started = std::time::Instant::now();
+    let tag = format!("image.tag={NEXT_TAG}");
+    let mut upgrade = vec![
+        "upgrade",
+        "topoproxy",
+        chart,
+        "-n",
+        "kube-system",
+        "--reuse-values",
+        "--set",
+        &tag,
+    ];
+    let post_renderer = post_renderer_args(plane);
+    upgrade.extend(post_renderer.iter().map(String::as_str));
+    helm(plane, &upgrade);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let selector = ListParams::default().labels("app.kubernetes.io/name=topoproxy");
+    eventually(
+        "the agent's pod replaced by one of the new tag, Ready",
+        Duration::from_secs(120),
+        || {
+            let pods = pods.clone();
+            let selector = selector.clone();
+            async move {
+                let list = pods.list(&selector).await.ok()?;
+                let replaced = list.items.len() == 1
+                    && list.items.iter().all(|pod| {
+                        let image = pod
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.containers.first())
+                            .and_then(|c| c.image.clone())
+                            .unwrap_or_default();
+                        image.ends_with(NEXT_TAG) && pod_ready(pod)
+                    });
+                replaced.then_some(())
+            }
+        },
+    )
+    .await;
+    let rolled = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (answered, failed, errors) = asking.join().expect("the asking thread");
+    println!(
+        "rolling update to {NEXT_TAG}: new pod Ready after {:.1} s; the client pod's asks \
+         during it: answered {answered}, failed {failed}",
+        rolled.as_secs_f64()
+    );
+    assert!(
+        failed == 0 && answered > 0,
+        "asks failed during the rolling update ({answered} answered, {failed} failed):\n{errors}"
+    );
+}
+
+/// One TCP ask from the outside client's namespace (bash's `/dev/tcp`): the pod that answered.
+fn ask_from_outside(node: &RealNode, address: &str, port: u16) -> Option<String> {
+    let script = format!("exec 3<>/dev/tcp/{address}/{port} && head -n 1 <&3");
+    let out = Command::new("timeout")
+        .args([
+            "3",
+            "ip",
+            "netns",
+            "exec",
+            &node.outside_netns(),
+            "bash",
+            "-c",
+            &script,
+        ])
+        .output()
+        .ok()?;
+    let answer = String::from_utf8_lossy(&out.stdout);
+    answer.split_whitespace().next().map(str::to_owned)
+}
+
+/// A client outside the node (its own namespace, on the node's link) reaches the NodePort at
+/// the node's InternalIP and the externalIP, routed to the node, through the tc programs,
+/// and every backend answers.
+async fn outside_client_reaches_the_node_port_and_the_external_ip(node: &RealNode) {
+    let outside = node.outside_netns();
+    let via = node.address().to_string();
+    let route = Command::new("ip")
+        .args([
+            "-n",
+            &outside,
+            "route",
+            "add",
+            &format!("{EXTERNAL_IP}/32"),
+            "via",
+            &via,
+        ])
+        .output()
+        .expect("running ip route");
+    assert!(
+        route.status.success(),
+        "{}",
+        String::from_utf8_lossy(&route.stderr)
+    );
+    for (address, port) in [(via.clone(), NODE_PORT), (EXTERNAL_IP.to_owned(), 80)] {
+        let seen: BTreeSet<String> = eventually(
+            &format!("both backends answering {address}:{port} from outside the node"),
+            Duration::from_secs(60),
+            || {
+                let address = address.clone();
+                async move {
+                    let seen: BTreeSet<String> = (0..12)
+                        .filter_map(|_| ask_from_outside(node, &address, port))
+                        .collect();
+                    (seen.len() == BACKENDS.len()).then_some(seen)
+                }
+            },
+        )
+        .await;
+        let expected: BTreeSet<String> = BACKENDS.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(seen, expected, "{address}:{port} from outside");
+    }
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// What the cluster says about the pods of `selector`, for a failure message.
+fn describe(plane: &ControlPlane, namespace: &str, selector: &str) -> String {
+    let pods = kubectl(
+        plane,
+        &["-n", namespace, "describe", "pods", "-l", selector],
+    )
+    .unwrap_or_else(|e| e);
+    let logs = kubectl(
+        plane,
+        &[
+            "-n",
+            namespace,
+            "logs",
+            "-l",
+            selector,
+            "--tail",
+            "30",
+            "--all-containers",
+        ],
+    )
+    .unwrap_or_else(|e| e);
+    format!("{pods}\n--- logs ---\n{logs}")
+}
+
+async fn wait_pods_ready(
+    client: &Client,
+    plane: &ControlPlane,
+    namespace: &str,
+    selector: &str,
+    count: usize,
+) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let limit = Duration::from_secs(240);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let list = pods.list(&ListParams::default().labels(selector)).await;
+        let ready = list
+            .as_ref()
+            .map(|l| l.items.iter().filter(|p| pod_ready(p)).count())
+            .unwrap_or(0);
+        if ready >= count {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "{count} pod(s) {selector} in {namespace} not Ready within {limit:?}\n{}",
+                describe(plane, namespace, selector)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn echo_pod(name: &str, node: &str, app: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": app}},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "echo",
+                "image": ECHO_IMAGE,
+                "imagePullPolicy": "Never",
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+            }],
+        },
+    })
+}
+
+/// Asks `address` from inside the client pod (`kubectl exec`): the name of the pod that
+/// answered, or the error.
+fn ask_from_client(plane: &ControlPlane, address: &str, udp: bool) -> Result<String, String> {
+    let mut args = vec![
+        "-n", NAMESPACE, "exec", "client", "--", "/tp-echo", "-connect", address,
+    ];
+    if udp {
+        args.push("-udp");
+    }
+    let answer = kubectl(plane, &args)?;
+    answer
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("an empty answer from {address}"))
+}
+
+#[tokio::test]
+async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_ip() {
+    const TEST: &str = "the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_ip";
+    let Some(agent_image) = std::env::var_os("TOPOPROXY_AGENT_IMAGE").map(PathBuf::from) else {
+        harness::skip(
+            TEST,
+            "TOPOPROXY_AGENT_IMAGE (the archive of `cargo xtask image`) is not set; `cargo xtask test` sets it",
+        );
+        return;
+    };
+    let _cleanup = CleanupGuard;
+    let plane = ControlPlane::start(Options {
+        real_nodes: true,
+        ..Options::default()
+    })
+    .await;
+    let client = plane.admin_client().await;
+    let node = RealNode::start(
+        &plane,
+        NodeOptions {
+            name: "node-a".into(),
+            zone: Some("zone-a".into()),
+            address: "192.168.240.1".parse().expect("an address"),
+            pod_cidr: "10.244.1.0/24".into(),
+            tag: 0,
+        },
+        &k8s_harness::test_images_dir(),
+    )
+    .await;
+    node.import_image(&agent_image);
+    node.import_image(&k8s_harness::test_images_dir().join("echo.tar"));
+
+    let port = plane.endpoint().port().to_string();
+    let chart = workspace().join("charts/topoproxy");
+    let chart = chart.to_string_lossy();
+    let port_value = format!("apiServer.port={port}");
+    let mut install = vec![
+        "install",
+        "topoproxy",
+        &chart,
+        "-n",
+        "kube-system",
+        "--set",
+        "mode=ebpf",
+        "--set",
+        &port_value,
+        "--set",
+        "apiServer.host=127.0.0.1",
+        // The tc programs on the node's link only, not on every interface of the machine
+        // running the test (the default `auto` takes every one holding a node address).
+        "--set",
+        "config.north-south-interfaces=tprn0",
+    ];
+    let post_renderer = post_renderer_args(&plane);
+    install.extend(post_renderer.iter().map(String::as_str));
+    let installed = std::time::Instant::now();
+    helm(&plane, &install);
+    wait_pods_ready(
+        &client,
+        &plane,
+        "kube-system",
+        "app.kubernetes.io/name=topoproxy",
+        1,
+    )
+    .await;
+    println!(
+        "helm install → the agent's pod Ready (its /healthz after the first sync): {:.1} s",
+        installed.elapsed().as_secs_f64()
+    );
+
+    kubectl(&plane, &["create", "namespace", NAMESPACE]).expect("creating the namespace");
+    for name in BACKENDS {
+        apply(&client, echo_pod(name, node.name(), "echo")).await;
+    }
+    apply(&client, echo_pod("client", node.name(), "client")).await;
+    apply(
+        &client,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "echo", "namespace": NAMESPACE},
+            "spec": {
+                "type": "NodePort",
+                "selector": {"app": "echo"},
+                "externalIPs": [EXTERNAL_IP],
+                "ports": [
+                    {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP",
+                     "nodePort": NODE_PORT},
+                    {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP",
+                     "nodePort": NODE_PORT},
+                ],
+            },
+        }),
+    )
+    .await;
+    wait_pods_ready(&client, &plane, NAMESPACE, "app=echo", BACKENDS.len()).await;
+    wait_pods_ready(&client, &plane, NAMESPACE, "app=client", 1).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    let cluster_ip = services
+        .get("echo")
+        .await
+        .ok()
+        .and_then(|s| s.spec?.cluster_ip)
+        .expect("the Service's ClusterIP");
+    let address = format!("{cluster_ip}:80");
+
+    for udp in [false, true] {
+        let seen: BTreeSet<String> = eventually(
+            &format!("both backends answering {address} (udp: {udp}) from the client pod"),
+            Duration::from_secs(120),
+            || {
+                let plane = &plane;
+                let address = &address;
+                async move {
+                    let mut seen = BTreeSet::new();
+                    for _ in 0..12 {
+                        match ask_from_client(plane, address, udp) {
+                            Ok(name) => {
+                                seen.insert(name);
+                            }
+                            Err(e) => {
+                                eprintln!("{e}");
+                                return None;
+                            }
+                        }
+                    }
+                    (seen.len() == BACKENDS.len()).then_some(seen)
+                }
+            },
+        )
+        .await;
+        let expected: BTreeSet<String> = BACKENDS.iter().map(|s| (*s).to_owned()).collect();
+        assert_eq!(seen, expected, "{address} (udp: {udp})");
+    }
+
+    outside_client_reaches_the_node_port_and_the_external_ip(&node).await;
+
+    let listed = kubectl(
+        &plane,
+        &[
+            "-n",
+            "kube-system",
+            "exec",
+            "ds/topoproxy",
+            "--",
+            "topoproxy",
+            "list",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("topoproxy list in the agent's pod: {e}"));
+    assert!(
+        listed.contains(&address),
+        "`kubectl exec ds/topoproxy -- topoproxy list` does not show {address}:\n{listed}"
+    );
+
+    rolling_update_loses_no_connection(&plane, &client, &node, &chart, &address).await;
+
+    match agent_rss_kib(&node) {
+        Some(kib) => println!(
+            "the agent's VmRSS in its pod: {:.1} MiB",
+            kib as f64 / 1024.0
+        ),
+        None => panic!("no `topoproxy run` process in the node's cgroup"),
+    }
+
+    helm(
+        &plane,
+        &["uninstall", "topoproxy", "-n", "kube-system", "--wait"],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_topoproxy"))
+        .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", PIN_DIR])
+        .output()
+        .expect("running topoproxy cleanup");
+    assert!(
+        out.status.success(),
+        "topoproxy cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !Path::new(PIN_DIR).exists()
+            || std::fs::read_dir(PIN_DIR).is_ok_and(|mut d| d.next().is_none()),
+        "{PIN_DIR} still holds pins after helm uninstall and topoproxy cleanup"
+    );
+}
