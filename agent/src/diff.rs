@@ -40,7 +40,7 @@ impl OpBatch {
             (Some(desired), None) => {
                 self.services.push(Op::AddService {
                     key,
-                    config: desired.config.clone(),
+                    config: Box::new(desired.config.clone()),
                 });
                 self.destinations(key, &desired.destinations, &BTreeMap::new());
             }
@@ -52,7 +52,7 @@ impl OpBatch {
                 if desired.config != actual.config {
                     self.services.push(Op::EditService {
                         key,
-                        config: desired.config.clone(),
+                        config: Box::new(desired.config.clone()),
                     });
                 }
                 self.destinations(key, &desired.destinations, &actual.destinations);
@@ -90,6 +90,15 @@ impl OpBatch {
         }
     }
 
+    /// Number of changes collected.
+    pub fn len(&self) -> usize {
+        self.services.len()
+            + self.additions.len()
+            + self.edits.len()
+            + self.removals.len()
+            + self.deletions.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
             && self.additions.is_empty()
@@ -100,7 +109,10 @@ impl OpBatch {
 
     /// The changes in the order they must be applied.
     pub fn into_ops(self) -> Vec<Op> {
-        let mut ops = self.services;
+        // One allocation of the final size: growing the first phase's vector into it would
+        // hold a doubled copy of the initial sync's list at its peak.
+        let mut ops = Vec::with_capacity(self.len());
+        ops.extend(self.services);
         ops.extend(self.additions);
         ops.extend(self.edits);
         ops.extend(self.removals);
@@ -251,7 +263,7 @@ mod tests {
         assert!(last_make < first_break, "{ops:#?}");
         assert!(ops.contains(&Op::EditService {
             key: b,
-            config: config("wrr")
+            config: Box::new(config("wrr"))
         }));
     }
 

@@ -18,6 +18,7 @@ pub mod http;
 pub mod kernel_writes;
 pub mod metrics;
 pub mod migrate_check;
+pub mod mirror;
 pub mod model;
 pub mod node_addresses;
 pub mod node_cidr;

@@ -15,18 +15,17 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
-use crate::dataplane::op::{apply_to, Op};
-use crate::dataplane::{
-    error_chain, programmed_table, Dataplane, DataplaneError, ProgrammedService, ProgrammedTable,
-};
-use crate::diff::{diff, OpBatch};
+use crate::dataplane::op::Op;
+use crate::dataplane::{error_chain, Dataplane, DataplaneError, ProgrammedTable};
+use crate::diff::OpBatch;
 use crate::healthcheck::{self, HealthCheckServers};
+use crate::mirror::{Mirror, Planned};
 use crate::model::{LocalityPolicy, Node, ServiceKey};
-use crate::planner::{plan, replan_service, PlanConfig};
+use crate::planner::{plan, planned_servers, PlanConfig};
 use crate::source::{Resource, SourceEvent};
 use crate::state::AgentState;
 use crate::store::Store;
-use crate::table::{Conflict, NodeTable, VirtualServer, VsKey};
+use crate::table::{Conflict, NodeTable, VsKey};
 
 /// Timing and planning settings of the loop.
 #[derive(Debug, Clone)]
@@ -56,8 +55,8 @@ pub struct SyncLoop<D> {
     store: Store,
     node: Option<Node>,
     listed: HashSet<Resource>,
-    /// What the dataplane holds, as far as this loop knows.
-    mirror: ProgrammedTable,
+    /// What the dataplane holds, as far as this loop knows: the plan, but where it may differ.
+    mirror: Mirror,
     /// Whether `mirror` is exactly what the last sync left programmed: false until the first
     /// successful sync and after a failed one. Drift is measured only against a trusted mirror.
     mirror_trusted: bool,
@@ -90,7 +89,7 @@ impl<D: Dataplane> SyncLoop<D> {
             store: Store::new(),
             node: None,
             listed: HashSet::new(),
-            mirror: ProgrammedTable::new(),
+            mirror: Mirror::new(),
             mirror_trusted: false,
             dirty: HashSet::new(),
             replan_all: false,
@@ -352,9 +351,9 @@ impl<D: Dataplane> SyncLoop<D> {
     async fn plan_ops(&mut self, node: &Node) -> Result<Vec<Op>, DataplaneError> {
         let full = self.replan_all || !self.initial_sync_done;
         if !self.resync {
-            let keys = self.replan(node, full);
+            let keys = self.replan(node, full, true);
             return Ok(if full {
-                diff(&self.desired_table(), &self.mirror)
+                self.diff_all()
             } else {
                 self.diff_keys(&keys)
             });
@@ -368,10 +367,15 @@ impl<D: Dataplane> SyncLoop<D> {
             );
             self.state.metrics.drift_repaired(drift as u64);
         }
-        // Planned only now: pending changes are the agent's own, never drift.
-        self.replan(node, full);
-        self.mirror = actual;
-        Ok(diff(&self.desired_table(), &self.mirror))
+        // Planned only now: pending changes are the agent's own, never drift. Nothing to pin:
+        // the read replaces what the mirror held.
+        self.replan(node, full, false);
+        {
+            let table = read_table(&self.state);
+            let planned = planned(&table, &self.dataplane, &self.node_name);
+            self.mirror.replace(actual, &planned);
+        }
+        Ok(self.diff_all())
     }
 
     /// Reads the dataplane back (and its traffic counters). Returns what it holds and the drift:
@@ -390,7 +394,9 @@ impl<D: Dataplane> SyncLoop<D> {
         // Without a trusted mirror (before the first successful sync, or after a failed one)
         // there is nothing to measure against: this read becomes the new baseline.
         let drift = if self.mirror_trusted {
-            diff(&self.mirror, &actual).len()
+            let table = self.read_table();
+            self.mirror
+                .drift(&actual, &planned(&table, &self.dataplane, &self.node_name))
         } else {
             0
         };
@@ -436,6 +442,14 @@ impl<D: Dataplane> SyncLoop<D> {
         self.state.metrics.set_last_successful_sync(now);
         self.state.metrics.observe_sync(started.elapsed(), true);
         if first {
+            self.store.compact_services();
+            self.state
+                .table
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .compact();
+            // Every Service of the initial lists was dirty once; the set keeps its capacity.
+            self.dirty.shrink_to_fit();
             crate::heap::release_free_memory();
         }
     }
@@ -476,29 +490,14 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 
     fn read_table(&self) -> std::sync::RwLockReadGuard<'_, NodeTable> {
-        self.state
-            .table
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        read_table(&self.state)
     }
 
-    /// The whole planned table in the form a dataplane holds it.
-    fn desired_table(&self) -> ProgrammedTable {
-        let mut desired = programmed_table(
-            &self.read_table(),
-            self.dataplane.tier_scope(),
-            self.local_node(),
-        );
-        if !self.dataplane.enforces_source_ranges() {
-            desired.retain(|_, service| service.config.source_ranges.is_open());
-        }
-        desired
-    }
-
-    /// Whether the dataplane may be given `vs`: not a firewalled load-balancer frontend when
-    /// it cannot enforce the firewall (closed, not open; warned once per key).
-    fn programmable(&self, vs: &VirtualServer) -> bool {
-        vs.source_ranges.is_open() || self.dataplane.enforces_source_ranges()
+    /// Every change that turns what the dataplane holds into the whole plan.
+    fn diff_all(&self) -> Vec<Op> {
+        let table = self.read_table();
+        self.mirror
+            .diff_all(&planned(&table, &self.dataplane, &self.node_name))
     }
 
     /// Says once per key which firewalled load-balancer frontends this dataplane leaves out.
@@ -533,16 +532,10 @@ impl<D: Dataplane> SyncLoop<D> {
         self.withheld = now;
     }
 
-    /// The node whose backends are marked local, when the dataplane holds that.
-    fn local_node(&self) -> Option<&str> {
-        self.dataplane
-            .marks_local_destinations()
-            .then_some(self.node_name.as_str())
-    }
-
     /// Re-plans the dirty Services (or all of them) and returns the virtual-server keys whose
-    /// desired state may have changed.
-    fn replan(&mut self, node: &Node, full: bool) -> BTreeSet<VsKey> {
+    /// desired state may have changed. With `pin`, the mirror first keeps what the dataplane
+    /// holds at every key whose plan changes.
+    fn replan(&mut self, node: &Node, full: bool, pin: bool) -> BTreeSet<VsKey> {
         let mut keys = BTreeSet::new();
         let dirty: Vec<ServiceKey> = self.dirty.drain().collect();
         let mut table = self
@@ -551,7 +544,14 @@ impl<D: Dataplane> SyncLoop<D> {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if full {
-            *table = plan(&self.store, node, &self.settings.plan);
+            let replanned = plan(&self.store, node, &self.settings.plan);
+            if pin {
+                self.mirror.pin_replaced(
+                    &planned(&table, &self.dataplane, &self.node_name),
+                    &planned(&replanned, &self.dataplane, &self.node_name),
+                );
+            }
+            *table = replanned;
             self.falling_back = table
                 .servers()
                 .filter(|vs| vs.is_falling_back())
@@ -567,7 +567,20 @@ impl<D: Dataplane> SyncLoop<D> {
             keys.extend(table.claimed_keys(key).iter().copied());
         }
         for key in &dirty {
-            replan_service(&mut table, &self.store, key, node, &self.settings.plan);
+            let servers = planned_servers(&self.store, key, node, &self.settings.plan);
+            if pin {
+                // Every key whose plan this can change: the ones the Service claimed, the ones
+                // it claims now (taking one over from another Service included).
+                let before = planned(&table, &self.dataplane, &self.node_name);
+                for vs_key in table
+                    .claimed_keys(key)
+                    .iter()
+                    .chain(servers.iter().map(|vs| &vs.key))
+                {
+                    self.mirror.pin(*vs_key, &before);
+                }
+            }
+            table.replace_service(key, servers);
             keys.extend(table.claimed_keys(key).iter().copied());
             if table.service_servers(key).any(|vs| vs.is_falling_back()) {
                 self.falling_back.insert(key.clone());
@@ -584,15 +597,10 @@ impl<D: Dataplane> SyncLoop<D> {
 
     fn diff_keys(&self, keys: &BTreeSet<VsKey>) -> Vec<Op> {
         let table = self.read_table();
-        let scope = self.dataplane.tier_scope();
-        let local_node = self.local_node();
+        let planned = planned(&table, &self.dataplane, &self.node_name);
         let mut batch = OpBatch::new();
         for key in keys {
-            let desired = table
-                .get(key)
-                .filter(|vs| self.programmable(vs))
-                .map(|vs| ProgrammedService::from_virtual_server(vs, scope, local_node));
-            batch.service(*key, desired.as_ref(), self.mirror.get(key));
+            self.mirror.diff_key(&mut batch, *key, &planned);
         }
         batch.into_ops()
     }
@@ -607,14 +615,14 @@ impl<D: Dataplane> SyncLoop<D> {
             Err(DataplaneError::Apply { failed, .. }) => failed.iter().map(|f| &f.op).collect(),
             Err(DataplaneError::Read { .. }) | Ok(()) => Vec::new(),
         };
-        let applied: Vec<Op> = ops
-            .iter()
-            .filter(|op| !failed.contains(op))
-            .cloned()
-            .collect();
-        apply_to(&mut self.mirror, &applied);
+        let applied = || ops.iter().filter(|op| !failed.contains(op));
+        {
+            let table = read_table(&self.state);
+            let planned = planned(&table, &self.dataplane, &self.node_name);
+            self.mirror.record(applied(), &planned);
+        }
         let mut by_kind: Vec<(&'static str, u64)> = Vec::new();
-        for op in &applied {
+        for op in applied() {
             match by_kind.iter_mut().find(|(kind, _)| *kind == op.kind()) {
                 Some((_, count)) => *count += 1,
                 None => by_kind.push((op.kind(), 1)),
@@ -664,6 +672,27 @@ type ConflictId = (VsKey, ServiceKey, ServiceKey);
 /// externalIP equal to another Service's ClusterIP): the rule of [`Conflict`] decides,
 /// whatever the order the objects came in, and the loser's other addresses are unaffected.
 /// Returns the conflicts now.
+fn read_table(state: &AgentState) -> std::sync::RwLockReadGuard<'_, NodeTable> {
+    state
+        .table
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `table` in the form `dataplane` holds it (on the node `node_name`).
+fn planned<'a, D: Dataplane>(
+    table: &'a NodeTable,
+    dataplane: &D,
+    node_name: &'a str,
+) -> Planned<'a> {
+    Planned {
+        table,
+        scope: dataplane.tier_scope(),
+        local_node: dataplane.marks_local_destinations().then_some(node_name),
+        enforces_source_ranges: dataplane.enforces_source_ranges(),
+    }
+}
+
 fn warn_new_conflicts(table: &NodeTable, known: &BTreeSet<ConflictId>) -> BTreeSet<ConflictId> {
     let mut now = BTreeSet::new();
     for conflict in table.conflicts() {

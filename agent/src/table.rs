@@ -389,6 +389,14 @@ impl NodeTable {
         self.claims.insert(service.clone(), keys);
     }
 
+    /// Rebuilds the map of virtual servers with full B-tree nodes: inserted in the planner's
+    /// (Service) order, its nodes are about two thirds full, 1.5 MiB of empty slots at 10,000
+    /// virtual servers. The sync loop calls it after the initial sync (not the planner: a
+    /// full plan stays as fast as it was).
+    pub fn compact(&mut self) {
+        self.servers = std::mem::take(&mut self.servers).into_iter().collect();
+    }
+
     fn remove_service(&mut self, service: &ServiceKey) {
         let Some(keys) = self.claims.remove(service) else {
             return;

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::dataplane::op::{apply_to, Op};
 
-use super::{Dataplane, DataplaneError, FailedOp, ProgrammedTable};
+use super::{compact, Dataplane, DataplaneError, FailedOp, ProgrammedTable};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -138,6 +138,14 @@ impl Dataplane for MemoryDataplane {
                 )
             } else {
                 let rejected = apply_to(&mut inner.table, ops);
+                let added = ops
+                    .iter()
+                    .filter(|op| matches!(op, Op::AddService { .. }))
+                    .count();
+                if added > inner.table.len() / 2 {
+                    // A bulk load (the initial sync): see `compact`.
+                    compact(&mut inner.table);
+                }
                 inner.ops_applied += (ops.len() - rejected.len()) as u64;
                 let result = if rejected.is_empty() {
                     Ok(())

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::net::IpAddr;
 
 pub use programmed::{
-    programmed_table, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
+    compact, programmed_table, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
     TierScope, TierShares,
 };
 

@@ -44,15 +44,18 @@ pub(crate) fn destination(address: IpAddr, port: u16, state: DestinationState) -
 }
 
 /// One change to a dataplane.
+///
+/// A service's settings are boxed: they are four times the size of a destination change, and
+/// the initial sync's list holds one op per destination of the whole table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     AddService {
         key: VsKey,
-        config: ServiceConfig,
+        config: Box<ServiceConfig>,
     },
     EditService {
         key: VsKey,
-        config: ServiceConfig,
+        config: Box<ServiceConfig>,
     },
     AddDestination {
         service: VsKey,
@@ -100,7 +103,7 @@ impl Op {
 
 /// Applies `ops` to a table, as a dataplane that accepted them all would end up. Ops that
 /// make no sense against `table` (a destination of a missing service) are returned.
-pub fn apply_to(table: &mut ProgrammedTable, ops: &[Op]) -> Vec<Op> {
+pub fn apply_to<'a>(table: &mut ProgrammedTable, ops: impl IntoIterator<Item = &'a Op>) -> Vec<Op> {
     let mut rejected = Vec::new();
     for op in ops {
         let accepted = match op {
@@ -108,15 +111,15 @@ pub fn apply_to(table: &mut ProgrammedTable, ops: &[Op]) -> Vec<Op> {
                 table
                     .entry(*key)
                     .or_insert_with(|| ProgrammedService {
-                        config: config.clone(),
+                        config: ServiceConfig::clone(config),
                         destinations: BTreeMap::new(),
                     })
-                    .config = config.clone();
+                    .config = ServiceConfig::clone(config);
                 true
             }
             Op::EditService { key, config } => table
                 .get_mut(key)
-                .map(|service| service.config = config.clone())
+                .map(|service| service.config = ServiceConfig::clone(config))
                 .is_some(),
             Op::AddDestination {
                 service,

@@ -167,6 +167,13 @@ impl ProgrammedService {
 /// A dataplane's whole table.
 pub type ProgrammedTable = BTreeMap<VsKey, ProgrammedService>;
 
+/// Rebuilds `table` with full B-tree nodes. Entries inserted one by one in key order (a bulk
+/// load) leave every node about half full: at 10,000 virtual servers that is about 1 MiB of
+/// empty slots, which a rebuild from the sorted entries does not have.
+pub fn compact(table: &mut ProgrammedTable) {
+    *table = std::mem::take(table).into_iter().collect();
+}
+
 /// The programmed form of a node table, for a dataplane holding `scope`, with the backends
 /// on `local_node` marked local.
 pub fn programmed_table(

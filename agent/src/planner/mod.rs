@@ -125,11 +125,21 @@ pub fn replan_service(
     node: &Node,
     config: &PlanConfig,
 ) {
-    let servers = match store.service(key) {
+    table.replace_service(key, planned_servers(store, key, node, config));
+}
+
+/// The virtual servers the Service `key` contributes on `node` (none if it is gone from the
+/// store).
+pub fn planned_servers(
+    store: &Store,
+    key: &ServiceKey,
+    node: &Node,
+    config: &PlanConfig,
+) -> Vec<VirtualServer> {
+    match store.service(key) {
         Some(service) => plan_service(store, service, node, config),
         None => Vec::new(),
-    };
-    table.replace_service(key, servers);
+    }
 }
 
 /// The virtual servers one Service contributes on `node`.

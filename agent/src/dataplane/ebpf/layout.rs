@@ -529,13 +529,14 @@ impl SlotLayout {
         match op {
             Op::AddService { key, config } | Op::EditService { key, config } => {
                 match self.entries.get_mut(key) {
-                    Some(entry) => entry.config = config.clone(),
+                    Some(entry) => entry.config = ServiceConfig::clone(config),
                     None if matches!(op, Op::EditService { .. }) => {
                         return Err(EbpfError::NoService(*key))
                     }
                     None => {
                         let id = self.ids.allocate();
-                        let entry = Entry::new(convert::service_key(key), id, config.clone());
+                        let entry =
+                            Entry::new(convert::service_key(key), id, ServiceConfig::clone(config));
                         self.entries.insert(*key, entry);
                     }
                 }

@@ -359,7 +359,7 @@ mod tests {
         };
         let add = Op::AddService {
             key: tcp,
-            config: config(Frontend::ClusterIP),
+            config: Box::new(config(Frontend::ClusterIP)),
         };
         assert_eq!(
             commands_for(&add, &mut draining, now),
@@ -370,7 +370,7 @@ mod tests {
         );
         let edit = Op::EditService {
             key: tcp,
-            config: config(Frontend::ClusterIP),
+            config: Box::new(config(Frontend::ClusterIP)),
         };
         assert_eq!(
             commands_for(&edit, &mut draining, now).command,
@@ -525,11 +525,11 @@ mod tests {
         let ops = vec![
             Op::EditService {
                 key: a,
-                config: config(Frontend::ClusterIP),
+                config: Box::new(config(Frontend::ClusterIP)),
             },
             Op::AddService {
                 key: b,
-                config: config(Frontend::NodePort),
+                config: Box::new(config(Frontend::NodePort)),
             },
             Op::AddDestination {
                 service: b,
@@ -642,7 +642,7 @@ mod tests {
         let (a, b) = (key(Protocol::Tcp, 80), key(Protocol::Tcp, 81));
         let add = |k| Op::AddService {
             key: k,
-            config: config(Frontend::ClusterIP),
+            config: Box::new(config(Frontend::ClusterIP)),
         };
         let dest = |k, w| Op::AddDestination {
             service: k,
