@@ -10,7 +10,7 @@ pub mod kube;
 pub mod mcs;
 pub mod poll;
 #[cfg(test)]
-mod test_dir;
+pub(crate) mod test_dir;
 
 use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey};
 use crate::store::SliceKey;

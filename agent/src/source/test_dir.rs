@@ -1,4 +1,4 @@
-//! A scratch directory of YAML for the file source's tests.
+//! A scratch directory for tests (the file source's YAML, the netns walk's fake pins).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -23,6 +23,13 @@ impl Scratch {
 
     pub fn path(&self) -> &Path {
         &self.0
+    }
+
+    /// A symbolic link at `relative` to `target`, its parents created.
+    pub fn link(&self, relative: &str, target: &Path) {
+        let path = self.0.join(relative);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, path).unwrap();
     }
 
     pub fn write(&self, relative: &str, text: &str) -> PathBuf {

@@ -143,37 +143,7 @@ pub(super) fn enter(netns: &Netns) -> Result<(), SockDestroyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A directory under the temp dir, removed on drop (also when an assertion fails).
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new() -> Self {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let path = std::env::temp_dir().join(format!(
-                "topoproxy-netns-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&path);
-            std::fs::create_dir_all(&path).expect("scratch dir");
-            Self(path)
-        }
-
-        fn link(&self, relative: &str, target: &Path) {
-            let path = self.0.join(relative);
-            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-            symlink(target, path).expect("symlink");
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::source::test_dir::Scratch;
 
     fn own_key() -> NetnsKey {
         key_of(&File::open("/proc/self/ns/net").expect("own netns")).expect("stat")
@@ -181,8 +151,8 @@ mod tests {
 
     #[test]
     fn pins_and_threads_of_one_namespace_count_once_and_what_is_no_network_namespace_is_skipped() {
-        let pins = Scratch::new();
-        let proc = Scratch::new();
+        let pins = Scratch::new("netns");
+        let proc = Scratch::new("netns");
         let own = Path::new("/proc/self/ns/net");
         proc.link("self/ns/net", own);
         // Threads of the agent's namespace, and a name that is no process.
@@ -192,16 +162,16 @@ mod tests {
         // A pin of the same namespace, a pin left behind as a plain file (its namespace is
         // gone), a namespace of another kind, and a directory.
         pins.link("cni-same", own);
-        std::fs::write(pins.0.join("cni-stale"), b"").expect("stale pin");
+        std::fs::write(pins.path().join("cni-stale"), b"").expect("stale pin");
         pins.link("uts", Path::new("/proc/self/ns/uts"));
-        std::fs::create_dir(pins.0.join("subdir")).expect("subdir");
-        let missing = pins.0.join("missing");
+        std::fs::create_dir(pins.path().join("subdir")).expect("subdir");
+        let missing = pins.path().join("missing");
 
         let found =
-            network_namespaces(&[pins.0.as_path(), missing.as_path()], &proc.0).expect("listed");
+            network_namespaces(&[pins.path(), missing.as_path()], proc.path()).expect("listed");
         let keys: Vec<NetnsKey> = found.keys().copied().collect();
         assert_eq!(keys, vec![own_key()]);
-        assert_eq!(found[&own_key()].found_at, proc.0.join("self/ns/net"));
+        assert_eq!(found[&own_key()].found_at, proc.path().join("self/ns/net"));
     }
 
     #[test]
@@ -246,9 +216,9 @@ mod tests {
         let thread_netns = |tid: libc::pid_t| {
             PathBuf::from(format!("/proc/{}/task/{tid}/ns/net", std::process::id()))
         };
-        let pins = Scratch::new();
+        let pins = Scratch::new("netns");
         pins.link("cni-pinned", &thread_netns(pinned));
-        let listed = network_namespaces(&[pins.0.as_path()], Path::new("/proc"));
+        let listed = network_namespaces(&[pins.path()], Path::new("/proc"));
         drop(done_tx);
         for thread in threads {
             let _ = thread.join();
@@ -263,7 +233,7 @@ mod tests {
         assert!(listed.contains_key(&own_key()));
         let pinned_found: Vec<_> = found
             .iter()
-            .filter(|(path, _)| *path == &pins.0.join("cni-pinned"))
+            .filter(|(path, _)| *path == &pins.path().join("cni-pinned"))
             .collect();
         assert_eq!(pinned_found.len(), 1, "the pin is listed: {found:?}");
         let by_thread: Vec<_> = found
