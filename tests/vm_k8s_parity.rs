@@ -1815,8 +1815,75 @@ async fn start_twins(world: &World, first_pod: u8) -> (Client, Twins, Cluster) {
         "the shared KubeProxyConfiguration is not applied alike:\n{}",
         unlike.join("\n")
     );
-    reannounce_kube_proxy_zone(&client).await;
+    ensure_kube_proxy_zone(&client, &twins).await;
     (client, twins, cluster)
+}
+
+/// Makes sure kube-proxy knows node-kp's zone before the corpus runs: a probe Service with
+/// one hinted endpoint per zone must show only zone-a's in kube-proxy's table. Each attempt
+/// re-announces the zone ([`reannounce_kube_proxy_zone`]); the race that makes it necessary
+/// was seen again after a single re-announcement (a 6.1 run under load, 2026-12-07).
+async fn ensure_kube_proxy_zone(client: &Client, twins: &Twins) {
+    const ATTEMPTS: usize = 5;
+    const PER_ATTEMPT: Duration = Duration::from_secs(20);
+    let namespace = "tp-marker";
+    let probe = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "zone-probe", "namespace": namespace},
+        "spec": {"ports": [{"port": 80, "protocol": "TCP"}]},
+    });
+    let ready = (true, true, false);
+    let mut slice = manual_slice(
+        "zone-probe-1",
+        "zone-probe",
+        "IPv4",
+        json!([
+            with_zone_hints(endpoint("10.244.1.201", KP, Some("zone-a"), ready), &["zone-a"]),
+            with_zone_hints(endpoint("10.244.3.201", NODE_B, Some("zone-b"), ready), &["zone-b"]),
+        ]),
+        json!([{"port": 8080, "protocol": "TCP"}]),
+    );
+    slice["metadata"]["namespace"] = json!(namespace);
+    apply(client, probe).await;
+    apply(client, slice).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let cluster_ip: IpAddr = services
+        .get("zone-probe")
+        .await
+        .ok()
+        .and_then(|s| s.spec)
+        .and_then(|s| s.cluster_ip)
+        .and_then(|ip| ip.parse().ok())
+        .expect("the zone probe's ClusterIP");
+    let only_zone_a = vec![SocketAddr::from(([10, 244, 1, 201], 8080))];
+    let mut seen = Vec::new();
+    for attempt in 1..=ATTEMPTS {
+        reannounce_kube_proxy_zone(client).await;
+        let deadline = Instant::now() + PER_ATTEMPT;
+        while Instant::now() < deadline {
+            seen = table_of(&twins.kp_netns)
+                .into_iter()
+                .find(|vs| vs.address == SocketAddr::new(cluster_ip, 80))
+                .map(|vs| vs.real_servers.into_iter().map(|(a, _)| a).collect())
+                .unwrap_or_default();
+            if seen == only_zone_a {
+                if attempt > 1 {
+                    println!("kube-proxy learned its zone after {attempt} re-announcements");
+                }
+                let _ = services.delete("zone-probe", &DeleteParams::default()).await;
+                let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+                let _ = slices.delete("zone-probe-1", &DeleteParams::default()).await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    twins.assert_none(
+        "kube-proxy never learned node-kp's zone",
+        &[format!(
+            "zone probe {cluster_ip}:80 shows {seen:?} in kube-proxy's table after {ATTEMPTS} re-announcements, want only {only_zone_a:?}"
+        )],
+    );
 }
 
 /// Takes node-kp's zone label away and gives it back, so that kube-proxy's proxier learns
