@@ -1838,8 +1838,14 @@ async fn ensure_kube_proxy_zone(client: &Client, twins: &Twins) {
         "zone-probe",
         "IPv4",
         json!([
-            with_zone_hints(endpoint("10.244.1.201", KP, Some("zone-a"), ready), &["zone-a"]),
-            with_zone_hints(endpoint("10.244.3.201", NODE_B, Some("zone-b"), ready), &["zone-b"]),
+            with_zone_hints(
+                endpoint("10.244.1.201", KP, Some("zone-a"), ready),
+                &["zone-a"]
+            ),
+            with_zone_hints(
+                endpoint("10.244.3.201", NODE_B, Some("zone-b"), ready),
+                &["zone-b"]
+            ),
         ]),
         json!([{"port": 8080, "protocol": "TCP"}]),
     );
@@ -1870,9 +1876,13 @@ async fn ensure_kube_proxy_zone(client: &Client, twins: &Twins) {
                 if attempt > 1 {
                     println!("kube-proxy learned its zone after {attempt} re-announcements");
                 }
-                let _ = services.delete("zone-probe", &DeleteParams::default()).await;
+                let _ = services
+                    .delete("zone-probe", &DeleteParams::default())
+                    .await;
                 let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
-                let _ = slices.delete("zone-probe-1", &DeleteParams::default()).await;
+                let _ = slices
+                    .delete("zone-probe-1", &DeleteParams::default())
+                    .await;
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
