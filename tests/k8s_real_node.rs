@@ -673,10 +673,13 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
     list_in_the_pod_equals_the_plan(&plane, &address).await;
 
     rolling_update_loses_no_connection(&plane, &client, &node, &chart, &address).await;
+    // A new container; its image is the same one under a second tag (`ctr images tag`), and
+    // containerd's CRI names an image by its first tag, so the tag itself is checked on the
+    // pod (in `rolling_update_loses_no_connection`), not here.
     let second = running_agent_container(&plane, &node);
-    assert!(
-        second.id != first.id && second.image.ends_with(&format!(":{NEXT_TAG}")),
-        "after the rolling update crictl shows {second:?}, want a new container from tag {NEXT_TAG} (was {first:?})"
+    assert_ne!(
+        second.id, first.id,
+        "after the rolling update crictl still shows the first agent container"
     );
 
     match agent_rss_kib(&node) {
