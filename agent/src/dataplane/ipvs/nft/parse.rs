@@ -101,127 +101,140 @@ pub fn parse_table(json: &str) -> Result<ListedTable, ParseError> {
         .and_then(Value::as_array)
         .ok_or(ParseError::Shape)?;
     let mut listed = ListedTable::default();
-    let state = &mut listed.state;
     // Which set each service came from, to report a key recorded twice.
     let mut origin = std::collections::BTreeMap::new();
-    for item in items {
-        let Some(set) = item.get("set") else {
-            continue;
-        };
-        if set.get("family").and_then(Value::as_str) != Some("inet")
-            || set.get("table").and_then(Value::as_str) != Some(TABLE)
-        {
-            continue;
-        }
-        let Some(name) = set.get("name").and_then(Value::as_str) else {
-            continue;
-        };
-        let Some((record, family)) = record_for(name) else {
-            continue;
-        };
-        let elements = set
-            .get("elem")
-            .and_then(Value::as_array)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+    for (name, record, family, elements) in items.iter().filter_map(our_set) {
         for element in elements {
-            if let Record::NodeAddress = record {
-                let address = element_value(element)
-                    .and_then(|value| address(value, family))
-                    .ok_or_else(|| bad(name, element, "an address"))?;
-                state.node_addresses.insert(address);
-                continue;
-            }
-            let fields = concat_fields(element).ok_or_else(|| bad(name, element, "a concat"))?;
-            match &record {
-                Record::NodeAddress => {}
-                Record::Firewall => {
-                    let [addr, proto, port] = fields else {
-                        return Err(bad(name, element, "addr . proto . port"));
-                    };
-                    let key = vs_key(name, element, family, [addr, proto, port])?;
-                    state.source_ranges.entry(key).or_default();
-                }
-                Record::Source(protocol) => {
-                    let [addr, port, source] = fields else {
-                        return Err(bad(name, element, "addr . port . network"));
-                    };
-                    let key = VsKey::new(
-                        *protocol,
-                        address(addr, family).ok_or_else(|| bad(name, element, "an address"))?,
-                        port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
-                    );
-                    let network =
-                        network(source, family).ok_or_else(|| bad(name, element, "a network"))?;
-                    state
-                        .source_ranges
-                        .entry(key)
-                        .or_default()
-                        .allowed
-                        .push(network);
-                }
-                Record::FromNode => {
-                    let [addr, proto, port, source] = fields else {
-                        return Err(bad(name, element, "addr . proto . port . addr"));
-                    };
-                    let key = vs_key(name, element, family, [addr, proto, port])?;
-                    if address(source, family) != Some(key.address) {
-                        return Err(bad(name, element, "the same address twice"));
-                    }
-                    state.source_ranges.entry(key).or_default().from_node = true;
-                }
-                Record::Service(frontend, policy) => {
-                    let [addr, proto, port] = fields else {
-                        return Err(bad(name, element, "addr . proto . port"));
-                    };
-                    let key = VsKey::new(
-                        protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
-                        address(addr, family).ok_or_else(|| bad(name, element, "an address"))?,
-                        port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
-                    );
-                    if let Some(first) = origin.insert(key, name.to_string()) {
-                        return Err(ParseError::Duplicate {
-                            key,
-                            first,
-                            second: name.to_string(),
-                        });
-                    }
-                    state.services.insert(key, (*frontend, *policy));
-                }
-                Record::Destination => {
-                    let [vip, proto, vport, dest, dport] = fields else {
-                        return Err(bad(name, element, "vip . proto . port . dest . port"));
-                    };
-                    let key = VsKey::new(
-                        protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
-                        address(vip, family).ok_or_else(|| bad(name, element, "an address"))?,
-                        port_of(vport).ok_or_else(|| bad(name, element, "a port"))?,
-                    );
-                    let dest =
-                        address(dest, family).ok_or_else(|| bad(name, element, "an address"))?;
-                    let dport = port_of(dport).ok_or_else(|| bad(name, element, "a port"))?;
-                    state.destinations.insert((key, dest, dport));
-                }
-                Record::Hairpin => {
-                    let [dest, proto, port, source] = fields else {
-                        return Err(bad(name, element, "dest . proto . port . dest"));
-                    };
-                    let dest =
-                        address(dest, family).ok_or_else(|| bad(name, element, "an address"))?;
-                    if address(source, family) != Some(dest) {
-                        return Err(bad(name, element, "the same address twice"));
-                    }
-                    listed.hairpins.insert((
-                        dest,
-                        protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
-                        port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
-                    ));
-                }
-            }
+            read_element(&mut listed, &mut origin, (name, &record, family), element)?;
         }
     }
-    // Ranges come back in set order; the planner's are sorted, deduplicated. A key that lost
-    // its firewall record but kept stray elements holds no firewall.
+    normalise_source_ranges(&mut listed);
+    Ok(listed)
+}
+
+/// A set of topoproxy's table that records something: its name, what it records, the
+/// family of its addresses and its elements.
+fn our_set(item: &Value) -> Option<(&str, Record, IpFamily, &[Value])> {
+    let set = item.get("set")?;
+    if set.get("family").and_then(Value::as_str) != Some("inet")
+        || set.get("table").and_then(Value::as_str) != Some(TABLE)
+    {
+        return None;
+    }
+    let name = set.get("name").and_then(Value::as_str)?;
+    let (record, family) = record_for(name)?;
+    let elements = set
+        .get("elem")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
+    Some((name, record, family, elements))
+}
+
+/// One element of a recording set, into the listed state.
+fn read_element(
+    listed: &mut ListedTable,
+    origin: &mut std::collections::BTreeMap<VsKey, String>,
+    (name, record, family): (&str, &Record, IpFamily),
+    element: &Value,
+) -> Result<(), ParseError> {
+    if let Record::NodeAddress = record {
+        let address = element_value(element)
+            .and_then(|value| address(value, family))
+            .ok_or_else(|| bad(name, element, "an address"))?;
+        listed.state.node_addresses.insert(address);
+        return Ok(());
+    }
+    let fields = concat_fields(element).ok_or_else(|| bad(name, element, "a concat"))?;
+    match record {
+        Record::NodeAddress => {}
+        Record::Firewall => {
+            let [addr, proto, port] = fields else {
+                return Err(bad(name, element, "addr . proto . port"));
+            };
+            let key = vs_key(name, element, family, [addr, proto, port])?;
+            listed.state.source_ranges.entry(key).or_default();
+        }
+        Record::Source(protocol) => {
+            let [addr, port, source] = fields else {
+                return Err(bad(name, element, "addr . port . network"));
+            };
+            let key = VsKey::new(
+                *protocol,
+                address(addr, family).ok_or_else(|| bad(name, element, "an address"))?,
+                port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
+            );
+            let network = network(source, family).ok_or_else(|| bad(name, element, "a network"))?;
+            listed
+                .state
+                .source_ranges
+                .entry(key)
+                .or_default()
+                .allowed
+                .push(network);
+        }
+        Record::FromNode => {
+            let [addr, proto, port, source] = fields else {
+                return Err(bad(name, element, "addr . proto . port . addr"));
+            };
+            let key = vs_key(name, element, family, [addr, proto, port])?;
+            if address(source, family) != Some(key.address) {
+                return Err(bad(name, element, "the same address twice"));
+            }
+            listed.state.source_ranges.entry(key).or_default().from_node = true;
+        }
+        Record::Service(frontend, policy) => {
+            let [addr, proto, port] = fields else {
+                return Err(bad(name, element, "addr . proto . port"));
+            };
+            let key = VsKey::new(
+                protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
+                address(addr, family).ok_or_else(|| bad(name, element, "an address"))?,
+                port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
+            );
+            if let Some(first) = origin.insert(key, name.to_string()) {
+                return Err(ParseError::Duplicate {
+                    key,
+                    first,
+                    second: name.to_string(),
+                });
+            }
+            listed.state.services.insert(key, (*frontend, *policy));
+        }
+        Record::Destination => {
+            let [vip, proto, vport, dest, dport] = fields else {
+                return Err(bad(name, element, "vip . proto . port . dest . port"));
+            };
+            let key = VsKey::new(
+                protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
+                address(vip, family).ok_or_else(|| bad(name, element, "an address"))?,
+                port_of(vport).ok_or_else(|| bad(name, element, "a port"))?,
+            );
+            let dest = address(dest, family).ok_or_else(|| bad(name, element, "an address"))?;
+            let dport = port_of(dport).ok_or_else(|| bad(name, element, "a port"))?;
+            listed.state.destinations.insert((key, dest, dport));
+        }
+        Record::Hairpin => {
+            let [dest, proto, port, source] = fields else {
+                return Err(bad(name, element, "dest . proto . port . dest"));
+            };
+            let dest = address(dest, family).ok_or_else(|| bad(name, element, "an address"))?;
+            if address(source, family) != Some(dest) {
+                return Err(bad(name, element, "the same address twice"));
+            }
+            listed.hairpins.insert((
+                dest,
+                protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
+                port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Ranges come back in set order; the planner's are sorted, deduplicated. A key that lost its
+/// firewall record but kept stray elements holds no firewall.
+fn normalise_source_ranges(listed: &mut ListedTable) {
     let keys: BTreeSet<VsKey> = listed.state.source_ranges.keys().copied().collect();
     for key in keys {
         if let Some(ranges) = listed.state.source_ranges.get_mut(&key) {
@@ -232,7 +245,6 @@ pub fn parse_table(json: &str) -> Result<ListedTable, ParseError> {
             }
         }
     }
-    Ok(listed)
 }
 
 fn vs_key(
