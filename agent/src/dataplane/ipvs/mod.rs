@@ -4,9 +4,11 @@
 pub mod cleanup;
 pub mod commands;
 pub mod conntrack;
+pub mod adopt;
 pub mod dataplane;
 pub mod drain;
 pub mod inspect;
+pub mod kernel;
 pub mod link;
 pub mod netlink;
 pub mod nft;
@@ -14,3 +16,4 @@ pub mod records;
 pub mod sysctl;
 
 pub use dataplane::{IpvsDataplane, IpvsSettings};
+pub use kernel::{IpvsKernel, RealKernel};
