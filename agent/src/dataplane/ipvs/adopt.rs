@@ -109,7 +109,10 @@ pub fn adopt(known: &Known<'_>, read: &IpvsRead) -> Adoption {
     let mut table = ProgrammedTable::new();
     for (key, service) in found {
         if let Some(&role) = owned.services.get(key) {
-            table.insert(*key, programmed(*key, role, service, &owned, known.draining));
+            table.insert(
+                *key,
+                programmed(*key, role, service, &owned, known.draining),
+            );
         }
     }
     for (key, service) in known.excluded {

@@ -31,10 +31,12 @@ use super::commands::{
     self, binds_address, is_not_found, service_id, AfterSuccess, OpCommand, Retry,
 };
 use super::conntrack::BackendFlow;
-use super::drain::{self, DrainVerdict, Draining};
+use super::drain::{self, DrainKey, DrainVerdict, Draining};
 use super::kernel::{IpvsKernel, RealKernel};
 use super::link::{LinkError, DUMMY_LINK};
-use super::netlink::{Command, IpvsError, IpvsService, IpvsTimeouts, MessageCounts};
+use super::netlink::{
+    Command, IpvsDestination, IpvsError, IpvsService, IpvsTimeouts, MessageCounts,
+};
 use super::nft::render::Hairpin;
 use super::nft::{NftError, NftSettings, NftState};
 use super::records::Probe;
@@ -379,9 +381,10 @@ impl<K: IpvsKernel> IpvsDataplane<K> {
         Ok(())
     }
 
-    /// Deletes draining destinations that have no connections left or ran out of time.
-    fn check_drains(&mut self, force: bool) -> Vec<String> {
-        let now = Instant::now();
+    /// Deletes draining destinations that have no connections left or ran out of time, at
+    /// most once per [`DRAIN_CHECK_INTERVAL`] unless `force`. Returns the problems met, for
+    /// the log.
+    fn check_drains(&mut self, force: bool, now: Instant) -> Vec<String> {
         if self.draining.is_empty()
             || (!force
                 && self
@@ -394,58 +397,68 @@ impl<K: IpvsKernel> IpvsDataplane<K> {
         let mut problems = Vec::new();
         let mut deletions = Vec::new();
         for service in self.draining.services() {
-            let connections: BTreeMap<(IpAddr, u16), u64> =
-                match self.kernel.destinations(&service_id(&service)) {
-                    Ok(list) => list
-                        .into_iter()
-                        .map(|d| {
-                            (
-                                (d.address, d.port),
-                                u64::from(d.active_connections) + u64::from(d.inactive_connections),
-                            )
-                        })
-                        .collect(),
-                    Err(error) if is_not_found(&error) => {
-                        self.draining.forget_service(&service);
-                        continue;
-                    }
-                    Err(error) => {
-                        problems.push(format!(
-                            "checking draining destinations: {}",
-                            error_chain(&error)
-                        ));
-                        continue;
-                    }
-                };
-            for key in self.draining.of_service(&service).collect::<Vec<_>>() {
-                let Some(&count) = connections.get(&(key.address, key.port)) else {
-                    self.draining.cancel(&key);
-                    continue;
-                };
-                let since = self.draining.since(&key).unwrap_or(now);
-                match drain::verdict(since, now, self.settings.drain_timeout, count) {
-                    DrainVerdict::Keep => {}
-                    verdict => {
-                        if verdict == DrainVerdict::TimedOut {
-                            tracing::warn!(
-                                service = %format_key(&key.service),
-                                destination = %SocketAddr::new(key.address, key.port),
-                                connections = count,
-                                "drain timeout passed; deleting the destination with connections open"
-                            );
-                        }
-                        deletions.push(key);
-                    }
-                }
+            match self.kernel.destinations(&service_id(&service)) {
+                Ok(list) => deletions.extend(self.judge_drains(&service, &list, now)),
+                Err(error) if is_not_found(&error) => self.draining.forget_service(&service),
+                Err(error) => problems.push(format!(
+                    "checking draining destinations: {}",
+                    error_chain(&error)
+                )),
             }
         }
+        problems.extend(self.delete_drained(&deletions));
+        problems
+    }
+
+    /// The draining destinations of `service` that may go now, given the destinations IPVS
+    /// holds for it; drains whose destination is already gone end here.
+    fn judge_drains(
+        &mut self,
+        service: &VsKey,
+        held: &[IpvsDestination],
+        now: Instant,
+    ) -> Vec<DrainKey> {
+        let connections: BTreeMap<(IpAddr, u16), u64> = held
+            .iter()
+            .map(|d| {
+                let count = u64::from(d.active_connections) + u64::from(d.inactive_connections);
+                ((d.address, d.port), count)
+            })
+            .collect();
+        let mut deletions = Vec::new();
+        for key in self.draining.of_service(service).collect::<Vec<_>>() {
+            let Some(&count) = connections.get(&(key.address, key.port)) else {
+                self.draining.cancel(&key);
+                continue;
+            };
+            let since = self.draining.since(&key).unwrap_or(now);
+            let verdict = drain::verdict(since, now, self.settings.drain_timeout, count);
+            if verdict == DrainVerdict::TimedOut {
+                tracing::warn!(
+                    service = %format_key(&key.service),
+                    destination = %SocketAddr::new(key.address, key.port),
+                    connections = count,
+                    "drain timeout passed; deleting the destination with connections open"
+                );
+            }
+            if verdict != DrainVerdict::Keep {
+                deletions.push(key);
+            }
+        }
+        deletions
+    }
+
+    /// Deletes drained destinations (one pipelined batch); those deleted or already gone stop
+    /// draining. Returns the problems met.
+    fn delete_drained(&mut self, deletions: &[DrainKey]) -> Vec<String> {
         if deletions.is_empty() {
-            return problems;
+            return Vec::new();
         }
         let commands: Vec<Command> = deletions
             .iter()
             .map(|key| Command::DelDestination(service_id(&key.service), key.address, key.port))
             .collect();
+        let mut problems = Vec::new();
         for (key, result) in deletions.iter().zip(self.kernel.execute(&commands)) {
             match result {
                 Ok(()) => {
@@ -755,7 +768,7 @@ impl<K: IpvsKernel> Dataplane for IpvsDataplane<K> {
     }
 
     async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
-        for problem in self.check_drains(true) {
+        for problem in self.check_drains(true, Instant::now()) {
             tracing::warn!("{problem}");
         }
         self.read_owned().await
@@ -776,7 +789,7 @@ impl<K: IpvsKernel> Dataplane for IpvsDataplane<K> {
         phases.lap("conntrack");
         self.forget_and_unbind(ops, &live, &failed).await;
         phases.lap("nft_forget_and_unbind");
-        for problem in self.check_drains(false) {
+        for problem in self.check_drains(false, Instant::now()) {
             tracing::warn!("{problem}");
         }
         phases.lap("drain_check");

@@ -1,10 +1,10 @@
 //! The IPVS dataplane: virtual servers over generic netlink, VIPs on `kube-ipvs0`, and the
 //! few things IPVS cannot do (masquerade, hairpin, reject) in topoproxy's nftables table.
 
+pub mod adopt;
 pub mod cleanup;
 pub mod commands;
 pub mod conntrack;
-pub mod adopt;
 pub mod dataplane;
 pub mod drain;
 pub mod inspect;
