@@ -882,3 +882,7 @@ pub fn format_key(key: &VsKey) -> String {
         SocketAddr::new(key.address, key.port)
     )
 }
+
+#[cfg(test)]
+#[path = "dataplane_tests.rs"]
+mod tests;

@@ -7,6 +7,8 @@ pub mod commands;
 pub mod conntrack;
 pub mod dataplane;
 pub mod drain;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod inspect;
 pub mod kernel;
 pub mod link;
