@@ -114,7 +114,10 @@ fn first_plan() -> ProgrammedTable {
             tcp("10.96.0.1", 80),
             service(
                 Frontend::ClusterIP,
-                &[("10.244.0.5", 8080, 1, true), ("10.244.1.5", 8080, 1, false)],
+                &[
+                    ("10.244.0.5", 8080, 1, true),
+                    ("10.244.1.5", 8080, 1, false),
+                ],
             ),
         ),
         (
@@ -233,16 +236,29 @@ fn a_restart_adopts_its_services_and_changes_nothing() {
     let (kernel, foreign) = kernel_after_first_plan();
     let mut restarted = agent_on(&kernel);
     let table = block_on(restarted.read()).expect("read");
-    assert_eq!(table, first_plan(), "node-local marks come back from the hairpin set");
+    assert_eq!(
+        table,
+        first_plan(),
+        "node-local marks come back from the hairpin set"
+    );
     sync(&mut restarted, &first_plan()).expect("sync");
     let writes: Vec<Call> = kernel
         .state()
         .calls
         .iter()
-        .filter(|call| matches!(call, Call::Command(_) | Call::AddAddress(_) | Call::DeleteAddress(_)))
+        .filter(|call| {
+            matches!(
+                call,
+                Call::Command(_) | Call::AddAddress(_) | Call::DeleteAddress(_)
+            )
+        })
         .cloned()
         .collect();
-    assert_eq!(writes, Vec::new(), "adopting must not rewrite what is there");
+    assert_eq!(
+        writes,
+        Vec::new(),
+        "adopting must not rewrite what is there"
+    );
     assert_holds(&kernel, &first_plan(), &foreign, "after the restart");
 }
 
@@ -273,12 +289,19 @@ fn foreign_services_and_excluded_cidrs_are_left_alone() {
     }
     let mut restarted = agent_on(&kernel);
     let table = block_on(restarted.read()).expect("read");
-    assert_eq!(table, first_plan(), "neither the foreign nor the excluded one is adopted");
+    assert_eq!(
+        table,
+        first_plan(),
+        "neither the foreign nor the excluded one is adopted"
+    );
     // An empty plan deletes every owned service, and only those.
     sync(&mut restarted, &ProgrammedTable::new()).expect("sync to nothing");
     let state = kernel.state();
     assert_eq!(state.services.get(&foreign.service.id), Some(&foreign));
-    assert_eq!(state.services.get(&excluded_service.service.id), Some(&excluded_service));
+    assert_eq!(
+        state.services.get(&excluded_service.service.id),
+        Some(&excluded_service)
+    );
     assert_eq!(state.services.len(), 2, "{:?}", state.services.keys());
     assert!(state.link.is_empty(), "{:?}", state.link);
     let records = state.nft.as_ref().map(|t| t.services.clone());
@@ -286,11 +309,17 @@ fn foreign_services_and_excluded_cidrs_are_left_alone() {
     // Asked for inside the excluded range, a service is reported as asked, never programmed.
     drop(state);
     let mut asked = ProgrammedTable::new();
-    asked.insert(excluded, service(Frontend::ClusterIP, &[("10.244.0.9", 80, 1, false)]));
+    asked.insert(
+        excluded,
+        service(Frontend::ClusterIP, &[("10.244.0.9", 80, 1, false)]),
+    );
     sync(&mut restarted, &asked).expect("sync the excluded service");
     assert_eq!(block_on(restarted.read()).expect("read"), asked);
     let state = kernel.state();
-    assert_eq!(state.services.get(&excluded_service.service.id), Some(&excluded_service));
+    assert_eq!(
+        state.services.get(&excluded_service.service.id),
+        Some(&excluded_service)
+    );
     assert!(state.link.is_empty());
 }
 
@@ -307,7 +336,11 @@ fn a_service_the_dump_skips_is_read_by_its_key() {
     assert_eq!(block_on(restarted.read()).expect("read"), first_plan());
     sync(&mut restarted, &first_plan()).expect("sync");
     assert!(
-        !kernel.state().calls.iter().any(|c| matches!(c, Call::Command(_))),
+        !kernel
+            .state()
+            .calls
+            .iter()
+            .any(|c| matches!(c, Call::Command(_))),
         "nothing is re-created"
     );
     assert_holds(&kernel, &first_plan(), &foreign, "after a skipping dump");
@@ -364,9 +397,18 @@ fn the_read_repairs_addresses() {
     block_on(restarted.read()).expect("read");
     {
         let state = kernel.state();
-        assert!(state.link.contains(&ip("10.96.0.1")), "a needed VIP is bound again");
-        assert!(!state.link.contains(&ip("10.96.0.10")), "a node address is not bound");
-        assert!(state.link.contains(&ip("10.96.0.77")), "unbinding waits for the sync's end");
+        assert!(
+            state.link.contains(&ip("10.96.0.1")),
+            "a needed VIP is bound again"
+        );
+        assert!(
+            !state.link.contains(&ip("10.96.0.10")),
+            "a node address is not bound"
+        );
+        assert!(
+            state.link.contains(&ip("10.96.0.77")),
+            "unbinding waits for the sync's end"
+        );
     }
     // A crash between binding 10.96.0.20 and creating its service: the next sync takes it up.
     let mut plan = first_plan();
@@ -378,8 +420,14 @@ fn the_read_repairs_addresses() {
     block_on(restarted.apply(&diff(&plan, &actual))).expect("apply");
     block_on(restarted.synced()).expect("synced");
     let state = kernel.state();
-    assert!(state.link.contains(&ip("10.96.0.20")), "taken up by the sync");
-    assert!(!state.link.contains(&ip("10.96.0.77")), "unneeded, unbound at the end");
+    assert!(
+        state.link.contains(&ip("10.96.0.20")),
+        "taken up by the sync"
+    );
+    assert!(
+        !state.link.contains(&ip("10.96.0.77")),
+        "unneeded, unbound at the end"
+    );
     drop(state);
     kernel.state().elsewhere.clear();
     sync(&mut restarted, &plan).expect("sync");
@@ -406,12 +454,18 @@ fn apply_phases_run_in_order() {
         &|c| matches!(c, Call::NftUpdate { from, to } if to.services.contains_key(&added) && !from.services.contains_key(&added)),
         "recording the new service",
     );
-    let bound = position(&|c| *c == Call::AddAddress(ip("10.96.0.20")), "binding its VIP");
+    let bound = position(
+        &|c| *c == Call::AddAddress(ip("10.96.0.20")),
+        "binding its VIP",
+    );
     let created = position(
         &|c| matches!(c, Call::Command(Command::NewService(s)) if s.id == service_id(&added)),
         "creating it",
     );
-    assert!(recorded < bound && bound < created, "{recorded} {bound} {created}");
+    assert!(
+        recorded < bound && bound < created,
+        "{recorded} {bound} {created}"
+    );
     let removed = position(
         &|c| *c == Call::Command(Command::DelService(service_id(&deleted))),
         "deleting the old service",
@@ -434,7 +488,10 @@ fn apply_phases_run_in_order() {
         53,
     ));
     let deleted_udp = position(&|c| *c == udp_gone, "deleting the UDP destination");
-    let flushed = position(&|c| matches!(c, Call::FlushConntrack(_)), "the conntrack flush");
+    let flushed = position(
+        &|c| matches!(c, Call::FlushConntrack(_)),
+        "the conntrack flush",
+    );
     assert!(deleted_udp < flushed);
 
     // The last service on a VIP takes the VIP with it.
@@ -449,7 +506,10 @@ fn apply_phases_run_in_order() {
     let unbound = calls
         .iter()
         .position(|c| *c == Call::DeleteAddress(ip("10.96.0.1")));
-    assert!(matches!((deleted, unbound), (Some(d), Some(u)) if d < u), "{calls:#?}");
+    assert!(
+        matches!((deleted, unbound), (Some(d), Some(u)) if d < u),
+        "{calls:#?}"
+    );
 }
 
 /// When the records cannot be written nothing may be created (a restart would not know it):
@@ -508,7 +568,11 @@ fn check_drains_deletes_drained_destinations_only() {
             .map(|d| d.weight)
     };
     assert_eq!(weight(&kernel), Some(0), "draining, not deleted");
-    assert_eq!(block_on(dataplane.read()).expect("read"), plan, "left out of the read");
+    assert_eq!(
+        block_on(dataplane.read()).expect("read"),
+        plan,
+        "left out of the read"
+    );
     let now = Instant::now();
     assert!(dataplane.check_drains(true, now).is_empty());
     assert_eq!(weight(&kernel), Some(0), "connections left and time left");
@@ -521,7 +585,11 @@ fn check_drains_deletes_drained_destinations_only() {
     let (kernel, _) = kernel_after_first_plan();
     let mut dataplane = agent_on(&kernel);
     sync(&mut dataplane, &plan).expect("sync");
-    assert_eq!(weight(&kernel), None, "no connections: deleted by the apply's check");
+    assert_eq!(
+        weight(&kernel),
+        None,
+        "no connections: deleted by the apply's check"
+    );
     sync(&mut dataplane, &first_plan()).expect("back");
     if let Some(destination) = kernel
         .state()

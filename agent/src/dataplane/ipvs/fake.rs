@@ -127,7 +127,9 @@ impl FakeKernel {
 
     /// The state, to set up or look at. Poisoning only follows a panicking test.
     pub fn state(&self) -> MutexGuard<'_, FakeState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// From now on, fails the call `fault` names (counting from now). `None`: no faults.
@@ -207,7 +209,10 @@ impl FakeState {
             }
             Command::NewDestination(id, destination) => {
                 self.sent.new_destination += 1;
-                let held = self.services.get_mut(id).ok_or_else(|| refuse(libc::ESRCH))?;
+                let held = self
+                    .services
+                    .get_mut(id)
+                    .ok_or_else(|| refuse(libc::ESRCH))?;
                 let at = (destination.address, destination.port);
                 if held.destinations.contains_key(&at) {
                     return Err(refuse(libc::EEXIST));
@@ -216,7 +221,10 @@ impl FakeState {
             }
             Command::SetDestination(id, destination) => {
                 self.sent.set_destination += 1;
-                let held = self.services.get_mut(id).ok_or_else(|| refuse(libc::ESRCH))?;
+                let held = self
+                    .services
+                    .get_mut(id)
+                    .ok_or_else(|| refuse(libc::ESRCH))?;
                 let current = held
                     .destinations
                     .get_mut(&(destination.address, destination.port))
@@ -227,7 +235,10 @@ impl FakeState {
             }
             Command::DelDestination(id, address, port) => {
                 self.sent.del_destination += 1;
-                let held = self.services.get_mut(id).ok_or_else(|| refuse(libc::ESRCH))?;
+                let held = self
+                    .services
+                    .get_mut(id)
+                    .ok_or_else(|| refuse(libc::ESRCH))?;
                 held.destinations
                     .remove(&(*address, *port))
                     .ok_or_else(|| refuse(libc::ENOENT))?;
@@ -469,7 +480,10 @@ impl IpvsKernel for FakeKernel {
     }
 
     fn flush_conntrack(&mut self, flows: &[BackendFlow]) -> Result<usize, ConntrackError> {
-        if self.call(CallKind::FlushConntrack, Call::FlushConntrack(flows.to_vec())) {
+        if self.call(
+            CallKind::FlushConntrack,
+            Call::FlushConntrack(flows.to_vec()),
+        ) {
             return Err(ConntrackError::Socket(injected()));
         }
         Ok(0)
