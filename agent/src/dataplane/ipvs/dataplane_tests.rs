@@ -445,7 +445,7 @@ fn apply_phases_run_in_order() {
     let position = |wanted: &dyn Fn(&Call) -> bool, what: &str| {
         calls
             .iter()
-            .position(|call| wanted(call))
+            .position(wanted)
             .unwrap_or_else(|| panic!("no call {what} in {calls:#?}"))
     };
     let added = tcp("10.96.0.20", 8080);
