@@ -206,3 +206,161 @@ pub fn address_users(owned: &NftState, table: &ProgrammedTable) -> BTreeMap<IpAd
     }
     users
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+    use std::time::Instant;
+
+    use super::super::netlink::{Forward, ServiceId};
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("a test address")
+    }
+
+    fn read_service(key: VsKey, destinations: &[(&str, u16)]) -> ReadService {
+        ReadService {
+            service: IpvsService {
+                id: ServiceId {
+                    protocol: key.protocol,
+                    address: key.address,
+                    port: key.port,
+                },
+                scheduler: "rr".into(),
+                persistence_timeout: None,
+            },
+            destinations: destinations
+                .iter()
+                .map(|&(address, port)| IpvsDestination {
+                    address: ip(address),
+                    port,
+                    weight: 1,
+                    forward: Forward::Masq,
+                    active_connections: 0,
+                    inactive_connections: 0,
+                })
+                .collect(),
+        }
+    }
+
+    fn owned(keys: &[VsKey]) -> NftState {
+        let mut owned = NftState::default();
+        for key in keys {
+            owned
+                .services
+                .insert(*key, (Frontend::ClusterIP, TrafficPolicy::Cluster));
+        }
+        owned
+    }
+
+    /// On a full read the node-local marks come from the hairpin set, for the services found
+    /// by the dump and by a GET alike; a draining destination is left out of the table but
+    /// keeps its mark.
+    #[test]
+    fn a_full_read_rebuilds_node_local_marks_from_the_hairpin_set() {
+        let (a, b) = (
+            VsKey::new(Protocol::Tcp, ip("10.96.0.1"), 80),
+            VsKey::new(Protocol::Tcp, ip("10.96.0.2"), 80),
+        );
+        let mut recorded = owned(&[a, b]);
+        // An older version's stale element, for a destination IPVS no longer has.
+        recorded.destinations.insert((a, ip("10.244.9.9"), 8080));
+        let hairpins = BTreeSet::from([(ip("10.244.0.5"), Protocol::Tcp, 8080)]);
+        let mut draining = Draining::new();
+        draining.start(
+            DrainKey {
+                service: b,
+                address: ip("10.244.0.5"),
+                port: 8080,
+            },
+            Instant::now(),
+        );
+        let read = IpvsRead {
+            listed: BTreeMap::from([(
+                a,
+                read_service(a, &[("10.244.0.5", 8080), ("10.244.1.5", 8080)]),
+            )]),
+            found: BTreeMap::from([(b, read_service(b, &[("10.244.0.5", 8080)]))]),
+            probes: BTreeMap::from([(b, Probe::Present)]),
+        };
+        let adoption = adopt(
+            &Known {
+                owned: &recorded,
+                hairpins: Some(&hairpins),
+                exclude_cidrs: &[],
+                excluded: &BTreeMap::new(),
+                draining: &draining,
+                suspects: &BTreeSet::new(),
+            },
+            &read,
+        );
+        let local: Vec<(IpAddr, bool)> = adoption.table[&a]
+            .destinations
+            .iter()
+            .map(|((address, _), state)| (*address, state.local))
+            .collect();
+        assert_eq!(
+            local,
+            vec![(ip("10.244.0.5"), true), (ip("10.244.1.5"), false)]
+        );
+        assert!(
+            adoption.table[&b].destinations.is_empty(),
+            "draining: left out"
+        );
+        assert_eq!(
+            adoption.owned.destinations,
+            BTreeSet::from([(a, ip("10.244.0.5"), 8080), (b, ip("10.244.0.5"), 8080)])
+        );
+        assert!(adoption.forget.is_empty());
+        assert_eq!(adoption.address_users.get(&ip("10.96.0.1")), Some(&1));
+    }
+
+    /// Records inside the excluded CIDRs are forgotten unless asked for; a record whose GET
+    /// failed is held as suspect; one whose GET says absent goes, and its VIP is not needed.
+    #[test]
+    fn records_are_judged_by_what_was_read() {
+        let present = VsKey::new(Protocol::Tcp, ip("10.96.0.1"), 80);
+        let unanswered = VsKey::new(Protocol::Tcp, ip("10.96.0.2"), 80);
+        let absent = VsKey::new(Protocol::Tcp, ip("10.96.0.3"), 80);
+        let excluded = VsKey::new(Protocol::Tcp, ip("10.200.0.1"), 80);
+        let recorded = owned(&[present, unanswered, absent, excluded]);
+        let cidrs: Vec<IpNetwork> = vec!["10.200.0.0/16".parse().expect("a test CIDR")];
+        assert_eq!(
+            readable(&recorded, &cidrs),
+            BTreeSet::from([present, unanswered, absent])
+        );
+        let read = IpvsRead {
+            listed: BTreeMap::from([(present, read_service(present, &[]))]),
+            found: BTreeMap::new(),
+            probes: BTreeMap::from([(absent, Probe::Absent)]),
+        };
+        let adoption = adopt(
+            &Known {
+                owned: &recorded,
+                hairpins: None,
+                exclude_cidrs: &cidrs,
+                excluded: &BTreeMap::new(),
+                draining: &Draining::new(),
+                suspects: &BTreeSet::new(),
+            },
+            &read,
+        );
+        assert_eq!(adoption.forget, BTreeSet::from([absent, excluded]));
+        assert_eq!(adoption.suspects, BTreeSet::from([unanswered]));
+        assert_eq!(
+            adoption
+                .owned
+                .services
+                .keys()
+                .copied()
+                .collect::<BTreeSet<_>>(),
+            BTreeSet::from([present, unanswered])
+        );
+        assert_eq!(
+            adoption.address_users,
+            BTreeMap::from([(ip("10.96.0.1"), 1)]),
+            "only services IPVS has need their VIP"
+        );
+    }
+}

@@ -197,6 +197,22 @@ fn assert_holds(kernel: &FakeKernel, plan: &ProgrammedTable, foreign: &FakeServi
         Some(foreign),
         "the foreign service: {context}"
     );
+    let touched_foreign = state.calls.iter().any(|call| match call {
+        Call::Command(Command::NewService(s) | Command::SetService(s)) => {
+            s.id == foreign.service.id
+        }
+        Call::Command(
+            Command::DelService(id)
+            | Command::NewDestination(id, _)
+            | Command::SetDestination(id, _)
+            | Command::DelDestination(id, _, _),
+        ) => *id == foreign.service.id,
+        _ => false,
+    });
+    assert!(
+        !touched_foreign,
+        "a command for the foreign service: {context}"
+    );
     let table = state.nft.as_ref().expect("the nft table exists");
     let roles: BTreeMap<VsKey, (Frontend, TrafficPolicy)> = plan
         .iter()
