@@ -231,7 +231,8 @@ pub fn records_to_add(ops: &[Op], live: &[usize], owned: &NftState) -> NftState 
 }
 
 /// The records of what `ops[live]` removed (the ops not in `failed`), to clear once removed:
-/// services, destinations, and the hairpin elements of destinations no longer node-local.
+/// services (with every destination record of theirs), destinations, and the hairpin
+/// elements of destinations no longer node-local.
 pub fn records_to_forget(
     ops: &[Op],
     live: &[usize],
@@ -248,6 +249,15 @@ pub fn records_to_forget(
                 if let Some(ranges) = owned.source_ranges.get(key) {
                     forgotten.source_ranges.insert(*key, ranges.clone());
                 }
+                // The service's destinations went with it, even those whose own removal
+                // failed earlier in the batch: their hairpin records must not outlive it.
+                forgotten.destinations.extend(
+                    owned
+                        .destinations
+                        .iter()
+                        .filter(|(service, _, _)| service == key)
+                        .copied(),
+                );
             }
             Op::DeleteDestination {
                 service,
@@ -295,6 +305,7 @@ mod tests {
     use crate::dataplane::TierShares;
     use crate::model::Protocol;
     use crate::table::TrafficPolicy;
+    use std::collections::BTreeSet;
     use std::io;
 
     fn key(protocol: Protocol, port: u16) -> VsKey {
@@ -635,6 +646,34 @@ mod tests {
         let forgotten = records_to_forget(&ops, &[0, 1, 2], &failed, &owned);
         assert_eq!(forgotten.services.keys().collect::<Vec<_>>(), vec![&a]);
         assert_eq!(forgotten.destinations.len(), 1);
+    }
+
+    /// A destination whose removal failed in the same batch as its service's deletion: the
+    /// deleted service took it along, so its hairpin record goes with the service's.
+    #[test]
+    fn a_deleted_service_takes_its_destination_records_along() {
+        let (a, b) = (key(Protocol::Tcp, 80), key(Protocol::Tcp, 81));
+        let gone = destination(1);
+        let mut owned = NftState::default();
+        for k in [a, b] {
+            owned
+                .services
+                .insert(k, (Frontend::ClusterIP, TrafficPolicy::Cluster));
+            owned.destinations.insert((k, gone.address, gone.port));
+        }
+        let ops = vec![
+            Op::DeleteDestination {
+                service: a,
+                destination: gone,
+            },
+            Op::DeleteService { key: a },
+        ];
+        let failed = BTreeMap::from([(0, "refused".to_owned())]);
+        let forgotten = records_to_forget(&ops, &[0, 1], &failed, &owned);
+        assert_eq!(
+            forgotten.destinations,
+            BTreeSet::from([(a, gone.address, gone.port)])
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! owns. Every other IPVS service is foreign and never touched, and so is anything inside
 //! `--ipvs-exclude-cidrs`.
 //! A read forgets a record only when two reads agree that its service is gone: the service
-//! dump can skip services ([`records`] says when and why).
+//! dump can skip services ([`super::records`] says when and why).
 //!
 //! Cost follows the change: `apply` sends one netlink request per op (pipelined), one nft
 //! transaction with just the set elements that changed, and address changes only when a VIP
@@ -22,22 +22,25 @@ use ipnetwork::IpNetwork;
 
 use crate::dataplane::op::{apply_to, Op};
 use crate::dataplane::{
-    error_chain, Dataplane, DataplaneError, DestinationState, FailedOp, ProgrammedService,
-    ProgrammedTable, ServiceConfig, TierShares,
+    error_chain, Dataplane, DataplaneError, FailedOp, ProgrammedService, ProgrammedTable,
 };
-use crate::table::{Frontend, TrafficPolicy, VsKey};
+use crate::table::VsKey;
 
+use super::adopt::{self, IpvsRead, Known, ReadService};
 use super::commands::{
     self, binds_address, is_not_found, service_id, AfterSuccess, OpCommand, Retry,
 };
-use super::conntrack::{self, BackendFlow};
+use super::conntrack::BackendFlow;
 use super::drain::{self, DrainKey, DrainVerdict, Draining};
-use super::link::{DummyLink, LinkError, DUMMY_LINK};
-use super::netlink::{Command, IpvsClient, IpvsError, IpvsService, IpvsTimeouts, MessageCounts};
+use super::kernel::{IpvsKernel, RealKernel};
+use super::link::{LinkError, DUMMY_LINK};
+use super::netlink::{
+    Command, IpvsDestination, IpvsError, IpvsService, IpvsTimeouts, MessageCounts,
+};
 use super::nft::render::Hairpin;
-use super::nft::{Nft, NftError, NftSettings, NftState};
-use super::records::{self, Probe};
-use super::sysctl::{self, SysctlError, Sysctls};
+use super::nft::{NftError, NftSettings, NftState};
+use super::records::Probe;
+use super::sysctl::SysctlError;
 
 const NAME: &str = "ipvs";
 
@@ -100,12 +103,10 @@ pub enum IpvsSetupError {
     Nft(#[from] NftError),
 }
 
-/// The IPVS dataplane.
-pub struct IpvsDataplane {
+/// The IPVS dataplane, on the kernel (`K` = [`RealKernel`]) or, in unit tests, a fake one.
+pub struct IpvsDataplane<K: IpvsKernel = RealKernel> {
     settings: IpvsSettings,
-    ipvs: IpvsClient,
-    link: DummyLink,
-    nft: Nft,
+    kernel: K,
     /// The nft sets as last written: the services topoproxy owns and their destinations.
     owned: NftState,
     /// Whether the nft table was rewritten with this process's rules since it started.
@@ -121,7 +122,7 @@ pub struct IpvsDataplane {
     /// between binding a VIP and creating its service, the restart neither unbinds nor rebinds it.
     unneeded_addresses: BTreeSet<IpAddr>,
     /// Recorded services the last read's dump missed without a GET answering for them: their
-    /// records are kept until the next read agrees ([`records`]).
+    /// records are kept until the next read agrees ([`super::records`]).
     suspect_records: BTreeSet<VsKey>,
     draining: Draining,
     last_drain_check: Option<Instant>,
@@ -131,33 +132,18 @@ impl IpvsDataplane {
     /// Sets the kernel parameters, opens IPVS, and makes sure the dummy link exists. Nothing
     /// is programmed or removed until the sync loop reads and applies.
     pub async fn new(settings: IpvsSettings) -> Result<Self, IpvsSetupError> {
-        let kernel = sysctl::kernel_release().unwrap_or(None);
-        Sysctls::proc().ensure_all(&sysctl::ipvs_sysctls(settings.strict_arp, kernel))?;
-        let mut ipvs = IpvsClient::connect()?;
-        // kube-proxy's proxier does this only when one of the three is set; a 0 among them
-        // leaves that timeout as the kernel has it.
-        if !settings.timeouts.is_unset() {
-            ipvs.set_timeouts(&settings.timeouts)
-                .map_err(IpvsSetupError::Timeouts)?;
-            tracing::info!(
-                tcp = settings.timeouts.tcp,
-                tcp_fin = settings.timeouts.tcp_fin,
-                udp = settings.timeouts.udp,
-                "IPVS connection timeouts set (seconds; 0 left as it was)"
-            );
-        }
-        let link = DummyLink::ensure(&settings.link_name)
-            .await
-            .map_err(|source| IpvsSetupError::Link {
-                name: settings.link_name.clone(),
-                source: Box::new(source),
-            })?;
-        let nft = Nft::new()?;
-        Ok(Self {
+        let kernel = RealKernel::open(&settings).await?;
+        Ok(Self::with_kernel(settings, kernel))
+    }
+}
+
+impl<K: IpvsKernel> IpvsDataplane<K> {
+    /// A dataplane that asks `kernel`; as [`IpvsDataplane::new`], it touches nothing until
+    /// the sync loop reads and applies.
+    pub fn with_kernel(settings: IpvsSettings, kernel: K) -> Self {
+        Self {
             settings,
-            ipvs,
-            link,
-            nft,
+            kernel,
             owned: NftState::default(),
             rules_current: false,
             excluded: BTreeMap::new(),
@@ -167,14 +153,11 @@ impl IpvsDataplane {
             suspect_records: BTreeSet::new(),
             draining: Draining::new(),
             last_drain_check: None,
-        })
+        }
     }
 
     fn is_excluded(&self, address: IpAddr) -> bool {
-        self.settings
-            .exclude_cidrs
-            .iter()
-            .any(|cidr| cidr.contains(address))
+        adopt::is_excluded(&self.settings.exclude_cidrs, address)
     }
 
     fn read_error(
@@ -185,241 +168,157 @@ impl IpvsDataplane {
 
     /// Reads the owned part of the kernel's table, re-creating the nft table when it is missing
     /// and rewriting it once per process (settings may have changed), with the hairpin
-    /// elements of the destinations IPVS holds.
+    /// elements of the destinations IPVS holds. What the read found is judged by
+    /// [`adopt::adopt`]; this carries its conclusions out.
     async fn read_owned(&mut self) -> Result<ProgrammedTable, DataplaneError> {
         let mut phases = PhaseTimer::new();
         let rewrite = !self.rules_current;
-        if self.rules_current {
-            // Listing a table of 10,000 services costs seconds: while every nft write since
-            // the last full read succeeded, our copy is the table, so only check it is there.
-            let exists = self.nft.exists().map_err(Self::read_error)?;
-            if !exists {
-                tracing::warn!("the nftables table inet topoproxy vanished; re-creating it");
-                self.nft
-                    .replace(&self.settings.nft, &self.owned)
-                    .map_err(Self::read_error)?;
-            }
-        }
-        // Which destinations are node-local: on a full read what the hairpin set held, else
-        // our copy of it.
-        let listed_hairpins = if rewrite {
-            let listed = self
-                .nft
-                .read()
-                .map_err(Self::read_error)?
-                .unwrap_or_default();
-            self.owned = listed.state;
-            // The destinations come from the IPVS dump below; the table is rewritten after it.
-            self.owned.destinations.clear();
-            if let Some(addresses) = &self.node_addresses {
-                self.owned.node_addresses = addresses.clone();
-            }
-            Some(listed.hairpins)
-        } else {
-            None
-        };
-
+        let hairpins = self.read_records(rewrite)?;
         phases.lap("nft");
-        let services = self.ipvs.services().map_err(Self::read_error)?;
-        phases.lap("ipvs_services");
-        let mut table = ProgrammedTable::new();
-        let mut listed = BTreeSet::new();
-        for service in services {
-            let key = VsKey::new(service.id.protocol, service.id.address, service.id.port);
-            let Some(&role) = self.owned.services.get(&key) else {
-                continue;
-            };
-            if self.is_excluded(key.address) {
-                continue;
-            }
-            listed.insert(key);
-            let programmed = self.read_service(key, role, service, listed_hairpins.as_ref())?;
-            table.insert(key, programmed);
-        }
-        let probes = self.read_unlisted(&listed, &mut table, listed_hairpins.as_ref())?;
-        for (key, service) in &self.excluded {
-            table.insert(*key, service.clone());
-        }
-
-        phases.lap("ipvs_destinations");
-        let forget = self.judge_records(&table, &listed, &probes);
-        self.forget_records(&forget, rewrite)?;
-        if rewrite {
-            // Rewrites the rules too: they may come from an older version or other settings.
-            self.nft
-                .replace(&self.settings.nft, &self.owned)
-                .map_err(Self::read_error)?;
-            self.rules_current = true;
-            phases.lap("nft_replace");
-        }
-        self.address_users.clear();
-        for (key, (frontend, _)) in &self.owned.services {
-            if binds_address(*frontend) && table.contains_key(key) {
-                *self.address_users.entry(key.address).or_default() += 1;
-            }
-        }
-        self.repair_addresses().await.map_err(Self::read_error)?;
-        phases.lap("addresses");
-        phases.report("read", table.len());
-        Ok(table)
-    }
-
-    /// One owned service as the dataplane holds it, with its destinations (draining ones left
-    /// out); on a full read, also notes which of them the hairpin set marks node-local.
-    fn read_service(
-        &mut self,
-        key: VsKey,
-        (frontend, traffic_policy): (Frontend, TrafficPolicy),
-        service: IpvsService,
-        hairpins: Option<&BTreeSet<Hairpin>>,
-    ) -> Result<ProgrammedService, DataplaneError> {
-        let destinations = self
-            .ipvs
-            .destinations(&service.id)
-            .map_err(Self::read_error)?;
-        if let Some(hairpins) = hairpins {
-            self.owned.destinations.extend(
-                destinations
-                    .iter()
-                    .filter(|d| hairpins.contains(&(d.address, key.protocol, d.port)))
-                    .map(|d| (key, d.address, d.port)),
+        let read = self.read_ipvs(&mut phases)?;
+        let adoption = adopt::adopt(
+            &Known {
+                owned: &self.owned,
+                hairpins: hairpins.as_ref(),
+                exclude_cidrs: &self.settings.exclude_cidrs,
+                excluded: &self.excluded,
+                draining: &self.draining,
+                suspects: &self.suspect_records,
+            },
+            &read,
+        );
+        if !adoption.suspects.is_empty() {
+            tracing::info!(
+                records = adoption.suspects.len(),
+                "the IPVS service dump missed recorded services and no GET answered for them; keeping their records until the next read"
             );
         }
-        let owned = &self.owned;
-        let destinations = destinations
-            .into_iter()
-            .filter(|d| {
-                !self.draining.contains(&DrainKey {
-                    service: key,
-                    address: d.address,
-                    port: d.port,
-                })
-            })
-            .map(|d| {
-                let state = DestinationState {
-                    local: owned.destinations.contains(&(key, d.address, d.port)),
-                    ..DestinationState::active(d.weight)
-                };
-                ((d.address, d.port), state)
-            })
-            .collect();
-        Ok(ProgrammedService {
-            config: ServiceConfig {
-                scheduler: service.scheduler,
-                persistence_timeout: service.persistence_timeout,
-                frontend,
-                traffic_policy,
-                tier_shares: TierShares::default(),
-                source_ranges: owned.source_ranges.get(&key).cloned().unwrap_or_default(),
-            },
-            destinations,
-        })
+        self.suspect_records = adoption.suspects;
+        self.write_records(adoption.owned, &adoption.forget, rewrite)?;
+        phases.lap("nft_write");
+        self.address_users = adoption.address_users;
+        self.repair_addresses().await.map_err(Self::read_error)?;
+        phases.lap("addresses");
+        phases.report("read", adoption.table.len());
+        Ok(adoption.table)
     }
 
-    /// Asks for each owned service the dump did not list by its key, and adds those the kernel
-    /// has to `table`: the dump can skip services ([`IpvsClient::services`]), and a service read
-    /// as absent would have its VIP unbound and be created again over the destinations it
-    /// already has. Returns the answers, for [`judge_records`](Self::judge_records).
-    fn read_unlisted(
-        &mut self,
-        listed: &BTreeSet<VsKey>,
-        table: &mut ProgrammedTable,
-        hairpins: Option<&BTreeSet<Hairpin>>,
-    ) -> Result<BTreeMap<VsKey, Probe>, DataplaneError> {
-        let unlisted: Vec<(VsKey, (Frontend, TrafficPolicy))> = self
-            .owned
-            .services
-            .iter()
-            .filter(|(key, _)| !listed.contains(key) && !self.is_excluded(key.address))
-            .map(|(key, role)| (*key, *role))
-            .collect();
-        let mut probes = BTreeMap::new();
-        for (key, role) in unlisted {
-            match self.ipvs.service(&service_id(&key)) {
-                Ok(Some(service)) => {
-                    let programmed = self.read_service(key, role, service, hairpins)?;
-                    table.insert(key, programmed);
-                    probes.insert(key, Probe::Present);
-                }
-                Ok(None) => {
-                    probes.insert(key, Probe::Absent);
-                }
-                // Without an answer the service is reported absent (re-creating one that
-                // exists updates it) and its record waits for the next read's dump.
-                Err(error) => tracing::warn!(
-                    service = %format_key(&key),
-                    error = %error_chain(&error),
-                    "could not ask IPVS for a service its dump did not list"
-                ),
+    /// Step 1 of a read: the records. While every nft write since the last full read
+    /// succeeded, our copy is the table, and the table is only checked to be there (listing a
+    /// table of 10,000 services costs seconds); else (`rewrite`) the sets are read back and
+    /// the hairpin set's elements returned, to rebuild which destinations are node-local.
+    fn read_records(&mut self, rewrite: bool) -> Result<Option<BTreeSet<Hairpin>>, DataplaneError> {
+        if !rewrite {
+            let exists = self.kernel.nft_exists().map_err(Self::read_error)?;
+            if !exists {
+                tracing::warn!("the nftables table inet topoproxy vanished; re-creating it");
+                self.kernel
+                    .nft_replace(&self.settings.nft, &self.owned)
+                    .map_err(Self::read_error)?;
+            }
+            return Ok(None);
+        }
+        let listed = self
+            .kernel
+            .nft_read()
+            .map_err(Self::read_error)?
+            .unwrap_or_default();
+        self.owned = listed.state;
+        if let Some(addresses) = &self.node_addresses {
+            self.owned.node_addresses = addresses.clone();
+        }
+        Ok(Some(listed.hairpins))
+    }
+
+    /// Step 2 of a read: the recorded services IPVS has, from the dump, and by a GET for
+    /// each recorded service the dump did not list: the dump can skip services
+    /// ([`super::records`]), and a service read as absent would have its VIP unbound and be created
+    /// again over the destinations it already has.
+    fn read_ipvs(&mut self, phases: &mut PhaseTimer) -> Result<IpvsRead, DataplaneError> {
+        let recorded = adopt::readable(&self.owned, &self.settings.exclude_cidrs);
+        let services = self.kernel.dump_services().map_err(Self::read_error)?;
+        phases.lap("ipvs_services");
+        let mut read = IpvsRead::default();
+        for service in services {
+            let key = VsKey::new(service.id.protocol, service.id.address, service.id.port);
+            if recorded.contains(&key) {
+                let service = self.read_service(service)?;
+                read.listed.insert(key, service);
             }
         }
-        let skipped = probes.values().filter(|p| **p == Probe::Present).count();
+        for key in recorded {
+            if !read.listed.contains_key(&key) {
+                self.probe(key, &mut read)?;
+            }
+        }
+        let skipped = read.found.len();
         if skipped > 0 {
             tracing::info!(
                 services = skipped,
                 "the IPVS service dump skipped services of ours (another namespace changed its services meanwhile); read them one by one"
             );
         }
-        Ok(probes)
+        phases.lap("ipvs_destinations");
+        Ok(read)
     }
 
-    /// The ownership records to forget after this read: those of services IPVS does not have
-    /// (an agent killed between recording and creating a service, or between deleting it and
-    /// clearing its record, leaves one; kept, it would claim whatever service another tool
-    /// later creates at that address and port). A record is forgotten only when two reads agree
-    /// that its service is gone, the dump and a GET, or two dumps in a row
-    /// ([`records::judge_records`]). Records inside `--ipvs-exclude-cidrs` that no op asked for
-    /// are forgotten as before, their services never being read.
-    fn judge_records(
-        &mut self,
-        table: &ProgrammedTable,
-        listed: &BTreeSet<VsKey>,
-        probes: &BTreeMap<VsKey, Probe>,
-    ) -> BTreeSet<VsKey> {
-        let mut recorded = BTreeSet::new();
-        let mut excluded = BTreeSet::new();
-        for key in self.owned.services.keys() {
-            if !self.is_excluded(key.address) {
-                recorded.insert(*key);
-            } else if !table.contains_key(key) {
-                excluded.insert(*key);
+    /// A service with its destinations.
+    fn read_service(&mut self, service: IpvsService) -> Result<ReadService, DataplaneError> {
+        let destinations = self
+            .kernel
+            .destinations(&service.id)
+            .map_err(Self::read_error)?;
+        Ok(ReadService {
+            service,
+            destinations,
+        })
+    }
+
+    /// Asks for a recorded service the dump did not list by its key, and notes the answer.
+    fn probe(&mut self, key: VsKey, read: &mut IpvsRead) -> Result<(), DataplaneError> {
+        match self.kernel.get_service(&service_id(&key)) {
+            Ok(Some(service)) => {
+                let service = self.read_service(service)?;
+                read.found.insert(key, service);
+                read.probes.insert(key, Probe::Present);
             }
+            Ok(None) => {
+                read.probes.insert(key, Probe::Absent);
+            }
+            // Without an answer the service is reported absent (re-creating one that
+            // exists updates it) and its record waits for the next read's dump.
+            Err(error) => tracing::warn!(
+                service = %format_key(&key),
+                error = %error_chain(&error),
+                "could not ask IPVS for a service its dump did not list"
+            ),
         }
-        let verdict = records::judge_records(&recorded, listed, &self.suspect_records, probes);
-        if !verdict.suspects.is_empty() {
-            tracing::info!(
-                records = verdict.suspects.len(),
-                "the IPVS service dump missed recorded services and no GET answered for them; keeping their records until the next read"
-            );
-        }
-        self.suspect_records = verdict.suspects;
-        verdict.forget.union(&excluded).copied().collect()
+        Ok(())
     }
 
-    /// Forgets the records of `stale` services. Written with the rewrite when one follows, else
-    /// as an update of its own.
-    fn forget_records(
+    /// Step 3 of a read: holds the records `owned` and writes them: with the whole table when
+    /// `rewrite` (its rules may come from an older version or other settings), else, when
+    /// records were forgotten, as an update of their own.
+    fn write_records(
         &mut self,
-        stale: &BTreeSet<VsKey>,
+        owned: NftState,
+        forgotten: &BTreeSet<VsKey>,
         rewrite: bool,
     ) -> Result<(), DataplaneError> {
-        if stale.is_empty() {
-            return Ok(());
+        if !forgotten.is_empty() {
+            tracing::warn!(
+                records = forgotten.len(),
+                "forgetting ownership records of IPVS services that do not exist (left by an agent stopped between two writes)"
+            );
         }
-        tracing::warn!(
-            records = stale.len(),
-            "forgetting ownership records of IPVS services that do not exist (left by an agent stopped between two writes)"
-        );
-        let recorded = (!rewrite).then(|| self.owned.clone());
-        self.owned.services.retain(|key, _| !stale.contains(key));
-        self.owned
-            .source_ranges
-            .retain(|key, _| !stale.contains(key));
-        self.owned
-            .destinations
-            .retain(|(key, _, _)| !stale.contains(key));
-        if let Some(recorded) = recorded {
-            if let Err(error) = self.nft.update(&recorded, &self.owned) {
+        let recorded = std::mem::replace(&mut self.owned, owned);
+        if rewrite {
+            self.kernel
+                .nft_replace(&self.settings.nft, &self.owned)
+                .map_err(Self::read_error)?;
+            self.rules_current = true;
+        } else if !forgotten.is_empty() {
+            if let Err(error) = self.kernel.nft_update(&recorded, &self.owned) {
                 self.rules_current = false;
                 return Err(Self::read_error(error));
             }
@@ -430,14 +329,14 @@ impl IpvsDataplane {
     /// Binds every address an owned service needs, and marks the dummy link's others for
     /// unbinding at the end of the sync.
     async fn repair_addresses(&mut self) -> Result<(), LinkError> {
-        let bound = self.link.addresses().await?;
+        let bound = self.kernel.link_addresses().await?;
         let needed: BTreeSet<IpAddr> = self.address_users.keys().copied().collect();
         let missing: Vec<IpAddr> = needed.difference(&bound).copied().collect();
         if !missing.is_empty() {
-            let elsewhere = self.link.addresses_elsewhere().await?;
+            let elsewhere = self.kernel.addresses_elsewhere().await?;
             for address in missing {
                 if !elsewhere.contains(&address) {
-                    self.link.add_address(address).await?;
+                    self.kernel.add_address(address).await?;
                 }
             }
         }
@@ -449,7 +348,7 @@ impl IpvsDataplane {
     /// the nft table, whose input filter then leaves them alone.
     async fn record_node_addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
         let addresses: BTreeSet<IpAddr> = self
-            .link
+            .kernel
             .addresses_elsewhere()
             .await
             .map_err(Self::read_error)?
@@ -462,7 +361,7 @@ impl IpvsDataplane {
         if self.rules_current && addresses != self.owned.node_addresses {
             let mut next = self.owned.clone();
             next.node_addresses = addresses.clone();
-            if let Err(error) = self.nft.update(&self.owned, &next) {
+            if let Err(error) = self.kernel.nft_update(&self.owned, &next) {
                 self.rules_current = false;
                 return Err(Self::read_error(error));
             }
@@ -476,15 +375,16 @@ impl IpvsDataplane {
         let unneeded = std::mem::take(&mut self.unneeded_addresses);
         for address in unneeded {
             if !self.address_users.contains_key(&address) {
-                self.link.delete_address(address).await?;
+                self.kernel.delete_address(address).await?;
             }
         }
         Ok(())
     }
 
-    /// Deletes draining destinations that have no connections left or ran out of time.
-    fn check_drains(&mut self, force: bool) -> Vec<String> {
-        let now = Instant::now();
+    /// Deletes draining destinations that have no connections left or ran out of time, at
+    /// most once per [`DRAIN_CHECK_INTERVAL`] unless `force`. Returns the problems met, for
+    /// the log.
+    fn check_drains(&mut self, force: bool, now: Instant) -> Vec<String> {
         if self.draining.is_empty()
             || (!force
                 && self
@@ -497,59 +397,69 @@ impl IpvsDataplane {
         let mut problems = Vec::new();
         let mut deletions = Vec::new();
         for service in self.draining.services() {
-            let connections: BTreeMap<(IpAddr, u16), u64> =
-                match self.ipvs.destinations(&service_id(&service)) {
-                    Ok(list) => list
-                        .into_iter()
-                        .map(|d| {
-                            (
-                                (d.address, d.port),
-                                u64::from(d.active_connections) + u64::from(d.inactive_connections),
-                            )
-                        })
-                        .collect(),
-                    Err(error) if is_not_found(&error) => {
-                        self.draining.forget_service(&service);
-                        continue;
-                    }
-                    Err(error) => {
-                        problems.push(format!(
-                            "checking draining destinations: {}",
-                            error_chain(&error)
-                        ));
-                        continue;
-                    }
-                };
-            for key in self.draining.of_service(&service).collect::<Vec<_>>() {
-                let Some(&count) = connections.get(&(key.address, key.port)) else {
-                    self.draining.cancel(&key);
-                    continue;
-                };
-                let since = self.draining.since(&key).unwrap_or(now);
-                match drain::verdict(since, now, self.settings.drain_timeout, count) {
-                    DrainVerdict::Keep => {}
-                    verdict => {
-                        if verdict == DrainVerdict::TimedOut {
-                            tracing::warn!(
-                                service = %format_key(&key.service),
-                                destination = %SocketAddr::new(key.address, key.port),
-                                connections = count,
-                                "drain timeout passed; deleting the destination with connections open"
-                            );
-                        }
-                        deletions.push(key);
-                    }
-                }
+            match self.kernel.destinations(&service_id(&service)) {
+                Ok(list) => deletions.extend(self.judge_drains(&service, &list, now)),
+                Err(error) if is_not_found(&error) => self.draining.forget_service(&service),
+                Err(error) => problems.push(format!(
+                    "checking draining destinations: {}",
+                    error_chain(&error)
+                )),
             }
         }
+        problems.extend(self.delete_drained(&deletions));
+        problems
+    }
+
+    /// The draining destinations of `service` that may go now, given the destinations IPVS
+    /// holds for it; drains whose destination is already gone end here.
+    fn judge_drains(
+        &mut self,
+        service: &VsKey,
+        held: &[IpvsDestination],
+        now: Instant,
+    ) -> Vec<DrainKey> {
+        let connections: BTreeMap<(IpAddr, u16), u64> = held
+            .iter()
+            .map(|d| {
+                let count = u64::from(d.active_connections) + u64::from(d.inactive_connections);
+                ((d.address, d.port), count)
+            })
+            .collect();
+        let mut deletions = Vec::new();
+        for key in self.draining.of_service(service).collect::<Vec<_>>() {
+            let Some(&count) = connections.get(&(key.address, key.port)) else {
+                self.draining.cancel(&key);
+                continue;
+            };
+            let since = self.draining.since(&key).unwrap_or(now);
+            let verdict = drain::verdict(since, now, self.settings.drain_timeout, count);
+            if verdict == DrainVerdict::TimedOut {
+                tracing::warn!(
+                    service = %format_key(&key.service),
+                    destination = %SocketAddr::new(key.address, key.port),
+                    connections = count,
+                    "drain timeout passed; deleting the destination with connections open"
+                );
+            }
+            if verdict != DrainVerdict::Keep {
+                deletions.push(key);
+            }
+        }
+        deletions
+    }
+
+    /// Deletes drained destinations (one pipelined batch); those deleted or already gone stop
+    /// draining. Returns the problems met.
+    fn delete_drained(&mut self, deletions: &[DrainKey]) -> Vec<String> {
         if deletions.is_empty() {
-            return problems;
+            return Vec::new();
         }
         let commands: Vec<Command> = deletions
             .iter()
             .map(|key| Command::DelDestination(service_id(&key.service), key.address, key.port))
             .collect();
-        for (key, result) in deletions.iter().zip(self.ipvs.execute(&commands)) {
+        let mut problems = Vec::new();
+        for (key, result) in deletions.iter().zip(self.kernel.execute(&commands)) {
             match result {
                 Ok(()) => {
                     self.draining.cancel(key);
@@ -570,7 +480,7 @@ impl IpvsDataplane {
 
     /// Request counts by kind since the dataplane started.
     pub fn requests(&self) -> MessageCounts {
-        self.ipvs.messages_sent()
+        self.kernel.messages_sent()
     }
 
     /// How many destinations are draining now.
@@ -585,7 +495,7 @@ struct Planned {
     command: OpCommand,
 }
 
-impl IpvsDataplane {
+impl<K: IpvsKernel> IpvsDataplane<K> {
     /// Phase 0: ops on excluded addresses are recorded as asked, never programmed. Returns the
     /// indices of the others.
     fn set_aside_excluded(&mut self, ops: &[Op]) -> Vec<usize> {
@@ -632,7 +542,7 @@ impl IpvsDataplane {
                 next.source_ranges.insert(key, ranges);
             }
         }
-        if let Err(error) = self.nft.update(&self.owned, &next) {
+        if let Err(error) = self.kernel.nft_update(&self.owned, &next) {
             let reason = format!("recording ownership in nftables: {}", error_chain(&error));
             self.rules_current = false;
             return Err(DataplaneError::Apply {
@@ -672,7 +582,7 @@ impl IpvsDataplane {
         if new_addresses.is_empty() {
             return;
         }
-        let elsewhere = match self.link.addresses_elsewhere().await {
+        let elsewhere = match self.kernel.addresses_elsewhere().await {
             Ok(elsewhere) => elsewhere,
             Err(error) => {
                 let reason = format!("listing node addresses: {}", error_chain(&error));
@@ -682,14 +592,14 @@ impl IpvsDataplane {
                 return;
             }
         };
-        let link = &self.link;
+        let kernel = &self.kernel;
         // Requests in flight together: a cold sync binds thousands of VIPs.
         let results: Vec<(usize, IpAddr, Result<(), LinkError>)> = futures::stream::iter(
             new_addresses
                 .into_iter()
                 .filter(|(_, address)| !elsewhere.contains(address)),
         )
-        .map(|(index, address)| async move { (index, address, link.add_address(address).await) })
+        .map(|(index, address)| async move { (index, address, kernel.add_address(address).await) })
         .buffer_unordered(ADDRESS_REQUESTS_IN_FLIGHT)
         .collect()
         .await;
@@ -725,7 +635,7 @@ impl IpvsDataplane {
             })
             .collect();
         let requests: Vec<Command> = planned.iter().map(|p| p.command.command.clone()).collect();
-        let results = self.ipvs.execute(&requests);
+        let results = self.kernel.execute(&requests);
         let mut retries = Vec::new();
         let mut succeeded = Vec::with_capacity(planned.len());
         for (planned, result) in planned.into_iter().zip(results) {
@@ -744,7 +654,7 @@ impl IpvsDataplane {
         }
         if !retries.is_empty() {
             let requests: Vec<Command> = retries.iter().map(|(_, c)| c.clone()).collect();
-            for ((planned, _), result) in retries.into_iter().zip(self.ipvs.execute(&requests)) {
+            for ((planned, _), result) in retries.into_iter().zip(self.kernel.execute(&requests)) {
                 match result {
                     Ok(()) => succeeded.push(planned),
                     Err(error) => {
@@ -758,7 +668,7 @@ impl IpvsDataplane {
 
     /// Phase 4: conntrack clean-up for destinations deleted at once (one table dump per
     /// family).
-    fn flush_conntrack(succeeded: &[Planned], failed: &mut BTreeMap<usize, String>) {
+    fn flush_conntrack(&mut self, succeeded: &[Planned], failed: &mut BTreeMap<usize, String>) {
         let flushes: Vec<(usize, BackendFlow)> = succeeded
             .iter()
             .filter_map(|planned| match planned.command.after {
@@ -781,7 +691,7 @@ impl IpvsDataplane {
             return;
         }
         let flows: Vec<BackendFlow> = flushes.iter().map(|(_, flow)| *flow).collect();
-        match conntrack::flush(&flows) {
+        match self.kernel.flush_conntrack(&flows) {
             Ok(flushed) => tracing::debug!(
                 backends = flows.len(),
                 flushed,
@@ -827,7 +737,7 @@ impl IpvsDataplane {
             for destination in &forgotten.destinations {
                 next.destinations.remove(destination);
             }
-            match self.nft.update(&self.owned, &next) {
+            match self.kernel.nft_update(&self.owned, &next) {
                 Ok(()) => self.owned = next,
                 Err(error) => {
                     // Records of services that are gone only keep them owned a little longer;
@@ -841,14 +751,14 @@ impl IpvsDataplane {
             }
         }
         for address in released {
-            if let Err(error) = self.link.delete_address(address).await {
+            if let Err(error) = self.kernel.delete_address(address).await {
                 tracing::warn!(%address, error = %error_chain(&error), "could not unbind a VIP");
             }
         }
     }
 }
 
-impl Dataplane for IpvsDataplane {
+impl<K: IpvsKernel> Dataplane for IpvsDataplane<K> {
     fn marks_local_destinations(&self) -> bool {
         true
     }
@@ -858,7 +768,7 @@ impl Dataplane for IpvsDataplane {
     }
 
     async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
-        for problem in self.check_drains(true) {
+        for problem in self.check_drains(true, Instant::now()) {
             tracing::warn!("{problem}");
         }
         self.read_owned().await
@@ -875,11 +785,11 @@ impl Dataplane for IpvsDataplane {
         phases.lap("bind_addresses");
         let succeeded = self.program_ipvs(ops, &live, &mut failed, now);
         phases.lap("ipvs");
-        Self::flush_conntrack(&succeeded, &mut failed);
+        self.flush_conntrack(&succeeded, &mut failed);
         phases.lap("conntrack");
         self.forget_and_unbind(ops, &live, &failed).await;
         phases.lap("nft_forget_and_unbind");
-        for problem in self.check_drains(false) {
+        for problem in self.check_drains(false, Instant::now()) {
             tracing::warn!("{problem}");
         }
         phases.lap("drain_check");
@@ -901,7 +811,7 @@ impl Dataplane for IpvsDataplane {
     }
 
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
-        let counts = self.ipvs.messages_sent();
+        let counts = self.kernel.messages_sent();
         vec![
             ("new_service", counts.new_service),
             ("set_service", counts.set_service),
@@ -972,3 +882,7 @@ pub fn format_key(key: &VsKey) -> String {
         SocketAddr::new(key.address, key.port)
     )
 }
+
+#[cfg(test)]
+#[path = "dataplane_tests.rs"]
+mod tests;
