@@ -309,8 +309,15 @@ fn ip(family: IpFamily) -> &'static str {
 }
 
 fn render_chains(out: &mut String, settings: &NftSettings) {
-    let mark = format!("meta mark set meta mark | {MASQ_MARK:#x}");
+    render_services_chain(out, settings);
+    render_nat_hooks(out);
+    render_postrouting(out);
+    render_firewall(out);
+    render_input_filter(out);
+}
 
+fn render_services_chain(out: &mut String, settings: &NftSettings) {
+    let mark = format!("meta mark set meta mark | {MASQ_MARK:#x}");
     // kube-proxy's KUBE-SERVICES with KUBE-MARK-MASQ: decide on the first packet of a
     // connection, before IPVS translates it, whether it must be masqueraded.
     let _ = writeln!(out, "\tchain services {{");
@@ -369,7 +376,10 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
         }
     }
     let _ = writeln!(out, "\t}}");
+}
 
+/// The NAT hooks that send every new connection through `services`.
+fn render_nat_hooks(out: &mut String) {
     for hook in ["prerouting", "output"] {
         let _ = writeln!(out, "\tchain {hook} {{");
         let _ = writeln!(
@@ -379,7 +389,9 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
         let _ = writeln!(out, "\t\tjump services");
         let _ = writeln!(out, "\t}}");
     }
+}
 
+fn render_postrouting(out: &mut String) {
     // kube-proxy's KUBE-POSTROUTING and KUBE-LOOP-BACK.
     let _ = writeln!(out, "\tchain postrouting {{");
     let _ = writeln!(
@@ -394,9 +406,9 @@ fn render_chains(out: &mut String, settings: &NftSettings) {
     let _ = writeln!(out, "\t\tmeta mark set meta mark & {:#x}", !MASQ_MARK);
     let _ = writeln!(out, "\t\tmasquerade fully-random");
     let _ = writeln!(out, "\t}}");
+}
 
-    render_firewall(out);
-
+fn render_input_filter(out: &mut String) {
     // kube-proxy's KUBE-IPVS-FILTER (kubernetes/kubernetes#72236): an address bound for a
     // service must not expose the node's other ports. Runs before IPVS (LOCAL_IN 98/99).
     let _ = writeln!(out, "\tchain input {{");
