@@ -105,6 +105,12 @@ pub fn parse_table(json: &str) -> Result<ListedTable, ParseError> {
     let mut origin = std::collections::BTreeMap::new();
     for (name, record, family, elements) in items.iter().filter_map(our_set) {
         for element in elements {
+            if let Record::NodeAddress = record {
+                let address = element_value(element).and_then(|value| address(value, family));
+                let address = address.ok_or_else(|| bad(name, element, "an address"))?;
+                listed.state.node_addresses.insert(address);
+                continue;
+            }
             read_element(&mut listed, &mut origin, (name, &record, family), element)?;
         }
     }
@@ -131,47 +137,35 @@ fn our_set(item: &Value) -> Option<(&str, Record, IpFamily, &[Value])> {
     Some((name, record, family, elements))
 }
 
-/// One element of a recording set, into the listed state.
+/// One element of a recording set (but the node addresses'), into the listed state.
 fn read_element(
     listed: &mut ListedTable,
     origin: &mut std::collections::BTreeMap<VsKey, String>,
     (name, record, family): (&str, &Record, IpFamily),
     element: &Value,
 ) -> Result<(), ParseError> {
-    if let Record::NodeAddress = record {
-        let address = element_value(element)
-            .and_then(|value| address(value, family))
-            .ok_or_else(|| bad(name, element, "an address"))?;
-        listed.state.node_addresses.insert(address);
-        return Ok(());
-    }
     let fields = concat_fields(element).ok_or_else(|| bad(name, element, "a concat"))?;
     match record {
         Record::NodeAddress => {}
         Record::Firewall => {
-            let [addr, proto, port] = fields else {
-                return Err(bad(name, element, "addr . proto . port"));
-            };
-            let key = vs_key(name, element, family, [addr, proto, port])?;
+            let key = service_key(name, element, family, fields)?;
             listed.state.source_ranges.entry(key).or_default();
         }
         Record::Source(protocol) => {
             let [addr, port, source] = fields else {
                 return Err(bad(name, element, "addr . port . network"));
             };
-            let key = VsKey::new(
-                *protocol,
-                address(addr, family).ok_or_else(|| bad(name, element, "an address"))?,
-                port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
+            let parsed = (
+                address(addr, family),
+                port_of(port),
+                network(source, family),
             );
-            let network = network(source, family).ok_or_else(|| bad(name, element, "a network"))?;
-            listed
-                .state
-                .source_ranges
-                .entry(key)
-                .or_default()
-                .allowed
-                .push(network);
+            let (Some(addr), Some(port), Some(network)) = parsed else {
+                return Err(bad(name, element, "an address, a port and a network"));
+            };
+            let key = VsKey::new(*protocol, addr, port);
+            let ranges = listed.state.source_ranges.entry(key).or_default();
+            ranges.allowed.push(network);
         }
         Record::FromNode => {
             let [addr, proto, port, source] = fields else {
@@ -184,14 +178,7 @@ fn read_element(
             listed.state.source_ranges.entry(key).or_default().from_node = true;
         }
         Record::Service(frontend, policy) => {
-            let [addr, proto, port] = fields else {
-                return Err(bad(name, element, "addr . proto . port"));
-            };
-            let key = VsKey::new(
-                protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
-                address(addr, family).ok_or_else(|| bad(name, element, "an address"))?,
-                port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
-            );
+            let key = service_key(name, element, family, fields)?;
             if let Some(first) = origin.insert(key, name.to_string()) {
                 return Err(ParseError::Duplicate {
                     key,
@@ -205,11 +192,7 @@ fn read_element(
             let [vip, proto, vport, dest, dport] = fields else {
                 return Err(bad(name, element, "vip . proto . port . dest . port"));
             };
-            let key = VsKey::new(
-                protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
-                address(vip, family).ok_or_else(|| bad(name, element, "an address"))?,
-                port_of(vport).ok_or_else(|| bad(name, element, "a port"))?,
-            );
+            let key = vs_key(name, element, family, [vip, proto, vport])?;
             let dest = address(dest, family).ok_or_else(|| bad(name, element, "an address"))?;
             let dport = port_of(dport).ok_or_else(|| bad(name, element, "a port"))?;
             listed.state.destinations.insert((key, dest, dport));
@@ -218,15 +201,13 @@ fn read_element(
             let [dest, proto, port, source] = fields else {
                 return Err(bad(name, element, "dest . proto . port . dest"));
             };
-            let dest = address(dest, family).ok_or_else(|| bad(name, element, "an address"))?;
-            if address(source, family) != Some(dest) {
+            let key = vs_key(name, element, family, [dest, proto, port])?;
+            if address(source, family) != Some(key.address) {
                 return Err(bad(name, element, "the same address twice"));
             }
-            listed.hairpins.insert((
-                dest,
-                protocol(proto).ok_or_else(|| bad(name, element, "a protocol"))?,
-                port_of(port).ok_or_else(|| bad(name, element, "a port"))?,
-            ));
+            listed
+                .hairpins
+                .insert((key.address, key.protocol, key.port));
         }
     }
     Ok(())
@@ -245,6 +226,19 @@ fn normalise_source_ranges(listed: &mut ListedTable) {
             }
         }
     }
+}
+
+/// An `addr . proto . port` element's service.
+fn service_key(
+    set: &str,
+    element: &Value,
+    family: IpFamily,
+    fields: &[Value],
+) -> Result<VsKey, ParseError> {
+    let [addr, proto, port] = fields else {
+        return Err(bad(set, element, "addr . proto . port"));
+    };
+    vs_key(set, element, family, [addr, proto, port])
 }
 
 fn vs_key(
