@@ -457,7 +457,6 @@ impl Cluster {
             .map(|endpoint| self.build_endpoint(endpoint, family, zone_coverage, node_coverage))
             .collect();
         EndpointSlice {
-            namespace: service.key.namespace.clone(),
             name,
             service: service.key.clone(),
             family,

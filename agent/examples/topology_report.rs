@@ -360,7 +360,6 @@ fn slice(
     endpoints: Vec<Endpoint>,
 ) -> EndpointSlice {
     EndpointSlice {
-        namespace: "kube-system".to_owned(),
         name: name.to_owned(),
         service: owner.clone(),
         family: IpFamily::V4,

@@ -462,7 +462,8 @@ impl Serialize for Hints {
 /// An EndpointSlice, reduced to what a proxy needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EndpointSlice {
-    pub namespace: String,
+    /// The slice's own name; its namespace is its Service's (`service.namespace`): the API
+    /// ties a slice to a Service of its own namespace.
     pub name: String,
     /// From the `kubernetes.io/service-name` label, or for the slices of a ServiceImport
     /// from `multicluster.kubernetes.io/service-name` (the key's kind says which).

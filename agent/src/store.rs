@@ -37,7 +37,7 @@ impl SliceKey {
     pub fn of(slice: &EndpointSlice) -> Self {
         Self {
             owner: slice.service.kind,
-            namespace: slice.namespace.clone(),
+            namespace: slice.service.namespace.clone(),
             name: slice.name.clone(),
         }
     }

@@ -194,7 +194,6 @@ pub fn synthetic_slice(spec: &SyntheticSpec, index: usize) -> EndpointSlice {
         .map(|offset| synthetic_endpoint(spec, first.wrapping_add(offset)))
         .collect();
     EndpointSlice {
-        namespace: key.namespace.clone(),
         name: synthetic_slice_name(index),
         service: key,
         family: IpFamily::V4,

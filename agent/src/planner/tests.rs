@@ -108,7 +108,6 @@ pub(super) fn slice(
         .map(|e| IpFamily::of(&e.address))
         .unwrap_or(IpFamily::V4);
     EndpointSlice {
-        namespace: "default".to_owned(),
         name: name.to_owned(),
         service: ServiceKey::new("default", service),
         family,

@@ -107,10 +107,9 @@ fn slice_for(
     Some(EndpointSlice {
         service: ServiceKey {
             kind: owner,
-            namespace: namespace.clone(),
+            namespace,
             name: service_name.to_owned(),
         },
-        namespace,
         name,
         family,
         origin: slice_origin,
@@ -268,7 +267,6 @@ mod tests {
         assert_eq!(
             slice,
             Some(EndpointSlice {
-                namespace: "prod".into(),
                 name: "web-abc".into(),
                 service: ServiceKey::new("prod", "web"),
                 family: IpFamily::V6,
