@@ -466,7 +466,13 @@ pub(crate) fn start_index(service: &Service, tier: u32, count: u32, client: u32)
         };
         // SAFETY: the table stays whole while the program runs (RCU, see `TP_MAGLEV`).
         if let Some(table) = unsafe { TP_MAGLEV.get(key) } {
-            if let Some(&index) = table.indices.get(client as usize % MAGLEV_SIZE) {
+            let position = client as usize % MAGLEV_SIZE;
+            // LLVM turns `%` into a multiply and shifts whose bound the verifier cannot
+            // follow, and then drops `get`'s check as redundant: a volatile read hides the
+            // bound from LLVM, so the check stays and the verifier sees it.
+            // SAFETY: reads a local.
+            let position = unsafe { core::ptr::read_volatile(&position) };
+            if let Some(&index) = table.indices.get(position) {
                 let index = u32::from(index);
                 if index < count {
                     return index;
