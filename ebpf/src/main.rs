@@ -414,7 +414,7 @@ fn choose(
     let client = socket_client(ctx, service, cookie);
     let (tier, count) = tiers.draw(service, roll(service, client))?;
     let start = start_index(service, tier, count, client);
-    let (backend, slot) = pick(ctx, service.id, tier, count, start, cookie, vip, hook)?;
+    let (backend, slot) = pick(ctx, service.id, (tier, count), start, cookie, vip, hook)?;
     if let Some((key, now)) = affinity {
         let value = AffinityValue {
             backend,
@@ -491,8 +491,7 @@ pub(crate) fn start_index(service: &Service, tier: u32, count: u32, client: u32)
 fn pick(
     ctx: &SockAddrContext,
     service_id: u32,
-    tier: u32,
-    count: u32,
+    (tier, count): (u32, u32),
     start: u32,
     cookie: u64,
     vip: &Endpoint,
