@@ -330,6 +330,14 @@ impl Client {
         (failed, served)
     }
 
+    fn netns_cookie(&mut self) -> u64 {
+        let answer = self.ask("cookie");
+        match answer.strip_prefix("ok ").map(str::parse) {
+            Some(Ok(cookie)) => cookie,
+            _ => panic!("client answered {answer:?}"),
+        }
+    }
+
     fn udp_connected(&mut self, address: &str) -> (String, String) {
         let answer = self.ask(&format!("udpc {address} {PORT}"));
         parse_pair(&answer)
@@ -385,6 +393,12 @@ fn client_process() {
         let words: Vec<&str> = line.split_whitespace().collect();
         let answer = match words.as_slice() {
             ["hello"] => "ready".to_owned(),
+            // The cookie of the client's network namespace: what the socket programs hash
+            // for a consistent-hash (`sh`/`mh`) service.
+            ["cookie"] => match netns_cookie() {
+                Ok(cookie) => format!("ok {cookie}"),
+                Err(error) => format!("err {error}"),
+            },
             ["quit"] => return,
             ["tcp", ip, port] => match tcp_name(&target(ip, port)) {
                 Ok((name, peer, _)) => format!("ok {name} {peer}"),
@@ -530,6 +544,27 @@ fn client_process() {
 }
 
 /// Keeps this process on one CPU, so concurrent clients really run in parallel.
+/// `SO_NETNS_COOKIE` of a socket in this thread's network namespace.
+fn netns_cookie() -> std::io::Result<u64> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 fn pin_to_cpu(cpu: usize) -> std::io::Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity only touch it.
     let rc = unsafe {
@@ -2782,5 +2817,154 @@ fn resync_counters_read_the_maps_without_writing() {
     assert_eq!(
         entries_after, entries_before,
         "a service entry was rewritten"
+    );
+}
+
+// ---- consistent hashing (sh/mh) ----
+
+/// Client namespaces of their own (each a client of its own to the socket programs, which
+/// hash the namespace's cookie), each linked to the pods namespace by a veth pair; deleted on
+/// drop.
+struct ClientNamespaces {
+    names: Vec<String>,
+}
+
+impl ClientNamespaces {
+    fn new(world: &World, count: usize) -> Self {
+        let mut namespaces = Self { names: Vec::new() };
+        let pods = &world.pods_ns;
+        for i in 0..count {
+            let name = format!("tpe-k{i}-{}", world.id);
+            run(&format!("ip netns add {name}"));
+            namespaces.names.push(name.clone());
+            run(&format!(
+                "ip -n {name} link set lo up && \
+                 ip -n {name} link add tpk{i}c{id} type veth peer name tpk{i}p{id} netns {pods} && \
+                 ip -n {name} addr add 10.215.{i}.1/24 dev tpk{i}c{id} && \
+                 ip -n {pods} addr add 10.215.{i}.2/24 dev tpk{i}p{id} && \
+                 ip -n {name} link set tpk{i}c{id} up && ip -n {pods} link set tpk{i}p{id} up && \
+                 ip -n {name} route add 10.213.0.0/24 via 10.215.{i}.2",
+                id = world.id
+            ));
+        }
+        namespaces
+    }
+
+    fn clients(&self, world: &World) -> Vec<Client> {
+        self.names
+            .iter()
+            .map(|name| Client::spawn(&world.cgroup, &World::netns_path(name)))
+            .collect()
+    }
+}
+
+impl Drop for ClientNamespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+/// TCP and UDP services on [`VIP4`] with scheduler `mh` and `backends` in tier 0.
+fn hashed_services(backends: &[Backend]) -> ProgrammedTable {
+    let mut table = ProgrammedTable::new();
+    let tiered: Vec<(Backend, u8)> = backends.iter().map(|b| (*b, 0)).collect();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        service(&mut table, protocol, VIP4, &tiered, None);
+    }
+    for service in table.values_mut() {
+        service.config.scheduler = "mh".to_owned();
+    }
+    table
+}
+
+/// The backend Maglev gives the client with network namespace `cookie`: the agent's table
+/// of `backends` (it depends on the set, not the slot order) at the programs' hash.
+fn maglev_choice(backends: &[Backend], cookie: u64) -> String {
+    let endpoints: Vec<(IpAddr, u16)> = backends
+        .iter()
+        .map(|b| (b.v4.parse().expect("address"), PORT))
+        .collect();
+    let table = topoproxy::dataplane::ebpf::maglev::table(&endpoints).expect("a table");
+    let hash = topoproxy_common::client_hash(&[cookie as u32, (cookie >> 32) as u32, 0, 0], 0);
+    let index = table[hash as usize % topoproxy_common::MAGLEV_SIZE];
+    backends[usize::from(index)].name.to_owned()
+}
+
+/// Each client's backend over `rounds` TCP connects and as many UDP datagrams; every one
+/// must be the same.
+fn backends_held(clients: &mut [Client], rounds: usize) -> Vec<String> {
+    clients
+        .iter_mut()
+        .enumerate()
+        .map(|(i, client)| {
+            let first = client.tcp(VIP4).0;
+            for _ in 1..rounds {
+                assert_eq!(
+                    client.tcp(VIP4).0,
+                    first,
+                    "client {i} changed backend (TCP)"
+                );
+            }
+            for _ in 0..rounds {
+                assert_eq!(
+                    client.udp(VIP4).0,
+                    first,
+                    "client {i} changed backend (UDP)"
+                );
+            }
+            first
+        })
+        .collect()
+}
+
+/// Issue 29: `sh`/`mh` in eBPF mode. Clients in namespaces of their own keep their backend
+/// over repeated connects and datagrams (random choice moves them), get exactly the backend
+/// the Maglev table gives their hash, and when one backend is removed, its clients move and
+/// the others keep theirs (save where Maglev's own table moves one: computed, and counted).
+#[test]
+fn mh_services_keep_each_client_on_its_backend_when_another_is_removed() {
+    let world = World::new();
+    let namespaces = ClientNamespaces::new(&world, 6);
+    let mut dataplane = world.open();
+    let backends = [T0A, T0B, T1A, T1B];
+    sync(&mut dataplane, &hashed_services(&backends));
+    let mut clients = namespaces.clients(&world);
+    let cookies: Vec<u64> = clients.iter_mut().map(Client::netns_cookie).collect();
+
+    let before = backends_held(&mut clients, 10);
+    for (i, (held, cookie)) in before.iter().zip(&cookies).enumerate() {
+        assert_eq!(held, &maglev_choice(&backends, *cookie), "client {i}");
+    }
+
+    let removed = before[0].clone();
+    let remaining: Vec<Backend> = backends
+        .iter()
+        .copied()
+        .filter(|b| b.name != removed)
+        .collect();
+    sync(&mut dataplane, &hashed_services(&remaining));
+    let after = backends_held(&mut clients, 10);
+    let mut moved_by_maglev = 0;
+    for (i, ((old, new), cookie)) in before.iter().zip(&after).zip(&cookies).enumerate() {
+        assert_ne!(
+            new, &removed,
+            "client {i} still reaches the removed backend"
+        );
+        assert_eq!(new, &maglev_choice(&remaining, *cookie), "client {i}");
+        if old != &removed && old != new {
+            moved_by_maglev += 1;
+        }
+    }
+    let kept = before
+        .iter()
+        .zip(&after)
+        .filter(|(old, new)| *old != &removed && old == new)
+        .count();
+    let others = before.iter().filter(|old| *old != &removed).count();
+    eprintln!(
+        "mh removal: {kept} of {others} clients of other backends kept theirs \
+         ({moved_by_maglev} moved by the table)"
     );
 }

@@ -14,6 +14,7 @@ mod harness;
 #[macro_use]
 mod world;
 
+use std::collections::BTreeSet;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 
@@ -396,4 +397,89 @@ fn echo(
         return Err(std::io::Error::other(format!("bad echo {line:?}")));
     }
     Ok(())
+}
+
+/// The backend Maglev gives a client at `source` among `pods` (in the tc path the client's
+/// hash is its source address as the packet carries it).
+fn maglev_choice(pods: &[&'static str], source: &str) -> &'static str {
+    let endpoints: Vec<(std::net::IpAddr, u16)> = pods
+        .iter()
+        .map(|pod| (pod.parse().expect("pod"), POD_PORT))
+        .collect();
+    let table = topoproxy::dataplane::ebpf::maglev::table(&endpoints).expect("a table");
+    let source: std::net::Ipv4Addr = source.parse().expect("source");
+    let words = [u32::from_ne_bytes(source.octets()), 0, 0, 0];
+    let hash = topoproxy_common::client_hash(&words, 0);
+    let pod = pods[usize::from(table[hash as usize % topoproxy_common::MAGLEV_SIZE])];
+    if pod == LOCAL_POD {
+        "local"
+    } else {
+        "remote"
+    }
+}
+
+/// The backend (its name) each client source reaches over ten connections; each must be one.
+fn held_from(world: &World, sources: &[String], port: u16) -> Vec<String> {
+    sources
+        .iter()
+        .map(|source| {
+            let names: BTreeSet<String> = (0..10)
+                .map(|_| {
+                    let answer = tcp_from(world, source, NODE, port)
+                        .unwrap_or_else(|error| panic!("{source}: {error}"));
+                    answer.split_whitespace().next().unwrap_or("").to_owned()
+                })
+                .collect();
+            assert_eq!(names.len(), 1, "{source} reached {names:?}");
+            names.into_iter().next().unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Issue 29, `mh` in the tc path: clients outside the node, from fixed source addresses,
+/// each keep the backend the Maglev table gives their address over repeated connections
+/// (random choice moves them), move when it is removed and the others stay, and come back
+/// to it when it returns (the table depends only on the set of backends).
+#[test]
+fn an_mh_node_port_keeps_each_client_address_on_its_backend() {
+    let sources: Vec<String> = (10..18).map(|n| format!("10.77.0.{n}")).collect();
+    let world = World::new();
+    for source in &sources {
+        let status = std::process::Command::new(IP)
+            .args(["-n", &world.client, "addr", "add", &format!("{source}/24")])
+            .args(["dev", &format!("tnc{}", world.id)])
+            .status()
+            .expect("ip");
+        assert!(status.success(), "adding {source}");
+    }
+    let (mut dataplane, _) = world.attach(world.open());
+    let key = VsKey::new(Protocol::Tcp, NODE.parse().expect("node"), NODE_PORT);
+    let mut desired = table();
+    desired
+        .get_mut(&key)
+        .expect("the NodePort")
+        .config
+        .scheduler = "mh".to_owned();
+    sync(&mut dataplane, &desired);
+
+    let both = [LOCAL_POD, REMOTE_POD];
+    let before = held_from(&world, &sources, NODE_PORT);
+    for (source, held) in sources.iter().zip(&before) {
+        assert_eq!(held, maglev_choice(&both, source), "{source}");
+    }
+
+    // The remote pod goes: its clients move to the local one, the local one's stay.
+    let mut local_only = desired.clone();
+    local_only
+        .get_mut(&key)
+        .expect("the NodePort")
+        .destinations
+        .retain(|(address, _), _| *address == LOCAL_POD.parse::<std::net::IpAddr>().expect("pod"));
+    sync(&mut dataplane, &local_only);
+    let during = held_from(&world, &sources, NODE_PORT);
+    assert!(during.iter().all(|held| held == "local"), "{during:?}");
+
+    // Back again: every client returns to the backend it had.
+    sync(&mut dataplane, &desired);
+    assert_eq!(held_from(&world, &sources, NODE_PORT), before);
 }

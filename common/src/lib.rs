@@ -13,6 +13,13 @@
 //! `slot = tier << TIER_SHIFT | index` and `index < Service::tier_counts[tier]`. Each tier is a
 //! dense range, so the datapath picks `index = random % count` in the nearest tier whose count
 //! is not zero, and the agent adds, removes or moves one backend with O(1) map writes.
+//!
+//! # Maglev tables
+//!
+//! A service flagged [`flags::MAGLEV`] (IPVS scheduler `sh` or `mh`) also has, per non-empty
+//! tier of at most [`MAGLEV_SIZE`] backends, a [`MaglevTable`] in `TP_MAGLEV`: the datapath
+//! takes `index = table[client_hash % MAGLEV_SIZE]` instead of a random one, so a client keeps
+//! its backend while other backends come and go.
 
 #![no_std]
 
@@ -30,7 +37,12 @@ pub const SCHEDULER_LEN: usize = 16;
 /// ABI: an agent never opens maps of another layout. A new version starts with fresh maps and
 /// swaps the programs over once it has filled them. Bump the suffix whenever a key or value
 /// below changes size or meaning (version 1 pinned its maps in the pin directory itself).
-pub const MAPS_DIR: &str = "maps_v3";
+pub const MAPS_DIR: &str = "maps_v4";
+/// Entries of a [`MaglevTable`]: a prime (Maglev's permutation fill needs one), large enough
+/// that each of up to a hundred backends holds 10 or 11 entries (shares within 10% of each
+/// other; within 1% at ten backends), small enough that a table is 2 KiB, 20 MiB of kernel
+/// memory for 10,000 such Services. A tier with more backends has no table (random choice).
+pub const MAGLEV_SIZE: usize = 1021;
 /// The whole of a tier share: [`Service::tier_shares`] are parts per million.
 pub const SHARE_WHOLE: u32 = 1_000_000;
 
@@ -63,6 +75,9 @@ pub mod maps {
     /// or [`crate::FAMILY_V6`], for read-back; the programs look only for a match): the
     /// `loadBalancerSourceRanges` of the services flagged [`crate::flags::SOURCE_RANGES`].
     pub const SOURCE_RANGES: &str = "TP_SRC_RANGES";
+    /// [`crate::MaglevKey`] → [`crate::MaglevTable`]: the consistent-hash tables of the
+    /// services flagged [`crate::flags::MAGLEV`].
+    pub const MAGLEV: &str = "TP_MAGLEV";
 }
 
 /// [`LogConfig::events`] bits: the datapath events the programs can log (with aya-log).
@@ -94,6 +109,9 @@ pub mod limits {
     pub const BACKEND_STATS: u32 = 1_048_576;
     /// Source ranges of all services together.
     pub const SOURCE_RANGES: u32 = 65_536;
+    /// Maglev tables of all services together (one per non-empty tier of a `sh`/`mh`
+    /// service).
+    pub const MAGLEV_TABLES: u32 = 65_536;
 }
 
 /// `Service::flags` bits.
@@ -112,6 +130,14 @@ pub mod flags {
     /// With [`SOURCE_RANGES`]: a range holds the node's own address (kept for read-back;
     /// the datapath does not use it).
     pub const SOURCE_RANGES_FROM_NODE: u32 = 1 << 4;
+    /// Consistent hashing (scheduler `sh` or `mh`): a new connection's tier and backend come
+    /// from a hash of the client (its address in tc, its network namespace at the socket) and
+    /// the tier's [`crate::MaglevTable`], not from a random draw.
+    pub const MAGLEV: u32 = 1 << 5;
+    /// With [`MAGLEV`]: hash the client's source port too (IPVS's `sh-port`/`mh-port`). In tc
+    /// the packet's source port; at the socket, where the port is not chosen yet at connect,
+    /// the socket itself (its cookie), so each socket is a client of its own.
+    pub const HASH_SOURCE_PORT: u32 = 1 << 6;
 }
 
 /// A virtual service: VIP, port and IP protocol.
@@ -146,6 +172,53 @@ pub struct Service {
     pub tier_shares: [u32; MAX_TIERS],
     /// The scheduler name the agent was given (NUL-padded); the datapath ignores it.
     pub scheduler: [u8; SCHEDULER_LEN],
+}
+
+/// A `TP_MAGLEV` key: one tier of one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    pub tier: u32,
+}
+
+/// A tier's Maglev lookup table: each entry is the index of a backend slot in the tier
+/// (below the tier's count when the agent wrote it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub indices: [u16; MAGLEV_SIZE],
+}
+
+/// murmur3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2.
+#[inline(always)]
+pub const fn mix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
+
+/// The hash of a client the datapath looks up in a [`MaglevTable`] (entry `hash %
+/// MAGLEV_SIZE`): four words (an address as the maps keep it, or a cookie) and a fifth (the
+/// source port, or 0). Loop-free for the verifier; both sides compute it with this one
+/// definition.
+#[inline(always)]
+pub const fn client_hash(words: &[u32; 4], extra: u32) -> u32 {
+    let mut h = mix32(words[0] ^ 0x9e37_79b9);
+    h = mix32(h ^ words[1]);
+    h = mix32(h ^ words[2]);
+    h = mix32(h ^ words[3]);
+    mix32(h ^ extra)
+}
+
+/// The roll that draws a consistent-hash client's tier by share: another hash of the client,
+/// so the tier does not follow from its table entry.
+#[inline(always)]
+pub const fn tier_roll(client: u32) -> u32 {
+    mix32(client ^ 0x5bd1_e995)
 }
 
 /// The data of a `TP_SRC_RANGES` key: a service and a source address. The trie's prefix
@@ -292,6 +365,8 @@ mod user {
     unsafe impl aya::Pod for super::LogConfig {}
     unsafe impl aya::Pod for super::LogBudget {}
     unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::MaglevKey {}
+    unsafe impl aya::Pod for super::MaglevTable {}
 }
 
 // The layouts have no implicit padding: sizes are the sums of their fields.
@@ -308,4 +383,6 @@ const _: () = {
     assert!(size_of::<LogConfig>() == 8);
     assert!(size_of::<LogBudget>() == 16);
     assert!(size_of::<SourceRangeKey>() == 20);
+    assert!(size_of::<MaglevKey>() == 8);
+    assert!(size_of::<MaglevTable>() == 2 * MAGLEV_SIZE);
 };

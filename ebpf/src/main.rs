@@ -6,6 +6,11 @@
 //!   nearest non-empty tier when no tier has a share: kube-proxy's behaviour), pick a backend
 //!   at random in it (or keep the client's affine backend), rewrite the address and remember
 //!   socket → VIP in `TP_REV_NAT`.
+//! - A Service flagged for consistent hashing (scheduler `sh`/`mh`) draws its tier by a hash
+//!   of the client and takes the backend its tier's Maglev table (`TP_MAGLEV`) gives that
+//!   hash. The client is the socket's network namespace (its cookie: one per pod, and the
+//!   source address of an unbound socket is not known at connect), or the socket itself when
+//!   the Service also hashes source ports. A tier without a table is chosen in at random.
 //! - A Service with `loadBalancerSourceRanges` (flagged in its entry) is left untranslated:
 //!   the source of an unbound socket is unknown at connect. The tc programs enforce the
 //!   ranges for clients outside the node.
@@ -40,9 +45,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{error, info, warn};
 use topoproxy_common::{
-    flags, limits, log_events, AffinityKey, AffinityValue, Backend, BackendKey, BackendStats,
-    BackendStatsKey, Endpoint, LogBudget, LogConfig, RevNatKey, Service, ServiceKey, ServiceStats,
-    FAMILY_V4, FAMILY_V6, MAX_TIERS, TIER_SHIFT,
+    client_hash, flags, limits, log_events, tier_roll, AffinityKey, AffinityValue, Backend,
+    BackendKey, BackendStats, BackendStatsKey, Endpoint, LogBudget, LogConfig, MaglevKey,
+    MaglevTable, RevNatKey, Service, ServiceKey, ServiceStats, FAMILY_V4, FAMILY_V6, MAGLEV_SIZE,
+    MAX_TIERS, TIER_SHIFT,
 };
 
 /// Let the call go on.
@@ -60,6 +66,12 @@ static TP_SERVICES: HashMap<ServiceKey, Service> =
 #[map]
 static TP_BACKENDS: HashMap<BackendKey, Backend> =
     HashMap::pinned(limits::BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Replaced whole by the agent (not preallocated, as above): a program reads the old table or
+/// the new one, never a mix.
+#[map]
+static TP_MAGLEV: HashMap<MaglevKey, MaglevTable> =
+    HashMap::pinned(limits::MAGLEV_TABLES, BPF_F_NO_PREALLOC);
 
 #[map]
 static TP_REV_NAT: LruHashMap<RevNatKey, Endpoint> = LruHashMap::pinned(limits::REV_NAT, 0);
@@ -328,12 +340,13 @@ impl TierView {
     }
 
     /// The tier of a new connection, with its backend count: drawn by share among the
-    /// non-empty tiers, or the nearest non-empty one when none has a share.
+    /// non-empty tiers with `roll` (random, or a hash of a consistent-hash client), or the
+    /// nearest non-empty one when none has a share.
     #[inline(always)]
-    fn draw(&self, service: &Service) -> Option<(u32, u32)> {
+    fn draw(&self, service: &Service, roll: u32) -> Option<(u32, u32)> {
         let nearest = self.nearest?;
         if self.total_share != 0 {
-            let mut left = unsafe { bpf_get_prandom_u32() } % self.total_share;
+            let mut left = roll % self.total_share;
             let mut tier = 0;
             while tier < MAX_TIERS {
                 let count = u32::from(service.tier_counts[tier]);
@@ -353,7 +366,7 @@ impl TierView {
 }
 
 /// The backend for this client: its affine one while its tier still takes connections, else
-/// a random one of a tier drawn by share.
+/// one of a tier drawn by share (random, or by the client's hash and the tier's Maglev table).
 #[inline(always)]
 fn choose(
     ctx: &SockAddrContext,
@@ -398,8 +411,10 @@ fn choose(
         affinity = Some((key, now));
     }
 
-    let (tier, count) = tiers.draw(service)?;
-    let (backend, slot) = pick(ctx, service.id, tier, count, cookie, vip, hook)?;
+    let client = socket_client(ctx, service, cookie);
+    let (tier, count) = tiers.draw(service, roll(service, client))?;
+    let start = start_index(service, tier, count, client);
+    let (backend, slot) = pick(ctx, service.id, (tier, count), start, cookie, vip, hook)?;
     if let Some((key, now)) = affinity {
         let value = AffinityValue {
             backend,
@@ -411,7 +426,64 @@ fn choose(
     Some((backend, false))
 }
 
-/// A random backend of `tier` and its slot. For `sendmsg`, replies carry only the backend's
+/// The hash of the client of a consistent-hash service at the socket: its network namespace
+/// (one per pod; the socket's source address is not known at connect before bind), or the
+/// socket itself when the service hashes source ports (the port is not chosen yet either).
+/// 0 for other services, which do not use it.
+#[inline(always)]
+fn socket_client(ctx: &SockAddrContext, service: &Service, socket_cookie: u64) -> u32 {
+    if service.flags & flags::MAGLEV == 0 {
+        return 0;
+    }
+    let cookie = if service.flags & flags::HASH_SOURCE_PORT != 0 {
+        socket_cookie
+    } else {
+        unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+    };
+    client_hash(&[cookie as u32, (cookie >> 32) as u32, 0, 0], 0)
+}
+
+/// The roll that draws a new connection's tier: a hash of a consistent-hash client (it keeps
+/// its tier), a random number otherwise.
+#[inline(always)]
+pub(crate) fn roll(service: &Service, client: u32) -> u32 {
+    if service.flags & flags::MAGLEV != 0 {
+        tier_roll(client)
+    } else {
+        unsafe { bpf_get_prandom_u32() }
+    }
+}
+
+/// The index of the backend a new connection takes in `tier` (of `count` backends): the
+/// client's entry in the tier's Maglev table for a consistent-hash service, else (no table:
+/// more backends than it holds; or an entry beyond the count the program read) a random one.
+#[inline(always)]
+pub(crate) fn start_index(service: &Service, tier: u32, count: u32, client: u32) -> u32 {
+    if service.flags & flags::MAGLEV != 0 {
+        let key = MaglevKey {
+            service_id: service.id,
+            tier,
+        };
+        // SAFETY: the table stays whole while the program runs (RCU, see `TP_MAGLEV`).
+        if let Some(table) = unsafe { TP_MAGLEV.get(key) } {
+            let position = client as usize % MAGLEV_SIZE;
+            // LLVM turns `%` into a multiply and shifts whose bound the verifier cannot
+            // follow, and then drops `get`'s check as redundant: a volatile read hides the
+            // bound from LLVM, so the check stays and the verifier sees it.
+            // SAFETY: reads a local.
+            let position = unsafe { core::ptr::read_volatile(&position) };
+            if let Some(&index) = table.indices.get(position) {
+                let index = u32::from(index);
+                if index < count {
+                    return index;
+                }
+            }
+        }
+    }
+    (unsafe { bpf_get_prandom_u32() }) % count
+}
+
+/// The backend at `start` of `tier` and its slot. For `sendmsg`, replies carry only the backend's
 /// address, so a backend this socket already reaches for another VIP would make those replies
 /// ambiguous: the next few slots are tried for one that is free. If every candidate is taken
 /// (the VIPs share all their backends), the first stays and the last VIP asked wins.
@@ -419,13 +491,12 @@ fn choose(
 fn pick(
     ctx: &SockAddrContext,
     service_id: u32,
-    tier: u32,
-    count: u32,
+    (tier, count): (u32, u32),
+    start: u32,
     cookie: u64,
     vip: &Endpoint,
     hook: Hook,
 ) -> Option<(Endpoint, u32)> {
-    let start = unsafe { bpf_get_prandom_u32() } % count;
     let first = slot_backend(service_id, tier, start)?;
     if hook != Hook::Sendmsg || reply_is_free(cookie, &first, vip) {
         return Some((first, tier << TIER_SHIFT | start));

@@ -16,6 +16,9 @@
 //!   by the client's address), is DNATed and handed to the stack, which routes it to a local
 //!   pod or off the node. `externalTrafficPolicy: Local` Services hold only node-local tiers,
 //!   so the pod sees the client's address; with no local backend the packet is dropped.
+//!   A consistent-hash (`sh`/`mh`) Service draws the tier and takes the Maglev table's
+//!   backend by a hash of the packet's source address (and source port when flagged), so a
+//!   client keeps its backend while other backends come and go.
 //! - Under Cluster policy a DNATed packet the stack sends out through one of our devices is
 //!   for a remote backend: `tp_ns_egress` SNATs it to that device's node address with a port
 //!   from the configured range. The backend's replies come back to that address and port;
@@ -46,7 +49,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{info, warn};
 use topoproxy_common::{
-    flags, log_events,
+    client_hash, flags, log_events,
     north_south::{
         direction, limits, nat, AffinityKey, Config, Device, FlowKey, FlowNat, Masquerade,
         DEFAULT_SNAT_PORTS, MAX_CLUSTER_CIDRS,
@@ -55,7 +58,9 @@ use topoproxy_common::{
     SOURCE_RANGE_LOOKUP_BITS, TIER_SHIFT,
 };
 
-use crate::{count_backend, count_service, may_log, slot_backend, TierView, TP_SERVICES};
+use crate::{
+    count_backend, count_service, may_log, roll, slot_backend, start_index, TierView, TP_SERVICES,
+};
 
 /// Not ours: let the next program (tcx) or filter (netlink) see the packet.
 const NEXT: i32 = TC_ACT_UNSPEC;
@@ -719,7 +724,8 @@ fn choose(service: &Service, tiers: &TierView, packet: &Packet, chosen: &mut Cho
 }
 
 /// The backend for this client: its affine one while its tier still takes connections, else
-/// a random one of a tier drawn by share (the socket path's rule, keyed by client address).
+/// one of a tier drawn by share (the socket path's rule, keyed by client address; for a
+/// consistent-hash service, by the hash of the packet's source address, and port if flagged).
 #[inline(always)]
 fn affine_or_drawn(
     service: &Service,
@@ -727,8 +733,15 @@ fn affine_or_drawn(
     packet: &Packet,
 ) -> Option<(Endpoint, bool)> {
     let timeout_ns = u64::from(service.affinity_timeout) * 1_000_000_000;
-    let (tier, count) = tiers.draw(service)?;
-    let index = unsafe { bpf_get_prandom_u32() } % count;
+    let client = if service.flags & flags::MAGLEV == 0 {
+        0
+    } else if service.flags & flags::HASH_SOURCE_PORT != 0 {
+        client_hash(&packet.src, u32::from(packet.sport))
+    } else {
+        client_hash(&packet.src, 0)
+    };
+    let (tier, count) = tiers.draw(service, roll(service, client))?;
+    let index = start_index(service, tier, count, client);
     if timeout_ns == 0 {
         return slot_backend(service.id, tier, index).map(|backend| (backend, false));
     }

@@ -83,6 +83,12 @@ pub(super) fn vs_key(key: &ServiceKey) -> Option<VsKey> {
     Some(VsKey::new(protocol, address, port))
 }
 
+/// Whether the IPVS scheduler `name` hashes the client (source hashing `sh`, Maglev `mh`):
+/// in eBPF mode such a service gets Maglev tables and the [`flags::MAGLEV`] flag.
+pub(super) fn consistent_hash(name: &str) -> bool {
+    matches!(name, "sh" | "mh")
+}
+
 /// The service entry for `config`, with the given id and tier counts.
 pub(super) fn service_value(
     id: u32,
@@ -108,10 +114,15 @@ pub(super) fn service_value(
         ranges if ranges.from_node => flags::SOURCE_RANGES | flags::SOURCE_RANGES_FROM_NODE,
         _ => flags::SOURCE_RANGES,
     };
+    let hashing = if consistent_hash(&config.scheduler) {
+        flags::MAGLEV
+    } else {
+        0
+    };
     Service {
         id,
         affinity_timeout: config.persistence_timeout.unwrap_or(0),
-        flags: frontend | policy | firewall,
+        flags: frontend | policy | firewall | hashing,
         tier_counts,
         tier_shares: config.tier_shares.0,
         scheduler,

@@ -23,6 +23,20 @@
 //! are reused only after the grace period too, so an old entry never reads a new service's
 //! slots.
 //!
+//! # Maglev tables
+//!
+//! A service whose scheduler hashes the client (`sh`, `mh`) has one Maglev table per
+//! non-empty tier of at most `MAGLEV_SIZE` backends in `TP_MAGLEV` ([`super::maglev`]); its
+//! entries are slot indices. A table is replaced whole in one write, before the entry that
+//! counts the slots it names: removal moves the tier's last backend into the hole (the old
+//! table, until replaced, sends the removed backend's clients there and everyone else where
+//! they were), and an added backend's slot is written before any table names it. Tables no
+//! longer wanted (a tier emptied or grown past the table, a scheduler changed, a service
+//! deleted) are deleted after the entry that stops using them; the programs choose at
+//! random in a tier without a table, and take an entry only when it is below the count they
+//! read. The agent keeps a digest of each table the kernel holds, so an unchanged tier is not
+//! rewritten.
+//!
 //! # Source ranges
 //!
 //! A load-balancer frontend's `loadBalancerSourceRanges` sit in `TP_SRC_RANGES` under its id,
@@ -38,13 +52,14 @@
 //!   flagged, ranges under its id not wanted are deleted before anything else).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use topoproxy_common::{self as abi, MAX_TIERS, MAX_TIER_BACKENDS, TIER_SHIFT};
 
 use super::lb_maps::{LbMaps, LbRead};
-use super::{convert, EbpfError};
+use super::{convert, maglev, EbpfError};
 use crate::dataplane::op::{Destination, Op};
 use crate::dataplane::{
     error_chain, DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig,
@@ -70,6 +85,8 @@ pub(crate) struct Entry {
     positions: HashMap<(IpAddr, u16), (u8, u32)>,
     /// The entry the kernel holds; `None` before the first write.
     written: Option<abi::Service>,
+    /// A digest of each tier's Maglev table as the kernel holds it; `None`: no table.
+    tables: [Option<u64>; MAX_TIERS],
 }
 
 impl Entry {
@@ -81,7 +98,21 @@ impl Entry {
             tiers: Default::default(),
             positions: HashMap::new(),
             written: None,
+            tables: [None; MAX_TIERS],
         }
+    }
+
+    /// The Maglev table each tier should have: one per non-empty tier of a consistent-hash
+    /// service that fits in a table, none otherwise.
+    fn wanted_tables(&self) -> [Option<abi::MaglevTable>; MAX_TIERS] {
+        if !convert::consistent_hash(&self.config.scheduler) {
+            return [None; MAX_TIERS];
+        }
+        self.tiers.each_ref().map(|slots| {
+            let backends: Vec<(IpAddr, u16)> =
+                slots.iter().map(|slot| (slot.address, slot.port)).collect();
+            maglev::table(&backends).map(|indices| abi::MaglevTable { indices: *indices })
+        })
     }
 
     /// The id keying this service's slots and counters.
@@ -178,6 +209,20 @@ pub(crate) fn backend_key(id: u32, tier: usize, index: usize) -> abi::BackendKey
     }
 }
 
+fn maglev_key(id: u32, tier: usize) -> abi::MaglevKey {
+    abi::MaglevKey {
+        service_id: id,
+        tier: tier as u32,
+    }
+}
+
+/// What the agent remembers of a table the kernel holds.
+fn table_digest(table: &abi::MaglevTable) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    table.indices.hash(&mut hasher);
+    hasher.finish()
+}
+
 fn slot_position(key: &abi::BackendKey) -> (usize, u32) {
     (
         (key.slot >> TIER_SHIFT) as usize,
@@ -202,6 +247,9 @@ pub(crate) struct SlotLayout {
     ranges: BTreeMap<u32, BTreeSet<IpNetwork>>,
     /// Ids whose ranges no entry uses any more: deleted at the end of the next `apply`.
     stale_ranges: BTreeSet<u32>,
+    /// Maglev tables of deleted services (or found under no entry): deleted at the end of the
+    /// next `apply` unless an entry holding the id wrote its own since.
+    stale_tables: BTreeSet<abi::MaglevKey>,
     map_writes: u64,
 }
 
@@ -214,6 +262,7 @@ impl SlotLayout {
         layout.retire_orphans(maps)?;
         layout.release_retired(maps);
         layout.sweep_stale_ranges(maps);
+        layout.sweep_stale_tables(maps);
         Ok(layout)
     }
 
@@ -278,6 +327,35 @@ impl SlotLayout {
             .filter(|id| !flagged.contains(id))
             .copied()
             .collect();
+        let mut stale_tables = BTreeSet::new();
+        let by_id: HashMap<u32, VsKey> = entries
+            .iter()
+            .map(|(key, entry)| (entry.id, *key))
+            .collect();
+        for (table_key, table) in maps.maglev_tables()? {
+            let tier = table_key.tier as usize;
+            match by_id.get(&table_key.service_id) {
+                Some(key) if tier < MAX_TIERS => {
+                    if let Some(entry) = entries.get_mut(key) {
+                        entry.tables[tier] = Some(table_digest(&table));
+                    }
+                }
+                _ => {
+                    stale_tables.insert(table_key);
+                }
+            }
+        }
+        // Tables that differ from what the slots give (an agent stopped between a slot write
+        // and the table's) are rewritten, those not wanted deleted, by the entry's flush.
+        for (key, entry) in &entries {
+            let wanted = entry
+                .wanted_tables()
+                .map(|table| table.as_ref().map(table_digest));
+            if wanted != entry.tables {
+                repairs.push(*key);
+            }
+        }
+        self.stale_tables = stale_tables;
         self.ranges = ranges;
         self.entries = entries;
         self.pending.clear();
@@ -305,6 +383,7 @@ impl SlotLayout {
         }
         self.flush_all(maps, &mut failures);
         self.sweep_stale_ranges(maps);
+        self.sweep_stale_tables(maps);
         self.release_retired(maps);
         if failures.is_empty() {
             return Ok(());
@@ -433,6 +512,7 @@ impl SlotLayout {
             }
         }
         self.put_ranges(maps, id, &wanted)?;
+        let tables = self.put_tables(maps, key)?;
         if !unchanged {
             self.map_writes += 1;
             maps.put_service(raw_key, value)?;
@@ -440,7 +520,83 @@ impl SlotLayout {
                 entry.written = Some(value);
             }
         }
-        self.delete_ranges_but(maps, id, &wanted)
+        self.delete_ranges_but(maps, id, &wanted)?;
+        self.delete_unwanted_tables(maps, key, &tables)
+    }
+
+    /// Writes the Maglev tables of `key` that differ from what the kernel holds (before the
+    /// entry: see the module's documentation), and returns which tiers want one.
+    fn put_tables(
+        &mut self,
+        maps: &mut impl LbMaps,
+        key: &VsKey,
+    ) -> Result<[bool; MAX_TIERS], EbpfError> {
+        let entry = self.entries.get(key).ok_or(EbpfError::NoService(*key))?;
+        let id = entry.id;
+        let wanted = entry.wanted_tables();
+        for (tier, table) in wanted.iter().enumerate() {
+            let Some(table) = table else {
+                continue;
+            };
+            let digest = table_digest(table);
+            if entry_table(&self.entries, key, tier) == Some(digest) {
+                continue;
+            }
+            self.map_writes += 1;
+            maps.put_maglev_table(maglev_key(id, tier), table)?;
+            self.stale_tables.remove(&maglev_key(id, tier));
+            if let Some(entry) = self.entries.get_mut(key) {
+                entry.tables[tier] = Some(digest);
+            }
+        }
+        Ok(wanted.each_ref().map(Option::is_some))
+    }
+
+    /// Deletes the Maglev tables of `key` no tier wants (after the entry that stops using
+    /// them).
+    fn delete_unwanted_tables(
+        &mut self,
+        maps: &mut impl LbMaps,
+        key: &VsKey,
+        wanted: &[bool; MAX_TIERS],
+    ) -> Result<(), EbpfError> {
+        for (tier, &wants) in wanted.iter().enumerate() {
+            let Some(entry) = self.entries.get(key) else {
+                return Ok(());
+            };
+            if wants || entry.tables[tier].is_none() {
+                continue;
+            }
+            let id = entry.id;
+            self.map_writes += 1;
+            maps.delete_maglev_table(&maglev_key(id, tier))?;
+            if let Some(entry) = self.entries.get_mut(key) {
+                entry.tables[tier] = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the tables of deleted services, unless an entry now holding the id wrote its
+    /// own under the key since. What cannot be deleted now is tried again at the next `apply`.
+    fn sweep_stale_tables(&mut self, maps: &mut impl LbMaps) {
+        for key in std::mem::take(&mut self.stale_tables) {
+            let held = self.entries.values().any(|entry| {
+                entry.id == key.service_id
+                    && entry
+                        .tables
+                        .get(key.tier as usize)
+                        .is_some_and(Option::is_some)
+            });
+            if held {
+                continue;
+            }
+            self.map_writes += 1;
+            if let Err(error) = maps.delete_maglev_table(&key) {
+                tracing::warn!(error = %error_chain(&error), ?key, "deleting a deleted service's Maglev table failed; retrying at the next apply");
+                self.stale_tables.insert(key);
+            }
+        }
     }
 
     /// Puts the ranges of `wanted` the kernel does not hold under `id` yet. The agent's record
@@ -727,6 +883,11 @@ impl SlotLayout {
         }
         self.map_writes += 1;
         maps.delete_service_stats(entry.id);
+        for (tier, table) in entry.tables.iter().enumerate() {
+            if table.is_some() {
+                self.stale_tables.insert(maglev_key(entry.id, tier));
+            }
+        }
         if self.ranges.contains_key(&entry.id) {
             self.stale_ranges.insert(entry.id);
         }
@@ -812,6 +973,11 @@ fn decode_slots(
         }
     }
     Ok((tiers, complete))
+}
+
+/// The digest of the table the kernel holds for one tier of `key`.
+fn entry_table(entries: &BTreeMap<VsKey, Entry>, key: &VsKey, tier: usize) -> Option<u64> {
+    entries.get(key).and_then(|entry| entry.tables[tier])
 }
 
 fn is_counted(counted: &HashMap<u32, [u16; MAX_TIERS]>, key: &abi::BackendKey) -> bool {

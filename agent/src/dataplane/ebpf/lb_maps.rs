@@ -36,6 +36,17 @@ pub(crate) trait LbMaps: LbRead {
     fn put_source_range(&mut self, id: u32, range: IpNetwork) -> Result<(), EbpfError>;
     /// Removes one source range of service `id`; an absent one is not an error.
     fn delete_source_range(&mut self, id: u32, range: IpNetwork) -> Result<(), EbpfError>;
+    /// Every Maglev table (read back by the writer only: `topoproxy list` does not show them).
+    fn maglev_tables(&self) -> Result<Vec<(abi::MaglevKey, abi::MaglevTable)>, EbpfError>;
+    /// Creates or replaces one tier's Maglev table in one write (programs see the old table
+    /// or the new one).
+    fn put_maglev_table(
+        &mut self,
+        key: abi::MaglevKey,
+        table: &abi::MaglevTable,
+    ) -> Result<(), EbpfError>;
+    /// Removes one tier's Maglev table; an absent one is not an error.
+    fn delete_maglev_table(&mut self, key: &abi::MaglevKey) -> Result<(), EbpfError>;
     /// Drops one backend's counters (best effort: a leftover only shows until the id is reused).
     fn delete_backend_stats(&mut self, key: &abi::BackendStatsKey);
     /// Drops one service's counters (best effort, as above).

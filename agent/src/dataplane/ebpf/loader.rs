@@ -53,7 +53,7 @@ pub const PROGRAMS: [&str; 8] = [
 /// Where fresh maps are pinned until the programs switch to them.
 const STAGING_MAPS_DIR: &str = "maps_staging";
 
-const MAP_NAMES: [&str; 9] = [
+const MAP_NAMES: [&str; 10] = [
     maps::SERVICES,
     maps::BACKENDS,
     maps::REV_NAT,
@@ -63,6 +63,7 @@ const MAP_NAMES: [&str; 9] = [
     maps::LOG_CONFIG,
     maps::LOG_BUDGET,
     maps::SOURCE_RANGES,
+    maps::MAGLEV,
 ];
 
 /// What [`load`] found and did.
@@ -437,6 +438,7 @@ fn take_maps(ebpf: &mut Ebpf) -> Result<PinnedMaps, EbpfError> {
             .map_err(map_error(maps::LOG_CONFIG))?,
         source_ranges: LpmTrie::try_from(take(ebpf, maps::SOURCE_RANGES)?)
             .map_err(map_error(maps::SOURCE_RANGES))?,
+        maglev: HashMap::try_from(take(ebpf, maps::MAGLEV)?).map_err(map_error(maps::MAGLEV))?,
     })
 }
 

@@ -31,6 +31,8 @@ pub(crate) struct PinnedMaps {
     pub(super) log_config: Array<MapData, abi::LogConfig>,
     /// `loadBalancerSourceRanges`, read by the tc programs.
     pub(super) source_ranges: LpmTrie<MapData, abi::SourceRangeKey, u8>,
+    /// The Maglev tables of `sh`/`mh` services.
+    pub(super) maglev: HashMap<MapData, abi::MaglevKey, abi::MaglevTable>,
 }
 
 pub(super) fn map_error(
@@ -214,6 +216,29 @@ impl LbMaps for PinnedMaps {
         let (key, _) = convert::source_range_entry(id, range);
         ignore_missing(self.source_ranges.remove(&key), maps::SOURCE_RANGES)
             .inspect(|()| kernel_writes::done("eBPF source range deleted"))
+    }
+
+    fn maglev_tables(&self) -> Result<Vec<(abi::MaglevKey, abi::MaglevTable)>, EbpfError> {
+        self.maglev
+            .iter()
+            .map(|item| item.map_err(map_error(maps::MAGLEV, "iterate")))
+            .collect()
+    }
+
+    fn put_maglev_table(
+        &mut self,
+        key: abi::MaglevKey,
+        table: &abi::MaglevTable,
+    ) -> Result<(), EbpfError> {
+        self.maglev
+            .insert(key, table, 0)
+            .map_err(map_error(maps::MAGLEV, "update"))
+            .inspect(|()| kernel_writes::done("eBPF Maglev table put"))
+    }
+
+    fn delete_maglev_table(&mut self, key: &abi::MaglevKey) -> Result<(), EbpfError> {
+        ignore_missing(self.maglev.remove(key), maps::MAGLEV)
+            .inspect(|()| kernel_writes::done("eBPF Maglev table deleted"))
     }
 
     fn delete_backend_stats(&mut self, key: &abi::BackendStatsKey) {

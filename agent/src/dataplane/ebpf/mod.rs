@@ -6,6 +6,7 @@
 //! non-empty one when none has a share), so emptying a tier is one map write and the very next
 //! connect lands in the others, without waiting for the agent.
 //!
+//! - [`maglev`]: the consistent-hash tables of `sh`/`mh` services;
 //! - [`layout`]: where backends sit in the maps and the make-before-break write order (pure,
 //!   behind the [`lb_maps::LbMaps`] seam);
 //! - [`maps`]: the pinned maps behind that seam, and the counters;
@@ -23,6 +24,7 @@ mod layout;
 mod lb_maps;
 mod list;
 pub mod loader;
+pub mod maglev;
 mod maps;
 pub mod north_south;
 pub mod reserved_ports;

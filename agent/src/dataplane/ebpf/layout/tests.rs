@@ -40,6 +40,8 @@ struct FakeMaps {
     /// The ranges a flagged entry of each service may have while the test's change is
     /// written: those of the configuration before and after it.
     permitted: HashMap<abi::ServiceKey, BTreeSet<IpNetwork>>,
+    /// `TP_MAGLEV`.
+    tables: HashMap<abi::MaglevKey, abi::MaglevTable>,
 }
 
 impl FakeMaps {
@@ -95,6 +97,46 @@ impl FakeMaps {
         }
     }
 
+    /// A program reading a current entry flagged for consistent hashing finds a table for
+    /// each tier it counts (that fits one), and a program holding any entry it may still hold
+    /// finds, in the current table of a tier, only slots that are filled among those below
+    /// the count it read (it takes no other: `start_index`).
+    fn assert_tables_name_filled_slots(&self) {
+        for service in self.services.values() {
+            if service.flags & abi::flags::MAGLEV == 0 {
+                continue;
+            }
+            for (tier, &count) in service.tier_counts.iter().enumerate() {
+                if count == 0 || usize::from(count) > abi::MAGLEV_SIZE {
+                    continue;
+                }
+                assert!(
+                    self.tables.contains_key(&maglev_key(service.id, tier)),
+                    "service {} counts tier {tier} without its Maglev table",
+                    service.id
+                );
+            }
+        }
+        for service in self.readable.iter().chain(self.services.values()) {
+            if service.flags & abi::flags::MAGLEV == 0 {
+                continue;
+            }
+            for (tier, &count) in service.tier_counts.iter().enumerate() {
+                let Some(table) = self.tables.get(&maglev_key(service.id, tier)) else {
+                    continue;
+                };
+                for &index in table.indices.iter().filter(|&&i| i < count) {
+                    let slot = backend_key(service.id, tier, usize::from(index));
+                    assert!(
+                        self.backends.contains_key(&slot),
+                        "service {}'s Maglev table names empty slot {slot:?}",
+                        service.id
+                    );
+                }
+            }
+        }
+    }
+
     /// A program reading any current entry finds every slot it counts ("never torn").
     fn assert_counted_slots_filled(&self) {
         for service in self.services.values() {
@@ -146,6 +188,7 @@ impl LbMaps for FakeMaps {
         self.readable.push(value);
         self.assert_counted_slots_filled();
         self.assert_flagged_entries_have_their_ranges();
+        self.assert_tables_name_filled_slots();
         Ok(())
     }
 
@@ -171,6 +214,7 @@ impl LbMaps for FakeMaps {
         }
         self.backends.remove(key);
         self.assert_counted_slots_filled();
+        self.assert_tables_name_filled_slots();
         Ok(())
     }
 
@@ -191,6 +235,28 @@ impl LbMaps for FakeMaps {
             }
         }
         self.assert_flagged_entries_have_their_ranges();
+        Ok(())
+    }
+
+    fn maglev_tables(&self) -> Result<Vec<(abi::MaglevKey, abi::MaglevTable)>, EbpfError> {
+        Ok(self.tables.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn put_maglev_table(
+        &mut self,
+        key: abi::MaglevKey,
+        table: &abi::MaglevTable,
+    ) -> Result<(), EbpfError> {
+        self.write("maglev")?;
+        self.tables.insert(key, *table);
+        self.assert_tables_name_filled_slots();
+        Ok(())
+    }
+
+    fn delete_maglev_table(&mut self, key: &abi::MaglevKey) -> Result<(), EbpfError> {
+        self.write("maglev")?;
+        self.tables.remove(key);
+        self.assert_tables_name_filled_slots();
         Ok(())
     }
 
@@ -473,21 +539,65 @@ fn a_failing_first_write_of_a_cold_sync_names_the_op() {
     assert!(maps.backends.is_empty());
 }
 
-/// A desired table over a small universe: services 10..13, backends 1..6, tiers 0..3, and
-/// source ranges from [`RANGES`] (none: open).
+/// A desired table over a small universe: services 10..13, backends 1..6, tiers 0..3,
+/// source ranges from [`RANGES`] (none: open), scheduler `rr` or `mh` (Maglev tables).
 fn any_table() -> impl Strategy<Value = ProgrammedTable> {
     let backends = proptest::collection::btree_map(1u8..7, 0u8..3, 0..6);
     let ranges = proptest::collection::btree_set(0..RANGES.len(), 0..3);
-    proptest::collection::btree_map(10u8..13, (backends, ranges), 0..3).prop_map(|services| {
-        services
-            .into_iter()
-            .map(|(vip, (backends, ranges))| {
-                let backends: Vec<(u8, u8)> = backends.into_iter().collect();
-                let ranges: Vec<&str> = ranges.into_iter().map(|i| RANGES[i]).collect();
-                (vs(vip), firewalled(&backends, &ranges))
-            })
-            .collect::<BTreeMap<_, _>>()
-    })
+    let maglev = any::<bool>();
+    proptest::collection::btree_map(10u8..13, (backends, ranges, maglev), 0..3).prop_map(
+        |services| {
+            services
+                .into_iter()
+                .map(|(vip, (backends, ranges, maglev))| {
+                    let backends: Vec<(u8, u8)> = backends.into_iter().collect();
+                    let ranges: Vec<&str> = ranges.into_iter().map(|i| RANGES[i]).collect();
+                    let mut service = firewalled(&backends, &ranges);
+                    if maglev {
+                        service.config.scheduler = "mh".to_owned();
+                    }
+                    (vs(vip), service)
+                })
+                .collect::<BTreeMap<_, _>>()
+        },
+    )
+}
+
+/// The kernel holds exactly one Maglev table per non-empty tier of each `mh` service, and
+/// each is the table of the tier's backends in slot order.
+fn assert_only_wanted_tables(maps: &FakeMaps, desired: &ProgrammedTable) {
+    let mut expected = HashMap::new();
+    for (key, service) in desired {
+        if service.config.scheduler != "mh" {
+            continue;
+        }
+        let id = maps.services[&convert::service_key(key)].id;
+        for tier in 0..MAX_TIERS {
+            let backends: Vec<(IpAddr, u16)> = (0..)
+                .map_while(|index| {
+                    let backend = maps.backends.get(&backend_key(id, tier, index))?;
+                    let counted = index
+                        < usize::from(maps.services[&convert::service_key(key)].tier_counts[tier]);
+                    counted
+                        .then(|| convert::from_endpoint(&backend.endpoint))
+                        .flatten()
+                })
+                .collect();
+            if let Some(table) = maglev::table(&backends) {
+                expected.insert(maglev_key(id, tier), table);
+            }
+        }
+    }
+    assert_eq!(
+        maps.tables.len(),
+        expected.len(),
+        "tables held: {:?}",
+        maps.tables.keys()
+    );
+    for (key, table) in &expected {
+        let held = maps.tables.get(key).map(|held| held.indices);
+        assert_eq!(held.as_ref(), Some(&**table), "table {key:?}");
+    }
 }
 
 /// Source ranges the tests draw from (disjoint, as the planner leaves them).
@@ -560,11 +670,13 @@ proptest! {
             permit(&mut maps, &before, desired);
             prop_assert_eq!(sync(&mut layout, &mut maps, desired), Ok(()));
             assert_only_flagged_ranges(&maps, desired);
+            assert_only_wanted_tables(&maps, desired);
             before = desired.clone();
             prop_assert_eq!(&read_back(&mut maps), desired);
             prop_assert_eq!(&layout.table(), desired);
         }
-        // Nothing but counted slots is left once the last grace period passed.
+        // Nothing but counted slots is left once the last grace period passed, and the
+        // tables of a deleted service went with it.
         let counted: usize = maps.services.values().map(|s| counted_slots(s).count()).sum();
         prop_assert_eq!(maps.backends.len(), counted);
     }
@@ -757,4 +869,133 @@ fn a_failed_range_write_keeps_every_flagged_entry_within_its_ranges_and_converge
         assert_eq!(read_back(&mut maps), after, "write {failing}");
         assert_only_flagged_ranges(&maps, &after);
     }
+}
+
+/// `service(backends)` with scheduler `mh`.
+fn hashed(backends: &[(u8, u8)]) -> ProgrammedService {
+    let mut service = service(backends);
+    service.config.scheduler = "mh".to_owned();
+    service
+}
+
+/// Which backend each entry of a tier's table names, as a program would resolve it.
+fn resolved(maps: &FakeMaps, vip: u8, tier: usize) -> Vec<IpAddr> {
+    let service = maps.services[&convert::service_key(&vs(vip))];
+    let Some(table) = maps.tables.get(&maglev_key(service.id, tier)) else {
+        panic!("no table for tier {tier}");
+    };
+    table
+        .indices
+        .iter()
+        .map(|&index| {
+            assert!(index < service.tier_counts[tier], "entry beyond the count");
+            match slot_of(maps, vip, tier, usize::from(index)) {
+                Some(address) => address,
+                None => panic!("table names empty slot {index}"),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn an_mh_service_has_a_table_per_tier_only_while_it_hashes() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let mut desired = ProgrammedTable::new();
+    desired.insert(vs(10), hashed(&[(1, 0), (2, 0), (3, 1)]));
+    desired.insert(vs(11), service(&[(4, 0)]));
+    assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()));
+    let id = maps.services[&convert::service_key(&vs(10))].id;
+    let flags = maps.services[&convert::service_key(&vs(10))].flags;
+    assert_ne!(flags & abi::flags::MAGLEV, 0);
+    let mut held: Vec<abi::MaglevKey> = maps.tables.keys().copied().collect();
+    held.sort_by_key(|key| (key.service_id, key.tier));
+    assert_eq!(held, [maglev_key(id, 0), maglev_key(id, 1)]);
+    assert_eq!(
+        resolved(&maps, 10, 1),
+        vec![backend_address(3); abi::MAGLEV_SIZE]
+    );
+    // An unchanged sync writes nothing, tables included.
+    let writes = maps.writes;
+    assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()));
+    assert_eq!(maps.writes, writes);
+    // A fresh agent reads the same tables back and rewrites none.
+    let mut fresh = match SlotLayout::read(&mut maps) {
+        Ok(layout) => layout,
+        Err(error) => panic!("{error}"),
+    };
+    assert_eq!(sync(&mut fresh, &mut maps, &desired), Ok(()));
+    assert_eq!(maps.writes, writes);
+
+    // Back to rr: the entry stops hashing first, then the tables go.
+    desired.insert(vs(10), service(&[(1, 0), (2, 0), (3, 1)]));
+    assert_eq!(sync(&mut fresh, &mut maps, &desired), Ok(()));
+    assert!(maps.tables.is_empty());
+    assert_eq!(
+        maps.services[&convert::service_key(&vs(10))].flags & abi::flags::MAGLEV,
+        0
+    );
+
+    // Hashing again, then deleted: the tables go with the service.
+    desired.insert(vs(10), hashed(&[(1, 0), (2, 0), (3, 1)]));
+    assert_eq!(sync(&mut fresh, &mut maps, &desired), Ok(()));
+    assert_eq!(maps.tables.len(), 2);
+    desired.remove(&vs(10));
+    assert_eq!(sync(&mut fresh, &mut maps, &desired), Ok(()));
+    assert!(maps.tables.is_empty());
+}
+
+/// Through the slot layout (the last backend moves into the hole, the table is rewritten
+/// before the entry): clients of the remaining backends keep theirs, within Maglev's
+/// tolerance at ten backends (at most 4% move: `maglev::tests`).
+#[test]
+fn removing_a_backend_moves_only_its_clients_through_the_layout() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let all: Vec<(u8, u8)> = (1..=10).map(|n| (n, 0)).collect();
+    let mut desired = ProgrammedTable::new();
+    desired.insert(vs(10), hashed(&all));
+    assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()));
+    let before = resolved(&maps, 10, 0);
+    desired.insert(vs(10), hashed(&all[1..]));
+    assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()));
+    let after = resolved(&maps, 10, 0);
+    let removed = backend_address(1);
+    assert!(!after.contains(&removed));
+    let needless = before
+        .iter()
+        .zip(&after)
+        .filter(|(old, new)| **old != removed && old != new)
+        .count();
+    assert!(
+        needless * 100 <= abi::MAGLEV_SIZE * 4,
+        "{needless} of {} clients of other backends moved",
+        abi::MAGLEV_SIZE
+    );
+}
+
+#[test]
+fn reading_back_rewrites_a_table_an_interrupted_agent_left_stale() {
+    let mut maps = FakeMaps::default();
+    let mut layout = SlotLayout::default();
+    let mut desired = ProgrammedTable::new();
+    desired.insert(vs(10), hashed(&[(1, 0), (2, 0)]));
+    assert_eq!(sync(&mut layout, &mut maps, &desired), Ok(()));
+    let id = maps.services[&convert::service_key(&vs(10))].id;
+    // As if the agent died before the table write: every entry names slot 0, and a table
+    // is left under an id no service holds.
+    maps.tables.insert(
+        maglev_key(id, 0),
+        abi::MaglevTable {
+            indices: [0; abi::MAGLEV_SIZE],
+        },
+    );
+    maps.tables.insert(
+        maglev_key(id + 7, 0),
+        abi::MaglevTable {
+            indices: [0; abi::MAGLEV_SIZE],
+        },
+    );
+    assert_eq!(read_back(&mut maps), desired);
+    assert_only_wanted_tables(&maps, &desired);
 }
