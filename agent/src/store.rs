@@ -34,6 +34,15 @@ impl SliceKey {
         }
     }
 
+    /// The key of the Service (or ServiceImport) named `name` that this slice feeds.
+    fn owner_named(&self, name: &str) -> ServiceKey {
+        ServiceKey {
+            kind: self.owner,
+            namespace: self.namespace.clone(),
+            name: name.to_owned(),
+        }
+    }
+
     pub fn of(slice: &EndpointSlice) -> Self {
         Self {
             owner: slice.service.kind,
@@ -51,7 +60,9 @@ pub struct Store {
     /// A Service has one slice or a few: a sorted vector of exactly that many, where a
     /// B-tree would allocate a leaf of eleven slices for each Service.
     slices: HashMap<ServiceKey, Vec<EndpointSlice>>,
-    slice_owner: HashMap<SliceKey, ServiceKey>,
+    /// The name of the Service (or ServiceImport) each slice feeds; its namespace and kind are
+    /// the slice key's, so only the name is held.
+    slice_owner: HashMap<SliceKey, Box<str>>,
     nodes: BTreeMap<String, Node>,
     localities: Localities,
     /// The node and zone names and the hint sets of every endpoint, each held once (the
@@ -214,7 +225,10 @@ impl Store {
         let slice_key = SliceKey::of(&slice);
         let owner = slice.service.clone();
         let mut affected = Vec::with_capacity(2);
-        if let Some(previous) = self.slice_owner.insert(slice_key.clone(), owner.clone()) {
+        let previous = self
+            .slice_owner
+            .insert(slice_key.clone(), owner.name.as_str().into());
+        if let Some(previous) = previous.map(|name| slice_key.owner_named(&name)) {
             if previous != owner {
                 self.detach_slice(&previous, &slice_key.name);
                 affected.push(previous);
@@ -257,7 +271,7 @@ impl Store {
 
     /// Removes a slice; returns the Service key whose endpoints changed.
     pub fn remove_slice(&mut self, slice: &SliceKey) -> Option<ServiceKey> {
-        let owner = self.slice_owner.remove(slice)?;
+        let owner = slice.owner_named(&self.slice_owner.remove(slice)?);
         self.detach_slice(&owner, &slice.name);
         Some(owner)
     }
@@ -355,9 +369,9 @@ impl Store {
 
     /// One slice by key.
     pub fn slice(&self, key: &SliceKey) -> Option<&EndpointSlice> {
-        let owner = self.slice_owner.get(key)?;
+        let owner = key.owner_named(self.slice_owner.get(key)?);
         self.slices
-            .get(owner)?
+            .get(&owner)?
             .iter()
             .find(|slice| slice.name == key.name)
     }
