@@ -663,7 +663,7 @@ fn udp_two_vips(first: &SocketAddr, second: &SocketAddr) -> std::io::Result<Stri
 
 fn config(persistence_timeout: Option<u32>) -> ServiceConfig {
     ServiceConfig {
-        scheduler: "rr".to_owned(),
+        scheduler: topoproxy::scheduler::Scheduler::default(),
         persistence_timeout,
         frontend: Frontend::ClusterIP,
         traffic_policy: TrafficPolicy::Cluster,

@@ -24,6 +24,7 @@ pub mod node_addresses;
 pub mod node_cidr;
 pub mod planner;
 pub mod render;
+pub mod scheduler;
 pub mod source;
 pub mod state;
 pub mod store;

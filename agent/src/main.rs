@@ -17,6 +17,7 @@ use topoproxy::model::LocalityPolicy;
 use topoproxy::node_addresses::NodePortAddresses;
 use topoproxy::planner::{self, explain, PlanConfig};
 use topoproxy::render;
+use topoproxy::scheduler::Scheduler;
 use topoproxy::source::file;
 
 mod node_setup;
@@ -79,8 +80,9 @@ enum Command {
         /// chosen or left out.
         #[arg(long)]
         explain: bool,
-        /// IPVS scheduler for every virtual server.
-        #[arg(long, default_value = planner::DEFAULT_SCHEDULER)]
+        /// IPVS scheduler (and flags, e.g. `mh,mh-port`) for Services without a
+        /// `topoproxy.io/ipvs-scheduler` annotation.
+        #[arg(long, default_value = "rr")]
         ipvs_scheduler: String,
         /// Services labelled `service.kubernetes.io/service-proxy-name` with another value are
         /// left to that proxy.
@@ -276,8 +278,10 @@ fn run(command: Command) -> Result<(), Failure> {
             init_logging(log_format);
             let node_port_addresses = NodePortAddresses::parse(&nodeport_addresses)
                 .map_err(|error| Failure::Usage(error.to_string()))?;
+            let scheduler = Scheduler::parse(&ipvs_scheduler)
+                .map_err(|why| Failure::Usage(format!("ipvs-scheduler {why}")))?;
             let config = PlanConfig {
-                scheduler: ipvs_scheduler,
+                scheduler,
                 proxy_name: service_proxy_name,
                 default_locality: topology_default,
                 cluster_id: cluster_id

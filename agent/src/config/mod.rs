@@ -100,7 +100,8 @@ pub struct RunOptions {
     /// Where `/metrics` and `/plan` are served [default: 127.0.0.1:10249].
     #[arg(long)]
     pub metrics_bind_address: Option<SocketAddr>,
-    /// IPVS scheduler for every virtual server [default: rr].
+    /// IPVS scheduler, with its flags (`mh,mh-port`), for Services without a
+    /// `topoproxy.io/ipvs-scheduler` annotation [default: rr].
     #[arg(long)]
     pub ipvs_scheduler: Option<String>,
     /// This proxy's name for the `service.kubernetes.io/service-proxy-name` label
@@ -277,8 +278,11 @@ pub enum ConfigError {
     ZeroPeriod { setting: &'static str },
     #[error("no node name: pass --hostname-override or set NODE_NAME (the hostname is unknown)")]
     NoNodeName,
-    #[error("ipvs-scheduler must not be empty")]
-    EmptyScheduler,
+    #[error("ipvs-scheduler: {value:?} {why}")]
+    Scheduler {
+        value: String,
+        why: crate::scheduler::SchedulerError,
+    },
     #[error("north-south-interfaces: {0:?} is not auto, none or a list of interface names")]
     NorthSouthInterfaces(String),
     #[error("snat-port-range: {0:?} is not a port range like 61000-65535")]
@@ -434,13 +438,11 @@ pub fn resolve(
         flags.sync_period.or(file.sync_period),
         DEFAULT_SYNC_PERIOD,
     )?;
-    let scheduler = flags
-        .ipvs_scheduler
-        .or(file.ipvs_scheduler)
-        .unwrap_or_else(|| PlanConfig::default().scheduler);
-    if scheduler.trim().is_empty() {
-        return Err(ConfigError::EmptyScheduler);
-    }
+    let scheduler = match flags.ipvs_scheduler.or(file.ipvs_scheduler) {
+        None => PlanConfig::default().scheduler,
+        Some(value) => crate::scheduler::Scheduler::parse(&value)
+            .map_err(|why| ConfigError::Scheduler { value, why })?,
+    };
     // IPVS mode's nft rule and eBPF mode's tc path masquerade by the same settings.
     let masquerade_all = flags.masquerade_all.or(file.masquerade_all);
     let cluster_cidrs = cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?;
@@ -469,7 +471,7 @@ pub fn resolve(
             .or(file.metrics_bind_address)
             .unwrap_or(DEFAULT_METRICS_BIND_ADDRESS),
         plan: PlanConfig {
-            scheduler: scheduler.trim().to_owned(),
+            scheduler,
             proxy_name: flags
                 .service_proxy_name
                 .or(file.service_proxy_name)

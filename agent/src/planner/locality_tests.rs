@@ -379,7 +379,7 @@ fn serving_terminating_endpoints_are_the_last_resort_as_in_kube_proxy() {
 #[test]
 fn weighted_schedulers_are_kept_and_weight_blind_ones_replaced() {
     let config = |scheduler: &str| PlanConfig {
-        scheduler: scheduler.to_owned(),
+        scheduler: crate::scheduler::Scheduler::parse(scheduler).expect("scheduler"),
         ..PlanConfig::default()
     };
     assert_eq!(config("rr").scheduler_for(LocalityPolicy::KubeProxy), "rr");

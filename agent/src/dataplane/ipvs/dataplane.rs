@@ -25,6 +25,7 @@ use crate::dataplane::{
     error_chain, Dataplane, DataplaneError, DestinationState, FailedOp, ProgrammedService,
     ProgrammedTable, ServiceConfig, TierShares,
 };
+use crate::scheduler::Scheduler;
 use crate::table::{Frontend, TrafficPolicy, VsKey};
 
 use super::commands::{
@@ -305,7 +306,7 @@ impl IpvsDataplane {
             .collect();
         Ok(ProgrammedService {
             config: ServiceConfig {
-                scheduler: service.scheduler,
+                scheduler: Scheduler::from_kernel(&service.scheduler, service.scheduler_flags),
                 persistence_timeout: service.persistence_timeout,
                 frontend,
                 traffic_policy,

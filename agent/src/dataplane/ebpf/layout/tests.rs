@@ -221,7 +221,7 @@ fn backend_address(n: u8) -> IpAddr {
 
 fn config() -> ServiceConfig {
     ServiceConfig {
-        scheduler: "rr".to_owned(),
+        scheduler: crate::scheduler::Scheduler::default(),
         persistence_timeout: None,
         frontend: Frontend::ClusterIP,
         traffic_policy: TrafficPolicy::Cluster,

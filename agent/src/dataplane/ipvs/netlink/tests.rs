@@ -118,6 +118,7 @@ fn service(
     IpvsService {
         id: id(protocol, address, port),
         scheduler: scheduler.into(),
+        scheduler_flags: 0,
         persistence_timeout: persistence,
     }
 }
