@@ -1078,6 +1078,7 @@ fn a_pods_connected_udp_socket_follows_a_removed_backend_when_the_agent_sees_no_
         }],
         prefer_same_zone: false,
         topology: None,
+        ipvs_scheduler: None,
         endpoints: vec![endpoint(T0A), endpoint(T0B)],
     }];
     fixture.write();
@@ -2448,6 +2449,7 @@ fn many_services(count: usize, backends_each: usize, generation: u8) -> Vec<clus
             }],
             prefer_same_zone: false,
             topology: None,
+            ipvs_scheduler: None,
             endpoints: (0..backends_each)
                 .map(|b| cluster::Endpoint {
                     address: std::net::Ipv4Addr::new(
