@@ -278,11 +278,8 @@ pub enum ConfigError {
     ZeroPeriod { setting: &'static str },
     #[error("no node name: pass --hostname-override or set NODE_NAME (the hostname is unknown)")]
     NoNodeName,
-    #[error("ipvs-scheduler: {value:?} {why}")]
-    Scheduler {
-        value: String,
-        why: crate::scheduler::SchedulerError,
-    },
+    #[error("ipvs-scheduler {0}")]
+    Scheduler(crate::scheduler::SchedulerError),
     #[error("north-south-interfaces: {0:?} is not auto, none or a list of interface names")]
     NorthSouthInterfaces(String),
     #[error("snat-port-range: {0:?} is not a port range like 61000-65535")]
@@ -440,8 +437,9 @@ pub fn resolve(
     )?;
     let scheduler = match flags.ipvs_scheduler.or(file.ipvs_scheduler) {
         None => PlanConfig::default().scheduler,
-        Some(value) => crate::scheduler::Scheduler::parse(&value)
-            .map_err(|why| ConfigError::Scheduler { value, why })?,
+        Some(value) => {
+            crate::scheduler::Scheduler::parse(&value).map_err(ConfigError::Scheduler)?
+        }
     };
     // IPVS mode's nft rule and eBPF mode's tc path masquerade by the same settings.
     let masquerade_all = flags.masquerade_all.or(file.masquerade_all);
@@ -752,6 +750,38 @@ mod tests {
             }),
             Err(ConfigError::NorthSouthInterfaces(_))
         ));
+    }
+
+    #[test]
+    fn ipvs_scheduler_is_parsed_or_refused_naming_the_setting() {
+        let resolved = |options: RunOptions| {
+            resolve(options, RunOptions::default(), fallbacks(None, Some("n")))
+        };
+        for (scheduler, message) in [
+            (" ", "ipvs-scheduler is empty"),
+            (
+                "maglev",
+                r#"ipvs-scheduler "maglev" is not an IPVS scheduler"#,
+            ),
+            (
+                "rr,rr-port",
+                r#"ipvs-scheduler flag "rr-port" is not one of rr's"#,
+            ),
+        ] {
+            let error = resolved(RunOptions {
+                ipvs_scheduler: Some(scheduler.to_owned()),
+                ..RunOptions::default()
+            })
+            .map(|_| ())
+            .expect_err(scheduler);
+            assert!(error.to_string().starts_with(message), "{error}");
+        }
+        let settings = resolved(RunOptions {
+            ipvs_scheduler: Some("mh,mh-port".to_owned()),
+            ..RunOptions::default()
+        })
+        .expect("mh,mh-port resolves");
+        assert_eq!(settings.plan.scheduler, "mh,mh-port");
     }
 
     #[test]
