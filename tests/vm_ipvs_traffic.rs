@@ -551,13 +551,17 @@ impl Drop for ClientAddresses {
     }
 }
 
-/// The backends that answered `flows` UDP requests from `client`, each from a fresh source
-/// port (a new IPVS connection, scheduled anew).
+/// The backends that answered `flows` UDP requests from `client`, each from a source port
+/// never used before in this test (a new IPVS connection, scheduled anew: a port the kernel
+/// picked again would meet the IPVS connection of its earlier flow, under the old scheduler).
 fn udp_answers_from(client: Ipv4Addr, flows: usize) -> BTreeSet<String> {
+    static NEXT_PORT: AtomicUsize = AtomicUsize::new(20_000);
     (0..flows)
         .map(|i| {
+            let port = u16::try_from(NEXT_PORT.fetch_add(1, Ordering::Relaxed))
+                .expect("fewer than 45,000 flows");
             let ask = || -> std::io::Result<String> {
-                let socket = std::net::UdpSocket::bind((client, 0))?;
+                let socket = std::net::UdpSocket::bind((client, port))?;
                 socket.set_read_timeout(Some(netns::ANSWER_TIMEOUT))?;
                 socket.send_to(b"?", udp_vip())?;
                 let mut buf = [0u8; 512];
