@@ -581,6 +581,34 @@ fn under_a_locality_policy_a_services_weight_blind_scheduler_becomes_weighted() 
 }
 
 #[test]
+fn explain_names_a_services_own_scheduler_and_what_weights_make_of_it() {
+    let nodes = four_nodes();
+    let text = |locality, scheduler| {
+        let store = cluster(
+            &nodes,
+            dns_scheduled(locality, scheduler),
+            vec![dns_slice(one_per_node())],
+        );
+        let explained = explain::explain(&store, &nodes[0], &PlanConfig::default());
+        explain::render_text(&explained, &nodes[0])
+    };
+    let zone = text(Some(LocalityPolicy::Zone), Some("rr"));
+    assert!(
+        zone.contains(
+            "  IPVS scheduler: rr (annotation topoproxy.io/ipvs-scheduler); wrr where the \
+             locality policy weights the tiers\n"
+        ),
+        "{zone}"
+    );
+    let plain = text(None, Some("mh,mh-port"));
+    assert!(
+        plain.contains("  IPVS scheduler: mh,mh-port (annotation topoproxy.io/ipvs-scheduler)\n"),
+        "{plain}"
+    );
+    assert!(!text(None, None).contains("IPVS scheduler"));
+}
+
+#[test]
 fn changing_a_services_scheduler_is_one_service_edit() {
     let nodes = four_nodes();
     let programmed = |scheduler: Option<&str>| {
