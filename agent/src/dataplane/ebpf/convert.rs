@@ -234,6 +234,15 @@ mod tests {
         assert_eq!(value.tier_shares[1], 300_000);
         assert_eq!(value.tier_counts[1], 2);
         assert_eq!(value.flags & flags::SOURCE_RANGES, 0);
+        // The scheduler and its flags come back too (the name, then a flag byte at the end).
+        for text in ["mh,mh-fallback,mh-port", "sh,sh-port", "lblcr"] {
+            let config = ServiceConfig {
+                scheduler: crate::scheduler::Scheduler::parse(text).expect("scheduler"),
+                ..config.clone()
+            };
+            let value = service_value(7, &config, [1, 2, 0, 0, 0, 0, 0, 0]);
+            assert_eq!(service_config(&value, &[]), config, "{text}");
+        }
     }
 
     #[test]
