@@ -689,12 +689,15 @@ fn the_ipvs_scheduler_annotation_keeps_clients_on_their_backend() {
         sh_moved.len(),
     );
 
-    // Flags: an edit of the same scheduler with mh-port reaches the kernel and reads back.
+    // Flags: an edit of the same scheduler with its flags reaches the kernel, reads back
+    // (the listing converges on the plan), and ipvsadm prints them as topoproxy does.
     set_scheduler(&mut world, "mh,mh-fallback,mh-port");
     let shown = ipvsadm(&["-Ln"]);
+    let line = format!("UDP  {VIP}:{UDP_PORT} mh (mh-fallback,mh-port)");
     assert!(
-        shown.contains("mh-fallback") && shown.contains("mh-port"),
-        "ipvsadm -Ln shows the flags:\n{shown}"
+        shown.lines().any(|l| l == line) && list_owned().lines().any(|l| l == line),
+        "ipvsadm -Ln and topoproxy list show {line:?}:\n{shown}\n{}",
+        list_owned()
     );
 }
 
