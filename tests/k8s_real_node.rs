@@ -7,6 +7,8 @@
 //! images) and the image archive in `TOPOPROXY_AGENT_IMAGE` (`cargo xtask test` builds it and
 //! sets it); without the archive the test says SKIP.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/harness.rs"]
 mod harness;
 
@@ -346,6 +348,91 @@ async fn outside_client_reaches_the_node_port_and_the_external_ip(node: &RealNod
     }
 }
 
+/// `kubectl exec ds/topoproxy -- topoproxy list --no-counters` (what the kernel holds, read
+/// by the image's binary from the pod's mounts) equals the agent's `/plan` (what it planned),
+/// served on the node's loopback (`hostNetwork`, the chart's metrics address).
+async fn list_in_the_pod_equals_the_plan(plane: &ControlPlane, address: &str) {
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], 10249).into();
+    let exec = [
+        "-n",
+        "kube-system",
+        "exec",
+        "ds/topoproxy",
+        "--",
+        "topoproxy",
+        "list",
+        "--no-counters",
+    ];
+    // The two reads are not atomic: a sync may land between them, so they may disagree for
+    // a moment; they must agree within the limit.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (listed, planned) = loop {
+        let listed = kubectl(plane, &exec)
+            .unwrap_or_else(|e| panic!("topoproxy list in the agent's pod: {e}"));
+        let planned = cluster::http_get(metrics, "/plan").unwrap_or_default();
+        if listed == planned || std::time::Instant::now() > deadline {
+            break (listed, planned);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        listed, planned,
+        "`kubectl exec ds/topoproxy -- topoproxy list --no-counters` (left) is not the agent's /plan (right)"
+    );
+    assert!(
+        listed.contains(address) && planned.contains(address),
+        "neither the list nor the plan shows {address}:\n{listed}"
+    );
+}
+
+/// The agent's container as the container runtime holds it.
+#[derive(Debug)]
+struct RuntimeContainer {
+    id: String,
+    image: String,
+}
+
+/// The one running `topoproxy` container on the node, by `crictl ps` (the CRI's view, not the
+/// API's): exactly one must run, wherever the rollout is.
+fn running_agent_container(plane: &ControlPlane, node: &RealNode) -> RuntimeContainer {
+    let listing = node
+        .crictl(
+            &plane.binaries().crictl,
+            &[
+                "ps",
+                "--name",
+                "^topoproxy$",
+                "--state",
+                "running",
+                "-o",
+                "json",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let parsed: serde_json::Value = serde_json::from_str(&listing)
+        .unwrap_or_else(|e| panic!("crictl ps -o json: {e}: {listing}"));
+    let containers = parsed["containers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        containers.len(),
+        1,
+        "crictl ps shows {} running topoproxy containers: {listing}",
+        containers.len()
+    );
+    let container = &containers[0];
+    let id = container["id"].as_str().unwrap_or_default().to_owned();
+    // `ps` names the image by its id; `inspect` says which reference the kubelet asked for.
+    let inspected = node
+        .crictl(&plane.binaries().crictl, &["inspect", "-o", "json", &id])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let inspected: serde_json::Value = serde_json::from_str(&inspected)
+        .unwrap_or_else(|e| panic!("crictl inspect -o json: {e}: {inspected}"));
+    let image = inspected["status"]["image"]["image"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    RuntimeContainer { id, image }
+}
+
 fn pod_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -511,6 +598,11 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         "helm install → the agent's pod Ready (its /healthz after the first sync): {:.1} s",
         installed.elapsed().as_secs_f64()
     );
+    let first = running_agent_container(&plane, &node);
+    assert_eq!(
+        first.image, IMAGE,
+        "crictl shows the agent's container from another image"
+    );
 
     kubectl(&plane, &["create", "namespace", NAMESPACE]).expect("creating the namespace");
     for name in BACKENDS {
@@ -578,25 +670,17 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
 
     outside_client_reaches_the_node_port_and_the_external_ip(&node).await;
 
-    let listed = kubectl(
-        &plane,
-        &[
-            "-n",
-            "kube-system",
-            "exec",
-            "ds/topoproxy",
-            "--",
-            "topoproxy",
-            "list",
-        ],
-    )
-    .unwrap_or_else(|e| panic!("topoproxy list in the agent's pod: {e}"));
-    assert!(
-        listed.contains(&address),
-        "`kubectl exec ds/topoproxy -- topoproxy list` does not show {address}:\n{listed}"
-    );
+    list_in_the_pod_equals_the_plan(&plane, &address).await;
 
     rolling_update_loses_no_connection(&plane, &client, &node, &chart, &address).await;
+    // A new container; its image is the same one under a second tag (`ctr images tag`), and
+    // containerd's CRI names an image by its first tag, so the tag itself is checked on the
+    // pod (in `rolling_update_loses_no_connection`), not here.
+    let second = running_agent_container(&plane, &node);
+    assert_ne!(
+        second.id, first.id,
+        "after the rolling update crictl still shows the first agent container"
+    );
 
     match agent_rss_kib(&node) {
         Some(kib) => println!(

@@ -29,7 +29,7 @@ mod world;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ipvs_table::{comparable, differences, parse, Table};
@@ -49,7 +49,6 @@ const NODE_B: &str = "node-b";
 const KP_INDEX: u8 = 1;
 const TP_INDEX: u8 = 2;
 const B_INDEX: u8 = 3;
-const CLUSTER_CIDRS: &str = "10.244.0.0/16,fd00:10:244::/48";
 const IPVSADM: &str = "/usr/sbin/ipvsadm";
 const AGENT_START: Duration = Duration::from_secs(180);
 /// How long the controller may take to write a scenario's slices. A loaded host (two VMs and
@@ -1685,50 +1684,110 @@ async fn set_twin_zones(client: &Client, zone: Option<&str>) {
     }
 }
 
-fn start_kube_proxy(world: &World) -> NodeProcess {
+/// The twins' one configuration: kube-proxy's own file (`KubeProxyConfiguration`), as an
+/// operator's `kube-proxy` ConfigMap carries it, with non-default IPVS and conntrack timeouts
+/// and local traffic told by each Node's `spec.podCIDRs`. Both read the same file; only the
+/// node name comes from the command line, as kubeadm's DaemonSet passes it.
+fn shared_configuration() -> PathBuf {
     let kubeconfig = k8s_dir().join("kube-proxy.kubeconfig");
-    let kubeconfig = kubeconfig.to_str().expect("UTF-8 path");
+    let text = format!(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: ipvs
+clientConnection:
+  kubeconfig: {kubeconfig}
+detectLocalMode: NodeCIDR
+ipvs:
+  tcpTimeout: {IPVS_TCP}s
+  tcpFinTimeout: {IPVS_TCP_FIN}s
+  udpTimeout: {IPVS_UDP}s
+conntrack:
+  # nf_conntrack_max is not namespaced: an agent in a netns must leave it alone.
+  maxPerCore: 0
+  tcpEstablishedTimeout: {CT_ESTABLISHED}s
+  tcpCloseWaitTimeout: {CT_CLOSE_WAIT}s
+  tcpBeLiberal: true
+  udpTimeout: {CT_UDP}s
+  udpStreamTimeout: {CT_UDP_STREAM}s
+",
+        kubeconfig = kubeconfig.display()
+    );
+    let path = std::env::temp_dir().join(format!("tp-parity-{}.conf", std::process::id()));
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path
+}
+
+/// The configuration's timeouts, in seconds; none is kube-proxy's or the kernel's default.
+const IPVS_TCP: u32 = 420;
+const IPVS_TCP_FIN: u32 = 45;
+const IPVS_UDP: u32 = 150;
+const CT_ESTABLISHED: u32 = 10800;
+const CT_CLOSE_WAIT: u32 = 1800;
+const CT_UDP: u32 = 45;
+const CT_UDP_STREAM: u32 = 90;
+
+fn start_kube_proxy(world: &World, config: &Path) -> NodeProcess {
+    let config = config.to_str().expect("UTF-8 path");
     NodeProcess::spawn(
         "kube-proxy",
         &world.node(KP).netns,
         &kube_proxy_bin(),
-        &[
-            "--kubeconfig",
-            kubeconfig,
-            "--proxy-mode",
-            "ipvs",
-            "--hostname-override",
-            KP,
-            "--cluster-cidr",
-            CLUSTER_CIDRS,
-            // nf_conntrack_max is not namespaced: kube-proxy in a netns must leave it alone.
-            "--conntrack-max-per-core",
-            "0",
-            "--v",
-            "2",
-        ],
+        &["--config", config, "--hostname-override", KP, "--v", "2"],
     )
 }
 
-fn start_topoproxy(world: &World) -> NodeProcess {
-    let kubeconfig = k8s_dir().join("kube-proxy.kubeconfig");
-    let kubeconfig = kubeconfig.to_str().expect("UTF-8 path");
+fn start_topoproxy(world: &World, config: &Path) -> NodeProcess {
+    let config = config.to_str().expect("UTF-8 path");
     NodeProcess::spawn(
         "topoproxy",
         &world.node(TP).netns,
         &agent_bin(),
-        &[
-            "run",
-            "--kubeconfig",
-            kubeconfig,
-            "--proxy-mode",
-            "ipvs",
-            "--hostname-override",
-            TP,
-            "--cluster-cidr",
-            CLUSTER_CIDRS,
-        ],
+        &["run", "--config", config, "--hostname-override", TP],
     )
+}
+
+/// What the shared configuration sets outside the IPVS table, read in each twin's namespace:
+/// IPVS's connection timeouts (`ipvsadm -L --timeout`) and the conntrack sysctls. Both twins
+/// must show the configured values, not merely the same ones.
+fn configured_timeouts_differences(twins: &Twins) -> Vec<String> {
+    let want_ipvs = format!("Timeout (tcp tcpfin udp): {IPVS_TCP} {IPVS_TCP_FIN} {IPVS_UDP}");
+    let want_sysctls = [
+        (
+            "net.netfilter.nf_conntrack_tcp_timeout_established",
+            CT_ESTABLISHED,
+        ),
+        (
+            "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+            CT_CLOSE_WAIT,
+        ),
+        ("net.netfilter.nf_conntrack_tcp_be_liberal", 1),
+        ("net.netfilter.nf_conntrack_udp_timeout", CT_UDP),
+        (
+            "net.netfilter.nf_conntrack_udp_timeout_stream",
+            CT_UDP_STREAM,
+        ),
+    ];
+    let mut found = Vec::new();
+    for (who, netns) in [
+        ("kube-proxy", &twins.kp_netns),
+        ("topoproxy", &twins.tp_netns),
+    ] {
+        let timeouts = sh_in(netns, IPVSADM, &["-L", "--timeout"]);
+        if timeouts.trim() != want_ipvs {
+            found.push(format!(
+                "{who}: ipvsadm -L --timeout shows {:?}, want {want_ipvs:?}",
+                timeouts.trim()
+            ));
+        }
+        for (key, want) in want_sysctls {
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            let value = sh_in(netns, "/bin/cat", &[&path]);
+            if value.trim() != want.to_string() {
+                found.push(format!("{who}: {key} = {}, want {want}", value.trim()));
+            }
+        }
+    }
+    found
 }
 
 /// The Nodes, both agents on their twins, and a cluster handle whose pods start at host
@@ -1737,9 +1796,10 @@ async fn start_twins(world: &World, first_pod: u8) -> (Client, Twins, Cluster) {
     let client = admin_client().await;
     create_nodes(&client).await;
     create_namespace(&client, "tp-marker").await;
+    let config = shared_configuration();
     let twins = Twins {
-        kube_proxy: start_kube_proxy(world),
-        topoproxy: start_topoproxy(world),
+        kube_proxy: start_kube_proxy(world, &config),
+        topoproxy: start_topoproxy(world, &config),
         kp_netns: world.node(KP).netns.clone(),
         tp_netns: world.node(TP).netns.clone(),
     };
@@ -1749,8 +1809,91 @@ async fn start_twins(world: &World, first_pod: u8) -> (Client, Twins, Cluster) {
         marker: 0,
     };
     cluster.marker(&twins).await;
-    reannounce_kube_proxy_zone(&client).await;
+    let unlike = configured_timeouts_differences(&twins);
+    assert!(
+        unlike.is_empty(),
+        "the shared KubeProxyConfiguration is not applied alike:\n{}",
+        unlike.join("\n")
+    );
+    ensure_kube_proxy_zone(&client, &twins).await;
     (client, twins, cluster)
+}
+
+/// Makes sure kube-proxy knows node-kp's zone before the corpus runs: a probe Service with
+/// one hinted endpoint per zone must show only zone-a's in kube-proxy's table. Each attempt
+/// re-announces the zone ([`reannounce_kube_proxy_zone`]); the race that makes it necessary
+/// was seen again after a single re-announcement (a 6.1 run under load, 2026-12-07).
+async fn ensure_kube_proxy_zone(client: &Client, twins: &Twins) {
+    const ATTEMPTS: usize = 5;
+    const PER_ATTEMPT: Duration = Duration::from_secs(20);
+    let namespace = "tp-marker";
+    let probe = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "zone-probe", "namespace": namespace},
+        "spec": {"ports": [{"port": 80, "protocol": "TCP"}]},
+    });
+    let ready = (true, true, false);
+    let mut slice = manual_slice(
+        "zone-probe-1",
+        "zone-probe",
+        "IPv4",
+        json!([
+            with_zone_hints(
+                endpoint("10.244.1.201", KP, Some("zone-a"), ready),
+                &["zone-a"]
+            ),
+            with_zone_hints(
+                endpoint("10.244.3.201", NODE_B, Some("zone-b"), ready),
+                &["zone-b"]
+            ),
+        ]),
+        json!([{"port": 8080, "protocol": "TCP"}]),
+    );
+    slice["metadata"]["namespace"] = json!(namespace);
+    apply(client, probe).await;
+    apply(client, slice).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let cluster_ip: IpAddr = services
+        .get("zone-probe")
+        .await
+        .ok()
+        .and_then(|s| s.spec)
+        .and_then(|s| s.cluster_ip)
+        .and_then(|ip| ip.parse().ok())
+        .expect("the zone probe's ClusterIP");
+    let only_zone_a = vec![SocketAddr::from(([10, 244, 1, 201], 8080))];
+    let mut seen = Vec::new();
+    for attempt in 1..=ATTEMPTS {
+        reannounce_kube_proxy_zone(client).await;
+        let deadline = Instant::now() + PER_ATTEMPT;
+        while Instant::now() < deadline {
+            seen = table_of(&twins.kp_netns)
+                .into_iter()
+                .find(|vs| vs.address == SocketAddr::new(cluster_ip, 80))
+                .map(|vs| vs.real_servers.into_iter().map(|(a, _)| a).collect())
+                .unwrap_or_default();
+            if seen == only_zone_a {
+                if attempt > 1 {
+                    println!("kube-proxy learned its zone after {attempt} re-announcements");
+                }
+                let _ = services
+                    .delete("zone-probe", &DeleteParams::default())
+                    .await;
+                let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
+                let _ = slices
+                    .delete("zone-probe-1", &DeleteParams::default())
+                    .await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    twins.assert_none(
+        "kube-proxy never learned node-kp's zone",
+        &[format!(
+            "zone probe {cluster_ip}:80 shows {seen:?} in kube-proxy's table after {ATTEMPTS} re-announcements, want only {only_zone_a:?}"
+        )],
+    );
 }
 
 /// Takes node-kp's zone label away and gives it back, so that kube-proxy's proxier learns
@@ -1783,6 +1926,11 @@ async fn create_nodes(client: &Client) {
     ] {
         let mut spec = NodeSpec::new(name, Some(zone), &format!("192.168.{index}.2"));
         spec.addresses.push(format!("fd00:192:168:{index}::2"));
+        // The world's pod addresses (`NodeNet::pod_ip`), which detectLocalMode NodeCIDR reads.
+        spec.pod_cidrs = vec![
+            format!("10.244.{index}.0/24"),
+            format!("fd00:10:244:{index}::/64"),
+        ];
         create_node(client, &spec).await;
     }
 }
@@ -2280,11 +2428,12 @@ async fn measure_agent(
     first_vip: IpAddr,
 ) -> side_by_side::AgentCost {
     let netns = world.node(node).netns.clone();
+    let config = shared_configuration();
     let (mut agent, synced) = if node == KP {
-        (start_kube_proxy(world), KUBE_PROXY_SYNCED_IPV4)
+        (start_kube_proxy(world, &config), KUBE_PROXY_SYNCED_IPV4)
     } else {
         (
-            start_topoproxy(world),
+            start_topoproxy(world, &config),
             "topoproxy_syncs_total{result=\"success\"}",
         )
     };

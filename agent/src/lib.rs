@@ -22,6 +22,7 @@ pub mod mirror;
 pub mod model;
 pub mod node_addresses;
 pub mod node_cidr;
+pub mod node_cleanup;
 pub mod planner;
 pub mod render;
 pub mod scheduler;

@@ -9,16 +9,17 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use topoproxy::agent::{kube_client, Agent, ClusterSource};
 use topoproxy::config::{self, LogFormat, NodeNameFallbacks, ProxyMode, RunOptions};
-use topoproxy::dataplane::ebpf::{self, EbpfDataplane, EbpfSettings};
+use topoproxy::dataplane::ebpf::{self, EbpfDataplane};
+use topoproxy::dataplane::ipvs::cleanup::CleanupScope;
 use topoproxy::dataplane::ipvs::{self, IpvsDataplane};
 use topoproxy::dataplane::memory::MemoryDataplane;
 use topoproxy::dataplane::Dataplane;
 use topoproxy::model::LocalityPolicy;
 use topoproxy::node_addresses::NodePortAddresses;
-use topoproxy::planner::{self, explain, PlanConfig};
-use topoproxy::render;
+use topoproxy::node_cleanup::{self, CleanupMode, CleanupRequest};
+use topoproxy::planner::{self, PlanConfig};
+use topoproxy::render::plan_output::{plan_output, PlanFormat};
 use topoproxy::scheduler::Scheduler;
-use topoproxy::source::file;
 
 mod node_setup;
 
@@ -252,17 +253,28 @@ fn run(command: Command) -> Result<(), Failure> {
             ipvs_exclude_cidrs,
             bpf_pin_dir,
             node_port_range,
-        } => cleanup(
-            proxy_mode,
-            match (kube_proxy, only_kube_proxy) {
-                (_, true) => ipvs::cleanup::CleanupScope::KubeProxyOnly,
-                (true, false) => ipvs::cleanup::CleanupScope::OursAndKubeProxy,
-                (false, false) => ipvs::cleanup::CleanupScope::Ours,
-            },
-            ipvs_exclude_cidrs,
-            bpf_pin_dir,
-            &node_port_range,
-        ),
+        } => {
+            let node_port_range =
+                node_cleanup::parse_port_range(&node_port_range).ok_or_else(|| {
+                    Failure::Usage(format!(
+                        "--node-port-range {node_port_range:?} is not a range like 30000-32767"
+                    ))
+                })?;
+            cleanup(CleanupRequest {
+                mode: match proxy_mode {
+                    KernelMode::Ipvs => CleanupMode::Ipvs,
+                    KernelMode::Ebpf => CleanupMode::Ebpf,
+                },
+                scope: match (kube_proxy, only_kube_proxy) {
+                    (_, true) => CleanupScope::KubeProxyOnly,
+                    (true, false) => CleanupScope::OursAndKubeProxy,
+                    (false, false) => CleanupScope::Ours,
+                },
+                exclude_cidrs: ipvs_exclude_cidrs,
+                pin_dir: bpf_pin_dir,
+                node_port_range,
+            })
+        }
         Command::Plan {
             source,
             node,
@@ -294,7 +306,34 @@ fn run(command: Command) -> Result<(), Failure> {
     }
 }
 
-fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result<(), Failure> {
+fn run_agent(config_file: Option<&Path>, flags: RunOptions) -> Result<(), Failure> {
+    let (settings, not_applied) = load_settings(config_file, flags)?;
+    let crash_after = topoproxy::kernel_writes::crash_point_from_env().map_err(Failure::Usage)?;
+    init_logging(settings.log_format);
+    if !not_applied.is_empty() {
+        tracing::info!(
+            fields = %not_applied
+                .iter()
+                .map(|n| format!("{} ({})", n.field, n.reason))
+                .collect::<Vec<_>>()
+                .join("; "),
+            "kube-proxy configuration: fields accepted that do not apply to topoproxy"
+        );
+    }
+    topoproxy::heap::limit_arenas();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(start_and_serve(settings, crash_after))
+}
+
+/// The settings from the flags over the configuration file (topoproxy's own or kube-proxy's),
+/// and the kube-proxy fields accepted that do not apply here.
+fn load_settings(
+    config_file: Option<&Path>,
+    flags: RunOptions,
+) -> Result<(config::RunSettings, Vec<config::kube_proxy::NotApplied>), Failure> {
     let usage = |e: config::ConfigError| Failure::Usage(format!("{:#}", anyhow::Error::from(e)));
     let loaded = match config_file {
         Some(path) => Some(config::read_config_file(path).map_err(usage)?),
@@ -312,93 +351,86 @@ fn run_agent(config_file: Option<&std::path::Path>, flags: RunOptions) -> Result
         env: std::env::var("NODE_NAME").ok(),
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").ok(),
     };
-    let settings = config::resolve(flags, file, fallbacks)
-        .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
-    let crash_after = topoproxy::kernel_writes::crash_point_from_env().map_err(Failure::Usage)?;
-    init_logging(settings.log_format);
-    if config_file.is_some() && !not_applied.is_empty() {
-        tracing::info!(
-            fields = %not_applied
-                .iter()
-                .map(|n| format!("{} ({})", n.field, n.reason))
-                .collect::<Vec<_>>()
-                .join("; "),
-            "kube-proxy configuration: fields accepted that do not apply to topoproxy"
+    let settings = config::resolve(flags, file, fallbacks).map_err(usage)?;
+    Ok((settings, not_applied))
+}
+
+/// Armed once the dataplane is set up: the writes counted are those of syncs.
+fn arm_crash_point(crash_after: Option<u64>) {
+    if let Some(writes) = crash_after {
+        tracing::warn!(
+            writes,
+            "crash point armed: SIGKILL after this many kernel writes"
         );
+        topoproxy::kernel_writes::arm_crash(writes);
     }
-    topoproxy::heap::limit_arenas();
-    // Armed once the dataplane is set up: the writes counted are those of syncs.
-    let arm_crash_point = move || {
-        if let Some(writes) = crash_after {
-            tracing::warn!(
-                writes,
-                "crash point armed: SIGKILL after this many kernel writes"
-            );
-            topoproxy::kernel_writes::arm_crash(writes);
-        }
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let mut settings = settings;
-        if settings.pod_cidrs_from_node {
-            settings.ipvs.nft.cluster_cidrs = node_pod_cidrs(&settings).await?;
-        }
-        match settings.proxy_mode {
-            ProxyMode::Ipvs => {
-                if settings.ipvs.nft.cluster_cidrs.is_empty() && !settings.ipvs.nft.masquerade_all {
-                    // kube-proxy warns the same way when detectLocalMode ClusterCIDR has no CIDR.
-                    tracing::warn!(
-                        "no cluster-cidr: ClusterIP traffic from outside the pod network is not \
-                         masqueraded, only node traffic whose source is the VIP; set cluster-cidr \
-                         (kube-proxy's clusterCIDR) to the pod CIDRs"
-                    );
-                }
-                let dataplane = IpvsDataplane::new(settings.ipvs.clone())
-                    .await
-                    .context("starting the IPVS dataplane")?;
-                // After the dataplane: its nftables table has loaded nf_conntrack.
-                node_setup::apply(&settings)?;
-                arm_crash_point();
-                serve(settings, dataplane).await
-            }
-            ProxyMode::Ebpf => {
-                let mut dataplane = EbpfDataplane::open(settings.ebpf.clone())
-                    .context("starting the eBPF dataplane")?;
-                let report = dataplane.load_report();
-                tracing::info!(
-                    pin_dir = %settings.ebpf.pin_dir.display(),
-                    adopted = report.adopted.len(),
-                    attached = report.attached.len(),
-                    upgraded = report.upgraded.len(),
-                    btf = match report.btf {
-                        Some(true) => "loaded",
-                        // aya's warning above says what the kernel refused.
-                        Some(false) => "refused",
-                        None => "adopted programs",
-                    },
-                    version = %ebpf::loader::programs_version(),
-                    "eBPF programs in place"
+}
+
+async fn start_and_serve(
+    mut settings: config::RunSettings,
+    crash_after: Option<u64>,
+) -> Result<(), Failure> {
+    if settings.pod_cidrs_from_node {
+        settings.ipvs.nft.cluster_cidrs = node_pod_cidrs(&settings).await?;
+    }
+    match settings.proxy_mode {
+        ProxyMode::Ipvs => {
+            if settings.ipvs.nft.cluster_cidrs.is_empty() && !settings.ipvs.nft.masquerade_all {
+                // kube-proxy warns the same way when detectLocalMode ClusterCIDR has no CIDR.
+                tracing::warn!(
+                    "no cluster-cidr: ClusterIP traffic from outside the pod network is not \
+                     masqueraded, only node traffic whose source is the VIP; set cluster-cidr \
+                     (kube-proxy's clusterCIDR) to the pod CIDRs"
                 );
-                match dataplane
-                    .attach_north_south(settings.north_south.clone())
-                    .context("attaching the north-south tc programs")?
-                {
-                    Some(report) => ebpf::north_south::log_report(&report),
-                    None => tracing::info!("north-south tc programs wait for the first sync"),
-                }
-                node_setup::apply(&settings)?;
-                arm_crash_point();
-                serve(settings, dataplane).await
             }
-            ProxyMode::DryRun => {
-                let (dataplane, _handle) = MemoryDataplane::new("dry-run");
-                serve(settings, dataplane).await
-            }
+            let dataplane = IpvsDataplane::new(settings.ipvs.clone())
+                .await
+                .context("starting the IPVS dataplane")?;
+            // After the dataplane: its nftables table has loaded nf_conntrack.
+            node_setup::apply(&settings)?;
+            arm_crash_point(crash_after);
+            serve(settings, dataplane).await
         }
-    })
+        ProxyMode::Ebpf => {
+            let dataplane = start_ebpf(&settings)?;
+            node_setup::apply(&settings)?;
+            arm_crash_point(crash_after);
+            serve(settings, dataplane).await
+        }
+        ProxyMode::DryRun => {
+            let (dataplane, _handle) = MemoryDataplane::new("dry-run");
+            serve(settings, dataplane).await
+        }
+    }
+}
+
+/// Loads (or adopts) the eBPF programs and attaches the north-south ones if configured.
+fn start_ebpf(settings: &config::RunSettings) -> Result<EbpfDataplane, Failure> {
+    let mut dataplane =
+        EbpfDataplane::open(settings.ebpf.clone()).context("starting the eBPF dataplane")?;
+    let report = dataplane.load_report();
+    tracing::info!(
+        pin_dir = %settings.ebpf.pin_dir.display(),
+        adopted = report.adopted.len(),
+        attached = report.attached.len(),
+        upgraded = report.upgraded.len(),
+        btf = match report.btf {
+            Some(true) => "loaded",
+            // aya's warning above says what the kernel refused.
+            Some(false) => "refused",
+            None => "adopted programs",
+        },
+        version = %ebpf::loader::programs_version(),
+        "eBPF programs in place"
+    );
+    match dataplane
+        .attach_north_south(settings.north_south.clone())
+        .context("attaching the north-south tc programs")?
+    {
+        Some(report) => ebpf::north_south::log_report(&report),
+        None => tracing::info!("north-south tc programs wait for the first sync"),
+    }
+    Ok(dataplane)
 }
 
 /// `detect-local-mode NodeCIDR`: this Node's `spec.podCIDRs`, waited for.
@@ -501,100 +533,18 @@ fn list(mode: KernelMode, pin_dir: PathBuf, all: bool, no_counters: bool) -> Res
     }
 }
 
-fn cleanup(
-    mode: KernelMode,
-    scope: ipvs::cleanup::CleanupScope,
-    exclude_cidrs: Option<String>,
-    pin_dir: PathBuf,
-    node_port_range: &str,
-) -> Result<(), Failure> {
+fn cleanup(request: CleanupRequest) -> Result<(), Failure> {
     init_logging(LogFormat::Text);
-    let range = parse_port_range(node_port_range).ok_or_else(|| {
-        Failure::Usage(format!(
-            "--node-port-range {node_port_range:?} is not a range like 30000-32767"
-        ))
+    let summary = node_cleanup::run(request).map_err(|error| match error {
+        node_cleanup::NodeCleanupError::Config(e) => {
+            Failure::Usage(format!("{:#}", anyhow::Error::from(e)))
+        }
+        other => Failure::Error(other.into()),
     })?;
-    let options = RunOptions {
-        ipvs_exclude_cidrs: exclude_cidrs,
-        hostname_override: Some("cleanup".to_owned()),
-        ..RunOptions::default()
-    };
-    let settings = config::resolve(
-        options,
-        RunOptions::default(),
-        NodeNameFallbacks {
-            env: None,
-            hostname: None,
-        },
-    )
-    .map_err(|e| Failure::Usage(format!("{:#}", anyhow::Error::from(e))))?;
-    use ipvs::cleanup::CleanupScope;
-    // In eBPF mode, kube-proxy's leftovers are still IPVS state: remove those only.
-    let ipvs_scope = match mode {
-        KernelMode::Ipvs => Some(scope),
-        KernelMode::Ebpf => (scope != CleanupScope::Ours).then_some(CleanupScope::KubeProxyOnly),
-    };
-    if mode == KernelMode::Ebpf && scope != CleanupScope::KubeProxyOnly {
-        let report = ebpf::cleanup(&EbpfSettings {
-            pin_dir,
-            ..EbpfSettings::default()
-        })
-        .context("cleaning up eBPF mode")?;
-        println!(
-            "detached {} program(s), unpinned {} object(s)",
-            report.detached, report.unpinned
-        );
-        if let Some((min, max)) = report.released_snat_ports {
-            println!("took the SNAT ports {min}-{max} out of net.ipv4.ip_local_reserved_ports");
-        }
-        let filters = ebpf::north_south::detach_netlink_filters();
-        if filters > 0 {
-            println!("removed {filters} north-south tc filter(s)");
-        }
-    }
-    if let Some(ipvs_scope) = ipvs_scope {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?;
-        let report = runtime
-            .block_on(ipvs::cleanup::cleanup(&settings.ipvs, ipvs_scope, range))
-            .context("cleaning up IPVS mode")?;
-        println!(
-            "removed {} IPVS service(s), {} address(es){}{}{}",
-            report.services_deleted,
-            report.addresses_removed,
-            if report.link_deleted {
-                format!(", the {} link", settings.ipvs.link_name)
-            } else {
-                String::new()
-            },
-            if report.nft_table_deleted {
-                ", the nftables table inet topoproxy"
-            } else {
-                ""
-            },
-            if ipvs_scope != CleanupScope::Ours {
-                format!(
-                    ", {} kube-proxy iptables chain(s), {} ipset(s)",
-                    report.iptables_chains_deleted, report.ipsets_destroyed
-                )
-            } else {
-                String::new()
-            }
-        );
-        for note in report.notes {
-            println!("note: {note}");
-        }
+    for line in summary.lines {
+        println!("{line}");
     }
     Ok(())
-}
-
-/// `30000-32767`.
-fn parse_port_range(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
-    let (low, high) = text.split_once('-')?;
-    let (low, high) = (low.trim().parse().ok()?, high.trim().parse().ok()?);
-    (low <= high).then_some(low..=high)
 }
 
 /// Completes on SIGINT or SIGTERM (what the kubelet sends to stop the pod).
@@ -616,54 +566,24 @@ async fn shutdown_signal() {
 }
 
 fn plan(
-    source: &std::path::Path,
+    source: &Path,
     node_name: &str,
     format: OutputFormat,
     with_explanation: bool,
     config: &PlanConfig,
 ) -> Result<(), Failure> {
-    let loaded = file::load_dir(source)
-        .with_context(|| format!("loading the cluster from {}", source.display()))?;
-    for warning in &loaded.warnings {
-        tracing::warn!("{warning}");
-    }
-    let Some(node) = loaded.store.node(node_name) else {
-        let known: Vec<&str> = loaded.store.nodes().map(|n| n.name.as_str()).collect();
-        return Err(Failure::Usage(format!(
-            "node {node_name:?} is not in {} (nodes there: {})",
-            source.display(),
-            if known.is_empty() {
-                "none".to_owned()
+    let format = match format {
+        OutputFormat::Ipvsadm => PlanFormat::Ipvsadm,
+        OutputFormat::Json => PlanFormat::Json,
+    };
+    let output =
+        plan_output(source, node_name, format, with_explanation, config).map_err(|error| {
+            if error.is_usage() {
+                Failure::Usage(error.to_string())
             } else {
-                known.join(", ")
+                Failure::Error(error.into())
             }
-        )));
-    };
-    let table = planner::plan(&loaded.store, node, config);
-    for conflict in table.conflicts() {
-        topoproxy::sync::warn_conflict(&conflict);
-    }
-    let explanation = with_explanation.then(|| {
-        let mut explanation = explain::explain(&loaded.store, node, config);
-        explain::mark_conflicts(&mut explanation, &table.conflicts());
-        explanation
-    });
-    let output = match format {
-        OutputFormat::Ipvsadm => {
-            let mut text = render::ipvsadm::render_table(&table);
-            if let Some(explanation) = &explanation {
-                text.push('\n');
-                text.push_str(&explain::render_text(explanation, node));
-            }
-            text
-        }
-        OutputFormat::Json => {
-            let mut json = render::json::render_table(&table, &node.name, explanation.as_deref())
-                .context("encoding the table as JSON")?;
-            json.push('\n');
-            json
-        }
-    };
+        })?;
     print!("{output}");
     Ok(())
 }

@@ -10,7 +10,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::model::{EndpointSlice, Node, NodeLocality, Service, ServiceKey, ServiceKind};
+use crate::model::{
+    EndpointSlice, HintNames, Node, NodeLocality, Service, ServiceKey, ServiceKind,
+};
 
 /// `namespace/name` of an EndpointSlice, and which kind of object it feeds: a slice labelled
 /// for both a Service and a ServiceImport is held once for each, so the two roles change
@@ -55,7 +57,7 @@ pub struct Store {
     /// The node and zone names and the hint sets of every endpoint, each held once (the
     /// sources convert one object at a time and cannot share them across objects).
     endpoint_names: Shared<str>,
-    hint_sets: Shared<[Arc<str>]>,
+    hint_sets: Shared<HintNames>,
     /// Services carrying a `topoproxy.io/topology` annotation other than `kube-proxy`.
     locality_services: usize,
 }

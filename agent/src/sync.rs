@@ -20,7 +20,7 @@ use crate::dataplane::{error_chain, Dataplane, DataplaneError, ProgrammedTable};
 use crate::diff::OpBatch;
 use crate::healthcheck::{self, HealthCheckServers};
 use crate::mirror::{Mirror, Planned};
-use crate::model::{LocalityPolicy, Node, ServiceKey};
+use crate::model::{LocalityPolicy, Node, NodeLocality, ServiceKey};
 use crate::planner::{plan, planned_servers, PlanConfig};
 use crate::source::{Resource, SourceEvent};
 use crate::state::AgentState;
@@ -202,35 +202,7 @@ impl<D: Dataplane> SyncLoop<D> {
                     self.mark_dirty(owner);
                 }
             }
-            SourceEvent::Node(Some(node)) => {
-                if node.name != self.node_name {
-                    tracing::debug!(node = %node.name, "ignoring another node's object");
-                    return;
-                }
-                if node.leaving != self.node.as_ref().and_then(|n| n.leaving.clone()) {
-                    tracing::info!(leaving = ?node.leaving, "this node's eligibility for load balancers changed");
-                }
-                self.state.health.set_node_leaving(node.leaving.clone());
-                // The host's addresses are the agent's own reading, not the object's.
-                let mut node = node;
-                node.local_addresses = self.node.as_ref().and_then(|n| n.local_addresses.clone());
-                // Only topology and addresses matter to the plan.
-                let replan = self.node.as_ref().map(Node::topology) != Some(node.topology());
-                if replan && self.node.is_some() {
-                    tracing::info!(
-                        zone = ?node.zone,
-                        addresses = ?node.addresses,
-                        "this node's topology or addresses changed; re-planning everything"
-                    );
-                }
-                self.node = Some(node);
-                if replan {
-                    self.replan_all = true;
-                    self.note_pending_change();
-                }
-                self.listed.insert(Resource::Node);
-                self.report_waiting();
-            }
+            SourceEvent::Node(Some(node)) => self.own_node_changed(node),
             SourceEvent::Node(None) => {
                 // Keep planning with what we knew: flushing would cut every Service on the node.
                 tracing::warn!(
@@ -239,17 +211,7 @@ impl<D: Dataplane> SyncLoop<D> {
                 );
             }
             SourceEvent::NodeLocality(name, locality) => {
-                let changed = match locality {
-                    Some(locality) => self.store.upsert_node_locality(&name, locality),
-                    None => self.store.remove_node_locality(&name),
-                };
-                // Zones, regions and node counts feed only the locality policies' tiers.
-                let in_use = self.settings.plan.default_locality != LocalityPolicy::KubeProxy
-                    || self.store.has_locality_services();
-                if changed && in_use {
-                    self.replan_all = true;
-                    self.note_pending_change();
-                }
+                self.node_locality_changed(&name, locality)
             }
             SourceEvent::Listed(resource) => {
                 if self.listed.insert(resource) {
@@ -257,6 +219,51 @@ impl<D: Dataplane> SyncLoop<D> {
                 }
                 self.report_waiting();
             }
+        }
+    }
+
+    /// This agent's own Node: its addresses, zone and whether it is leaving.
+    fn own_node_changed(&mut self, mut node: Node) {
+        if node.name != self.node_name {
+            tracing::debug!(node = %node.name, "ignoring another node's object");
+            return;
+        }
+        if node.leaving != self.node.as_ref().and_then(|n| n.leaving.clone()) {
+            tracing::info!(leaving = ?node.leaving, "this node's eligibility for load balancers changed");
+        }
+        self.state.health.set_node_leaving(node.leaving.clone());
+        // The host's addresses are the agent's own reading, not the object's.
+        node.local_addresses = self.node.as_ref().and_then(|n| n.local_addresses.clone());
+        // Only topology and addresses matter to the plan.
+        let replan = self.node.as_ref().map(Node::topology) != Some(node.topology());
+        if replan && self.node.is_some() {
+            tracing::info!(
+                zone = ?node.zone,
+                addresses = ?node.addresses,
+                "this node's topology or addresses changed; re-planning everything"
+            );
+        }
+        self.node = Some(node);
+        if replan {
+            self.replan_all = true;
+            self.note_pending_change();
+        }
+        self.listed.insert(Resource::Node);
+        self.report_waiting();
+    }
+
+    /// Another Node's zone and region, which only the locality policies' tiers read.
+    fn node_locality_changed(&mut self, name: &str, locality: Option<NodeLocality>) {
+        let changed = match locality {
+            Some(locality) => self.store.upsert_node_locality(name, locality),
+            None => self.store.remove_node_locality(name),
+        };
+        // Zones, regions and node counts feed only the locality policies' tiers.
+        let in_use = self.settings.plan.default_locality != LocalityPolicy::KubeProxy
+            || self.store.has_locality_services();
+        if changed && in_use {
+            self.replan_all = true;
+            self.note_pending_change();
         }
     }
 

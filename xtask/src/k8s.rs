@@ -37,7 +37,7 @@ pub const KUBERNETES_COMMANDS: [&str; 6] = [
 ];
 
 /// Go-installed tools: (binary, package, version).
-const GO_TOOLS: [(&str, &str, &str); 2] = [
+const GO_TOOLS: [(&str, &str, &str); 3] = [
     (
         "kustomize",
         "sigs.k8s.io/kustomize/kustomize/v5",
@@ -45,6 +45,8 @@ const GO_TOOLS: [(&str, &str, &str); 2] = [
         "v5.8.2",
     ),
     ("helm", "helm.sh/helm/v3/cmd/helm", "v3.22.0"),
+    // The CRI client, to look at the real node's containers as an operator would.
+    ("crictl", "sigs.k8s.io/cri-tools/cmd/crictl", "v1.37.0"),
 ];
 
 /// etcd and haproxy for the control plane; containerd, runc and the CNI plugins for the real

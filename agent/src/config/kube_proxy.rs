@@ -237,14 +237,44 @@ const FEATURE_GATES: &[(&str, bool, &str)] = &[
     ),
 ];
 
+/// A translation in progress: the options so far and the fields accepted without effect.
+#[derive(Default)]
+struct Translating {
+    options: RunOptions,
+    not_applied: Vec<NotApplied>,
+}
+
+impl Translating {
+    fn skip(&mut self, field: &'static str, reason: &'static str) {
+        self.not_applied.push(NotApplied { field, reason });
+    }
+}
+
 /// Translates a parsed configuration; the first field refused ends it.
 pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused> {
-    let mut options = RunOptions::default();
-    let mut not_applied = Vec::new();
-    let mut skip = |field: &'static str, reason: &'static str| {
-        not_applied.push(NotApplied { field, reason });
-    };
+    check_kind(config)?;
+    let mut t = Translating::default();
+    let mode = proxy_mode(config, &mut t)?;
+    sync_periods(config, mode, &mut t)?;
+    masquerade(config, mode, &mut t);
+    other_modes_blocks(config, mode, &mut t);
+    ipvs_block(config, mode, &mut t)?;
+    conntrack(config, &mut t)?;
+    detect_local(config, &mut t)?;
+    node_addresses(config, &mut t)?;
+    process_settings(config, &mut t)?;
+    client_connection(config, &mut t);
+    logging(config, &mut t)?;
+    windows_and_gates(config, &mut t)?;
+    Ok(Translation {
+        options: t.options,
+        not_applied: t.not_applied,
+        mode: mode.to_owned(),
+    })
+}
 
+/// `apiVersion` and `kind`.
+fn check_kind(config: &KubeProxyConfiguration) -> Result<(), Refused> {
     match config.api_version.as_deref() {
         Some(API_VERSION) => {}
         Some(other) => {
@@ -259,12 +289,18 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
     if let Some(kind) = config.kind.as_deref().filter(|k| *k != KIND) {
         return Err(refuse("kind", kind, format!("must be {KIND}")));
     }
+    Ok(())
+}
 
-    // mode: which of the mode-specific blocks kube-proxy reads its periods and masquerade
-    // setting from (conversion.go), and topoproxy's dataplane.
+/// mode: which of the mode-specific blocks kube-proxy reads its periods and masquerade
+/// setting from (conversion.go), and topoproxy's dataplane.
+fn proxy_mode<'c>(
+    config: &'c KubeProxyConfiguration,
+    t: &mut Translating,
+) -> Result<&'c str, Refused> {
     let mode = config.mode.as_deref().unwrap_or("");
     match mode {
-        "ipvs" => options.proxy_mode = Some(ProxyMode::Ipvs),
+        "ipvs" => t.options.proxy_mode = Some(ProxyMode::Ipvs),
         // Left to --proxy-mode: topoproxy has no iptables or nftables dataplane;
         // `require_proxy_mode` refuses the file when no flag chooses.
         "" | "iptables" | "nftables" => {}
@@ -276,6 +312,15 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             ))
         }
     }
+    Ok(mode)
+}
+
+/// The mode's `syncPeriod` and `minSyncPeriod`.
+fn sync_periods(
+    config: &KubeProxyConfiguration,
+    mode: &str,
+    t: &mut Translating,
+) -> Result<(), Refused> {
     let (sync_period, min_sync_period) = match mode {
         "ipvs" => {
             let ipvs = config.ipvs.clone().unwrap_or_default();
@@ -297,7 +342,7 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
     };
     // 0 is Go's "unset": the default, 30s.
     if let Some(period) = duration_field(sync_field, &sync_period)?.filter(|d| !d.is_zero()) {
-        options.sync_period = Some(as_setting(period));
+        t.options.sync_period = Some(as_setting(period));
     }
     // Defaulted to 1s for iptables and nftables, not for ipvs, where unset means 0.
     let min_default = if mode == "ipvs" {
@@ -308,11 +353,14 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
     let min = duration_field(min_field, &min_sync_period)?
         .filter(|d| !d.is_zero())
         .unwrap_or(min_default);
-    options.min_sync_period = Some(as_setting(min));
+    t.options.min_sync_period = Some(as_setting(min));
+    Ok(())
+}
 
-    // The masquerade-all of the mode's block: nftables' in nftables mode, else iptables'
-    // (IPVS mode reads iptables.masqueradeAll).
-    options.masquerade_all = Some(if mode == "nftables" {
+/// The masquerade-all of the mode's block: nftables' in nftables mode, else iptables'
+/// (IPVS mode reads iptables.masqueradeAll).
+fn masquerade(config: &KubeProxyConfiguration, mode: &str, t: &mut Translating) {
+    t.options.masquerade_all = Some(if mode == "nftables" {
         config
             .nftables
             .as_ref()
@@ -325,16 +373,19 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             .and_then(|i| i.masquerade_all)
             .unwrap_or(false)
     });
+}
 
+/// The iptables and nftables blocks: accepted, and listed where they do not apply.
+fn other_modes_blocks(config: &KubeProxyConfiguration, mode: &str, t: &mut Translating) {
     if let Some(iptables) = &config.iptables {
         if iptables.masquerade_bit.is_some() {
-            skip(
+            t.skip(
                 "iptables.masqueradeBit",
                 "topoproxy marks packets for masquerade in its own nftables table, with its own bit",
             );
         }
         if iptables.localhost_node_ports.is_some() {
-            skip(
+            t.skip(
                 "iptables.localhostNodePorts",
                 "iptables mode only: kube-proxy's IPVS mode does not serve NodePorts on localhost either",
             );
@@ -343,7 +394,7 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
         if matches!(mode, "ipvs" | "nftables")
             && (is_set(&iptables.sync_period) || is_set(&iptables.min_sync_period))
         {
-            skip(
+            t.skip(
                 "iptables.syncPeriod/minSyncPeriod",
                 "read in iptables mode only",
             );
@@ -351,7 +402,7 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
     }
     if let Some(nftables) = &config.nftables {
         if nftables.masquerade_bit.is_some() {
-            skip(
+            t.skip(
                 "nftables.masqueradeBit",
                 "topoproxy marks packets for masquerade in its own nftables table, with its own bit",
             );
@@ -361,39 +412,46 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
                 || is_set(&nftables.min_sync_period)
                 || nftables.masquerade_all == Some(true))
         {
-            skip(
+            t.skip(
                 "nftables.syncPeriod/minSyncPeriod/masqueradeAll",
                 "read in nftables mode only",
             );
         }
     }
+}
 
+/// The ipvs block: scheduler, excluded CIDRs, strict ARP and IPVS's connection timeouts.
+fn ipvs_block(
+    config: &KubeProxyConfiguration,
+    mode: &str,
+    t: &mut Translating,
+) -> Result<(), Refused> {
     if let Some(ipvs) = &config.ipvs {
         if mode != "ipvs" && (is_set(&ipvs.sync_period) || is_set(&ipvs.min_sync_period)) {
-            skip("ipvs.syncPeriod/minSyncPeriod", "read in ipvs mode only");
+            t.skip("ipvs.syncPeriod/minSyncPeriod", "read in ipvs mode only");
         }
         if let Some(scheduler) = set_string(&ipvs.scheduler) {
-            options.ipvs_scheduler = Some(scheduler.to_owned());
+            t.options.ipvs_scheduler = Some(scheduler.to_owned());
         }
         if let Some(cidrs) = ipvs.exclude_cidrs.as_ref().filter(|c| !c.is_empty()) {
-            options.ipvs_exclude_cidrs = Some(cidrs.join(","));
+            t.options.ipvs_exclude_cidrs = Some(cidrs.join(","));
         }
-        options.ipvs_strict_arp = ipvs.strict_arp;
+        t.options.ipvs_strict_arp = ipvs.strict_arp;
         for (field, value, slot) in [
             (
                 "ipvs.tcpTimeout",
                 &ipvs.tcp_timeout,
-                &mut options.ipvs_tcp_timeout,
+                &mut t.options.ipvs_tcp_timeout,
             ),
             (
                 "ipvs.tcpFinTimeout",
                 &ipvs.tcp_fin_timeout,
-                &mut options.ipvs_tcpfin_timeout,
+                &mut t.options.ipvs_tcpfin_timeout,
             ),
             (
                 "ipvs.udpTimeout",
                 &ipvs.udp_timeout,
-                &mut options.ipvs_udp_timeout,
+                &mut t.options.ipvs_udp_timeout,
             ),
         ] {
             if let Some(timeout) = duration_field(field, value)? {
@@ -401,8 +459,11 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             }
         }
     }
+    Ok(())
+}
 
-    // Conntrack, with kube-proxy's defaults for the pointers left null.
+/// Conntrack, with kube-proxy's defaults for the pointers left null.
+fn conntrack(config: &KubeProxyConfiguration, t: &mut Translating) -> Result<(), Refused> {
     let conntrack = config.conntrack.clone().unwrap_or_default();
     let count = |field: &str, value: Option<i32>, default: u32| -> Result<u32, Refused> {
         match value {
@@ -410,47 +471,50 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             Some(n) => u32::try_from(n).map_err(|_| refuse(field, n, "must not be negative")),
         }
     };
-    options.conntrack_max_per_core = Some(count(
+    t.options.conntrack_max_per_core = Some(count(
         "conntrack.maxPerCore",
         conntrack.max_per_core,
         32 * 1024,
     )?);
-    options.conntrack_min = Some(count("conntrack.min", conntrack.min, 128 * 1024)?);
+    t.options.conntrack_min = Some(count("conntrack.min", conntrack.min, 128 * 1024)?);
     let with_default = |field: &str, value: &Option<String>, default: Duration| {
         duration_field(field, value).map(|d| as_setting(d.unwrap_or(default)))
     };
-    options.conntrack_tcp_timeout_established = Some(with_default(
+    t.options.conntrack_tcp_timeout_established = Some(with_default(
         "conntrack.tcpEstablishedTimeout",
         &conntrack.tcp_established_timeout,
         Duration::from_secs(24 * 60 * 60),
     )?);
-    options.conntrack_tcp_timeout_close_wait = Some(with_default(
+    t.options.conntrack_tcp_timeout_close_wait = Some(with_default(
         "conntrack.tcpCloseWaitTimeout",
         &conntrack.tcp_close_wait_timeout,
         Duration::from_secs(60 * 60),
     )?);
-    options.conntrack_tcp_be_liberal = Some(conntrack.tcp_be_liberal.unwrap_or(false));
-    options.conntrack_udp_timeout = Some(with_default(
+    t.options.conntrack_tcp_be_liberal = Some(conntrack.tcp_be_liberal.unwrap_or(false));
+    t.options.conntrack_udp_timeout = Some(with_default(
         "conntrack.udpTimeout",
         &conntrack.udp_timeout,
         Duration::ZERO,
     )?);
-    options.conntrack_udp_timeout_stream = Some(with_default(
+    t.options.conntrack_udp_timeout_stream = Some(with_default(
         "conntrack.udpStreamTimeout",
         &conntrack.udp_stream_timeout,
         Duration::ZERO,
     )?);
+    Ok(())
+}
 
-    // Local-traffic detection: the pod CIDRs, as clusterCIDR gives them.
+/// Local-traffic detection: the pod CIDRs, as clusterCIDR gives them, or by Node or interface.
+fn detect_local(config: &KubeProxyConfiguration, t: &mut Translating) -> Result<(), Refused> {
     let cluster_cidr = set_string(&config.cluster_cidr);
     match config.detect_local_mode.as_deref().unwrap_or("") {
         "" | "ClusterCIDR" => {
             if let Some(cidrs) = cluster_cidr {
-                options.cluster_cidr = Some(cidrs.to_owned());
+                t.options.cluster_cidr = Some(cidrs.to_owned());
             }
         }
         // The pod CIDRs are the Node's spec.podCIDRs, read at start; clusterCIDR is unused.
-        "NodeCIDR" => options.detect_local_mode = Some("NodeCIDR".to_owned()),
+        "NodeCIDR" => t.options.detect_local_mode = Some("NodeCIDR".to_owned()),
         mode @ ("BridgeInterface" | "InterfaceNamePrefix") => {
             let detect_local = config.detect_local.clone().unwrap_or_default();
             let (field, value) = if mode == "BridgeInterface" {
@@ -469,11 +533,11 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
                     format!("detectLocalMode {mode} needs an interface name (1 to 15 characters, no space, quote, slash or *)"),
                 ));
             }
-            options.detect_local_mode = Some(mode.to_owned());
+            t.options.detect_local_mode = Some(mode.to_owned());
             if mode == "BridgeInterface" {
-                options.pod_bridge_interface = Some(name);
+                t.options.pod_bridge_interface = Some(name);
             } else {
-                options.pod_interface_name_prefix = Some(name);
+                t.options.pod_interface_name_prefix = Some(name);
             }
         }
         other => {
@@ -490,18 +554,22 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             || (mode != "InterfaceNamePrefix"
                 && set_string(&detect_local.interface_name_prefix).is_some())
         {
-            skip(
+            t.skip(
                 "detectLocal.bridgeInterface/interfaceNamePrefix",
                 "read only with detectLocalMode BridgeInterface or InterfaceNamePrefix",
             );
         }
     }
+    Ok(())
+}
 
+/// NodePort addresses, the node name, and the health and metrics listeners.
+fn node_addresses(config: &KubeProxyConfiguration, t: &mut Translating) -> Result<(), Refused> {
     if let Some(addresses) = &config.node_port_addresses {
-        options.nodeport_addresses = Some(addresses.join(","));
+        t.options.nodeport_addresses = Some(addresses.join(","));
     }
     if let Some(name) = set_string(&config.hostname_override) {
-        options.hostname_override = Some(name.to_owned());
+        t.options.hostname_override = Some(name.to_owned());
     }
 
     // bindAddress: the address family of the health and metrics defaults; a specific
@@ -528,16 +596,21 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             std::net::Ipv6Addr::LOCALHOST.into(),
         )
     };
-    options.healthz_bind_address = Some(match set_string(&config.healthz_bind_address) {
+    t.options.healthz_bind_address = Some(match set_string(&config.healthz_bind_address) {
         Some(text) => bind_address("healthzBindAddress", text, HEALTHZ_PORT)?,
         None => SocketAddr::new(healthz_default, HEALTHZ_PORT),
     });
-    options.metrics_bind_address = Some(match set_string(&config.metrics_bind_address) {
+    t.options.metrics_bind_address = Some(match set_string(&config.metrics_bind_address) {
         Some(text) => bind_address("metricsBindAddress", text, METRICS_PORT)?,
         None => SocketAddr::new(metrics_default, METRICS_PORT),
     });
+    Ok(())
+}
+
+/// What kube-proxy's process itself takes: bind failures, profiling, OOM score, periods, port range.
+fn process_settings(config: &KubeProxyConfiguration, t: &mut Translating) -> Result<(), Refused> {
     if config.bind_address_hard_fail == Some(false) {
-        skip(
+        t.skip(
             "bindAddressHardFail",
             "topoproxy always refuses to start when it cannot bind its health or metrics address (kube-proxy's true)",
         );
@@ -557,7 +630,7 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
         ));
     }
 
-    options.oom_score_adj = Some(config.oom_score_adj.unwrap_or(DEFAULT_OOM_SCORE_ADJ));
+    t.options.oom_score_adj = Some(config.oom_score_adj.unwrap_or(DEFAULT_OOM_SCORE_ADJ));
     if let Some(adj) = config.oom_score_adj {
         if !(-1000..=1000).contains(&adj) {
             return Err(refuse("oomScoreAdj", adj, "must be within -1000..1000"));
@@ -566,7 +639,7 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
 
     if let Some(period) = duration_field("configSyncPeriod", &config.config_sync_period)? {
         if !period.is_zero() {
-            skip(
+            t.skip(
                 "configSyncPeriod",
                 "an informer resync replays the cache and changes no table; topoproxy's watches do not resync on a timer",
             );
@@ -579,13 +652,17 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             "the userspace proxy's port range; topoproxy (like kube-proxy since the userspace mode's removal) has no use for it",
         ));
     }
+    Ok(())
+}
 
+/// The API client: the kubeconfig is taken; rate limits and content types are listed.
+fn client_connection(config: &KubeProxyConfiguration, t: &mut Translating) {
     if let Some(client) = &config.client_connection {
         if let Some(path) = set_string(&client.kubeconfig) {
-            options.kubeconfig = Some(path.into());
+            t.options.kubeconfig = Some(path.into());
         }
         if client.qps.is_some_and(|q| q != 0.0) || client.burst.is_some_and(|b| b != 0) {
-            skip(
+            t.skip(
                 "clientConnection.qps/burst",
                 "topoproxy's API client does not rate-limit its requests (it lists once, then watches)",
             );
@@ -593,17 +670,20 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
         if set_string(&client.content_type).is_some()
             || set_string(&client.accept_content_types).is_some()
         {
-            skip(
+            t.skip(
                 "clientConnection.contentType/acceptContentTypes",
                 "topoproxy's API client speaks JSON",
             );
         }
     }
+}
 
+/// klog's settings: only the format has a topoproxy equivalent.
+fn logging(config: &KubeProxyConfiguration, t: &mut Translating) -> Result<(), Refused> {
     if let Some(logging) = &config.logging {
         match logging.get("format").and_then(serde_yaml::Value::as_str) {
             None | Some("" | "text") => {}
-            Some("json") => options.log_format = Some(super::LogFormat::Json),
+            Some("json") => t.options.log_format = Some(super::LogFormat::Json),
             Some(other) => {
                 return Err(refuse(
                     "logging.format",
@@ -616,22 +696,26 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             .iter()
             .any(|(k, v)| k.as_str() != Some("format") && !is_zero(v))
         {
-            skip(
+            t.skip(
                 "logging (but format)",
                 "klog's settings; topoproxy's log level is RUST_LOG",
             );
         }
     }
+    Ok(())
+}
 
+/// Windows-only fields, and feature gates (accepted only where topoproxy behaves as the gate says).
+fn windows_and_gates(config: &KubeProxyConfiguration, t: &mut Translating) -> Result<(), Refused> {
     if config
         .winkernel
         .as_ref()
         .is_some_and(|w| w.values().any(|v| !is_zero(v)))
     {
-        skip("winkernel", "Windows only");
+        t.skip("winkernel", "Windows only");
     }
     if config.windows_run_as_service == Some(true) {
-        skip("windowsRunAsService", "Windows only");
+        t.skip("windowsRunAsService", "Windows only");
     }
 
     for (gate, enabled) in config.feature_gates.iter().flatten() {
@@ -649,12 +733,7 @@ pub fn translate(config: &KubeProxyConfiguration) -> Result<Translation, Refused
             }
         }
     }
-
-    Ok(Translation {
-        options,
-        not_applied,
-        mode: mode.to_owned(),
-    })
+    Ok(())
 }
 
 /// A `KubeProxyConfiguration` whose `mode` topoproxy cannot take (iptables, nftables, or

@@ -322,35 +322,7 @@ impl FileLoader<'_> {
                     }
                 }
             }
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                if let Some(api_slice) = self.decode::<discovery::EndpointSlice>(
-                    KIND_ENDPOINT_SLICE,
-                    true,
-                    map,
-                    position,
-                ) {
-                    // A slice may feed a Service, a ServiceImport, or (both labels) both.
-                    let import = convert::is_import_slice(&api_slice);
-                    if import {
-                        if let Some(slice) = convert::import_slice_from_api(
-                            &api_slice,
-                            Some(self.origin),
-                            &mut self.loaded.warnings,
-                        ) {
-                            self.loaded.store.upsert_slice(slice);
-                        }
-                    }
-                    if !import || convert::is_service_slice(&api_slice) {
-                        if let Some(slice) = convert::slice_from_api(
-                            &api_slice,
-                            Some(self.origin),
-                            &mut self.loaded.warnings,
-                        ) {
-                            self.loaded.store.upsert_slice(slice);
-                        }
-                    }
-                }
-            }
+            ("discovery.k8s.io/v1", "EndpointSlice") => self.endpoint_slice(map, position),
             (mcs::API_VERSION, mcs::KIND) => {
                 if let Some(api_import) =
                     self.decode::<mcs::ServiceImport>(KIND_SERVICE_IMPORT, true, map, position)
@@ -383,22 +355,7 @@ impl FileLoader<'_> {
                     kind,
                     api_version: &api_version,
                 });
-                match map.remove("items") {
-                    Some(Value::Sequence(items)) => {
-                        for (index, item) in items.into_iter().enumerate() {
-                            self.object(item, &position.item(index), item_defaults);
-                        }
-                    }
-                    None | Some(Value::Null) => {}
-                    Some(_) => {
-                        tracing::debug!(
-                            file = self.origin,
-                            ?position,
-                            kind = list,
-                            "ignoring a list whose items are not a sequence"
-                        );
-                    }
-                }
+                self.list_items(list, map.remove("items"), position, item_defaults);
             }
             _ => {
                 tracing::debug!(
@@ -407,6 +364,58 @@ impl FileLoader<'_> {
                     api_version,
                     kind,
                     "ignoring an object of a kind the proxy does not use"
+                );
+            }
+        }
+    }
+
+    /// An EndpointSlice, which may feed a Service, a ServiceImport, or (both labels) both.
+    fn endpoint_slice(&mut self, map: Mapping, position: &Position) {
+        let Some(api_slice) =
+            self.decode::<discovery::EndpointSlice>(KIND_ENDPOINT_SLICE, true, map, position)
+        else {
+            return;
+        };
+        let import = convert::is_import_slice(&api_slice);
+        if import {
+            if let Some(slice) = convert::import_slice_from_api(
+                &api_slice,
+                Some(self.origin),
+                &mut self.loaded.warnings,
+            ) {
+                self.loaded.store.upsert_slice(slice);
+            }
+        }
+        if !import || convert::is_service_slice(&api_slice) {
+            if let Some(slice) =
+                convert::slice_from_api(&api_slice, Some(self.origin), &mut self.loaded.warnings)
+            {
+                self.loaded.store.upsert_slice(slice);
+            }
+        }
+    }
+
+    /// The items of a `kind: List` (or `ServiceList`, ...), each loaded as an object.
+    fn list_items(
+        &mut self,
+        list: &str,
+        items: Option<Value>,
+        position: &Position,
+        item_defaults: Option<ItemDefaults<'_>>,
+    ) {
+        match items {
+            Some(Value::Sequence(items)) => {
+                for (index, item) in items.into_iter().enumerate() {
+                    self.object(item, &position.item(index), item_defaults);
+                }
+            }
+            None | Some(Value::Null) => {}
+            Some(_) => {
+                tracing::debug!(
+                    file = self.origin,
+                    ?position,
+                    kind = list,
+                    "ignoring a list whose items are not a sequence"
                 );
             }
         }

@@ -407,6 +407,52 @@ async fn serves_service_imports(client: &Client) -> Result<bool, kube::Error> {
     }
 }
 
+/// The keys one watch has reported, to tell the sync loop which objects a re-list no longer
+/// shows.
+struct Known<K: Watched> {
+    known: HashSet<K::Key>,
+    /// Keys seen by the list in progress, if one is.
+    listing: Option<HashSet<K::Key>>,
+    lists: u64,
+}
+
+impl<K: Watched> Known<K> {
+    fn new() -> Self {
+        Self {
+            known: HashSet::new(),
+            listing: None,
+            lists: 0,
+        }
+    }
+
+    /// A list starts; true when it is a re-list.
+    fn list_started(&mut self) -> bool {
+        self.lists += 1;
+        self.listing = Some(HashSet::new());
+        self.lists > 1
+    }
+
+    fn listed(&mut self, key: &K::Key) {
+        if let Some(seen) = self.listing.as_mut() {
+            seen.insert(key.clone());
+        }
+        self.known.insert(key.clone());
+    }
+
+    /// The list is complete: the keys known before that it did not show.
+    fn list_done(&mut self) -> Vec<K::Key> {
+        let seen = self.listing.take().unwrap_or_default();
+        let vanished = self
+            .known
+            .iter()
+            .filter(|key| !seen.contains(*key))
+            .cloned()
+            .collect();
+        self.known = seen;
+        vanished
+    }
+}
+
 async fn watch<K: Watched>(
     stream: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
     events: mpsc::Sender<SourceEvent>,
@@ -414,44 +460,29 @@ async fn watch<K: Watched>(
 ) -> WatchEnd {
     let resource = K::RESOURCE.as_str();
     let mut stream = stream.default_backoff().boxed();
-    let mut known: HashSet<K::Key> = HashSet::new();
-    // Keys seen by the list in progress, if one is.
-    let mut listing: Option<HashSet<K::Key>> = None;
-    let mut lists = 0u64;
+    let mut known = Known::<K>::new();
     while let Some(item) = stream.next().await {
         let sent = match item {
             Ok(Event::Init) => {
-                lists += 1;
-                if lists > 1 {
+                if known.list_started() {
                     tracing::info!(resource, "re-listing");
                     state.metrics.watch_restart(resource);
                 }
-                listing = Some(HashSet::new());
                 true
             }
             Ok(Event::InitApply(object)) => match object.key() {
                 Some(key) => {
                     let model = convert_reporting(&object, &state);
-                    if let Some(seen) = listing.as_mut() {
-                        seen.insert(key.clone());
-                    }
-                    known.insert(key.clone());
+                    known.listed(&key);
                     send(&events, K::event(key, model)).await
                 }
                 None => true,
             },
             Ok(Event::InitDone) => {
-                let seen = listing.take().unwrap_or_default();
-                let vanished: Vec<K::Key> = known
-                    .iter()
-                    .filter(|key| !seen.contains(*key))
-                    .cloned()
-                    .collect();
-                known = seen;
                 state.metrics.set_api_synced(resource, true);
                 state.health.clear_watch_error(resource);
                 let mut ok = true;
-                for key in vanished {
+                for key in known.list_done() {
                     ok &= send(&events, K::event(key, None)).await;
                 }
                 ok && send(&events, SourceEvent::Listed(K::RESOURCE)).await
@@ -459,14 +490,14 @@ async fn watch<K: Watched>(
             Ok(Event::Apply(object)) => match object.key() {
                 Some(key) => {
                     let model = convert_reporting(&object, &state);
-                    known.insert(key.clone());
+                    known.known.insert(key.clone());
                     send(&events, K::event(key, model)).await
                 }
                 None => true,
             },
             Ok(Event::Delete(object)) => match object.key() {
                 Some(key) => {
-                    known.remove(&key);
+                    known.known.remove(&key);
                     send(&events, K::event(key, None)).await
                 }
                 None => true,
@@ -476,20 +507,7 @@ async fn watch<K: Watched>(
                 return WatchEnd::ResourceGone;
             }
             Err(error) => {
-                if is_forbidden(&error) {
-                    tracing::error!(
-                        resource,
-                        %error,
-                        "the API server forbids listing/watching {resource} (403): the ClusterRole \
-                         bound to topoproxy's ServiceAccount must grant get, list and watch on it; \
-                         keeping the last state and retrying with backoff"
-                    );
-                } else {
-                    tracing::warn!(resource, %error, "watch failed; keeping the last state and retrying with backoff");
-                }
-                state.health.record_watch_error(resource, error.to_string());
-                state.metrics.watch_error(resource);
-                state.metrics.set_api_synced(resource, false);
+                report_watch_error(resource, &error, &state);
                 true
             }
         };
@@ -498,6 +516,25 @@ async fn watch<K: Watched>(
         }
     }
     WatchEnd::EventsClosed
+}
+
+/// A failed list or watch: logged (a 403 names the RBAC it needs), counted, and shown in the
+/// health endpoint until the next complete list; the watcher retries with backoff.
+fn report_watch_error(resource: &'static str, error: &watcher::Error, state: &AgentState) {
+    if is_forbidden(error) {
+        tracing::error!(
+            resource,
+            %error,
+            "the API server forbids listing/watching {resource} (403): the ClusterRole \
+             bound to topoproxy's ServiceAccount must grant get, list and watch on it; \
+             keeping the last state and retrying with backoff"
+        );
+    } else {
+        tracing::warn!(resource, %error, "watch failed; keeping the last state and retrying with backoff");
+    }
+    state.health.record_watch_error(resource, error.to_string());
+    state.metrics.watch_error(resource);
+    state.metrics.set_api_synced(resource, false);
 }
 
 /// Whether the API server refused the request as unauthorized (403 Forbidden).

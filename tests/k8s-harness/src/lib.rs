@@ -36,6 +36,7 @@ pub struct Binaries {
     pub haproxy: PathBuf,
     pub kustomize: PathBuf,
     pub helm: PathBuf,
+    pub crictl: PathBuf,
 }
 
 const SETUP_HINT: &str = "run `cargo xtask k8s-setup` (as root) first";
@@ -103,6 +104,7 @@ impl Binaries {
             haproxy: existing(PathBuf::from("/usr/sbin/haproxy")),
             kustomize: existing(tools.join("kustomize")),
             helm: existing(tools.join("helm")),
+            crictl: existing(tools.join("crictl")),
         }
     }
 

@@ -404,6 +404,24 @@ state = "{state}"
         }
     }
 
+    /// `crictl` against this node's containerd, as an operator on the node would run it.
+    pub fn crictl(&self, crictl: &Path, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(crictl)
+            .arg("--runtime-endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .output()
+            .map_err(|e| format!("running crictl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "crictl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
     fn ctr(&self) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")

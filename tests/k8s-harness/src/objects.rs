@@ -34,6 +34,9 @@ pub struct NodeSpec {
     pub addresses: Vec<String>,
     /// Allocatable CPU (e.g. "4").
     pub cpu: String,
+    /// `spec.podCIDRs` (one per family, IPv4 first), what kube-proxy's and topoproxy's
+    /// `detectLocalMode: NodeCIDR` read; empty leaves the field unset.
+    pub pod_cidrs: Vec<String>,
 }
 
 impl NodeSpec {
@@ -44,6 +47,7 @@ impl NodeSpec {
             region: None,
             addresses: vec![address.to_owned()],
             cpu: "4".to_owned(),
+            pod_cidrs: Vec::new(),
         }
     }
 }
@@ -58,18 +62,25 @@ pub async fn create_node(client: &Client, spec: &NodeSpec) {
         labels.insert(REGION_LABEL.to_owned(), region.clone());
     }
     let nodes: Api<Node> = Api::all(client.clone());
-    let node: Node = serde_json::from_value(json!({
+    let mut node = json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": spec.name, "labels": labels},
-    }))
-    .expect("a Node");
+    });
+    if let Some(first) = spec.pod_cidrs.first() {
+        node["spec"] = json!({"podCIDR": first, "podCIDRs": spec.pod_cidrs});
+    }
+    let node: Node = serde_json::from_value(node).expect("a Node");
     match nodes.create(&PostParams::default(), &node).await {
         Ok(_) => {}
         // Tests sharing one control plane create the same Nodes: take it over, labels first.
         Err(kube::Error::Api(status)) if status.code == 409 => {
-            let labels = json!({"metadata": {"labels": node.metadata.labels}});
+            // The pod CIDRs can be set once: the same values again are no change.
+            let mut patch = json!({"metadata": {"labels": node.metadata.labels}});
+            if let Some(pod_cidrs) = node.spec.as_ref().and_then(|s| s.pod_cidrs.as_ref()) {
+                patch["spec"] = json!({"podCIDR": pod_cidrs.first(), "podCIDRs": pod_cidrs});
+            }
             nodes
-                .patch(&spec.name, &PatchParams::default(), &Patch::Merge(&labels))
+                .patch(&spec.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .unwrap_or_else(|e| panic!("relabelling node {}: {e}", spec.name));
         }

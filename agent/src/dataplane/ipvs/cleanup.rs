@@ -13,9 +13,11 @@ use std::ops::RangeInclusive;
 use std::process::{Command as Process, Stdio};
 
 use super::link::{DummyLink, LinkError};
-use super::netlink::{Command, IpvsClient, IpvsError};
+use super::netlink::{Command, IpvsClient, IpvsError, ServiceId};
 use super::nft::{Nft, NftError};
 use super::IpvsSettings;
+use crate::table::VsKey;
+use ipnetwork::IpNetwork;
 
 /// kube-proxy's default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
@@ -143,29 +145,19 @@ pub async fn cleanup(
             .map_err(link_error(settings))?,
         None => BTreeSet::new(),
     };
-    let excluded = |address: IpAddr| {
-        settings
-            .exclude_cidrs
-            .iter()
-            .any(|cidr| cidr.contains(address))
-    };
-
-    let mut doomed = Vec::new();
-    for service in ipvs.services()? {
-        let key =
-            crate::table::VsKey::new(service.id.protocol, service.id.address, service.id.port);
-        if excluded(key.address) {
-            continue;
-        }
-        let ours = owned.services.contains_key(&key);
-        let kube_proxys = kube_proxy
-            && !ours
-            && (link_addresses.contains(&key.address)
-                || (node_addresses.contains(&key.address) && node_port_range.contains(&key.port)));
-        if (ours && scope.ours()) || kube_proxys {
-            doomed.push(service.id);
-        }
-    }
+    let owned_keys: BTreeSet<VsKey> = owned.services.keys().copied().collect();
+    let present: Vec<ServiceId> = ipvs.services()?.into_iter().map(|s| s.id).collect();
+    let doomed = doomed_services(
+        &present,
+        &Owners {
+            scope,
+            owned: &owned_keys,
+            link_addresses: &link_addresses,
+            node_addresses: &node_addresses,
+            exclude_cidrs: &settings.exclude_cidrs,
+            node_port_range: &node_port_range,
+        },
+    );
     let commands: Vec<Command> = doomed.iter().map(|id| Command::DelService(*id)).collect();
     for (id, result) in doomed.iter().zip(ipvs.execute(&commands)) {
         match result {
@@ -194,48 +186,102 @@ pub async fn cleanup(
     }
 
     let ours: BTreeSet<IpAddr> = owned.services.keys().map(|key| key.address).collect();
+    if let Some(link) = link {
+        remove_addresses(settings, scope, link, &link_addresses, &ours, &mut report).await?;
+    }
     if !scope.ours() {
-        // topoproxy keeps serving: only addresses none of its services use go.
-        if let Some(link) = link {
-            for address in link_addresses.iter().filter(|a| !ours.contains(a)) {
-                link.delete_address(*address)
-                    .await
-                    .map_err(link_error(settings))?;
-                report.addresses_removed += 1;
-            }
-        }
         return Ok(report);
     }
-    if let Some(link) = link {
-        let remaining: Vec<IpAddr> = link_addresses
-            .iter()
-            .filter(|address| !kube_proxy && !ours.contains(address))
-            .copied()
-            .collect();
-        if remaining.is_empty() {
-            report.addresses_removed = link_addresses.len();
-            link.delete().await.map_err(link_error(settings))?;
-            report.link_deleted = true;
-        } else {
-            for address in link_addresses.iter().filter(|a| ours.contains(a)) {
-                link.delete_address(*address)
-                    .await
-                    .map_err(link_error(settings))?;
-                report.addresses_removed += 1;
-            }
-            report.notes.push(format!(
-                "{} keeps {} address(es) topoproxy does not own (use --kube-proxy to remove kube-proxy's)",
-                settings.link_name,
-                remaining.len()
-            ));
-        }
-    }
-
     if nft.read()?.is_some() {
         nft.delete()?;
         report.nft_table_deleted = true;
     }
     Ok(report)
+}
+
+/// What tells the IPVS services to remove from the others.
+struct Owners<'a> {
+    scope: CleanupScope,
+    /// The services topoproxy's nft sets record as its own.
+    owned: &'a BTreeSet<VsKey>,
+    /// Addresses on `kube-ipvs0`: kube-proxy's ClusterIPs, externalIPs and LB IPs.
+    link_addresses: &'a BTreeSet<IpAddr>,
+    /// The node's addresses on other links: where kube-proxy's NodePorts listen.
+    node_addresses: &'a BTreeSet<IpAddr>,
+    exclude_cidrs: &'a [IpNetwork],
+    node_port_range: &'a RangeInclusive<u16>,
+}
+
+/// The services to delete: topoproxy's own (by its records) when the scope has them, and
+/// kube-proxy's when it has those — a service on a `kube-ipvs0` address, or on a node address
+/// with a port in the NodePort range, that topoproxy does not own. Nothing inside the
+/// excluded CIDRs, ever.
+fn doomed_services(present: &[ServiceId], owners: &Owners<'_>) -> Vec<ServiceId> {
+    present
+        .iter()
+        .filter(|id| {
+            let key = VsKey::new(id.protocol, id.address, id.port);
+            if owners
+                .exclude_cidrs
+                .iter()
+                .any(|cidr| cidr.contains(key.address))
+            {
+                return false;
+            }
+            let ours = owners.owned.contains(&key);
+            let kube_proxys = owners.scope.kube_proxy()
+                && !ours
+                && (owners.link_addresses.contains(&key.address)
+                    || (owners.node_addresses.contains(&key.address)
+                        && owners.node_port_range.contains(&key.port)));
+            (ours && owners.scope.ours()) || kube_proxys
+        })
+        .copied()
+        .collect()
+}
+
+/// The link's addresses: with topoproxy's own state in scope, the whole link when nothing
+/// else is left on it, else its own addresses (and kube-proxy's when in scope); with
+/// kube-proxy's only, the addresses none of topoproxy's services use (it keeps serving).
+async fn remove_addresses(
+    settings: &IpvsSettings,
+    scope: CleanupScope,
+    link: DummyLink,
+    link_addresses: &BTreeSet<IpAddr>,
+    ours: &BTreeSet<IpAddr>,
+    report: &mut CleanupReport,
+) -> Result<(), CleanupError> {
+    if !scope.ours() {
+        for address in link_addresses.iter().filter(|a| !ours.contains(a)) {
+            link.delete_address(*address)
+                .await
+                .map_err(link_error(settings))?;
+            report.addresses_removed += 1;
+        }
+        return Ok(());
+    }
+    let kube_proxy = scope.kube_proxy();
+    let remaining = link_addresses
+        .iter()
+        .filter(|address| !kube_proxy && !ours.contains(address))
+        .count();
+    if remaining == 0 {
+        report.addresses_removed = link_addresses.len();
+        link.delete().await.map_err(link_error(settings))?;
+        report.link_deleted = true;
+        return Ok(());
+    }
+    for address in link_addresses.iter().filter(|a| ours.contains(a)) {
+        link.delete_address(*address)
+            .await
+            .map_err(link_error(settings))?;
+        report.addresses_removed += 1;
+    }
+    report.notes.push(format!(
+        "{} keeps {remaining} address(es) topoproxy does not own (use --kube-proxy to remove kube-proxy's)",
+        settings.link_name,
+    ));
+    Ok(())
 }
 
 fn is_kube_proxy_chain(name: &str) -> bool {
@@ -401,6 +447,67 @@ fn destroy_kube_proxy_ipsets() -> Result<(usize, Vec<String>), CleanupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
+
+    fn id(address: &str, port: u16) -> ServiceId {
+        ServiceId {
+            protocol: Protocol::Tcp,
+            address: address.parse().unwrap(),
+            port,
+        }
+    }
+
+    fn addresses(list: &[&str]) -> BTreeSet<IpAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    /// One of each: topoproxy's ClusterIP, kube-proxy's ClusterIP on kube-ipvs0, kube-proxy's
+    /// NodePort, a foreign service on a node address outside the NodePort range, one on an
+    /// unrelated address, and a kube-proxy-looking one inside an excluded CIDR.
+    fn doomed_in(scope: CleanupScope) -> Vec<ServiceId> {
+        let present = [
+            id("10.96.0.1", 443),
+            id("10.96.0.2", 80),
+            id("192.168.1.2", 30080),
+            id("192.168.1.2", 8080),
+            id("172.16.0.9", 80),
+            id("10.200.0.5", 80),
+        ];
+        let owned: BTreeSet<VsKey> = [VsKey::new(Protocol::Tcp, "10.96.0.1".parse().unwrap(), 443)]
+            .into_iter()
+            .collect();
+        let link = addresses(&["10.96.0.1", "10.96.0.2", "10.200.0.5"]);
+        let node = addresses(&["192.168.1.2"]);
+        let excluded = ["10.200.0.0/16".parse().unwrap()];
+        doomed_services(
+            &present,
+            &Owners {
+                scope,
+                owned: &owned,
+                link_addresses: &link,
+                node_addresses: &node,
+                exclude_cidrs: &excluded,
+                node_port_range: &(30000..=32767),
+            },
+        )
+    }
+
+    #[test]
+    fn cleanup_removes_what_its_scope_names_and_never_a_foreign_or_excluded_service() {
+        assert_eq!(doomed_in(CleanupScope::Ours), [id("10.96.0.1", 443)]);
+        assert_eq!(
+            doomed_in(CleanupScope::KubeProxyOnly),
+            [id("10.96.0.2", 80), id("192.168.1.2", 30080)]
+        );
+        assert_eq!(
+            doomed_in(CleanupScope::OursAndKubeProxy),
+            [
+                id("10.96.0.1", 443),
+                id("10.96.0.2", 80),
+                id("192.168.1.2", 30080)
+            ]
+        );
+    }
 
     /// Trimmed from `iptables-save` on a node running kube-proxy in IPVS mode.
     const SAVE: &str = "\
