@@ -71,6 +71,7 @@ fn new_service(index: usize) -> Command {
     Command::NewService(IpvsService {
         id: service_id(index),
         scheduler: "rr".to_owned(),
+        scheduler_flags: 0,
         persistence_timeout: None,
     })
 }

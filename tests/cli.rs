@@ -195,6 +195,82 @@ ports:
     );
 }
 
+/// `topoproxy.io/ipvs-scheduler` picks a Service's scheduler and flags; an invalid value
+/// warns, naming the Service and why, and `--ipvs-scheduler` applies; an invalid
+/// `--ipvs-scheduler` is a usage error.
+#[test]
+fn the_ipvs_scheduler_annotation_overrides_the_flag() {
+    let scratch = Scratch::new("ipvs-scheduler");
+    let service = |name: &str, ip: &str, annotation: Option<&str>| {
+        let annotations = annotation
+            .map(|value| format!(", annotations: {{topoproxy.io/ipvs-scheduler: {value:?}}}"))
+            .unwrap_or_default();
+        format!(
+            "---\napiVersion: v1\nkind: Service\n\
+             metadata: {{name: {name}, namespace: default{annotations}}}\n\
+             spec: {{clusterIP: {ip}, ports: [{{port: 80, protocol: TCP}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}-1, namespace: default, \
+             labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\n\
+             endpoints: [{{addresses: [10.244.0.5]}}]\nports: [{{port: 8080, protocol: TCP}}]\n"
+        )
+    };
+    scratch.write(
+        "cluster.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Node\nmetadata: {{name: n1}}\n{}{}{}",
+            service("maglev", "10.96.0.5", Some("mh,mh-fallback,mh-port")),
+            service("typo", "10.96.0.6", Some("mh,sh-port")),
+            service("plain", "10.96.0.7", None),
+        ),
+    );
+    let plan = |scheduler: &str| {
+        topoproxy(&[
+            "plan",
+            "--source",
+            scratch.path(),
+            "--node",
+            "n1",
+            "--ipvs-scheduler",
+            scheduler,
+        ])
+    };
+    let output = plan("wlc");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let services: Vec<String> = stdout(&output)
+        .lines()
+        .filter(|line| line.starts_with("TCP"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        services,
+        [
+            "TCP  10.96.0.5:80 mh (mh-fallback,mh-port)",
+            "TCP  10.96.0.6:80 wlc",
+            "TCP  10.96.0.7:80 wlc",
+        ]
+    );
+    let err = stderr(&output);
+    assert!(
+        err.contains("default/typo")
+            && err.contains(
+                r#"annotation topoproxy.io/ipvs-scheduler "mh,sh-port": flag "sh-port" is not one of mh's (mh-fallback, mh-port); the agent's --ipvs-scheduler applies"#
+            ),
+        "{err}"
+    );
+    // The flag takes the same syntax; a scheduler the kernel does not ship is refused.
+    let output = plan("sh,sh-port");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stdout(&output).contains("TCP  10.96.0.7:80 sh (sh-port)"));
+    let output = plan("maglev");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains(r#"ipvs-scheduler "maglev" is not an IPVS scheduler"#),
+        "{}",
+        stderr(&output)
+    );
+}
+
 #[test]
 fn list_in_ebpf_mode_without_pins_says_what_is_missing() {
     let output = topoproxy(&[

@@ -698,7 +698,7 @@ fn udp_two_vips(first: &SocketAddr, second: &SocketAddr) -> std::io::Result<Stri
 
 fn config(persistence_timeout: Option<u32>) -> ServiceConfig {
     ServiceConfig {
-        scheduler: "rr".to_owned(),
+        scheduler: topoproxy::scheduler::Scheduler::default(),
         persistence_timeout,
         frontend: Frontend::ClusterIP,
         traffic_policy: TrafficPolicy::Cluster,
@@ -1113,6 +1113,7 @@ fn a_pods_connected_udp_socket_follows_a_removed_backend_when_the_agent_sees_no_
         }],
         prefer_same_zone: false,
         topology: None,
+        ipvs_scheduler: None,
         endpoints: vec![endpoint(T0A), endpoint(T0B)],
     }];
     fixture.write();
@@ -2483,6 +2484,7 @@ fn many_services(count: usize, backends_each: usize, generation: u8) -> Vec<clus
             }],
             prefer_same_zone: false,
             topology: None,
+            ipvs_scheduler: None,
             endpoints: (0..backends_each)
                 .map(|b| cluster::Endpoint {
                     address: std::net::Ipv4Addr::new(
@@ -2874,7 +2876,8 @@ fn hashed_services(backends: &[Backend]) -> ProgrammedTable {
         service(&mut table, protocol, VIP4, &tiered, None);
     }
     for service in table.values_mut() {
-        service.config.scheduler = "mh".to_owned();
+        service.config.scheduler =
+            topoproxy::scheduler::Scheduler::parse("mh").expect("a scheduler");
     }
     table
 }

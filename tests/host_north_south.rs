@@ -459,7 +459,7 @@ fn an_mh_node_port_keeps_each_client_address_on_its_backend() {
         .get_mut(&key)
         .expect("the NodePort")
         .config
-        .scheduler = "mh".to_owned();
+        .scheduler = topoproxy::scheduler::Scheduler::parse("mh").expect("a scheduler");
     sync(&mut dataplane, &desired);
 
     let both = [LOCAL_POD, REMOTE_POD];

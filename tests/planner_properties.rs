@@ -623,6 +623,7 @@ fn build_service(index: usize, raw: &RawService) -> Service {
         proxy_name: raw.proxy_name.map(str::to_owned),
         locality: None,
         health_check_node_port: None,
+        scheduler: None,
     }
 }
 

@@ -27,7 +27,7 @@ fn desired(protocol: Protocol, backend: SocketAddr) -> (VsKey, ProgrammedService
         VsKey::new(protocol, VIP.parse().expect("vip"), 80),
         ProgrammedService {
             config: ServiceConfig {
-                scheduler: "rr".to_owned(),
+                scheduler: topoproxy::scheduler::Scheduler::default(),
                 persistence_timeout: Some(30),
                 frontend: Frontend::ClusterIP,
                 traffic_policy: TrafficPolicy::Cluster,

@@ -103,6 +103,7 @@ fn service(id: ServiceId, scheduler: &str, persistence: Option<u32>) -> IpvsServ
     IpvsService {
         id,
         scheduler: scheduler.into(),
+        scheduler_flags: 0,
         persistence_timeout: persistence,
     }
 }

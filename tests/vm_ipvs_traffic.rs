@@ -101,6 +101,7 @@ impl World {
             ],
             prefer_same_zone: true,
             topology: None,
+            ipvs_scheduler: None,
             endpoints: PODS
                 .iter()
                 .map(|(_, address, node, zone)| Endpoint {
@@ -516,6 +517,188 @@ fn a_thinning_zone_hands_its_planned_share_to_the_next_tier() {
             "{vip}: only planned backends serve: {counts:?} vs {planned:?}"
         );
     }
+}
+
+/// Client addresses in the root namespace (on a dummy link, removed on drop), so each client
+/// is its own source address to the hashing schedulers.
+struct ClientAddresses {
+    addresses: Vec<Ipv4Addr>,
+}
+
+impl ClientAddresses {
+    const LINK: &'static str = "tp-clients";
+
+    fn new(count: u8) -> Self {
+        sh_quiet(netns::IP, &["link", "del", Self::LINK]);
+        sh(netns::IP, &["link", "add", Self::LINK, "type", "dummy"]);
+        let clients = Self {
+            addresses: (1..=count).map(|i| Ipv4Addr::new(10, 250, 0, i)).collect(),
+        };
+        for address in &clients.addresses {
+            sh(
+                netns::IP,
+                &["addr", "add", &format!("{address}/32"), "dev", Self::LINK],
+            );
+        }
+        sh(netns::IP, &["link", "set", Self::LINK, "up"]);
+        clients
+    }
+}
+
+impl Drop for ClientAddresses {
+    fn drop(&mut self) {
+        sh_quiet(netns::IP, &["link", "del", Self::LINK]);
+    }
+}
+
+/// The backends that answered `flows` UDP requests from `client`, each from a source port
+/// never used before in this test (a new IPVS connection, scheduled anew: a port the kernel
+/// picked again would meet the IPVS connection of its earlier flow, under the old scheduler).
+fn udp_answers_from(client: Ipv4Addr, flows: usize) -> BTreeSet<String> {
+    static NEXT_PORT: AtomicUsize = AtomicUsize::new(20_000);
+    (0..flows)
+        .map(|i| {
+            let port = u16::try_from(NEXT_PORT.fetch_add(1, Ordering::Relaxed))
+                .expect("fewer than 45,000 flows");
+            let ask = || -> std::io::Result<String> {
+                let socket = std::net::UdpSocket::bind((client, port))?;
+                socket.set_read_timeout(Some(netns::ANSWER_TIMEOUT))?;
+                socket.send_to(b"?", udp_vip())?;
+                let mut buf = [0u8; 512];
+                let (n, _) = socket.recv_from(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+            };
+            ask().unwrap_or_else(|e| panic!("UDP request {i} from {client} to {}: {e}", udp_vip()))
+        })
+        .collect()
+}
+
+/// Removes pod b2's endpoint under `scheduler` and returns the clients of the other backends
+/// that moved, and how many such clients there are. Every client of b2 must move.
+fn remove_b2_and_count_moves(
+    world: &mut World,
+    clients: &ClientAddresses,
+    scheduler: &str,
+) -> (Vec<Ipv4Addr>, usize) {
+    let before = backend_per_client(clients, 4);
+    let on_b2 = before.values().filter(|pod| *pod == "b2").count();
+    assert!(
+        on_b2 > 0,
+        "{scheduler}: no client hashes to b2, the removal proves nothing: {before:?}"
+    );
+    world.set_endpoint("b2", None);
+    world.wait_converged();
+    let after = backend_per_client(clients, 4);
+    assert!(after.values().all(|pod| pod != "b2"), "{after:?}");
+    let moved: Vec<Ipv4Addr> = clients
+        .addresses
+        .iter()
+        .filter(|client| before[*client] != "b2" && before[*client] != after[*client])
+        .copied()
+        .collect();
+    let others = clients.addresses.len() - on_b2;
+    eprintln!(
+        "{scheduler}: b2 removed; its {on_b2} of {} clients moved, and {} of the {others} \
+         others (ideal 0)",
+        clients.addresses.len(),
+        moved.len()
+    );
+    (moved, others)
+}
+
+/// The one backend each client's flows reach; panics when a client is spread.
+fn backend_per_client(clients: &ClientAddresses, flows: usize) -> BTreeMap<Ipv4Addr, String> {
+    clients
+        .addresses
+        .iter()
+        .map(|&client| {
+            let reached = udp_answers_from(client, flows);
+            assert_eq!(reached.len(), 1, "{client} spread over {reached:?}");
+            (client, reached.into_iter().next().unwrap_or_default())
+        })
+        .collect()
+}
+
+/// The `topoproxy.io/ipvs-scheduler` annotation with real traffic (UDP, a fresh source port
+/// per flow, 64 client addresses): under `rr` one client's flows reach every backend; under
+/// `sh` every flow of a client reaches one backend, and removing a backend moves most clients
+/// (its buckets go round the backends in turn); under `mh` the removed backend's clients move
+/// and at most a tenth of the others, fewer than under `sh` (Maglev's table keeps nearly every
+/// entry of the remaining backends, not all: the kernel's moves a few). Each scheduler change
+/// reaches the kernel as a service edit (the listing converges on the plan), flags included.
+#[test]
+#[ignore = "needs IPVS: runs inside the VM (cargo xtask vm-test)"]
+fn the_ipvs_scheduler_annotation_keeps_clients_on_their_backend() {
+    let mut world = World::new("sched");
+    // Every endpoint, no topology: four backends for node-a1.
+    let service = world.fixture.service_mut(SERVICE);
+    service.prefer_same_zone = false;
+    for endpoint in &mut service.endpoints {
+        endpoint.hint = None;
+    }
+    world.fixture.write();
+    let clients = ClientAddresses::new(64);
+    let first = clients.addresses[0];
+    world.start_agent();
+    world.wait_converged();
+    let every_pod = names(&["a1", "a2", "b1", "b2"]);
+    assert_eq!(
+        udp_answers_from(first, 16),
+        every_pod,
+        "rr spreads one client"
+    );
+
+    let set_scheduler = |world: &mut World, scheduler: &'static str| {
+        world.fixture.service_mut(SERVICE).ipvs_scheduler = Some(scheduler);
+        world.fixture.write();
+        world.wait_converged();
+        let shown = ipvsadm(&["-Ln"]);
+        let line = format!(
+            "UDP  {VIP}:{UDP_PORT} {}",
+            scheduler.split(',').next().unwrap_or("")
+        );
+        assert!(
+            shown.contains(&line),
+            "ipvsadm -Ln shows {scheduler}:\n{shown}"
+        );
+    };
+
+    set_scheduler(&mut world, "sh");
+    let by_sh = backend_per_client(&clients, 8);
+    let used: BTreeSet<&String> = by_sh.values().collect();
+    assert!(
+        used.len() > 1,
+        "sh hashes {} clients onto one backend: {by_sh:?}",
+        clients.addresses.len()
+    );
+    // sh's buckets go round the backends in turn, so a removal moves most clients; mh's
+    // Maglev table keeps nearly all of those of the remaining backends.
+    let (sh_moved, sh_stayed) = remove_b2_and_count_moves(&mut world, &clients, "sh");
+    // b2 back, without a hint like the others; the scheduler change below converges on it.
+    world.set_endpoint("b2", Some(Condition::Ready));
+    for endpoint in &mut world.fixture.service_mut(SERVICE).endpoints {
+        endpoint.hint = None;
+    }
+    set_scheduler(&mut world, "mh");
+    let (mh_moved, stayed) = remove_b2_and_count_moves(&mut world, &clients, "mh");
+    assert!(
+        mh_moved.len() * 10 <= stayed && mh_moved.len() < sh_moved.len(),
+        "mh moved {} of the {stayed} clients of remaining backends (sh: {} of {sh_stayed}): \
+         {mh_moved:?}",
+        mh_moved.len(),
+        sh_moved.len(),
+    );
+
+    // Flags: an edit of the same scheduler with its flags reaches the kernel, reads back
+    // (the listing converges on the plan), and ipvsadm prints them as topoproxy does.
+    set_scheduler(&mut world, "mh,mh-fallback,mh-port");
+    let shown = ipvsadm(&["-Ln"]);
+    let line = format!("UDP  {VIP}:{UDP_PORT} mh (mh-fallback,mh-port)");
+    assert!(
+        shown.lines().any(|l| l == line) && list_owned().lines().any(|l| l == line),
+        "ipvsadm -Ln and topoproxy list show {line:?}:\n{shown}\n{}",
+        list_owned()
+    );
 }
 
 /// The `ipvsadm -Ln` destination line of `backend` under the TCP service, if any.

@@ -401,6 +401,7 @@ fn store(scenario: &Scenario, policy: LocalityPolicy) -> Store {
         internal_traffic_local: false,
         external_traffic_local: false,
         health_check_node_port: None,
+        scheduler: None,
         topology_intent: match scenario.hints {
             _ if scenario.clusterset => TopologyIntent::None,
             HintSource::PreferSameZone => TopologyIntent::PreferSameZone,

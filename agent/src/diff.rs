@@ -165,7 +165,7 @@ mod tests {
 
     fn config(scheduler: &str) -> ServiceConfig {
         ServiceConfig {
-            scheduler: scheduler.to_owned(),
+            scheduler: crate::scheduler::Scheduler::parse(scheduler).expect("scheduler"),
             persistence_timeout: None,
             frontend: Frontend::ClusterIP,
             traffic_policy: TrafficPolicy::Cluster,
@@ -279,6 +279,29 @@ mod tests {
             ops.iter().map(Op::kind).collect::<Vec<_>>(),
             vec!["edit_service", "edit_destination"]
         );
+    }
+
+    #[test]
+    fn scheduler_flag_changes_are_service_edits() {
+        let k = key("10.96.0.1", 80);
+        let backends = [("10.244.0.1", 80, 1)];
+        for (from, to) in [
+            ("mh", "mh,mh-port"),
+            ("mh,mh-port", "mh"),
+            ("sh,sh-fallback", "sh,sh-port"),
+            ("rr", "sh"),
+        ] {
+            let actual = table(vec![(k, service(from, &backends))]);
+            let desired = table(vec![(k, service(to, &backends))]);
+            assert_eq!(
+                diff(&desired, &actual),
+                vec![Op::EditService {
+                    key: k,
+                    config: Box::new(config(to))
+                }],
+                "{from} -> {to}"
+            );
+        }
     }
 
     #[test]

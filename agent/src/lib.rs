@@ -25,6 +25,7 @@ pub mod node_cidr;
 pub mod node_cleanup;
 pub mod planner;
 pub mod render;
+pub mod scheduler;
 pub mod source;
 pub mod state;
 pub mod store;

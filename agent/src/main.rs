@@ -19,6 +19,7 @@ use topoproxy::node_addresses::NodePortAddresses;
 use topoproxy::node_cleanup::{self, CleanupMode, CleanupRequest};
 use topoproxy::planner::{self, PlanConfig};
 use topoproxy::render::plan_output::{plan_output, PlanFormat};
+use topoproxy::scheduler::Scheduler;
 
 mod node_setup;
 
@@ -80,8 +81,9 @@ enum Command {
         /// chosen or left out.
         #[arg(long)]
         explain: bool,
-        /// IPVS scheduler for every virtual server.
-        #[arg(long, default_value = planner::DEFAULT_SCHEDULER)]
+        /// IPVS scheduler (and flags, e.g. `mh,mh-port`) for Services without a
+        /// `topoproxy.io/ipvs-scheduler` annotation.
+        #[arg(long, default_value = "rr")]
         ipvs_scheduler: String,
         /// Services labelled `service.kubernetes.io/service-proxy-name` with another value are
         /// left to that proxy.
@@ -288,8 +290,10 @@ fn run(command: Command) -> Result<(), Failure> {
             init_logging(log_format);
             let node_port_addresses = NodePortAddresses::parse(&nodeport_addresses)
                 .map_err(|error| Failure::Usage(error.to_string()))?;
+            let scheduler = Scheduler::parse(&ipvs_scheduler)
+                .map_err(|why| Failure::Usage(format!("ipvs-scheduler {why}")))?;
             let config = PlanConfig {
-                scheduler: ipvs_scheduler,
+                scheduler,
                 proxy_name: service_proxy_name,
                 default_locality: topology_default,
                 cluster_id: cluster_id

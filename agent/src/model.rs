@@ -31,6 +31,8 @@ pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode"
 pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
 /// Annotation opting a Service into topoproxy's locality tiers (see [`LocalityPolicy`]).
 pub const ANNOTATION_LOCALITY: &str = "topoproxy.io/topology";
+/// The IPVS scheduler of a Service's virtual servers (`crate::scheduler` has the syntax).
+pub const ANNOTATION_IPVS_SCHEDULER: &str = "topoproxy.io/ipvs-scheduler";
 /// Default `sessionAffinityConfig.clientIP.timeoutSeconds` (three hours), as the API defines it.
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 
@@ -315,6 +317,10 @@ pub struct Service {
     /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy:
     /// Local` (the only ones the API gives one).
     pub health_check_node_port: Option<u16>,
+    /// The `topoproxy.io/ipvs-scheduler` annotation: `None` when absent or invalid (the
+    /// agent's `--ipvs-scheduler` applies; an invalid value was warned about).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<crate::scheduler::Scheduler>,
 }
 
 /// Networks as `addr/len` text (ipnetwork has no serde here).

@@ -163,6 +163,7 @@ pub fn synthetic_service(spec: &SyntheticSpec, index: usize) -> Service {
         proxy_name: None,
         locality: None,
         health_check_node_port: None,
+        scheduler: None,
     }
 }
 

@@ -12,6 +12,7 @@ use ipnetwork::IpNetwork;
 use serde::Serialize;
 
 use crate::model::{IpFamily, LocalityPolicy, Protocol, ServiceKey, TopologyIntent};
+use crate::scheduler::Scheduler;
 
 /// Identity of a virtual server, as IPVS knows it. Field order gives `ipvsadm`'s sort order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -160,7 +161,8 @@ pub struct VirtualServer {
     /// The Service port's name (`""` when unnamed).
     pub port_name: String,
     pub frontend: Frontend,
-    pub scheduler: String,
+    /// The IPVS scheduler and its flags (the eBPF dataplane reads `sh`/`mh` too).
+    pub scheduler: Scheduler,
     /// Persistence timeout in seconds (`sessionAffinity: ClientIP`).
     pub persistence_timeout: Option<u32>,
     pub traffic_policy: TrafficPolicy,

@@ -170,7 +170,8 @@ pub struct Service {
     /// nearest non-empty tier takes everything (kube-proxy's behaviour), as it does when
     /// every tier with a share is empty.
     pub tier_shares: [u32; MAX_TIERS],
-    /// The scheduler name the agent was given (NUL-padded); the datapath ignores it.
+    /// The scheduler name the agent was given (NUL-padded) and, in the last byte, its flag
+    /// bits (`IP_VS_SVC_F_SCHED1..3` >> 3); the datapath ignores both.
     pub scheduler: [u8; SCHEDULER_LEN],
 }
 

@@ -116,6 +116,8 @@ pub struct Service {
     pub prefer_same_zone: bool,
     /// The `topoproxy.io/topology` annotation (a locality policy), if any.
     pub topology: Option<&'static str>,
+    /// The `topoproxy.io/ipvs-scheduler` annotation (e.g. `mh,mh-port`), if any.
+    pub ipvs_scheduler: Option<&'static str>,
     pub endpoints: Vec<Endpoint>,
 }
 
@@ -210,9 +212,17 @@ fn service_yaml(service: &Service) -> String {
     let Service {
         name, cluster_ip, ..
     } = service;
-    let annotations = match service.topology {
-        Some(policy) => format!("  annotations: {{topoproxy.io/topology: {policy}}}\n"),
-        None => String::new(),
+    let annotations: Vec<String> = [
+        ("topoproxy.io/topology", service.topology),
+        ("topoproxy.io/ipvs-scheduler", service.ipvs_scheduler),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| Some(format!("{key}: {:?}", value?)))
+    .collect();
+    let annotations = if annotations.is_empty() {
+        String::new()
+    } else {
+        format!("  annotations: {{{}}}\n", annotations.join(", "))
     };
     let mut text = format!(
         "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n{annotations}spec:\n  \

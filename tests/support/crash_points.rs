@@ -420,6 +420,7 @@ fn service(
             .collect(),
         prefer_same_zone: false,
         topology,
+        ipvs_scheduler: None,
         endpoints,
     }
 }

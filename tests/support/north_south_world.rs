@@ -599,7 +599,7 @@ pub fn service(
         key,
         ProgrammedService {
             config: ServiceConfig {
-                scheduler: "rr".to_owned(),
+                scheduler: topoproxy::scheduler::Scheduler::default(),
                 persistence_timeout,
                 frontend,
                 traffic_policy,

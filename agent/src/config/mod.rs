@@ -100,7 +100,8 @@ pub struct RunOptions {
     /// Where `/metrics` and `/plan` are served [default: 127.0.0.1:10249].
     #[arg(long)]
     pub metrics_bind_address: Option<SocketAddr>,
-    /// IPVS scheduler for every virtual server [default: rr].
+    /// IPVS scheduler, with its flags (`mh,mh-port`), for Services without a
+    /// `topoproxy.io/ipvs-scheduler` annotation [default: rr].
     #[arg(long)]
     pub ipvs_scheduler: Option<String>,
     /// This proxy's name for the `service.kubernetes.io/service-proxy-name` label
@@ -277,8 +278,8 @@ pub enum ConfigError {
     ZeroPeriod { setting: &'static str },
     #[error("no node name: pass --hostname-override or set NODE_NAME (the hostname is unknown)")]
     NoNodeName,
-    #[error("ipvs-scheduler must not be empty")]
-    EmptyScheduler,
+    #[error("ipvs-scheduler {0}")]
+    Scheduler(crate::scheduler::SchedulerError),
     #[error("north-south-interfaces: {0:?} is not auto, none or a list of interface names")]
     NorthSouthInterfaces(String),
     #[error("snat-port-range: {0:?} is not a port range like 61000-65535")]
@@ -434,13 +435,12 @@ pub fn resolve(
         flags.sync_period.or(file.sync_period),
         DEFAULT_SYNC_PERIOD,
     )?;
-    let scheduler = flags
-        .ipvs_scheduler
-        .or(file.ipvs_scheduler)
-        .unwrap_or_else(|| PlanConfig::default().scheduler);
-    if scheduler.trim().is_empty() {
-        return Err(ConfigError::EmptyScheduler);
-    }
+    let scheduler = match flags.ipvs_scheduler.or(file.ipvs_scheduler) {
+        None => PlanConfig::default().scheduler,
+        Some(value) => {
+            crate::scheduler::Scheduler::parse(&value).map_err(ConfigError::Scheduler)?
+        }
+    };
     // IPVS mode's nft rule and eBPF mode's tc path masquerade by the same settings.
     let masquerade_all = flags.masquerade_all.or(file.masquerade_all);
     let cluster_cidrs = cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?;
@@ -469,7 +469,7 @@ pub fn resolve(
             .or(file.metrics_bind_address)
             .unwrap_or(DEFAULT_METRICS_BIND_ADDRESS),
         plan: PlanConfig {
-            scheduler: scheduler.trim().to_owned(),
+            scheduler,
             proxy_name: flags
                 .service_proxy_name
                 .or(file.service_proxy_name)
@@ -750,6 +750,38 @@ mod tests {
             }),
             Err(ConfigError::NorthSouthInterfaces(_))
         ));
+    }
+
+    #[test]
+    fn ipvs_scheduler_is_parsed_or_refused_naming_the_setting() {
+        let resolved = |options: RunOptions| {
+            resolve(options, RunOptions::default(), fallbacks(None, Some("n")))
+        };
+        for (scheduler, message) in [
+            (" ", "ipvs-scheduler is empty"),
+            (
+                "maglev",
+                r#"ipvs-scheduler "maglev" is not an IPVS scheduler"#,
+            ),
+            (
+                "rr,rr-port",
+                r#"ipvs-scheduler flag "rr-port" is not one of rr's"#,
+            ),
+        ] {
+            let error = resolved(RunOptions {
+                ipvs_scheduler: Some(scheduler.to_owned()),
+                ..RunOptions::default()
+            })
+            .map(|_| ())
+            .expect_err(scheduler);
+            assert!(error.to_string().starts_with(message), "{error}");
+        }
+        let settings = resolved(RunOptions {
+            ipvs_scheduler: Some("mh,mh-port".to_owned()),
+            ..RunOptions::default()
+        })
+        .expect("mh,mh-port resolves");
+        assert_eq!(settings.plan.scheduler, "mh,mh-port");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 
 use topoproxy_common::MAX_TIERS;
 
+use crate::scheduler::Scheduler;
 use crate::table::{
     Frontend, NodeTable, SourceRanges, TrafficPolicy, VirtualServer, VsKey, SHARE_WHOLE,
 };
@@ -16,7 +17,8 @@ use crate::table::{
 /// A virtual service's own settings, as a dataplane programs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
-    pub scheduler: String,
+    /// The IPVS scheduler and its flags; [`Scheduler::name`] is the kernel's name.
+    pub scheduler: Scheduler,
     /// Persistence (`sessionAffinity: ClientIP`) timeout in seconds.
     pub persistence_timeout: Option<u32>,
     /// How traffic reaches the service: decides address binding and masquerading.
@@ -121,7 +123,7 @@ impl ProgrammedService {
     ) -> Self {
         Self {
             config: ServiceConfig {
-                scheduler: vs.scheduler.clone(),
+                scheduler: vs.scheduler,
                 persistence_timeout: vs.persistence_timeout,
                 frontend: vs.frontend,
                 traffic_policy: vs.traffic_policy,

@@ -19,6 +19,7 @@ use super::endpoints::Candidate;
 use super::spill::OVERPROVISIONING;
 use super::topology::IndexTiers;
 use super::{port_plans, skip_reason, PlanConfig, PortPlan, SkipReason, SpillPlan};
+use crate::scheduler::Scheduler;
 
 /// Why one Service does what it does on this node.
 #[derive(Debug, Clone, Serialize)]
@@ -29,6 +30,9 @@ pub struct ServiceExplanation {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clusterset: Option<String>,
     pub intent: TopologyIntent,
+    /// The Service's own IPVS scheduler (`topoproxy.io/ipvs-scheduler`), if it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipvs_scheduler: Option<Scheduler>,
     pub ports: Vec<PortExplanation>,
 }
 
@@ -179,6 +183,7 @@ pub fn explain(store: &Store, node: &Node, config: &PlanConfig) -> Vec<ServiceEx
                 skipped,
                 clusterset,
                 intent: service.topology_intent,
+                ipvs_scheduler: service.scheduler,
                 ports,
             }
         })
@@ -569,6 +574,19 @@ pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
         );
         if let Some(clusterset) = &service.clusterset {
             let _ = writeln!(out, "  {clusterset}");
+        }
+        if let Some(scheduler) = service.ipvs_scheduler {
+            let weighted = scheduler.weighted(true);
+            let spilling = service.ports.iter().any(|p| !p.locality.is_kube_proxy());
+            let _ = writeln!(
+                out,
+                "  IPVS scheduler: {scheduler} (annotation topoproxy.io/ipvs-scheduler){}",
+                if spilling && weighted != scheduler {
+                    format!("; {weighted} where the locality policy weights the tiers")
+                } else {
+                    String::new()
+                }
+            );
         }
         if service.ports.is_empty() {
             let _ = writeln!(out, "  no ports");

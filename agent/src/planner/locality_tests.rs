@@ -4,9 +4,11 @@
 
 use super::tests::{ep, ip, not_ready, port, service, slice, terminating, zone_hint, TCP};
 use super::*;
+use crate::dataplane::op::Op;
 use crate::dataplane::{ProgrammedService, TierScope};
 use crate::diff::OpBatch;
 use crate::model::{Endpoint, EndpointSlice, LocalityPolicy, SliceOrigin};
+use crate::scheduler::Scheduler;
 use crate::table::{TierKind, SHARE_WHOLE};
 
 const VIP: &str = "10.96.0.10";
@@ -379,7 +381,7 @@ fn serving_terminating_endpoints_are_the_last_resort_as_in_kube_proxy() {
 #[test]
 fn weighted_schedulers_are_kept_and_weight_blind_ones_replaced() {
     let config = |scheduler: &str| PlanConfig {
-        scheduler: scheduler.to_owned(),
+        scheduler: crate::scheduler::Scheduler::parse(scheduler).expect("scheduler"),
         ..PlanConfig::default()
     };
     assert_eq!(config("rr").scheduler_for(LocalityPolicy::KubeProxy), "rr");
@@ -513,4 +515,132 @@ fn explain_names_tier_weight_and_why() {
         text.contains("programmed (same-region, weight 3): in this node's region r1"),
         "{text}"
     );
+}
+
+/// `dns` with the `topoproxy.io/ipvs-scheduler` annotation `scheduler` (parsed), if any.
+fn dns_scheduled(locality: Option<LocalityPolicy>, scheduler: Option<&str>) -> Service {
+    let mut service = dns(locality);
+    service.scheduler = scheduler.map(|text| Scheduler::parse(text).expect("test scheduler"));
+    service
+}
+
+#[test]
+fn a_services_ipvs_scheduler_overrides_the_agents() {
+    let nodes = four_nodes();
+    let agent_wlc = PlanConfig {
+        scheduler: Scheduler::parse("wlc").expect("scheduler"),
+        ..PlanConfig::default()
+    };
+    let planned = |scheduler: Option<&str>| {
+        let store = cluster(
+            &nodes,
+            dns_scheduled(None, scheduler),
+            vec![dns_slice(one_per_node())],
+        );
+        the_vs(&store, &nodes[0], &agent_wlc).scheduler
+    };
+    assert_eq!(planned(Some("mh,mh-port")), "mh,mh-port");
+    assert_eq!(planned(Some("sh")), "sh");
+    assert_eq!(planned(Some("rr")), "rr");
+    // Without the annotation (or with an invalid one, which converts to none): the agent's.
+    assert_eq!(planned(None), "wlc");
+}
+
+#[test]
+fn under_a_locality_policy_a_services_weight_blind_scheduler_becomes_weighted() {
+    let nodes = four_nodes();
+    for (asked, under_zone) in [
+        ("rr", "wrr"),
+        ("lc", "wlc"),
+        ("sh,sh-fallback", "sh,sh-fallback"),
+        ("mh,mh-port", "mh,mh-port"),
+        ("dh", "dh"),
+        ("sed", "sed"),
+    ] {
+        let opted_in = cluster(
+            &nodes,
+            dns_scheduled(Some(LocalityPolicy::Zone), Some(asked)),
+            vec![dns_slice(one_per_node())],
+        );
+        let vs = the_vs(&opted_in, &nodes[0], &PlanConfig::default());
+        assert_eq!(vs.scheduler, under_zone, "{asked} under zone");
+        // The weights still carry the tiers.
+        assert_eq!(
+            shares(&vs),
+            [(TierKind::SameZone, 1_000), (TierKind::SameRegion, 0)],
+            "{asked}"
+        );
+        let kube_proxy = cluster(
+            &nodes,
+            dns_scheduled(None, Some(asked)),
+            vec![dns_slice(one_per_node())],
+        );
+        let vs = the_vs(&kube_proxy, &nodes[0], &PlanConfig::default());
+        assert_eq!(vs.scheduler, asked, "{asked} without a locality policy");
+    }
+}
+
+#[test]
+fn explain_names_a_services_own_scheduler_and_what_weights_make_of_it() {
+    let nodes = four_nodes();
+    let text = |locality, scheduler| {
+        let store = cluster(
+            &nodes,
+            dns_scheduled(locality, scheduler),
+            vec![dns_slice(one_per_node())],
+        );
+        let explained = explain::explain(&store, &nodes[0], &PlanConfig::default());
+        explain::render_text(&explained, &nodes[0])
+    };
+    let zone = text(Some(LocalityPolicy::Zone), Some("rr"));
+    assert!(
+        zone.contains(
+            "  IPVS scheduler: rr (annotation topoproxy.io/ipvs-scheduler); wrr where the \
+             locality policy weights the tiers\n"
+        ),
+        "{zone}"
+    );
+    let plain = text(None, Some("mh,mh-port"));
+    assert!(
+        plain.contains("  IPVS scheduler: mh,mh-port (annotation topoproxy.io/ipvs-scheduler)\n"),
+        "{plain}"
+    );
+    assert!(!text(None, None).contains("IPVS scheduler"));
+}
+
+#[test]
+fn changing_a_services_scheduler_is_one_service_edit() {
+    let nodes = four_nodes();
+    let programmed = |scheduler: Option<&str>| {
+        let store = cluster(
+            &nodes,
+            dns_scheduled(None, scheduler),
+            vec![dns_slice(one_per_node())],
+        );
+        ProgrammedService::from_virtual_server(
+            &the_vs(&store, &nodes[0], &PlanConfig::default()),
+            TierScope::Active,
+            None,
+        )
+    };
+    let key = VsKey::new(TCP, ip(VIP), 53);
+    for (from, to) in [
+        (None, Some("sh")),
+        (Some("sh"), Some("mh")),
+        (Some("mh"), Some("mh,mh-fallback")),
+        (Some("mh,mh-fallback"), None),
+    ] {
+        let (before, after) = (programmed(from), programmed(to));
+        let mut batch = OpBatch::new();
+        batch.service(key, Some(&after), Some(&before));
+        let ops = batch.into_ops();
+        assert_eq!(
+            ops,
+            [Op::EditService {
+                key,
+                config: Box::new(after.config.clone())
+            }],
+            "{from:?} -> {to:?}"
+        );
+    }
 }

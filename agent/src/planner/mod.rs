@@ -35,6 +35,7 @@ use serde::Serialize;
 
 use crate::model::{IpFamily, LocalityPolicy, Node, Service, ServiceKey, ServicePort, ServiceType};
 use crate::node_addresses::NodePortAddresses;
+use crate::scheduler::{Scheduler, SchedulerKind};
 use crate::store::Store;
 use crate::table::{
     Backend, Frontend, NodeTable, SourceRanges, Tier, TopologyMode, TrafficPolicy, VirtualServer,
@@ -48,7 +49,7 @@ pub use topology::TopologyReason;
 use topology::{cluster_tiers, decide_mode, local_tiers, IndexTiers};
 
 /// The IPVS scheduler when none is configured (kube-proxy's default too).
-pub const DEFAULT_SCHEDULER: &str = "rr";
+pub const DEFAULT_SCHEDULER: Scheduler = Scheduler::new(SchedulerKind::Rr);
 
 /// This proxy's `service.kubernetes.io/service-proxy-name` when none is configured.
 pub const DEFAULT_PROXY_NAME: &str = "topoproxy";
@@ -56,8 +57,9 @@ pub const DEFAULT_PROXY_NAME: &str = "topoproxy";
 /// Knobs the planner takes from the agent's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanConfig {
-    /// IPVS scheduler for every virtual server (kube-proxy's `--ipvs-scheduler`).
-    pub scheduler: String,
+    /// IPVS scheduler for the virtual servers of Services without a
+    /// `topoproxy.io/ipvs-scheduler` annotation (kube-proxy's `--ipvs-scheduler`).
+    pub scheduler: Scheduler,
     /// This proxy's name for `service.kubernetes.io/service-proxy-name`.
     pub proxy_name: String,
     /// The locality policy of Services without a `topoproxy.io/topology` annotation.
@@ -73,7 +75,7 @@ pub struct PlanConfig {
 impl Default for PlanConfig {
     fn default() -> Self {
         Self {
-            scheduler: DEFAULT_SCHEDULER.to_owned(),
+            scheduler: DEFAULT_SCHEDULER,
             proxy_name: DEFAULT_PROXY_NAME.to_owned(),
             default_locality: LocalityPolicy::KubeProxy,
             cluster_id: None,
@@ -88,22 +90,19 @@ impl PlanConfig {
         service.locality.unwrap_or(self.default_locality)
     }
 
-    /// The IPVS scheduler for virtual servers under `policy`. Weights are how a locality
-    /// policy spills, and `rr` and `lc` ignore them, so those become `wrr` and `wlc` (with one
-    /// tier in use every weight is 1 and `wrr` schedules exactly as `rr`).
-    pub fn scheduler_for(&self, policy: LocalityPolicy) -> String {
-        self.scheduler_weighted(!policy.is_kube_proxy())
+    /// The IPVS scheduler for virtual servers under `policy` of a Service without its own.
+    pub fn scheduler_for(&self, policy: LocalityPolicy) -> Scheduler {
+        self.scheduler.weighted(!policy.is_kube_proxy())
     }
 
-    /// The IPVS scheduler for virtual servers whose backends carry spill weights (`weighted`)
-    /// or not.
-    pub fn scheduler_weighted(&self, weighted: bool) -> String {
-        match (weighted, self.scheduler.as_str()) {
-            (false, scheduler) => scheduler.to_owned(),
-            (true, "rr") => "wrr".to_owned(),
-            (true, "lc") => "wlc".to_owned(),
-            (true, scheduler) => scheduler.to_owned(),
-        }
+    /// The IPVS scheduler for `service`'s virtual servers whose backends carry spill weights
+    /// (`weighted`) or not: the Service's `topoproxy.io/ipvs-scheduler`, else the agent's;
+    /// weight-blind ones become weighted under weights ([`Scheduler::weighted`]).
+    pub fn scheduler_of(&self, service: &Service, weighted: bool) -> Scheduler {
+        service
+            .scheduler
+            .unwrap_or(self.scheduler)
+            .weighted(weighted)
     }
 }
 
@@ -180,7 +179,7 @@ pub fn plan_service(
                 service: service.key.clone(),
                 port_name: port_plan.port.name.clone(),
                 frontend: frontend.kind,
-                scheduler: config.scheduler_weighted(weighted),
+                scheduler: config.scheduler_of(service, weighted),
                 persistence_timeout: service.session_affinity_timeout,
                 traffic_policy: frontend.policy,
                 intent: service.topology_intent,

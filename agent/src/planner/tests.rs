@@ -56,6 +56,7 @@ pub(super) fn service(name: &str, cluster_ip: &str, ports: Vec<ServicePort>) -> 
         proxy_name: None,
         locality: None,
         health_check_node_port: None,
+        scheduler: None,
     }
 }
 
@@ -904,7 +905,7 @@ fn session_affinity_and_scheduler() {
     let plain = service("plain", "10.96.0.71", vec![port("http", TCP, 80)]);
     let store = store(vec![sticky, plain], Vec::new());
     let config = PlanConfig {
-        scheduler: "wrr".to_owned(),
+        scheduler: crate::scheduler::Scheduler::parse("wrr").expect("scheduler"),
         ..PlanConfig::default()
     };
     let table = plan(&store, &four_nodes()[0], &config);

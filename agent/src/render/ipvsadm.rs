@@ -13,6 +13,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
+use crate::scheduler::Scheduler;
 use crate::table::{NodeTable, VsKey};
 
 /// The version line's figures: IPVS 1.2.1 with the default 4096-entry connection table, which
@@ -24,9 +25,19 @@ pub const IPVS_CONN_TAB_SIZE: u32 = 4096;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRow {
     pub key: VsKey,
+    /// The scheduler column: [`scheduler_column`].
     pub scheduler: String,
     pub persistence_timeout: Option<u32>,
     pub destinations: Vec<DestinationRow>,
+}
+
+/// The scheduler as ipvsadm prints it: its name, then its flags (`sh-fallback`, `mh-port`)
+/// in parentheses when it has any, e.g. `mh (mh-fallback,mh-port)`.
+pub fn scheduler_column(name: &str, flag_bits: u32) -> String {
+    match Scheduler::from_kernel(name, flag_bits).flag_text() {
+        Some(flags) => format!("{name} ({flags})"),
+        None => name.to_owned(),
+    }
 }
 
 /// One real-server line.
@@ -66,7 +77,7 @@ pub fn rows_from_table(table: &NodeTable) -> Vec<ServiceRow> {
         .servers()
         .map(|vs| ServiceRow {
             key: vs.key,
-            scheduler: vs.scheduler.clone(),
+            scheduler: scheduler_column(vs.scheduler.name(), vs.scheduler.flags.kernel_bits()),
             persistence_timeout: vs.persistence_timeout,
             destinations: vs
                 .programmed()

@@ -12,6 +12,7 @@ use ipnetwork::IpNetwork;
 
 use crate::dataplane::{ServiceConfig, TierShares};
 use crate::model::Protocol;
+use crate::scheduler::{Scheduler, SchedulerFlags, IP_VS_SVC_F_SCHED_MASK};
 use crate::table::{Frontend, SourceRanges, TrafficPolicy, VsKey};
 
 const IPPROTO_TCP: u8 = 6;
@@ -83,10 +84,17 @@ pub(super) fn vs_key(key: &ServiceKey) -> Option<VsKey> {
     Some(VsKey::new(protocol, address, port))
 }
 
-/// Whether the IPVS scheduler `name` hashes the client (source hashing `sh`, Maglev `mh`):
-/// in eBPF mode such a service gets Maglev tables and the [`flags::MAGLEV`] flag.
-pub(super) fn consistent_hash(name: &str) -> bool {
-    matches!(name, "sh" | "mh")
+/// Whether the IPVS scheduler hashes the client (source hashing `sh`, Maglev `mh`): in eBPF
+/// mode such a service gets Maglev tables and the [`flags::MAGLEV`] flag.
+pub(super) fn consistent_hash(scheduler: &Scheduler) -> bool {
+    matches!(scheduler.name(), "sh" | "mh")
+}
+
+/// The scheduler flag bits (`IP_VS_SVC_F_SCHED1..3`, 0x8..0x20) shifted into one byte.
+const SCHEDULER_FLAG_SHIFT: u32 = 3;
+
+fn scheduler_flag_byte(flag_bits: u32) -> u8 {
+    u8::try_from((flag_bits & IP_VS_SVC_F_SCHED_MASK) >> SCHEDULER_FLAG_SHIFT).unwrap_or(0)
 }
 
 /// The service entry for `config`, with the given id and tier counts.
@@ -95,10 +103,12 @@ pub(super) fn service_value(
     config: &ServiceConfig,
     tier_counts: [u16; MAX_TIERS],
 ) -> Service {
+    // The name, NUL-padded, and the flag bits in the last byte (names are 5 bytes at most).
     let mut scheduler = [0u8; SCHEDULER_LEN];
-    let name = config.scheduler.as_bytes();
-    let len = name.len().min(SCHEDULER_LEN);
+    let name = config.scheduler.name().as_bytes();
+    let len = name.len().min(SCHEDULER_LEN - 1);
     scheduler[..len].copy_from_slice(&name[..len]);
+    scheduler[SCHEDULER_LEN - 1] = scheduler_flag_byte(config.scheduler.flags.kernel_bits());
     let frontend = match config.frontend {
         Frontend::ClusterIP => 0,
         Frontend::ExternalIP => 1,
@@ -114,10 +124,13 @@ pub(super) fn service_value(
         ranges if ranges.from_node => flags::SOURCE_RANGES | flags::SOURCE_RANGES_FROM_NODE,
         _ => flags::SOURCE_RANGES,
     };
-    let hashing = if consistent_hash(&config.scheduler) {
-        flags::MAGLEV
-    } else {
-        0
+    // `sh-port`/`mh-port` hash the client's port too, as the kernel's schedulers do.
+    let hashing = match consistent_hash(&config.scheduler) {
+        false => 0,
+        true if config.scheduler.flags.contains(SchedulerFlags::PORT) => {
+            flags::MAGLEV | flags::HASH_SOURCE_PORT
+        }
+        true => flags::MAGLEV,
     };
     Service {
         id,
@@ -136,9 +149,11 @@ pub(super) fn service_config(value: &Service, ranges: &[IpNetwork]) -> ServiceCo
         .scheduler
         .iter()
         .position(|&b| b == 0)
-        .unwrap_or(SCHEDULER_LEN);
+        .unwrap_or(SCHEDULER_LEN - 1);
+    let name = String::from_utf8_lossy(&value.scheduler[..end]);
+    let flag_bits = u32::from(value.scheduler[SCHEDULER_LEN - 1]) << SCHEDULER_FLAG_SHIFT;
     ServiceConfig {
-        scheduler: String::from_utf8_lossy(&value.scheduler[..end]).into_owned(),
+        scheduler: Scheduler::from_kernel(&name, flag_bits),
         persistence_timeout: (value.affinity_timeout != 0).then_some(value.affinity_timeout),
         frontend: match value.flags & flags::FRONTEND_MASK {
             0 => Frontend::ClusterIP,
@@ -221,7 +236,7 @@ mod tests {
         let key = VsKey::new(Protocol::Udp, "fd00::a".parse().expect("ip"), 53);
         assert_eq!(vs_key(&service_key(&key)), Some(key));
         let config = ServiceConfig {
-            scheduler: "rr".to_owned(),
+            scheduler: crate::scheduler::Scheduler::default(),
             persistence_timeout: Some(10800),
             frontend: Frontend::LoadBalancer,
             traffic_policy: TrafficPolicy::Local,
@@ -233,6 +248,15 @@ mod tests {
         assert_eq!(value.tier_shares[1], 300_000);
         assert_eq!(value.tier_counts[1], 2);
         assert_eq!(value.flags & flags::SOURCE_RANGES, 0);
+        // The scheduler and its flags come back too (the name, then a flag byte at the end).
+        for text in ["mh,mh-fallback,mh-port", "sh,sh-port", "lblcr"] {
+            let config = ServiceConfig {
+                scheduler: crate::scheduler::Scheduler::parse(text).expect("scheduler"),
+                ..config.clone()
+            };
+            let value = service_value(7, &config, [1, 2, 0, 0, 0, 0, 0, 0]);
+            assert_eq!(service_config(&value, &[]), config, "{text}");
+        }
     }
 
     #[test]
@@ -242,7 +266,7 @@ mod tests {
             .map(|r| r.parse().expect("range"))
             .collect();
         let mut config = ServiceConfig {
-            scheduler: "rr".to_owned(),
+            scheduler: crate::scheduler::Scheduler::default(),
             persistence_timeout: None,
             frontend: Frontend::LoadBalancer,
             traffic_policy: TrafficPolicy::Cluster,

@@ -10,7 +10,7 @@ use super::layout::{decode, Slot};
 use super::lb_maps::LbRead;
 use super::EbpfError;
 use crate::dataplane::ServiceConfig;
-use crate::render::ipvsadm::{self, DestinationRow, Forward, ServiceRow};
+use crate::render::ipvsadm::{self, scheduler_column, DestinationRow, Forward, ServiceRow};
 use crate::table::VsKey;
 
 /// Reading the datapath's per-CPU counters, summed over CPUs.
@@ -124,7 +124,10 @@ pub fn render_ipvsadm(listing: &Listing, zero_counters: bool) -> String {
         .iter()
         .map(|service| ServiceRow {
             key: service.key,
-            scheduler: service.config.scheduler.clone(),
+            scheduler: scheduler_column(
+                service.config.scheduler.name(),
+                service.config.scheduler.flags.kernel_bits(),
+            ),
             persistence_timeout: service.config.persistence_timeout,
             destinations: service
                 .backends

@@ -15,6 +15,7 @@ use ipnetwork::IpNetwork;
 use crate::dataplane::{
     DestinationState, ProgrammedService, ProgrammedTable, ServiceConfig, TierShares,
 };
+use crate::scheduler::Scheduler;
 use crate::table::{Frontend, TrafficPolicy, VsKey};
 
 use super::commands::binds_address;
@@ -162,7 +163,10 @@ fn programmed(
         .collect();
     ProgrammedService {
         config: ServiceConfig {
-            scheduler: read.service.scheduler.clone(),
+            scheduler: Scheduler::from_kernel(
+                &read.service.scheduler,
+                read.service.scheduler_flags,
+            ),
             persistence_timeout: read.service.persistence_timeout,
             frontend,
             traffic_policy,
@@ -228,6 +232,7 @@ mod tests {
                     port: key.port,
                 },
                 scheduler: "rr".into(),
+                scheduler_flags: 0,
                 persistence_timeout: None,
             },
             destinations: destinations

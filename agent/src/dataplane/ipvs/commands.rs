@@ -52,7 +52,8 @@ pub fn service_id(key: &VsKey) -> ServiceId {
 fn ipvs_service(key: &VsKey, config: &ServiceConfig) -> IpvsService {
     IpvsService {
         id: service_id(key),
-        scheduler: config.scheduler.clone(),
+        scheduler: config.scheduler.name().to_owned(),
+        scheduler_flags: config.scheduler.flags.kernel_bits(),
         persistence_timeout: config.persistence_timeout,
     }
 }
@@ -331,7 +332,7 @@ mod tests {
 
     fn config(frontend: Frontend) -> ServiceConfig {
         ServiceConfig {
-            scheduler: "rr".to_owned(),
+            scheduler: crate::scheduler::Scheduler::default(),
             persistence_timeout: Some(600),
             frontend,
             traffic_policy: TrafficPolicy::Cluster,
@@ -366,6 +367,7 @@ mod tests {
         let expected = IpvsService {
             id: service_id(&tcp),
             scheduler: "rr".to_owned(),
+            scheduler_flags: 0,
             persistence_timeout: Some(600),
         };
         let add = Op::AddService {

@@ -33,7 +33,7 @@ fn udp(address: &str, port: u16) -> VsKey {
 
 fn config(frontend: Frontend) -> ServiceConfig {
     ServiceConfig {
-        scheduler: "rr".into(),
+        scheduler: crate::scheduler::Scheduler::default(),
         persistence_timeout: None,
         frontend,
         traffic_policy: TrafficPolicy::Cluster,
@@ -87,6 +87,7 @@ fn add_foreign(kernel: &FakeKernel) -> FakeService {
         service: IpvsService {
             id,
             scheduler: "wlc".into(),
+            scheduler_flags: 0,
             persistence_timeout: None,
         },
         destinations: [(
@@ -288,6 +289,7 @@ fn foreign_services_and_excluded_cidrs_are_left_alone() {
         service: IpvsService {
             id: service_id(&excluded),
             scheduler: "rr".into(),
+            scheduler_flags: 0,
             persistence_timeout: None,
         },
         destinations: BTreeMap::new(),

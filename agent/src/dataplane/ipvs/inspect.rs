@@ -81,7 +81,7 @@ pub fn list(options: ListOptions) -> Result<String, InspectError> {
             .collect();
         rows.push(ServiceRow {
             key,
-            scheduler: service.scheduler,
+            scheduler: ipvsadm::scheduler_column(&service.scheduler, service.scheduler_flags),
             persistence_timeout: service.persistence_timeout,
             destinations,
         });

@@ -14,8 +14,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
 use crate::model::{
-    LocalityPolicy, Protocol, ANNOTATION_LOCALITY, DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+    LocalityPolicy, Protocol, ANNOTATION_IPVS_SCHEDULER, ANNOTATION_LOCALITY,
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS,
 };
+use crate::scheduler::Scheduler;
 
 use super::mcs;
 
@@ -237,6 +239,20 @@ fn locality_policy(meta: &ObjectMeta, report: &mut Report<'_>) -> Option<Localit
             Some(LocalityPolicy::KubeProxy)
         }
     }
+}
+
+/// The `topoproxy.io/ipvs-scheduler` annotation. An invalid value is warned about and the
+/// agent's `--ipvs-scheduler` applies, as without the annotation.
+fn ipvs_scheduler(meta: &ObjectMeta, report: &mut Report<'_>) -> Option<Scheduler> {
+    let value = annotation(meta, ANNOTATION_IPVS_SCHEDULER)?;
+    Scheduler::parse(value)
+        .map_err(|why| {
+            report.warn(format!(
+                "annotation {ANNOTATION_IPVS_SCHEDULER} {value:?}: {why}; the agent's \
+                 --ipvs-scheduler applies"
+            ));
+        })
+        .ok()
 }
 
 fn affinity_timeout(config: Option<&core::SessionAffinityConfig>, report: &mut Report<'_>) -> u32 {

@@ -109,6 +109,7 @@ pub fn service_from_api(
     // "another proxy's"; keep it as given.
     let proxy_name = label(meta, LABEL_SERVICE_PROXY_NAME).map(str::to_owned);
     let locality = locality_policy(meta, &mut report);
+    let scheduler = ipvs_scheduler(meta, &mut report);
     // kube-proxy serves it only for external-local LoadBalancers, whatever else the field says.
     let health_check_node_port = spec
         .health_check_node_port
@@ -139,6 +140,7 @@ pub fn service_from_api(
         proxy_name,
         locality,
         health_check_node_port,
+        scheduler,
     })
 }
 
@@ -310,6 +312,7 @@ mod tests {
                 proxy_name: None,
                 locality: None,
                 health_check_node_port: None,
+                scheduler: None,
             })
         );
     }
@@ -867,6 +870,66 @@ mod tests {
             ]
         );
         assert!(warnings[0].to_string().contains("web"), "{}", warnings[0]);
+    }
+
+    #[test]
+    fn ipvs_scheduler_annotation() {
+        use crate::scheduler::{SchedulerFlags, SchedulerKind};
+        let cases = [
+            (json!({}), None),
+            (
+                json!({ANNOTATION_IPVS_SCHEDULER: "sh"}),
+                Some((SchedulerKind::Sh, SchedulerFlags::NONE)),
+            ),
+            (
+                json!({ANNOTATION_IPVS_SCHEDULER: "mh,mh-fallback,mh-port"}),
+                Some((
+                    SchedulerKind::Mh,
+                    SchedulerFlags::FALLBACK.with(SchedulerFlags::PORT),
+                )),
+            ),
+            (
+                json!({ANNOTATION_IPVS_SCHEDULER: " lblcr "}),
+                Some((SchedulerKind::Lblcr, SchedulerFlags::NONE)),
+            ),
+        ];
+        for (annotations, expected) in cases {
+            let (service, warnings) =
+                service_object(json!({"metadata": {"name": "web", "annotations": annotations}}));
+            let got = service.unwrap().scheduler.map(|s| (s.kind, s.flags));
+            assert_eq!(got, expected, "{annotations}");
+            assert!(warnings.is_empty(), "{annotations}: {warnings:?}");
+        }
+        // A bad value: no per-Service choice (the agent's --ipvs-scheduler), and a warning
+        // naming the Service, the value and why.
+        for (value, why) in [
+            (
+                "maglev",
+                r#""maglev" is not an IPVS scheduler (one of rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq, fo, ovf, mh, twos)"#,
+            ),
+            (
+                "mh,sh-port",
+                r#"flag "sh-port" is not one of mh's (mh-fallback, mh-port)"#,
+            ),
+            ("", "is empty"),
+        ] {
+            let (service, warnings) = service_object(json!({"metadata": {
+                "name": "web", "namespace": "shop",
+                "annotations": {ANNOTATION_IPVS_SCHEDULER: value}}}));
+            assert_eq!(service.unwrap().scheduler, None, "{value}");
+            assert_eq!(
+                messages(&warnings),
+                [format!(
+                    "annotation topoproxy.io/ipvs-scheduler {value:?}: {why}; the agent's \
+                     --ipvs-scheduler applies"
+                )]
+            );
+            assert!(
+                warnings[0].to_string().contains("shop/web"),
+                "{}",
+                warnings[0]
+            );
+        }
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub fn service_import_from_api(
         }
     };
     let locality = locality_policy(meta, &mut report);
+    let scheduler = ipvs_scheduler(meta, &mut report);
     Some(Service {
         key: ServiceKey::import(namespace_of(meta), name),
         service_type: ServiceType::ClusterIP,
@@ -76,6 +77,7 @@ pub fn service_import_from_api(
         proxy_name: None,
         locality,
         health_check_node_port: None,
+        scheduler,
     })
 }
 

@@ -287,7 +287,7 @@ fn backend_address(n: u8) -> IpAddr {
 
 fn config() -> ServiceConfig {
     ServiceConfig {
-        scheduler: "rr".to_owned(),
+        scheduler: crate::scheduler::Scheduler::default(),
         persistence_timeout: None,
         frontend: Frontend::ClusterIP,
         traffic_policy: TrafficPolicy::Cluster,
@@ -554,7 +554,8 @@ fn any_table() -> impl Strategy<Value = ProgrammedTable> {
                     let ranges: Vec<&str> = ranges.into_iter().map(|i| RANGES[i]).collect();
                     let mut service = firewalled(&backends, &ranges);
                     if maglev {
-                        service.config.scheduler = "mh".to_owned();
+                        service.config.scheduler =
+                            crate::scheduler::Scheduler::parse("mh").expect("a scheduler");
                     }
                     (vs(vip), service)
                 })
@@ -874,7 +875,7 @@ fn a_failed_range_write_keeps_every_flagged_entry_within_its_ranges_and_converge
 /// `service(backends)` with scheduler `mh`.
 fn hashed(backends: &[(u8, u8)]) -> ProgrammedService {
     let mut service = service(backends);
-    service.config.scheduler = "mh".to_owned();
+    service.config.scheduler = crate::scheduler::Scheduler::parse("mh").expect("a scheduler");
     service
 }
 

@@ -13,6 +13,7 @@ use netlink_packet_generic::{GenlFamily, GenlHeader};
 use super::attr::*;
 use super::{Command, Forward, IpvsDestination, IpvsInfo, IpvsService, IpvsTimeouts, ServiceId};
 use crate::model::Protocol;
+use crate::scheduler::IP_VS_SVC_F_SCHED_MASK;
 
 /// `IPVS_GENL_NAME`.
 pub const IPVS_GENL_NAME: &str = "IPVS";
@@ -323,18 +324,21 @@ fn service_id_attrs(id: &ServiceId) -> Vec<ServiceAttr> {
 fn full_service_attrs(
     id: &ServiceId,
     scheduler: &str,
+    scheduler_flags: u32,
     persistence_timeout: Option<u32>,
 ) -> Vec<ServiceAttr> {
     let mut attrs = service_id_attrs(id);
+    let persistent = if persistence_timeout.is_some() {
+        IP_VS_SVC_F_PERSISTENT
+    } else {
+        0
+    };
     attrs.extend([
         ServiceAttr::Scheduler(scheduler.to_owned()),
-        // mask all ones: a set-service that drops persistence must clear the flag.
+        // mask all ones: a set-service that drops persistence or a scheduler flag must clear
+        // it, as `ipvsadm -E` does.
         ServiceAttr::Flags(ServiceFlags {
-            flags: if persistence_timeout.is_some() {
-                IP_VS_SVC_F_PERSISTENT
-            } else {
-                0
-            },
+            flags: persistent | (scheduler_flags & IP_VS_SVC_F_SCHED_MASK),
             mask: u32::MAX,
         }),
         ServiceAttr::Timeout(persistence_timeout.unwrap_or(0)),
@@ -343,15 +347,20 @@ fn full_service_attrs(
     attrs
 }
 
-/// A new or edited service: identity, scheduler, persistence.
+/// A new or edited service: identity, scheduler and its flags, persistence.
 pub fn service_attrs(service: &IpvsService) -> Vec<ServiceAttr> {
-    full_service_attrs(&service.id, &service.scheduler, service.persistence_timeout)
+    full_service_attrs(
+        &service.id,
+        &service.scheduler,
+        service.scheduler_flags,
+        service.persistence_timeout,
+    )
 }
 
 /// The service part of delete-service and destination commands: `ipvsadm` sends every service
 /// attribute there, with an empty scheduler and no persistence; the kernel reads the identity.
 fn service_key_attrs(id: &ServiceId) -> Vec<ServiceAttr> {
-    full_service_attrs(id, "", None)
+    full_service_attrs(id, "", 0, None)
 }
 
 /// A destination as `ipvsadm -a/-e` sends it (no thresholds, no tunnel).
@@ -414,7 +423,8 @@ pub fn parse_service(attrs: &[ServiceAttr]) -> Result<Option<IpvsService>, Decod
         family,
         address.ok_or_else(|| missing("IPVS_SVC_ATTR_ADDR"))?,
     )?;
-    let persistent = flags.ok_or_else(|| missing("IPVS_SVC_ATTR_FLAGS"))? & IP_VS_SVC_F_PERSISTENT;
+    let flags = flags.ok_or_else(|| missing("IPVS_SVC_ATTR_FLAGS"))?;
+    let persistent = flags & IP_VS_SVC_F_PERSISTENT;
     Ok(Some(IpvsService {
         id: ServiceId {
             protocol,
@@ -422,6 +432,7 @@ pub fn parse_service(attrs: &[ServiceAttr]) -> Result<Option<IpvsService>, Decod
             port: port.ok_or_else(|| missing("IPVS_SVC_ATTR_PORT"))?,
         },
         scheduler: scheduler.ok_or_else(|| missing("IPVS_SVC_ATTR_SCHED_NAME"))?,
+        scheduler_flags: flags & IP_VS_SVC_F_SCHED_MASK,
         persistence_timeout: (persistent != 0).then(|| timeout.unwrap_or(0)),
     }))
 }

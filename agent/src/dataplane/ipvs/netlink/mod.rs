@@ -194,6 +194,8 @@ pub struct ServiceId {
 pub struct IpvsService {
     pub id: ServiceId,
     pub scheduler: String,
+    /// The scheduler's flag bits (`IP_VS_SVC_F_SCHED1..3`: `sh-fallback`, `mh-port`, …).
+    pub scheduler_flags: u32,
     /// `Some(seconds)` when the persistent flag is set.
     pub persistence_timeout: Option<u32>,
 }

@@ -118,6 +118,7 @@ fn service(
     IpvsService {
         id: id(protocol, address, port),
         scheduler: scheduler.into(),
+        scheduler_flags: 0,
         persistence_timeout: persistence,
     }
 }
@@ -788,4 +789,51 @@ fn timeouts_encode_as_the_kernel_reads_them_and_parse_back() {
         Request::SetTimeouts(timeouts).to_string(),
         "set timeouts tcp 900s tcpfin 120s udp 300s"
     );
+}
+
+/// The scheduler flags (`ipvsadm -b sh-fallback,sh-port`) go out in the service's flags with
+/// a full mask, so an edit without them clears them, and come back from a dump beside the
+/// kernel's own hashed bit, so a flag changed behind the agent's back reads as drift.
+#[test]
+fn scheduler_flags_are_sent_with_a_full_mask_and_read_back() {
+    use crate::scheduler::{IP_VS_SVC_F_SCHED1, IP_VS_SVC_F_SCHED2};
+    let sent_flags = |service: &IpvsService| {
+        message::service_attrs(service)
+            .into_iter()
+            .find_map(|attr| match attr {
+                ServiceAttr::Flags(flags) => Some(flags),
+                _ => None,
+            })
+            .expect("a flags attribute")
+    };
+    let mut mh = service(Protocol::Tcp, "10.96.0.10", 80, "mh", Some(600));
+    mh.scheduler_flags = IP_VS_SVC_F_SCHED1 | IP_VS_SVC_F_SCHED2;
+    let flags = sent_flags(&mh);
+    assert_eq!(
+        (flags.flags, flags.mask),
+        (
+            IP_VS_SVC_F_PERSISTENT | IP_VS_SVC_F_SCHED1 | IP_VS_SVC_F_SCHED2,
+            u32::MAX
+        )
+    );
+    let plain = service(Protocol::Tcp, "10.96.0.10", 80, "mh", None);
+    assert_eq!(sent_flags(&plain).flags, 0);
+    assert_eq!(sent_flags(&plain).mask, u32::MAX);
+
+    // As the kernel dumps it: the same attributes with IP_VS_SVC_F_HASHED set.
+    let dumped: Vec<ServiceAttr> = message::service_attrs(&mh)
+        .into_iter()
+        .map(|attr| match attr {
+            ServiceAttr::Flags(flags) => ServiceAttr::Flags(ServiceFlags {
+                flags: flags.flags | IP_VS_SVC_F_HASHED,
+                mask: u32::MAX,
+            }),
+            other => other,
+        })
+        .collect();
+    let parsed = message::parse_service(&dumped)
+        .expect("parses")
+        .expect("a TCP service");
+    assert_eq!(parsed, mh);
+    assert_ne!(parsed, plain, "a flag difference is a difference");
 }
