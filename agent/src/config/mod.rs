@@ -419,161 +419,108 @@ fn non_empty(value: Option<String>) -> Option<String> {
     value.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
 }
 
+impl RunOptions {
+    /// Each setting from `self` (the flags) where set, else from `file`.
+    fn over(self, file: RunOptions) -> RunOptions {
+        RunOptions {
+            kubeconfig: self.kubeconfig.or(file.kubeconfig),
+            hostname_override: self.hostname_override.or(file.hostname_override),
+            source: self.source.or(file.source),
+            proxy_mode: self.proxy_mode.or(file.proxy_mode),
+            min_sync_period: self.min_sync_period.or(file.min_sync_period),
+            sync_period: self.sync_period.or(file.sync_period),
+            healthz_bind_address: self.healthz_bind_address.or(file.healthz_bind_address),
+            metrics_bind_address: self.metrics_bind_address.or(file.metrics_bind_address),
+            ipvs_scheduler: self.ipvs_scheduler.or(file.ipvs_scheduler),
+            service_proxy_name: self.service_proxy_name.or(file.service_proxy_name),
+            topology_default: self.topology_default.or(file.topology_default),
+            cluster_id: self.cluster_id.or(file.cluster_id),
+            source_poll_period: self.source_poll_period.or(file.source_poll_period),
+            log_format: self.log_format.or(file.log_format),
+            masquerade_all: self.masquerade_all.or(file.masquerade_all),
+            cluster_cidr: self.cluster_cidr.or(file.cluster_cidr),
+            detect_local_mode: self.detect_local_mode.or(file.detect_local_mode),
+            pod_bridge_interface: self.pod_bridge_interface.or(file.pod_bridge_interface),
+            pod_interface_name_prefix: self
+                .pod_interface_name_prefix
+                .or(file.pod_interface_name_prefix),
+            ipvs_exclude_cidrs: self.ipvs_exclude_cidrs.or(file.ipvs_exclude_cidrs),
+            nodeport_addresses: self.nodeport_addresses.or(file.nodeport_addresses),
+            ipvs_strict_arp: self.ipvs_strict_arp.or(file.ipvs_strict_arp),
+            ipvs_drain_timeout: self.ipvs_drain_timeout.or(file.ipvs_drain_timeout),
+            ipvs_tcp_timeout: self.ipvs_tcp_timeout.or(file.ipvs_tcp_timeout),
+            ipvs_tcpfin_timeout: self.ipvs_tcpfin_timeout.or(file.ipvs_tcpfin_timeout),
+            ipvs_udp_timeout: self.ipvs_udp_timeout.or(file.ipvs_udp_timeout),
+            conntrack_max_per_core: self.conntrack_max_per_core.or(file.conntrack_max_per_core),
+            conntrack_min: self.conntrack_min.or(file.conntrack_min),
+            conntrack_tcp_timeout_established: self
+                .conntrack_tcp_timeout_established
+                .or(file.conntrack_tcp_timeout_established),
+            conntrack_tcp_timeout_close_wait: self
+                .conntrack_tcp_timeout_close_wait
+                .or(file.conntrack_tcp_timeout_close_wait),
+            conntrack_tcp_be_liberal: self
+                .conntrack_tcp_be_liberal
+                .or(file.conntrack_tcp_be_liberal),
+            conntrack_udp_timeout: self.conntrack_udp_timeout.or(file.conntrack_udp_timeout),
+            conntrack_udp_timeout_stream: self
+                .conntrack_udp_timeout_stream
+                .or(file.conntrack_udp_timeout_stream),
+            oom_score_adj: self.oom_score_adj.or(file.oom_score_adj),
+            bpf_pin_dir: self.bpf_pin_dir.or(file.bpf_pin_dir),
+            cgroup_path: self.cgroup_path.or(file.cgroup_path),
+            north_south_interfaces: self.north_south_interfaces.or(file.north_south_interfaces),
+            snat_port_range: self.snat_port_range.or(file.snat_port_range),
+        }
+    }
+}
+
 /// Flags over file over defaults.
 pub fn resolve(
     flags: RunOptions,
     file: RunOptions,
     node: NodeNameFallbacks,
 ) -> Result<RunSettings, ConfigError> {
-    let node_name = non_empty(flags.hostname_override.or(file.hostname_override))
+    let mut o = flags.over(file);
+    let node_name = non_empty(o.hostname_override.take())
         .or_else(|| non_empty(node.env))
         // kube-proxy lower-cases the hostname: Node names are lower-case DNS names.
         .or_else(|| non_empty(node.hostname).map(|h| h.to_lowercase()))
         .ok_or(ConfigError::NoNodeName)?;
-    let sync_period = period(
-        "sync-period",
-        flags.sync_period.or(file.sync_period),
-        DEFAULT_SYNC_PERIOD,
-    )?;
-    let scheduler = match flags.ipvs_scheduler.or(file.ipvs_scheduler) {
-        None => PlanConfig::default().scheduler,
-        Some(value) => {
-            crate::scheduler::Scheduler::parse(&value).map_err(ConfigError::Scheduler)?
-        }
-    };
     // IPVS mode's nft rule and eBPF mode's tc path masquerade by the same settings.
-    let masquerade_all = flags.masquerade_all.or(file.masquerade_all);
-    let cluster_cidrs = cidrs("cluster-cidr", flags.cluster_cidr.or(file.cluster_cidr))?;
-    let detect_local_mode = flags.detect_local_mode.or(file.detect_local_mode);
+    let masquerade_all = o.masquerade_all.unwrap_or(false);
+    let cluster_cidrs = cidrs("cluster-cidr", o.cluster_cidr.take())?;
+    let plan = plan_config(&mut o)?;
+    let ipvs = ipvs_settings(&mut o, masquerade_all, cluster_cidrs.clone())?;
+    let conntrack = conntrack_settings(&mut o)?;
     Ok(RunSettings {
-        pod_cidrs_from_node: detect_local_mode.as_deref() == Some("NodeCIDR"),
-        kubeconfig: flags.kubeconfig.or(file.kubeconfig),
+        pod_cidrs_from_node: o.detect_local_mode.as_deref() == Some("NodeCIDR"),
+        kubeconfig: o.kubeconfig,
         node_name,
-        source: flags.source.or(file.source),
-        proxy_mode: flags
-            .proxy_mode
-            .or(file.proxy_mode)
-            .unwrap_or(ProxyMode::DryRun),
+        source: o.source,
+        proxy_mode: o.proxy_mode.unwrap_or(ProxyMode::DryRun),
         min_sync_period: duration(
             "min-sync-period",
-            flags.min_sync_period.or(file.min_sync_period),
+            o.min_sync_period,
             DEFAULT_MIN_SYNC_PERIOD,
         )?,
-        sync_period,
-        healthz_bind_address: flags
+        sync_period: period("sync-period", o.sync_period, DEFAULT_SYNC_PERIOD)?,
+        healthz_bind_address: o
             .healthz_bind_address
-            .or(file.healthz_bind_address)
             .unwrap_or(DEFAULT_HEALTHZ_BIND_ADDRESS),
-        metrics_bind_address: flags
+        metrics_bind_address: o
             .metrics_bind_address
-            .or(file.metrics_bind_address)
             .unwrap_or(DEFAULT_METRICS_BIND_ADDRESS),
-        plan: PlanConfig {
-            scheduler,
-            proxy_name: flags
-                .service_proxy_name
-                .or(file.service_proxy_name)
-                .unwrap_or_else(|| PlanConfig::default().proxy_name),
-            default_locality: flags
-                .topology_default
-                .or(file.topology_default)
-                .unwrap_or_default(),
-            cluster_id: non_empty(flags.cluster_id.or(file.cluster_id)),
-            node_port_addresses: NodePortAddresses::parse(
-                &flags
-                    .nodeport_addresses
-                    .or(file.nodeport_addresses)
-                    .unwrap_or_default(),
-            )?,
-        },
+        plan,
         source_poll_period: period(
             "source-poll-period",
-            flags.source_poll_period.or(file.source_poll_period),
+            o.source_poll_period,
             DEFAULT_SOURCE_POLL_PERIOD,
         )?,
-        log_format: flags
-            .log_format
-            .or(file.log_format)
-            .unwrap_or(LogFormat::Text),
-        ipvs: IpvsSettings {
-            exclude_cidrs: cidrs(
-                "ipvs-exclude-cidrs",
-                flags.ipvs_exclude_cidrs.or(file.ipvs_exclude_cidrs),
-            )?,
-            nft: NftSettings {
-                masquerade_all: masquerade_all.unwrap_or(false),
-                cluster_cidrs: cluster_cidrs.clone(),
-                local_interface: local_interface(
-                    detect_local_mode.clone(),
-                    flags.pod_bridge_interface.or(file.pod_bridge_interface),
-                    flags
-                        .pod_interface_name_prefix
-                        .or(file.pod_interface_name_prefix),
-                )?,
-            },
-            strict_arp: flags
-                .ipvs_strict_arp
-                .or(file.ipvs_strict_arp)
-                .unwrap_or(false),
-            drain_timeout: duration(
-                "ipvs-drain-timeout",
-                flags.ipvs_drain_timeout.or(file.ipvs_drain_timeout),
-                IpvsSettings::default().drain_timeout,
-            )?,
-            timeouts: IpvsTimeouts {
-                tcp: timeout_seconds(
-                    "ipvs-tcp-timeout",
-                    flags.ipvs_tcp_timeout.or(file.ipvs_tcp_timeout),
-                )?,
-                tcp_fin: timeout_seconds(
-                    "ipvs-tcpfin-timeout",
-                    flags.ipvs_tcpfin_timeout.or(file.ipvs_tcpfin_timeout),
-                )?,
-                udp: timeout_seconds(
-                    "ipvs-udp-timeout",
-                    flags.ipvs_udp_timeout.or(file.ipvs_udp_timeout),
-                )?,
-            },
-            ..IpvsSettings::default()
-        },
-        conntrack: ConntrackSettings {
-            max_per_core: flags
-                .conntrack_max_per_core
-                .or(file.conntrack_max_per_core)
-                .unwrap_or(0),
-            min: flags.conntrack_min.or(file.conntrack_min).unwrap_or(0),
-            tcp_established_timeout: duration(
-                "conntrack-tcp-timeout-established",
-                flags
-                    .conntrack_tcp_timeout_established
-                    .or(file.conntrack_tcp_timeout_established),
-                Duration::ZERO,
-            )?,
-            tcp_close_wait_timeout: duration(
-                "conntrack-tcp-timeout-close-wait",
-                flags
-                    .conntrack_tcp_timeout_close_wait
-                    .or(file.conntrack_tcp_timeout_close_wait),
-                Duration::ZERO,
-            )?,
-            tcp_be_liberal: flags
-                .conntrack_tcp_be_liberal
-                .or(file.conntrack_tcp_be_liberal)
-                .unwrap_or(false),
-            udp_timeout: duration(
-                "conntrack-udp-timeout",
-                flags.conntrack_udp_timeout.or(file.conntrack_udp_timeout),
-                Duration::ZERO,
-            )?,
-            udp_stream_timeout: duration(
-                "conntrack-udp-timeout-stream",
-                flags
-                    .conntrack_udp_timeout_stream
-                    .or(file.conntrack_udp_timeout_stream),
-                Duration::ZERO,
-            )?,
-        },
-        oom_score_adj: match flags.oom_score_adj.or(file.oom_score_adj) {
+        log_format: o.log_format.unwrap_or(LogFormat::Text),
+        ipvs,
+        conntrack,
+        oom_score_adj: match o.oom_score_adj {
             Some(value) if !(-1000..=1000).contains(&value) => {
                 return Err(ConfigError::OomScoreAdj {
                     setting: "oom-score-adj",
@@ -583,22 +530,96 @@ pub fn resolve(
             other => other,
         },
         ebpf: EbpfSettings {
-            pin_dir: flags
+            pin_dir: o
                 .bpf_pin_dir
-                .or(file.bpf_pin_dir)
                 .unwrap_or_else(|| EbpfSettings::default().pin_dir),
-            cgroup_path: flags.cgroup_path.or(file.cgroup_path),
+            cgroup_path: o.cgroup_path,
         },
         north_south: NorthSouthSettings {
             // The same rule as IPVS mode's nft masquerade, for ClusterIPs reached from
             // outside the node through the tc path.
-            masquerade_all: masquerade_all.unwrap_or(false),
+            masquerade_all,
             cluster_cidrs,
-            ..north_south_settings(
-                flags.north_south_interfaces.or(file.north_south_interfaces),
-                flags.snat_port_range.or(file.snat_port_range),
-            )?
+            ..north_south_settings(o.north_south_interfaces, o.snat_port_range)?
         },
+    })
+}
+
+/// What the planner is told: the scheduler, the proxy name, the locality default, the
+/// cluster id and the NodePort addresses.
+fn plan_config(o: &mut RunOptions) -> Result<PlanConfig, ConfigError> {
+    let scheduler = match o.ipvs_scheduler.take() {
+        None => PlanConfig::default().scheduler,
+        Some(value) => {
+            crate::scheduler::Scheduler::parse(&value).map_err(ConfigError::Scheduler)?
+        }
+    };
+    Ok(PlanConfig {
+        scheduler,
+        proxy_name: o
+            .service_proxy_name
+            .take()
+            .unwrap_or_else(|| PlanConfig::default().proxy_name),
+        default_locality: o.topology_default.take().unwrap_or_default(),
+        cluster_id: non_empty(o.cluster_id.take()),
+        node_port_addresses: NodePortAddresses::parse(
+            &o.nodeport_addresses.take().unwrap_or_default(),
+        )?,
+    })
+}
+
+fn ipvs_settings(
+    o: &mut RunOptions,
+    masquerade_all: bool,
+    cluster_cidrs: Vec<IpNetwork>,
+) -> Result<IpvsSettings, ConfigError> {
+    Ok(IpvsSettings {
+        exclude_cidrs: cidrs("ipvs-exclude-cidrs", o.ipvs_exclude_cidrs.take())?,
+        nft: NftSettings {
+            masquerade_all,
+            cluster_cidrs,
+            local_interface: local_interface(
+                o.detect_local_mode.clone(),
+                o.pod_bridge_interface.take(),
+                o.pod_interface_name_prefix.take(),
+            )?,
+        },
+        strict_arp: o.ipvs_strict_arp.unwrap_or(false),
+        drain_timeout: duration(
+            "ipvs-drain-timeout",
+            o.ipvs_drain_timeout.take(),
+            IpvsSettings::default().drain_timeout,
+        )?,
+        timeouts: IpvsTimeouts {
+            tcp: timeout_seconds("ipvs-tcp-timeout", o.ipvs_tcp_timeout.take())?,
+            tcp_fin: timeout_seconds("ipvs-tcpfin-timeout", o.ipvs_tcpfin_timeout.take())?,
+            udp: timeout_seconds("ipvs-udp-timeout", o.ipvs_udp_timeout.take())?,
+        },
+        ..IpvsSettings::default()
+    })
+}
+
+/// The conntrack sysctls; unset leaves the kernel's value (see docs/parity.md).
+fn conntrack_settings(o: &mut RunOptions) -> Result<ConntrackSettings, ConfigError> {
+    let zero_default =
+        |setting: &'static str, value: Option<String>| duration(setting, value, Duration::ZERO);
+    Ok(ConntrackSettings {
+        max_per_core: o.conntrack_max_per_core.unwrap_or(0),
+        min: o.conntrack_min.unwrap_or(0),
+        tcp_established_timeout: zero_default(
+            "conntrack-tcp-timeout-established",
+            o.conntrack_tcp_timeout_established.take(),
+        )?,
+        tcp_close_wait_timeout: zero_default(
+            "conntrack-tcp-timeout-close-wait",
+            o.conntrack_tcp_timeout_close_wait.take(),
+        )?,
+        tcp_be_liberal: o.conntrack_tcp_be_liberal.unwrap_or(false),
+        udp_timeout: zero_default("conntrack-udp-timeout", o.conntrack_udp_timeout.take())?,
+        udp_stream_timeout: zero_default(
+            "conntrack-udp-timeout-stream",
+            o.conntrack_udp_timeout_stream.take(),
+        )?,
     })
 }
 
