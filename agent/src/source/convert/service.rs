@@ -29,19 +29,7 @@ pub fn service_from_api(
     let default_spec = core::ServiceSpec::default();
     let spec = svc.spec.as_ref().unwrap_or(&default_spec);
 
-    let service_type = match non_empty(spec.type_.as_deref()) {
-        None | Some("ClusterIP") => ServiceType::ClusterIP,
-        Some("NodePort") => ServiceType::NodePort,
-        Some("LoadBalancer") => ServiceType::LoadBalancer,
-        Some("ExternalName") => ServiceType::ExternalName,
-        Some(other) => {
-            report.warn(format!(
-                "spec.type {other:?} is not one of ClusterIP, NodePort, LoadBalancer, \
-                 ExternalName; service dropped"
-            ));
-            return None;
-        }
-    };
+    let service_type = service_type(spec, &mut report)?;
 
     let cluster_ips_field = spec.cluster_ips.as_deref().unwrap_or_default();
     let headless = spec.cluster_ip.as_deref() == Some("None")
@@ -49,60 +37,19 @@ pub fn service_from_api(
     // An ExternalName Service is a DNS alias; whatever clusterIP it carries is not a VIP.
     let cluster_ips = if headless || service_type == ServiceType::ExternalName {
         Vec::new()
-    } else if !cluster_ips_field.is_empty() {
-        cluster_ips_field
-            .iter()
-            .enumerate()
-            .filter_map(|(i, ip)| report.parse_ip(&format!("spec.clusterIPs[{i}]"), ip))
-            .collect()
     } else {
-        non_empty(spec.cluster_ip.as_deref())
-            .and_then(|ip| report.parse_ip("spec.clusterIP", ip))
-            .into_iter()
-            .collect()
+        cluster_ips(spec, &mut report)
     };
 
-    let external_ips = spec
-        .external_ips
-        .iter()
-        .flatten()
-        .enumerate()
-        .filter_map(|(i, ip)| report.parse_ip(&format!("spec.externalIPs[{i}]"), ip))
-        .collect();
-
+    let external_ips = external_ips(spec, &mut report);
     let load_balancer_ips = load_balancer_ips(svc, &mut report);
     let load_balancer_source_ranges = source_ranges(spec, &mut report);
     let ports = service_ports(spec, &mut report);
 
-    let session_affinity_timeout = match non_empty(spec.session_affinity.as_deref()) {
-        None | Some("None") => None,
-        Some("ClientIP") => Some(affinity_timeout(
-            spec.session_affinity_config.as_ref(),
-            &mut report,
-        )),
-        Some(other) => {
-            report.warn(format!(
-                "spec.sessionAffinity {other:?} is not one of ClientIP, None; \
-                 session affinity off"
-            ));
-            None
-        }
-    };
+    let session_affinity_timeout = session_affinity(spec, &mut report);
 
-    let internal_traffic_local = policy_is_local(
-        spec.internal_traffic_policy.as_deref(),
-        "spec.internalTrafficPolicy",
-        &mut report,
-    );
-    // The API only honours externalTrafficPolicy where there is external traffic to steer.
-    let external_traffic_local = policy_is_local(
-        spec.external_traffic_policy.as_deref(),
-        "spec.externalTrafficPolicy",
-        &mut report,
-    ) && matches!(
-        service_type,
-        ServiceType::NodePort | ServiceType::LoadBalancer
-    );
+    let (internal_traffic_local, external_traffic_local) =
+        traffic_policies(spec, service_type, &mut report);
 
     let topology_intent = topology_intent(meta, spec, &mut report);
     // kube-proxy selects Services on the label's absence, so an empty value still means
@@ -111,18 +58,10 @@ pub fn service_from_api(
     let locality = locality_policy(meta, &mut report);
     let scheduler = ipvs_scheduler(meta, &mut report);
     // kube-proxy serves it only for external-local LoadBalancers, whatever else the field says.
-    let health_check_node_port = spec
-        .health_check_node_port
-        .filter(|_| external_traffic_local && service_type == ServiceType::LoadBalancer)
-        .and_then(|value| {
-            let port = port_number(value);
-            if port.is_none() {
-                report.warn(format!(
-                    "spec.healthCheckNodePort: {value} is out of range 1-65535; health check dropped"
-                ));
-            }
-            port
-        });
+    let health_check_node_port = (external_traffic_local
+        && service_type == ServiceType::LoadBalancer)
+        .then(|| health_check_node_port(spec, &mut report))
+        .flatten();
 
     Some(Service {
         key: ServiceKey::new(namespace_of(meta), name),
@@ -142,6 +81,100 @@ pub fn service_from_api(
         health_check_node_port,
         scheduler,
     })
+}
+
+/// `spec.type`, defaulting to ClusterIP; `None` (with a warning) for a type the API does not have.
+fn service_type(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Option<ServiceType> {
+    match non_empty(spec.type_.as_deref()) {
+        None | Some("ClusterIP") => Some(ServiceType::ClusterIP),
+        Some("NodePort") => Some(ServiceType::NodePort),
+        Some("LoadBalancer") => Some(ServiceType::LoadBalancer),
+        Some("ExternalName") => Some(ServiceType::ExternalName),
+        Some(other) => {
+            report.warn(format!(
+                "spec.type {other:?} is not one of ClusterIP, NodePort, LoadBalancer, \
+                 ExternalName; service dropped"
+            ));
+            None
+        }
+    }
+}
+
+/// `spec.clusterIPs`, or `spec.clusterIP` when the list is empty; invalid addresses skipped.
+fn cluster_ips(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Vec<IpAddr> {
+    let listed = spec.cluster_ips.as_deref().unwrap_or_default();
+    if !listed.is_empty() {
+        return listed
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ip)| report.parse_ip(&format!("spec.clusterIPs[{i}]"), ip))
+            .collect();
+    }
+    non_empty(spec.cluster_ip.as_deref())
+        .and_then(|ip| report.parse_ip("spec.clusterIP", ip))
+        .into_iter()
+        .collect()
+}
+
+/// The ClientIP affinity timeout, `None` without affinity (or with an unknown kind, warned).
+fn session_affinity(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Option<u32> {
+    match non_empty(spec.session_affinity.as_deref()) {
+        None | Some("None") => None,
+        Some("ClientIP") => Some(affinity_timeout(
+            spec.session_affinity_config.as_ref(),
+            report,
+        )),
+        Some(other) => {
+            report.warn(format!(
+                "spec.sessionAffinity {other:?} is not one of ClientIP, None; \
+                 session affinity off"
+            ));
+            None
+        }
+    }
+}
+
+fn external_ips(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Vec<IpAddr> {
+    spec.external_ips
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, ip)| report.parse_ip(&format!("spec.externalIPs[{i}]"), ip))
+        .collect()
+}
+
+/// Whether the internal and the external traffic policy are `Local`.
+fn traffic_policies(
+    spec: &core::ServiceSpec,
+    service_type: ServiceType,
+    report: &mut Report<'_>,
+) -> (bool, bool) {
+    let internal = policy_is_local(
+        spec.internal_traffic_policy.as_deref(),
+        "spec.internalTrafficPolicy",
+        report,
+    );
+    // The API only honours externalTrafficPolicy where there is external traffic to steer.
+    let external = policy_is_local(
+        spec.external_traffic_policy.as_deref(),
+        "spec.externalTrafficPolicy",
+        report,
+    ) && matches!(
+        service_type,
+        ServiceType::NodePort | ServiceType::LoadBalancer
+    );
+    (internal, external)
+}
+
+fn health_check_node_port(spec: &core::ServiceSpec, report: &mut Report<'_>) -> Option<u16> {
+    let value = spec.health_check_node_port?;
+    let port = port_number(value);
+    if port.is_none() {
+        report.warn(format!(
+            "spec.healthCheckNodePort: {value} is out of range 1-65535; health check dropped"
+        ));
+    }
+    port
 }
 
 fn load_balancer_ips(svc: &core::Service, report: &mut Report<'_>) -> Vec<IpAddr> {
