@@ -592,98 +592,106 @@ pub fn render_text(explanations: &[ServiceExplanation], node: &Node) -> String {
             let _ = writeln!(out, "  no ports");
         }
         for port in &service.ports {
-            let name = if port.port_name.is_empty() {
-                "<unnamed>"
-            } else {
-                &port.port_name
-            };
-            let _ = writeln!(
-                out,
-                "  port {name} {}/{} {}",
-                port.port, port.protocol, port.family
-            );
-            let local_only = port
-                .frontends
-                .iter()
-                .all(|f| f.policy == TrafficPolicy::Local);
-            if local_only {
-                let _ = writeln!(out, "    topology: {}", port.topology_reason);
-            } else {
-                let _ = writeln!(
-                    out,
-                    "    topology: {}: {}",
-                    mode_text(port.topology),
-                    port.topology_reason
-                );
-            }
-            if !port.locality.is_kube_proxy() {
-                let _ = writeln!(
-                    out,
-                    "    locality policy: {} (spill by Envoy's priority rule, capacity-guarded)",
-                    port.locality
-                );
-            }
-            for tier in &port.tiers {
-                let _ = writeln!(
-                    out,
-                    "    tier {}: {} of {} ready, share {}, weight {}: {}",
-                    tier_text(tier.tier),
-                    tier.ready,
-                    tier.total,
-                    percent_text(tier.share_ppm),
-                    tier.weight,
-                    tier.why
-                );
-            }
-            if port.falling_back {
-                let _ = writeln!(
-                    out,
-                    "    falling back: the Service asks for topology-aware routing, but this node \
-                     uses every ready endpoint"
-                );
-            }
-            for frontend in &port.frontends {
-                let _ = writeln!(
-                    out,
-                    "    frontend {} {:?} ({:?} policy)",
-                    socket(frontend.address, frontend.port),
-                    frontend.kind,
-                    frontend.policy
-                );
-                if let Some(why) = &frontend.left_out {
-                    let _ = writeln!(out, "      left out: {why}");
-                }
-            }
-            if port.endpoints.is_empty() {
-                let _ = writeln!(out, "    no endpoints match this port");
-            }
-            for endpoint in &port.endpoints {
-                let _ = writeln!(
-                    out,
-                    "    endpoint {} (slice {}, node {}, zone {})",
-                    socket(endpoint.address, endpoint.port),
-                    endpoint.slice,
-                    endpoint.node_name.as_deref().unwrap_or("-"),
-                    endpoint.zone.as_deref().unwrap_or("-"),
-                );
-                if let Some(verdict) = &endpoint.cluster {
-                    let _ = writeln!(out, "      cluster policy: {}", verdict_text(verdict));
-                }
-                if let Some(verdict) = &endpoint.local {
-                    let _ = writeln!(out, "      local policy: {}", verdict_text(verdict));
-                }
-                for duplicate in &endpoint.duplicates {
-                    let _ = writeln!(
-                        out,
-                        "      kept over its copy in slice {} (node {}, zone {}): {}",
-                        duplicate.slice,
-                        duplicate.node_name.as_deref().unwrap_or("-"),
-                        duplicate.zone.as_deref().unwrap_or("-"),
-                        duplicate.why
-                    );
-                }
-            }
+            render_port(&mut out, port);
         }
     }
     out
+}
+
+fn render_port(out: &mut String, port: &PortExplanation) {
+    let name = if port.port_name.is_empty() {
+        "<unnamed>"
+    } else {
+        &port.port_name
+    };
+    let _ = writeln!(
+        out,
+        "  port {name} {}/{} {}",
+        port.port, port.protocol, port.family
+    );
+    let local_only = port
+        .frontends
+        .iter()
+        .all(|f| f.policy == TrafficPolicy::Local);
+    if local_only {
+        let _ = writeln!(out, "    topology: {}", port.topology_reason);
+    } else {
+        let _ = writeln!(
+            out,
+            "    topology: {}: {}",
+            mode_text(port.topology),
+            port.topology_reason
+        );
+    }
+    if !port.locality.is_kube_proxy() {
+        let _ = writeln!(
+            out,
+            "    locality policy: {} (spill by Envoy's priority rule, capacity-guarded)",
+            port.locality
+        );
+    }
+    for tier in &port.tiers {
+        let _ = writeln!(
+            out,
+            "    tier {}: {} of {} ready, share {}, weight {}: {}",
+            tier_text(tier.tier),
+            tier.ready,
+            tier.total,
+            percent_text(tier.share_ppm),
+            tier.weight,
+            tier.why
+        );
+    }
+    if port.falling_back {
+        let _ = writeln!(
+            out,
+            "    falling back: the Service asks for topology-aware routing, but this node \
+             uses every ready endpoint"
+        );
+    }
+    for frontend in &port.frontends {
+        let _ = writeln!(
+            out,
+            "    frontend {} {:?} ({:?} policy)",
+            socket(frontend.address, frontend.port),
+            frontend.kind,
+            frontend.policy
+        );
+        if let Some(why) = &frontend.left_out {
+            let _ = writeln!(out, "      left out: {why}");
+        }
+    }
+    if port.endpoints.is_empty() {
+        let _ = writeln!(out, "    no endpoints match this port");
+    }
+    for endpoint in &port.endpoints {
+        render_endpoint(out, endpoint);
+    }
+}
+
+fn render_endpoint(out: &mut String, endpoint: &EndpointExplanation) {
+    let _ = writeln!(
+        out,
+        "    endpoint {} (slice {}, node {}, zone {})",
+        socket(endpoint.address, endpoint.port),
+        endpoint.slice,
+        endpoint.node_name.as_deref().unwrap_or("-"),
+        endpoint.zone.as_deref().unwrap_or("-"),
+    );
+    if let Some(verdict) = &endpoint.cluster {
+        let _ = writeln!(out, "      cluster policy: {}", verdict_text(verdict));
+    }
+    if let Some(verdict) = &endpoint.local {
+        let _ = writeln!(out, "      local policy: {}", verdict_text(verdict));
+    }
+    for duplicate in &endpoint.duplicates {
+        let _ = writeln!(
+            out,
+            "      kept over its copy in slice {} (node {}, zone {}): {}",
+            duplicate.slice,
+            duplicate.node_name.as_deref().unwrap_or("-"),
+            duplicate.zone.as_deref().unwrap_or("-"),
+            duplicate.why
+        );
+    }
 }
