@@ -232,13 +232,7 @@ fn run(command: Command) -> Result<(), Failure> {
             all,
             no_counters,
         } => {
-            let mode = proxy_mode.unwrap_or_else(|| {
-                if ebpf::inspect::agent_pinned(&bpf_pin_dir) {
-                    KernelMode::Ebpf
-                } else {
-                    KernelMode::Ipvs
-                }
-            });
+            let mode = proxy_mode.unwrap_or_else(|| pinned_mode(&bpf_pin_dir));
             list(mode, bpf_pin_dir, all, no_counters)
         }
         Command::DatapathLog {
@@ -303,6 +297,16 @@ fn run(command: Command) -> Result<(), Failure> {
             };
             plan(&source, &node, format, explain, &config)
         }
+    }
+}
+
+/// The mode whose state is on the node when none is named: eBPF when the agent's pins are
+/// there, else IPVS.
+fn pinned_mode(pin_dir: &Path) -> KernelMode {
+    if ebpf::inspect::agent_pinned(pin_dir) {
+        KernelMode::Ebpf
+    } else {
+        KernelMode::Ipvs
     }
 }
 
