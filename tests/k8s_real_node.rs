@@ -50,21 +50,13 @@ impl Drop for CleanupGuard {
 }
 
 fn kubectl(plane: &ControlPlane, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(&plane.binaries().kubectl)
-        .arg("--kubeconfig")
-        .arg(plane.admin_kubeconfig())
-        .args(args)
-        .output()
-        .map_err(|e| format!("running kubectl: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "kubectl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
+    k8s_harness::stdout_of(
+        Command::new(&plane.binaries().kubectl)
+            .arg("--kubeconfig")
+            .arg(plane.admin_kubeconfig())
+            .args(args),
+        "kubectl",
+    )
 }
 
 fn helm(plane: &ControlPlane, args: &[&str]) {

@@ -406,20 +406,13 @@ state = "{state}"
 
     /// `crictl` against this node's containerd, as an operator on the node would run it.
     pub fn crictl(&self, crictl: &Path, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(crictl)
-            .arg("--runtime-endpoint")
-            .arg(format!("unix://{}", self.socket.display()))
-            .args(args)
-            .output()
-            .map_err(|e| format!("running crictl: {e}"))?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "crictl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        crate::stdout_of(
+            Command::new(crictl)
+                .arg("--runtime-endpoint")
+                .arg(format!("unix://{}", self.socket.display()))
+                .args(args),
+            "crictl",
+        )
     }
 
     fn ctr(&self) -> Command {

@@ -189,3 +189,20 @@ impl Drop for Daemon {
         self.kill();
     }
 }
+
+/// Runs `command` for its standard output; an error names `what` with the arguments and
+/// carries both outputs (a tool may explain itself on either).
+pub fn stdout_of(command: &mut std::process::Command, what: &str) -> Result<String, String> {
+    let out = command
+        .output()
+        .map_err(|e| format!("running {what}: {e}"))?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy()).collect();
+    Err(format!(
+        "{what} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
