@@ -486,10 +486,11 @@ impl Metrics {
                 address: sample.key.address.to_string(),
                 port: sample.key.port,
             };
+            let counts = sample.counters;
             for (index, family, total) in [
-                (0u8, &self.service_translations, sample.translations),
-                (1, &self.service_affinity_hits, sample.affinity_hits),
-                (2, &self.service_no_backend, sample.no_backend),
+                (0u8, &self.service_translations, counts.translations),
+                (1, &self.service_affinity_hits, counts.affinity_hits),
+                (2, &self.service_no_backend, counts.no_backend),
             ] {
                 let previous = last.insert((labels.clone(), index), total).unwrap_or(0);
                 let counter = family.get_or_create(&labels);

@@ -98,16 +98,22 @@ fn first_failure(failed: &[FailedOp]) -> String {
         .unwrap_or_default()
 }
 
-/// Running totals of one virtual service's traffic, as a dataplane counts it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceTraffic {
-    pub key: VsKey,
+/// A virtual service's counters, as a dataplane keeps them (eBPF: summed over CPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
     /// Connections (and unconnected datagrams) sent to a backend.
     pub translations: u64,
     /// Of those, how many followed session affinity.
     pub affinity_hits: u64,
     /// Attempts refused because the service had no backend at all.
     pub no_backend: u64,
+}
+
+/// Running totals of one virtual service's traffic, as a dataplane counts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceTraffic {
+    pub key: VsKey,
+    pub counters: ServiceCounters,
     /// Under a locality policy, connections sent to the backends now in each tier position
     /// (eBPF: from the per-backend counters); empty where not measured.
     pub tier_connections: Vec<u64>,

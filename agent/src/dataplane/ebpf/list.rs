@@ -21,16 +21,7 @@ pub(crate) trait CounterRead {
     fn backend_connections(&self, id: u32, address: IpAddr, port: u16) -> Result<u64, EbpfError>;
 }
 
-/// Counters of one service, summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ServiceCounters {
-    /// Connects and unconnected datagrams translated to a backend.
-    pub translations: u64,
-    /// Of those, how many followed session affinity.
-    pub affinity_hits: u64,
-    /// Connects refused because every tier was empty.
-    pub no_backend: u64,
-}
+pub use crate::dataplane::ServiceCounters;
 
 /// One backend in a [`Listing`].
 #[derive(Debug, Clone, PartialEq, Eq)]

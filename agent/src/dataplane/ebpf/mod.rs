@@ -517,11 +517,9 @@ impl Dataplane for EbpfDataplane {
         match EbpfDataplane::service_counters(self) {
             Ok(counters) => counters
                 .into_iter()
-                .map(|(key, c)| ServiceTraffic {
+                .map(|(key, counters)| ServiceTraffic {
                     key,
-                    translations: c.translations,
-                    affinity_hits: c.affinity_hits,
-                    no_backend: c.no_backend,
+                    counters,
                     tier_connections: per_tier.remove(&key).unwrap_or_default(),
                 })
                 .collect(),
