@@ -620,7 +620,7 @@ impl<D: Dataplane> SyncLoop<D> {
         self.record_kernel_requests();
         let failed: Vec<&Op> = match &result {
             Err(DataplaneError::Apply { failed, .. }) => failed.iter().map(|f| &f.op).collect(),
-            Err(DataplaneError::Read { .. }) | Ok(()) => Vec::new(),
+            Err(DataplaneError::Read { .. } | DataplaneError::Finish { .. }) | Ok(()) => Vec::new(),
         };
         let applied = || ops.iter().filter(|op| !failed.contains(op));
         {

@@ -39,9 +39,27 @@ pub enum DataplaneError {
         dataplane: &'static str,
         failed: Vec<FailedOp>,
     },
+    /// Every change was applied, but finishing the sync ([`Dataplane::synced`]) failed.
+    #[error("finishing the sync on the {dataplane} dataplane failed")]
+    Finish {
+        dataplane: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 impl DataplaneError {
+    /// The error of a failed [`Dataplane::synced`] of `dataplane`, keeping `source` as its cause.
+    pub fn finish(
+        dataplane: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self::Finish {
+            dataplane,
+            source: source.into(),
+        }
+    }
+
     /// The read error of `dataplane`, keeping `source` as its cause.
     pub fn read(
         dataplane: &'static str,

@@ -502,7 +502,7 @@ impl Dataplane for EbpfDataplane {
     async fn synced(&mut self) -> Result<(), DataplaneError> {
         self.complete_map_switch()
             .and_then(|()| self.refresh_north_south())
-            .map_err(|error| DataplaneError::read(NAME, error))
+            .map_err(|error| DataplaneError::finish(NAME, error))
     }
 
     fn service_counters(&mut self) -> Vec<ServiceTraffic> {

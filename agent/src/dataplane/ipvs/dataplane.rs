@@ -807,7 +807,9 @@ impl<K: IpvsKernel> Dataplane for IpvsDataplane<K> {
     }
 
     async fn synced(&mut self) -> Result<(), DataplaneError> {
-        self.unbind_unneeded().await.map_err(Self::read_error)
+        self.unbind_unneeded()
+            .await
+            .map_err(|error| DataplaneError::finish(NAME, error))
     }
 
     fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
