@@ -66,6 +66,22 @@ use crate::dataplane::{
 };
 use crate::table::VsKey;
 
+/// A change the slot layout cannot make: it names what is not programmed, or does not fit.
+/// The sync loop sees these as failed ops, like a refused map write.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("service {0:?} is not programmed")]
+    NoService(VsKey),
+    #[error("destination {address}:{port} is not programmed")]
+    NoDestination { address: IpAddr, port: u16 },
+    #[error("tier {tier} is beyond the {MAX_TIERS} tiers a service can hold")]
+    TierOutOfRange { tier: u8 },
+    #[error("tier {tier} already holds {MAX_TIER_BACKENDS} backends")]
+    TierFull { tier: u8 },
+    #[error("destination {address} is not of the service's address family")]
+    FamilyMismatch { address: IpAddr },
+}
+
 /// One backend in a slot, as the agent remembers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Slot {
@@ -488,7 +504,7 @@ impl SlotLayout {
     /// ranges around it (see the module's documentation for the order).
     fn flush(&mut self, maps: &mut impl LbMaps, key: &VsKey) -> Result<(), EbpfError> {
         self.pending.remove(key);
-        let entry = self.entries.get(key).ok_or(EbpfError::NoService(*key))?;
+        let entry = self.entries.get(key).ok_or(LayoutError::NoService(*key))?;
         let (id, raw_key, value) = (entry.id, entry.raw_key, entry.value());
         let unchanged = entry.written == Some(value);
         let flagged = entry.flags_source_ranges();
@@ -498,9 +514,10 @@ impl SlotLayout {
             .iter()
             .find(|range| range.is_ipv4() != key.address.is_ipv4())
         {
-            return Err(EbpfError::FamilyMismatch {
+            return Err(LayoutError::FamilyMismatch {
                 address: range.ip(),
-            });
+            }
+            .into());
         }
         if !flagged {
             // No program looks at these ranges yet; whatever the id still holds (a deleted
@@ -531,7 +548,7 @@ impl SlotLayout {
         maps: &mut impl LbMaps,
         key: &VsKey,
     ) -> Result<[bool; MAX_TIERS], EbpfError> {
-        let entry = self.entries.get(key).ok_or(EbpfError::NoService(*key))?;
+        let entry = self.entries.get(key).ok_or(LayoutError::NoService(*key))?;
         let id = entry.id;
         let wanted = entry.wanted_tables();
         for (tier, table) in wanted.iter().enumerate() {
@@ -687,7 +704,7 @@ impl SlotLayout {
                 match self.entries.get_mut(key) {
                     Some(entry) => entry.config = ServiceConfig::clone(config),
                     None if matches!(op, Op::EditService { .. }) => {
-                        return Err(EbpfError::NoService(*key))
+                        return Err(LayoutError::NoService(*key).into())
                     }
                     None => {
                         let id = self.ids.allocate();
@@ -730,19 +747,21 @@ impl SlotLayout {
     ) -> Result<(), EbpfError> {
         let tier = usize::from(destination.tier);
         if tier >= MAX_TIERS {
-            return Err(EbpfError::TierOutOfRange {
+            return Err(LayoutError::TierOutOfRange {
                 tier: destination.tier,
-            });
+            }
+            .into());
         }
         if destination.address.is_ipv4() != service.address.is_ipv4() {
-            return Err(EbpfError::FamilyMismatch {
+            return Err(LayoutError::FamilyMismatch {
                 address: destination.address,
-            });
+            }
+            .into());
         }
         let entry = self
             .entries
             .get(&service)
-            .ok_or(EbpfError::NoService(service))?;
+            .ok_or(LayoutError::NoService(service))?;
         let id = entry.id;
         let slot = Slot {
             address: destination.address,
@@ -779,10 +798,10 @@ impl SlotLayout {
         let entry = self
             .entries
             .get(&service)
-            .ok_or(EbpfError::NoService(service))?;
+            .ok_or(LayoutError::NoService(service))?;
         let at = entry.tiers[tier].len();
         if at >= MAX_TIER_BACKENDS as usize {
-            return Err(EbpfError::TierFull { tier: tier as u8 });
+            return Err(LayoutError::TierFull { tier: tier as u8 }.into());
         }
         let id = entry.id;
         self.write_backend_slot(maps, backend_key(id, tier, at), &slot)?;
@@ -807,13 +826,13 @@ impl SlotLayout {
         let entry = self
             .entries
             .get(&service)
-            .ok_or(EbpfError::NoService(service))?;
+            .ok_or(LayoutError::NoService(service))?;
         let id = entry.id;
         let (tier, at) = entry
             .positions
             .get(&(address, port))
             .copied()
-            .ok_or(EbpfError::NoDestination { address, port })?;
+            .ok_or(LayoutError::NoDestination { address, port })?;
         self.remove_slot(maps, service, usize::from(tier), at as usize, index)?;
         if let Some(entry) = self.entries.get_mut(&service) {
             entry.positions.remove(&(address, port));
@@ -836,7 +855,7 @@ impl SlotLayout {
         let entry = self
             .entries
             .get(&service)
-            .ok_or(EbpfError::NoService(service))?;
+            .ok_or(LayoutError::NoService(service))?;
         let id = entry.id;
         let Some(last) = entry.tiers[tier].len().checked_sub(1) else {
             return Ok(());
@@ -861,7 +880,7 @@ impl SlotLayout {
 
     fn delete_service(&mut self, maps: &mut impl LbMaps, key: VsKey) -> Result<(), EbpfError> {
         let Some(entry) = self.entries.get(&key) else {
-            return Err(EbpfError::NoService(key));
+            return Err(LayoutError::NoService(key).into());
         };
         if entry.written.is_some() {
             self.map_writes += 1;

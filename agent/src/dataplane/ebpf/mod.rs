@@ -38,7 +38,6 @@ use std::sync::Arc;
 
 use aya::maps::MapError;
 use topoproxy_common::MAX_TIERS;
-use topoproxy_common::MAX_TIER_BACKENDS;
 
 use crate::dataplane::op::Op;
 use crate::table::VsKey;
@@ -140,16 +139,8 @@ pub enum EbpfError {
         #[source]
         source: Box<MapError>,
     },
-    #[error("service {0:?} is not programmed")]
-    NoService(VsKey),
-    #[error("destination {address}:{port} is not programmed")]
-    NoDestination { address: IpAddr, port: u16 },
-    #[error("tier {tier} is beyond the {MAX_TIERS} tiers a service can hold")]
-    TierOutOfRange { tier: u8 },
-    #[error("tier {tier} already holds {MAX_TIER_BACKENDS} backends")]
-    TierFull { tier: u8 },
-    #[error("destination {address} is not of the service's address family")]
-    FamilyMismatch { address: IpAddr },
+    #[error(transparent)]
+    Layout(#[from] layout::LayoutError),
     #[error("waiting for an RCU grace period (membarrier) failed")]
     GracePeriod(#[source] io::Error),
     #[error("reading the programs' log ring buffer failed")]
