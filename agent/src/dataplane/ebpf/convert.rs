@@ -260,6 +260,34 @@ mod tests {
     }
 
     #[test]
+    fn hashing_schedulers_set_maglev_and_their_port_flags_the_source_port() {
+        let hashing = |text: &str| {
+            let config = ServiceConfig {
+                scheduler: crate::scheduler::Scheduler::parse(text).expect("scheduler"),
+                persistence_timeout: None,
+                frontend: Frontend::ClusterIP,
+                traffic_policy: TrafficPolicy::Cluster,
+                tier_shares: TierShares::default(),
+                source_ranges: SourceRanges::default(),
+            };
+            service_value(3, &config, [0; MAX_TIERS]).flags
+                & (flags::MAGLEV | flags::HASH_SOURCE_PORT)
+        };
+        assert_eq!(hashing("rr"), 0);
+        assert_eq!(hashing("wlc"), 0);
+        assert_eq!(hashing("mh"), flags::MAGLEV);
+        assert_eq!(hashing("sh,sh-fallback"), flags::MAGLEV);
+        assert_eq!(
+            hashing("mh,mh-port"),
+            flags::MAGLEV | flags::HASH_SOURCE_PORT
+        );
+        assert_eq!(
+            hashing("sh,sh-port"),
+            flags::MAGLEV | flags::HASH_SOURCE_PORT
+        );
+    }
+
+    #[test]
     fn source_ranges_round_trip_through_the_flags_and_the_trie_keys() {
         let ranges: Vec<IpNetwork> = ["fd00::/64", "10.0.0.0/8", "192.0.2.7/32"]
             .iter()
