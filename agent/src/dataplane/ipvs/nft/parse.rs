@@ -155,14 +155,9 @@ fn read_element(
             let [addr, port, source] = fields else {
                 return Err(bad(name, element, "addr . port . network"));
             };
-            let parsed = (
-                address(addr, family),
-                port_of(port),
-                network(source, family),
-            );
-            let (Some(addr), Some(port), Some(network)) = parsed else {
-                return Err(bad(name, element, "an address, a port and a network"));
-            };
+            let addr = address(addr, family).ok_or_else(|| bad(name, element, "an address"))?;
+            let port = port_of(port).ok_or_else(|| bad(name, element, "a port"))?;
+            let network = network(source, family).ok_or_else(|| bad(name, element, "a network"))?;
             let key = VsKey::new(*protocol, addr, port);
             let ranges = listed.state.source_ranges.entry(key).or_default();
             ranges.allowed.push(network);
