@@ -228,11 +228,11 @@ impl Store {
         let previous = self
             .slice_owner
             .insert(slice_key.clone(), owner.name.as_str().into());
-        if let Some(previous) = previous.map(|name| slice_key.owner_named(&name)) {
-            if previous != owner {
-                self.detach_slice(&previous, &slice_key.name);
-                affected.push(previous);
-            }
+        // Same namespace and kind by construction: only a new name moves the slice.
+        if let Some(previous) = previous.filter(|name| **name != *owner.name) {
+            let previous = slice_key.owner_named(&previous);
+            self.detach_slice(&previous, &slice_key.name);
+            affected.push(previous);
         }
         let by_name = self.slices.entry(owner.clone()).or_default();
         match by_name.binary_search_by(|held| held.name.cmp(&slice.name)) {
