@@ -8,6 +8,9 @@
 //! to store (invalid addresses and ports: the agent must still skip them alone when another
 //! writer or an older server lets them through) and the YAML directory source.
 
+#[path = "support/http.rs"]
+mod http;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,7 +18,6 @@ use fake_apiserver::{FakeApiServer, Kind};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
 
 use topoproxy::agent::{client_from_config, Agent, ClusterSource};
@@ -219,11 +221,9 @@ impl Running {
         }
     }
 
-    fn metric(&self, name: &str) -> f64 {
+    fn metric(&self, selector: &str) -> f64 {
         let text = self.state.metrics.encode().expect("metrics encode");
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        http::metric_sum(&text, selector).unwrap_or(0.0)
     }
 
     async fn stop(mut self) {
@@ -232,27 +232,6 @@ impl Running {
         }
         self.task.await.expect("agent task");
     }
-}
-
-/// A plain HTTP/1.1 GET on loopback; returns (status, body).
-async fn get(address: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test]
@@ -338,7 +317,9 @@ async fn bad_objects_never_disturb_other_services() {
     );
     assert!(agent.metric("topoproxy_skipped_objects_total{kind=\"Service\"}") >= 2.0);
     assert!(agent.metric("topoproxy_skipped_objects_total{kind=\"EndpointSlice\"}") >= 2.0);
-    let (status, _) = get(agent.healthz_address, "/healthz").await;
+    let (status, _) = http::get_async(agent.healthz_address, "/healthz")
+        .await
+        .expect("/healthz answers");
     assert_eq!(status, 200);
     agent.stop().await;
 }

@@ -6,63 +6,25 @@
 //! Real datagrams go both ways, then the flushes run from a thread that entered the client
 //! namespace, and the table is read back with our own dump (and `conntrack -L` when present).
 
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/process.rs"]
+mod process;
+
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
+use netns::{sh_in, within, IP};
+use process::{sh, sh_fed};
 use topoproxy::dataplane::ipvs::conntrack::{self, BackendFlow};
 use topoproxy::model::{IpFamily, Protocol};
 
-/// Runs `f` on a thread that entered the network namespace `/run/netns/<name>`.
-fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let path = format!("/run/netns/{name}");
-                let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write stdin");
-    }
-    let output = child.wait_with_output().expect("wait");
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// `ip` inside namespace `ns`, entered with nsenter.
+/// `ip` inside namespace `ns`.
 fn ip_in(ns: &str, args: &str) {
-    let net = format!("--net=/run/netns/{ns}");
-    let mut full = vec![net.as_str(), "/usr/sbin/ip"];
-    full.extend(args.split_whitespace());
-    run("/usr/bin/nsenter", &full, None);
+    let args: Vec<&str> = args.split_whitespace().collect();
+    sh_in(ns, IP, &args);
 }
 
 /// Addresses of one family's lab.
@@ -134,8 +96,8 @@ impl Lab {
         };
         // Leftovers of a killed run with the same pid are removed by the guard's own logic.
         lab.remove();
-        run("/usr/sbin/ip", &["netns", "add", &lab.client_ns], None);
-        run("/usr/sbin/ip", &["netns", "add", &lab.backend_ns], None);
+        sh(IP, &["netns", "add", &lab.client_ns]);
+        sh(IP, &["netns", "add", &lab.backend_ns]);
         let (c, b) = (lab.client_ns.as_str(), lab.backend_ns.as_str());
         let (prefix, nodad) = match plan.family {
             IpFamily::V4 => ("24", ""),
@@ -187,11 +149,10 @@ impl Lab {
             vip = plan.vip,
             other = plan.other_vip,
         );
-        let net = format!("--net=/run/netns/{c}");
-        run(
-            "/usr/bin/nsenter",
-            &[&net, "/usr/sbin/nft", "-f", "-"],
-            Some(&rules),
+        sh_fed(
+            IP,
+            &["netns", "exec", c, "/usr/sbin/nft", "-f", "-"],
+            &rules,
         );
         lab
     }
@@ -241,7 +202,7 @@ type Seen = BTreeSet<(u16, SocketAddr, SocketAddr)>;
 
 fn lab_entries(lab: &Lab, plan: &Plan) -> Seen {
     let vips = [ip(plan.vip), ip(plan.other_vip)];
-    let entries = in_netns(&lab.client_ns, || conntrack::dump(plan.family)).expect("dump");
+    let entries = within(&lab.client_ns, || conntrack::dump(plan.family)).expect("dump");
     entries
         .iter()
         .filter(|entry| entry.protocol == libc::IPPROTO_UDP as u8)
@@ -264,25 +225,14 @@ fn cli_count(lab: &Lab, plan: &Plan, vip: &str) -> Option<usize> {
         eprintln!("conntrack CLI not installed: cross-check skipped");
         return None;
     }
-    let net = format!("--net=/run/netns/{}", lab.client_ns);
     let family = match plan.family {
         IpFamily::V4 => "ipv4",
         IpFamily::V6 => "ipv6",
     };
-    let output = run(
-        "/usr/bin/nsenter",
-        &[
-            &net,
-            "/usr/sbin/conntrack",
-            "-L",
-            "-f",
-            family,
-            "-p",
-            "udp",
-            "--orig-dst",
-            vip,
-        ],
-        None,
+    let output = sh_in(
+        &lab.client_ns,
+        "/usr/sbin/conntrack",
+        &["-L", "-f", family, "-p", "udp", "--orig-dst", vip],
     );
     Some(
         output
@@ -295,7 +245,7 @@ fn cli_count(lab: &Lab, plan: &Plan, vip: &str) -> Option<usize> {
 /// Datagrams from every client port of the plan through the DNAT and back; returns the
 /// entries they left.
 fn exchange_through_every_vip(lab: &Lab, plan: &Plan) -> Seen {
-    let (backend_a, backend_b) = in_netns(&lab.backend_ns, || {
+    let (backend_a, backend_b) = within(&lab.backend_ns, || {
         (
             bound(sock(plan.backend_a, BACKEND_PORT)),
             bound(sock(plan.backend_b, BACKEND_PORT)),
@@ -311,7 +261,7 @@ fn exchange_through_every_vip(lab: &Lab, plan: &Plan) -> Seen {
     };
 
     let mut expected = Seen::new();
-    in_netns(&lab.client_ns, || {
+    within(&lab.client_ns, || {
         for (ports, destination, backend, address) in [
             (&TO_A[..], vip, &backend_a, to_a),
             (&TO_B[..], vip, &backend_b, to_b),
@@ -342,7 +292,7 @@ fn flush_removes_exactly_the_backends_entries(plan: &Plan) {
     }
 
     // VIP → backend A goes; backend B's and the other VIP's stay.
-    let flushed = in_netns(&lab.client_ns, || {
+    let flushed = within(&lab.client_ns, || {
         conntrack::flush_backend(Protocol::Udp, vip.ip(), VIP_PORT, to_a.ip(), BACKEND_PORT)
     })
     .expect("flush backend A");
@@ -354,7 +304,7 @@ fn flush_removes_exactly_the_backends_entries(plan: &Plan) {
     }
 
     // Nothing left to flush for it; a wrong protocol or port flushes nothing.
-    in_netns(&lab.client_ns, || {
+    within(&lab.client_ns, || {
         let again =
             conntrack::flush_backend(Protocol::Udp, vip.ip(), VIP_PORT, to_a.ip(), BACKEND_PORT);
         assert_eq!(again.expect("flush again"), 0);
@@ -367,7 +317,7 @@ fn flush_removes_exactly_the_backends_entries(plan: &Plan) {
     assert_eq!(lab_entries(&lab, plan), expected);
 
     // Backend A through any VIP: the other VIP's entries go.
-    let flushed = in_netns(&lab.client_ns, || {
+    let flushed = within(&lab.client_ns, || {
         conntrack::flush_destination_all(Protocol::Udp, to_a.ip(), BACKEND_PORT)
     })
     .expect("flush destination");
@@ -377,7 +327,7 @@ fn flush_removes_exactly_the_backends_entries(plan: &Plan) {
     assert_eq!(expected.len(), TO_B.len());
 
     // Several flows in one call (one dump): backend B's go, the table is clean.
-    let flushed = in_netns(&lab.client_ns, || {
+    let flushed = within(&lab.client_ns, || {
         conntrack::flush(&[
             BackendFlow {
                 protocol: Protocol::Udp,
@@ -455,7 +405,7 @@ fn a_flush_dump_returns_only_the_backends_replies(plan: &Plan) {
     fill_with_tcp_entries(&lab, plan, fill);
     let to_a = sock(plan.backend_a, BACKEND_PORT);
 
-    let (whole, whole_took, filtered, filtered_took) = in_netns(&lab.client_ns, || {
+    let (whole, whole_took, filtered, filtered_took) = within(&lab.client_ns, || {
         let started = std::time::Instant::now();
         let whole = conntrack::dump(plan.family).expect("dump the whole table");
         let whole_took = started.elapsed();

@@ -20,6 +20,10 @@ mod cluster;
 mod harness;
 #[path = "support/host.rs"]
 mod host;
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/process.rs"]
+mod process;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -31,7 +35,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::executor::block_on;
-use host::{capture_logs, log_lines_with, require_root, run, wait_for_log_lines};
+use host::{capture_logs, log_lines_with, require_root, wait_for_log_lines};
+use process::shell;
 use topoproxy::dataplane::ebpf::{
     cgroup2_mount, cleanup, maps_pinned, program_pin, DatapathLog, EbpfDataplane, EbpfSettings,
     PROGRAMS,
@@ -60,13 +65,6 @@ fn unique() -> String {
         std::process::id() % 100_000,
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-fn setns(netns: &Path) {
-    let file = std::fs::File::open(netns).expect("open netns");
-    // SAFETY: setns on a namespace file we hold open; affects this thread only.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 /// A backend address in the pods namespace and the name its servers answer with.
@@ -138,8 +136,8 @@ impl World {
         };
         std::fs::create_dir(&world.cgroup).expect("create the test cgroup");
         let (c, p) = (&world.client_ns, &world.pods_ns);
-        run(&format!("ip netns add {c} && ip netns add {p}"));
-        run(&format!(
+        shell(&format!("ip netns add {c} && ip netns add {p}"));
+        shell(&format!(
             "ip -n {c} link set lo up && ip -n {p} link set lo up && \
              ip -n {c} link add tpec{id} type veth peer name tpep{id} netns {p} && \
              ip -n {c} addr add 10.213.0.1/24 dev tpec{id} && \
@@ -148,7 +146,7 @@ impl World {
             id = world.id
         ));
         for backend in BACKENDS {
-            run(&format!(
+            shell(&format!(
                 "ip -n {p} addr add {}/24 dev tpep{id} && ip -n {p} addr add {}/64 dev tpep{id} nodad",
                 backend.v4,
                 backend.v6,
@@ -161,19 +159,15 @@ impl World {
         world
     }
 
-    fn netns_path(name: &str) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{name}"))
-    }
-
     /// TCP (name, then echo) and UDP (name) servers for `backend`, v4 and v6.
     fn serve(&self, backend: Backend) {
-        let netns = Self::netns_path(&self.pods_ns);
+        let netns = netns::netns_path(&self.pods_ns);
         for address in [backend.v4, backend.v6] {
             let address: IpAddr = address.parse().expect("address");
             let netns = netns.clone();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                setns(&netns);
+                netns::enter(&netns);
                 let tcp = TcpListener::bind((address, PORT)).expect("bind tcp");
                 let udp = UdpSocket::bind((address, PORT)).expect("bind udp");
                 let sink = TcpListener::bind((address, SINK_PORT)).expect("bind sink");
@@ -208,7 +202,7 @@ impl World {
     }
 
     fn client(&self) -> Client {
-        Client::spawn(&self.cgroup, &Self::netns_path(&self.client_ns))
+        Client::spawn(&self.cgroup, &netns::netns_path(&self.client_ns))
     }
 
     fn open(&self) -> EbpfDataplane {
@@ -384,7 +378,7 @@ fn client_process() {
         std::process::id().to_string(),
     )
     .expect("join the test cgroup");
-    setns(Path::new(netns));
+    netns::enter(netns);
     let stdin = std::io::stdin();
     let mut held: Vec<TcpStream> = Vec::new();
     let mut held_udp: Vec<(UdpSocket, SocketAddr)> = Vec::new();
@@ -842,13 +836,9 @@ fn vips_reach_the_nearest_tier_and_fall_back_with_the_vip_in_view() {
     }
 
     // A process outside the cgroup is not translated: the VIP has no route there.
-    let netns = World::netns_path(&world.client_ns);
-    let outside = std::thread::spawn(move || {
-        setns(&netns);
+    let outside = netns::within(&world.client_ns, || {
         TcpStream::connect_timeout(&socket(VIP4), Duration::from_secs(1)).map(|_| ())
-    })
-    .join()
-    .expect("outside thread");
+    });
     assert!(
         outside.is_err(),
         "a connect outside the cgroup reached a backend"
@@ -1063,13 +1053,13 @@ const OWN_PID_NAMESPACE: [&str; 7] = [
 ];
 
 /// Waits until the agent reports `count` backends programmed, without a failed sync.
-fn wait_for_backends(agent: &mut cluster::Agent, count: usize) {
+fn wait_for_backends(agent: &mut cluster::YamlAgent, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(agent.running(), "the agent exited:\n{}", agent.log());
-        let failed = agent.metric_sum("topoproxy_syncs_total{result=\"failure\"}");
+        let failed = agent.metric("topoproxy_syncs_total{result=\"failure\"}");
         assert_eq!(failed.unwrap_or(0.0), 0.0, "a sync failed");
-        if agent.metric_sum("topoproxy_backends ") == Some(count as f64) {
+        if agent.metric("topoproxy_backends") == Some(count as f64) {
             return;
         }
         assert!(
@@ -2039,7 +2029,7 @@ impl PinnedNamespaces {
         };
         for i in 0..count {
             let name = format!("tpe-b{id}-{i}");
-            run(&format!(
+            shell(&format!(
                 "ip netns add {name} && ip -n {name} link set lo up"
             ));
             namespaces.names.push(name);
@@ -2047,14 +2037,14 @@ impl PinnedNamespaces {
         let paths: Vec<PathBuf> = namespaces
             .names
             .iter()
-            .map(|name| World::netns_path(name))
+            .map(|name| netns::netns_path(name))
             .collect();
         // setns on a thread of its own: a socket belongs to the namespace it was made in.
         namespaces._sockets = std::thread::spawn(move || {
             paths
                 .iter()
                 .map(|path| {
-                    setns(path);
+                    netns::enter(path);
                     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
                     socket.connect("127.0.0.1:53").expect("connect");
                     socket
@@ -2187,7 +2177,7 @@ struct AgentWorld {
     pin_dir: PathBuf,
     cgroup: PathBuf,
     fixture: cluster::Fixture,
-    agent: cluster::Agent,
+    agent: cluster::YamlAgent,
 }
 
 impl AgentWorld {
@@ -2228,11 +2218,11 @@ impl AgentWorld {
                 "the agent exited:\n{}",
                 self.agent.log()
             );
-            let servers = self.agent.metric_sum("topoproxy_virtual_servers ");
-            let backends = self.agent.metric_sum("topoproxy_backends ");
+            let servers = self.agent.metric("topoproxy_virtual_servers");
+            let backends = self.agent.metric("topoproxy_backends");
             let failed = self
                 .agent
-                .metric_sum("topoproxy_syncs_total{result=\"failure\"}");
+                .metric("topoproxy_syncs_total{result=\"failure\"}");
             assert_eq!(
                 failed.unwrap_or(0.0),
                 0.0,
@@ -2389,10 +2379,10 @@ impl MapsDump {
 
 /// The agent in eBPF mode on `fixture` as node [`LIST_NODE`], its programs in `cgroup`, no
 /// tc programs, no periodic re-read; `cleanup` of its pins when dropped.
-fn ebpf_agent(fixture: &cluster::Fixture, pin_dir: &Path, cgroup: &Path) -> cluster::Agent {
+fn ebpf_agent(fixture: &cluster::Fixture, pin_dir: &Path, cgroup: &Path) -> cluster::YamlAgent {
     let pin_arg = pin_dir.to_str().expect("UTF-8 pin dir");
     let cgroup_arg = cgroup.to_str().expect("UTF-8 cgroup");
-    cluster::Agent::new_in_mode(
+    cluster::YamlAgent::new_in_mode(
         fixture,
         LIST_NODE,
         &[
@@ -2412,7 +2402,7 @@ fn ebpf_agent(fixture: &cluster::Fixture, pin_dir: &Path, cgroup: &Path) -> clus
 }
 
 fn list_command(pin_dir: &Path) -> Command {
-    let mut command = Command::new(cluster::agent_bin());
+    let mut command = Command::new(cluster::agent_process::agent_bin());
     command
         .args([
             "list",
@@ -2627,7 +2617,7 @@ fn list_in_a_tight_loop_during_large_applies_leaves_the_agents_table_exact() {
     assert_eq!(
         world
             .agent
-            .metric_sum("topoproxy_drift_repairs_total")
+            .metric("topoproxy_drift_repairs_total")
             .unwrap_or(-1.0),
         0.0,
         "the agent repaired drift"
@@ -2692,7 +2682,7 @@ fn list_writes_no_map_and_changes_no_link_program_or_pin() {
     }
     // Without --proxy-mode, `list` reads the mode whose maps are pinned: what an operator
     // types in the agent's pod (`kubectl exec ds/topoproxy -- topoproxy list`).
-    let unflagged = Command::new(cluster::agent_bin())
+    let unflagged = Command::new(cluster::agent_process::agent_bin())
         .args(["list", "--no-counters", "--bpf-pin-dir"])
         .arg(&world.pin_dir)
         .stdin(Stdio::null())
@@ -2837,9 +2827,9 @@ impl ClientNamespaces {
         let pods = &world.pods_ns;
         for i in 0..count {
             let name = format!("tpe-k{i}-{}", world.id);
-            run(&format!("ip netns add {name}"));
+            shell(&format!("ip netns add {name}"));
             namespaces.names.push(name.clone());
-            run(&format!(
+            shell(&format!(
                 "ip -n {name} link set lo up && \
                  ip -n {name} link add tpk{i}c{id} type veth peer name tpk{i}p{id} netns {pods} && \
                  ip -n {name} addr add 10.215.{i}.1/24 dev tpk{i}c{id} && \
@@ -2855,7 +2845,7 @@ impl ClientNamespaces {
     fn clients(&self, world: &World) -> Vec<Client> {
         self.names
             .iter()
-            .map(|name| Client::spawn(&world.cgroup, &World::netns_path(name)))
+            .map(|name| Client::spawn(&world.cgroup, &netns::netns_path(name)))
             .collect()
     }
 }

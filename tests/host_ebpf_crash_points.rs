@@ -9,14 +9,14 @@ mod cluster;
 mod crash_points;
 #[path = "support/host.rs"]
 mod host;
-#[path = "support/netns.rs"]
-mod netns;
+#[path = "support/process.rs"]
+mod process;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use aya::maps::{HashMap, Map, MapData};
-use cluster::{Agent, Fixture};
+use cluster::{Fixture, YamlAgent};
 use crash_points::{every_crash_point, listed_services, Kernel};
 use topoproxy_common::{maps, Backend, BackendKey, MAPS_DIR};
 
@@ -33,7 +33,7 @@ impl EbpfKernel {
     }
 
     fn run(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new(cluster::agent_bin())
+        std::process::Command::new(cluster::agent_process::agent_bin())
             .args(args)
             .args(["--proxy-mode", "ebpf", "--bpf-pin-dir", self.pin_dir_arg()])
             .output()
@@ -148,7 +148,7 @@ fn every_crash_point_of_a_change_set_recovers_in_ebpf_mode() {
         "none",
     ];
     let cleanup = ["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", &pin_dir];
-    let mut agent = Agent::new_in_mode(&fixture, crash_points::NODE, &mode, &cleanup);
+    let mut agent = YamlAgent::new_in_mode(&fixture, crash_points::NODE, &mode, &cleanup);
     let (before, after) = crash_points::change_set();
 
     // The pins of a clean run: what every recovery must end with.
@@ -156,7 +156,7 @@ fn every_crash_point_of_a_change_set_recovers_in_ebpf_mode() {
     fixture.write();
     let planned_after = fixture.plan(crash_points::NODE);
     agent.start_process();
-    netns::eventually(
+    process::eventually(
         "a clean run programs the plan",
         std::time::Duration::from_secs(60),
         || {

@@ -1,28 +1,37 @@
-//! The churn soak (`k8s_support/churn.rs`) in eBPF mode on the host: `topoproxy run
+//! The churn soak (`support/k8s/churn.rs`) in eBPF mode on the host: `topoproxy run
 //! --proxy-mode ebpf` against a real control plane (k8s-harness), its programs attached to a
 //! child cgroup of its own and pinned under a directory of its own, north-south off. The pods
 //! are addresses in one network namespace; the client loop runs in the cgroup and in a client
 //! namespace joined to the pods' by a veth pair, so its sockets go through the programs.
 //! Needs root. `TOPOPROXY_CHURN_ROUNDS` makes the soak longer.
 
-#[path = "k8s_support/agent.rs"]
-mod agent;
-#[path = "k8s_support/churn.rs"]
+#[path = "support/agent_process.rs"]
+mod agent_process;
+#[path = "support/k8s/api_agent.rs"]
+mod api_agent;
+#[path = "support/k8s/churn.rs"]
 mod churn;
 #[path = "support/harness.rs"]
 mod harness;
 #[path = "support/host.rs"]
 mod host;
+#[path = "support/http.rs"]
+mod http;
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/process.rs"]
+mod process;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use agent::{install_agent_identity, Agent, Auth};
+use api_agent::{install_agent_identity, ApiAgent, Auth};
 use churn::{programmed_in, ClientLoop, Fabric, Programmed, Soak, AFTER_DRAIN, CONVERGE};
-use host::{require_root, run};
+use host::require_root;
 use k8s_harness::objects::{create_namespace, create_node, NodeSpec};
 use k8s_harness::{ControlPlane, Options};
+use process::shell;
 use topoproxy::dataplane::ebpf::cgroup2_mount;
 
 /// Where the client loop's process goes: cgroup and network namespace, one per line.
@@ -52,7 +61,7 @@ impl HostFabric {
         };
         std::fs::create_dir(&fabric.cgroup).expect("creating the test cgroup");
         let (c, p) = (&fabric.client_ns, &fabric.pods_ns);
-        run(&format!(
+        shell(&format!(
             "ip netns add {c} && ip netns add {p} && \
              ip -n {c} link set lo up && ip -n {p} link set lo up && \
              ip -n {c} link add tpkc{id} type veth peer name tpkp{id} netns {p} && \
@@ -89,7 +98,7 @@ impl Fabric for HostFabric {
             high.expect("fewer than 31,000 pods"),
             low.unwrap_or(10),
         );
-        run(&format!(
+        shell(&format!(
             "ip -n {} addr add {ip}/32 dev tpkp{}",
             self.pods_ns, self.id
         ));
@@ -97,14 +106,14 @@ impl Fabric for HostFabric {
     }
 
     fn remove_pod(&mut self, ip: Ipv4Addr) {
-        run(&format!(
+        shell(&format!(
             "ip -n {} addr del {ip}/32 dev tpkp{}",
             self.pods_ns, self.id
         ));
     }
 
     fn programmed(&self) -> Programmed {
-        let out = Command::new(agent::agent_bin())
+        let out = Command::new(agent_process::agent_bin())
             .args([
                 "list",
                 "--no-counters",
@@ -141,7 +150,7 @@ impl Fabric for HostFabric {
 
 impl Drop for HostFabric {
     fn drop(&mut self) {
-        let _ = Command::new(agent::agent_bin())
+        let _ = Command::new(agent_process::agent_bin())
             .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir"])
             .arg(&self.pin_dir)
             .output();
@@ -167,10 +176,7 @@ fn churn_client_process() {
         std::process::id().to_string(),
     )
     .expect("joining the test cgroup");
-    let file = std::fs::File::open(netns).expect("opening the client namespace");
-    // SAFETY: setns on a namespace fd we hold open; this process has one thread here.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    netns::enter(netns);
     churn::client_loop(Path::new(&settings));
 }
 
@@ -190,7 +196,7 @@ async fn rolling_updates_scaling_and_zone_moves_lose_no_request_in_ebpf_mode() {
     let token = install_agent_identity(&plane, &client, None).await;
     let args = fabric.agent_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = Agent::start_with(&plane, &Auth::Token(token), "node-a", &args);
+    let agent = ApiAgent::start_with(&plane, &Auth::Token(token), "node-a", &args);
     agent.wait_healthy(CONVERGE).await;
     let pid = agent.daemon().pid().expect("the agent's pid");
 

@@ -8,41 +8,36 @@
 
 #[path = "support/host.rs"]
 mod host;
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/traffic.rs"]
+mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use netns::IP;
+use process::{sh, sh_fed, sh_quiet};
 use proptest::prelude::*;
 use topoproxy::dataplane::ipvs::nft::{
     find_nft, ListedTable, LocalInterface, Nft, NftError, NftSettings, NftState,
 };
 use topoproxy::model::{IpFamily, Protocol};
 use topoproxy::table::{Frontend, SourceRanges, TrafficPolicy, VsKey};
+use traffic::{udp_exchange_connected, TcpSession};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn require_root_and_nft() -> std::path::PathBuf {
     host::require_root("nftables");
     find_nft().expect("host_nft needs nft (apt-get install -y nftables)")
-}
-
-fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// A network namespace, deleted on drop (its veth ends go with it).
@@ -58,7 +53,7 @@ impl Netns {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        run("ip", &["netns", "add", &name]);
+        sh(IP, &["netns", "add", &name]);
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
@@ -72,7 +67,7 @@ impl Netns {
     fn ip(&self, args: &[&str]) {
         let mut all = vec!["-n", self.name.as_str()];
         all.extend_from_slice(args);
-        run("ip", &all);
+        sh(IP, &all);
     }
 
     /// nft on this namespace's tables.
@@ -82,33 +77,13 @@ impl Netns {
 
     /// Runs an nft script in this namespace (for the test's own stand-in tables).
     fn nft_script(&self, nft: &std::path::Path, script: &str) {
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.path()))
-            .arg(nft)
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn nft");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(script.as_bytes())
-            .expect("write script");
-        assert!(child.wait().expect("wait nft").success(), "{script}");
+        let nft = nft.to_str().expect("a UTF-8 path to nft");
+        sh_fed(IP, &["netns", "exec", &self.name, nft, "-f", "-"], script);
     }
 
     /// Runs `f` on a thread that joined this namespace.
     fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    enter(&self.path());
-                    f()
-                })
-                .join()
-                .expect("thread in netns panicked")
-        })
+        netns::within(&self.name, f)
     }
 
     /// Connects over a veth pair: `here` in this namespace, `there` in `other`.
@@ -134,18 +109,8 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        sh_quiet(IP, &["netns", "del", &self.name]);
     }
-}
-
-/// Moves the calling thread into the network namespace at `path`.
-fn enter(path: &str) {
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-    // SAFETY: a valid namespace fd; setns changes only this thread's namespace.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
 }
 
 /// Servers in a namespace: each TCP connection gets its peer address on a line, then an
@@ -164,7 +129,7 @@ impl Servers {
             let (path, stop, addr) = (ns.path(), stop.clone(), addr.to_string());
             let (ready_tx, ready) = std::sync::mpsc::channel();
             threads.push(std::thread::spawn(move || {
-                enter(&path);
+                netns::enter(&path);
                 let listener = TcpListener::bind(&addr).expect("bind tcp");
                 listener.set_nonblocking(true).expect("nonblocking");
                 ready_tx.send(()).expect("ready");
@@ -187,7 +152,7 @@ impl Servers {
             let (path, stop, addr) = (ns.path(), stop.clone(), addr.to_string());
             let (ready_tx, ready) = std::sync::mpsc::channel();
             threads.push(std::thread::spawn(move || {
-                enter(&path);
+                netns::enter(&path);
                 let socket = UdpSocket::bind(&addr).expect("bind udp");
                 socket
                     .set_read_timeout(Some(Duration::from_millis(20)))
@@ -236,50 +201,18 @@ impl Drop for Servers {
     }
 }
 
-/// A TCP connection: the peer address the server saw.
-struct Conn {
-    stream: BufReader<TcpStream>,
-    seen_as: String,
-}
-
-impl Conn {
-    fn open(addr: &str) -> std::io::Result<Self> {
-        let addr: SocketAddr = addr.parse().expect("socket address");
-        let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        let mut stream = BufReader::new(stream);
-        let mut line = String::new();
-        stream.read_line(&mut line)?;
-        Ok(Self {
-            stream,
-            seen_as: line.trim().to_string(),
-        })
-    }
-
-    fn echo(&mut self, text: &str) -> std::io::Result<String> {
-        writeln!(self.stream.get_mut(), "{text}")?;
-        let mut line = String::new();
-        self.stream.read_line(&mut line)?;
-        Ok(line.trim().to_string())
-    }
-}
-
-/// How the server at `addr` saw us, or the error kind of the attempt.
+/// How the server at `addr` saw us (its greeting), or the error kind of the attempt.
 fn seen_as(addr: &str) -> Result<String, ErrorKind> {
-    Conn::open(addr).map(|c| c.seen_as).map_err(|e| e.kind())
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    TcpSession::connect(addr)
+        .map(|session| session.greeting)
+        .map_err(|e| e.kind())
 }
 
-/// A UDP exchange: the address the server saw, or the error kind.
+/// A UDP exchange from a connected socket: the address the server saw, or the error kind.
 fn udp_seen_as(addr: &str) -> Result<String, ErrorKind> {
-    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.kind())?;
-    socket
-        .set_read_timeout(Some(TIMEOUT))
-        .map_err(|e| e.kind())?;
-    socket.connect(addr).map_err(|e| e.kind())?;
-    socket.send(b"hi").map_err(|e| e.kind())?;
-    let mut buf = [0u8; 64];
-    let n = socket.recv(&mut buf).map_err(|e| e.kind())?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    udp_exchange_connected(addr, b"hi", TIMEOUT).map_err(|e| e.kind())
 }
 
 fn key(protocol: Protocol, address: &str, port: u16) -> VsKey {
@@ -594,7 +527,7 @@ fn new_connections_to_a_vip_on_other_ports_are_rejected() {
     );
     // Before the table: everything answers. Keep one connection to a non-service port.
     let mut established = client
-        .run(|| Conn::open("10.96.0.10:9999"))
+        .run(|| TcpSession::connect("10.96.0.10:9999".parse().expect("address")))
         .expect("connect before the table");
 
     let http = key(Protocol::Tcp, "10.96.0.10", 80);
@@ -637,7 +570,10 @@ fn new_connections_to_a_vip_on_other_ports_are_rejected() {
         assert_eq!(seen_as("10.30.0.1:30080"), Ok("10.30.0.2".into()));
     });
     // Established traffic is untouched.
-    assert_eq!(established.echo("still here").expect("echo"), "still here");
+    assert_eq!(
+        established.exchange("still here").expect("echo").trim(),
+        "still here"
+    );
     // The node's own connections to the VIP (output, then input via lo) too.
     node.run(|| {
         assert_eq!(
@@ -675,7 +611,7 @@ fn new_connections_to_a_vip_on_other_ports_are_rejected() {
         .expect("replace");
     nft.delete().expect("delete");
     client.run(|| assert_eq!(seen_as("10.96.0.10:9999"), Ok("10.30.0.2".into())));
-    assert_eq!(established.echo("after").expect("echo"), "after");
+    assert_eq!(established.exchange("after").expect("echo").trim(), "after");
 }
 
 /// Client C (10.10.0.2, "a pod" when 10.10.0.0/24 is a cluster CIDR) — router R — backend B

@@ -8,15 +8,19 @@
 //! The tests share the machine's two cores with whole control planes, so they run one at a
 //! time (a lock), each with its own control plane.
 
-#[path = "k8s_support/agent.rs"]
-mod agent;
+#[path = "support/agent_process.rs"]
+mod agent_process;
+#[path = "support/k8s/api_agent.rs"]
+mod api_agent;
+#[path = "support/http.rs"]
+mod http;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::{destinations, install_agent_identity, Agent, Auth};
+use api_agent::{destinations, install_agent_identity, ApiAgent, Auth};
 use futures::StreamExt as _;
 use k8s_harness::objects::{
     apply, apply_object, create_namespace, create_node, create_pod, delete_pod, eventually,
@@ -140,7 +144,7 @@ async fn runs_in_cluster_as_its_service_account_with_the_shipped_rbac() {
     wait_for_hints(&client, "shop", "web", 2, false).await;
     let token = install_agent_identity(&plane, &client, None).await;
 
-    let agent = Agent::start(&plane, &Auth::InCluster(token), "node-a1");
+    let agent = ApiAgent::start(&plane, &Auth::InCluster(token), "node-a1");
     agent.wait_healthy(CONVERGE).await;
     let table = agent
         .converges(&client, &scratch(&plane, "a1"), CONVERGE)
@@ -151,7 +155,7 @@ async fn runs_in_cluster_as_its_service_account_with_the_shipped_rbac() {
     );
     for resource in ["services", "endpointslices", "node"] {
         let synced = agent
-            .metric("topoproxy_api_synced", &format!("resource=\"{resource}\""))
+            .metric(&format!("topoproxy_api_synced{{resource=\"{resource}\"}}"))
             .await;
         assert_eq!(synced, Some(1.0), "{resource} synced");
     }
@@ -171,7 +175,7 @@ async fn every_rule_of_the_shipped_rbac_is_needed_and_a_missing_one_is_reported(
     let plane = ControlPlane::start(Options::default()).await;
     let client = plane.admin_client().await;
     four_nodes(&client).await;
-    let shipped = agent::base_manifests(&plane)
+    let shipped = api_agent::base_manifests(&plane)
         .into_iter()
         .find(|o| o["kind"] == "ClusterRole")
         .expect("a ClusterRole in manifests/base");
@@ -210,7 +214,7 @@ async fn every_rule_of_the_shipped_rbac_is_needed_and_a_missing_one_is_reported(
         }
         let token = install_agent_identity(&plane, &client, Some(reduced)).await;
         let extra: &[&str] = if mcs { &["--cluster-id", "west"] } else { &[] };
-        let agent = Agent::start_with(&plane, &Auth::Token(token), "node-a1", extra);
+        let agent = ApiAgent::start_with(&plane, &Auth::Token(token), "node-a1", extra);
         eventually(
             &format!("without {resource}: the 403 reported"),
             CONVERGE,
@@ -222,7 +226,7 @@ async fn every_rule_of_the_shipped_rbac_is_needed_and_a_missing_one_is_reported(
                         && l.contains(resource.trim_end_matches('s'))
                 });
                 let health = agent.healthz().await?;
-                let errors = agent.metric("topoproxy_watch_errors_total", "").await?;
+                let errors = agent.metric("topoproxy_watch_errors_total").await?;
                 (logged && health.0 == 503 && health.1.contains("forbidden") && errors >= 1.0)
                     .then_some(())
             },
@@ -311,8 +315,8 @@ async fn topology_hints_from_the_real_controller_drive_the_table() {
     wait_for_hints(&client, ns, "dual", 4, true).await;
 
     let token = install_agent_identity(&plane, &client, None).await;
-    let a1 = Agent::start(&plane, &Auth::Token(token.clone()), "node-a1");
-    let b1 = Agent::start(&plane, &Auth::Token(token), "node-b1");
+    let a1 = ApiAgent::start(&plane, &Auth::Token(token.clone()), "node-a1");
+    let b1 = ApiAgent::start(&plane, &Auth::Token(token), "node-b1");
     let table = a1
         .converges(&client, &scratch(&plane, "a1"), CONVERGE)
         .await;
@@ -390,7 +394,7 @@ async fn topology_hints_from_the_real_controller_drive_the_table() {
     );
     b1.converges(&client, &scratch(&plane, "b1"), CONVERGE)
         .await;
-    let falling_back = a1.metric("topoproxy_services_falling_back", "").await;
+    let falling_back = a1.metric("topoproxy_services_falling_back").await;
     assert!(
         falling_back >= Some(1.0),
         "the fallback is counted: {falling_back:?}"
@@ -431,7 +435,7 @@ async fn topology_hints_from_the_real_controller_drive_the_table() {
         "hints gone"
     );
     let token = install_agent_identity(&plane, &client, None).await;
-    let x1 = Agent::start(&plane, &Auth::Token(token), "node-x1");
+    let x1 = ApiAgent::start(&plane, &Auth::Token(token), "node-x1");
     let table = x1
         .converges(&client, &scratch(&plane, "x1"), CONVERGE)
         .await;
@@ -530,7 +534,7 @@ async fn hints_vanishing_and_a_thinning_zone_spill_gradually_under_the_zone_poli
     let zone_a_near = ["10.244.2.10", "10.244.2.11"];
 
     let token = install_agent_identity(&plane, &client, None).await;
-    let a1 = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let a1 = ApiAgent::start(&plane, &Auth::Token(token), "node-a1");
     a1.converges(&client, &scratch(&plane, "a1"), CONVERGE)
         .await;
     let plan = a1.plan_json().await.expect("/plan?format=json");
@@ -594,7 +598,7 @@ async fn hints_vanishing_and_a_thinning_zone_spill_gradually_under_the_zone_poli
         "a thinning zone spills a share, and keeps more than kube-proxy's fallback: {in_zone} {tiers:?}"
     );
     let served = a1
-        .metric("topoproxy_locality_programmed_share", "tier=\"cluster\"")
+        .metric("topoproxy_locality_programmed_share{tier=\"cluster\"}")
         .await;
     assert!(
         served > Some(0.0),
@@ -683,7 +687,7 @@ async fn an_apiserver_killed_and_restarted_while_objects_change_never_empties_th
     let client = plane.admin_client().await;
     let stable = stable_world(&client).await;
     let token = install_agent_identity(&plane, &client, None).await;
-    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let agent = ApiAgent::start(&plane, &Auth::Token(token), "node-a1");
     agent
         .converges(&client, &scratch(&plane, "a1"), CONVERGE)
         .await;
@@ -724,7 +728,7 @@ async fn two_apiservers_behind_a_load_balancer_each_killed_in_turn() {
     let client = plane.admin_client().await;
     let stable = stable_world(&client).await;
     let token = install_agent_identity(&plane, &client, None).await;
-    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let agent = ApiAgent::start(&plane, &Auth::Token(token), "node-a1");
     agent
         .converges(&client, &scratch(&plane, "a1"), CONVERGE)
         .await;
@@ -773,7 +777,7 @@ async fn etcd_compaction_forces_a_relist_that_catches_deletions() {
     }
     let token = install_agent_identity(&plane, &client, None).await;
     // Without a load balancer the agent talks to apiserver 0 only.
-    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let agent = ApiAgent::start(&plane, &Auth::Token(token), "node-a1");
     agent
         .converges(&client, &scratch(&plane, "a1"), CONVERGE)
         .await;
@@ -797,7 +801,7 @@ async fn etcd_compaction_forces_a_relist_that_catches_deletions() {
         .await;
     assert!(!table.is_empty());
     eventually("a 410 Gone made the agent re-list", CONVERGE, || async {
-        let relists = agent.metric("topoproxy_watch_restarts_total", "").await?;
+        let relists = agent.metric("topoproxy_watch_restarts_total").await?;
         (relists >= 1.0).then_some(())
     })
     .await;
@@ -827,7 +831,7 @@ async fn three_thousand_services_listed_in_pages_with_changes_during_the_list() 
         .collect::<Vec<()>>()
         .await;
     let token = install_agent_identity(&plane, &client, None).await;
-    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let agent = ApiAgent::start(&plane, &Auth::Token(token), "node-a1");
     let services: Api<Service> = Api::namespaced(client.clone(), "bulk");
     for i in 0..100 {
         let _ = services
@@ -839,7 +843,7 @@ async fn three_thousand_services_listed_in_pages_with_changes_during_the_list() 
         .converges(&client, &scratch(&plane, "a1"), Duration::from_secs(180))
         .await;
     assert_eq!(
-        agent::virtual_servers(&table),
+        api_agent::virtual_servers(&table),
         3001,
         "3,000 Services and kubernetes"
     );
@@ -886,7 +890,7 @@ async fn an_agent_started_before_the_apiserver_syncs_once_it_is_up() {
     stable_world(&client).await;
     let token = install_agent_identity(&plane, &client, None).await;
     plane.kill_apiserver(0);
-    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let agent = ApiAgent::start(&plane, &Auth::Token(token), "node-a1");
     eventually(
         "the agent reports the API unreachable",
         CONVERGE,
@@ -922,7 +926,7 @@ async fn its_own_node_deleted_recreated_and_moved_to_another_zone() {
     pods(&client, "topo", "auto", &all, 1).await;
     wait_for_hints(&client, "topo", "auto", 4, true).await;
     let token = install_agent_identity(&plane, &client, None).await;
-    let agent = Agent::start(&plane, &Auth::Token(token), "node-a1");
+    let agent = ApiAgent::start(&plane, &Auth::Token(token), "node-a1");
     let table = agent
         .converges(&client, &scratch(&plane, "a1"), CONVERGE)
         .await;
@@ -986,7 +990,7 @@ async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
     })
     .await;
     let client = plane.admin_client().await;
-    let manifests = agent::workspace_root().join("manifests");
+    let manifests = api_agent::workspace_root().join("manifests");
     let mut dirs = vec![manifests.join("base")];
     let mut overlays: Vec<_> = std::fs::read_dir(manifests.join("overlays"))
         .expect("manifests/overlays")
@@ -1014,7 +1018,7 @@ async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
     for mode in ["shadow", "ipvs", "ebpf"] {
         let out = std::process::Command::new(&plane.binaries().helm)
             .args(["template", "topoproxy"])
-            .arg(agent::workspace_root().join("charts/topoproxy"))
+            .arg(api_agent::workspace_root().join("charts/topoproxy"))
             .args(["--namespace", "kube-system", "--kube-version", "1.36.3"])
             .args(["--set", &format!("mode={mode}")])
             .output()
@@ -1054,9 +1058,10 @@ async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
 
 /// The ServiceImport CRD of `tests/k8s/serviceimport-crd.yaml`, applied and established.
 async fn install_service_import_crd(client: &Client) {
-    let text =
-        std::fs::read_to_string(agent::workspace_root().join("tests/k8s/serviceimport-crd.yaml"))
-            .expect("reading the ServiceImport CRD");
+    let text = std::fs::read_to_string(
+        api_agent::workspace_root().join("tests/k8s/serviceimport-crd.yaml"),
+    )
+    .expect("reading the ServiceImport CRD");
     for object in yaml_documents(&text) {
         apply(client, object).await;
     }
@@ -1135,7 +1140,7 @@ async fn mcs_clusterset_ip_serves_this_cluster_first_and_another_when_scaled_to_
     four_nodes(&client).await;
     create_namespace(&client, "shop").await;
     let token = install_agent_identity(&plane, &client, None).await;
-    let agent = Agent::start_with(
+    let agent = ApiAgent::start_with(
         &plane,
         &Auth::Token(token),
         "node-a1",
@@ -1232,10 +1237,7 @@ async fn mcs_clusterset_ip_serves_this_cluster_first_and_another_when_scaled_to_
     );
     assert!(log.contains("the ServiceImport CRD is installed; watching serviceimports"));
     let errors = agent
-        .metric(
-            "topoproxy_watch_errors_total",
-            "resource=\"serviceimports\"",
-        )
+        .metric("topoproxy_watch_errors_total{resource=\"serviceimports\"}")
         .await
         .unwrap_or(0.0);
     assert_eq!(

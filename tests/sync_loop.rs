@@ -1,6 +1,9 @@
 //! The sync loop driven directly with source events and the in-memory dataplane: gating on the
 //! initial lists, incremental changes, node changes, drift repair, failures, adoption.
 
+#[path = "support/http.rs"]
+mod http;
+
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -137,10 +140,9 @@ impl Running {
     }
 }
 
-fn metric(state: &AgentState, name: &str) -> Option<f64> {
+fn metric(state: &AgentState, selector: &str) -> Option<f64> {
     let text = state.metrics.encode().expect("metrics encode");
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    http::metric_sum(&text, selector)
 }
 
 // Paused time: the sleep below lets the loop run until it is idle, however busy the machine

@@ -11,12 +11,17 @@ mod crash_points;
 mod harness;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/pods.rs"]
+mod pods;
+#[path = "support/process.rs"]
+mod process;
 
 use std::collections::BTreeSet;
 
-use cluster::{ipvsadm, Agent, Fixture};
+use cluster::{ipvsadm, Fixture, YamlAgent};
 use crash_points::{every_crash_point, listed_services, Kernel};
-use netns::{sh_quiet, PodNetwork};
+use pods::PodNetwork;
+use process::sh_quiet;
 use topoproxy::dataplane::ipvs::nft::Nft;
 
 /// A service another tool made with ipvsadm, and its one real server.
@@ -175,7 +180,9 @@ impl Kernel for IpvsKernel {
 impl Drop for IpvsKernel {
     fn drop(&mut self) {
         sh_quiet(
-            cluster::agent_bin().to_str().unwrap_or("topoproxy"),
+            cluster::agent_process::agent_bin()
+                .to_str()
+                .unwrap_or("topoproxy"),
             &["cleanup"],
         );
         sh_quiet(cluster::IPVSADM, &["-D", "-t", FOREIGN]);
@@ -189,7 +196,7 @@ fn every_crash_point_of_a_change_set_recovers_in_ipvs_mode() {
     let mut kernel = IpvsKernel;
     let mut fixture = Fixture::new("crash-ipvs");
     fixture.nodes = crash_points::nodes();
-    let mut agent = Agent::new_in_mode(
+    let mut agent = YamlAgent::new_in_mode(
         &fixture,
         crash_points::NODE,
         &["--proxy-mode", "ipvs"],

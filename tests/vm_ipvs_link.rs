@@ -4,6 +4,11 @@
 //! Each test runs on its own thread in a fresh network namespace (`unshare(CLONE_NEWNET)` on
 //! that thread), so links, addresses and sysctls vanish with the thread, even on failure.
 
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/process.rs"]
+mod process;
+
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -29,13 +34,7 @@ where
         "these tests need root (they run inside the VM)"
     );
     let thread = std::thread::spawn(move || {
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
+        netns::enter_fresh();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -49,16 +48,7 @@ where
 
 /// Runs `ip` in the calling thread's namespace (a child forked from a thread inherits it).
 fn ip(args: &[&str]) -> String {
-    let output = Command::new("/usr/sbin/ip")
-        .args(args)
-        .output()
-        .expect("run /usr/sbin/ip");
-    assert!(
-        output.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    process::sh(netns::IP, args)
 }
 
 fn addr(text: &str) -> IpAddr {
@@ -396,20 +386,7 @@ impl NamedNetns {
 
     /// Runs `f` on a thread that entered this namespace.
     fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let path = format!("/run/netns/{}", self.0);
-                    let file = std::fs::File::open(&path).expect("open netns");
-                    let rc = unsafe {
-                        libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
-                    };
-                    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        netns::within(&self.0, f)
     }
 }
 
@@ -422,15 +399,7 @@ impl Drop for NamedNetns {
 }
 
 fn ipvsadm(args: &[&str]) {
-    let output = Command::new("/usr/sbin/ipvsadm")
-        .args(args)
-        .output()
-        .expect("run ipvsadm");
-    assert!(
-        output.status.success(),
-        "ipvsadm {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    process::sh("/usr/sbin/ipvsadm", args);
 }
 
 /// The production path end to end: IPVS (masquerade, `net.ipv4.vs.conntrack=1`) writes its

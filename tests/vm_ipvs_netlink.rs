@@ -3,6 +3,11 @@
 //! test at a time: every test starts and ends with an empty IPVS table (`ipvsadm -C` in a
 //! guard) and removes the dummy link it made for routes.
 
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/process.rs"]
+mod process;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -12,6 +17,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use netns::IP;
+use process::sh;
 use topoproxy::dataplane::ipvs::netlink::{
     Acknowledgements, Command, Forward, IpvsClient, IpvsDestination, IpvsError, IpvsService,
     IpvsTimeouts, MessageCounts, ServiceId,
@@ -21,27 +28,13 @@ use topoproxy::model::Protocol;
 use topoproxy::table::VsKey;
 
 const IPVSADM: &str = "/usr/sbin/ipvsadm";
-const IP: &str = "/usr/sbin/ip";
-
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Process::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {program} {args:?}: {e}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 /// Empties the IPVS table now and when dropped, even if the test panics.
 struct CleanIpvs;
 
 impl CleanIpvs {
     fn new() -> Self {
-        run(IPVSADM, &["-C"]);
+        sh(IPVSADM, &["-C"]);
         Self
     }
 }
@@ -65,11 +58,11 @@ impl RouteLink {
             .args(["link", "del", LINK])
             .stderr(Stdio::null())
             .status();
-        run(IP, &["link", "add", LINK, "type", "dummy"]);
+        sh(IP, &["link", "add", LINK, "type", "dummy"]);
         let link = Self;
-        run(IP, &["link", "set", LINK, "up"]);
-        run(IP, &["addr", "add", "10.244.255.254/16", "dev", LINK]);
-        run(
+        sh(IP, &["link", "set", LINK, "up"]);
+        sh(IP, &["addr", "add", "10.244.255.254/16", "dev", LINK]);
+        sh(
             IP,
             &[
                 "-6",
@@ -125,7 +118,7 @@ type Listing = BTreeMap<String, (String, BTreeSet<(String, String, u32)>)>;
 
 /// `ipvsadm -Ln`, parsed.
 fn ipvsadm_listing() -> Listing {
-    let text = run(IPVSADM, &["-Ln"]);
+    let text = sh(IPVSADM, &["-Ln"]);
     let mut listing = Listing::new();
     let mut current = None;
     for line in text.lines().skip(3) {
@@ -220,14 +213,14 @@ fn info_is_what_ipvsadm_prints() {
         "IP Virtual Server version {major}.{minor}.{patch} (size={})",
         info.table_size
     );
-    let listed = run(IPVSADM, &["-Ln"]);
+    let listed = sh(IPVSADM, &["-Ln"]);
     assert_eq!(listed.lines().next(), Some(line.as_str()));
     eprintln!("family id {:#x}: {line}", client.family_id());
 }
 
 /// `ipvsadm -L --timeout`'s three numbers.
 fn ipvsadm_timeouts() -> IpvsTimeouts {
-    let text = run(IPVSADM, &["-L", "--timeout"]);
+    let text = sh(IPVSADM, &["-L", "--timeout"]);
     let numbers: Vec<u32> = text
         .split_once(':')
         .map(|(_, numbers)| numbers)
@@ -496,7 +489,7 @@ fn thousand_services_with_ten_destinations_pipelined() {
     assert_eq!(listing, client_listing(&mut client));
 
     // The same table through `ipvsadm -R` (one netlink round trip per line), for comparison.
-    run(IPVSADM, &["-C"]);
+    sh(IPVSADM, &["-C"]);
     let mut rules = String::new();
     for command in &commands {
         match command {
@@ -681,15 +674,7 @@ fn acknowledgement_overflow_is_reported_and_recovered() {
 /// own, until `stop`; the thread returns how many rounds it made.
 fn churn_in_another_namespace(stop: Arc<AtomicBool>, batch: u16) -> JoinHandle<u64> {
     std::thread::spawn(move || {
-        // SAFETY: unshare(CLONE_NEWNET) moves only this thread into a fresh namespace; it goes
-        // away with the thread.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET): {}",
-            std::io::Error::last_os_error()
-        );
+        netns::enter_fresh();
         let mut client = IpvsClient::connect().expect("connect in the churning namespace");
         let ids: Vec<ServiceId> = (0..batch)
             .map(|n| id(Protocol::Tcp, "10.98.0.1", 1000 + n))

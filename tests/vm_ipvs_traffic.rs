@@ -11,6 +11,12 @@
 mod cluster;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/pods.rs"]
+mod pods;
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/traffic.rs"]
+mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -18,8 +24,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cluster::{ipvsadm, topoproxy, Agent, Condition, Endpoint, Fixture, Port, Service};
-use netns::{eventually, sh, sh_quiet, tcp_ask, udp_ask, Backend, Pod, PodNetwork, TcpSession};
+use cluster::{ipvsadm, topoproxy, Condition, Endpoint, Fixture, Port, Service, YamlAgent};
+use pods::{Backend, Pod, PodNetwork};
+use process::{eventually, sh, sh_quiet};
+use traffic::{tcp_ask, udp_ask, TcpSession};
 
 const NODE: &str = "node-a1";
 const SERVICE: &str = "echo";
@@ -52,7 +60,7 @@ fn names(list: &[&str]) -> BTreeSet<String> {
 
 /// The test world. Fields drop in order: the agent (and its cleanup) first, the pods last.
 struct World {
-    agent: Option<Agent>,
+    agent: Option<YamlAgent>,
     _backends: Vec<Backend>,
     _pods: Vec<Pod>,
     _network: PodNetwork,
@@ -64,7 +72,9 @@ impl World {
     fn new(label: &str) -> Self {
         // A previous run that died hard may have left our state behind.
         sh_quiet(
-            cluster::agent_bin().to_str().expect("UTF-8 agent path"),
+            cluster::agent_process::agent_bin()
+                .to_str()
+                .expect("UTF-8 agent path"),
             &["cleanup"],
         );
         let network = PodNetwork::new();
@@ -123,11 +133,11 @@ impl World {
         }
     }
 
-    fn start_agent(&mut self) -> &mut Agent {
-        self.agent.insert(Agent::start(&self.fixture, NODE))
+    fn start_agent(&mut self) -> &mut YamlAgent {
+        self.agent.insert(YamlAgent::start(&self.fixture, NODE))
     }
 
-    fn agent(&mut self) -> &mut Agent {
+    fn agent(&mut self) -> &mut YamlAgent {
         self.agent.as_mut().expect("the agent was started")
     }
 
@@ -371,7 +381,7 @@ fn a_kube_proxy_configuration_sets_the_ipvs_timeouts_and_conntrack() {
     )
     .expect("writing the kube-proxy configuration");
     let config = config.to_str().expect("utf-8 path").to_owned();
-    world.agent = Some(Agent::start_with(
+    world.agent = Some(YamlAgent::start_with(
         &world.fixture,
         NODE,
         &["--config", &config],
@@ -562,7 +572,7 @@ fn udp_answers_from(client: Ipv4Addr, flows: usize) -> BTreeSet<String> {
                 .expect("fewer than 45,000 flows");
             let ask = || -> std::io::Result<String> {
                 let socket = std::net::UdpSocket::bind((client, port))?;
-                socket.set_read_timeout(Some(netns::ANSWER_TIMEOUT))?;
+                socket.set_read_timeout(Some(traffic::ANSWER_TIMEOUT))?;
                 socket.send_to(b"?", udp_vip())?;
                 let mut buf = [0u8; 512];
                 let (n, _) = socket.recv_from(&mut buf)?;

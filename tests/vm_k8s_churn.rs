@@ -1,5 +1,5 @@
-//! The churn soak (`k8s_support/churn.rs`) in IPVS mode inside the VM: `topoproxy run
-//! --proxy-mode ipvs` in node-c1's namespace of a two-node world (`k8s_support/world.rs`),
+//! The churn soak (`support/k8s/churn.rs`) in IPVS mode inside the VM: `topoproxy run
+//! --proxy-mode ipvs` in node-c1's namespace of a two-node world (`support/k8s/world.rs`),
 //! against the real control plane `cargo xtask vm-test` starts on the host. Pods are
 //! namespaces behind node-c1 and node-c2; the client loop runs in node-c1's namespace, where
 //! the VIPs are bound on `kube-ipvs0`. A backend counts as drained once `ipvsadm -Ln` shows it
@@ -9,11 +9,19 @@
 //! conntrack behaviour differ between them); `TOPOPROXY_CHURN_ROUNDS` sets the rounds, and
 //! the extended run (`cargo xtask test --extended`) runs [`churn::EXTENDED_ROUNDS`].
 
-#[path = "k8s_support/churn.rs"]
+#[path = "support/agent_process.rs"]
+mod agent_process;
+#[path = "support/k8s/churn.rs"]
 mod churn;
 #[path = "support/harness.rs"]
 mod harness;
-#[path = "k8s_support/world.rs"]
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/traffic.rs"]
+mod traffic;
+#[path = "support/k8s/world.rs"]
 mod world;
 
 use std::net::Ipv4Addr;
@@ -21,12 +29,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use agent_process::agent_bin;
 use churn::{programmed_in, ClientLoop, Fabric, Programmed, Soak, AFTER_DRAIN};
 use k8s_harness::objects::{create_namespace, create_node, NodeSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::DeleteParams;
 use kube::{Api, Client};
-use world::{agent_bin, k8s_dir, sh_in, NodeProcess, World, IP};
+use netns::{sh_in, IP};
+use world::{k8s_dir, NodeProcess, World};
 
 /// The agent's node and the other one, with their world indexes (the parity test's nodes
 /// use 1 to 4, and both tests may share a control plane).

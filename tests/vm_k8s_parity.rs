@@ -1,6 +1,6 @@
 //! The real kube-proxy as the oracle: kube-proxy v1.36 `--proxy-mode ipvs` on node-kp and
 //! topoproxy `--proxy-mode ipvs` on its twin node-tp, each in its own network namespace of a
-//! multi-node world inside the VM (`k8s_support/world.rs`), both watching the same real
+//! multi-node world inside the VM (`support/k8s/world.rs`), both watching the same real
 //! control plane. `cargo xtask vm-test` starts that control plane on the host for every
 //! `vm_k8s_*` target (etcd, kube-apiserver, kube-controller-manager; tests/k8s-harness) and
 //! the guest reaches it at 10.0.2.2 through QEMU's user networking.
@@ -18,13 +18,19 @@
 mod cluster;
 #[path = "support/harness.rs"]
 mod harness;
-#[path = "k8s_support/ipvs_table.rs"]
+#[path = "support/k8s/ipvs_table.rs"]
 mod ipvs_table;
-#[path = "k8s_support/probes.rs"]
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/k8s/probes.rs"]
 mod probes;
-#[path = "k8s_support/side_by_side.rs"]
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/k8s/side_by_side.rs"]
 mod side_by_side;
-#[path = "k8s_support/world.rs"]
+#[path = "support/traffic.rs"]
+mod traffic;
+#[path = "support/k8s/world.rs"]
 mod world;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,7 +47,12 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{json, Value};
-use world::{agent_bin, k8s_dir, relabel, sh_in, NodeProcess, World};
+// `cluster.rs` carries these; the support files below name them `crate::http`,
+// `crate::agent_process`.
+use agent_process::agent_bin;
+use cluster::{agent_process, http};
+use netns::sh_in;
+use world::{k8s_dir, relabel, NodeProcess, World};
 
 const KP: &str = "node-kp";
 const TP: &str = "node-tp";
@@ -1595,7 +1606,7 @@ fn label_for(own: u8, peer: u8) -> impl Fn(&str) -> String + Sync {
 fn kube_ipvs0_addresses(netns: &str, own: u8, peer: u8, scope: &Scope) -> BTreeSet<String> {
     let listing = sh_in(
         netns,
-        world::IP,
+        netns::IP,
         &["-o", "addr", "show", "dev", "kube-ipvs0"],
     );
     listing
@@ -1972,7 +1983,7 @@ async fn world_routes_pods_across_nodes_and_reaches_the_apiserver() {
             .expect("a server line");
         url.parse().expect("host:port")
     };
-    world::within_netns(&format!("/run/netns/{node}"), move || {
+    netns::within(node, move || {
         std::net::TcpStream::connect_timeout(&apiserver, Duration::from_secs(5))
             .map(|_| ())
             .unwrap_or_else(|e| panic!("node-kp → apiserver {apiserver}: {e}"))
@@ -2080,7 +2091,7 @@ async fn topoproxy_programs_what_kube_proxy_programs() {
     let metrics_at: SocketAddr = "127.0.0.1:10249".parse().expect("the metrics address");
     match side_by_side::http_get_in(&twins.tp_netns, metrics_at, "/metrics") {
         Some(metrics) => {
-            let drift = cluster::metric_sum_in(&metrics, "topoproxy_drift_repairs_total");
+            let drift = http::metric_sum(&metrics, "topoproxy_drift_repairs_total").unwrap_or(0.0);
             println!("topoproxy drift repairs during the corpus: {drift}");
             if drift != 0.0 {
                 unexpected.push(format!(
@@ -2218,8 +2229,8 @@ fn north_south_scenario() -> Scenario {
 fn north_south_checks(world: &World, node: &str, index: u8, hairpin_ip: IpAddr) -> Vec<String> {
     let node_ip = world.node(node).address().to_string();
     // The outside world's router sends the Service addresses to this twin.
-    world::sh(
-        world::IP,
+    process::sh(
+        netns::IP,
         &["route", "replace", "198.51.100.0/24", "via", &node_ip],
     );
     let outside = format!("/run/netns/{}", world.outside);
@@ -2302,8 +2313,8 @@ const BENCH_CHANGES: usize = 20;
 /// every change is a whole kube-proxy sync).
 const BENCH_CHANGES_ENV: &str = "TOPOPROXY_VS_KUBE_PROXY_CHANGES";
 /// kube-proxy's first-sync metric for the bench's family. The gauge is labelled per family
-/// (`{ip_family="IPv4"}`), so the bare name followed by a space never matches; and the bench's
-/// Services are IPv4-only, so the IPv6 proxier's own first sync is not what is measured.
+/// (`{ip_family="IPv4"}`) and the bench's Services are IPv4-only, so the selector names the
+/// family: the IPv6 proxier's own first sync is not what is measured.
 const KUBE_PROXY_SYNCED_IPV4: &str =
     "kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}";
 
@@ -2461,7 +2472,7 @@ async fn measure_agent(
         if first_sync.is_none() {
             let text =
                 side_by_side::http_get_in(&netns, metrics_at, "/metrics").unwrap_or_default();
-            if cluster::metric_sum_in(&text, synced) > 0.0 {
+            if http::metric_sum(&text, synced).unwrap_or(0.0) > 0.0 {
                 first_sync = Some(started.elapsed());
             }
         }
@@ -2545,10 +2556,10 @@ fn kube_proxys_first_sync_is_read_from_its_labelled_gauge() {
     let exposed = "# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds [ALPHA] The last time proxy rules were successfully synced\n\
         # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge\n\
         kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"} 1.7647e+09\n";
-    assert!(cluster::metric_sum_in(exposed, KUBE_PROXY_SYNCED_IPV4) > 0.0);
+    assert!(http::metric_sum(exposed, KUBE_PROXY_SYNCED_IPV4).unwrap_or(0.0) > 0.0);
     let ipv6_only = exposed.replace("IPv4", "IPv6");
     assert_eq!(
-        cluster::metric_sum_in(&ipv6_only, KUBE_PROXY_SYNCED_IPV4),
+        http::metric_sum(&ipv6_only, KUBE_PROXY_SYNCED_IPV4).unwrap_or(0.0),
         0.0
     );
 }

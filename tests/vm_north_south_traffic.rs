@@ -7,6 +7,14 @@
 
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "support/host.rs"]
+mod host;
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/traffic.rs"]
+mod traffic;
 #[path = "support/north_south_world.rs"]
 #[macro_use]
 mod world;

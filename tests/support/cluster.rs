@@ -1,4 +1,4 @@
-//! A cluster as a directory of YAML, and the agent running against it, for VM tests.
+//! A cluster as a directory of YAML, and the agent running against it.
 //!
 //! Include with `#[path = "support/cluster.rs"] mod cluster;`. What it owns:
 //!
@@ -6,28 +6,35 @@
 //!   zone hints, written in the format of `examples/cluster/` (what `kubectl get -o yaml`
 //!   prints) to a temporary directory; rewrites are atomic (write, then rename) because the
 //!   agent polls the directory.
-//! - [`Agent`]: `topoproxy run --proxy-mode ipvs --source DIR` from `TOPOPROXY_BIN`, killed
-//!   on drop (then `topoproxy cleanup` runs), with its log printed when a test fails.
+//! - [`YamlAgent`]: `topoproxy run --source DIR` (IPVS mode unless told otherwise) from
+//!   [`agent_process::agent_bin`], killed on drop (then `topoproxy cleanup` runs), with its
+//!   log printed when a test fails.
 //! - [`topoproxy`] / [`ipvsadm`]: the CLIs.
+//!
+//! `http.rs` and `agent_process.rs` are this module's children, not siblings a target must
+//! include: `k8s_real_node` includes this file with `harness.rs` only and reads
+//! [`http_get`] here. A target that includes this file reaches them as `cluster::http` and
+//! `cluster::agent_process` (and makes them `crate::http`, `crate::agent_process` for other
+//! support files with `use cluster::{agent_process, http};`).
 
 #![allow(dead_code)]
 
+#[path = "agent_process.rs"]
+pub mod agent_process;
+#[path = "http.rs"]
+pub mod http;
+
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+
+use agent_process::{add_run_args, agent_bin, loopback_address, Endpoints};
+pub use http::http_get;
 
 /// `ipvsadm` inside the VM.
 pub const IPVSADM: &str = "/usr/sbin/ipvsadm";
-
-/// The agent binary: `TOPOPROXY_BIN` (set by `cargo xtask vm-test`), else cargo's own.
-pub fn agent_bin() -> PathBuf {
-    std::env::var_os("TOPOPROXY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_topoproxy")))
-}
 
 /// Runs `topoproxy ARGS`, panicking on failure; returns stdout.
 pub fn topoproxy(args: &[&str]) -> String {
@@ -276,23 +283,16 @@ fn service_yaml(service: &Service) -> String {
     text
 }
 
-/// A loopback port for the agent to listen on, below the ephemeral range: an ephemeral one may
-/// be taken by any outgoing connection between two spawns of the same agent
-/// (`k8s_harness::free_port`).
-fn free_loopback_port() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, k8s_harness::free_port()))
-}
-
 /// Lines of the agent's log a failing test prints.
 const AGENT_LOG_TAIL: usize = 40;
 
-/// The agent as a process.
-pub struct Agent {
+/// The agent as a process fed a directory of YAML (`--source`, polled every 100 ms).
+pub struct YamlAgent {
     child: Option<Child>,
     log: PathBuf,
     source: PathBuf,
     node: String,
-    /// Where `/metrics` is served.
+    /// Where `/metrics` is served (the same across restarts).
     pub metrics: SocketAddr,
     extra: Vec<String>,
     /// `--proxy-mode ...` and what the mode needs.
@@ -306,13 +306,13 @@ pub struct Agent {
     wrapper: Vec<String>,
 }
 
-impl Agent {
+impl YamlAgent {
     /// Starts `topoproxy run --proxy-mode ipvs` for `node` on the fixture's directory.
     pub fn start(fixture: &Fixture, node: &str) -> Self {
         Self::start_with(fixture, node, &[])
     }
 
-    /// [`Agent::start`] with extra flags.
+    /// [`YamlAgent::start`] with extra flags.
     pub fn start_with(fixture: &Fixture, node: &str, extra: &[&str]) -> Self {
         let mut agent = Self::new_in_mode(fixture, node, &["--proxy-mode", "ipvs"], &["cleanup"]);
         agent.extra = extra.iter().map(|s| (*s).to_owned()).collect();
@@ -329,7 +329,7 @@ impl Agent {
             log: fixture.dir.with_extension("agent.log"),
             source: fixture.dir.clone(),
             node: node.to_owned(),
-            metrics: free_loopback_port(),
+            metrics: loopback_address(),
             extra: Vec::new(),
             mode: owned(mode),
             cleanup: owned(cleanup),
@@ -370,7 +370,6 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("opening the agent log");
-        let healthz = free_loopback_port();
         let mut command = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -379,15 +378,17 @@ impl Agent {
             }
             None => Command::new(agent_bin()),
         };
+        // A fresh healthz address each start; `/metrics` stays where the test reads it.
+        let endpoints = Endpoints {
+            metrics: self.metrics,
+            healthz: loopback_address(),
+        };
+        add_run_args(&mut command, &self.node, endpoints);
         let child = command
-            .arg("run")
             .args(&self.mode)
             .arg("--source")
             .arg(&self.source)
-            .args(["--hostname-override", &self.node])
-            .args(["--metrics-bind-address", &self.metrics.to_string()])
-            .args(["--healthz-bind-address", &healthz.to_string()])
-            .args(["--min-sync-period", "0", "--source-poll-period", "100ms"])
+            .args(["--source-poll-period", "100ms"])
             .args(&self.extra)
             .env(
                 "RUST_LOG",
@@ -433,10 +434,10 @@ impl Agent {
         http_get(self.metrics, "/metrics")
     }
 
-    /// The sum of a metric's samples whose line starts with `prefix` (a name, optionally with
-    /// the opening of its label set).
-    pub fn metric_sum(&self, prefix: &str) -> Option<f64> {
-        Some(metric_sum_in(&self.metrics_text()?, prefix))
+    /// The sum of the `/metrics` samples `selector` picks (a name, optionally with labels:
+    /// [`http::metric_sum`]); `None` while nothing answers or no sample matches.
+    pub fn metric(&self, selector: &str) -> Option<f64> {
+        http::metric_sum(&self.metrics_text()?, selector)
     }
 
     /// Stops the agent and removes what it programmed.
@@ -450,7 +451,7 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
+impl Drop for YamlAgent {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // Only the tail: a whole log of many restarts would push the panic message out of
@@ -469,32 +470,6 @@ impl Drop for Agent {
         self.stop_and_cleanup();
         let _ = std::fs::remove_file(&self.log);
     }
-}
-
-/// The sum of the samples of `/metrics` text whose line starts with `prefix`.
-pub fn metric_sum_in(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|line| line.starts_with(prefix))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// A minimal HTTP/1.1 GET on loopback; `None` when nothing answers.
-pub fn http_get(address: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
 }
 
 /// Turns `ipvsadm -Ln` text (as `topoproxy plan` prints it) into `ipvsadm -R` input.

@@ -1,7 +1,7 @@
 //! Crash points: the agent killed with SIGKILL after the k-th kernel write of one change set,
 //! for every k, and what a restart makes of the half-applied state (docs/reliability.md).
 //!
-//! Include after `cluster.rs` and `netns.rs`:
+//! Include beside `cluster.rs` and `process.rs`:
 //! `#[path = "support/crash_points.rs"] mod crash_points;`. A dataplane's test implements
 //! [`Kernel`] (how to reset it and what counts as a stray) and calls [`every_crash_point`].
 //!
@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use std::net::Ipv4Addr;
 
-use super::cluster::{metric_sum_in, Agent, Condition, Endpoint, Fixture, Port, Service};
-use super::netns::eventually;
+use crate::cluster::http::metric_sum;
+use crate::cluster::{Condition, Endpoint, Fixture, Port, Service, YamlAgent};
+use crate::process::eventually;
 
 /// The variable that arms the crash point (`topoproxy::kernel_writes::ENV`).
 const CRASH_ENV: &str = "TOPOPROXY_CRASH_AFTER_KERNEL_WRITES";
@@ -86,7 +87,7 @@ impl Report {
 /// for `node`; a stride of 1 tries them all.
 pub fn every_crash_point(
     kernel: &mut impl Kernel,
-    agent: &mut Agent,
+    agent: &mut YamlAgent,
     fixture: &mut Fixture,
     node: &str,
     (before, after): (&[Service], &[Service]),
@@ -188,7 +189,7 @@ pub fn every_crash_point(
 /// Resets the kernel and programs `services` with an unarmed agent, which is then killed.
 fn program(
     kernel: &mut impl Kernel,
-    agent: &mut Agent,
+    agent: &mut YamlAgent,
     fixture: &mut Fixture,
     services: &[Service],
     planned: &str,
@@ -214,9 +215,9 @@ fn program(
 ///
 /// The count is the one the agent logs with "initial sync done", not the writes metric: a
 /// later sync (a repair, another event) must not be counted as the recovery's.
-fn synced_to(agent: &Agent, kernel: &impl Kernel, planned: &str) -> Option<u64> {
+fn synced_to(agent: &YamlAgent, kernel: &impl Kernel, planned: &str) -> Option<u64> {
     let metrics = agent.metrics_text()?;
-    let syncs = metric_sum_in(&metrics, "topoproxy_syncs_total{result=\"success\"}");
+    let syncs = metric_sum(&metrics, "topoproxy_syncs_total{result=\"success\"}").unwrap_or(0.0);
     if syncs < 1.0 || kernel.listing() != planned {
         return None;
     }

@@ -1,7 +1,8 @@
 //! North-south in eBPF mode with real traffic: the world and the checks that
 //! `tests/host_north_south.rs` runs on the host kernel (tcx, 6.6 and later) and
 //! `tests/vm_north_south_traffic.rs` runs in the VM (Debian's 6.1: netlink clsact filters).
-//! Include with `#[path = "support/north_south_world.rs"] mod world;`; needs root.
+//! Include with `#[path = "support/north_south_world.rs"] #[macro_use] mod world;` beside
+//! `harness.rs`, `host.rs`, `netns.rs`, `process.rs` and `traffic.rs`; needs root.
 //!
 //! Each check builds its own routed world of network namespaces:
 //!
@@ -56,9 +57,6 @@ macro_rules! every_check {
     };
 }
 
-#[path = "host.rs"]
-mod host;
-
 use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, ErrorKind, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -69,7 +67,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures::executor::block_on;
-use host::{capture_logs, require_root, run, wait_for_log_lines};
 use topoproxy::dataplane::ebpf::north_south::{self, NorthSouthSettings};
 use topoproxy::dataplane::ebpf::{cgroup2_mount, cleanup, EbpfDataplane, EbpfSettings};
 use topoproxy::dataplane::Dataplane as _;
@@ -80,9 +77,11 @@ use topoproxy::diff::diff;
 use topoproxy::model::Protocol;
 use topoproxy::table::{Frontend, TrafficPolicy, VsKey};
 
-/// `ip` from iproute2 by its path: busybox's `sh` in the VM prefers its own `ip` applet,
-/// which has no `netns`.
-pub const IP: &str = "/usr/sbin/ip";
+use crate::host::{capture_logs, require_root, wait_for_log_lines};
+pub use crate::netns::{within, IP};
+use crate::process::shell;
+use crate::traffic::{udp_exchange, TcpSession};
+
 pub const CLIENT: &str = "10.77.0.2";
 pub const NODE: &str = "10.77.0.1";
 pub const NODE_TO_REMOTE: &str = "10.78.0.1";
@@ -122,28 +121,6 @@ pub fn unique() -> String {
         std::process::id() % 10_000,
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-pub fn netns_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/run/netns/{name}"))
-}
-
-pub fn setns(netns: &Path) {
-    let file = std::fs::File::open(netns).expect("open netns");
-    // SAFETY: setns on a namespace file we hold open; affects this thread only.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
-/// Runs `f` on a thread inside `netns` (sockets it creates stay there).
-pub fn within<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = netns_path(netns);
-    std::thread::spawn(move || {
-        setns(&path);
-        f()
-    })
-    .join()
-    .expect("namespace thread")
 }
 
 /// One test's namespaces, cgroup and pin directory, removed on drop.
@@ -196,21 +173,21 @@ impl World {
         );
         for ns in [c, n, r, l, q] {
             // No duplicate address detection: addresses are usable at once.
-            run(&format!(
+            shell(&format!(
                 "{IP} netns add {ns} && {IP} -n {ns} link set lo up && \
                  {IP} netns exec {ns} sysctl -qw net.ipv6.conf.all.accept_dad=0 \
                  net.ipv6.conf.default.accept_dad=0"
             ));
         }
         for ns in [n, r] {
-            run(&format!(
+            shell(&format!(
                 "{IP} netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 \
                  net.ipv6.conf.all.forwarding=1 \
                  net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0"
             ));
         }
         // Client ↔ node uplink.
-        run(&format!(
+        shell(&format!(
             "{IP} -n {c} link add tnc{id} type veth peer name {} netns {n} && \
              {IP} -n {c} addr add {CLIENT}/24 dev tnc{id} && {IP} -n {c} link set tnc{id} up && \
              {IP} -n {n} addr add {NODE}/24 dev {} && {IP} -n {n} link set {} up && \
@@ -227,7 +204,7 @@ impl World {
             self.uplink()
         ));
         // Node ↔ remote node, and the remote pod network behind it.
-        run(&format!(
+        shell(&format!(
             "{IP} -n {n} link add {} type veth peer name tnr{id} netns {r} && \
              {IP} -n {n} addr add {NODE_TO_REMOTE}/24 dev {} && {IP} -n {n} link set {} up && \
              {IP} -n {r} addr add {REMOTE_NODE}/24 dev tnr{id} && {IP} -n {r} link set tnr{id} up && \
@@ -259,7 +236,7 @@ impl World {
     /// A pod namespace behind `host`, Calico style: a /32 (/128), a default route via a
     /// link-local gateway the host side holds, and a host route to the pod's address.
     pub fn pod(&self, host: &str, pod: &str, link: &str, address: &str, address6: &str) {
-        run(&format!(
+        shell(&format!(
             "{IP} -n {host} link add {link} type veth peer name eth0 netns {pod} && \
              {IP} -n {pod} addr add {address}/32 dev eth0 && {IP} -n {pod} link set eth0 up && \
              {IP} -n {pod} route add 169.254.1.1 dev eth0 scope link && \
@@ -319,12 +296,12 @@ impl World {
 
     pub fn tcp(&self, address: &str, port: u16) -> std::io::Result<(String, String)> {
         let target = SocketAddr::new(address.parse().expect("address"), port);
-        within(&self.client, move || tcp_ask(target))
+        within(&self.client, move || tcp_backend_and_peer(target))
     }
 
     pub fn udp(&self, address: &str, port: u16) -> std::io::Result<(String, String, SocketAddr)> {
         let target = SocketAddr::new(address.parse().expect("address"), port);
-        within(&self.client, move || udp_ask(target))
+        within(&self.client, move || udp_backend_and_peer(target))
     }
 
     /// The backends (name → peer they saw) answering `TRIES` TCP connections.
@@ -538,42 +515,33 @@ pub fn serve_tcp(netns: &str, name: &'static str, address: &str, port: u16) {
     });
 }
 
-/// Connects, reads `name peer`, checks one echo round trip (the reply path both ways).
-pub fn tcp_ask(target: SocketAddr) -> std::io::Result<(String, String)> {
-    let stream = TcpStream::connect_timeout(&target, DROP_TIMEOUT)?;
-    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting)?;
-    let (name, peer) = greeting
-        .trim()
-        .split_once(' ')
-        .map(|(n, p)| (n.to_owned(), p.to_owned()))
-        .ok_or_else(|| std::io::Error::other(format!("bad greeting {greeting:?}")))?;
-    (&stream).write_all(b"echo-check\n")?;
-    let mut echo = String::new();
-    reader.read_line(&mut echo)?;
+/// Connects, reads `name peer` (the backend and the client address it saw), checks one echo
+/// round trip (the reply path both ways).
+pub fn tcp_backend_and_peer(target: SocketAddr) -> std::io::Result<(String, String)> {
+    let mut session = TcpSession::connect_within(target, DROP_TIMEOUT, ANSWER_TIMEOUT)?;
+    let (name, peer) = name_and_peer(&session.greeting)?;
+    let echo = session.exchange("echo-check")?;
     if echo != "echo-check\n" {
         return Err(std::io::Error::other(format!("bad echo {echo:?}")));
     }
     Ok((name, peer))
 }
 
-/// One datagram from an unconnected socket; the reply's sender address is returned too.
-pub fn udp_ask(target: SocketAddr) -> std::io::Result<(String, String, SocketAddr)> {
-    let socket = match target {
-        SocketAddr::V4(_) => UdpSocket::bind("0.0.0.0:0")?,
-        SocketAddr::V6(_) => UdpSocket::bind("[::]:0")?,
-    };
-    socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    socket.send_to(b"hello", target)?;
-    let mut buf = [0u8; 512];
-    let (len, from) = socket.recv_from(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf[..len]).into_owned();
-    let (name, peer) = text
+/// One datagram from an unconnected socket; the backend, the client address it saw, and the
+/// reply's sender address.
+pub fn udp_backend_and_peer(target: SocketAddr) -> std::io::Result<(String, String, SocketAddr)> {
+    let (text, from) = udp_exchange(target, b"hello", ANSWER_TIMEOUT)?;
+    let (name, peer) = name_and_peer(&text)?;
+    Ok((name, peer, from))
+}
+
+/// `name peer`, as every server of this world answers.
+fn name_and_peer(answer: &str) -> std::io::Result<(String, String)> {
+    answer
+        .trim()
         .split_once(' ')
-        .ok_or_else(|| std::io::Error::other(format!("bad reply {text:?}")))?;
-    Ok((name.to_owned(), peer.to_owned(), from))
+        .map(|(name, peer)| (name.to_owned(), peer.to_owned()))
+        .ok_or_else(|| std::io::Error::other(format!("bad answer {answer:?}")))
 }
 
 pub fn service(
@@ -861,18 +829,18 @@ impl TrafficLoop {
     pub fn start(world: &World) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let answered = std::sync::Arc::new(AtomicU32::new(0));
-        let client = netns_path(&world.client);
+        let client = world.client.clone();
         let thread = {
             let (stop, answered) = (stop.clone(), answered.clone());
             std::thread::spawn(move || {
-                setns(&client);
+                crate::netns::enter(&client);
                 let node_port = SocketAddr::new(NODE.parse().expect("ip"), NODE_PORT);
                 let external = SocketAddr::new(EXTERNAL_IP.parse().expect("ip"), EXTERNAL_PORT);
                 let mut failures = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     for target in [node_port, external] {
-                        let tcp = tcp_ask(target).map(|_| ());
-                        let udp = udp_ask(target).map(|_| ());
+                        let tcp = tcp_backend_and_peer(target).map(|_| ());
+                        let udp = udp_backend_and_peer(target).map(|_| ());
                         for (protocol, outcome) in [("TCP", tcp), ("UDP", udp)] {
                             match outcome {
                                 Ok(()) => {
@@ -1352,7 +1320,7 @@ pub fn a_changed_device_address_becomes_the_snat_source_after_the_next_sync() {
     );
     // The node's address towards the remote node moves (as on a DHCP renewal).
     let (n, link) = (&world.node, world.crosslink());
-    run(&format!(
+    shell(&format!(
         "{IP} netns exec {n} sysctl -qw net.ipv4.conf.{link}.promote_secondaries=1 && \
          {IP} -n {n} addr add 10.78.0.3/24 dev {link} && \
          {IP} -n {n} addr del {NODE_TO_REMOTE}/24 dev {link} && \

@@ -117,8 +117,15 @@ fn scratch_dir() -> PathBuf {
     dir
 }
 
-/// A minimal HTTP/1.1 exchange on loopback (etcd's JSON gateway, haproxy-less probes).
-fn http(address: SocketAddr, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+/// A minimal HTTP/1.1 exchange (`Connection: close`, a JSON `body`): etcd's JSON gateway,
+/// and the agent's endpoints in topoproxy's tests (`tests/support/http.rs`). The status and
+/// the body, or `None` when nothing answers (connecting waits 2 s, the answer 10 s).
+pub fn plain_http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -313,7 +320,7 @@ impl ControlPlane {
             Duration::from_secs(60),
             || {
                 assert!(!daemon.exited(), "etcd exited:\n{}", daemon.log_tail(30));
-                http(address, "GET", "/health", "")
+                plain_http(address, "GET", "/health", "")
                     .is_some_and(|(s, b)| s == 200 && b.contains("true"))
             },
             || daemon.log_tail(30),
@@ -534,8 +541,9 @@ impl ControlPlane {
     pub fn etcd_revision(&self) -> i64 {
         let address = SocketAddr::from(([127, 0, 0, 1], self.etcd_port));
         // key "/registry" in base64: any range request returns the store's revision.
-        let (status, body) = http(address, "POST", "/v3/kv/range", r#"{"key":"L3JlZ2lzdHJ5"}"#)
-            .expect("etcd range request");
+        let (status, body) =
+            plain_http(address, "POST", "/v3/kv/range", r#"{"key":"L3JlZ2lzdHJ5"}"#)
+                .expect("etcd range request");
         assert_eq!(status, 200, "etcd range: {body}");
         let reply: serde_json::Value = serde_json::from_str(&body).expect("etcd range reply");
         reply["header"]["revision"]
@@ -550,8 +558,8 @@ impl ControlPlane {
         let revision = self.etcd_revision();
         let address = SocketAddr::from(([127, 0, 0, 1], self.etcd_port));
         let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
-        let (status, reply) =
-            http(address, "POST", "/v3/kv/compaction", &body).expect("etcd compaction request");
+        let (status, reply) = plain_http(address, "POST", "/v3/kv/compaction", &body)
+            .expect("etcd compaction request");
         assert_eq!(status, 200, "etcd compaction: {reply}");
         revision
     }

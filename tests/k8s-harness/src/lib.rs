@@ -18,7 +18,7 @@ pub mod pki;
 mod process;
 
 pub use control_plane::{
-    client_for, free_port, http_request, wait_until, write_kubeconfig, ControlPlane,
+    client_for, free_port, http_request, plain_http, wait_until, write_kubeconfig, ControlPlane,
     KubeconfigUser, Options, SERVICE_CIDRS,
 };
 pub use process::{stdout_of, Daemon, Isolation};

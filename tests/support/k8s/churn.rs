@@ -13,6 +13,9 @@
 //!   frontend in the kernel ([`Fabric::programmed`]). Its server keeps answering until the
 //!   client loop has made [`AFTER_DRAIN`] more requests; a request it served that began after
 //!   the drain went to a backend the kernel no longer held, which must never happen.
+//!
+//! Include with `#[path = "support/k8s/churn.rs"] mod churn;` beside `support/harness.rs`,
+//! `support/netns.rs` and `support/process.rs`.
 
 #![allow(dead_code)]
 
@@ -147,19 +150,11 @@ pub struct RecordingBackend {
 }
 
 fn bind_in(netns: &Path, ip: Ipv4Addr) -> (TcpListener, UdpSocket) {
-    let netns = netns.to_path_buf();
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&netns)
-            .unwrap_or_else(|e| panic!("opening {}: {e}", netns.display()));
-        // SAFETY: setns on a namespace fd we hold open; it affects this thread only.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    crate::netns::within(netns, move || {
         let tcp = TcpListener::bind((ip, TCP_PORT)).expect("binding the backend's TCP port");
         let udp = UdpSocket::bind((ip, UDP_PORT)).expect("binding the backend's UDP port");
         (tcp, udp)
     })
-    .join()
-    .expect("binding inside the pod's namespace")
 }
 
 impl RecordingBackend {

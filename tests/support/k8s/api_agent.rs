@@ -1,8 +1,10 @@
 //! The agent as its own process against a real control plane (`k8s-harness`), and what tests
 //! ask of it: `/plan`, `/healthz`, `/metrics`, and whether its table equals a fresh `plan` of
-//! the same objects.
+//! the same objects. The agent fed a directory of YAML instead is `cluster::YamlAgent`; what
+//! the two share is `agent_process.rs`.
 //!
-//! Include with `#[path = "k8s_support/agent.rs"] mod agent;`.
+//! Include with `#[path = "support/k8s/api_agent.rs"] mod api_agent;` beside
+//! `support/agent_process.rs` and `support/http.rs`.
 
 #![allow(dead_code)]
 
@@ -14,19 +16,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_harness::objects::{apply, dump_cluster, yaml_documents};
-use k8s_harness::{free_port, ControlPlane, Daemon, Isolation, KubeconfigUser};
+use k8s_harness::{ControlPlane, Daemon, Isolation, KubeconfigUser};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::agent_process::{add_run_args, agent_bin, Endpoints};
+use crate::http::get_async as get;
 
 /// The agent's ServiceAccount in `manifests/base`.
 pub const SERVICE_ACCOUNT: (&str, &str) = ("kube-system", "topoproxy");
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
-pub fn agent_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_topoproxy"))
-}
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -87,22 +87,23 @@ pub enum Auth {
     InCluster(String),
 }
 
-/// `topoproxy run --proxy-mode dry-run`, killed on drop (its log printed if the test failed).
-pub struct Agent {
+/// `topoproxy run --proxy-mode dry-run` against the control plane, killed on drop (its log
+/// printed if the test failed).
+pub struct ApiAgent {
     daemon: Daemon,
     pub node: String,
     pub metrics: SocketAddr,
     pub healthz: SocketAddr,
 }
 
-impl Agent {
+impl ApiAgent {
     pub fn start(plane: &ControlPlane, auth: &Auth, node: &str) -> Self {
         Self::start_with(plane, auth, node, &[])
     }
 
     pub fn start_with(plane: &ControlPlane, auth: &Auth, node: &str, extra: &[&str]) -> Self {
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let healthz = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let endpoints = Endpoints::on_loopback();
+        let Endpoints { metrics, healthz } = endpoints;
         let log = plane
             .dir()
             .join(format!("agent-{node}-{}.log", metrics.port()));
@@ -113,12 +114,8 @@ impl Agent {
             &["--proxy-mode", "dry-run"]
         };
         let mut cmd = Command::new(agent_bin());
-        cmd.arg("run")
-            .args(mode)
-            .args(["--hostname-override", node])
-            .args(["--metrics-bind-address", &metrics.to_string()])
-            .args(["--healthz-bind-address", &healthz.to_string()])
-            .args(["--min-sync-period", "0"])
+        add_run_args(&mut cmd, node, endpoints);
+        cmd.args(mode)
             .args(extra)
             .env_remove("KUBECONFIG")
             .env("RUST_LOG", "info");
@@ -178,21 +175,11 @@ impl Agent {
         get(self.healthz, "/healthz").await
     }
 
-    /// The sum of every sample of metric `name` whose labels contain `labels` (e.g.
-    /// `resource="services"`), if the metric is present.
-    pub async fn metric(&self, name: &str, labels: &str) -> Option<f64> {
+    /// The sum of the `/metrics` samples `selector` picks (a name, optionally with labels:
+    /// `crate::http::metric_sum`), if any.
+    pub async fn metric(&self, selector: &str) -> Option<f64> {
         let (_, body) = get(self.metrics, "/metrics").await?;
-        let mut found = None;
-        for line in body.lines().filter(|l| !l.starts_with('#')) {
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let metric = series.split('{').next().unwrap_or(series);
-            if metric == name && series.contains(labels) {
-                *found.get_or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
-            }
-        }
-        found
+        crate::http::metric_sum(&body, selector)
     }
 
     /// Waits until `/healthz` answers 200.
@@ -265,7 +252,7 @@ impl Agent {
     }
 }
 
-impl Drop for Agent {
+impl Drop for ApiAgent {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
@@ -347,24 +334,4 @@ pub async fn fresh_plan(client: &Client, node: &str, scratch: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("plan prints UTF-8")
-}
-
-/// A plain HTTP/1.1 GET on loopback; (status, body).
-pub async fn get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let connect = tokio::net::TcpStream::connect(address);
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), connect)
-        .await
-        .ok()?
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut reply = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut reply))
-        .await
-        .ok()?
-        .ok()?;
-    let reply = String::from_utf8_lossy(&reply);
-    let status = reply.split_whitespace().nth(1)?.parse().ok()?;
-    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
 }

@@ -1,19 +1,22 @@
 //! Measurements for `cargo xtask vm-bench --vs-kube-proxy` (the `side_by_side` test of
 //! `tests/vm_k8s_parity.rs`): what an agent process costs and how far its IPVS table is, read
 //! from inside its node's network namespace.
+//!
+//! Include beside `support/netns.rs` and `support/http.rs` (`cluster::http` through
+//! `use cluster::http;` where `cluster.rs` is included).
 
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 
-use crate::world::within_netns;
+use crate::netns::within;
 
 /// The real servers in a namespace's IPVS table whose address starts with `prefix`
 /// (`/proc/net/ip_vs` of the thread's namespace: no `ipvsadm` process per poll). Counts right
 /// only while no other namespace holds IPVS services: the kernel's listing then skips some of
 /// this one's (docs/testing.md).
 pub fn real_servers_with(netns: &str, prefix: &'static str) -> usize {
-    within_netns(&format!("/run/netns/{netns}"), move || {
+    within(netns, move || {
         let text = std::fs::read_to_string("/proc/thread-self/net/ip_vs").unwrap_or_default();
         count_real_servers(&text, prefix)
     })
@@ -30,10 +33,8 @@ pub fn count_real_servers(listing: &str, prefix: &str) -> usize {
 }
 
 /// `GET path` on `address` from inside `netns`; the body, or `None` while nothing answers.
-pub fn http_get_in(netns: &str, address: SocketAddr, path: &'static str) -> Option<String> {
-    within_netns(&format!("/run/netns/{netns}"), move || {
-        crate::cluster::http_get(address, path)
-    })
+pub fn http_get_in(netns: &str, address: SocketAddr, path: &str) -> Option<String> {
+    within(netns, move || crate::http::http_get(address, path))
 }
 
 /// Resident set size (`VmRSS`) and its peak (`VmHWM`) of `pid`, in MiB.

@@ -15,19 +15,22 @@
 //! the pod's gateway is a link-local address on the node's side). Every node forwards. The
 //! agents reach the control plane on the host through the fabric's masquerade and QEMU's
 //! user networking. Everything is removed on drop, also when a test panics.
+//!
+//! Include with `#[path = "support/k8s/world.rs"] mod world;` beside `support/process.rs`,
+//! `support/netns.rs` and `support/traffic.rs`.
 
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io::{Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd as _;
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// `ip` from iproute2; busybox's applet would shadow it on PATH inside the VM.
-pub const IP: &str = "/usr/sbin/ip";
+use crate::netns::{sh_in, within, IP};
+use crate::process::{sh, sh_quiet};
+
 const NFT: &str = "/usr/sbin/nft";
 const GATEWAY: &str = "169.254.1.1";
 const FABRIC_TABLE: &str = "tp-world";
@@ -41,41 +44,6 @@ pub fn k8s_dir() -> PathBuf {
              which starts the control plane on the host"
         )
     }))
-}
-
-/// The agent binary: the one `vm-test` staged, else cargo's.
-pub fn agent_bin() -> PathBuf {
-    std::env::var_os("TOPOPROXY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_topoproxy")))
-}
-
-/// Runs a command, panicking with its output when it fails.
-pub fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("starting {program} {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs a command and ignores its outcome (cleanup paths).
-pub fn sh_quiet(program: &str, args: &[&str]) {
-    let _ = Command::new(program).args(args).output();
-}
-
-/// Runs `program args` inside network namespace `netns`.
-pub fn sh_in(netns: &str, program: &str, args: &[&str]) -> String {
-    let mut full = vec!["netns", "exec", netns, program];
-    full.extend_from_slice(args);
-    sh(IP, &full)
 }
 
 fn write_sysctl_in(netns: &str, key: &str, value: &str) {
@@ -147,23 +115,9 @@ pub struct PodNet {
 
 impl PodNet {
     /// Runs `f` on a thread inside the pod's network namespace.
-    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        within_netns(&format!("/run/netns/{}", self.netns), f)
+    pub fn within<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        within(&self.netns, f)
     }
-}
-
-/// Runs `f` on a thread that entered the network namespace at `path`.
-pub fn within_netns<T: Send + 'static>(path: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = path.to_owned();
-    std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("the thread inside the namespace panicked")
 }
 
 /// The world: fabric, nodes, pods, outside client.
@@ -560,7 +514,7 @@ impl Drop for World {
 /// It serves `count` connections and then ends.
 pub fn serve_in(netns_path: &str, address: SocketAddr, reply: &'static str, count: usize) {
     let path = netns_path.to_owned();
-    let listener = within_netns(&path, move || TcpListener::bind(address))
+    let listener = within(&path, move || TcpListener::bind(address))
         .unwrap_or_else(|e| panic!("binding {address}: {e}"));
     std::thread::spawn(move || {
         for mut stream in listener.incoming().take(count).flatten() {
@@ -573,7 +527,7 @@ pub fn serve_in(netns_path: &str, address: SocketAddr, reply: &'static str, coun
 /// and the peer address it sees (`name peer`), for as long as the test process runs.
 pub fn serve_peer_in(netns_path: &str, address: SocketAddr, name: String) {
     let path = netns_path.to_owned();
-    let listener = within_netns(&path, move || TcpListener::bind(address))
+    let listener = within(&path, move || TcpListener::bind(address))
         .unwrap_or_else(|e| panic!("binding {address}: {e}"));
     std::thread::spawn(move || {
         for mut stream in listener.incoming().flatten() {
@@ -588,12 +542,8 @@ pub fn serve_peer_in(netns_path: &str, address: SocketAddr, name: String) {
 
 /// Connects from inside a namespace and returns what the server said.
 pub fn ask_from(netns_path: &str, address: SocketAddr) -> std::io::Result<String> {
-    within_netns(netns_path, move || {
-        let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(3))?;
-        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        Ok(text)
+    within(netns_path, move || {
+        crate::traffic::tcp_read_to_close(address, Duration::from_secs(3))
     })
 }
 

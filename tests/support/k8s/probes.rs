@@ -8,6 +8,9 @@
 //! weighs in (IPVS balances, so one connection would show one backend at random), or it
 //! gives up; its outcome is the set of what answered and which source address the answer saw,
 //! or how it failed.
+//!
+//! Include with `#[path = "support/k8s/probes.rs"] mod probes;` beside `support/netns.rs`
+//! and `support/k8s/ipvs_table.rs`.
 
 #![allow(dead_code)]
 
@@ -18,7 +21,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::world::within_netns;
+use crate::netns::within;
 
 /// How long one connection or datagram may take before it counts as unanswered. Anything
 /// that answers at all does so in milliseconds, also under emulation; a dropped SYN is
@@ -85,7 +88,7 @@ pub fn ask_once(
     transport: Transport,
     target: SocketAddr,
 ) -> Answer {
-    within_netns(netns, move || match transport {
+    within(netns, move || match transport {
         Transport::Tcp => ask_tcp(source, target),
         Transport::Udp => ask_udp(source, target),
     })
@@ -240,7 +243,7 @@ pub fn differences(
 /// with `name` and the peer address it saw, for as long as the test process runs.
 pub fn serve(netns: &str, tcp_ports: &[u16], udp_ports: &[u16], name: String) {
     for &port in tcp_ports {
-        let listener = within_netns(netns, move || dual_stack_tcp(port))
+        let listener = within(netns, move || dual_stack_tcp(port))
             .unwrap_or_else(|e| panic!("listening on TCP {port} in {}: {e}", netns));
         let name = name.clone();
         std::thread::spawn(move || {
@@ -254,7 +257,7 @@ pub fn serve(netns: &str, tcp_ports: &[u16], udp_ports: &[u16], name: String) {
         });
     }
     for &port in udp_ports {
-        let socket = within_netns(netns, move || dual_stack_udp(port))
+        let socket = within(netns, move || dual_stack_udp(port))
             .unwrap_or_else(|e| panic!("listening on UDP {port} in {}: {e}", netns));
         let name = name.clone();
         std::thread::spawn(move || {
