@@ -16,15 +16,15 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
-use netns::{sh_in, within, IP};
+use netns::{ip_in, sh_in, within, IP};
 use process::{sh, sh_fed};
 use topoproxy::dataplane::ipvs::conntrack::{self, BackendFlow};
 use topoproxy::model::{IpFamily, Protocol};
 
-/// `ip` inside namespace `ns`.
-fn ip_in(ns: &str, args: &str) {
+/// `ip -n ns ARGS` with the arguments as one space-separated string.
+fn ip_words_in(ns: &str, args: &str) {
     let args: Vec<&str> = args.split_whitespace().collect();
-    sh_in(ns, IP, &args);
+    ip_in(ns, &args);
 }
 
 /// Addresses of one family's lab.
@@ -103,31 +103,31 @@ impl Lab {
             IpFamily::V4 => ("24", ""),
             IpFamily::V6 => ("64", "nodad"),
         };
-        ip_in(c, "link set lo up");
-        ip_in(b, "link set lo up");
-        ip_in(
+        ip_words_in(c, "link set lo up");
+        ip_words_in(b, "link set lo up");
+        ip_words_in(
             c,
             &format!("link add tpv0 type veth peer name tpv1 netns {b}"),
         );
-        ip_in(
+        ip_words_in(
             c,
             &format!("addr add {}/{prefix} dev tpv0 {nodad}", plan.client),
         );
-        ip_in(
+        ip_words_in(
             b,
             &format!("addr add {}/{prefix} dev tpv1 {nodad}", plan.backend_a),
         );
-        ip_in(
+        ip_words_in(
             b,
             &format!("addr add {}/{prefix} dev tpv1 {nodad}", plan.backend_b),
         );
-        ip_in(c, "link set tpv0 up");
-        ip_in(b, "link set tpv1 up");
+        ip_words_in(c, "link set tpv0 up");
+        ip_words_in(b, "link set tpv1 up");
         let services = match plan.family {
             IpFamily::V4 => "10.96.0.0/12",
             IpFamily::V6 => "fd00:96::/64",
         };
-        ip_in(c, &format!("route add {services} via {}", plan.backend_a));
+        ip_words_in(c, &format!("route add {services} via {}", plan.backend_a));
 
         let (l3, a, bb) = match plan.family {
             IpFamily::V4 => ("ip", plan.backend_a.to_owned(), plan.backend_b.to_owned()),

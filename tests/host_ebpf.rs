@@ -341,15 +341,7 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         let _ = writeln!(self.stdin, "quit");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        process::wait_or_kill(&mut self.child, Duration::from_secs(5));
     }
 }
 
@@ -373,11 +365,7 @@ fn client_process() {
         return;
     };
     let (cgroup, netns) = setup.split_once('\n').expect("cgroup and netns");
-    std::fs::write(
-        Path::new(cgroup).join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .expect("join the test cgroup");
+    host::join_cgroup(Path::new(cgroup));
     netns::enter(netns);
     let stdin = std::io::stdin();
     let mut held: Vec<TcpStream> = Vec::new();

@@ -171,11 +171,7 @@ fn churn_client_process() {
         return;
     };
     let (cgroup, netns) = place.split_once('\n').expect("cgroup and netns");
-    std::fs::write(
-        Path::new(cgroup).join("cgroup.procs"),
-        std::process::id().to_string(),
-    )
-    .expect("joining the test cgroup");
+    host::join_cgroup(Path::new(cgroup));
     netns::enter(netns);
     churn::client_loop(Path::new(&settings));
 }

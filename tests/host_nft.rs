@@ -65,9 +65,7 @@ impl Netns {
 
     /// `ip -n NS args...`
     fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", self.name.as_str()];
-        all.extend_from_slice(args);
-        sh(IP, &all);
+        netns::ip_in(&self.name, args);
     }
 
     /// nft on this namespace's tables.

@@ -38,17 +38,8 @@ pub const IPVSADM: &str = "/usr/sbin/ipvsadm";
 
 /// Runs `topoproxy ARGS`, panicking on failure; returns stdout.
 pub fn topoproxy(args: &[&str]) -> String {
-    let out = Command::new(agent_bin())
-        .args(args)
-        .output()
-        .expect("starting topoproxy");
-    assert!(
-        out.status.success(),
-        "topoproxy {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    k8s_harness::stdout_of(Command::new(agent_bin()).args(args), "topoproxy")
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// What `topoproxy list` says before a text is its error.
@@ -70,17 +61,8 @@ pub fn list_owned(args: &[&str]) -> String {
 
 /// Runs `ipvsadm ARGS`, panicking on failure; returns stdout.
 pub fn ipvsadm(args: &[&str]) -> String {
-    let out = Command::new(IPVSADM)
-        .args(args)
-        .output()
-        .expect("starting ipvsadm");
-    assert!(
-        out.status.success(),
-        "ipvsadm {args:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    k8s_harness::stdout_of(Command::new(IPVSADM).args(args), "ipvsadm")
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// An endpoint's state in its EndpointSlice.

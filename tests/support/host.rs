@@ -13,6 +13,14 @@ pub fn require_root(needs: &str) {
     assert_eq!(euid, 0, "this test needs root ({needs})");
 }
 
+/// Moves this process into `cgroup` (a test's child cgroup under the cgroup2 mount, where the
+/// eBPF socket programs attach): a helper process's first step.
+pub fn join_cgroup(cgroup: &std::path::Path) {
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .unwrap_or_else(|e| panic!("joining the cgroup ({}): {e}", procs.display()));
+}
+
 /// Everything the `tracing` subscriber of [`capture_logs`] wrote.
 static LOGS: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
 

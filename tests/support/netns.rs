@@ -1,7 +1,8 @@
 //! Entering a network namespace: the one `setns` of the tests. A socket belongs to the
 //! namespace of the thread that made it, so a test makes it on a thread inside ([`within`]),
 //! or moves a helper process or a long-lived thread in for good ([`enter`], or
-//! [`enter_fresh`] for a new, empty one); a command runs inside with [`sh_in`].
+//! [`enter_fresh`] for a new, empty one); a command runs inside with [`sh_in`] (`ip` with
+//! [`ip_in`]).
 //!
 //! A namespace is named by a path: an absolute one (`/proc/PID/ns/net`, `/run/netns/NAME`),
 //! or a bare name, which means `/run/netns/NAME` (what `ip netns add NAME` makes).
@@ -70,6 +71,14 @@ pub fn within<T: Send>(netns: impl AsRef<Path>, f: impl FnOnce() -> T + Send) ->
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// Runs `ip -n <name> args` (iproute2 inside `/run/netns/<name>`), panicking with its output
+/// when it fails.
+pub fn ip_in(name: &str, args: &[&str]) -> String {
+    let mut full = vec!["-n", name];
+    full.extend_from_slice(args);
+    crate::process::sh(IP, &full)
 }
 
 /// Runs `program args` inside the namespace `/run/netns/<name>` (`ip netns exec`, which also

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::netns::{sh_in, IP};
+use crate::netns::{ip_in, IP};
 use crate::process::{sh, sh_quiet};
 
 const POD_CIDR_ANCHOR: &str = "10.244.255.254/16";
@@ -90,7 +90,7 @@ impl Pod {
             ],
         );
         let inside = |args: &[&str]| {
-            sh_in(&netns, IP, args);
+            ip_in(&netns, args);
         };
         let cidr = format!("{address}/32");
         inside(&["link", "set", "lo", "up"]);

@@ -6,25 +6,25 @@
 #![allow(dead_code)]
 
 use std::io::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Runs `program args`, panicking with its output when it fails; returns its stdout.
+/// Runs `program args`, panicking with its output when it fails; returns its stdout
+/// (`k8s_harness::stdout_of`, the harness's one command runner).
 pub fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("starting {program} {args:?}: {e}"));
-    checked(program, args, out)
+    k8s_harness::stdout_of(Command::new(program).args(args), program)
+        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// [`sh`] with `input` written to the command's stdin (an `nft -f -` script, say).
 pub fn sh_fed(program: &str, args: &[&str], input: &str) -> String {
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    command
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("starting {program} {args:?}: {e}"));
     if let Some(mut stdin) = child.stdin.take() {
@@ -35,18 +35,7 @@ pub fn sh_fed(program: &str, args: &[&str], input: &str) -> String {
     let out = child
         .wait_with_output()
         .unwrap_or_else(|e| panic!("waiting for {program} {args:?}: {e}"));
-    checked(program, args, out)
-}
-
-fn checked(program: &str, args: &[&str], out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    k8s_harness::checked_stdout(&command, program, out).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// Runs a command and ignores its outcome (cleanup paths).
@@ -68,6 +57,20 @@ pub fn shell(command: &str) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Gives `child` up to `grace` to exit on its own (after it was told to), then kills it;
+/// either way it is reaped.
+pub fn wait_or_kill(child: &mut Child, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Polls `check` until it returns `Ok` or `timeout` passes; panics with the last error.

@@ -21,7 +21,7 @@ pub use control_plane::{
     client_for, free_port, http_request, plain_http, wait_until, write_kubeconfig, ControlPlane,
     KubeconfigUser, Options, SERVICE_CIDRS,
 };
-pub use process::{stdout_of, Daemon, Isolation};
+pub use process::{checked_stdout, stdout_of, Daemon, Isolation};
 
 /// The programs the harness runs.
 #[derive(Clone, Debug)]

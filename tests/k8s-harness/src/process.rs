@@ -190,18 +190,30 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs `command` for its standard output; an error names `what` with the arguments and
-/// carries both outputs (a tool may explain itself on either).
+/// Runs `command` for its standard output; an error names `what` with the arguments and the
+/// exit status, and carries both outputs (a tool may explain itself on either). The one
+/// command runner of the harness and of topoproxy's tests (`tests/support/process.rs`).
 pub fn stdout_of(command: &mut std::process::Command, what: &str) -> Result<String, String> {
     let out = command
         .output()
         .map_err(|e| format!("running {what}: {e}"))?;
+    checked_stdout(command, what, out)
+}
+
+/// `out`, the output of `command` (run by the caller, with input on its stdin, say), as
+/// [`stdout_of`] judges it.
+pub fn checked_stdout(
+    command: &std::process::Command,
+    what: &str,
+    out: std::process::Output,
+) -> Result<String, String> {
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy()).collect();
     Err(format!(
-        "{what} {args:?}: {}{}",
+        "{what} {args:?} failed ({}): {}{}",
+        out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     ))

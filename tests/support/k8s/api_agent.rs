@@ -22,7 +22,7 @@ use kube::{Api, Client};
 use serde_json::{json, Value};
 
 use crate::agent_process::{add_run_args, agent_bin, Endpoints};
-use crate::http::get_async as get;
+use crate::http::get_async;
 
 /// The agent's ServiceAccount in `manifests/base`.
 pub const SERVICE_ACCOUNT: (&str, &str) = ("kube-system", "topoproxy");
@@ -160,25 +160,25 @@ impl ApiAgent {
     }
 
     pub async fn plan(&self) -> Option<String> {
-        get(self.metrics, "/plan")
+        get_async(self.metrics, "/plan")
             .await
             .and_then(|(status, body)| (status == 200).then_some(body))
     }
 
     /// `/plan?format=json`, parsed.
     pub async fn plan_json(&self) -> Option<serde_json::Value> {
-        let (status, body) = get(self.metrics, "/plan?format=json").await?;
+        let (status, body) = get_async(self.metrics, "/plan?format=json").await?;
         (status == 200).then(|| serde_json::from_str(&body).ok())?
     }
 
     pub async fn healthz(&self) -> Option<(u16, String)> {
-        get(self.healthz, "/healthz").await
+        get_async(self.healthz, "/healthz").await
     }
 
     /// The sum of the `/metrics` samples `selector` picks (a name, optionally with labels:
     /// `crate::http::metric_sum`), if any.
     pub async fn metric(&self, selector: &str) -> Option<f64> {
-        let (_, body) = get(self.metrics, "/metrics").await?;
+        let (_, body) = get_async(self.metrics, "/metrics").await?;
         crate::http::metric_sum(&body, selector)
     }
 
@@ -235,7 +235,7 @@ impl ApiAgent {
             let (stop, fewest, samples) = (stop.clone(), fewest.clone(), samples.clone());
             async move {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some((200, body)) = get(metrics, "/plan").await {
+                    if let Some((200, body)) = get_async(metrics, "/plan").await {
                         fewest.fetch_min(virtual_servers(&body), Ordering::Relaxed);
                         samples.fetch_add(1, Ordering::Relaxed);
                     }

@@ -445,15 +445,7 @@ impl ClientLoop {
 
     fn halt(&mut self) {
         let _ = std::fs::write(&self.stop, b"");
-        let deadline = Instant::now() + ANSWER_TIMEOUT * 8;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::process::wait_or_kill(&mut self.child, ANSWER_TIMEOUT * 8);
     }
 }
 

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::netns::{sh_in, within, IP};
+use crate::netns::{ip_in, sh_in, within, IP};
 use crate::process::{sh, sh_quiet};
 
 const NFT: &str = "/usr/sbin/nft";
@@ -227,9 +227,7 @@ impl World {
         );
         sh(IP, &["link", "set", &link, "up"]);
         let inside = |args: &[&str]| {
-            let mut full = vec!["-n", netns.as_str()];
-            full.extend_from_slice(args);
-            sh(IP, &full);
+            ip_in(netns, args);
         };
         inside(&["link", "set", "lo", "up"]);
         inside(&[
@@ -294,32 +292,10 @@ impl World {
         );
         sh(IP, &["addr", "add", "192.168.100.1/24", "dev", "tpw-out"]);
         sh(IP, &["link", "set", "tpw-out", "up"]);
-        sh(IP, &["-n", netns, "link", "set", "lo", "up"]);
-        sh(
-            IP,
-            &[
-                "-n",
-                netns,
-                "addr",
-                "add",
-                "192.168.100.2/24",
-                "dev",
-                "eth0",
-            ],
-        );
-        sh(IP, &["-n", netns, "link", "set", "eth0", "up"]);
-        sh(
-            IP,
-            &[
-                "-n",
-                netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "192.168.100.1",
-            ],
-        );
+        ip_in(netns, &["link", "set", "lo", "up"]);
+        ip_in(netns, &["addr", "add", "192.168.100.2/24", "dev", "eth0"]);
+        ip_in(netns, &["link", "set", "eth0", "up"]);
+        ip_in(netns, &["route", "add", "default", "via", "192.168.100.1"]);
         sh(
             IP,
             &[
@@ -331,11 +307,9 @@ impl World {
                 "nodad",
             ],
         );
-        sh(
-            IP,
+        ip_in(
+            netns,
             &[
-                "-n",
-                netns,
                 "addr",
                 "add",
                 "fd00:192:168:100::2/64",
@@ -344,11 +318,9 @@ impl World {
                 "nodad",
             ],
         );
-        sh(
-            IP,
+        ip_in(
+            netns,
             &[
-                "-n",
-                netns,
                 "-6",
                 "route",
                 "add",
@@ -369,11 +341,9 @@ impl World {
             IpAddr::V4(_) => ("/24", "-4", node.address().to_string()),
             IpAddr::V6(_) => ("/64", "-6", node.address6()),
         };
-        sh(
-            IP,
+        ip_in(
+            &self.outside,
             &[
-                "-n",
-                &self.outside,
                 "addr",
                 "add",
                 &format!("{address}{host_prefix}"),
@@ -401,10 +371,7 @@ impl World {
     /// keepalived VIP): kube-proxy treats every local address as the node's.
     pub fn add_node_address(&self, node: &str, cidr: &str) {
         let netns = &self.node(node).netns;
-        sh(
-            IP,
-            &["-n", netns, "addr", "add", cidr, "dev", "eth0", "nodad"],
-        );
+        ip_in(netns, &["addr", "add", cidr, "dev", "eth0", "nodad"]);
     }
 
     pub fn node(&self, name: &str) -> &NodeNet {
@@ -435,9 +402,7 @@ impl World {
         );
         sh(IP, &["link", "set", &node_link, "netns", &node.netns]);
         let pod = |args: &[&str]| {
-            let mut full = vec!["-n", netns.as_str()];
-            full.extend_from_slice(args);
-            sh(IP, &full);
+            ip_in(&netns, args);
         };
         pod(&["link", "set", "lo", "up"]);
         pod(&["addr", "add", &format!("{address}/32"), "dev", "eth0"]);
@@ -445,9 +410,7 @@ impl World {
         pod(&["route", "add", GATEWAY, "dev", "eth0", "scope", "link"]);
         pod(&["route", "add", "default", "via", GATEWAY, "dev", "eth0"]);
         let host = |args: &[&str]| {
-            let mut full = vec!["-n", node.netns.as_str()];
-            full.extend_from_slice(args);
-            sh(IP, &full);
+            ip_in(&node.netns, args);
         };
         host(&["addr", "add", &format!("{GATEWAY}/32"), "dev", &node_link]);
         host(&["link", "set", &node_link, "up"]);
