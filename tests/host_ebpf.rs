@@ -161,13 +161,12 @@ impl World {
 
     /// TCP (name, then echo) and UDP (name) servers for `backend`, v4 and v6.
     fn serve(&self, backend: Backend) {
-        let netns = netns::netns_path(&self.pods_ns);
         for address in [backend.v4, backend.v6] {
             let address: IpAddr = address.parse().expect("address");
-            let netns = netns.clone();
+            let pods = self.pods_ns.clone();
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                netns::enter(&netns);
+                netns::enter(&pods);
                 let tcp = TcpListener::bind((address, PORT)).expect("bind tcp");
                 let udp = UdpSocket::bind((address, PORT)).expect("bind udp");
                 let sink = TcpListener::bind((address, SINK_PORT)).expect("bind sink");
@@ -2025,7 +2024,7 @@ impl PinnedNamespaces {
         let paths: Vec<PathBuf> = namespaces
             .names
             .iter()
-            .map(|name| netns::netns_path(name))
+            .map(netns::netns_path)
             .collect();
         // setns on a thread of its own: a socket belongs to the namespace it was made in.
         namespaces._sockets = std::thread::spawn(move || {
