@@ -2021,11 +2021,7 @@ impl PinnedNamespaces {
             ));
             namespaces.names.push(name);
         }
-        let paths: Vec<PathBuf> = namespaces
-            .names
-            .iter()
-            .map(netns::netns_path)
-            .collect();
+        let paths: Vec<PathBuf> = namespaces.names.iter().map(netns::netns_path).collect();
         // setns on a thread of its own: a socket belongs to the namespace it was made in.
         namespaces._sockets = std::thread::spawn(move || {
             paths
