@@ -2665,18 +2665,14 @@ fn list_writes_no_map_and_changes_no_link_program_or_pin() {
     }
     // Without --proxy-mode, `list` reads the mode whose maps are pinned: what an operator
     // types in the agent's pod (`kubectl exec ds/topoproxy -- topoproxy list`).
-    let unflagged = Command::new(cluster::agent_process::agent_bin())
-        .args(["list", "--no-counters", "--bpf-pin-dir"])
-        .arg(&world.pin_dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("starting topoproxy list");
-    assert!(
-        unflagged.status.success(),
-        "{}",
-        String::from_utf8_lossy(&unflagged.stderr)
+    let unflagged = process::stdout_of(
+        Command::new(cluster::agent_process::agent_bin())
+            .args(["list", "--no-counters", "--bpf-pin-dir"])
+            .arg(&world.pin_dir)
+            .stdin(Stdio::null()),
+        "topoproxy list",
     );
-    assert_eq!(String::from_utf8_lossy(&unflagged.stdout), planned);
+    assert_eq!(unflagged, planned);
     let changed = maps_before.changes_to(&world.maps_dump().sorted());
     assert!(changed.is_empty(), "list wrote to the maps: {changed:#?}");
     assert_eq!(world.links(), links_before, "list changed a link");

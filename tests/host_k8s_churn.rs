@@ -113,26 +113,22 @@ impl Fabric for HostFabric {
     }
 
     fn programmed(&self) -> Programmed {
-        let out = Command::new(agent_process::agent_bin())
-            .args([
-                "list",
-                "--no-counters",
-                "--proxy-mode",
-                "ebpf",
-                "--bpf-pin-dir",
-            ])
-            .arg(&self.pin_dir)
-            .output()
-            .expect("running topoproxy list");
         // The soak starts once the agent is healthy (its maps pinned): a failed read is a
         // failure, never an empty table (which would count as every pod drained).
-        assert!(
-            out.status.success(),
-            "topoproxy list: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let listing = process::stdout_of(
+            Command::new(agent_process::agent_bin())
+                .args([
+                    "list",
+                    "--no-counters",
+                    "--proxy-mode",
+                    "ebpf",
+                    "--bpf-pin-dir",
+                ])
+                .arg(&self.pin_dir),
+            "topoproxy list",
         );
         // The eBPF programs ignore weights: every listed backend takes connections.
-        programmed_in(&String::from_utf8_lossy(&out.stdout), false)
+        programmed_in(&listing, false)
     }
 
     fn client_command(&self, settings: &Path) -> Command {

@@ -14,6 +14,8 @@ mod agent_process;
 mod api_agent;
 #[path = "support/http.rs"]
 mod http;
+#[path = "support/process.rs"]
+mod process;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1016,19 +1018,14 @@ async fn every_overlay_and_chart_mode_passes_a_server_side_dry_run() {
     // The Helm chart, each mode (the ServiceMonitor needs the Prometheus operator's CRD, which
     // this cluster does not have).
     for mode in ["shadow", "ipvs", "ebpf"] {
-        let out = std::process::Command::new(&plane.binaries().helm)
-            .args(["template", "topoproxy"])
-            .arg(api_agent::workspace_root().join("charts/topoproxy"))
-            .args(["--namespace", "kube-system", "--kube-version", "1.36.3"])
-            .args(["--set", &format!("mode={mode}")])
-            .output()
-            .expect("running helm");
-        assert!(
-            out.status.success(),
-            "helm template: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let yaml = process::stdout_of(
+            std::process::Command::new(&plane.binaries().helm)
+                .args(["template", "topoproxy"])
+                .arg(api_agent::workspace_root().join("charts/topoproxy"))
+                .args(["--namespace", "kube-system", "--kube-version", "1.36.3"])
+                .args(["--set", &format!("mode={mode}")]),
+            "helm template",
         );
-        let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
         renders.push((format!("chart mode={mode}"), yaml));
     }
     let mut failures = BTreeMap::new();

@@ -12,8 +12,13 @@ use std::time::{Duration, Instant};
 /// Runs `program args`, panicking with its output when it fails; returns its stdout
 /// (`k8s_harness::stdout_of`, the harness's one command runner).
 pub fn sh(program: &str, args: &[&str]) -> String {
-    k8s_harness::stdout_of(Command::new(program).args(args), program)
-        .unwrap_or_else(|error| panic!("{error}"))
+    stdout_of(Command::new(program).args(args), program)
+}
+
+/// Runs `command` (built with paths, environment or redirections [`sh`] cannot give) and
+/// returns its stdout, panicking with both outputs when it fails; `what` names it.
+pub fn stdout_of(command: &mut Command, what: &str) -> String {
+    k8s_harness::stdout_of(command, what).unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// [`sh`] with `input` written to the command's stdin (an `nft -f -` script, say).

@@ -4,7 +4,7 @@
 //! the two share is `agent_process.rs`.
 //!
 //! Include with `#[path = "support/k8s/api_agent.rs"] mod api_agent;` beside
-//! `support/agent_process.rs` and `support/http.rs`.
+//! `support/agent_process.rs`, `support/http.rs` and `support/process.rs`.
 
 #![allow(dead_code)]
 
@@ -321,17 +321,12 @@ pub fn destinations(table: &str, protocol: &str, frontend: &str) -> Vec<String> 
 pub async fn fresh_plan(client: &Client, node: &str, scratch: &Path) -> String {
     let _ = std::fs::remove_dir_all(scratch);
     dump_cluster(client, scratch).await;
-    let out = Command::new(agent_bin())
-        .arg("plan")
-        .arg("--source")
-        .arg(scratch)
-        .args(["--node", node])
-        .output()
-        .expect("running topoproxy plan");
-    assert!(
-        out.status.success(),
-        "topoproxy plan failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("plan prints UTF-8")
+    crate::process::stdout_of(
+        Command::new(agent_bin())
+            .arg("plan")
+            .arg("--source")
+            .arg(scratch)
+            .args(["--node", node]),
+        "topoproxy plan",
+    )
 }
