@@ -118,17 +118,20 @@ impl Authority {
 }
 
 impl Pki {
-    /// Creates every certificate under `dir`.
-    pub fn create(dir: &Path) -> Self {
+    /// Creates every certificate under `dir`; the apiserver's serving certificate names
+    /// `address` (where it listens) besides loopback and the `kubernetes` Service's names.
+    pub fn create(dir: &Path, address: std::net::Ipv4Addr) -> Self {
         std::fs::create_dir_all(dir).expect("creating the pki folder");
         let (ca, ca_files) = Authority::create(dir, "ca", CA_NAME);
         let (front, front_files) =
             Authority::create(dir, "front-proxy-ca", "topoproxy-test-front-proxy-ca");
+        let address = address.to_string();
         let apiserver = ca.issue(
             dir,
             "apiserver",
             name("kube-apiserver", None),
             &[
+                &address,
                 "127.0.0.1",
                 // The host's loopback as a QEMU guest on user networking reaches it
                 // (tests/vm_k8s_parity.rs).
