@@ -77,13 +77,19 @@ pub fn post_renderer_args(plane: &ControlPlane, agent_args: &[String]) -> Vec<St
         println!("this host cannot grant CAP_SYS_RESOURCE: the chart is installed without it");
         expressions.push(r#"s/, "SYS_RESOURCE"//"#.to_owned());
     }
-    for arg in agent_args {
-        assert!(
-            !arg.contains(['\'', '|', '&', '\\', '\n']),
-            "{arg:?} does not fit in the post-renderer's sed expression"
-        );
+    if !agent_args.is_empty() {
+        // One substitution for all of them: after it the line no longer ends where `$` of a
+        // second one would match.
+        let mut appended = String::new();
+        for arg in agent_args {
+            assert!(
+                !arg.contains(['\'', '|', '&', '\\', '\n']),
+                "{arg:?} does not fit in the post-renderer's sed expression"
+            );
+            appended.push_str(&format!(r"\n\1- {arg}"));
+        }
         expressions.push(format!(
-            r"s|^\( *\)- --hostname-override=\$(NODE_NAME)$|&\n\1- {arg}|"
+            r"s|^\( *\)- --hostname-override=\$(NODE_NAME)$|&{appended}|"
         ));
     }
     if expressions.is_empty() {
