@@ -126,23 +126,26 @@ impl Pki {
         let (front, front_files) =
             Authority::create(dir, "front-proxy-ca", "topoproxy-test-front-proxy-ca");
         let address = address.to_string();
+        let mut names = vec![
+            "127.0.0.1",
+            // The host's loopback as a QEMU guest on user networking reaches it
+            // (tests/vm_k8s_parity.rs).
+            "10.0.2.2",
+            "localhost",
+            "10.96.0.1",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ];
+        if !names.contains(&address.as_str()) {
+            names.push(&address);
+        }
         let apiserver = ca.issue(
             dir,
             "apiserver",
             name("kube-apiserver", None),
-            &[
-                &address,
-                "127.0.0.1",
-                // The host's loopback as a QEMU guest on user networking reaches it
-                // (tests/vm_k8s_parity.rs).
-                "10.0.2.2",
-                "localhost",
-                "10.96.0.1",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ],
+            &names,
             ExtendedKeyUsagePurpose::ServerAuth,
         );
         let client = ExtendedKeyUsagePurpose::ClientAuth;
