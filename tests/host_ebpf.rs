@@ -2772,8 +2772,11 @@ fn resync_counters_read_the_maps_without_writing() {
         .collect();
     let writes_before = dataplane.map_writes();
 
-    let traffic = topoproxy::dataplane::Dataplane::service_counters(&mut dataplane);
-    assert_eq!(traffic.len(), desired.len());
+    let telemetry = topoproxy::dataplane::Dataplane::telemetry(
+        &mut dataplane,
+        topoproxy::dataplane::TelemetryRead::RequestsAndTraffic,
+    );
+    assert_eq!(telemetry.traffic.len(), desired.len());
     let _ = dataplane.list().expect("list");
 
     assert_eq!(

@@ -1,7 +1,9 @@
 //! topoproxy as operators run it: the Helm chart's DaemonSet, from the image `cargo xtask image`
 //! builds, started by a real kubelet through containerd and runc on a real node
 //! (`k8s_harness::node`), against the harness's control plane with kube-scheduler and the
-//! DaemonSet controller. eBPF mode, on the host's kernel.
+//! DaemonSet controller. eBPF mode, on the host's kernel. The node (containerd, the kubelet,
+//! the agent's hostNetwork pod) has a network namespace of its own, on a segment with the
+//! host, where the control plane listens, and an outside client (`k8s_harness::network`).
 //!
 //! Needs root, BPF and cgroup v2, `cargo xtask k8s-setup` (kubelet, containerd, the test
 //! images) and the image archive in `TOPOPROXY_AGENT_IMAGE` (`cargo xtask test` builds it and
@@ -17,8 +19,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use k8s_harness::node::{NodeOptions, RealNode, ECHO_IMAGE};
+use k8s_harness::network::{in_netns, NodeNetwork};
+use k8s_harness::node::{NodeOptions, RealNode};
 use k8s_harness::objects::{apply, eventually};
+use k8s_harness::workloads::{
+    echo_pod, helm, kubectl, pod_ready, post_renderer_args, wait_pods_ready, AgentCleanup,
+};
 use k8s_harness::{ControlPlane, Options};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::ListParams;
@@ -35,73 +41,6 @@ const EXTERNAL_IP: &str = "192.168.241.10";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Runs `topoproxy cleanup` for the chart's pin folder when dropped: a failing test must not
-/// leave the agent's programs attached to the host's cgroup root.
-struct CleanupGuard;
-
-impl Drop for CleanupGuard {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_topoproxy"))
-            .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", PIN_DIR])
-            .output();
-    }
-}
-
-fn kubectl(plane: &ControlPlane, args: &[&str]) -> Result<String, String> {
-    k8s_harness::stdout_of(
-        Command::new(&plane.binaries().kubectl)
-            .arg("--kubeconfig")
-            .arg(plane.admin_kubeconfig())
-            .args(args),
-        "kubectl",
-    )
-}
-
-fn helm(plane: &ControlPlane, args: &[&str]) {
-    let out = Command::new(&plane.binaries().helm)
-        .arg("--kubeconfig")
-        .arg(plane.admin_kubeconfig())
-        .args(args)
-        .output()
-        .expect("running helm");
-    assert!(
-        out.status.success(),
-        "helm {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Whether this process may hand `CAP_SYS_RESOURCE` to a container (this machine kind's root
-/// has every capability but that one in its bounding set).
-fn can_grant_sys_resource() -> bool {
-    const CAP_SYS_RESOURCE: u32 = 24;
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            let hex = status
-                .lines()
-                .find_map(|l| l.strip_prefix("CapBnd:"))?
-                .trim()
-                .to_owned();
-            u64::from_str_radix(&hex, 16).ok()
-        })
-        .is_some_and(|bounding| bounding >> CAP_SYS_RESOURCE & 1 == 1)
-}
-
-/// A Helm post-renderer dropping `SYS_RESOURCE` from the chart's capabilities, for a host that
-/// cannot grant it (runc fails "unable to apply caps" otherwise). The agent needs it only to
-/// raise `RLIMIT_MEMLOCK` on kernels before 5.11 and goes on without it (a warning).
-fn post_renderer_without_sys_resource(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt as _;
-    let path = dir.join("drop-sys-resource.sh");
-    std::fs::write(&path, "#!/bin/sh\nexec sed 's/, \"SYS_RESOURCE\"//'\n")
-        .expect("writing the post-renderer");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-        .expect("making the post-renderer executable");
-    path
 }
 
 /// VmRSS of the agent's process (`topoproxy run`), found among the node's processes.
@@ -137,19 +76,6 @@ fn agent_rss_kib(node: &RealNode) -> Option<u64> {
             .parse()
             .ok()
     })
-}
-
-/// `--post-renderer <script>` when this host cannot grant `SYS_RESOURCE`, else nothing.
-fn post_renderer_args(plane: &ControlPlane) -> Vec<String> {
-    if can_grant_sys_resource() {
-        return Vec::new();
-    }
-    println!("this host cannot grant CAP_SYS_RESOURCE: the chart is installed without it");
-    let script = post_renderer_without_sys_resource(plane.dir());
-    vec![
-        "--post-renderer".to_owned(),
-        script.to_string_lossy().into_owned(),
-    ]
 }
 
 /// The image tag the chart deploys by default (`v` + the chart's appVersion).
@@ -235,7 +161,7 @@ async fn rolling_update_loses_no_connection(
         "--set",
         &tag,
     ];
-    let post_renderer = post_renderer_args(plane);
+    let post_renderer = post_renderer_args(plane, &[]);
     upgrade.extend(post_renderer.iter().map(String::as_str));
     helm(plane, &upgrade);
     let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
@@ -278,7 +204,7 @@ async fn rolling_update_loses_no_connection(
 }
 
 /// One TCP ask from the outside client's namespace (bash's `/dev/tcp`): the pod that answered.
-fn ask_from_outside(node: &RealNode, address: &str, port: u16) -> Option<String> {
+fn ask_from_outside(network: &NodeNetwork, address: &str, port: u16) -> Option<String> {
     let script = format!("exec 3<>/dev/tcp/{address}/{port} && head -n 1 <&3");
     let out = Command::new("timeout")
         .args([
@@ -286,7 +212,7 @@ fn ask_from_outside(node: &RealNode, address: &str, port: u16) -> Option<String>
             "ip",
             "netns",
             "exec",
-            &node.outside_netns(),
+            network.outside_netns(),
             "bash",
             "-c",
             &script,
@@ -297,16 +223,19 @@ fn ask_from_outside(node: &RealNode, address: &str, port: u16) -> Option<String>
     answer.split_whitespace().next().map(str::to_owned)
 }
 
-/// A client outside the node (its own namespace, on the node's link) reaches the NodePort at
-/// the node's InternalIP and the externalIP, routed to the node, through the tc programs,
+/// A client outside the node (its own namespace, on the node's segment) reaches the NodePort
+/// at the node's InternalIP and the externalIP, routed to the node, through the tc programs,
 /// and every backend answers.
-async fn outside_client_reaches_the_node_port_and_the_external_ip(node: &RealNode) {
-    let outside = node.outside_netns();
+async fn outside_client_reaches_the_node_port_and_the_external_ip(
+    network: &NodeNetwork,
+    node: &RealNode,
+) {
+    let outside = network.outside_netns();
     let via = node.address().to_string();
     let route = Command::new("ip")
         .args([
             "-n",
-            &outside,
+            outside,
             "route",
             "add",
             &format!("{EXTERNAL_IP}/32"),
@@ -328,7 +257,7 @@ async fn outside_client_reaches_the_node_port_and_the_external_ip(node: &RealNod
                 let address = address.clone();
                 async move {
                     let seen: BTreeSet<String> = (0..12)
-                        .filter_map(|_| ask_from_outside(node, &address, port))
+                        .filter_map(|_| ask_from_outside(network, &address, port))
                         .collect();
                     (seen.len() == BACKENDS.len()).then_some(seen)
                 }
@@ -342,8 +271,9 @@ async fn outside_client_reaches_the_node_port_and_the_external_ip(node: &RealNod
 
 /// `kubectl exec ds/topoproxy -- topoproxy list --no-counters` (what the kernel holds, read
 /// by the image's binary from the pod's mounts) equals the agent's `/plan` (what it planned),
-/// served on the node's loopback (`hostNetwork`, the chart's metrics address).
-async fn list_in_the_pod_equals_the_plan(plane: &ControlPlane, address: &str) {
+/// served on the node's loopback (`hostNetwork`, the chart's metrics address), so asked from
+/// inside the node's namespace.
+async fn list_in_the_pod_equals_the_plan(plane: &ControlPlane, node: &RealNode, address: &str) {
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], 10249).into();
     let exec = [
         "-n",
@@ -361,7 +291,8 @@ async fn list_in_the_pod_equals_the_plan(plane: &ControlPlane, address: &str) {
     let (listed, planned) = loop {
         let listed = kubectl(plane, &exec)
             .unwrap_or_else(|e| panic!("topoproxy list in the agent's pod: {e}"));
-        let planned = cluster::http_get(metrics, "/plan").unwrap_or_default();
+        let planned = in_netns(&node.netns_path(), || cluster::http_get(metrics, "/plan"))
+            .unwrap_or_default();
         if listed == planned || std::time::Instant::now() > deadline {
             break (listed, planned);
         }
@@ -425,85 +356,6 @@ fn running_agent_container(plane: &ControlPlane, node: &RealNode) -> RuntimeCont
     RuntimeContainer { id, image }
 }
 
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-/// What the cluster says about the pods of `selector`, for a failure message.
-fn describe(plane: &ControlPlane, namespace: &str, selector: &str) -> String {
-    let pods = kubectl(
-        plane,
-        &["-n", namespace, "describe", "pods", "-l", selector],
-    )
-    .unwrap_or_else(|e| e);
-    let logs = kubectl(
-        plane,
-        &[
-            "-n",
-            namespace,
-            "logs",
-            "-l",
-            selector,
-            "--tail",
-            "30",
-            "--all-containers",
-        ],
-    )
-    .unwrap_or_else(|e| e);
-    format!("{pods}\n--- logs ---\n{logs}")
-}
-
-async fn wait_pods_ready(
-    client: &Client,
-    plane: &ControlPlane,
-    namespace: &str,
-    selector: &str,
-    count: usize,
-) {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let limit = Duration::from_secs(240);
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        let list = pods.list(&ListParams::default().labels(selector)).await;
-        let ready = list
-            .as_ref()
-            .map(|l| l.items.iter().filter(|p| pod_ready(p)).count())
-            .unwrap_or(0);
-        if ready >= count {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
-            panic!(
-                "{count} pod(s) {selector} in {namespace} not Ready within {limit:?}\n{}",
-                describe(plane, namespace, selector)
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn echo_pod(name: &str, node: &str, app: &str) -> serde_json::Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"app": app}},
-        "spec": {
-            "nodeName": node,
-            "terminationGracePeriodSeconds": 0,
-            "containers": [{
-                "name": "echo",
-                "image": ECHO_IMAGE,
-                "imagePullPolicy": "Never",
-                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                "ports": [{"containerPort": 8080}],
-                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
-            }],
-        },
-    })
-}
-
 /// Asks `address` from inside the client pod (`kubectl exec`): the name of the pod that
 /// answered, or the error.
 fn ask_from_client(plane: &ControlPlane, address: &str, udp: bool) -> Result<String, String> {
@@ -531,15 +383,22 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         );
         return;
     };
-    let _cleanup = CleanupGuard;
+    let _cleanup = AgentCleanup::new(
+        Path::new(env!("CARGO_BIN_EXE_topoproxy")),
+        &[Path::new(PIN_DIR)],
+    );
+    // Before the control plane, which listens on the host's address on it; dropped last.
+    let network = NodeNetwork::create();
     let plane = ControlPlane::start(Options {
         real_nodes: true,
+        address: network.host_address(),
         ..Options::default()
     })
     .await;
     let client = plane.admin_client().await;
     let node = RealNode::start(
         &plane,
+        &network,
         NodeOptions {
             name: "node-a".into(),
             zone: Some("zone-a".into()),
@@ -557,6 +416,9 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
     let chart = workspace().join("charts/topoproxy");
     let chart = chart.to_string_lossy();
     let port_value = format!("apiServer.port={port}");
+    let host_value = format!("apiServer.host={}", network.host_address());
+    let interfaces_value = format!("config.north-south-interfaces={}", node.link());
+    let cgroup_value = format!("config.cgroup-path={}", node.unified_cgroup().display());
     let mut install = vec![
         "install",
         "topoproxy",
@@ -568,13 +430,19 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         "--set",
         &port_value,
         "--set",
-        "apiServer.host=127.0.0.1",
-        // The tc programs on the node's link only, not on every interface of the machine
-        // running the test (the default `auto` takes every one holding a node address).
+        &host_value,
+        // The tc programs on the node's link only: the default `auto` takes every device
+        // with a global address, the CNI bridge included.
         "--set",
-        "config.north-south-interfaces=tprn0",
+        &interfaces_value,
+        // The node's cgroup is its root (every process of the node is below it). The default,
+        // the host's cgroup v2 root, would hand the socket hooks every process of the machine
+        // running the test, the outside client's included, which then never reaches the tc
+        // programs.
+        "--set",
+        &cgroup_value,
     ];
-    let post_renderer = post_renderer_args(&plane);
+    let post_renderer = post_renderer_args(&plane, &[]);
     install.extend(post_renderer.iter().map(String::as_str));
     let installed = std::time::Instant::now();
     helm(&plane, &install);
@@ -598,9 +466,13 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
 
     kubectl(&plane, &["create", "namespace", NAMESPACE]).expect("creating the namespace");
     for name in BACKENDS {
-        apply(&client, echo_pod(name, node.name(), "echo")).await;
+        apply(&client, echo_pod(NAMESPACE, name, node.name(), "echo")).await;
     }
-    apply(&client, echo_pod("client", node.name(), "client")).await;
+    apply(
+        &client,
+        echo_pod(NAMESPACE, "client", node.name(), "client"),
+    )
+    .await;
     apply(
         &client,
         json!({
@@ -660,9 +532,9 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         assert_eq!(seen, expected, "{address} (udp: {udp})");
     }
 
-    outside_client_reaches_the_node_port_and_the_external_ip(&node).await;
+    outside_client_reaches_the_node_port_and_the_external_ip(&network, &node).await;
 
-    list_in_the_pod_equals_the_plan(&plane, &address).await;
+    list_in_the_pod_equals_the_plan(&plane, &node, &address).await;
 
     rolling_update_loses_no_connection(&plane, &client, &node, &chart, &address).await;
     // A new container; its image is the same one under a second tag (`ctr images tag`), and
@@ -686,7 +558,10 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         &plane,
         &["uninstall", "topoproxy", "-n", "kube-system", "--wait"],
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_topoproxy"))
+    // On the node, as an operator runs it: in the node's network namespace.
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", node.netns_path().display()))
+        .arg(env!("CARGO_BIN_EXE_topoproxy"))
         .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir", PIN_DIR])
         .output()
         .expect("running topoproxy cleanup");

@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
 use crate::dataplane::op::Op;
-use crate::dataplane::{error_chain, Dataplane, DataplaneError, ProgrammedTable};
+use crate::dataplane::{
+    error_chain, Dataplane, DataplaneError, ProgrammedTable, ServiceTraffic, TelemetryRead,
+};
 use crate::diff::OpBatch;
 use crate::healthcheck::{self, HealthCheckServers};
 use crate::mirror::{Mirror, Planned};
@@ -390,8 +392,7 @@ impl<D: Dataplane> SyncLoop<D> {
     /// pending changes are planned, so they are never mistaken for another writer's.
     async fn read_back(&mut self) -> Result<(ProgrammedTable, usize), DataplaneError> {
         let read = self.dataplane.read().await;
-        self.record_kernel_requests();
-        let traffic = self.dataplane.service_counters();
+        let traffic = self.record_telemetry(TelemetryRead::RequestsAndTraffic);
         if !traffic.is_empty() {
             self.state.metrics.record_service_traffic(&traffic);
             let served = served_by_tier_kind(&self.read_table(), &traffic);
@@ -432,7 +433,7 @@ impl<D: Dataplane> SyncLoop<D> {
         }
         // Before the sync is counted, so a successful sync's writes are all in the
         // metrics (the dataplane's start and `synced` write too, not only `apply`).
-        self.record_kernel_requests();
+        self.record_telemetry(TelemetryRead::Requests);
         let first = !self.initial_sync_done;
         if self.resync {
             // Counted from the end: a read that takes longer than the period (10,000
@@ -509,7 +510,7 @@ impl<D: Dataplane> SyncLoop<D> {
 
     /// Says once per key which firewalled load-balancer frontends this dataplane leaves out.
     fn warn_withheld(&mut self) {
-        if self.dataplane.enforces_source_ranges() {
+        if self.dataplane.capabilities().enforces_source_ranges {
             return;
         }
         let table = self
@@ -617,7 +618,7 @@ impl<D: Dataplane> SyncLoop<D> {
             return Ok(());
         }
         let result = self.dataplane.apply(ops).await;
-        self.record_kernel_requests();
+        self.record_telemetry(TelemetryRead::Requests);
         let failed: Vec<&Op> = match &result {
             Err(DataplaneError::Apply { failed, .. }) => failed.iter().map(|f| &f.op).collect(),
             Err(DataplaneError::Read { .. } | DataplaneError::Finish { .. }) | Ok(()) => Vec::new(),
@@ -641,16 +642,19 @@ impl<D: Dataplane> SyncLoop<D> {
         result
     }
 
-    fn record_kernel_requests(&self) {
+    /// Records the kernel writes and the dataplane's request counts; returns the per-service
+    /// traffic when `read` asks for it.
+    fn record_telemetry(&mut self, read: TelemetryRead) -> Vec<ServiceTraffic> {
         self.state
             .metrics
             .record_kernel_writes(crate::kernel_writes::total());
-        let totals = self.dataplane.kernel_requests();
-        if !totals.is_empty() {
+        let telemetry = self.dataplane.telemetry(read);
+        if !telemetry.kernel_requests.is_empty() {
             self.state
                 .metrics
-                .record_kernel_requests(self.dataplane.name(), &totals);
+                .record_kernel_requests(self.dataplane.name(), &telemetry.kernel_requests);
         }
+        telemetry.traffic
     }
 
     fn publish_table_stats(&self) {
@@ -692,11 +696,12 @@ fn planned<'a, D: Dataplane>(
     dataplane: &D,
     node_name: &'a str,
 ) -> Planned<'a> {
+    let capabilities = dataplane.capabilities();
     Planned {
         table,
-        scope: dataplane.tier_scope(),
-        local_node: dataplane.marks_local_destinations().then_some(node_name),
-        enforces_source_ranges: dataplane.enforces_source_ranges(),
+        scope: capabilities.tier_scope,
+        local_node: capabilities.marks_local_destinations.then_some(node_name),
+        enforces_source_ranges: capabilities.enforces_source_ranges,
     }
 }
 

@@ -1,4 +1,5 @@
-//! Entering a network namespace: the one `setns` of the tests. A socket belongs to the
+//! Entering a network namespace: the one `setns` of the tests besides the harness's
+//! (`k8s_harness::network::in_netns`, which [`within`] uses). A socket belongs to the
 //! namespace of the thread that made it, so a test makes it on a thread inside ([`within`]),
 //! or moves a helper process or a long-lived thread in for good ([`enter`], or
 //! [`enter_fresh`] for a new, empty one); a command runs inside with [`sh_in`] (`ip` with
@@ -59,18 +60,10 @@ pub fn enter_fresh() {
 }
 
 /// Runs `f` on a thread inside `netns` and returns what it returned; sockets it creates stay
-/// in that namespace. A panic inside is raised again here.
+/// in that namespace. A panic inside is raised again here (`k8s_harness::network::in_netns`,
+/// the real-node harness's own, underneath).
 pub fn within<T: Send>(netns: impl AsRef<Path>, f: impl FnOnce() -> T + Send) -> T {
-    let path = netns_path(netns);
-    std::thread::scope(|scope| {
-        scope
-            .spawn(move || {
-                enter(&path);
-                f()
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    k8s_harness::network::in_netns(&netns_path(netns), f)
 }
 
 /// Runs `ip -n <name> args` (iproute2 inside `/run/netns/<name>`), panicking with its output

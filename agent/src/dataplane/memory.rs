@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::dataplane::op::{apply_to, Op};
 
-use super::{compact, Dataplane, DataplaneError, FailedOp, ProgrammedTable};
+use super::{compact, Capabilities, Dataplane, DataplaneError, FailedOp, ProgrammedTable};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -88,8 +88,11 @@ impl Dataplane for MemoryDataplane {
         self.name
     }
 
-    fn enforces_source_ranges(&self) -> bool {
-        !lock(&self.inner).ignores_source_ranges
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            enforces_source_ranges: !lock(&self.inner).ignores_source_ranges,
+            ..Capabilities::default()
+        }
     }
 
     fn refresh_node_addresses(

@@ -137,31 +137,63 @@ pub struct ServiceTraffic {
     pub tier_connections: Vec<u64>,
 }
 
-/// Something that programs a node's virtual services.
 /// Names a virtual service's Service (`namespace/name`) for logs; `None` if unknown.
 pub type ServiceNames = std::sync::Arc<dyn Fn(&VsKey) -> Option<String> + Send + Sync>;
 
+/// How a dataplane holds the plan, fixed by its kind: the sync loop plans and diffs in the
+/// same terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Which tiers of each virtual server it holds.
+    pub tier_scope: TierScope,
+    /// Whether it holds which destinations run on this node ([`DestinationState::local`]); the
+    /// sync loop marks them when it does.
+    pub marks_local_destinations: bool,
+    /// Whether it enforces `loadBalancerSourceRanges` ([`ServiceConfig::source_ranges`]). One
+    /// that does not is never given a load-balancer frontend that has ranges: it stays closed
+    /// on this node rather than open to every source.
+    pub enforces_source_ranges: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self {
+            tier_scope: TierScope::Active,
+            marks_local_destinations: false,
+            enforces_source_ranges: true,
+        }
+    }
+}
+
+/// Which counters a telemetry read takes: the request totals are cheap and read after every
+/// sync; the per-service traffic walks every service and is read at each periodic re-read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TelemetryRead {
+    Requests,
+    RequestsAndTraffic,
+}
+
+/// What a dataplane has counted since it started, for the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Telemetry {
+    /// Requests sent to the kernel, by kind (running totals).
+    pub kernel_requests: Vec<(&'static str, u64)>,
+    /// Per-service traffic (running totals); empty unless asked for and counted.
+    pub traffic: Vec<ServiceTraffic>,
+}
+
+/// Something that programs a node's virtual services.
+///
+/// Every method runs on the sync loop's task and may block on the kernel (netlink, nft, map
+/// calls) even where it is `async`: the agent runs that loop on the main thread's `block_on`,
+/// so a blocking call stalls only the loop itself.
 pub trait Dataplane: Send {
     /// A short name for logs and metrics (`ipvs`, `ebpf`, `dry-run`).
     fn name(&self) -> &'static str;
 
-    /// Which tiers of each virtual server this dataplane holds; the sync loop diffs in the
-    /// same terms.
-    fn tier_scope(&self) -> TierScope {
-        TierScope::Active
-    }
-
-    /// Whether this dataplane holds which destinations run on this node
-    /// ([`DestinationState::local`]); the sync loop marks them when it does.
-    fn marks_local_destinations(&self) -> bool {
-        false
-    }
-
-    /// Whether this dataplane enforces `loadBalancerSourceRanges` ([`ServiceConfig::source_ranges`]).
-    /// One that does not is never given a load-balancer frontend that has ranges: it stays
-    /// closed on this node rather than open to every source.
-    fn enforces_source_ranges(&self) -> bool {
-        true
+    /// How this dataplane holds the plan.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
     }
 
     /// Reads the node's own addresses again (kube-proxy's node address set: every device but
@@ -175,11 +207,6 @@ pub trait Dataplane: Send {
         std::future::ready(None)
     }
 
-    /// Requests sent to the kernel since start, by kind, for the metrics.
-    fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
-        Vec::new()
-    }
-
     /// Called after every successful sync, once the dataplane holds the whole plan (the eBPF
     /// dataplane switches its programs to freshly loaded maps then; the IPVS one unbinds the
     /// addresses its read found unneeded and the sync did not take up).
@@ -190,10 +217,10 @@ pub trait Dataplane: Send {
     /// Gives the dataplane the Service names behind virtual services, for its own logs.
     fn attach_service_names(&mut self, _names: ServiceNames) {}
 
-    /// Per-service traffic counters (running totals), for dataplanes that count; read at each
-    /// periodic re-read.
-    fn service_counters(&mut self) -> Vec<ServiceTraffic> {
-        Vec::new()
+    /// The counters this dataplane keeps (none by default). Reads only: a failed counter read
+    /// is logged by the dataplane and leaves that part empty.
+    fn telemetry(&mut self, _read: TelemetryRead) -> Telemetry {
+        Telemetry::default()
     }
 
     /// The virtual services this dataplane currently has programmed and owns.

@@ -9,7 +9,7 @@
 //! and patch their status themselves ([`crate::objects`]).
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -35,6 +35,12 @@ pub struct Options {
     /// Pods are bound by it), and the apiserver's client certificate for kubelets (`exec`,
     /// `logs`).
     pub real_nodes: bool,
+    /// Where the apiservers (and the load balancer) listen and every client reaches them:
+    /// loopback, or for real nodes (each in a network namespace of its own) the host's
+    /// address on their segment ([`crate::network::NodeNetwork::host_address`]). Off
+    /// loopback the apiserver also advertises it in `default/kubernetes`' endpoints, so the
+    /// `kubernetes` Service has a backend.
+    pub address: Ipv4Addr,
 }
 
 impl Default for Options {
@@ -44,6 +50,7 @@ impl Default for Options {
             load_balancer: false,
             controller_manager: true,
             real_nodes: false,
+            address: Ipv4Addr::LOCALHOST,
         }
     }
 }
@@ -66,6 +73,7 @@ pub struct ControlPlane {
     controller_manager: Option<Daemon>,
     scheduler: Option<Daemon>,
     real_nodes: bool,
+    address: Ipv4Addr,
     admin_kubeconfig: PathBuf,
 }
 
@@ -197,7 +205,7 @@ impl ControlPlane {
         );
         let bins = Binaries::locate();
         let dir = scratch_dir();
-        let pki = Pki::create(&dir.join("pki"));
+        let pki = Pki::create(&dir.join("pki"), options.address);
         let etcd_port = free_port();
         let apiservers = (0..options.apiservers)
             .map(|i| ApiServer {
@@ -218,6 +226,7 @@ impl ControlPlane {
             controller_manager: None,
             scheduler: None,
             real_nodes: options.real_nodes,
+            address: options.address,
         };
         plane.start_etcd();
         for i in 0..options.apiservers {
@@ -263,7 +272,7 @@ impl ControlPlane {
             Some((port, _)) => *port,
             None => self.apiservers[0].port,
         };
-        SocketAddr::from(([127, 0, 0, 1], port))
+        SocketAddr::from((self.address, port))
     }
 
     pub fn server_url(&self) -> String {
@@ -333,47 +342,45 @@ impl ControlPlane {
         let ApiServer { port, hostname, .. } = &self.apiservers[index];
         let pki = &self.pki;
         let issuer = "https://kubernetes.default.svc.cluster.local";
+        let address = self.address.to_string();
         let mut cmd = Command::new(&self.bins.kube_apiserver);
-        cmd.args([
-            "--bind-address",
-            "127.0.0.1",
-            "--advertise-address",
-            "127.0.0.1",
-        ])
-        .args(["--secure-port", &port.to_string()])
-        .args(["--etcd-servers", &self.etcd_url()])
-        .args(["--service-cluster-ip-range", SERVICE_CIDRS])
-        .args(["--authorization-mode", "Node,RBAC"])
-        .arg("--client-ca-file")
-        .arg(&pki.ca.cert)
-        .arg("--tls-cert-file")
-        .arg(&pki.apiserver.cert)
-        .arg("--tls-private-key-file")
-        .arg(&pki.apiserver.key)
-        .args([
-            "--service-account-issuer",
-            issuer,
-            "--api-audiences",
-            issuer,
-        ])
-        .arg("--service-account-key-file")
-        .arg(&pki.service_account_public_key)
-        .arg("--service-account-signing-key-file")
-        .arg(&pki.service_account_key)
-        .arg("--requestheader-client-ca-file")
-        .arg(&pki.front_proxy_ca.cert)
-        .args(["--requestheader-allowed-names", "front-proxy-client"])
-        .args(["--requestheader-extra-headers-prefix", "X-Remote-Extra-"])
-        .args(["--requestheader-group-headers", "X-Remote-Group"])
-        .args(["--requestheader-username-headers", "X-Remote-User"])
-        .arg("--proxy-client-cert-file")
-        .arg(&pki.front_proxy_client.cert)
-        .arg("--proxy-client-key-file")
-        .arg(&pki.front_proxy_client.key)
-        // 127.0.0.1 may not be written into default/kubernetes' endpoints ("in the loopback
-        // range"): no reconciler, and that Service has no endpoints in these tests.
-        .args(["--endpoint-reconciler-type", "none"])
-        .args(["--profiling=false", "-v", "1"]);
+        cmd.args(["--bind-address", &address, "--advertise-address", &address])
+            .args(["--secure-port", &port.to_string()])
+            .args(["--etcd-servers", &self.etcd_url()])
+            .args(["--service-cluster-ip-range", SERVICE_CIDRS])
+            .args(["--authorization-mode", "Node,RBAC"])
+            .arg("--client-ca-file")
+            .arg(&pki.ca.cert)
+            .arg("--tls-cert-file")
+            .arg(&pki.apiserver.cert)
+            .arg("--tls-private-key-file")
+            .arg(&pki.apiserver.key)
+            .args([
+                "--service-account-issuer",
+                issuer,
+                "--api-audiences",
+                issuer,
+            ])
+            .arg("--service-account-key-file")
+            .arg(&pki.service_account_public_key)
+            .arg("--service-account-signing-key-file")
+            .arg(&pki.service_account_key)
+            .arg("--requestheader-client-ca-file")
+            .arg(&pki.front_proxy_ca.cert)
+            .args(["--requestheader-allowed-names", "front-proxy-client"])
+            .args(["--requestheader-extra-headers-prefix", "X-Remote-Extra-"])
+            .args(["--requestheader-group-headers", "X-Remote-Group"])
+            .args(["--requestheader-username-headers", "X-Remote-User"])
+            .arg("--proxy-client-cert-file")
+            .arg(&pki.front_proxy_client.cert)
+            .arg("--proxy-client-key-file")
+            .arg(&pki.front_proxy_client.key)
+            .args(["--profiling=false", "-v", "1"]);
+        if self.address.is_loopback() {
+            // 127.0.0.1 may not be written into default/kubernetes' endpoints ("in the
+            // loopback range"): no reconciler, and that Service has no endpoints then.
+            cmd.args(["--endpoint-reconciler-type", "none"]);
+        }
         if self.real_nodes {
             cmd.arg("--kubelet-client-certificate")
                 .arg(&pki.admin.cert)
@@ -407,7 +414,7 @@ impl ControlPlane {
         let path = self.dir.join(format!("apiserver-{index}.kubeconfig"));
         write_kubeconfig(
             &path,
-            &format!("https://127.0.0.1:{port}"),
+            &format!("https://{}:{port}", self.address),
             &self.pki.ca.cert,
             &KubeconfigUser::Cert(self.pki.admin.clone()),
         );
@@ -439,17 +446,18 @@ impl ControlPlane {
 
     fn start_load_balancer(&mut self) {
         let port = free_port();
+        let address = self.address;
         let mut config = format!(
             "global\n  maxconn 4096\n\
              defaults\n  mode tcp\n  timeout connect 2s\n  timeout client 1h\n  \
              timeout server 1h\n  retries 1\n  option redispatch\n\
-             frontend apiserver\n  bind 127.0.0.1:{port}\n  default_backend apiservers\n\
+             frontend apiserver\n  bind {address}:{port}\n  default_backend apiservers\n\
              backend apiservers\n  option httpchk GET /readyz\n  http-check expect status 200\n"
         );
         for (i, api) in self.apiservers.iter().enumerate() {
             config.push_str(&format!(
-                "  server api{i} 127.0.0.1:{} check check-ssl verify none inter 1s fall 2 rise 1\n",
-                api.port
+                "  server api{i} {}:{} check check-ssl verify none inter 1s fall 2 rise 1\n",
+                self.address, api.port
             ));
         }
         let file = self.dir.join("haproxy.cfg");

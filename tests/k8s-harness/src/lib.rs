@@ -7,15 +7,20 @@
 //!   patched through the status subresource), so the real EndpointSlice controller writes the
 //!   slices and their hints; YAML applied (server-side, optionally as a dry run) and the
 //!   cluster dumped as the YAML directory `topoproxy plan --source` reads.
+//! - [`node::RealNode`] on a [`network::NodeNetwork`]: a real node (containerd, runc, CNI, a
+//!   kubelet) in a network namespace of its own.
+//! - [`workloads`]: kubectl, helm (with a post-renderer) and pods, as the real-node tests use them.
 //! - [`Daemon`]: a process killed on drop, with its log.
 
 use std::path::{Path, PathBuf};
 
 mod control_plane;
+pub mod network;
 pub mod node;
 pub mod objects;
 pub mod pki;
 mod process;
+pub mod workloads;
 
 pub use control_plane::{
     client_for, free_port, http_request, plain_http, wait_until, write_kubeconfig, ControlPlane,

@@ -1,16 +1,21 @@
 //! A real node for the control plane: containerd (Debian's) running pods through runc and the
 //! bridge + host-local CNI plugins, and a real kubelet registering a Node with the control
-//! plane, with a zone label, all in the host's network namespace.
+//! plane, with a zone label, all in a network namespace of the node's own.
+//!
+//! The node's namespace holds its link (`eth0`, the InternalIP, on the
+//! [`NodeNetwork`](crate::network::NodeNetwork) segment with the host and an outside client),
+//! its loopback and the CNI bridge; containerd and the kubelet enter it (`setns`, network
+//! only: the mount namespace stays the host's, so the cgroup and bpffs mounts, the node's
+//! folder and `/run/netns` are the host's), and so do the shims, runc and every hostNetwork
+//! pod. The control plane is reached at the host's address on the segment.
 //!
 //! Everything lives under one folder and one cgroup of its own, and is torn down on drop, also
 //! when the test panics (the kubelet's and containerd's logs are printed then): every process
 //! of the node (pods, shims, containerd) is killed through the cgroup, then the mounts under
-//! the folder and the pods' network namespaces are unmounted, and the cgroups, the CNI bridge,
-//! the node's link and the folder are removed.
-//!
-//! The node's InternalIP sits on one end of a veth pair whose other end is in a network
-//! namespace of the test's (`outside`), so the kubelet has a non-loopback address (it refuses
-//! loopback) and the test has a client outside the node.
+//! the folder and the pods' network namespaces are unmounted, and the cgroups, the node's
+//! namespace (with its links and the CNI bridge) and the folder are removed. Several nodes:
+//! drop them in the reverse order of their start (as locals are), since a node removes every
+//! pod namespace that appeared after it started.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -18,6 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::control_plane::{write_kubeconfig, ControlPlane, KubeconfigUser};
+use crate::network::{ip, ip_in, run, run_quietly, NodeNetwork};
 use crate::process::{Daemon, Isolation};
 
 /// The sandbox image containerd is configured with; the harness imports it at start.
@@ -40,16 +46,28 @@ const HOST_DIRS: [&str; 5] = [
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const UNIFIED: &str = "/sys/fs/cgroup/unified";
 
+/// The unified (v2) cgroup every process of node `name` is in, whose name a test can write
+/// before the node exists: `/sys/fs/cgroup/unified/topoproxy-rn-<test pid>-<name>`. The same
+/// path in a pod that mounts the host's `/sys/fs/cgroup`, as the chart's eBPF DaemonSet does.
+pub fn unified_cgroup_of(name: &str) -> PathBuf {
+    Path::new(UNIFIED).join(cgroup_name(name))
+}
+
+fn cgroup_name(node: &str) -> String {
+    format!("topoproxy-rn-{}-{node}", std::process::id())
+}
+
 /// What the node looks like.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
     pub name: String,
     pub zone: Option<String>,
-    /// The node's InternalIP (a /24 on the node's link; `.2` of it is the outside client).
+    /// The node's InternalIP, on the [`NodeNetwork`] segment (`192.168.240.0/24`, not `.250`
+    /// or `.254`).
     pub address: std::net::Ipv4Addr,
     /// The pods' subnet (the bridge CNI's host-local range), e.g. `10.244.1.0/24`.
     pub pod_cidr: String,
-    /// A short tag for the node's links and cgroup (`tprn<tag>`), unique per test process.
+    /// A short tag for the node's namespace and links (`tprn<tag>`), unique per test process.
     pub tag: u8,
 }
 
@@ -73,29 +91,6 @@ pub struct RealNode {
     containerd: Option<Daemon>,
     kubelet: Option<Daemon>,
     kubeconfig: PathBuf,
-}
-
-/// Runs `command`, panicking with its output when it fails.
-fn run(command: &mut Command) -> String {
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `command`, ignoring the outcome (tear-down of what may already be gone).
-fn run_quietly(command: &mut Command) {
-    let _ = command.output();
-}
-
-fn ip(args: &[&str]) -> String {
-    run(Command::new("ip").args(args))
 }
 
 fn netns_names() -> BTreeSet<String> {
@@ -180,12 +175,17 @@ fn unmount(point: &Path) {
 }
 
 impl RealNode {
-    /// Starts containerd and the kubelet, imports the pause image, and waits until the Node
-    /// is Ready in the API.
-    pub async fn start(plane: &ControlPlane, options: NodeOptions, test_images: &Path) -> Self {
+    /// Creates the node's namespace on `network`, starts containerd and the kubelet in it,
+    /// imports the pause image, and waits until the Node is Ready in the API.
+    pub async fn start(
+        plane: &ControlPlane,
+        network: &NodeNetwork,
+        options: NodeOptions,
+        test_images: &Path,
+    ) -> Self {
         let dir = plane.dir().join(format!("node-{}", options.name));
         std::fs::create_dir_all(&dir).expect("creating the node's folder");
-        let cgroup = format!("topoproxy-rn-{}-{}", std::process::id(), options.tag);
+        let cgroup = cgroup_name(&options.name);
         let mut node = Self {
             socket: dir.join("containerd.sock"),
             kubeconfig: dir.join("kubelet.kubeconfig"),
@@ -202,7 +202,7 @@ impl RealNode {
             options,
         };
         node.share_propagated_mounts();
-        node.create_link();
+        node.create_netns(network);
         node.create_cgroups();
         node.start_containerd();
         node.import_image(&test_images.join("pause.tar"));
@@ -220,23 +220,50 @@ impl RealNode {
         self.options.address
     }
 
-    /// The network namespace holding the outside client (`<node address>.2`).
-    pub fn outside_netns(&self) -> String {
-        format!("tprn{}-out", self.options.tag)
+    /// The pods' subnet.
+    pub fn pod_cidr(&self) -> &str {
+        &self.options.pod_cidr
     }
 
-    /// The outside client's address.
-    pub fn outside_address(&self) -> std::net::Ipv4Addr {
-        let [a, b, c, _] = self.options.address.octets();
-        std::net::Ipv4Addr::new(a, b, c, 2)
+    /// The node's network namespace, by name (`ip netns`).
+    pub fn netns(&self) -> String {
+        format!("tprn{}-node", self.options.tag)
     }
 
+    /// The node's network namespace, by path (for `setns`, `nsenter --net=` and
+    /// [`crate::network::in_netns`]).
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new(NETNS_DIR).join(self.netns())
+    }
+
+    /// The name of the node's link inside its namespace.
+    pub fn link(&self) -> &'static str {
+        "eth0"
+    }
+
+    /// The host's end of the node's link, on the segment's bridge.
     fn host_link(&self) -> String {
         format!("tprn{}", self.options.tag)
     }
 
+    /// The CNI bridge, inside the node's namespace.
     fn bridge(&self) -> String {
         format!("tprn{}-br", self.options.tag)
+    }
+
+    /// Routes `other`'s pod subnet through `other`'s address, as a cluster's pod network
+    /// does between nodes (the CNI's bridge plugin turns forwarding on in both namespaces).
+    pub fn route_pods_to(&self, other: &RealNode) {
+        ip_in(
+            &self.netns(),
+            &[
+                "route",
+                "add",
+                other.pod_cidr(),
+                "via",
+                &other.address().to_string(),
+            ],
+        );
     }
 
     /// The unified (v2) cgroup every process of the node is in.
@@ -264,44 +291,12 @@ impl RealNode {
         }
     }
 
-    fn create_link(&self) {
-        let host = self.host_link();
-        let outside = self.outside_netns();
-        run_quietly(Command::new("ip").args(["netns", "del", &outside]));
-        run_quietly(Command::new("ip").args(["link", "del", &host]));
-        ip(&["netns", "add", &outside]);
-        ip(&[
-            "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &outside,
-        ]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", self.options.address),
-            "dev",
-            &host,
-        ]);
-        ip(&["link", "set", &host, "up"]);
-        let ns = |args: &[&str]| {
-            let mut all = vec!["-n", outside.as_str()];
-            all.extend_from_slice(args);
-            ip(&all)
-        };
-        ns(&[
-            "addr",
-            "add",
-            &format!("{}/24", self.outside_address()),
-            "dev",
-            "eth0",
-        ]);
-        ns(&["link", "set", "eth0", "up"]);
-        ns(&["link", "set", "lo", "up"]);
-        ns(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &self.options.address.to_string(),
-        ]);
+    fn create_netns(&self, network: &NodeNetwork) {
+        let netns = self.netns();
+        run_quietly(Command::new("ip").args(["netns", "del", &netns]));
+        run_quietly(Command::new("ip").args(["link", "del", &self.host_link()]));
+        ip(&["netns", "add", &netns]);
+        network.plug(&self.host_link(), &netns, self.options.address);
     }
 
     /// The kubelet's `cgroupRoot` must exist in every hierarchy; containerd (and the shims it
@@ -312,6 +307,14 @@ impl RealNode {
         }
         std::fs::create_dir_all(self.unified_cgroup().join("runtime"))
             .expect("creating the node's runtime cgroup");
+    }
+
+    /// The node's daemons enter its network namespace, nothing else.
+    fn isolation(&self) -> Isolation {
+        Isolation {
+            netns: Some(self.netns_path()),
+            ..Isolation::default()
+        }
     }
 
     fn write_containerd_config(&self) -> PathBuf {
@@ -381,7 +384,7 @@ state = "{state}"
             &format!("containerd ({})", self.options.name),
             cmd,
             &self.dir.join("containerd.log"),
-            &Isolation::default(),
+            &self.isolation(),
         );
         if let Some(pid) = daemon.pid() {
             std::fs::write(
@@ -534,7 +537,7 @@ registerNode: true
             &format!("kubelet ({})", self.options.name),
             cmd,
             &self.dir.join("kubelet.log"),
-            &Isolation::default(),
+            &self.isolation(),
         ));
     }
 
@@ -649,9 +652,10 @@ impl Drop for RealNode {
             remove_cgroup_tree(&hierarchy.join(&self.cgroup));
         }
         self.remove_host_files();
-        run_quietly(Command::new("ip").args(["link", "del", &self.bridge()]));
+        // The node's namespace went with the other new ones above (its links and the CNI
+        // bridge with it); the host's end of a link outlives it only if the namespace is
+        // still held.
         run_quietly(Command::new("ip").args(["link", "del", &self.host_link()]));
-        run_quietly(Command::new("ip").args(["netns", "del", &self.outside_netns()]));
         for point in &self.made_shared {
             run_quietly(Command::new("mount").arg("--make-private").arg(point));
         }

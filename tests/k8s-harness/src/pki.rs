@@ -118,28 +118,34 @@ impl Authority {
 }
 
 impl Pki {
-    /// Creates every certificate under `dir`.
-    pub fn create(dir: &Path) -> Self {
+    /// Creates every certificate under `dir`; the apiserver's serving certificate names
+    /// `address` (where it listens) besides loopback and the `kubernetes` Service's names.
+    pub fn create(dir: &Path, address: std::net::Ipv4Addr) -> Self {
         std::fs::create_dir_all(dir).expect("creating the pki folder");
         let (ca, ca_files) = Authority::create(dir, "ca", CA_NAME);
         let (front, front_files) =
             Authority::create(dir, "front-proxy-ca", "topoproxy-test-front-proxy-ca");
+        let address = address.to_string();
+        let mut names = vec![
+            "127.0.0.1",
+            // The host's loopback as a QEMU guest on user networking reaches it
+            // (tests/vm_k8s_parity.rs).
+            "10.0.2.2",
+            "localhost",
+            "10.96.0.1",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ];
+        if !names.contains(&address.as_str()) {
+            names.push(&address);
+        }
         let apiserver = ca.issue(
             dir,
             "apiserver",
             name("kube-apiserver", None),
-            &[
-                "127.0.0.1",
-                // The host's loopback as a QEMU guest on user networking reaches it
-                // (tests/vm_k8s_parity.rs).
-                "10.0.2.2",
-                "localhost",
-                "10.96.0.1",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ],
+            &names,
             ExtendedKeyUsagePurpose::ServerAuth,
         );
         let client = ExtendedKeyUsagePurpose::ClientAuth;

@@ -27,6 +27,9 @@ pub struct Isolation {
     /// service-account volume is (`/var/run/secrets/kubernetes.io/serviceaccount`), in a
     /// private mount namespace with a tmpfs on `/run`, so the host's tree is untouched.
     pub service_account: Option<PathBuf>,
+    /// A network namespace to enter (`/run/netns/<name>`), and only that: `ip netns exec`
+    /// would also remount `/sys`, hiding the cgroup mounts a kubelet needs.
+    pub netns: Option<PathBuf>,
 }
 
 /// Where kubelet mounts a Pod's service-account token (`/var/run` is `/run` on Debian).
@@ -107,12 +110,22 @@ impl Daemon {
                 c_string(SERVICE_ACCOUNT_MOUNT),
             ]
         });
-        // SAFETY: only async-signal-safe calls (prctl, unshare, sethostname, mount, mkdir)
-        // between fork and exec, on buffers allocated before the fork.
+        // Opened before the fork; the child enters it and `exec` closes it (O_CLOEXEC).
+        let netns = isolation.netns.as_ref().map(|path| {
+            File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+        });
+        let netns_fd = netns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        // SAFETY: only async-signal-safe calls (prctl, setns, unshare, sethostname, mount,
+        // mkdir) between fork and exec, on buffers and descriptors made before the fork.
         unsafe {
             command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 if let Some(host) = &hostname {
                     if libc::unshare(libc::CLONE_NEWUTS) != 0 {
@@ -131,6 +144,7 @@ impl Daemon {
         let child = command
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name} ({:?}): {e}", command.get_program()));
+        drop(netns);
         Self {
             name: name.to_owned(),
             log: log.to_owned(),

@@ -58,8 +58,8 @@ use loader::MapSwitch;
 use maps::PinnedMaps;
 
 use super::{
-    error_chain, Dataplane, DataplaneError, ProgrammedTable, ServiceNames, ServiceTraffic,
-    TierScope,
+    error_chain, Capabilities, Dataplane, DataplaneError, ProgrammedTable, ServiceNames,
+    ServiceTraffic, Telemetry, TelemetryRead, TierScope,
 };
 
 const NAME: &str = "ebpf";
@@ -443,14 +443,15 @@ impl Dataplane for EbpfDataplane {
         NAME
     }
 
-    fn tier_scope(&self) -> TierScope {
-        TierScope::All
-    }
-
-    /// The tc programs drop new flows from outside the ranges; the socket programs leave a
-    /// firewalled frontend untranslated (docs/parity.md).
-    fn enforces_source_ranges(&self) -> bool {
-        true
+    /// Every tier, with its share (the programs spill between them). Source ranges: the tc
+    /// programs drop new flows from outside the ranges; the socket programs leave a firewalled
+    /// frontend untranslated (docs/parity.md).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            tier_scope: TierScope::All,
+            marks_local_destinations: false,
+            enforces_source_ranges: true,
+        }
     }
 
     fn refresh_node_addresses(
@@ -486,8 +487,14 @@ impl Dataplane for EbpfDataplane {
         }
     }
 
-    fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
-        vec![("map_writes", self.layout.map_writes())]
+    fn telemetry(&mut self, read: TelemetryRead) -> Telemetry {
+        Telemetry {
+            kernel_requests: vec![("map_writes", self.layout.map_writes())],
+            traffic: match read {
+                TelemetryRead::Requests => Vec::new(),
+                TelemetryRead::RequestsAndTraffic => self.traffic(),
+            },
+        }
     }
 
     async fn synced(&mut self) -> Result<(), DataplaneError> {
@@ -495,8 +502,12 @@ impl Dataplane for EbpfDataplane {
             .and_then(|()| self.refresh_north_south())
             .map_err(|error| DataplaneError::finish(NAME, error))
     }
+}
 
-    fn service_counters(&mut self) -> Vec<ServiceTraffic> {
+impl EbpfDataplane {
+    /// Per-service traffic with its per-tier connections; a failed read is logged and leaves
+    /// its part empty.
+    fn traffic(&self) -> Vec<ServiceTraffic> {
         let mut per_tier: std::collections::HashMap<VsKey, Vec<u64>> = match self.tier_connections()
         {
             Ok(measured) => measured.into_iter().collect(),
@@ -505,7 +516,7 @@ impl Dataplane for EbpfDataplane {
                 Default::default()
             }
         };
-        match EbpfDataplane::service_counters(self) {
+        match self.service_counters() {
             Ok(counters) => counters
                 .into_iter()
                 .map(|(key, counters)| ServiceTraffic {

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::process::{Command as Process, Stdio};
 
+use super::kernel::{IpvsKernel, RealKernel};
 use super::link::{DummyLink, LinkError};
 use super::netlink::{Command, IpvsClient, IpvsError, ServiceId};
 use super::nft::{Nft, NftError};
@@ -126,27 +127,49 @@ pub async fn cleanup(
     scope: CleanupScope,
     node_port_range: RangeInclusive<u16>,
 ) -> Result<CleanupReport, CleanupError> {
-    let kube_proxy = scope.kube_proxy();
-    let mut report = CleanupReport::default();
-    let mut nft = Nft::new()?;
-    let owned = nft.read()?.unwrap_or_default().state;
-    let mut ipvs = IpvsClient::connect()?;
+    let nft = Nft::new()?;
+    let ipvs = IpvsClient::connect()?;
     let link = DummyLink::find(&settings.link_name)
         .await
         .map_err(link_error(settings))?;
-    let link_addresses = match &link {
-        Some(link) => link.addresses().await.map_err(link_error(settings))?,
-        None => BTreeSet::new(),
-    };
-    let node_addresses = match &link {
-        Some(link) => link
-            .addresses_elsewhere()
+    let mut kernel = RealKernel::existing(ipvs, link, nft);
+    let mut report = clean_kernel(&mut kernel, settings, scope, &node_port_range).await?;
+    if scope.kube_proxy() {
+        let (chains, notes) = remove_kube_proxy_iptables()?;
+        report.iptables_chains_deleted = chains;
+        report.notes.extend(notes);
+        let (sets, notes) = destroy_kube_proxy_ipsets()?;
+        report.ipsets_destroyed = sets;
+        report.notes.extend(notes);
+    }
+    Ok(report)
+}
+
+/// The kernel's part of clean-up: the IPVS services `scope` names, then the link's addresses
+/// (or the link), then, with topoproxy's own state in scope, its nft table. kube-proxy's
+/// iptables chains and ipsets are the caller's.
+async fn clean_kernel<K: IpvsKernel>(
+    kernel: &mut K,
+    settings: &IpvsSettings,
+    scope: CleanupScope,
+    node_port_range: &RangeInclusive<u16>,
+) -> Result<CleanupReport, CleanupError> {
+    let mut report = CleanupReport::default();
+    let owned = kernel.nft_read()?.unwrap_or_default().state;
+    let link_addresses = if kernel.has_link() {
+        kernel
+            .link_addresses()
             .await
-            .map_err(link_error(settings))?,
-        None => BTreeSet::new(),
+            .map_err(link_error(settings))?
+    } else {
+        BTreeSet::new()
     };
+    let node_addresses = kernel
+        .addresses_elsewhere()
+        .await
+        .map_err(link_error(settings))?;
     let owned_keys: BTreeSet<VsKey> = owned.services.keys().copied().collect();
-    let present: Vec<ServiceId> = ipvs.services()?.into_iter().map(|s| s.id).collect();
+    let present: Vec<ServiceId> = kernel.dump_services()?.into_iter().map(|s| s.id).collect();
     let doomed = doomed_services(
         &present,
         &Owners {
@@ -155,14 +178,35 @@ pub async fn cleanup(
             link_addresses: &link_addresses,
             node_addresses: &node_addresses,
             exclude_cidrs: &settings.exclude_cidrs,
-            node_port_range: &node_port_range,
+            node_port_range,
         },
     );
+    report.services_deleted = delete_services(kernel, &doomed)?;
+
+    let ours: BTreeSet<IpAddr> = owned.services.keys().map(|key| key.address).collect();
+    if kernel.has_link() {
+        remove_addresses(kernel, settings, scope, &link_addresses, &ours, &mut report).await?;
+    }
+    if scope.ours() && kernel.nft_exists()? {
+        kernel.nft_delete()?;
+        report.nft_table_deleted = true;
+    }
+    Ok(report)
+}
+
+/// Deletes `doomed` in one batch; returns how many went. One already gone (another writer,
+/// or the kernel's own clean-up) is not an error: the kernel answers `ESRCH` for a missing
+/// service.
+fn delete_services<K: IpvsKernel>(
+    kernel: &mut K,
+    doomed: &[ServiceId],
+) -> Result<usize, CleanupError> {
     let commands: Vec<Command> = doomed.iter().map(|id| Command::DelService(*id)).collect();
-    for (id, result) in doomed.iter().zip(ipvs.execute(&commands)) {
+    let mut deleted = 0;
+    for (id, result) in doomed.iter().zip(kernel.execute(&commands)) {
         match result {
-            Ok(()) => report.services_deleted += 1,
-            Err(source) if source.errno() == Some(libc::ENOENT) => {}
+            Ok(()) => deleted += 1,
+            Err(source) if matches!(source.errno(), Some(libc::ESRCH | libc::ENOENT)) => {}
             Err(source) => {
                 return Err(CleanupError::DeleteService {
                     service: format!(
@@ -175,28 +219,7 @@ pub async fn cleanup(
             }
         }
     }
-
-    if kube_proxy {
-        let (chains, notes) = remove_kube_proxy_iptables()?;
-        report.iptables_chains_deleted = chains;
-        report.notes.extend(notes);
-        let (sets, notes) = destroy_kube_proxy_ipsets()?;
-        report.ipsets_destroyed = sets;
-        report.notes.extend(notes);
-    }
-
-    let ours: BTreeSet<IpAddr> = owned.services.keys().map(|key| key.address).collect();
-    if let Some(link) = link {
-        remove_addresses(settings, scope, link, &link_addresses, &ours, &mut report).await?;
-    }
-    if !scope.ours() {
-        return Ok(report);
-    }
-    if nft.read()?.is_some() {
-        nft.delete()?;
-        report.nft_table_deleted = true;
-    }
-    Ok(report)
+    Ok(deleted)
 }
 
 /// What tells the IPVS services to remove from the others.
@@ -243,17 +266,18 @@ fn doomed_services(present: &[ServiceId], owners: &Owners<'_>) -> Vec<ServiceId>
 /// The link's addresses: with topoproxy's own state in scope, the whole link when nothing
 /// else is left on it, else its own addresses (and kube-proxy's when in scope); with
 /// kube-proxy's only, the addresses none of topoproxy's services use (it keeps serving).
-async fn remove_addresses(
+async fn remove_addresses<K: IpvsKernel>(
+    kernel: &mut K,
     settings: &IpvsSettings,
     scope: CleanupScope,
-    link: DummyLink,
     link_addresses: &BTreeSet<IpAddr>,
     ours: &BTreeSet<IpAddr>,
     report: &mut CleanupReport,
 ) -> Result<(), CleanupError> {
     if !scope.ours() {
         for address in link_addresses.iter().filter(|a| !ours.contains(a)) {
-            link.delete_address(*address)
+            kernel
+                .delete_address(*address)
                 .await
                 .map_err(link_error(settings))?;
             report.addresses_removed += 1;
@@ -267,12 +291,13 @@ async fn remove_addresses(
         .count();
     if remaining == 0 {
         report.addresses_removed = link_addresses.len();
-        link.delete().await.map_err(link_error(settings))?;
+        kernel.delete_link().await.map_err(link_error(settings))?;
         report.link_deleted = true;
         return Ok(());
     }
     for address in link_addresses.iter().filter(|a| ours.contains(a)) {
-        link.delete_address(*address)
+        kernel
+            .delete_address(*address)
             .await
             .map_err(link_error(settings))?;
         report.addresses_removed += 1;
@@ -582,3 +607,7 @@ COMMIT
         assert_eq!(iptables_cleanup_script(save), None);
     }
 }
+
+#[cfg(test)]
+#[path = "cleanup_tests.rs"]
+mod kernel_tests;

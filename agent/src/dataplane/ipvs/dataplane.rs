@@ -22,7 +22,8 @@ use ipnetwork::IpNetwork;
 
 use crate::dataplane::op::{apply_to, Op};
 use crate::dataplane::{
-    error_chain, Dataplane, DataplaneError, FailedOp, ProgrammedService, ProgrammedTable,
+    error_chain, Capabilities, Dataplane, DataplaneError, FailedOp, ProgrammedService,
+    ProgrammedTable, Telemetry, TelemetryRead,
 };
 use crate::table::VsKey;
 
@@ -759,8 +760,11 @@ impl<K: IpvsKernel> IpvsDataplane<K> {
 }
 
 impl<K: IpvsKernel> Dataplane for IpvsDataplane<K> {
-    fn marks_local_destinations(&self) -> bool {
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            marks_local_destinations: true,
+            ..Capabilities::default()
+        }
     }
 
     fn name(&self) -> &'static str {
@@ -812,9 +816,11 @@ impl<K: IpvsKernel> Dataplane for IpvsDataplane<K> {
             .map_err(|error| DataplaneError::finish(NAME, error))
     }
 
-    fn kernel_requests(&self) -> Vec<(&'static str, u64)> {
+    /// IPVS keeps its own per-service counters (`ipvsadm -Ln --stats`); the agent reports only
+    /// its requests.
+    fn telemetry(&mut self, _read: TelemetryRead) -> Telemetry {
         let counts = self.kernel.messages_sent();
-        vec![
+        let kernel_requests = vec![
             ("new_service", counts.new_service),
             ("set_service", counts.set_service),
             ("del_service", counts.del_service),
@@ -825,7 +831,11 @@ impl<K: IpvsKernel> Dataplane for IpvsDataplane<K> {
             ("dump_services", counts.dump_services),
             ("dump_destinations", counts.dump_destinations),
             ("other", counts.other),
-        ]
+        ];
+        Telemetry {
+            kernel_requests,
+            traffic: Vec::new(),
+        }
     }
 }
 

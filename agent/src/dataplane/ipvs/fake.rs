@@ -36,6 +36,7 @@ pub enum CallKind {
     Destinations,
     /// One command of a batch: each counts as a call of its own.
     Command,
+    DeleteLink,
     LinkAddresses,
     AddressesElsewhere,
     AddAddress,
@@ -44,6 +45,7 @@ pub enum CallKind {
     NftRead,
     NftReplace,
     NftUpdate,
+    NftDelete,
     FlushConntrack,
 }
 
@@ -76,6 +78,7 @@ pub enum Call {
     GetService(ServiceId),
     Destinations(ServiceId),
     Command(Command),
+    DeleteLink,
     LinkAddresses,
     AddressesElsewhere,
     AddAddress(IpAddr),
@@ -84,6 +87,7 @@ pub enum Call {
     NftRead,
     NftReplace(NftState),
     NftUpdate { from: NftState, to: NftState },
+    NftDelete,
     FlushConntrack(Vec<BackendFlow>),
 }
 
@@ -98,6 +102,8 @@ pub struct FakeService {
 #[derive(Debug, Default)]
 pub struct FakeState {
     pub services: BTreeMap<ServiceId, FakeService>,
+    /// No dummy link (a node where nothing made one); the link's calls find nothing then.
+    pub link_missing: bool,
     /// The addresses on the dummy link.
     pub link: BTreeSet<IpAddr>,
     /// The addresses on the other links.
@@ -382,6 +388,22 @@ impl IpvsKernel for FakeKernel {
         self.state().sent
     }
 
+    fn has_link(&self) -> bool {
+        !self.state().link_missing
+    }
+
+    fn delete_link(&mut self) -> impl Future<Output = Result<(), LinkError>> + Send {
+        let result = if self.call(CallKind::DeleteLink, Call::DeleteLink) {
+            Err(link_fault())
+        } else {
+            let mut state = self.state();
+            state.link_missing = true;
+            state.link.clear();
+            Ok(())
+        };
+        std::future::ready(result)
+    }
+
     fn link_addresses(&self) -> impl Future<Output = Result<BTreeSet<IpAddr>, LinkError>> + Send {
         let result = if self.call(CallKind::LinkAddresses, Call::LinkAddresses) {
             Err(link_fault())
@@ -405,6 +427,8 @@ impl IpvsKernel for FakeKernel {
     fn add_address(&self, address: IpAddr) -> impl Future<Output = Result<(), LinkError>> + Send {
         let result = if self.call(CallKind::AddAddress, Call::AddAddress(address)) {
             Err(link_fault())
+        } else if self.state().link_missing {
+            Err(LinkError::Missing)
         } else {
             self.state().link.insert(address);
             Ok(())
@@ -476,6 +500,14 @@ impl IpvsKernel for FakeKernel {
                 source: io::Error::from_raw_os_error(libc::ENOENT),
             })?;
         state.nft = Some(next);
+        Ok(())
+    }
+
+    fn nft_delete(&mut self) -> Result<(), NftError> {
+        if self.call(CallKind::NftDelete, Call::NftDelete) {
+            return Err(nft_fault());
+        }
+        self.state().nft = None;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
-//! [`IpvsKernel`]: everything [`IpvsDataplane`](super::IpvsDataplane) asks of the kernel, and
-//! [`RealKernel`], which asks the kernel. The seam lets the dataplane's read, adoption, apply
-//! phases and drain checks run on a fake kernel in unit tests (`fake.rs`); the VM tests
-//! (`vm_ipvs_*`) keep covering the real one.
+//! [`IpvsKernel`]: everything [`IpvsDataplane`](super::IpvsDataplane) and `topoproxy cleanup`
+//! ask of the kernel, and [`RealKernel`], which asks the kernel. The seam lets the dataplane's
+//! read, adoption, apply phases and drain checks, and what clean-up removes, run on a fake
+//! kernel in unit tests (`fake.rs`); the VM tests (`vm_ipvs_*`) keep covering the real one.
 //!
 //! # Blocking contract
 //!
@@ -48,6 +48,13 @@ pub trait IpvsKernel: Send + Sync {
     /// IPVS requests sent since start, by kind.
     fn messages_sent(&self) -> MessageCounts;
 
+    /// Whether the dummy link exists. The dataplane creates it at start; clean-up only looks
+    /// for it. Without it nothing is bound, and every address of the node is elsewhere.
+    fn has_link(&self) -> bool;
+
+    /// Deletes the dummy link with every address on it; no link is not an error.
+    fn delete_link(&mut self) -> impl Future<Output = Result<(), LinkError>> + Send;
+
     /// The addresses bound on the dummy link.
     fn link_addresses(&self) -> impl Future<Output = Result<BTreeSet<IpAddr>, LinkError>> + Send;
 
@@ -78,6 +85,9 @@ pub trait IpvsKernel: Send + Sync {
     /// when the table does not hold `from`'s elements.
     fn nft_update(&mut self, from: &NftState, to: &NftState) -> Result<(), NftError>;
 
+    /// Deletes the nft table (the caller checks that it exists).
+    fn nft_delete(&mut self) -> Result<(), NftError>;
+
     /// Deletes the conntrack entries of `flows`; returns how many went.
     fn flush_conntrack(&mut self, flows: &[BackendFlow]) -> Result<usize, ConntrackError>;
 }
@@ -86,7 +96,8 @@ pub trait IpvsKernel: Send + Sync {
 /// `nft` program and the conntrack netlink socket, used as they are.
 pub struct RealKernel {
     ipvs: IpvsClient,
-    link: DummyLink,
+    /// Always there for the dataplane; clean-up and the listing take the node as it is.
+    link: Option<DummyLink>,
     nft: Nft,
 }
 
@@ -116,7 +127,17 @@ impl RealKernel {
                 source: Box::new(source),
             })?;
         let nft = Nft::new()?;
-        Ok(Self { ipvs, link, nft })
+        Ok(Self {
+            ipvs,
+            link: Some(link),
+            nft,
+        })
+    }
+
+    /// The kernel as it is, changing nothing: IPVS, the dummy link if there is one, and
+    /// `nft` (for clean-up and the listing).
+    pub fn existing(ipvs: IpvsClient, link: Option<DummyLink>, nft: Nft) -> Self {
+        Self { ipvs, link, nft }
     }
 }
 
@@ -141,25 +162,66 @@ impl IpvsKernel for RealKernel {
         self.ipvs.messages_sent()
     }
 
+    fn has_link(&self) -> bool {
+        self.link.is_some()
+    }
+
+    fn delete_link(&mut self) -> impl Future<Output = Result<(), LinkError>> + Send {
+        let link = self.link.take();
+        async move {
+            match link {
+                Some(link) => link.delete().await,
+                None => Ok(()),
+            }
+        }
+    }
+
     fn link_addresses(&self) -> impl Future<Output = Result<BTreeSet<IpAddr>, LinkError>> + Send {
-        self.link.addresses()
+        let link = self.link.as_ref();
+        async move {
+            match link {
+                Some(link) => link.addresses().await,
+                None => Ok(BTreeSet::new()),
+            }
+        }
     }
 
     fn addresses_elsewhere(
         &self,
     ) -> impl Future<Output = Result<BTreeSet<IpAddr>, LinkError>> + Send {
-        self.link.addresses_elsewhere()
+        let link = self.link.as_ref();
+        async move {
+            match link {
+                Some(link) => link.addresses_elsewhere().await,
+                // Without the link every address is elsewhere.
+                None => crate::node_addresses::interface_addresses()
+                    .map(|all| all.into_iter().map(|a| a.address).collect())
+                    .map_err(LinkError::NodeAddresses),
+            }
+        }
     }
 
     fn add_address(&self, address: IpAddr) -> impl Future<Output = Result<(), LinkError>> + Send {
-        self.link.add_address(address)
+        let link = self.link.as_ref();
+        async move {
+            match link {
+                Some(link) => link.add_address(address).await,
+                None => Err(LinkError::Missing),
+            }
+        }
     }
 
     fn delete_address(
         &self,
         address: IpAddr,
     ) -> impl Future<Output = Result<(), LinkError>> + Send {
-        self.link.delete_address(address)
+        let link = self.link.as_ref();
+        async move {
+            match link {
+                Some(link) => link.delete_address(address).await,
+                None => Ok(()),
+            }
+        }
     }
 
     fn nft_exists(&mut self) -> Result<bool, NftError> {
@@ -176,6 +238,10 @@ impl IpvsKernel for RealKernel {
 
     fn nft_update(&mut self, from: &NftState, to: &NftState) -> Result<(), NftError> {
         self.nft.update(from, to)
+    }
+
+    fn nft_delete(&mut self) -> Result<(), NftError> {
+        self.nft.delete()
     }
 
     fn flush_conntrack(&mut self, flows: &[BackendFlow]) -> Result<usize, ConntrackError> {

@@ -71,6 +71,10 @@ pub enum LinkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("binding an address needs the dummy link, and there is none")]
+    Missing,
+    #[error("listing the node's addresses failed")]
+    NodeAddresses(#[source] std::io::Error),
 }
 
 impl LinkError {
@@ -83,7 +87,9 @@ impl LinkError {
             | Self::AddAddress { source, .. }
             | Self::DeleteAddress { source, .. }
             | Self::Delete { source, .. } => source,
-            Self::Connect(_) | Self::Vanished { .. } => return None,
+            Self::Connect(_) | Self::Vanished { .. } | Self::Missing | Self::NodeAddresses(_) => {
+                return None
+            }
         };
         errno_of(source)
     }

@@ -1,0 +1,232 @@
+//! What the real-node tests do as an operator would ([`crate::node::RealNode`]): `kubectl` and
+//! `helm` with the admin kubeconfig, the chart rendered through a Helm post-renderer for what
+//! this host cannot grant or the test must tell each node apart, pods of the echo image pinned
+//! to a node, and waits for pods to be Ready that print the cluster's account of them when
+//! they fail. Also the agent's clean-up when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::{Api, Client};
+use serde_json::json;
+
+use crate::node::ECHO_IMAGE;
+use crate::ControlPlane;
+
+/// `kubectl` with the admin kubeconfig: its standard output, or the error with both outputs.
+pub fn kubectl(plane: &ControlPlane, args: &[&str]) -> Result<String, String> {
+    crate::stdout_of(
+        Command::new(&plane.binaries().kubectl)
+            .arg("--kubeconfig")
+            .arg(plane.admin_kubeconfig())
+            .args(args),
+        "kubectl",
+    )
+}
+
+/// `helm` with the admin kubeconfig; panics with its output when it fails.
+pub fn helm(plane: &ControlPlane, args: &[&str]) {
+    let out = Command::new(&plane.binaries().helm)
+        .arg("--kubeconfig")
+        .arg(plane.admin_kubeconfig())
+        .args(args)
+        .output()
+        .expect("running helm");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether this process may hand `CAP_SYS_RESOURCE` to a container (this machine kind's root
+/// has every capability but that one in its bounding set).
+pub fn can_grant_sys_resource() -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapBnd:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|bounding| bounding >> CAP_SYS_RESOURCE & 1 == 1)
+}
+
+/// `--post-renderer <script>` arguments for `helm install`/`upgrade`, or none when nothing is
+/// to change. The script (GNU sed over the rendered objects):
+///
+/// - drops `SYS_RESOURCE` from the chart's capabilities when this host cannot grant it (runc
+///   fails "unable to apply caps" otherwise); the agent needs it only to raise
+///   `RLIMIT_MEMLOCK` on kernels before 5.11 and goes on without it (a warning);
+/// - appends `agent_args` to the agent's arguments, after `--hostname-override=$(NODE_NAME)`
+///   (the kubelet expands `$(NODE_NAME)` in them): settings that differ per node, which one
+///   DaemonSet's ConfigMap cannot give. The caller checks they landed
+///   ([`daemonset_args`]).
+pub fn post_renderer_args(plane: &ControlPlane, agent_args: &[String]) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut expressions = Vec::new();
+    if !can_grant_sys_resource() {
+        println!("this host cannot grant CAP_SYS_RESOURCE: the chart is installed without it");
+        expressions.push(r#"s/, "SYS_RESOURCE"//"#.to_owned());
+    }
+    if !agent_args.is_empty() {
+        // One substitution for all of them: after it the line no longer ends where `$` of a
+        // second one would match.
+        let mut appended = String::new();
+        for arg in agent_args {
+            assert!(
+                !arg.contains(['\'', '|', '&', '\\', '\n']),
+                "{arg:?} does not fit in the post-renderer's sed expression"
+            );
+            appended.push_str(&format!(r"\n\1- {arg}"));
+        }
+        expressions.push(format!(
+            r"s|^\( *\)- --hostname-override=\$(NODE_NAME)$|&{appended}|"
+        ));
+    }
+    if expressions.is_empty() {
+        return Vec::new();
+    }
+    let script: String = expressions
+        .iter()
+        .map(|e| format!(" -e '{e}'"))
+        .collect::<String>();
+    let path = plane.dir().join("post-renderer.sh");
+    std::fs::write(&path, format!("#!/bin/sh\nexec sed{script}\n"))
+        .expect("writing the post-renderer");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        .expect("making the post-renderer executable");
+    vec![
+        "--post-renderer".to_owned(),
+        path.to_string_lossy().into_owned(),
+    ]
+}
+
+/// The arguments of the first container of DaemonSet `namespace/name`, as the API holds them.
+pub async fn daemonset_args(client: &Client, namespace: &str, name: &str) -> Vec<String> {
+    let sets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        Api::namespaced(client.clone(), namespace);
+    sets.get(name)
+        .await
+        .ok()
+        .and_then(|set| set.spec?.template.spec?.containers.into_iter().next()?.args)
+        .unwrap_or_default()
+}
+
+pub fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// What the cluster says about the pods of `selector`, for a failure message.
+pub fn describe(plane: &ControlPlane, namespace: &str, selector: &str) -> String {
+    let pods = kubectl(
+        plane,
+        &["-n", namespace, "describe", "pods", "-l", selector],
+    )
+    .unwrap_or_else(|e| e);
+    let logs = kubectl(
+        plane,
+        &[
+            "-n",
+            namespace,
+            "logs",
+            "-l",
+            selector,
+            "--tail",
+            "30",
+            "--all-containers",
+        ],
+    )
+    .unwrap_or_else(|e| e);
+    format!("{pods}\n--- logs ---\n{logs}")
+}
+
+/// Waits until `count` pods of `selector` are Ready; panics with [`describe`] after 240 s.
+pub async fn wait_pods_ready(
+    client: &Client,
+    plane: &ControlPlane,
+    namespace: &str,
+    selector: &str,
+    count: usize,
+) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let limit = Duration::from_secs(240);
+    let deadline = Instant::now() + limit;
+    loop {
+        let list = pods.list(&ListParams::default().labels(selector)).await;
+        let ready = list
+            .as_ref()
+            .map(|l| l.items.iter().filter(|p| pod_ready(p)).count())
+            .unwrap_or(0);
+        if ready >= count {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{count} pod(s) {selector} in {namespace} not Ready within {limit:?}\n{}",
+                describe(plane, namespace, selector)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A pod of the echo image on `node`, labelled `app: <app>`: it answers `<pod name> <peer>`
+/// on TCP and UDP port 8080, or is a client (`kubectl exec … /tp-echo -connect`).
+pub fn echo_pod(namespace: &str, name: &str, node: &str, app: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": app}},
+        "spec": {
+            "nodeName": node,
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "echo",
+                "image": ECHO_IMAGE,
+                "imagePullPolicy": "Never",
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "ports": [{"containerPort": 8080}],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+            }],
+        },
+    })
+}
+
+/// Runs `topoproxy cleanup` (eBPF) for each pin folder when dropped: a failing test must not
+/// leave the agent's programs attached or pinned.
+pub struct AgentCleanup {
+    binary: PathBuf,
+    pin_dirs: Vec<PathBuf>,
+}
+
+impl AgentCleanup {
+    /// `binary` is the test's `topoproxy` (`env!("CARGO_BIN_EXE_topoproxy")`).
+    pub fn new(binary: &Path, pin_dirs: &[&Path]) -> Self {
+        Self {
+            binary: binary.to_owned(),
+            pin_dirs: pin_dirs.iter().map(|p| p.to_path_buf()).collect(),
+        }
+    }
+}
+
+impl Drop for AgentCleanup {
+    fn drop(&mut self) {
+        for dir in &self.pin_dirs {
+            let _ = Command::new(&self.binary)
+                .args(["cleanup", "--proxy-mode", "ebpf", "--bpf-pin-dir"])
+                .arg(dir)
+                .output();
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Topology-aware routing with real pods: two real nodes (`k8s_harness::node`) in two zones,
+//! each in a network namespace of its own on one segment, pods routed between them, the Helm
+//! chart's DaemonSet (eBPF mode, the image `cargo xtask image` builds) on both, and a Service
+//! with `trafficDistribution: PreferClose` whose EndpointSlice hints the real
+//! kube-controller-manager writes. A client pod on each node is answered only by its own
+//! zone's pods; once its zone's pods are deleted, by the other zone's.
+//!
+//! Two eBPF agents on one host must not share pins or cgroup attachments: each node's agent
+//! pins under `/sys/fs/bpf/topoproxy-<node>` and attaches to its node's cgroup (the kubelet's
+//! `cgroupRoot`), arguments a Helm post-renderer adds per node through `$(NODE_NAME)` (test
+//! plumbing: on a real cluster each node is a host of its own and the defaults apply).
+//!
+//! Needs root, BPF and cgroup v2, `cargo xtask k8s-setup` (kubelet, containerd, the test
+//! images) and the image archive in `TOPOPROXY_AGENT_IMAGE` (`cargo xtask test` builds it and
+//! sets it); without the archive the test says SKIP.
+
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_harness::network::NodeNetwork;
+use k8s_harness::node::{unified_cgroup_of, NodeOptions, RealNode};
+use k8s_harness::objects::{apply, eventually, slices_of};
+use k8s_harness::workloads::{
+    daemonset_args, echo_pod, helm, kubectl, post_renderer_args, wait_pods_ready, AgentCleanup,
+};
+use k8s_harness::{ControlPlane, Options};
+use k8s_openapi::api::core::v1::Service;
+use kube::{Api, Client};
+use serde_json::json;
+
+const NAMESPACE: &str = "shop";
+/// Each node's agent pins here, `$(NODE_NAME)` expanded by the kubelet.
+const PIN_DIR_PREFIX: &str = "/sys/fs/bpf/topoproxy-";
+
+/// A node of the test: its name, zone, address, pod subnet, echo pods and client pod.
+struct Zone {
+    node: &'static str,
+    zone: &'static str,
+    address: &'static str,
+    pod_cidr: &'static str,
+    backends: [&'static str; 2],
+    client: &'static str,
+}
+
+const ZONES: [Zone; 2] = [
+    Zone {
+        node: "node-a",
+        zone: "zone-a",
+        address: "192.168.240.1",
+        pod_cidr: "10.244.1.0/24",
+        backends: ["echo-a1", "echo-a2"],
+        client: "client-a",
+    },
+    Zone {
+        node: "node-b",
+        zone: "zone-b",
+        address: "192.168.240.2",
+        pod_cidr: "10.244.2.0/24",
+        backends: ["echo-b1", "echo-b2"],
+        client: "client-b",
+    },
+];
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn pin_dir(node: &str) -> PathBuf {
+    PathBuf::from(format!("{PIN_DIR_PREFIX}{node}"))
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// What one client pod saw in a second of asking `address` every 50 ms: the pods that
+/// answered, and how many asks failed.
+struct Answers {
+    pods: BTreeSet<String>,
+    failed: u64,
+}
+
+fn ask_for_a_second(plane: &ControlPlane, client: &str, address: &str) -> Result<Answers, String> {
+    let out = kubectl(
+        plane,
+        &[
+            "-n", NAMESPACE, "exec", client, "--", "/tp-echo", "-connect", address, "-for", "1s",
+            "-every", "50ms", "-timeout", "1s",
+        ],
+    )?;
+    let mut answers = Answers {
+        pods: BTreeSet::new(),
+        failed: 0,
+    };
+    let mut summary = false;
+    for line in out.lines() {
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["answered", _, "failed", failed] => {
+                answers.failed = failed.parse().map_err(|_| format!("summary {line:?}"))?;
+                summary = true;
+            }
+            [pod, _peer] => {
+                answers.pods.insert((*pod).to_owned());
+            }
+            _ => return Err(format!("an unexpected line from {client}: {line:?}")),
+        }
+    }
+    if !summary {
+        return Err(format!("no summary from {client}: {out:?}"));
+    }
+    Ok(answers)
+}
+
+/// Waits until a second of asks from `client` is answered by exactly `expected`, none failing.
+async fn answered_only_by(plane: &ControlPlane, client: &str, address: &str, expected: &[&str]) {
+    let expected = names(expected);
+    let started = Instant::now();
+    let limit = Duration::from_secs(90);
+    loop {
+        let last = match ask_for_a_second(plane, client, address) {
+            Ok(answers) if answers.pods == expected && answers.failed == 0 => break,
+            Ok(answers) => format!("answered by {:?}, {} failed", answers.pods, answers.failed),
+            Err(e) => e,
+        };
+        assert!(
+            started.elapsed() < limit,
+            "{client} asking {address} was not answered by exactly {expected:?} within \
+             {limit:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "{client}: answered by {expected:?} only, after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The Service's EndpointSlices as the real controller wrote them: every endpoint carries its
+/// node's zone and a hint for that zone (`trafficDistribution: PreferClose`).
+async fn hints_name_each_endpoints_own_zone(client: &Client, count: usize) {
+    eventually(
+        &format!("{count} endpoints of echo, each hinted for its own zone"),
+        Duration::from_secs(60),
+        || async move {
+            let slices = slices_of(client, NAMESPACE, "echo").await;
+            let endpoints: Vec<_> = slices.iter().flat_map(|s| &s.endpoints).collect();
+            let hinted = endpoints.iter().all(|endpoint| {
+                let zones: Vec<&str> = endpoint
+                    .hints
+                    .as_ref()
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.as_str()).collect())
+                    .unwrap_or_default();
+                endpoint.zone.as_deref().is_some_and(|zone| zones == [zone])
+            });
+            (endpoints.len() == count && hinted).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Starts `zone`'s node and imports the agent's and the echo image into it.
+async fn start_node(
+    plane: &ControlPlane,
+    network: &NodeNetwork,
+    zone: &Zone,
+    tag: u8,
+    agent_image: &Path,
+) -> RealNode {
+    let node = RealNode::start(
+        plane,
+        network,
+        NodeOptions {
+            name: zone.node.into(),
+            zone: Some(zone.zone.into()),
+            address: zone.address.parse().expect("an address"),
+            pod_cidr: zone.pod_cidr.into(),
+            tag,
+        },
+        &k8s_harness::test_images_dir(),
+    )
+    .await;
+    node.import_image(agent_image);
+    node.import_image(&k8s_harness::test_images_dir().join("echo.tar"));
+    node
+}
+
+#[tokio::test]
+async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
+    const TEST: &str = "each_zone_is_answered_by_its_own_pods_then_by_the_other_zone";
+    let Some(agent_image) = std::env::var_os("TOPOPROXY_AGENT_IMAGE").map(PathBuf::from) else {
+        harness::skip(
+            TEST,
+            "TOPOPROXY_AGENT_IMAGE (the archive of `cargo xtask image`) is not set; `cargo xtask test` sets it",
+        );
+        return;
+    };
+    let started = Instant::now();
+    let pin_dirs: Vec<PathBuf> = ZONES.iter().map(|z| pin_dir(z.node)).collect();
+    let pin_dir_refs: Vec<&Path> = pin_dirs.iter().map(PathBuf::as_path).collect();
+    let _cleanup = AgentCleanup::new(Path::new(env!("CARGO_BIN_EXE_topoproxy")), &pin_dir_refs);
+    // Before the control plane, which listens on the host's address on it; dropped last.
+    let network = NodeNetwork::create();
+    let plane = ControlPlane::start(Options {
+        real_nodes: true,
+        address: network.host_address(),
+        ..Options::default()
+    })
+    .await;
+    let client = plane.admin_client().await;
+    // Two locals, not a Vec: nodes are dropped in the reverse order of their start.
+    let node_a = start_node(&plane, &network, &ZONES[0], 0, &agent_image).await;
+    let node_b = start_node(&plane, &network, &ZONES[1], 1, &agent_image).await;
+    node_a.route_pods_to(&node_b);
+    node_b.route_pods_to(&node_a);
+    let nodes = [&node_a, &node_b];
+    println!(
+        "control plane and two nodes up: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let chart = workspace().join("charts/topoproxy");
+    let chart = chart.to_string_lossy();
+    let port_value = format!("apiServer.port={}", plane.endpoint().port());
+    let host_value = format!("apiServer.host={}", network.host_address());
+    let interfaces_value = format!("config.north-south-interfaces={}", nodes[0].link());
+    let per_node_args = vec![
+        format!("--bpf-pin-dir={PIN_DIR_PREFIX}$(NODE_NAME)"),
+        format!(
+            "--cgroup-path={}",
+            unified_cgroup_of("$(NODE_NAME)").display()
+        ),
+    ];
+    let mut install = vec![
+        "install",
+        "topoproxy",
+        &chart,
+        "-n",
+        "kube-system",
+        "--set",
+        "mode=ebpf",
+        "--set",
+        &port_value,
+        "--set",
+        &host_value,
+        "--set",
+        &interfaces_value,
+    ];
+    let post_renderer = post_renderer_args(&plane, &per_node_args);
+    install.extend(post_renderer.iter().map(String::as_str));
+    helm(&plane, &install);
+    let args = daemonset_args(&client, "kube-system", "topoproxy").await;
+    assert!(
+        per_node_args.iter().all(|arg| args.contains(arg)),
+        "the post-renderer did not add {per_node_args:?} to the agent's arguments: {args:?}"
+    );
+
+    kubectl(&plane, &["create", "namespace", NAMESPACE]).expect("creating the namespace");
+    for (zone, node) in ZONES.iter().zip(nodes) {
+        for backend in zone.backends {
+            apply(&client, echo_pod(NAMESPACE, backend, node.name(), "echo")).await;
+        }
+        apply(
+            &client,
+            echo_pod(NAMESPACE, zone.client, node.name(), "client"),
+        )
+        .await;
+    }
+    apply(
+        &client,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "echo", "namespace": NAMESPACE},
+            "spec": {
+                "selector": {"app": "echo"},
+                "trafficDistribution": "PreferClose",
+                "ports": [{"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+            },
+        }),
+    )
+    .await;
+    wait_pods_ready(
+        &client,
+        &plane,
+        "kube-system",
+        "app.kubernetes.io/name=topoproxy",
+        ZONES.len(),
+    )
+    .await;
+    wait_pods_ready(&client, &plane, NAMESPACE, "app=echo", 4).await;
+    wait_pods_ready(&client, &plane, NAMESPACE, "app=client", 2).await;
+    println!(
+        "both agents and every pod Ready: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    hints_name_each_endpoints_own_zone(&client, 4).await;
+    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
+    let cluster_ip = services
+        .get("echo")
+        .await
+        .ok()
+        .and_then(|s| s.spec?.cluster_ip)
+        .expect("the Service's ClusterIP");
+    let address = format!("{cluster_ip}:80");
+
+    for zone in &ZONES {
+        answered_only_by(&plane, zone.client, &address, &zone.backends).await;
+    }
+
+    // Zone a loses its pods: its client falls back to zone b (across the nodes), zone b's
+    // client keeps its own.
+    let [a, b] = &ZONES;
+    let mut delete = vec!["-n", NAMESPACE, "delete", "pod", "--wait=false"];
+    delete.extend(a.backends);
+    kubectl(&plane, &delete).expect("deleting zone a's echo pods");
+    hints_name_each_endpoints_own_zone(&client, 2).await;
+    answered_only_by(&plane, a.client, &address, &b.backends).await;
+    answered_only_by(&plane, b.client, &address, &b.backends).await;
+    println!("the whole test: {:.1} s", started.elapsed().as_secs_f64());
+}
