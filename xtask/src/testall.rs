@@ -9,7 +9,7 @@
 //! Without flags this is the gate `.ci/run` runs. `--extended` runs what is too long for CI,
 //! by hand before a release: [`EXTENDED_ENV`] set to `1` in `cargo test` and in the VM guests
 //! (the tests read it: the whole kube-proxy parity corpus on every kernel, every crash point,
-//! `tests/k8s_support/churn.rs`'s longer churn soaks on the host and on every kernel),
+//! `tests/support/k8s/churn.rs`'s longer churn soaks on the host and on every kernel),
 //! [`EXTENDED_FUZZ_SECONDS`] per fuzz target, and the side-by-side benchmark against
 //! kube-proxy. Either way it ends with the wall time of each stage, also when one failed.
 

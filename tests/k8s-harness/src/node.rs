@@ -13,9 +13,11 @@
 //! when the test panics (the kubelet's and containerd's logs are printed then): every process
 //! of the node (pods, shims, containerd) is killed through the cgroup, then the mounts under
 //! the folder and the pods' network namespaces are unmounted, and the cgroups, the node's
-//! namespace (with its links and the CNI bridge) and the folder are removed. Several nodes:
-//! drop them in the reverse order of their start (as locals are), since a node removes every
-//! pod namespace that appeared after it started.
+//! namespace (with its links and the CNI bridge) and the folder are removed. The namespaces
+//! removed are only the node's own and those its processes were in when the drop began (its
+//! pods'), plus containerd's `cni-…` ones no process holds: never another test's or another
+//! node's. (Host folders such as `/var/log/pods` are cleaned of whatever appeared since the
+//! node started: drop several nodes in the reverse order of their start, as locals are.)
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -95,6 +97,43 @@ pub struct RealNode {
 
 fn netns_names() -> BTreeSet<String> {
     entry_names(Path::new(NETNS_DIR))
+}
+
+/// The inode of the namespace (or any file) at `path`.
+fn inode_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// The network namespaces (by inode) of every process in the cgroup `root` and below it.
+fn netns_inodes_in(root: &Path) -> BTreeSet<u64> {
+    let mut pids = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(cgroup) = pending.pop() {
+        if let Ok(text) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+            pids.extend(text.lines().map(str::to_owned));
+        }
+        if let Ok(entries) = std::fs::read_dir(&cgroup) {
+            pending.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    pids.iter()
+        .filter_map(|pid| inode_of(&Path::new("/proc").join(pid).join("ns/net")))
+        .collect()
+}
+
+/// The network namespaces (by inode) any process on the host is in.
+fn netns_inodes_in_use() -> BTreeSet<u64> {
+    entry_names(Path::new("/proc"))
+        .iter()
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|pid| inode_of(&Path::new("/proc").join(pid).join("ns/net")))
+        .collect()
 }
 
 fn entry_names(dir: &Path) -> BTreeSet<String> {
@@ -633,6 +672,9 @@ impl Drop for RealNode {
         if std::thread::panicking() {
             eprintln!("{}", self.logs(40));
         }
+        // Taken while the node's processes live: the namespaces they are in are the node's
+        // own and its pods'; only those go below, never another test's or another node's.
+        let namespaces = netns_inodes_in(&self.unified_cgroup());
         if let Some(mut kubelet) = self.kubelet.take() {
             kubelet.kill();
         }
@@ -643,10 +685,20 @@ impl Drop for RealNode {
         for point in mounts_below(&self.dir) {
             unmount(&point);
         }
+        let in_use = netns_inodes_in_use();
         for name in netns_names().difference(&self.netns_before) {
             let path = Path::new(NETNS_DIR).join(name);
-            unmount(&path);
-            let _ = std::fs::remove_file(&path);
+            let mine = *name == self.netns()
+                || inode_of(&path).is_some_and(|inode| {
+                    namespaces.contains(&inode)
+                        // A pod's namespace whose sandbox died before the node did: no
+                        // process holds it any more, and containerd names them `cni-…`.
+                        || (name.starts_with("cni-") && !in_use.contains(&inode))
+                });
+            if mine {
+                unmount(&path);
+                let _ = std::fs::remove_file(&path);
+            }
         }
         for hierarchy in hierarchies() {
             remove_cgroup_tree(&hierarchy.join(&self.cgroup));
