@@ -21,8 +21,8 @@
 //!    "Caches are synced" for the Services and EndpointSlices), when its first sync had
 //!    programmed the rules (`kubeproxy_sync_proxy_rules_last_timestamp_seconds` set), and its
 //!    VmRSS. kube-proxy writes nftables rules and sysctls, so it is started only when this
-//!    process has a network namespace of its own (`/proc/self/ns/net` is not init's): run the
-//!    bench under `unshare -mn`, as `cargo xtask bench-sync --real-apiserver` does.
+//!    process has a network namespace of its own (not init's, and no device but loopback):
+//!    run the bench under `unshare -mn`, as `cargo xtask bench-sync --real-apiserver` does.
 //!
 //! `TOPOPROXY_BENCH_AGENT` names another agent binary to measure (say, a build of `main` for
 //! an A/B comparison); the default is this build's `topoproxy`.
@@ -460,19 +460,40 @@ async fn run(services: usize, events: usize, extra_nodes: usize) {
 }
 
 /// Why kube-proxy may not run here: it writes nftables rules and sysctls, which must land in a
-/// network namespace of this run's own, never the host's.
+/// network namespace of this run's own, never the host's. Such a namespace (`unshare -n`) is
+/// not init's, where `/proc/1/ns/net` can be read to tell, and holds no device but loopback,
+/// which also tells it from the host's where pid 1's namespace cannot be read.
 fn not_in_a_private_network_namespace() -> Option<String> {
-    let namespace = |path: &str| {
-        std::fs::read_link(path).map_err(|error| format!("cannot read {path}: {error}"))
+    let own = std::fs::read_link("/proc/self/ns/net");
+    if let (Ok(own), Ok(init)) = (&own, std::fs::read_link("/proc/1/ns/net")) {
+        if *own == init {
+            return Some(
+                "this process is in init's network namespace (run the bench under `unshare \
+                 -mn`, as `cargo xtask bench-sync --real-apiserver` does)"
+                    .to_owned(),
+            );
+        }
+    }
+    let devices = match std::fs::read_to_string("/proc/self/net/dev") {
+        Ok(devices) => devices,
+        Err(error) => return Some(format!("cannot read /proc/self/net/dev: {error}")),
     };
-    match (namespace("/proc/self/ns/net"), namespace("/proc/1/ns/net")) {
-        (Ok(own), Ok(init)) if own != init => None,
-        (Ok(_), Ok(_)) => Some(
-            "this process is in init's network namespace (run the bench under `unshare -mn`, \
-             as `cargo xtask bench-sync --real-apiserver` does)"
-                .to_owned(),
-        ),
-        (Err(why), _) | (_, Err(why)) => Some(why),
+    // Two header lines, then `name: counters` per device.
+    let others: Vec<&str> = devices
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split(':').next().map(str::trim))
+        .filter(|name| *name != "lo")
+        .collect();
+    if others.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "this network namespace has devices besides loopback ({}), so it is not one made \
+             for this run (run the bench under `unshare -mn`, as `cargo xtask bench-sync \
+             --real-apiserver` does)",
+            others.join(", ")
+        ))
     }
 }
 
@@ -519,9 +540,8 @@ conntrack:
     let started = Instant::now();
     let proxy = Daemon::spawn("kube-proxy", cmd, &log, &Isolation::default());
     let synced_line = |log: &str, controller: &str| {
-        log.lines().any(|line| {
-            line.contains("Caches are synced") && line.contains(&format!("\"{controller}\""))
-        })
+        log.lines()
+            .any(|line| line.contains("Caches are synced") && line.contains(controller))
     };
     let (mut services, mut slices, mut programmed) = (None, None, None);
     while services.is_none() || slices.is_none() || programmed.is_none() {

@@ -534,14 +534,15 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 
     /// Opens, closes and updates the Services' health-check node ports (both proxy modes),
-    /// looking again only at the Services re-planned since the last sync, and at those whose
-    /// objects changed but that a failed sync has not re-planned yet (still dirty).
+    /// looking again only at the Services re-planned since the last look: every Service the
+    /// store's changes touched is dirty until a re-plan takes it, and a sync that fails
+    /// before re-planning (a failed read) ends before this work.
     fn sync_health_checks(&mut self, replanned: &Replanned) {
         match replanned {
             Replanned::Some { services, .. } => healthcheck::update_desired(
                 &mut self.health_desired,
                 &self.store,
-                services.iter().chain(&self.dirty),
+                services,
                 &self.node_name,
                 &self.settings.plan,
             ),
@@ -853,8 +854,12 @@ pub fn warn_conflict(conflict: &Conflict) {
     );
 }
 
+/// Until `at`, or forever. A time already reached returns at once: tokio's timer rounds every
+/// deadline up to its next millisecond tick, which put up to a millisecond (more on a busy
+/// machine, until a worker turns the timer) before every sync that was due already.
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
+        Some(at) if at <= Instant::now() => {}
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
     }
