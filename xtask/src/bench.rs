@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 
-use crate::{k8s, util, workspace_root};
+use crate::{cargo, k8s, util, workspace_root};
 
 /// The fake-apiserver measurement (and the in-process bench unless `rss_only`).
 pub fn bench_sync(services: usize, events: usize, rss_only: bool) -> Result<()> {
@@ -136,15 +136,6 @@ fn in_process(services: usize, events: usize) -> Result<()> {
 
 fn cargo_program() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
-}
-
-fn cargo(args: &[&str], envs: &[(&str, String)]) -> Result<()> {
-    util::run(
-        Command::new(cargo_program())
-            .args(args)
-            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-            .current_dir(workspace_root()),
-    )
 }
 
 /// Kills the child on drop, so a failed measurement leaves no process behind.
