@@ -571,18 +571,15 @@ conntrack:
     }
     let pid = proxy.pid().unwrap_or_default();
     let rss_programmed = status_field(pid, "VmRSS:");
-    let page = get(metrics, "/metrics").await.unwrap_or_default();
-    let syncs = sum_of(&page, "kubeproxy_sync_proxy_rules_duration_seconds_sum");
     let seconds = |at: Option<Duration>| at.unwrap_or_default().as_secs_f64();
     println!(
         "kube-proxy {} (nftables), same API server and objects, the agent stopped: informers \
          synced after {:.2} s (Services) and {:.2} s (EndpointSlices); first sync programmed \
-         after {:.2} s (its syncs so far took {:.2} s)",
+         after {:.2} s",
         kube_proxy_version(&plane.binaries().kube_proxy),
         seconds(services),
         seconds(slices),
         seconds(programmed),
-        syncs.unwrap_or(f64::NAN),
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
     let tables = Command::new("nft")
