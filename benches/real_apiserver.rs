@@ -12,7 +12,20 @@
 //! 2. the agent's VmRSS and VmHWM after the initial sync;
 //! 3. one endpoint change: the API write (an endpoint's address replaced) → the dataplane
 //!    apply that carries it (`topoproxy_dataplane_operations_total` moves), p50/p99 over
-//!    `TOPOPROXY_BENCH_EVENTS` changes (default 200).
+//!    `TOPOPROXY_BENCH_EVENTS` changes (default 200), and where each change's time went: the
+//!    agent's sync phases (`topoproxy_sync_phase_duration_seconds{phase}`, read before and
+//!    after each change) and the rest (the API server and the watch delivering the event, the
+//!    bench's polling), for all changes and for the slowest 1 %;
+//! 4. kube-proxy v1.36 in nftables mode against the same API server once the agent is stopped
+//!    (`TOPOPROXY_BENCH_KUBE_PROXY=0` skips it): when its informers were synced (its log's
+//!    "Caches are synced" for the Services and EndpointSlices), when its first sync had
+//!    programmed the rules (`kubeproxy_sync_proxy_rules_last_timestamp_seconds` set), and its
+//!    VmRSS. kube-proxy writes nftables rules and sysctls, so it is started only when this
+//!    process has a network namespace of its own (not init's, and no device but loopback):
+//!    run the bench under `unshare -mn`, as `cargo xtask bench-sync --real-apiserver` does.
+//!
+//! `TOPOPROXY_BENCH_AGENT` names another agent binary to measure (say, a build of `main` for
+//! an A/B comparison); the default is this build's `topoproxy`.
 //!
 //! `TOPOPROXY_BENCH_EXTRA_NODES` more Nodes (default 0) spread over the zones, with no
 //! endpoints: what the agent's metadata-only watch of every Node costs in memory (e.g. 4,970
@@ -114,7 +127,11 @@ async fn get(address: SocketAddr, path: &str) -> Option<String> {
 }
 
 async fn metric(address: SocketAddr, name: &str) -> Option<f64> {
-    let body = get(address, "/metrics").await?;
+    sum_of(&get(address, "/metrics").await?, name)
+}
+
+/// The sum of every series of `name` in a metrics page.
+fn sum_of(body: &str, name: &str) -> Option<f64> {
     let mut sum = None;
     for line in body.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
@@ -137,6 +154,88 @@ async fn with_resource_version(
     let stored = slices.get(name).await.expect("reading a slice");
     slice.metadata.resource_version = stored.metadata.resource_version;
     slice
+}
+
+/// The agent's sync phases (`topoproxy_sync_phase_duration_seconds{phase}`), in sync order.
+const PHASES: [&str; 6] = ["wait", "plan", "diff", "apply", "finish", "post_sync"];
+/// The first phases: from the event reaching the sync loop to the apply the bench waits for.
+const PHASES_TO_APPLY: usize = 4;
+
+/// Each phase's running total of seconds in a metrics page (0 where the agent has none).
+fn phase_sums(body: &str) -> [f64; PHASES.len()] {
+    let mut sums = [0.0; PHASES.len()];
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("topoproxy_sync_phase_duration_seconds_sum{phase=\"")
+        else {
+            continue;
+        };
+        let Some((phase, value)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        if let Some(index) = PHASES.iter().position(|known| *known == phase) {
+            sums[index] = value.trim().parse().unwrap_or(0.0);
+        }
+    }
+    sums
+}
+
+/// Where the time of each change went: `latencies` in the order of the changes, `sums` the
+/// phase totals read before each change and once after the last.
+fn print_breakdown(latencies: &[Duration], sums: &[[f64; PHASES.len()]]) {
+    if sums
+        .last()
+        .is_none_or(|last| last.iter().all(|total| *total == 0.0))
+    {
+        println!("  the agent reports no sync phases (a binary without topoproxy_sync_phase_duration_seconds)");
+        return;
+    }
+    let phases: Vec<[f64; PHASES.len()]> = sums
+        .windows(2)
+        .map(|pair| std::array::from_fn(|p| (pair[1][p] - pair[0][p]).max(0.0)))
+        .collect();
+    let outside: Vec<f64> = latencies
+        .iter()
+        .zip(&phases)
+        .map(|(latency, phases)| {
+            (latency.as_secs_f64() - phases[..PHASES_TO_APPLY].iter().sum::<f64>()).max(0.0)
+        })
+        .collect();
+    let ms = |seconds: f64| format!("{:.2}", seconds * 1e3);
+    let describe = |phases: &[f64; PHASES.len()], outside: f64| {
+        let named: Vec<String> = PHASES
+            .iter()
+            .zip(phases)
+            .map(|(name, seconds)| format!("{name} {}", ms(*seconds)))
+            .collect();
+        format!(
+            "outside the agent's sync {}; {}",
+            ms(outside),
+            named.join(", ")
+        )
+    };
+    let count = phases.len().max(1) as f64;
+    let mean: [f64; PHASES.len()] =
+        std::array::from_fn(|p| phases.iter().map(|phases| phases[p]).sum::<f64>() / count);
+    println!(
+        "  where a change's time went, mean over {} changes (ms): {}",
+        phases.len(),
+        describe(&mean, outside.iter().sum::<f64>() / count)
+    );
+    println!(
+        "    (\"outside\": the API server and the watch bringing the event to the sync loop, and \
+         the bench's polling; wait..apply are on the way to the apply, finish and post_sync after it)"
+    );
+    let mut order: Vec<usize> = (0..phases.len()).collect();
+    order.sort_by(|a, b| latencies[*b].cmp(&latencies[*a]));
+    let slowest = phases.len().div_ceil(100);
+    println!("  the slowest {slowest} changes (1 %):");
+    for index in order.into_iter().take(slowest) {
+        println!(
+            "    change {index}: {} ms: {}",
+            ms(latencies[index].as_secs_f64()),
+            describe(&phases[index], outside[index])
+        );
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -236,7 +335,10 @@ async fn run(services: usize, events: usize, extra_nodes: usize) {
     );
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let healthz = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_topoproxy"));
+    let agent_binary = std::env::var_os("TOPOPROXY_BENCH_AGENT")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_topoproxy").into());
+    println!("  agent binary: {}", agent_binary.to_string_lossy());
+    let mut cmd = Command::new(&agent_binary);
     cmd.arg("run")
         .arg("--kubeconfig")
         .arg(&kubeconfig)
@@ -248,7 +350,7 @@ async fn run(services: usize, events: usize, extra_nodes: usize) {
     let expected = services + services.div_ceil(10) + 1;
     let started = Instant::now();
     let started_wall = std::time::SystemTime::now();
-    let agent = Daemon::spawn("topoproxy", cmd, &log, &Isolation::default());
+    let mut agent = Daemon::spawn("topoproxy", cmd, &log, &Isolation::default());
     loop {
         if metric(metrics, "topoproxy_virtual_servers")
             .await
@@ -282,10 +384,11 @@ async fn run(services: usize, events: usize, extra_nodes: usize) {
 
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), "bench");
     let mut latencies = Vec::with_capacity(events);
+    let mut sums = Vec::with_capacity(events + 1);
     'events: for event in 0..events {
-        let before = metric(metrics, "topoproxy_dataplane_operations_total")
-            .await
-            .unwrap_or(0.0);
+        let page = get(metrics, "/metrics").await.unwrap_or_default();
+        let before = sum_of(&page, "topoproxy_dataplane_operations_total").unwrap_or(0.0);
+        sums.push(phase_sums(&page));
         let service = (event * 7919) % services;
         let slice: EndpointSlice =
             serde_json::from_value(slice_object(service, event + 1)).expect("a slice");
@@ -327,6 +430,10 @@ async fn run(services: usize, events: usize, extra_nodes: usize) {
         }
         latencies.push(written.elapsed());
     }
+    sums.push(phase_sums(
+        &get(metrics, "/metrics").await.unwrap_or_default(),
+    ));
+    let in_order = latencies.clone();
     latencies.sort();
     assert_eq!(
         latencies.len(),
@@ -339,11 +446,173 @@ async fn run(services: usize, events: usize, extra_nodes: usize) {
         percentile(&latencies, 99.0).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
+    print_breakdown(&in_order, &sums);
     println!(
         "  agent memory: VmRSS {rss_synced} after the initial sync, {} after the changes; VmHWM {}",
         status_field(pid, "VmRSS:"),
         status_field(pid, "VmHWM:")
     );
+    agent.kill();
+    if env_usize("TOPOPROXY_BENCH_KUBE_PROXY", 1) == 0 {
+        return;
+    }
+    kube_proxy(&plane).await;
+}
+
+/// Why kube-proxy may not run here: it writes nftables rules and sysctls, which must land in a
+/// network namespace of this run's own, never the host's. Such a namespace (`unshare -n`) is
+/// not init's, where `/proc/1/ns/net` can be read to tell, and holds no device but loopback,
+/// which also tells it from the host's where pid 1's namespace cannot be read.
+fn not_in_a_private_network_namespace() -> Option<String> {
+    let own = std::fs::read_link("/proc/self/ns/net");
+    if let (Ok(own), Ok(init)) = (&own, std::fs::read_link("/proc/1/ns/net")) {
+        if *own == init {
+            return Some(
+                "this process is in init's network namespace (run the bench under `unshare \
+                 -mn`, as `cargo xtask bench-sync --real-apiserver` does)"
+                    .to_owned(),
+            );
+        }
+    }
+    let devices = match std::fs::read_to_string("/proc/self/net/dev") {
+        Ok(devices) => devices,
+        Err(error) => return Some(format!("cannot read /proc/self/net/dev: {error}")),
+    };
+    // Two header lines, then `name: counters` per device.
+    let others: Vec<&str> = devices
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split(':').next().map(str::trim))
+        .filter(|name| *name != "lo")
+        .collect();
+    if others.is_empty() {
+        None
+    } else {
+        Some(format!(
+            "this network namespace has devices besides loopback ({}), so it is not one made \
+             for this run (run the bench under `unshare -mn`, as `cargo xtask bench-sync \
+             --real-apiserver` does)",
+            others.join(", ")
+        ))
+    }
+}
+
+/// kube-proxy v1.36, nftables mode, as `system:kube-proxy`, against the same API server and
+/// objects: when its informers were synced, when its first sync had programmed the rules,
+/// its memory then and 5 s later.
+async fn kube_proxy(plane: &ControlPlane) {
+    if let Some(why) = not_in_a_private_network_namespace() {
+        println!("  kube-proxy: not started: {why}");
+        return;
+    }
+    let kubeconfig = plane.kubeconfig(
+        "bench-kube-proxy.kubeconfig",
+        &KubeconfigUser::Cert(plane.pki().kube_proxy.clone()),
+    );
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let healthz = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // conntrack: 0 leaves every limit and timeout as it is (nf_conntrack_max is not even
+    // namespaced).
+    let config = format!(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+mode: nftables
+clientConnection:
+  kubeconfig: {kubeconfig}
+hostnameOverride: {NODE}
+metricsBindAddress: {metrics}
+healthzBindAddress: {healthz}
+conntrack:
+  maxPerCore: 0
+  min: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+  udpTimeout: 0s
+  udpStreamTimeout: 0s
+",
+        kubeconfig = kubeconfig.display()
+    );
+    let config_path = plane.dir().join("bench-kube-proxy.yaml");
+    std::fs::write(&config_path, config).expect("writing kube-proxy's configuration");
+    let mut cmd = Command::new(&plane.binaries().kube_proxy);
+    cmd.arg("--config").arg(&config_path).args(["--v", "2"]);
+    let log = plane.dir().join("bench-kube-proxy.log");
+    let started = Instant::now();
+    let proxy = Daemon::spawn("kube-proxy", cmd, &log, &Isolation::default());
+    let synced_line = |log: &str, controller: &str| {
+        log.lines()
+            .any(|line| line.contains("Caches are synced") && line.contains(controller))
+    };
+    let (mut services, mut slices, mut programmed) = (None, None, None);
+    while services.is_none() || slices.is_none() || programmed.is_none() {
+        if proxy.exited() || started.elapsed() > Duration::from_secs(600) {
+            println!(
+                "  kube-proxy: not synced after {:.1} s\n--- kube-proxy ---\n{}",
+                started.elapsed().as_secs_f64(),
+                proxy.log_tail(20)
+            );
+            return;
+        }
+        let text = proxy.log();
+        if services.is_none() && synced_line(&text, "service config") {
+            services = Some(started.elapsed());
+        }
+        if slices.is_none() && synced_line(&text, "endpoint slice config") {
+            slices = Some(started.elapsed());
+        }
+        if programmed.is_none()
+            && metric(metrics, "kubeproxy_sync_proxy_rules_last_timestamp_seconds")
+                .await
+                .is_some_and(|at| at > 0.0)
+        {
+            programmed = Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let pid = proxy.pid().unwrap_or_default();
+    let rss_programmed = status_field(pid, "VmRSS:");
+    let seconds = |at: Option<Duration>| at.unwrap_or_default().as_secs_f64();
+    println!(
+        "kube-proxy {} (nftables), same API server and objects, the agent stopped: informers \
+         synced after {:.2} s (Services) and {:.2} s (EndpointSlices); first sync programmed \
+         after {:.2} s",
+        kube_proxy_version(&plane.binaries().kube_proxy),
+        seconds(services),
+        seconds(slices),
+        seconds(programmed),
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    println!(
+        "  kube-proxy memory: VmRSS {rss_programmed} at its first sync, {} 5 s later; VmHWM {}; \
+         its nftables table in this run's network namespace: {}",
+        status_field(pid, "VmRSS:"),
+        status_field(pid, "VmHWM:"),
+        if tables.contains("kube-proxy") {
+            "yes"
+        } else {
+            "no"
+        }
+    );
+}
+
+/// `kube-proxy --version`'s answer (`v1.36.3`), or `?`.
+fn kube_proxy_version(binary: &std::path::Path) -> String {
+    Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .last()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "?".to_owned())
 }
 
 fn main() {

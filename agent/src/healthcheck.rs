@@ -4,8 +4,9 @@
 //! ready endpoints on this node and the proxy is healthy, `503` otherwise, and kube-proxy's JSON
 //! body. Cloud load balancers probe it to send external traffic only to nodes with local pods.
 //!
-//! [`desired`] is pure (store → ports and local endpoint counts); [`HealthCheckServers`] opens
-//! and closes the servers to match, in both proxy modes.
+//! [`desired`] is pure (store → ports and local endpoint counts), and [`update_desired`] keeps
+//! one up to date from the Services that changed; [`HealthCheckServers`] opens and closes the
+//! servers to match, in both proxy modes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -17,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tokio::sync::oneshot;
 
-use crate::model::ServiceKey;
+use crate::model::{Service, ServiceKey};
 use crate::planner::{skip_reason, PlanConfig};
 use crate::state::AgentState;
 use crate::store::Store;
@@ -39,28 +40,63 @@ pub fn desired(
 ) -> BTreeMap<ServiceKey, HealthCheck> {
     store
         .services()
-        .filter(|service| skip_reason(service, config).is_none())
         .filter_map(|service| {
-            let port = service.health_check_node_port?;
-            // Terminating endpoints may still serve, but the node should stop getting new
-            // traffic once only they are left: ready ones only.
-            let local: BTreeSet<IpAddr> = store
-                .slices_of(&service.key)
-                .flat_map(|slice| &slice.endpoints)
-                .filter(|endpoint| {
-                    endpoint.ready && endpoint.node_name.as_deref() == Some(node_name)
-                })
-                .map(|endpoint| endpoint.address)
-                .collect();
-            Some((
-                service.key.clone(),
-                HealthCheck {
-                    port,
-                    local_endpoints: local.len(),
-                },
-            ))
+            let check = check_of(store, service, node_name, config)?;
+            Some((service.key.clone(), check))
         })
         .collect()
+}
+
+/// Brings `desired`, a [`desired`] of an earlier state of `store`, up to date by looking
+/// again only at the `changed` Services: the caller names every Service whose object or
+/// EndpointSlices changed since (the keys the store's upserts and removals return). Every
+/// other entry depends only on its own Service and slices, so it stays as it was; a sync of
+/// one Service costs one lookup, not a walk of every Service.
+pub fn update_desired<'a>(
+    desired: &mut BTreeMap<ServiceKey, HealthCheck>,
+    store: &Store,
+    changed: impl IntoIterator<Item = &'a ServiceKey>,
+    node_name: &str,
+    config: &PlanConfig,
+) {
+    for key in changed {
+        match store
+            .service(key)
+            .and_then(|service| check_of(store, service, node_name, config))
+        {
+            Some(check) => {
+                desired.insert(key.clone(), check);
+            }
+            None => {
+                desired.remove(key);
+            }
+        }
+    }
+}
+
+/// `service`'s health check on this node, if it is ours and has a `healthCheckNodePort`.
+fn check_of(
+    store: &Store,
+    service: &Service,
+    node_name: &str,
+    config: &PlanConfig,
+) -> Option<HealthCheck> {
+    if skip_reason(service, config).is_some() {
+        return None;
+    }
+    let port = service.health_check_node_port?;
+    // Terminating endpoints may still serve, but the node should stop getting new traffic
+    // once only they are left: ready ones only.
+    let local: BTreeSet<IpAddr> = store
+        .slices_of(&service.key)
+        .flat_map(|slice| &slice.endpoints)
+        .filter(|endpoint| endpoint.ready && endpoint.node_name.as_deref() == Some(node_name))
+        .map(|endpoint| endpoint.address)
+        .collect();
+    Some(HealthCheck {
+        port,
+        local_endpoints: local.len(),
+    })
 }
 
 /// kube-proxy's body, byte for byte: its tab-indented template, dedented, without the

@@ -69,6 +69,62 @@ struct TierLabels {
     tier: &'static str,
 }
 
+/// `phase` label of `topoproxy_sync_phase_duration_seconds`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+/// A step of one sync, timed on its own (`topoproxy_sync_phase_duration_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPhase {
+    /// From the oldest change the sync carries reaching the sync loop to the sync's start.
+    Wait,
+    /// Re-planning what changed (on a resync also reading the dataplane back).
+    Plan,
+    /// Turning the new plan into dataplane operations.
+    Diff,
+    /// The dataplane applying them.
+    Apply,
+    /// The dataplane's end of the sync and the loop's records.
+    Finish,
+    /// After the sync: the table metrics, the withheld frontends, the health checks.
+    PostSync,
+}
+
+impl SyncPhase {
+    /// Every phase, in the order a sync goes through them.
+    pub const ALL: [Self; 6] = [
+        Self::Wait,
+        Self::Plan,
+        Self::Diff,
+        Self::Apply,
+        Self::Finish,
+        Self::PostSync,
+    ];
+
+    /// The `phase` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Wait => "wait",
+            Self::Plan => "plan",
+            Self::Diff => "diff",
+            Self::Apply => "apply",
+            Self::Finish => "finish",
+            Self::PostSync => "post_sync",
+        }
+    }
+}
+
+/// The buckets of the sync histograms: 100 µs doubling to ~26 s.
+fn sync_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(
+        SYNC_BUCKET_START_SECONDS,
+        SYNC_BUCKET_FACTOR,
+        SYNC_BUCKET_COUNT,
+    ))
+}
+
 /// `op` label of `topoproxy_dataplane_operations_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -80,6 +136,7 @@ struct OpLabels {
 pub struct Metrics {
     registry: Registry,
     sync_duration: Histogram,
+    sync_phases: Family<PhaseLabels, Histogram, fn() -> Histogram>,
     syncs: Family<ResultLabels, Counter>,
     last_successful_sync: Gauge<f64, AtomicU64>,
     virtual_servers: Gauge,
@@ -125,17 +182,29 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix(METRIC_PREFIX);
 
-        let sync_duration = Histogram::new(exponential_buckets(
-            SYNC_BUCKET_START_SECONDS,
-            SYNC_BUCKET_FACTOR,
-            SYNC_BUCKET_COUNT,
-        ));
+        let sync_duration = sync_histogram();
         registry.register_with_unit(
             "sync_duration",
             "Time one sync took: planning the changed Services, diffing and programming the dataplane",
             Unit::Seconds,
             sync_duration.clone(),
         );
+
+        let sync_phases = Family::<PhaseLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            sync_histogram,
+        );
+        registry.register_with_unit(
+            "sync_phase_duration",
+            "Time each step of a sync took: wait (from the oldest change it carries reaching the sync loop to its start), plan (re-planning; on a resync with the read back), diff, apply, finish (the dataplane's end of sync and the records), post_sync (table metrics, withheld frontends, health checks)",
+            Unit::Seconds,
+            sync_phases.clone(),
+        );
+        // Every phase's series exists from the start.
+        for phase in SyncPhase::ALL {
+            let _ = sync_phases.get_or_create(&PhaseLabels {
+                phase: phase.as_str(),
+            });
+        }
 
         let syncs = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -290,6 +359,7 @@ impl Metrics {
         Self {
             registry,
             sync_duration,
+            sync_phases,
             syncs,
             last_successful_sync,
             virtual_servers,
@@ -330,6 +400,15 @@ impl Metrics {
         self.sync_duration.observe(duration.as_secs_f64());
         let result = if success { "success" } else { "failure" };
         self.syncs.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// Records how long one phase of a sync took.
+    pub fn observe_sync_phase(&self, phase: SyncPhase, duration: Duration) {
+        self.sync_phases
+            .get_or_create(&PhaseLabels {
+                phase: phase.as_str(),
+            })
+            .observe(duration.as_secs_f64());
     }
 
     /// Records when the last successful sync happened.
@@ -599,6 +678,8 @@ mod tests {
         metrics.dataplane_operations("delete_service", 0);
         metrics.drift_repaired(4);
         metrics.drift_repaired(0);
+        metrics.observe_sync_phase(SyncPhase::Diff, Duration::from_millis(250));
+        metrics.observe_sync_phase(SyncPhase::Diff, Duration::from_millis(500));
 
         let lines = lines(&metrics);
         assert_line(&lines, "topoproxy_syncs_total{result=\"success\"} 2");
@@ -621,6 +702,14 @@ mod tests {
         );
         assert_line(&lines, "topoproxy_syncs_total{result=\"failure\"} 1");
         assert_line(&lines, "topoproxy_sync_duration_seconds_count 3");
+        assert_line(
+            &lines,
+            "topoproxy_sync_phase_duration_seconds_sum{phase=\"diff\"} 0.75",
+        );
+        assert_line(
+            &lines,
+            "topoproxy_sync_phase_duration_seconds_count{phase=\"post_sync\"} 0",
+        );
         assert_line(
             &lines,
             "topoproxy_sync_duration_seconds_bucket{le=\"+Inf\"} 3",

@@ -7,7 +7,7 @@
 //! drift repaired. Trouble never flushes: a source that goes quiet leaves the table as it was,
 //! a dataplane that fails is retried with backoff, and health and metrics say so.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,14 +20,15 @@ use crate::dataplane::{
     error_chain, Dataplane, DataplaneError, ProgrammedTable, ServiceTraffic, TelemetryRead,
 };
 use crate::diff::OpBatch;
-use crate::healthcheck::{self, HealthCheckServers};
+use crate::healthcheck::{self, HealthCheck, HealthCheckServers};
+use crate::metrics::SyncPhase;
 use crate::mirror::{Mirror, Planned};
 use crate::model::{LocalityPolicy, Node, NodeLocality, ServiceKey};
 use crate::planner::{plan, planned_servers, PlanConfig};
 use crate::source::{Resource, SourceEvent};
 use crate::state::AgentState;
 use crate::store::Store;
-use crate::table::{Conflict, NodeTable, VsKey};
+use crate::table::{Conflict, NodeTable, VirtualServer, VsKey};
 
 /// Timing and planning settings of the loop.
 #[derive(Debug, Clone)]
@@ -76,6 +77,48 @@ pub struct SyncLoop<D> {
     known_conflicts: BTreeSet<ConflictId>,
     /// Firewalled load-balancer frontends the dataplane cannot enforce, already warned about.
     withheld: BTreeSet<VsKey>,
+    /// Whether `withheld` is the table's as of the last sync: false until the first look and
+    /// after a look skipped because the dataplane enforced source ranges then.
+    withheld_current: bool,
+    /// The health checks the store asks for, kept up to date from the Services that change.
+    health_desired: BTreeMap<ServiceKey, HealthCheck>,
+    /// What was re-planned since the post-sync work last looked.
+    replanned: Replanned,
+    /// When the oldest change not yet synced reached the loop (after the initial sync).
+    pending_since: Option<Instant>,
+}
+
+/// What the sync loop re-planned since its post-sync work (the withheld frontends, the
+/// health checks) last looked, so that work follows what changed instead of walking every
+/// virtual server and every Service after each sync, however small.
+#[derive(Debug)]
+enum Replanned {
+    /// Everything: a full plan (the first sync, a node change), or nothing looked at yet.
+    All,
+    /// Only these: the table holds what it held at every other key, and the store's other
+    /// Services and their slices are unchanged.
+    Some {
+        keys: BTreeSet<VsKey>,
+        services: Vec<ServiceKey>,
+    },
+}
+
+impl Replanned {
+    fn nothing() -> Self {
+        Self::Some {
+            keys: BTreeSet::new(),
+            services: Vec::new(),
+        }
+    }
+
+    /// Adds a partial re-plan: the keys whose plan it may have changed, the Services it
+    /// re-planned.
+    fn add(&mut self, replanned_keys: &BTreeSet<VsKey>, replanned_services: Vec<ServiceKey>) {
+        if let Self::Some { keys, services } = self {
+            keys.extend(replanned_keys.iter().copied());
+            services.extend(replanned_services);
+        }
+    }
 }
 
 impl<D: Dataplane> SyncLoop<D> {
@@ -104,6 +147,10 @@ impl<D: Dataplane> SyncLoop<D> {
             health_checks,
             known_conflicts: BTreeSet::new(),
             withheld: BTreeSet::new(),
+            withheld_current: false,
+            health_desired: BTreeMap::new(),
+            replanned: Replanned::All,
+            pending_since: None,
         };
         loop_.report_waiting();
         loop_
@@ -274,9 +321,10 @@ impl<D: Dataplane> SyncLoop<D> {
         self.note_pending_change();
     }
 
-    fn note_pending_change(&self) {
+    fn note_pending_change(&mut self) {
         if self.initial_sync_done {
             self.state.health.record_pending_change(SystemTime::now());
+            self.pending_since.get_or_insert_with(Instant::now);
         }
     }
 
@@ -301,6 +349,9 @@ impl<D: Dataplane> SyncLoop<D> {
             return;
         };
         let started = Instant::now();
+        if let Some(since) = self.pending_since.take() {
+            self.observe_phase(SyncPhase::Wait, started.saturating_duration_since(since));
+        }
         self.last_attempt = Some(started);
         if started >= self.next_resync {
             self.resync = true;
@@ -313,13 +364,25 @@ impl<D: Dataplane> SyncLoop<D> {
                 return;
             }
         };
-        match self.apply(&ops).await {
+        let applying = Instant::now();
+        let applied = self.apply(&ops).await;
+        let finishing = Instant::now();
+        self.observe_phase(SyncPhase::Apply, finishing - applying);
+        match applied {
             Ok(()) => self.record_success(started, ops.len()).await,
             Err(error) => self.fail(started, &error),
         }
+        let post_sync = Instant::now();
+        self.observe_phase(SyncPhase::Finish, post_sync - finishing);
         self.publish_table_stats();
-        self.warn_withheld();
-        self.sync_health_checks();
+        let replanned = std::mem::replace(&mut self.replanned, Replanned::nothing());
+        self.warn_withheld(&replanned);
+        self.sync_health_checks(&replanned);
+        self.observe_phase(SyncPhase::PostSync, post_sync.elapsed());
+    }
+
+    fn observe_phase(&self, phase: SyncPhase, duration: Duration) {
+        self.state.metrics.observe_sync_phase(phase, duration);
     }
 
     /// Reads the node's own addresses from the dataplane's host; a change re-plans every
@@ -358,14 +421,19 @@ impl<D: Dataplane> SyncLoop<D> {
     /// when a resync is due, reads the dataplane back first (counting drift) and diffs the
     /// whole plan against what it holds.
     async fn plan_ops(&mut self, node: &Node) -> Result<Vec<Op>, DataplaneError> {
+        let planning = Instant::now();
         let full = self.replan_all || !self.initial_sync_done;
         if !self.resync {
             let keys = self.replan(node, full, true);
-            return Ok(if full {
+            let diffing = Instant::now();
+            self.observe_phase(SyncPhase::Plan, diffing - planning);
+            let ops = if full {
                 self.diff_all()
             } else {
                 self.diff_keys(&keys)
-            });
+            };
+            self.observe_phase(SyncPhase::Diff, diffing.elapsed());
+            return Ok(ops);
         }
         let (actual, drift) = self.read_back().await?;
         if drift > 0 {
@@ -384,7 +452,11 @@ impl<D: Dataplane> SyncLoop<D> {
             let planned = planned(&table, &self.dataplane, &self.node_name);
             self.mirror.replace(actual, &planned);
         }
-        Ok(self.diff_all())
+        let diffing = Instant::now();
+        self.observe_phase(SyncPhase::Plan, diffing - planning);
+        let ops = self.diff_all();
+        self.observe_phase(SyncPhase::Diff, diffing.elapsed());
+        Ok(ops)
     }
 
     /// Reads the dataplane back (and its traffic counters). Returns what it holds and the drift:
@@ -462,15 +534,30 @@ impl<D: Dataplane> SyncLoop<D> {
         }
     }
 
-    /// Opens, closes and updates the Services' health-check node ports (both proxy modes).
-    fn sync_health_checks(&mut self) {
-        let desired = healthcheck::desired(&self.store, &self.node_name, &self.settings.plan);
+    /// Opens, closes and updates the Services' health-check node ports (both proxy modes),
+    /// looking again only at the Services re-planned since the last look: every Service the
+    /// store's changes touched is dirty until a re-plan takes it, and a sync that fails
+    /// before re-planning (a failed read) ends before this work.
+    fn sync_health_checks(&mut self, replanned: &Replanned) {
+        match replanned {
+            Replanned::Some { services, .. } => healthcheck::update_desired(
+                &mut self.health_desired,
+                &self.store,
+                services,
+                &self.node_name,
+                &self.settings.plan,
+            ),
+            Replanned::All => {
+                self.health_desired =
+                    healthcheck::desired(&self.store, &self.node_name, &self.settings.plan);
+            }
+        }
         // As kube-proxy: every address, unless --nodeport-addresses narrows the NodePorts.
         let addresses = match (&self.node, &self.settings.plan.node_port_addresses) {
             (Some(node), chosen) if !chosen.is_default() => Some(chosen.select(node)),
             _ => None,
         };
-        self.health_checks.sync(&desired, addresses);
+        self.health_checks.sync(&self.health_desired, addresses);
     }
 
     /// Where each Service's health check listens (for tests).
@@ -508,36 +595,32 @@ impl<D: Dataplane> SyncLoop<D> {
             .diff_all(&planned(&table, &self.dataplane, &self.node_name))
     }
 
-    /// Says once per key which firewalled load-balancer frontends this dataplane leaves out.
-    fn warn_withheld(&mut self) {
+    /// Says once per key which firewalled load-balancer frontends this dataplane leaves out:
+    /// looks at the keys re-planned since the last sync (at the whole table after a full plan
+    /// or a skipped look).
+    fn warn_withheld(&mut self, replanned: &Replanned) {
         if self.dataplane.capabilities().enforces_source_ranges {
+            // `withheld` is not followed meanwhile: the next look walks the whole table.
+            self.withheld_current = false;
             return;
         }
-        let table = self
-            .state
-            .table
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now: BTreeSet<VsKey> = table
-            .servers()
-            .filter(|vs| !vs.source_ranges.is_open())
-            .map(|vs| {
-                if !self.withheld.contains(&vs.key) {
-                    tracing::warn!(
-                        service = %vs.service,
-                        "{} {}:{} has loadBalancerSourceRanges, which the {} dataplane does not \
-                         enforce yet: not served on this node (closed rather than open to every source)",
-                        vs.key.protocol,
-                        vs.key.address,
-                        vs.key.port,
-                        self.dataplane.name()
-                    );
-                }
-                vs.key
-            })
-            .collect();
-        drop(table);
-        self.withheld = now;
+        let keys = match replanned {
+            Replanned::Some { keys, .. } if self.withheld_current => Some(keys),
+            _ => None,
+        };
+        let table = read_table(&self.state);
+        for vs in update_withheld(&mut self.withheld, &table, keys) {
+            tracing::warn!(
+                service = %vs.service,
+                "{} {}:{} has loadBalancerSourceRanges, which the {} dataplane does not \
+                 enforce yet: not served on this node (closed rather than open to every source)",
+                vs.key.protocol,
+                vs.key.address,
+                vs.key.port,
+                self.dataplane.name()
+            );
+        }
+        self.withheld_current = true;
     }
 
     /// Re-plans the dirty Services (or all of them) and returns the virtual-server keys whose
@@ -569,6 +652,7 @@ impl<D: Dataplane> SyncLoop<D> {
             self.state
                 .metrics
                 .set_address_conflicts(self.known_conflicts.len());
+            self.replanned = Replanned::All;
             return keys;
         }
         for key in &dirty {
@@ -600,6 +684,7 @@ impl<D: Dataplane> SyncLoop<D> {
         self.state
             .metrics
             .set_address_conflicts(self.known_conflicts.len());
+        self.replanned.add(&keys, dirty);
         keys
     }
 
@@ -676,6 +761,41 @@ impl<D: Dataplane> SyncLoop<D> {
     }
 }
 
+/// Brings `withheld`, the firewalled load-balancer frontends of an earlier table, to those of
+/// `table`, looking only at `keys` (every key whose plan changed since), or with `None` at
+/// the whole table. Returns the virtual servers new to the set, in key order.
+fn update_withheld<'t>(
+    withheld: &mut BTreeSet<VsKey>,
+    table: &'t NodeTable,
+    keys: Option<&BTreeSet<VsKey>>,
+) -> Vec<&'t VirtualServer> {
+    let firewalled = |vs: &&VirtualServer| !vs.source_ranges.is_open();
+    let Some(keys) = keys else {
+        let now: Vec<&VirtualServer> = table.servers().filter(firewalled).collect();
+        let new = now
+            .iter()
+            .copied()
+            .filter(|vs| !withheld.contains(&vs.key))
+            .collect();
+        *withheld = now.iter().map(|vs| vs.key).collect();
+        return new;
+    };
+    let mut new = Vec::new();
+    for key in keys {
+        match table.get(key).filter(firewalled) {
+            Some(vs) => {
+                if withheld.insert(*key) {
+                    new.push(vs);
+                }
+            }
+            None => {
+                withheld.remove(key);
+            }
+        }
+    }
+    new
+}
+
 /// A claim two Services make on one address:port: (key, winner, loser).
 type ConflictId = (VsKey, ServiceKey, ServiceKey);
 
@@ -739,8 +859,12 @@ pub fn warn_conflict(conflict: &Conflict) {
     );
 }
 
+/// Until `at`, or forever. A time already reached returns at once: tokio's timer rounds every
+/// deadline up to its next millisecond tick, which put up to a millisecond (more on a busy
+/// machine, until a worker turns the timer) before every sync that was due already.
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
+        Some(at) if at <= Instant::now() => {}
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
     }
@@ -763,3 +887,7 @@ fn served_by_tier_kind(
     }
     served
 }
+
+#[cfg(test)]
+#[path = "sync_tests.rs"]
+mod tests;

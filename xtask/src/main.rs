@@ -2,7 +2,8 @@
 //!
 //! - `bench-sync`: the end-to-end sync benchmarks. Runs the in-process bench (initial sync,
 //!   event-to-dataplane latency) and then the agent as its own process against the fake API
-//!   server, to measure its resident memory at scale.
+//!   server, to measure its resident memory at scale; `--real-apiserver` also against a real
+//!   kube-apiserver, kube-proxy beside it (see `bench.rs`).
 //! - `vm-setup`: installs QEMU and the guest tools, fetches the Debian kernels (see `vm/`).
 //! - `vm-test`: boots each kernel in QEMU, runs the smoke test, then every `vm_*` test target
 //!   in one boot per kernel (see `vmtest.rs`).
@@ -25,14 +26,14 @@
 //! - `demo`: the example cluster on this machine with real traffic through the eBPF dataplane
 //!   (see `demo/`).
 
-use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod chart;
 mod demo;
 mod ebpf;
@@ -69,7 +70,9 @@ enum Task {
         #[arg(long)]
         rss_only: bool,
         /// Also measure against a real kube-apiserver (k8s-setup builds it): initial sync,
-        /// RSS and endpoint-change latency, beside the fake's numbers.
+        /// RSS and endpoint-change latency, beside the fake's numbers; then kube-proxy v1.36
+        /// (nftables mode) against the same server: informer sync, first sync, RSS. Runs in a
+        /// network and mount namespace of its own (root, unshare).
         #[arg(long)]
         real_apiserver: bool,
         /// With --real-apiserver: Nodes in the cluster (at least the 30 that hold endpoints);
@@ -258,9 +261,9 @@ fn main() -> Result<()> {
             real_apiserver,
             nodes,
         } => {
-            bench_sync(services, events, rss_only)?;
+            bench::bench_sync(services, events, rss_only)?;
             if real_apiserver {
-                bench_real_apiserver(services, events, nodes)?;
+                bench::bench_real_apiserver(services, events, nodes)?;
             }
             Ok(())
         }
@@ -431,171 +434,4 @@ fn cargo(args: &[&str], envs: &[(&str, String)]) -> Result<()> {
         bail!("cargo {} failed: {status}", args.join(" "));
     }
     Ok(())
-}
-
-fn bench_sync(services: usize, events: usize, rss_only: bool) -> Result<()> {
-    if !rss_only {
-        in_process(services, events)?;
-    }
-    println!("== separate process: the agent's memory at {services} services");
-    cargo(
-        &[
-            "build",
-            "--release",
-            "-p",
-            "topoproxy",
-            "-p",
-            "fake-apiserver",
-            "--bins",
-        ],
-        &[],
-    )?;
-    agent_rss(services)
-}
-
-fn bench_real_apiserver(services: usize, events: usize, nodes: usize) -> Result<()> {
-    println!(
-        "== real kube-apiserver: initial sync, RSS, endpoint-change latency at {services} services"
-    );
-    k8s::k8s_setup()?;
-    let version = k8s::kubernetes_version()?;
-    cargo(
-        &["bench", "-p", "topoproxy", "--bench", "real_apiserver"],
-        &[
-            ("TOPOPROXY_BENCH_SERVICES", services.to_string()),
-            ("TOPOPROXY_BENCH_EVENTS", events.min(1000).to_string()),
-            (
-                "TOPOPROXY_BENCH_EXTRA_NODES",
-                nodes.saturating_sub(30).to_string(),
-            ),
-            (
-                "TOPOPROXY_K8S_BIN",
-                k8s::kubernetes_bin_dir(&version).display().to_string(),
-            ),
-            (
-                "TOPOPROXY_TOOLS_BIN",
-                k8s::tools_bin_dir().display().to_string(),
-            ),
-        ],
-    )
-}
-
-fn in_process(services: usize, events: usize) -> Result<()> {
-    println!("== in-process: initial sync and event-to-dataplane latency");
-    cargo(
-        &["bench", "-p", "topoproxy", "--bench", "sync"],
-        &[
-            ("TOPOPROXY_BENCH_SERVICES", services.to_string()),
-            ("TOPOPROXY_BENCH_EVENTS", events.to_string()),
-        ],
-    )
-}
-
-/// Kills the child on drop, so a failed measurement leaves no process behind.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_loopback_port() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    listener.local_addr().context("reading the free port")
-}
-
-fn agent_rss(services: usize) -> Result<()> {
-    let release = workspace_root().join("target/release");
-    let scratch = std::env::temp_dir().join(format!("topoproxy-bench-sync-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).context("creating the scratch directory")?;
-    let kubeconfig = scratch.join("kubeconfig");
-    let _ = std::fs::remove_file(&kubeconfig);
-    let _server = Reaped(
-        Command::new(release.join("fake-apiserver"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--services",
-                &services.to_string(),
-            ])
-            .args([
-                "--endpoints",
-                "10",
-                "--zones",
-                "3",
-                "--nodes-per-zone",
-                "10",
-                "--hints",
-            ])
-            .arg("--kubeconfig-out")
-            .arg(&kubeconfig)
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting fake-apiserver")?,
-    );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !kubeconfig.exists() {
-        if Instant::now() > deadline {
-            bail!("fake-apiserver did not write its kubeconfig");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let metrics = free_loopback_port()?;
-    let healthz = free_loopback_port()?;
-    let started = Instant::now();
-    let agent = Reaped(
-        Command::new(release.join("topoproxy"))
-            .arg("run")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(["--hostname-override", "node-a-0", "--proxy-mode", "dry-run"])
-            .args(["--metrics-bind-address", &metrics.to_string()])
-            .args(["--healthz-bind-address", &healthz.to_string()])
-            .args(["--min-sync-period", "0"])
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting topoproxy")?,
-    );
-    let expected = services + services.div_ceil(10);
-    loop {
-        let synced = util::http_get(metrics, "/metrics")
-            .ok()
-            .and_then(|(_, body)| metric(&body, "topoproxy_virtual_servers"))
-            .is_some_and(|value| value as usize >= expected);
-        if synced {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(300) {
-            bail!("the agent did not sync {expected} virtual servers");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let synced_after = started.elapsed();
-    // Let allocator and runtime settle before reading memory.
-    std::thread::sleep(Duration::from_secs(2));
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.0.id()))
-        .context("reading the agent's /proc status")?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .map(|rest| rest.trim().to_owned())
-            .unwrap_or_else(|| "?".to_owned())
-    };
-    println!(
-        "agent_process services={services} virtual_servers={expected} \
-         start_to_synced_ms={:.0} VmRSS={} VmHWM={} (target RSS <= 128 MiB)",
-        synced_after.as_secs_f64() * 1e3,
-        field("VmRSS:"),
-        field("VmHWM:")
-    );
-    let _ = std::fs::remove_dir_all(&scratch);
-    Ok(())
-}
-
-fn metric(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }

@@ -1,8 +1,9 @@
-//! Helpers every xtask module uses: running a command, reading its output, a loopback HTTP
-//! GET, a log's tail. One copy each, so an error reads the same from every task.
+//! Helpers every xtask module uses: running a command, reading its output, a free loopback
+//! port, a loopback HTTP GET and a metric in its answer, a log's tail. One copy each, so an
+//! error reads the same from every task.
 
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -71,6 +72,18 @@ fn dechunk(mut body: &str) -> String {
         body = rest[size..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A loopback address with a port free now.
+pub fn free_loopback_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    listener.local_addr().context("reading the free port")
+}
+
+/// The value of the unlabelled series `name` in a metrics page.
+pub fn metric(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// The last `lines` lines of a log.

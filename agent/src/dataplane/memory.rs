@@ -22,6 +22,7 @@ struct Inner {
     ops_applied: u64,
     reads: u64,
     fail_next_applies: u32,
+    fail_next_reads: u32,
     synced_calls: u64,
     /// Plays a dataplane whose end-of-sync step (a map switch, a tc attach) fails.
     fail_next_synced: u32,
@@ -115,6 +116,10 @@ impl Dataplane for MemoryDataplane {
     async fn read(&mut self) -> Result<ProgrammedTable, DataplaneError> {
         let mut inner = lock(&self.inner);
         inner.reads += 1;
+        if inner.fail_next_reads > 0 {
+            inner.fail_next_reads -= 1;
+            return Err(DataplaneError::read(self.name, "injected read failure"));
+        }
         Ok(inner.table.clone())
     }
 
@@ -204,6 +209,11 @@ impl MemoryHandle {
     /// Makes the next `count` apply calls fail entirely.
     pub fn fail_next_applies(&self, count: u32) {
         lock(&self.inner).fail_next_applies = count;
+    }
+
+    /// Makes the next `count` read calls fail.
+    pub fn fail_next_reads(&self, count: u32) {
+        lock(&self.inner).fail_next_reads = count;
     }
 
     /// Makes the next `count` `synced` calls (the end of a successful sync) fail.

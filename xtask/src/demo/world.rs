@@ -54,8 +54,8 @@ impl World {
             backends,
             outside,
             originals,
-            metrics: crate::free_loopback_port()?,
-            healthz: crate::free_loopback_port()?,
+            metrics: crate::util::free_loopback_port()?,
+            healthz: crate::util::free_loopback_port()?,
             agent: None,
             servers: BTreeMap::new(),
             client: None,
@@ -612,7 +612,7 @@ impl World {
     pub(super) fn falling_back_metric(&self) -> Result<f64> {
         let (status, body) = self.agent_get(self.metrics, "/metrics")?;
         ensure!(status == 200, "/metrics answered {status}");
-        crate::metric(&body, "topoproxy_services_falling_back")
+        crate::util::metric(&body, "topoproxy_services_falling_back")
             .context("/metrics has no topoproxy_services_falling_back")
     }
 
