@@ -23,7 +23,8 @@ use k8s_harness::network::{in_netns, NodeNetwork};
 use k8s_harness::node::{NodeOptions, RealNode};
 use k8s_harness::objects::{apply, eventually};
 use k8s_harness::workloads::{
-    echo_pod, helm, kubectl, pod_ready, post_renderer_args, wait_pods_ready, AgentCleanup,
+    echo_pod, helm, install_chart, kubectl, pod_ready, post_renderer_args, wait_pods_ready,
+    AgentCleanup,
 };
 use k8s_harness::{ControlPlane, Options};
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -412,40 +413,20 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
     node.import_image(&agent_image);
     node.import_image(&k8s_harness::test_images_dir().join("echo.tar"));
 
-    let port = plane.endpoint().port().to_string();
-    let chart = workspace().join("charts/topoproxy");
-    let chart = chart.to_string_lossy();
-    let port_value = format!("apiServer.port={port}");
-    let host_value = format!("apiServer.host={}", network.host_address());
-    let interfaces_value = format!("config.north-south-interfaces={}", node.link());
+    // The node's cgroup is its root (every process of the node is below it). The default, the
+    // host's cgroup v2 root, would hand the socket hooks every process of the machine running
+    // the test, the outside client's included, which then never reaches the tc programs.
     let cgroup_value = format!("config.cgroup-path={}", node.unified_cgroup().display());
-    let mut install = vec![
-        "install",
-        "topoproxy",
-        &chart,
-        "-n",
-        "kube-system",
-        "--set",
-        "mode=ebpf",
-        "--set",
-        &port_value,
-        "--set",
-        &host_value,
-        // The tc programs on the node's link only: the default `auto` takes every device
-        // with a global address, the CNI bridge included.
-        "--set",
-        &interfaces_value,
-        // The node's cgroup is its root (every process of the node is below it). The default,
-        // the host's cgroup v2 root, would hand the socket hooks every process of the machine
-        // running the test, the outside client's included, which then never reaches the tc
-        // programs.
-        "--set",
-        &cgroup_value,
-    ];
-    let post_renderer = post_renderer_args(&plane, &[]);
-    install.extend(post_renderer.iter().map(String::as_str));
+    let chart = workspace().join("charts/topoproxy");
     let installed = std::time::Instant::now();
-    helm(&plane, &install);
+    install_chart(
+        &plane,
+        &chart,
+        network.host_address(),
+        node.link(),
+        &[cgroup_value],
+        &[],
+    );
     wait_pods_ready(
         &client,
         &plane,
@@ -536,7 +517,8 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
 
     list_in_the_pod_equals_the_plan(&plane, &node, &address).await;
 
-    rolling_update_loses_no_connection(&plane, &client, &node, &chart, &address).await;
+    rolling_update_loses_no_connection(&plane, &client, &node, &chart.to_string_lossy(), &address)
+        .await;
     // A new container; its image is the same one under a second tag (`ctr images tag`), and
     // containerd's CRI names an image by its first tag, so the tag itself is checked on the
     // pod (in `rolling_update_loses_no_connection`), not here.

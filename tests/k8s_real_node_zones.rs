@@ -25,7 +25,7 @@ use k8s_harness::network::NodeNetwork;
 use k8s_harness::node::{unified_cgroup_of, NodeOptions, RealNode};
 use k8s_harness::objects::{apply, eventually, slices_of};
 use k8s_harness::workloads::{
-    daemonset_args, echo_pod, helm, kubectl, post_renderer_args, wait_pods_ready, AgentCleanup,
+    daemonset_args, echo_pod, install_chart, kubectl, wait_pods_ready, AgentCleanup,
 };
 use k8s_harness::{ControlPlane, Options};
 use k8s_openapi::api::core::v1::Service;
@@ -149,12 +149,7 @@ async fn hints_name_each_endpoints_own_zone(client: &Client, count: usize) {
             let slices = slices_of(client, NAMESPACE, "echo").await;
             let endpoints: Vec<_> = slices.iter().flat_map(|s| &s.endpoints).collect();
             let hinted = endpoints.iter().all(|endpoint| {
-                let zones: Vec<&str> = endpoint
-                    .hints
-                    .as_ref()
-                    .and_then(|h| h.for_zones.as_ref())
-                    .map(|z| z.iter().map(|z| z.name.as_str()).collect())
-                    .unwrap_or_default();
+                let zones = k8s_harness::objects::hinted_zones(endpoint);
                 endpoint.zone.as_deref().is_some_and(|zone| zones == [zone])
             });
             (endpoints.len() == count && hinted).then_some(())
@@ -223,11 +218,6 @@ async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
         started.elapsed().as_secs_f64()
     );
 
-    let chart = workspace().join("charts/topoproxy");
-    let chart = chart.to_string_lossy();
-    let port_value = format!("apiServer.port={}", plane.endpoint().port());
-    let host_value = format!("apiServer.host={}", network.host_address());
-    let interfaces_value = format!("config.north-south-interfaces={}", nodes[0].link());
     let per_node_args = vec![
         format!("--bpf-pin-dir={PIN_DIR_PREFIX}$(NODE_NAME)"),
         format!(
@@ -235,24 +225,14 @@ async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
             unified_cgroup_of("$(NODE_NAME)").display()
         ),
     ];
-    let mut install = vec![
-        "install",
-        "topoproxy",
-        &chart,
-        "-n",
-        "kube-system",
-        "--set",
-        "mode=ebpf",
-        "--set",
-        &port_value,
-        "--set",
-        &host_value,
-        "--set",
-        &interfaces_value,
-    ];
-    let post_renderer = post_renderer_args(&plane, &per_node_args);
-    install.extend(post_renderer.iter().map(String::as_str));
-    helm(&plane, &install);
+    install_chart(
+        &plane,
+        &workspace().join("charts/topoproxy"),
+        network.host_address(),
+        nodes[0].link(),
+        &[],
+        &per_node_args,
+    );
     let args = daemonset_args(&client, "kube-system", "topoproxy").await;
     assert!(
         per_node_args.iter().all(|arg| args.contains(arg)),

@@ -215,6 +215,16 @@ pub async fn delete_pod(client: &Client, namespace: &str, name: &str, grace_seco
         .unwrap_or_else(|e| panic!("deleting pod {namespace}/{name}: {e}"));
 }
 
+/// The zones an endpoint's hints name (`hints.forZones`), empty without hints.
+pub fn hinted_zones(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> Vec<&str> {
+    endpoint
+        .hints
+        .as_ref()
+        .and_then(|h| h.for_zones.as_ref())
+        .map(|z| z.iter().map(|z| z.name.as_str()).collect())
+        .unwrap_or_default()
+}
+
 /// Server-side applies one object given as JSON (any kind the apiserver serves).
 pub async fn apply(client: &Client, object: Value) {
     let shown = format!(

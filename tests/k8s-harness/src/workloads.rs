@@ -110,6 +110,36 @@ pub fn post_renderer_args(plane: &ControlPlane, agent_args: &[String]) -> Vec<St
     ]
 }
 
+/// `helm install topoproxy <chart> -n kube-system --set mode=ebpf` as the README has it,
+/// pointed at the harness's API server (`api_host`, the node segment's host address) and with
+/// the tc programs on `link` only (the default `auto` takes every device with a global
+/// address, the CNI bridge included), plus `values` (`key=value`, each one `--set`) and the
+/// post-renderer's per-node `agent_args` ([`post_renderer_args`]).
+pub fn install_chart(
+    plane: &ControlPlane,
+    chart: &Path,
+    api_host: std::net::Ipv4Addr,
+    link: &str,
+    values: &[String],
+    agent_args: &[String],
+) {
+    let mut settings = vec![
+        "mode=ebpf".to_owned(),
+        format!("apiServer.port={}", plane.endpoint().port()),
+        format!("apiServer.host={api_host}"),
+        format!("config.north-south-interfaces={link}"),
+    ];
+    settings.extend(values.iter().cloned());
+    let chart = chart.to_string_lossy();
+    let mut install = vec!["install", "topoproxy", &chart, "-n", "kube-system"];
+    for setting in &settings {
+        install.extend(["--set", setting.as_str()]);
+    }
+    let post_renderer = post_renderer_args(plane, agent_args);
+    install.extend(post_renderer.iter().map(String::as_str));
+    helm(plane, &install);
+}
+
 /// The arguments of the first container of DaemonSet `namespace/name`, as the API holds them.
 pub async fn daemonset_args(client: &Client, namespace: &str, name: &str) -> Vec<String> {
     let sets: Api<k8s_openapi::api::apps::v1::DaemonSet> =

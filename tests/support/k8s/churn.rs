@@ -703,12 +703,7 @@ impl<'a> Soak<'a> {
             if !is_ready || ips.is_empty() {
                 continue;
             }
-            let zones: Vec<&str> = endpoint
-                .hints
-                .as_ref()
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.as_str()).collect())
-                .unwrap_or_default();
+            let zones = k8s_harness::objects::hinted_zones(endpoint);
             if zones.is_empty() {
                 return ready.clone();
             }
