@@ -377,11 +377,7 @@ fn ask_from_client(plane: &ControlPlane, address: &str, udp: bool) -> Result<Str
 #[tokio::test]
 async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_ip() {
     const TEST: &str = "the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_ip";
-    let Some(agent_image) = std::env::var_os("TOPOPROXY_AGENT_IMAGE").map(PathBuf::from) else {
-        harness::skip(
-            TEST,
-            "TOPOPROXY_AGENT_IMAGE (the archive of `cargo xtask image`) is not set; `cargo xtask test` sets it",
-        );
+    let Some(agent_image) = harness::agent_image(TEST) else {
         return;
     };
     let _cleanup = AgentCleanup::new(

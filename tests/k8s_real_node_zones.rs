@@ -187,11 +187,7 @@ async fn start_node(
 #[tokio::test]
 async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
     const TEST: &str = "each_zone_is_answered_by_its_own_pods_then_by_the_other_zone";
-    let Some(agent_image) = std::env::var_os("TOPOPROXY_AGENT_IMAGE").map(PathBuf::from) else {
-        harness::skip(
-            TEST,
-            "TOPOPROXY_AGENT_IMAGE (the archive of `cargo xtask image`) is not set; `cargo xtask test` sets it",
-        );
+    let Some(agent_image) = harness::agent_image(TEST) else {
         return;
     };
     let started = Instant::now();

@@ -26,6 +26,19 @@ pub fn skip(test: &str, reason: &str) {
     let _ = out.flush();
 }
 
+/// The agent image archive the real-node tests install (`TOPOPROXY_AGENT_IMAGE`, set by
+/// `cargo xtask test`); without it, prints SKIP for `test` and returns `None`.
+pub fn agent_image(test: &str) -> Option<std::path::PathBuf> {
+    let image = std::env::var_os("TOPOPROXY_AGENT_IMAGE").map(std::path::PathBuf::from);
+    if image.is_none() {
+        skip(
+            test,
+            "TOPOPROXY_AGENT_IMAGE (the archive of `cargo xtask image`) is not set; `cargo xtask test` sets it",
+        );
+    }
+    image
+}
+
 /// Prints `HELPER: <name>`: `name` is the entry point of a helper process that another test
 /// starts, run here directly (every ignored test runs under `--ignored`), so it did nothing.
 /// The VM harness does not count it as a test.

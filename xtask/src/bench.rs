@@ -8,7 +8,6 @@
 //!   own: kube-proxy's nftables rules and sysctls stay in it, and the host's `nft` tables are
 //!   compared before and after to prove it.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,7 +45,7 @@ pub fn bench_real_apiserver(services: usize, events: usize, nodes: usize) -> Res
     );
     k8s::k8s_setup()?;
     let version = k8s::kubernetes_version()?;
-    let bench = build_real_apiserver_bench()?;
+    let bench = util::build_release_bench("real_apiserver")?;
     let host_tables = kube_proxy_tables_on_host()?;
     let mut run = Command::new("unshare");
     // Its own network namespace (loopback up) and mount namespace, with a private /dev/shm,
@@ -89,29 +88,6 @@ pub fn bench_real_apiserver(services: usize, events: usize, nodes: usize) -> Res
     result
 }
 
-/// `cargo build --release` of the real-apiserver bench (and the agent it starts); returns
-/// the bench's executable.
-fn build_real_apiserver_bench() -> Result<PathBuf> {
-    let out = util::output(
-        Command::new(cargo_program())
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "topoproxy",
-                "--bench",
-                "real_apiserver",
-                "--message-format=json-render-diagnostics",
-            ])
-            .current_dir(workspace_root()),
-    )?;
-    out.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|message| message["target"]["name"] == "real_apiserver")
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .context("cargo build did not report the real_apiserver executable")
-}
-
 /// The host's nftables tables named `kube-proxy` (`table ip kube-proxy`, `table ip6 ...`).
 fn kube_proxy_tables_on_host() -> Result<Vec<String>> {
     let tables = util::output(Command::new("nft").args(["list", "tables"]))
@@ -132,10 +108,6 @@ fn in_process(services: usize, events: usize) -> Result<()> {
             ("TOPOPROXY_BENCH_EVENTS", events.to_string()),
         ],
     )
-}
-
-fn cargo_program() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
 
 /// Kills the child on drop, so a failed measurement leaves no process behind.

@@ -92,6 +92,23 @@ pub fn tail(log: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// `cargo build --release -p topoproxy --bench <name>`; returns the bench's executable (as
+/// cargo reports it, the hash in its name included).
+pub fn build_release_bench(name: &str) -> Result<std::path::PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = output(
+        Command::new(cargo)
+            .args(["build", "--release", "-p", "topoproxy", "--bench", name])
+            .arg("--message-format=json-render-diagnostics")
+            .current_dir(crate::workspace_root()),
+    )?;
+    out.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|message| message["target"]["name"] == name)
+        .find_map(|message| message["executable"].as_str().map(std::path::PathBuf::from))
+        .with_context(|| format!("cargo build did not report the {name} executable"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -190,35 +190,6 @@ pub fn listing_to_restore(listing: &str) -> String {
     out
 }
 
-/// `cargo build --release` of the per-batch bench; returns its executable.
-fn build_batch_bench() -> Result<PathBuf> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "topoproxy",
-            "--bench",
-            "ipvs_batches",
-            "--message-format=json-render-diagnostics",
-        ])
-        .current_dir(crate::workspace_root())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo build --release --bench ipvs_batches")?;
-    ensure!(
-        out.status.success(),
-        "building the ipvs_batches bench failed: {}",
-        out.status
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|message| message["target"]["name"] == "ipvs_batches")
-        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
-        .context("cargo build did not report the ipvs_batches executable")
-}
-
 fn build_agent() -> Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
         .args([
@@ -356,7 +327,7 @@ pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
     let batch_bench = if plan.batches.is_empty() {
         None
     } else {
-        Some(build_batch_bench()?)
+        Some(crate::util::build_release_bench("ipvs_batches")?)
     };
     for label in &plan.kernels {
         let share = vm::vm_dir().join(format!("share-bench-{label}-{}", std::process::id()));
