@@ -5,6 +5,15 @@
 //! kube-controller-manager writes. A client pod on each node is answered only by its own
 //! zone's pods; once its zone's pods are deleted, by the other zone's.
 //!
+//! The same cluster then has DNS as a seed deploys it: CoreDNS (the image `cargo xtask
+//! k8s-setup` builds from its Go module) as `kube-system/kube-dns`, one replica per zone, the
+//! Service with `trafficDistribution: PreferClose` ([`k8s_harness::kube_dns`]). Each client pod
+//! asks the kube-dns ClusterIP, over UDP and TCP, for the echo Service's A record (its
+//! ClusterIP) and for `CH TXT hostname.bind` (the answering CoreDNS pod's name): only its own
+//! zone's CoreDNS answers, as the CoreDNS pods' query logs also show. Once zone a is cordoned
+//! and its CoreDNS pod deleted (the replacement cannot be scheduled: zone b has its replica),
+//! zone a's client is answered by zone b's CoreDNS.
+//!
 //! Two eBPF agents on one host must not share pins or cgroup attachments: each node's agent
 //! pins under `/sys/fs/bpf/topoproxy-<node>` and attaches to its node's cgroup (the kubelet's
 //! `cgroupRoot`), arguments a Helm post-renderer adds per node through `$(NODE_NAME)` (test
@@ -17,10 +26,11 @@
 #[path = "support/harness.rs"]
 mod harness;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use k8s_harness::kube_dns::{kube_dns_objects, KUBE_DNS_IP, KUBE_DNS_SELECTOR};
 use k8s_harness::network::NodeNetwork;
 use k8s_harness::node::{unified_cgroup_of, NodeOptions, RealNode};
 use k8s_harness::objects::{apply, eventually, slices_of};
@@ -28,7 +38,8 @@ use k8s_harness::workloads::{
     daemonset_args, echo_pod, install_chart, kubectl, wait_pods_ready, AgentCleanup,
 };
 use k8s_harness::{ControlPlane, Options};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -139,14 +150,205 @@ async fn answered_only_by(plane: &ControlPlane, client: &str, address: &str, exp
     );
 }
 
+/// What one client pod's DNS asks to kube-dns saw in a second (one every 50 ms): the
+/// answers, and how many asks failed.
+fn ask_dns_for_a_second(
+    plane: &ControlPlane,
+    client: &str,
+    question: &[&str],
+    udp: bool,
+) -> Result<Answers, String> {
+    let server = format!("{KUBE_DNS_IP}:53");
+    let mut args = vec![
+        "-n", NAMESPACE, "exec", client, "--", "/tp-echo", "-connect", &server, "-for", "1s",
+        "-every", "50ms", "-timeout", "1s",
+    ];
+    if udp {
+        args.push("-udp");
+    }
+    args.extend(question);
+    let out = kubectl(plane, &args)?;
+    let mut answers = Answers {
+        pods: BTreeSet::new(),
+        failed: 0,
+    };
+    let mut summary = false;
+    for line in out.lines() {
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["answered", _, "failed", failed] => {
+                answers.failed = failed.parse().map_err(|_| format!("summary {line:?}"))?;
+                summary = true;
+            }
+            [answer] => {
+                answers.pods.insert((*answer).to_owned());
+            }
+            _ => return Err(format!("an unexpected line from {client}: {line:?}")),
+        }
+    }
+    if !summary {
+        return Err(format!("no summary from {client}: {out:?}"));
+    }
+    Ok(answers)
+}
+
+/// `CH TXT hostname.bind`: CoreDNS's chaos plugin answers with its pod's name.
+const WHO_ANSWERS: [&str; 6] = ["-dns", "hostname.bind", "-class", "CH", "-type", "TXT"];
+
+/// Waits until a second of asks from `client` to the kube-dns ClusterIP, over UDP and over
+/// TCP, is answered only by CoreDNS pod `server` for `hostname.bind` and only with `echo_ip`
+/// for `name` (the echo Service's A record), none failing.
+async fn dns_answered_only_by(
+    plane: &ControlPlane,
+    client: &str,
+    server: &str,
+    name: &str,
+    echo_ip: &str,
+) {
+    let a_record = ["-dns", name, "-type", "A"];
+    let checks: [(&[&str], &str); 2] = [(&WHO_ANSWERS, server), (&a_record, echo_ip)];
+    let started = Instant::now();
+    let limit = Duration::from_secs(90);
+    'ask: loop {
+        let mut last = None;
+        for udp in [true, false] {
+            for (question, expected) in checks {
+                let expected = names(&[expected]);
+                match ask_dns_for_a_second(plane, client, question, udp) {
+                    Ok(a) if a.pods == expected && a.failed == 0 => {}
+                    Ok(a) => {
+                        last = Some(format!(
+                            "{question:?} udp={udp}: answers {:?}, {} failed",
+                            a.pods, a.failed
+                        ))
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+        }
+        let Some(last) = last else { break 'ask };
+        assert!(
+            started.elapsed() < limit,
+            "{client} asking kube-dns was not answered by {server} alone (with {name} = \
+             {echo_ip}) within {limit:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "{client}: kube-dns answered by {server} only, {name} = {echo_ip}, after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The Ready CoreDNS pods by node name.
+async fn kube_dns_pods(client: &Client) -> BTreeMap<String, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let list = pods
+        .list(&ListParams::default().labels(KUBE_DNS_SELECTOR))
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    list.iter()
+        .filter(|pod| k8s_harness::workloads::pod_ready(pod))
+        .filter_map(|pod| {
+            let node = pod.spec.as_ref()?.node_name.clone()?;
+            Some((node, pod.metadata.name.clone()?))
+        })
+        .collect()
+}
+
+/// The CoreDNS pod `server`'s query log (the `log` plugin) names `own_client` and not
+/// `other_client` as a source: every query of a zone's client reached its zone's CoreDNS.
+fn query_log_shows_only(
+    plane: &ControlPlane,
+    server: &str,
+    own_client: (&str, &str),
+    other_client: (&str, &str),
+) {
+    let log = kubectl(plane, &["-n", "kube-system", "logs", server]).expect("CoreDNS's log");
+    let queried = |ip: &str| {
+        log.lines()
+            .any(|line| line.contains(&format!("] {ip}:")) && line.contains("hostname.bind"))
+    };
+    assert!(
+        queried(own_client.1),
+        "{server}'s log shows no query from {} ({})\n{log}",
+        own_client.0,
+        own_client.1
+    );
+    assert!(
+        !queried(other_client.1),
+        "{server}'s log shows queries from {} ({}) of the other zone\n{log}",
+        other_client.0,
+        other_client.1
+    );
+}
+
+/// A pod's IP in the test's namespace.
+async fn pod_ip(client: &Client, name: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    pods.get(name)
+        .await
+        .ok()
+        .and_then(|pod| pod.status?.pod_ip)
+        .unwrap_or_else(|| panic!("pod {name} has no IP"))
+}
+
+/// kube-dns with a CoreDNS pod in each zone: each zone's client is answered by its own zone's
+/// CoreDNS; once zone a is cordoned and its CoreDNS pod deleted, by zone b's.
+async fn each_zone_asks_its_own_coredns(plane: &ControlPlane, client: &Client, echo_ip: &str) {
+    hints_name_each_endpoints_own_zone(client, "kube-system", "kube-dns", ZONES.len()).await;
+    let servers = kube_dns_pods(client).await;
+    let server_of = |zone: &Zone| {
+        servers
+            .get(zone.node)
+            .cloned()
+            .unwrap_or_else(|| panic!("no Ready CoreDNS pod on {}: {servers:?}", zone.node))
+    };
+    let name = format!("echo.{NAMESPACE}.svc.cluster.local");
+    for zone in &ZONES {
+        dns_answered_only_by(plane, zone.client, &server_of(zone), &name, echo_ip).await;
+    }
+    let [a, b] = &ZONES;
+    let client_a = (a.client, pod_ip(client, a.client).await);
+    let client_b = (b.client, pod_ip(client, b.client).await);
+    let (client_a, client_b) = ((client_a.0, &*client_a.1), (client_b.0, &*client_b.1));
+    query_log_shows_only(plane, &server_of(a), client_a, client_b);
+    query_log_shows_only(plane, &server_of(b), client_b, client_a);
+
+    // Zone a loses its CoreDNS; cordoned, it gets no replacement (the anti-affinity keeps it
+    // out of zone b, which has its replica).
+    kubectl(plane, &["cordon", a.node]).expect("cordoning node a");
+    let server_a = server_of(a);
+    kubectl(
+        plane,
+        &[
+            "-n",
+            "kube-system",
+            "delete",
+            "pod",
+            "--wait=false",
+            &server_a,
+        ],
+    )
+    .expect("deleting zone a's CoreDNS pod");
+    hints_name_each_endpoints_own_zone(client, "kube-system", "kube-dns", 1).await;
+    dns_answered_only_by(plane, a.client, &server_of(b), &name, echo_ip).await;
+    dns_answered_only_by(plane, b.client, &server_of(b), &name, echo_ip).await;
+}
+
 /// The Service's EndpointSlices as the real controller wrote them: every endpoint carries its
 /// node's zone and a hint for that zone (`trafficDistribution: PreferClose`).
-async fn hints_name_each_endpoints_own_zone(client: &Client, count: usize) {
+async fn hints_name_each_endpoints_own_zone(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    count: usize,
+) {
     eventually(
-        &format!("{count} endpoints of echo, each hinted for its own zone"),
+        &format!("{count} endpoints of {namespace}/{service}, each hinted for its own zone"),
         Duration::from_secs(60),
         || async move {
-            let slices = slices_of(client, NAMESPACE, "echo").await;
+            let slices = slices_of(client, namespace, service).await;
             let endpoints: Vec<_> = slices.iter().flat_map(|s| &s.endpoints).collect();
             let hinted = endpoints.iter().all(|endpoint| {
                 let zones = k8s_harness::objects::hinted_zones(endpoint);
@@ -181,6 +383,7 @@ async fn start_node(
     .await;
     node.import_image(agent_image);
     node.import_image(&k8s_harness::test_images_dir().join("echo.tar"));
+    node.import_image(&k8s_harness::test_images_dir().join("coredns.tar"));
     node
 }
 
@@ -259,11 +462,22 @@ async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
         }),
     )
     .await;
+    for object in kube_dns_objects() {
+        apply(&client, object).await;
+    }
     wait_pods_ready(
         &client,
         &plane,
         "kube-system",
         "app.kubernetes.io/name=topoproxy",
+        ZONES.len(),
+    )
+    .await;
+    wait_pods_ready(
+        &client,
+        &plane,
+        "kube-system",
+        KUBE_DNS_SELECTOR,
         ZONES.len(),
     )
     .await;
@@ -273,7 +487,7 @@ async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
         "both agents and every pod Ready: {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    hints_name_each_endpoints_own_zone(&client, 4).await;
+    hints_name_each_endpoints_own_zone(&client, NAMESPACE, "echo", 4).await;
     let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
     let cluster_ip = services
         .get("echo")
@@ -293,8 +507,10 @@ async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
     let mut delete = vec!["-n", NAMESPACE, "delete", "pod", "--wait=false"];
     delete.extend(a.backends);
     kubectl(&plane, &delete).expect("deleting zone a's echo pods");
-    hints_name_each_endpoints_own_zone(&client, 2).await;
+    hints_name_each_endpoints_own_zone(&client, NAMESPACE, "echo", 2).await;
     answered_only_by(&plane, a.client, &address, &b.backends).await;
     answered_only_by(&plane, b.client, &address, &b.backends).await;
+
+    each_zone_asks_its_own_coredns(&plane, &client, &cluster_ip).await;
     println!("the whole test: {:.1} s", started.elapsed().as_secs_f64());
 }

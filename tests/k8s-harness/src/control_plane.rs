@@ -31,8 +31,8 @@ pub struct Options {
     /// Start kube-controller-manager (the EndpointSlice controller writes slices and hints).
     pub controller_manager: bool,
     /// For real kubelets ([`crate::node::RealNode`]): the ServiceAccount admission plugin
-    /// (Pods get their token volume), the DaemonSet controller, kube-scheduler (DaemonSet
-    /// Pods are bound by it), and the apiserver's client certificate for kubelets (`exec`,
+    /// (Pods get their token volume), the DaemonSet, Deployment and ReplicaSet controllers,
+    /// kube-scheduler (their Pods are bound by it), and the apiserver's client certificate for kubelets (`exec`,
     /// `logs`).
     pub real_nodes: bool,
     /// Where the apiservers (and the load balancer) listen and every client reaches them:
@@ -489,7 +489,12 @@ impl ControlPlane {
             "root-ca-certificate-publisher-controller",
         ];
         if self.real_nodes {
-            controllers.push("daemonset-controller");
+            // Deployments too (CoreDNS as kube-dns, `crate::kube_dns`).
+            controllers.extend([
+                "daemonset-controller",
+                "deployment-controller",
+                "replicaset-controller",
+            ]);
         }
         let mut cmd = component_command(&self.bins.kube_controller_manager, &kubeconfig);
         cmd.arg("--use-service-account-credentials")

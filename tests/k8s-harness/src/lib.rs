@@ -10,11 +10,13 @@
 //! - [`node::RealNode`] on a [`network::NodeNetwork`]: a real node (containerd, runc, CNI, a
 //!   kubelet) in a network namespace of its own.
 //! - [`workloads`]: kubectl, helm (with a post-renderer) and pods, as the real-node tests use them.
+//! - [`kube_dns`]: CoreDNS as `kube-system/kube-dns`, one replica per zone.
 //! - [`Daemon`]: a process killed on drop, with its log.
 
 use std::path::{Path, PathBuf};
 
 mod control_plane;
+pub mod kube_dns;
 pub mod network;
 pub mod node;
 pub mod objects;

@@ -5,7 +5,12 @@
 //! - `pause`: the pod sandbox's process, under the name the harness configures containerd's
 //!   `sandbox_image` with;
 //! - `echo`: answers every TCP connection and UDP datagram with its pod name and the peer
-//!   address it saw (the backends and clients of the real-node tests).
+//!   address it saw (the backends and clients of the real-node tests), and asks DNS servers
+//!   as a client;
+//! - `coredns`: CoreDNS from its `github.com/coredns/coredns` module with the few plugins the
+//!   tests use (a module of its own, `tests/k8s/images/coredns/go.mod`).
+//!
+//! An image is rebuilt when its folder's Go sources, `go.mod` or `go.sum` change.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -16,9 +21,10 @@ use super::layer::LayerTree;
 use super::oci::{self, ImageSpec, LayerInput};
 
 /// (program folder under `tests/k8s/images`, image reference's repository).
-pub const TEST_IMAGES: [(&str, &str); 2] = [
+pub const TEST_IMAGES: [(&str, &str); 3] = [
     ("pause", "topoproxy.test/pause"),
     ("echo", "topoproxy.test/echo"),
+    ("coredns", "topoproxy.test/coredns"),
 ];
 
 /// Every test image's tag.
@@ -34,8 +40,7 @@ pub fn build_test_images(
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut archives = Vec::new();
     for (name, repository) in TEST_IMAGES {
-        let source = sources.join(name).join("main.go");
-        let digest = super::file_sha256(&source)?;
+        let digest = source_digest(&sources.join(name))?;
         let archive = out.join(format!("{name}.tar"));
         let stamp = out.join(format!("{name}.source-sha256"));
         let built = fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == digest);
@@ -55,6 +60,28 @@ pub fn build_test_images(
     Ok(archives)
 }
 
+/// One SHA-256 over the program's sources in `dir`: each `*.go`, `go.mod` and `go.sum` file's
+/// name and SHA-256, in name order (`go.sum` pins every module a build compiles from).
+fn source_digest(dir: &Path) -> Result<String> {
+    use sha2::{Digest as _, Sha256};
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".go") || n == "go.mod" || n == "go.sum")
+        })
+        .collect();
+    files.sort();
+    let mut hasher = Sha256::new();
+    for file in &files {
+        let name = file.file_name().unwrap_or_default().to_string_lossy();
+        hasher.update(format!("{name} {}\n", super::file_sha256(file)?));
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
 fn write_image(binary: &Path, name: &str, repository: &str, archive: &Path) -> Result<()> {
     let program = format!("/tp-{name}");
     let mut tree = LayerTree::default();
@@ -63,7 +90,7 @@ fn write_image(binary: &Path, name: &str, repository: &str, archive: &Path) -> R
         repository: repository.to_owned(),
         tag: TEST_IMAGE_TAG.to_owned(),
         entrypoint: vec![program],
-        // nobody: neither program needs a privilege.
+        // nobody: no program needs a privilege (CoreDNS listens above 1024).
         user: "65534:65534".to_owned(),
         env: Vec::new(),
         labels: vec![(
@@ -84,4 +111,29 @@ fn write_image(binary: &Path, name: &str, repository: &str, archive: &Path) -> R
     oci::write_archive(&layout, &written, &spec, archive)?;
     let _ = fs::remove_dir_all(&layout);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::source_digest;
+
+    #[test]
+    fn the_source_digest_follows_go_files_go_mod_and_go_sum_only() {
+        let dir = std::env::temp_dir().join(format!("xtask-test-images-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a scratch folder");
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).expect("a file");
+        write("main.go", "package main\n");
+        write("go.mod", "module m\n");
+        let first = source_digest(&dir).expect("a digest");
+        write("README", "not a source\n");
+        let with_other_file = source_digest(&dir).expect("a digest");
+        write("go.sum", "example.com/m v1.0.0 h1:a=\n");
+        let with_go_sum = source_digest(&dir).expect("a digest");
+        write("dns.go", "package main\n");
+        let with_second_program_file = source_digest(&dir).expect("a digest");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(first, with_other_file);
+        assert_ne!(first, with_go_sum);
+        assert_ne!(with_go_sum, with_second_program_file);
+    }
 }

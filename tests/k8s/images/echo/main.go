@@ -3,7 +3,10 @@
 // source address the proxy left on the packet. With -connect ADDRESS it is the client
 // instead: it prints the answer of one connection to ADDRESS and exits, or with -for it asks
 // again every -every until that time has passed and prints "answered N failed M" (and each
-// failure on standard error).
+// failure on standard error). With -connect and -dns NAME it asks the DNS server at ADDRESS
+// for NAME (-type A or TXT, -class IN or CH, over TCP or -udp) instead and prints the answer's
+// records on one line, space-separated: A records as addresses, TXT records as their text
+// (CoreDNS's chaos plugin answers `-class CH -type TXT hostname.bind` with its pod's name).
 package main
 
 import (
@@ -22,12 +25,24 @@ func main() {
 	timeout := flag.Duration("timeout", 3*time.Second, "with -connect: how long to wait")
 	during := flag.Duration("for", 0, "with -connect: keep asking for this long")
 	every := flag.Duration("every", 100*time.Millisecond, "with -for: pause between asks")
+	dnsName := flag.String("dns", "", "with -connect: ask the DNS server at ADDRESS for this name")
+	dnsType := flag.String("type", "A", "with -dns: the record type, A or TXT")
+	dnsClass := flag.String("class", "IN", "with -dns: the class, IN or CH")
 	flag.Parse()
+	once := func() int { return ask(*connect, *udp, *timeout) }
+	if *dnsName != "" {
+		question, err := newQuestion(*dnsName, *dnsType, *dnsClass)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(2)
+		}
+		once = func() int { return askDNS(*connect, *udp, *timeout, question) }
+	}
 	if *connect != "" && *during > 0 {
-		os.Exit(askRepeatedly(*connect, *udp, *timeout, *during, *every))
+		os.Exit(askRepeatedly(once, *during, *every))
 	}
 	if *connect != "" {
-		os.Exit(ask(*connect, *udp, *timeout))
+		os.Exit(once())
 	}
 	name := os.Getenv("POD_NAME")
 	if name == "" {
@@ -92,11 +107,11 @@ func ask(address string, udp bool, timeout time.Duration) int {
 	return 0
 }
 
-func askRepeatedly(address string, udp bool, timeout, during, every time.Duration) int {
+func askRepeatedly(once func() int, during, every time.Duration) int {
 	answered, failed := 0, 0
 	deadline := time.Now().Add(during)
 	for time.Now().Before(deadline) {
-		if ask(address, udp, timeout) == 0 {
+		if once() == 0 {
 			answered++
 		} else {
 			failed++
