@@ -60,7 +60,8 @@ fn cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/topoproxy")
 }
 
-/// Where `cargo xtask k8s-setup` keeps the real node's test images (`pause.tar`, `echo.tar`).
+/// Where `cargo xtask k8s-setup` keeps the real node's test images (`pause.tar`, `echo.tar`,
+/// `coredns.tar`).
 pub fn test_images_dir() -> PathBuf {
     cache_dir().join("test-images")
 }

@@ -126,6 +126,23 @@ impl NodeNetwork {
         ip_in(netns, &["link", "set", "lo", "up"]);
     }
 
+    /// Routes `pod_cidr` from the host through `node` (a node's address on the segment): the
+    /// control plane's host reaches that node's pods, and so answers them when they reach the
+    /// API server through the `kubernetes` Service (the CNI leaves their source address as
+    /// is), as a cluster's pod network routes between control plane and pods. The route goes
+    /// with the bridge when the network is dropped.
+    pub fn route_pods(&self, pod_cidr: &str, node: Ipv4Addr) {
+        ip(&[
+            "route",
+            "add",
+            pod_cidr,
+            "via",
+            &node.to_string(),
+            "dev",
+            BRIDGE,
+        ]);
+    }
+
     /// The host's address on the segment, where the control plane listens.
     pub fn host_address(&self) -> Ipv4Addr {
         HOST_ADDRESS

@@ -597,6 +597,7 @@ registerNode: true
                         .any(|c| c.type_ == "Ready" && c.status == "True")
                 });
             if ready {
+                self.remove_not_ready_taint(&nodes).await;
                 return;
             }
             let kubelet = self.kubelet.as_ref();
@@ -609,6 +610,36 @@ registerNode: true
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Does for the Ready node what the node lifecycle controller does on a cluster: removes
+    /// the `node.kubernetes.io/not-ready:NoSchedule` taint the apiserver gives every new Node.
+    /// The controller stays off in the harness (Nodes without a kubelet must stay Ready), and
+    /// with the taint the scheduler binds no Pod that does not tolerate it: a Deployment's
+    /// (CoreDNS's, `crate::kube_dns`), unlike a DaemonSet's.
+    async fn remove_not_ready_taint(&self, nodes: &kube::Api<k8s_openapi::api::core::v1::Node>) {
+        const NOT_READY: &str = "node.kubernetes.io/not-ready";
+        let name = &self.options.name;
+        let taints = nodes
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("reading node {name}: {e}"))
+            .spec
+            .and_then(|spec| spec.taints)
+            .unwrap_or_default();
+        if taints.iter().all(|t| t.key != NOT_READY) {
+            return;
+        }
+        let kept: Vec<_> = taints.into_iter().filter(|t| t.key != NOT_READY).collect();
+        let patch = serde_json::json!({"spec": {"taints": kept}});
+        nodes
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("removing node {name}'s {NOT_READY} taint: {e}"));
     }
 
     /// The last `lines` lines of the kubelet's and containerd's logs.
