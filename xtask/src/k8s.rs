@@ -7,7 +7,7 @@
 //!   release's version stamped in.
 //! - `kustomize` and `helm` by `go install` at the versions below.
 //! - `etcd-server`, `haproxy`, `containerd`, `runc` and the CNI plugins from Debian's apt.
-//! - The real node's test images (a pod sandbox and an echo server, [`test_images`]).
+//! - The real node's test images (a pod sandbox, an echo server and CoreDNS, [`test_images`]).
 //!
 //! Binaries are kept outside the work tree (`$TOPOPROXY_CACHE`, else
 //! `$XDG_CACHE_HOME/topoproxy`, else `~/.cache/topoproxy`) beside Go's own module and build

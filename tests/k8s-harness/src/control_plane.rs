@@ -4,7 +4,8 @@
 //! The apiservers run with TLS from [`Pki`], RBAC and Node authorization, and service-account
 //! token signing, as kubeadm configures them. The controller manager runs only the controllers
 //! that tests need (EndpointSlice and its mirroring, service accounts and their tokens,
-//! namespaces, garbage collection, the root CA publisher); node lifecycle stays off, so Nodes
+//! namespaces, garbage collection, the root CA publisher; for real nodes also DaemonSets,
+//! Deployments and ReplicaSets); node lifecycle stays off, so Nodes
 //! without a kubelet stay Ready. No scheduler, no kubelet: tests create Pods with a `nodeName`
 //! and patch their status themselves ([`crate::objects`]).
 
