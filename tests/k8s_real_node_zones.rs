@@ -309,11 +309,12 @@ async fn each_zone_asks_its_own_coredns(plane: &ControlPlane, client: &Client, e
         dns_answered_only_by(plane, zone.client, &server_of(zone), &name, echo_ip).await;
     }
     let [a, b] = &ZONES;
-    let client_a = (a.client, pod_ip(client, a.client).await);
-    let client_b = (b.client, pod_ip(client, b.client).await);
-    let (client_a, client_b) = ((client_a.0, &*client_a.1), (client_b.0, &*client_b.1));
-    query_log_shows_only(plane, &server_of(a), client_a, client_b);
-    query_log_shows_only(plane, &server_of(b), client_b, client_a);
+    let (ip_a, ip_b) = (
+        pod_ip(client, a.client).await,
+        pod_ip(client, b.client).await,
+    );
+    query_log_shows_only(plane, &server_of(a), (a.client, &ip_a), (b.client, &ip_b));
+    query_log_shows_only(plane, &server_of(b), (b.client, &ip_b), (a.client, &ip_a));
 
     // Zone a loses its CoreDNS; cordoned, it gets no replacement (the anti-affinity keeps it
     // out of zone b, which has its replica).
@@ -334,6 +335,12 @@ async fn each_zone_asks_its_own_coredns(plane: &ControlPlane, client: &Client, e
     hints_name_each_endpoints_own_zone(client, "kube-system", "kube-dns", 1).await;
     dns_answered_only_by(plane, a.client, &server_of(b), &name, echo_ip).await;
     dns_answered_only_by(plane, b.client, &server_of(b), &name, echo_ip).await;
+    let after = kube_dns_pods(client).await;
+    assert!(
+        !after.contains_key(a.node),
+        "a CoreDNS pod became Ready on cordoned {}: {after:?}",
+        a.node
+    );
 }
 
 /// The Service's EndpointSlices as the real controller wrote them: every endpoint carries its
