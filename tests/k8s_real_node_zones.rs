@@ -394,6 +394,74 @@ async fn start_node(
     node
 }
 
+/// Installs the chart with each node's pin folder and cgroup (the post-renderer's arguments),
+/// and checks the DaemonSet holds them.
+async fn install_agents(plane: &ControlPlane, client: &Client, network: &NodeNetwork, link: &str) {
+    let per_node_args = vec![
+        format!("--bpf-pin-dir={PIN_DIR_PREFIX}$(NODE_NAME)"),
+        format!(
+            "--cgroup-path={}",
+            unified_cgroup_of("$(NODE_NAME)").display()
+        ),
+    ];
+    install_chart(
+        plane,
+        &workspace().join("charts/topoproxy"),
+        network.host_address(),
+        link,
+        &[],
+        &per_node_args,
+    );
+    let args = daemonset_args(client, "kube-system", "topoproxy").await;
+    assert!(
+        per_node_args.iter().all(|arg| args.contains(arg)),
+        "the post-renderer did not add {per_node_args:?} to the agent's arguments: {args:?}"
+    );
+}
+
+/// The echo pods, the client pods and the echo Service in the test's namespace, and kube-dns;
+/// waits until the agents and all of them are Ready.
+async fn deploy_workloads(plane: &ControlPlane, client: &Client, nodes: [&RealNode; 2]) {
+    kubectl(plane, &["create", "namespace", NAMESPACE]).expect("creating the namespace");
+    for (zone, node) in ZONES.iter().zip(nodes) {
+        for backend in zone.backends {
+            apply(client, echo_pod(NAMESPACE, backend, node.name(), "echo")).await;
+        }
+        apply(
+            client,
+            echo_pod(NAMESPACE, zone.client, node.name(), "client"),
+        )
+        .await;
+    }
+    apply(
+        client,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "echo", "namespace": NAMESPACE},
+            "spec": {
+                "selector": {"app": "echo"},
+                "trafficDistribution": "PreferClose",
+                "ports": [{"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+            },
+        }),
+    )
+    .await;
+    for object in kube_dns_objects() {
+        apply(client, object).await;
+    }
+    wait_pods_ready(
+        client,
+        plane,
+        "kube-system",
+        "app.kubernetes.io/name=topoproxy",
+        ZONES.len(),
+    )
+    .await;
+    wait_pods_ready(client, plane, "kube-system", KUBE_DNS_SELECTOR, ZONES.len()).await;
+    wait_pods_ready(client, plane, NAMESPACE, "app=echo", 4).await;
+    wait_pods_ready(client, plane, NAMESPACE, "app=client", 2).await;
+}
+
 #[tokio::test]
 async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
     const TEST: &str = "each_zone_is_answered_by_its_own_pods_then_by_the_other_zone";
@@ -429,72 +497,8 @@ async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
         started.elapsed().as_secs_f64()
     );
 
-    let per_node_args = vec![
-        format!("--bpf-pin-dir={PIN_DIR_PREFIX}$(NODE_NAME)"),
-        format!(
-            "--cgroup-path={}",
-            unified_cgroup_of("$(NODE_NAME)").display()
-        ),
-    ];
-    install_chart(
-        &plane,
-        &workspace().join("charts/topoproxy"),
-        network.host_address(),
-        nodes[0].link(),
-        &[],
-        &per_node_args,
-    );
-    let args = daemonset_args(&client, "kube-system", "topoproxy").await;
-    assert!(
-        per_node_args.iter().all(|arg| args.contains(arg)),
-        "the post-renderer did not add {per_node_args:?} to the agent's arguments: {args:?}"
-    );
-
-    kubectl(&plane, &["create", "namespace", NAMESPACE]).expect("creating the namespace");
-    for (zone, node) in ZONES.iter().zip(nodes) {
-        for backend in zone.backends {
-            apply(&client, echo_pod(NAMESPACE, backend, node.name(), "echo")).await;
-        }
-        apply(
-            &client,
-            echo_pod(NAMESPACE, zone.client, node.name(), "client"),
-        )
-        .await;
-    }
-    apply(
-        &client,
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "echo", "namespace": NAMESPACE},
-            "spec": {
-                "selector": {"app": "echo"},
-                "trafficDistribution": "PreferClose",
-                "ports": [{"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
-            },
-        }),
-    )
-    .await;
-    for object in kube_dns_objects() {
-        apply(&client, object).await;
-    }
-    wait_pods_ready(
-        &client,
-        &plane,
-        "kube-system",
-        "app.kubernetes.io/name=topoproxy",
-        ZONES.len(),
-    )
-    .await;
-    wait_pods_ready(
-        &client,
-        &plane,
-        "kube-system",
-        KUBE_DNS_SELECTOR,
-        ZONES.len(),
-    )
-    .await;
-    wait_pods_ready(&client, &plane, NAMESPACE, "app=echo", 4).await;
-    wait_pods_ready(&client, &plane, NAMESPACE, "app=client", 2).await;
+    install_agents(&plane, &client, &network, nodes[0].link()).await;
+    deploy_workloads(&plane, &client, nodes).await;
     println!(
         "both agents and every pod Ready: {:.1} s",
         started.elapsed().as_secs_f64()
