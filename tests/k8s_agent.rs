@@ -26,7 +26,8 @@ use api_agent::{destinations, install_agent_identity, ApiAgent, Auth};
 use futures::StreamExt as _;
 use k8s_harness::objects::{
     apply, apply_object, create_namespace, create_node, create_pod, delete_pod, eventually,
-    set_pod_status, slices_of, yaml_documents, zone_hints, NodeSpec, PodSpec, ZONE_LABEL,
+    set_pod_status, slices_of, yaml_documents, zone_hints, NodeSpec, PodSpec, REGION_LABEL,
+    ZONE_LABEL,
 };
 use k8s_harness::{ControlPlane, Options};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -978,6 +979,98 @@ async fn its_own_node_deleted_recreated_and_moved_to_another_zone() {
         !now.is_empty() && now != ["10.244.1.10:8080", "10.244.1.11:8080"],
         "zone-b's endpoints now: {now:?}"
     );
+}
+
+/// Other Nodes' regions reach the agent only through its metadata-only watch of every Node
+/// (slices carry zones, never regions): a Node moved into this node's region, and another
+/// whose region label is removed, move their endpoints between the zone policy's region and
+/// cluster tiers.
+#[tokio::test]
+async fn other_nodes_moving_between_regions_move_their_endpoints_between_tiers() {
+    let _serial = serial().await;
+    let plane = ControlPlane::start(Options {
+        controller_manager: false,
+        ..Options::default()
+    })
+    .await;
+    let client = plane.admin_client().await;
+    for (name, zone, region, ip) in [
+        ("node-a1", "zone-a", "region-1", "10.0.1.1"),
+        ("node-b1", "zone-b", "region-2", "10.0.2.1"),
+        ("node-c1", "zone-c", "region-1", "10.0.3.1"),
+    ] {
+        let mut spec = NodeSpec::new(name, Some(zone), ip);
+        spec.region = Some(region.to_owned());
+        create_node(&client, &spec).await;
+    }
+    let ns = "regions";
+    create_namespace(&client, ns).await;
+    let annotations = json!({"topoproxy.io/topology": "zone"});
+    let vip = service(
+        &client,
+        ns,
+        "near",
+        json!({"metadata": {"annotations": annotations}}),
+    )
+    .await;
+    // Written here, as the EndpointSlice controller would (it is not running).
+    let endpoint = |address: &str, node: &str, zone: &str| {
+        json!({"addresses": [address], "conditions": {"ready": true},
+               "nodeName": node, "zone": zone})
+    };
+    apply(
+        &client,
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "near-1", "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": "near"}},
+            "addressType": "IPv4",
+            "endpoints": [endpoint("10.244.2.10", "node-b1", "zone-b"),
+                          endpoint("10.244.3.10", "node-c1", "zone-c")],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }),
+    )
+    .await;
+    let token = install_agent_identity(&plane, &client, None).await;
+    let agent = ApiAgent::start(&plane, &Auth::Token(token), "node-a1");
+    let region_tier = |want: &'static [&'static str]| {
+        let agent = &agent;
+        let vip = &vip;
+        async move {
+            eventually(
+                &format!("the region tier holds {want:?}"),
+                CONVERGE,
+                || async {
+                    let plan = agent.plan_json().await?;
+                    let tiers = tiers_of(&plan, vip, 80);
+                    let region: Vec<&str> = tiers
+                        .iter()
+                        .filter(|tier| tier.0 == "SameRegion")
+                        .flat_map(|tier| tier.2.iter().map(String::as_str))
+                        .collect();
+                    (region == want).then_some(())
+                },
+            )
+            .await;
+        }
+    };
+    region_tier(&["10.244.3.10"]).await;
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let relabel = |name: &'static str, region: Value| {
+        let nodes = nodes.clone();
+        async move {
+            let patch = json!({"metadata": {"labels": {REGION_LABEL: region}}});
+            nodes
+                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap_or_else(|e| panic!("relabelling {name}: {e}"));
+        }
+    };
+    relabel("node-b1", json!("region-1")).await;
+    region_tier(&["10.244.2.10", "10.244.3.10"]).await;
+    relabel("node-c1", Value::Null).await;
+    region_tier(&["10.244.2.10"]).await;
 }
 
 /// Every kustomize overlay (rendered by the real kustomize) and every mode of the Helm chart

@@ -17,8 +17,9 @@ pub fn limit_arenas() {
 }
 
 /// Returns free heap pages to the kernel. After the initial sync, the decoded pages of the
-/// initial lists are garbage; glibc keeps freed memory in its arenas unless asked, so without
-/// this the agent's resident size would stay at its start-up peak for its whole life.
+/// initial lists are garbage (and those of a list the sync did not wait for, every Node's, once
+/// it completes); glibc keeps freed memory in its arenas unless asked, so without this the
+/// agent's resident size would stay at its start-up peak for its whole life.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own arenas and takes no pointer from us.

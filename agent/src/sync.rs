@@ -265,6 +265,12 @@ impl<D: Dataplane> SyncLoop<D> {
             SourceEvent::Listed(resource) => {
                 if self.listed.insert(resource) {
                     tracing::info!(resource = resource.as_str(), "initial list complete");
+                    if self.initial_sync_done {
+                        // A list the first sync did not wait for (every Node's locality, at
+                        // thousands of Nodes) leaves its decoded pages as garbage too, after
+                        // the trim that followed that sync.
+                        crate::heap::release_free_memory();
+                    }
                 }
                 self.report_waiting();
             }

@@ -1,7 +1,8 @@
 //! The Kubernetes API source: kube-runtime watchers for Services, EndpointSlices and this
 //! node's Node, converted to the model and sent to the sync loop; and a metadata-only watch
 //! of every Node for its zone and region labels (the locality tiers' input), which keeps
-//! memory small at 5,000 Nodes: no status, no spec, only names and labels reach the agent.
+//! memory small at 5,000 Nodes: no status, no spec, and of the metadata only the name, the
+//! resourceVersion and those two labels are decoded ([`NodePlace`]).
 //!
 //! Each watcher lists, then watches; kube-runtime resumes from the last resourceVersion after a
 //! broken watch and re-lists after a 410 Gone. Listed objects are forwarded as they arrive (each
@@ -29,7 +30,6 @@ use futures::Stream;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
-use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client};
@@ -44,6 +44,10 @@ use crate::model::ServiceKey;
 use crate::model::{LABEL_HEADLESS, LABEL_MCS_SERVICE_NAME, LABEL_SERVICE_NAME};
 use crate::state::AgentState;
 use crate::store::SliceKey;
+
+mod node_place;
+
+pub use node_place::NodePlace;
 
 /// How one Kubernetes resource maps onto source events.
 trait Watched: kube::Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static {
@@ -128,7 +132,7 @@ impl Watched for core::Node {
 }
 
 /// Every Node, metadata only: just where it sits.
-impl Watched for PartialObjectMeta<core::Node> {
+impl Watched for NodePlace {
     type Key = String;
     type Model = crate::model::NodeLocality;
     const RESOURCE: Resource = Resource::NodeLocalities;
@@ -139,7 +143,10 @@ impl Watched for PartialObjectMeta<core::Node> {
     }
 
     fn convert(&self, _warnings: &mut Vec<Warning>) -> Option<Self::Model> {
-        Some(convert::node_locality_from_meta(&self.metadata))
+        Some(convert::node_locality(
+            self.zone.as_deref(),
+            self.region.as_deref(),
+        ))
     }
 
     fn event(key: String, model: Option<Self::Model>) -> SourceEvent {
@@ -291,10 +298,10 @@ fn spawn_core_watchers(
             events.clone(),
             Arc::clone(&state),
         )),
-        tokio::spawn(watch_and_forget::<PartialObjectMeta<core::Node>>(
-            // `Api<PartialObjectMeta<_>>` makes metadata-only list and watch requests.
+        tokio::spawn(watch_and_forget::<NodePlace>(
+            // `NodePlace` makes metadata-only list and watch requests.
             watcher(
-                Api::<PartialObjectMeta<core::Node>>::all(client.clone()),
+                Api::<NodePlace>::all(client.clone()),
                 watcher::Config::default(),
             ),
             events.clone(),

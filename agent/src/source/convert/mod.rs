@@ -29,7 +29,7 @@ mod service_import;
 pub use endpoint_slice::{
     import_slice_from_api, is_import_slice, is_service_slice, slice_from_api,
 };
-pub use node::{node_from_api, node_locality_from_meta};
+pub use node::{node_from_api, node_locality};
 pub use service::service_from_api;
 pub use service_import::service_import_from_api;
 

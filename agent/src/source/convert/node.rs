@@ -4,18 +4,18 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as core;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{Node, NodeLocality, LABEL_REGION, LABEL_ZONE};
 
 use super::*;
 
-/// A Node's zone and region from its labels: all a metadata-only watch of every Node gives.
-/// (The store interns the names, so the Nodes of a zone share one string.)
-pub fn node_locality_from_meta(meta: &ObjectMeta) -> NodeLocality {
+/// A Node's place from its zone and region labels: all the metadata-only watch of every
+/// Node reads. An empty label is no zone (region). (The store interns the names, so the Nodes
+/// of a zone share one string.)
+pub fn node_locality(zone: Option<&str>, region: Option<&str>) -> NodeLocality {
     NodeLocality {
-        zone: non_empty(label(meta, LABEL_ZONE)).map(Arc::from),
-        region: non_empty(label(meta, LABEL_REGION)).map(Arc::from),
+        zone: non_empty(zone).map(Arc::from),
+        region: non_empty(region).map(Arc::from),
     }
 }
 
