@@ -13,13 +13,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
-use super::dir_cache::{DirectoryCache, Scan};
+use super::dir_cache::{DirectoryCache, Scan, ScanCounts};
 use super::{Resource, SourceEvent};
 use crate::state::AgentState;
 use crate::store::{SliceKey, Store};
@@ -61,15 +61,9 @@ pub async fn run(
             _ = ticker.tick() => {}
             Some(()) = touched.recv() => {}
         }
-        let loaded = match cache.scan(&dir) {
-            Ok((Scan::Changed(loaded), counts)) => {
-                tracing::debug!(
-                    read = counts.read,
-                    parsed = counts.parsed,
-                    "source directory changed"
-                );
-                *loaded
-            }
+        let scanning = Instant::now();
+        let (loaded, counts) = match cache.scan(&dir) {
+            Ok((Scan::Changed(loaded), counts)) => (*loaded, counts),
             Ok((Scan::Unchanged, _)) => continue,
             Err(error) => {
                 tracing::warn!(%error, "cannot load the source directory; keeping the last state");
@@ -81,12 +75,25 @@ pub async fn run(
             tracing::warn!("{warning}");
             state.metrics.skipped_objects(warning.object.kind, 1);
         }
-        for event in changes(&current, &loaded.store, &node_name) {
+        let diffing = Instant::now();
+        let changed = changes(&current, &loaded.store, &node_name);
+        let sending = Instant::now();
+        let sent = changed.len();
+        for event in changed {
             if events.send(event).await.is_err() {
                 return;
             }
         }
         current = loaded.store;
+        log_reload(
+            counts,
+            sent,
+            [
+                ("scan", diffing - scanning),
+                ("diff", sending - diffing),
+                ("send", sending.elapsed()),
+            ],
+        );
         if !listed {
             listed = true;
             // One load covers every kind a directory can hold.
@@ -101,6 +108,40 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// A reload slower than this is logged at info, with its phases (under emulation, where
+/// `cargo xtask vm-bench` reads them, most are).
+const SLOW_RELOAD: Duration = Duration::from_millis(100);
+
+/// Logs a reload's files, events and phases: at info when it was slow.
+fn log_reload(counts: ScanCounts, events: usize, phases: [(&str, Duration); 3]) {
+    let total: Duration = phases.iter().map(|(_, lap)| *lap).sum();
+    let took = format!("{:.3}s", total.as_secs_f64());
+    let phases = phases
+        .iter()
+        .map(|(name, lap)| format!("{name}={:.3}s", lap.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if total >= SLOW_RELOAD {
+        tracing::info!(
+            read = counts.read,
+            parsed = counts.parsed,
+            events,
+            took,
+            phases,
+            "slow source reload"
+        );
+    } else {
+        tracing::debug!(
+            read = counts.read,
+            parsed = counts.parsed,
+            events,
+            took,
+            phases,
+            "source directory changed"
+        );
     }
 }
 
