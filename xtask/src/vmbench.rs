@@ -278,7 +278,7 @@ if [ "$1" = size ]; then
         settle
         grab > $out/requests-before
         phases > $out/phases-before
-        date -u +%H:%M:%S.%N > $out/change-at
+        date -u +%H:%M:%S > $out/change-at
         t0=$(uptime_cs)
         cp /host/svc-0-$n.changed /tmp/cluster/svc-0.tmp && mv /tmp/cluster/svc-0.tmp /tmp/cluster/svc-0.yaml
         # Applied when svc-0 (10.96.0.1:80) has the new address; listing one service is cheap.

@@ -19,7 +19,7 @@ use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
-use super::dir_cache::{DirectoryCache, Scan, ScanCounts};
+use super::dir_cache::{Changed, DirectoryCache, Scan, ScanCounts};
 use super::{Resource, SourceEvent};
 use crate::state::AgentState;
 use crate::store::{SliceKey, Store};
@@ -52,7 +52,6 @@ pub async fn run(
         }
     };
     let mut cache = DirectoryCache::new();
-    let mut current = Store::new();
     let mut listed = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -62,8 +61,8 @@ pub async fn run(
             Some(()) = touched.recv() => {}
         }
         let scanning = Instant::now();
-        let (loaded, counts) = match cache.scan(&dir) {
-            Ok((Scan::Changed(loaded), counts)) => (*loaded, counts),
+        let (changed, counts) = match cache.scan(&dir) {
+            Ok((Scan::Changed(changed), counts)) => (changed, counts),
             Ok((Scan::Unchanged, _)) => continue,
             Err(error) => {
                 tracing::warn!(%error, "cannot load the source directory; keeping the last state");
@@ -71,26 +70,25 @@ pub async fn run(
                 continue;
             }
         };
-        for warning in &loaded.warnings {
+        for warning in cache.warnings() {
             tracing::warn!("{warning}");
             state.metrics.skipped_objects(warning.object.kind, 1);
         }
-        let diffing = Instant::now();
-        let changed = changes(&current, &loaded.store, &node_name);
+        let collecting = Instant::now();
+        let changes = events_for(&changed, cache.store(), &node_name);
         let sending = Instant::now();
-        let sent = changed.len();
-        for event in changed {
+        let sent = changes.len();
+        for event in changes {
             if events.send(event).await.is_err() {
                 return;
             }
         }
-        current = loaded.store;
         log_reload(
             counts,
             sent,
             [
-                ("scan", diffing - scanning),
-                ("diff", sending - diffing),
+                ("scan", collecting - scanning),
+                ("events", sending - collecting),
                 ("send", sending.elapsed()),
             ],
         );
@@ -177,6 +175,32 @@ fn may_change_content(kind: &EventKind) -> bool {
         EventKind::Modify(ModifyKind::Data(_)) => false,
         _ => true,
     }
+}
+
+/// The events that carry what a scan `changed` in the merged view `store` to the sync loop,
+/// for the node `node_name`: each changed object as it now is, or its removal; another
+/// Node only by its locality, as the API source's metadata watch reports it.
+pub fn events_for(changed: &Changed, store: &Store, node_name: &str) -> Vec<SourceEvent> {
+    let mut events = Vec::new();
+    for key in &changed.services {
+        events.push(SourceEvent::Service(
+            key.clone(),
+            store.service(key).cloned(),
+        ));
+    }
+    for key in &changed.slices {
+        events.push(SourceEvent::Slice(key.clone(), store.slice(key).cloned()));
+    }
+    for name in &changed.localities {
+        let locality = store
+            .node(name)
+            .map(|_| store.node_locality(name).cloned().unwrap_or_default());
+        events.push(SourceEvent::NodeLocality(name.clone(), locality));
+    }
+    if changed.nodes.iter().any(|name| name == node_name) {
+        events.push(SourceEvent::Node(store.node(node_name).cloned()));
+    }
+    events
 }
 
 /// The events that turn `before` into `after` for the node `node_name`.
