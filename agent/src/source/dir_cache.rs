@@ -1,5 +1,6 @@
 //! The YAML directory as last read, file by file, so that a re-scan parses only the files
-//! that changed.
+//! that changed, and the directory merged from them, kept up to date object by object so
+//! that a re-scan merges again only the objects those files defined before or define now.
 //!
 //! A file is re-read when its stamp (size, mtime, device and inode) differs from the one taken
 //! *before* it was last read, or when that read was racy: a file whose mtime was within

@@ -5,7 +5,9 @@
 //! created, removed or renamed triggers a scan at once. The scan also runs every `interval`,
 //! as the fallback where inotify is unavailable (the watch could not be set up, a network
 //! file system) or lost events (queue overflow). A scan stats every file and reads and
-//! parses only those that changed ([`DirectoryCache`]), so it is cheap at 10,000 files.
+//! parses only those that changed ([`DirectoryCache`]), so it is cheap at 10,000 files; the
+//! merged view is then updated, and events sent, only for the objects those files defined
+//! before or define now, so one changed file costs what its objects do, not the directory.
 //!
 //! A reload that fails (a half-written file, a YAML error) keeps the last good state and says
 //! so; the next change is tried again.
