@@ -111,15 +111,6 @@ pub struct Changed {
     pub localities: Vec<String>,
 }
 
-impl Changed {
-    pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
-            && self.slices.is_empty()
-            && self.nodes.is_empty()
-            && self.localities.is_empty()
-    }
-}
-
 /// How many files a scan read and parsed (for the tests and the debug log).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ScanCounts {
@@ -256,9 +247,9 @@ impl DirectoryCache {
         }
         let mut changed = Changed::default();
         for key in std::mem::take(&mut self.dirty) {
+            let defined = self.defining(&key);
             match key {
                 ObjectKey::Service(key) => {
-                    let defined = self.defining(&ObjectKey::Service(key.clone()));
                     let service = defined.and_then(|store| store.service(&key));
                     if self.merged.service(&key) == service {
                         continue;
@@ -270,7 +261,6 @@ impl DirectoryCache {
                     changed.services.push(key);
                 }
                 ObjectKey::Slice(key) => {
-                    let defined = self.defining(&ObjectKey::Slice(key.clone()));
                     let slice = defined.and_then(|store| store.slice(&key));
                     if self.merged.slice(&key) == slice {
                         continue;
