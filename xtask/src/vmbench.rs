@@ -12,7 +12,9 @@
 //! 3. one endpoint change (one address of `svc-0` replaced): the time until IPVS shows it
 //!    (`ipvsadm -Ln -t` of that one service) and the netlink requests it cost:
 //!    `topoproxy_dataplane_kernel_requests_total{dataplane="ipvs",kind=...}` read before and
-//!    after, each time once the counters have held still for two seconds;
+//!    after, each time once the counters have held still for two seconds; with where the time
+//!    went: the agent's `slow source reload` lines and what each sync phase
+//!    (`topoproxy_sync_phase_duration_seconds_sum`) added meanwhile;
 //! 4. restarts without clean-up: the agent killed and started again over the correct table
 //!    (its first sync must change nothing), then again after 10 % of the destinations were
 //!    deleted behind its back (`ipvsadm -d`); start → first sync and the changes it made;
