@@ -12,7 +12,9 @@
 //! 3. one endpoint change (one address of `svc-0` replaced): the time until IPVS shows it
 //!    (`ipvsadm -Ln -t` of that one service) and the netlink requests it cost:
 //!    `topoproxy_dataplane_kernel_requests_total{dataplane="ipvs",kind=...}` read before and
-//!    after, each time once the counters have held still for two seconds;
+//!    after, each time once the counters have held still for two seconds; with where the time
+//!    went: the agent's `slow source reload` lines and what each sync phase
+//!    (`topoproxy_sync_phase_duration_seconds_sum`) added meanwhile;
 //! 4. restarts without clean-up: the agent killed and started again over the correct table
 //!    (its first sync must change nothing), then again after 10 % of the destinations were
 //!    deleted behind its back (`ipvsadm -d`); start → first sync and the changes it made;
@@ -223,6 +225,8 @@ snap() { r=$(requests); if [ -n "$r" ]; then echo "$r" | md5sum; else echo "none
 settle() { last=""; cur=$(snap); while [ "$cur" != "$last" ]; do last=$cur; sleep 2; cur=$(snap); done; }
 # The counters, retried: under load a scrape can come back empty.
 grab() { for i in 1 2 3 4 5 6 7 8 9 10; do r=$(requests); [ -n "$r" ] && { echo "$r"; return; }; sleep 1; done; }
+# The sum of each sync phase's seconds.
+phases() { metrics | grep '^topoproxy_sync_phase_duration_seconds_sum' ; }
 synced() { metrics | grep -q '^topoproxy_syncs_total{result="success"} [1-9]'; }
 # `run.sh size N` runs the agent part for N Services and `run.sh restore N` the `ipvsadm -R`
 # part; `unshare -n` starts each in a fresh network namespace (see the loop at the end). The
@@ -275,6 +279,8 @@ if [ "$1" = size ]; then
         ipvsadm -Ln | grep -c -- '-> [0-9]' > $out/agent-lines
         settle
         grab > $out/requests-before
+        phases > $out/phases-before
+        date -u +%H:%M:%S > $out/change-at
         t0=$(uptime_cs)
         cp /host/svc-0-$n.changed /tmp/cluster/svc-0.tmp && mv /tmp/cluster/svc-0.tmp /tmp/cluster/svc-0.yaml
         # Applied when svc-0 (10.96.0.1:80) has the new address; listing one service is cheap.
@@ -285,6 +291,7 @@ if [ "$1" = size ]; then
         echo $(( $(uptime_cs) - t0 )) > $out/change
         settle
         grab > $out/requests-after
+        phases > $out/phases-after
         # Restart over the correct table: the first sync must change nothing.
         kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null
         start_agent restart
@@ -553,6 +560,7 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
             read(n, "periodic.log"),
             read(n, "periodic-failed"),
         );
+        report_change_phases(label, n, &read);
         let before = parse(read(n, "requests-before"));
         let after = parse(read(n, "requests-after"));
         let mut deltas = Vec::new();
@@ -574,6 +582,49 @@ fn report(label: &str, share: &Path, sizes: &[usize]) {
             read(n, "change-failed").map_or(String::new(), |why| format!(" (FAILED: {why})"))
         );
     }
+}
+
+/// Where the endpoint change's time went: the source's reloads (its `slow source reload`
+/// lines: the initial load, then the change) with the wall time the change was made, and the
+/// seconds each sync phase added meanwhile.
+fn report_change_phases(label: &str, n: usize, read: &dyn Fn(usize, &str) -> Option<String>) {
+    let log = read(n, "agent.log").unwrap_or_default();
+    let changed_at = read(n, "change-at").unwrap_or_else(|| "?".into());
+    for line in log.lines().filter(|l| l.contains("slow source reload")) {
+        println!(
+            "vm-bench {label} services={n} source reload (change made at {changed_at}): {}",
+            line.trim()
+        );
+    }
+    let sums = |name: &str| -> Vec<(String, f64)> {
+        read(n, name)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let phase = line.split("phase=\"").nth(1)?.split('"').next()?.to_owned();
+                Some((phase, line.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect()
+    };
+    let before = sums("phases-before");
+    let deltas: Vec<String> = sums("phases-after")
+        .iter()
+        .map(|(phase, after)| {
+            let old = before
+                .iter()
+                .find(|(p, _)| p == phase)
+                .map_or(0.0, |(_, v)| *v);
+            format!("{phase}={:.3}s", after - old)
+        })
+        .collect();
+    println!(
+        "vm-bench {label} services={n} one_endpoint_change sync phases: {}",
+        if deltas.is_empty() {
+            "?".to_owned()
+        } else {
+            deltas.join(" ")
+        }
+    );
 }
 
 /// The periodic re-read: the agent's second `slow IPVS read` line (its first is the read at

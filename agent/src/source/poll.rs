@@ -5,7 +5,9 @@
 //! created, removed or renamed triggers a scan at once. The scan also runs every `interval`,
 //! as the fallback where inotify is unavailable (the watch could not be set up, a network
 //! file system) or lost events (queue overflow). A scan stats every file and reads and
-//! parses only those that changed ([`DirectoryCache`]), so it is cheap at 10,000 files.
+//! parses only those that changed ([`DirectoryCache`]), so it is cheap at 10,000 files; the
+//! merged view is then updated, and events sent, only for the objects those files defined
+//! before or define now, so one changed file costs what its objects do, not the directory.
 //!
 //! A reload that fails (a half-written file, a YAML error) keeps the last good state and says
 //! so; the next change is tried again.
@@ -13,13 +15,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
-use super::dir_cache::{DirectoryCache, Scan};
+use super::dir_cache::{Changed, DirectoryCache, Scan, ScanCounts};
 use super::{Resource, SourceEvent};
 use crate::state::AgentState;
 use crate::store::{SliceKey, Store};
@@ -52,7 +54,6 @@ pub async fn run(
         }
     };
     let mut cache = DirectoryCache::new();
-    let mut current = Store::new();
     let mut listed = false;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -61,15 +62,9 @@ pub async fn run(
             _ = ticker.tick() => {}
             Some(()) = touched.recv() => {}
         }
-        let loaded = match cache.scan(&dir) {
-            Ok((Scan::Changed(loaded), counts)) => {
-                tracing::debug!(
-                    read = counts.read,
-                    parsed = counts.parsed,
-                    "source directory changed"
-                );
-                *loaded
-            }
+        let scanning = Instant::now();
+        let (changed, counts) = match cache.scan(&dir) {
+            Ok((Scan::Changed(changed), counts)) => (changed, counts),
             Ok((Scan::Unchanged, _)) => continue,
             Err(error) => {
                 tracing::warn!(%error, "cannot load the source directory; keeping the last state");
@@ -77,16 +72,28 @@ pub async fn run(
                 continue;
             }
         };
-        for warning in &loaded.warnings {
+        for warning in cache.warnings() {
             tracing::warn!("{warning}");
             state.metrics.skipped_objects(warning.object.kind, 1);
         }
-        for event in changes(&current, &loaded.store, &node_name) {
+        let collecting = Instant::now();
+        let changes = events_for(&changed, cache.store(), &node_name);
+        let sending = Instant::now();
+        let sent = changes.len();
+        for event in changes {
             if events.send(event).await.is_err() {
                 return;
             }
         }
-        current = loaded.store;
+        log_reload(
+            counts,
+            sent,
+            [
+                ("scan", collecting - scanning),
+                ("events", sending - collecting),
+                ("send", sending.elapsed()),
+            ],
+        );
         if !listed {
             listed = true;
             // One load covers every kind a directory can hold.
@@ -101,6 +108,40 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// A reload slower than this is logged at info, with its phases (under emulation, where
+/// `cargo xtask vm-bench` reads them, most are).
+const SLOW_RELOAD: Duration = Duration::from_millis(100);
+
+/// Logs a reload's files, events and phases: at info when it was slow.
+fn log_reload(counts: ScanCounts, events: usize, phases: [(&str, Duration); 3]) {
+    let total: Duration = phases.iter().map(|(_, lap)| *lap).sum();
+    let took = format!("{:.3}s", total.as_secs_f64());
+    let phases = phases
+        .iter()
+        .map(|(name, lap)| format!("{name}={:.3}s", lap.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if total >= SLOW_RELOAD {
+        tracing::info!(
+            read = counts.read,
+            parsed = counts.parsed,
+            events,
+            took,
+            phases,
+            "slow source reload"
+        );
+    } else {
+        tracing::debug!(
+            read = counts.read,
+            parsed = counts.parsed,
+            events,
+            took,
+            phases,
+            "source directory changed"
+        );
     }
 }
 
@@ -136,6 +177,32 @@ fn may_change_content(kind: &EventKind) -> bool {
         EventKind::Modify(ModifyKind::Data(_)) => false,
         _ => true,
     }
+}
+
+/// The events that carry what a scan `changed` in the merged view `store` to the sync loop,
+/// for the node `node_name`: each changed object as it now is, or its removal; another
+/// Node only by its locality, as the API source's metadata watch reports it.
+pub fn events_for(changed: &Changed, store: &Store, node_name: &str) -> Vec<SourceEvent> {
+    let mut events = Vec::new();
+    for key in &changed.services {
+        events.push(SourceEvent::Service(
+            key.clone(),
+            store.service(key).cloned(),
+        ));
+    }
+    for key in &changed.slices {
+        events.push(SourceEvent::Slice(key.clone(), store.slice(key).cloned()));
+    }
+    for name in &changed.localities {
+        let locality = store
+            .node(name)
+            .map(|_| store.node_locality(name).cloned().unwrap_or_default());
+        events.push(SourceEvent::NodeLocality(name.clone(), locality));
+    }
+    if changed.nodes.iter().any(|name| name == node_name) {
+        events.push(SourceEvent::Node(store.node(node_name).cloned()));
+    }
+    events
 }
 
 /// The events that turn `before` into `after` for the node `node_name`.
