@@ -52,11 +52,29 @@ fn workspace() -> PathBuf {
 }
 
 /// The guest prepared as a node: the IPVS sysctls, `br_netfilter`, a resolv.conf for the
-/// kubelet. Dropping it puts back what it changed.
+/// kubelet. Dropping it puts back what it changed, and removes the nftables tables that
+/// appeared meanwhile (the kubelet's own iptables chains, `KUBE-FIREWALL` and its canaries,
+/// which it writes into its network namespace, here the guest's).
 struct PreparedGuest {
     sysctls_before: Vec<(&'static str, String)>,
     loaded_br_netfilter: bool,
     wrote_resolv_conf: bool,
+    tables_before: BTreeSet<String>,
+}
+
+/// `nft list tables`: one `table <family> <name>` per line.
+fn nft_tables() -> BTreeSet<String> {
+    Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|line| line.trim().to_owned())
+                .filter(|line| line.starts_with("table "))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl PreparedGuest {
@@ -93,12 +111,21 @@ impl PreparedGuest {
             sysctls_before,
             loaded_br_netfilter,
             wrote_resolv_conf,
+            tables_before: nft_tables(),
         }
     }
 }
 
 impl Drop for PreparedGuest {
     fn drop(&mut self) {
+        for table in nft_tables().difference(&self.tables_before) {
+            let words: Vec<&str> = table.split_whitespace().collect();
+            if let ["table", family, name] = words.as_slice() {
+                let _ = Command::new("nft")
+                    .args(["delete", "table", family, name])
+                    .output();
+            }
+        }
         for (key, before) in self.sysctls_before.iter().rev() {
             let _ = std::fs::write(Path::new("/proc/sys").join(key), before);
         }

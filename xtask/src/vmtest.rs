@@ -461,7 +461,7 @@ impl Drop for NodeTap {
 }
 
 /// Stages into the share what [`REAL_NODE_TARGET`] runs in the guest: containerd, its runc
-/// shim, runc and `ctr` (Debian's), the bridge, host-local and loopback CNI plugins, the
+/// shim and `ctr` (Debian's; runc is in the guest's image), the bridge, host-local and loopback CNI plugins, the
 /// kubelet, kubectl and helm, all in `/host/bin` with their libraries; the test images
 /// (`/host/cache/test-images`), the agent's image archive from `TOPOPROXY_AGENT_IMAGE`, and a
 /// copy of the control plane's PKI folder (`/host/k8s/pki`: the kubelet's certificates are
@@ -472,7 +472,8 @@ fn stage_real_node(
     agent_image: Option<PathBuf>,
 ) -> Result<Vec<(String, String)>> {
     let bins = plane.binaries();
-    let mut programs: Vec<PathBuf> = ["containerd", "containerd-shim-runc-v2", "runc", "ctr"]
+    // runc is in the guest's image (`vm::GUEST_TOOLS`).
+    let mut programs: Vec<PathBuf> = ["containerd", "containerd-shim-runc-v2", "ctr"]
         .iter()
         .map(|name| vm::require_tool(name))
         .collect::<Result<_>>()?;

@@ -154,6 +154,10 @@ const GUEST_TOOLS: &[(&str, &str)] = &[
     // kube-proxy's IPVS mode runs these (tests/vm_k8s_parity.rs).
     ("ipset?", "/usr/sbin/ipset"),
     ("iptables?", "/usr/sbin/iptables"),
+    // The real node's runtime (tests/vm_k8s_real_node.rs): `runc init` re-executes runc with
+    // only runc's own variables, so its library (libseccomp) must be where the loader looks,
+    // not under /host/lib with the staged binaries.
+    ("runc?", "/usr/sbin/runc"),
 ];
 
 /// Host files copied into the initramfs as they are: ipset (kube-proxy's `tcp:443` entries)
