@@ -60,6 +60,21 @@ fn cgroup_v2_only() -> bool {
     Path::new(CGROUP_ROOT).join("cgroup.controllers").is_file()
 }
 
+/// Whether `/` is the kernel's initramfs (`rootfs`), which `pivot_root` cannot move.
+fn root_is_initramfs() -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let fstype = fields
+            .iter()
+            .skip_while(|f| **f != "-")
+            .nth(1)
+            .copied()
+            .unwrap_or_default();
+        fields.get(4) == Some(&"/") && fstype == "rootfs"
+    })
+}
+
 /// The unified (v2) hierarchy's mount point.
 fn unified_root() -> &'static Path {
     Path::new(if cgroup_v2_only() {
@@ -465,6 +480,9 @@ state = "{state}"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        # pivot_root fails on an initramfs root (the VM guest's): runc then moves the
+        # container's root over `/` and chroots into it instead.
+        NoPivotRoot = {no_pivot_root}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{cni_bin}"
     conf_dir = "{cni}"
@@ -475,6 +493,7 @@ state = "{state}"
             pause = PAUSE_IMAGE,
             cni = cni.display(),
             cni_bin = std::env::var("TOPOPROXY_CNI_BIN").unwrap_or_else(|_| CNI_BIN.to_owned()),
+            no_pivot_root = root_is_initramfs(),
         );
         let path = self.dir.join("containerd.toml");
         std::fs::write(&path, config).expect("writing containerd's config");
