@@ -151,21 +151,36 @@ impl Drop for IpvsCleanup {
     }
 }
 
-/// Asks `address` from inside the client pod (`kubectl exec`): the name of the pod that
-/// answered, or the error.
-fn ask_from_client(plane: &ControlPlane, address: &str, udp: bool) -> Result<String, String> {
+/// Asks `address` from inside the client pod for two seconds, every 100 ms (one `kubectl
+/// exec`: each costs seconds under TCG): the names of the pods that answered, or the error
+/// when an ask failed.
+fn ask_from_client(
+    plane: &ControlPlane,
+    address: &str,
+    udp: bool,
+) -> Result<BTreeSet<String>, String> {
     let mut args = vec![
-        "-n", NAMESPACE, "exec", "client", "--", "/tp-echo", "-connect", address,
+        "-n", NAMESPACE, "exec", "client", "--", "/tp-echo", "-connect", address, "-for", "2s",
+        "-every", "100ms", "-timeout", "2s",
     ];
     if udp {
         args.push("-udp");
     }
-    let answer = kubectl(plane, &args)?;
-    answer
-        .split_whitespace()
-        .next()
-        .map(str::to_owned)
-        .ok_or_else(|| format!("an empty answer from {address}"))
+    let output = kubectl(plane, &args)?;
+    let mut answered = BTreeSet::new();
+    for line in output.lines() {
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["answered", _, "failed", "0"] => return Ok(answered),
+            ["answered", ..] => return Err(format!("asks of {address} failed: {output}")),
+            [pod, ..] => {
+                answered.insert((*pod).to_owned());
+            }
+            [] => {}
+        }
+    }
+    Err(format!(
+        "no summary from the client asking {address}: {output}"
+    ))
 }
 
 /// Both backends answer `address` from the client pod, over TCP and over UDP.
@@ -175,19 +190,13 @@ async fn both_backends_answer(plane: &ControlPlane, address: &str) {
             &format!("both backends answering {address} (udp: {udp}) from the client pod"),
             Duration::from_secs(120),
             || async move {
-                let mut seen = BTreeSet::new();
-                for _ in 0..12 {
-                    match ask_from_client(plane, address, udp) {
-                        Ok(name) => {
-                            seen.insert(name);
-                        }
-                        Err(e) => {
-                            eprintln!("{e}");
-                            return None;
-                        }
+                match ask_from_client(plane, address, udp) {
+                    Ok(seen) => (seen.len() == BACKENDS.len()).then_some(seen),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        None
                     }
                 }
-                (seen.len() == BACKENDS.len()).then_some(seen)
             },
         )
         .await;
