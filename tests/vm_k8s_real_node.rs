@@ -342,6 +342,31 @@ async fn create_service_and_pods(
     (cluster_ip, backend_ips)
 }
 
+/// VmRSS of the agent's process (`topoproxy run`, in its pod, a process of the guest).
+fn agent_rss_kib() -> Option<u64> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let dir = entry.path();
+            let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_agent = words.first().is_some_and(|w| w.ends_with(b"topoproxy"))
+                && words.get(1) == Some(&&b"run"[..]);
+            if !is_agent {
+                return None;
+            }
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+}
+
 /// Where the control plane on the host is, from what vm-test shares: its port and PKI.
 fn attach_to_the_host_control_plane() -> ControlPlane {
     let port: u16 = std::env::var("TOPOPROXY_VM_K8S_PORT")
@@ -413,10 +438,21 @@ async fn the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_guest() {
     both_backends_answer(&plane, &address).await;
     the_table_is_in_ipvsadm_and_the_vip_on_kube_ipvs0(&plane, &cluster_ip, &backend_ips).await;
     list_in_the_pod_equals_the_plan(&plane, &cluster_ip).await;
+    match agent_rss_kib() {
+        Some(kib) => println!(
+            "the agent's VmRSS in its pod: {:.1} MiB",
+            kib as f64 / 1024.0
+        ),
+        None => panic!("no `topoproxy run` process in the guest"),
+    }
 
     helm(
         &plane,
         &["uninstall", "topoproxy", "-n", "kube-system", "--wait"],
+    );
+    println!(
+        "the whole test, node start to helm uninstall: {:.1} s",
+        started.elapsed().as_secs_f64()
     );
     kubectl(&plane, &["delete", "namespace", NAMESPACE, "--wait=false"])
         .expect("deleting the namespace");
