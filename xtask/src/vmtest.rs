@@ -22,6 +22,10 @@
 //! helpers skipped, `PASS (n skipped)` when some did; a failed target is FAIL whatever it
 //! printed.
 //!
+//! Kubernetes: every `vm_k8s_*` target gets a control plane on the host ([`HostControlPlane`]);
+//! the 6.1 boot running `vm_k8s_real_node` also gets a tap into the guest, the node's
+//! binaries, images and PKI in the share and 2 GiB of memory ([`stage_real_node`]).
+//!
 //! Time limits: `--timeout` bounds one boot. Inside the guest each target gets what is left
 //! of it (busybox `timeout -s KILL`), so a hung test is killed with its partial output kept
 //! and the targets after it are reported as not run; QEMU itself is killed at the limit if
