@@ -141,7 +141,13 @@ fn run_stages(options: &TestOptions, stages: &mut Vec<(String, f64)>) -> Result<
             timeout: options.vm_timeout,
             memory_mib: 1024,
             agent: None,
-            env: vec![(EXTENDED_ENV.to_owned(), extended.to_owned())],
+            env: vec![
+                (EXTENDED_ENV.to_owned(), extended.to_owned()),
+                (
+                    "TOPOPROXY_AGENT_IMAGE".to_owned(),
+                    agent_image.archive.display().to_string(),
+                ),
+            ],
         },
         &mut vm_stages,
     );

@@ -383,6 +383,7 @@ pub fn vm_bench(plan: &BenchPlan) -> Result<()> {
             memory_mib: plan.memory_mib,
             read_only_shares: Vec::new(),
             user_network: false,
+            tap: None,
         };
         let outcome = vm::run_in_vm_with(label, &share, plan.timeout, &options);
         if let Err(e) = &outcome {

@@ -22,6 +22,10 @@
 //! helpers skipped, `PASS (n skipped)` when some did; a failed target is FAIL whatever it
 //! printed.
 //!
+//! Kubernetes: every `vm_k8s_*` target gets a control plane on the host ([`HostControlPlane`]);
+//! the 6.1 boot running `vm_k8s_real_node` also gets a tap into the guest, the node's
+//! binaries, images and PKI in the share and 2 GiB of memory ([`stage_real_node`]).
+//!
 //! Time limits: `--timeout` bounds one boot. Inside the guest each target gets what is left
 //! of it (busybox `timeout -s KILL`), so a hung test is killed with its partial output kept
 //! and the targets after it are reported as not run; QEMU itself is killed at the limit if
@@ -63,6 +67,20 @@ const GUEST_MARGIN_SECS: u64 = 15;
 const K8S_TARGET_PREFIX: &str = "vm_k8s_";
 /// Where the guest finds the control plane's kubeconfigs and certificates.
 const GUEST_K8S_DIR: &str = "/host/k8s";
+/// The test target that runs a real node (containerd and a kubelet) in the guest, against the
+/// host's control plane with [`k8s_harness::Options::real_nodes`]; see [`RealNodeShare`].
+const REAL_NODE_TARGET: &str = "vm_k8s_real_node";
+/// The one kernel whose boot gives that target its node (CI time: on the other kernels it
+/// says SKIP). The 6.1 boot is the shorter of the two that run at once.
+const REAL_NODE_KERNEL: &str = "6.1";
+/// The host's end of the tap into that guest, and the guest's (`eth1`, the node's InternalIP).
+const NODE_TAP_HOST: &str = "192.168.242.254/24";
+const NODE_TAP_GUEST: &str = "192.168.242.1";
+/// Guest memory, at least, for a boot that runs a real node (kubelet, containerd, the agent's
+/// and four other pods, the images unpacked on tmpfs).
+const REAL_NODE_MEMORY_MIB: u32 = 2048;
+/// The agent image archive the real-node tests install (`cargo xtask image`'s).
+const AGENT_IMAGE_ENV: &str = "TOPOPROXY_AGENT_IMAGE";
 
 /// What `vm-test` runs.
 #[derive(Debug, Clone)]
@@ -333,7 +351,7 @@ struct HostControlPlane {
 }
 
 impl HostControlPlane {
-    fn start(share: &Path) -> Result<Self> {
+    fn start(share: &Path, real_nodes: bool) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -341,9 +359,10 @@ impl HostControlPlane {
             .context("a tokio runtime for the control plane")?;
         // The harness panics with the component's log when something does not come up.
         let plane = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            runtime.block_on(k8s_harness::ControlPlane::start(
-                k8s_harness::Options::default(),
-            ))
+            runtime.block_on(k8s_harness::ControlPlane::start(k8s_harness::Options {
+                real_nodes,
+                ..k8s_harness::Options::default()
+            }))
         }))
         .map_err(|_| {
             anyhow::anyhow!(
@@ -381,6 +400,11 @@ impl HostControlPlane {
         })
     }
 
+    /// The running control plane.
+    fn plane(&self) -> Result<&k8s_harness::ControlPlane> {
+        self.plane.as_ref().context("the control plane is gone")
+    }
+
     /// The kube-proxy binary the harness found (built by `cargo xtask k8s-setup`).
     fn kube_proxy(&self) -> Option<&Path> {
         self.plane
@@ -400,6 +424,122 @@ impl Drop for HostControlPlane {
         let _guard = self._runtime.enter();
         self.plane.take();
     }
+}
+
+/// A tap between the host and the guest ([`vm::VmOptions::tap`]), addressed on the host's
+/// end ([`NODE_TAP_HOST`]); removed on drop.
+struct NodeTap {
+    name: String,
+}
+
+impl NodeTap {
+    fn create() -> Result<Self> {
+        let tap = Self {
+            name: format!("tpvm{}", std::process::id()),
+        };
+        let _ = Command::new("ip")
+            .args(["link", "del", &tap.name])
+            .stderr(Stdio::null())
+            .status();
+        for args in [
+            vec!["tuntap", "add", "dev", &tap.name, "mode", "tap"],
+            vec!["addr", "add", NODE_TAP_HOST, "dev", &tap.name],
+            vec!["link", "set", &tap.name, "up"],
+        ] {
+            let status = Command::new("ip")
+                .args(&args)
+                .status()
+                .context("running ip")?;
+            ensure!(status.success(), "ip {} failed: {status}", args.join(" "));
+        }
+        Ok(tap)
+    }
+}
+
+impl Drop for NodeTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .status();
+    }
+}
+
+/// Stages into the share what [`REAL_NODE_TARGET`] runs in the guest: containerd, its runc
+/// shim and `ctr` (Debian's; runc is in the guest's image), the bridge, host-local and loopback CNI plugins, the
+/// kubelet, kubectl and helm, all in `/host/bin` with their libraries; the test images
+/// (`/host/cache/test-images`), the agent's image archive from `TOPOPROXY_AGENT_IMAGE`, and a
+/// copy of the control plane's PKI folder (`/host/k8s/pki`: the kubelet's certificates are
+/// issued in the guest from its CA). Returns the guest's environment for the test.
+fn stage_real_node(
+    share: &Path,
+    plane: &k8s_harness::ControlPlane,
+    agent_image: Option<PathBuf>,
+) -> Result<Vec<(String, String)>> {
+    let bins = plane.binaries();
+    // runc is in the guest's image (`vm::GUEST_TOOLS`).
+    let mut programs: Vec<PathBuf> = ["containerd", "containerd-shim-runc-v2", "ctr"]
+        .iter()
+        .map(|name| vm::require_tool(name))
+        .collect::<Result<_>>()?;
+    programs.extend(
+        ["bridge", "host-local", "loopback"]
+            .iter()
+            .map(|name| Path::new("/usr/lib/cni").join(name)),
+    );
+    programs.extend([
+        bins.kubelet.clone(),
+        bins.kubectl.clone(),
+        bins.helm.clone(),
+    ]);
+    for program in &programs {
+        vm::stage_binary(share, program)?;
+    }
+    let images = share.join("cache/test-images");
+    std::fs::create_dir_all(&images)?;
+    for image in ["pause.tar", "echo.tar"] {
+        vm::link_or_copy(
+            &k8s_harness::test_images_dir().join(image),
+            &images.join(image),
+        )?;
+    }
+    let pki = share.join("k8s/pki");
+    std::fs::create_dir_all(&pki)?;
+    let host_pki = plane
+        .pki()
+        .ca
+        .cert
+        .parent()
+        .context("the PKI folder")?
+        .to_path_buf();
+    for entry in std::fs::read_dir(&host_pki)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), pki.join(entry.file_name()))?;
+    }
+    let mut env = vec![
+        (
+            "PATH".to_owned(),
+            "/host/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+        ),
+        ("TOPOPROXY_K8S_BIN".to_owned(), "/host/bin".to_owned()),
+        ("TOPOPROXY_TOOLS_BIN".to_owned(), "/host/bin".to_owned()),
+        ("TOPOPROXY_CNI_BIN".to_owned(), "/host/bin".to_owned()),
+        ("TOPOPROXY_CACHE".to_owned(), "/host/cache".to_owned()),
+        ("TOPOPROXY_VM_NODE".to_owned(), NODE_TAP_GUEST.to_owned()),
+        (
+            "TOPOPROXY_VM_K8S_PORT".to_owned(),
+            plane.endpoint().port().to_string(),
+        ),
+    ];
+    if let Some(archive) = agent_image {
+        let dir = share.join("images");
+        std::fs::create_dir_all(&dir)?;
+        vm::link_or_copy(&archive, &dir.join("agent.tar"))?;
+        env.push((
+            AGENT_IMAGE_ENV.to_owned(),
+            "/host/images/agent.tar".to_owned(),
+        ));
+    }
+    Ok(env)
 }
 
 /// The result of one test target in one boot.
@@ -442,14 +582,25 @@ fn run_targets(
     let needs_k8s = built
         .iter()
         .any(|b| b.target.starts_with(K8S_TARGET_PREFIX));
+    let real_node = label == REAL_NODE_KERNEL && built.iter().any(|b| b.target == REAL_NODE_TARGET);
     let control_plane = if needs_k8s {
         let started = Instant::now();
-        let plane = HostControlPlane::start(&share.dir)?;
+        let plane = HostControlPlane::start(&share.dir, real_node)?;
         if let Some(kube_proxy) = plane.kube_proxy() {
             let guest = vm::stage_binary(&share.dir, kube_proxy)?;
             env.push(("TOPOPROXY_KUBE_PROXY".to_owned(), guest));
         }
         env.push(("TOPOPROXY_VM_K8S".to_owned(), GUEST_K8S_DIR.to_owned()));
+        if real_node {
+            // `cargo xtask test` passes the image it built; by hand, the variable.
+            let agent_image = plan
+                .env
+                .iter()
+                .find(|(key, _)| key == AGENT_IMAGE_ENV)
+                .map(|(_, value)| PathBuf::from(value))
+                .or_else(|| std::env::var_os(AGENT_IMAGE_ENV).map(PathBuf::from));
+            env.extend(stage_real_node(&share.dir, plane.plane()?, agent_image)?);
+        }
         println!(
             "vm-test {label}: control plane up on the host in {:.1} s",
             started.elapsed().as_secs_f64()
@@ -462,6 +613,16 @@ fn run_targets(
     if needs_k8s {
         script.push_str(vm::UPLINK_UP);
     }
+    let tap = if real_node {
+        let _ = writeln!(
+            script,
+            "ip link set eth1 up && ip addr add {NODE_TAP_GUEST}/24 dev eth1 \
+             || echo 'TOPOPROXY-VM: the node link failed'"
+        );
+        Some(NodeTap::create()?)
+    } else {
+        None
+    };
     let limit = plan.timeout.as_secs();
     script.push_str(&format!(
         "failed=0\nrun_target() {{\n  name=$1; shift\n  \
@@ -494,11 +655,17 @@ fn run_targets(
     script.push_str("exit $failed\n");
     std::fs::write(share.dir.join("run.sh"), script).context("writing run.sh")?;
     let options = vm::VmOptions {
-        memory_mib: plan.memory_mib,
+        memory_mib: if real_node {
+            plan.memory_mib.max(REAL_NODE_MEMORY_MIB)
+        } else {
+            plan.memory_mib
+        },
         read_only_shares: vec![workspace_share()],
         user_network: needs_k8s,
+        tap: tap.as_ref().map(|t| t.name.clone()),
     };
     let outcome = vm::run_in_vm_with(label, &share.dir, plan.timeout, &options);
+    drop(tap);
     let mut console = match &outcome {
         Ok(outcome) => outcome.console_log.clone(),
         Err(e) => format!("{e:#}"),
@@ -942,6 +1109,7 @@ pub fn vm_runner(plan: &RunnerPlan) -> Result<i32> {
         memory_mib: plan.memory_mib,
         read_only_shares: vec![workspace_share()],
         user_network: false,
+        tap: None,
     };
     let outcome = vm::run_in_vm_with(&plan.kernel, &share.dir, plan.timeout, &options);
     let log = std::fs::read_to_string(share.dir.join("out/log")).unwrap_or_default();

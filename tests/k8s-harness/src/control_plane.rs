@@ -255,6 +255,39 @@ impl ControlPlane {
         plane
     }
 
+    /// A control plane started elsewhere (by `cargo xtask vm-test`, on the VM's host), reached
+    /// at `endpoint`, with a copy of its PKI folder in `pki`: for clients and real nodes
+    /// ([`crate::node::RealNode`]) on this machine. It runs no component here; dropping it
+    /// removes only its local folder.
+    pub fn attach(endpoint: std::net::SocketAddrV4, pki: &Path) -> Self {
+        let dir = scratch_dir();
+        let plane = Self {
+            admin_kubeconfig: dir.join("admin.kubeconfig"),
+            dir,
+            bins: Binaries::locate_node(),
+            pki: Pki::at(pki),
+            etcd_port: 0,
+            etcd: None,
+            apiservers: vec![ApiServer {
+                port: endpoint.port(),
+                hostname: String::new(),
+                daemon: None,
+            }],
+            load_balancer: None,
+            controller_manager: None,
+            scheduler: None,
+            real_nodes: true,
+            address: *endpoint.ip(),
+        };
+        write_kubeconfig(
+            &plane.admin_kubeconfig,
+            &plane.server_url(),
+            &plane.pki.ca.cert,
+            &KubeconfigUser::Cert(plane.pki.admin.clone()),
+        );
+        plane
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -95,12 +95,7 @@ impl Binaries {
     /// and helm in `TOPOPROXY_TOOLS_BIN` (else the cache), etcd and haproxy from apt. Panics
     /// naming the set-up command when one is missing.
     pub fn locate() -> Self {
-        let k8s = std::env::var_os("TOPOPROXY_K8S_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cache_dir().join("k8s").join(kubernetes_version()));
-        let tools = std::env::var_os("TOPOPROXY_TOOLS_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cache_dir().join("bin"));
+        let (k8s, tools) = Self::dirs();
         Self {
             kube_apiserver: existing(k8s.join("kube-apiserver")),
             kube_controller_manager: existing(k8s.join("kube-controller-manager")),
@@ -114,6 +109,38 @@ impl Binaries {
             helm: existing(tools.join("helm")),
             crictl: existing(tools.join("crictl")),
         }
+    }
+
+    /// Finds what a node needs beside a control plane started elsewhere
+    /// ([`ControlPlane::attach`]): `kubelet` and `kubectl` in `TOPOPROXY_K8S_BIN`, `helm` in
+    /// `TOPOPROXY_TOOLS_BIN` (else the cache). The other paths are where they would be, not
+    /// checked: nothing on such a node runs them.
+    pub fn locate_node() -> Self {
+        let (k8s, tools) = Self::dirs();
+        Self {
+            kube_apiserver: k8s.join("kube-apiserver"),
+            kube_controller_manager: k8s.join("kube-controller-manager"),
+            kube_proxy: k8s.join("kube-proxy"),
+            kube_scheduler: k8s.join("kube-scheduler"),
+            kubelet: existing(k8s.join("kubelet")),
+            kubectl: existing(k8s.join("kubectl")),
+            etcd: PathBuf::from("/usr/bin/etcd"),
+            haproxy: PathBuf::from("/usr/sbin/haproxy"),
+            kustomize: tools.join("kustomize"),
+            helm: existing(tools.join("helm")),
+            crictl: tools.join("crictl"),
+        }
+    }
+
+    /// Kubernetes' binaries folder and the tools' folder.
+    fn dirs() -> (PathBuf, PathBuf) {
+        let k8s = std::env::var_os("TOPOPROXY_K8S_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cache_dir().join("k8s").join(kubernetes_version()));
+        let tools = std::env::var_os("TOPOPROXY_TOOLS_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cache_dir().join("bin"));
+        (k8s, tools)
     }
 
     /// `kustomize build DIR`.

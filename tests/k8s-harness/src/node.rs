@@ -47,12 +47,49 @@ const HOST_DIRS: [&str; 5] = [
 ];
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const UNIFIED: &str = "/sys/fs/cgroup/unified";
+/// Where the CNI plugins are when `TOPOPROXY_CNI_BIN` does not say (Debian's
+/// `containernetworking-plugins`).
+const CNI_BIN: &str = "/usr/lib/cni";
+/// Controllers a kubelet needs in its cgroup root on a cgroup v2 only machine; each is
+/// enabled for the children of `/` and of the node's cgroup when the kernel has it.
+const V2_CONTROLLERS: [&str; 6] = ["cpu", "cpuset", "memory", "pids", "io", "hugetlb"];
+
+/// Whether the machine mounts cgroup v2 alone at `/sys/fs/cgroup` (the VM guest), rather than
+/// beside the v1 controllers at `/sys/fs/cgroup/unified` (this machine kind).
+fn cgroup_v2_only() -> bool {
+    Path::new(CGROUP_ROOT).join("cgroup.controllers").is_file()
+}
+
+/// Whether `/` is the kernel's initramfs (`rootfs`), which `pivot_root` cannot move.
+fn root_is_initramfs() -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let fstype = fields
+            .iter()
+            .skip_while(|f| **f != "-")
+            .nth(1)
+            .copied()
+            .unwrap_or_default();
+        fields.get(4) == Some(&"/") && fstype == "rootfs"
+    })
+}
+
+/// The unified (v2) hierarchy's mount point.
+fn unified_root() -> &'static Path {
+    Path::new(if cgroup_v2_only() {
+        CGROUP_ROOT
+    } else {
+        UNIFIED
+    })
+}
 
 /// The unified (v2) cgroup every process of node `name` is in, whose name a test can write
-/// before the node exists: `/sys/fs/cgroup/unified/topoproxy-rn-<test pid>-<name>`. The same
-/// path in a pod that mounts the host's `/sys/fs/cgroup`, as the chart's eBPF DaemonSet does.
+/// before the node exists: `/sys/fs/cgroup/unified/topoproxy-rn-<test pid>-<name>` (on a
+/// cgroup v2 only machine, without `unified/`). The same path in a pod that mounts the host's
+/// `/sys/fs/cgroup`, as the chart's eBPF DaemonSet does.
 pub fn unified_cgroup_of(name: &str) -> PathBuf {
-    Path::new(UNIFIED).join(cgroup_name(name))
+    unified_root().join(cgroup_name(name))
 }
 
 fn cgroup_name(node: &str) -> String {
@@ -93,6 +130,9 @@ pub struct RealNode {
     containerd: Option<Daemon>,
     kubelet: Option<Daemon>,
     kubeconfig: PathBuf,
+    /// The node has a network namespace of its own on a [`NodeNetwork`]; else it is the
+    /// machine itself ([`RealNode::start_on_machine`]).
+    own_netns: bool,
 }
 
 fn netns_names() -> BTreeSet<String> {
@@ -147,8 +187,12 @@ fn entry_names(dir: &Path) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-/// Every cgroup hierarchy mounted under /sys/fs/cgroup (v1 controllers and the unified one).
+/// Every cgroup hierarchy mounted under /sys/fs/cgroup (v1 controllers and the unified one),
+/// or `/sys/fs/cgroup` itself on a cgroup v2 only machine.
 fn hierarchies() -> Vec<PathBuf> {
+    if cgroup_v2_only() {
+        return vec![PathBuf::from(CGROUP_ROOT)];
+    }
     std::fs::read_dir(CGROUP_ROOT)
         .map(|entries| {
             entries
@@ -222,6 +266,27 @@ impl RealNode {
         options: NodeOptions,
         test_images: &Path,
     ) -> Self {
+        Self::start_in(plane, Some(network), options, test_images).await
+    }
+
+    /// Starts containerd and the kubelet in this machine's own network namespace, the node's
+    /// InternalIP being `options.address`, an address the machine already has (the VM guest
+    /// is the node: `tests/vm_k8s_real_node.rs`), imports the pause image and waits until the
+    /// Node is Ready. `options.tag` names only the CNI bridge and network then.
+    pub async fn start_on_machine(
+        plane: &ControlPlane,
+        options: NodeOptions,
+        test_images: &Path,
+    ) -> Self {
+        Self::start_in(plane, None, options, test_images).await
+    }
+
+    async fn start_in(
+        plane: &ControlPlane,
+        network: Option<&NodeNetwork>,
+        options: NodeOptions,
+        test_images: &Path,
+    ) -> Self {
         let dir = plane.dir().join(format!("node-{}", options.name));
         std::fs::create_dir_all(&dir).expect("creating the node's folder");
         let cgroup = cgroup_name(&options.name);
@@ -238,10 +303,13 @@ impl RealNode {
             containerd: None,
             kubelet: None,
             made_shared: Vec::new(),
+            own_netns: network.is_some(),
             options,
         };
         node.share_propagated_mounts();
-        node.create_netns(network);
+        if let Some(network) = network {
+            node.create_netns(network);
+        }
         node.create_cgroups();
         node.start_containerd();
         node.import_image(&test_images.join("pause.tar"));
@@ -307,7 +375,7 @@ impl RealNode {
 
     /// The unified (v2) cgroup every process of the node is in.
     pub fn unified_cgroup(&self) -> PathBuf {
-        Path::new(UNIFIED).join(&self.cgroup)
+        unified_root().join(&self.cgroup)
     }
 
     fn share_propagated_mounts(&mut self) {
@@ -344,6 +412,18 @@ impl RealNode {
         for hierarchy in hierarchies() {
             let _ = std::fs::create_dir_all(hierarchy.join(&self.cgroup));
         }
+        if cgroup_v2_only() {
+            // The node's cgroup holds no process itself (containerd is in `runtime`), so its
+            // children may have controllers; one the kernel lacks is left out.
+            for cgroup in [Path::new(CGROUP_ROOT).to_path_buf(), self.unified_cgroup()] {
+                for controller in V2_CONTROLLERS {
+                    let _ = std::fs::write(
+                        cgroup.join("cgroup.subtree_control"),
+                        format!("+{controller}"),
+                    );
+                }
+            }
+        }
         std::fs::create_dir_all(self.unified_cgroup().join("runtime"))
             .expect("creating the node's runtime cgroup");
     }
@@ -351,7 +431,7 @@ impl RealNode {
     /// The node's daemons enter its network namespace, nothing else.
     fn isolation(&self) -> Isolation {
         Isolation {
-            netns: Some(self.netns_path()),
+            netns: self.own_netns.then(|| self.netns_path()),
             ..Isolation::default()
         }
     }
@@ -400,8 +480,11 @@ state = "{state}"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        # pivot_root fails on an initramfs root (the VM guest's): runc then moves the
+        # container's root over `/` and chroots into it instead.
+        NoPivotRoot = {no_pivot_root}
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = "{cni_bin}"
     conf_dir = "{cni}"
 "#,
             root = self.dir.join("containerd/root").display(),
@@ -409,6 +492,8 @@ state = "{state}"
             socket = self.socket.display(),
             pause = PAUSE_IMAGE,
             cni = cni.display(),
+            cni_bin = std::env::var("TOPOPROXY_CNI_BIN").unwrap_or_else(|_| CNI_BIN.to_owned()),
+            no_pivot_root = root_is_initramfs(),
         );
         let path = self.dir.join("containerd.toml");
         std::fs::write(&path, config).expect("writing containerd's config");

@@ -118,6 +118,27 @@ impl Authority {
 }
 
 impl Pki {
+    /// The files [`Pki::create`] wrote into `dir`, found again (a copy of a control plane's
+    /// PKI folder, e.g. the one `cargo xtask vm-test` shares with the guest).
+    pub fn at(dir: &Path) -> Self {
+        let pair = |file: &str| CertFiles {
+            cert: dir.join(format!("{file}.crt")),
+            key: dir.join(format!("{file}.key")),
+        };
+        Self {
+            ca: pair("ca"),
+            front_proxy_ca: pair("front-proxy-ca"),
+            apiserver: pair("apiserver"),
+            front_proxy_client: pair("front-proxy-client"),
+            admin: pair("admin"),
+            controller_manager: pair("controller-manager"),
+            kube_proxy: pair("kube-proxy"),
+            scheduler: pair("kube-scheduler"),
+            service_account_key: dir.join("sa.key"),
+            service_account_public_key: dir.join("sa.pub"),
+        }
+    }
+
     /// Creates every certificate under `dir`; the apiserver's serving certificate names
     /// `address` (where it listens) besides loopback and the `kubernetes` Service's names.
     pub fn create(dir: &Path, address: std::net::Ipv4Addr) -> Self {

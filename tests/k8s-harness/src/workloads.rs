@@ -130,9 +130,31 @@ pub fn install_chart(
         format!("config.north-south-interfaces={link}"),
     ];
     settings.extend(values.iter().cloned());
+    install_chart_with(plane, chart, &settings, agent_args);
+}
+
+/// `helm install topoproxy <chart> -n kube-system --set mode=ipvs` as the README has it,
+/// pointed at the API server at `api_host` (the apiserver's port).
+pub fn install_chart_ipvs(plane: &ControlPlane, chart: &Path, api_host: std::net::Ipv4Addr) {
+    let settings = [
+        "mode=ipvs".to_owned(),
+        format!("apiServer.port={}", plane.endpoint().port()),
+        format!("apiServer.host={api_host}"),
+    ];
+    install_chart_with(plane, chart, &settings, &[]);
+}
+
+/// `helm install topoproxy <chart> -n kube-system`, each of `settings` a `--set`, through the
+/// post-renderer ([`post_renderer_args`]).
+fn install_chart_with(
+    plane: &ControlPlane,
+    chart: &Path,
+    settings: &[String],
+    agent_args: &[String],
+) {
     let chart = chart.to_string_lossy();
     let mut install = vec!["install", "topoproxy", &chart, "-n", "kube-system"];
-    for setting in &settings {
+    for setting in settings {
         install.extend(["--set", setting.as_str()]);
     }
     let post_renderer = post_renderer_args(plane, agent_args);

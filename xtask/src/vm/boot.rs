@@ -26,7 +26,7 @@ pub fn stage_binary(share: &Path, path: &Path) -> Result<String> {
 
 /// Hard-links `from` to `to` (test executables are hundreds of megabytes and the share sits in
 /// the same target directory), copying when a link cannot be made (another filesystem).
-pub(super) fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+pub fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
     let _ = std::fs::remove_file(to);
     if std::fs::hard_link(from, to).is_ok() {
         return Ok(());
@@ -57,6 +57,10 @@ pub struct VmOptions {
     /// loopback at [`HOST_ADDRESS`] (QEMU opens the guest's connections there from the host).
     /// `run.sh` brings it up (see [`UPLINK_UP`]).
     pub user_network: bool,
+    /// A second virtio NIC (the guest's `eth1`) on this host tap, which the caller made and
+    /// addressed: a path from the host into the guest, which user networking lacks (the
+    /// apiserver reaching a kubelet in the guest, `tests/vm_k8s_real_node.rs`).
+    pub tap: Option<String>,
 }
 
 /// The host's loopback as the guest sees it over QEMU's user networking.
@@ -78,6 +82,7 @@ impl Default for VmOptions {
             memory_mib: 1024,
             read_only_shares: Vec::new(),
             user_network: false,
+            tap: None,
         }
     }
 }
@@ -156,6 +161,14 @@ pub fn run_in_vm_with(
         } else {
             vec!["-nic", "none"]
         })
+        .args(options.tap.iter().flat_map(|tap| {
+            [
+                "-netdev".to_owned(),
+                format!("tap,id=node,ifname={tap},script=no,downscript=no"),
+                "-device".to_owned(),
+                "virtio-net-pci,netdev=node,romfile=".to_owned(),
+            ]
+        }))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

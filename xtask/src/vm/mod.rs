@@ -97,6 +97,11 @@ const BOOT_MODULES: &[&str] = &[
     "nlmon?",
     // The guest's uplink (QEMU user networking) to the control plane on the host.
     "virtio_net",
+    // A real node in the guest (tests/vm_k8s_real_node.rs): containerd's overlayfs
+    // snapshotter and the CNI's bridge. The kernel asks for both by alias (`fs-overlay`,
+    // `rtnl-link-bridge`), which the guest's modprobe cannot resolve: loaded at boot.
+    "overlay",
+    "bridge",
     // kube-proxy's IPVS mode beside the agent (tests/vm_k8s_parity.rs): iptables (nft
     // backend, through nft_compat) with the matches and targets its rules use, and ipset.
     "x_tables?",
@@ -123,6 +128,9 @@ const BOOT_MODULES: &[&str] = &[
 /// Shipped in the initramfs but not loaded at boot: the kernel asks `/sbin/modprobe` for them
 /// on demand (a service added without `-s` wants `wlc`).
 const ON_DEMAND_MODULES: &[&str] = &[
+    // The real node's bridged pod-to-pod replies through IPVS (tests/vm_k8s_real_node.rs
+    // loads it and removes it after).
+    "br_netfilter?",
     "ip_vs_lc?",
     "ip_vs_wrr?",
     "ip_vs_lblc?",
@@ -146,6 +154,10 @@ const GUEST_TOOLS: &[(&str, &str)] = &[
     // kube-proxy's IPVS mode runs these (tests/vm_k8s_parity.rs).
     ("ipset?", "/usr/sbin/ipset"),
     ("iptables?", "/usr/sbin/iptables"),
+    // The real node's runtime (tests/vm_k8s_real_node.rs): `runc init` re-executes runc with
+    // only runc's own variables, so its library (libseccomp) must be where the loader looks,
+    // not under /host/lib with the staged binaries.
+    ("runc?", "/usr/sbin/runc"),
 ];
 
 /// Host files copied into the initramfs as they are: ipset (kube-proxy's `tcp:443` entries)
