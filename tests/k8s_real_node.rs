@@ -13,6 +13,13 @@
 mod cluster;
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "support/real_node.rs"]
+mod real_node;
+
+use real_node::{
+    agent_pod_ready, agent_rss_kib, both_backends_answer, echo_service_and_pods,
+    list_in_the_pod_equals_the_plan, BACKENDS, NAMESPACE,
+};
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -21,21 +28,16 @@ use std::time::Duration;
 
 use k8s_harness::network::{in_netns, NodeNetwork};
 use k8s_harness::node::{NodeOptions, RealNode};
-use k8s_harness::objects::{apply, eventually};
-use k8s_harness::workloads::{
-    echo_pod, helm, install_chart, kubectl, pod_ready, post_renderer_args, wait_pods_ready,
-    AgentCleanup,
-};
+use k8s_harness::objects::eventually;
+use k8s_harness::workloads::{helm, install_chart, pod_ready, post_renderer_args, AgentCleanup};
 use k8s_harness::{ControlPlane, Options};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::json;
 
 /// Where the chart's agent pins its maps and links (its default `bpf-pin-dir`).
 const PIN_DIR: &str = "/sys/fs/bpf/topoproxy";
-const NAMESPACE: &str = "shop";
-const BACKENDS: [&str; 2] = ["echo-1", "echo-2"];
 const NODE_PORT: u16 = 30080;
 /// The Service's externalIP, routed to the node by the outside client's namespace.
 const EXTERNAL_IP: &str = "192.168.241.10";
@@ -44,8 +46,8 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// VmRSS of the agent's process (`topoproxy run`), found among the node's processes.
-fn agent_rss_kib(node: &RealNode) -> Option<u64> {
+/// Every process of the node: the pids in its cgroup and every cgroup below it.
+fn node_pids(node: &RealNode) -> Vec<u32> {
     fn pids_below(cgroup: &Path, out: &mut Vec<u32>) {
         if let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) {
             out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
@@ -60,23 +62,7 @@ fn agent_rss_kib(node: &RealNode) -> Option<u64> {
     }
     let mut pids = Vec::new();
     pids_below(&node.unified_cgroup(), &mut pids);
-    pids.into_iter().find_map(|pid| {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_agent = words.first().is_some_and(|w| w.ends_with(b"topoproxy"))
-            && words.get(1) == Some(&&b"run"[..]);
-        if !is_agent {
-            return None;
-        }
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
+    pids
 }
 
 /// The image tag the chart deploys by default (`v` + the chart's appVersion).
@@ -270,45 +256,6 @@ async fn outside_client_reaches_the_node_port_and_the_external_ip(
     }
 }
 
-/// `kubectl exec ds/topoproxy -- topoproxy list --no-counters` (what the kernel holds, read
-/// by the image's binary from the pod's mounts) equals the agent's `/plan` (what it planned),
-/// served on the node's loopback (`hostNetwork`, the chart's metrics address), so asked from
-/// inside the node's namespace.
-async fn list_in_the_pod_equals_the_plan(plane: &ControlPlane, node: &RealNode, address: &str) {
-    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], 10249).into();
-    let exec = [
-        "-n",
-        "kube-system",
-        "exec",
-        "ds/topoproxy",
-        "--",
-        "topoproxy",
-        "list",
-        "--no-counters",
-    ];
-    // The two reads are not atomic: a sync may land between them, so they may disagree for
-    // a moment; they must agree within the limit.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let (listed, planned) = loop {
-        let listed = kubectl(plane, &exec)
-            .unwrap_or_else(|e| panic!("topoproxy list in the agent's pod: {e}"));
-        let planned = in_netns(&node.netns_path(), || cluster::http_get(metrics, "/plan"))
-            .unwrap_or_default();
-        if listed == planned || std::time::Instant::now() > deadline {
-            break (listed, planned);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    assert_eq!(
-        listed, planned,
-        "`kubectl exec ds/topoproxy -- topoproxy list --no-counters` (left) is not the agent's /plan (right)"
-    );
-    assert!(
-        listed.contains(address) && planned.contains(address),
-        "neither the list nor the plan shows {address}:\n{listed}"
-    );
-}
-
 /// The agent's container as the container runtime holds it.
 #[derive(Debug)]
 struct RuntimeContainer {
@@ -355,23 +302,6 @@ fn running_agent_container(plane: &ControlPlane, node: &RealNode) -> RuntimeCont
         .unwrap_or_default()
         .to_owned();
     RuntimeContainer { id, image }
-}
-
-/// Asks `address` from inside the client pod (`kubectl exec`): the name of the pod that
-/// answered, or the error.
-fn ask_from_client(plane: &ControlPlane, address: &str, udp: bool) -> Result<String, String> {
-    let mut args = vec![
-        "-n", NAMESPACE, "exec", "client", "--", "/tp-echo", "-connect", address,
-    ];
-    if udp {
-        args.push("-udp");
-    }
-    let answer = kubectl(plane, &args)?;
-    answer
-        .split_whitespace()
-        .next()
-        .map(str::to_owned)
-        .ok_or_else(|| format!("an empty answer from {address}"))
 }
 
 #[tokio::test]
@@ -423,95 +353,37 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         &[cgroup_value],
         &[],
     );
-    wait_pods_ready(
-        &client,
-        &plane,
-        "kube-system",
-        "app.kubernetes.io/name=topoproxy",
-        1,
-    )
-    .await;
-    println!(
-        "helm install → the agent's pod Ready (its /healthz after the first sync): {:.1} s",
-        installed.elapsed().as_secs_f64()
-    );
+    agent_pod_ready(&plane, &client, installed).await;
     let first = running_agent_container(&plane, &node);
     assert_eq!(
         first.image, IMAGE,
         "crictl shows the agent's container from another image"
     );
 
-    kubectl(&plane, &["create", "namespace", NAMESPACE]).expect("creating the namespace");
-    for name in BACKENDS {
-        apply(&client, echo_pod(NAMESPACE, name, node.name(), "echo")).await;
-    }
-    apply(
-        &client,
-        echo_pod(NAMESPACE, "client", node.name(), "client"),
-    )
-    .await;
-    apply(
-        &client,
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "echo", "namespace": NAMESPACE},
-            "spec": {
-                "type": "NodePort",
-                "selector": {"app": "echo"},
-                "externalIPs": [EXTERNAL_IP],
-                "ports": [
-                    {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP",
-                     "nodePort": NODE_PORT},
-                    {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP",
-                     "nodePort": NODE_PORT},
-                ],
-            },
-        }),
-    )
-    .await;
-    wait_pods_ready(&client, &plane, NAMESPACE, "app=echo", BACKENDS.len()).await;
-    wait_pods_ready(&client, &plane, NAMESPACE, "app=client", 1).await;
-    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
-    let cluster_ip = services
-        .get("echo")
-        .await
-        .ok()
-        .and_then(|s| s.spec?.cluster_ip)
-        .expect("the Service's ClusterIP");
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo", "namespace": NAMESPACE},
+        "spec": {
+            "type": "NodePort",
+            "selector": {"app": "echo"},
+            "externalIPs": [EXTERNAL_IP],
+            "ports": [
+                {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP",
+                 "nodePort": NODE_PORT},
+                {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP",
+                 "nodePort": NODE_PORT},
+            ],
+        },
+    });
+    let (cluster_ip, _) = echo_service_and_pods(&plane, &client, node.name(), service).await;
     let address = format!("{cluster_ip}:80");
-
-    for udp in [false, true] {
-        let seen: BTreeSet<String> = eventually(
-            &format!("both backends answering {address} (udp: {udp}) from the client pod"),
-            Duration::from_secs(120),
-            || {
-                let plane = &plane;
-                let address = &address;
-                async move {
-                    let mut seen = BTreeSet::new();
-                    for _ in 0..12 {
-                        match ask_from_client(plane, address, udp) {
-                            Ok(name) => {
-                                seen.insert(name);
-                            }
-                            Err(e) => {
-                                eprintln!("{e}");
-                                return None;
-                            }
-                        }
-                    }
-                    (seen.len() == BACKENDS.len()).then_some(seen)
-                }
-            },
-        )
-        .await;
-        let expected: BTreeSet<String> = BACKENDS.iter().map(|s| (*s).to_owned()).collect();
-        assert_eq!(seen, expected, "{address} (udp: {udp})");
-    }
+    both_backends_answer(&plane, &address).await;
 
     outside_client_reaches_the_node_port_and_the_external_ip(&network, &node).await;
 
-    list_in_the_pod_equals_the_plan(&plane, &node, &address).await;
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], 10249).into();
+    let read_plan = || in_netns(&node.netns_path(), || cluster::http_get(metrics, "/plan"));
+    list_in_the_pod_equals_the_plan(&plane, read_plan, &address).await;
 
     rolling_update_loses_no_connection(&plane, &client, &node, &chart.to_string_lossy(), &address)
         .await;
@@ -524,7 +396,7 @@ async fn the_chart_runs_the_agent_under_a_real_kubelet_and_pods_reach_a_cluster_
         "after the rolling update crictl still shows the first agent container"
     );
 
-    match agent_rss_kib(&node) {
+    match agent_rss_kib(node_pids(&node)) {
         Some(kib) => println!(
             "the agent's VmRSS in its pod: {:.1} MiB",
             kib as f64 / 1024.0

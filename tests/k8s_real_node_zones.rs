@@ -35,7 +35,8 @@ use k8s_harness::network::NodeNetwork;
 use k8s_harness::node::{unified_cgroup_of, NodeOptions, RealNode};
 use k8s_harness::objects::{apply, eventually, slices_of};
 use k8s_harness::workloads::{
-    daemonset_args, echo_pod, install_chart, kubectl, wait_pods_ready, AgentCleanup,
+    ask_repeatedly, daemonset_args, echo_pod, install_chart, kubectl, wait_pods_ready,
+    AgentCleanup, Answers,
 };
 use k8s_harness::{ControlPlane, Options};
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -88,42 +89,9 @@ fn names(list: &[&str]) -> BTreeSet<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
 }
 
-/// What one client pod saw in a second of asking `address` every 50 ms: the pods that
-/// answered, and how many asks failed.
-struct Answers {
-    pods: BTreeSet<String>,
-    failed: u64,
-}
-
+/// A second of asks from pod `client` to `address`, one every 50 ms.
 fn ask_for_a_second(plane: &ControlPlane, client: &str, address: &str) -> Result<Answers, String> {
-    let out = kubectl(
-        plane,
-        &[
-            "-n", NAMESPACE, "exec", client, "--", "/tp-echo", "-connect", address, "-for", "1s",
-            "-every", "50ms", "-timeout", "1s",
-        ],
-    )?;
-    let mut answers = Answers {
-        pods: BTreeSet::new(),
-        failed: 0,
-    };
-    let mut summary = false;
-    for line in out.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["answered", _, "failed", failed] => {
-                answers.failed = failed.parse().map_err(|_| format!("summary {line:?}"))?;
-                summary = true;
-            }
-            [pod, _peer] => {
-                answers.pods.insert((*pod).to_owned());
-            }
-            _ => return Err(format!("an unexpected line from {client}: {line:?}")),
-        }
-    }
-    if !summary {
-        return Err(format!("no summary from {client}: {out:?}"));
-    }
-    Ok(answers)
+    ask_repeatedly(plane, NAMESPACE, client, address, ("1s", "50ms"), &[])
 }
 
 /// Waits until a second of asks from `client` is answered by exactly `expected`, none failing.
@@ -133,8 +101,8 @@ async fn answered_only_by(plane: &ControlPlane, client: &str, address: &str, exp
     let limit = Duration::from_secs(90);
     loop {
         let last = match ask_for_a_second(plane, client, address) {
-            Ok(answers) if answers.pods == expected && answers.failed == 0 => break,
-            Ok(answers) => format!("answered by {:?}, {} failed", answers.pods, answers.failed),
+            Ok(answers) if answers.seen == expected && answers.failed == 0 => break,
+            Ok(answers) => format!("answered by {:?}, {} failed", answers.seen, answers.failed),
             Err(e) => e,
         };
         assert!(
@@ -150,8 +118,8 @@ async fn answered_only_by(plane: &ControlPlane, client: &str, address: &str, exp
     );
 }
 
-/// What one client pod's DNS asks to kube-dns saw in a second (one every 50 ms): the
-/// answers, and how many asks failed.
+/// A second of DNS asks (`question`) from pod `client` to the kube-dns ClusterIP, one every
+/// 50 ms.
 fn ask_dns_for_a_second(
     plane: &ControlPlane,
     client: &str,
@@ -159,36 +127,11 @@ fn ask_dns_for_a_second(
     udp: bool,
 ) -> Result<Answers, String> {
     let server = format!("{KUBE_DNS_IP}:53");
-    let mut args = vec![
-        "-n", NAMESPACE, "exec", client, "--", "/tp-echo", "-connect", &server, "-for", "1s",
-        "-every", "50ms", "-timeout", "1s",
-    ];
+    let mut extra = question.to_vec();
     if udp {
-        args.push("-udp");
+        extra.push("-udp");
     }
-    args.extend(question);
-    let out = kubectl(plane, &args)?;
-    let mut answers = Answers {
-        pods: BTreeSet::new(),
-        failed: 0,
-    };
-    let mut summary = false;
-    for line in out.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["answered", _, "failed", failed] => {
-                answers.failed = failed.parse().map_err(|_| format!("summary {line:?}"))?;
-                summary = true;
-            }
-            [answer] => {
-                answers.pods.insert((*answer).to_owned());
-            }
-            _ => return Err(format!("an unexpected line from {client}: {line:?}")),
-        }
-    }
-    if !summary {
-        return Err(format!("no summary from {client}: {out:?}"));
-    }
-    Ok(answers)
+    ask_repeatedly(plane, NAMESPACE, client, &server, ("1s", "50ms"), &extra)
 }
 
 /// `CH TXT hostname.bind`: CoreDNS's chaos plugin answers with its pod's name.
@@ -214,11 +157,11 @@ async fn dns_answered_only_by(
             for (question, expected) in checks {
                 let expected = names(&[expected]);
                 match ask_dns_for_a_second(plane, client, question, udp) {
-                    Ok(a) if a.pods == expected && a.failed == 0 => {}
+                    Ok(a) if a.seen == expected && a.failed == 0 => {}
                     Ok(a) => {
                         last = Some(format!(
                             "{question:?} udp={udp}: answers {:?}, {} failed",
-                            a.pods, a.failed
+                            a.seen, a.failed
                         ))
                     }
                     Err(e) => last = Some(e),

@@ -17,24 +17,25 @@
 mod harness;
 #[path = "support/http.rs"]
 mod http;
+#[path = "support/real_node.rs"]
+mod real_node;
+
+use real_node::{
+    agent_pod_ready, agent_rss_kib, both_backends_answer, echo_service_and_pods,
+    list_in_the_pod_equals_the_plan, NAMESPACE,
+};
 
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use k8s_harness::node::{NodeOptions, RealNode};
-use k8s_harness::objects::{apply, eventually};
-use k8s_harness::workloads::{echo_pod, helm, install_chart_ipvs, kubectl, wait_pods_ready};
+use k8s_harness::workloads::{helm, install_chart_ipvs, kubectl};
 use k8s_harness::ControlPlane;
-use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::Api;
 use serde_json::json;
 
 const TEST: &str = "the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_guest";
-const NAMESPACE: &str = "shop";
-const BACKENDS: [&str; 2] = ["echo-1", "echo-2"];
 const NODE: &str = "vm-node";
 /// The host's loopback as the guest reaches it (the apiserver listens there).
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
@@ -151,60 +152,6 @@ impl Drop for IpvsCleanup {
     }
 }
 
-/// Asks `address` from inside the client pod for two seconds, every 100 ms (one `kubectl
-/// exec`: each costs seconds under TCG): the names of the pods that answered, or the error
-/// when an ask failed.
-fn ask_from_client(
-    plane: &ControlPlane,
-    address: &str,
-    udp: bool,
-) -> Result<BTreeSet<String>, String> {
-    let mut args = vec![
-        "-n", NAMESPACE, "exec", "client", "--", "/tp-echo", "-connect", address, "-for", "2s",
-        "-every", "100ms", "-timeout", "2s",
-    ];
-    if udp {
-        args.push("-udp");
-    }
-    let output = kubectl(plane, &args)?;
-    let mut answered = BTreeSet::new();
-    for line in output.lines() {
-        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
-            ["answered", _, "failed", "0"] => return Ok(answered),
-            ["answered", ..] => return Err(format!("asks of {address} failed: {output}")),
-            [pod, ..] => {
-                answered.insert((*pod).to_owned());
-            }
-            [] => {}
-        }
-    }
-    Err(format!(
-        "no summary from the client asking {address}: {output}"
-    ))
-}
-
-/// Both backends answer `address` from the client pod, over TCP and over UDP.
-async fn both_backends_answer(plane: &ControlPlane, address: &str) {
-    for udp in [false, true] {
-        let seen: BTreeSet<String> = eventually(
-            &format!("both backends answering {address} (udp: {udp}) from the client pod"),
-            Duration::from_secs(120),
-            || async move {
-                match ask_from_client(plane, address, udp) {
-                    Ok(seen) => (seen.len() == BACKENDS.len()).then_some(seen),
-                    Err(e) => {
-                        eprintln!("{e}");
-                        None
-                    }
-                }
-            },
-        )
-        .await;
-        let expected: BTreeSet<String> = BACKENDS.iter().map(|s| (*s).to_owned()).collect();
-        assert_eq!(seen, expected, "{address} (udp: {udp})");
-    }
-}
-
 /// `kubectl exec ds/topoproxy -- ipvsadm -Ln` (the image's ipvsadm, through the apiserver and
 /// the kubelet) lists the ClusterIP's virtual servers with both backends, and the VIP is on
 /// `kube-ipvs0` in the guest (the agent's pod is `hostNetwork`).
@@ -256,115 +203,31 @@ async fn the_table_is_in_ipvsadm_and_the_vip_on_kube_ipvs0(
     );
 }
 
-/// `kubectl exec ds/topoproxy -- topoproxy list --no-counters` (what the kernel holds, read by
-/// the image's binary) equals the agent's `/plan` (what it planned, on the guest's loopback:
-/// the chart's metrics address).
-async fn list_in_the_pod_equals_the_plan(plane: &ControlPlane, cluster_ip: &str) {
-    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], 10249).into();
-    let exec = [
-        "-n",
-        "kube-system",
-        "exec",
-        "ds/topoproxy",
-        "--",
-        "topoproxy",
-        "list",
-        "--no-counters",
-    ];
-    // The two reads are not atomic: a sync may land between them; they must agree within
-    // the limit.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let (listed, planned) = loop {
-        let listed = kubectl(plane, &exec)
-            .unwrap_or_else(|e| panic!("topoproxy list in the agent's pod: {e}"));
-        let planned = http::http_get(metrics, "/plan").unwrap_or_default();
-        if listed == planned || std::time::Instant::now() > deadline {
-            break (listed, planned);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    assert_eq!(
-        listed, planned,
-        "`kubectl exec ds/topoproxy -- topoproxy list --no-counters` (left) is not the agent's /plan (right)"
-    );
-    assert!(
-        listed.contains(cluster_ip),
-        "the list shows no {cluster_ip}:\n{listed}"
-    );
+/// The echo Service: TCP and UDP on port 80 to the backends' 8080.
+fn echo_service() -> serde_json::Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "echo", "namespace": NAMESPACE},
+        "spec": {
+            "selector": {"app": "echo"},
+            "ports": [
+                {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"},
+                {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP"},
+            ],
+        },
+    })
 }
 
-/// The echo Service (TCP and UDP on port 80), its two backends and the client pod; returns the
-/// ClusterIP and the backends' pod IPs once every pod is Ready.
-async fn create_service_and_pods(
-    plane: &ControlPlane,
-    client: &kube::Client,
-) -> (String, Vec<String>) {
-    kubectl(plane, &["create", "namespace", NAMESPACE]).expect("creating the namespace");
-    for name in BACKENDS {
-        apply(client, echo_pod(NAMESPACE, name, NODE, "echo")).await;
-    }
-    apply(client, echo_pod(NAMESPACE, "client", NODE, "client")).await;
-    apply(
-        client,
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": "echo", "namespace": NAMESPACE},
-            "spec": {
-                "selector": {"app": "echo"},
-                "ports": [
-                    {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-                    {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP"},
-                ],
-            },
-        }),
-    )
-    .await;
-    wait_pods_ready(client, plane, NAMESPACE, "app=echo", BACKENDS.len()).await;
-    wait_pods_ready(client, plane, NAMESPACE, "app=client", 1).await;
-    let services: Api<Service> = Api::namespaced(client.clone(), NAMESPACE);
-    let cluster_ip = services
-        .get("echo")
-        .await
-        .ok()
-        .and_then(|s| s.spec?.cluster_ip)
-        .expect("the Service's ClusterIP");
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let mut backend_ips = Vec::new();
-    for name in BACKENDS {
-        let ip = pods
-            .get(name)
-            .await
-            .ok()
-            .and_then(|p| p.status?.pod_ip)
-            .unwrap_or_else(|| panic!("{name} has no pod IP"));
-        backend_ips.push(ip);
-    }
-    (cluster_ip, backend_ips)
-}
-
-/// VmRSS of the agent's process (`topoproxy run`, in its pod, a process of the guest).
-fn agent_rss_kib() -> Option<u64> {
+/// Every process of the guest (the agent's pod is one of them).
+fn guest_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let dir = entry.path();
-            let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
-            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            let is_agent = words.first().is_some_and(|w| w.ends_with(b"topoproxy"))
-                && words.get(1) == Some(&&b"run"[..]);
-            if !is_agent {
-                return None;
-            }
-            let status = std::fs::read_to_string(dir.join("status")).ok()?;
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
         })
+        .unwrap_or_default()
 }
 
 /// Where the control plane on the host is, from what vm-test shares: its port and PKI.
@@ -420,25 +283,16 @@ async fn the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_guest() {
 
     let installed = std::time::Instant::now();
     install_chart_ipvs(&plane, &workspace().join("charts/topoproxy"), HOST);
-    wait_pods_ready(
-        &client,
-        &plane,
-        "kube-system",
-        "app.kubernetes.io/name=topoproxy",
-        1,
-    )
-    .await;
-    println!(
-        "helm install → the agent's pod Ready (its /healthz after the first sync): {:.1} s",
-        installed.elapsed().as_secs_f64()
-    );
+    agent_pod_ready(&plane, &client, installed).await;
 
-    let (cluster_ip, backend_ips) = create_service_and_pods(&plane, &client).await;
+    let (cluster_ip, backend_ips) =
+        echo_service_and_pods(&plane, &client, NODE, echo_service()).await;
     let address = format!("{cluster_ip}:80");
     both_backends_answer(&plane, &address).await;
     the_table_is_in_ipvsadm_and_the_vip_on_kube_ipvs0(&plane, &cluster_ip, &backend_ips).await;
-    list_in_the_pod_equals_the_plan(&plane, &cluster_ip).await;
-    match agent_rss_kib() {
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], 10249).into();
+    list_in_the_pod_equals_the_plan(&plane, || http::http_get(metrics, "/plan"), &address).await;
+    match agent_rss_kib(guest_pids()) {
         Some(kib) => println!(
             "the agent's VmRSS in its pod: {:.1} MiB",
             kib as f64 / 1024.0

@@ -4,6 +4,7 @@
 //! to a node, and waits for pods to be Ready that print the cluster's account of them when
 //! they fail. Also the agent's clean-up when a test fails.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,6 +26,55 @@ pub fn kubectl(plane: &ControlPlane, args: &[&str]) -> Result<String, String> {
             .args(args),
         "kubectl",
     )
+}
+
+/// What a client pod's repeated asks saw: the first word of every answer (the answering
+/// pod's name from an echo backend, the answer itself from a DNS server), and how many asks
+/// failed.
+#[derive(Debug)]
+pub struct Answers {
+    pub seen: BTreeSet<String>,
+    pub failed: u64,
+}
+
+/// Runs the echo image's client in pod `client` of `namespace` (one `kubectl exec`: under TCG
+/// each costs seconds) asking `address` every `every` for `round`, with `extra` arguments
+/// (`-udp`, a DNS question); what it saw, or why the round gave no summary.
+pub fn ask_repeatedly(
+    plane: &ControlPlane,
+    namespace: &str,
+    client: &str,
+    address: &str,
+    (round, every): (&str, &str),
+    extra: &[&str],
+) -> Result<Answers, String> {
+    let mut args = vec![
+        "-n", namespace, "exec", client, "--", "/tp-echo", "-connect", address, "-for", round,
+        "-every", every, "-timeout", round,
+    ];
+    args.extend(extra);
+    let out = kubectl(plane, &args)?;
+    parse_answers(&out).ok_or_else(|| format!("no summary from {client} asking {address}: {out:?}"))
+}
+
+/// The client's output: one line per answer, then `answered N failed M`.
+fn parse_answers(out: &str) -> Option<Answers> {
+    let mut seen = BTreeSet::new();
+    for line in out.lines() {
+        match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["answered", _, "failed", failed] => {
+                return Some(Answers {
+                    seen,
+                    failed: failed.parse().ok()?,
+                })
+            }
+            [first, ..] => {
+                seen.insert((*first).to_owned());
+            }
+            [] => {}
+        }
+    }
+    None
 }
 
 /// `helm` with the admin kubeconfig; panics with its output when it fails.
@@ -280,5 +330,26 @@ impl Drop for AgentCleanup {
                 .arg(dir)
                 .output();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_the_first_words_before_the_summary() {
+        let out = "echo-1 10.244.1.9:41000\necho-2 10.244.1.9:41002\necho-1 10.244.1.9:41004\n\
+                   answered 3 failed 1\n";
+        let answers = parse_answers(out).expect("a summary");
+        let expected: BTreeSet<String> = ["echo-1", "echo-2"].map(String::from).into();
+        assert_eq!(answers.seen, expected);
+        assert_eq!(answers.failed, 1);
+    }
+
+    #[test]
+    fn a_round_without_its_summary_is_no_answer() {
+        assert!(parse_answers("echo-1 10.244.1.9:41000\n").is_none());
+        assert!(parse_answers("answered 3 failed many\n").is_none());
     }
 }
