@@ -23,8 +23,9 @@
 //! printed.
 //!
 //! Kubernetes: every `vm_k8s_*` target gets a control plane on the host ([`HostControlPlane`]);
-//! the 6.1 boot running `vm_k8s_real_node` also gets a tap into the guest, the node's
-//! binaries, images and PKI in the share and 2 GiB of memory ([`stage_real_node`]).
+//! the 6.1 boot running `vm_k8s_real_node` also gets a tap into the guest with a route
+//! through it to the guest's nodes' segment ([`NODE_SEGMENT`]), the node's binaries, images
+//! and PKI in the share and 2 GiB of memory ([`stage_real_node`]).
 //!
 //! Time limits: `--timeout` bounds one boot. Inside the guest each target gets what is left
 //! of it (busybox `timeout -s KILL`), so a hung test is killed with its partial output kept

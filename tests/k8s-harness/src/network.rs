@@ -10,6 +10,10 @@
 //!                                                                  └─ tprn1   ══ eth0 (node netns, e.g. .2)
 //! ```
 //!
+//! In the VM guest the same segment sits on another /24 and every namespace on it routes by
+//! default through the guest's root namespace ([`NodeNetwork::create_routed`]), beyond which
+//! the control plane is.
+//!
 //! Everything is removed on drop, also when the test panics.
 
 use std::net::Ipv4Addr;
