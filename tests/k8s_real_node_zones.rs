@@ -25,15 +25,17 @@
 
 #[path = "support/harness.rs"]
 mod harness;
+#[path = "support/zones.rs"]
+mod zones;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_harness::kube_dns::{kube_dns_objects, KUBE_DNS_IP, KUBE_DNS_SELECTOR};
 use k8s_harness::network::NodeNetwork;
 use k8s_harness::node::{unified_cgroup_of, NodeOptions, RealNode};
-use k8s_harness::objects::{apply, eventually, slices_of};
+use k8s_harness::objects::apply;
 use k8s_harness::workloads::{
     ask_repeatedly, daemonset_args, echo_pod, install_chart, kubectl, wait_pods_ready,
     AgentCleanup, Answers,
@@ -43,8 +45,15 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::json;
+use zones::{answered_only_by, hints_name_each_endpoints_own_zone, names, Asks};
 
 const NAMESPACE: &str = "shop";
+/// A client pod's asks: a second of them, one every 50 ms.
+const ASKS: Asks = Asks {
+    namespace: NAMESPACE,
+    round: ("1s", "50ms"),
+    limit: Duration::from_secs(90),
+};
 /// Each node's agent pins here, `$(NODE_NAME)` expanded by the kubelet.
 const PIN_DIR_PREFIX: &str = "/sys/fs/bpf/topoproxy-";
 
@@ -83,39 +92,6 @@ fn workspace() -> PathBuf {
 
 fn pin_dir(node: &str) -> PathBuf {
     PathBuf::from(format!("{PIN_DIR_PREFIX}{node}"))
-}
-
-fn names(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
-}
-
-/// A second of asks from pod `client` to `address`, one every 50 ms.
-fn ask_for_a_second(plane: &ControlPlane, client: &str, address: &str) -> Result<Answers, String> {
-    ask_repeatedly(plane, NAMESPACE, client, address, ("1s", "50ms"), &[])
-}
-
-/// Waits until a second of asks from `client` is answered by exactly `expected`, none failing.
-async fn answered_only_by(plane: &ControlPlane, client: &str, address: &str, expected: &[&str]) {
-    let expected = names(expected);
-    let started = Instant::now();
-    let limit = Duration::from_secs(90);
-    loop {
-        let last = match ask_for_a_second(plane, client, address) {
-            Ok(answers) if answers.seen == expected && answers.failed == 0 => break,
-            Ok(answers) => format!("answered by {:?}, {} failed", answers.seen, answers.failed),
-            Err(e) => e,
-        };
-        assert!(
-            started.elapsed() < limit,
-            "{client} asking {address} was not answered by exactly {expected:?} within \
-             {limit:?}; last: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    println!(
-        "{client}: answered by {expected:?} only, after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
 }
 
 /// A second of DNS asks (`question`) from pod `client` to the kube-dns ClusterIP, one every
@@ -286,30 +262,6 @@ async fn each_zone_asks_its_own_coredns(plane: &ControlPlane, client: &Client, e
     );
 }
 
-/// The Service's EndpointSlices as the real controller wrote them: every endpoint carries its
-/// node's zone and a hint for that zone (`trafficDistribution: PreferClose`).
-async fn hints_name_each_endpoints_own_zone(
-    client: &Client,
-    namespace: &str,
-    service: &str,
-    count: usize,
-) {
-    eventually(
-        &format!("{count} endpoints of {namespace}/{service}, each hinted for its own zone"),
-        Duration::from_secs(60),
-        || async move {
-            let slices = slices_of(client, namespace, service).await;
-            let endpoints: Vec<_> = slices.iter().flat_map(|s| &s.endpoints).collect();
-            let hinted = endpoints.iter().all(|endpoint| {
-                let zones = k8s_harness::objects::hinted_zones(endpoint);
-                endpoint.zone.as_deref().is_some_and(|zone| zones == [zone])
-            });
-            (endpoints.len() == count && hinted).then_some(())
-        },
-    )
-    .await;
-}
-
 /// Starts `zone`'s node and imports the agent's and the echo image into it.
 async fn start_node(
     plane: &ControlPlane,
@@ -457,7 +409,7 @@ async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
     let address = format!("{cluster_ip}:80");
 
     for zone in &ZONES {
-        answered_only_by(&plane, zone.client, &address, &zone.backends).await;
+        answered_only_by(&plane, &ASKS, zone.client, &address, &zone.backends).await;
     }
 
     // Zone a loses its pods: its client falls back to zone b (across the nodes), zone b's
@@ -467,8 +419,8 @@ async fn each_zone_is_answered_by_its_own_pods_then_by_the_other_zone() {
     delete.extend(a.backends);
     kubectl(&plane, &delete).expect("deleting zone a's echo pods");
     hints_name_each_endpoints_own_zone(&client, NAMESPACE, "echo", 2).await;
-    answered_only_by(&plane, a.client, &address, &b.backends).await;
-    answered_only_by(&plane, b.client, &address, &b.backends).await;
+    answered_only_by(&plane, &ASKS, a.client, &address, &b.backends).await;
+    answered_only_by(&plane, &ASKS, b.client, &address, &b.backends).await;
 
     each_zone_asks_its_own_coredns(&plane, &client, &cluster_ip).await;
     println!("the whole test: {:.1} s", started.elapsed().as_secs_f64());

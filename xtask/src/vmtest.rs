@@ -23,8 +23,9 @@
 //! printed.
 //!
 //! Kubernetes: every `vm_k8s_*` target gets a control plane on the host ([`HostControlPlane`]);
-//! the 6.1 boot running `vm_k8s_real_node` also gets a tap into the guest, the node's
-//! binaries, images and PKI in the share and 2 GiB of memory ([`stage_real_node`]).
+//! the 6.1 boot running `vm_k8s_real_node` also gets a tap into the guest with a route
+//! through it to the guest's nodes' segment ([`NODE_SEGMENT`]), the node's binaries, images
+//! and PKI in the share and 2 GiB of memory ([`stage_real_node`]).
 //!
 //! Time limits: `--timeout` bounds one boot. Inside the guest each target gets what is left
 //! of it (busybox `timeout -s KILL`), so a hung test is killed with its partial output kept
@@ -76,6 +77,11 @@ const REAL_NODE_KERNEL: &str = "6.1";
 /// The host's end of the tap into that guest, and the guest's (`eth1`, the node's InternalIP).
 const NODE_TAP_HOST: &str = "192.168.242.254/24";
 const NODE_TAP_GUEST: &str = "192.168.242.1";
+/// The segment of the nodes that have a network namespace of their own inside that guest (the
+/// two-zone test's, `NodeNetwork::create_routed`): the host routes it through the tap to the
+/// guest, which forwards it to its nodes' bridge, so the apiserver reaches their kubelets. Not
+/// the host's own node segment (`192.168.240.0/24`), which the host tests use meanwhile.
+const NODE_SEGMENT: &str = "192.168.243.0/24";
 /// Guest memory, at least, for a boot that runs a real node (kubelet, containerd, the agent's
 /// and four other pods, the images unpacked on tmpfs).
 const REAL_NODE_MEMORY_MIB: u32 = 2048;
@@ -427,7 +433,8 @@ impl Drop for HostControlPlane {
 }
 
 /// A tap between the host and the guest ([`vm::VmOptions::tap`]), addressed on the host's
-/// end ([`NODE_TAP_HOST`]); removed on drop.
+/// end ([`NODE_TAP_HOST`]), with the route to [`NODE_SEGMENT`] through the guest's end;
+/// removed on drop (the route with it).
 struct NodeTap {
     name: String,
 }
@@ -445,6 +452,15 @@ impl NodeTap {
             vec!["tuntap", "add", "dev", &tap.name, "mode", "tap"],
             vec!["addr", "add", NODE_TAP_HOST, "dev", &tap.name],
             vec!["link", "set", &tap.name, "up"],
+            vec![
+                "route",
+                "add",
+                NODE_SEGMENT,
+                "via",
+                NODE_TAP_GUEST,
+                "dev",
+                &tap.name,
+            ],
         ] {
             let status = Command::new("ip")
                 .args(&args)
@@ -525,6 +541,10 @@ fn stage_real_node(
         ("TOPOPROXY_CNI_BIN".to_owned(), "/host/bin".to_owned()),
         ("TOPOPROXY_CACHE".to_owned(), "/host/cache".to_owned()),
         ("TOPOPROXY_VM_NODE".to_owned(), NODE_TAP_GUEST.to_owned()),
+        (
+            "TOPOPROXY_VM_NODE_SEGMENT".to_owned(),
+            NODE_SEGMENT.to_owned(),
+        ),
         (
             "TOPOPROXY_VM_K8S_PORT".to_owned(),
             plane.endpoint().port().to_string(),

@@ -10,6 +10,10 @@
 //!                                                                  └─ tprn1   ══ eth0 (node netns, e.g. .2)
 //! ```
 //!
+//! In the VM guest the same segment sits on another /24 and every namespace on it routes by
+//! default through the guest's root namespace ([`NodeNetwork::create_routed`]), beyond which
+//! the control plane is.
+//!
 //! Everything is removed on drop, also when the test panics.
 
 use std::net::Ipv4Addr;
@@ -19,9 +23,10 @@ use std::process::Command;
 
 /// The segment's prefix length.
 pub const PREFIX_LEN: u8 = 24;
-/// The host's address on the segment: the control plane listens here for real nodes.
+/// The host's address on the segment ([`NodeNetwork::create`]): the control plane listens here
+/// for real nodes.
 pub const HOST_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 240, 254);
-/// The outside client's address.
+/// The outside client's address on that segment.
 pub const OUTSIDE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 240, 250);
 const BRIDGE: &str = "tprn-lan";
 /// The outside client's namespace, and the host end of its link.
@@ -82,31 +87,52 @@ pub fn in_netns<T: Send>(netns: &Path, work: impl FnOnce() -> T + Send) -> T {
 /// The segment. Create it before the control plane (which listens on [`HOST_ADDRESS`]), drop
 /// it after the nodes.
 pub struct NodeNetwork {
-    _private: (),
+    host_address: Ipv4Addr,
+    outside_address: Ipv4Addr,
+    /// Whether every namespace plugged in routes by default through the host's address.
+    default_route: bool,
 }
 
 impl NodeNetwork {
     /// Creates the bridge with the host's address and the outside client (replacing leftovers
     /// of a killed run).
     pub fn create() -> Self {
-        let network = Self { _private: () };
+        Self::create_with(HOST_ADDRESS, false)
+    }
+
+    /// The segment on `host_address`'s /24 (the outside client at `.250` of it), every
+    /// namespace plugged in routing by default through the host's address: for a host that
+    /// forwards what its nodes send elsewhere (the VM guest, whose control plane is beyond
+    /// its uplink: `tests/vm_k8s_real_node.rs`).
+    pub fn create_routed(host_address: Ipv4Addr) -> Self {
+        Self::create_with(host_address, true)
+    }
+
+    fn create_with(host_address: Ipv4Addr, default_route: bool) -> Self {
+        let [a, b, c, _] = host_address.octets();
+        let network = Self {
+            host_address,
+            outside_address: Ipv4Addr::new(a, b, c, OUTSIDE_ADDRESS.octets()[3]),
+            default_route,
+        };
         network.remove();
         ip(&["link", "add", BRIDGE, "type", "bridge"]);
         ip(&[
             "addr",
             "add",
-            &format!("{HOST_ADDRESS}/{PREFIX_LEN}"),
+            &format!("{host_address}/{PREFIX_LEN}"),
             "dev",
             BRIDGE,
         ]);
         ip(&["link", "set", BRIDGE, "up"]);
         ip(&["netns", "add", OUTSIDE]);
-        network.plug(OUTSIDE, OUTSIDE, OUTSIDE_ADDRESS);
+        network.plug(OUTSIDE, OUTSIDE, network.outside_address);
         network
     }
 
     /// Puts a link into `netns` (as `eth0`, holding `address`) whose other end, `host_link`,
-    /// is on the bridge, and brings up the namespace's loopback.
+    /// is on the bridge, and brings up the namespace's loopback; on a routed segment
+    /// ([`NodeNetwork::create_routed`]) also the namespace's default route.
     pub fn plug(&self, host_link: &str, netns: &str, address: Ipv4Addr) {
         ip(&[
             "link", "add", host_link, "type", "veth", "peer", "name", "eth0", "netns", netns,
@@ -124,6 +150,10 @@ impl NodeNetwork {
         );
         ip_in(netns, &["link", "set", "eth0", "up"]);
         ip_in(netns, &["link", "set", "lo", "up"]);
+        if self.default_route {
+            let via = self.host_address.to_string();
+            ip_in(netns, &["route", "add", "default", "via", &via]);
+        }
     }
 
     /// Routes `pod_cidr` from the host through `node` (a node's address on the segment): the
@@ -145,7 +175,7 @@ impl NodeNetwork {
 
     /// The host's address on the segment, where the control plane listens.
     pub fn host_address(&self) -> Ipv4Addr {
-        HOST_ADDRESS
+        self.host_address
     }
 
     /// The network namespace of a client outside every node, on the segment.
@@ -155,7 +185,7 @@ impl NodeNetwork {
 
     /// The outside client's address.
     pub fn outside_address(&self) -> Ipv4Addr {
-        OUTSIDE_ADDRESS
+        self.outside_address
     }
 
     fn remove(&self) {

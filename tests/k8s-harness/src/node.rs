@@ -101,8 +101,8 @@ fn cgroup_name(node: &str) -> String {
 pub struct NodeOptions {
     pub name: String,
     pub zone: Option<String>,
-    /// The node's InternalIP, on the [`NodeNetwork`] segment (`192.168.240.0/24`, not `.250`
-    /// or `.254`).
+    /// The node's InternalIP, on the [`NodeNetwork`] segment (`192.168.240.0/24` on the host,
+    /// not `.250` or `.254`; the host address's /24 on a routed one).
     pub address: std::net::Ipv4Addr,
     /// The pods' subnet (the bridge CNI's host-local range), e.g. `10.244.1.0/24`.
     pub pod_cidr: String,
