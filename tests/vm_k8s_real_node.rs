@@ -38,22 +38,23 @@ mod zones;
 
 use real_node::{
     agent_pod_ready, agent_rss_kib, both_backends_answer, echo_service_and_pods,
-    list_in_the_pod_equals_the_plan, NAMESPACE,
+    list_in_the_pod_equals_the_plan, rolling_update_loses_no_connection, BACKENDS, NAMESPACE,
 };
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_harness::network::{in_netns, NodeNetwork};
 use k8s_harness::node::{NodeOptions, RealNode};
-use k8s_harness::objects::apply;
+use k8s_harness::objects::{apply, eventually};
 use k8s_harness::workloads::{echo_pod, helm, install_chart_ipvs, kubectl, wait_pods_ready};
 use k8s_harness::ControlPlane;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
-use kube::api::{DeleteParams, ListParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::json;
 use zones::{answered_only_by, hints_name_each_endpoints_own_zone, Asks};
@@ -62,6 +63,14 @@ const TEST: &str = "the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_gues
 const NODE: &str = "vm-node";
 /// The host's loopback as the guest reaches it (the apiserver listens there).
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const NODE_PORT: u16 = 30080;
+/// The Service's externalIP, which the outside client routes to the node.
+const EXTERNAL_IP: &str = "192.168.241.10";
+/// The outside client's namespace, its link's node end, and the segment between them.
+const OUTSIDE_NETNS: &str = "tpvm-outside";
+const OUTSIDE_LINK: &str = "tpvm-out0";
+const OUTSIDE_NODE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 244, 1);
+const OUTSIDE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 244, 2);
 /// The sysctls the migration guide has operators set on an IPVS node (kernel 5.9 and newer).
 const NODE_SYSCTLS: [(&str, &str); 5] = [
     ("net/ipv4/ip_forward", "1"),
@@ -175,6 +184,51 @@ impl Drop for IpvsCleanup {
     }
 }
 
+/// What a test put into the control plane, removed if the test panics (a test that passes
+/// removes it itself): the chart's release, the agents' pods at once (a pod whose node is gone
+/// keeps its last status, Ready included), the test's namespace and its Nodes (with no node
+/// lifecycle controller a Node without its kubelet stays Ready and gets the next install's
+/// agent pod). The control plane outlives the test: the next test in the boot would otherwise
+/// fail on the leftovers ("cannot re-use a name that is still in use") instead of its own.
+struct LeftoversOnPanic<'a> {
+    plane: &'a ControlPlane,
+    namespace: &'static str,
+    nodes: &'a [&'static str],
+}
+
+impl Drop for LeftoversOnPanic<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let _ = Command::new(&self.plane.binaries().helm)
+            .arg("--kubeconfig")
+            .arg(self.plane.admin_kubeconfig())
+            .args(["uninstall", "topoproxy", "-n", "kube-system"])
+            .output();
+        let agents = "app.kubernetes.io/name=topoproxy";
+        let mut nodes = vec!["delete", "node", "--ignore-not-found"];
+        nodes.extend(self.nodes);
+        let deletions: [&[&str]; 3] = [
+            &[
+                "-n",
+                "kube-system",
+                "delete",
+                "pod",
+                "-l",
+                agents,
+                "--grace-period=0",
+                "--force",
+            ],
+            &["delete", "namespace", self.namespace, "--wait=false"],
+            &nodes,
+        ];
+        for args in deletions {
+            let _ = kubectl(self.plane, args);
+        }
+    }
+}
+
 /// `kubectl exec ds/topoproxy -- ipvsadm -Ln` (the image's ipvsadm, through the apiserver and
 /// the kubelet) lists the ClusterIP's virtual servers with both backends, and the VIP is on
 /// `kube-ipvs0` in the guest (the agent's pod is `hostNetwork`).
@@ -226,19 +280,115 @@ async fn the_table_is_in_ipvsadm_and_the_vip_on_kube_ipvs0(
     );
 }
 
-/// The echo Service: TCP and UDP on port 80 to the backends' 8080.
+/// The echo Service: TCP and UDP on port 80 to the backends' 8080, on NodePort
+/// [`NODE_PORT`] and externalIP [`EXTERNAL_IP`].
 fn echo_service() -> serde_json::Value {
     json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "echo", "namespace": NAMESPACE},
         "spec": {
+            "type": "NodePort",
             "selector": {"app": "echo"},
+            "externalIPs": [EXTERNAL_IP],
             "ports": [
-                {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"},
-                {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP"},
+                {"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP",
+                 "nodePort": NODE_PORT},
+                {"name": "udp", "port": 80, "targetPort": 8080, "protocol": "UDP",
+                 "nodePort": NODE_PORT},
             ],
         },
     })
+}
+
+/// A client outside the node: a network namespace of its own in the guest, behind a veth
+/// from the guest's root namespace (the node), which is its default route. Removed on drop.
+struct OutsideClient;
+
+impl OutsideClient {
+    fn add() -> Self {
+        Self::remove();
+        let (outside, node_end) = (OUTSIDE_NETNS, OUTSIDE_LINK);
+        let peer = format!("{OUTSIDE_NETNS}-peer");
+        let node_address = format!("{OUTSIDE_NODE_ADDRESS}/24");
+        let client_address = format!("{OUTSIDE_ADDRESS}/24");
+        let gateway = OUTSIDE_NODE_ADDRESS.to_string();
+        let commands: [&[&str]; 8] = [
+            &["netns", "add", outside],
+            &[
+                "link", "add", node_end, "type", "veth", "peer", "name", &peer,
+            ],
+            &["link", "set", &peer, "netns", outside],
+            &["addr", "add", &node_address, "dev", node_end],
+            &["link", "set", node_end, "up"],
+            &["-n", outside, "addr", "add", &client_address, "dev", &peer],
+            &["-n", outside, "link", "set", &peer, "up"],
+            &["-n", outside, "route", "add", "default", "via", &gateway],
+        ];
+        let added = Self;
+        for args in commands {
+            let out = Command::new("ip").args(args).output().expect("running ip");
+            assert!(
+                out.status.success(),
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        added
+    }
+
+    fn remove() {
+        let _ = Command::new("ip")
+            .args(["netns", "del", OUTSIDE_NETNS])
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", OUTSIDE_LINK])
+            .output();
+    }
+
+    /// One TCP ask of `address` from the outside namespace: the pod that answered.
+    fn ask(&self, address: SocketAddr) -> Option<String> {
+        let netns = Path::new("/run/netns").join(OUTSIDE_NETNS);
+        in_netns(&netns, || {
+            let timeout = Duration::from_secs(3);
+            let stream = TcpStream::connect_timeout(&address, timeout).ok()?;
+            stream.set_read_timeout(Some(timeout)).ok()?;
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).ok()?;
+            line.split_whitespace().next().map(str::to_owned)
+        })
+    }
+}
+
+impl Drop for OutsideClient {
+    fn drop(&mut self) {
+        Self::remove();
+    }
+}
+
+/// The outside client reaches the NodePort at the node's InternalIP and the externalIP
+/// (routed to the node), through IPVS, and both backends answer each.
+async fn outside_client_reaches_the_node_port_and_the_external_ip(node_address: Ipv4Addr) {
+    let outside = OutsideClient::add();
+    let external: Ipv4Addr = EXTERNAL_IP.parse().expect("the externalIP");
+    let expected: BTreeSet<String> = BACKENDS.iter().map(|s| (*s).to_owned()).collect();
+    for address in [
+        SocketAddr::from((node_address, NODE_PORT)),
+        SocketAddr::from((external, 80)),
+    ] {
+        let outside = &outside;
+        let seen = eventually(
+            &format!("both backends answering {address} from outside the node"),
+            Duration::from_secs(60),
+            || async move {
+                let seen: BTreeSet<String> = (0..8).filter_map(|_| outside.ask(address)).collect();
+                (seen.len() == BACKENDS.len()).then_some(seen)
+            },
+        )
+        .await;
+        assert_eq!(seen, expected, "{address} from outside");
+        println!("outside the node: {address} answered by {seen:?}");
+    }
 }
 
 /// Every process of the guest (the agent's pod is one of them).
@@ -281,16 +431,22 @@ async fn the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_guest() {
     let _cleanup = IpvsCleanup;
     let _guest = PreparedGuest::prepare();
     let plane = attach_to_the_host_control_plane();
+    let _leftovers = LeftoversOnPanic {
+        plane: &plane,
+        namespace: NAMESPACE,
+        nodes: &[NODE],
+    };
     let client = plane.admin_client().await;
     let started = std::time::Instant::now();
+    let node_address: Ipv4Addr = node_address
+        .parse()
+        .expect("TOPOPROXY_VM_NODE: an IPv4 address");
     let node = RealNode::start_on_machine(
         &plane,
         NodeOptions {
             name: NODE.into(),
             zone: Some("zone-a".into()),
-            address: node_address
-                .parse()
-                .expect("TOPOPROXY_VM_NODE: an IPv4 address"),
+            address: node_address,
             pod_cidr: "10.244.1.0/24".into(),
             tag: 0,
         },
@@ -305,7 +461,8 @@ async fn the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_guest() {
     node.import_image(&k8s_harness::test_images_dir().join("echo.tar"));
 
     let installed = std::time::Instant::now();
-    install_chart_ipvs(&plane, &workspace().join("charts/topoproxy"), HOST);
+    let chart = workspace().join("charts/topoproxy");
+    install_chart_ipvs(&plane, &chart, HOST);
     agent_pod_ready(&plane, &client, installed).await;
 
     let (cluster_ip, backend_ips) =
@@ -315,6 +472,11 @@ async fn the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_guest() {
     the_table_is_in_ipvsadm_and_the_vip_on_kube_ipvs0(&plane, &cluster_ip, &backend_ips).await;
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], 10249).into();
     list_in_the_pod_equals_the_plan(&plane, || http::http_get(metrics, "/plan"), &address).await;
+    outside_client_reaches_the_node_port_and_the_external_ip(node_address).await;
+    // Rounds as long as a `kubectl exec` into the guest takes several times over.
+    let round = Duration::from_secs(16);
+    let chart = chart.to_string_lossy();
+    rolling_update_loses_no_connection(&plane, &client, &node, &chart, &address, round).await;
     match agent_rss_kib(guest_pids()) {
         Some(kib) => println!(
             "the agent's VmRSS in its pod: {:.1} MiB",
@@ -474,8 +636,9 @@ async fn start_zone_node(
     node
 }
 
-/// The echo pods and client pods of both zones and the echo Service (TCP, `PreferClose`) in
-/// [`ZONES_NAMESPACE`]; waits until both agents and every pod are Ready.
+/// The echo pods and client pods of both zones and the echo Service (TCP, no
+/// `trafficDistribution` yet) in [`ZONES_NAMESPACE`]; waits until both agents and every pod
+/// are Ready.
 async fn deploy_zone_workloads(plane: &ControlPlane, client: &Client) {
     kubectl(plane, &["create", "namespace", ZONES_NAMESPACE]).expect("creating the namespace");
     for zone in &ZONES {
@@ -499,7 +662,6 @@ async fn deploy_zone_workloads(plane: &ControlPlane, client: &Client) {
             "metadata": {"name": "echo", "namespace": ZONES_NAMESPACE},
             "spec": {
                 "selector": {"app": "echo"},
-                "trafficDistribution": "PreferClose",
                 "ports": [{"name": "tcp", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
             },
         }),
@@ -542,8 +704,10 @@ async fn agent_pod_on(client: &Client, node: &str) -> String {
 }
 
 /// `kubectl exec <node's agent pod> -- ipvsadm -Ln` lists the ClusterIP's TCP virtual server
-/// with exactly `expected` as real servers (its own zone's pods, in that node's own IPVS
-/// table), and the VIP is on that node's `kube-ipvs0`.
+/// with exactly `expected` as the real servers that take new connections (its own zone's pods,
+/// in that node's own IPVS table), and the VIP is on that node's `kube-ipvs0`. The other
+/// zone's pods, real servers before the Service preferred close ones, may still be listed with
+/// weight 0 until their connections expire, as kube-proxy's graceful termination keeps them.
 async fn node_table_holds_only(
     plane: &ControlPlane,
     client: &Client,
@@ -563,7 +727,16 @@ async fn node_table_holds_only(
     let real_servers: Option<BTreeSet<IpAddr>> = ipvs_table::parse(&listing)
         .into_iter()
         .find(|server| server.protocol == "TCP" && server.address == vip)
-        .map(|server| server.real_servers.iter().map(|(a, _)| a.ip()).collect());
+        .map(|server| {
+            server
+                .real_servers
+                .iter()
+                .filter(|(_, method_and_weight)| {
+                    method_and_weight.split_whitespace().nth(1) != Some("0")
+                })
+                .map(|(address, _)| address.ip())
+                .collect()
+        });
     assert_eq!(
         real_servers.as_ref(),
         Some(expected),
@@ -604,6 +777,32 @@ async fn zones_cluster_ip(client: &Client) -> String {
         .ok()
         .and_then(|s| s.spec?.cluster_ip)
         .expect("the Service's ClusterIP")
+}
+
+/// The control: without `trafficDistribution` each client is answered by every zone's pods.
+/// Then the Service gets `trafficDistribution: PreferClose`, and the real controller hints
+/// each endpoint for its own zone.
+async fn every_pod_answers_until_the_service_prefers_close(
+    plane: &ControlPlane,
+    client: &Client,
+    cluster_ip: &str,
+) {
+    let address = format!("{cluster_ip}:80");
+    let every_pod: Vec<&str> = ZONES.iter().flat_map(|zone| zone.backends).collect();
+    for zone in &ZONES {
+        answered_only_by(plane, &ZONES_ASKS, zone.client, &address, &every_pod).await;
+    }
+    let services: Api<Service> = Api::namespaced(client.clone(), ZONES_NAMESPACE);
+    let prefer_close = json!({"spec": {"trafficDistribution": "PreferClose"}});
+    services
+        .patch(
+            "echo",
+            &PatchParams::default(),
+            &Patch::Merge(&prefer_close),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("setting trafficDistribution on the echo Service: {e}"));
+    hints_name_each_endpoints_own_zone(client, ZONES_NAMESPACE, "echo", 4).await;
 }
 
 /// Each zone's client is answered only by its zone's pods and each node's table holds only
@@ -650,6 +849,12 @@ async fn each_zone_in_ipvs_mode_is_answered_by_its_own_pods_then_by_the_other_zo
     // Before the nodes, dropped after them.
     let network = NodeNetwork::create_routed(on_segment(&segment, 254));
     let plane = attach_to_the_host_control_plane();
+    let zone_nodes = ZONES.map(|zone| zone.node);
+    let _leftovers = LeftoversOnPanic {
+        plane: &plane,
+        namespace: ZONES_NAMESPACE,
+        nodes: &zone_nodes,
+    };
     let client = plane.admin_client().await;
     // Two locals, not a Vec: nodes are dropped in the reverse order of their start. What the
     // agents program lives in the nodes' namespaces and goes with them.
@@ -667,8 +872,8 @@ async fn each_zone_in_ipvs_mode_is_answered_by_its_own_pods_then_by_the_other_zo
         "both agents and every pod Ready: {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    hints_name_each_endpoints_own_zone(&client, ZONES_NAMESPACE, "echo", 4).await;
     let cluster_ip = zones_cluster_ip(&client).await;
+    every_pod_answers_until_the_service_prefers_close(&plane, &client, &cluster_ip).await;
     each_zone_then_the_other(&plane, &client, [&node_a, &node_b], &cluster_ip).await;
     println!(
         "every check passed: {:.1} s",

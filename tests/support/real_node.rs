@@ -1,15 +1,23 @@
 //! What the real-node tests check the same way on the host (eBPF) and in the VM guest (IPVS):
 //! the echo Service with two backends and a client pod on one node, both backends answering
-//! from the client pod, `topoproxy list` in the agent's pod against its `/plan`, and the
-//! agent's VmRSS.
+//! from the client pod, `topoproxy list` in the agent's pod against its `/plan`, the agent's
+//! VmRSS, and a rolling update of the agent's DaemonSet under a client's asking.
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_harness::node::RealNode;
 use k8s_harness::objects::{apply, eventually};
-use k8s_harness::workloads::{ask_repeatedly, echo_pod, kubectl, wait_pods_ready};
+use k8s_harness::workloads::{
+    ask_repeatedly, echo_pod, helm, kubectl, pod_ready, post_renderer_args, wait_pods_ready,
+};
 use k8s_harness::ControlPlane;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::ListParams;
 use kube::{Api, Client};
 
 pub const NAMESPACE: &str = "shop";
@@ -158,4 +166,168 @@ pub fn agent_rss_kib(pids: impl IntoIterator<Item = u32>) -> Option<u64> {
             .parse()
             .ok()
     })
+}
+
+/// The image tag the chart deploys by default (`v` + the chart's appVersion).
+pub const IMAGE: &str = "ghcr.io/topoproxy/topoproxy:v0.1.0";
+/// The same image under another tag: a new pod template, so a real rolling update.
+pub const NEXT_TAG: &str = "v0.1.0-next";
+
+/// What the client pod's asking saw during a rolling update.
+#[derive(Default)]
+struct Asked {
+    answered: u64,
+    failed: u64,
+    errors: String,
+}
+
+/// Rounds of asks of `address` from the client pod (one every 50 ms, each `round` long) until
+/// `stop` is set and one more round has run. Sends on `began` as each round starts.
+fn ask_in_rounds(
+    (kubectl, kubeconfig): (PathBuf, PathBuf),
+    address: String,
+    round: Duration,
+    stop: Arc<AtomicBool>,
+    began: std::sync::mpsc::Sender<()>,
+) -> Asked {
+    let mut asked = Asked::default();
+    let round = format!("{}s", round.as_secs());
+    loop {
+        let last = stop.load(Ordering::SeqCst);
+        let _ = began.send(());
+        let output = Command::new(&kubectl)
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "-n", NAMESPACE, "exec", "client", "--", "/tp-echo", "-connect",
+            ])
+            .arg(&address)
+            .args(["-for", &round, "-every", "50ms", "-timeout", "2s"])
+            .output();
+        let summary = output
+            .as_ref()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .last()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        match summary.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["answered", a, "failed", f] => {
+                asked.answered += a.parse::<u64>().unwrap_or(0);
+                asked.failed += f.parse::<u64>().unwrap_or(0);
+                if let Ok(o) = &output {
+                    asked.errors.push_str(&String::from_utf8_lossy(&o.stderr));
+                }
+            }
+            _ => {
+                asked.failed += 1;
+                asked
+                    .errors
+                    .push_str(&format!("a round of asking failed: {output:?}\n"));
+            }
+        }
+        if last {
+            return asked;
+        }
+    }
+}
+
+/// `helm upgrade` to another image tag (the DaemonSet replaces the agent's pod: the old one
+/// stops, the new one adopts what the old one programmed) while the client pod asks `address`
+/// every 50 ms, from before the upgrade until after the new pod is Ready: no ask may fail.
+/// Two askers, the second half a `round` behind the first, so one is asking while the other
+/// starts its next round (each round is a `kubectl exec`, which takes seconds under TCG), and
+/// each runs one more round after the rollout, so the asking covers all of it.
+pub async fn rolling_update_loses_no_connection(
+    plane: &ControlPlane,
+    client: &Client,
+    node: &RealNode,
+    chart: &str,
+    address: &str,
+    round: Duration,
+) {
+    node.tag_image(IMAGE, &format!("ghcr.io/topoproxy/topoproxy:{NEXT_TAG}"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut askers = Vec::new();
+    for offset in [Duration::ZERO, round / 2] {
+        std::thread::sleep(offset);
+        let (began, first_round) = std::sync::mpsc::channel();
+        let binaries = (
+            plane.binaries().kubectl.clone(),
+            plane.admin_kubeconfig().to_owned(),
+        );
+        let (address, stop) = (address.to_owned(), stop.clone());
+        askers.push(std::thread::spawn(move || {
+            ask_in_rounds(binaries, address, round, stop, began)
+        }));
+        let _ = first_round.recv();
+    }
+    let started = Instant::now();
+    let tag = format!("image.tag={NEXT_TAG}");
+    let mut upgrade = vec![
+        "upgrade",
+        "topoproxy",
+        chart,
+        "-n",
+        "kube-system",
+        "--reuse-values",
+        "--set",
+        &tag,
+    ];
+    let post_renderer = post_renderer_args(plane, &[]);
+    upgrade.extend(post_renderer.iter().map(String::as_str));
+    helm(plane, &upgrade);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "kube-system");
+    let selector = ListParams::default()
+        .labels("app.kubernetes.io/name=topoproxy")
+        .fields(&format!("spec.nodeName={}", node.name()));
+    eventually(
+        "the agent's pod replaced by one of the new tag, Ready",
+        Duration::from_secs(300),
+        || {
+            let pods = pods.clone();
+            let selector = selector.clone();
+            async move {
+                let list = pods.list(&selector).await.ok()?;
+                let replaced = list.items.len() == 1
+                    && list.items.iter().all(|pod| {
+                        let image = pod
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.containers.first())
+                            .and_then(|c| c.image.clone())
+                            .unwrap_or_default();
+                        image.ends_with(NEXT_TAG) && pod_ready(pod)
+                    });
+                replaced.then_some(())
+            }
+        },
+    )
+    .await;
+    let rolled = started.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let mut asked = Asked::default();
+    for asker in askers {
+        let one = asker.join().expect("an asking thread");
+        asked.answered += one.answered;
+        asked.failed += one.failed;
+        asked.errors.push_str(&one.errors);
+    }
+    println!(
+        "rolling update to {NEXT_TAG}: new pod Ready after {:.1} s; the client pod's asks \
+         during it: answered {}, failed {}",
+        rolled.as_secs_f64(),
+        asked.answered,
+        asked.failed
+    );
+    assert!(
+        asked.failed == 0 && asked.answered > 0,
+        "asks failed during the rolling update ({} answered, {} failed):\n{}",
+        asked.answered,
+        asked.failed,
+        asked.errors
+    );
 }
