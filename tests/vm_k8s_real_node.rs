@@ -69,6 +69,7 @@ const EXTERNAL_IP: &str = "192.168.241.10";
 /// The outside client's namespace, its link's node end, and the segment between them.
 const OUTSIDE_NETNS: &str = "tpvm-outside";
 const OUTSIDE_LINK: &str = "tpvm-out0";
+const OUTSIDE_PEER: &str = "tpvm-out1";
 const OUTSIDE_NODE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 244, 1);
 const OUTSIDE_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 168, 244, 2);
 /// The sysctls the migration guide has operators set on an IPVS node (kernel 5.9 and newer).
@@ -308,20 +309,20 @@ impl OutsideClient {
     fn add() -> Self {
         Self::remove();
         let (outside, node_end) = (OUTSIDE_NETNS, OUTSIDE_LINK);
-        let peer = format!("{OUTSIDE_NETNS}-peer");
+        let peer = OUTSIDE_PEER;
         let node_address = format!("{OUTSIDE_NODE_ADDRESS}/24");
         let client_address = format!("{OUTSIDE_ADDRESS}/24");
         let gateway = OUTSIDE_NODE_ADDRESS.to_string();
         let commands: [&[&str]; 8] = [
             &["netns", "add", outside],
             &[
-                "link", "add", node_end, "type", "veth", "peer", "name", &peer,
+                "link", "add", node_end, "type", "veth", "peer", "name", peer,
             ],
-            &["link", "set", &peer, "netns", outside],
+            &["link", "set", peer, "netns", outside],
             &["addr", "add", &node_address, "dev", node_end],
             &["link", "set", node_end, "up"],
-            &["-n", outside, "addr", "add", &client_address, "dev", &peer],
-            &["-n", outside, "link", "set", &peer, "up"],
+            &["-n", outside, "addr", "add", &client_address, "dev", peer],
+            &["-n", outside, "link", "set", peer, "up"],
             &["-n", outside, "route", "add", "default", "via", &gateway],
         ];
         let added = Self;
