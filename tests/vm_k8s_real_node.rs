@@ -11,13 +11,16 @@
 //! (the IPVS sysctls), plus `br_netfilter`, as every kube-proxy IPVS node has it: a backend's
 //! reply to a client pod on the same bridge must pass IPVS to be translated back. What the test
 //! changed in the guest is put back when it ends, so the boot's later targets find the guest as
-//! it was.
+//! it was. Beside the pod's checks, an outside client (its own namespace in the guest) reaches
+//! the NodePort and the externalIP through IPVS, and a `helm upgrade` to a new image tag rolls
+//! the DaemonSet while a client pod asks without a failure.
 //!
 //! Then topology-aware routing in IPVS mode: two real nodes in two zones, each in a network
 //! namespace of its own inside the guest (`RealNode::start` on a `NodeNetwork` bridge in the
 //! guest), so each has its own IPVS table, `kube-ipvs0` and nftables table, with the chart's
-//! DaemonSet on both and a Service with `trafficDistribution: PreferClose` whose EndpointSlice
-//! hints the real kube-controller-manager writes: a client pod on each node is answered only
+//! DaemonSet on both and a Service, first without `trafficDistribution` (the control: each
+//! client is answered by all four pods), then with `PreferClose`, whose EndpointSlice hints the
+//! real kube-controller-manager writes: a client pod on each node is answered only
 //! by its own zone's pods, each node's `ipvsadm -Ln` (in its agent's pod) holds only its own
 //! zone's backends, and once zone a's pods are deleted zone a's client is answered by zone b's.
 //! The guest's root namespace routes for the nodes: what they send to the control plane
