@@ -67,6 +67,8 @@ const NODE: &str = "vm-node";
 /// The host's loopback as the guest reaches it (the apiserver listens there).
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const NODE_PORT: u16 = 30080;
+/// The guest's ipvsadm (the VM image has it, as the agent's image does).
+const IPVSADM: &str = "/usr/sbin/ipvsadm";
 /// The Service's externalIP, which the outside client routes to the node.
 const EXTERNAL_IP: &str = "192.168.241.10";
 /// The outside client's namespace, its link's node end, and the segment between them.
@@ -395,6 +397,66 @@ async fn outside_client_reaches_the_node_port_and_the_external_ip(node_address: 
     }
 }
 
+/// `ipvsadm -Ln` in the guest (the guest's own ipvsadm, not the pod's: the pod is gone).
+fn ipvsadm_listing() -> String {
+    k8s_harness::stdout_of(Command::new(IPVSADM).arg("-Ln"), "ipvsadm")
+        .unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// Once `helm uninstall` has stopped the agent, the node still holds what it programmed, as
+/// kube-proxy's pod leaves its IPVS table when it stops; `topoproxy cleanup --proxy-mode ipvs`
+/// on the node, as the README has operators run it, removes all of it: none of the Service's
+/// virtual servers (ClusterIP, NodePort, externalIP) in `ipvsadm -Ln`, no `kube-ipvs0`, no
+/// nftables table of ours.
+async fn cleanup_on_the_node_leaves_nothing(cluster_ip: &str) {
+    eventually(
+        "the agent's process gone after helm uninstall",
+        Duration::from_secs(120),
+        || async { agent_rss_kib(guest_pids()).is_none().then_some(()) },
+    )
+    .await;
+    let left = ipvsadm_listing();
+    assert!(
+        left.contains(&format!("{cluster_ip}:80")),
+        "the ClusterIP's virtual server did not outlive the agent's pod:\n{left}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_topoproxy"))
+        .args(["cleanup", "--proxy-mode", "ipvs"])
+        .output()
+        .expect("running topoproxy cleanup");
+    assert!(
+        out.status.success(),
+        "topoproxy cleanup --proxy-mode ipvs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = ipvsadm_listing();
+    for service in [
+        format!("{cluster_ip}:80"),
+        format!("{EXTERNAL_IP}:80"),
+        format!(":{NODE_PORT}"),
+    ] {
+        assert!(
+            !after.contains(&service),
+            "{service} is still in ipvsadm -Ln after topoproxy cleanup:\n{after}"
+        );
+    }
+    let link = Command::new("ip")
+        .args(["link", "show", "kube-ipvs0"])
+        .output()
+        .expect("running ip");
+    assert!(
+        !link.status.success(),
+        "kube-ipvs0 is still there after topoproxy cleanup: {}",
+        String::from_utf8_lossy(&link.stdout)
+    );
+    let tables = nft_tables();
+    assert!(
+        !tables.contains("table inet topoproxy"),
+        "our nftables table is still there after topoproxy cleanup: {tables:?}"
+    );
+    println!("topoproxy cleanup on the node: nothing of the agent's left");
+}
+
 /// Every process of the guest (the agent's pod is one of them).
 fn guest_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -493,8 +555,9 @@ async fn the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_guest() {
         &plane,
         &["uninstall", "topoproxy", "-n", "kube-system", "--wait"],
     );
+    cleanup_on_the_node_leaves_nothing(&cluster_ip).await;
     println!(
-        "the whole test, node start to helm uninstall: {:.1} s",
+        "the whole test, node start to topoproxy cleanup: {:.1} s",
         started.elapsed().as_secs_f64()
     );
     kubectl(&plane, &["delete", "namespace", NAMESPACE, "--wait=false"])
