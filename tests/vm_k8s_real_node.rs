@@ -184,13 +184,9 @@ impl OutsideClient {
         ];
         let added = Self;
         for args in commands {
-            let out = Command::new("ip").args(args).output().expect("running ip");
-            assert!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            if let Err(error) = k8s_harness::stdout_of(Command::new("ip").args(args), "ip") {
+                panic!("{error}");
+            }
         }
         added
     }
@@ -266,15 +262,11 @@ async fn cleanup_on_the_node_leaves_nothing(cluster_ip: &str) {
         left.contains(&format!("{cluster_ip}:80")),
         "the ClusterIP's virtual server did not outlive the agent's pod:\n{left}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_topoproxy"))
-        .args(["cleanup", "--proxy-mode", "ipvs"])
-        .output()
-        .expect("running topoproxy cleanup");
-    assert!(
-        out.status.success(),
-        "topoproxy cleanup --proxy-mode ipvs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cleanup = Command::new(env!("CARGO_BIN_EXE_topoproxy"));
+    cleanup.args(["cleanup", "--proxy-mode", "ipvs"]);
+    if let Err(error) = k8s_harness::stdout_of(&mut cleanup, "topoproxy") {
+        panic!("{error}");
+    }
     let after = ipvsadm_listing();
     for service in [
         format!("{cluster_ip}:80"),
