@@ -28,14 +28,14 @@
 //! host route to the nodes' segment over the tap (`TOPOPROXY_VM_NODE_SEGMENT`, which vm-test
 //! routes for the 6.1 boot).
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/guest.rs"]
 mod guest;
 #[path = "support/guest_zones.rs"]
 mod guest_zones;
 #[path = "support/harness.rs"]
 mod harness;
-#[path = "support/http.rs"]
-mod http;
 #[path = "support/k8s/ipvs_table.rs"]
 mod ipvs_table;
 #[path = "support/real_node.rs"]
@@ -56,8 +56,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use guest::{
-    attach_to_the_host_control_plane, guest_pids, ipvsadm_listing, nft_tables, IpvsCleanup,
-    LeftoversOnPanic, PreparedGuest, HOST,
+    attach_to_the_host_control_plane, guest_pids, nft_tables, IpvsCleanup, LeftoversOnPanic,
+    PreparedGuest, HOST,
 };
 use guest_zones::{
     deploy_zone_workloads, each_zone_then_the_other,
@@ -257,7 +257,7 @@ async fn cleanup_on_the_node_leaves_nothing(cluster_ip: &str) {
         || async { agent_rss_kib(guest_pids()).is_none().then_some(()) },
     )
     .await;
-    let left = ipvsadm_listing();
+    let left = cluster::ipvsadm(&["-Ln"]);
     assert!(
         left.contains(&format!("{cluster_ip}:80")),
         "the ClusterIP's virtual server did not outlive the agent's pod:\n{left}"
@@ -267,7 +267,7 @@ async fn cleanup_on_the_node_leaves_nothing(cluster_ip: &str) {
     if let Err(error) = k8s_harness::stdout_of(&mut cleanup, "topoproxy") {
         panic!("{error}");
     }
-    let after = ipvsadm_listing();
+    let after = cluster::ipvsadm(&["-Ln"]);
     for service in [
         format!("{cluster_ip}:80"),
         format!("{EXTERNAL_IP}:80"),
@@ -351,7 +351,7 @@ async fn the_chart_in_ipvs_mode_runs_under_a_real_kubelet_in_the_guest() {
     both_backends_answer(&plane, &address).await;
     the_table_is_in_ipvsadm_and_the_vip_on_kube_ipvs0(&plane, &cluster_ip, &backend_ips).await;
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], 10249).into();
-    list_in_the_pod_equals_the_plan(&plane, || http::http_get(metrics, "/plan"), &address).await;
+    list_in_the_pod_equals_the_plan(&plane, || cluster::http_get(metrics, "/plan"), &address).await;
     outside_client_reaches_the_node_port_and_the_external_ip(node_address).await;
     // Rounds as long as a `kubectl exec` into the guest takes several times over.
     let round = Duration::from_secs(16);

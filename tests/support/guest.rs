@@ -12,8 +12,6 @@ use k8s_harness::ControlPlane;
 
 /// The host's loopback as the guest reaches it (the apiserver listens there).
 pub const HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-/// The guest's ipvsadm (the VM image has it, as the agent's image does).
-pub const IPVSADM: &str = "/usr/sbin/ipvsadm";
 /// The sysctls the migration guide has operators set on an IPVS node (kernel 5.9 and newer).
 pub const NODE_SYSCTLS: [(&str, &str); 5] = [
     ("net/ipv4/ip_forward", "1"),
@@ -166,12 +164,6 @@ impl Drop for LeftoversOnPanic<'_> {
             let _ = kubectl(self.plane, args);
         }
     }
-}
-
-/// `ipvsadm -Ln` in the guest (the guest's own ipvsadm, not the pod's: the pod is gone).
-pub fn ipvsadm_listing() -> String {
-    k8s_harness::stdout_of(Command::new(IPVSADM).arg("-Ln"), "ipvsadm")
-        .unwrap_or_else(|error| panic!("{error}"))
 }
 
 /// Every process of the guest (the agent's pod is one of them).

@@ -253,7 +253,7 @@ pub async fn rolling_update_loses_no_connection(
     let stop = Arc::new(AtomicBool::new(false));
     let mut askers = Vec::new();
     for offset in [Duration::ZERO, round / 2] {
-        std::thread::sleep(offset);
+        tokio::time::sleep(offset).await;
         let (began, first_round) = std::sync::mpsc::channel();
         let binaries = (
             plane.binaries().kubectl.clone(),
